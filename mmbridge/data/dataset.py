@@ -1,0 +1,128 @@
+"""Training datasets: LLaVA records → tokenised samples with images, a seeded mixture sampler."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mmbridge.data.images import ImageError, load_image, preprocess
+from mmbridge.data.llava import DataError, read_llava_json, record_images
+from mmbridge.data.processor import IGNORE, Processor
+
+
+class ConversationDataset(Dataset):
+    """LLaVA-format records, tokenised up front (so text errors surface before training).
+
+    Images are read lazily; with `skip_bad` an unreadable image drops the sample from its batch
+    and is counted, otherwise it raises with the file and record named.
+    """
+
+    def __init__(self, json_path: str | Path, image_root: str | Path, processor: Processor, skip_bad: bool = False):
+        self.json_path, self.image_root = Path(json_path), Path(image_root)
+        self.processor, self.skip_bad = processor, skip_bad
+        records, skipped = read_llava_json(self.json_path, skip_bad=skip_bad)
+        self.skipped: Counter = Counter(skipped)
+        self.truncated = 0
+        self.samples: list[dict] = []
+        for i, rec in enumerate(records):
+            where = f"{self.json_path}: record {i} (id {rec['id']})"
+            paths = record_images(rec)
+            try:
+                enc = processor.encode(rec["conversations"], len(paths), where)
+            except DataError as e:
+                if not skip_bad:
+                    raise
+                self.skipped[e.kind] += 1
+                continue
+            self.truncated += enc.truncated
+            self.samples.append({"id": str(rec["id"]), "input_ids": enc.input_ids, "labels": enc.labels,
+                                 "images": [str(self.image_root / p) for p in paths], "where": where})
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, idx: int) -> dict:
+        s = self.samples[idx]
+        try:
+            images = [load_image(p) for p in s["images"]]
+        except ImageError as e:
+            if not self.skip_bad:
+                raise DataError(f"{s['where']}: {e}", "unreadable image") from e
+            return {"id": s["id"], "skip": "unreadable image"}
+        pixels = preprocess(images, self.processor.image_size, self.processor.image_mean, self.processor.image_std) \
+            if images else torch.zeros(0, 3, self.processor.image_size, self.processor.image_size)
+        return {"id": s["id"], "input_ids": s["input_ids"], "labels": s["labels"], "pixel_values": pixels}
+
+
+class Collator:
+    """Right-pads a list of samples into a batch; samples marked `skip` are dropped and counted."""
+
+    def __init__(self, processor: Processor):
+        self.processor = processor
+
+    def __call__(self, items: list[dict]) -> dict:
+        skipped = Counter(it["skip"] for it in items if "skip" in it)
+        items = [it for it in items if "skip" not in it]
+        if not items:
+            return {"skipped": skipped, "empty": True}
+        input_ids = self.processor.pad([it["input_ids"] for it in items], self.processor.pad_id)
+        labels = self.processor.pad([it["labels"] for it in items], IGNORE)
+        lengths = torch.tensor([len(it["input_ids"]) for it in items])
+        attention_mask = (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long()
+        return {
+            "ids": [it["id"] for it in items],
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": attention_mask,
+            "pixel_values": torch.cat([it["pixel_values"] for it in items]),
+            "skipped": skipped,
+        }
+
+
+class MixtureSampler(torch.utils.data.Sampler):
+    """An endless, seeded stream of indices into the concatenation of several datasets.
+
+    Each draw picks a dataset with probability ∝ its weight, then that dataset's next index in a
+    seeded permutation (re-drawn each pass). The stream depends only on (sizes, weights, seed),
+    so a resumed run skips `start` indices and sees exactly the same order.
+    """
+
+    def __init__(self, sizes: list[int], weights: list[float], seed: int, start: int = 0, chunk: int = 4096):
+        if any(n == 0 for n in sizes):
+            raise DataError(f"a data source in the mixture has no usable samples (sizes {sizes})", "empty source")
+        self.sizes, self.seed, self.start, self.chunk = list(sizes), seed, start, chunk
+        w = np.asarray(weights, dtype=np.float64)
+        self.probs = w / w.sum()
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+
+    def _chunk(self, k: int) -> np.ndarray:
+        """Indices [k*chunk, (k+1)*chunk) of the stream, computed without the earlier chunks."""
+        rng = np.random.default_rng([self.seed, k])
+        which = rng.choice(len(self.sizes), size=self.chunk, p=self.probs)
+        out = np.empty(self.chunk, dtype=np.int64)
+        for d, n in enumerate(self.sizes):
+            pos = np.flatnonzero(which == d)
+            # position of each draw in dataset d's own endless stream of permutations
+            counts = self._drawn_before(k, d) + np.arange(len(pos))
+            passes, within = np.divmod(counts, n)
+            perms = {p: np.random.default_rng([self.seed, d, int(p)]).permutation(n) for p in np.unique(passes)}
+            out[pos] = self.offsets[d] + np.array([perms[p][i] for p, i in zip(passes, within)], dtype=np.int64)
+        return out
+
+    def _drawn_before(self, k: int, d: int) -> int:
+        return sum(int((np.random.default_rng([self.seed, j]).choice(len(self.sizes), size=self.chunk,
+                                                                     p=self.probs) == d).sum()) for j in range(k))
+
+    def __iter__(self):
+        k, skip = divmod(self.start, self.chunk)
+        while True:
+            idx = self._chunk(k)
+            yield from idx[skip:].tolist()
+            k, skip = k + 1, 0
+
+    def __len__(self) -> int:  # endless; the trainer stops by step count
+        return 2**62

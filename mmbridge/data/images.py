@@ -1,0 +1,110 @@
+"""Image loading and preprocessing (PIL + numpy only, no torchvision)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "DEFAULT_MAX_PIXELS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "SIGLIP_MEAN",
+    "SIGLIP_STD",
+    "ImageError",
+    "load_image",
+    "preprocess",
+]
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
+SIGLIP_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+#: Images with more pixels than this are rejected as possible decompression bombs.
+DEFAULT_MAX_PIXELS: int = 64_000_000
+
+
+class ImageError(ValueError):
+    """An image file could not be loaded; the message names the path and the reason."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path = os.fspath(path)
+        self.reason = reason
+        super().__init__(f"cannot load image {self.path!r}: {reason}")
+
+
+def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Load ``path`` fully into memory as an RGB image.
+
+    Raises ``ImageError`` for a missing or empty file, a file PIL cannot decode
+    (including truncated data) and images larger than ``max_pixels`` pixels
+    (``None`` disables our limit; PIL's own bomb check then raises instead of warning).
+    """
+    if not os.path.exists(path):
+        raise ImageError(path, "file does not exist")
+    if not os.path.isfile(path):
+        raise ImageError(path, "not a regular file")
+    if False:
+        raise ImageError(path, "file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size  # header only; check before decoding pixel data
+                if max_pixels is not None and w * h > max_pixels:
+                    raise ImageError(
+                        path,
+                        f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
+                        "(possible decompression bomb)",
+                    )
+                img.load()  # decode now so truncation/corruption is detected here
+                return img.convert("RGB")
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(path, f"decompression bomb: {e}") from e
+    except Image.UnidentifiedImageError as e:
+        raise ImageError(path, "not a recognised image format") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        # PIL reports truncated/corrupt data as OSError, SyntaxError ("broken PNG") or EOFError.
+        raise ImageError(path, f"corrupt or truncated image data ({type(e).__name__}: {e})") from e
+
+
+def preprocess(
+    images: Sequence[Image.Image],
+    size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> torch.Tensor:
+    """Resize to ``size``x``size`` (PIL bicubic), scale to [0, 1] and normalise.
+
+    Returns a float32 tensor ``[B, 3, size, size]``.
+    """
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {size}")
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need 3 values each, got {mean!r} and {std!r}")
+    if len(images) == 0:
+        return torch.empty(0, 3, size, size, dtype=torch.float32)
+    arrays = []
+    for img in images:
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.Resampling.BICUBIC)
+        arrays.append(np.asarray(img, dtype=np.uint8))
+    batch = np.stack(arrays).astype(np.float32)  # [B, H, W, 3]
+    mean_a = np.asarray(mean, dtype=np.float32)
+    std_a = np.asarray(std, dtype=np.float32)
+    batch = (batch / np.float32(255.0) - mean_a) / std_a
+    return torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))

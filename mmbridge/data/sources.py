@@ -1,0 +1,38 @@
+"""Resolve a recipe's data names to files, generating the built-in shapes world on first use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mmbridge.config import DataSource, Recipe, RecipeError
+
+WORLD_DEFAULTS = {"root": ".cache/shapes-world", "n_train": 2000, "n_val": 100, "n_test": 200, "seed": 0,
+                  "image_size": 256}
+
+
+def world_manifest(world: dict) -> tuple[dict, Path]:
+    """Generate (or reuse) the shapes world described by a recipe's `world` section."""
+    from mmbridge.data.shapes_world import write_world
+
+    unknown = set(world) - set(WORLD_DEFAULTS)
+    if unknown:
+        raise RecipeError(f"recipe.world: unknown key(s) {sorted(unknown)}; expected some of {sorted(WORLD_DEFAULTS)}")
+    cfg = {**WORLD_DEFAULTS, **world}
+    root = Path(cfg.pop("root"))
+    return write_world(root, **cfg), root / "images"
+
+
+def resolve_source(recipe: Recipe, name: str) -> DataSource:
+    """`name` is a key of `recipe.sources`, or `world/<split>/<task>` for the built-in world."""
+    if name in recipe.sources:
+        return recipe.sources[name]
+    if name.startswith("world/"):
+        if not recipe.world:
+            raise RecipeError(f"data {name!r}: the recipe has no `world` section")
+        parts = name.split("/")
+        manifest, images = world_manifest(recipe.world)
+        if len(parts) != 3 or parts[1] not in manifest or parts[2] not in manifest[parts[1]]:
+            valid = [f"world/{s}/{t}" for s in manifest for t in manifest[s]]
+            raise RecipeError(f"data {name!r}: expected one of {valid}")
+        return DataSource(json=str(manifest[parts[1]][parts[2]]), images=str(images))
+    raise RecipeError(f"data {name!r}: not in recipe.sources ({sorted(recipe.sources)}) nor world/<split>/<task>")

@@ -1,0 +1,82 @@
+"""Generate answers for held-out LLaVA-format records and score them per task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from mmbridge.data.images import load_image, preprocess
+from mmbridge.data.llava import read_llava_json, record_images
+from mmbridge.eval.metrics import caption_scores, grounding_scores, parse_box, vqa_accuracy
+
+TASKS = ("caption", "vqa", "grounding")
+
+
+def prompt_turns(record: dict) -> list[dict]:
+    """The conversation up to (not including) its last answer."""
+    convs = record["conversations"]
+    last = max(i for i, t in enumerate(convs) if t["from"] in ("gpt", "assistant"))
+    return convs[:last]
+
+
+def gold(record: dict, task: str):
+    answer = record["conversations"][-1]["value"]
+    if task == "caption":
+        return record.get("references") or [answer]
+    if task == "vqa":
+        return record.get("answer", answer)
+    box = record.get("box") or parse_box(answer)
+    if box is None:
+        raise ValueError(f"record {record.get('id')}: no 'box' key and no box in its answer {answer!r}")
+    return list(box)
+
+
+@torch.no_grad()
+def generate_answers(model, processor, records: list[dict], image_root: str | Path, max_new_tokens: int = 24,
+                     batch_size: int = 16, progress: bool = True, desc: str = "generate") -> list[str]:
+    """Greedy answers for each record's final question (KV-cached, left-padded batches)."""
+    tok = processor.tokenizer
+    eos = sorted({tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|eot_id|>")}
+                 - {None, tok.unk_token_id})
+    model.eval()
+    answers: list[str] = []
+    for i in tqdm(range(0, len(records), batch_size), desc=desc, disable=not progress, dynamic_ncols=True):
+        batch = records[i: i + batch_size]
+        prompts = [processor.encode_prompt(prompt_turns(r)) for r in batch]
+        paths = [Path(image_root) / p for r in batch for p in record_images(r)]
+        pixels = preprocess([load_image(p) for p in paths], processor.image_size, processor.image_mean,
+                            processor.image_std) if paths else None
+        ids = processor.pad(prompts, processor.pad_id, left=True)
+        lengths = torch.tensor([len(p) for p in prompts])
+        mask = (torch.arange(ids.shape[1])[None, :] >= ids.shape[1] - lengths[:, None]).long()
+        out = model.generate(ids, mask, pixels, max_new_tokens=max_new_tokens, eos_token_ids=eos)
+        answers += [tok.decode(o, skip_special_tokens=True).strip() for o in out]
+    return answers
+
+
+def evaluate_records(model, processor, records: list[dict], image_root, task: str, max_new_tokens: int = 24,
+                     batch_size: int = 16, progress: bool = True) -> tuple[dict, list[dict]]:
+    """Score `task` on `records`; returns (metrics, per-record predictions)."""
+    if task not in TASKS:
+        raise ValueError(f"task {task!r}: expected one of {TASKS}")
+    golds = [gold(r, task) for r in records]
+    preds = generate_answers(model, processor, records, image_root, max_new_tokens, batch_size, progress, desc=task)
+    if task == "caption":
+        ids = [str(r["id"]) for r in records]
+        metrics = caption_scores(dict(zip(ids, preds)), dict(zip(ids, golds)))
+    elif task == "vqa":
+        metrics = vqa_accuracy(preds, golds)
+    else:
+        metrics = grounding_scores(preds, golds)
+    rows = [{"id": str(r["id"]), "image": record_images(r), "question": prompt_turns(r)[-1]["value"],
+             "prediction": p, "gold": g} for r, p, g in zip(records, preds, golds)]
+    return metrics, rows
+
+
+def evaluate_file(model, processor, json_path, image_root, task: str, limit: int | None = None, **kw):
+    records, _ = read_llava_json(json_path)
+    if limit:
+        records = records[:limit]
+    return evaluate_records(model, processor, records, image_root, task, **kw)

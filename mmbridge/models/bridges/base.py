@@ -1,0 +1,42 @@
+"""The bridge interface: visual tokens from the encoder in, LM-width tokens out."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmbridge.registry import Registry
+
+BRIDGES: Registry["Bridge"] = Registry("bridge")
+
+
+class Bridge(nn.Module):
+    """Maps encoder tokens [B, T_in, D_vision] on a (rows, cols) grid to [B, num_tokens, D_lm].
+
+    `l2_normalize` (Croc) rescales every output token to unit L2 norm.
+    """
+
+    def __init__(self, vision_dim: int, lm_dim: int, grid: tuple[int, int], l2_normalize: bool = False):
+        super().__init__()
+        self.vision_dim, self.lm_dim, self.grid = vision_dim, lm_dim, tuple(grid)
+        self.l2_normalize = l2_normalize
+
+    @property
+    def num_tokens(self) -> int:
+        """Visual tokens this bridge emits per image."""
+        raise NotImplementedError
+
+    def project(self, feats: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        out = self.project(feats)
+        return F.normalize(out, dim=-1) if self.l2_normalize else out
+
+
+def build_bridge(cfg: dict, vision_dim: int, lm_dim: int, grid: tuple[int, int]) -> Bridge:
+    """Build a bridge from a recipe dict `{"name": ..., **options}`."""
+    cfg = dict(cfg)
+    name = cfg.pop("name")
+    return BRIDGES.get(name)(vision_dim=vision_dim, lm_dim=lm_dim, grid=grid, **cfg)

@@ -1,0 +1,38 @@
+"""InfMLLM's pool-adapter: average-pool the patch grid to P×P, keep row-major order, then MLP."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mmbridge.models.bridges.base import BRIDGES, Bridge
+from mmbridge.models.bridges.mlp import mlp
+
+
+@BRIDGES.register("pool_adapter")
+class PoolAdapter(Bridge):
+    """Non-overlapping s×s → P×P average pooling preserves where each token came from."""
+
+    def __init__(self, vision_dim, lm_dim, grid, pooled: int = 8, depth: int = 2, l2_normalize: bool = False):
+        super().__init__(vision_dim, lm_dim, grid, l2_normalize)
+        rows, cols = self.grid
+        if rows % pooled or cols % pooled:
+            raise ValueError(
+                f"pool_adapter: the encoder's {rows}x{cols} token grid is not divisible by pooled={pooled}; "
+                f"choose pooled from the common divisors of {rows} and {cols}, or change the image size"
+            )
+        self.pooled = pooled
+        self.proj = mlp(vision_dim, lm_dim, depth)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.pooled * self.pooled
+
+    def project(self, feats: torch.Tensor) -> torch.Tensor:
+        b, t, d = feats.shape
+        rows, cols = self.grid
+        if t != rows * cols:
+            raise ValueError(f"pool_adapter expected {rows}x{cols}={rows * cols} tokens per image, got {t}")
+        grid = feats.transpose(1, 2).reshape(b, d, rows, cols)
+        pooled = F.avg_pool2d(grid, kernel_size=(rows // self.pooled, cols // self.pooled))
+        return self.proj(pooled.flatten(2).transpose(1, 2))

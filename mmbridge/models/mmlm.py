@@ -1,0 +1,110 @@
+"""The composite multimodal LM: vision encoder → bridge → causal LM ("early fusion")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmbridge.data.processor import IGNORE
+
+
+@dataclass
+class LMOutput:
+    loss: torch.Tensor | None  # sum of token losses / `num_targets` (or the given normaliser)
+    num_targets: int
+    hidden_states: torch.Tensor | None = None
+
+
+class MultimodalLM(nn.Module):
+    """Image-token positions in the LM input are filled, in order, with the bridge's outputs.
+
+    `vision`, `bridge` and `lm` are the three trainable parts a recipe stage names.
+    """
+
+    def __init__(self, vision: nn.Module, bridge: nn.Module, lm: nn.Module, image_token_id: int):
+        super().__init__()
+        self.vision, self.bridge, self.lm = vision, bridge, lm
+        self.image_token_id = image_token_id
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.bridge.num_tokens
+
+    def parts(self) -> dict[str, nn.Module]:
+        return {"vision": self.vision, "bridge": self.bridge, "lm": self.lm}
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[n_images, 3, H, W] → [n_images, num_image_tokens, lm_width]."""
+        if any(p.requires_grad for p in self.vision.parameters()):
+            feats = self.vision(pixel_values)
+        else:
+            with torch.no_grad():
+                feats = self.vision(pixel_values)
+        return self.bridge(feats)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with image positions replaced by visual tokens."""
+        is_image = input_ids == self.image_token_id
+        table = self.lm.get_input_embeddings()
+        embeds = table(input_ids.masked_fill(is_image, 0))
+        n_slots = int(is_image.sum())
+        if pixel_values is None or pixel_values.numel() == 0:
+            if n_slots:
+                raise ValueError(f"{n_slots} image tokens in the batch but no images")
+            return embeds
+        visual = self.encode_images(pixel_values).to(embeds.dtype)
+        if visual.shape[0] * visual.shape[1] != n_slots:
+            raise ValueError(f"{visual.shape[0]} images x {visual.shape[1]} tokens do not match "
+                             f"{n_slots} image-token positions in the batch")
+        return embeds.masked_scatter(is_image.unsqueeze(-1), visual.reshape(-1, visual.shape[-1]))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                normalizer: float | None = None, position_ids: torch.Tensor | None = None) -> LMOutput:
+        """Next-token loss over labelled positions only; logits are computed only where needed."""
+        embeds = self.embed(input_ids, pixel_values)
+        decoder = self.lm.get_decoder()
+        hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        if labels is None:
+            return LMOutput(None, 0, hidden)
+        targets = labels[:, 1:]
+        keep = targets != IGNORE
+        n = int(keep.sum())
+        logits = self.lm.get_output_embeddings()(hidden[:, :-1][keep])
+        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        loss = loss / (normalizer if normalizer is not None else max(n, 1))
+        return LMOutput(loss, n, hidden)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None,
+                 max_new_tokens: int = 32, eos_token_ids: list[int] | tuple = ()) -> list[list[int]]:
+        """Greedy decoding with a KV cache; `input_ids` are left-padded prompts."""
+        embeds = self.embed(input_ids, pixel_values)
+        mask = attention_mask.clone()
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
+        cache, last = out.past_key_values, positions[:, -1]
+        eos = torch.tensor(list(eos_token_ids), dtype=torch.long)
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        tokens = []
+        next_tok = out.logits[:, -1].argmax(-1)
+        for _ in range(max_new_tokens):
+            tokens.append(next_tok)
+            done |= torch.isin(next_tok, eos)
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            last = last + 1
+            out = self.lm(input_ids=next_tok[:, None], attention_mask=mask, position_ids=last[:, None],
+                          past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            next_tok = out.logits[:, -1].argmax(-1)
+        seqs = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(input_ids.shape[0])]
+        result = []
+        for seq in seqs:
+            cut = next((i for i, t in enumerate(seq) if t in set(eos_token_ids)), len(seq))
+            result.append(seq[:cut])
+        return result

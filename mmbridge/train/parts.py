@@ -1,0 +1,58 @@
+"""Which parameters a stage trains: frozen / full / LoRA per part, with a learning rate each."""
+
+from __future__ import annotations
+
+import torch
+
+from mmbridge.config import StageConfig
+from mmbridge.models.language import add_lora
+from mmbridge.models.mmlm import MultimodalLM
+
+
+def has_lora(model: MultimodalLM) -> bool:
+    return any("lora_" in n for n, _ in model.lm.named_parameters())
+
+
+def apply_stage_modes(model: MultimodalLM, stage: StageConfig) -> dict | None:
+    """Set `requires_grad` for this stage and return the LoRA config if one was injected now."""
+    injected = None
+    modes = {"vision": "frozen", "bridge": "frozen", "lm": "frozen", **stage.train}
+    if modes["lm"] == "lora" and not has_lora(model):
+        injected = {"r": stage.lora.r, "alpha": stage.lora.alpha, "dropout": stage.lora.dropout,
+                    "target_modules": list(stage.lora.target_modules)}
+        add_lora(model.lm, **injected)
+    for part, module in model.parts().items():
+        mode = modes[part]
+        for name, p in module.named_parameters():
+            if mode == "full":
+                p.requires_grad_(True)
+            elif mode == "lora":
+                p.requires_grad_("lora_" in name)
+            else:
+                p.requires_grad_(False)
+        # frozen parts keep their normalisation statistics and run without dropout
+        module.train(mode != "frozen")
+    return injected
+
+
+def param_groups(model: MultimodalLM, stage: StageConfig) -> list[dict]:
+    """One AdamW group per training part, each with its own learning rate (no hidden overrides)."""
+    groups = []
+    for part, module in model.parts().items():
+        params = [p for p in module.parameters() if p.requires_grad]
+        if params:
+            groups.append({"name": part, "params": params, "lr": float(stage.lr[part]),
+                           "weight_decay": stage.weight_decay})
+    if not groups:
+        raise ValueError(f"stage {stage.name!r}: nothing trains (every part is frozen)")
+    return groups
+
+
+def trainable_keys(model: torch.nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def count_params(model: torch.nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
