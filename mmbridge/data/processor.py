@@ -70,9 +70,11 @@ class Processor:
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = np.asarray(enc["input_ids"], dtype=np.int64)
         offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        # a BPE token may carry the space before a reply ("Ġred"): judge it by its first non-space char
+        starts = offsets[:, 0] + np.array([len(text[a:b]) - len(text[a:b].lstrip()) for a, b in offsets], dtype=np.int64)
         is_target = np.zeros(len(ids), dtype=bool)
         for s, e in spans:
-            is_target |= (offsets[:, 0] >= s) & (offsets[:, 1] <= e) & (offsets[:, 1] > offsets[:, 0])
+            is_target |= (starts >= s) & (offsets[:, 1] <= e) & (offsets[:, 1] > starts)
         n_img_tok = int((ids == self.image_token_id).sum())
         if n_img_tok != n_images * self.num_image_tokens:
             raise DataError(f"{where}: {n_img_tok} image tokens after tokenisation, expected "

@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220),
@@ -319,12 +319,16 @@ def _scene_records(split: str, idx: int, scene: Scene, rng: np.random.Generator,
     ground_turns = [ground_turn(refs[j], True) for j in rng.permutation(len(refs))]
     extra = vqa_turns[: int(rng.integers(1, 4))] + ground_turns[: int(rng.integers(1, min(2, len(refs)) + 1))]
     mixed = [cap_turn] + [extra[j] for j in rng.permutation(len(extra))]
+    # every question and referring expression of the image in one conversation (the demo's stage 2)
+    full = vqa_turns[:max_turns] + ground_turns
+    multitask = [cap_turn] + [full[j] for j in rng.permutation(len(full))]
     return {
         "caption": [rec(sid, [cap_turn])],
         "detailed": [rec(sid, [(instruction("detailed", rng), det)])],
         "vqa": [rec(sid, vqa_turns[:max_turns])],
         "grounding": [rec(sid, ground_turns)],
         "mixed": [rec(sid, mixed)],
+        "multitask": [rec(sid, multitask)],
     }
 
 

@@ -15,7 +15,8 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> tuple[MultimodalLM, Process
     vision = build_vision_encoder(dict(cfg.vision))
     lm, tok = load_language_model(dict(cfg.lm))
     tok = tokenizer or tok
-    bridge = build_bridge(dict(cfg.bridge), vision.hidden_size, lm.config.hidden_size, vision.grid)
+    bridge = build_bridge(dict(cfg.bridge), vision.hidden_size, lm.config.hidden_size, vision.grid,
+                          in_tokens=vision.num_tokens)
     model = MultimodalLM(vision, bridge, lm, tok.convert_tokens_to_ids(IMAGE_TOKEN))
     processor = Processor(tok, bridge.num_tokens, vision.image_size, vision.image_mean, vision.image_std,
                           max_length=cfg.max_length, system_prompt=cfg.system_prompt)

@@ -14,14 +14,8 @@ from torch import nn
 
 from mmbridge.data.images import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD
 
-__all__ = [
-    "VISION_ENCODERS",
-    "EfficientNetLite0Encoder",
-    "HFVisionEncoder",
-    "VisionEncoder",
-    "build_vision_encoder",
-    "register_vision_encoder",
-]
+__all__ = ["VISION_ENCODERS", "EfficientNetLite0Encoder", "HFVisionEncoder", "VisionEncoder",
+           "build_vision_encoder", "register_vision_encoder"]
 
 Triple = tuple[float, float, float]
 
@@ -120,10 +114,7 @@ def _read_preprocessor_stats(path: str) -> tuple[Triple, Triple] | None:
     mean, std = data.get("image_mean"), data.get("image_std")
     if mean is None or std is None:
         return None
-    if isinstance(mean, (int, float)):
-        mean = [mean] * 3
-    if isinstance(std, (int, float)):
-        std = [std] * 3
+    mean, std = ([v] * 3 if isinstance(v, (int, float)) else v for v in (mean, std))
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)  # type: ignore[return-value]
 
 
@@ -218,14 +209,8 @@ class HFVisionEncoder(VisionEncoder):
 
         stats = _read_preprocessor_stats(path) or _default_stats(str(vc.model_type))
         self.image_mean, self.image_std = stats
-        self.cfg = {
-            "name": "hf",
-            "path": path,
-            "feature_layer": feature_layer,
-            "drop_cls": drop_cls,
-            "post_layernorm": post_layernorm,
-            "image_size": image_size,
-        }
+        self.cfg = {"name": "hf", "path": path, "feature_layer": feature_layer, "drop_cls": drop_cls,
+                    "post_layernorm": post_layernorm, "image_size": image_size}
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] -> [B, num_tokens, hidden_size]."""
@@ -286,12 +271,8 @@ class EfficientNetLite0Encoder(VisionEncoder):
         self.grid = (int(rows), int(cols))
         self.hidden_size = 1280 if feature_stage == "head" else int(net._blocks[-1]._bn2.num_features)
         self.image_mean, self.image_std = IMAGENET_MEAN, IMAGENET_STD
-        self.cfg = {
-            "name": "efficientnet_lite0",
-            "image_size": image_size,
-            "pretrained": pretrained,
-            "feature_stage": feature_stage,
-        }
+        self.cfg = {"name": "efficientnet_lite0", "image_size": image_size, "pretrained": pretrained,
+                    "feature_stage": feature_stage}
 
     def feature_map(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] -> [B, C, rows, cols] (the package's extract_features path)."""

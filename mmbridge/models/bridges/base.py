@@ -17,9 +17,12 @@ class Bridge(nn.Module):
     `l2_normalize` (Croc) rescales every output token to unit L2 norm.
     """
 
-    def __init__(self, vision_dim: int, lm_dim: int, grid: tuple[int, int], l2_normalize: bool = False):
+    def __init__(self, vision_dim: int, lm_dim: int, grid: tuple[int, int], l2_normalize: bool = False,
+                 in_tokens: int | None = None):
         super().__init__()
         self.vision_dim, self.lm_dim, self.grid = vision_dim, lm_dim, tuple(grid)
+        # tokens per image from the encoder: the grid, plus a CLS token if the encoder keeps it
+        self.in_tokens = in_tokens or self.grid[0] * self.grid[1]
         self.l2_normalize = l2_normalize
 
     @property
@@ -35,8 +38,11 @@ class Bridge(nn.Module):
         return F.normalize(out, dim=-1) if self.l2_normalize else out
 
 
-def build_bridge(cfg: dict, vision_dim: int, lm_dim: int, grid: tuple[int, int]) -> Bridge:
+def build_bridge(cfg: dict, vision_dim: int, lm_dim: int, grid: tuple[int, int], in_tokens: int | None = None) -> Bridge:
     """Build a bridge from a recipe dict `{"name": ..., **options}`."""
     cfg = dict(cfg)
     name = cfg.pop("name")
-    return BRIDGES.get(name)(vision_dim=vision_dim, lm_dim=lm_dim, grid=grid, **cfg)
+    try:
+        return BRIDGES.get(name)(vision_dim=vision_dim, lm_dim=lm_dim, grid=grid, in_tokens=in_tokens, **cfg)
+    except TypeError as e:
+        raise ValueError(f"model.bridge ({name}): {e}") from e

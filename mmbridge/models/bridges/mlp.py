@@ -20,13 +20,13 @@ def mlp(in_dim: int, out_dim: int, depth: int) -> nn.Sequential:
 class MLPBridge(Bridge):
     """One LM token per encoder token (LLaVA-1.5: depth 2)."""
 
-    def __init__(self, vision_dim, lm_dim, grid, depth: int = 2, l2_normalize: bool = False):
-        super().__init__(vision_dim, lm_dim, grid, l2_normalize)
+    def __init__(self, vision_dim, lm_dim, grid, depth: int = 2, l2_normalize: bool = False, in_tokens=None):
+        super().__init__(vision_dim, lm_dim, grid, l2_normalize, in_tokens)
         self.proj = mlp(vision_dim, lm_dim, depth)
 
     @property
     def num_tokens(self) -> int:
-        return self.grid[0] * self.grid[1]
+        return self.in_tokens
 
     def project(self, feats: torch.Tensor) -> torch.Tensor:
         return self.proj(feats)
@@ -36,5 +36,5 @@ class MLPBridge(Bridge):
 class LinearBridge(MLPBridge):
     """LLaVA-1's single linear projection."""
 
-    def __init__(self, vision_dim, lm_dim, grid, l2_normalize: bool = False):
-        super().__init__(vision_dim, lm_dim, grid, depth=1, l2_normalize=l2_normalize)
+    def __init__(self, vision_dim, lm_dim, grid, l2_normalize: bool = False, in_tokens=None):
+        super().__init__(vision_dim, lm_dim, grid, depth=1, l2_normalize=l2_normalize, in_tokens=in_tokens)

@@ -13,8 +13,11 @@ from mmbridge.models.bridges.mlp import mlp
 class PoolAdapter(Bridge):
     """Non-overlapping s×s → P×P average pooling preserves where each token came from."""
 
-    def __init__(self, vision_dim, lm_dim, grid, pooled: int = 8, depth: int = 2, l2_normalize: bool = False):
-        super().__init__(vision_dim, lm_dim, grid, l2_normalize)
+    def __init__(self, vision_dim, lm_dim, grid, pooled: int = 8, depth: int = 2, l2_normalize: bool = False,
+                 in_tokens=None):
+        super().__init__(vision_dim, lm_dim, grid, l2_normalize, in_tokens)
+        if self.in_tokens != self.grid[0] * self.grid[1]:
+            raise ValueError("pool_adapter needs the patch grid only: set drop_cls: true on the vision encoder")
         rows, cols = self.grid
         if rows % pooled or cols % pooled:
             raise ValueError(

