@@ -43,7 +43,9 @@ def _chat(args) -> None:
     image = Path(args.image).resolve()
     record = {"id": "chat", "image": image.name,
               "conversations": [{"from": "human", "value": f"<image>\n{args.question}"}, {"from": "gpt", "value": ""}]}
-    print(generate_answers(model, processor, [record], image.parent, args.max_new_tokens, 1, progress=False)[0])
+    answer = generate_answers(model, processor, [record], image.parent, args.max_new_tokens, 1, progress=False)[0]
+    print(answer)
+    return answer
 
 
 def _demo(args) -> None:
@@ -52,7 +54,7 @@ def _demo(args) -> None:
     run_demo(quick=args.quick, out=args.out, overrides=args.set)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(prog="mmbridge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -88,9 +90,13 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(fn=_demo)
 
     args = parser.parse_args(argv)
+    from mmbridge.config import RecipeError
+    from mmbridge.data.images import ImageError
+    from mmbridge.data.llava import DataError
+
     try:
-        args.fn(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+        return args.fn(args)
+    except (RecipeError, DataError, ImageError, FileNotFoundError) as e:  # the user's input, not our bug
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -61,7 +61,7 @@ class StageConfig:
     weight_decay: float = 0.0
     clip: float = 1.0
     seed: int = 0
-    objective: str = "captioning"
+    group_by_length: int = 0  # >0: sort each window of this many batches by length (less padding)
 
 
 @dataclass

@@ -112,3 +112,18 @@ def test_recipe_overrides_and_type_errors(tmp_path):
         load_recipe("demo", ["stages.0.steps=many"])
     with pytest.raises(RecipeError, match=r"lr\.lm: missing learning rate"):
         load_recipe("demo", ["stages.1.lr={bridge: 0.1}"])
+
+
+def test_grad_accumulation_normalises_by_all_target_tokens(tiny_lm_dir, tiny_clip_dir, world, tmp_path):
+    """batch 4 in one step == 2 micro-batches of 2: same loss and gradient norm at step 1."""
+    logs = []
+    for bs, accum in ((4, 1), (2, 2)):
+        data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"])
+        data["stages"] = data["stages"][:1]
+        data["stages"][0].update(steps=1, batch_size=bs, grad_accum=accum, clip=1e9)
+        run = tmp_path / f"bs{bs}"
+        Trainer(recipe_from_dict(data), run, progress=False).run()
+        logs.append(json.loads((run / "metrics.jsonl").read_text().splitlines()[0]))
+    (a, b) = logs
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)

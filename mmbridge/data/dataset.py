@@ -126,3 +126,32 @@ class MixtureSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:  # endless; the trainer stops by step count
         return 2**62
+
+
+class LengthGroupedBatches(torch.utils.data.Sampler):
+    """Batches of similar length, to waste less compute on padding.
+
+    Takes `window` batches' worth of the mixture stream at a time, sorts them by token count,
+    cuts them into batches and shuffles the batch order (seeded). Resuming at batch `start`
+    regenerates its window and skips into it, so the order is the same as uninterrupted.
+    """
+
+    def __init__(self, lengths: list[int], sampler_args: dict, batch_size: int, window: int = 16, start: int = 0):
+        self.lengths = np.asarray(lengths)
+        self.sampler_args, self.batch_size, self.window, self.start = sampler_args, batch_size, window, start
+
+    def __iter__(self):
+        w, skip = divmod(self.start, self.window)
+        per_window = self.batch_size * self.window
+        stream = iter(MixtureSampler(**self.sampler_args, start=w * per_window))
+        while True:
+            idx = np.fromiter((next(stream) for _ in range(per_window)), dtype=np.int64, count=per_window)
+            idx = idx[np.argsort(self.lengths[idx], kind="stable")]
+            batches = idx.reshape(self.window, self.batch_size)
+            order = np.random.default_rng([self.sampler_args["seed"], 7919, w]).permutation(self.window)
+            for b in order[skip:]:
+                yield batches[b].tolist()
+            w, skip = w + 1, 0
+
+    def __len__(self) -> int:
+        return 2**62

@@ -9,11 +9,11 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import BatchSampler, ConcatDataset, DataLoader
 from tqdm.auto import tqdm
 
 from mmbridge.config import Recipe, StageConfig
-from mmbridge.data.dataset import Collator, ConversationDataset, MixtureSampler
+from mmbridge.data.dataset import Collator, ConversationDataset, LengthGroupedBatches, MixtureSampler
 from mmbridge.data.sources import resolve_source
 from mmbridge.models.build import build_model
 from mmbridge.train import checkpoint as ckpt
@@ -58,12 +58,20 @@ class Trainer:
             self.datasets[name] = ds
         return self.datasets[name]
 
-    def loader(self, stage: StageConfig, start: int) -> tuple[DataLoader, int]:
+    def loader(self, stage: StageConfig, start_batch: int) -> tuple[DataLoader, int]:
+        """Micro-batches from the stage's mixture, starting at micro-batch `start_batch`."""
         names = list(stage.data)
         parts = [self.dataset(n) for n in names]
-        sampler = MixtureSampler([len(p) for p in parts], [stage.data[n] for n in names], stage.seed, start=start)
-        loader = DataLoader(ConcatDataset(parts), batch_size=stage.batch_size, sampler=sampler,
-                            collate_fn=Collator(self.processor), num_workers=self.recipe.num_workers)
+        mix = {"sizes": [len(p) for p in parts], "weights": [stage.data[n] for n in names], "seed": stage.seed}
+        if stage.group_by_length:
+            lengths = [len(s["input_ids"]) for p in parts for s in p.samples]
+            batches = LengthGroupedBatches(lengths, mix, stage.batch_size, window=stage.group_by_length,
+                                           start=start_batch)
+        else:
+            batches = BatchSampler(MixtureSampler(**mix, start=start_batch * stage.batch_size), stage.batch_size,
+                                   drop_last=True)
+        loader = DataLoader(ConcatDataset(parts), batch_sampler=batches, collate_fn=Collator(self.processor),
+                            num_workers=self.recipe.num_workers)
         return loader, sum(len(p) for p in parts)
 
     # -- training -----------------------------------------------------------------------------
@@ -89,8 +97,7 @@ class Trainer:
         groups = param_groups(model, stage)
         optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
         start_step = self.state["step"] if self.state["stage"] == si else 0
-        consumed = start_step * stage.batch_size * stage.grad_accum
-        loader, n_samples = self.loader(stage, consumed)
+        loader, n_samples = self.loader(stage, start_step * stage.grad_accum)
         total = self._steps(stage, n_samples)
         warmup = int(round(stage.warmup * total))
         peak = [g["lr"] for g in groups]
