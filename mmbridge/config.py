@@ -62,6 +62,7 @@ class StageConfig:
     clip: float = 1.0
     seed: int = 0
     group_by_length: int = 0  # >0: sort each window of this many batches by length (less padding)
+    objective: dict = field(default_factory=lambda: {"name": "lm"})  # name + options
 
 
 @dataclass
@@ -158,7 +159,7 @@ def validate(recipe: Recipe) -> None:
             if mode != "frozen" and part not in st.lr:
                 raise RecipeError(f"{where}.lr.{part}: missing learning rate for a part that trains")
         for part in st.lr:
-            if part not in PARTS and part != "extra":
+            if part not in PARTS and part != "objective":
                 raise RecipeError(f"{where}.lr.{part}: unknown part; expected one of {list(PARTS)}")
         for src, w in st.data.items():
             if src not in recipe.sources and not (recipe.world and src.startswith("world/")):

@@ -35,10 +35,18 @@ def apply_stage_modes(model: MultimodalLM, stage: StageConfig) -> dict | None:
     return injected
 
 
-def param_groups(model: MultimodalLM, stage: StageConfig) -> list[dict]:
-    """One AdamW group per training part, each with its own learning rate (no hidden overrides)."""
+def param_groups(model: MultimodalLM, stage: StageConfig, objective: torch.nn.Module | None = None) -> list[dict]:
+    """One AdamW group per training part, each with its own learning rate (no hidden overrides).
+
+    Parameters the objective owns (e.g. Croc's prompt pool) form the group `objective`.
+    """
     groups = []
-    for part, module in model.parts().items():
+    modules = dict(model.parts())
+    if objective is not None and any(True for _ in objective.parameters()):
+        if "objective" not in stage.lr:
+            raise ValueError(f"stage {stage.name!r}: its objective has parameters; set lr.objective")
+        modules["objective"] = objective
+    for part, module in modules.items():
         params = [p for p in module.parameters() if p.requires_grad]
         if params:
             groups.append({"name": part, "params": params, "lr": float(stage.lr[part]),

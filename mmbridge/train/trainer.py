@@ -16,6 +16,7 @@ from mmbridge.config import Recipe, StageConfig
 from mmbridge.data.dataset import Collator, ConversationDataset, LengthGroupedBatches, MixtureSampler
 from mmbridge.data.sources import resolve_source
 from mmbridge.models.build import build_model
+from mmbridge.objectives import build_objective
 from mmbridge.train import checkpoint as ckpt
 from mmbridge.train.parts import apply_stage_modes, count_params, param_groups, trainable_keys
 from mmbridge.train.plots import plot_losses
@@ -94,7 +95,8 @@ class Trainer:
         injected = apply_stage_modes(model, stage)
         self.lora = self.lora or injected
         self.trained |= trainable_keys(model)
-        groups = param_groups(model, stage)
+        objective = build_objective(stage.objective, model)
+        groups = param_groups(model, stage, objective)
         optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
         start_step = self.state["step"] if self.state["stage"] == si else 0
         loader, n_samples = self.loader(stage, start_step * stage.grad_accum)
@@ -102,6 +104,7 @@ class Trainer:
         warmup = int(round(stage.warmup * total))
         peak = [g["lr"] for g in groups]
         if start_step:
+            objective.load_state_dict(self.state["objective"])
             optimizer.load_state_dict(self.state["optimizer"])
             ckpt.set_rng_state(self.state["rng"])
         else:
@@ -122,12 +125,12 @@ class Trainer:
             micro = [self._next_batch(batches) for _ in range(stage.grad_accum)]
             t_data = time.perf_counter() - t0
             n_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-            loss_sum, tokens = 0.0, 0
+            loss_sum, tokens, terms = 0.0, 0, Counter()
             for b in micro:
-                out = model(b["input_ids"], b["attention_mask"], b["pixel_values"], b["labels"],
-                            normalizer=max(n_targets, 1))
+                out = objective(model, b, normalizer=max(n_targets, 1))
                 out.loss.backward()
                 loss_sum += out.loss.item()
+                terms.update(out.terms)
                 tokens += int(b["attention_mask"].sum())
             grad_norm = torch.nn.utils.clip_grad_norm_(params_to_clip, stage.clip) if stage.clip else torch.tensor(0.0)
             if not torch.isfinite(grad_norm):
@@ -138,14 +141,15 @@ class Trainer:
             dt = time.perf_counter() - t0
             rec = {"stage": stage.name, "step": step + 1, "loss": round(loss_sum, 6), "grad_norm": float(grad_norm),
                    "tokens": tokens, "tok_per_s": round(tokens / dt, 1), "data_s": round(t_data, 4),
-                   "step_s": round(dt, 4), **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}}
+                   "step_s": round(dt, 4), **{f"loss_{k}": round(v, 6) for k, v in terms.items()},
+                   **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}}
             if (step + 1) % self.recipe.log_every == 0 or step + 1 == total:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
             bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens / dt:.0f}")
             self.state = {"stage": si, "step": step + 1}
             if self.recipe.save_every and (step + 1) % self.recipe.save_every == 0 and step + 1 < total:
-                self.save_checkpoint(optimizer, stage=si, step=step + 1)
+                self.save_checkpoint(optimizer, stage=si, step=step + 1, objective=objective)
         bar.close()
         log.close()
         self.state = {"stage": si + 1, "step": 0}
@@ -163,12 +167,14 @@ class Trainer:
     def _meta(self, stage: int, step: int) -> dict:
         return {"keys": sorted(self.trained), "lora": self.lora, "stage": stage, "step": step}
 
-    def save_checkpoint(self, optimizer, stage: int, step: int) -> None:
+    def save_checkpoint(self, optimizer, stage: int, step: int, objective=None) -> None:
+        """Weights plus what an exact mid-stage resume needs (optimizer, objective, RNG)."""
         folder = self.run_dir / "checkpoints" / "last"
         ckpt.save_weights(self.model, self.trained, folder, self._meta(stage, step))
         state = {"stage": stage, "step": step, "rng": ckpt.rng_state()}
         if optimizer is not None:
             state["optimizer"] = optimizer.state_dict()
+            state["objective"] = objective.state_dict() if objective is not None else {}
         ckpt.save_trainer_state(folder, state)
 
 

@@ -1,0 +1,38 @@
+"""The objective interface: what a stage optimises, given the composite model and a batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mmbridge.registry import Registry
+
+OBJECTIVES: Registry["Objective"] = Registry("objective")
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # already divided by the step's normaliser (target tokens across micro-batches)
+    terms: dict[str, float] = field(default_factory=dict)  # each loss term, logged separately
+
+
+class Objective(nn.Module):
+    """A stage's training objective. It may own parameters (e.g. Croc's prompt pool); these train
+    with the learning rate `lr.objective` of the stage and live only as long as the stage."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+
+    def forward(self, model: nn.Module, batch: dict, normalizer: float) -> LossOutput:
+        raise NotImplementedError
+
+
+def build_objective(cfg: dict, model: nn.Module) -> Objective:
+    cfg = dict(cfg)
+    name = cfg.pop("name", "lm")
+    try:
+        return OBJECTIVES.get(name)(model, **cfg)
+    except TypeError as e:
+        raise ValueError(f"objective {name}: {e}") from e

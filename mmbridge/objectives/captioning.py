@@ -1,0 +1,15 @@
+"""Next-token loss on assistant tokens (LLaVA's captioning / instruction objective)."""
+
+from __future__ import annotations
+
+from mmbridge.objectives.base import OBJECTIVES, LossOutput, Objective
+
+
+@OBJECTIVES.register("lm")
+class NextTokenLoss(Objective):
+    """Cross-entropy on labelled (assistant) tokens, summed and divided by the step's target count."""
+
+    def forward(self, model, batch: dict, normalizer: float) -> LossOutput:
+        out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
+                    normalizer=normalizer)
+        return LossOutput(out.loss, {"lm": out.loss.item()})
