@@ -117,3 +117,10 @@ def test_prompt_ends_with_assistant_header(tokenizer):
     # the prompt is exactly the training sequence up to the first answer
     enc = proc.encode(CONV, n_images=1)
     assert enc.input_ids[: len(ids)] == ids and enc.labels[len(ids)] != IGNORE
+
+
+def test_stop_tokens_come_from_the_template(tokenizer):
+    chatml = make(tokenizer)
+    assert chatml.stop_token_ids == sorted({tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id})
+    other = make(tokenizer, template=LLAMA3_TEMPLATE)
+    assert tokenizer.convert_tokens_to_ids("<|endoftext|>") in other.stop_token_ids

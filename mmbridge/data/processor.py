@@ -38,6 +38,18 @@ class Processor:
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self._special = sorted(set(tokenizer.all_special_tokens) - {IMAGE_TOKEN}, key=len, reverse=True)
 
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Tokens that end a reply: EOS and whatever special token the template closes a turn with."""
+        msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
+        text = self.tokenizer.apply_chat_template(msgs, tokenize=False)
+        end = text.rfind("ok") + 2
+        closing = next((s for s in self._special if text.startswith(s, end)), None)
+        ids = {self.tokenizer.eos_token_id}
+        if closing:
+            ids.add(self.tokenizer.convert_tokens_to_ids(closing))
+        return sorted(i for i in ids if i is not None)
+
     # -- text ---------------------------------------------------------------------------------
     def messages(self, conversations: list[dict]) -> list[dict]:
         """LLaVA turns → chat messages, with each `<image>` expanded to its token span."""

@@ -38,8 +38,7 @@ def generate_answers(model, processor, records: list[dict], image_root: str | Pa
                      batch_size: int = 16, progress: bool = True, desc: str = "generate") -> list[str]:
     """Greedy answers for each record's final question (KV-cached, left-padded batches)."""
     tok = processor.tokenizer
-    eos = sorted({tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|eot_id|>")}
-                 - {None, tok.unk_token_id})
+    eos = processor.stop_token_ids
     model.eval()
     answers: list[str] = []
     for i in tqdm(range(0, len(records), batch_size), desc=desc, disable=not progress, dynamic_ncols=True):
