@@ -94,11 +94,16 @@ def main(argv: list[str] | None = None):
     from mmbridge.data.images import ImageError
     from mmbridge.data.llava import DataError
 
+    from mmbridge.train.checkpoint import CheckpointError
+
     try:
         return args.fn(args)
     except (RecipeError, DataError, ImageError, FileNotFoundError) as e:  # the user's input, not our bug
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (CheckpointError, FloatingPointError) as e:  # disk, run directory, or a diverged run: said plainly
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,10 @@ class Recipe:
     eval: dict = field(default_factory=dict)  # name -> EvalTask
     bad_samples: str = "error"  # error | skip
     save_every: int = 0  # steps between mid-stage checkpoints (0: stage ends only)
+    keep_checkpoints: int = 2  # newest checkpoints kept in RUN/checkpoints; 2+ leaves a fallback if one is corrupt
+    # Steps with a non-finite loss or gradient are skipped (no update) and counted; this many in a row stop the
+    # run with a diagnostic, leaving the last good checkpoint as it was.
+    max_nonfinite_steps: int = 3
     log_every: int = 1
     num_workers: int = 0
     threads: int | None = None
@@ -147,6 +151,9 @@ def validate(recipe: Recipe) -> None:
     """Cross-field checks that dataclass typing cannot express."""
     if recipe.bad_samples not in ("error", "skip"):
         raise RecipeError(f"recipe.bad_samples: expected 'error' or 'skip', got {recipe.bad_samples!r}")
+    for key in ("keep_checkpoints", "max_nonfinite_steps"):
+        if getattr(recipe, key) < 1:
+            raise RecipeError(f"recipe.{key}: must be at least 1, got {getattr(recipe, key)}")
     for i, st in enumerate(recipe.stages):
         where = f"recipe.stages[{i}] ({st.name})"
         for part, mode in st.train.items():

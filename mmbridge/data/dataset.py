@@ -10,8 +10,10 @@ import torch
 from torch.utils.data import Dataset
 
 from mmbridge.data.images import ImageError, load_image, preprocess
-from mmbridge.data.llava import DataError, read_llava_json, record_images
+from mmbridge.data.llava import DataError, printable, read_llava_json, record_images
 from mmbridge.data.processor import IGNORE, Processor
+
+BRIDGE_TEXT = ("caption_ids", "instruction_ids")  # the bridge's own tokens, see Processor.bridge_text
 
 
 class ConversationDataset(Dataset):
@@ -29,7 +31,7 @@ class ConversationDataset(Dataset):
         self.truncated = 0
         self.samples: list[dict] = []
         for i, rec in enumerate(records):
-            where = f"{self.json_path}: record {i} (id {rec['id']})"
+            where = f"{self.json_path}: record {i} (id {printable(rec['id'])})"
             paths = record_images(rec)
             try:
                 enc = processor.encode(rec["conversations"], len(paths), where)
@@ -40,6 +42,7 @@ class ConversationDataset(Dataset):
                 continue
             self.truncated += enc.truncated
             self.samples.append({"id": str(rec["id"]), "input_ids": enc.input_ids, "labels": enc.labels,
+                                 **processor.bridge_text(rec["conversations"]),
                                  "images": [str(self.image_root / p) for p in paths], "where": where})
 
     def __len__(self) -> int:
@@ -55,7 +58,8 @@ class ConversationDataset(Dataset):
             return {"id": s["id"], "skip": "unreadable image"}
         pixels = preprocess(images, self.processor.image_size, self.processor.image_mean, self.processor.image_std) \
             if images else torch.zeros(0, 3, self.processor.image_size, self.processor.image_size)
-        return {"id": s["id"], "input_ids": s["input_ids"], "labels": s["labels"], "pixel_values": pixels}
+        return {"id": s["id"], "input_ids": s["input_ids"], "labels": s["labels"], "pixel_values": pixels,
+                **{k: s[k] for k in BRIDGE_TEXT if k in s}}
 
 
 class Collator:
@@ -80,7 +84,17 @@ class Collator:
             "attention_mask": attention_mask,
             "pixel_values": torch.cat([it["pixel_values"] for it in items]),
             "skipped": skipped,
+            **self._bridge_text(items),
         }
+
+    def _bridge_text(self, items: list[dict]) -> dict:
+        """caption_ids [B, L] per sample; instruction_ids [n_images, L] per image (None without images)."""
+        out = {}
+        if "caption_ids" in items[0]:
+            out["caption_ids"] = self.processor.pad_text([it["caption_ids"] for it in items])
+        if "instruction_ids" in items[0]:
+            out["instruction_ids"] = self.processor.pad_text([s for it in items for s in it["instruction_ids"]])
+        return out
 
 
 class MixtureSampler(torch.utils.data.Sampler):

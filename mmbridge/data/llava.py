@@ -26,10 +26,43 @@ def record_images(record: dict) -> list[str]:
     return [img] if isinstance(img, str) else list(img)
 
 
+def _has_surrogate(text: str) -> bool:
+    return any("\ud800" <= c <= "\udfff" for c in text)
+
+
+def _undecodable(value: object, at: str = "") -> str | None:
+    """The first field (e.g. `conversations[1].value`) whose text is not valid UTF-8: undecodable
+    bytes (read with surrogateescape) or a lone surrogate escape. Such text cannot be tokenised."""
+    if isinstance(value, str):
+        return (at or "a value") if _has_surrogate(value) else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            name = f"{at}.{k}" if at else str(k)
+            if _has_surrogate(str(k)):
+                return f"the key {printable(name)}"
+            if found := _undecodable(v, name):
+                return found
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            if found := _undecodable(v, f"{at}[{i}]"):
+                return found
+    return None
+
+
+def printable(value: object) -> str:
+    """A record id as it should appear in a message: as is, or quoted with escapes if it holds
+    newlines, control characters or undecodable bytes."""
+    text = str(value)
+    return text if text.isprintable() else repr(text)
+
+
 def check_record(record: object, where: str) -> None:
     """Raise DataError if `record` is not a well-formed LLaVA conversation record."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected an object, got {type(record).__name__}", "not an object")
+    field = _undecodable(record)
+    if field is not None:
+        raise DataError(f"{where}: {field} is not valid UTF-8 text", "bad UTF-8")
     convs = record.get("conversations")
     if not isinstance(convs, list) or not convs:
         raise DataError(f"{where}: 'conversations' must be a non-empty list", "no conversations")
@@ -42,6 +75,9 @@ def check_record(record: object, where: str) -> None:
             raise DataError(
                 f"{where}: conversations[{j}] must be {{'from': human|gpt|system, 'value': str}}", "bad turn"
             )
+        if ROLES[turn["from"]] == "assistant" and "<image>" in turn["value"]:
+            raise DataError(f"{where}: conversations[{j}] is a 'gpt' turn with an <image> placeholder; "
+                            "images belong in user turns", "<image> in an answer")
         has_answer |= ROLES[turn["from"]] == "assistant"
     if not has_answer:
         raise DataError(f"{where}: no 'gpt' turn, so nothing to learn from", "no answer turn")
@@ -61,10 +97,8 @@ def read_llava_json(path: str | Path, skip_bad: bool = False) -> tuple[list[dict
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: data file not found")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 at byte {e.start}") from e
+    # undecodable bytes inside a string spoil only that record (it is checked below), not the file
+    text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -73,7 +107,7 @@ def read_llava_json(path: str | Path, skip_bad: bool = False) -> tuple[list[dict
         raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
     records, skipped = [], {}
     for i, rec in enumerate(data):
-        rid = rec.get("id", i) if isinstance(rec, dict) else i
+        rid = printable(rec.get("id", i)) if isinstance(rec, dict) else i
         try:
             check_record(rec, f"{path}: record {i} (id {rid})")
         except DataError as e:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
+import jinja2
 import numpy as np
 import torch
 
@@ -11,6 +13,13 @@ from mmbridge.data.llava import ROLES, DataError
 from mmbridge.models.language import IMAGE_TOKEN
 
 IGNORE = -100
+# Private-use characters that stand in for each message's content in a trial rendering of the
+# template, so every message's place in the real rendering is known exactly.
+_MARK = "\ue000{}\ue001"
+_MARK_RE = re.compile("\ue000(\\d+)\ue001")
+# What counts as space before a reply: ASCII only. str.isspace also takes control characters such
+# as \x1d that this tokenizer drops, and a token's offsets then point at the dropped character.
+_SPACE = " \t\n\r\f\v"
 
 
 @dataclass
@@ -26,11 +35,16 @@ class Processor:
     Each `<image>` in a user turn becomes exactly `num_image_tokens` image-token ids, which the
     model fills with bridge outputs by position. Labels cover every assistant turn (its content
     and the end-of-turn token the template puts after it) and nothing else.
+
+    A bridge with its own text side (the Q-Former) gives `text_tokenizer`: each sample then also
+    carries its caption in those tokens, and with `instructions` each image its instruction.
     """
 
     def __init__(self, tokenizer, num_image_tokens: int, image_size: int, image_mean, image_std,
-                 max_length: int = 512, system_prompt: str | None = None):
+                 max_length: int = 512, system_prompt: str | None = None, text_tokenizer=None,
+                 instructions: bool = False, max_text_tokens: int = 64):
         self.tokenizer = tokenizer
+        self.text_tokenizer, self.instructions, self.max_text_tokens = text_tokenizer, instructions, max_text_tokens
         self.num_image_tokens = num_image_tokens
         self.image_size, self.image_mean, self.image_std = image_size, tuple(image_mean), tuple(image_std)
         self.max_length = max_length
@@ -59,31 +73,64 @@ class Processor:
             msgs.insert(0, {"role": "system", "content": self.system_prompt})
         return msgs
 
-    def _target_spans(self, text: str, msgs: list[dict]) -> list[tuple[int, int]]:
-        """Character spans of each assistant reply (plus the special token closing it)."""
-        spans, cursor = [], 0
+    def _render(self, msgs: list[dict], where: str, **kw) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(msgs, tokenize=False, **kw)
+        except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError) as e:
+            raise DataError(f"{where}: the chat template rejects this conversation: {e}",
+                            "rejected by chat template") from e
+
+    def _check_turns(self, msgs: list[dict], where: str) -> None:
         for m in msgs:
-            content = m["content"].strip()
-            start = text.find(content, cursor)
-            if start < 0:
-                raise DataError(f"chat template dropped or rewrote a {m['role']} message: {content[:40]!r}")
-            end = start + len(content)
-            if m["role"] == "assistant":
-                closing = next((s for s in self._special if text.startswith(s, end)), "")
-                spans.append((start, end + len(closing)))
-            cursor = end
+            token = next((t for t in self._special if t in m["content"]), None)
+            if token is not None:
+                raise DataError(f"{where}: a {m['role']} turn contains the special token {token!r}, which would "
+                                "fake the chat structure", "special token in text")
+            if m["role"] == "assistant" and not m["content"].strip():
+                raise DataError(f"{where}: an assistant turn is empty, so there is nothing to learn from it",
+                                "empty answer")
+
+    def _target_spans(self, text: str, msgs: list[dict], where: str) -> list[tuple[int, int]]:
+        """Character spans of each assistant reply (plus the special token closing it).
+
+        The template is rendered once with a marker in place of each content; the literal text
+        between markers must then appear around each real content (as written, or trimmed) in `text`.
+        A search for the content itself could land in a system prompt or an earlier turn.
+        """
+        skeleton = self._render([{**m, "content": _MARK.format(k)} for k, m in enumerate(msgs)], where)
+        pieces = _MARK_RE.split(skeleton)
+        literals, order = pieces[0::2], [int(k) for k in pieces[1::2]]
+        if sorted(order) != list(range(len(msgs))) or not text.startswith(literals[0]):
+            raise DataError(f"{where}: the chat template drops, repeats or reorders messages",
+                            "rewritten by chat template")
+        spans, pos = [], len(literals[0])
+        for k, after in zip(order, literals[1:]):
+            content = msgs[k]["content"]
+            placed = next((c for c in (content, content.strip())
+                           if text.startswith(c, pos) and text.startswith(after, pos + len(c))), None)
+            if placed is None:
+                raise DataError(f"{where}: the chat template rewrote a {msgs[k]['role']} message: {content[:40]!r}",
+                                "rewritten by chat template")
+            if msgs[k]["role"] == "assistant":
+                lead = len(placed) - len(placed.lstrip(_SPACE))
+                closing = next((t for t in self._special if after.startswith(t)), "")
+                end = pos + len(placed) + len(closing) if closing else pos + len(placed.rstrip(_SPACE))
+                spans.append((pos + lead, end))
+            pos += len(placed) + len(after)
         return spans
 
     def encode(self, conversations: list[dict], n_images: int, where: str = "sample") -> Encoded:
         """Tokenise a training conversation; the length budget counts image tokens."""
         msgs = self.messages(conversations)
-        text = self.tokenizer.apply_chat_template(msgs, tokenize=False)
-        spans = self._target_spans(text, msgs)
+        self._check_turns(msgs, where)
+        text = self._render(msgs, where)
+        spans = self._target_spans(text, msgs, where)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = np.asarray(enc["input_ids"], dtype=np.int64)
         offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
         # a BPE token may carry the space before a reply ("Ġred"): judge it by its first non-space char
-        starts = offsets[:, 0] + np.array([len(text[a:b]) - len(text[a:b].lstrip()) for a, b in offsets], dtype=np.int64)
+        starts = offsets[:, 0] + np.array([len(text[a:b]) - len(text[a:b].lstrip(_SPACE)) for a, b in offsets],
+                                          dtype=np.int64)
         is_target = np.zeros(len(ids), dtype=bool)
         for s, e in spans:
             is_target |= (starts >= s) & (offsets[:, 1] <= e) & (offsets[:, 1] > starts)
@@ -92,6 +139,8 @@ class Processor:
             raise DataError(f"{where}: {n_img_tok} image tokens after tokenisation, expected "
                             f"{n_images} x {self.num_image_tokens}", "<image> count mismatch")
         labels = np.where(is_target, ids, IGNORE)
+        if not (labels[1:] != IGNORE).any():
+            raise DataError(f"{where}: no token of any answer is labelled", "no answer tokens")
         truncated = False
         if len(ids) > self.max_length:
             ids, labels = self._shorten(ids, labels, where)
@@ -116,6 +165,29 @@ class Processor:
         msgs = self.messages(conversations)
         text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # -- the bridge's own text (Q-Former) ------------------------------------------------------
+    def _text_ids(self, text: str) -> list[int]:
+        return self.text_tokenizer(text, truncation=True, max_length=self.max_text_tokens)["input_ids"]
+
+    def instruction_ids(self, conversations: list[dict]) -> list[list[int]]:
+        """One sequence per image: the text of the user turn holding it, without `<image>` (InstructBLIP)."""
+        return [self._text_ids(t["value"].replace(IMAGE_TOKEN, " ").strip())
+                for t in conversations for _ in range(t["value"].count(IMAGE_TOKEN))]
+
+    def bridge_text(self, conversations: list[dict]) -> dict:
+        """`caption_ids` (the first assistant reply, for BLIP-2's stage 1) and, if the bridge reads
+        instructions, `instruction_ids`; nothing without a `text_tokenizer`."""
+        if self.text_tokenizer is None:
+            return {}
+        reply = next((t["value"] for t in conversations if ROLES.get(t["from"]) == "assistant"), "")
+        out = {"caption_ids": self._text_ids(reply)}
+        if self.instructions:
+            out["instruction_ids"] = self.instruction_ids(conversations)
+        return out
+
+    def pad_text(self, sequences: list[list[int]]) -> torch.Tensor | None:
+        return self.pad(sequences, self.text_tokenizer.pad_token_id) if sequences else None
 
     # -- batching -----------------------------------------------------------------------------
     def pad(self, sequences: list[list[int]], value: int, left: bool = False) -> torch.Tensor:

@@ -50,7 +50,11 @@ def generate_answers(model, processor, records: list[dict], image_root: str | Pa
         ids = processor.pad(prompts, processor.pad_id, left=True)
         lengths = torch.tensor([len(p) for p in prompts])
         mask = (torch.arange(ids.shape[1])[None, :] >= ids.shape[1] - lengths[:, None]).long()
-        out = model.generate(ids, mask, pixels, max_new_tokens=max_new_tokens, eos_token_ids=eos)
+        extra = {}
+        if processor.instructions:  # InstructBLIP: the Q-Former reads each image's instruction
+            extra["instruction_ids"] = processor.pad_text(
+                [s for r in batch for s in processor.instruction_ids(prompt_turns(r))])
+        out = model.generate(ids, mask, pixels, max_new_tokens=max_new_tokens, eos_token_ids=eos, **extra)
         answers += [tok.decode(o, skip_special_tokens=True).strip() for o in out]
     return answers
 

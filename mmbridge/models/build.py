@@ -19,5 +19,7 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> tuple[MultimodalLM, Process
                           in_tokens=vision.num_tokens)
     model = MultimodalLM(vision, bridge, lm, tok.convert_tokens_to_ids(IMAGE_TOKEN))
     processor = Processor(tok, bridge.num_tokens, vision.image_size, vision.image_mean, vision.image_std,
-                          max_length=cfg.max_length, system_prompt=cfg.system_prompt)
+                          max_length=cfg.max_length, system_prompt=cfg.system_prompt,
+                          text_tokenizer=bridge.tokenizer, instructions=bridge.uses_instruction,
+                          max_text_tokens=getattr(bridge, "max_text_tokens", 64))
     return model, processor

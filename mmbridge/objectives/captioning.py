@@ -11,5 +11,5 @@ class NextTokenLoss(Objective):
 
     def forward(self, model, batch: dict, normalizer: float) -> LossOutput:
         out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
-                    normalizer=normalizer)
+                    normalizer=normalizer, instruction_ids=batch.get("instruction_ids"))
         return LossOutput(out.loss, {"lm": out.loss.item()})

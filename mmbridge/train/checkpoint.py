@@ -2,53 +2,142 @@
 
 Layout::
 
-    RUN/recipe.yaml            the resolved recipe (what `load_run` rebuilds the model from)
-    RUN/tokenizer/             the tokenizer, with the image token added
+    RUN/recipe.yaml              the resolved recipe (what `load_run` rebuilds the model from)
+    RUN/tokenizer/               the tokenizer, with the image token added
     RUN/model/model.safetensors  every parameter a stage trained (LoRA adapters unmerged)
-    RUN/model/meta.json        which LoRA config was injected, and the stage reached
-    RUN/checkpoints/last/      the same weights plus optimizer/scheduler/RNG state for --resume
+    RUN/model/meta.json          which LoRA config was injected, and the stage reached
+    RUN/model/manifest.json      size and sha256 of each file, checked on load
+    RUN/checkpoints/stage{S}-step{N}/  the same three plus trainer_state.pt (optimizer, objective,
+                                 RNG, data position) for --resume; the newest `keep_checkpoints` stay
+
+Every folder is written under a temporary name, each file fsynced, then renamed into place, so a
+crash leaves either the old folder or the new one. Loading checks the manifest; a checkpoint that
+fails the check is set aside (renamed `*.corrupt`) and the previous one is used. Weights are only
+ever read from safetensors; trainer state with `torch.load(weights_only=True)`, which refuses to
+unpickle anything but tensors and plain containers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mmbridge.config import Recipe, recipe_from_dict, recipe_to_dict
 
+MANIFEST = "manifest.json"
+STATE = "trainer_state.pt"
+_NAME = re.compile(r"^stage(\d+)-step(\d+)$")
 
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or run directory that cannot be written or read; the message says which and why."""
+
+
+# -- files ------------------------------------------------------------------------------------
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.name != MANIFEST)
+    manifest = {"format": 1, "files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
+    (Path(folder) / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def verify(folder: Path) -> None:
+    """Raise CheckpointError unless every file in the manifest is there with its size and hash."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder}: no {MANIFEST} (written last, so the save never finished)") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{folder}/{MANIFEST}: unreadable ({e})") from None
+    for name, want in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (listed in {MANIFEST})")
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            raise CheckpointError(f"{path}: truncated or altered: {size} bytes, the manifest says {want['bytes']}")
+        if _sha256(path) != want["sha256"]:
+            raise CheckpointError(f"{path}: corrupt: its sha256 differs from the manifest's")
+
+
+def _write_folder(folder: Path, writers: dict) -> None:
+    """Write files (name -> fn(path)) into `folder` atomically: temp folder, fsync, manifest, rename."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    old = folder.with_name(f".{folder.name}.old")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name, write in writers.items():
+            write(tmp / name)
+            _fsync(tmp / name)
+        write_manifest(tmp)
+        _fsync(tmp / MANIFEST)
+        _fsync(tmp)
+        if folder.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            folder.rename(old)
+        tmp.rename(folder)
+        _fsync(folder.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except (OSError, SafetensorError) as e:  # safetensors reports its I/O errors as SafetensorError
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not folder.exists():
+            old.rename(folder)
+        reason = f"{e.strerror} (errno {e.errno})" if isinstance(e, OSError) and e.strerror else str(e)
+        raise CheckpointError(f"could not write {folder}: {reason}") from e
+
+
+# -- weights ----------------------------------------------------------------------------------
 def trained_state(model: torch.nn.Module, keys: set[str]) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     return {k: state[k].detach().contiguous().clone() for k in sorted(keys)}
 
 
-def save_weights(model: torch.nn.Module, keys: set[str], folder: Path, meta: dict) -> None:
-    """Write the trained parameters and their metadata atomically (temp folder, then rename)."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trained_state(model, keys), str(tmp / "model.safetensors"))
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+def save_weights(model: torch.nn.Module, keys: set[str], folder: Path, meta: dict, state: dict | None = None) -> None:
+    """Write the trained parameters, their metadata and (for checkpoints) trainer state atomically."""
+    weights = trained_state(model, keys)
+    writers = {"model.safetensors": lambda p: save_file(weights, str(p)),
+               "meta.json": lambda p: p.write_text(json.dumps(meta, indent=2))}
+    if state is not None:
+        writers[STATE] = lambda p: torch.save(state, p)
+    _write_folder(folder, writers)
 
 
 def load_weights(model: torch.nn.Module, folder: Path) -> dict:
     """Load saved parameters into a freshly built model; every saved key must exist there."""
     folder = Path(folder)
+    if (folder / MANIFEST).exists():
+        verify(folder)
     meta = json.loads((folder / "meta.json").read_text())
     if meta.get("lora"):
         from mmbridge.models.language import add_lora
@@ -67,6 +156,149 @@ def load_weights(model: torch.nn.Module, folder: Path) -> dict:
     return meta
 
 
+# -- checkpoints ------------------------------------------------------------------------------
+def checkpoint_dir(run_dir: Path, stage: int, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"stage{stage}-step{step:07d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint folders, newest (stage, step) first."""
+    root = Path(run_dir) / "checkpoints"
+    found = [(tuple(map(int, m.groups())), p) for p in root.glob("stage*") if (m := _NAME.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def save_checkpoint(run_dir: Path, model, keys: set[str], meta: dict, state: dict, keep: int) -> Path:
+    """Write checkpoint (stage, step) from `state`, then delete all but the newest `keep`."""
+    folder = checkpoint_dir(run_dir, state["stage"], state["step"])
+    save_weights(model, keys, folder, meta, state)
+    try:
+        for old in list_checkpoints(run_dir)[max(keep, 1):]:
+            doomed = old.with_name(f".{old.name}.deleting")  # renamed first: never a half-deleted checkpoint
+            old.rename(doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+    except OSError as e:
+        raise CheckpointError(f"wrote {folder} but could not delete older checkpoints: {e}") from e
+    return folder
+
+
+def load_trainer_state(folder: Path) -> dict:
+    path = Path(folder) / STATE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused to load: it holds objects other than tensors and plain values, "
+                              f"which are never unpickled ({first})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+
+
+def latest_checkpoint(run_dir: Path, say=print) -> tuple[Path, dict] | None:
+    """The newest checkpoint that passes its manifest check, with its trainer state.
+
+    Each one that fails is reported, renamed to `<name>.corrupt` (kept for inspection, never
+    loaded again) and the previous one is tried.
+    """
+    for folder in list_checkpoints(run_dir):
+        try:
+            verify(folder)
+            return folder, load_trainer_state(folder)
+        except CheckpointError as e:
+            aside = folder.with_name(folder.name + ".corrupt")
+            shutil.rmtree(aside, ignore_errors=True)
+            folder.rename(aside)
+            say(f"checkpoint {folder.name} is unusable and was moved to {aside.name}: {e}; "
+                "trying the previous checkpoint")
+    return None
+
+
+def set_aside(run_dir: Path) -> Path | None:
+    """Move an earlier run's checkpoints to RUN/checkpoints.old (replacing older ones there)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir() or not any(root.iterdir()):
+        return None
+    old = root.with_name("checkpoints.old")
+    shutil.rmtree(old, ignore_errors=True)
+    root.rename(old)
+    root.mkdir()
+    return old
+
+
+def remove_partial(run_dir: Path) -> None:
+    """Delete what a killed save or prune left behind (hidden `.*` folders)."""
+    for tmp in (Path(run_dir) / "checkpoints").glob(".*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- run directory checks ---------------------------------------------------------------------
+def _lora_bytes(module: torch.nn.Module, r: int, targets: list[str]) -> int:
+    return sum(r * (m.in_features + m.out_features) * 4 for name, m in module.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets)
+
+
+def estimate_checkpoint_bytes(model, recipe: Recipe) -> tuple[int, int]:
+    """(bytes of one mid-stage checkpoint, bytes of the final weights): an upper-end estimate.
+
+    Weights of every part any stage trains, plus AdamW's two moments for the largest stage.
+    """
+    parts = model.parts()
+    size = {name: sum(p.numel() * p.element_size() for p in m.parameters()) for name, m in parts.items()}
+    saved, largest = 0, 0
+    seen: set[str] = set()
+    for st in recipe.stages:
+        stage_bytes = 0
+        for part, mode in st.train.items():
+            if mode == "full":
+                n = size[part]
+            elif mode == "lora":
+                n = _lora_bytes(parts[part], st.lora.r, list(st.lora.target_modules))
+            else:
+                n = 0
+            stage_bytes += n
+            if n and part + mode not in seen:
+                seen.add(part + mode)
+                saved += n
+        largest = max(largest, stage_bytes)
+    return saved + 2 * largest + (1 << 20), saved + (1 << 20)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Create `run_dir` and prove it writable (a small file written, fsynced and removed)."""
+    run_dir = Path(run_dir)
+    probe = run_dir / f".write-test-{os.getpid()}"
+    try:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"run directory {run_dir} is not writable: {e.strerror or e} (errno {e.errno}); "
+                              "choose another --out or fix its permissions") from e
+
+
+def check_free_space(run_dir: Path, checkpoint_bytes: int, final_bytes: int, keep: int) -> None:
+    """Fail before training if the disk cannot hold `keep` checkpoints, one being written, and the weights."""
+    need = checkpoint_bytes * (max(keep, 1) + 1) + final_bytes
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise CheckpointError(
+            f"run directory {run_dir}: {_human(free)} free, but training needs about {_human(need)} "
+            f"({max(keep, 1)} checkpoint(s) of ~{_human(checkpoint_bytes)} kept (keep_checkpoints={keep}), one "
+            f"being written, and the final weights); free space, lower keep_checkpoints or choose another --out")
+
+
+# -- recipe, RNG, whole runs ------------------------------------------------------------------
 def save_recipe(recipe: Recipe, run_dir: Path) -> None:
     (Path(run_dir) / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
 
@@ -91,16 +323,6 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
-
-
-def save_trainer_state(folder: Path, state: dict) -> None:
-    tmp = Path(folder) / "trainer_state.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, Path(folder) / "trainer_state.pt")
-
-
-def load_trainer_state(folder: Path) -> dict:
-    return torch.load(Path(folder) / "trainer_state.pt", map_location="cpu", weights_only=True)
 
 
 def load_run(run_dir: str | Path):

@@ -1,9 +1,19 @@
-"""The staged training loop: each stage starts from the previous stage's weights."""
+"""The staged training loop: each stage starts from the previous stage's weights.
+
+Built to survive long runs: a resumed run continues with the same data position, RNG, optimizer
+and objective state, so its losses match an uninterrupted run's; SIGTERM or SIGINT finish the
+step, write a checkpoint and return; a step with a non-finite loss or gradient is skipped and
+counted, and `max_nonfinite_steps` in a row stop the run with a diagnostic. Checkpoint files and
+their checks live in `train/checkpoint.py`.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,12 +33,38 @@ from mmbridge.train.plots import plot_losses
 from mmbridge.train.schedule import warmup_cosine
 
 
+class NonFiniteError(FloatingPointError):
+    """Too many steps in a row with a non-finite loss or gradient; the message is the diagnostic."""
+
+
+def _ignore_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which stops them cleanly."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _nonfinite_terms(loss: float, terms: dict) -> str:
+    """Name the loss terms that are not finite (the total, if every term is)."""
+    bad = {k: v for k, v in terms.items() if not math.isfinite(v)}
+    if bad:
+        return "loss term " + ", ".join(f"{k!r} = {v}" for k, v in bad.items())
+    return f"total loss {loss} (its terms {dict(terms)} are finite)"
+
+
+def _first_nonfinite_grad(model: torch.nn.Module, objective: torch.nn.Module) -> str:
+    named = [*model.named_parameters(), *(("objective." + n, p) for n, p in objective.named_parameters())]
+    return next((n for n, p in named if p.grad is not None and not torch.isfinite(p.grad).all()), "(none found)")
+
+
 class Trainer:
-    """Runs a recipe's stages in order, writing checkpoints, metrics and plots to `run_dir`."""
+    """Runs a recipe's stages in order, writing checkpoints, metrics and plots to `run_dir`.
+
+    The run directory is checked (writable, room for the checkpoints) before anything trains.
+    """
 
     def __init__(self, recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: bool = True):
         self.recipe, self.run_dir, self.progress = recipe, Path(run_dir), progress
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.check_run_dir(self.run_dir)
         if recipe.threads:
             torch.set_num_threads(recipe.threads)
         torch.manual_seed(recipe.seed)
@@ -38,15 +74,41 @@ class Trainer:
         self.state = {"stage": 0, "step": 0}
         self.datasets: dict[str, ConversationDataset] = {}
         self.skipped: Counter = Counter()
-        last = self.run_dir / "checkpoints" / "last"
-        if resume and (last / "trainer_state.pt").exists():
-            meta = ckpt.load_weights(self.model, last)
-            self.state = ckpt.load_trainer_state(last)
-            self.trained, self.lora = set(meta["keys"]), meta.get("lora")
-        elif resume:
-            print(f"--resume: no checkpoint in {last}; starting from the beginning")
+        self.nonfinite = 0  # steps skipped for a non-finite loss or gradient, whole run
+        self.stop_signal: int | None = None  # set by SIGTERM/SIGINT during `run`
+        self.stopped = False  # the run ended early on a signal, with a checkpoint to resume from
+        self._consumed = 0  # loader batches taken this stage (the data position a resume skips to)
+        self._metrics_bytes = 0  # length of metrics.jsonl at the last step, saved with checkpoints
+        ckpt.remove_partial(self.run_dir)
+        if resume:
+            self._resume()
+        elif (old := ckpt.set_aside(self.run_dir)) is not None:  # never resume into another run's state
+            print(f"{self.run_dir}: an earlier run's checkpoints were moved to {old}")
+        ckpt.check_free_space(self.run_dir, *ckpt.estimate_checkpoint_bytes(self.model, recipe),
+                              recipe.keep_checkpoints)
         ckpt.save_recipe(recipe, self.run_dir)
         self.processor.tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))
+
+    def _resume(self) -> None:
+        found = ckpt.latest_checkpoint(self.run_dir)
+        if found is None:
+            print(f"--resume: no usable checkpoint in {self.run_dir / 'checkpoints'}; starting from the beginning")
+            metrics = self.run_dir / "metrics.jsonl"
+            if metrics.exists():  # the rows of the attempt being redone
+                metrics.write_text("")
+            return
+        folder, state = found
+        meta = ckpt.load_weights(self.model, folder)
+        self.state, self.trained, self.lora = state, set(meta["keys"]), meta.get("lora")
+        self.skipped.update(state.get("skipped", {}))
+        self.nonfinite = state.get("nonfinite", 0)
+        # rows logged after the checkpoint (and a half-written last line) are dropped: they are redone
+        metrics = self.run_dir / "metrics.jsonl"
+        if "metrics_bytes" in state and metrics.exists() and metrics.stat().st_size > state["metrics_bytes"]:
+            with open(metrics, "r+b") as f:
+                f.truncate(state["metrics_bytes"])
+        self._metrics_bytes = state.get("metrics_bytes", 0)
+        print(f"resuming from {folder} (stage {state['stage'] + 1}, step {state['step']})")
 
     # -- data ---------------------------------------------------------------------------------
     def dataset(self, name: str) -> ConversationDataset:
@@ -72,18 +134,55 @@ class Trainer:
             batches = BatchSampler(MixtureSampler(**mix, start=start_batch * stage.batch_size), stage.batch_size,
                                    drop_last=True)
         loader = DataLoader(ConcatDataset(parts), batch_sampler=batches, collate_fn=Collator(self.processor),
-                            num_workers=self.recipe.num_workers)
+                            num_workers=self.recipe.num_workers,
+                            worker_init_fn=_ignore_signals if self.recipe.num_workers else None)
         return loader, sum(len(p) for p in parts)
 
     # -- training -----------------------------------------------------------------------------
     def run(self) -> Path:
-        for si, stage in enumerate(self.recipe.stages):
-            if si < self.state["stage"]:
-                continue
-            self.train_stage(si, stage)
+        with self._stop_on_signals():
+            for si, stage in enumerate(self.recipe.stages):
+                if si < self.state["stage"]:
+                    continue
+                if self.stop_signal is not None:  # arrived during the previous stage's last step
+                    self._announce_stop(ckpt.list_checkpoints(self.run_dir)[0])
+                    break
+                self.train_stage(si, stage)
+                if self.stopped:
+                    break
         if self.skipped:
             print("skipped samples: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.skipped.items())))
+        if self.nonfinite:
+            print(f"skipped {self.nonfinite} step(s) with a non-finite loss or gradient (see metrics.jsonl)")
         return self.run_dir
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """While training, SIGTERM/SIGINT only set a flag; the loop then checkpoints and stops.
+
+        A second signal stops at once (KeyboardInterrupt); the last checkpoint stays valid.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self.stop_signal is not None:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _announce_stop(self, folder: Path) -> None:
+        self.stopped = True
+        name = signal.Signals(self.stop_signal).name
+        print(f"stopped by {name}: checkpoint written to {folder}; continue with `mmbridge train <recipe> "
+              f"--out {self.run_dir} --resume`", flush=True)
 
     def _steps(self, stage: StageConfig, n_samples: int) -> int:
         if stage.epochs is not None:
@@ -92,32 +191,36 @@ class Trainer:
 
     def train_stage(self, si: int, stage: StageConfig) -> None:
         model = self.model
+        resuming = self.state["stage"] == si and self.state["step"] > 0
+        if not resuming:  # seed first: LoRA and objective initialisation draw from it
+            torch.manual_seed(stage.seed)
         injected = apply_stage_modes(model, stage)
         self.lora = self.lora or injected
         self.trained |= trainable_keys(model)
         objective = build_objective(stage.objective, model)
         groups = param_groups(model, stage, objective)
         optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
-        start_step = self.state["step"] if self.state["stage"] == si else 0
-        loader, n_samples = self.loader(stage, start_step * stage.grad_accum)
+        start_step = self.state["step"] if resuming else 0
+        self._consumed = self.state.get("batches", start_step * stage.grad_accum) if resuming else 0
+        loader, n_samples = self.loader(stage, self._consumed)
         total = self._steps(stage, n_samples)
         warmup = int(round(stage.warmup * total))
         peak = [g["lr"] for g in groups]
-        if start_step:
+        batches = iter(loader)  # this draws a seed from the torch RNG, so it comes before restoring it
+        if resuming:
             objective.load_state_dict(self.state["objective"])
             optimizer.load_state_dict(self.state["optimizer"])
             ckpt.set_rng_state(self.state["rng"])
-        else:
-            torch.manual_seed(stage.seed)
         trainable, params = count_params(model)
         print(f"stage {si + 1}/{len(self.recipe.stages)} {stage.name!r}: {total} steps, {n_samples} samples, "
               f"{trainable / 1e6:.2f}M of {params / 1e6:.1f}M parameters train "
               f"({', '.join(f'{k}={v}' for k, v in stage.train.items())})")
-        log = open(self.run_dir / "metrics.jsonl", "a")
-        batches = iter(loader)
+        metrics = self.run_dir / "metrics.jsonl"
+        log = open(metrics, "a")
         bar = tqdm(range(start_step, total), initial=start_step, total=total, desc=stage.name,
                    disable=not self.progress, dynamic_ncols=True)
         params_to_clip = [p for g in groups for p in g["params"]]
+        streak = 0  # consecutive skipped steps
         for step in bar:
             for g, lr in zip(optimizer.param_groups, peak):
                 g["lr"] = lr * warmup_cosine(step, total, warmup, stage.min_lr_ratio)
@@ -125,41 +228,76 @@ class Trainer:
             micro = [self._next_batch(batches) for _ in range(stage.grad_accum)]
             t_data = time.perf_counter() - t0
             n_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-            loss_sum, tokens, terms = 0.0, 0, Counter()
+            loss_sum, tokens, terms, bad = 0.0, 0, Counter(), None
             for b in micro:
                 out = objective(model, b, normalizer=max(n_targets, 1))
+                loss = out.loss.item()
+                if not math.isfinite(loss):
+                    bad = bad or _nonfinite_terms(loss, out.terms)
+                    continue
                 out.loss.backward()
-                loss_sum += out.loss.item()
+                loss_sum += loss
                 terms.update(out.terms)
                 tokens += int(b["attention_mask"].sum())
-            grad_norm = torch.nn.utils.clip_grad_norm_(params_to_clip, stage.clip) if stage.clip else torch.tensor(0.0)
-            if not torch.isfinite(grad_norm):
-                raise FloatingPointError(f"stage {stage.name!r} step {step + 1}: non-finite gradient norm; "
-                                         f"batch ids {[i for b in micro for i in b['ids']]}")
-            optimizer.step()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params_to_clip, stage.clip or math.inf)
+            if bad is None and not torch.isfinite(grad_norm):
+                bad = f"gradient norm {float(grad_norm)} with a finite loss {loss_sum:.6g}; first non-finite " \
+                      f"gradient in {_first_nonfinite_grad(model, objective)}"
+            ids = [i for b in micro for i in b["ids"]]
+            if bad is None:
+                streak = 0
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
-            rec = {"stage": stage.name, "step": step + 1, "loss": round(loss_sum, 6), "grad_norm": float(grad_norm),
-                   "tokens": tokens, "tok_per_s": round(tokens / dt, 1), "data_s": round(t_data, 4),
-                   "step_s": round(dt, 4), **{f"loss_{k}": round(v, 6) for k, v in terms.items()},
-                   **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}}
-            if (step + 1) % self.recipe.log_every == 0 or step + 1 == total:
+            if bad is None:
+                rec = {"stage": stage.name, "step": step + 1, "loss": loss_sum, "grad_norm": float(grad_norm),
+                       "tokens": tokens, "tok_per_s": round(tokens / dt, 1), "data_s": round(t_data, 4),
+                       "step_s": round(dt, 4), **{f"loss_{k}": round(v, 6) for k, v in terms.items()},
+                       **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}}
+            else:
+                streak += 1
+                self.nonfinite += 1
+                rec = {"stage": stage.name, "step": step + 1, "skipped": bad, "ids": ids}
+                tqdm.write(f"stage {stage.name!r} step {step + 1}: non-finite {bad}; update skipped "
+                           f"({streak} in a row; sample ids {ids})")
+            if bad is not None or (step + 1) % self.recipe.log_every == 0 or step + 1 == total:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
-            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens / dt:.0f}")
+                self._metrics_bytes = log.tell()
+            if streak >= self.recipe.max_nonfinite_steps:
+                bar.close()
+                log.close()
+                last = ckpt.list_checkpoints(self.run_dir)
+                raise NonFiniteError(
+                    f"stage {stage.name!r} step {step + 1}: {streak} steps in a row with a non-finite loss or "
+                    f"gradient (max_nonfinite_steps={self.recipe.max_nonfinite_steps}), none applied. This step: "
+                    f"{bad}; batch sample ids {ids}. Last good checkpoint: {last[0] if last else 'none yet'}")
+            if bad is None:
+                bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens / dt:.0f}")
             self.state = {"stage": si, "step": step + 1}
-            if self.recipe.save_every and (step + 1) % self.recipe.save_every == 0 and step + 1 < total:
-                self.save_checkpoint(optimizer, stage=si, step=step + 1, objective=objective)
+            if step + 1 == total:
+                break
+            saved = None
+            if self.recipe.save_every and (step + 1) % self.recipe.save_every == 0 and bad is None:
+                saved = self.save_checkpoint(optimizer, stage=si, step=step + 1, objective=objective)
+            if self.stop_signal is not None:
+                bar.close()
+                log.close()
+                self._announce_stop(saved or self.save_checkpoint(optimizer, stage=si, step=step + 1,
+                                                                  objective=objective))
+                return
         bar.close()
         log.close()
+        self._metrics_bytes = metrics.stat().st_size
         self.state = {"stage": si + 1, "step": 0}
         self.save_checkpoint(None, stage=si + 1, step=0)
         ckpt.save_weights(model, self.trained, self.run_dir / "model", self._meta(si + 1, 0))
-        plot_losses(self.run_dir / "metrics.jsonl", stage.name, self.run_dir / f"loss_{si + 1}_{stage.name}.png")
+        plot_losses(metrics, stage.name, self.run_dir / f"loss_{si + 1}_{stage.name}.png")
 
     def _next_batch(self, batches) -> dict:
         while True:
             b = next(batches)
+            self._consumed += 1
             self.skipped.update({f"batch: {k}": v for k, v in b["skipped"].items()})
             if not b.get("empty"):
                 return b
@@ -167,15 +305,16 @@ class Trainer:
     def _meta(self, stage: int, step: int) -> dict:
         return {"keys": sorted(self.trained), "lora": self.lora, "stage": stage, "step": step}
 
-    def save_checkpoint(self, optimizer, stage: int, step: int, objective=None) -> None:
-        """Weights plus what an exact mid-stage resume needs (optimizer, objective, RNG)."""
-        folder = self.run_dir / "checkpoints" / "last"
-        ckpt.save_weights(self.model, self.trained, folder, self._meta(stage, step))
-        state = {"stage": stage, "step": step, "rng": ckpt.rng_state()}
+    def save_checkpoint(self, optimizer, stage: int, step: int, objective=None) -> Path:
+        """Weights plus what an exact mid-stage resume needs (optimizer, objective, RNG, data position)."""
+        state = {"stage": stage, "step": step, "batches": self._consumed, "rng": ckpt.rng_state(),
+                 "skipped": {k: v for k, v in self.skipped.items() if k.startswith("batch: ")},
+                 "nonfinite": self.nonfinite, "metrics_bytes": self._metrics_bytes}
         if optimizer is not None:
             state["optimizer"] = optimizer.state_dict()
             state["objective"] = objective.state_dict() if objective is not None else {}
-        ckpt.save_trainer_state(folder, state)
+        return ckpt.save_checkpoint(self.run_dir, self.model, self.trained, self._meta(stage, step), state,
+                                    self.recipe.keep_checkpoints)
 
 
 def train(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: bool = True) -> Path:

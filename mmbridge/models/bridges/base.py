@@ -15,7 +15,14 @@ class Bridge(nn.Module):
     """Maps encoder tokens [B, T_in, D_vision] on a (rows, cols) grid to [B, num_tokens, D_lm].
 
     `l2_normalize` (Croc) rescales every output token to unit L2 norm.
+    `fusion` is "early" (outputs fill the LM's image-token positions) or "deep" (the bridge also
+    acts inside the LM's layers; see `deep.py`). A bridge with its own text side (the Q-Former)
+    sets `tokenizer`; one that reads the instruction (InstructBLIP) sets `uses_instruction`.
     """
+
+    fusion = "early"
+    tokenizer = None
+    uses_instruction = False
 
     def __init__(self, vision_dim: int, lm_dim: int, grid: tuple[int, int], l2_normalize: bool = False,
                  in_tokens: int | None = None):
@@ -30,11 +37,16 @@ class Bridge(nn.Module):
         """Visual tokens this bridge emits per image."""
         raise NotImplementedError
 
+    @property
+    def visual_tokens(self) -> int:
+        """Visual tokens per image the LM reads (in its input, or through cross-attention)."""
+        return self.num_tokens
+
     def project(self, feats: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        out = self.project(feats)
+    def forward(self, feats: torch.Tensor, **kwargs) -> torch.Tensor:
+        out = self.project(feats, **kwargs)
         return F.normalize(out, dim=-1) if self.l2_normalize else out
 
 

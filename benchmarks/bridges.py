@@ -1,0 +1,120 @@
+"""The bridge benchmark: six bridges, one LM, one vision encoder, the same steps and data.
+
+Each bridge is trained by the same trainer on the built-in shapes world (stage 1: captions, bridge
+only; stage 2: captions + VQA + grounding, bridge + LoRA on the LM), then scored on the held-out
+test split. Prints a table; its last line is the table as one JSON object.
+
+    python benchmarks/bridges.py                      # the full run (< 30 min on 2 CPU cores)
+    python benchmarks/bridges.py --align-steps 2 --multitask-steps 2 --limit 8   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+from mmbridge.config import load_recipe
+from mmbridge.data.llava import read_llava_json
+from mmbridge.data.sources import resolve_source
+from mmbridge.eval.evaluate import evaluate_records
+from mmbridge.train.parts import count_params
+
+# Query-based bridges get the pool-adapter's budget of 16 tokens per image, so that the grounding
+# comparison (InfMLLM) is about keeping positions, not about token count.
+BRIDGES = {
+    "mlp": {"name": "mlp"},  # LLaVA-1.5: every encoder token
+    "pool_adapter": {"name": "pool_adapter", "pooled": 4},  # InfMLLM
+    "qformer": {"name": "qformer", "queries": 16},  # BLIP-2, from MiniLM (no ITC/ITM/ITG stage: same stages for all)
+    "resampler": {"name": "resampler", "latents": 16, "dim": 512},  # Flamingo's Perceiver Resampler
+    "gated_xattn": {"name": "gated_xattn", "latents": 16, "dim": 512, "every": 4},  # Flamingo
+    "visual_expert": {"name": "visual_expert"},  # CogVLM
+}
+TASKS = {"caption": ("cider", 24), "vqa": ("vqa_accuracy", 8), "grounding": ("grounding_acc50", 24)}
+
+
+def recipe_for(bridge: dict, args):
+    """The bundled demo recipe (same LM, encoder and world) with this bridge and the benchmark's steps."""
+    sets = [f"model.bridge={json.dumps(bridge)}",
+            f"stages.0.steps={args.align_steps}", f"stages.1.steps={args.multitask_steps}",
+            "stages.1.data={world/train/caption: 1.0, world/train/vqa: 1.0, world/train/grounding: 1.0}",
+            f"threads={args.threads}", "log_every=1"]
+    return load_recipe("demo", sets)
+
+
+def evaluate(model, processor, recipe, limit: int) -> dict:
+    scores = {}
+    for task, (metric, max_new) in TASKS.items():
+        src = resolve_source(recipe, f"world/test/{task}")
+        records = read_llava_json(src.json)[0][:limit]
+        m, _ = evaluate_records(model, processor, records, src.images, task, max_new_tokens=max_new, progress=False)
+        scores[metric] = round(m[metric], 4)
+    return scores
+
+
+def run_bridge(name: str, args) -> dict:
+    from mmbridge.train.trainer import Trainer
+
+    recipe = recipe_for(BRIDGES[name], args)
+    run_dir = Path(args.out) / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    trainer = Trainer(recipe, run_dir, progress=False)
+    trainer.run()
+    t_train = time.perf_counter() - t0
+    model, processor = trainer.model, trainer.processor
+    trainable, _ = count_params(model)  # as in the last stage: bridge + LoRA adapters
+    steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    t1 = time.perf_counter()
+    row = {"trainable_params": trainable, "bridge_params": sum(p.numel() for p in model.bridge.parameters()),
+           "visual_tokens": model.bridge.visual_tokens, "lm_tokens_per_image": model.bridge.num_tokens,
+           "step_s": round(statistics.median(r["step_s"] for r in steps), 3),
+           "final_loss": round(steps[-1]["loss"], 4), **evaluate(model, processor, recipe, args.limit)}
+    row["train_s"], row["eval_s"] = round(t_train, 1), round(time.perf_counter() - t1, 1)
+    print(f"{name}: {row}", flush=True)
+    return row
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bridges", default=",".join(BRIDGES), help="comma-separated subset of " + ",".join(BRIDGES))
+    parser.add_argument("--align-steps", type=int, default=10)
+    parser.add_argument("--multitask-steps", type=int, default=24)
+    parser.add_argument("--limit", type=int, default=40, help="test records per task")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="runs/bench-bridges")
+    args = parser.parse_args(argv)
+    names = args.bridges.split(",")
+    unknown = set(names) - set(BRIDGES)
+    if unknown:
+        parser.error(f"unknown bridge(s) {sorted(unknown)}; choose from {list(BRIDGES)}")
+    t0 = time.perf_counter()
+    rows = {name: run_bridge(name, args) for name in names}
+    if "mlp" in rows:
+        for row in rows.values():
+            row["step_time_vs_mlp"] = round(row["step_s"] / rows["mlp"]["step_s"], 2)
+    table = {"benchmark": "bridges", "lm": "SmolLM2-135M-Instruct", "vision": "EfficientNet-Lite0 256px (8x8)",
+             "align_steps": args.align_steps, "multitask_steps": args.multitask_steps, "batch_sizes": [16, 8],
+             "test_records_per_task": args.limit, "total_s": round(time.perf_counter() - t0, 1), "rows": rows}
+    print_table(rows)
+    print(json.dumps(table))
+    return table
+
+
+def print_table(rows: dict) -> None:
+    cols = [("trainable_params", "trainable"), ("visual_tokens", "vis tok"), ("step_time_vs_mlp", "step/mlp"),
+            ("cider", "CIDEr"), ("vqa_accuracy", "VQA acc"), ("grounding_acc50", "Acc@0.5")]
+    print(f"{'bridge':<14}" + "".join(f"{label:>11}" for _, label in cols))
+    for name, row in rows.items():
+        cells = []
+        for key, _ in cols:
+            v = row.get(key, "")
+            cells.append(f"{v / 1e6:>10.2f}M" if key == "trainable_params" else f"{v:>11}")
+        print(f"{name:<14}" + "".join(cells))
+
+
+if __name__ == "__main__":
+    main()

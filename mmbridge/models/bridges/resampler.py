@@ -1,0 +1,72 @@
+"""Flamingo's Perceiver Resampler: L learned latents summarise any number of visual tokens or frames."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmbridge.models.bridges.attention import FeedForward, MultiHeadAttention, check_heads
+from mmbridge.models.bridges.base import BRIDGES, Bridge
+
+
+class PerceiverLayer(nn.Module):
+    """Latents attend to [visual features; latents] (keys and values), then a feed-forward block."""
+
+    def __init__(self, dim: int, heads: int, ff_mult: int):
+        super().__init__()
+        self.norm_media, self.norm_latents = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = MultiHeadAttention(dim, heads)
+        self.ff = FeedForward(dim, ff_mult)
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        q = self.norm_latents(latents)
+        latents = latents + self.attn(q, torch.cat([self.norm_media(media), q], dim=1))
+        return latents + self.ff(latents)
+
+
+class PerceiverResampler(nn.Module):
+    """[B, T, D_in] or frames [B, F, T, D_in] → [B, latents, dim], whatever T and F are (Flamingo)."""
+
+    def __init__(self, in_dim: int, dim: int, latents: int = 64, depth: int = 2, heads: int = 8, ff_mult: int = 4,
+                 max_frames: int = 8):
+        super().__init__()
+        check_heads(dim, heads, "resampler")
+        self.inp = nn.Linear(in_dim, dim) if in_dim != dim else nn.Identity()
+        self.latents = nn.Parameter(torch.randn(latents, dim) * 0.02)
+        self.frame_embed = nn.Parameter(torch.randn(max_frames, dim) * 0.02)  # learned temporal embeddings
+        self.layers = nn.ModuleList(PerceiverLayer(dim, heads, ff_mult) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        if feats.ndim == 3:  # one frame per image
+            feats = feats[:, None]
+        if feats.ndim != 4:
+            raise ValueError(f"resampler expects [B, T, D] or [B, frames, T, D], got {tuple(feats.shape)}")
+        b, f = feats.shape[:2]
+        if f > len(self.frame_embed):
+            raise ValueError(f"resampler: {f} frames exceed max_frames={len(self.frame_embed)}")
+        media = (self.inp(feats) + self.frame_embed[:f, None]).flatten(1, 2)
+        latents = self.latents.expand(b, -1, -1)
+        for layer in self.layers:
+            latents = layer(media, latents)
+        return self.norm(latents)
+
+
+@BRIDGES.register("resampler")
+class ResamplerBridge(Bridge):
+    """Perceiver Resampler, then a linear layer to the LM width: `latents` tokens per image."""
+
+    def __init__(self, vision_dim, lm_dim, grid, latents: int = 64, depth: int = 2, heads: int = 8,
+                 dim: int | None = None, ff_mult: int = 4, max_frames: int = 8, l2_normalize: bool = False,
+                 in_tokens=None):
+        super().__init__(vision_dim, lm_dim, grid, l2_normalize, in_tokens)
+        dim = dim or vision_dim
+        self.resampler = PerceiverResampler(vision_dim, dim, latents, depth, heads, ff_mult, max_frames)
+        self.proj = nn.Linear(dim, lm_dim)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.resampler.latents)
+
+    def project(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.resampler(feats))

@@ -1,0 +1,70 @@
+"""4D additive attention masks for a decoder LM (SDPA): causal with bidirectional blocks.
+
+Croc's mixed attention comes in two forms:
+- `prefix`: every position before a sample's first answer token attends bidirectionally within
+  that prefix (Croc's released code); the answer and everything after it stay causal.
+- `visual`: bidirectional only among the tokens of one image; all text stays causal.
+`causal` is the plain mask. Padding keys are always blocked, and since answer tokens are never
+in a bidirectional block, no position sees a later answer token. Built for the whole batch at
+once; the result is [B, 1, T, T] with 0 where attention is allowed and the dtype's minimum
+elsewhere (additive masks are exact under both SDPA and eager attention; boolean ones are not).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mmbridge.data.processor import IGNORE
+
+MODES = ("causal", "prefix", "visual")
+
+
+def first_answer_position(labels: torch.Tensor) -> torch.Tensor:
+    """Index of each row's first labelled token; the row length when it has none. [B, T] → [B]."""
+    has = labels != IGNORE
+    first = has.int().argmax(dim=1)
+    return torch.where(has.any(dim=1), first, torch.full_like(first, labels.shape[1]))
+
+
+def image_spans(is_image: torch.Tensor, tokens_per_image: int) -> torch.Tensor:
+    """Which image each position belongs to (0, 1, … per row; -1 for text): image tokens are
+    grouped in order, `tokens_per_image` at a time, as the model fills them."""
+    ordinal = is_image.long().cumsum(dim=1) - 1
+    return torch.where(is_image, ordinal // tokens_per_image, torch.full_like(ordinal, -1))
+
+
+def allowed_attention(attention_mask: torch.Tensor, mode: str = "causal", labels: torch.Tensor | None = None,
+                      is_image: torch.Tensor | None = None, tokens_per_image: int | None = None) -> torch.Tensor:
+    """Boolean [B, T, T] (query, key): True where a query may attend to a key."""
+    if mode not in MODES:
+        raise ValueError(f"attention mode {mode!r}: expected one of {MODES}")
+    b, t = attention_mask.shape
+    pos = torch.arange(t, device=attention_mask.device)
+    allowed = (pos[None, :] <= pos[:, None]).expand(b, t, t)  # causal
+    if mode == "prefix":
+        if labels is None:
+            raise ValueError("prefix attention needs the labels (to find the first answer token)")
+        first = first_answer_position(labels)
+        # inside the prefix everything sees everything; a query at or after the first answer
+        # token already sees the whole prefix causally
+        allowed = allowed | (pos[None, None, :] < first[:, None, None])
+    elif mode == "visual":
+        if is_image is None or not tokens_per_image:
+            raise ValueError("visual attention needs is_image and tokens_per_image")
+        span = image_spans(is_image, tokens_per_image)
+        same = (span[:, :, None] == span[:, None, :]) & is_image[:, :, None] & is_image[:, None, :]
+        allowed = allowed | same
+    return allowed & attention_mask.bool()[:, None, :]
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Boolean [B, T, T] → additive float [B, 1, T, T] (0 = attend, dtype minimum = blocked)."""
+    out = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return out.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+
+def mixed_attention_mask(attention_mask: torch.Tensor, mode: str, labels: torch.Tensor | None = None,
+                         is_image: torch.Tensor | None = None, tokens_per_image: int | None = None,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Croc's mixed attention as a 4D additive mask for `lm.get_decoder()(attention_mask=...)`."""
+    return additive_mask(allowed_attention(attention_mask, mode, labels, is_image, tokens_per_image), dtype)

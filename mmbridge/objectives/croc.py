@@ -1,0 +1,127 @@
+"""Croc's cross-modal comprehension objective (Croc: Pretraining Large Multimodal Models with
+Cross-Modal Comprehension).
+
+Per image a fresh random fraction of the visual tokens is replaced by vectors from a learnable
+prompt-token pool (matched by L2 distance), the LM reads the sequence under mixed attention, and a
+small head reconstructs the original (detached, L2-normalised) visual tokens from the LM's final
+hidden states at the image positions. Loss = next-token loss + weight × SmoothL1(β).
+
+The pool and the head belong to this objective, so they exist only during the stage that names it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmbridge.models.masks import MODES, mixed_attention_mask
+from mmbridge.objectives.base import OBJECTIVES, LossOutput, Objective
+from mmbridge.objectives.matching import METHODS, check_capacity, match
+from mmbridge.objectives.reconstruction import ReconstructionHead
+
+TARGETS = ("all", "selected")
+
+
+def num_selected(num_tokens: int, ratio: float) -> int:
+    """Visual tokens replaced per image: `ratio` × `num_tokens`, rounded half up, at least one."""
+    return max(1, int(ratio * num_tokens + 0.5))
+
+
+def select_tokens(n_images: int, num_tokens: int, ratio: float, device=None) -> torch.Tensor:
+    """A fresh random subset of exactly `num_selected` token indices per image: [n_images, m], sorted."""
+    m = num_selected(num_tokens, ratio)
+    order = torch.rand(n_images, num_tokens, device=device).argsort(dim=1)
+    return order[:, :m].sort(dim=1).values
+
+
+@dataclass
+class CrocInputs:
+    """What the LM reads in a Croc step, plus what the loss needs."""
+
+    embeds: torch.Tensor  # [B, T, width] LM input, selected visual tokens replaced by pool vectors
+    mask: torch.Tensor  # [B, 1, T, T] additive mixed-attention mask
+    is_image: torch.Tensor  # [B, T]
+    visual: torch.Tensor | None  # [n_images, N, width] bridge outputs before replacement
+    selected: torch.Tensor | None  # [n_images, m] replaced token indices
+    assignment: torch.Tensor | None  # [n_images, m] pool row for each replaced token
+
+
+@OBJECTIVES.register("croc")
+class CrocObjective(Objective):
+    """Prompt-pool replacement + mixed attention + visual-token reconstruction (Croc)."""
+
+    def __init__(self, model, pool_size: int = 2048, mask_ratio: float = 0.75, matching: str = "hungarian",
+                 attention: str = "prefix", target: str = "all", recon_weight: float = 10.0, beta: float = 0.01,
+                 head_heads: int | None = None):
+        super().__init__(model)
+        if matching not in METHODS:
+            raise ValueError(f"matching {matching!r}: expected one of {METHODS}")
+        if attention not in MODES:
+            raise ValueError(f"attention {attention!r}: expected one of {MODES}")
+        if target not in TARGETS:
+            raise ValueError(f"target {target!r}: expected one of {TARGETS}")
+        if not 0.0 < mask_ratio <= 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1], got {mask_ratio}")
+        self.num_tokens = model.num_image_tokens
+        m = num_selected(self.num_tokens, mask_ratio)
+        if matching == "hungarian":
+            check_capacity(m, pool_size)  # fail when the recipe is read, not at the first step
+        width = model.lm.get_input_embeddings().embedding_dim
+        self.mask_ratio, self.matching, self.attention, self.target = mask_ratio, matching, attention, target
+        self.recon_weight, self.beta = recon_weight, beta
+        # unit-norm rows, like the L2-normalised visual tokens they stand in for
+        self.pool = nn.Parameter(F.normalize(torch.randn(pool_size, width), dim=-1))
+        self.head = ReconstructionHead(width, self.num_tokens, width, head_heads)
+        self.timings: dict[str, float] = {}  # seconds spent in matching and mask building, last call
+
+    def prepare(self, model, batch: dict) -> CrocInputs:
+        """Encode the images, replace the selected tokens by their matched pool vectors, build the mask."""
+        ids = batch["input_ids"]
+        is_image = ids == model.image_token_id
+        pixels = batch.get("pixel_values")
+        visual = selected = assignment = None
+        t_match = 0.0
+        if pixels is not None and pixels.numel():
+            visual = model.encode_images(pixels)
+            n, k, width = visual.shape
+            selected = select_tokens(n, k, self.mask_ratio, visual.device)
+            index = selected.unsqueeze(-1).expand(-1, -1, width)
+            t0 = time.perf_counter()
+            assignment = match(F.normalize(visual.gather(1, index).detach(), dim=-1), self.pool, self.matching)
+            t_match = time.perf_counter() - t0
+            prompts = self.pool[assignment].to(visual.dtype)  # gradients reach exactly these rows
+            mixed = visual.scatter(1, index, prompts)
+            embeds = model.embed(ids, visual=mixed)
+        else:
+            embeds = model.embed(ids, None)
+        t0 = time.perf_counter()
+        mask = mixed_attention_mask(batch["attention_mask"], self.attention, batch.get("labels"), is_image,
+                                    self.num_tokens, dtype=embeds.dtype)
+        self.timings = {"matching": t_match, "mask": time.perf_counter() - t0}
+        return CrocInputs(embeds, mask, is_image, visual, selected, assignment)
+
+    def reconstruction_loss(self, hidden: torch.Tensor, inputs: CrocInputs) -> torch.Tensor:
+        """SmoothL1 between the head's predictions and the detached, L2-normalised bridge outputs."""
+        n, k, width = inputs.visual.shape
+        pred = self.head(hidden[inputs.is_image].view(n, k, -1).to(self.pool.dtype))
+        target = F.normalize(inputs.visual.detach().float(), dim=-1)
+        if self.target == "selected":
+            index = inputs.selected.unsqueeze(-1).expand(-1, -1, width)
+            pred, target = pred.gather(1, index), target.gather(1, index)
+        return F.smooth_l1_loss(pred.float(), target, beta=self.beta)
+
+    def forward(self, model, batch: dict, normalizer: float | None = None) -> LossOutput:
+        inputs = self.prepare(model, batch)
+        hidden = model.lm.get_decoder()(inputs_embeds=inputs.embeds, attention_mask=inputs.mask).last_hidden_state
+        lm_loss, n_targets = model.target_loss(hidden, batch["labels"], normalizer)
+        if inputs.visual is None:
+            return LossOutput(lm_loss, {"lm": lm_loss.item(), "recon": 0.0})
+        # the reconstruction term is a per-micro-batch mean; weighting it by this micro-batch's share
+        # of the step's target tokens makes the accumulated sum a mean again (exactly 1 without accumulation)
+        share = 1.0 if normalizer is None else n_targets / normalizer
+        recon = self.recon_weight * share * self.reconstruction_loss(hidden, inputs)
+        return LossOutput(lm_loss + recon, {"lm": lm_loss.item(), "recon": recon.item()})
