@@ -7,8 +7,9 @@ accuracy, grounding Acc@0.5 and caption CIDEr, next to chance / majority baselin
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/croc_ablation.py --align-steps 10 --mid-steps 16 \
         --instruct-steps 48 --eval-caption 30 --eval-vqa 100 --eval-grounding 50
 
-Defaults are the recipe's full size (about 20 minutes of training per arm on 2 free cores). The
-last line printed is one JSON object with both arms' figures.
+Defaults are the recipe's full size (about 20 minutes of training per arm on 2 free cores). An
+interrupted run continues with --resume (same arguments). The last line printed is one JSON object
+with both arms' figures; `train_seconds` counts only the last (resumed) part of an arm's training.
 """
 
 from __future__ import annotations
@@ -47,12 +48,21 @@ def overrides(args, arm: str) -> list[str]:
 
 
 def run_arm(args, arm: str) -> dict:
+    """Train one arm (or, with --resume, reuse its result / continue its checkpoint) and score it."""
     recipe = load_recipe(args.recipe, overrides(args, arm))
     run_dir = Path(args.out) / arm
-    shutil.rmtree(run_dir, ignore_errors=True)
+    done = run_dir / "ablation_result.json"
+    if args.resume and done.exists():
+        result = json.loads(done.read_text())
+        print(f"{arm} (earlier result): {json.dumps(result)}", flush=True)
+        return result
+    if not args.resume:
+        shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.time()
-    trainer = Trainer(recipe, run_dir, progress=False)
+    trainer = Trainer(recipe, run_dir, resume=args.resume, progress=False)
     trainer.run()
+    if trainer.stopped:  # a signal ended training early: never score a half-trained arm
+        raise SystemExit(f"{arm}: training was stopped before the end; rerun with --resume to continue")
     result = {"train_seconds": round(time.time() - t0, 1)}
     for ev in recipe.eval.values():
         src = resolve_source(recipe, ev.json)
@@ -66,6 +76,7 @@ def run_arm(args, arm: str) -> dict:
     result["stage15_last_loss"] = {k: v for k, v in mid[-1].items() if k.startswith("loss")} if mid else {}
     result["final_loss"] = rows[-1]["loss"] if rows else None
     result["total_seconds"] = round(time.time() - t0, 1)
+    done.write_text(json.dumps(result) + "\n")
     print(f"{arm}: {json.dumps(result)}", flush=True)
     return result
 
@@ -83,6 +94,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra recipe override")
     ap.add_argument("--out", default="runs/croc-ablation")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse finished arms in --out and continue interrupted ones from their checkpoints")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
