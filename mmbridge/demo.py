@@ -47,6 +47,8 @@ def run_demo(quick: bool = False, out: str | None = None, overrides: list[str] |
     t0 = time.time()
     trainer = Trainer(recipe, run_dir)
     trainer.run()
+    if trainer.stopped:  # SIGTERM/SIGINT: a checkpoint is written; evaluating a half-trained model would mislead
+        raise SystemExit(0)
     t_train = time.time() - t0
     model, processor = trainer.model, trainer.processor
     metrics, examples = {}, []
