@@ -140,10 +140,15 @@ def test_reconstruction_target_is_detached(tiny):
     obj.reconstruction_loss(hidden, inputs).backward()
     assert all(p.grad is None for p in model.bridge.parameters())
     assert hidden.grad.abs().sum() > 0 and obj.head.out.weight.grad.abs().sum() > 0
-    # the target is the L2-normalised bridge output before replacement
-    target_option = CrocObjective(model, pool_size=32, target="selected")
-    loss = target_option.reconstruction_loss(hidden.detach(), inputs)
-    assert loss.ndim == 0 and torch.isfinite(loss)
+    # the target is the L2-normalised bridge output before replacement, at all or at the selected positions
+    with torch.no_grad():
+        pred = obj.head(hidden[inputs.is_image].view(3, 4, -1))
+        target = F.normalize(inputs.visual, dim=-1)
+        assert torch.allclose(obj.reconstruction_loss(hidden, inputs), F.smooth_l1_loss(pred, target, beta=0.01))
+        obj.target = "selected"
+        index = inputs.selected[..., None].expand(-1, -1, pred.shape[-1])
+        want = F.smooth_l1_loss(pred.gather(1, index), target.gather(1, index), beta=0.01)
+        assert torch.allclose(obj.reconstruction_loss(hidden, inputs), want)
 
 
 # -- mixed attention ---------------------------------------------------------------------------------
