@@ -13,8 +13,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def _train(args) -> None:
     from mmbridge.config import load_recipe
+    from mmbridge.lcl.recipe import is_lcl_recipe
     from mmbridge.train.trainer import train
 
+    if is_lcl_recipe(args.recipe):  # `kind: lcl`: vision-encoder pretraining (mmbridge/lcl/)
+        from mmbridge.lcl.recipe import load_lcl_recipe
+        from mmbridge.lcl.train import train_lcl
+
+        recipe = load_lcl_recipe(args.recipe, args.set)
+        run_dir = Path(args.out or Path("runs") / recipe.name)
+        train_lcl(recipe, run_dir, resume=args.resume)
+        print(f"run directory: {run_dir}")
+        return
     recipe = load_recipe(args.recipe, args.set)
     run_dir = Path(args.out or Path("runs") / recipe.name)
     train(recipe, run_dir, resume=args.resume)

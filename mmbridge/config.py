@@ -25,6 +25,8 @@ class ModelConfig:
     lm: dict = field(default_factory=dict)
     max_length: int = 512
     system_prompt: str | None = None  # None: the chat template's own default
+    gradient_checkpointing: bool = False  # recompute LM layers (and a trained ViT's blocks) in the backward pass
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
 
 
 @dataclass
@@ -62,6 +64,10 @@ class StageConfig:
     clip: float = 1.0
     seed: int = 0
     group_by_length: int = 0  # >0: sort each window of this many batches by length (less padding)
+    # pack several samples per row (block-diagonal attention, per-sample positions); batch_size then counts
+    # rows of model.max_length tokens, holding at most pack_images images each (0: no limit)
+    pack: bool = False
+    pack_images: int = 0
     objective: dict = field(default_factory=lambda: {"name": "lm"})  # name + options
 
 
@@ -96,6 +102,9 @@ class Recipe:
     log_every: int = 1
     num_workers: int = 0
     threads: int | None = None
+    # none: one process; ddp | fsdp under `torchrun` (see README "Scale out"). The global batch of a step is
+    # batch_size x grad_accum whatever the number of processes: each rank takes its slice of every micro-batch.
+    strategy: str = "none"
 
 
 def _from_dict(cls: type, data: Any, where: str) -> Any:
@@ -151,11 +160,22 @@ def validate(recipe: Recipe) -> None:
     """Cross-field checks that dataclass typing cannot express."""
     if recipe.bad_samples not in ("error", "skip"):
         raise RecipeError(f"recipe.bad_samples: expected 'error' or 'skip', got {recipe.bad_samples!r}")
+    if recipe.strategy not in ("none", "ddp", "fsdp"):
+        raise RecipeError(f"recipe.strategy: expected none, ddp or fsdp, got {recipe.strategy!r}")
     for key in ("keep_checkpoints", "max_nonfinite_steps"):
         if getattr(recipe, key) < 1:
             raise RecipeError(f"recipe.{key}: must be at least 1, got {getattr(recipe, key)}")
+    if recipe.model.precision not in ("auto", "fp32", "bf16"):
+        raise RecipeError(f"recipe.model.precision: expected auto, fp32 or bf16, got {recipe.model.precision!r}")
     for i, st in enumerate(recipe.stages):
         where = f"recipe.stages[{i}] ({st.name})"
+        if st.pack and st.group_by_length:
+            raise RecipeError(f"{where}: pack and group_by_length exclude each other (packing leaves no padding)")
+        if st.pack and st.objective.get("name", "lm") not in ("lm", "croc"):
+            raise RecipeError(f"{where}.pack: packing works with the lm and croc objectives, "
+                              f"not {st.objective.get('name')!r}")
+        if st.pack_images < 0:
+            raise RecipeError(f"{where}.pack_images: must be 0 (no limit) or positive, got {st.pack_images}")
         for part, mode in st.train.items():
             if part not in PARTS:
                 raise RecipeError(f"{where}.train.{part}: unknown part; expected one of {list(PARTS)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from mmbridge.config import ModelConfig
 from mmbridge.data.processor import Processor
 from mmbridge.models.bridges import build_bridge
+from mmbridge.models.checkpointing import enable_gradient_checkpointing
 from mmbridge.models.language import IMAGE_TOKEN, load_language_model
 from mmbridge.models.mmlm import MultimodalLM
 from mmbridge.models.vision import build_vision_encoder
@@ -18,6 +19,9 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> tuple[MultimodalLM, Process
     bridge = build_bridge(dict(cfg.bridge), vision.hidden_size, lm.config.hidden_size, vision.grid,
                           in_tokens=vision.num_tokens)
     model = MultimodalLM(vision, bridge, lm, tok.convert_tokens_to_ids(IMAGE_TOKEN))
+    model.precision = getattr(cfg, "precision", "auto")
+    if getattr(cfg, "gradient_checkpointing", False):
+        enable_gradient_checkpointing(model)
     processor = Processor(tok, bridge.num_tokens, vision.image_size, vision.image_mean, vision.image_std,
                           max_length=cfg.max_length, system_prompt=cfg.system_prompt,
                           text_tokenizer=bridge.tokenizer, instructions=bridge.uses_instruction,

@@ -5,7 +5,9 @@ Croc's mixed attention comes in two forms:
   that prefix (Croc's released code); the answer and everything after it stay causal.
 - `visual`: bidirectional only among the tokens of one image; all text stays causal.
 `causal` is the plain mask. Padding keys are always blocked, and since answer tokens are never
-in a bidirectional block, no position sees a later answer token. Built for the whole batch at
+in a bidirectional block, no position sees a later answer token. With `segment_ids` (packed rows:
+several samples per row, numbered 1, 2, … and 0 for padding) attention is block-diagonal: a
+position sees only its own sample, and each mode applies per sample. Built for the whole batch at
 once; the result is [B, 1, T, T] with 0 where attention is allowed and the dtype's minimum
 elsewhere (additive masks are exact under both SDPA and eager attention; boolean ones are not).
 """
@@ -33,8 +35,18 @@ def image_spans(is_image: torch.Tensor, tokens_per_image: int) -> torch.Tensor:
     return torch.where(is_image, ordinal // tokens_per_image, torch.full_like(ordinal, -1))
 
 
+def segment_first_answer(labels: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+    """For each position, the first labelled position of its own segment (the row length when it has none)."""
+    b, t = labels.shape
+    pos = torch.arange(t, device=labels.device).expand(b, t)
+    first = torch.full((b, t + 1), t, dtype=torch.long, device=labels.device)
+    first.scatter_reduce_(1, segment_ids, torch.where(labels != IGNORE, pos, t), reduce="amin")
+    return first.gather(1, segment_ids)
+
+
 def allowed_attention(attention_mask: torch.Tensor, mode: str = "causal", labels: torch.Tensor | None = None,
-                      is_image: torch.Tensor | None = None, tokens_per_image: int | None = None) -> torch.Tensor:
+                      is_image: torch.Tensor | None = None, tokens_per_image: int | None = None,
+                      segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean [B, T, T] (query, key): True where a query may attend to a key."""
     if mode not in MODES:
         raise ValueError(f"attention mode {mode!r}: expected one of {MODES}")
@@ -44,16 +56,20 @@ def allowed_attention(attention_mask: torch.Tensor, mode: str = "causal", labels
     if mode == "prefix":
         if labels is None:
             raise ValueError("prefix attention needs the labels (to find the first answer token)")
-        first = first_answer_position(labels)
         # inside the prefix everything sees everything; a query at or after the first answer
         # token already sees the whole prefix causally
-        allowed = allowed | (pos[None, None, :] < first[:, None, None])
+        if segment_ids is None:
+            allowed = allowed | (pos[None, None, :] < first_answer_position(labels)[:, None, None])
+        else:  # the key lies in its own sample's prefix (the segment check below keeps samples apart)
+            allowed = allowed | (pos < segment_first_answer(labels, segment_ids))[:, None, :]
     elif mode == "visual":
         if is_image is None or not tokens_per_image:
             raise ValueError("visual attention needs is_image and tokens_per_image")
         span = image_spans(is_image, tokens_per_image)
         same = (span[:, :, None] == span[:, None, :]) & is_image[:, :, None] & is_image[:, None, :]
         allowed = allowed | same
+    if segment_ids is not None:
+        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
     return allowed & attention_mask.bool()[:, None, :]
 
 
@@ -65,6 +81,7 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> 
 
 def mixed_attention_mask(attention_mask: torch.Tensor, mode: str, labels: torch.Tensor | None = None,
                          is_image: torch.Tensor | None = None, tokens_per_image: int | None = None,
-                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                         dtype: torch.dtype = torch.float32, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Croc's mixed attention as a 4D additive mask for `lm.get_decoder()(attention_mask=...)`."""
-    return additive_mask(allowed_attention(attention_mask, mode, labels, is_image, tokens_per_image), dtype)
+    return additive_mask(allowed_attention(attention_mask, mode, labels, is_image, tokens_per_image, segment_ids),
+                         dtype)

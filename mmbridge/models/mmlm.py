@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmbridge.data.processor import IGNORE
+from mmbridge.models.masks import mixed_attention_mask
+from mmbridge.models.precision import autocast
 
 
 @dataclass
@@ -35,6 +37,7 @@ class MultimodalLM(nn.Module):
         super().__init__()
         self.vision, self.bridge, self.lm = vision, bridge, lm
         self.image_token_id = image_token_id
+        self.precision = "auto"  # see models/precision.py; set from the recipe by build_model
         if self.deep_fusion:
             bridge.attach(lm)
 
@@ -45,6 +48,10 @@ class MultimodalLM(nn.Module):
     @property
     def num_image_tokens(self) -> int:
         return self.bridge.num_tokens
+
+    def autocast(self):
+        """The forward pass's precision context: bf16 autocast on a GPU, nothing on a CPU (by default)."""
+        return autocast(self.precision, next(self.parameters()).device)
 
     def parts(self) -> dict[str, nn.Module]:
         return {"vision": self.vision, "bridge": self.bridge, "lm": self.lm}
@@ -110,12 +117,17 @@ class MultimodalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 normalizer: float | None = None, position_ids: torch.Tensor | None = None,
-                instruction_ids: torch.Tensor | None = None) -> LMOutput:
-        """Next-token loss over labelled positions only; logits are computed only where needed."""
+                instruction_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None) -> LMOutput:
+        """Next-token loss over labelled positions only; logits are computed only where needed.
+
+        `segment_ids` ([B, T], packed rows: samples 1, 2, … and 0 for padding) make attention
+        block-diagonal; give each sample's own `position_ids` with them."""
         embeds, extra = self.prepare(input_ids, pixel_values, instruction_ids=instruction_ids)
+        if segment_ids is not None:
+            attention_mask = mixed_attention_mask(attention_mask, "causal", segment_ids=segment_ids, dtype=embeds.dtype)
         decoder = self.lm.get_decoder()
         hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                         **extra).last_hidden_state
+                         use_cache=False, **extra).last_hidden_state
         if labels is None:
             return LMOutput(None, 0, hidden)
         loss, n = self.target_loss(hidden, labels, normalizer)

@@ -291,3 +291,7 @@ class EfficientNetLite0Encoder(VisionEncoder):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] -> [B, rows*cols, C], row-major."""
         return self.feature_map(pixel_values).flatten(2).transpose(1, 2)
+
+
+# --------------------------------------------------------------------------- our own ViT (LCL)
+from mmbridge.models import vit as _lcl_vit  # noqa: E402,F401  (registers `lcl_vit`)

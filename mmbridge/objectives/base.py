@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,11 @@ class Objective(nn.Module):
 
     def forward(self, model: nn.Module, batch: dict, normalizer: float) -> LossOutput:
         raise NotImplementedError
+
+    def __call__(self, model: nn.Module, batch: dict, *args, **kwargs) -> LossOutput:
+        """`forward` under the model's precision (bf16 autocast on a GPU; fp32 on a CPU by default)."""
+        with model.autocast() if hasattr(model, "autocast") else contextlib.nullcontext():
+            return super().__call__(model, batch, *args, **kwargs)
 
 
 def build_objective(cfg: dict, model: nn.Module) -> Objective:

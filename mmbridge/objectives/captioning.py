@@ -11,5 +11,6 @@ class NextTokenLoss(Objective):
 
     def forward(self, model, batch: dict, normalizer: float) -> LossOutput:
         out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
-                    normalizer=normalizer, instruction_ids=batch.get("instruction_ids"))
+                    normalizer=normalizer, instruction_ids=batch.get("instruction_ids"),
+                    position_ids=batch.get("position_ids"), segment_ids=batch.get("segment_ids"))
         return LossOutput(out.loss, {"lm": out.loss.item()})

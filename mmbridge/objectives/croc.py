@@ -100,7 +100,7 @@ class CrocObjective(Objective):
             embeds = model.embed(ids, None)
         t0 = time.perf_counter()
         mask = mixed_attention_mask(batch["attention_mask"], self.attention, batch.get("labels"), is_image,
-                                    self.num_tokens, dtype=embeds.dtype)
+                                    self.num_tokens, dtype=embeds.dtype, segment_ids=batch.get("segment_ids"))
         self.timings = {"matching": t_match, "mask": time.perf_counter() - t0}
         return CrocInputs(embeds, mask, is_image, visual, selected, assignment)
 
@@ -116,7 +116,8 @@ class CrocObjective(Objective):
 
     def forward(self, model, batch: dict, normalizer: float | None = None) -> LossOutput:
         inputs = self.prepare(model, batch)
-        hidden = model.lm.get_decoder()(inputs_embeds=inputs.embeds, attention_mask=inputs.mask).last_hidden_state
+        hidden = model.lm.get_decoder()(inputs_embeds=inputs.embeds, attention_mask=inputs.mask,
+                                        position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
         lm_loss, n_targets = model.target_loss(hidden, batch["labels"], normalizer)
         if inputs.visual is None:
             return LossOutput(lm_loss, {"lm": lm_loss.item(), "recon": 0.0})

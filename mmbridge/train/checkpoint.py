@@ -89,14 +89,21 @@ def verify(folder: Path) -> None:
             raise CheckpointError(f"{path}: corrupt: its sha256 differs from the manifest's")
 
 
-def _write_folder(folder: Path, writers: dict) -> None:
-    """Write files (name -> fn(path)) into `folder` atomically: temp folder, fsync, manifest, rename."""
+def _write_folder(folder: Path, writers: dict, prefilled: bool = False) -> None:
+    """Write files (name -> fn(path)) into `folder` atomically: temp folder, fsync, manifest, rename.
+
+    `prefilled`: the temp folder `.NAME.tmp` already holds files (a sharded save's); they are kept and fsynced.
+    """
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     old = folder.with_name(f".{folder.name}.old")
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        if prefilled:
+            for p in tmp.iterdir():
+                _fsync(p)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
         for name, write in writers.items():
             write(tmp / name)
             _fsync(tmp / name)
@@ -172,6 +179,12 @@ def save_checkpoint(run_dir: Path, model, keys: set[str], meta: dict, state: dic
     """Write checkpoint (stage, step) from `state`, then delete all but the newest `keep`."""
     folder = checkpoint_dir(run_dir, state["stage"], state["step"])
     save_weights(model, keys, folder, meta, state)
+    prune_checkpoints(run_dir, folder, keep)
+    return folder
+
+
+def prune_checkpoints(run_dir: Path, folder: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (just written: `folder`)."""
     try:
         for old in list_checkpoints(run_dir)[max(keep, 1):]:
             doomed = old.with_name(f".{old.name}.deleting")  # renamed first: never a half-deleted checkpoint
@@ -179,7 +192,6 @@ def save_checkpoint(run_dir: Path, model, keys: set[str], meta: dict, state: dic
             shutil.rmtree(doomed, ignore_errors=True)
     except OSError as e:
         raise CheckpointError(f"wrote {folder} but could not delete older checkpoints: {e}") from e
-    return folder
 
 
 def load_trainer_state(folder: Path) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -24,10 +25,13 @@ from tqdm.auto import tqdm
 
 from mmbridge.config import Recipe, StageConfig
 from mmbridge.data.dataset import Collator, ConversationDataset, LengthGroupedBatches, MixtureSampler
+from mmbridge.data.packing import PackedBatches, PackingCollator, RowTagged, rows_per_epoch
 from mmbridge.data.sources import resolve_source
 from mmbridge.models.build import build_model
 from mmbridge.objectives import build_objective
 from mmbridge.train import checkpoint as ckpt
+from mmbridge.train.distributed import Dist
+from mmbridge.train.flops import StepFlops, device_peak
 from mmbridge.train.parts import apply_stage_modes, count_params, param_groups, trainable_keys
 from mmbridge.train.plots import plot_losses
 from mmbridge.train.schedule import warmup_cosine
@@ -64,6 +68,8 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: bool = True):
         self.recipe, self.run_dir, self.progress = recipe, Path(run_dir), progress
+        self.dist = Dist(recipe.strategy)  # one process unless started by torchrun with strategy ddp | fsdp
+        self.say = print if self.dist.main else (lambda *a, **k: None)
         ckpt.check_run_dir(self.run_dir)
         if recipe.threads:
             torch.set_num_threads(recipe.threads)
@@ -79,36 +85,48 @@ class Trainer:
         self.stopped = False  # the run ended early on a signal, with a checkpoint to resume from
         self._consumed = 0  # loader batches taken this stage (the data position a resume skips to)
         self._metrics_bytes = 0  # length of metrics.jsonl at the last step, saved with checkpoints
-        ckpt.remove_partial(self.run_dir)
+        self._resume_from: Path | None = None  # the checkpoint being resumed
+        if self.dist.main:
+            ckpt.remove_partial(self.run_dir)
+        self.dist.barrier()
         if resume:
             self._resume()
-        elif (old := ckpt.set_aside(self.run_dir)) is not None:  # never resume into another run's state
+        elif self.dist.main and (old := ckpt.set_aside(self.run_dir)) is not None:  # never resume into another run
             print(f"{self.run_dir}: an earlier run's checkpoints were moved to {old}")
         ckpt.check_free_space(self.run_dir, *ckpt.estimate_checkpoint_bytes(self.model, recipe),
                               recipe.keep_checkpoints)
-        ckpt.save_recipe(recipe, self.run_dir)
-        self.processor.tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))
+        if self.dist.main:
+            ckpt.save_recipe(recipe, self.run_dir)
+            self.processor.tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))
+        # peak FLOP/s of one device, for MFU (measured once on CPU, then cached)
+        self.peak = self.dist.broadcast(device_peak(self.dist.device)[0] if self.dist.main else None)
+        self.dist.barrier()
 
     def _resume(self) -> None:
-        found = ckpt.latest_checkpoint(self.run_dir)
-        if found is None:
-            print(f"--resume: no usable checkpoint in {self.run_dir / 'checkpoints'}; starting from the beginning")
+        found = ckpt.latest_checkpoint(self.run_dir) if self.dist.main else None
+        folder = self.dist.broadcast(found[0] if found else None)
+        if folder is None:
+            self.say(f"--resume: no usable checkpoint in {self.run_dir / 'checkpoints'}; starting from the beginning")
             metrics = self.run_dir / "metrics.jsonl"
-            if metrics.exists():  # the rows of the attempt being redone
+            if metrics.exists() and self.dist.main:  # the rows of the attempt being redone
                 metrics.write_text("")
             return
-        folder, state = found
-        meta = ckpt.load_weights(self.model, folder)
+        from mmbridge.train import dcp
+
+        state = found[1] if found else ckpt.load_trainer_state(folder)
+        meta = (dcp.load_weights if dcp.is_sharded(folder) else ckpt.load_weights)(self.model, folder)
+        self._resume_from = folder
         self.state, self.trained, self.lora = state, set(meta["keys"]), meta.get("lora")
         self.skipped.update(state.get("skipped", {}))
         self.nonfinite = state.get("nonfinite", 0)
         # rows logged after the checkpoint (and a half-written last line) are dropped: they are redone
         metrics = self.run_dir / "metrics.jsonl"
-        if "metrics_bytes" in state and metrics.exists() and metrics.stat().st_size > state["metrics_bytes"]:
+        if "metrics_bytes" in state and self.dist.main and metrics.exists() and \
+                metrics.stat().st_size > state["metrics_bytes"]:
             with open(metrics, "r+b") as f:
                 f.truncate(state["metrics_bytes"])
         self._metrics_bytes = state.get("metrics_bytes", 0)
-        print(f"resuming from {folder} (stage {state['stage'] + 1}, step {state['step']})")
+        self.say(f"resuming from {folder} (stage {state['stage'] + 1}, step {state['step']})")
 
     # -- data ---------------------------------------------------------------------------------
     def dataset(self, name: str) -> ConversationDataset:
@@ -126,17 +144,29 @@ class Trainer:
         names = list(stage.data)
         parts = [self.dataset(n) for n in names]
         mix = {"sizes": [len(p) for p in parts], "weights": [stage.data[n] for n in names], "seed": stage.seed}
-        if stage.group_by_length:
+        dataset, collate, n_samples = ConcatDataset(parts), Collator(self.processor), sum(len(p) for p in parts)
+        if stage.pack:  # batch_size counts rows of max_length tokens; `epochs` counts the rows the data fills
+            if not getattr(self.model.bridge, "packable", True):
+                raise ValueError(f"stage {stage.name!r}: pack is not supported with the "
+                                 f"{type(self.model.bridge).__name__} bridge")
+            lengths = [len(s["input_ids"]) for p in parts for s in p.samples]
+            images = [len(s["images"]) for p in parts for s in p.samples]
+            budget = self.processor.max_length
+            batches = PackedBatches(lengths, images, mix, stage.batch_size, budget, stage.pack_images,
+                                    start=start_batch)
+            dataset, collate, n_samples = RowTagged(dataset), PackingCollator(self.processor), \
+                rows_per_epoch(lengths, budget)
+        elif stage.group_by_length:
             lengths = [len(s["input_ids"]) for p in parts for s in p.samples]
             batches = LengthGroupedBatches(lengths, mix, stage.batch_size, window=stage.group_by_length,
                                            start=start_batch)
         else:
             batches = BatchSampler(MixtureSampler(**mix, start=start_batch * stage.batch_size), stage.batch_size,
                                    drop_last=True)
-        loader = DataLoader(ConcatDataset(parts), batch_sampler=batches, collate_fn=Collator(self.processor),
+        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                             num_workers=self.recipe.num_workers,
                             worker_init_fn=_ignore_signals if self.recipe.num_workers else None)
-        return loader, sum(len(p) for p in parts)
+        return loader, n_samples
 
     # -- training -----------------------------------------------------------------------------
     def run(self) -> Path:
@@ -144,16 +174,16 @@ class Trainer:
             for si, stage in enumerate(self.recipe.stages):
                 if si < self.state["stage"]:
                     continue
-                if self.stop_signal is not None:  # arrived during the previous stage's last step
+                if self._stop_requested():  # arrived during the previous stage's last step
                     self._announce_stop(ckpt.list_checkpoints(self.run_dir)[0])
                     break
                 self.train_stage(si, stage)
                 if self.stopped:
                     break
         if self.skipped:
-            print("skipped samples: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.skipped.items())))
+            self.say("skipped samples: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.skipped.items())))
         if self.nonfinite:
-            print(f"skipped {self.nonfinite} step(s) with a non-finite loss or gradient (see metrics.jsonl)")
+            self.say(f"skipped {self.nonfinite} step(s) with a non-finite loss or gradient (see metrics.jsonl)")
         return self.run_dir
 
     @contextlib.contextmanager
@@ -181,8 +211,14 @@ class Trainer:
     def _announce_stop(self, folder: Path) -> None:
         self.stopped = True
         name = signal.Signals(self.stop_signal).name
-        print(f"stopped by {name}: checkpoint written to {folder}; continue with `mmbridge train <recipe> "
-              f"--out {self.run_dir} --resume`", flush=True)
+        self.say(f"stopped by {name}: checkpoint written to {folder}; continue with `mmbridge train <recipe> "
+                 f"--out {self.run_dir} --resume`", flush=True)
+
+    def _stop_requested(self) -> bool:
+        """A stop signal reached this process or (under torchrun) any other: all stop at the same step."""
+        if self.dist.any(self.stop_signal is not None) and self.stop_signal is None:
+            self.stop_signal = signal.SIGTERM
+        return self.stop_signal is not None
 
     def _steps(self, stage: StageConfig, n_samples: int) -> int:
         if stage.epochs is not None:
@@ -197,49 +233,60 @@ class Trainer:
         injected = apply_stage_modes(model, stage)
         self.lora = self.lora or injected
         self.trained |= trainable_keys(model)
+        count_flops = StepFlops(model)
+        model = self.dist.working_copy(model)  # FSDP shards a copy; its weights come back at the stage end
         objective = build_objective(stage.objective, model)
+        step_fn = self.dist.wrap(model, objective)  # objective(model, batch), under DDP / FSDP if asked
         groups = param_groups(model, stage, objective)
         optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
         start_step = self.state["step"] if resuming else 0
         self._consumed = self.state.get("batches", start_step * stage.grad_accum) if resuming else 0
         loader, n_samples = self.loader(stage, self._consumed)
+        loader = self.dist.shard_loader(loader)  # this rank's slice of every micro-batch
         total = self._steps(stage, n_samples)
         warmup = int(round(stage.warmup * total))
         peak = [g["lr"] for g in groups]
         batches = iter(loader)  # this draws a seed from the torch RNG, so it comes before restoring it
-        if resuming:
-            objective.load_state_dict(self.state["objective"])
-            optimizer.load_state_dict(self.state["optimizer"])
+        if resuming:  # optimizer and objective state, from a sharded or a consolidated checkpoint
+            from mmbridge.train import dcp
+
+            dcp.restore(step_fn, optimizer, objective, self.state, self._resume_from, self.dist)
             ckpt.set_rng_state(self.state["rng"])
         trainable, params = count_params(model)
-        print(f"stage {si + 1}/{len(self.recipe.stages)} {stage.name!r}: {total} steps, {n_samples} samples, "
-              f"{trainable / 1e6:.2f}M of {params / 1e6:.1f}M parameters train "
-              f"({', '.join(f'{k}={v}' for k, v in stage.train.items())})")
+        self.say(f"stage {si + 1}/{len(self.recipe.stages)} {stage.name!r}: {total} steps, {n_samples} samples, "
+                 f"{trainable / 1e6:.2f}M of {params / 1e6:.1f}M parameters train "
+                 f"({', '.join(f'{k}={v}' for k, v in stage.train.items())})")
         metrics = self.run_dir / "metrics.jsonl"
-        log = open(metrics, "a")
+        log = open(metrics if self.dist.main else os.devnull, "a")
         bar = tqdm(range(start_step, total), initial=start_step, total=total, desc=stage.name,
-                   disable=not self.progress, dynamic_ncols=True)
+                   disable=not (self.progress and self.dist.main), dynamic_ncols=True)
         params_to_clip = [p for g in groups for p in g["params"]]
         streak = 0  # consecutive skipped steps
         for step in bar:
             for g, lr in zip(optimizer.param_groups, peak):
                 g["lr"] = lr * warmup_cosine(step, total, warmup, stage.min_lr_ratio)
             t0 = time.perf_counter()
-            micro = [self._next_batch(batches) for _ in range(stage.grad_accum)]
+            micro = [self.dist.to_device(self._next_batch(batches)) for _ in range(stage.grad_accum)]
             t_data = time.perf_counter() - t0
-            n_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-            loss_sum, tokens, terms, bad = 0.0, 0, Counter(), None
-            for b in micro:
-                out = objective(model, b, normalizer=max(n_targets, 1))
-                loss = out.loss.item()
-                if not math.isfinite(loss):
-                    bad = bad or _nonfinite_terms(loss, out.terms)
-                    continue
-                out.loss.backward()
+            # all ranks' target tokens; DDP/FSDP average gradients over ranks, hence the world size
+            n_targets = self.dist.sum([sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)])[0]
+            normalizer = max(n_targets, 1) / self.dist.world
+            loss_sum, tokens, flops, terms, bad = 0.0, 0, 0, Counter(), None
+            for i, b in enumerate(micro):
+                with self.dist.no_sync(step_fn, last=i == len(micro) - 1):
+                    out = step_fn(b, normalizer)
+                    loss = out.loss.item()
+                    if not math.isfinite(loss):
+                        bad = bad or _nonfinite_terms(loss, out.terms)
+                        if not self.dist.enabled:  # other ranks wait for this backward
+                            continue
+                    out.loss.backward()
                 loss_sum += loss
                 terms.update(out.terms)
                 tokens += int(b["attention_mask"].sum())
-            grad_norm = torch.nn.utils.clip_grad_norm_(params_to_clip, stage.clip or math.inf)
+                flops += count_flops(b)
+            loss_sum, tokens, flops, terms, bad = self.dist.step_totals(loss_sum, tokens, flops, terms, bad)
+            grad_norm = self.dist.clip(params_to_clip, stage.clip or math.inf)
             if bad is None and not torch.isfinite(grad_norm):
                 bad = f"gradient norm {float(grad_norm)} with a finite loss {loss_sum:.6g}; first non-finite " \
                       f"gradient in {_first_nonfinite_grad(model, objective)}"
@@ -252,14 +299,17 @@ class Trainer:
             if bad is None:
                 rec = {"stage": stage.name, "step": step + 1, "loss": loss_sum, "grad_norm": float(grad_norm),
                        "tokens": tokens, "tok_per_s": round(tokens / dt, 1), "data_s": round(t_data, 4),
-                       "step_s": round(dt, 4), **{f"loss_{k}": round(v, 6) for k, v in terms.items()},
+                       "compute_s": round(dt - t_data, 4), "step_s": round(dt, 4), "flops": flops,
+                       "mfu": round(flops / (dt * self.peak * self.dist.world), 4),
+                       **{f"loss_{k}": round(v, 6) for k, v in terms.items()},
                        **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}}
             else:
                 streak += 1
                 self.nonfinite += 1
                 rec = {"stage": stage.name, "step": step + 1, "skipped": bad, "ids": ids}
-                tqdm.write(f"stage {stage.name!r} step {step + 1}: non-finite {bad}; update skipped "
-                           f"({streak} in a row; sample ids {ids})")
+                if self.dist.main:
+                    tqdm.write(f"stage {stage.name!r} step {step + 1}: non-finite {bad}; update skipped "
+                               f"({streak} in a row; sample ids {ids})")
             if bad is not None or (step + 1) % self.recipe.log_every == 0 or step + 1 == total:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
@@ -273,49 +323,69 @@ class Trainer:
                     f"gradient (max_nonfinite_steps={self.recipe.max_nonfinite_steps}), none applied. This step: "
                     f"{bad}; batch sample ids {ids}. Last good checkpoint: {last[0] if last else 'none yet'}")
             if bad is None:
-                bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens / dt:.0f}")
+                bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens / dt:.0f}", mfu=f"{rec['mfu']:.1%}",
+                                data=f"{t_data / dt:.0%}")
             self.state = {"stage": si, "step": step + 1}
             if step + 1 == total:
                 break
             saved = None
             if self.recipe.save_every and (step + 1) % self.recipe.save_every == 0 and bad is None:
-                saved = self.save_checkpoint(optimizer, stage=si, step=step + 1, objective=objective)
-            if self.stop_signal is not None:
+                saved = self.save_checkpoint(optimizer, stage=si, step=step + 1, objective=objective, wrapped=step_fn)
+            if self._stop_requested():
                 bar.close()
                 log.close()
                 self._announce_stop(saved or self.save_checkpoint(optimizer, stage=si, step=step + 1,
-                                                                  objective=objective))
+                                                                  objective=objective, wrapped=step_fn))
                 return
         bar.close()
         log.close()
-        self._metrics_bytes = metrics.stat().st_size
+        self.dist.gather(step_fn, self.model, self.trained)  # FSDP: the trained weights back into self.model
+        self._metrics_bytes = metrics.stat().st_size if self.dist.main else 0
         self.state = {"stage": si + 1, "step": 0}
-        self.save_checkpoint(None, stage=si + 1, step=0)
-        ckpt.save_weights(model, self.trained, self.run_dir / "model", self._meta(si + 1, 0))
-        plot_losses(metrics, stage.name, self.run_dir / f"loss_{si + 1}_{stage.name}.png")
+        self.save_checkpoint(None, stage=si + 1, step=0)  # consolidated, written by rank 0
+        if self.dist.main:
+            ckpt.save_weights(self.model, self.trained, self.run_dir / "model", self._meta(si + 1, 0))
+            plot_losses(metrics, stage.name, self.run_dir / f"loss_{si + 1}_{stage.name}.png")
+        self.dist.barrier()
 
     def _next_batch(self, batches) -> dict:
         while True:
             b = next(batches)
             self._consumed += 1
             self.skipped.update({f"batch: {k}": v for k, v in b["skipped"].items()})
-            if not b.get("empty"):
+            if not self.dist.any(b.get("empty")):  # under torchrun: dropped on all ranks if empty on any
                 return b
 
     def _meta(self, stage: int, step: int) -> dict:
         return {"keys": sorted(self.trained), "lora": self.lora, "stage": stage, "step": step}
 
-    def save_checkpoint(self, optimizer, stage: int, step: int, objective=None) -> Path:
-        """Weights plus what an exact mid-stage resume needs (optimizer, objective, RNG, data position)."""
+    def save_checkpoint(self, optimizer, stage: int, step: int, objective=None, wrapped=None) -> Path:
+        """Weights plus what an exact mid-stage resume needs (optimizer, objective, RNG, data position).
+
+        Under torchrun, mid-stage checkpoints are sharded (`train/dcp.py`, every rank writes); stage ends are
+        consolidated and written by rank 0."""
         state = {"stage": stage, "step": step, "batches": self._consumed, "rng": ckpt.rng_state(),
                  "skipped": {k: v for k, v in self.skipped.items() if k.startswith("batch: ")},
                  "nonfinite": self.nonfinite, "metrics_bytes": self._metrics_bytes}
+        if optimizer is not None and self.dist.enabled:
+            from mmbridge.train import dcp
+
+            return dcp.save(self.run_dir, wrapped, optimizer, self.trained, self._meta(stage, step), state,
+                            self.recipe.keep_checkpoints, self.dist)
         if optimizer is not None:
             state["optimizer"] = optimizer.state_dict()
             state["objective"] = objective.state_dict() if objective is not None else {}
-        return ckpt.save_checkpoint(self.run_dir, self.model, self.trained, self._meta(stage, step), state,
-                                    self.recipe.keep_checkpoints)
+        folder = ckpt.checkpoint_dir(self.run_dir, stage, step)
+        if self.dist.main:
+            folder = ckpt.save_checkpoint(self.run_dir, self.model, self.trained, self._meta(stage, step), state,
+                                          self.recipe.keep_checkpoints)
+        self.dist.barrier()
+        return folder
 
 
 def train(recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: bool = True) -> Path:
-    return Trainer(recipe, run_dir, resume=resume, progress=progress).run()
+    trainer = Trainer(recipe, run_dir, resume=resume, progress=progress)
+    try:
+        return trainer.run()
+    finally:
+        trainer.dist.close()

@@ -35,6 +35,8 @@ class GatedCrossAttentionBridge(DeepFusionBridge):
     through gated cross-attention blocks before every `every`-th layer. Each image occupies one
     learned `<image>` position in the text; a token attends to the last image at or before it."""
 
+    packable = False  # in a packed row a token would cross-attend to the previous sample's image
+
     def __init__(self, vision_dim, lm_dim, grid, every: int = 1, latents: int = 64, depth: int = 2,
                  heads: int = 8, dim: int | None = None, xattn_heads: int | None = None, ff_mult: int = 4,
                  max_frames: int = 8, l2_normalize: bool = False, in_tokens=None):

@@ -1,0 +1,208 @@
+"""Several processes under `torchrun`: the process group, DDP / FSDP2 wrapping, rank slices, reductions.
+
+One training step always consumes the recipe's global batch, `batch_size x grad_accum` samples,
+whatever the number of processes: every micro-batch the sampler draws is cut into `world_size`
+contiguous slices and rank r trains on slice r. The target-token count is summed over ranks before
+the backward passes, so the loss, the gradient and hence the whole loss sequence match a single
+process's (up to float rounding), and a checkpoint resumes with any number of processes.
+
+Without `torchrun` (or with `strategy: none`) `Dist` is a world of one whose methods do nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+
+class TrainStep(nn.Module):
+    """The model and the stage's objective as one module: DDP and FSDP wrap this, so parameters the
+    objective owns (Croc's prompt pool) are reduced too, and objectives may call any model method."""
+
+    def __init__(self, model: nn.Module, objective: nn.Module):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, batch: dict, normalizer: float):
+        return self.objective(self.model, batch, normalizer=normalizer)
+
+
+class RankSlice:
+    """Rank `rank`'s contiguous slice of every batch of indices a batch sampler yields (of its packed rows,
+    if it yields (sample, row) pairs); sizes differ by at most one when the batch does not divide evenly."""
+
+    def __init__(self, sampler, rank: int, world: int):
+        self.sampler, self.rank, self.world = sampler, rank, world
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        for idx in self.sampler:
+            idx = list(idx)
+            packed = bool(idx) and isinstance(idx[0], tuple)  # (sample, row) pairs: split by rows
+            units = sorted({row for _, row in idx}) if packed else idx
+            if len(units) < self.world:
+                raise ValueError(f"a micro-batch of {len(units)} {'rows' if packed else 'samples'} cannot be split "
+                                 f"over {self.world} processes; make batch_size at least the world size")
+            k, extra = divmod(len(units), self.world)  # the first `extra` ranks take one more
+            start = self.rank * k + min(self.rank, extra)
+            mine = units[start:start + k + (self.rank < extra)]
+            yield [x for x in idx if x[1] in set(mine)] if packed else mine
+
+
+def blocks(module: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of an encoder or decoder: the items of its largest ModuleList of one class."""
+    best, size = [], 0
+    for m in module.modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(x) for x in m}) == 1:
+            n = sum(p.numel() for p in m.parameters())
+            if n > size:
+                best, size = list(m), n
+    return best
+
+
+class Dist:
+    """This process's place in the job (rank, world size, device) and the collective operations.
+
+    `strategy` is the recipe's: `none` (one process), `ddp` or `fsdp`. The process group is gloo on CPU,
+    nccl on GPU, initialised from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...).
+    """
+
+    def __init__(self, strategy: str = "none"):
+        self.strategy = strategy
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.enabled = strategy != "none" and world > 1
+        self.rank, self.world, self.local_rank = 0, 1, 0
+        self.device = torch.device("cpu")
+        if strategy != "none" and world == 1 and "RANK" not in os.environ:
+            print(f"strategy {strategy!r}: not started by torchrun, training in one process")
+        if not self.enabled:
+            return
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(self.device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(minutes=30))
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    # -- collectives (no-ops in a world of one) ---------------------------------------------------
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks (float64, so token counts stay exact)."""
+        if not self.enabled:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def step_totals(self, loss: float, tokens: int, flops: int, terms: dict, bad: str | None):
+        """A step's loss and loss terms (each rank's were scaled by the world size: see the trainer),
+        tokens and FLOPs summed over ranks; a non-finite loss anywhere marks the step bad everywhere."""
+        if not self.enabled:
+            return loss, tokens, flops, terms, bad
+        loss, tokens, flops, n_bad, *values = self.sum([loss, tokens, flops, float(bad is not None), *terms.values()])
+        terms = type(terms)({k: v / self.world for k, v in zip(terms, values)})
+        if n_bad and bad is None:
+            bad = "loss on another rank"
+        return loss / self.world, int(tokens), int(flops), terms, bad
+
+    def any(self, flag: bool) -> bool:
+        return bool(flag) if not self.enabled else self.sum([float(bool(flag))])[0] > 0
+
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+    # -- data ---------------------------------------------------------------------------------------
+    def shard_loader(self, loader: DataLoader) -> DataLoader:
+        """The same loader reading only this rank's slice of every micro-batch."""
+        if not self.enabled:
+            return loader
+        extra = {"prefetch_factor": loader.prefetch_factor, "persistent_workers": loader.persistent_workers} \
+            if loader.num_workers else {}
+        return DataLoader(loader.dataset, batch_sampler=RankSlice(loader.batch_sampler, self.rank, self.world),
+                          collate_fn=loader.collate_fn, num_workers=loader.num_workers,
+                          worker_init_fn=loader.worker_init_fn, pin_memory=self.device.type == "cuda", **extra)
+
+    def to_device(self, batch: dict) -> dict:
+        if self.device.type == "cpu":
+            return batch
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    # -- model --------------------------------------------------------------------------------------
+    def working_copy(self, model: nn.Module) -> nn.Module:
+        """The module a stage trains: `model` itself, or under FSDP a copy that is sharded in place
+        (its weights return to `model` through `gather`)."""
+        return copy.deepcopy(model) if self.enabled and self.strategy == "fsdp" else model
+
+    def wrap(self, model: nn.Module, objective: nn.Module) -> nn.Module:
+        """`TrainStep(model, objective)`, under DDP or sharded with FSDP2 (`fully_shard` per LM decoder
+        layer and per vision block, then the rest as the root). Frozen parameters are sharded like the
+        rest and receive no gradient. On GPU, FSDP computes in bf16 and reduces in fp32; on CPU, fp32."""
+        step = TrainStep(model, objective)
+        if not self.enabled:
+            return step
+        if self.strategy == "ddp":
+            step.to(self.device)
+            trains = any(p.requires_grad for p in step.parameters())
+            if not trains:
+                return step
+            ids = [self.local_rank] if self.device.type == "cuda" else None
+            return nn.parallel.DistributedDataParallel(step, device_ids=ids, find_unused_parameters=True)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if self.device.type == "cuda" else MixedPrecisionPolicy()
+        for block in [*blocks(model.vision), *blocks(model.lm)]:
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        return fully_shard(step, mesh=mesh, mp_policy=mp)
+
+    def no_sync(self, step: nn.Module, last: bool):
+        """DDP: skip the gradient all-reduce on all but the last micro-batch of a step."""
+        if not last and isinstance(step, nn.parallel.DistributedDataParallel):
+            return step.no_sync()
+        return contextlib.nullcontext()
+
+    def clip(self, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        """Global gradient norm (over all ranks' shards), clipped to `max_norm`; a plain tensor."""
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def gather(self, step: nn.Module, model: nn.Module, keys: set[str]) -> None:
+        """Copy the trained weights `keys` of a stage's working copy back into `model` (on CPU)."""
+        if not self.enabled:
+            return
+        if self.strategy == "ddp":
+            model.to("cpu")
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(step, options=StateDictOptions(full_state_dict=True))
+        model.load_state_dict({k: full["model." + k].cpu() for k in keys}, strict=False)

@@ -1,0 +1,201 @@
+"""Model FLOPs of a training step and the device's peak, for MFU (model FLOPs utilisation).
+
+Model FLOPs count the matrix products the model needs, not what the kernels happen to execute
+(no recomputation from gradient checkpointing, no padding). A product of a token with a weight
+matrix [in, out] costs 2·in·out forward; its backward costs the same again for the gradient of the
+input (needed whenever a trainable part lies below it) and again for the gradient of the weight
+(only if the weight trains). So per micro-batch:
+
+    LM linears     Σ_tokens Σ_linear 2·in·out · (3 if the weight trains else 2)      (LoRA A/B included)
+    LM attention   Σ_layers Σ_samples 4·L²·(heads·head_dim) · 3                     (QKᵀ and AV; full L², as PaLM)
+    LM head        n_targets · 2·width·vocab · (3 if it trains else 2)               (logits at targets only)
+    vision         n_images · F_vision · (3 if it trains else 1)                     (frozen: run without grad)
+    bridge         n_images · F_bridge · (3 if it trains, 2 if the vision trains, else 1)
+
+where tokens and sample lengths L exclude padding (packed rows: L per sample, from position ids),
+and F_vision, F_bridge are the forward FLOPs of one image, measured once with
+`torch.utils.flop_counter` (convolutions, matmuls, attention). The gradient through the frozen
+first LM layers is counted even when only later layers train (a slight over-count for LoRA-only
+stages). Extra heads of objectives other than `lm` (Croc, BLIP-2) are not counted; an instruction-aware
+Q-Former is counted for a 16-token instruction.
+
+The peak: a GPU's dense bf16 peak from its datasheet (or a measured bf16 matmul if unknown); on
+CPU a measured fp32 matmul peak (2048², best of several runs) at the current thread count, cached in
+`~/.cache/mmbridge/peak_flops.json`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import platform
+import time
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from mmbridge.data.processor import IGNORE
+
+# dense bf16 peaks (no sparsity), FLOP/s, by a part of the device name; first match wins
+GPU_BF16_PEAK = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12), ("H200", 989.4e12),
+                 ("GH200", 989.4e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12),
+                 ("A10", 125e12)]
+
+
+def _trains(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+# fused attention on CPU, which torch's counter leaves out
+_CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+             lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)}
+
+
+def forward_flops(fn, *args) -> int:
+    """Forward FLOPs of `fn(*args)` as `torch.utils.flop_counter` counts them (run without grad)."""
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CPU_SDPA) as counter:
+        fn(*args)
+    return int(counter.get_total_flops())
+
+
+def segment_lengths(batch: dict) -> list[int]:
+    """Non-padding length of every sample: rows, or the samples packed in a row (a position id of 0 starts one)."""
+    mask = batch.get("attention_mask")
+    valid = mask.bool() if mask is not None and mask.dim() == 2 else torch.ones_like(batch["input_ids"]).bool()
+    pos = batch.get("position_ids")
+    if pos is None:
+        return valid.sum(1).tolist()
+    lengths = []
+    for p, v in zip(pos, valid):
+        starts = (p[v] == 0).nonzero().flatten().tolist() or [0]
+        lengths += [b - a for a, b in zip(starts, starts[1:] + [int(v.sum())])]
+    return lengths
+
+
+class StepFlops:
+    """Model FLOPs of one micro-batch, forward + backward, for a model with this stage's `requires_grad`.
+
+    Build it after the stage's modes are set and before the model is wrapped or sharded.
+    """
+
+    def __init__(self, model: nn.Module):
+        lm, cfg = model.lm, model.lm.config
+        text = getattr(cfg, "text_config", cfg)
+        self.linear = sum(2 * m.in_features * m.out_features * (3 if m.weight.requires_grad else 2)
+                          for m in lm.get_decoder().modules() if isinstance(m, nn.Linear))
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        self.attention = 4 * text.num_hidden_layers * heads * head_dim * 3  # per sample, times L²
+        head = lm.get_output_embeddings()
+        self.head = 2 * head.in_features * head.out_features * (3 if head.weight.requires_grad else 2)
+        vision_trains, bridge_trains = _trains(model.vision), _trains(model.bridge)
+        self.image = 0  # FLOPs per image: vision encoder and bridge, forward and backward
+        size = getattr(model.vision, "image_size", None)
+        if size:
+            vision, bridge = self._per_image(model, size)
+            self.image = vision * (3 if vision_trains else 1) \
+                + bridge * (3 if bridge_trains else 2 if vision_trains else 1)
+
+    @staticmethod
+    def _per_image(model: nn.Module, size: int) -> tuple[int, int]:
+        """Forward FLOPs of the vision encoder and of the bridge for one image, in eval mode (no running
+        statistics updated) and without touching the RNG."""
+        modes = {m: m.training for m in model.modules()}
+        grads = {p: p.requires_grad for p in model.parameters()}  # none: no parameter views that need a grad_fn
+        pixels = torch.zeros(1, 3, size, size, dtype=next(model.vision.parameters()).dtype)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                model.eval().requires_grad_(False)
+                vision = forward_flops(model.vision, pixels)
+                with torch.no_grad():
+                    feats = model.vision(pixels)
+                # InstructBLIP's Q-Former also reads the instruction: counted for a nominal 16 tokens
+                extra = {"instruction_ids": torch.ones(1, 16, dtype=torch.long)} \
+                    if getattr(model.bridge, "uses_instruction", False) else {}
+                bridge = forward_flops(functools.partial(model.bridge, **extra), feats)
+        finally:
+            for m, mode in modes.items():
+                m.training = mode
+            for p, flag in grads.items():
+                p.requires_grad_(flag)
+        return vision, bridge
+
+    def __call__(self, batch: dict) -> int:
+        lengths = segment_lengths(batch)
+        targets = int((batch["labels"][:, 1:] != IGNORE).sum())
+        pixels = batch.get("pixel_values")
+        n_images = pixels.shape[0] if pixels is not None else 0
+        return int(sum(lengths) * self.linear + sum(x * x for x in lengths) * self.attention
+                   + targets * self.head + n_images * self.image)
+
+
+# -- peak -----------------------------------------------------------------------------------------
+def measure_matmul_peak(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, n: int = 2048,
+                        reps: int = 6) -> float:
+    """Best FLOP/s of an n x n matmul over `reps` timed runs (after a warm-up)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    torch.mm(a, b)
+    sync()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_peak(threads: int | None = None, refresh: bool = False) -> float:
+    """The measured fp32 matmul peak of this CPU at `threads` (default: torch's current count), cached.
+
+    `refresh` measures again and keeps the higher figure: a CPU busy with other work measures low, and a
+    low peak would overstate MFU."""
+    from mmbridge.models.language import cache_root
+
+    threads = threads or torch.get_num_threads()
+    key = f"{_cpu_name()} | {threads} threads | torch {torch.__version__}"
+    path = cache_root() / "peak_flops.json"
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache and not refresh:
+        return float(cache[key])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        peak = measure_matmul_peak("cpu", torch.float32)
+    finally:
+        torch.set_num_threads(before)
+    cache[key] = peak = max(peak, float(cache.get(key, 0.0)))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cache, indent=2))
+    except OSError:
+        pass
+    return peak
+
+
+def device_peak(device: torch.device | str = "cpu") -> tuple[float, str]:
+    """(peak FLOP/s, how it was found) for the device training runs on."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for part, peak in GPU_BF16_PEAK:
+            if part in name:
+                return peak, f"{name} dense bf16 datasheet peak"
+        return measure_matmul_peak(device, torch.bfloat16, n=8192), f"{name} measured bf16 matmul peak"
+    return cpu_peak(), f"measured fp32 matmul peak, {torch.get_num_threads()} thread(s)"

@@ -1,0 +1,144 @@
+"""Scale out: DDP and FSDP on 2 CPU processes (gloo, under torchrun) reproduce one process on the same
+global batch; a 2-process sharded checkpoint resumes in one process; MFU's FLOP count by hand."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from mmbridge.config import recipe_from_dict
+from mmbridge.train import checkpoint as ckpt
+from mmbridge.train.trainer import Trainer
+from tests.conftest import tiny_recipe_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def recipe_dict(tiny_lm_dir, tiny_clip_dir, world, **top) -> dict:
+    """Stage 1: bridge, 2 micro-batches per step; stage 2: bridge + LoRA. A checkpoint every step."""
+    data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"])
+    data["stages"][0].update(steps=3, batch_size=4, grad_accum=2)
+    data["stages"][1].update(steps=3, batch_size=4)
+    data.update(threads=1, save_every=1, keep_checkpoints=10, **top)
+    return data
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_losses(got: list[dict], want: list[dict], rel: float = 1e-5) -> None:
+    assert [(r["stage"], r["step"]) for r in got] == [(r["stage"], r["step"]) for r in want]
+    for g, w in zip(got, want):
+        assert g["loss"] == pytest.approx(w["loss"], rel=rel), (g["stage"], g["step"])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_lm_dir, tiny_clip_dir, world) -> dict:
+    """The same recipe trained by DDP and FSDP on 2 processes (concurrently) and by one process."""
+    root = tmp_path_factory.mktemp("dist")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    procs = {}
+    for strategy in ("ddp", "fsdp"):
+        path = root / f"{strategy}.yaml"
+        path.write_text(yaml.safe_dump(recipe_dict(tiny_lm_dir, tiny_clip_dir, world, strategy=strategy),
+                                        sort_keys=False))  # key order is the mixture order
+        log = open(root / f"{strategy}.log", "w")
+        procs[strategy] = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+             "-m", "mmbridge", "train", str(path), "--out", str(root / strategy)],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    Trainer(recipe_from_dict(recipe_dict(tiny_lm_dir, tiny_clip_dir, world)), root / "one", progress=False).run()
+    for strategy, proc in procs.items():
+        if proc.wait(timeout=300) != 0:
+            pytest.fail(f"torchrun {strategy} failed:\n{(root / f'{strategy}.log').read_text()[-4000:]}")
+    return {"root": root, "one": root / "one", "ddp": root / "ddp", "fsdp": root / "fsdp"}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_reproduce_one_process(runs, strategy):
+    got, want = rows(runs[strategy]), rows(runs["one"])
+    assert len(want) == 6
+    assert_same_losses(got, want)
+    for g, w in zip(got, want):
+        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-4)
+        assert g["tokens"] == w["tokens"] and g["flops"] == w["flops"]  # summed over both ranks
+        assert 0 < g["mfu"] < 1
+    # the consolidated export is what one process would have written
+    a = load_file(str(runs[strategy] / "model" / "model.safetensors"))
+    b = load_file(str(runs["one"] / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and any("lora_B" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    model, _ = ckpt.load_run(runs[strategy])  # and loads as any run does
+    assert model is not None
+
+
+@pytest.mark.parametrize("strategy, keep", [("fsdp", "stage1-step0000001"), ("ddp", "stage0-step0000002")])
+def test_two_process_checkpoint_resumes_in_one_process(runs, tmp_path, strategy, keep):
+    """Cut a 2-process run back to a mid-stage sharded checkpoint; one process continues the same losses."""
+    run = tmp_path / "run"
+    shutil.copytree(runs[strategy], run)
+    folder = run / "checkpoints" / keep
+    assert sorted(p.name for p in folder.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    for later in ckpt.list_checkpoints(run):
+        if later.name > keep:
+            shutil.rmtree(later)
+    recipe = ckpt.read_recipe(run)
+    assert recipe.strategy == strategy  # no torchrun here: one process
+    Trainer(recipe, run, resume=True, progress=False).run()
+    resumed = list({(r["stage"], r["step"]): r for r in rows(run)}.values())
+    assert_same_losses(resumed, rows(runs["one"]))
+
+
+# -- FLOPs ------------------------------------------------------------------------------------------
+def test_step_flops_match_a_hand_count(tiny_recipe):
+    from mmbridge.models.build import build_model
+    from mmbridge.train.flops import StepFlops
+    from mmbridge.train.parts import apply_stage_modes
+
+    model, _ = build_model(tiny_recipe.model)
+    vocab = model.lm.config.vocab_size
+    lengths, targets = [10, 7], [3, 2]
+    batch = {"input_ids": torch.zeros(2, 10, dtype=torch.long), "attention_mask": torch.zeros(2, 10, dtype=torch.long),
+             "labels": torch.full((2, 10), -100), "pixel_values": torch.zeros(2, 3, 32, 32)}
+    for r, (n, t) in enumerate(zip(lengths, targets)):
+        batch["attention_mask"][r, :n] = 1
+        batch["labels"][r, n - t:n] = 1
+    # tiny Llama: width 64, MLP 128, 2 layers, 4 heads x 16, 2 KV heads; MACs per token per layer
+    lm_macs = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 128
+    attention = 2 * (2 * 64 + 2 * 64)  # per (query, key) pair: 2 layers x (QK^T + AV over 4 heads x 16)
+    # tiny CLIP at 32 px: 16 patches of 8x8x3 -> 32, then 2 layers over 17 tokens (both run)
+    clip = 2 * 16 * 192 * 32 + 2 * (17 * 2 * (4 * 32 * 32 + 2 * 32 * 64) + 2 * 2 * 17 * 17 * 32)
+    bridge = 2 * 4 * (32 * 64 + 64 * 64)  # pool to 2x2 tokens, then Linear(32, 64), Linear(64, 64)
+    n_tok, n_sq = sum(lengths), sum(n * n for n in lengths)
+
+    apply_stage_modes(model, tiny_recipe.stages[0])  # bridge trains; LM and vision frozen
+    want = (n_tok * 2 * 2 * lm_macs * 2 + n_sq * attention * 3 + sum(targets) * 2 * 64 * vocab * 2
+            + 2 * (clip * 1 + bridge * 3))
+    assert StepFlops(model)(batch) == want
+
+    apply_stage_modes(model, tiny_recipe.stages[1])  # + LoRA r=4 on q_proj, v_proj: adapters train (x3)
+    lora_macs = (64 * 4 + 4 * 64) + (64 * 4 + 4 * 32)
+    want_lora = want + n_tok * 2 * 2 * lora_macs * 3
+    assert StepFlops(model)(batch) == want_lora
+
+
+def test_packed_rows_count_attention_per_sample():
+    from mmbridge.train.flops import segment_lengths
+
+    batch = {"input_ids": torch.zeros(2, 6, dtype=torch.long),
+             "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]),
+             "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 0, 1, 2, 3]])}
+    assert segment_lengths(batch) == [3, 2, 2, 4]
+    del batch["position_ids"]
+    assert segment_lengths(batch) == [5, 6]

@@ -1,0 +1,298 @@
+"""LCL: sequence layout and targets, the `<soi>` state's blindness to its own image, the contrastive
+loss against a hand computation, 2-process gather, readers, export → reload, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmbridge.lcl.model import LCLModel, build_lm, build_tokenizer
+from mmbridge.lcl.sequence import (IGNORE, Document, ImageCache, ImageRef, SequenceConfig, SpecialIds,
+                                   build_sequence, collate, select_images)
+from mmbridge.models.vit import LCLVisionTower, ViTConfig
+
+TEXTS = ["a red circle .", "a blue square and a green triangle .", "shapes come in many colours ."]
+LM = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+      "intermediate_size": 64}
+VIT = {"image_size": 32, "patch_size": 8, "width": 32, "depth": 1, "heads": 2}
+
+
+def tiny_model(texts=TEXTS, seed=0):
+    tok = build_tokenizer("words", texts)
+    torch.manual_seed(seed)
+    lm = build_lm(LM, tok)
+    model = LCLModel(LCLVisionTower(ViTConfig(**VIT, out_dim=32)), lm, SpecialIds.of(tok))
+    return model, tok
+
+
+def encoder(tok):
+    return lambda s: tok(s, add_special_tokens=False)["input_ids"]
+
+
+def pixels(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(32, 32, 3, generator=g).mul(255).byte().numpy() for _ in range(n)]
+
+
+def images_of(arrays):
+    from PIL import Image
+
+    return [Image.fromarray(a) for a in arrays]
+
+
+def make_batch(model, tok, docs, cfg, seed=0):
+    samples = [build_sequence(d, cfg, model.ids, model.n_patches, encoder(tok), np.random.default_rng([seed, i]))
+               for i, d in enumerate(docs)]
+    c = model.vit.config
+    return collate(samples, model.ids.pad, ImageCache(c.image_size, c.image_mean, c.image_std))
+
+
+# ------------------------------------------------------------------------------------------------ layout
+def test_layout_and_targets_exact():
+    model, tok = tiny_model()
+    ids, enc = model.ids, encoder(tok)
+    doc = Document(TEXTS, [ImageRef("img0", 0, 0.3), ImageRef("img2", 2, 0.25)])
+    s = build_sequence(doc, SequenceConfig(image_position="after"), ids, 16, enc, np.random.default_rng(0))
+    span = [ids.soi] + [ids.patch] * 16 + [ids.eoi]
+    t0, t1, t2 = enc(TEXTS[0]), enc(" " + TEXTS[1]), enc(" " + TEXTS[2])
+    assert s["input_ids"] == t0 + span + t1 + t2 + span
+    assert s["labels"] == t0 + [IGNORE] * 18 + t1 + t2 + [IGNORE] * 18
+    assert s["images"] == ["img0", "img2"]
+    s = build_sequence(doc, SequenceConfig(image_position="before"), ids, 16, enc, np.random.default_rng(0))
+    assert s["input_ids"] == span + enc(TEXTS[0]) + t1 + span + t2
+    # random: each image before or after its sentence with p = 0.5
+    firsts = [build_sequence(Document(TEXTS[:1], [ImageRef("i", 0)]), SequenceConfig(), ids, 16, enc,
+                             np.random.default_rng(k))["input_ids"][0] == ids.soi for k in range(400)]
+    assert 0.43 < np.mean(firsts) < 0.57
+
+
+def test_selection_threshold_one_per_sentence_and_cap():
+    texts = [f"s{i}" for i in range(9)]
+    doc = Document(texts, [ImageRef("low", 0, 0.1), ImageRef("a", 1, 0.3), ImageRef("b", 1, 0.5)]
+                   + [ImageRef(f"x{i}", i, 0.2 + i / 100) for i in range(2, 9)])
+    chosen = select_images(doc, SequenceConfig(min_sim=0.2, max_images=6))
+    assert len(chosen) == 6 and 0 not in chosen and chosen[1].source == "b"
+    assert [im.source for im in chosen.values()] == ["b", "x4", "x5", "x6", "x7", "x8"]  # best six, in order
+
+
+def test_truncation_never_cuts_an_image_and_collate_pads_without_targets():
+    model, tok = tiny_model()
+    ids, enc = model.ids, encoder(tok)
+    doc = Document(TEXTS, [ImageRef("img0", 0), ImageRef("img1", 1)])
+    n0 = len(enc(TEXTS[0]))
+    for max_length in range(1, 60):
+        cfg = SequenceConfig(image_position="after", max_length=max_length)
+        s = build_sequence(doc, cfg, ids, 16, enc, np.random.default_rng(0))
+        x = s["input_ids"]
+        assert len(x) <= max_length
+        assert x.count(ids.patch) == 16 * len(s["images"]) == 16 * x.count(ids.soi) == 16 * x.count(ids.eoi)
+        if max_length < n0 + 18:
+            assert s["images"] == []
+    batch = make_batch(model, tok, [Document(TEXTS[:1], [ImageRef(images_of(pixels(1))[0], 0)]),
+                                    Document(TEXTS, [])], SequenceConfig(image_position="after"))
+    pad = batch["attention_mask"] == 0
+    assert pad.any() and (batch["labels"][pad] == IGNORE).all()
+    special = torch.isin(batch["input_ids"], torch.tensor([ids.soi, ids.eoi, ids.patch]))
+    assert (batch["labels"][special] == IGNORE).all() and (batch["labels"][~special & ~pad] >= 0).all()
+    assert batch["pixel_values"].shape == (1, 3, 32, 32)
+
+
+# ------------------------------------------------------------------------------------------------ model
+def two_image_batch(model, tok, arrays):
+    doc = Document(TEXTS, [ImageRef(im, i) for i, im in enumerate(images_of(arrays))])
+    return make_batch(model, tok, [doc], SequenceConfig(image_position="after"))
+
+
+def test_soi_state_sees_no_token_of_its_own_image():
+    model, tok = tiny_model()
+    arrays = pixels(2)
+    b = two_image_batch(model, tok, arrays)
+    ids = b["input_ids"][0]
+    soi = (ids == model.ids.soi).nonzero().flatten()
+    eoi = (ids == model.ids.eoi).nonzero().flatten()
+    with torch.no_grad():
+        h, _ = model.hidden(b["input_ids"], b["attention_mask"], b["pixel_values"])
+        changed = [a.copy() for a in arrays]
+        changed[1] = 255 - changed[1]  # perturb the second image only
+        b2 = two_image_batch(model, tok, changed)
+        h2, _ = model.hidden(b2["input_ids"], b2["attention_mask"], b2["pixel_values"])
+    assert torch.equal(h[0, : soi[1] + 1], h2[0, : soi[1] + 1])  # up to and including its <soi>: unchanged
+    assert not torch.allclose(h[0, eoi[1]], h2[0, eoi[1]])
+    changed = [255 - arrays[0], arrays[1]]  # the first image is context for the second <soi>
+    with torch.no_grad():
+        b3 = two_image_batch(model, tok, changed)
+        h3, _ = model.hidden(b3["input_ids"], b3["attention_mask"], b3["pixel_values"])
+    assert not torch.allclose(h[0, soi[1]], h3[0, soi[1]])
+
+
+def test_generation_loss_is_text_only_and_reaches_the_vit():
+    model, tok = tiny_model()
+    b = two_image_batch(model, tok, pixels(2))
+    out = model(b, lambda_con=0.0)
+    h, _ = model.hidden(b["input_ids"], b["attention_mask"], b["pixel_values"])
+    logits = model.lm.get_output_embeddings()(h[0, :-1])
+    labels = b["labels"][0, 1:]
+    manual = [F.cross_entropy(logits[t], labels[t]) for t in range(len(labels)) if labels[t] != IGNORE]
+    # every text token but the first (nothing predicts it); none of <soi>, patches, <eoi>
+    assert out.terms["targets"] == len(manual) == len(tok(" ".join(TEXTS))["input_ids"]) - 1
+    assert math.isclose(out.terms["gen"], float(torch.stack(manual).mean().detach()), rel_tol=1e-5)
+    out.loss.backward()
+    assert model.vit.patch_embed.weight.grad.abs().sum() > 0  # through the patch tokens
+    assert model.vit.pool.query.grad is None and model.head.proj.weight.grad is None
+
+
+def test_contrastive_loss_matches_hand_computation_and_skips_position_zero():
+    model, tok = tiny_model()
+    torch.manual_seed(1)
+    latent, state = torch.randn(4, 32), torch.randn(4, 32)
+    valid = torch.tensor([True, False, True, True])
+    got = model.head(latent, state, valid)
+    img = latent.numpy()[[0, 2, 3]]
+    txt = (state @ model.head.proj.weight.T).detach().numpy()[[0, 2, 3]]
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+    s = img @ txt.T / 0.07
+    i2t = -np.mean([s[i, i] - np.log(np.exp(s[i]).sum()) for i in range(3)])
+    t2i = -np.mean([s[i, i] - np.log(np.exp(s[:, i]).sum()) for i in range(3)])
+    assert abs(got.item() - (i2t + t2i) / 2) < 1e-5
+    model.head.log_scale.data.fill_(math.log(500.0))
+    assert model.head.scale.item() == 100.0  # clamped
+    # image-first pairs: every <soi> is at position 0, no context → no contrastive term
+    docs = [Document([t], [ImageRef(im, 0)]) for t, im in zip(TEXTS, images_of(pixels(3)))]
+    b = make_batch(model, tok, docs, SequenceConfig(image_position="before"))
+    out = model(b)
+    assert out.terms["images"] == 0 and out.terms["con"] == 0.0
+    b = make_batch(model, tok, docs, SequenceConfig(image_position="after"))
+    assert model(b).terms["images"] == 3
+
+
+# ------------------------------------------------------------------------------------------ distributed
+def global_docs():
+    ims = images_of(pixels(7, seed=3))
+    return [Document(TEXTS, [ImageRef(ims[0], 0), ImageRef(ims[1], 1), ImageRef(ims[2], 2)]),  # rank 0: 4 images
+            Document(TEXTS[1:], [ImageRef(ims[3], 1)]),
+            Document(TEXTS[:2], [ImageRef(ims[4], 1)]),  # rank 1: 3 images
+            Document(TEXTS, [ImageRef(ims[5], 0), ImageRef(ims[6], 2)])]
+
+
+def loss_and_grads(model, tok, docs):
+    cfg = SequenceConfig(image_position="random")
+    b = make_batch(model, tok, docs, cfg)
+    out = model(b)
+    out.loss.backward()
+    return out
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from mmbridge.lcl.train import average_gradients
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    model, tok = tiny_model()
+    docs = global_docs()
+    out = loss_and_grads(model, tok, docs[2 * rank: 2 * rank + 2])
+    params = list(model.parameters())
+    average_gradients(params, 2)
+    torch.save({"terms": out.terms, "grads": [p.grad.clone() for p in params]}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_process_gloo_matches_one_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    # the same per-document rngs in both runs: each half re-numbers from 0, so build the halves' docs alike
+    mp.spawn(_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True)
+    model, tok = tiny_model()
+    docs = global_docs()
+    # one process, the same global batch (each half's sequences built with the same rng indices)
+    cfg = SequenceConfig(image_position="random")
+    samples = [build_sequence(d, cfg, model.ids, model.n_patches, encoder(tok), np.random.default_rng([0, i % 2]))
+               for i, d in enumerate(docs)]
+    c = model.vit.config
+    out = model(collate(samples, model.ids.pad, ImageCache(c.image_size, c.image_mean, c.image_std)))
+    out.loss.backward()
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert got["terms"]["images"] == out.terms["images"] and got["terms"]["targets"] == out.terms["targets"]
+        assert math.isclose(got["terms"]["gen"], out.terms["gen"], rel_tol=1e-5)
+        assert math.isclose(got["terms"]["con"], out.terms["con"], rel_tol=1e-5)
+        for p, g in zip(model.parameters(), got["grads"]):
+            assert torch.allclose(p.grad, g, atol=1e-6, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ readers and export
+def test_jsonl_and_shards_give_the_same_documents(world, tmp_path):
+    from mmbridge.lcl.readers import iter_shards, read_jsonl, write_shards
+
+    jsonl = world["manifest"]["train"]["interleaved"]
+    docs = read_jsonl(jsonl, world["images"])
+    shards = write_shards(jsonl, world["images"], tmp_path / "shards", per_shard=5)
+    assert len(shards) == math.ceil(len(docs) / 5)
+    streamed = list(iter_shards(shards))
+    assert [d.texts for d in streamed] == [d.texts for d in docs]
+    cache = ImageCache(32, (0.5,) * 3, (0.5,) * 3)
+    a = cache([im.source for im in docs[0].images])
+    b = cache([im.source for im in streamed[0].images])
+    assert torch.equal(a, b) and [im.sim for im in docs[0].images] == [im.sim for im in streamed[0].images]
+
+
+def test_export_reload_identical_features_and_registry(tmp_path):
+    from mmbridge.models.vision import build_vision_encoder
+
+    torch.manual_seed(0)
+    tower = LCLVisionTower(ViTConfig(**VIT, out_dim=24))
+    tower.save_pretrained(tmp_path / "enc")
+    again = LCLVisionTower.from_pretrained(tmp_path / "enc")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        (l1, t1), (l2, t2) = tower(x), again(x)
+        enc = build_vision_encoder({"name": "lcl_vit", "path": str(tmp_path / "enc"), "features": "tokens"})
+        assert torch.equal(l1, l2) and torch.equal(t1, t2) and torch.equal(enc(x), t1)
+        enc = build_vision_encoder({"name": "lcl_vit", "path": str(tmp_path / "enc")})
+        assert torch.equal(enc(x), tower.patch_features(x)) and enc.grid == (4, 4) and enc.hidden_size == 32
+
+
+def lcl_recipe_dict(world_root, steps=3):
+    return {"kind": "lcl", "name": "tiny-lcl",
+            "world": {"root": world_root, "n_train": 40, "n_val": 8, "n_test": 8, "seed": 0, "image_size": 32},
+            "data": ["world/train/interleaved"], "vision": VIT, "lm": {"tokenizer": "words", **LM},
+            "sequence": {"max_length": 128}, "steps": steps, "batch_size": 4, "threads": 1, "save_every": 2}
+
+
+def test_cli_trains_exports_and_an_lmm_loads_the_encoder(world, tmp_path, tiny_lm_dir):
+    import yaml
+
+    from mmbridge.cli import main
+    from mmbridge.config import RecipeError
+    from mmbridge.lcl.recipe import lcl_recipe_from_dict
+
+    path = tmp_path / "lcl.yaml"
+    path.write_text(yaml.safe_dump(lcl_recipe_dict(world["root"])))
+    main(["train", str(path), "--out", str(tmp_path / "run")])
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["loss_gen"] > 0 and r["loss_con"] > 0 and r["images"] > 0 for r in rows)
+    assert math.isclose(rows[0]["logit_scale"], 1 / 0.07, rel_tol=1e-3)
+    enc = tmp_path / "run" / "encoder"
+    assert (enc / "config.json").exists() and (enc / "model.safetensors").exists()
+    with pytest.raises(RecipeError, match="sequence.max_len"):
+        lcl_recipe_from_dict({**lcl_recipe_dict(world["root"]), "sequence": {"max_len": 3}})
+    # an LMM with the exported encoder: its 4x4 grid of patch features reaches the LM, loss on the answer
+    from mmbridge.config import ModelConfig
+    from mmbridge.models.build import build_model
+
+    torch.manual_seed(0)
+    lmm, proc = build_model(ModelConfig(vision={"name": "lcl_vit", "path": str(enc)}, bridge={"name": "mlp"},
+                                        lm={"path": tiny_lm_dir}, max_length=128, system_prompt=""))
+    assert lmm.vision.cfg["path"] == str(enc) and lmm.num_image_tokens == 16
+    e = proc.encode([{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}], 1)
+    out = lmm(torch.tensor([e.input_ids]), pixel_values=torch.randn(1, 3, 32, 32), labels=torch.tensor([e.labels]))
+    out.loss.backward()
+    assert out.loss > 0 and lmm.vision.tower.patch_embed.weight.grad.abs().sum() > 0
