@@ -76,3 +76,18 @@ def test_unknown_bridge_and_option_errors():
         build_bridge({"name": "qformerz"}, 8, 8, (2, 2))
     with pytest.raises(ValueError, match="pooled_size"):
         build_bridge({"name": "pool_adapter", "pooled_size": 2}, 8, 8, (2, 2))
+
+
+def test_pool_adapter_position_embedding_tells_cells_apart():
+    """Identical features in every cell: without pos_embed all tokens are equal, with it each cell differs."""
+    feats = torch.ones(2, 64, 8)
+    torch.manual_seed(0)
+    plain = build_bridge({"name": "pool_adapter", "pooled": 4}, 8, 16, (8, 8))
+    torch.manual_seed(0)
+    posed = build_bridge({"name": "pool_adapter", "pooled": 4, "pos_embed": True}, 8, 16, (8, 8))
+    a, b = plain(feats), posed(feats)
+    assert torch.equal(a, a[:, :1].expand_as(a)) and plain.pos_embed is None
+    assert posed.pos_embed.shape == (16, 16) and torch.equal(b, a + posed.pos_embed)  # same MLP init, then + E
+    assert len({tuple(t.tolist()) for t in b[0]}) == 16
+    b.sum().backward()
+    assert torch.equal(posed.pos_embed.grad, torch.full((16, 16), 2.0))  # one gradient per image in the batch

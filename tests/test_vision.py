@@ -297,3 +297,22 @@ def test_preprocess_layout_and_resize():
     assert torch.all(out[0, 2] == 0)
     hand = np.asarray(img.resize((20, 20), Image.Resampling.BICUBIC), dtype=np.float32) / 255
     torch.testing.assert_close(out[0], torch.from_numpy(hand).permute(2, 0, 1), rtol=0, atol=1e-6)
+
+
+def test_effnet_inner_block_features(effnet):
+    """`blockN` stops after MBConv block N: its output is the full network's intermediate map."""
+    enc = build_vision_encoder({"name": "efficientnet_lite0", "feature_stage": "block5"}).eval()
+    assert len(enc.model._blocks) == 6 and enc.grid == (16, 16) and enc.hidden_size == 80
+    assert not any(n.startswith(("_conv_head", "_bn1")) for n, _ in enc.model.named_parameters())
+    x = _pixels(2, 256)
+    seen = []
+    hook = effnet.model._blocks[5].register_forward_hook(lambda m, a, out: seen.append(out))
+    with torch.no_grad():
+        tokens = enc(x)
+        effnet(x)
+    hook.remove()
+    assert tokens.shape == (2, 256, 80)
+    torch.testing.assert_close(tokens, seen[0].flatten(2).transpose(1, 2), rtol=0, atol=1e-6)
+    assert build_vision_encoder({"name": "efficientnet_lite0", "feature_stage": "block12"}).grid == (8, 8)
+    with pytest.raises(ValueError, match="block16"):
+        build_vision_encoder({"name": "efficientnet_lite0", "pretrained": False, "feature_stage": "block16"})

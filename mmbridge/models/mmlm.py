@@ -7,6 +7,7 @@ the LM's layers, reading a per-forward context passed to the decoder as the keyw
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -144,7 +145,10 @@ class MultimodalLM(nn.Module):
         out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
         # deep fusion: every new token is text and sees the prompt's last image
         step_extra = {"fusion": extra["fusion"].next_token()} if extra else {}
-        cache, last = out.past_key_values, positions[:, -1]
+        # transformers renamed `past_key_values` to `cache` (5.2x); use whichever this version has
+        key = "cache" if "cache" in inspect.signature(type(self.lm.get_decoder()).forward).parameters \
+            else "past_key_values"
+        cache, last = out[key], positions[:, -1]
         eos = torch.tensor(list(eos_token_ids), dtype=torch.long)
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
         tokens = []
@@ -157,8 +161,8 @@ class MultimodalLM(nn.Module):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             last = last + 1
             out = self.lm(input_ids=next_tok[:, None], attention_mask=mask, position_ids=last[:, None],
-                          past_key_values=cache, use_cache=True, **step_extra)
-            cache = out.past_key_values
+                          use_cache=True, **{key: cache}, **step_extra)
+            cache = out[key]
             next_tok = out.logits[:, -1].argmax(-1)
         seqs = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(input_ids.shape[0])]
         result = []

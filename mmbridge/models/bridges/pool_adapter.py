@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from mmbridge.models.bridges.base import BRIDGES, Bridge
 from mmbridge.models.bridges.mlp import mlp
@@ -11,10 +12,13 @@ from mmbridge.models.bridges.mlp import mlp
 
 @BRIDGES.register("pool_adapter")
 class PoolAdapter(Bridge):
-    """Non-overlapping s×s → P×P average pooling preserves where each token came from."""
+    """Non-overlapping s×s → P×P average pooling preserves where each token came from.
+
+    `pos_embed: true` adds a learned embedding per pooled cell to the output: a CNN's features carry
+    little absolute position (a ViT's have it from its position embeddings), and grounding needs it."""
 
     def __init__(self, vision_dim, lm_dim, grid, pooled: int = 8, depth: int = 2, l2_normalize: bool = False,
-                 in_tokens=None):
+                 in_tokens=None, pos_embed: bool = False):
         super().__init__(vision_dim, lm_dim, grid, l2_normalize, in_tokens)
         if self.in_tokens != self.grid[0] * self.grid[1]:
             raise ValueError("pool_adapter needs the patch grid only: set drop_cls: true on the vision encoder")
@@ -26,6 +30,7 @@ class PoolAdapter(Bridge):
             )
         self.pooled = pooled
         self.proj = mlp(vision_dim, lm_dim, depth)
+        self.pos_embed = nn.Parameter(torch.randn(pooled * pooled, lm_dim) * 0.02) if pos_embed else None
 
     @property
     def num_tokens(self) -> int:
@@ -38,4 +43,5 @@ class PoolAdapter(Bridge):
             raise ValueError(f"pool_adapter expected {rows}x{cols}={rows * cols} tokens per image, got {t}")
         grid = feats.transpose(1, 2).reshape(b, d, rows, cols)
         pooled = F.avg_pool2d(grid, kernel_size=(rows // self.pooled, cols // self.pooled))
-        return self.proj(pooled.flatten(2).transpose(1, 2))
+        out = self.proj(pooled.flatten(2).transpose(1, 2))
+        return out if self.pos_embed is None else out + self.pos_embed
