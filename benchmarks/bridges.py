@@ -35,12 +35,15 @@ BRIDGES = {
     "gated_xattn": {"name": "gated_xattn", "latents": 16, "dim": 512, "every": 4},  # Flamingo
     "visual_expert": {"name": "visual_expert"},  # CogVLM
 }
+# One encoder for all: EfficientNet-Lite0 up to MBConv block 7 at 128 px, an 8x8 grid of 80-d features
+# (the demo's colour-keeping features at a quarter of the pixels, so the MLP bridge reads 64 tokens, not 256)
+VISION = {"name": "efficientnet_lite0", "image_size": 128, "feature_stage": "block7"}
 TASKS = {"caption": ("cider", 24), "vqa": ("vqa_accuracy", 8), "grounding": ("grounding_acc50", 24)}
 
 
 def recipe_for(bridge: dict, args):
     """The bundled demo recipe (same LM, encoder and world) with this bridge and the benchmark's steps."""
-    sets = [f"model.bridge={json.dumps(bridge)}",
+    sets = [f"model.bridge={json.dumps(bridge)}", f"model.vision={json.dumps(VISION)}",
             f"stages.0.steps={args.align_steps}", f"stages.1.steps={args.multitask_steps}",
             "stages.1.data={world/train/caption: 1.0, world/train/vqa: 1.0, world/train/grounding: 1.0}",
             f"threads={args.threads}", "log_every=1"]
@@ -98,7 +101,7 @@ def main(argv=None) -> dict:
     if "mlp" in rows:
         for row in rows.values():
             row["step_time_vs_mlp"] = round(row["step_s"] / rows["mlp"]["step_s"], 2)
-    table = {"benchmark": "bridges", "lm": "SmolLM2-135M-Instruct", "vision": "EfficientNet-Lite0 256px (8x8)",
+    table = {"benchmark": "bridges", "lm": "SmolLM2-135M-Instruct", "vision": VISION,
              "align_steps": args.align_steps, "multitask_steps": args.multitask_steps, "batch_sizes": [16, 8],
              "test_records_per_task": args.limit, "total_s": round(time.perf_counter() - t0, 1), "rows": rows}
     # blind reference points on the full test split: most frequent caption, majority answer, mean box

@@ -91,3 +91,16 @@ def test_pool_adapter_position_embedding_tells_cells_apart():
     assert len({tuple(t.tolist()) for t in b[0]}) == 16
     b.sum().backward()
     assert torch.equal(posed.pos_embed.grad, torch.full((16, 16), 2.0))  # one gradient per image in the batch
+
+
+@pytest.mark.parametrize("name", ["mlp", "pool_adapter"])
+def test_input_norm_makes_the_output_independent_of_feature_scale(name):
+    """`norm: true` puts a LayerNorm first: features x and 1000·x give the same tokens; without it they do not."""
+    feats = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(0))
+    opts = {"pooled": 2} if name == "pool_adapter" else {}
+    torch.manual_seed(0)
+    normed = build_bridge({"name": name, "norm": True, **opts}, 32, 24, (4, 4))
+    plain = build_bridge({"name": name, **opts}, 32, 24, (4, 4))
+    assert isinstance(normed.proj[0], nn.LayerNorm) and isinstance(plain.proj[0], nn.Linear)
+    torch.testing.assert_close(normed(feats * 1000), normed(feats), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(plain(feats * 1000), plain(feats) * 1, atol=1.0)

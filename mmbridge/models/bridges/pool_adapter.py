@@ -18,7 +18,7 @@ class PoolAdapter(Bridge):
     little absolute position (a ViT's have it from its position embeddings), and grounding needs it."""
 
     def __init__(self, vision_dim, lm_dim, grid, pooled: int = 8, depth: int = 2, l2_normalize: bool = False,
-                 in_tokens=None, pos_embed: bool = False):
+                 in_tokens=None, pos_embed: bool = False, norm: bool = False):
         super().__init__(vision_dim, lm_dim, grid, l2_normalize, in_tokens)
         if self.in_tokens != self.grid[0] * self.grid[1]:
             raise ValueError("pool_adapter needs the patch grid only: set drop_cls: true on the vision encoder")
@@ -29,7 +29,7 @@ class PoolAdapter(Bridge):
                 f"choose pooled from the common divisors of {rows} and {cols}, or change the image size"
             )
         self.pooled = pooled
-        self.proj = mlp(vision_dim, lm_dim, depth)
+        self.proj = mlp(vision_dim, lm_dim, depth, norm)  # norm: LayerNorm on each pooled feature first
         self.pos_embed = nn.Parameter(torch.randn(pooled * pooled, lm_dim) * 0.02) if pos_embed else None
 
     @property
