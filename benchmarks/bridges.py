@@ -35,15 +35,12 @@ BRIDGES = {
     "gated_xattn": {"name": "gated_xattn", "latents": 16, "dim": 512, "every": 4},  # Flamingo
     "visual_expert": {"name": "visual_expert"},  # CogVLM
 }
-# One encoder for all: EfficientNet-Lite0 up to MBConv block 7 at 128 px, an 8x8 grid of 80-d features
-# (the demo's colour-keeping features at a quarter of the pixels, so the MLP bridge reads 64 tokens, not 256)
-VISION = {"name": "efficientnet_lite0", "image_size": 128, "feature_stage": "block7"}
 TASKS = {"caption": ("cider", 24), "vqa": ("vqa_accuracy", 8), "grounding": ("grounding_acc50", 24)}
 
 
 def recipe_for(bridge: dict, args):
     """The bundled demo recipe (same LM, encoder and world) with this bridge and the benchmark's steps."""
-    sets = [f"model.bridge={json.dumps(bridge)}", f"model.vision={json.dumps(VISION)}",
+    sets = [f"model.bridge={json.dumps(bridge)}",
             f"stages.0.steps={args.align_steps}", f"stages.1.steps={args.multitask_steps}",
             "stages.1.data={world/train/caption: 1.0, world/train/vqa: 1.0, world/train/grounding: 1.0}",
             f"threads={args.threads}", "log_every=1"]
@@ -86,9 +83,9 @@ def run_bridge(name: str, args) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bridges", default=",".join(BRIDGES), help="comma-separated subset of " + ",".join(BRIDGES))
-    parser.add_argument("--align-steps", type=int, default=6)
-    parser.add_argument("--multitask-steps", type=int, default=18)
-    parser.add_argument("--limit", type=int, default=32, help="test records per task")
+    parser.add_argument("--align-steps", type=int, default=10)
+    parser.add_argument("--multitask-steps", type=int, default=40)
+    parser.add_argument("--limit", type=int, default=40, help="test records per task")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/bench-bridges")
     args = parser.parse_args(argv)
@@ -101,7 +98,8 @@ def main(argv=None) -> dict:
     if "mlp" in rows:
         for row in rows.values():
             row["step_time_vs_mlp"] = round(row["step_s"] / rows["mlp"]["step_s"], 2)
-    table = {"benchmark": "bridges", "lm": "SmolLM2-135M-Instruct", "vision": VISION,
+    table = {"benchmark": "bridges", "lm": "SmolLM2-135M-Instruct",
+             "vision": "EfficientNet-Lite0 256px (8x8 grid, 1280-d head features, frozen)",
              "align_steps": args.align_steps, "multitask_steps": args.multitask_steps, "batch_sizes": [16, 8],
              "test_records_per_task": args.limit, "total_s": round(time.perf_counter() - t0, 1), "rows": rows}
     # blind reference points on the full test split: most frequent caption, majority answer, mean box
