@@ -4,8 +4,7 @@ Each bridge is trained by the same trainer on the built-in shapes world (stage 1
 only; stage 2: captions + VQA + grounding, bridge + LoRA on the LM), then scored on the held-out
 test split. Prints a table; its last line is the table as one JSON object.
 
-    python benchmarks/bridges.py                      # the full run: 43 min with 1 thread beside another
-                                                      # benchmark on the 2-core CPU (alone: est. ~20 min)
+    python benchmarks/bridges.py                      # the full run: 25 min alone on the 2-core CPU
     python benchmarks/bridges.py --align-steps 2 --multitask-steps 2 --limit 8   # a smoke run
 """
 
