@@ -60,17 +60,19 @@ def forward_flops(fn, *args) -> int:
 
 
 def segment_lengths(batch: dict) -> list[int]:
-    """Non-padding length of every sample: rows, or the samples packed in a row (a position id of 0 starts one)."""
+    """Non-padding length of every sample: rows, or the samples packed in a row (a position id of 0
+    starts one), in row-major order; computed without a Python loop over rows (it runs every step)."""
     mask = batch.get("attention_mask")
     valid = mask.bool() if mask is not None and mask.dim() == 2 else torch.ones_like(batch["input_ids"]).bool()
     pos = batch.get("position_ids")
     if pos is None:
         return valid.sum(1).tolist()
-    lengths = []
-    for p, v in zip(pos, valid):
-        starts = (p[v] == 0).nonzero().flatten().tolist() or [0]
-        lengths += [b - a for a, b in zip(starts, starts[1:] + [int(v.sum())])]
-    return lengths
+    starts = (pos == 0) & valid
+    starts[:, 0] |= valid[:, 0]  # a row's first real token starts a sample even without a 0 position
+    per_row = starts.sum(1)
+    offset = per_row.cumsum(0) - per_row  # global number of the first sample of each row
+    sample = (starts.long().cumsum(1) - 1 + offset[:, None])[valid]
+    return torch.bincount(sample, minlength=int(per_row.sum())).tolist()
 
 
 class StepFlops:
