@@ -12,11 +12,25 @@ from mmbridge.config import load_recipe
 from mmbridge.data.llava import read_llava_json
 from mmbridge.data.sources import resolve_source
 from mmbridge.eval.evaluate import evaluate_records, gold
-from mmbridge.eval.metrics import caption_scores, center_box_baseline, majority_vqa_baseline
+from mmbridge.eval.metrics import caption_scores, center_box_baseline, majority_vqa_baseline, vqa_accuracy
+from mmbridge.eval.reliance import image_reliance
 
 QUICK = ["world.n_train=200", "world.n_val=50", "world.n_test=50", "world.root=.cache/shapes-world-quick",
          "stages.0.steps=3", "stages.0.batch_size=4", "stages.1.steps=3", "stages.1.batch_size=4",
          "eval.caption.limit=8", "eval.vqa.limit=16", "eval.grounding.limit=8"]
+
+
+RELIANCE_RECORDS = 128  # VQA test records scored with their own and with a wrong image
+
+
+def accuracy_by_type(records: list[dict], rows: list[dict]) -> dict:
+    """VQA accuracy per `qtype` of the records (records without one are left out)."""
+    by_type: dict = defaultdict(lambda: ([], []))
+    for r, row in zip(records, rows):
+        if "qtype" in r:
+            by_type[r["qtype"]][0].append(row["prediction"])
+            by_type[r["qtype"]][1].append(row["gold"])
+    return {k: round(vqa_accuracy(*v)["vqa_accuracy"], 4) for k, v in sorted(by_type.items())}
 
 
 def baselines(recipe) -> dict:
@@ -59,6 +73,10 @@ def run_demo(quick: bool = False, out: str | None = None, overrides: list[str] |
         m, rows = evaluate_records(model, processor, records, src.images, ev.task, max_new_tokens=ev.max_new_tokens)
         metrics.update({k: m[k] for k in keys[ev.task]})
         metrics[f"n_{ev.task}"] = m["n"]
+        if ev.task == "vqa":  # per question type, and whether the answers depend on the image at all
+            metrics["vqa_by_qtype"] = accuracy_by_type(records, rows)
+            reliance = image_reliance(model, processor, records[:RELIANCE_RECORDS], src.images)
+            metrics["vqa_image_gain"] = round(reliance["image_gain"], 4)
         examples += [{"task": ev.task, **r, "images_root": src.images} for r in rows[:3]]
     metrics["n"] = sum(metrics.pop(f"n_{t}") for t in keys if f"n_{t}" in metrics)
     metrics["train_seconds"] = round(t_train, 1)
@@ -96,6 +114,11 @@ def print_table(metrics: dict, base: dict, run_dir: Path) -> None:
         if key in metrics:
             b = base.get(key)
             table.add_row(label, f"{metrics[key]:.3f}", "" if b is None else f"{b:.3f}", kinds.get(key, ""))
+    if "vqa_image_gain" in metrics:
+        table.add_row("VQA loss, wrong image − own", f"{metrics['vqa_image_gain']:.3f}", "0.000",
+                      "a model that ignores the image")
     Console().print(table)
+    if metrics.get("vqa_by_qtype"):
+        print("VQA accuracy per question type: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics["vqa_by_qtype"].items()))
     print(f"unparsed grounding answers: {metrics.get('unparsed', 0)}; training took {metrics['train_seconds']} s, "
           f"all {metrics['total_seconds']} s; examples in {run_dir / 'examples'}")

@@ -180,6 +180,31 @@ def test_referring_unique_and_boxes():
 
 
 # ------------------------------------------------------------------ written files
+def _train_questions(manifest: dict) -> dict[str, list[tuple[str, str]]]:
+    out: dict[str, list[tuple[str, str]]] = {}
+    for rec in json.loads(Path(manifest["train"]["vqa"]).read_text()):
+        conv = rec["conversations"]
+        out.setdefault(rec["image"], []).append(
+            [(q["value"].replace("<image>\n", ""), a["value"]) for q, a in zip(conv[::2], conv[1::2])])
+    return out
+
+
+@pytest.mark.parametrize("turns", [1, 4])
+def test_train_vqa_chunks_keep_every_question(tmp_path, turns):
+    """Each image's questions are split into conversations of `vqa_turns`; none is dropped."""
+    manifest = sw.write_world(tmp_path, **{**SMALL, "vqa_turns": turns})
+    convs = _train_questions(manifest)
+    scenes = sw.split_scenes(SMALL["seed"], "train", SMALL["n_train"], SMALL["image_size"])
+    assert len(convs) == len(scenes)
+    for i, scene in enumerate(scenes):
+        chunks = convs[f"train/train_{i:05d}.png"]
+        n = 1 + 5 * len(scene.objects)  # count; colour, shape, position, "yes" and one "no" per object
+        assert [len(c) for c in chunks] == [turns] * (n // turns) + ([n % turns] if n % turns else [])
+        asked = [q for c in chunks for q, _ in c]
+        assert len(set(asked)) == n and "How many shapes are there?" in asked
+        assert dict(qa for c in chunks for qa in c)["How many shapes are there?"] == str(len(scene.objects))
+
+
 def test_records_llava_format(world):
     root, manifest = world
     assert set(manifest["train"]) == {"caption", "detailed", "vqa", "grounding", "mixed", "multitask", "interleaved"}
@@ -193,7 +218,7 @@ def test_records_llava_format(world):
         assert conv[0]["value"].startswith("<image>\n")
         assert rec["image"].startswith(f"{split}/") and (root / "images" / rec["image"]).is_file()
         if split == "train" and task == "vqa":
-            assert len(conv) // 2 <= 6
+            assert len(conv) == 2  # one question per conversation by default (see the next test)
         if split != "train":
             assert len(conv) == 2
             if task == "caption":

@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220),
@@ -293,8 +293,13 @@ def _conversation(turns: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
 
 
 def _scene_records(split: str, idx: int, scene: Scene, rng: np.random.Generator,
-                   max_turns: int) -> dict[str, list[dict[str, Any]]]:
-    """All task records for one image of a split."""
+                   max_turns: int, vqa_turns: int) -> dict[str, list[dict[str, Any]]]:
+    """All task records for one image of a split.
+
+    Training VQA conversations hold `vqa_turns` questions each, all of the image's questions over
+    its records. More than one lets a question give away another's answer ("Where is the green
+    triangle?" before "Is there a green triangle?"), and a model trained so learns to read answers off
+    the conversation instead of the image: single-turn VQA at test time then falls to its priors."""
     sid, image = f"{split}_{idx:05d}", f"{split}/{split}_{idx:05d}.png"
     caps, qas, refs = short_captions(scene), vqa_pairs(scene, rng), referring(scene, rng)
     det = detailed_caption(scene)
@@ -315,17 +320,18 @@ def _scene_records(split: str, idx: int, scene: Scene, rng: np.random.Generator,
                           for j, r in enumerate(refs)],
         }
     cap_turn = (instruction("caption", rng), caps[int(rng.integers(len(caps)))])
-    vqa_turns = [(qas[j]["question"], qas[j]["answer"]) for j in rng.permutation(len(qas))]
+    qa_turns = [(qas[j]["question"], qas[j]["answer"]) for j in rng.permutation(len(qas))]
     ground_turns = [ground_turn(refs[j], True) for j in rng.permutation(len(refs))]
-    extra = vqa_turns[: int(rng.integers(1, 4))] + ground_turns[: int(rng.integers(1, min(2, len(refs)) + 1))]
+    extra = qa_turns[: int(rng.integers(1, 4))] + ground_turns[: int(rng.integers(1, min(2, len(refs)) + 1))]
     mixed = [cap_turn] + [extra[j] for j in rng.permutation(len(extra))]
     # every question and referring expression of the image in one conversation (the demo's stage 2)
-    full = vqa_turns[:max_turns] + ground_turns
+    full = qa_turns[:max_turns] + ground_turns
     multitask = [cap_turn] + [full[j] for j in rng.permutation(len(full))]
     return {
         "caption": [rec(sid, [cap_turn])],
         "detailed": [rec(sid, [(instruction("detailed", rng), det)])],
-        "vqa": [rec(sid, vqa_turns[:max_turns])],
+        "vqa": [rec(f"{sid}_c{k}", qa_turns[j: j + vqa_turns])
+                for k, j in enumerate(range(0, len(qa_turns), vqa_turns))],
         "grounding": [rec(sid, ground_turns)],
         "mixed": [rec(sid, mixed)],
         "multitask": [rec(sid, multitask)],
@@ -376,14 +382,14 @@ def _check_disjoint(scenes: dict[str, list[Scene]]) -> None:
 
 
 def _write_split(root: Path, split: str, scenes: Sequence[Scene], rng: np.random.Generator,
-                 max_turns: int) -> dict[str, str]:
+                 max_turns: int, vqa_turns: int) -> dict[str, str]:
     """Write images and task files of one split; returns {task: path relative to root}."""
     img_dir = root / "images" / split
     img_dir.mkdir(parents=True, exist_ok=True)
     tasks: dict[str, list[dict[str, Any]]] = {}
     for i, scene in enumerate(scenes):
         render(scene).save(img_dir / f"{split}_{i:05d}.png", format="PNG", compress_level=1)
-        for task, recs in _scene_records(split, i, scene, rng, max_turns).items():
+        for task, recs in _scene_records(split, i, scene, rng, max_turns, vqa_turns).items():
             tasks.setdefault(task, []).extend(recs)
     if not scenes:
         tasks = {t: [] for t in ("caption", "detailed", "vqa", "grounding")}
@@ -409,7 +415,7 @@ def load_manifest(root: str | os.PathLike) -> dict[str, Any]:
 
 def write_world(root: str | os.PathLike, n_train: int = 2000, n_val: int = 200, n_test: int = 200,
                 seed: int = 0, image_size: int = 256, max_turns: int = 6,
-                noise_prob: float = 0.5) -> dict[str, dict[str, str]]:
+                noise_prob: float = 0.5, vqa_turns: int = 1) -> dict[str, dict[str, str]]:
     """Generate the dataset under ``root``; returns {split: {task: absolute path}}.
 
     Idempotent: if ``root/manifest.json`` records identical parameters (and its files
@@ -417,7 +423,8 @@ def write_world(root: str | os.PathLike, n_train: int = 2000, n_val: int = 200, 
     """
     root = Path(root)
     params = {"version": GENERATOR_VERSION, "seed": seed, "image_size": image_size, "n_train": n_train,
-              "n_val": n_val, "n_test": n_test, "max_turns": max_turns, "noise_prob": noise_prob}
+              "n_val": n_val, "n_test": n_test, "max_turns": max_turns, "noise_prob": noise_prob,
+              "vqa_turns": vqa_turns}
     if (root / "manifest.json").exists():
         old = load_manifest(root)
         files = _resolve(root, old.get("splits", {}))
@@ -427,7 +434,7 @@ def write_world(root: str | os.PathLike, n_train: int = 2000, n_val: int = 200, 
     scenes = {s: split_scenes(seed, s, counts[s], image_size, noise_prob) for s in SPLITS}
     _check_disjoint(scenes)
     root.mkdir(parents=True, exist_ok=True)
-    rel = {s: _write_split(root, s, scenes[s], _split_rng(seed, s, 1), max_turns) for s in SPLITS}
+    rel = {s: _write_split(root, s, scenes[s], _split_rng(seed, s, 1), max_turns, vqa_turns) for s in SPLITS}
     tmp = root / "manifest.json.tmp"
     tmp.write_text(json.dumps({"params": params, "splits": rel}, indent=2))
     os.replace(tmp, root / "manifest.json")

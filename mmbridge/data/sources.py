@@ -7,7 +7,7 @@ from pathlib import Path
 from mmbridge.config import DataSource, Recipe, RecipeError
 
 WORLD_DEFAULTS = {"root": ".cache/shapes-world", "n_train": 2000, "n_val": 100, "n_test": 200, "seed": 0,
-                  "image_size": 256}
+                  "image_size": 256, "vqa_turns": 1}
 
 
 def world_manifest(world: dict) -> tuple[dict, Path]:

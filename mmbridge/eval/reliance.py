@@ -1,0 +1,56 @@
+"""Does the model look at the image? Its answer loss with each record's own image vs a wrong one.
+
+A model that answers from the question alone (a language prior) scores the same either way; one
+that reads the image pays for the wrong picture. A record's wrong image is the next different
+image file among the records (cyclically), so both passes see the same images, paired otherwise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mmbridge.data.dataset import Collator
+from mmbridge.data.images import load_image, preprocess
+from mmbridge.data.llava import record_images
+
+
+@torch.no_grad()
+def image_reliance(model, processor, records: list[dict], image_root: str | Path, batch_size: int = 16) -> dict:
+    """Mean loss per answer token with the right images and with shifted ones, and their gap.
+
+    Returns ``{"answer_loss", "answer_loss_wrong_image", "image_gain", "n"}``; `image_gain` near 0 means
+    the answers do not depend on the image. Every record needs exactly one image.
+    """
+    paths = []
+    for r in records:
+        imgs = record_images(r)
+        if len(imgs) != 1:
+            raise ValueError(f"record {r.get('id')}: image_reliance needs exactly one image, got {len(imgs)}")
+        paths.append(Path(image_root) / imgs[0])
+    distinct = list(dict.fromkeys(paths))
+    if len(distinct) < 2:
+        raise ValueError("image_reliance needs records with at least two different images")
+    following = {p: distinct[(k + 1) % len(distinct)] for k, p in enumerate(distinct)}
+    shifted = [following[p] for p in paths]
+    collate = Collator(processor)
+    model.eval()
+    totals = {"own": 0.0, "wrong": 0.0}
+    n_tokens = 0
+    for i in range(0, len(records), batch_size):
+        chunk = range(i, min(i + batch_size, len(records)))
+        items = []
+        for j in chunk:
+            enc = processor.encode(records[j]["conversations"], 1, f"record {records[j].get('id')}")
+            items.append({"id": str(records[j].get("id")), "input_ids": enc.input_ids, "labels": enc.labels,
+                          "pixel_values": torch.zeros(0)})
+        batch = collate(items)
+        for key, source in (("own", paths), ("wrong", shifted)):
+            pixels = preprocess([load_image(source[j]) for j in chunk], processor.image_size,
+                                processor.image_mean, processor.image_std)
+            out = model(batch["input_ids"], batch["attention_mask"], pixels, batch["labels"], normalizer=1.0)
+            totals[key] += float(out.loss)
+        n_tokens += out.num_targets
+    own, wrong = totals["own"] / max(n_tokens, 1), totals["wrong"] / max(n_tokens, 1)
+    return {"answer_loss": own, "answer_loss_wrong_image": wrong, "image_gain": wrong - own, "n": len(records)}
