@@ -12,7 +12,8 @@ from mmbridge.config import load_recipe
 from mmbridge.data.llava import read_llava_json
 from mmbridge.data.sources import resolve_source
 from mmbridge.eval.evaluate import evaluate_records, gold
-from mmbridge.eval.metrics import caption_scores, center_box_baseline, majority_vqa_baseline, vqa_accuracy
+from mmbridge.eval.metrics import caption_scores, center_box_baseline, majority_vqa_baseline, \
+    vqa_accuracy_by_type
 from mmbridge.eval.reliance import image_reliance
 
 QUICK = ["world.n_train=200", "world.n_val=50", "world.n_test=50", "world.root=.cache/shapes-world-quick",
@@ -21,16 +22,6 @@ QUICK = ["world.n_train=200", "world.n_val=50", "world.n_test=50", "world.root=.
 
 
 RELIANCE_RECORDS = 128  # VQA test records scored with their own and with a wrong image
-
-
-def accuracy_by_type(records: list[dict], rows: list[dict]) -> dict:
-    """VQA accuracy per `qtype` of the records (records without one are left out)."""
-    by_type: dict = defaultdict(lambda: ([], []))
-    for r, row in zip(records, rows):
-        if "qtype" in r:
-            by_type[r["qtype"]][0].append(row["prediction"])
-            by_type[r["qtype"]][1].append(row["gold"])
-    return {k: round(vqa_accuracy(*v)["vqa_accuracy"], 4) for k, v in sorted(by_type.items())}
 
 
 def baselines(recipe) -> dict:
@@ -74,7 +65,8 @@ def run_demo(quick: bool = False, out: str | None = None, overrides: list[str] |
         metrics.update({k: m[k] for k in keys[ev.task]})
         metrics[f"n_{ev.task}"] = m["n"]
         if ev.task == "vqa":  # per question type, and whether the answers depend on the image at all
-            metrics["vqa_by_qtype"] = accuracy_by_type(records, rows)
+            metrics["vqa_by_qtype"] = vqa_accuracy_by_type([r["prediction"] for r in rows], [r["gold"] for r in rows],
+                                                           [rec.get("qtype") for rec in records])
             reliance = image_reliance(model, processor, records[:RELIANCE_RECORDS], src.images)
             metrics["vqa_image_gain"] = round(reliance["image_gain"], 4)
         examples += [{"task": ev.task, **r, "images_root": src.images} for r in rows[:3]]
@@ -119,6 +111,7 @@ def print_table(metrics: dict, base: dict, run_dir: Path) -> None:
                       "a model that ignores the image")
     Console().print(table)
     if metrics.get("vqa_by_qtype"):
-        print("VQA accuracy per question type: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics["vqa_by_qtype"].items()))
+        per_type = ", ".join(f"{k} {v:.3f}" for k, v in metrics["vqa_by_qtype"].items())
+        print(f"VQA accuracy per question type: {per_type}")
     print(f"unparsed grounding answers: {metrics.get('unparsed', 0)}; training took {metrics['train_seconds']} s, "
           f"all {metrics['total_seconds']} s; examples in {run_dir / 'examples'}")

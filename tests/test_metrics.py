@@ -14,6 +14,7 @@ from mmbridge.eval.metrics import (
     normalize_answer,
     parse_box,
     vqa_accuracy,
+    vqa_accuracy_by_type,
     yes_no_scores,
 )
 
@@ -114,6 +115,15 @@ def test_vqa_accuracy_ten_annotators() -> None:
     # Mixing item kinds: average of 1.0 (exact) and 0.9.
     mixed = vqa_accuracy(["red", "2"], ["Red", gold])
     assert mixed == {"vqa_accuracy": pytest.approx(0.95), "n": 2}
+
+
+def test_vqa_accuracy_by_type() -> None:
+    preds = ["Red.", "blue", "2", "two", "yes"]
+    golds = ["red", "green", "2", "3", "yes"]
+    got = vqa_accuracy_by_type(preds, golds, ["colour", "colour", "count", "count", None])
+    assert got == {"colour": 0.5, "count": 0.5}  # the untyped item is left out
+    with pytest.raises(ValueError):
+        vqa_accuracy_by_type(preds, golds, ["colour"])
 
 
 def test_vqa_accuracy_length_mismatch() -> None:

@@ -130,6 +130,19 @@ def vqa_accuracy(predictions: list[str], answers: list[str | list[str]]) -> dict
     return {"vqa_accuracy": sum(scores) / len(scores), "n": len(scores)}
 
 
+def vqa_accuracy_by_type(predictions: list[str], answers: list[str | list[str]],
+                         qtypes: list[str | None]) -> dict[str, float]:
+    """VQA accuracy per question type (rounded to 4 places); items whose type is None are left out."""
+    _check_lengths(predictions, answers)
+    _check_lengths(predictions, qtypes)
+    groups: dict[str, tuple[list, list]] = {}
+    for p, a, t in zip(predictions, answers, qtypes):
+        if t is not None:
+            groups.setdefault(t, ([], []))[0].append(p)
+            groups[t][1].append(a)
+    return {t: round(vqa_accuracy(*groups[t])["vqa_accuracy"], 4) for t in sorted(groups)}
+
+
 def _is_yes(text: str) -> bool:
     words = normalize_answer(text).split()
     return bool(words) and words[0] == "yes"

@@ -15,11 +15,11 @@ class PoolAdapter(Bridge):
     """Non-overlapping s×s → P×P average pooling preserves where each token came from.
 
     `pos_embed: true` adds a learned embedding per pooled cell to the output: a CNN's features carry
-    little absolute position (a ViT's have it from its position embeddings), and grounding needs it. `pos_std`: its initial scale (per coordinate)."""
+    little absolute position (a ViT's have it from its position embeddings), and grounding needs it.
+    `pos_std`: its initial scale (per coordinate)."""
 
     def __init__(self, vision_dim, lm_dim, grid, pooled: int = 8, depth: int = 2, l2_normalize: bool = False,
-                 in_tokens=None, pos_embed: bool = False, norm: bool = False,
-                 pos_std: float = 0.02):
+                 in_tokens=None, pos_embed: bool = False, norm: bool = False, pos_std: float = 0.02):
         super().__init__(vision_dim, lm_dim, grid, l2_normalize, in_tokens)
         if self.in_tokens != self.grid[0] * self.grid[1]:
             raise ValueError("pool_adapter needs the patch grid only: set drop_cls: true on the vision encoder")
