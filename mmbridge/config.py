@@ -68,6 +68,9 @@ class StageConfig:
     # rows of model.max_length tokens, holding at most pack_images images each (0: no limit)
     pack: bool = False
     pack_images: int = 0
+    # token: every answer token weighs the same; sample: every sample's answer weighs the same, so
+    # one-word VQA answers count as much as 17-token boxes (see mmbridge.train.loss_norm)
+    loss_norm: str = "token"
     objective: dict = field(default_factory=lambda: {"name": "lm"})  # name + options
 
 
@@ -174,6 +177,8 @@ def validate(recipe: Recipe) -> None:
         if st.pack and st.objective.get("name", "lm") not in ("lm", "croc"):
             raise RecipeError(f"{where}.pack: packing works with the lm and croc objectives, "
                               f"not {st.objective.get('name')!r}")
+        if st.loss_norm not in ("token", "sample"):
+            raise RecipeError(f"{where}.loss_norm: expected token or sample, got {st.loss_norm!r}")
         if st.pack_images < 0:
             raise RecipeError(f"{where}.pack_images: must be 0 (no limit) or positive, got {st.pack_images}")
         for part, mode in st.train.items():

@@ -22,7 +22,7 @@ from mmbridge.models.precision import autocast
 @dataclass
 class LMOutput:
     loss: torch.Tensor | None  # sum of token losses / `num_targets` (or the given normaliser)
-    num_targets: int
+    num_targets: float  # the target count (or their weight sum)
     hidden_states: torch.Tensor | None = None
 
 
@@ -105,20 +105,29 @@ class MultimodalLM(nn.Module):
             raise ValueError(f"{type(self.bridge).__name__} works inside the LM: give pixel_values, not visual tokens")
         return embeds, {"fusion": self.bridge.context(feats, is_image)}
 
-    def target_loss(self, hidden: torch.Tensor, labels: torch.Tensor,
-                    normalizer: float | None = None) -> tuple[torch.Tensor, int]:
-        """Summed next-token cross-entropy over labelled positions / `normalizer` (default: their count)."""
+    def target_loss(self, hidden: torch.Tensor, labels: torch.Tensor, normalizer: float | None = None,
+                    weights: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+        """Summed next-token cross-entropy over labelled positions / `normalizer` (default: their count).
+
+        `weights` ([B, T-1], see `mmbridge.train.loss_norm`) weigh each target; the count returned is
+        then their sum."""
         targets = labels[:, 1:]
         keep = targets != IGNORE
-        n = int(keep.sum())
         logits = self.lm.get_output_embeddings()(hidden[:, :-1][keep])
-        loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        if weights is None:
+            n: float = int(keep.sum())
+            loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        else:
+            w = weights[keep]
+            n = float(w.sum())
+            loss = (F.cross_entropy(logits.float(), targets[keep], reduction="none") * w).sum()
         return loss / (normalizer if normalizer is not None else max(n, 1)), n
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 normalizer: float | None = None, position_ids: torch.Tensor | None = None,
-                instruction_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None) -> LMOutput:
+                instruction_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                target_weights: torch.Tensor | None = None) -> LMOutput:
         """Next-token loss over labelled positions only; logits are computed only where needed.
 
         `segment_ids` ([B, T], packed rows: samples 1, 2, … and 0 for padding) make attention
@@ -131,7 +140,7 @@ class MultimodalLM(nn.Module):
                          use_cache=False, **extra).last_hidden_state
         if labels is None:
             return LMOutput(None, 0, hidden)
-        loss, n = self.target_loss(hidden, labels, normalizer)
+        loss, n = self.target_loss(hidden, labels, normalizer, target_weights)
         return LMOutput(loss, n, hidden)
 
     @torch.no_grad()

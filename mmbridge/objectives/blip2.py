@@ -13,6 +13,7 @@ from torch import nn
 
 from mmbridge.models.bridges.qformer import QFormerBridge
 from mmbridge.objectives.base import OBJECTIVES, LossOutput, Objective
+from mmbridge.train.loss_norm import target_total
 
 LOSSES = ("itc", "itm", "itg")
 
@@ -62,7 +63,7 @@ class Blip2Stage1(Objective):
             terms["itg"] = self.generation(qf, feats, text, text_mask)
         loss = sum(terms[k] for k in self.losses)
         # the trainer sums micro-batch losses: weight this one by its share of the step's targets
-        share = int((batch["labels"][:, 1:] != -100).sum()) / max(normalizer, 1)
+        share = target_total(batch) / max(normalizer, 1)
         return LossOutput(loss * share, {k: float(terms[k].detach()) for k in self.losses})
 
     def contrastive(self, qf, feats, text, text_mask):

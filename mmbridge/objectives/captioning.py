@@ -12,5 +12,6 @@ class NextTokenLoss(Objective):
     def forward(self, model, batch: dict, normalizer: float) -> LossOutput:
         out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
                     normalizer=normalizer, instruction_ids=batch.get("instruction_ids"),
-                    position_ids=batch.get("position_ids"), segment_ids=batch.get("segment_ids"))
+                    position_ids=batch.get("position_ids"), segment_ids=batch.get("segment_ids"),
+                    target_weights=batch.get("target_weights"))
         return LossOutput(out.loss, {"lm": out.loss.item()})

@@ -118,7 +118,7 @@ class CrocObjective(Objective):
         inputs = self.prepare(model, batch)
         hidden = model.lm.get_decoder()(inputs_embeds=inputs.embeds, attention_mask=inputs.mask,
                                         position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
-        lm_loss, n_targets = model.target_loss(hidden, batch["labels"], normalizer)
+        lm_loss, n_targets = model.target_loss(hidden, batch["labels"], normalizer, batch.get("target_weights"))
         if inputs.visual is None:
             return LossOutput(lm_loss, {"lm": lm_loss.item(), "recon": 0.0})
         # the reconstruction term is a per-micro-batch mean; weighting it by this micro-batch's share

@@ -32,6 +32,7 @@ from mmbridge.objectives import build_objective
 from mmbridge.train import checkpoint as ckpt
 from mmbridge.train.distributed import Dist
 from mmbridge.train.flops import StepFlops, device_peak
+from mmbridge.train.loss_norm import sample_weights, target_total
 from mmbridge.train.parts import apply_stage_modes, count_params, param_groups, trainable_keys
 from mmbridge.train.plots import plot_losses
 from mmbridge.train.schedule import warmup_cosine
@@ -268,8 +269,11 @@ class Trainer:
             t0 = time.perf_counter()
             micro = [self.dist.to_device(self._next_batch(batches)) for _ in range(stage.grad_accum)]
             t_data = time.perf_counter() - t0
-            # all ranks' target tokens; DDP/FSDP average gradients over ranks, hence the world size
-            n_targets = self.dist.sum([sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)])[0]
+            if stage.loss_norm == "sample":
+                for b in micro:
+                    b["target_weights"] = sample_weights(b["labels"], b.get("segment_ids"))
+            # all ranks' targets (tokens, or samples); DDP/FSDP average gradients over ranks, hence the world size
+            n_targets = self.dist.sum([sum(target_total(b) for b in micro)])[0]
             normalizer = max(n_targets, 1) / self.dist.world
             loss_sum, tokens, flops, terms, bad = 0.0, 0, 0, Counter(), None
             for i, b in enumerate(micro):
