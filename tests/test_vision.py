@@ -316,3 +316,28 @@ def test_effnet_inner_block_features(effnet):
     assert build_vision_encoder({"name": "efficientnet_lite0", "feature_stage": "block12"}).grid == (8, 8)
     with pytest.raises(ValueError, match="block16"):
         build_vision_encoder({"name": "efficientnet_lite0", "pretrained": False, "feature_stage": "block16"})
+
+
+def test_effnet_extra_stages_append_pooled_early_channels(effnet):
+    """extra_stages: the head's 1280 channels unchanged, then the stem's and block 1's maps, each
+    averaged over the head's 32x32-pixel cells (row-major like the head)."""
+    enc = build_vision_encoder({"name": "efficientnet_lite0", "extra_stages": ["stem", "block1"]}).eval()
+    assert enc.grid == (8, 8) and enc.hidden_size == 1280 + 32 + 24
+    x = _pixels(3, 256)
+    seen = []
+    hooks = [effnet.model._bn0.register_forward_hook(lambda m, a, out: seen.append(effnet.model._swish(out))),
+             effnet.model._blocks[1].register_forward_hook(lambda m, a, out: seen.append(out))]
+    with torch.no_grad():
+        tokens, head = enc(x), effnet(x)
+    for h in hooks:
+        h.remove()
+    stem, block1 = seen
+    assert tokens.shape == (2, 64, 1336)
+    torch.testing.assert_close(tokens[..., :1280], head, rtol=0, atol=1e-5)
+    cell = stem[:, :, 16:32, 32:48].mean((2, 3))  # grid cell (row 1, column 2) of the 128x128 stem map
+    torch.testing.assert_close(tokens[:, 1 * 8 + 2, 1280:1312], cell, rtol=1e-4, atol=1e-5)
+    cell = block1[:, :, 56:64, 0:8].mean((2, 3))  # cell (row 7, column 0) of the 64x64 block-1 map
+    torch.testing.assert_close(tokens[:, 7 * 8, 1312:], cell, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="before the main feature_stage"):
+        build_vision_encoder({"name": "efficientnet_lite0", "pretrained": False, "feature_stage": "block5",
+                              "extra_stages": ["block5"]})

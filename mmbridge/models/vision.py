@@ -10,6 +10,7 @@ import os
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mmbridge.data.images import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD
@@ -241,14 +242,18 @@ class EfficientNetLite0Encoder(VisionEncoder):
     ``feature_stage="head"``: 1280-d output of ``extract_features`` (stride 32); ``"last_block"``:
     320-d output of the last MBConv block (conv_head dropped); ``"blockN"``: output of MBConv block N
     (0-15; the later blocks are dropped). Earlier blocks keep more colour and a finer grid (stride 16
-    from block 4 to 10) than the ImageNet head, and cost less.
+    from block 4 to 10) than the ImageNet head, and cost less. ``extra_stages`` (``"stem"`` or
+    ``"blockN"`` before the main stage) are average-pooled to the main grid and appended as channels:
+    ``["stem"]`` adds the 32 stem channels, which keep the colour the head has mostly discarded.
     """
 
     N_BLOCKS = 16
 
-    def __init__(self, image_size: int = 256, pretrained: bool = True, feature_stage: str = "head") -> None:
+    def __init__(self, image_size: int = 256, pretrained: bool = True, feature_stage: str = "head",
+                 extra_stages: list[str] | tuple[str, ...] = ()) -> None:
         super().__init__()
         last = self._last_block(feature_stage)
+        self.taps = tuple(self._tap(s, last) for s in extra_stages)
         from efficientnet_lite_pytorch import EfficientNet
 
         with contextlib.redirect_stdout(io.StringIO()):
@@ -277,10 +282,11 @@ class EfficientNetLite0Encoder(VisionEncoder):
                 _, _, rows, cols = self.eval().feature_map(torch.zeros(1, 3, image_size, image_size)).shape
             self.train()
             self.hidden_size = int(net._blocks[-1]._bn2.num_features)
+        self.hidden_size += sum(int((net._bn0 if t < 0 else net._blocks[t]._bn2).num_features) for t in self.taps)
         self.grid = (int(rows), int(cols))
         self.image_mean, self.image_std = IMAGENET_MEAN, IMAGENET_STD
         self.cfg = {"name": "efficientnet_lite0", "image_size": image_size, "pretrained": pretrained,
-                    "feature_stage": feature_stage}
+                    "feature_stage": feature_stage, "extra_stages": list(extra_stages)}
 
     @classmethod
     def _last_block(cls, stage: str) -> int | None:
@@ -294,19 +300,32 @@ class EfficientNetLite0Encoder(VisionEncoder):
         raise ValueError(f"unknown feature_stage {stage!r}; valid: 'head', 'last_block' or 'block0' to "
                          f"'block{cls.N_BLOCKS - 1}'")
 
+    @classmethod
+    def _tap(cls, stage: str, last: int | None) -> int:
+        """Block index of an extra stage (-1: the stem); it must come before the main stage."""
+        idx = -1 if stage == "stem" else cls._last_block(stage) if stage.startswith("block") else None
+        if idx is None or idx >= (cls.N_BLOCKS if last is None else last):
+            raise ValueError(f"extra_stages: {stage!r} must be 'stem' or a block before the main feature_stage")
+        return idx
+
     def feature_map(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, 3, S, S] -> [B, C, rows, cols] (the package's extract_features path)."""
+        """[B, 3, S, S] -> [B, C, rows, cols] (the package's extract_features path), extra stages appended."""
         self._check_pixels(pixel_values)
         net = self.model
-        if self.feature_stage == "head":
+        if self.feature_stage == "head" and not self.taps:
             return net.extract_features(pixel_values)
         x = net._swish(net._bn0(net._conv_stem(pixel_values)))
+        taps = {-1: x}
         for idx, block in enumerate(net._blocks):
             rate = net._global_params.drop_connect_rate
             if rate:  # as the package scales it: by the block's place among all 16
                 rate *= float(idx) / self.N_BLOCKS
-            x = block(x, drop_connect_rate=rate)
-        return x
+            x = taps[idx] = block(x, drop_connect_rate=rate)
+        if self.feature_stage == "head":
+            x = net._swish(net._bn1(net._conv_head(x)))
+        if not self.taps:
+            return x
+        return torch.cat([x, *(F.adaptive_avg_pool2d(taps[t], x.shape[-2:]) for t in self.taps)], dim=1)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] -> [B, rows*cols, C], row-major."""
