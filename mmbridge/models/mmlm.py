@@ -114,13 +114,13 @@ class MultimodalLM(nn.Module):
         targets = labels[:, 1:]
         keep = targets != IGNORE
         logits = self.lm.get_output_embeddings()(hidden[:, :-1][keep])
+        token_loss = F.cross_entropy(logits.float(), targets[keep], reduction="none")
         if weights is None:
             n: float = int(keep.sum())
-            loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
         else:
-            w = weights[keep]
-            n = float(w.sum())
-            loss = (F.cross_entropy(logits.float(), targets[keep], reduction="none") * w).sum()
+            token_loss = token_loss * weights[keep]
+            n = float(weights[keep].sum())
+        loss = token_loss.sum()
         return loss / (normalizer if normalizer is not None else max(n, 1)), n
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

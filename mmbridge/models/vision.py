@@ -315,12 +315,14 @@ class EfficientNetLite0Encoder(VisionEncoder):
         if self.feature_stage == "head" and not self.taps:
             return net.extract_features(pixel_values)
         x = net._swish(net._bn0(net._conv_stem(pixel_values)))
-        taps = {-1: x}
+        taps = {-1: x} if -1 in self.taps else {}  # only the maps asked for are kept
         for idx, block in enumerate(net._blocks):
             rate = net._global_params.drop_connect_rate
             if rate:  # as the package scales it: by the block's place among all 16
                 rate *= float(idx) / self.N_BLOCKS
-            x = taps[idx] = block(x, drop_connect_rate=rate)
+            x = block(x, drop_connect_rate=rate)
+            if idx in self.taps:
+                taps[idx] = x
         if self.feature_stage == "head":
             x = net._swish(net._bn1(net._conv_head(x)))
         if not self.taps:

@@ -12,8 +12,6 @@ import torch
 
 from mmbridge.data.processor import IGNORE
 
-LOSS_NORMS = ("token", "sample")
-
 
 def sample_weights(labels: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """[B, T-1] weights on the next-token targets `labels[:, 1:]`: 1 / (the sample's target count).
@@ -21,12 +19,12 @@ def sample_weights(labels: torch.Tensor, segment_ids: torch.Tensor | None = None
     A sample is a row, or with packing (`segment_ids`, 0 for padding) one segment of a row."""
     keep = labels[:, 1:] != IGNORE
     seg = segment_ids[:, 1:] if segment_ids is not None else torch.ones_like(labels[:, 1:])
-    n_seg = int(seg.max()) + 1 if seg.numel() else 1
-    key = torch.arange(labels.shape[0], device=labels.device)[:, None] * n_seg + seg
-    counts = torch.zeros(labels.shape[0] * n_seg, device=labels.device).index_add_(
-        0, key[keep], torch.ones(int(keep.sum()), device=labels.device))
+    rows, span = labels.shape[0], labels.shape[1] + 1  # segment ids are below span: no device sync for a max
+    key = (torch.arange(rows, device=labels.device)[:, None] * span + seg)[keep]
+    counts = torch.zeros(rows * span, device=labels.device)
+    counts.index_add_(0, key, torch.ones_like(key, dtype=torch.float))
     weights = torch.zeros(keep.shape, device=labels.device)
-    weights[keep] = 1.0 / counts[key[keep]]
+    weights[keep] = 1.0 / counts[key]
     return weights
 
 
