@@ -13,19 +13,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def _train(args) -> None:
     from mmbridge.config import load_recipe
-    from mmbridge.lcl.recipe import is_lcl_recipe
     from mmbridge.train.trainer import train
 
-    if is_lcl_recipe(args.recipe):  # `kind: lcl`: vision-encoder pretraining (mmbridge/lcl/)
-        from mmbridge.lcl.recipe import load_lcl_recipe
-        from mmbridge.lcl.train import train_lcl
-
-        recipe = load_lcl_recipe(args.recipe, args.set)
-        run_dir = Path(args.out or Path("runs") / recipe.name)
-        train_lcl(recipe, run_dir, resume=args.resume)
-        print(f"run directory: {run_dir}")
-        return
-    recipe = load_recipe(args.recipe, args.set)
+    # every kind (a multimodal LM, or `kind: lcl` vision-encoder pretraining) runs through the same engine
+    recipe = load_recipe(args.recipe, args.set + ([f"device={args.device}"] if args.device else []))
     run_dir = Path(args.out or Path("runs") / recipe.name)
     train(recipe, run_dir, resume=args.resume)
     print(f"run directory: {run_dir}")
@@ -35,7 +26,7 @@ def _eval(args) -> None:
     from mmbridge.eval.evaluate import evaluate_file
     from mmbridge.train.checkpoint import load_run
 
-    model, processor = load_run(args.run_dir)
+    model, processor = load_run(args.run_dir, device=args.device)
     metrics, rows = evaluate_file(model, processor, args.data, args.images, args.task, limit=args.limit,
                                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     text = json.dumps(metrics, indent=2)
@@ -49,7 +40,7 @@ def _chat(args) -> None:
     from mmbridge.eval.evaluate import generate_answers
     from mmbridge.train.checkpoint import load_run
 
-    model, processor = load_run(args.run_dir)
+    model, processor = load_run(args.run_dir, device=args.device)
     image = Path(args.image).resolve()
     record = {"id": "chat", "image": image.name,
               "conversations": [{"from": "human", "value": f"<image>\n{args.question}"}, {"from": "gpt", "value": ""}]}
@@ -61,7 +52,13 @@ def _chat(args) -> None:
 def _demo(args) -> None:
     from mmbridge.demo import run_demo
 
-    run_demo(quick=args.quick, out=args.out, overrides=args.set)
+    run_demo(quick=args.quick, out=args.out, overrides=args.set + ([f"device={args.device}"] if args.device else []))
+
+
+def _device_flag(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
+    p.add_argument("--device", default=default, metavar="DEVICE",
+                   help="auto (this process's GPU if CUDA is available, else CPU), cpu, cuda or cuda:N"
+                        + ("" if default else "; overrides the recipe's `device`"))
 
 
 def main(argv: list[str] | None = None):
@@ -73,6 +70,7 @@ def main(argv: list[str] | None = None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     p.add_argument("--out", help="run directory (default runs/<recipe name>)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    _device_flag(p, default=None)
     p.set_defaults(fn=_train)
 
     p = sub.add_parser("eval", help="evaluate a run on a LLaVA-format JSON file")
@@ -84,6 +82,7 @@ def main(argv: list[str] | None = None):
     p.add_argument("--limit", type=int)
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--batch-size", type=int, default=16)
+    _device_flag(p)
     p.set_defaults(fn=_eval)
 
     p = sub.add_parser("chat", help="ask a trained run about an image")
@@ -91,12 +90,14 @@ def main(argv: list[str] | None = None):
     p.add_argument("--image", required=True)
     p.add_argument("question")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    _device_flag(p)
     p.set_defaults(fn=_chat)
 
     p = sub.add_parser("demo", help="the bundled pretraining run on CPU, then a results table")
     p.add_argument("--quick", action="store_true", help="a handful of steps, for a first look and tests")
     p.add_argument("--out", default=None, help="run directory (default runs/demo or runs/demo-quick)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    _device_flag(p, default=None)
     p.set_defaults(fn=_demo)
 
     args = parser.parse_args(argv)

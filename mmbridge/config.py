@@ -31,10 +31,17 @@ class ModelConfig:
 
 @dataclass
 class DataSource:
-    """A LLaVA-format JSON file and the folder its image paths are relative to."""
+    """Where a source's records are and the folder their image paths are relative to.
+
+    LMM stages read a LLaVA-format `json`; LCL stages read an MMC4-style `jsonl` or webdataset `shards`
+    (a folder or glob of tars), with `pairs: true` to split documents into image-sentence pairs.
+    """
 
     json: str = ""
     images: str = ""
+    jsonl: str = ""
+    shards: str = ""
+    pairs: bool = False
 
 
 @dataclass
@@ -60,7 +67,9 @@ class StageConfig:
     grad_accum: int = 1
     warmup: float = 0.03  # fraction of steps
     min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # applied to weight matrices (2+ dims), never to biases and norms
+    betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW
+    eps: float = 1.0e-8
     clip: float = 1.0
     seed: int = 0
     group_by_length: int = 0  # >0: sort each window of this many batches by length (less padding)
@@ -85,8 +94,14 @@ class EvalTask:
     limit: int | None = None
 
 
+KINDS = ("lmm", "lcl")
+
+
 @dataclass
 class Recipe:
+    # lmm: a multimodal LM (vision → bridge → LM) trained in stages; lcl: LCL's vision-encoder pretraining
+    # (our ViT + a small LM on interleaved documents, the encoder exported at the end). One engine runs both.
+    kind: str = "lmm"
     name: str = "run"
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -108,6 +123,12 @@ class Recipe:
     # none: one process; ddp | fsdp under `torchrun` (see README "Scale out"). The global batch of a step is
     # batch_size x grad_accum whatever the number of processes: each rank takes its slice of every micro-batch.
     strategy: str = "none"
+    # auto: this process's GPU when CUDA is available, else the CPU | cpu | cuda | cuda:N (see train/device.py)
+    device: str = "auto"
+    # kind lcl only: how documents become sequences (max_images, min_sim, image_position, patches; the
+    # length budget is model.max_length) and the folder inside the run the trained encoder is exported to
+    sequence: dict | None = None
+    export: str = "encoder"
 
 
 def _from_dict(cls: type, data: Any, where: str) -> Any:
@@ -155,12 +176,54 @@ def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
     return recipe
 
 
-PARTS = ("vision", "bridge", "lm")
+PARTS = {"lmm": ("vision", "bridge", "lm"), "lcl": ("vision", "lm")}
 MODES = ("frozen", "full", "lora")
+
+
+def _validate_lcl(recipe: Recipe) -> None:
+    """The LCL task: objective `lcl`, documents as data, no packing or length grouping."""
+    from mmbridge.lcl.sequence import SequenceConfig
+
+    if "max_length" in (recipe.sequence or {}):
+        raise RecipeError("recipe.sequence.max_length: the length budget is model.max_length")
+    try:
+        SequenceConfig(**{**(recipe.sequence or {}), "max_length": recipe.model.max_length})
+    except TypeError as e:
+        raise RecipeError(f"recipe.sequence: {e}; expected keys max_images, min_sim, image_position, patches") from e
+    except ValueError as e:
+        raise RecipeError(f"recipe.sequence: {e}") from e
+    for name, src in recipe.sources.items():
+        if bool(src.jsonl) == bool(src.shards) or src.json:
+            raise RecipeError(f"recipe.sources.{name}: an lcl source is either {{jsonl, images}} or {{shards}} "
+                              "(optionally pairs: true)")
+    for i, st in enumerate(recipe.stages):
+        where = f"recipe.stages[{i}] ({st.name})"
+        if st.objective.get("name") != "lcl":
+            raise RecipeError(f"{where}.objective.name: a kind lcl recipe trains with the lcl objective, "
+                              f"got {st.objective.get('name')!r}")
+        for key in ("pack", "group_by_length"):
+            if getattr(st, key):
+                raise RecipeError(f"{where}.{key}: not supported for kind lcl (documents are laid out whole)")
+        if st.loss_norm != "token":
+            raise RecipeError(f"{where}.loss_norm: kind lcl normalises by text tokens (token)")
+        for src in st.data:
+            if not (src in recipe.sources or (recipe.world and src.startswith("world/")
+                                              and src.rsplit("/", 1)[-1] in ("interleaved", "pairs"))):
+                raise RecipeError(f"{where}.data.{src}: expected world/<split>/interleaved|pairs or a source")
 
 
 def validate(recipe: Recipe) -> None:
     """Cross-field checks that dataclass typing cannot express."""
+    from mmbridge.train.device import check_spec
+
+    if recipe.kind not in KINDS:
+        raise RecipeError(f"recipe.kind: expected one of {list(KINDS)}, got {recipe.kind!r}")
+    check_spec(recipe.device, "recipe.device")
+    if recipe.kind == "lcl":
+        _validate_lcl(recipe)
+    elif recipe.sequence is not None:
+        raise RecipeError("recipe.sequence: only kind lcl recipes lay out documents; remove it")
+    parts = PARTS[recipe.kind]
     if recipe.bad_samples not in ("error", "skip"):
         raise RecipeError(f"recipe.bad_samples: expected 'error' or 'skip', got {recipe.bad_samples!r}")
     if recipe.strategy not in ("none", "ddp", "fsdp"):
@@ -181,9 +244,11 @@ def validate(recipe: Recipe) -> None:
             raise RecipeError(f"{where}.loss_norm: expected token or sample, got {st.loss_norm!r}")
         if st.pack_images < 0:
             raise RecipeError(f"{where}.pack_images: must be 0 (no limit) or positive, got {st.pack_images}")
+        if len(st.betas) != 2 or not all(0 <= b < 1 for b in st.betas):
+            raise RecipeError(f"{where}.betas: expected two numbers in [0, 1), got {st.betas!r}")
         for part, mode in st.train.items():
-            if part not in PARTS:
-                raise RecipeError(f"{where}.train.{part}: unknown part; expected one of {list(PARTS)}")
+            if part not in parts:
+                raise RecipeError(f"{where}.train.{part}: unknown part; expected one of {list(parts)}")
             if mode not in MODES:
                 raise RecipeError(f"{where}.train.{part}: unknown mode {mode!r}; expected one of {list(MODES)}")
             if mode == "lora" and part != "lm":
@@ -191,8 +256,8 @@ def validate(recipe: Recipe) -> None:
             if mode != "frozen" and part not in st.lr:
                 raise RecipeError(f"{where}.lr.{part}: missing learning rate for a part that trains")
         for part in st.lr:
-            if part not in PARTS and part != "objective":
-                raise RecipeError(f"{where}.lr.{part}: unknown part; expected one of {list(PARTS)}")
+            if part not in parts and part != "objective":
+                raise RecipeError(f"{where}.lr.{part}: unknown part; expected one of {list(parts)}")
         for src, w in st.data.items():
             if src not in recipe.sources and not (recipe.world and src.startswith("world/")):
                 raise RecipeError(f"{where}.data.{src}: not a source in recipe.sources ({sorted(recipe.sources)})")

@@ -8,7 +8,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from mmbridge.config import load_recipe
+from mmbridge.config import RecipeError, load_recipe
 from mmbridge.data.llava import read_llava_json
 from mmbridge.data.sources import resolve_source
 from mmbridge.eval.evaluate import evaluate_records, gold
@@ -22,6 +22,25 @@ QUICK = ["world.n_train=200", "world.n_val=50", "world.n_test=50", "world.root=.
 
 
 RELIANCE_RECORDS = 128  # VQA test records scored with their own and with a wrong image
+
+
+MARKER = ".mmbridge-demo"  # written into every demo run directory: only such a directory is ever cleared
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Make `run_dir` an empty demo run directory. An existing one is cleared only if a demo made it (its
+    marker file is there); any other non-empty directory is refused and left exactly as it is."""
+    if run_dir.exists():
+        if not run_dir.is_dir():
+            raise RecipeError(f"--out {run_dir}: exists and is not a directory; choose another --out")
+        if any(run_dir.iterdir()) and not (run_dir / MARKER).is_file():
+            raise RecipeError(f"--out {run_dir}: a non-empty directory that is not an earlier demo run (no {MARKER} "
+                              "file in it); nothing was changed. Choose a new or empty --out, or remove it yourself")
+        if (run_dir / MARKER).is_file():
+            shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / MARKER).write_text("a run directory written by `mmbridge demo`; the next demo with this --out "
+                                  "replaces it\n")
 
 
 def baselines(recipe) -> dict:
@@ -47,8 +66,7 @@ def run_demo(quick: bool = False, out: str | None = None, overrides: list[str] |
 
     recipe = load_recipe("demo", (QUICK if quick else []) + list(overrides or []))
     run_dir = Path(out or ("runs/demo-quick" if quick else "runs/demo"))
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
+    clear_run_dir(run_dir)
     t0 = time.time()
     trainer = Trainer(recipe, run_dir)
     trainer.run()

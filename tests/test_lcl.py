@@ -1,10 +1,13 @@
 """LCL: sequence layout and targets, the `<soi>` state's blindness to its own image, the contrastive
-loss against a hand computation, 2-process gather, readers, export → reload, and the CLI."""
+loss against a hand computation, readers, export → reload; LCL through the training engine (its batch
+order, SIGKILL and resume, a crash inside a checkpoint write, two gloo processes against one) and the CLI."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,10 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from mmbridge.lcl.model import LCLModel, build_lm, build_tokenizer
+from mmbridge.objectives.lcl import LatentCompression
 from mmbridge.lcl.sequence import (IGNORE, Document, ImageCache, ImageRef, SequenceConfig, SpecialIds,
                                    build_sequence, collate, select_images)
 from mmbridge.models.vit import LCLVisionTower, ViTConfig
 
+ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["a red circle .", "a blue square and a green triangle .", "shapes come in many colours ."]
 LM = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
       "intermediate_size": 64}
@@ -28,6 +33,13 @@ def tiny_model(texts=TEXTS, seed=0):
     lm = build_lm(LM, tok)
     model = LCLModel(LCLVisionTower(ViTConfig(**VIT, out_dim=32)), lm, SpecialIds.of(tok))
     return model, tok
+
+
+def objective_and_loss(model, batch, **kw):
+    """The lcl objective on one batch, normalised by its own text targets (a one-micro-batch step)."""
+    obj = LatentCompression(model, **kw)
+    n = int((batch["labels"][:, 1:] != IGNORE).sum())
+    return obj, obj(model, batch, normalizer=n)
 
 
 def encoder(tok):
@@ -133,98 +145,44 @@ def test_soi_state_sees_no_token_of_its_own_image():
 def test_generation_loss_is_text_only_and_reaches_the_vit():
     model, tok = tiny_model()
     b = two_image_batch(model, tok, pixels(2))
-    out = model(b, lambda_con=0.0)
+    obj, out = objective_and_loss(model, b, lambda_con=0.0)
     h, _ = model.hidden(b["input_ids"], b["attention_mask"], b["pixel_values"])
     logits = model.lm.get_output_embeddings()(h[0, :-1])
     labels = b["labels"][0, 1:]
     manual = [F.cross_entropy(logits[t], labels[t]) for t in range(len(labels)) if labels[t] != IGNORE]
     # every text token but the first (nothing predicts it); none of <soi>, patches, <eoi>
-    assert out.terms["targets"] == len(manual) == len(tok(" ".join(TEXTS))["input_ids"]) - 1
-    assert math.isclose(out.terms["gen"], float(torch.stack(manual).mean().detach()), rel_tol=1e-5)
+    assert int((labels != IGNORE).sum()) == len(manual) == len(tok(" ".join(TEXTS))["input_ids"]) - 1
+    assert math.isclose(float(out.terms["gen"]), float(torch.stack(manual).mean().detach()), rel_tol=1e-5)
     out.loss.backward()
     assert model.vit.patch_embed.weight.grad.abs().sum() > 0  # through the patch tokens
-    assert model.vit.pool.query.grad is None and model.head.proj.weight.grad is None
+    assert model.vit.pool.query.grad is None and obj.head.proj.weight.grad is None
 
 
 def test_contrastive_loss_matches_hand_computation_and_skips_position_zero():
     model, tok = tiny_model()
+    head = LatentCompression(model).head
     torch.manual_seed(1)
     latent, state = torch.randn(4, 32), torch.randn(4, 32)
     valid = torch.tensor([True, False, True, True])
-    got = model.head(latent, state, valid)
+    got = head(latent, state, valid)
     img = latent.numpy()[[0, 2, 3]]
-    txt = (state @ model.head.proj.weight.T).detach().numpy()[[0, 2, 3]]
+    txt = (state @ head.proj.weight.T).detach().numpy()[[0, 2, 3]]
     img /= np.linalg.norm(img, axis=1, keepdims=True)
     txt /= np.linalg.norm(txt, axis=1, keepdims=True)
     s = img @ txt.T / 0.07
     i2t = -np.mean([s[i, i] - np.log(np.exp(s[i]).sum()) for i in range(3)])
     t2i = -np.mean([s[i, i] - np.log(np.exp(s[:, i]).sum()) for i in range(3)])
     assert abs(got.item() - (i2t + t2i) / 2) < 1e-5
-    model.head.log_scale.data.fill_(math.log(500.0))
-    assert model.head.scale.item() == 100.0  # clamped
+    head.log_scale.data.fill_(math.log(500.0))
+    assert head.scale.item() == 100.0  # clamped
     # image-first pairs: every <soi> is at position 0, no context → no contrastive term
     docs = [Document([t], [ImageRef(im, 0)]) for t, im in zip(TEXTS, images_of(pixels(3)))]
     b = make_batch(model, tok, docs, SequenceConfig(image_position="before"))
-    out = model(b)
-    assert out.terms["images"] == 0 and out.terms["con"] == 0.0
+    assert not model.soi_states(b["input_ids"], torch.zeros(*b["input_ids"].shape, 1))[1].any()
+    assert float(objective_and_loss(model, b)[1].terms["con"]) == 0.0
     b = make_batch(model, tok, docs, SequenceConfig(image_position="after"))
-    assert model(b).terms["images"] == 3
-
-
-# ------------------------------------------------------------------------------------------ distributed
-def global_docs():
-    ims = images_of(pixels(7, seed=3))
-    return [Document(TEXTS, [ImageRef(ims[0], 0), ImageRef(ims[1], 1), ImageRef(ims[2], 2)]),  # rank 0: 4 images
-            Document(TEXTS[1:], [ImageRef(ims[3], 1)]),
-            Document(TEXTS[:2], [ImageRef(ims[4], 1)]),  # rank 1: 3 images
-            Document(TEXTS, [ImageRef(ims[5], 0), ImageRef(ims[6], 2)])]
-
-
-def loss_and_grads(model, tok, docs):
-    cfg = SequenceConfig(image_position="random")
-    b = make_batch(model, tok, docs, cfg)
-    out = model(b)
-    out.loss.backward()
-    return out
-
-
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    import torch.distributed as dist
-
-    from mmbridge.lcl.train import average_gradients
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    torch.set_num_threads(1)
-    model, tok = tiny_model()
-    docs = global_docs()
-    out = loss_and_grads(model, tok, docs[2 * rank: 2 * rank + 2])
-    params = list(model.parameters())
-    average_gradients(params, 2)
-    torch.save({"terms": out.terms, "grads": [p.grad.clone() for p in params]}, f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
-
-
-def test_two_process_gloo_matches_one_process(tmp_path):
-    import torch.multiprocessing as mp
-
-    # the same per-document rngs in both runs: each half re-numbers from 0, so build the halves' docs alike
-    mp.spawn(_worker, args=(str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True)
-    model, tok = tiny_model()
-    docs = global_docs()
-    # one process, the same global batch (each half's sequences built with the same rng indices)
-    cfg = SequenceConfig(image_position="random")
-    samples = [build_sequence(d, cfg, model.ids, model.n_patches, encoder(tok), np.random.default_rng([0, i % 2]))
-               for i, d in enumerate(docs)]
-    c = model.vit.config
-    out = model(collate(samples, model.ids.pad, ImageCache(c.image_size, c.image_mean, c.image_std)))
-    out.loss.backward()
-    for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        assert got["terms"]["images"] == out.terms["images"] and got["terms"]["targets"] == out.terms["targets"]
-        assert math.isclose(got["terms"]["gen"], out.terms["gen"], rel_tol=1e-5)
-        assert math.isclose(got["terms"]["con"], out.terms["con"], rel_tol=1e-5)
-        for p, g in zip(model.parameters(), got["grads"]):
-            assert torch.allclose(p.grad, g, atol=1e-6, rtol=1e-4)
+    assert int(model.soi_states(b["input_ids"], torch.zeros(*b["input_ids"].shape, 1))[1].sum()) == 3
+    assert float(objective_and_loss(model, b)[1].terms["con"]) > 0
 
 
 # ------------------------------------------------------------------------------------ readers and export
@@ -259,31 +217,47 @@ def test_export_reload_identical_features_and_registry(tmp_path):
         assert torch.equal(enc(x), tower.patch_features(x)) and enc.grid == (4, 4) and enc.hidden_size == 32
 
 
-def lcl_recipe_dict(world_root, steps=3):
+
+
+# ------------------------------------------------------------------------------------ through the engine
+def lcl_recipe_dict(world_root, steps=3, **top):
     return {"kind": "lcl", "name": "tiny-lcl",
             "world": {"root": world_root, "n_train": 40, "n_val": 8, "n_test": 8, "seed": 0, "image_size": 32},
-            "data": ["world/train/interleaved"], "vision": VIT, "lm": {"tokenizer": "words", **LM},
-            "sequence": {"max_length": 128}, "steps": steps, "batch_size": 4, "threads": 1, "save_every": 2}
+            "model": {"vision": VIT, "lm": {"tokenizer": "words", **LM}, "max_length": 128},
+            "stages": [{"name": "lcl", "data": {"world/train/interleaved": 1.0},
+                        "objective": {"name": "lcl", "lambda_con": 0.1},
+                        "train": {"vision": "full", "lm": "full"},
+                        "lr": {"vision": 1e-3, "lm": 1e-3, "objective": 1e-3},
+                        "steps": steps, "batch_size": 4, "weight_decay": 0.05, "betas": [0.9, 0.98], "eps": 1e-6}],
+            "threads": 1, "save_every": 2, **top}
+
+
+def rows_of(run) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_cli_trains_exports_and_an_lmm_loads_the_encoder(world, tmp_path, tiny_lm_dir):
     import yaml
 
     from mmbridge.cli import main
-    from mmbridge.config import RecipeError
-    from mmbridge.lcl.recipe import lcl_recipe_from_dict
+    from mmbridge.config import RecipeError, recipe_from_dict
 
     path = tmp_path / "lcl.yaml"
     path.write_text(yaml.safe_dump(lcl_recipe_dict(world["root"])))
     main(["train", str(path), "--out", str(tmp_path / "run")])
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = rows_of(tmp_path / "run")
     assert [r["step"] for r in rows] == [1, 2, 3]
-    assert all(r["loss_gen"] > 0 and r["loss_con"] > 0 and r["images"] > 0 for r in rows)
+    assert all(r["loss_gen"] > 0 and r["loss_con"] > 0 and r["flops"] > 0 for r in rows)
+    assert all(r["loss"] == pytest.approx(r["loss_gen"] + 0.1 * r["loss_con"], rel=1e-5) for r in rows)
     assert math.isclose(rows[0]["logit_scale"], 1 / 0.07, rel_tol=1e-3)
     enc = tmp_path / "run" / "encoder"
     assert (enc / "config.json").exists() and (enc / "model.safetensors").exists()
-    with pytest.raises(RecipeError, match="sequence.max_len"):
-        lcl_recipe_from_dict({**lcl_recipe_dict(world["root"]), "sequence": {"max_len": 3}})
+    with pytest.raises(RecipeError, match="sequence"):
+        recipe_from_dict({**lcl_recipe_dict(world["root"]), "sequence": {"max_len": 3}})
+    bad = lcl_recipe_dict(world["root"])
+    bad["stages"][0]["objective"] = {"name": "lm"}
+    with pytest.raises(RecipeError, match="objective.name"):
+        recipe_from_dict(bad)
     # an LMM with the exported encoder: its 4x4 grid of patch features reaches the LM, loss on the answer
     from mmbridge.config import ModelConfig
     from mmbridge.models.build import build_model
@@ -296,3 +270,136 @@ def test_cli_trains_exports_and_an_lmm_loads_the_encoder(world, tmp_path, tiny_l
     out = lmm(torch.tensor([e.input_ids]), pixel_values=torch.randn(1, 3, 32, 32), labels=torch.tensor([e.labels]))
     out.loss.backward()
     assert out.loss > 0 and lmm.vision.tower.patch_embed.weight.grad.abs().sum() > 0
+
+
+def test_engine_batches_follow_the_seeded_epoch_order(world):
+    """Micro-batch k holds global positions [kB, (k+1)B) of a per-epoch permutation, each document laid out
+    with the rng of (seed, epoch, index): resumable at any micro-batch and the same under any process count."""
+    from mmbridge.config import recipe_from_dict
+    from mmbridge.lcl.data import EpochBatches
+    from mmbridge.train.distributed import Dist
+    from mmbridge.train.task import task_for
+
+    batches = iter(EpochBatches(10, 4, seed=3))
+    got = [next(batches) for _ in range(5)]  # 20 items: two epochs
+    perm = [np.random.default_rng([3, e]).permutation(10) for e in (0, 1)]
+    assert [i for b in got for i in b] == [e * 10 + int(j) for e in (0, 1) for j in perm[e]]
+    assert next(iter(EpochBatches(10, 4, seed=3, start=3))) == got[3]
+    task = task_for(recipe_from_dict(lcl_recipe_dict(world["root"])))
+    model, tok = task.build()
+    loader, n = task.loader(model, task.recipe.stages[0], 2, Dist())
+    first = next(iter(loader))
+    docs = task.sources["world/train/interleaved"]
+    assert n == len(docs)
+    perm0 = np.random.default_rng([0, 0]).permutation(n)
+    want = [build_sequence(docs[int(i)], task.sequence, model.ids, model.n_patches, encoder(tok),
+                           np.random.default_rng([0, 0, int(i)]))["input_ids"] for i in perm0[8:12]]
+    assert [row[: len(w)].tolist() for row, w in zip(first["input_ids"], want)] == want
+
+
+def test_sigkill_then_resume_reproduces_the_losses(world, tmp_path):
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from mmbridge.config import recipe_from_dict
+    from mmbridge.train import checkpoint as ckpt
+    from mmbridge.train.trainer import Trainer
+
+    data = lcl_recipe_dict(world["root"], steps=8, save_every=1)
+    path = tmp_path / "lcl.yaml"
+    path.write_text(yaml.safe_dump(data))
+    Trainer(recipe_from_dict(data), tmp_path / "ref", progress=False).run()
+    reference = rows_of(tmp_path / "ref")
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    n_rows, delay = rng.randint(1, 6), rng.uniform(0, 0.05)  # the kill may land mid-checkpoint
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    def start(*extra, tag):
+        log = open(tmp_path / f"{tag}.log", "w")
+        return subprocess.Popen([sys.executable, "-m", "mmbridge", "train", str(path), "--out", str(run), *extra],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    proc = start(tag="train")
+    deadline = time.time() + 240
+    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text().count("\n") >= n_rows):
+        assert proc.poll() is None and time.time() < deadline, (tmp_path / "train.log").read_text()
+        time.sleep(0.005)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert (run / "metrics.jsonl").read_text().count("\n") < len(reference), f"seed {seed}: finished before the kill"
+    proc = start("--resume", tag="resume")
+    assert proc.wait(timeout=240) == 0, (tmp_path / "resume.log").read_text()
+    said = (tmp_path / "resume.log").read_text()
+    assert "resuming from" in said or "no usable checkpoint" in said, said
+    got = rows_of(run)
+    assert [r["step"] for r in got] == [r["step"] for r in reference], f"seed {seed}"
+    for g, w in zip(got, reference):
+        assert abs(g["loss"] - w["loss"]) <= 1e-6 and abs(g["loss_con"] - w["loss_con"]) <= 1e-6, (seed, g, w)
+    assert not list((run / "checkpoints").glob(".*")) and len(ckpt.list_checkpoints(run)) == 2
+    assert (run / "encoder" / "model.safetensors").exists()
+
+
+def test_a_crash_inside_a_checkpoint_write_leaves_the_previous_one_usable(world, tmp_path, monkeypatch):
+    from mmbridge.config import recipe_from_dict
+    from mmbridge.train.trainer import Trainer
+
+    recipe = recipe_from_dict(lcl_recipe_dict(world["root"], steps=5, save_every=1))
+    Trainer(recipe, tmp_path / "ref", progress=False).run()
+    real, calls = torch.save, {"n": 0}
+
+    class Crash(Exception):
+        pass
+
+    def save(obj, path, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:  # inside checkpoint 3: a half-written file, no manifest
+            Path(path).write_bytes(b"PK\x03\x04 half a zip")
+            raise Crash
+        return real(obj, path, *a, **kw)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(torch, "save", save)
+    with pytest.raises(Crash):
+        Trainer(recipe, run, progress=False).run()
+    monkeypatch.setattr(torch, "save", real)
+    assert (run / "checkpoints" / ".stage0-step0000003.tmp").is_dir()
+    assert (run / "checkpoints" / "stage0-step0000002").is_dir()
+    Trainer(recipe, run, resume=True, progress=False).run()
+    got, want = rows_of(run), rows_of(tmp_path / "ref")
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5]
+    assert all(abs(g["loss"] - w["loss"]) <= 1e-6 for g, w in zip(got, want))
+
+
+def test_two_gloo_processes_give_one_process_losses(world, tmp_path):
+    import subprocess
+    import sys
+
+    import yaml
+
+    from mmbridge.config import recipe_from_dict
+    from mmbridge.train.trainer import Trainer
+
+    data = lcl_recipe_dict(world["root"], steps=3, save_every=0)
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump({**data, "strategy": "ddp"}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "ddp.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "mmbridge", "train", str(path), "--out", str(tmp_path / "ddp")],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    Trainer(recipe_from_dict(data), tmp_path / "one", progress=False).run()
+    assert proc.wait(timeout=300) == 0, (tmp_path / "ddp.log").read_text()[-4000:]
+    got, want = rows_of(tmp_path / "ddp"), rows_of(tmp_path / "one")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2, 3]
+    for g, w in zip(got, want):
+        for key in ("loss", "loss_gen", "loss_con", "grad_norm"):
+            assert g[key] == pytest.approx(w[key], rel=1e-4), (key, g, w)
+        assert g["tokens"] == w["tokens"] and g["flops"] == w["flops"]

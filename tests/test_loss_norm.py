@@ -47,9 +47,9 @@ def test_sample_norm_is_the_mean_of_per_sample_means(tiny_lm_dir, tiny_clip_dir)
     (a, b) = per_sample
     assert a.num_targets > 5 * b.num_targets  # the long answer has many more tokens
     assert by_sample.loss.item() == pytest.approx((a.loss.item() + b.loss.item()) / 2, rel=1e-5)
-    token_mean = (a.loss * a.num_targets + b.loss * b.num_targets).item() / (a.num_targets + b.num_targets)
+    token_mean = (a.loss * a.num_targets + b.loss * b.num_targets).item() / float(a.num_targets + b.num_targets)
     assert by_token.loss.item() == pytest.approx(token_mean, rel=1e-5)
-    assert by_sample.num_targets == pytest.approx(2.0)
+    assert float(by_sample.num_targets) == pytest.approx(2.0)
 
 
 def test_sample_norm_with_accumulation_matches_one_big_batch(tiny_lm_dir, tiny_clip_dir, world, tmp_path):

@@ -54,7 +54,10 @@ def generate_answers(model, processor, records: list[dict], image_root: str | Pa
         if processor.instructions:  # InstructBLIP: the Q-Former reads each image's instruction
             extra["instruction_ids"] = processor.pad_text(
                 [s for r in batch for s in processor.instruction_ids(prompt_turns(r))])
-        out = model.generate(ids, mask, pixels, max_new_tokens=max_new_tokens, eos_token_ids=eos, **extra)
+        device = model.device
+        extra = {k: v.to(device) for k, v in extra.items()}
+        out = model.generate(ids.to(device), mask.to(device), pixels.to(device) if pixels is not None else None,
+                             max_new_tokens=max_new_tokens, eos_token_ids=eos, **extra)
         answers += [tok.decode(o, skip_special_tokens=True).strip() for o in out]
     return answers
 

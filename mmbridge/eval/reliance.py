@@ -14,6 +14,7 @@ import torch
 from mmbridge.data.dataset import Collator
 from mmbridge.data.images import load_image, preprocess
 from mmbridge.data.llava import record_images
+from mmbridge.train.distributed import to_device
 
 
 @torch.no_grad()
@@ -35,6 +36,7 @@ def image_reliance(model, processor, records: list[dict], image_root: str | Path
     following = {p: distinct[(k + 1) % len(distinct)] for k, p in enumerate(distinct)}
     shifted = [following[p] for p in paths]
     collate = Collator(processor)
+    device = model.device
     model.eval()
     totals = {"own": 0.0, "wrong": 0.0}
     n_tokens = 0
@@ -45,12 +47,13 @@ def image_reliance(model, processor, records: list[dict], image_root: str | Path
             enc = processor.encode(records[j]["conversations"], 1, f"record {records[j].get('id')}")
             items.append({"id": str(records[j].get("id")), "input_ids": enc.input_ids, "labels": enc.labels,
                           "pixel_values": torch.zeros(0)})
-        batch = collate(items)
+        batch = to_device(collate(items), device)
         for key, source in (("own", paths), ("wrong", shifted)):
             pixels = preprocess([load_image(source[j]) for j in chunk], processor.image_size,
-                                processor.image_mean, processor.image_std)
-            out = model(batch["input_ids"], batch["attention_mask"], pixels, batch["labels"], normalizer=1.0)
+                                processor.image_mean, processor.image_std).to(device)
+            with model.autocast():
+                out = model(batch["input_ids"], batch["attention_mask"], pixels, batch["labels"], normalizer=1.0)
             totals[key] += float(out.loss)
-        n_tokens += out.num_targets
+        n_tokens += float(out.num_targets)
     own, wrong = totals["own"] / max(n_tokens, 1), totals["wrong"] / max(n_tokens, 1)
     return {"answer_loss": own, "answer_loss_wrong_image": wrong, "image_gain": wrong - own, "n": len(records)}

@@ -26,9 +26,10 @@ def gather_ragged(feats: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tenso
         return feats, valid
     from torch.distributed.nn.functional import all_gather
 
-    counts = [torch.zeros(1, dtype=torch.long) for _ in range(world_size())]
-    dist.all_gather(counts, torch.tensor([feats.shape[0]]))
-    longest = int(max(c.item() for c in counts))
+    # on the features' device: nccl gathers only GPU tensors, gloo CPU ones
+    counts = [torch.zeros(1, dtype=torch.long, device=feats.device) for _ in range(world_size())]
+    dist.all_gather(counts, torch.tensor([feats.shape[0]], device=feats.device))
+    longest = int(torch.cat(counts).max())
     pad = longest - feats.shape[0]
     feats = F.pad(feats, (0, 0, 0, pad))
     valid = F.pad(valid, (0, pad), value=False)

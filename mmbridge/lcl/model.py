@@ -1,24 +1,16 @@
-"""The LCL pretraining model: our ViT + attentive pool feeding a small causal LM, and the two losses.
+"""The LCL pretraining model: our ViT + attentive pool feeding a small causal LM, its tokenizer and LM.
 
-Loss = gen_weight · L_gen + λ · L_con. L_gen: next-token cross-entropy on text targets, normalised by
-the text targets of the whole (all-process) batch; its gradient reaches the ViT through the patch
-tokens. L_con: InfoNCE between the image latent and the projected LM state at that image's `<soi>`,
-which has seen only the preceding context; an image whose `<soi>` is at position 0 has none and is
-skipped. Under several processes, the returned `loss` is scaled so that averaging gradients over
-processes (DDP's convention) gives the gradient of the global loss.
+The losses (L_gen + λ·L_con) are the `lcl` objective's (`objectives/lcl.py`); the engine trains it
+like any other stage (`lcl/task.py`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from mmbridge.lcl.loss import ContrastiveHead, world_size
-from mmbridge.lcl.sequence import EOI, IGNORE, PATCH, SOI, SpecialIds
+from mmbridge.lcl.sequence import EOI, PATCH, SOI, SpecialIds
+from mmbridge.models.precision import autocast
 from mmbridge.models.vit import LCLVisionTower
 
 LLAMA_DEFAULTS = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -72,24 +64,37 @@ def build_lm(cfg: dict, tokenizer) -> nn.Module:
     return lm
 
 
-@dataclass
-class LCLOutput:
-    loss: torch.Tensor  # what to backpropagate (scaled for gradient averaging across processes)
-    terms: dict  # gen, con (global values), scale, images (with context, all processes), targets
-
-
 class LCLModel(nn.Module):
+    """Our ViT and a small causal LM: patch tokens fill the `<patch>` positions of the LM's input.
+
+    Its trainable parts are `vision` (the ViT, with its attentive pool) and `lm`; the contrastive
+    projection and temperature belong to the `lcl` objective (`objectives/lcl.py`)."""
+
     def __init__(self, vit: LCLVisionTower, lm: nn.Module, ids: SpecialIds):
         super().__init__()
         self.vit, self.lm, self.ids = vit, lm, ids
         width = lm.get_input_embeddings().embedding_dim
         if vit.config.out_dim != width:
             raise ValueError(f"vit.out_dim ({vit.config.out_dim}) must equal the LM width ({width})")
-        self.head = ContrastiveHead(width, vit.config.out_dim)
+        self.precision = "auto"
+
+    @property
+    def vision(self) -> LCLVisionTower:
+        return self.vit
 
     @property
     def n_patches(self) -> int:
         return self.vit.config.grid ** 2
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def parts(self) -> dict[str, nn.Module]:
+        return {"vision": self.vit, "lm": self.lm}
+
+    def autocast(self):
+        return autocast(self.precision, self.device)
 
     def hidden(self, input_ids, attention_mask, pixel_values) -> tuple[torch.Tensor, torch.Tensor]:
         """LM last hidden states [B, T, W] with patch positions filled, and the image latents [n, D]."""
@@ -109,38 +114,3 @@ class LCLModel(nn.Module):
         """LM states at each `<soi>` (row-major = image order) and whether it has preceding context."""
         rows, cols = (input_ids == self.ids.soi).nonzero(as_tuple=True)
         return h[rows, cols], cols > 0
-
-    def forward(self, batch: dict, lambda_con: float = 0.1, gen_weight: float = 1.0) -> LCLOutput:
-        ids, labels = batch["input_ids"], batch["labels"]
-        h, latent = self.hidden(ids, batch["attention_mask"], batch["pixel_values"])
-        targets = labels[:, 1:]
-        keep = targets != IGNORE
-        counts = torch.stack([keep.sum(), torch.zeros((), dtype=torch.long)])
-        state, valid = self.soi_states(ids, h)
-        if state.shape[0] != latent.shape[0]:
-            raise ValueError(f"{state.shape[0]} <soi> tokens but {latent.shape[0]} images")
-        counts[1] = valid.sum()
-        if world_size() > 1:
-            dist.all_reduce(counts)
-        n_targets = max(int(counts[0]), 1)
-        if gen_weight:
-            logits = self.lm.get_output_embeddings()(h[:, :-1][keep])
-            gen_share = F.cross_entropy(logits.float(), targets[keep], reduction="sum") / n_targets
-        else:
-            gen_share = h.sum() * 0.0
-        con = self.head(latent, state, valid) if lambda_con else h.sum() * 0.0
-        loss = world_size() * gen_weight * gen_share + lambda_con * con
-        gen = gen_share.detach().clone()
-        if world_size() > 1:
-            dist.all_reduce(gen)
-        terms = {"gen": float(gen), "con": float(con.detach()), "scale": float(self.head.scale.detach()),
-                 "images": int(counts[1]), "targets": int(counts[0])}
-        return LCLOutput(loss, terms)
-
-    @torch.no_grad()
-    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Unit contrastive features of text-only sequences ending in `<soi>` (retrieval's text side)."""
-        embeds = self.lm.get_input_embeddings()(input_ids)
-        h = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
-        state, _ = self.soi_states(input_ids, h)
-        return F.normalize(self.head.proj(state).float(), dim=-1)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmbridge.data.processor import IGNORE
+from mmbridge.models import packed_attention
 from mmbridge.models.masks import mixed_attention_mask
 from mmbridge.models.precision import autocast
 
@@ -22,7 +23,7 @@ from mmbridge.models.precision import autocast
 @dataclass
 class LMOutput:
     loss: torch.Tensor | None  # sum of token losses / `num_targets` (or the given normaliser)
-    num_targets: float  # the target count (or their weight sum)
+    num_targets: torch.Tensor | float  # the target count (or their weight sum), a 0-d tensor
     hidden_states: torch.Tensor | None = None
 
 
@@ -39,6 +40,8 @@ class MultimodalLM(nn.Module):
         self.vision, self.bridge, self.lm = vision, bridge, lm
         self.image_token_id = image_token_id
         self.precision = "auto"  # see models/precision.py; set from the recipe by build_model
+        self.packed_attention = "auto"  # packed rows: a flex_attention BlockMask on a GPU, a dense mask on a CPU
+        packed_attention.install(lm)
         if self.deep_fusion:
             bridge.attach(lm)
 
@@ -50,9 +53,14 @@ class MultimodalLM(nn.Module):
     def num_image_tokens(self) -> int:
         return self.bridge.num_tokens
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are (the device its inputs must be on)."""
+        return next(self.parameters()).device
+
     def autocast(self):
         """The forward pass's precision context: bf16 autocast on a GPU, nothing on a CPU (by default)."""
-        return autocast(self.precision, next(self.parameters()).device)
+        return autocast(self.precision, self.device)
 
     def parts(self) -> dict[str, nn.Module]:
         return {"vision": self.vision, "bridge": self.bridge, "lm": self.lm}
@@ -105,23 +113,33 @@ class MultimodalLM(nn.Module):
             raise ValueError(f"{type(self.bridge).__name__} works inside the LM: give pixel_values, not visual tokens")
         return embeds, {"fusion": self.bridge.context(feats, is_image)}
 
+    def packed_mask(self, segment_ids: torch.Tensor, attention_mask: torch.Tensor | None, dtype: torch.dtype):
+        """Block-diagonal causal attention for packed rows: a flex_attention BlockMask where the LM can take one
+        (`packed_attention`: `auto` = on a GPU; `block` forces it, `dense` never), else a dense additive mask."""
+        use_block = self.packed_attention == "block" or (self.packed_attention == "auto" and segment_ids.is_cuda)
+        if use_block and getattr(self.lm.config, "_attn_implementation", None) == packed_attention.NAME:
+            return packed_attention.packed_block_mask(segment_ids, attention_mask)
+        if attention_mask is None:
+            attention_mask = (segment_ids != 0).long()
+        return mixed_attention_mask(attention_mask, "causal", segment_ids=segment_ids, dtype=dtype)
+
     def target_loss(self, hidden: torch.Tensor, labels: torch.Tensor, normalizer: float | None = None,
-                    weights: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+                    weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token cross-entropy over labelled positions / `normalizer` (default: their count).
 
-        `weights` ([B, T-1], see `mmbridge.train.loss_norm`) weigh each target; the count returned is
-        then their sum."""
+        `weights` ([B, T-1], see `mmbridge.train.loss_norm`) weigh each target; the count returned (a tensor,
+        not read back to the host) is then their sum."""
         targets = labels[:, 1:]
         keep = targets != IGNORE
         logits = self.lm.get_output_embeddings()(hidden[:, :-1][keep])
         token_loss = F.cross_entropy(logits.float(), targets[keep], reduction="none")
         if weights is None:
-            n: float = int(keep.sum())
+            n = keep.sum()
         else:
             token_loss = token_loss * weights[keep]
-            n = float(weights[keep].sum())
+            n = weights[keep].sum()
         loss = token_loss.sum()
-        return loss / (normalizer if normalizer is not None else max(n, 1)), n
+        return loss / (normalizer if normalizer is not None else n.clamp(min=1)), n
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -134,7 +152,7 @@ class MultimodalLM(nn.Module):
         block-diagonal; give each sample's own `position_ids` with them."""
         embeds, extra = self.prepare(input_ids, pixel_values, instruction_ids=instruction_ids)
         if segment_ids is not None:
-            attention_mask = mixed_attention_mask(attention_mask, "causal", segment_ids=segment_ids, dtype=embeds.dtype)
+            attention_mask = self.packed_mask(segment_ids, attention_mask, embeds.dtype)
         decoder = self.lm.get_decoder()
         hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=False, **extra).last_hidden_state
@@ -147,7 +165,12 @@ class MultimodalLM(nn.Module):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None,
                  max_new_tokens: int = 32, eos_token_ids: list[int] | tuple = (),
                  instruction_ids: torch.Tensor | None = None) -> list[list[int]]:
-        """Greedy decoding with a KV cache; `input_ids` are left-padded prompts."""
+        """Greedy decoding with a KV cache; `input_ids` are left-padded prompts, on the model's device."""
+        with self.autocast():
+            return self._generate(input_ids, attention_mask, pixel_values, max_new_tokens, eos_token_ids,
+                                  instruction_ids)
+
+    def _generate(self, input_ids, attention_mask, pixel_values, max_new_tokens, eos_token_ids, instruction_ids):
         embeds, extra = self.prepare(input_ids, pixel_values, instruction_ids=instruction_ids)
         mask = attention_mask.clone()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -158,8 +181,8 @@ class MultimodalLM(nn.Module):
         key = "cache" if "cache" in inspect.signature(type(self.lm.get_decoder()).forward).parameters \
             else "past_key_values"
         cache, last = out[key], positions[:, -1]
-        eos = torch.tensor(list(eos_token_ids), dtype=torch.long)
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=input_ids.device)
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         tokens = []
         next_tok = out.logits[:, -1].argmax(-1)
         for _ in range(max_new_tokens):

@@ -16,7 +16,10 @@ OBJECTIVES: Registry["Objective"] = Registry("objective")
 @dataclass
 class LossOutput:
     loss: torch.Tensor  # already divided by the step's normaliser (target tokens across micro-batches)
-    terms: dict[str, float] = field(default_factory=dict)  # each loss term, logged separately
+    # each loss term (detached tensors, or floats), summed over the step's micro-batches and logged as loss_<name>;
+    # the trainer reads them back once per step, so an objective never calls .item()
+    terms: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)  # other values to log as they are (the last micro-batch's)
 
 
 class Objective(nn.Module):

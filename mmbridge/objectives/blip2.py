@@ -64,7 +64,7 @@ class Blip2Stage1(Objective):
         loss = sum(terms[k] for k in self.losses)
         # the trainer sums micro-batch losses: weight this one by its share of the step's targets
         share = target_total(batch) / max(normalizer, 1)
-        return LossOutput(loss * share, {k: float(terms[k].detach()) for k in self.losses})
+        return LossOutput(loss * share, {k: terms[k].detach() for k in self.losses})
 
     def contrastive(self, qf, feats, text, text_mask):
         """Max over queries of query·[CLS] similarity; identical captions count as positives."""

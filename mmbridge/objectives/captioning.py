@@ -14,4 +14,4 @@ class NextTokenLoss(Objective):
                     normalizer=normalizer, instruction_ids=batch.get("instruction_ids"),
                     position_ids=batch.get("position_ids"), segment_ids=batch.get("segment_ids"),
                     target_weights=batch.get("target_weights"))
-        return LossOutput(out.loss, {"lm": out.loss.item()})
+        return LossOutput(out.loss, {"lm": out.loss.detach()})

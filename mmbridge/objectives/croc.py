@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmbridge.models.masks import MODES, mixed_attention_mask
+from mmbridge.train.loss_norm import target_total
 from mmbridge.objectives.base import OBJECTIVES, LossOutput, Objective
 from mmbridge.objectives.matching import METHODS, check_capacity, match
 from mmbridge.objectives.reconstruction import ReconstructionHead
@@ -120,9 +121,9 @@ class CrocObjective(Objective):
                                         position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
         lm_loss, n_targets = model.target_loss(hidden, batch["labels"], normalizer, batch.get("target_weights"))
         if inputs.visual is None:
-            return LossOutput(lm_loss, {"lm": lm_loss.item(), "recon": 0.0})
+            return LossOutput(lm_loss, {"lm": lm_loss.detach(), "recon": 0.0})
         # the reconstruction term is a per-micro-batch mean; weighting it by this micro-batch's share
         # of the step's target tokens makes the accumulated sum a mean again (exactly 1 without accumulation)
-        share = 1.0 if normalizer is None else n_targets / normalizer
+        share = 1.0 if normalizer is None else target_total(batch) / normalizer
         recon = self.recon_weight * share * self.reconstruction_loss(hidden, inputs)
-        return LossOutput(lm_loss + recon, {"lm": lm_loss.item(), "recon": recon.item()})
+        return LossOutput(lm_loss + recon, {"lm": lm_loss.detach(), "recon": recon.detach()})

@@ -127,7 +127,7 @@ def _write_folder(folder: Path, writers: dict, prefilled: bool = False) -> None:
 # -- weights ----------------------------------------------------------------------------------
 def trained_state(model: torch.nn.Module, keys: set[str]) -> dict[str, torch.Tensor]:
     state = model.state_dict()
-    return {k: state[k].detach().contiguous().clone() for k in sorted(keys)}
+    return {k: state[k].detach().cpu().contiguous().clone() for k in sorted(keys)}
 
 
 def save_weights(model: torch.nn.Module, keys: set[str], folder: Path, meta: dict, state: dict | None = None) -> None:
@@ -323,7 +323,8 @@ def read_recipe(run_dir: Path) -> Recipe:
 
 
 def rng_state() -> dict:
-    """All RNG states as tensors and plain values, so `torch.load(weights_only=True)` reads them."""
+    """The CPU-side RNG states (torch, numpy, Python) as tensors and plain values, so
+    `torch.load(weights_only=True)` reads them; the trainer adds every CUDA device's under `cuda`."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
             "python": random.getstate()}
@@ -337,17 +338,23 @@ def set_rng_state(state: dict) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
 
 
-def load_run(run_dir: str | Path):
-    """One call from a run directory back to `(model, processor)`, ready for eval or chat."""
+def load_run(run_dir: str | Path, device: str = "auto"):
+    """One call from a run directory back to `(model, processor)`, ready for eval or chat on `device`
+    (`auto`: the GPU when there is one; see `train/device.py`)."""
     from transformers import AutoTokenizer
 
     from mmbridge.models.build import build_model
+    from mmbridge.train.device import resolve_device
 
     run_dir = Path(run_dir)
     recipe = read_recipe(run_dir)
+    if recipe.kind != "lmm":
+        raise CheckpointError(f"{run_dir}: a kind {recipe.kind!r} run; what it trained is the encoder in "
+                              f"{run_dir / recipe.export} (use it as model.vision {{name: lcl_vit, path: ...}})")
+    target = resolve_device(device)
     tok_dir = run_dir / "tokenizer"
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir)) if tok_dir.exists() else None
     model, processor = build_model(recipe.model, tokenizer=tokenizer)
     load_weights(model, run_dir / "model")
-    model.eval()
+    model.to(target).eval()
     return model, processor

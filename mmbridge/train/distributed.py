@@ -21,6 +21,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
+from mmbridge.train.device import resolve_device
+
 
 class TrainStep(nn.Module):
     """The model and the stage's objective as one module: DDP and FSDP wrap this, so parameters the
@@ -72,24 +74,24 @@ def blocks(module: nn.Module) -> list[nn.Module]:
 class Dist:
     """This process's place in the job (rank, world size, device) and the collective operations.
 
-    `strategy` is the recipe's: `none` (one process), `ddp` or `fsdp`. The process group is gloo on CPU,
+    `strategy` is the recipe's: `none` (one process), `ddp` or `fsdp`; `device` its device spec (see
+    `train/device.py`: `auto` is this process's GPU when there is one). The process group is gloo on CPU,
     nccl on GPU, initialised from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...).
     """
 
-    def __init__(self, strategy: str = "none"):
+    def __init__(self, strategy: str = "none", device: str = "auto"):
         self.strategy = strategy
         world = int(os.environ.get("WORLD_SIZE", "1"))
         self.enabled = strategy != "none" and world > 1
-        self.rank, self.world, self.local_rank = 0, 1, 0
-        self.device = torch.device("cpu")
+        self.rank, self.world = 0, 1
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0")) if self.enabled else 0
+        self.device = resolve_device(device, self.local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         if strategy != "none" and world == 1 and "RANK" not in os.environ:
             print(f"strategy {strategy!r}: not started by torchrun, training in one process")
         if not self.enabled:
             return
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if torch.cuda.is_available():
-            self.device = torch.device("cuda", self.local_rank)
-            torch.cuda.set_device(self.device)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
                                     timeout=datetime.timedelta(minutes=30))
@@ -140,8 +142,9 @@ class Dist:
 
     # -- data ---------------------------------------------------------------------------------------
     def shard_loader(self, loader: DataLoader) -> DataLoader:
-        """The same loader reading only this rank's slice of every micro-batch."""
-        if not self.enabled:
+        """The same loader reading only this rank's slice of every micro-batch (a loader that is already
+        per process, `per_rank`, is returned as it is)."""
+        if not self.enabled or getattr(loader, "per_rank", False):
             return loader
         extra = {"prefetch_factor": loader.prefetch_factor, "persistent_workers": loader.persistent_workers} \
             if loader.num_workers else {}
@@ -150,9 +153,28 @@ class Dist:
                           worker_init_fn=loader.worker_init_fn, pin_memory=self.device.type == "cuda", **extra)
 
     def to_device(self, batch: dict) -> dict:
-        if self.device.type == "cpu":
-            return batch
-        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        return to_device(batch, self.device)
+
+    def cuda_rng_states(self) -> list[torch.Tensor] | None:
+        """The CUDA RNG states a resume must restore: every device's in one process, each rank's own
+        device's (indexed by rank) under torchrun; None where CUDA was never used."""
+        if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+            return None
+        if not self.enabled:
+            return torch.cuda.get_rng_state_all()
+        box = [None] * self.world
+        dist.all_gather_object(box, torch.cuda.get_rng_state(self.device))
+        return box
+
+    def set_cuda_rng_states(self, states: list[torch.Tensor] | None) -> None:
+        if not states or not torch.cuda.is_available():
+            return
+        if not self.enabled and len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+        elif self.enabled and self.device.type == "cuda":
+            torch.cuda.set_rng_state(states[self.rank if len(states) == self.world else 0], self.device)
+        else:
+            torch.cuda.set_rng_state(states[0], self.device if self.device.type == "cuda" else 0)
 
     # -- model --------------------------------------------------------------------------------------
     def working_copy(self, model: nn.Module) -> nn.Module:
@@ -196,13 +218,19 @@ class Dist:
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     def gather(self, step: nn.Module, model: nn.Module, keys: set[str]) -> None:
-        """Copy the trained weights `keys` of a stage's working copy back into `model` (on CPU)."""
+        """Copy the trained weights `keys` of a stage's working copy back into `model` (on its device)."""
         if not self.enabled:
             return
-        if self.strategy == "ddp":
-            model.to("cpu")
+        if self.strategy == "ddp":  # DDP trained `model` itself
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(step, options=StateDictOptions(full_state_dict=True))
-        model.load_state_dict({k: full["model." + k].cpu() for k in keys}, strict=False)
+        model.load_state_dict({k: full["model." + k] for k in keys}, strict=False)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A batch's tensors on `device` (copied asynchronously from pinned memory); other values as they are."""
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

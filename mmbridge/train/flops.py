@@ -19,8 +19,8 @@ first LM layers is counted even when only later layers train (a slight over-coun
 stages). Extra heads of objectives other than `lm` (Croc, BLIP-2) are not counted; an instruction-aware
 Q-Former is counted for a 16-token instruction.
 
-The peak: a GPU's dense bf16 peak from its datasheet (or a measured bf16 matmul if unknown); on
-CPU a measured fp32 matmul peak (2048², best of several runs) at the current thread count, cached in
+The peak: a GPU's dense bf16 peak from its datasheet, matched by the exact device name (an unknown GPU
+gets no MFU); on CPU a measured fp32 matmul peak (2048², best of several runs) at the current thread count, cached in
 `~/.cache/mmbridge/peak_flops.json`.
 """
 
@@ -37,10 +37,24 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from mmbridge.data.processor import IGNORE
 
-# dense bf16 peaks (no sparsity), FLOP/s, by a part of the device name; first match wins
-GPU_BF16_PEAK = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989.4e12), ("H200", 989.4e12),
-                 ("GH200", 989.4e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12),
-                 ("A10", 125e12)]
+# Dense bf16 peaks (no sparsity) from the vendors' datasheets, FLOP/s, by the exact name CUDA reports
+# (`torch.cuda.get_device_name`). A GPU not listed gets no MFU rather than a guessed one.
+GPU_BF16_PEAK = {
+    "NVIDIA H100 80GB HBM3": 989.4e12,  # H100 SXM5
+    "NVIDIA H100 PCIe": 756.0e12,
+    "NVIDIA H100 NVL": 835.0e12,
+    "NVIDIA H200": 989.4e12,  # H200 SXM
+    "NVIDIA H200 NVL": 835.0e12,
+    "NVIDIA GH200 480GB": 989.4e12,
+    "NVIDIA B200": 2250e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12,
+    "NVIDIA L40S": 362.05e12,
+    "NVIDIA L4": 121.0e12,
+    "NVIDIA A10": 125.0e12,
+}
 
 
 def _trains(module: nn.Module) -> bool:
@@ -91,9 +105,11 @@ class StepFlops:
         self.attention = 4 * text.num_hidden_layers * heads * head_dim * 3  # per sample, times L²
         head = lm.get_output_embeddings()
         self.head = 2 * head.in_features * head.out_features * (3 if head.weight.requires_grad else 2)
-        vision_trains, bridge_trains = _trains(model.vision), _trains(model.bridge)
+        bridge = getattr(model, "bridge", None)  # LCL's model has none: its ViT's pooling feeds the LM
+        vision_trains, bridge_trains = _trains(model.vision), bridge is not None and _trains(bridge)
         self.image = 0  # FLOPs per image: vision encoder and bridge, forward and backward
-        size = getattr(model.vision, "image_size", None)
+        size = getattr(model.vision, "image_size", None) or getattr(getattr(model.vision, "config", None),
+                                                                    "image_size", None)
         if size:
             vision, bridge = self._per_image(model, size)
             self.image = vision * (3 if vision_trains else 1) \
@@ -105,23 +121,26 @@ class StepFlops:
         statistics updated) and without touching the RNG."""
         modes = {m: m.training for m in model.modules()}
         grads = {p: p.requires_grad for p in model.parameters()}  # none: no parameter views that need a grad_fn
-        pixels = torch.zeros(1, 3, size, size, dtype=next(model.vision.parameters()).dtype)
+        weight = next(model.vision.parameters())
+        pixels = torch.zeros(1, 3, size, size, dtype=weight.dtype, device=weight.device)
+        bridge = getattr(model, "bridge", None)
         try:
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[weight.device] if weight.device.type == "cuda" else []):
                 model.eval().requires_grad_(False)
                 vision = forward_flops(model.vision, pixels)
+                if bridge is None:
+                    return vision, 0
                 with torch.no_grad():
                     feats = model.vision(pixels)
                 # InstructBLIP's Q-Former also reads the instruction: counted for a nominal 16 tokens
-                extra = {"instruction_ids": torch.ones(1, 16, dtype=torch.long)} \
-                    if getattr(model.bridge, "uses_instruction", False) else {}
-                bridge = forward_flops(functools.partial(model.bridge, **extra), feats)
+                extra = {"instruction_ids": torch.ones(1, 16, dtype=torch.long, device=weight.device)} \
+                    if getattr(bridge, "uses_instruction", False) else {}
+                return vision, forward_flops(functools.partial(bridge, **extra), feats)
         finally:
             for m, mode in modes.items():
                 m.training = mode
             for p, flag in grads.items():
                 p.requires_grad_(flag)
-        return vision, bridge
 
     def __call__(self, batch: dict) -> int:
         lengths = segment_lengths(batch)
@@ -191,13 +210,19 @@ def cpu_peak(threads: int | None = None, refresh: bool = False) -> float:
     return peak
 
 
-def device_peak(device: torch.device | str = "cpu") -> tuple[float, str]:
-    """(peak FLOP/s, how it was found) for the device training runs on."""
+def gpu_peak(name: str) -> float | None:
+    """The dense bf16 datasheet peak of the GPU CUDA calls `name`, or None if it is not in the table."""
+    return GPU_BF16_PEAK.get(name.strip())
+
+
+def device_peak(device: torch.device | str = "cpu") -> tuple[float | None, str]:
+    """(peak FLOP/s, how it was found) for the device training runs on; (None, why) for a GPU whose
+    datasheet peak this project does not know (then no MFU is shown)."""
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for part, peak in GPU_BF16_PEAK:
-            if part in name:
-                return peak, f"{name} dense bf16 datasheet peak"
-        return measure_matmul_peak(device, torch.bfloat16, n=8192), f"{name} measured bf16 matmul peak"
+        peak = gpu_peak(name)
+        if peak is None:
+            return None, f"{name}: no datasheet peak known (add it to GPU_BF16_PEAK in mmbridge/train/flops.py)"
+        return peak, f"{name} dense bf16 datasheet peak"
     return cpu_peak(), f"measured fp32 matmul peak, {torch.get_num_threads()} thread(s)"

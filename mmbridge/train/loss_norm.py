@@ -29,7 +29,10 @@ def sample_weights(labels: torch.Tensor, segment_ids: torch.Tensor | None = None
 
 
 def target_total(batch: dict) -> float:
-    """What the batch adds to the step's normaliser: its weight sum, or else its target-token count."""
+    """What the batch adds to the step's normaliser: its weight sum, or else its target-token count
+    (read from `target_total` when the trainer counted it on the CPU, so no device sync)."""
+    if "target_total" in batch:
+        return float(batch["target_total"])
     if batch.get("target_weights") is not None:
         return float(batch["target_weights"].sum())
     return float((batch["labels"][:, 1:] != IGNORE).sum())

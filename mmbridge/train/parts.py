@@ -36,7 +36,8 @@ def apply_stage_modes(model: MultimodalLM, stage: StageConfig) -> dict | None:
 
 
 def param_groups(model: MultimodalLM, stage: StageConfig, objective: torch.nn.Module | None = None) -> list[dict]:
-    """One AdamW group per training part, each with its own learning rate (no hidden overrides).
+    """One AdamW group per training part, each with its own learning rate (no hidden overrides); with
+    weight decay, a part's weight matrices and its other parameters (no decay) are two groups.
 
     Parameters the objective owns (e.g. Croc's prompt pool) form the group `objective`.
     """
@@ -48,9 +49,13 @@ def param_groups(model: MultimodalLM, stage: StageConfig, objective: torch.nn.Mo
         modules["objective"] = objective
     for part, module in modules.items():
         params = [p for p in module.parameters() if p.requires_grad]
-        if params:
-            groups.append({"name": part, "params": params, "lr": float(stage.lr[part]),
-                           "weight_decay": stage.weight_decay})
+        if not stage.weight_decay:
+            split = [(params, 0.0)]
+        else:  # decay weight matrices; biases, norms and single vectors (gates, scales) keep their values
+            split = [([p for p in params if p.ndim >= 2], stage.weight_decay), ([p for p in params if p.ndim < 2], 0.0)]
+        for chosen, decay in split:
+            if chosen:
+                groups.append({"name": part, "params": chosen, "lr": float(stage.lr[part]), "weight_decay": decay})
     if not groups:
         raise ValueError(f"stage {stage.name!r}: nothing trains (every part is frozen)")
     return groups

@@ -1,51 +1,46 @@
-"""The staged training loop: each stage starts from the previous stage's weights.
+"""The training engine: a recipe's stages in order, each starting from the previous stage's weights.
 
-Built to survive long runs: a resumed run continues with the same data position, RNG, optimizer
-and objective state, so its losses match an uninterrupted run's; SIGTERM or SIGINT finish the
-step, write a checkpoint and return; a step with a non-finite loss or gradient is skipped and
-counted, and `max_nonfinite_steps` in a row stop the run with a diagnostic. Checkpoint files and
-their checks live in `train/checkpoint.py`.
+One engine for every kind of training (`train/task.py` says what a kind supplies). Built to survive
+long runs: a resumed run continues with the same data position, RNG (CPU, numpy, Python and every
+CUDA device), optimizer and objective state, so its losses match an uninterrupted run's; SIGTERM or
+SIGINT finish the step, write a checkpoint and return; a step with a non-finite loss or gradient is
+skipped and counted, and `max_nonfinite_steps` in a row stop the run with a diagnostic. Checkpoint
+files and their checks live in `train/checkpoint.py`.
+
+The device is picked once (`train/device.py`); the model lives there and every micro-batch is moved
+there after its token, target and FLOP counts are taken on the CPU, so a step reads the device back
+once (loss, gradient norm and loss terms together), not once per micro-batch.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import signal
-import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
-from torch.utils.data import BatchSampler, ConcatDataset, DataLoader
 from tqdm.auto import tqdm
 
 from mmbridge.config import Recipe, StageConfig
-from mmbridge.data.dataset import Collator, ConversationDataset, LengthGroupedBatches, MixtureSampler
-from mmbridge.data.packing import PackedBatches, PackingCollator, RowTagged, rows_per_epoch
-from mmbridge.data.sources import resolve_source
-from mmbridge.models.build import build_model
 from mmbridge.objectives import build_objective
 from mmbridge.train import checkpoint as ckpt
+from mmbridge.train.device import allow_tf32
 from mmbridge.train.distributed import Dist
-from mmbridge.train.flops import StepFlops, device_peak
+from mmbridge.train.flops import device_peak
 from mmbridge.train.loss_norm import sample_weights, target_total
 from mmbridge.train.parts import apply_stage_modes, count_params, param_groups, trainable_keys
 from mmbridge.train.plots import plot_losses
 from mmbridge.train.schedule import warmup_cosine
+from mmbridge.train.signals import StopSignals
+from mmbridge.train.task import task_for
 
 
 class NonFiniteError(FloatingPointError):
     """Too many steps in a row with a non-finite loss or gradient; the message is the diagnostic."""
-
-
-def _ignore_signals(worker_id: int) -> None:
-    """DataLoader workers leave SIGINT/SIGTERM to the main process, which stops them cleanly."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _nonfinite_terms(loss: float, terms: dict) -> str:
@@ -61,6 +56,10 @@ def _first_nonfinite_grad(model: torch.nn.Module, objective: torch.nn.Module) ->
     return next((n for n, p in named if p.grad is not None and not torch.isfinite(p.grad).all()), "(none found)")
 
 
+def _detached(v) -> torch.Tensor | float:
+    return v.detach().float() if torch.is_tensor(v) else float(v)
+
+
 class Trainer:
     """Runs a recipe's stages in order, writing checkpoints, metrics and plots to `run_dir`.
 
@@ -69,20 +68,25 @@ class Trainer:
 
     def __init__(self, recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: bool = True):
         self.recipe, self.run_dir, self.progress = recipe, Path(run_dir), progress
-        self.dist = Dist(recipe.strategy)  # one process unless started by torchrun with strategy ddp | fsdp
+        # one process unless started by torchrun with strategy ddp | fsdp; the device is picked here, once
+        self.dist = Dist(recipe.strategy, recipe.device)
         self.say = print if self.dist.main else (lambda *a, **k: None)
         ckpt.check_run_dir(self.run_dir)
         if recipe.threads:
             torch.set_num_threads(recipe.threads)
+        allow_tf32(self.dist.device, recipe.model.precision)
         torch.manual_seed(recipe.seed)
-        self.model, self.processor = build_model(recipe.model)
+        self.task = task_for(recipe)
+        model, self.tokenizer = self.task.build()
+        model.precision = recipe.model.precision
+        self.model = model.to(self.dist.device)
+        self.objective = None  # the last stage's objective (its heads, e.g. LCL's contrastive projection)
         self.trained: set[str] = set()
         self.lora: dict | None = None
         self.state = {"stage": 0, "step": 0}
-        self.datasets: dict[str, ConversationDataset] = {}
         self.skipped: Counter = Counter()
         self.nonfinite = 0  # steps skipped for a non-finite loss or gradient, whole run
-        self.stop_signal: int | None = None  # set by SIGTERM/SIGINT during `run`
+        self.signals = StopSignals()  # SIGTERM/SIGINT during `run`
         self.stopped = False  # the run ended early on a signal, with a checkpoint to resume from
         self._consumed = 0  # loader batches taken this stage (the data position a resume skips to)
         self._metrics_bytes = 0  # length of metrics.jsonl at the last step, saved with checkpoints
@@ -98,10 +102,23 @@ class Trainer:
                               recipe.keep_checkpoints)
         if self.dist.main:
             ckpt.save_recipe(recipe, self.run_dir)
-            self.processor.tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))
-        # peak FLOP/s of one device, for MFU (measured once on CPU, then cached)
+            self.tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))
+        # peak FLOP/s of one device, for MFU (CPU: measured once, then cached; a GPU not in the table: None)
         self.peak = self.dist.broadcast(device_peak(self.dist.device)[0] if self.dist.main else None)
         self.dist.barrier()
+
+    @property
+    def processor(self):
+        """The LMM task's processor (tokeniser, chat template, image preprocessing)."""
+        return self.task.processor
+
+    @property
+    def stop_signal(self) -> int | None:
+        return self.signals.received
+
+    def loader(self, stage: StageConfig, start_batch: int):
+        """The LMM task's micro-batches of `stage` for one process (benchmarks and tests read them)."""
+        return self.task.batches(self.model, stage, start_batch)
 
     def _resume(self) -> None:
         found = ckpt.latest_checkpoint(self.run_dir) if self.dist.main else None
@@ -129,49 +146,9 @@ class Trainer:
         self._metrics_bytes = state.get("metrics_bytes", 0)
         self.say(f"resuming from {folder} (stage {state['stage'] + 1}, step {state['step']})")
 
-    # -- data ---------------------------------------------------------------------------------
-    def dataset(self, name: str) -> ConversationDataset:
-        if name not in self.datasets:
-            src = resolve_source(self.recipe, name)
-            ds = ConversationDataset(src.json, src.images, self.processor, skip_bad=self.recipe.bad_samples == "skip")
-            self.skipped.update({f"{name}: {k}": v for k, v in ds.skipped.items()})
-            if ds.truncated:
-                print(f"{name}: {ds.truncated} sample(s) shortened in their trailing text to max_length")
-            self.datasets[name] = ds
-        return self.datasets[name]
-
-    def loader(self, stage: StageConfig, start_batch: int) -> tuple[DataLoader, int]:
-        """Micro-batches from the stage's mixture, starting at micro-batch `start_batch`."""
-        names = list(stage.data)
-        parts = [self.dataset(n) for n in names]
-        mix = {"sizes": [len(p) for p in parts], "weights": [stage.data[n] for n in names], "seed": stage.seed}
-        dataset, collate, n_samples = ConcatDataset(parts), Collator(self.processor), sum(len(p) for p in parts)
-        if stage.pack:  # batch_size counts rows of max_length tokens; `epochs` counts the rows the data fills
-            if not getattr(self.model.bridge, "packable", True):
-                raise ValueError(f"stage {stage.name!r}: pack is not supported with the "
-                                 f"{type(self.model.bridge).__name__} bridge")
-            lengths = [len(s["input_ids"]) for p in parts for s in p.samples]
-            images = [len(s["images"]) for p in parts for s in p.samples]
-            budget = self.processor.max_length
-            batches = PackedBatches(lengths, images, mix, stage.batch_size, budget, stage.pack_images,
-                                    start=start_batch)
-            dataset, collate, n_samples = RowTagged(dataset), PackingCollator(self.processor), \
-                rows_per_epoch(lengths, budget)
-        elif stage.group_by_length:
-            lengths = [len(s["input_ids"]) for p in parts for s in p.samples]
-            batches = LengthGroupedBatches(lengths, mix, stage.batch_size, window=stage.group_by_length,
-                                           start=start_batch)
-        else:
-            batches = BatchSampler(MixtureSampler(**mix, start=start_batch * stage.batch_size), stage.batch_size,
-                                   drop_last=True)
-        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
-                            num_workers=self.recipe.num_workers,
-                            worker_init_fn=_ignore_signals if self.recipe.num_workers else None)
-        return loader, n_samples
-
     # -- training -----------------------------------------------------------------------------
     def run(self) -> Path:
-        with self._stop_on_signals():
+        with self.signals.active():
             for si, stage in enumerate(self.recipe.stages):
                 if si < self.state["stage"]:
                     continue
@@ -181,33 +158,15 @@ class Trainer:
                 self.train_stage(si, stage)
                 if self.stopped:
                     break
+        self.skipped.update(self.task.skipped)
+        self.task.skipped = {}
         if self.skipped:
             self.say("skipped samples: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.skipped.items())))
         if self.nonfinite:
             self.say(f"skipped {self.nonfinite} step(s) with a non-finite loss or gradient (see metrics.jsonl)")
+        if not self.stopped:
+            self.task.finish(self)
         return self.run_dir
-
-    @contextlib.contextmanager
-    def _stop_on_signals(self):
-        """While training, SIGTERM/SIGINT only set a flag; the loop then checkpoints and stops.
-
-        A second signal stops at once (KeyboardInterrupt); the last checkpoint stays valid.
-        """
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum, frame):
-            if self.stop_signal is not None:
-                raise KeyboardInterrupt
-            self.stop_signal = signum
-
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
 
     def _announce_stop(self, folder: Path) -> None:
         self.stopped = True
@@ -218,13 +177,30 @@ class Trainer:
     def _stop_requested(self) -> bool:
         """A stop signal reached this process or (under torchrun) any other: all stop at the same step."""
         if self.dist.any(self.stop_signal is not None) and self.stop_signal is None:
-            self.stop_signal = signal.SIGTERM
+            self.signals.received = signal.SIGTERM
         return self.stop_signal is not None
 
-    def _steps(self, stage: StageConfig, n_samples: int) -> int:
+    def _steps(self, stage: StageConfig, n_samples: int | None) -> int:
         if stage.epochs is not None:
+            if n_samples is None:
+                raise ValueError(f"stage {stage.name!r}: epochs needs sources of known size; set steps for a stream")
             return max(1, math.ceil(stage.epochs * n_samples / (stage.batch_size * stage.grad_accum)))
         return stage.steps
+
+    def _micro_batches(self, batches, stage: StageConfig) -> tuple[list[dict], list[float], int, int]:
+        """The step's micro-batches on the device, with what the CPU counts before they move: each one's
+        share of the normaliser (targets, or sample weights), the tokens and the model FLOPs."""
+        micro, totals, tokens, flops = [], [], 0, 0
+        for _ in range(stage.grad_accum):
+            b = self._next_batch(batches)
+            if stage.loss_norm == "sample":
+                b["target_weights"] = sample_weights(b["labels"], b.get("segment_ids"))
+            b["target_total"] = target_total(b)
+            totals.append(b["target_total"])
+            tokens += int(b["attention_mask"].sum())
+            flops += self._count_flops(b)
+            micro.append(self.dist.to_device(b))
+        return micro, totals, tokens, flops
 
     def train_stage(self, si: int, stage: StageConfig) -> None:
         model = self.model
@@ -234,16 +210,16 @@ class Trainer:
         injected = apply_stage_modes(model, stage)
         self.lora = self.lora or injected
         self.trained |= trainable_keys(model)
-        count_flops = StepFlops(model)
+        self._count_flops = self.task.flops(model)
         model = self.dist.working_copy(model)  # FSDP shards a copy; its weights come back at the stage end
-        objective = build_objective(stage.objective, model)
+        objective = build_objective(stage.objective, model).to(self.dist.device)
+        self.objective = objective
         step_fn = self.dist.wrap(model, objective)  # objective(model, batch), under DDP / FSDP if asked
         groups = param_groups(model, stage, objective)
-        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+        optimizer = torch.optim.AdamW(groups, betas=tuple(stage.betas), eps=stage.eps)
         start_step = self.state["step"] if resuming else 0
         self._consumed = self.state.get("batches", start_step * stage.grad_accum) if resuming else 0
-        loader, n_samples = self.loader(stage, self._consumed)
-        loader = self.dist.shard_loader(loader)  # this rank's slice of every micro-batch
+        loader, n_samples = self.task.loader(model, stage, self._consumed, self.dist)  # this rank's slices
         total = self._steps(stage, n_samples)
         warmup = int(round(stage.warmup * total))
         peak = [g["lr"] for g in groups]
@@ -253,10 +229,12 @@ class Trainer:
 
             dcp.restore(step_fn, optimizer, objective, self.state, self._resume_from, self.dist)
             ckpt.set_rng_state(self.state["rng"])
+            self.dist.set_cuda_rng_states(self.state["rng"].get("cuda"))
         trainable, params = count_params(model)
-        self.say(f"stage {si + 1}/{len(self.recipe.stages)} {stage.name!r}: {total} steps, {n_samples} samples, "
-                 f"{trainable / 1e6:.2f}M of {params / 1e6:.1f}M parameters train "
-                 f"({', '.join(f'{k}={v}' for k, v in stage.train.items())})")
+        self.say(f"stage {si + 1}/{len(self.recipe.stages)} {stage.name!r}: {total} steps, "
+                 f"{n_samples if n_samples is not None else 'streamed'} samples, {trainable / 1e6:.2f}M of "
+                 f"{params / 1e6:.1f}M parameters train ({', '.join(f'{k}={v}' for k, v in stage.train.items())})"
+                 f" on {self.dist.device}")
         metrics = self.run_dir / "metrics.jsonl"
         log = open(metrics if self.dist.main else os.devnull, "a")
         bar = tqdm(range(start_step, total), initial=start_step, total=total, desc=stage.name,
@@ -267,45 +245,52 @@ class Trainer:
             for g, lr in zip(optimizer.param_groups, peak):
                 g["lr"] = lr * warmup_cosine(step, total, warmup, stage.min_lr_ratio)
             t0 = time.perf_counter()
-            micro = [self.dist.to_device(self._next_batch(batches)) for _ in range(stage.grad_accum)]
+            micro, totals, tokens, flops = self._micro_batches(batches, stage)
             t_data = time.perf_counter() - t0
-            if stage.loss_norm == "sample":
-                for b in micro:
-                    b["target_weights"] = sample_weights(b["labels"], b.get("segment_ids"))
             # all ranks' targets (tokens, or samples); DDP/FSDP average gradients over ranks, hence the world size
-            n_targets = self.dist.sum([sum(target_total(b) for b in micro)])[0]
-            normalizer = max(n_targets, 1) / self.dist.world
-            loss_sum, tokens, flops, terms, bad = 0.0, 0, 0, Counter(), None
+            normalizer = max(self.dist.sum([sum(totals)])[0], 1) / self.dist.world
+            loss_sum = torch.zeros((), device=self.dist.device)
+            terms: dict = {}
+            stats: dict = {}
             for i, b in enumerate(micro):
                 with self.dist.no_sync(step_fn, last=i == len(micro) - 1):
                     out = step_fn(b, normalizer)
-                    loss = out.loss.item()
-                    if not math.isfinite(loss):
-                        bad = bad or _nonfinite_terms(loss, out.terms)
-                        if not self.dist.enabled:  # other ranks wait for this backward
-                            continue
-                    out.loss.backward()
-                loss_sum += loss
-                terms.update(out.terms)
-                tokens += int(b["attention_mask"].sum())
-                flops += count_flops(b)
-            loss_sum, tokens, flops, terms, bad = self.dist.step_totals(loss_sum, tokens, flops, terms, bad)
+                    out.loss.backward()  # a non-finite loss makes non-finite gradients: the step is skipped below
+                loss_sum += out.loss.detach().float()
+                for k, v in out.terms.items():
+                    terms[k] = terms.get(k, 0.0) + _detached(v)
+                stats = out.stats
             grad_norm = self.dist.clip(params_to_clip, stage.clip or math.inf)
-            if bad is None and not torch.isfinite(grad_norm):
-                bad = f"gradient norm {float(grad_norm)} with a finite loss {loss_sum:.6g}; first non-finite " \
+            # the one read-back of the step: loss, gradient norm, loss terms and statistics together
+            names = list(terms)
+            values = torch.stack([loss_sum, grad_norm.float().to(loss_sum.device),
+                                  *[torch.as_tensor(terms[k], device=loss_sum.device, dtype=torch.float32)
+                                    for k in names],
+                                  *[torch.as_tensor(v, device=loss_sum.device, dtype=torch.float32)
+                                    for v in stats.values()]]).tolist()
+            loss, grad, term_values, stat_values = values[0], values[1], values[2:2 + len(names)], \
+                values[2 + len(names):]
+            bad = None if math.isfinite(loss) else _nonfinite_terms(loss, dict(zip(names, term_values)))
+            loss, tokens, flops, terms, bad = self.dist.step_totals(loss, tokens, flops,
+                                                                     dict(zip(names, term_values)), bad)
+            if bad is None and not math.isfinite(grad):
+                bad = f"gradient norm {grad} with a finite loss {loss:.6g}; first non-finite " \
                       f"gradient in {_first_nonfinite_grad(model, objective)}"
             ids = [i for b in micro for i in b["ids"]]
             if bad is None:
                 streak = 0
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if self.dist.device.type == "cuda":
+                torch.cuda.synchronize(self.dist.device)  # the step's time includes its last kernels
             dt = time.perf_counter() - t0
             if bad is None:
-                rec = {"stage": stage.name, "step": step + 1, "loss": loss_sum, "grad_norm": float(grad_norm),
+                mfu = round(flops / (dt * self.peak * self.dist.world), 4) if self.peak else None
+                rec = {"stage": stage.name, "step": step + 1, "loss": loss, "grad_norm": grad,
                        "tokens": tokens, "tok_per_s": round(tokens / dt, 1), "data_s": round(t_data, 4),
-                       "compute_s": round(dt - t_data, 4), "step_s": round(dt, 4), "flops": flops,
-                       "mfu": round(flops / (dt * self.peak * self.dist.world), 4),
+                       "compute_s": round(dt - t_data, 4), "step_s": round(dt, 4), "flops": flops, "mfu": mfu,
                        **{f"loss_{k}": round(v, 6) for k, v in terms.items()},
+                       **{k: round(v, 6) for k, v in zip(stats, stat_values)},
                        **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}}
             else:
                 streak += 1
@@ -327,8 +312,10 @@ class Trainer:
                     f"gradient (max_nonfinite_steps={self.recipe.max_nonfinite_steps}), none applied. This step: "
                     f"{bad}; batch sample ids {ids}. Last good checkpoint: {last[0] if last else 'none yet'}")
             if bad is None:
-                bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens / dt:.0f}", mfu=f"{rec['mfu']:.1%}",
-                                data=f"{t_data / dt:.0%}")
+                shown = {"loss": f"{loss:.3f}", "tok_s": f"{tokens / dt:.0f}", "data": f"{t_data / dt:.0%}"}
+                if rec["mfu"] is not None:
+                    shown["mfu"] = f"{rec['mfu']:.1%}"
+                bar.set_postfix(shown)
             self.state = {"stage": si, "step": step + 1}
             if step + 1 == total:
                 break
@@ -368,7 +355,11 @@ class Trainer:
 
         Under torchrun, mid-stage checkpoints are sharded (`train/dcp.py`, every rank writes); stage ends are
         consolidated and written by rank 0."""
-        state = {"stage": stage, "step": step, "batches": self._consumed, "rng": ckpt.rng_state(),
+        rng = ckpt.rng_state()
+        cuda = self.dist.cuda_rng_states()  # a collective under torchrun: every rank calls it
+        if cuda is not None:
+            rng["cuda"] = cuda
+        state = {"stage": stage, "step": step, "batches": self._consumed, "rng": rng,
                  "skipped": {k: v for k, v in self.skipped.items() if k.startswith("batch: ")},
                  "nonfinite": self.nonfinite, "metrics_bytes": self._metrics_bytes}
         if optimizer is not None and self.dist.enabled:

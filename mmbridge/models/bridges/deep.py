@@ -27,7 +27,10 @@ class FusionContext:
     media_index: torch.Tensor | None = None  # [B, T] the last image starting at or before each position; -1: none
 
     def __post_init__(self):
-        self.has_images = bool(self.image_mask.any())
+        # flat indices of the image positions, found once per forward (one device sync) and shared by every
+        # layer's hooks, which then gather and scatter with fixed-shape index ops instead of boolean masks
+        self.image_index = self.image_mask.flatten().nonzero().squeeze(1)
+        self.has_images = self.image_index.numel() > 0
 
     def xattn_mask(self) -> torch.Tensor:
         """[B, T, K]: a position sees only the visual tokens of the last image before it (Flamingo)."""

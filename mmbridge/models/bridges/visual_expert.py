@@ -61,7 +61,8 @@ class VisualExpertBridge(DeepFusionBridge):
         ctx = self._active
         if ctx is None or not ctx.has_images:
             return None
-        x, mask = inputs[0], ctx.image_mask
+        x, mask, index = inputs[0], ctx.image_mask, ctx.image_index
         if mask.shape != x.shape[:2]:
             raise ValueError(f"visual_expert: image mask {tuple(mask.shape)} does not fit input {tuple(x.shape)}")
-        return output.masked_scatter(mask[..., None], expert(x[mask]).to(output.dtype))
+        routed = expert(x.reshape(-1, x.shape[-1]).index_select(0, index)).to(output.dtype)
+        return output.reshape(-1, output.shape[-1]).index_copy(0, index, routed).view(output.shape)

@@ -1,0 +1,77 @@
+"""Packed rows without a dense mask: block-diagonal causal attention as a flex_attention `BlockMask`.
+
+A dense [B, 1, T, T] mask costs O(T²) memory per row and keeps SDPA off its flash kernels. On a GPU,
+packed rows instead give the LM a `BlockMask` (a query sees earlier keys of its own sample), and the
+LM's attention goes through `packed_or_sdpa`: flex_attention (compiled) for a BlockMask, Hugging
+Face's SDPA function, unchanged, for everything else (plain and Croc's mixed masks, generation).
+`install` registers that function with transformers and points a loaded LM at it. On the CPU the
+dense SDPA path stays the default (flex_attention has no CPU backward); the block path can still
+be asked for there, forward only, which is how tests compare the two.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+NAME = "mmbridge_packed"  # the attention implementation name registered with transformers
+
+
+@functools.cache
+def _flex():
+    """flex_attention, compiled once on a GPU (its fused kernel); the eager reference on a CPU."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
+
+
+def packed_block_mask(segment_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    """[B, T] sample ids (0 for padding) → BlockMask: a query attends to keys at or before it of its own sample;
+    a padding query attends to itself only (its output is never used, and no row is empty)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    seg = segment_ids
+    valid = seg != 0 if attention_mask is None else attention_mask.bool()
+    b, t = seg.shape
+
+    def mask_mod(bi, h, q, kv):
+        return ((kv <= q) & (seg[bi, q] == seg[bi, kv]) & valid[bi, kv]) | (q == kv)
+
+    return create_block_mask(mask_mod, b, None, t, t, device=seg.device, _compile=seg.is_cuda)
+
+
+def packed_or_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """A transformers attention function: flex_attention for a BlockMask, SDPA otherwise."""
+    from torch.nn.attention.flex_attention import BlockMask
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if not isinstance(attention_mask, BlockMask):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    if dropout and module.training:
+        raise ValueError("packed attention through flex_attention has no attention dropout; set it to 0")
+    gqa = query.shape[1] != key.shape[1]
+    out = _flex()(query, key.to(query.dtype), value.to(query.dtype), block_mask=attention_mask, scale=scaling,
+                  enable_gqa=gqa)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@functools.cache
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, packed_or_sdpa)
+    AttentionMaskInterface.register(NAME, sdpa_mask)  # 2D masks become the same masks as under sdpa
+
+
+def install(lm) -> bool:
+    """Route `lm`'s attention through `packed_or_sdpa` if it uses SDPA (other implementations are kept)."""
+    configs = [c for c in (lm.config, *(getattr(lm.config, k, None) for k in ("text_config",))) if c is not None]
+    if any(getattr(c, "_attn_implementation", None) != "sdpa" for c in configs):
+        return False
+    _register()
+    for c in configs:
+        c._attn_implementation = NAME
+    return True

@@ -1,0 +1,67 @@
+"""The multimodal-LM task: LLaVA-format sources → tokenised conversations → (packed) micro-batches."""
+
+from __future__ import annotations
+
+from torch.utils.data import BatchSampler, ConcatDataset, DataLoader
+
+from mmbridge.config import StageConfig
+from mmbridge.data.dataset import Collator, ConversationDataset, LengthGroupedBatches, MixtureSampler
+from mmbridge.data.packing import PackedBatches, PackingCollator, RowTagged, rows_per_epoch
+from mmbridge.data.sources import resolve_source
+from mmbridge.train.signals import ignore_signals
+from mmbridge.train.task import TASKS, Task
+
+
+@TASKS.register("lmm")
+class LMMTask(Task):
+    """Vision encoder → bridge → causal LM, from `recipe.model`; batches from the stage's mixture."""
+
+    def build(self):
+        from mmbridge.models.build import build_model
+
+        self.model, self.processor = build_model(self.recipe.model)
+        self.datasets: dict[str, ConversationDataset] = {}
+        return self.model, self.processor.tokenizer
+
+    def dataset(self, name: str) -> ConversationDataset:
+        if name not in self.datasets:
+            src = resolve_source(self.recipe, name)
+            ds = ConversationDataset(src.json, src.images, self.processor, skip_bad=self.recipe.bad_samples == "skip")
+            self.skipped.update({f"{name}: {k}": v for k, v in ds.skipped.items()})
+            if ds.truncated:
+                print(f"{name}: {ds.truncated} sample(s) shortened in their trailing text to max_length")
+            self.datasets[name] = ds
+        return self.datasets[name]
+
+    def batches(self, model, stage: StageConfig, start_batch: int, pin_memory: bool = False):
+        """Micro-batches of the whole (global) stream from micro-batch `start_batch`, and the epoch size."""
+        names = list(stage.data)
+        parts = [self.dataset(n) for n in names]
+        mix = {"sizes": [len(p) for p in parts], "weights": [stage.data[n] for n in names], "seed": stage.seed}
+        dataset, collate, n_samples = ConcatDataset(parts), Collator(self.processor), sum(len(p) for p in parts)
+        if stage.pack:  # batch_size counts rows of max_length tokens; `epochs` counts the rows the data fills
+            if not getattr(model.bridge, "packable", True):
+                raise ValueError(f"stage {stage.name!r}: pack is not supported with the "
+                                 f"{type(model.bridge).__name__} bridge")
+            lengths = [len(s["input_ids"]) for p in parts for s in p.samples]
+            images = [len(s["images"]) for p in parts for s in p.samples]
+            budget = self.processor.max_length
+            batches = PackedBatches(lengths, images, mix, stage.batch_size, budget, stage.pack_images,
+                                    start=start_batch)
+            dataset, collate, n_samples = RowTagged(dataset), PackingCollator(self.processor), \
+                rows_per_epoch(lengths, budget)
+        elif stage.group_by_length:
+            lengths = [len(s["input_ids"]) for p in parts for s in p.samples]
+            batches = LengthGroupedBatches(lengths, mix, stage.batch_size, window=stage.group_by_length,
+                                           start=start_batch)
+        else:
+            batches = BatchSampler(MixtureSampler(**mix, start=start_batch * stage.batch_size), stage.batch_size,
+                                   drop_last=True)
+        workers = self.recipe.num_workers
+        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
+                            worker_init_fn=ignore_signals if workers else None, pin_memory=pin_memory)
+        return loader, n_samples
+
+    def loader(self, model, stage: StageConfig, start_batch: int, dist):
+        loader, n_samples = self.batches(model, stage, start_batch, pin_memory=dist.device.type == "cuda")
+        return dist.shard_loader(loader), n_samples
