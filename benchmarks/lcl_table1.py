@@ -26,25 +26,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmbridge.config import load_recipe
 from mmbridge.data.shapes_world import COLOURS, SHAPES, scene_sentence, split_scenes
-from mmbridge.lcl.recipe import load_lcl_recipe
 from mmbridge.lcl.sequence import ImageCache
-from mmbridge.lcl.train import Batches, build_model, train_lcl
+from mmbridge.objectives import build_objective
+from mmbridge.train.task import task_for
+from mmbridge.train.trainer import Trainer
 
 METHODS = {
     "lcl": [],
-    "contrastive": ["data=[world/train/pairs]", "sequence.image_position=after", "sequence.patches=false",
-                    "objective.gen_weight=0.0", "objective.lambda_con=1.0"],
-    "generation": ["objective.lambda_con=0.0"],
+    "contrastive": ["stages.0.data={world/train/pairs: 1.0}", "sequence.image_position=after",
+                    "sequence.patches=false", "stages.0.objective.gen_weight=0.0", "stages.0.objective.lambda_con=1.0"],
+    "generation": ["stages.0.objective.lambda_con=0.0"],
 }
 
 
 def recipe_for(method: str, args):
-    sets = [f"steps={args.steps}", f"batch_size={args.batch}", f"threads={args.threads}", "save_every=0",
-            "log_every=10", f"name=bench-{method}"] + METHODS[method]
+    sets = [f"stages.0.steps={args.steps}", f"stages.0.batch_size={args.batch}", f"threads={args.threads}",
+            "save_every=0", "log_every=10", f"name=bench-{method}"] + METHODS[method]
     if method == "contrastive":
-        sets.append(f"batch_size={args.batch * 3}")
-    return load_lcl_recipe("lcl", sets)
+        sets.append(f"stages.0.batch_size={args.batch * 3}")
+    return load_recipe("lcl", sets)
 
 
 def eval_data(recipe, args) -> dict:
@@ -113,10 +115,10 @@ def encode_texts(tok, texts: list[str], suffix: list[int]) -> tuple[torch.Tensor
 
 
 @torch.no_grad()
-def retrieval(model, tok, feats: dict, texts: list[str], likelihood: bool) -> dict:
+def retrieval(model, objective, tok, feats: dict, texts: list[str], likelihood: bool) -> dict:
     n = len(texts)
     ids, mask = encode_texts(tok, texts, [model.ids.soi])
-    text = model.text_features(ids, mask)
+    text = objective.text_features(model, ids, mask)
     out = {"r1_contrastive": round(r_at_1(F.normalize(feats["latent"][:n], dim=-1) @ text.T), 4)}
     if likelihood:  # log p(text | <soi> patches <eoi>) for every image-text pair
         ids, mask = encode_texts(tok, texts, [])
@@ -136,7 +138,7 @@ def retrieval(model, tok, feats: dict, texts: list[str], likelihood: bool) -> di
     return out
 
 
-def score(model, tok, data: dict, args, likelihood: bool) -> dict:
+def score(model, objective, tok, data: dict, args, likelihood: bool) -> dict:
     model.eval()
     tr, te = features(model, data["train"]["paths"]), features(model, data["test"]["paths"])
     row = {}
@@ -146,7 +148,7 @@ def score(model, tok, data: dict, args, likelihood: bool) -> dict:
             acc = probe(tr[kind], data["train"][attr], te[kind][:n], data["test"][attr][:n])
             row[f"probe_{attr}" + ("" if kind == "mean" else "_latent")] = round(acc, 4)
     row["probe_mean"] = round(float(np.mean([row[f"probe_{a}"] for a in ("shape", "colour", "count")])), 4)
-    return {**row, **retrieval(model, tok, te, data["test"]["text"][: args.retrieval_n], likelihood)}
+    return {**row, **retrieval(model, objective, tok, te, data["test"]["text"][: args.retrieval_n], likelihood)}
 
 
 def main(argv=None) -> dict:
@@ -164,28 +166,27 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     base = recipe_for("lcl", args)
     data = eval_data(base, args)
-    from transformers import AutoTokenizer
-
     rows = {}
-    tok = None
     for method in args.methods.split(","):
         recipe = recipe_for(method, args)
         run = Path(args.out) / method
         shutil.rmtree(run, ignore_errors=True)
         t1 = time.perf_counter()
-        model = train_lcl(recipe, run, progress=False)
+        trainer = Trainer(recipe, run, progress=False)  # the one training engine, as `mmbridge train` runs it
+        trainer.run()
         t_train = time.perf_counter() - t1
-        tok = AutoTokenizer.from_pretrained(run / "tokenizer")
         last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-        rows[method] = {**score(model, tok, data, args, likelihood=recipe.objective.gen_weight > 0),
+        gen = recipe.stages[0].objective.get("gen_weight", 1.0) > 0
+        rows[method] = {**score(trainer.model, trainer.objective, trainer.tokenizer, data, args, likelihood=gen),
                         "train_s": round(t_train, 1), "final_loss_gen": last["loss_gen"],
                         "final_loss_con": last["loss_con"]}
         print(f"{method}: {rows[method]}", flush=True)
     # the floor: the same init, untrained (LCL's tokenizer: the documents' full vocabulary)
-    from mmbridge.lcl.model import build_tokenizer
-
-    tok = build_tokenizer("words", Batches(base, 0, 1).texts())
-    rows["random_init"] = score(build_model(base, tok), tok, data, args, likelihood=True)
+    task = task_for(base)
+    model, tok = task.build()
+    torch.manual_seed(base.stages[0].seed)
+    rows["random_init"] = score(model, build_objective(base.stages[0].objective, model), tok, data, args,
+                                likelihood=True)
     print(f"random_init: {rows['random_init']}", flush=True)
     print_table(rows)
     table = {"benchmark": "lcl_table1", "steps": args.steps, "batch_docs": args.batch, "batch_pairs": args.batch * 3,
