@@ -8,7 +8,9 @@ the LM's layers, reading a per-forward context passed to the decoder as the keyw
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,7 @@ from mmbridge.data.processor import IGNORE
 from mmbridge.models import packed_attention
 from mmbridge.models.masks import mixed_attention_mask
 from mmbridge.models.precision import autocast
+from mmbridge.models.sampling import next_tokens, per_row
 
 
 @dataclass
@@ -164,13 +167,26 @@ class MultimodalLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None,
                  max_new_tokens: int = 32, eos_token_ids: list[int] | tuple = (),
-                 instruction_ids: torch.Tensor | None = None) -> list[list[int]]:
-        """Greedy decoding with a KV cache; `input_ids` are left-padded prompts, on the model's device."""
+                 instruction_ids: torch.Tensor | None = None, temperature: float | Sequence[float] = 0.0,
+                 top_p: float | Sequence[float] = 1.0,
+                 generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
+                 on_token: Callable[[list[int | None]], Sequence[bool] | None] | None = None) -> list[list[int]]:
+        """Decoding with a KV cache; `input_ids` are left-padded prompts, on the model's device.
+
+        Greedy by default; a row with `temperature` > 0 samples from its top-p nucleus with its `generator`
+        (one per row, or one for all; on the model's device), see `sampling.py`. `on_token`, if given, is
+        called after every step with each row's new token (None for a row already finished) and may return
+        one flag per row that ends that row after this token (a stop string, a client gone). Returns each
+        row's tokens up to its first `eos_token_ids` token (excluded) or its end."""
+        n = input_ids.shape[0]
+        choose = partial(next_tokens, temperature=per_row(temperature, n, "temperature"),
+                         top_p=per_row(top_p, n, "top_p"), generators=per_row(generator, n, "generator"))
         with self.autocast():
             return self._generate(input_ids, attention_mask, pixel_values, max_new_tokens, eos_token_ids,
-                                  instruction_ids)
+                                  instruction_ids, choose, on_token)
 
-    def _generate(self, input_ids, attention_mask, pixel_values, max_new_tokens, eos_token_ids, instruction_ids):
+    def _generate(self, input_ids, attention_mask, pixel_values, max_new_tokens, eos_token_ids, instruction_ids,
+                  choose, on_token):
         embeds, extra = self.prepare(input_ids, pixel_values, instruction_ids=instruction_ids)
         mask = attention_mask.clone()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -183,11 +199,14 @@ class MultimodalLM(nn.Module):
         cache, last = out[key], positions[:, -1]
         eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=input_ids.device)
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        ends: list[int | None] = [None] * input_ids.shape[0]  # with `on_token`: each finished row's length
         tokens = []
-        next_tok = out.logits[:, -1].argmax(-1)
-        for _ in range(max_new_tokens):
+        next_tok = choose(out.logits[:, -1])
+        for step in range(max_new_tokens):
             tokens.append(next_tok)
             done |= torch.isin(next_tok, eos)
+            if on_token is not None:
+                self._report(next_tok, step, ends, set(eos_token_ids), on_token, done)
             if bool(done.all()):
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -195,10 +214,25 @@ class MultimodalLM(nn.Module):
             out = self.lm(input_ids=next_tok[:, None], attention_mask=mask, position_ids=last[:, None],
                           use_cache=True, **{key: cache}, **step_extra)
             cache = out[key]
-            next_tok = out.logits[:, -1].argmax(-1)
+            next_tok = choose(out.logits[:, -1])
         seqs = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(input_ids.shape[0])]
         result = []
-        for seq in seqs:
+        for seq, end in zip(seqs, ends):
             cut = next((i for i, t in enumerate(seq) if t in set(eos_token_ids)), len(seq))
-            result.append(seq[:cut])
+            result.append(seq[:cut if end is None else min(cut, end)])
         return result
+
+    @staticmethod
+    def _report(next_tok, step, ends, eos, on_token, done) -> None:
+        """Give `on_token` this step's tokens (None for rows finished before it); end the rows it flags.
+        `ends` holds each finished row's length: before its stop token, or after a flagged token."""
+        new = next_tok.tolist()
+        flags = on_token([None if end is not None else t for t, end in zip(new, ends)]) or ()
+        flags = list(flags) + [False] * (len(new) - len(flags))
+        for row, (t, flag) in enumerate(zip(new, flags)):
+            if ends[row] is None and t in eos:
+                ends[row] = step
+            elif ends[row] is None and flag:
+                ends[row] = step + 1
+        if any(flags):
+            done |= torch.tensor([bool(f) for f in flags], device=done.device)
