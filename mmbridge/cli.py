@@ -1,4 +1,4 @@
-"""Command line: `mmbridge train | eval | chat | demo`."""
+"""Command line: `mmbridge train | eval | chat | serve | demo`."""
 
 from __future__ import annotations
 
@@ -49,6 +49,20 @@ def _chat(args) -> None:
     return answer
 
 
+def _serve(args) -> None:
+    import uvicorn
+
+    from mmbridge.serve.app import create_app
+    from mmbridge.train.checkpoint import load_run
+
+    model, processor = load_run(args.run_dir, device=args.device)
+    name = Path(args.run_dir).resolve().name
+    app = create_app(model, processor, name, max_batch=args.max_batch, max_images=args.max_images,
+                     max_tokens=args.max_tokens)
+    print(f"serving {args.run_dir} as model {name!r} on http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+
+
 def _demo(args) -> None:
     from mmbridge.demo import run_demo
 
@@ -92,6 +106,17 @@ def main(argv: list[str] | None = None):
     p.add_argument("--max-new-tokens", type=int, default=64)
     _device_flag(p)
     p.set_defaults(fn=_chat)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible chat-completions server for a trained run")
+    p.add_argument("run_dir")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=8, help="decode up to this many waiting requests together")
+    p.add_argument("--max-images", type=int, default=4, help="images allowed in one request")
+    p.add_argument("--max-tokens", type=int, default=256, help="the longest reply (a request may ask for fewer)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _device_flag(p)
+    p.set_defaults(fn=_serve)
 
     p = sub.add_parser("demo", help="the bundled pretraining run on CPU, then a results table")
     p.add_argument("--quick", action="store_true", help="a handful of steps, for a first look and tests")

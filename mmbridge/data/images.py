@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ __all__ = [
     "SIGLIP_MEAN",
     "SIGLIP_STD",
     "ImageError",
+    "decode_image",
     "load_image",
     "preprocess",
 ]
@@ -56,14 +58,26 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
         raise ImageError(path, "not a regular file")
     if os.path.getsize(path) == 0:
         raise ImageError(path, "file is empty (0 bytes)")
+    return _decode(path, path, max_pixels)
+
+
+def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """`load_image` for an image held in memory (e.g. a base64 data URL); errors name it `name`."""
+    if not data:
+        raise ImageError(name, "no image data (0 bytes)")
+    return _decode(io.BytesIO(data), name, max_pixels)
+
+
+def _decode(source, name, max_pixels: int | None) -> Image.Image:
+    """Open `source` (a path or a binary file), check its size, decode it fully, as RGB."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 w, h = img.size  # header only; check before decoding pixel data
                 if max_pixels is not None and w * h > max_pixels:
                     raise ImageError(
-                        path,
+                        name,
                         f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
                         "(possible decompression bomb)",
                     )
@@ -72,12 +86,12 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(path, f"decompression bomb: {e}") from e
+        raise ImageError(name, f"decompression bomb: {e}") from e
     except Image.UnidentifiedImageError as e:
-        raise ImageError(path, "not a recognised image format") from e
+        raise ImageError(name, "not a recognised image format") from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         # PIL reports truncated/corrupt data as OSError, SyntaxError ("broken PNG") or EOFError.
-        raise ImageError(path, f"corrupt or truncated image data ({type(e).__name__}: {e})") from e
+        raise ImageError(name, f"corrupt or truncated image data ({type(e).__name__}: {e})") from e
 
 
 def preprocess(

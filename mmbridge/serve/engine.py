@@ -1,0 +1,171 @@
+"""One generation thread for the server: requests queue up and the ones waiting are decoded together.
+
+The model runs on this thread only, so concurrent requests never share a forward pass by accident. When
+it is free it takes every waiting job (up to `max_batch`), left-pads their prompts into one batch and
+calls `MultimodalLM.generate` with one temperature, top-p and generator per row. A job is answered as soon
+as its own reply ends (stop token, stop string, its token limit), not when the whole batch ends; a job that
+arrives during a batch waits for the next one.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from mmbridge.serve.text import ReplyText
+
+
+@dataclass
+class Job:
+    """One request's prompt, settings and progress. `notify(kind, value)` is called from the engine thread:
+    ("delta", text) for each settled piece of text, then ("done", None) or ("error", exception)."""
+
+    prompt: list[int]
+    pixels: torch.Tensor | None  # [n_images, 3, H, W]
+    max_new_tokens: int
+    reply: ReplyText
+    notify: Callable[[str, object], None]
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    instructions: list[list[int]] = field(default_factory=list)  # per image, for an instruction-aware Q-Former
+    generated: int = 0  # tokens the model produced for this reply, its stop token included
+    finish_reason: str | None = None  # "stop" or "length"
+    cancelled: bool = False  # set by the server when the client has gone: the row ends at the next token
+
+    def take(self, token: int, stop_ids: set[int]) -> bool:
+        """One new token; True once this reply is complete."""
+        if self.finish_reason is not None:
+            return True
+        self.generated += 1
+        if token in stop_ids:
+            return self.finish("stop")
+        piece = self.reply.push(token)
+        if piece:
+            self.notify("delta", piece)
+        if self.reply.stopped:
+            return self.finish("stop")
+        if self.generated >= self.max_new_tokens or self.cancelled:
+            return self.finish("length")
+        return False
+
+    def finish(self, reason: str) -> bool:
+        if self.finish_reason is None:
+            self.finish_reason = reason
+            piece = self.reply.finish()
+            if piece:
+                self.notify("delta", piece)
+            self.notify("done", None)
+        return True
+
+
+class Engine:
+    """Runs `model.generate` for queued `Job`s on its own thread, `max_batch` waiting jobs at a time."""
+
+    def __init__(self, model, processor, max_batch: int = 8, start: bool = True):
+        if max_batch < 1:
+            raise ValueError(f"max_batch={max_batch}: expected at least 1")
+        self.model, self.processor, self.max_batch = model, processor, max_batch
+        self.stop_ids = set(processor.stop_token_ids)
+        self.batch_sizes: list[int] = []  # the size of every batch run so far (for tests and benchmarks)
+        self._queue: queue.Queue = queue.Queue()
+        self._tokenizer_lock = threading.Lock()  # the request threads encode while this thread decodes
+        self._thread = threading.Thread(target=self._loop, name="mmbridge-generate", daemon=True)
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish the batch in progress and stop the thread; jobs still queued get an error."""
+        self._queue.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def submit(self, job: Job) -> None:
+        self._queue.put(job)
+
+    def encode_prompt(self, turns: list[dict]) -> list[int]:
+        with self._tokenizer_lock:
+            return self.processor.encode_prompt(turns)
+
+    def instruction_ids(self, turns: list[dict]) -> list[list[int]]:
+        return self.processor.instruction_ids(turns) if self.processor.instructions else []
+
+    def decode(self, ids: list[int]) -> str:
+        """Token ids → text as `mmbridge chat` decodes them (special tokens skipped)."""
+        with self._tokenizer_lock:
+            return self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                break
+            batch = [job]
+            closing = False
+            while len(batch) < self.max_batch:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    closing = True
+                    break
+                batch.append(more)
+            self._run(batch)
+            if closing:
+                break
+        while True:  # closed: refuse what is still waiting
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                job.notify("error", RuntimeError("the server is shutting down"))
+
+    def _run(self, batch: list[Job]) -> None:
+        self.batch_sizes.append(len(batch))
+        try:
+            self._generate(batch)
+        except Exception as e:  # noqa: BLE001 - every waiting client gets the error, the thread lives on
+            for job in batch:
+                if job.finish_reason is None:
+                    job.finish_reason = "error"
+                    job.notify("error", e)
+            return
+        for job in batch:  # the batch ran out of steps before this reply ended
+            job.finish("length")
+
+    def _generate(self, batch: list[Job]) -> None:
+        model, proc = self.model, self.processor
+        device = model.device
+        ids = proc.pad([j.prompt for j in batch], proc.pad_id, left=True)
+        lengths = torch.tensor([len(j.prompt) for j in batch])
+        mask = (torch.arange(ids.shape[1])[None, :] >= ids.shape[1] - lengths[:, None]).long()
+        pixels = [j.pixels for j in batch if j.pixels is not None]
+        extra = {}
+        instructions = [s for j in batch for s in j.instructions]
+        if instructions:
+            extra["instruction_ids"] = proc.pad_text(instructions).to(device)
+        generators = [None if j.temperature <= 0 else self._generator(j.seed, device) for j in batch]
+        model.generate(ids.to(device), mask.to(device), torch.cat(pixels).to(device) if pixels else None,
+                       max_new_tokens=max(j.max_new_tokens for j in batch), eos_token_ids=sorted(self.stop_ids),
+                       temperature=[j.temperature for j in batch], top_p=[j.top_p for j in batch],
+                       generator=generators, **extra,
+                       on_token=lambda toks: [t is None or j.take(t, self.stop_ids) for j, t in zip(batch, toks)])
+
+    @staticmethod
+    def _generator(seed: int | None, device: torch.device) -> torch.Generator:
+        """A request's own random stream on the model's device: seeded, or from fresh entropy."""
+        g = torch.Generator(device=device)
+        if seed is None:
+            g.seed()
+        else:
+            g.manual_seed(seed)
+        return g
