@@ -190,7 +190,10 @@ class MultimodalLM(nn.Module):
         embeds, extra = self.prepare(input_ids, pixel_values, instruction_ids=instruction_ids)
         mask = attention_mask.clone()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
+        # only the last position's logits are needed (a [B, T, vocab] product is a fifth of a small LM's prefill)
+        keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(type(self.lm).forward).parameters else {}
+        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, **keep,
+                      **extra)
         # deep fusion: every new token is text and sees the prompt's last image
         step_extra = {"fusion": extra["fusion"].next_token()} if extra else {}
         # transformers renamed `past_key_values` to `cache` (5.2x); use whichever this version has
