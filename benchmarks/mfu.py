@@ -98,17 +98,20 @@ def main() -> None:
         results.append(r)
         print(json.dumps(r), flush=True)
     peak_after = cpu_peak(refresh=True) if device.type == "cpu" else peak_before
-    peak = max(peak_before, peak_after)
+    peak = max(peak_before, peak_after) if peak_before else None
     how = f"measured fp32 matmul peak ({threads} thread(s))" if device.type == "cpu" else device_peak(device)[1]
-    print(f"peak: {how}: {peak_before / 1e9:.1f} GFLOP/s before, {peak_after / 1e9:.1f} after; using "
-          f"{peak / 1e9:.1f}")
-    for r in results:
-        r["mfu"] = round(r["model_gflop_per_s"] * 1e9 / peak, 4)
+    if peak:
+        print(f"peak: {how}: {peak_before / 1e9:.1f} GFLOP/s before, {peak_after / 1e9:.1f} after; using "
+              f"{peak / 1e9:.1f}")
+    for r in results:  # a GPU without a known datasheet peak gets no MFU (see mmbridge/train/flops.py)
+        r["mfu"] = round(r["model_gflop_per_s"] * 1e9 / peak, 4) if peak else None
         print(f"  {r['config']:>11}: {r['tokens_per_step']:>5} tokens/step, {r['gflop_per_step']:>7.1f} GFLOP/step, "
-              f"{r['step_s_median']:>7.2f} s/step, {r['model_gflop_per_s']:>6.1f} GFLOP/s, MFU {r['mfu']:.1%}")
-    print(json.dumps({"device": str(device), "threads": threads, "peak_gflop_per_s": round(peak / 1e9, 2),
+              f"{r['step_s_median']:>7.2f} s/step, {r['model_gflop_per_s']:>6.1f} GFLOP/s, MFU "
+              f"{'-' if r['mfu'] is None else format(r['mfu'], '.1%')}")
+    print(json.dumps({"device": str(device), "threads": threads,
+                      "peak_gflop_per_s": round(peak / 1e9, 2) if peak else None,
                       "peak_how": how, "target": 0.35 if device.type == "cpu" else 0.45, "results": results,
-                      "best_mfu": max(r["mfu"] for r in results)}))
+                      "best_mfu": max((r["mfu"] for r in results if r["mfu"] is not None), default=None)}))
 
 
 if __name__ == "__main__":

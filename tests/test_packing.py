@@ -238,6 +238,24 @@ def test_block_mask_path_equals_the_dense_path(tiny):
     assert torch.equal(got, want)
 
 
+def test_rows_padded_to_a_fixed_width_change_nothing_but_padding(tiny):
+    """On a GPU packed rows are padded to max_length (one shape for compiled kernels): same samples, losses."""
+    model, proc = tiny
+    its = items(proc)
+    rows = pack([len(it["input_ids"]) for it in its], [it["pixel_values"].shape[0] for it in its], 160)
+    tagged = [{**its[i], "row": r} for r, row in enumerate(rows) for i in row]
+    free, fixed = PackingCollator(proc)(tagged), PackingCollator(proc, width=160)(tagged)
+    w = free["input_ids"].shape[1]
+    assert w < 160 and fixed["input_ids"].shape == (len(rows), 160)
+    for key in ("input_ids", "labels", "position_ids", "segment_ids", "attention_mask"):
+        assert torch.equal(fixed[key][:, :w], free[key]), key
+    assert (fixed["attention_mask"][:, w:] == 0).all() and (fixed["labels"][:, w:] == IGNORE).all()
+    with torch.no_grad():
+        a, b = (model(x["input_ids"], x["attention_mask"], x["pixel_values"], x["labels"],
+                      position_ids=x["position_ids"], segment_ids=x["segment_ids"]).loss for x in (free, fixed))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_without_the_block_mask_samples_would_leak(tiny):
     """The check above can fail: packed rows with only a padding mask give other losses."""
     model, proc = tiny

@@ -120,7 +120,12 @@ class PackingCollator(Collator):
     """Lays out packed rows: input ids, labels (each sample's first label ignored, so no sample
     predicts the next one's first token), `position_ids` restarting at 0 per sample, `segment_ids`
     and an `attention_mask` of real tokens. Images, ids and bridge text follow the row-major
-    sample order, which is the order of the image tokens."""
+    sample order, which is the order of the image tokens. `width`: pad every row to this many tokens
+    (a fixed shape, so compiled attention kernels on a GPU are built once); default: the longest row."""
+
+    def __init__(self, processor, width: int | None = None):
+        super().__init__(processor)
+        self.width = width
 
     def __call__(self, items: list[dict]) -> dict:
         skipped = Counter(it["skip"] for it in items if "skip" in it)
@@ -131,7 +136,7 @@ class PackingCollator(Collator):
         for it in items:
             by_row.setdefault(it["row"], []).append(it)
         rows = list(by_row.values())
-        width = max(sum(len(it["input_ids"]) for it in row) for row in rows)
+        width = max(max(sum(len(it["input_ids"]) for it in row) for row in rows), self.width or 0)
         shape = (len(rows), width)
         input_ids = torch.full(shape, self.processor.pad_id, dtype=torch.long)
         labels = torch.full(shape, IGNORE, dtype=torch.long)

@@ -84,7 +84,7 @@ class Dist:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         self.enabled = strategy != "none" and world > 1
         self.rank, self.world = 0, 1
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0")) if self.enabled else 0
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = resolve_device(device, self.local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)

@@ -33,7 +33,8 @@ class LMMTask(Task):
             self.datasets[name] = ds
         return self.datasets[name]
 
-    def batches(self, model, stage: StageConfig, start_batch: int, pin_memory: bool = False):
+    def batches(self, model, stage: StageConfig, start_batch: int, pin_memory: bool = False,
+                fixed_width: bool = False):
         """Micro-batches of the whole (global) stream from micro-batch `start_batch`, and the epoch size."""
         names = list(stage.data)
         parts = [self.dataset(n) for n in names]
@@ -48,8 +49,8 @@ class LMMTask(Task):
             budget = self.processor.max_length
             batches = PackedBatches(lengths, images, mix, stage.batch_size, budget, stage.pack_images,
                                     start=start_batch)
-            dataset, collate, n_samples = RowTagged(dataset), PackingCollator(self.processor), \
-                rows_per_epoch(lengths, budget)
+            collate = PackingCollator(self.processor, width=budget if fixed_width else None)
+            dataset, n_samples = RowTagged(dataset), rows_per_epoch(lengths, budget)
         elif stage.group_by_length:
             lengths = [len(s["input_ids"]) for p in parts for s in p.samples]
             batches = LengthGroupedBatches(lengths, mix, stage.batch_size, window=stage.group_by_length,
@@ -63,5 +64,7 @@ class LMMTask(Task):
         return loader, n_samples
 
     def loader(self, model, stage: StageConfig, start_batch: int, dist):
-        loader, n_samples = self.batches(model, stage, start_batch, pin_memory=dist.device.type == "cuda")
+        # on a GPU packed rows are padded to max_length: one shape, so flex_attention's kernel compiles once
+        gpu = dist.device.type == "cuda"
+        loader, n_samples = self.batches(model, stage, start_batch, pin_memory=gpu, fixed_width=gpu)
         return dist.shard_loader(loader), n_samples
