@@ -257,8 +257,8 @@ def test_waiting_requests_are_decoded_in_one_batch(loaded, images):
         prompt = proc.encode_prompt([{"from": "human", "value": f"<image>\n{question}"}])
         pixels = preprocess([load_image(image)], proc.image_size, proc.image_mean, proc.image_std)
         done = threading.Event()
-        j = Job(prompt, pixels, max_new, ReplyText(engine.decode), lambda kind, _: done.set() if kind != "delta" else None,
-                **kw)
+        j = Job(prompt, pixels, max_new, ReplyText(engine.decode),
+                lambda kind, _: done.set() if kind != "delta" else None, **kw)
         results.append((j, done, prompt, pixels))
         return j
 

@@ -120,7 +120,8 @@ async def _stream(job: Job, events: asyncio.Queue, meta: dict, include_usage: bo
         else:
             yield chunk({}, job.finish_reason)
             if include_usage:
-                yield f"data: {json.dumps({**meta, 'object': 'chat.completion.chunk', 'choices': [], 'usage': _usage(job)})}\n\n"
+                usage = {**meta, "object": "chat.completion.chunk", "choices": [], "usage": _usage(job)}
+                yield f"data: {json.dumps(usage)}\n\n"
         yield "data: [DONE]\n\n"
     finally:
         job.cancelled = True  # no effect once the reply has ended

@@ -84,7 +84,8 @@ def _number(value, param: str, low, high, integer: bool = False, open_low: bool 
     if not ok or isinstance(value, bool):
         raise RequestError(f"{param}={value!r}: expected {'an integer' if integer else 'a number'}", param)
     if (low is not None and (value <= low if open_low else value < low)) or (high is not None and value > high):
-        bounds = f"{'(' if open_low else '['}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        lo, hi = ("-inf" if low is None else low), ("inf" if high is None else high)
+        bounds = f"{'(' if open_low else '['}{lo}, {hi}]"
         raise RequestError(f"{param}={value!r}: expected a value in {bounds}", param)
     return value
 
