@@ -1,4 +1,4 @@
-"""Command line: `mmbridge train | eval | chat | serve | demo`."""
+"""Command line: `mmbridge train | eval | chat | serve | export | import | demo`."""
 
 from __future__ import annotations
 
@@ -63,6 +63,18 @@ def _serve(args) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 
+def _export(args) -> None:
+    from mmbridge.interop.export import export_run
+
+    export_run(args.run_dir, args.out_dir)
+
+
+def _import(args) -> None:
+    from mmbridge.interop.llava_import import import_llava
+
+    import_llava(args.src, args.out_dir)
+
+
 def _demo(args) -> None:
     from mmbridge.demo import run_demo
 
@@ -118,6 +130,16 @@ def main(argv: list[str] | None = None):
     _device_flag(p)
     p.set_defaults(fn=_serve)
 
+    p = sub.add_parser("export", help="write a run as a stock transformers LLaVA folder (LoRA merged)")
+    p.add_argument("run_dir")
+    p.add_argument("out_dir", help="a new folder (an existing non-empty one is refused)")
+    p.set_defaults(fn=_export)
+
+    p = sub.add_parser("import", help="turn a transformers LLaVA folder into a run directory")
+    p.add_argument("src", help="a LlavaForConditionalGeneration folder (config, safetensors, processor files)")
+    p.add_argument("out_dir", help="the new run directory (an existing non-empty one is refused)")
+    p.set_defaults(fn=_import)
+
     p = sub.add_parser("demo", help="the bundled pretraining run on CPU, then a results table")
     p.add_argument("--quick", action="store_true", help="a handful of steps, for a first look and tests")
     p.add_argument("--out", default=None, help="run directory (default runs/demo or runs/demo-quick)")
@@ -129,12 +151,13 @@ def main(argv: list[str] | None = None):
     from mmbridge.config import RecipeError
     from mmbridge.data.images import ImageError
     from mmbridge.data.llava import DataError
+    from mmbridge.interop import InteropError
 
     from mmbridge.train.checkpoint import CheckpointError
 
     try:
         return args.fn(args)
-    except (RecipeError, DataError, ImageError, FileNotFoundError) as e:  # the user's input, not our bug
+    except (RecipeError, DataError, ImageError, FileNotFoundError, InteropError) as e:  # the user's input, not our bug
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except (CheckpointError, FloatingPointError) as e:  # disk, run directory, or a diverged run: said plainly

@@ -1,0 +1,258 @@
+"""`mmbridge export`: a trained run → a stock transformers `LlavaForConditionalGeneration` folder.
+
+Supported exactly: an `hf` vision tower (CLIP, SigLIP, DINOv2 without registers, or any tower `AutoModel`
+builds from its config) + the `mlp` bridge (Linear-GELU-Linear, LLaVA-1.5's projector) + any causal LM
+`AutoModelForCausalLM` builds. LoRA adapters are merged into the LM's weights. The mapping:
+
+* `model.vision.feature_layer` → `vision_feature_layer` (both index the tower's `hidden_states`, input
+  embeddings first, in the same capture code of transformers);
+* `drop_cls: true` on a tower with one CLS token → `vision_feature_select_strategy: default` (LLaVA drops
+  exactly the first token); a tower without one, or `drop_cls: false` → `full`;
+* `bridge.proj.0` / `bridge.proj.2` → `multi_modal_projector.linear_1` / `linear_2`;
+* tokens per image → `image_seq_length`; the image token gets a zero row if the LM's vocabulary lacks it
+  (mmbridge never embeds it), suppressed in `generation_config.json` with any other new id.
+
+Anything else raises `ExportError`, naming the recipe key in the way and what to change.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mmbridge.config import ModelConfig
+from mmbridge.interop import InteropError
+from mmbridge.interop import folders
+from mmbridge.interop.merge import merge_lora
+
+# bridges LlavaMultiModalProjector cannot express, and why
+_BRIDGES = {
+    "linear": "a single Linear layer; LLaVA's projector is Linear-GELU-Linear (train with {name: mlp, depth: 2})",
+    "pool_adapter": "average-pools the token grid before its MLP; LLaVA's projector maps every encoder token "
+                    "(train with {name: mlp})",
+    "qformer": "a Q-Former (BLIP-2), not a per-token projector",
+    "resampler": "a Perceiver Resampler (Flamingo), not a per-token projector",
+    "gated_xattn": "adds cross-attention blocks inside the LM (deep fusion), which LLaVA has not",
+    "visual_expert": "adds visual-expert weights inside every LM layer (deep fusion), which LLaVA has not",
+}
+_VISION = {
+    "efficientnet_lite0": "a CNN; LLaVA here takes ViT-style hf towers (CLIP, SigLIP, DINOv2)",
+    "lcl_vit": "mmbridge's own ViT, which transformers cannot build",
+}
+
+
+class ExportError(InteropError):
+    """A run whose model stock transformers cannot hold as LLaVA; the message names what blocks it."""
+
+
+@dataclass
+class LlavaLayout:
+    """How the run's encoder output maps onto LLaVA's feature selection."""
+
+    feature_layer: int
+    strategy: str  # "default" (drop the one CLS token) or "full"
+    num_additional_image_tokens: int  # special tokens the tower emits, for LlavaProcessor's count
+    image_seq_length: int
+    patch_size: int
+    image_size: int
+
+
+def recipe_blockers(cfg: ModelConfig) -> list[str]:
+    """What in a recipe's `model` section keeps it from being a LLaVA (empty: nothing, as far as the recipe says)."""
+    found = []
+    vision, bridge = dict(cfg.vision), dict(cfg.bridge)
+    name = vision.get("name")
+    if name != "hf":
+        found.append(f"model.vision.name: {name} is {_VISION.get(name, 'not an hf tower')}")
+    else:
+        if vision.get("post_layernorm"):
+            found.append("model.vision.post_layernorm: true applies the tower's final LayerNorm to the selected "
+                         "layer, which LLaVA does not; train with post_layernorm: false")
+    kind = bridge.get("name")
+    if kind in _BRIDGES:
+        found.append(f"model.bridge.name: {kind} is {_BRIDGES[kind]}")
+    elif kind != "mlp":
+        found.append(f"model.bridge.name: {kind!r} is not the mlp bridge LLaVA's projector holds")
+    else:
+        if bridge.get("depth", 2) != 2:
+            found.append(f"model.bridge.depth: {bridge['depth']} layers; LLaVA's projector is exactly "
+                         "Linear-GELU-Linear (depth: 2)")
+        if bridge.get("norm"):
+            found.append("model.bridge.norm: true puts a LayerNorm before the projector, which LLaVA's projector "
+                         "lacks; train with norm: false")
+        if bridge.get("l2_normalize"):
+            found.append("model.bridge.l2_normalize: true rescales every visual token to unit norm, which LLaVA "
+                         "does not; train with l2_normalize: false")
+    for key in ("pos_embed", "pooled"):
+        if key in bridge and kind == "pool_adapter":
+            found.append(f"model.bridge.{key}: a pool_adapter option; LLaVA has no pooling or per-cell embedding")
+    return found
+
+
+def _check_projector(proj: nn.Module) -> None:
+    """The bridge module itself must be Linear, exact GELU, Linear (what `projector_hidden_act: gelu` runs)."""
+    layers = list(proj) if isinstance(proj, nn.Sequential) else []
+    shape_ok = (len(layers) == 3 and isinstance(layers[0], nn.Linear) and isinstance(layers[2], nn.Linear)
+                and isinstance(layers[1], nn.GELU) and all(m.bias is not None for m in (layers[0], layers[2])))
+    if not shape_ok:
+        raise ExportError(f"model.bridge: the projector is {proj}, not Linear-GELU-Linear with biases")
+    if layers[1].approximate != "none":
+        raise ExportError(f"model.bridge: GELU(approximate={layers[1].approximate!r}); LLaVA's `gelu` is exact")
+
+
+def _auto_class(model_type: str, table: str) -> str | None:
+    from transformers.models.auto import modeling_auto
+
+    return getattr(modeling_auto, table).get(model_type)
+
+
+def layout(model, cfg: ModelConfig) -> LlavaLayout:
+    """Check the loaded model against LLaVA and return the settings that reproduce it; ExportError otherwise."""
+    blockers = recipe_blockers(cfg)
+    if blockers:
+        raise ExportError("cannot export as LlavaForConditionalGeneration:\n  " + "\n  ".join(blockers))
+    enc, tower = model.vision, model.vision.model
+    vc = tower.config
+    want = _auto_class(vc.model_type, "MODEL_MAPPING_NAMES")
+    if want != type(tower).__name__:
+        raise ExportError(f"model.vision.path: the tower is a {type(tower).__name__}, but AutoModel builds "
+                          f"{want or 'nothing'} from its config ({vc.model_type}), as LLaVA would")
+    if enc.image_size != int(vc.image_size):
+        raise ExportError(f"model.vision.image_size: {enc.image_size} px differs from the tower's "
+                          f"{vc.image_size}; LLaVA does not interpolate position embeddings (drop image_size)")
+    n_special = enc._n_special
+    if enc.drop_cls and n_special > 1:
+        raise ExportError(f"model.vision.drop_cls: true drops {n_special} tokens (CLS and "
+                          f"{n_special - 1} registers); LLaVA's `default` strategy drops exactly one. Use a tower "
+                          "without registers, or drop_cls: false (all tokens kept: `full`)")
+    strategy = "default" if enc.drop_cls and n_special == 1 else "full"
+    kept = 0 if enc.drop_cls else n_special
+    if model.bridge.num_tokens != enc.grid[0] * enc.grid[1] + kept:
+        raise ExportError(f"model.bridge: {model.bridge.num_tokens} tokens per image, but LLaVA would give "
+                          f"{enc.grid[0] * enc.grid[1] + kept}")
+    _check_projector(model.bridge.proj)
+    _check_lm(model.lm)
+    return LlavaLayout(feature_layer=enc.feature_layer, strategy=strategy,
+                       num_additional_image_tokens=n_special if strategy == "default" else kept,
+                       image_seq_length=model.bridge.num_tokens, patch_size=int(vc.patch_size),
+                       image_size=enc.image_size)
+
+
+def _check_lm(lm: nn.Module) -> None:
+    tc = lm.config
+    causal, base = _auto_class(tc.model_type, "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"), \
+        _auto_class(tc.model_type, "MODEL_MAPPING_NAMES")
+    inner = getattr(lm, lm.base_model_prefix, None)
+    if causal != type(lm).__name__ or inner is None or type(inner).__name__ != base:
+        raise ExportError(f"model.lm.path: the LM is a {type(lm).__name__}; LLaVA rebuilds {base} + lm_head from "
+                          f"its config ({tc.model_type}), which must be the same model")
+    head = lm.get_output_embeddings()
+    if not isinstance(head, nn.Linear) or head.bias is not None or getattr(lm, "lm_head", None) is not head:
+        raise ExportError(f"model.lm.path: the LM's output layer is {head}; LLaVA's lm_head is a Linear without bias")
+
+
+def _padded(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """`weight` with zero rows appended up to `rows` (new token ids, never embedded by mmbridge)."""
+    extra = rows - weight.shape[0]
+    return weight if extra <= 0 else torch.cat([weight, weight.new_zeros(extra, *weight.shape[1:])])
+
+
+def llava_state_dict(model, vocab_size: int) -> dict[str, torch.Tensor]:
+    """The merged model's tensors under LlavaForConditionalGeneration's names (no copies but the padded rows)."""
+    lm = model.lm
+    prefix = lm.base_model_prefix + "."
+    state = {f"model.vision_tower.{k}": v for k, v in model.vision.model.state_dict().items()}
+    for k, v in lm.state_dict().items():
+        if k.startswith(prefix):
+            state["model.language_model." + k[len(prefix):]] = v
+        elif k.startswith("lm_head."):
+            state[k] = v
+        else:
+            raise ExportError(f"model.lm.path: the LM holds {k}, which is neither its base model nor its lm_head")
+    emb = next(f"model.language_model.{n}.weight" for n, m in lm.get_decoder().named_modules()
+               if m is lm.get_input_embeddings())
+    state[emb] = _padded(state[emb], vocab_size)
+    state["lm_head.weight"] = _padded(state["lm_head.weight"], vocab_size)
+    proj = model.bridge.proj
+    for i, name in ((0, "linear_1"), (2, "linear_2")):
+        state[f"model.multi_modal_projector.{name}.weight"] = proj[i].weight
+        state[f"model.multi_modal_projector.{name}.bias"] = proj[i].bias
+    return {k: v.detach() for k, v in state.items()}
+
+
+def llava_model(model, processor, plan: LlavaLayout):
+    """A LlavaForConditionalGeneration holding the (LoRA-merged) model's weights; returns it and the new ids."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    lm_vocab = int(model.lm.config.vocab_size)
+    image_id = processor.image_token_id
+    vocab = max(lm_vocab, image_id + 1)
+    text = {k: v for k, v in model.lm.config.to_dict().items() if k != "_name_or_path"}
+    text["vocab_size"] = vocab
+    vision = {k: v for k, v in model.vision.model.config.to_dict().items() if k != "_name_or_path"}
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=image_id, image_seq_length=plan.image_seq_length,
+                         projector_hidden_act="gelu", vision_feature_select_strategy=plan.strategy,
+                         vision_feature_layer=plan.feature_layer, multimodal_projector_bias=True,
+                         tie_word_embeddings=bool(model.lm.config.tie_word_embeddings))
+    config.dtype = next(model.lm.parameters()).dtype
+    with torch.device("meta"):  # no random initialisation: every tensor is assigned below
+        llava = LlavaForConditionalGeneration(config)
+    state = llava_state_dict(model, vocab)
+    own = set(llava.state_dict())
+    if own != set(state):
+        raise ExportError(f"the LLaVA built from this run's configs expects other tensors: missing "
+                          f"{sorted(own - set(state))[:5]}, unexpected {sorted(set(state) - own)[:5]}")
+    llava.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        llava.tie_weights()
+    # buffers that are not saved (position ids, rotary frequencies) come from the models that ran
+    buffers = {f"model.vision_tower.{k}": b for k, b in model.vision.model.named_buffers()}
+    prefix = model.lm.base_model_prefix + "."
+    buffers.update({"model.language_model." + k[len(prefix):]: b for k, b in model.lm.named_buffers()
+                    if k.startswith(prefix)})
+    for name, buf in list(llava.named_buffers()):
+        if buf.is_meta and name in buffers:
+            owner, _, leaf = name.rpartition(".")
+            llava.get_submodule(owner)._buffers[leaf] = buffers[name]
+    return llava, list(range(lm_vocab, vocab))
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, say=print) -> Path:
+    """Write the run as a LlavaForConditionalGeneration folder (config, safetensors, processor, generation
+    config) that `AutoModelForImageTextToText` and `AutoProcessor` load without remote code."""
+    from mmbridge.interop.llava_processor import generation_config, llava_processor
+    from mmbridge.train.checkpoint import load_run, read_recipe
+
+    run_dir, out = Path(run_dir), Path(out_dir)
+    folders.check_new(out)
+    recipe = read_recipe(run_dir)
+    if recipe.kind != "lmm":
+        raise ExportError(f"{run_dir}: a kind {recipe.kind!r} run trains an encoder, not a multimodal LM")
+    blockers = recipe_blockers(recipe.model)
+    if blockers:  # before any weight is loaded
+        raise ExportError(f"{run_dir}: cannot export as LlavaForConditionalGeneration:\n  " + "\n  ".join(blockers))
+    model, processor = load_run(run_dir, device="cpu")
+    plan = layout(model, recipe.model)
+    merged = merge_lora(model.lm)
+    llava, new_ids = llava_model(model, processor, plan)
+    stage = folders.staging(out)
+    try:
+        llava.generation_config = generation_config(processor, new_ids)
+        llava.save_pretrained(str(stage))
+        llava_processor(processor, plan, recipe.model.system_prompt).save_pretrained(str(stage))
+        (stage / "mmbridge_export.json").write_text(json.dumps(
+            {"format": 1, "run": str(run_dir.resolve()), "class": "LlavaForConditionalGeneration",
+             "lora_layers_merged": merged, "suppressed_ids": new_ids}, indent=2))
+        folders.publish(out)
+    except BaseException:
+        folders.discard(out)
+        raise
+    say(f"exported {run_dir} as LlavaForConditionalGeneration to {out} ({merged} LoRA layers merged; "
+        f"{plan.image_seq_length} tokens per image, vision_feature_layer {plan.feature_layer}, "
+        f"select strategy {plan.strategy})")
+    return out

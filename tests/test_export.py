@@ -1,0 +1,177 @@
+"""`mmbridge export` / `mmbridge import` / `model.init`: a trained run leaves for stock transformers (LLaVA) with
+the same tokens, pixels, logits and greedy generations, and a LLaVA folder enters as a run (tiny models, offline)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from mmbridge.cli import main as cli
+from mmbridge.config import recipe_from_dict
+from mmbridge.data.images import preprocess
+from mmbridge.interop.export import ExportError, export_run, layout
+from mmbridge.interop.llava_import import import_llava
+from mmbridge.interop.merge import merge_lora
+from mmbridge.models.build import build_model
+from mmbridge.train.checkpoint import load_run, save_recipe, save_weights
+from mmbridge.train.trainer import Trainer
+from tests.conftest import tiny_recipe_dict
+
+QUESTION = "What is shown?"
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory, tokenizer) -> str:
+    """A 2-layer Llama with untied embeddings and large weights (varied greedy tokens), SmolLM2's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=False, initializer_range=0.2, pad_token_id=tokenizer.pad_token_id)
+    folder = tmp_path_factory.mktemp("untied_llama")
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, lm_dir, tiny_clip_dir, world):
+    """A trained run: CLIP tower, mlp bridge, then mlp + LoRA on q/v (unmerged in RUN/model)."""
+    data = tiny_recipe_dict(lm_dir, tiny_clip_dir, world["root"], bridge={"name": "mlp"})
+    data["model"]["system_prompt"] = "Answer briefly."
+    data["stages"][1]["lr"] = {"bridge": 1e-2, "lm": 5e-2}
+    folder = tmp_path_factory.mktemp("export") / "run"
+    Trainer(recipe_from_dict(data), folder, progress=False).run()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exported") / "llava"
+    cli(["export", str(run), str(out)])  # through the CLI, as a user would
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf(exported):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model, info = AutoModelForImageTextToText.from_pretrained(str(exported), output_loading_info=True)
+    return model.eval(), AutoProcessor.from_pretrained(str(exported)), info
+
+
+@pytest.fixture(scope="module")
+def ours(run):
+    return load_run(run, device="cpu")
+
+
+def images(n: int) -> list[Image.Image]:
+    rng = np.random.default_rng(n)
+    return [Image.fromarray(rng.integers(0, 256, (30 + 7 * i, 45 - 5 * i, 3), dtype=np.uint8)) for i in range(n)]
+
+
+def hf_inputs(processor, n: int, parts: bool = True):
+    content = [{"type": "image"}] * n + [{"type": "text", "text": QUESTION}] if parts \
+        else "<image>\n" * n + QUESTION
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return processor(text=text, images=images(n), return_tensors="pt")
+
+
+def our_inputs(processor, n: int):
+    ids = torch.tensor([processor.encode_prompt([{"from": "human", "value": "<image>\n" * n + QUESTION}])])
+    pixels = preprocess(images(n), processor.image_size, processor.image_mean, processor.image_std)
+    return ids, pixels
+
+
+def our_logits(model, ids, pixels):
+    with torch.no_grad():
+        hidden = model(ids, torch.ones_like(ids), pixels).hidden_states
+        return model.lm.get_output_embeddings()(hidden)
+
+
+def test_export_is_a_stock_llava_folder(exported, hf, ours):
+    model, processor, info = hf
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert type(processor).__name__ == "LlavaProcessor"
+    assert all(not v for k, v in info.items()), info  # no missing, unexpected or mismatched keys
+    files = os.listdir(exported)
+    assert not [f for f in files if f.endswith(".py")]
+    config = json.loads((exported / "config.json").read_text())
+    assert "auto_map" not in config and config["vision_feature_select_strategy"] == "default"
+    assert config["vision_feature_layer"] == -2 and config["image_seq_length"] == 16
+    assert config["text_config"]["vocab_size"] == ours[0].lm.config.vocab_size + 1  # the image token's row
+    gen = json.loads((exported / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == ours[1].stop_token_ids and gen["do_sample"] is False
+    assert gen["suppress_tokens"] == [ours[1].image_token_id]
+    assert not model.get_input_embeddings().weight[ours[1].image_token_id].any()
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_processor_gives_our_ids_and_pixels(hf, ours, n):
+    _, processor, _ = hf
+    ids, pixels = our_inputs(ours[1], n)
+    for parts in (True, False):  # one template for list-of-parts and plain-string contents
+        enc = hf_inputs(processor, n, parts)
+        assert enc["input_ids"].tolist() == ids.tolist()
+        assert torch.equal(enc["pixel_values"], pixels)
+    assert "Answer briefly." in processor.tokenizer.decode(ids[0])  # the recipe's system prompt
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_logits_match_with_merged_lora(hf, ours, lm_dir, n):
+    model, _, _ = hf
+    ids, pixels = our_inputs(ours[1], n)
+    want = our_logits(ours[0], ids, pixels)
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels).logits
+    assert (got[..., : want.shape[-1]] - want).abs().max() < 1e-4
+    # the merged LoRA really changed the exported weights
+    base = load_file(os.path.join(lm_dir, "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"]
+    merged = model.model.language_model.layers[0].self_attn.q_proj.weight
+    assert (merged - base).abs().max() > 1e-3
+
+
+def test_greedy_generation_matches(hf, ours):
+    model, processor, _ = hf
+    for n in (1, 2):
+        ids, pixels = our_inputs(ours[1], n)
+        want = ours[0].generate(ids, torch.ones_like(ids), pixels, max_new_tokens=12,
+                                eos_token_ids=ours[1].stop_token_ids)[0]
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                             max_new_tokens=12)[0, ids.shape[1]:].tolist()
+        got = [t for t in out if t not in ours[1].stop_token_ids and t != processor.tokenizer.pad_token_id]
+        assert got == want
+        assert len(set(want)) > 2  # a real sequence, not one repeated token
+
+
+def test_export_import_round_trip_is_bitwise(exported, run, tmp_path):
+    imported = tmp_path / "imported"
+    import_llava(exported, imported, say=lambda *a: None)
+    (a, pa), (b, pb) = load_run(run, device="cpu"), load_run(imported, device="cpu")
+    merge_lora(a.lm)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert set(sa) == set(sb)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert pa.encode_prompt([{"from": "human", "value": "<image>\nhi"}]) == \
+        pb.encode_prompt([{"from": "human", "value": "<image>\nhi"}])
+    again = tmp_path / "again"
+    export_run(imported, again, say=lambda *a: None)
+    x, y = load_file(str(exported / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    assert set(x) == set(y) and all(torch.equal(x[k], y[k]) for k in x)
+    assert (exported / "chat_template.jinja").read_text() == (again / "chat_template.jinja").read_text()
+
+
+def test_existing_output_folder_is_refused(run, tmp_path, capsys):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit) as e:
+        cli(["export", str(run), str(tmp_path / "busy")])
+    assert e.value.code == 2 and "not an empty folder" in capsys.readouterr().err
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
