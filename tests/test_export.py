@@ -175,3 +175,104 @@ def test_existing_output_folder_is_refused(run, tmp_path, capsys):
         cli(["export", str(run), str(tmp_path / "busy")])
     assert e.value.code == 2 and "not an empty folder" in capsys.readouterr().err
     assert (tmp_path / "busy" / "keep.txt").read_text() == "mine"
+
+
+def write_run(model, processor, recipe, folder):
+    """A run directory without training: recipe, tokenizer and the (random) bridge, with the project's writers."""
+    folder.mkdir(parents=True)
+    save_recipe(recipe, folder)
+    processor.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    keys = {k for k, _ in model.bridge.named_parameters(prefix="bridge")}
+    save_weights(model, keys, folder / "model", {"keys": sorted(keys), "lora": None, "stage": 1, "step": 0})
+    return folder
+
+
+def tower_dir(kind: str, folder) -> str:
+    """A tiny SigLIP or DINOv2 tower saved like a real checkpoint (32 px, 8 px patches)."""
+    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel, \
+        SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(2)
+    small = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32, "patch_size": 8}
+    model = {"siglip": lambda: SiglipVisionModel(SiglipVisionConfig(intermediate_size=64, **small)),
+             "dinov2": lambda: Dinov2Model(Dinov2Config(mlp_ratio=2, **small)),
+             "dinov2_reg": lambda: Dinov2WithRegistersModel(
+                 Dinov2WithRegistersConfig(mlp_ratio=2, num_register_tokens=2, **small))}[kind]()
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def model_recipe(vision: dict, bridge: dict, lm_path: str, **extra):
+    return recipe_from_dict({"name": "t", "model": {"vision": vision, "bridge": bridge, "lm": {"path": lm_path},
+                                                    "max_length": 160, **extra}})
+
+
+@pytest.mark.parametrize("kind,vision,strategy,tokens", [
+    ("siglip", {"feature_layer": -1}, "full", 16),  # no CLS: nothing to drop
+    ("dinov2", {"feature_layer": -1}, "default", 16),  # the last layer (LayerNorm'd in both)
+    ("clip", {"feature_layer": 1, "drop_cls": False}, "full", 17),  # CLS kept; a positive layer index
+])
+def test_other_towers_export_with_equal_logits(kind, vision, strategy, tokens, lm_dir, tiny_clip_dir, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    path = tiny_clip_dir if kind == "clip" else tower_dir(kind, tmp_path / kind)
+    recipe = model_recipe({"name": "hf", "path": path, **vision}, {"name": "mlp"}, lm_dir)
+    torch.manual_seed(3)
+    model, processor = build_model(recipe.model)
+    run = write_run(model, processor, recipe, tmp_path / "run")
+    export_run(run, tmp_path / "out", say=lambda *a: None)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["vision_feature_select_strategy"], config["image_seq_length"]) == (strategy, tokens)
+    hf_model = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "out")).eval()
+    model.eval()
+    ids, pixels = our_inputs(processor, 2)
+    with torch.no_grad():
+        got = hf_model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels).logits
+    want = our_logits(model, ids, pixels)
+    assert (got[..., : want.shape[-1]] - want).abs().max() < 1e-5
+
+
+BLOCKED = [  # (model section changes, the key the error must name)
+    ({"bridge": {"name": "pool_adapter", "pooled": 2}}, "model.bridge.name: pool_adapter"),
+    ({"bridge": {"name": "pool_adapter", "pooled": 2, "pos_embed": True}}, "model.bridge.pos_embed"),
+    ({"bridge": {"name": "mlp", "norm": True}}, "model.bridge.norm"),
+    ({"bridge": {"name": "mlp", "depth": 3}}, "model.bridge.depth"),
+    ({"bridge": {"name": "mlp", "l2_normalize": True}}, "model.bridge.l2_normalize"),
+    ({"bridge": {"name": "linear"}}, "model.bridge.name: linear"),
+    ({"bridge": {"name": "resampler", "latents": 4}}, "model.bridge.name: resampler"),
+    ({"bridge": {"name": "gated_xattn", "latents": 4}}, "model.bridge.name: gated_xattn"),
+    ({"bridge": {"name": "visual_expert"}}, "model.bridge.name: visual_expert"),
+    ({"bridge": {"name": "qformer", "queries": 4}}, "model.bridge.name: qformer"),
+    ({"vision": {"name": "efficientnet_lite0", "image_size": 64}}, "model.vision.name: efficientnet_lite0"),
+    ({"vision": {"name": "lcl_vit", "path": "runs/lcl/encoder"}}, "model.vision.name: lcl_vit"),
+    ({"vision": {"post_layernorm": True}}, "model.vision.post_layernorm"),
+]
+
+
+@pytest.mark.parametrize("change,key", BLOCKED, ids=[k for _, k in BLOCKED])
+def test_unsupported_combinations_name_the_blocker(change, key, tiny_clip_dir, tmp_path, capsys):
+    vision = {"name": "hf", "path": tiny_clip_dir, "feature_layer": -2, **change.get("vision", {})}
+    if change.get("vision", {}).get("name", "hf") != "hf":
+        vision = change["vision"]
+    recipe = model_recipe(vision, change.get("bridge", {"name": "mlp"}), "unused-lm-path")
+    run = tmp_path / "run"
+    run.mkdir()
+    save_recipe(recipe, run)  # refused from the recipe alone, before any weight is loaded
+    with pytest.raises(ExportError, match=key.replace(".", r"\.")):
+        export_run(run, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as e:
+        cli(["export", str(run), str(tmp_path / "out")])
+    assert e.value.code == 2 and key in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case,key", [("registers", "model.vision.drop_cls"), ("size", "model.vision.image_size")])
+def test_tower_settings_llava_cannot_reproduce(case, key, lm_dir, tiny_clip_dir, tmp_path):
+    if case == "registers":  # drop_cls drops CLS + 2 registers; LLaVA's `default` drops exactly one token
+        vision = {"name": "hf", "path": tower_dir("dinov2_reg", tmp_path / "reg"), "feature_layer": -1}
+    else:  # interpolated position embeddings
+        vision = {"name": "hf", "path": tiny_clip_dir, "image_size": 48}
+    recipe = model_recipe(vision, {"name": "mlp"}, lm_dir)
+    model, _ = build_model(recipe.model)
+    with pytest.raises(ExportError, match=key.replace(".", r"\.")):
+        layout(model, recipe.model)
