@@ -27,6 +27,9 @@ class ModelConfig:
     system_prompt: str | None = None  # None: the chat template's own default
     gradient_checkpointing: bool = False  # recompute LM layers (and a trained ViT's blocks) in the backward pass
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    # a run directory: the build starts from its trained weights (RUN/model/, LoRA injected as it was) instead of a
+    # fresh bridge, e.g. a run made by `mmbridge import`; the run must stay where it is (load_run reads it again)
+    init: str | None = None
 
 
 @dataclass

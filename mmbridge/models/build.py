@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from mmbridge.config import ModelConfig
 from mmbridge.data.processor import Processor
 from mmbridge.models.bridges import build_bridge
@@ -12,7 +14,8 @@ from mmbridge.models.vision import build_vision_encoder
 
 
 def build_model(cfg: ModelConfig, tokenizer=None) -> tuple[MultimodalLM, Processor]:
-    """Vision encoder, LM and tokenizer from their sources; the bridge freshly initialised."""
+    """Vision encoder, LM and tokenizer from their sources; the bridge freshly initialised, or every trained
+    weight from the run `cfg.init` names."""
     vision = build_vision_encoder(dict(cfg.vision))
     lm, tok = load_language_model(dict(cfg.lm))
     tok = tokenizer or tok
@@ -20,6 +23,8 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> tuple[MultimodalLM, Process
                           in_tokens=vision.num_tokens)
     model = MultimodalLM(vision, bridge, lm, tok.convert_tokens_to_ids(IMAGE_TOKEN))
     model.precision = getattr(cfg, "precision", "auto")
+    if getattr(cfg, "init", None):
+        _load_init(model, cfg.init)
     if getattr(cfg, "gradient_checkpointing", False):
         enable_gradient_checkpointing(model)
     processor = Processor(tok, bridge.num_tokens, vision.image_size, vision.image_mean, vision.image_std,
@@ -27,3 +32,21 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> tuple[MultimodalLM, Process
                           text_tokenizer=bridge.tokenizer, instructions=bridge.uses_instruction,
                           max_text_tokens=getattr(bridge, "max_text_tokens", 64))
     return model, processor
+
+
+def _load_init(model: MultimodalLM, run_dir: str, seen: tuple[str, ...] = ()) -> None:
+    """`model.init`: the run's trained weights (its LoRA adapters injected first) into the new build. A run that
+    itself started from another (its own `model.init`) saved only what it trained: that one is loaded first."""
+    from mmbridge.train.checkpoint import load_weights, read_recipe
+
+    folder = Path(run_dir) / "model"
+    if not (folder / "meta.json").is_file():
+        raise FileNotFoundError(f"model.init: {run_dir} is not a run directory with trained weights "
+                                f"(no {folder / 'meta.json'})")
+    key = str(Path(run_dir).resolve())
+    if key in seen:
+        raise ValueError(f"model.init: the runs {' -> '.join(seen + (key,))} start from each other in a cycle")
+    parent = read_recipe(run_dir).model.init
+    if parent:
+        _load_init(model, parent, seen + (key,))
+    load_weights(model, folder)
