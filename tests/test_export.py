@@ -243,7 +243,11 @@ BLOCKED = [  # (model section changes, the key the error must name)
     ({"bridge": {"name": "gated_xattn", "latents": 4}}, "model.bridge.name: gated_xattn"),
     ({"bridge": {"name": "visual_expert"}}, "model.bridge.name: visual_expert"),
     ({"bridge": {"name": "qformer", "queries": 4}}, "model.bridge.name: qformer"),
-    ({"vision": {"name": "efficientnet_lite0", "image_size": 64}}, "model.vision.name: efficientnet_lite0"),
+    ({"vision": {"name": "efficientnet_lite0", "image_size": 80}}, "model.vision.image_size: 80"),
+    ({"vision": {"name": "efficientnet_lite0", "image_size": 64, "feature_stage": "block7"}},
+     "model.vision.feature_stage"),
+    ({"vision": {"name": "efficientnet_lite0", "image_size": 64, "extra_stages": ["stem"]}},
+     "model.vision.extra_stages"),
     ({"vision": {"name": "lcl_vit", "path": "runs/lcl/encoder"}}, "model.vision.name: lcl_vit"),
     ({"vision": {"post_layernorm": True}}, "model.vision.post_layernorm"),
 ]
@@ -276,3 +280,31 @@ def test_tower_settings_llava_cannot_reproduce(case, key, lm_dir, tiny_clip_dir,
     model, _ = build_model(recipe.model)
     with pytest.raises(ExportError, match=key.replace(".", r"\.")):
         layout(model, recipe.model)
+
+
+def test_efficientnet_lite0_exports_as_fastvlm(lm_dir, tmp_path):
+    """EfficientNet-Lite0 (the packaged ImageNet weights) as EfficientNetModel with identity squeeze-excite."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    recipe = model_recipe({"name": "efficientnet_lite0", "image_size": 64}, {"name": "mlp"}, lm_dir)
+    torch.manual_seed(5)
+    model, processor = build_model(recipe.model)
+    run = write_run(model, processor, recipe, tmp_path / "run")
+    export_run(run, tmp_path / "out", say=lambda *a: None)
+    hf_model, info = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "out"), output_loading_info=True)
+    assert type(hf_model).__name__ == "FastVlmForConditionalGeneration" and all(not v for v in info.values())
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["vision_config"]["model_type"] == "efficientnet" and config["vision_config"]["hidden_act"] == "relu6"
+    hf_processor = AutoProcessor.from_pretrained(str(tmp_path / "out"))
+    hf_model.eval()
+    model.eval()
+    for n in (1, 2):
+        ids, pixels = our_inputs(processor, n)
+        enc = hf_inputs(hf_processor, n)
+        assert enc["input_ids"].tolist() == ids.tolist() and torch.equal(enc["pixel_values"], pixels)
+        with torch.no_grad():
+            tower = hf_model.model.vision_tower(pixels).last_hidden_state.flatten(2).transpose(1, 2)
+            assert torch.equal(tower, model.vision(pixels))  # the same feature map, bit for bit
+            got = hf_model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels).logits
+        want = our_logits(model, ids, pixels)
+        assert (got[..., : want.shape[-1]] - want).abs().max() < 1e-5

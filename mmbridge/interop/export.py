@@ -1,8 +1,10 @@
-"""`mmbridge export`: a trained run → a stock transformers `LlavaForConditionalGeneration` folder.
+"""`mmbridge export`: a trained run → a stock transformers `LlavaForConditionalGeneration` folder (or
+`FastVlmForConditionalGeneration` for EfficientNet-Lite0, see `fastvlm.py`).
 
 Supported exactly: an `hf` vision tower (CLIP, SigLIP, DINOv2 without registers, or any tower `AutoModel`
-builds from its config) + the `mlp` bridge (Linear-GELU-Linear, LLaVA-1.5's projector) + any causal LM
-`AutoModelForCausalLM` builds. LoRA adapters are merged into the LM's weights. The mapping:
+builds from its config) or EfficientNet-Lite0's head + the `mlp` bridge (Linear-GELU-Linear, LLaVA-1.5's
+projector) + any causal LM `AutoModelForCausalLM` builds. LoRA adapters are merged into the LM's weights.
+The mapping:
 
 * `model.vision.feature_layer` → `vision_feature_layer` (both index the tower's `hidden_states`, input
   embeddings first, in the same capture code of transformers);
@@ -39,10 +41,8 @@ _BRIDGES = {
     "gated_xattn": "adds cross-attention blocks inside the LM (deep fusion), which LLaVA has not",
     "visual_expert": "adds visual-expert weights inside every LM layer (deep fusion), which LLaVA has not",
 }
-_VISION = {
-    "efficientnet_lite0": "a CNN; LLaVA here takes ViT-style hf towers (CLIP, SigLIP, DINOv2)",
-    "lcl_vit": "mmbridge's own ViT, which transformers cannot build",
-}
+_VISION = {"lcl_vit": "mmbridge's own ViT, which transformers cannot build"}
+ARCHS = {"hf": "LlavaForConditionalGeneration", "efficientnet_lite0": "FastVlmForConditionalGeneration"}
 
 
 class ExportError(InteropError):
@@ -51,8 +51,9 @@ class ExportError(InteropError):
 
 @dataclass
 class LlavaLayout:
-    """How the run's encoder output maps onto LLaVA's feature selection."""
+    """How the run's encoder output maps onto LLaVA's (or FastVLM's) feature selection."""
 
+    architecture: str  # LlavaForConditionalGeneration | FastVlmForConditionalGeneration
     feature_layer: int
     strategy: str  # "default" (drop the one CLS token) or "full"
     num_additional_image_tokens: int  # special tokens the tower emits, for LlavaProcessor's count
@@ -66,8 +67,12 @@ def recipe_blockers(cfg: ModelConfig) -> list[str]:
     found = []
     vision, bridge = dict(cfg.vision), dict(cfg.bridge)
     name = vision.get("name")
-    if name != "hf":
-        found.append(f"model.vision.name: {name} is {_VISION.get(name, 'not an hf tower')}")
+    if name not in ARCHS:
+        found.append(f"model.vision.name: {name} is {_VISION.get(name, 'not an hf tower or efficientnet_lite0')}")
+    elif name == "efficientnet_lite0":
+        from mmbridge.interop.fastvlm import blockers
+
+        found += blockers(vision)
     else:
         if vision.get("post_layernorm"):
             found.append("model.vision.post_layernorm: true applies the tower's final LayerNorm to the selected "
@@ -111,10 +116,21 @@ def _auto_class(model_type: str, table: str) -> str | None:
 
 
 def layout(model, cfg: ModelConfig) -> LlavaLayout:
-    """Check the loaded model against LLaVA and return the settings that reproduce it; ExportError otherwise."""
+    """Check the loaded model against LLaVA / FastVLM and return the settings that reproduce it; ExportError
+    otherwise."""
     blockers = recipe_blockers(cfg)
     if blockers:
-        raise ExportError("cannot export as LlavaForConditionalGeneration:\n  " + "\n  ".join(blockers))
+        raise ExportError("cannot export:\n  " + "\n  ".join(blockers))
+    plan = _hf_layout(model) if cfg.vision.get("name") == "hf" else _efficientnet_layout(model)
+    if model.bridge.num_tokens != plan.image_seq_length:
+        raise ExportError(f"model.bridge: {model.bridge.num_tokens} tokens per image, but {plan.architecture} "
+                          f"would give {plan.image_seq_length}")
+    _check_projector(model.bridge.proj)
+    _check_lm(model.lm)
+    return plan
+
+
+def _hf_layout(model) -> LlavaLayout:
     enc, tower = model.vision, model.vision.model
     vc = tower.config
     want = _auto_class(vc.model_type, "MODEL_MAPPING_NAMES")
@@ -131,14 +147,17 @@ def layout(model, cfg: ModelConfig) -> LlavaLayout:
                           "without registers, or drop_cls: false (all tokens kept: `full`)")
     strategy = "default" if enc.drop_cls and n_special == 1 else "full"
     kept = 0 if enc.drop_cls else n_special
-    if model.bridge.num_tokens != enc.grid[0] * enc.grid[1] + kept:
-        raise ExportError(f"model.bridge: {model.bridge.num_tokens} tokens per image, but LLaVA would give "
-                          f"{enc.grid[0] * enc.grid[1] + kept}")
-    _check_projector(model.bridge.proj)
-    _check_lm(model.lm)
-    return LlavaLayout(feature_layer=enc.feature_layer, strategy=strategy,
+    return LlavaLayout(architecture=ARCHS["hf"], feature_layer=enc.feature_layer, strategy=strategy,
                        num_additional_image_tokens=n_special if strategy == "default" else kept,
-                       image_seq_length=model.bridge.num_tokens, patch_size=int(vc.patch_size),
+                       image_seq_length=enc.grid[0] * enc.grid[1] + kept, patch_size=int(vc.patch_size),
+                       image_size=enc.image_size)
+
+
+def _efficientnet_layout(model) -> LlavaLayout:
+    """FastVLM reads the tower's last feature map, flattened row-major: one token per stride-32 cell."""
+    enc = model.vision
+    return LlavaLayout(architecture=ARCHS["efficientnet_lite0"], feature_layer=-1, strategy="full",
+                       num_additional_image_tokens=0, image_seq_length=enc.grid[0] * enc.grid[1], patch_size=32,
                        image_size=enc.image_size)
 
 
@@ -161,11 +180,21 @@ def _padded(weight: torch.Tensor, rows: int) -> torch.Tensor:
     return weight if extra <= 0 else torch.cat([weight, weight.new_zeros(extra, *weight.shape[1:])])
 
 
-def llava_state_dict(model, vocab_size: int) -> dict[str, torch.Tensor]:
-    """The merged model's tensors under LlavaForConditionalGeneration's names (no copies but the padded rows)."""
+def _tower(model, plan: LlavaLayout) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The vision tower's transformers config (as a dict) and tensors."""
+    if plan.architecture == ARCHS["hf"]:
+        tower = model.vision.model
+        return tower.config.to_dict(), tower.state_dict()
+    from mmbridge.interop.fastvlm import efficientnet_config, efficientnet_state_dict
+
+    return efficientnet_config(model.vision).to_dict(), efficientnet_state_dict(model.vision)
+
+
+def llava_state_dict(model, vocab_size: int, tower: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The merged model's tensors under LLaVA's (and FastVLM's) names (no copies but the padded rows)."""
     lm = model.lm
     prefix = lm.base_model_prefix + "."
-    state = {f"model.vision_tower.{k}": v for k, v in model.vision.model.state_dict().items()}
+    state = {f"model.vision_tower.{k}": v for k, v in tower.items()}
     for k, v in lm.state_dict().items():
         if k.startswith(prefix):
             state["model.language_model." + k[len(prefix):]] = v
@@ -185,33 +214,37 @@ def llava_state_dict(model, vocab_size: int) -> dict[str, torch.Tensor]:
 
 
 def llava_model(model, processor, plan: LlavaLayout):
-    """A LlavaForConditionalGeneration holding the (LoRA-merged) model's weights; returns it and the new ids."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    """A LLaVA (or FastVLM) holding the (LoRA-merged) model's weights; returns it and the new token ids."""
+    import transformers
 
+    config_class = getattr(transformers, plan.architecture.replace("ForConditionalGeneration", "Config"))
+    model_class = getattr(transformers, plan.architecture)
+    vision, tower = _tower(model, plan)
     lm_vocab = int(model.lm.config.vocab_size)
     image_id = processor.image_token_id
     vocab = max(lm_vocab, image_id + 1)
     text = {k: v for k, v in model.lm.config.to_dict().items() if k != "_name_or_path"}
     text["vocab_size"] = vocab
-    vision = {k: v for k, v in model.vision.model.config.to_dict().items() if k != "_name_or_path"}
-    config = LlavaConfig(vision_config=vision, text_config=text,
+    vision = {k: v for k, v in vision.items() if k != "_name_or_path"}
+    config = config_class(vision_config=vision, text_config=text,
                          image_token_index=image_id, image_seq_length=plan.image_seq_length,
                          projector_hidden_act="gelu", vision_feature_select_strategy=plan.strategy,
                          vision_feature_layer=plan.feature_layer, multimodal_projector_bias=True,
                          tie_word_embeddings=bool(model.lm.config.tie_word_embeddings))
     config.dtype = next(model.lm.parameters()).dtype
     with torch.device("meta"):  # no random initialisation: every tensor is assigned below
-        llava = LlavaForConditionalGeneration(config)
-    state = llava_state_dict(model, vocab)
+        llava = model_class(config)
+    state = llava_state_dict(model, vocab, tower)
     own = set(llava.state_dict())
     if own != set(state):
-        raise ExportError(f"the LLaVA built from this run's configs expects other tensors: missing "
+        raise ExportError(f"the {plan.architecture} built from this run's configs expects other tensors: missing "
                           f"{sorted(own - set(state))[:5]}, unexpected {sorted(set(state) - own)[:5]}")
     llava.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         llava.tie_weights()
     # buffers that are not saved (position ids, rotary frequencies) come from the models that ran
-    buffers = {f"model.vision_tower.{k}": b for k, b in model.vision.model.named_buffers()}
+    buffers = {f"model.vision_tower.{k}": b for k, b in model.vision.model.named_buffers()} \
+        if plan.architecture == ARCHS["hf"] else {}
     prefix = model.lm.base_model_prefix + "."
     buffers.update({"model.language_model." + k[len(prefix):]: b for k, b in model.lm.named_buffers()
                     if k.startswith(prefix)})
@@ -223,8 +256,9 @@ def llava_model(model, processor, plan: LlavaLayout):
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, say=print) -> Path:
-    """Write the run as a LlavaForConditionalGeneration folder (config, safetensors, processor, generation
-    config) that `AutoModelForImageTextToText` and `AutoProcessor` load without remote code."""
+    """Write the run as a LlavaForConditionalGeneration (or FastVlmForConditionalGeneration) folder (config,
+    safetensors, processor, generation config) that `AutoModelForImageTextToText` and `AutoProcessor` load
+    without remote code."""
     from mmbridge.interop.llava_processor import generation_config, llava_processor
     from mmbridge.train.checkpoint import load_run, read_recipe
 
@@ -235,7 +269,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, say=print) -> Path:
         raise ExportError(f"{run_dir}: a kind {recipe.kind!r} run trains an encoder, not a multimodal LM")
     blockers = recipe_blockers(recipe.model)
     if blockers:  # before any weight is loaded
-        raise ExportError(f"{run_dir}: cannot export as LlavaForConditionalGeneration:\n  " + "\n  ".join(blockers))
+        raise ExportError(f"{run_dir}: cannot export as LLaVA or FastVLM:\n  " + "\n  ".join(blockers))
     model, processor = load_run(run_dir, device="cpu")
     plan = layout(model, recipe.model)
     merged = merge_lora(model.lm)
@@ -246,13 +280,13 @@ def export_run(run_dir: str | Path, out_dir: str | Path, say=print) -> Path:
         llava.save_pretrained(str(stage))
         llava_processor(processor, plan, recipe.model.system_prompt).save_pretrained(str(stage))
         (stage / "mmbridge_export.json").write_text(json.dumps(
-            {"format": 1, "run": str(run_dir.resolve()), "class": "LlavaForConditionalGeneration",
+            {"format": 1, "run": str(run_dir.resolve()), "class": plan.architecture,
              "lora_layers_merged": merged, "suppressed_ids": new_ids}, indent=2))
         folders.publish(out)
     except BaseException:
         folders.discard(out)
         raise
-    say(f"exported {run_dir} as LlavaForConditionalGeneration to {out} ({merged} LoRA layers merged; "
+    say(f"exported {run_dir} as {plan.architecture} to {out} ({merged} LoRA layers merged; "
         f"{plan.image_seq_length} tokens per image, vision_feature_layer {plan.feature_layer}, "
         f"select strategy {plan.strategy})")
     return out
