@@ -212,11 +212,12 @@ def model_recipe(vision: dict, bridge: dict, lm_path: str, **extra):
     ("dinov2", {"feature_layer": -1}, "default", 16),  # the last layer (LayerNorm'd in both)
     ("clip", {"feature_layer": 1, "drop_cls": False}, "full", 17),  # CLS kept; a positive layer index
 ])
-def test_other_towers_export_with_equal_logits(kind, vision, strategy, tokens, lm_dir, tiny_clip_dir, tmp_path):
+def test_other_towers_export_with_equal_logits(kind, vision, strategy, tokens, tiny_lm_dir, tiny_clip_dir, tmp_path):
+    """(With conftest's Llama, whose embeddings are tied: the exported lm_head is the padded embedding.)"""
     from transformers import AutoModelForImageTextToText
 
     path = tiny_clip_dir if kind == "clip" else tower_dir(kind, tmp_path / kind)
-    recipe = model_recipe({"name": "hf", "path": path, **vision}, {"name": "mlp"}, lm_dir)
+    recipe = model_recipe({"name": "hf", "path": path, **vision}, {"name": "mlp"}, tiny_lm_dir)
     torch.manual_seed(3)
     model, processor = build_model(recipe.model)
     run = write_run(model, processor, recipe, tmp_path / "run")
@@ -224,12 +225,19 @@ def test_other_towers_export_with_equal_logits(kind, vision, strategy, tokens, l
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (config["vision_feature_select_strategy"], config["image_seq_length"]) == (strategy, tokens)
     hf_model = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "out")).eval()
+    assert config["tie_word_embeddings"] and hf_model.lm_head.weight is hf_model.get_input_embeddings().weight
     model.eval()
     ids, pixels = our_inputs(processor, 2)
     with torch.no_grad():
         got = hf_model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels).logits
     want = our_logits(model, ids, pixels)
     assert (got[..., : want.shape[-1]] - want).abs().max() < 1e-5
+    import_llava(tmp_path / "out", tmp_path / "imported", say=lambda *a: None)  # and back, tied embeddings too
+    back, _ = load_run(tmp_path / "imported", device="cpu")
+    assert back.num_image_tokens == tokens
+    sa, sb = model.state_dict(), back.state_dict()
+    assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert back.lm.lm_head.weight is back.lm.get_input_embeddings().weight
 
 
 BLOCKED = [  # (model section changes, the key the error must name)

@@ -226,11 +226,10 @@ def llava_model(model, processor, plan: LlavaLayout):
     text = {k: v for k, v in model.lm.config.to_dict().items() if k != "_name_or_path"}
     text["vocab_size"] = vocab
     vision = {k: v for k, v in vision.items() if k != "_name_or_path"}
-    config = config_class(vision_config=vision, text_config=text,
-                         image_token_index=image_id, image_seq_length=plan.image_seq_length,
-                         projector_hidden_act="gelu", vision_feature_select_strategy=plan.strategy,
-                         vision_feature_layer=plan.feature_layer, multimodal_projector_bias=True,
-                         tie_word_embeddings=bool(model.lm.config.tie_word_embeddings))
+    config = config_class(vision_config=vision, text_config=text, image_token_index=image_id,
+                          image_seq_length=plan.image_seq_length, projector_hidden_act="gelu",
+                          vision_feature_select_strategy=plan.strategy, vision_feature_layer=plan.feature_layer,
+                          multimodal_projector_bias=True, tie_word_embeddings=bool(model.lm.config.tie_word_embeddings))
     config.dtype = next(model.lm.parameters()).dtype
     with torch.device("meta"):  # no random initialisation: every tensor is assigned below
         llava = model_class(config)
