@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from mmbridge.cli import main as cli
 from mmbridge.config import recipe_from_dict
@@ -156,6 +157,11 @@ def test_import_refuses_what_mmbridge_cannot_hold(llava_dir, tmp_path, capsys):
     with pytest.raises(LlavaImportError, match="vision_feature_layer"):
         import_llava(bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    (bad / "config.json").write_text(json.dumps({**config, "vision_feature_layer": -2}))
+    weights = load_file(str(bad / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if "linear_2" not in k}, str(bad / "model.safetensors"))
+    with pytest.raises(LlavaImportError, match="linear_2"):  # a projector layer missing from the weights
+        import_llava(bad, tmp_path / "out")
     with pytest.raises(SystemExit) as e:
         cli(["import", str(tmp_path), str(tmp_path / "out")])  # no config.json
     assert e.value.code == 2 and "config.json" in capsys.readouterr().err

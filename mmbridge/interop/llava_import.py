@@ -147,7 +147,11 @@ def import_llava(src: str | Path, out_dir: str | Path, say=print) -> Path:
         raise LlavaImportError(f"{src}/config.json: image_token_index {config.image_token_id} is not the id of "
                                f"{IMAGE_TOKEN!r} in its tokenizer ({tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)})")
     tokenizer.chat_template = _chat_template(src, processor, tokenizer)
-    llava = LlavaForConditionalGeneration.from_pretrained(str(src), dtype="auto")
+    llava, info = LlavaForConditionalGeneration.from_pretrained(str(src), dtype="auto", output_loading_info=True)
+    missing, mismatched = sorted(info.get("missing_keys") or []), list(info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        raise LlavaImportError(f"{src}: its safetensors lack or misshape weights its config asks for: "
+                               f"missing {missing[:5]}, mismatched {mismatched[:5]}")
     drop_cls = _drop_cls(src, config, llava.model.vision_tower)
     size = int(config.vision_config.image_size)
     ip = processor.image_processor
