@@ -316,3 +316,15 @@ def test_efficientnet_lite0_exports_as_fastvlm(lm_dir, tmp_path):
             got = hf_model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels).logits
         want = our_logits(model, ids, pixels)
         assert (got[..., : want.shape[-1]] - want).abs().max() < 1e-5
+
+
+def test_the_bundled_exportable_recipe_exports_and_the_demo_says_why_not():
+    """README: `mmbridge train exportable` then `mmbridge export` runs on this CPU; the demo's pool-adapter
+    and per-cell embedding have no stock class, and the refusal names them."""
+    from mmbridge.config import load_recipe
+    from mmbridge.interop.export import recipe_blockers
+
+    assert recipe_blockers(load_recipe("exportable").model) == []
+    demo = recipe_blockers(load_recipe("demo").model)
+    assert any(b.startswith("model.bridge.name: pool_adapter") for b in demo)
+    assert any(b.startswith("model.bridge.pos_embed") for b in demo)
