@@ -209,7 +209,7 @@ def test_block_mask_path_equals_the_dense_path(tiny):
     from mmbridge.models import packed_attention
 
     model, proc = tiny
-    assert model.lm.config._attn_implementation == packed_attention.NAME
+    assert model.lm.config._attn_implementation == "sdpa"  # a CPU model keeps plain SDPA until a block path runs
     packed, _ = packed_and_padded(proc, budget=160)
     packed = {**packed, "attention_mask": packed["attention_mask"].clone()}
     packed["attention_mask"][-1, -3:] = 0  # padding at the end of the last row
@@ -223,6 +223,7 @@ def test_block_mask_path_equals_the_dense_path(tiny):
             out[mode] = model(packed["input_ids"], packed["attention_mask"], packed["pixel_values"], labels=None,
                               position_ids=packed["position_ids"], segment_ids=packed["segment_ids"]).hidden_states
     model.packed_attention = "auto"
+    assert model.lm.config._attn_implementation == packed_attention.NAME
     real = packed["attention_mask"].bool()
     torch.testing.assert_close(out["block"][real], out["dense"][real], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(per_sample_losses(model, packed, out["block"]),

@@ -44,7 +44,6 @@ class MultimodalLM(nn.Module):
         self.image_token_id = image_token_id
         self.precision = "auto"  # see models/precision.py; set from the recipe by build_model
         self.packed_attention = "auto"  # packed rows: a flex_attention BlockMask on a GPU, a dense mask on a CPU
-        packed_attention.install(lm)
         if self.deep_fusion:
             bridge.attach(lm)
 
@@ -120,7 +119,7 @@ class MultimodalLM(nn.Module):
         """Block-diagonal causal attention for packed rows: a flex_attention BlockMask where the LM can take one
         (`packed_attention`: `auto` = on a GPU; `block` forces it, `dense` never), else a dense additive mask."""
         use_block = self.packed_attention == "block" or (self.packed_attention == "auto" and segment_ids.is_cuda)
-        if use_block and getattr(self.lm.config, "_attn_implementation", None) == packed_attention.NAME:
+        if use_block and packed_attention.install(self.lm):
             return packed_attention.packed_block_mask(segment_ids, attention_mask)
         if attention_mask is None:
             attention_mask = (segment_ids != 0).long()

@@ -4,7 +4,9 @@ A dense [B, 1, T, T] mask costs O(T²) memory per row and keeps SDPA off its fla
 packed rows instead give the LM a `BlockMask` (a query sees earlier keys of its own sample), and the
 LM's attention goes through `packed_or_sdpa`: flex_attention (compiled) for a BlockMask, Hugging
 Face's SDPA function, unchanged, for everything else (plain and Croc's mixed masks, generation).
-`install` registers that function with transformers and points a loaded LM at it. On the CPU the
+`install` registers that function with transformers and points the LM at it (on the first packed
+forward that takes the block path; it stays for the LM's life, as gradient checkpointing's recompute
+must find it). On the CPU the
 dense SDPA path stays the default (flex_attention has no CPU backward); the block path can still
 be asked for there, forward only, which is how tests compare the two.
 """
@@ -67,8 +69,12 @@ def _register() -> None:
 
 
 def install(lm) -> bool:
-    """Route `lm`'s attention through `packed_or_sdpa` if it uses SDPA (other implementations are kept)."""
+    """Route `lm`'s attention through `packed_or_sdpa` if it uses SDPA (other implementations are kept);
+    True if it now does. Done the first time a packed forward takes the block path, so a model that never
+    does (every CPU run) keeps transformers' plain `sdpa` implementation."""
     configs = [c for c in (lm.config, *(getattr(lm.config, k, None) for k in ("text_config",))) if c is not None]
+    if all(getattr(c, "_attn_implementation", None) == NAME for c in configs):
+        return True
     if any(getattr(c, "_attn_implementation", None) != "sdpa" for c in configs):
         return False
     _register()
