@@ -44,6 +44,29 @@ def tiny_lm_dir(tmp_path_factory, tokenizer) -> str:
     return str(folder)
 
 
+@pytest.fixture(scope="module")
+def tiny(tiny_lm_dir, tiny_clip_dir):
+    """The composite on the tiny LM and tower (pool-adapter, 4 tokens per image), in eval mode; a module may
+    define its own `tiny`."""
+    from mmbridge.config import ModelConfig
+    from mmbridge.models.build import build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vision={"name": "hf", "path": tiny_clip_dir}, bridge={"name": "pool_adapter", "pooled": 2},
+                      lm={"path": tiny_lm_dir}, max_length=128, system_prompt="")
+    model, proc = build_model(cfg)
+    return model.eval(), proc
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small CPU convs run far slower with 2 threads when another process holds a core."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> str:
     """A tiny CLIP vision tower: 32 px images, 8 px patches → a 4x4 grid of 32-d tokens."""

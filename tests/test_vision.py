@@ -30,13 +30,7 @@ if hasattr(tf, "Dinov2WithRegistersModel"):
     HF_KINDS["dinov2_reg"] = (tf.Dinov2WithRegistersConfig, tf.Dinov2WithRegistersModel, {"num_register_tokens": 2}, 3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small CPU convs run far slower with 2 threads when another process holds a core."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

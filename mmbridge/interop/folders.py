@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from mmbridge.interop import InteropError
-from mmbridge.train.checkpoint import CheckpointError, _write_folder
+from mmbridge.train.checkpoint import CheckpointError, write_folder
 
 
 def check_new(out: Path) -> None:
@@ -33,7 +33,7 @@ def staging(out: Path) -> Path:
 
 def publish(out: Path) -> None:
     """Fsync the filled temporary folder, write its manifest and rename it to `out` (see `staging`)."""
-    _write_folder(Path(out), {}, prefilled=True)
+    write_folder(Path(out), {}, prefilled=True)
 
 
 def discard(out: Path) -> None:

@@ -130,7 +130,7 @@ def import_llava(src: str | Path, out_dir: str | Path, say=print) -> Path:
     from mmbridge.config import recipe_from_dict
     from mmbridge.interop.llava_processor import image_processor as square_processor
     from mmbridge.models.build import build_model
-    from mmbridge.train.checkpoint import _write_folder, save_recipe, save_weights
+    from mmbridge.train.checkpoint import save_recipe, save_weights, write_folder
 
     src, out = Path(src), Path(out_dir)
     folders.check_new(out)
@@ -164,7 +164,7 @@ def import_llava(src: str | Path, out_dir: str | Path, say=print) -> Path:
         tokenizer.save_pretrained(str(lm_tmp))
         tokenizer.save_pretrained(str(tok_tmp))
         for name in ("vision", "lm", "tokenizer"):
-            _write_folder(stage / name, {}, prefilled=True)
+            write_folder(stage / name, {}, prefilled=True)
         text = config.text_config
         model_cfg = {"vision": {"name": "hf", "feature_layer": int(config.vision_feature_layer),
                                 "drop_cls": drop_cls},

@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 NAME = "mmbridge_packed"  # the attention implementation name registered with transformers
 
@@ -23,16 +25,12 @@ NAME = "mmbridge_packed"  # the attention implementation name registered with tr
 @functools.cache
 def _flex():
     """flex_attention, compiled once on a GPU (its fused kernel); the eager reference on a CPU."""
-    from torch.nn.attention.flex_attention import flex_attention
-
     return torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
 
 
 def packed_block_mask(segment_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
     """[B, T] sample ids (0 for padding) → BlockMask: a query attends to keys at or before it of its own sample;
     a padding query attends to itself only (its output is never used, and no row is empty)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     seg = segment_ids
     valid = seg != 0 if attention_mask is None else attention_mask.bool()
     b, t = seg.shape
@@ -45,9 +43,6 @@ def packed_block_mask(segment_ids: torch.Tensor, attention_mask: torch.Tensor | 
 
 def packed_or_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """A transformers attention function: flex_attention for a BlockMask, SDPA otherwise."""
-    from torch.nn.attention.flex_attention import BlockMask
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if not isinstance(attention_mask, BlockMask):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)

@@ -89,7 +89,7 @@ def verify(folder: Path) -> None:
             raise CheckpointError(f"{path}: corrupt: its sha256 differs from the manifest's")
 
 
-def _write_folder(folder: Path, writers: dict, prefilled: bool = False) -> None:
+def write_folder(folder: Path, writers: dict, prefilled: bool = False) -> None:
     """Write files (name -> fn(path)) into `folder` atomically: temp folder, fsync, manifest, rename.
 
     `prefilled`: the temp folder `.NAME.tmp` already holds files (a sharded save's); they are kept and fsynced.
@@ -137,7 +137,7 @@ def save_weights(model: torch.nn.Module, keys: set[str], folder: Path, meta: dic
                "meta.json": lambda p: p.write_text(json.dumps(meta, indent=2))}
     if state is not None:
         writers[STATE] = lambda p: torch.save(state, p)
-    _write_folder(folder, writers)
+    write_folder(folder, writers)
 
 
 def load_weights(model: torch.nn.Module, folder: Path) -> dict:

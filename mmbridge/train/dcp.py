@@ -52,7 +52,7 @@ def save(run_dir: Path, step: torch.nn.Module, optimizer, keys: set[str], meta: 
     if dist.main:
         writers = {"meta.json": lambda p: p.write_text(json.dumps(meta, indent=2)),
                    ckpt.STATE: lambda p: torch.save({**state, "sharded": True}, p)}
-        ckpt._write_folder(folder, writers, prefilled=True)
+        ckpt.write_folder(folder, writers, prefilled=True)
         ckpt.prune_checkpoints(run_dir, folder, keep)
     dist.barrier()
     return folder
