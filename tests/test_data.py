@@ -113,3 +113,21 @@ def test_length_grouped_batches_cut_padding_and_resume_exactly():
     assert sorted(sum(grouped[:16], [])) == sorted(sum(plain[:16], []))
     resumed = list(islice(iter(LengthGroupedBatches(lengths, mix, batch_size=8, window=16, start=21)), 43))
     assert resumed == grouped[21:]
+
+
+def test_mixture_blocks_need_no_history():
+    """Block k is computed from k alone: its dataset counts add up to drawn_before, far positions
+    resume exactly, and each dataset's draws walk its permutations in order."""
+    s = MixtureSampler([7, 50, 3], [1.0, 2.5, 0.5], seed=11, chunk=32)
+    stream = list(islice(iter(s), 32 * 40))
+    labels = np.searchsorted(s.offsets, stream, side="right") - 1
+    for k in (0, 1, 17, 40):
+        assert (np.bincount(labels[:32 * k], minlength=3) == s.drawn_before(k)).all()
+    # exact proportions, to within one draw per dataset
+    assert np.abs(s.drawn_before(10**6) - 32 * 10**6 * s.probs).max() <= 1
+    far = 32 * 10**6 + 5
+    resumed = list(islice(iter(MixtureSampler([7, 50, 3], [1.0, 2.5, 0.5], seed=11, chunk=32, start=far)), 59))
+    assert resumed == s.block(10**6)[5:].tolist() + s.block(10**6 + 1)[:32].tolist()
+    # dataset 0 is read pass after pass, each pass a permutation of its 7 samples
+    first = [i for i in stream if i < 7][:21]
+    assert all(sorted(first[j:j + 7]) == list(range(7)) for j in (0, 7, 14))

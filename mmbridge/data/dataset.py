@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from mmbridge.data.images import ImageError, load_image, preprocess
 from mmbridge.data.llava import DataError, printable, read_llava_json, record_images
 from mmbridge.data.processor import IGNORE, Processor
+from mmbridge.data.sampler import LengthGroupedBatches, MixtureSampler  # noqa: F401  (re-exported)
 
 BRIDGE_TEXT = ("caption_ids", "instruction_ids")  # the bridge's own tokens, see Processor.bridge_text
 
@@ -95,77 +95,3 @@ class Collator:
         if "instruction_ids" in items[0]:
             out["instruction_ids"] = self.processor.pad_text([s for it in items for s in it["instruction_ids"]])
         return out
-
-
-class MixtureSampler(torch.utils.data.Sampler):
-    """An endless, seeded stream of indices into the concatenation of several datasets.
-
-    Each draw picks a dataset with probability ∝ its weight, then that dataset's next index in a
-    seeded permutation (re-drawn each pass). The stream depends only on (sizes, weights, seed),
-    so a resumed run skips `start` indices and sees exactly the same order.
-    """
-
-    def __init__(self, sizes: list[int], weights: list[float], seed: int, start: int = 0, chunk: int = 4096):
-        if any(n == 0 for n in sizes):
-            raise DataError(f"a data source in the mixture has no usable samples (sizes {sizes})", "empty source")
-        self.sizes, self.seed, self.start, self.chunk = list(sizes), seed, start, chunk
-        w = np.asarray(weights, dtype=np.float64)
-        self.probs = w / w.sum()
-        self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-
-    def _chunk(self, k: int) -> np.ndarray:
-        """Indices [k*chunk, (k+1)*chunk) of the stream, computed without the earlier chunks."""
-        rng = np.random.default_rng([self.seed, k])
-        which = rng.choice(len(self.sizes), size=self.chunk, p=self.probs)
-        out = np.empty(self.chunk, dtype=np.int64)
-        for d, n in enumerate(self.sizes):
-            pos = np.flatnonzero(which == d)
-            # position of each draw in dataset d's own endless stream of permutations
-            counts = self._drawn_before(k, d) + np.arange(len(pos))
-            passes, within = np.divmod(counts, n)
-            perms = {p: np.random.default_rng([self.seed, d, int(p)]).permutation(n) for p in np.unique(passes)}
-            out[pos] = self.offsets[d] + np.array([perms[p][i] for p, i in zip(passes, within)], dtype=np.int64)
-        return out
-
-    def _drawn_before(self, k: int, d: int) -> int:
-        return sum(int((np.random.default_rng([self.seed, j]).choice(len(self.sizes), size=self.chunk,
-                                                                     p=self.probs) == d).sum()) for j in range(k))
-
-    def __iter__(self):
-        k, skip = divmod(self.start, self.chunk)
-        while True:
-            idx = self._chunk(k)
-            yield from idx[skip:].tolist()
-            k, skip = k + 1, 0
-
-    def __len__(self) -> int:  # endless; the trainer stops by step count
-        return 2**62
-
-
-class LengthGroupedBatches(torch.utils.data.Sampler):
-    """Batches of similar length, to waste less compute on padding.
-
-    Takes `window` batches' worth of the mixture stream at a time, sorts them by token count,
-    cuts them into batches and shuffles the batch order (seeded). Resuming at batch `start`
-    regenerates its window and skips into it, so the order is the same as uninterrupted.
-    """
-
-    def __init__(self, lengths: list[int], sampler_args: dict, batch_size: int, window: int = 16, start: int = 0):
-        self.lengths = np.asarray(lengths)
-        self.sampler_args, self.batch_size, self.window, self.start = sampler_args, batch_size, window, start
-
-    def __iter__(self):
-        w, skip = divmod(self.start, self.window)
-        per_window = self.batch_size * self.window
-        stream = iter(MixtureSampler(**self.sampler_args, start=w * per_window))
-        while True:
-            idx = np.fromiter((next(stream) for _ in range(per_window)), dtype=np.int64, count=per_window)
-            idx = idx[np.argsort(self.lengths[idx], kind="stable")]
-            batches = idx.reshape(self.window, self.batch_size)
-            order = np.random.default_rng([self.sampler_args["seed"], 7919, w]).permutation(self.window)
-            for b in order[skip:]:
-                yield batches[b].tolist()
-            w, skip = w + 1, 0
-
-    def __len__(self) -> int:
-        return 2**62
