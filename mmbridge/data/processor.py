@@ -20,6 +20,7 @@ _MARK_RE = re.compile("\ue000(\\d+)\ue001")
 # What counts as space before a reply: ASCII only. str.isspace also takes control characters such
 # as \x1d that this tokenizer drops, and a token's offsets then point at the dropped character.
 _SPACE = " \t\n\r\f\v"
+_SPACE_CODES = np.array([ord(c) for c in _SPACE], dtype=np.uint32)
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Processor:
         self.system_prompt = system_prompt
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self._special = sorted(set(tokenizer.all_special_tokens) - {IMAGE_TOKEN}, key=len, reverse=True)
+        self._expand = _isolated(tokenizer, self.image_token_id)
 
     @property
     def stop_token_ids(self) -> list[int]:
@@ -65,9 +67,9 @@ class Processor:
         return sorted(i for i in ids if i is not None)
 
     # -- text ---------------------------------------------------------------------------------
-    def messages(self, conversations: list[dict]) -> list[dict]:
-        """LLaVA turns → chat messages, with each `<image>` expanded to its token span."""
-        span = IMAGE_TOKEN * self.num_image_tokens
+    def messages(self, conversations: list[dict], span: int | None = None) -> list[dict]:
+        """LLaVA turns → chat messages, with each `<image>` expanded to its token span (or `span` tokens)."""
+        span = IMAGE_TOKEN * (self.num_image_tokens if span is None else span)
         msgs = [{"role": ROLES[t["from"]], "content": t["value"].replace(IMAGE_TOKEN, span)} for t in conversations]
         if self.system_prompt is not None and msgs[0]["role"] != "system":
             msgs.insert(0, {"role": "system", "content": self.system_prompt})
@@ -121,19 +123,54 @@ class Processor:
 
     def encode(self, conversations: list[dict], n_images: int, where: str = "sample") -> Encoded:
         """Tokenise a training conversation; the length budget counts image tokens."""
-        msgs = self.messages(conversations)
+        out = self.encode_many([(conversations, n_images, where)])[0]
+        if isinstance(out, DataError):
+            raise out
+        return out
+
+    def encode_many(self, items: list[tuple[list[dict], int, str]]) -> list[Encoded | DataError]:
+        """`encode` for many (conversations, n_images, where) at once, the tokenizer called once:
+        each result is the encoding or the DataError that `encode` would raise."""
+        out: list = [None] * len(items)
+        todo = []
+        for k, (conversations, _, where) in enumerate(items):
+            try:
+                todo.append((k, *self._prepare(conversations, where)))
+            except DataError as e:
+                out[k] = e
+        if todo:
+            enc = self.tokenizer([t[1] for t in todo], add_special_tokens=False, return_offsets_mapping=True)
+            for (k, text, spans), ids, offsets in zip(todo, enc["input_ids"], enc["offset_mapping"]):
+                _, n_images, where = items[k]
+                try:
+                    out[k] = self._finish(text, spans, ids, offsets, n_images, where)
+                except DataError as e:
+                    out[k] = e
+        return out
+
+    def _prepare(self, conversations: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
+        """The rendered text (one image token per `<image>` when `_expand` allows) and its answer spans."""
+        msgs = self.messages(conversations, span=1 if self._expand else None)
         self._check_turns(msgs, where)
         text = self._render(msgs, where)
-        spans = self._target_spans(text, msgs, where)
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = np.asarray(enc["input_ids"], dtype=np.int64)
-        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        return text, self._target_spans(text, msgs, where)
+
+    def _finish(self, text: str, spans, ids, offsets, n_images: int, where: str) -> Encoded:
+        """Labels from the answer spans, image spans expanded, checks, and the cut to `max_length`."""
+        ids = np.asarray(ids, dtype=np.int64)
+        offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
         # a BPE token may carry the space before a reply ("Ġred"): judge it by its first non-space char
-        starts = offsets[:, 0] + np.array([len(text[a:b]) - len(text[a:b].lstrip(_SPACE)) for a, b in offsets],
-                                          dtype=np.int64)
+        chars = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        solid = ~np.isin(chars, _SPACE_CODES)
+        n = len(chars)
+        next_solid = np.append(np.minimum.accumulate(np.where(solid, np.arange(n), n)[::-1])[::-1], n)
+        starts = np.minimum(next_solid[offsets[:, 0]], offsets[:, 1]) if len(ids) else offsets[:, 0]
         is_target = np.zeros(len(ids), dtype=bool)
         for s, e in spans:
             is_target |= (starts >= s) & (offsets[:, 1] <= e) & (offsets[:, 1] > starts)
+        if self._expand:  # each image token stands for its whole span
+            reps = np.where(ids == self.image_token_id, self.num_image_tokens, 1)
+            ids, is_target = np.repeat(ids, reps), np.repeat(is_target, reps)
         n_img_tok = int((ids == self.image_token_id).sum())
         if n_img_tok != n_images * self.num_image_tokens:
             raise DataError(f"{where}: {n_img_tok} image tokens after tokenisation, expected "
@@ -203,3 +240,12 @@ class Processor:
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
+
+
+def _isolated(tokenizer, token_id: int) -> bool:
+    """Whether the image token is an added token that takes no neighbouring space: then a text with one
+    of it per image tokenises as the full span with that id repeated, and the processor renders that."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}).get(token_id)
+    if added is None or not getattr(tokenizer, "is_fast", False):
+        return False
+    return not (added.lstrip or added.rstrip or added.single_word or added.normalized)
