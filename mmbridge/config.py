@@ -36,8 +36,9 @@ class ModelConfig:
 class DataSource:
     """Where a source's records are and the folder their image paths are relative to.
 
-    LMM stages read a LLaVA-format `json`; LCL stages read an MMC4-style `jsonl` or webdataset `shards`
-    (a folder or glob of tars), with `pairs: true` to split documents into image-sentence pairs.
+    LMM stages read LLaVA records from a `json` list, a `jsonl` file (one record a line) or webdataset
+    `shards` (`data/shards.py`); LCL stages read an MMC4-style `jsonl` or webdataset `shards` (a folder
+    or glob of tars), with `pairs: true` to split documents into image-sentence pairs.
     """
 
     json: str = ""

@@ -4,9 +4,11 @@ so the same loading code runs as for real checkpoints; the real SmolLM2 tokenize
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MMBRIDGE_INDEX_CACHE", tempfile.mkdtemp(prefix="mmbridge-index-"))  # not the user's cache
 
 import pytest
 import torch

@@ -1,65 +1,105 @@
-"""Training datasets: LLaVA records → tokenised samples with images, a seeded mixture sampler."""
+"""Training datasets: LLaVA records → tokenised samples with images, tokenised when a sample is read."""
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
-from mmbridge.data.images import ImageError, load_image, preprocess
-from mmbridge.data.llava import DataError, printable, read_llava_json, record_images
+from mmbridge.data.images import ImageError, preprocess
+from mmbridge.data.llava import DataError, record_images
 from mmbridge.data.processor import IGNORE, Processor
+from mmbridge.data.record_index import load_index
 from mmbridge.data.sampler import LengthGroupedBatches, MixtureSampler  # noqa: F401  (re-exported)
 
 BRIDGE_TEXT = ("caption_ids", "instruction_ids")  # the bridge's own tokens, see Processor.bridge_text
 
 
-class ConversationDataset(Dataset):
-    """LLaVA-format records, tokenised up front (so text errors surface before training).
+def open_source(path: str | Path, image_root: str | Path = "", lines: bool | None = None):
+    """The records of a LLaVA JSON list, a JSONL file (`lines`; default: a `.jsonl` name), or webdataset
+    shards (a folder, a `.tar` or a glob)."""
+    from mmbridge.data.record_file import RecordFile
+    from mmbridge.data.shards import ShardRecords, is_shards
 
-    Images are read lazily; with `skip_bad` an unreadable image drops the sample from its batch
-    and is counted, otherwise it raises with the file and record named.
+    return ShardRecords(path) if is_shards(path) else RecordFile(path, image_root, lines)
+
+
+class ConversationDataset(Dataset):
+    """LLaVA-format records; a sample is parsed and tokenised when it is read (in the loader's workers).
+
+    What every record gives (usable or why not, exact token length, image count) is indexed once and
+    cached (`data/record_index.py`), so text errors still surface before training: the first bad
+    record raises, naming the file and record, or with `skip_bad` bad records are counted. Images are
+    read with their sample: an unreadable one raises naming file and record, or with `skip_bad` drops
+    the sample from its batch and is counted there. Only numpy arrays are held per record.
     """
 
-    def __init__(self, json_path: str | Path, image_root: str | Path, processor: Processor, skip_bad: bool = False):
+    def __init__(self, json_path: str | Path, image_root: str | Path, processor: Processor, skip_bad: bool = False,
+                 workers: int | None = None, cache: bool = True, lines: bool | None = None):
         self.json_path, self.image_root = Path(json_path), Path(image_root)
         self.processor, self.skip_bad = processor, skip_bad
-        records, skipped = read_llava_json(self.json_path, skip_bad=skip_bad)
-        self.skipped: Counter = Counter(skipped)
-        self.truncated = 0
-        self.samples: list[dict] = []
-        for i, rec in enumerate(records):
-            where = f"{self.json_path}: record {i} (id {printable(rec['id'])})"
-            paths = record_images(rec)
-            try:
-                enc = processor.encode(rec["conversations"], len(paths), where)
-            except DataError as e:
-                if not skip_bad:
-                    raise
-                self.skipped[e.kind] += 1
-                continue
-            self.truncated += enc.truncated
-            self.samples.append({"id": str(rec["id"]), "input_ids": enc.input_ids, "labels": enc.labels,
-                                 **processor.bridge_text(rec["conversations"]),
-                                 "images": [str(self.image_root / p) for p in paths], "where": where})
+        self.store = open_source(json_path, image_root, lines)
+        index = load_index(self.store, processor, workers=workers, cache=cache)
+        if index["first_error"] is not None and not skip_bad:
+            kind, message = index["first_error"]
+            raise DataError(f"{self.store.name}: {message}", kind)
+        self.skipped: Counter = Counter(index["skipped"])
+        self.truncated = index["truncated"]
+        self.rows, self.lengths, self.n_images = index["rows"], index["length"], index["images"]
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.rows)
+
+    def encoded(self, idx: int) -> dict:
+        """Sample `idx` tokenised, its images named but not read."""
+        i = int(self.rows[idx])
+        rec = self.store.load(i)
+        where, names = self.store.place(i, rec), record_images(rec)
+        enc = self.processor.encode(rec["conversations"], len(names), where)
+        if len(enc.input_ids) != self.lengths[idx]:
+            raise DataError(f"{where}: {len(enc.input_ids)} tokens, but the index says {self.lengths[idx]}; "
+                            f"delete {self.store.name}'s entry in the data-index cache")
+        return {"id": str(rec.get("id", self.store.default_id(i))), "input_ids": enc.input_ids,
+                "labels": enc.labels, **self.processor.bridge_text(rec["conversations"]),
+                "images": [self.store.image_ref(i, p) for p in names], "names": names, "where": where, "row": i}
+
+    @property
+    def samples(self) -> Sequence[dict]:
+        """Every sample as `encoded` gives it, tokenised on access."""
+        return _Samples(self)
 
     def __getitem__(self, idx: int) -> dict:
-        s = self.samples[idx]
+        s = self.encoded(idx)
         try:
-            images = [load_image(p) for p in s["images"]]
+            images = [self.store.image(s["row"], p) for p in s["names"]]
         except ImageError as e:
             if not self.skip_bad:
                 raise DataError(f"{s['where']}: {e}", "unreadable image") from e
             return {"id": s["id"], "skip": "unreadable image"}
-        pixels = preprocess(images, self.processor.image_size, self.processor.image_mean, self.processor.image_std) \
-            if images else torch.zeros(0, 3, self.processor.image_size, self.processor.image_size)
+        size = self.processor.image_size
+        pixels = preprocess(images, size, self.processor.image_mean, self.processor.image_std) \
+            if images else torch.zeros(0, 3, size, size)
         return {"id": s["id"], "input_ids": s["input_ids"], "labels": s["labels"], "pixel_values": pixels,
                 **{k: s[k] for k in BRIDGE_TEXT if k in s}}
+
+
+class _Samples(Sequence):
+    def __init__(self, dataset: ConversationDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx):
+        n = len(self)
+        if isinstance(idx, slice):
+            return [self.dataset.encoded(i) for i in range(*idx.indices(n))]
+        if not -n <= idx < n:
+            raise IndexError(idx)
+        return self.dataset.encoded(int(idx) % n)
 
 
 class Collator:

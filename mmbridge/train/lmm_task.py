@@ -1,7 +1,8 @@
-"""The multimodal-LM task: LLaVA-format sources → tokenised conversations → (packed) micro-batches."""
+"""The multimodal-LM task: LLaVA-format sources (JSON, JSONL, shards) → conversations → (packed) micro-batches."""
 
 from __future__ import annotations
 
+import numpy as np
 from torch.utils.data import BatchSampler, ConcatDataset, DataLoader
 
 from mmbridge.config import StageConfig
@@ -26,7 +27,8 @@ class LMMTask(Task):
     def dataset(self, name: str) -> ConversationDataset:
         if name not in self.datasets:
             src = resolve_source(self.recipe, name)
-            ds = ConversationDataset(src.json, src.images, self.processor, skip_bad=self.recipe.bad_samples == "skip")
+            ds = ConversationDataset(src.json or src.jsonl or src.shards, src.images, self.processor,
+                                     skip_bad=self.recipe.bad_samples == "skip", lines=True if src.jsonl else None)
             self.skipped.update({f"{name}: {k}": v for k, v in ds.skipped.items()})
             if ds.truncated:
                 print(f"{name}: {ds.truncated} sample(s) shortened in their trailing text to max_length")
@@ -44,15 +46,15 @@ class LMMTask(Task):
             if not getattr(model.bridge, "packable", True):
                 raise ValueError(f"stage {stage.name!r}: pack is not supported with the "
                                  f"{type(model.bridge).__name__} bridge")
-            lengths = [len(s["input_ids"]) for p in parts for s in p.samples]
-            images = [len(s["images"]) for p in parts for s in p.samples]
+            lengths = np.concatenate([p.lengths for p in parts])
+            images = np.concatenate([p.n_images for p in parts])
             budget = self.processor.max_length
             batches = PackedBatches(lengths, images, mix, stage.batch_size, budget, stage.pack_images,
                                     start=start_batch)
             collate = PackingCollator(self.processor, width=budget if fixed_width else None)
             dataset, n_samples = RowTagged(dataset), rows_per_epoch(lengths, budget)
         elif stage.group_by_length:
-            lengths = [len(s["input_ids"]) for p in parts for s in p.samples]
+            lengths = np.concatenate([p.lengths for p in parts])
             batches = LengthGroupedBatches(lengths, mix, stage.batch_size, window=stage.group_by_length,
                                            start=start_batch)
         else:

@@ -1,0 +1,138 @@
+"""What a source holds, computed once: which records are usable, their exact token lengths, their images.
+
+Every record is parsed, checked and tokenised as training will tokenise it (`Processor.encode_many`),
+in worker processes, so a bad record is named (or, with `bad_samples: skip`, counted) before training
+as it always was, and packing and length grouping get exact lengths. Only numpy arrays are kept. The
+result is cached in `~/.cache/mmbridge/data-index/` (or `$MMBRIDGE_INDEX_CACHE`), keyed by the sha256 of the
+source's bytes and the processor's settings (tokenizer, chat template, image tokens, `max_length`,
+system prompt), so a second run only hashes the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from mmbridge.data.llava import DataError, check_record, record_images
+from mmbridge.data.record_file import MalformedFile
+
+VERSION = 1  # bump when what the index holds or how a record is encoded changes
+BATCH = 128  # conversations per tokenizer call
+_JOB: dict = {}  # what forked index workers read (the store and the processor)
+
+
+def fingerprint(processor) -> str:
+    """Hash of every processor setting a record's tokens depend on."""
+    tok = processor.tokenizer
+    backend = tok.backend_tokenizer.to_str() if getattr(tok, "is_fast", False) else repr(sorted(tok.get_vocab()))
+    parts = [VERSION, backend, tok.chat_template, processor.num_image_tokens, processor.max_length,
+             processor.system_prompt, processor.image_token_id, processor._expand, type(processor).__name__]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
+
+
+def content_hash(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())
+    return h.hexdigest()[:24]
+
+
+def _relative(message: str, name: str) -> str:
+    return message[len(name) + 2:] if message.startswith(name + ": ") else message
+
+
+def index_range(store, processor, a: int, b: int) -> dict:
+    """Records [a, b) of `store`: usable or not (and why), exact lengths, image counts."""
+    n = b - a
+    ok, length = np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int32)
+    images, truncated = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=bool)
+    bad: list[tuple[int, str, str, str]] = []  # (record, "record" | "encode", kind, message)
+    items, at = [], []
+    for i in range(a, b):
+        try:
+            rec = store.load(i)
+            check_record(rec, store.place(i, rec))
+        except DataError as e:
+            if isinstance(e, MalformedFile):
+                raise
+            bad.append((i, "record", e.kind, _relative(str(e), store.name)))
+            continue
+        paths = record_images(rec)
+        images[i - a] = len(paths)
+        items.append((rec["conversations"], len(paths), store.place(i, rec)))
+        at.append(i - a)
+    for s in range(0, len(items), BATCH):
+        for j, enc in zip(at[s:s + BATCH], processor.encode_many(items[s:s + BATCH])):
+            if isinstance(enc, DataError):
+                bad.append((a + j, "encode", enc.kind, _relative(str(enc), store.name)))
+            else:
+                ok[j], length[j], truncated[j] = True, len(enc.input_ids), enc.truncated
+    return {"ok": ok, "length": length, "images": images, "truncated": truncated, "bad": bad}
+
+
+def _job(span: tuple[int, int]) -> dict:
+    return index_range(_JOB["store"], _JOB["processor"], *span)
+
+
+def build_index(store, processor, workers: int | None = None) -> dict:
+    """Index every record of `store`, in `workers` forked processes (default: the CPU count)."""
+    n = len(store)
+    workers = min(workers or os.cpu_count() or 1, max(1, n // 2000))
+    spans = [(a, min(n, a + 4096)) for a in range(0, n, 4096)] or [(0, 0)]
+    if workers <= 1 or "fork" not in mp.get_all_start_methods():
+        parts = [index_range(store, processor, a, b) for a, b in spans]
+    else:
+        _JOB.update(store=store, processor=processor)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        try:
+            with mp.get_context("fork").Pool(workers) as pool:
+                parts = pool.map(_job, spans, chunksize=1)
+        finally:
+            _JOB.clear()
+    ok = np.concatenate([p["ok"] for p in parts])
+    bad = [b for p in parts for b in p["bad"]]
+    first = {c: next(([kind, msg] for _, cls, kind, msg in bad if cls == c), None) for c in ("record", "encode")}
+    return {"rows": np.flatnonzero(ok).astype(np.int64),
+            "length": np.concatenate([p["length"] for p in parts])[ok],
+            "images": np.concatenate([p["images"] for p in parts])[ok],
+            "truncated": int(np.concatenate([p["truncated"] for p in parts]).sum()),
+            "skipped": dict(Counter(kind for _, _, kind, _ in bad)),
+            "first_error": first["record"] or first["encode"]}
+
+
+def cache_dir() -> Path:
+    """`$MMBRIDGE_INDEX_CACHE`, else `data-index/` in mmbridge's cache folder."""
+    from mmbridge.models.language import cache_root
+
+    return Path(os.environ.get("MMBRIDGE_INDEX_CACHE") or cache_root() / "data-index")
+
+
+def load_index(store, processor, workers: int | None = None, cache: bool = True) -> dict:
+    """The index of `store` for `processor`, from the cache when the bytes and settings are unchanged."""
+    key = f"{store.kind}-{content_hash(store.files)}-{fingerprint(processor)}"
+    path = cache_dir() / f"{key}.npz" if cache else None
+    if path is not None and path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                return {"rows": z["rows"], "length": z["length"], "images": z["images"], **meta}
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable: rebuilt below
+    index = build_index(store, processor, workers)
+    if path is not None:
+        meta = {k: index[k] for k in ("truncated", "skipped", "first_error")}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, rows=index["rows"], length=index["length"], images=index["images"],
+                     meta=np.array(json.dumps(meta)))
+        os.replace(tmp, path)
+    return index
