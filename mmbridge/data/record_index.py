@@ -25,6 +25,8 @@ from mmbridge.data.record_file import MalformedFile
 
 VERSION = 1  # bump when what the index holds or how a record is encoded changes
 BATCH = 128  # conversations per tokenizer call
+SPAN = 4096  # records per job of an index worker
+MIN_PER_WORKER = 2000  # fewer records than this per worker: index in this process
 _JOB: dict = {}  # what forked index workers read (the store and the processor)
 
 
@@ -85,8 +87,8 @@ def _job(span: tuple[int, int]) -> dict:
 def build_index(store, processor, workers: int | None = None) -> dict:
     """Index every record of `store`, in `workers` forked processes (default: the CPU count)."""
     n = len(store)
-    workers = min(workers or os.cpu_count() or 1, max(1, n // 2000))
-    spans = [(a, min(n, a + 4096)) for a in range(0, n, 4096)] or [(0, 0)]
+    workers = min(workers or os.cpu_count() or 1, max(1, n // MIN_PER_WORKER))
+    spans = [(a, min(n, a + SPAN)) for a in range(0, n, SPAN)] or [(0, 0)]
     if workers <= 1 or "fork" not in mp.get_all_start_methods():
         parts = [index_range(store, processor, a, b) for a, b in spans]
     else:
