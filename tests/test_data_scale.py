@@ -198,3 +198,51 @@ def test_resume_mid_epoch_reproduces_the_losses(tiny_lm_dir, tiny_clip_dir, worl
     assert resumed.keys() == reference.keys()
     for step, want in reference.items():
         assert resumed[step] == pytest.approx(want, rel=1e-6, abs=1e-7), step
+
+
+def test_piece_counts_equal_the_tokenizer_on_awkward_text(proc):
+    from mmbridge.data.token_count import PieceCounter
+
+    counter = PieceCounter.build(proc.tokenizer)
+    assert counter is not None  # SmolLM2: byte-level BPE with the GPT-2 pre-tokenizer
+    rng = random.Random(1)
+    atoms = ["the", "cat", "'s", "don't", "123", "4567", "3.14", ",", "?", "!!", "\n", "\t", "\r\n", "é", "日本",
+             "<|im_start|>", "<|im_end|>", "<image>", "user", "\x1c", "\x00", "a-b", "(x)", '"q"', "Hello", "😀",
+             "\u00a0", "\u2028", "x" * 30, "`", "@#$%"]
+    texts = []
+    for ascii_only in (False, True):
+        pool = [a for a in atoms if a.isascii() or not ascii_only]
+        for _ in range(600):
+            texts.append("".join(rng.choice(pool) + rng.choice([" ", " ", " ", "", "  ", "\n", " \n", "   "])
+                                 for _ in range(rng.randint(0, 30))))
+    want = [len(proc.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    assert counter.count(texts) == want
+    assert counter.count(texts[::-1]) == want[::-1]  # from the memo this time
+
+
+@pytest.mark.parametrize("n, max_length", [(4, 96), (16, 60), (4, 40)])
+def test_measured_lengths_and_errors_equal_encoding(proc, world, n, max_length):
+    """`measure_many` (counted) gives what `encode_many` gives: lengths, shortening and every error."""
+    from mmbridge.data.processor import Processor
+
+    p = Processor(proc.tokenizer, n, 32, (0.5,) * 3, (0.5,) * 3, max_length=max_length)
+    rng = random.Random(n)
+    items = []
+    for task in TASKS:
+        for i, rec in enumerate(read_llava_json(world["manifest"]["train"][task])[0]):
+            conv = json.loads(json.dumps(rec["conversations"]))
+            fault = rng.random()
+            if fault < 0.1:
+                conv[0]["value"] = conv[0]["value"].replace("<image>", "")
+            elif fault < 0.2:
+                conv[0]["value"] = "why " * rng.randint(5, 40) + conv[0]["value"]
+            elif fault < 0.3:
+                conv[-1]["value"] = "  " + conv[-1]["value"] + "  \n"
+            elif fault < 0.35:
+                conv[-1]["value"] = "<|im_end|>"
+            items.append((conv, 1, f"{task} {i}"))
+    want = [e if isinstance(e, DataError) else (len(e.input_ids), e.truncated) for e in p.encode_many(items)]
+    got = p.measure_many(items)
+    assert [str(x) if isinstance(x, DataError) else tuple(x) for x in got] == \
+        [str(x) if isinstance(x, DataError) else x for x in want]
+    assert [x.kind for x in got if isinstance(x, DataError)] == [x.kind for x in want if isinstance(x, DataError)]

