@@ -34,6 +34,14 @@ def _has_surrogate(text: str) -> bool:
     return _SURROGATE.search(text) is not None
 
 
+def _may_hold_surrogates(value: object) -> bool:
+    """One C-speed look at the whole record before walking it field by field."""
+    try:
+        return _has_surrogate(json.dumps(value, ensure_ascii=False))
+    except (TypeError, ValueError):
+        return True
+
+
 def _undecodable(value: object, at: str = "") -> str | None:
     """The first field (e.g. `conversations[1].value`) whose text is not valid UTF-8: undecodable
     bytes (read with surrogateescape) or a lone surrogate escape. Such text cannot be tokenised."""
@@ -64,7 +72,7 @@ def check_record(record: object, where: str) -> None:
     """Raise DataError if `record` is not a well-formed LLaVA conversation record."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected an object, got {type(record).__name__}", "not an object")
-    field = _undecodable(record)
+    field = _undecodable(record) if _may_hold_surrogates(record) else None
     if field is not None:
         raise DataError(f"{where}: {field} is not valid UTF-8 text", "bad UTF-8")
     convs = record.get("conversations")
