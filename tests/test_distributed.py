@@ -1,5 +1,6 @@
 """Scale out: DDP and FSDP on 2 CPU processes (gloo, under torchrun) reproduce one process on the same
-global batch; a 2-process sharded checkpoint resumes in one process; MFU's FLOP count by hand."""
+global batch; a 2-process sharded checkpoint resumes in one process and in two FSDP processes; MFU's FLOP count
+by hand."""
 
 from __future__ import annotations
 
@@ -96,6 +97,24 @@ def test_two_process_checkpoint_resumes_in_one_process(runs, tmp_path, strategy,
     recipe = ckpt.read_recipe(run)
     assert recipe.strategy == strategy  # no torchrun here: one process
     Trainer(recipe, run, resume=True, progress=False).run()
+    resumed = list({(r["stage"], r["step"]): r for r in rows(run)}.values())
+    assert_same_losses(resumed, rows(runs["one"]))
+
+
+def test_fsdp_resumes_its_sharded_checkpoint_under_torchrun(runs, tmp_path):
+    """Two FSDP processes continue from a mid-stage sharded checkpoint (LoRA stage): each rank fills its shards
+    from the pretrained files, then from the checkpoint's trained weights; the losses continue as one process's."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["fsdp"], run)
+    for later in ckpt.list_checkpoints(run):
+        if later.name > "stage1-step0000001":
+            shutil.rmtree(later)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "mmbridge", "train", str(run / "recipe.yaml"), "--out", str(run), "--resume"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resuming from" in proc.stdout and "stage 2, step 1" in proc.stdout
     resumed = list({(r["stage"], r["step"]): r for r in rows(run)}.values())
     assert_same_losses(resumed, rows(runs["one"]))
 

@@ -74,9 +74,10 @@ class LCLTask(Task):
         return dist.shard_loader(loader), len(docs)
 
     def finish(self, trainer) -> None:
+        vit = trainer.dist.part(trainer.model, "vit")  # under FSDP gathered from the shards (every rank calls)
         if trainer.dist.main:
             folder = trainer.run_dir / self.recipe.export
-            self.model.vit.save_pretrained(folder)
+            vit.save_pretrained(folder)
             print(f"encoder exported to {folder}")
         trainer.dist.barrier()
 

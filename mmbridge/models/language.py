@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from mmbridge.models import meta
+
 IMAGE_TOKEN = "<image>"
 LM_OPTIONS = {"path", "gguf_file", "dtype", "attn_implementation", "cache_dir", "gradient_checkpointing"}
 
@@ -71,10 +73,10 @@ def load_language_model(cfg: dict) -> tuple[PreTrainedModel, "object"]:
     path = resolve_path(cfg["path"])
     if cfg.get("gguf_file"):
         path = _dequantised_gguf(path, cfg["gguf_file"], cfg.get("cache_dir"))
-    dtype = getattr(torch, cfg.get("dtype", "float32"))
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=cfg.get("attn_implementation", "sdpa")
-    )
+    kwargs = {"dtype": getattr(torch, cfg.get("dtype", "float32")),
+              "attn_implementation": cfg.get("attn_implementation", "sdpa")}
+    model = meta.try_meta(AutoModelForCausalLM, path, "model.lm", **kwargs) \
+        or AutoModelForCausalLM.from_pretrained(path, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
@@ -94,4 +96,5 @@ def add_lora(model: torch.nn.Module, r: int, alpha: int, dropout: float, target_
     from peft import LoraConfig, inject_adapter_in_model
 
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
-    inject_adapter_in_model(config, model)
+    with meta.adapters_off_meta(model):  # a model built for FSDP: adapters get their initial values
+        inject_adapter_in_model(config, model)

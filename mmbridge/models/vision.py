@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmbridge.data.images import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD
+from mmbridge.models import meta
 
 __all__ = ["VISION_ENCODERS", "EfficientNetLite0Encoder", "HFVisionEncoder", "VisionEncoder",
            "build_vision_encoder", "register_vision_encoder"]
@@ -141,15 +142,18 @@ def _load_hf_vision_model(path: str) -> nn.Module:
         level = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
+            model = meta.try_meta(full_to_vision[config.model_type], path, "model.vision")
+            if model is not None:  # built for FSDP: every vision weight was found in the files
+                return model
             model, info = full_to_vision[config.model_type].from_pretrained(path, output_loading_info=True)
         finally:
             hf_logging.set_verbosity(level)
         if info.get("missing_keys"):
             raise ValueError(f"{path!r}: vision weights missing from checkpoint: {sorted(info['missing_keys'])}")
         return model
-    model = AutoModel.from_pretrained(path)
+    model = meta.try_meta(AutoModel, path, "model.vision") or AutoModel.from_pretrained(path)
     if not hasattr(model.config, "image_size") and hasattr(model, "vision_model"):
-        model = model.vision_model  # some other text+vision model: keep the tower
+        model = meta.submodule_of(model, "vision_model")  # some other text+vision model: keep the tower
     return model
 
 

@@ -31,10 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from mmbridge.config import Recipe, recipe_from_dict, recipe_to_dict
+from mmbridge.models.meta import defer_file, has_meta
 
 MANIFEST = "manifest.json"
 STATE = "trainer_state.pt"
@@ -125,12 +126,13 @@ def write_folder(folder: Path, writers: dict, prefilled: bool = False) -> None:
 
 
 # -- weights ----------------------------------------------------------------------------------
-def trained_state(model: torch.nn.Module, keys: set[str]) -> dict[str, torch.Tensor]:
-    state = model.state_dict()
+def trained_state(model: torch.nn.Module | dict, keys: set[str]) -> dict[str, torch.Tensor]:
+    """The weights `keys` of `model` (a module, or a dict that holds them, e.g. gathered from FSDP shards)."""
+    state = model if isinstance(model, dict) else model.state_dict()
     return {k: state[k].detach().cpu().contiguous().clone() for k in sorted(keys)}
 
 
-def save_weights(model: torch.nn.Module, keys: set[str], folder: Path, meta: dict, state: dict | None = None) -> None:
+def save_weights(model: torch.nn.Module | dict, keys: set[str], folder: Path, meta: dict, state: dict | None = None) -> None:
     """Write the trained parameters, their metadata and (for checkpoints) trainer state atomically."""
     weights = trained_state(model, keys)
     writers = {"model.safetensors": lambda p: save_file(weights, str(p)),
@@ -151,14 +153,21 @@ def load_weights(model: torch.nn.Module, folder: Path) -> dict:
 
         if not any("lora_" in n for n, _ in model.named_parameters()):
             add_lora(model.lm, **meta["lora"])
-    state = load_file(str(folder / "model.safetensors"))
+    file = folder / "model.safetensors"
+    if has_meta(model):  # built for FSDP: what lands on meta parameters is read per shard when sharded
+        with safe_open(str(file), framework="pt") as fh:
+            shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+            state = {k: fh.get_tensor(k) for k in defer_file(model, str(file), list(shapes))}
+    else:
+        state = load_file(str(file))
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
     own = model.state_dict()
-    missing = sorted(set(state) - set(own))
+    missing = sorted(set(shapes) - set(own))
     if missing:
         raise KeyError(f"{folder}: checkpoint has parameters the model lacks: {missing[:5]}")
-    for k, v in state.items():
-        if own[k].shape != v.shape:
-            raise ValueError(f"{folder}: {k} has shape {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} in the model")
+    for k, shape in shapes.items():
+        if tuple(own[k].shape) != shape:
+            raise ValueError(f"{folder}: {k} has shape {shape} in the checkpoint, {tuple(own[k].shape)} in the model")
     model.load_state_dict(state, strict=False)
     return meta
 

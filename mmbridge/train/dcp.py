@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
+from mmbridge.models.meta import PENDING_DCP, has_meta
 from mmbridge.train import checkpoint as ckpt
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -60,7 +61,8 @@ def save(run_dir: Path, step: torch.nn.Module, optimizer, keys: set[str], meta: 
 
 def load_weights(model: torch.nn.Module, folder: Path) -> dict:
     """Load a sharded checkpoint's trained weights into a freshly built, unwrapped model (every rank
-    reads whole tensors); LoRA adapters are injected first if the checkpoint has them."""
+    reads whole tensors; a model built for FSDP gets them once sharded); LoRA adapters are injected first
+    if the checkpoint has them."""
     meta = json.loads((Path(folder) / "meta.json").read_text())
     if meta.get("lora") and not any("lora_" in n for n, _ in model.named_parameters()):
         from mmbridge.models.language import add_lora
@@ -70,6 +72,9 @@ def load_weights(model: torch.nn.Module, folder: Path) -> dict:
     missing = sorted(set(meta["keys"]) - set(own))
     if missing:
         raise KeyError(f"{folder}: checkpoint has parameters the model lacks: {missing[:5]}")
+    if has_meta(model):  # built for FSDP: loaded into each rank's shards once they are filled (train/fsdp.py)
+        setattr(model, PENDING_DCP, (Path(folder), list(meta["keys"])))
+        return meta
     state = {"model." + k: own[k] for k in meta["keys"]}
     dcp.load({"model": state}, checkpoint_id=str(folder))
     model.load_state_dict({k[len("model."):]: v for k, v in state.items()}, strict=False)

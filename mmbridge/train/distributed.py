@@ -12,7 +12,6 @@ Without `torchrun` (or with `strategy: none`) `Dist` is a world of one whose met
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime
 import os
 
@@ -96,6 +95,13 @@ class Dist:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
                                     timeout=datetime.timedelta(minutes=30))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if self.fsdp:
+            from mmbridge.train.fsdp import ShardedStages
+
+            self._stages = ShardedStages(self.device, self.main)
+            if self.device.type == "cpu" and "MALLOC_MMAP_THRESHOLD_" not in os.environ and self.main:
+                print("FSDP on CPU: glibc's malloc keeps the all-gather buffers FSDP frees, so resident memory "
+                      "grows step by step; MALLOC_MMAP_THRESHOLD_=65536 returns them (README, Scale out)")
 
     @property
     def main(self) -> bool:
@@ -177,15 +183,35 @@ class Dist:
             torch.cuda.set_rng_state(states[0], self.device if self.device.type == "cuda" else 0)
 
     # -- model --------------------------------------------------------------------------------------
-    def working_copy(self, model: nn.Module) -> nn.Module:
-        """The module a stage trains: `model` itself, or under FSDP a copy that is sharded in place
-        (its weights return to `model` through `gather`)."""
-        return copy.deepcopy(model) if self.enabled and self.strategy == "fsdp" else model
+    @property
+    def fsdp(self) -> bool:
+        return self.enabled and self.strategy == "fsdp"
+
+    def building(self):
+        """The context a task builds its model in: under FSDP, its pretrained parts go on the meta device."""
+        from mmbridge.models.meta import meta_build
+
+        return meta_build() if self.fsdp else contextlib.nullcontext()
+
+    def place(self, model: nn.Module) -> nn.Module:
+        """The built model on this process's device; under FSDP as it is (each stage shards it there)."""
+        return model if self.fsdp else model.to(self.device)
+
+    def stage_model(self, model: nn.Module) -> nn.Module:
+        """The module a stage sets up and trains: `model`, or under FSDP the structure to shard (`train/fsdp.py`)."""
+        return self._stages.structure(model) if self.fsdp else model
+
+    def probe(self, model: nn.Module) -> nn.Module:
+        """A model to count FLOPs on (a forward pass on zeros): under FSDP its structure on the meta device."""
+        from mmbridge.models.meta import meta_copy
+
+        return meta_copy(model) if self.fsdp else model
 
     def wrap(self, model: nn.Module, objective: nn.Module) -> nn.Module:
         """`TrainStep(model, objective)`, under DDP or sharded with FSDP2 (`fully_shard` per LM decoder
-        layer and per vision block, then the rest as the root). Frozen parameters are sharded like the
-        rest and receive no gradient. On GPU, FSDP computes in bf16 and reduces in fp32; on CPU, fp32."""
+        layer and per vision block, then the rest as the root) with each rank's shards filled. Frozen
+        parameters are sharded like the rest and get no gradient. On GPU, FSDP computes in bf16 and
+        reduces in fp32; on CPU, fp32."""
         step = TrainStep(model, objective)
         if not self.enabled:
             return step
@@ -202,9 +228,8 @@ class Dist:
         mesh = init_device_mesh(self.device.type, (self.world,))
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if self.device.type == "cuda" else MixedPrecisionPolicy()
-        for block in [*blocks(model.vision), *blocks(model.lm)]:
-            fully_shard(block, mesh=mesh, mp_policy=mp)
-        return fully_shard(step, mesh=mesh, mp_policy=mp)
+        return self._stages.shard(step, [*blocks(model.vision), *blocks(model.lm)],
+                                  lambda m: fully_shard(m, mesh=mesh, mp_policy=mp))
 
     def no_sync(self, step: nn.Module, last: bool):
         """DDP: skip the gradient all-reduce on all but the last micro-batch of a step."""
@@ -217,16 +242,14 @@ class Dist:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
-    def gather(self, step: nn.Module, model: nn.Module, keys: set[str]) -> None:
-        """Copy the trained weights `keys` of a stage's working copy back into `model` (on its device)."""
-        if not self.enabled:
-            return
-        if self.strategy == "ddp":  # DDP trained `model` itself
-            return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    def trained(self, model: nn.Module, keys: set[str]):
+        """What a stage end saves: `model` itself, or under FSDP its trained weights `keys` gathered whole
+        on rank 0 (a dict; empty on the other ranks)."""
+        return self._stages.trained_weights(keys) if self.fsdp else model
 
-        full = get_model_state_dict(step, options=StateDictOptions(full_state_dict=True))
-        model.load_state_dict({k: full["model." + k] for k in keys}, strict=False)
+    def part(self, model: nn.Module, name: str) -> nn.Module | None:
+        """`model.<name>` with its weights; under FSDP gathered on rank 0 (None elsewhere; all ranks call it)."""
+        return self._stages.unsharded(name) if self.fsdp else model.get_submodule(name)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

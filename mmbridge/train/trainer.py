@@ -77,9 +77,10 @@ class Trainer:
         allow_tf32(self.dist.device, recipe.model.precision)
         torch.manual_seed(recipe.seed)
         self.task = task_for(recipe)
-        model, self.tokenizer = self.task.build()
+        with self.dist.building():  # FSDP: the pretrained parts on the meta device, each rank reads its shards
+            model, self.tokenizer = self.task.build()
         model.precision = recipe.model.precision
-        self.model = model.to(self.dist.device)
+        self.model = self.dist.place(model)
         self.objective = None  # the last stage's objective (its heads, e.g. LCL's contrastive projection)
         self.trained: set[str] = set()
         self.lora: dict | None = None
@@ -203,18 +204,18 @@ class Trainer:
         return micro, totals, tokens, flops
 
     def train_stage(self, si: int, stage: StageConfig) -> None:
-        model = self.model
+        model = self.dist.stage_model(self.model)  # FSDP: the structure this stage shards, weights still in shards
         resuming = self.state["stage"] == si and self.state["step"] > 0
         if not resuming:  # seed first: LoRA and objective initialisation draw from it
             torch.manual_seed(stage.seed)
         injected = apply_stage_modes(model, stage)
         self.lora = self.lora or injected
         self.trained |= trainable_keys(model)
-        self._count_flops = self.task.flops(model)
-        model = self.dist.working_copy(model)  # FSDP shards a copy; its weights come back at the stage end
+        self._count_flops = self.task.flops(self.dist.probe(model))
         objective = build_objective(stage.objective, model).to(self.dist.device)
         self.objective = objective
         step_fn = self.dist.wrap(model, objective)  # objective(model, batch), under DDP / FSDP if asked
+        self.model = model  # under FSDP now sharded, holding the weights
         groups = param_groups(model, stage, objective)
         optimizer = torch.optim.AdamW(groups, betas=tuple(stage.betas), eps=stage.eps)
         start_step = self.state["step"] if resuming else 0
@@ -330,12 +331,12 @@ class Trainer:
                 return
         bar.close()
         log.close()
-        self.dist.gather(step_fn, self.model, self.trained)  # FSDP: the trained weights back into self.model
+        saved = self.dist.trained(self.model, self.trained)  # FSDP: the trained weights gathered on rank 0
         self._metrics_bytes = metrics.stat().st_size if self.dist.main else 0
         self.state = {"stage": si + 1, "step": 0}
-        self.save_checkpoint(None, stage=si + 1, step=0)  # consolidated, written by rank 0
+        self.save_checkpoint(None, stage=si + 1, step=0, weights=saved)  # consolidated, written by rank 0
         if self.dist.main:
-            ckpt.save_weights(self.model, self.trained, self.run_dir / "model", self._meta(si + 1, 0))
+            ckpt.save_weights(saved, self.trained, self.run_dir / "model", self._meta(si + 1, 0))
             plot_losses(metrics, stage.name, self.run_dir / f"loss_{si + 1}_{stage.name}.png")
         self.dist.barrier()
 
@@ -350,11 +351,11 @@ class Trainer:
     def _meta(self, stage: int, step: int) -> dict:
         return {"keys": sorted(self.trained), "lora": self.lora, "stage": stage, "step": step}
 
-    def save_checkpoint(self, optimizer, stage: int, step: int, objective=None, wrapped=None) -> Path:
+    def save_checkpoint(self, optimizer, stage: int, step: int, objective=None, wrapped=None, weights=None) -> Path:
         """Weights plus what an exact mid-stage resume needs (optimizer, objective, RNG, data position).
 
         Under torchrun, mid-stage checkpoints are sharded (`train/dcp.py`, every rank writes); stage ends are
-        consolidated and written by rank 0."""
+        consolidated and written by rank 0 (from `weights`, the trained ones, under FSDP)."""
         rng = ckpt.rng_state()
         cuda = self.dist.cuda_rng_states()  # a collective under torchrun: every rank calls it
         if cuda is not None:
@@ -372,8 +373,8 @@ class Trainer:
             state["objective"] = objective.state_dict() if objective is not None else {}
         folder = ckpt.checkpoint_dir(self.run_dir, stage, step)
         if self.dist.main:
-            folder = ckpt.save_checkpoint(self.run_dir, self.model, self.trained, self._meta(stage, step), state,
-                                          self.recipe.keep_checkpoints)
+            folder = ckpt.save_checkpoint(self.run_dir, self.model if weights is None else weights, self.trained,
+                                          self._meta(stage, step), state, self.recipe.keep_checkpoints)
         self.dist.barrier()
         return folder
 
