@@ -5,7 +5,8 @@ of 3-19 words, answers of 1-200 words drawn from a 4,000-word vocabulary, the fi
 `<image>`; images pointing to `--images` generated PNGs), then with SmolLM2's tokenizer and chat
 template, 576 image tokens per image (LLaVA-1.5) and `--max-length` 2048:
 
-* time to first batch through a DataLoader with 4 workers: cold (no cached index) and cached;
+* time to first batch through a DataLoader with 4 workers: cold (no cached index) and cached, and
+  the CPU seconds the index took (its worker processes included: a figure that load does not change);
 * RSS (and USS: memory the process alone holds) of the main process and of each of the 4 workers
   after `--batches` batches of `--batch-size`;
 * the mixture sampler's time per batch at step 0 and after fast-forwarding to step 1,000,000
@@ -25,6 +26,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -110,13 +112,20 @@ def loader(ds, proc, batch_size: int, workers: int, start: int = 0):
                       persistent_workers=False)
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the index's worker processes)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def first_batch(json_path: Path, images: Path, proc, batch_size: int, workers: int):
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), cpu_seconds()
     ds = ConversationDataset(json_path, images, proc)
     t_index = time.perf_counter() - t0
+    cpu = cpu_seconds() - cpu0
     it = iter(loader(ds, proc, batch_size, workers))
     next(it)
-    return ds, it, t_index, time.perf_counter() - t0
+    return ds, it, (t_index, cpu), time.perf_counter() - t0
 
 
 def memory(it, batches: int) -> dict:
@@ -181,9 +190,10 @@ def main() -> None:
         old.unlink()
     result = {"records": args.records, "file_gib": round(json_path.stat().st_size / 2**30, 3),
               "batch_size": args.batch_size, "workers": args.workers}
-    ds, it, t_index, t_cold = first_batch(json_path, folder / "images", proc, args.batch_size, args.workers)
-    result.update(first_batch_cold_s=round(t_cold, 2), index_cold_s=round(t_index, 2), samples=len(ds))
-    print(f"cold: first batch after {t_cold:.1f} s (index {t_index:.1f} s)", flush=True)
+    ds, it, (t_index, cpu), t_cold = first_batch(json_path, folder / "images", proc, args.batch_size, args.workers)
+    result.update(first_batch_cold_s=round(t_cold, 2), index_cold_s=round(t_index, 2),
+                  index_cold_cpu_s=round(cpu, 1), samples=len(ds))
+    print(f"cold: first batch after {t_cold:.1f} s (index {t_index:.1f} s, {cpu:.0f} CPU s)", flush=True)
     t0 = time.perf_counter()
     result["memory_after_batches"] = {"batches": args.batches, **memory(it, args.batches)}
     result["batches_per_s"] = round((args.batches - 1) / (time.perf_counter() - t0), 2)
@@ -192,7 +202,8 @@ def main() -> None:
     del it, ds
     gc.collect()
     if any(cache.glob("*")):  # the eager path keeps no index
-        ds, it, t_index, t_warm = first_batch(json_path, folder / "images", proc, args.batch_size, args.workers)
+        ds, it, (t_index, _), t_warm = first_batch(json_path, folder / "images", proc, args.batch_size,
+                                                   args.workers)
         result.update(first_batch_cached_s=round(t_warm, 2), index_cached_s=round(t_index, 2))
         print(f"cached: first batch after {t_warm:.1f} s (index {t_index:.1f} s)", flush=True)
         del it, ds

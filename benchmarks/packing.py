@@ -73,8 +73,8 @@ def main(argv=None) -> dict:
     for name in stage.data:
         src = resolve_source(recipe, name)
         parts.append(ConversationDataset(src.json, src.images, proc))
-    lengths = np.array([len(s["input_ids"]) for p in parts for s in p.samples])
-    images = np.array([len(s["images"]) for p in parts for s in p.samples])
+    lengths = np.concatenate([p.lengths for p in parts])
+    images = np.concatenate([p.n_images for p in parts])
     mix = {"sizes": [len(p) for p in parts], "weights": list(stage.data.values()), "seed": stage.seed}
     budget = recipe.model.max_length
     n = args.batches

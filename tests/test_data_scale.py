@@ -83,6 +83,7 @@ def test_forked_index_workers_and_the_cache_agree(world, proc, monkeypatch, tmp_
         assert np.array_equal(alone[key], forked[key])
     first = ConversationDataset(path, world["images"], proc)
     monkeypatch.setattr(record_index, "build_index", lambda *a, **k: pytest.fail("rebuilt a cached index"))
+    monkeypatch.setattr(record_file, "_split_list", lambda *a: pytest.fail("scanned a file whose index is cached"))
     again = ConversationDataset(path, world["images"], proc)
     assert np.array_equal(first.lengths, again.lengths) and lazy(first) == lazy(again)
     assert len(list((tmp_path / "cache").iterdir())) == 1

@@ -144,24 +144,42 @@ class RecordFile:
         self._fd, self._pid = None, None
         self.lines = self.path.suffix == ".jsonl" if lines is None else lines
         self.kind = "jsonl" if self.lines else "json"
+        self.starts = self.ends = self.numbers = None  # found by `locate`, or restored from the index cache
+
+    def locate(self) -> None:
+        """Find every record's byte range (one pass over the file), unless known already."""
+        if self.starts is not None:
+            return
         if self.lines:
             self.starts, self.ends, self.numbers = _split_lines(self.path)
-        else:
-            try:
-                self.starts, self.ends = _split_list(self.path)
-            except _Unsplittable:
-                _whole_file_error(self.path)
-            if len(self.starts) == 1 and not self._raw(0).strip():
-                self.starts, self.ends = self.starts[:0], self.ends[:0]
-            self.numbers = np.arange(len(self.starts), dtype=np.int64)
+            return
+        try:
+            starts, ends = _split_list(self.path)
+        except _Unsplittable:
+            _whole_file_error(self.path)
+        self.starts, self.ends = starts, ends
+        if len(starts) == 1 and not self._raw(0).strip():
+            self.starts, self.ends = starts[:0], ends[:0]
+        self.numbers = np.arange(len(self.starts), dtype=np.int64)
+
+    def located(self) -> dict[str, np.ndarray]:
+        """What `locate` found, to cache beside the index."""
+        self.locate()
+        return {"starts": self.starts, "ends": self.ends, "numbers": self.numbers}
+
+    def restore(self, offsets: dict[str, np.ndarray]) -> None:
+        self.starts, self.ends, self.numbers = offsets["starts"], offsets["ends"], offsets["numbers"]
 
     def __len__(self) -> int:
+        self.locate()
         return len(self.starts)
 
     def __getstate__(self):
         return {**self.__dict__, "_fd": None, "_pid": None}
 
     def _raw(self, i: int) -> bytes:
+        if self.starts is None:
+            self.locate()
         if self._pid != os.getpid():
             self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
         start, end = int(self.starts[i]), int(self.ends[i])

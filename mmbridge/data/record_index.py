@@ -3,9 +3,9 @@
 Every record is parsed, checked and measured as training will tokenise it (`Processor.measure_many`),
 in worker processes, so a bad record is named (or, with `bad_samples: skip`, counted) before training
 as it always was, and packing and length grouping get exact lengths. Only numpy arrays are kept. The
-result is cached in `~/.cache/mmbridge/data-index/` (or `$MMBRIDGE_INDEX_CACHE`), keyed by the sha256 of the
-source's bytes and the processor's settings (tokenizer, chat template, image tokens, `max_length`,
-system prompt), so a second run only hashes the file.
+result, with where each record lies in the file, is cached in `~/.cache/mmbridge/data-index/` (or
+`$MMBRIDGE_INDEX_CACHE`), keyed by the sha256 of the source's bytes and the processor's settings
+(tokenizer, chat template, image tokens, `max_length`, system prompt): a second run only hashes the file.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 from mmbridge.data.llava import DataError, check_record, record_images
 from mmbridge.data.record_file import MalformedFile
 
-VERSION = 2  # bump when what the index holds or how a record is encoded changes
+VERSION = 3  # bump when what the index holds or how a record is encoded changes
 BATCH = 128  # conversations per tokenizer call
 SPAN = 4096  # records per job of an index worker
 MIN_PER_WORKER = 2000  # fewer records than this per worker: index in this process
@@ -125,6 +125,7 @@ def load_index(store, processor, workers: int | None = None, cache: bool = True)
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
+                store.restore({k[6:]: z[k] for k in z.files if k.startswith("store_")})
                 return {"rows": z["rows"], "length": z["length"], "images": z["images"], **meta}
         except (OSError, ValueError, KeyError):
             pass  # unreadable: rebuilt below
@@ -135,6 +136,6 @@ def load_index(store, processor, workers: int | None = None, cache: bool = True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
         with os.fdopen(fd, "wb") as f:
             np.savez(f, rows=index["rows"], length=index["length"], images=index["images"],
-                     meta=np.array(json.dumps(meta)))
+                     meta=np.array(json.dumps(meta)), **{f"store_{k}": v for k, v in store.located().items()})
         os.replace(tmp, path)
     return index

@@ -81,6 +81,12 @@ class ShardRecords:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def located(self) -> dict:  # the tars are scanned when opened; nothing to cache
+        return {}
+
+    def restore(self, offsets: dict) -> None:
+        pass
+
     def __getstate__(self):
         return {**self.__dict__, "_fds": {}, "_pid": None}
 

@@ -22,7 +22,7 @@ _CLASSES = bytes(ord("s") if c == 32 else ord("p") if 33 <= c <= 126 else ord("c
 class PieceCounter:
     """Counts tokens as `len(tokenizer(text, add_special_tokens=False)["input_ids"])` would."""
 
-    MAX_MEMO = 4_000_000  # remembered pieces; forgotten all at once past this
+    MAX_MEMO = 1_000_000  # remembered pieces; forgotten all at once past this
 
     def __init__(self, tokenizer):
         self.backend = tokenizer.backend_tokenizer

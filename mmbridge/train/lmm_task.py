@@ -66,6 +66,12 @@ class LMMTask(Task):
         return loader, n_samples
 
     def loader(self, model, stage: StageConfig, start_batch: int, dist):
+        if not dist.main:  # the first process indexes the sources; the others then find its cache
+            dist.barrier()
+        for name in stage.data:
+            self.dataset(name)
+        if dist.main:
+            dist.barrier()
         # on a GPU packed rows are padded to max_length: one shape, so flex_attention's kernel compiles once
         gpu = dist.device.type == "cuda"
         loader, n_samples = self.batches(model, stage, start_batch, pin_memory=gpu, fixed_width=gpu)
