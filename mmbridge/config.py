@@ -57,6 +57,17 @@ class LoraConfig:
 
 
 @dataclass
+class MoeConfig:
+    """MoE-tuning (`train: {lm: moe}`, see models/moe.py): experts per converted FFN, experts per token, which
+    layers (`all`, `every_other` or a list of indices) and the weight of the balancing loss."""
+
+    experts: int = 4
+    top_k: int = 2
+    layers: Any = "every_other"
+    aux_weight: float = 0.01
+
+
+@dataclass
 class StageConfig:
     """One training stage: data mix, what trains (frozen / full / lora) and how."""
 
@@ -65,6 +76,7 @@ class StageConfig:
     train: dict = field(default_factory=lambda: {"vision": "frozen", "bridge": "full", "lm": "frozen"})
     lr: dict = field(default_factory=lambda: {"bridge": 1e-3})  # part -> learning rate
     lora: LoraConfig = field(default_factory=LoraConfig)
+    moe: MoeConfig = field(default_factory=MoeConfig)
     steps: int = 100
     epochs: float | None = None  # if set, overrides steps
     batch_size: int = 8
@@ -181,7 +193,7 @@ def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
 
 
 PARTS = {"lmm": ("vision", "bridge", "lm"), "lcl": ("vision", "lm")}
-MODES = ("frozen", "full", "lora")
+MODES = ("frozen", "full", "lora", "moe")
 
 
 def _validate_lcl(recipe: Recipe) -> None:
@@ -216,6 +228,19 @@ def _validate_lcl(recipe: Recipe) -> None:
                 raise RecipeError(f"{where}.data.{src}: expected world/<split>/interleaved|pairs or a source")
 
 
+def _validate_moe(moe: MoeConfig, where: str) -> None:
+    from mmbridge.models.moe import LAYER_CHOICES
+
+    if moe.experts < 2 or not 1 <= moe.top_k <= moe.experts:
+        raise RecipeError(f"{where}: need experts >= 2 and 1 <= top_k <= experts, got {moe.experts} and {moe.top_k}")
+    if moe.aux_weight < 0:
+        raise RecipeError(f"{where}.aux_weight: must be >= 0, got {moe.aux_weight}")
+    ok_list = isinstance(moe.layers, list) and moe.layers and all(type(i) is int and i >= 0 for i in moe.layers)
+    if moe.layers not in LAYER_CHOICES and not ok_list:
+        raise RecipeError(f"{where}.layers: expected {' or '.join(LAYER_CHOICES)} or a list of layer indices, "
+                          f"got {moe.layers!r}")
+
+
 def validate(recipe: Recipe) -> None:
     """Cross-field checks that dataclass typing cannot express."""
     from mmbridge.train.device import check_spec
@@ -248,6 +273,7 @@ def validate(recipe: Recipe) -> None:
             raise RecipeError(f"{where}.loss_norm: expected token or sample, got {st.loss_norm!r}")
         if st.pack_images < 0:
             raise RecipeError(f"{where}.pack_images: must be 0 (no limit) or positive, got {st.pack_images}")
+        _validate_moe(st.moe, f"{where}.moe")
         if len(st.betas) != 2 or not all(0 <= b < 1 for b in st.betas):
             raise RecipeError(f"{where}.betas: expected two numbers in [0, 1), got {st.betas!r}")
         for part, mode in st.train.items():
@@ -255,8 +281,8 @@ def validate(recipe: Recipe) -> None:
                 raise RecipeError(f"{where}.train.{part}: unknown part; expected one of {list(parts)}")
             if mode not in MODES:
                 raise RecipeError(f"{where}.train.{part}: unknown mode {mode!r}; expected one of {list(MODES)}")
-            if mode == "lora" and part != "lm":
-                raise RecipeError(f"{where}.train.{part}: lora is supported for the lm only")
+            if mode in ("lora", "moe") and part != "lm":
+                raise RecipeError(f"{where}.train.{part}: {mode} is supported for the lm only")
             if mode != "frozen" and part not in st.lr:
                 raise RecipeError(f"{where}.lr.{part}: missing learning rate for a part that trains")
         for part in st.lr:

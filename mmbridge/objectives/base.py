@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from mmbridge.models import moe
 from mmbridge.registry import Registry
+from mmbridge.train.loss_norm import target_total
 
 OBJECTIVES: Registry["Objective"] = Registry("objective")
 
@@ -35,7 +37,23 @@ class Objective(nn.Module):
     def __call__(self, model: nn.Module, batch: dict, *args, **kwargs) -> LossOutput:
         """`forward` under the model's precision (bf16 autocast on a GPU; fp32 on a CPU by default)."""
         with model.autocast() if hasattr(model, "autocast") else contextlib.nullcontext():
-            return super().__call__(model, batch, *args, **kwargs)
+            out = super().__call__(model, batch, *args, **kwargs)
+        return with_moe_balance(out, model, batch, kwargs.get("normalizer", args[0] if args else None))
+
+
+def with_moe_balance(out: LossOutput, model: nn.Module, batch: dict, normalizer) -> LossOutput:
+    """MoE-tuning: add the MoE layers' balancing loss times `moe.aux_weight`, weighed by this micro-batch's share
+    of the step's targets (so the step's total is the target-weighted mean), and log it as `loss_moe_aux`."""
+    lm = getattr(model, "lm", None)
+    weight = getattr(lm, "moe_aux_weight", 0.0)
+    aux = moe.aux_loss(lm) if weight else None
+    if aux is None:
+        return out
+    share = target_total(batch) / normalizer if normalizer else 1.0
+    aux = aux * share
+    out.loss = out.loss + weight * aux
+    out.terms["moe_aux"] = aux.detach()
+    return out
 
 
 def build_objective(cfg: dict, model: nn.Module) -> Objective:

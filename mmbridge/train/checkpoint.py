@@ -142,17 +142,27 @@ def save_weights(model: torch.nn.Module | dict, keys: set[str], folder: Path, me
     write_folder(folder, writers)
 
 
+def restore_structure(model: torch.nn.Module, meta: dict) -> None:
+    """What training added to the LM before its weights were saved: LoRA adapters, MoE experts (MoE-tuning)."""
+    if meta.get("lora") and not any("lora_" in n for n, _ in model.named_parameters()):
+        from mmbridge.models.language import add_lora
+
+        add_lora(model.lm, **meta["lora"])
+    if meta.get("moe"):
+        from mmbridge.models.moe import add_moe, has_moe
+
+        if not has_moe(model.lm):
+            add_moe(model.lm, **meta["moe"])
+            model.lm.moe_config = dict(meta["moe"])
+
+
 def load_weights(model: torch.nn.Module, folder: Path) -> dict:
     """Load saved parameters into a freshly built model; every saved key must exist there."""
     folder = Path(folder)
     if (folder / MANIFEST).exists():
         verify(folder)
     meta = json.loads((folder / "meta.json").read_text())
-    if meta.get("lora"):
-        from mmbridge.models.language import add_lora
-
-        if not any("lora_" in n for n, _ in model.named_parameters()):
-            add_lora(model.lm, **meta["lora"])
+    restore_structure(model, meta)
     file = folder / "model.safetensors"
     if has_meta(model):  # built for FSDP: what lands on meta parameters is read per shard when sharded
         with safe_open(str(file), framework="pt") as fh:

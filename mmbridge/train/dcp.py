@@ -61,13 +61,10 @@ def save(run_dir: Path, step: torch.nn.Module, optimizer, keys: set[str], meta: 
 
 def load_weights(model: torch.nn.Module, folder: Path) -> dict:
     """Load a sharded checkpoint's trained weights into a freshly built, unwrapped model (every rank
-    reads whole tensors; a model built for FSDP gets them once sharded); LoRA adapters are injected first
-    if the checkpoint has them."""
+    reads whole tensors; a model built for FSDP gets them once sharded); LoRA adapters and MoE experts are
+    added first if the checkpoint has them."""
     meta = json.loads((Path(folder) / "meta.json").read_text())
-    if meta.get("lora") and not any("lora_" in n for n, _ in model.named_parameters()):
-        from mmbridge.models.language import add_lora
-
-        add_lora(model.lm, **meta["lora"])
+    ckpt.restore_structure(model, meta)
     own = model.state_dict()
     missing = sorted(set(meta["keys"]) - set(own))
     if missing:

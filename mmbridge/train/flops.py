@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from mmbridge.data.processor import IGNORE
+from mmbridge.models.moe import moe_layers
 
 # Dense bf16 peaks (no sparsity) from the vendors' datasheets, FLOP/s, by the exact name CUDA reports
 # (`torch.cuda.get_device_name`). A GPU not listed gets no MFU rather than a guessed one.
@@ -98,8 +99,10 @@ class StepFlops:
     def __init__(self, model: nn.Module):
         lm, cfg = model.lm, model.lm.config
         text = getattr(cfg, "text_config", cfg)
-        self.linear = sum(2 * m.in_features * m.out_features * (3 if m.weight.requires_grad else 2)
-                          for m in lm.get_decoder().modules() if isinstance(m, nn.Linear))
+        # MoE-tuning: a token goes through top_k of an MoE layer's experts, not all of them
+        share = {id(lin): m.top_k / m.num_experts for m in moe_layers(lm) for lin in m.experts.modules()}
+        self.linear = int(sum(2 * m.in_features * m.out_features * (3 if m.weight.requires_grad else 2)
+                              * share.get(id(m), 1) for m in lm.get_decoder().modules() if isinstance(m, nn.Linear)))
         heads = text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         self.attention = 4 * text.num_hidden_layers * heads * head_dim * 3  # per sample, times L²

@@ -7,6 +7,7 @@ import torch
 from mmbridge.config import StageConfig
 from mmbridge.models.language import add_lora
 from mmbridge.models.mmlm import MultimodalLM
+from mmbridge.models.moe import add_moe, has_moe
 
 
 def has_lora(model: MultimodalLM) -> bool:
@@ -14,13 +15,21 @@ def has_lora(model: MultimodalLM) -> bool:
 
 
 def apply_stage_modes(model: MultimodalLM, stage: StageConfig) -> dict | None:
-    """Set `requires_grad` for this stage and return the LoRA config if one was injected now."""
+    """Set `requires_grad` for this stage and return the LoRA config if one was injected now.
+
+    `lm: moe` converts the LM's chosen FFNs into experts the first time (MoE-tuning); later stages keep them."""
     injected = None
     modes = {"vision": "frozen", "bridge": "frozen", "lm": "frozen", **stage.train}
     if modes["lm"] == "lora" and not has_lora(model):
         injected = {"r": stage.lora.r, "alpha": stage.lora.alpha, "dropout": stage.lora.dropout,
                     "target_modules": list(stage.lora.target_modules)}
         add_lora(model.lm, **injected)
+    if modes["lm"] == "moe" and not has_moe(model.lm):
+        moe = {"experts": stage.moe.experts, "top_k": stage.moe.top_k, "layers": stage.moe.layers}
+        add_moe(model.lm, **moe)
+        model.lm.moe_config = moe  # saved in the run's meta, so load_run rebuilds the same structure
+    if has_moe(model.lm):
+        model.lm.moe_aux_weight = stage.moe.aux_weight if modes["lm"] == "moe" else 0.0
     for part, module in model.parts().items():
         mode = modes[part]
         for name, p in module.named_parameters():
@@ -28,6 +37,8 @@ def apply_stage_modes(model: MultimodalLM, stage: StageConfig) -> dict | None:
                 p.requires_grad_(True)
             elif mode == "lora":
                 p.requires_grad_("lora_" in name)
+            elif mode == "moe":  # the routers and the experts, nothing else of the LM
+                p.requires_grad_(".experts." in name or ".router." in name)
             else:
                 p.requires_grad_(False)
         # frozen parts keep their normalisation statistics and run without dropout

@@ -349,7 +349,8 @@ class Trainer:
                 return b
 
     def _meta(self, stage: int, step: int) -> dict:
-        return {"keys": sorted(self.trained), "lora": self.lora, "stage": stage, "step": step}
+        return {"keys": sorted(self.trained), "lora": self.lora, "moe": getattr(self.model.lm, "moe_config", None),
+                "stage": stage, "step": step}
 
     def save_checkpoint(self, optimizer, stage: int, step: int, objective=None, wrapped=None, weights=None) -> Path:
         """Weights plus what an exact mid-stage resume needs (optimizer, objective, RNG, data position).

@@ -1,0 +1,103 @@
+"""MoE-tuning (MoE-LLaVA): the LM's feed-forward layers become a mixture of experts.
+
+Each chosen decoder layer's FFN is copied into E experts, so the converted model starts out computing what the
+dense one did. A router (Linear d → E, no bias) scores every token, image and text alike; a token goes through its
+top-k experts and their outputs are summed with the top-k router probabilities renormalised to sum to 1. Dispatch
+is batched: tokens are sorted by expert and each expert runs once on its contiguous slice (a loop over the E
+experts, none over tokens). Every forward leaves the layer's Switch-Transformer balancing loss in `aux`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+LAYER_CHOICES = ("all", "every_other")
+
+
+class MoEFeedForward(nn.Module):
+    """Top-k routed experts in place of one FFN; `aux` holds the last forward's balancing loss."""
+
+    def __init__(self, ffn: nn.Module, hidden_size: int, num_experts: int, top_k: int):
+        super().__init__()
+        if num_experts < 2 or not 1 <= top_k <= num_experts:
+            raise ValueError(f"moe: need experts >= 2 and 1 <= top_k <= experts, got {num_experts} and {top_k}")
+        self.num_experts, self.top_k = num_experts, top_k
+        self.experts = nn.ModuleList(copy.deepcopy(ffn) for _ in range(num_experts))
+        weight = next(ffn.parameters())
+        self.router = nn.Linear(hidden_size, num_experts, bias=False, device=weight.device, dtype=weight.dtype)
+        nn.init.normal_(self.router.weight, std=0.02)
+        self.aux: torch.Tensor | None = None
+
+    def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[N, d] → router probabilities [N, E] (fp32), chosen experts [N, k], renormalised weights [N, k]."""
+        probs = self.router(h).float().softmax(dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        return probs, chosen, weights / weights.sum(dim=-1, keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.reshape(-1, x.shape[-1])
+        probs, chosen, weights = self.route(h)
+        flat = chosen.reshape(-1)  # [N*k]: token t's j-th choice at t*k + j
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        token = order // self.top_k
+        slices = h[token].split(counts.tolist())  # one read-back per layer: the slice sizes
+        out = torch.cat([expert(s) for expert, s in zip(self.experts, slices)])
+        out = out * weights.reshape(-1)[order, None].to(out.dtype)
+        y = torch.zeros_like(h).index_add_(0, token, out)
+        self.aux = balancing_loss(probs, counts, self.top_k)
+        return y.reshape(x.shape)
+
+
+def balancing_loss(probs: torch.Tensor, counts: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Switch Transformer's load-balancing loss E · Σ_e f_e · P_e: f_e the share of the N·k token-to-expert
+    assignments that went to expert e, P_e the mean router probability of e. 1 when perfectly balanced."""
+    n, experts = probs.shape
+    share = counts.float() / max(n * top_k, 1)
+    return experts * (share * probs.mean(dim=0)).sum()
+
+
+def moe_layers(model: nn.Module) -> list[MoEFeedForward]:
+    return [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+
+
+def chosen_layers(n_layers: int, layers) -> list[int]:
+    """`all`, `every_other` (layers 1, 3, 5, …: MoE alternates with dense FFNs) or a list of layer indices."""
+    if layers == "all":
+        return list(range(n_layers))
+    if layers == "every_other":
+        return list(range(1, n_layers, 2))
+    if isinstance(layers, (list, tuple)) and layers and all(isinstance(i, int) for i in layers):
+        bad = [i for i in layers if not 0 <= i < n_layers]
+        if bad:
+            raise ValueError(f"moe.layers: {bad} outside the LM's {n_layers} layers")
+        return sorted(set(layers))
+    raise ValueError(f"moe.layers: expected {' or '.join(LAYER_CHOICES)} or a list of layer indices, got {layers!r}")
+
+
+def add_moe(lm: nn.Module, experts: int, top_k: int, layers="every_other", **_ignored) -> list[int]:
+    """Turn the `mlp` of each chosen decoder layer of `lm` into an MoEFeedForward, in place; returns the layers."""
+    decoder = lm.get_decoder()
+    blocks = getattr(decoder, "layers", None)
+    if blocks is None or not all(hasattr(b, "mlp") for b in blocks):
+        raise ValueError(f"moe: {type(decoder).__name__} has no `layers` with an `mlp` each to convert")
+    hidden = lm.config.get_text_config().hidden_size if hasattr(lm.config, "get_text_config") \
+        else lm.config.hidden_size
+    ids = chosen_layers(len(blocks), layers)
+    for i in ids:
+        if not isinstance(blocks[i].mlp, MoEFeedForward):
+            blocks[i].mlp = MoEFeedForward(blocks[i].mlp, hidden, experts, top_k)
+    return ids
+
+
+def has_moe(model: nn.Module) -> bool:
+    return bool(moe_layers(model))
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor | None:
+    """Sum of the balancing losses the MoE layers left in their last forward (None without MoE layers)."""
+    losses = [m.aux for m in moe_layers(model) if m.aux is not None]
+    return torch.stack(losses).sum() if losses else None

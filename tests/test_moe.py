@@ -1,0 +1,146 @@
+"""MoE-tuning: experts copied from the FFN, top-k routing, the balancing loss, what trains, save → load."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from mmbridge.config import RecipeError, recipe_from_dict
+from mmbridge.models.moe import MoEFeedForward, add_moe, aux_loss, balancing_loss, chosen_layers, moe_layers
+from mmbridge.train.checkpoint import load_run
+from mmbridge.train.flops import StepFlops
+from mmbridge.train.trainer import Trainer
+from tests.conftest import tiny_recipe_dict
+
+
+def tiny_llama(tiny_lm_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+
+
+def test_copied_experts_with_renormalised_weights_equal_the_dense_model(tiny_lm_dir):
+    lm = tiny_llama(tiny_lm_dir)
+    ids = torch.randint(0, 1000, (2, 9))
+    with torch.no_grad():
+        dense = lm(ids).logits
+        torch.manual_seed(0)
+        assert add_moe(lm, experts=4, top_k=2, layers="all") == [0, 1]
+        for m in moe_layers(lm):  # routers that prefer different experts per token: the sum must not care
+            nn.init.normal_(m.router.weight, std=1.0)
+        moe = lm(ids).logits
+    assert len(moe_layers(lm)) == 2
+    torch.testing.assert_close(moe, dense, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(moe_layers(lm)[0].route(torch.randn(5, 64))[1][:, 0].unique(), torch.tensor([0]))
+
+
+def test_top_k_routing_matches_a_per_token_computation():
+    torch.manual_seed(0)
+    ffn = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+    layer = MoEFeedForward(ffn, 8, num_experts=3, top_k=2)
+    for e in layer.experts:  # experts that differ
+        nn.init.normal_(e[0].weight)
+    x = torch.randn(2, 5, 8)
+    got = layer(x)
+    probs = (x @ layer.router.weight.T).softmax(-1)
+    want = torch.zeros_like(x)
+    for b in range(2):
+        for t in range(5):
+            w, idx = probs[b, t].topk(2)
+            w = w / w.sum()
+            want[b, t] = sum(wi * layer.experts[int(i)](x[b, t]) for wi, i in zip(w, idx))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_an_expert_no_token_selects_gets_no_gradient():
+    torch.manual_seed(0)
+    layer = MoEFeedForward(nn.Linear(8, 8), 8, num_experts=4, top_k=1)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[2, 0] = 10.0  # every token with x[0] > 0 → expert 2, else the first index of a tie
+    x = torch.randn(16, 8).abs()
+    layer(x).sum().backward()
+    grads = [e.weight.grad for e in layer.experts]
+    assert grads[2] is not None and grads[2].abs().sum() > 0
+    for e in (0, 1, 3):
+        assert grads[e] is None or grads[e].abs().sum() == 0
+
+
+def test_balancing_loss_equals_a_hand_computation():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.5, 0.1, 0.4], [0.2, 0.3, 0.5]])
+    chosen = probs.topk(1, dim=-1).indices.reshape(-1)  # experts 0, 1, 0, 2
+    counts = torch.bincount(chosen, minlength=3)
+    # f = (2/4, 1/4, 1/4), P = column means (0.375, 0.3, 0.325); loss = 3 * sum(f * P)
+    want = 3 * (0.5 * 0.375 + 0.25 * 0.3 + 0.25 * 0.325)
+    assert balancing_loss(probs, counts, 1).item() == pytest.approx(want, rel=1e-6)
+    uniform = torch.full((6, 3), 1 / 3)
+    assert balancing_loss(uniform, torch.tensor([4, 4, 4]), 2).item() == pytest.approx(1.0)
+
+
+def test_layer_choices_and_recipe_errors(tiny_lm_dir, tiny_clip_dir, world):
+    assert chosen_layers(6, "every_other") == [1, 3, 5] and chosen_layers(3, [2, 0]) == [0, 2]
+    with pytest.raises(ValueError, match="outside"):
+        chosen_layers(2, [5])
+    data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"])
+    data["stages"][1]["moe"] = {"experts": 2, "top_k": 3}
+    with pytest.raises(RecipeError, match=r"stages\[1\].*moe"):
+        recipe_from_dict(data)
+    data["stages"][1]["moe"] = {"layers": "odd"}
+    with pytest.raises(RecipeError, match="moe.layers"):
+        recipe_from_dict(data)
+    data["stages"][1]["moe"] = {}
+    data["stages"][1]["train"] = {"bridge": "moe"}
+    with pytest.raises(RecipeError, match="moe is supported for the lm only"):
+        recipe_from_dict(data)
+
+
+def moe_recipe(tiny_lm_dir, tiny_clip_dir, world):
+    data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"])
+    data["stages"][1].update(train={"bridge": "frozen", "lm": "moe"}, lr={"lm": 1e-2},
+                             moe={"experts": 3, "top_k": 2, "layers": [1], "aux_weight": 0.1})
+    return recipe_from_dict(data)
+
+
+def test_moe_stage_trains_only_routers_and_experts_and_reloads(tiny_lm_dir, tiny_clip_dir, world, tmp_path):
+    trainer = Trainer(moe_recipe(tiny_lm_dir, tiny_clip_dir, world), tmp_path / "run", progress=False)
+    trainer.run()
+    model = trainer.model.eval()
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(".mlp.experts." in n or ".mlp.router." in n for n in trained)
+    assert all(n.startswith("lm.model.layers.1.") for n in trained)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    stage2 = [r for r in rows if r["stage"] == "multitask"]
+    assert stage2 and all(0.5 < r["loss_moe_aux"] < 3.0 for r in stage2)  # E·Σ f·P is 1 when balanced
+    experts = moe_layers(model)[0].experts
+    assert not torch.equal(experts[0].down_proj.weight, experts[1].down_proj.weight)  # experts moved apart
+    ids = torch.tensor([trainer.processor.encode(
+        [{"from": "human", "value": "<image>\nWhat colour is the circle?"}, {"from": "gpt", "value": "red"}], 1
+    ).input_ids])
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        want = model(ids, pixel_values=pixels).hidden_states
+        loaded, _ = load_run(tmp_path / "run")
+        got = loaded(ids, pixel_values=pixels).hidden_states
+    assert len(moe_layers(loaded.lm)) == 1
+    assert torch.equal(want, got)
+    assert aux_loss(loaded.lm) is not None
+
+
+def test_flops_count_top_k_experts_not_all(tiny):
+    import copy
+
+    model = copy.deepcopy(tiny[0]).requires_grad_(False)
+    batch = {"input_ids": torch.ones(1, 10, dtype=torch.long), "labels": torch.full((1, 10), -100),
+             "attention_mask": torch.ones(1, 10, dtype=torch.long)}
+    dense = StepFlops(model)(batch)
+    moe = copy.deepcopy(model)
+    add_moe(moe.lm, experts=4, top_k=2, layers="all")
+    moe.requires_grad_(False)
+    mlp = moe.lm.model.layers[0].mlp.experts[0]
+    ffn_flops = 2 * 2 * sum(m.in_features * m.out_features for m in mlp.modules() if isinstance(m, nn.Linear))
+    router_flops = 2 * 2 * 64 * 4
+    # per token and layer: 2 of the 4 experts (one FFN's worth twice) plus the router, all frozen (×2 fwd+bwd)
+    assert StepFlops(moe)(batch) - dense == 10 * 2 * (ffn_flops + router_flops)
