@@ -68,6 +68,16 @@ class MoeConfig:
 
 
 @dataclass
+class MmaConfig:
+    """LaVIN's mixture-of-modality adapters (`train: {lm: mma}`, see models/mma.py): bottleneck width, router
+    temperature and where in each layer (before attention, before the FFN)."""
+
+    dim: int = 8
+    temperature: float = 10.0
+    where: list = field(default_factory=lambda: ["attention", "ffn"])
+
+
+@dataclass
 class StageConfig:
     """One training stage: data mix, what trains (frozen / full / lora) and how."""
 
@@ -77,6 +87,7 @@ class StageConfig:
     lr: dict = field(default_factory=lambda: {"bridge": 1e-3})  # part -> learning rate
     lora: LoraConfig = field(default_factory=LoraConfig)
     moe: MoeConfig = field(default_factory=MoeConfig)
+    mma: MmaConfig = field(default_factory=MmaConfig)
     steps: int = 100
     epochs: float | None = None  # if set, overrides steps
     batch_size: int = 8
@@ -193,7 +204,7 @@ def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
 
 
 PARTS = {"lmm": ("vision", "bridge", "lm"), "lcl": ("vision", "lm")}
-MODES = ("frozen", "full", "lora", "moe")
+MODES = ("frozen", "full", "lora", "moe", "mma")
 
 
 def _validate_lcl(recipe: Recipe) -> None:
@@ -241,6 +252,15 @@ def _validate_moe(moe: MoeConfig, where: str) -> None:
                           f"got {moe.layers!r}")
 
 
+def _validate_mma(mma: MmaConfig, where: str) -> None:
+    from mmbridge.models.mma import PLACES
+
+    if mma.dim < 1 or mma.temperature <= 0:
+        raise RecipeError(f"{where}: need dim >= 1 and temperature > 0, got {mma.dim} and {mma.temperature}")
+    if not mma.where or any(w not in PLACES for w in mma.where):
+        raise RecipeError(f"{where}.where: expected a non-empty list of {sorted(PLACES)}, got {mma.where!r}")
+
+
 def validate(recipe: Recipe) -> None:
     """Cross-field checks that dataclass typing cannot express."""
     from mmbridge.train.device import check_spec
@@ -274,6 +294,7 @@ def validate(recipe: Recipe) -> None:
         if st.pack_images < 0:
             raise RecipeError(f"{where}.pack_images: must be 0 (no limit) or positive, got {st.pack_images}")
         _validate_moe(st.moe, f"{where}.moe")
+        _validate_mma(st.mma, f"{where}.mma")
         if len(st.betas) != 2 or not all(0 <= b < 1 for b in st.betas):
             raise RecipeError(f"{where}.betas: expected two numbers in [0, 1), got {st.betas!r}")
         for part, mode in st.train.items():
@@ -281,7 +302,7 @@ def validate(recipe: Recipe) -> None:
                 raise RecipeError(f"{where}.train.{part}: unknown part; expected one of {list(parts)}")
             if mode not in MODES:
                 raise RecipeError(f"{where}.train.{part}: unknown mode {mode!r}; expected one of {list(MODES)}")
-            if mode in ("lora", "moe") and part != "lm":
+            if mode in ("lora", "moe", "mma") and part != "lm":
                 raise RecipeError(f"{where}.train.{part}: {mode} is supported for the lm only")
             if mode != "frozen" and part not in st.lr:
                 raise RecipeError(f"{where}.lr.{part}: missing learning rate for a part that trains")

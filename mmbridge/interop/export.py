@@ -266,7 +266,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, say=print) -> Path:
     recipe = read_recipe(run_dir)
     if recipe.kind != "lmm":
         raise ExportError(f"{run_dir}: a kind {recipe.kind!r} run trains an encoder, not a multimodal LM")
-    blockers = recipe_blockers(recipe.model)
+    blockers = recipe_blockers(recipe.model) + [
+        f"stages[{i}].train.lm: {st.train['lm']} adds layers a transformers Llama does not have "
+        f"({'MoE experts' if st.train['lm'] == 'moe' else 'LaVIN adapters'})"
+        for i, st in enumerate(recipe.stages) if st.train.get("lm") in ("moe", "mma")]
     if blockers:  # before any weight is loaded
         raise ExportError(f"{run_dir}: cannot export as LLaVA or FastVLM:\n  " + "\n  ".join(blockers))
     model, processor = load_run(run_dir, device="cpu")

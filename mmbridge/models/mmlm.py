@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmbridge.data.processor import IGNORE
-from mmbridge.models import packed_attention
+from mmbridge.models import mma, packed_attention
 from mmbridge.models.masks import mixed_attention_mask
 from mmbridge.models.precision import autocast
 from mmbridge.models.sampling import next_tokens, per_row
@@ -90,9 +90,12 @@ class MultimodalLM(nn.Module):
 
     def prepare(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 visual: torch.Tensor | None = None,
-                instruction_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-        """`embed`, plus the extra decoder keywords (`fusion`) a deep-fusion bridge needs for the same forward."""
+                instruction_ids: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """`embed`, plus the extra decoder keywords (`fusion`) a deep-fusion bridge needs for the same forward.
+        LaVIN's adapters (models/mma.py), if the LM has them, learn here which samples hold an image."""
         is_image = input_ids == self.image_token_id
+        mma.mark(self.lm, is_image, segment_ids)
         table = self.lm.get_input_embeddings()
         embeds = table(input_ids.masked_fill(is_image, 0))
         n_slots = int(is_image.sum())
@@ -152,7 +155,7 @@ class MultimodalLM(nn.Module):
 
         `segment_ids` ([B, T], packed rows: samples 1, 2, … and 0 for padding) make attention
         block-diagonal; give each sample's own `position_ids` with them."""
-        embeds, extra = self.prepare(input_ids, pixel_values, instruction_ids=instruction_ids)
+        embeds, extra = self.prepare(input_ids, pixel_values, instruction_ids=instruction_ids, segment_ids=segment_ids)
         if segment_ids is not None:
             attention_mask = self.packed_mask(segment_ids, attention_mask, embeds.dtype)
         decoder = self.lm.get_decoder()

@@ -143,7 +143,7 @@ def save_weights(model: torch.nn.Module | dict, keys: set[str], folder: Path, me
 
 
 def restore_structure(model: torch.nn.Module, meta: dict) -> None:
-    """What training added to the LM before its weights were saved: LoRA adapters, MoE experts (MoE-tuning)."""
+    """What training added to the LM before its weights were saved: LoRA, MoE experts (MoE-tuning), LaVIN's MMA."""
     if meta.get("lora") and not any("lora_" in n for n, _ in model.named_parameters()):
         from mmbridge.models.language import add_lora
 
@@ -154,6 +154,12 @@ def restore_structure(model: torch.nn.Module, meta: dict) -> None:
         if not has_moe(model.lm):
             add_moe(model.lm, **meta["moe"])
             model.lm.moe_config = dict(meta["moe"])
+    if meta.get("mma"):
+        from mmbridge.models.mma import add_mma, has_mma
+
+        if not has_mma(model.lm):
+            add_mma(model.lm, **meta["mma"])
+            model.lm.mma_config = dict(meta["mma"])
 
 
 def load_weights(model: torch.nn.Module, folder: Path) -> dict:

@@ -7,6 +7,7 @@ import torch
 from mmbridge.config import StageConfig
 from mmbridge.models.language import add_lora
 from mmbridge.models.mmlm import MultimodalLM
+from mmbridge.models.mma import add_mma, has_mma, is_mma_param
 from mmbridge.models.moe import add_moe, has_moe
 
 
@@ -17,7 +18,8 @@ def has_lora(model: MultimodalLM) -> bool:
 def apply_stage_modes(model: MultimodalLM, stage: StageConfig) -> dict | None:
     """Set `requires_grad` for this stage and return the LoRA config if one was injected now.
 
-    `lm: moe` converts the LM's chosen FFNs into experts the first time (MoE-tuning); later stages keep them."""
+    `lm: moe` converts the LM's chosen FFNs into experts the first time (MoE-tuning), `lm: mma` adds LaVIN's
+    adapters; later stages keep what was added."""
     injected = None
     modes = {"vision": "frozen", "bridge": "frozen", "lm": "frozen", **stage.train}
     if modes["lm"] == "lora" and not has_lora(model):
@@ -28,6 +30,10 @@ def apply_stage_modes(model: MultimodalLM, stage: StageConfig) -> dict | None:
         moe = {"experts": stage.moe.experts, "top_k": stage.moe.top_k, "layers": stage.moe.layers}
         add_moe(model.lm, **moe)
         model.lm.moe_config = moe  # saved in the run's meta, so load_run rebuilds the same structure
+    if modes["lm"] == "mma" and not has_mma(model.lm):
+        mma = {"dim": stage.mma.dim, "temperature": stage.mma.temperature, "where": list(stage.mma.where)}
+        add_mma(model.lm, **mma)
+        model.lm.mma_config = mma
     if has_moe(model.lm):
         model.lm.moe_aux_weight = stage.moe.aux_weight if modes["lm"] == "moe" else 0.0
     for part, module in model.parts().items():
@@ -39,6 +45,8 @@ def apply_stage_modes(model: MultimodalLM, stage: StageConfig) -> dict | None:
                 p.requires_grad_("lora_" in name)
             elif mode == "moe":  # the routers and the experts, nothing else of the LM
                 p.requires_grad_(".experts." in name or ".router." in name)
+            elif mode == "mma":  # LaVIN: the adapters, their routers and the modality tokens
+                p.requires_grad_(is_mma_param(name))
             else:
                 p.requires_grad_(False)
         # frozen parts keep their normalisation statistics and run without dropout

@@ -350,7 +350,7 @@ class Trainer:
 
     def _meta(self, stage: int, step: int) -> dict:
         return {"keys": sorted(self.trained), "lora": self.lora, "moe": getattr(self.model.lm, "moe_config", None),
-                "stage": stage, "step": step}
+                "mma": getattr(self.model.lm, "mma_config", None), "stage": stage, "step": step}
 
     def save_checkpoint(self, optimizer, stage: int, step: int, objective=None, wrapped=None, weights=None) -> Path:
         """Weights plus what an exact mid-stage resume needs (optimizer, objective, RNG, data position).

@@ -1,0 +1,93 @@
+"""LaVIN's mixture-of-modality adapters: identity at initialisation, routing by modality, what trains, reload."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from mmbridge.config import RecipeError, recipe_from_dict
+from mmbridge.interop.export import ExportError, export_run
+from mmbridge.models.mma import ModalityAdapter, add_mma, mark
+from mmbridge.train.checkpoint import load_run
+from mmbridge.train.trainer import Trainer
+from tests.conftest import tiny_recipe_dict
+
+CONV = [{"from": "human", "value": "<image>\nWhat colour is the circle?"}, {"from": "gpt", "value": "red"}]
+TEXT = [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "red"}]
+
+
+def adapters(model):
+    return [m for m in model.lm.modules() if isinstance(m, ModalityAdapter)]
+
+
+def test_at_initialisation_the_adapted_lm_equals_the_plain_one(tiny):
+    model, proc = tiny
+    ids = torch.tensor([proc.encode(CONV, 1).input_ids])
+    pixels = torch.randn(1, 3, 32, 32)
+    text_ids = torch.tensor([proc.encode(TEXT, 0).input_ids])
+    adapted = copy.deepcopy(model)
+    assert add_mma(adapted.lm, dim=4) == 2 * 2  # 2 layers × (attention, ffn)
+    with torch.no_grad():
+        for want_ids, px in ((ids, pixels), (text_ids, None)):
+            want = model(want_ids, pixel_values=px).hidden_states
+            got = adapted(want_ids, pixel_values=px).hidden_states
+            assert torch.equal(want, got)
+
+
+def test_text_only_and_image_text_inputs_get_different_router_weights(tiny):
+    model, proc = tiny
+    adapted = copy.deepcopy(model)
+    add_mma(adapted.lm, dim=4)
+    first = adapters(adapted)[0]
+    is_image = torch.tensor([[False, True, True, False], [False, False, False, False]])
+    mark(adapted.lm, is_image)
+    w = first.weights(torch.zeros(2, 4, 64))
+    assert w.shape == (2, 1, 2) and torch.allclose(w.sum(-1), torch.ones(2, 1))
+    assert not torch.allclose(w[0], w[1])
+    # packed rows: each sample's own modality (sample 1 holds the image, sample 2 is text only)
+    segments = torch.tensor([[1, 1, 1, 2], [1, 1, 2, 2]])
+    mark(adapted.lm, is_image, segments)
+    w = first.weights(torch.zeros(2, 4, 64))
+    image_w, text_w = w[0, 0], w[1, 0]
+    assert not torch.allclose(image_w, text_w)
+    for row, pos, want in ((0, 2, image_w), (0, 3, text_w), (1, 1, text_w), (1, 3, text_w)):
+        torch.testing.assert_close(w[row, pos], want)
+
+
+def mma_recipe(tiny_lm_dir, tiny_clip_dir, world, **mma):
+    data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"])
+    data["stages"][1].update(train={"bridge": "full", "lm": "mma"}, lr={"bridge": 1e-2, "lm": 1e-2},
+                             mma={"dim": 4, **mma})
+    return recipe_from_dict(data)
+
+
+def test_mma_stage_trains_only_adapters_and_reloads(tiny_lm_dir, tiny_clip_dir, world, tmp_path):
+    trainer = Trainer(mma_recipe(tiny_lm_dir, tiny_clip_dir, world), tmp_path / "run", progress=False)
+    trainer.run()
+    model = trainer.model.eval()
+    lm_trained = {n for n, p in model.lm.named_parameters() if p.requires_grad}
+    assert lm_trained and all("layernorm.down." in n or "layernorm.up." in n or "layernorm.router." in n
+                              or n.startswith("mma_modality.") for n in lm_trained)
+    assert all(p.abs().sum() > 0 for a in adapters(model) for p in a.up.parameters())  # left their zero start
+    n_adapter = sum(p.numel() for n, p in model.lm.named_parameters() if n in lm_trained)
+    assert n_adapter == 2 * 2 * (2 * (64 * 4 + 4 + 4 * 64 + 64) + 64 * 2 + 2) + 2 * 64
+    ids = torch.tensor([trainer.processor.encode(CONV, 1).input_ids])
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        want = model(ids, pixel_values=pixels).hidden_states
+        loaded, _ = load_run(tmp_path / "run")
+        got = loaded(ids, pixel_values=pixels).hidden_states
+        assert torch.equal(want, got)
+        text = torch.tensor([trainer.processor.encode(TEXT, 0).input_ids])
+        assert torch.equal(model(text).hidden_states, loaded(text).hidden_states)
+    with pytest.raises(ExportError, match="LaVIN adapters"):
+        export_run(tmp_path / "run", tmp_path / "export")
+
+
+def test_mma_recipe_errors(tiny_lm_dir, tiny_clip_dir, world):
+    with pytest.raises(RecipeError, match="mma.where"):
+        mma_recipe(tiny_lm_dir, tiny_clip_dir, world, where=["everywhere"])
+    with pytest.raises(RecipeError, match="temperature"):
+        mma_recipe(tiny_lm_dir, tiny_clip_dir, world, temperature=0)
