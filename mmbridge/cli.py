@@ -31,9 +31,10 @@ def _eval(args) -> None:
                                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     text = json.dumps(metrics, indent=2)
     print(text)
-    if args.out:
+    if args.out:  # beside the metrics: each record's prediction, or (choice) every candidate's scores
         Path(args.out).write_text(text + "\n")
-        Path(args.out).with_suffix(".predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        beside = ".scores.jsonl" if args.task == "choice" else ".predictions.jsonl"
+        Path(args.out).with_suffix(beside).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _chat(args) -> None:
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None):
     p.add_argument("run_dir")
     p.add_argument("--data", required=True)
     p.add_argument("--images", required=True)
-    p.add_argument("--task", required=True, choices=["caption", "vqa", "grounding"])
+    p.add_argument("--task", required=True, choices=["caption", "vqa", "grounding", "choice"],
+                   help="choice: rank candidate answers by log-likelihood, no generation")
     p.add_argument("--out", help="write the metrics JSON here (and predictions beside it)")
     p.add_argument("--limit", type=int)
     p.add_argument("--max-new-tokens", type=int, default=24)

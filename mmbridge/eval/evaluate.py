@@ -11,7 +11,7 @@ from mmbridge.data.images import load_image, preprocess
 from mmbridge.data.llava import read_llava_json, record_images
 from mmbridge.eval.metrics import caption_scores, grounding_scores, parse_box, vqa_accuracy
 
-TASKS = ("caption", "vqa", "grounding")
+TASKS = ("caption", "vqa", "grounding", "choice")
 
 
 def prompt_turns(record: dict) -> list[dict]:
@@ -25,7 +25,7 @@ def gold(record: dict, task: str):
     answer = record["conversations"][-1]["value"]
     if task == "caption":
         return record.get("references") or [answer]
-    if task == "vqa":
+    if task in ("vqa", "choice"):
         return record.get("answer", answer)
     box = record.get("box") or parse_box(answer)
     if box is None:
@@ -63,10 +63,16 @@ def generate_answers(model, processor, records: list[dict], image_root: str | Pa
 
 
 def evaluate_records(model, processor, records: list[dict], image_root, task: str, max_new_tokens: int = 24,
-                     batch_size: int = 16, progress: bool = True) -> tuple[dict, list[dict]]:
-    """Score `task` on `records`; returns (metrics, per-record predictions)."""
+                     batch_size: int = 16, progress: bool = True,
+                     source: list[dict] | None = None) -> tuple[dict, list[dict]]:
+    """Score `task` on `records`; returns (metrics, per-record predictions). `choice` ranks candidate answers
+    without generating (`eval/choice.py`; `source`: the records whose answers are the candidates)."""
     if task not in TASKS:
         raise ValueError(f"task {task!r}: expected one of {TASKS}")
+    if task == "choice":
+        from mmbridge.eval.choice import evaluate_choice
+
+        return evaluate_choice(model, processor, records, image_root, source, batch_size, progress)
     golds = [gold(r, task) for r in records]
     preds = generate_answers(model, processor, records, image_root, max_new_tokens, batch_size, progress, desc=task)
     if task == "caption":
@@ -82,7 +88,6 @@ def evaluate_records(model, processor, records: list[dict], image_root, task: st
 
 
 def evaluate_file(model, processor, json_path, image_root, task: str, limit: int | None = None, **kw):
-    records, _ = read_llava_json(json_path)
-    if limit:
-        records = records[:limit]
-    return evaluate_records(model, processor, records, image_root, task, **kw)
+    source, _ = read_llava_json(json_path)  # all of it: the answer set a `choice` record ranks
+    records = source[:limit] if limit else source
+    return evaluate_records(model, processor, records, image_root, task, source=source, **kw)
