@@ -1,4 +1,4 @@
-"""The bridge benchmark: six bridges, one LM, one vision encoder, the same steps and data.
+"""The bridge benchmark: six bridges and two LM-side tunings, one LM, one vision encoder, the same steps and data.
 
 Each bridge is trained by the same trainer on the built-in shapes world (stage 1: captions, bridge
 only; stage 2: captions + VQA + grounding, bridge + LoRA on the LM), then scored on the held-out
@@ -34,12 +34,21 @@ BRIDGES = {
     "gated_xattn": {"name": "gated_xattn", "latents": 16, "dim": 512, "every": 4},  # Flamingo
     "visual_expert": {"name": "visual_expert"},  # CogVLM
 }
+# LM-side tuning on the pool-adapter (the bridge trains in both stages): stage 2 swaps LoRA for MoE-tuning (MoE-LLaVA:
+# 4 experts, top-2, every other layer) or LaVIN's mixture-of-modality adapters
+TUNINGS = {
+    "moe_tuning": ("pool_adapter", {"train": {"bridge": "full", "lm": "moe"},
+                                    "moe": {"experts": 4, "top_k": 2, "layers": "every_other", "aux_weight": 0.01}}),
+    "mma": ("pool_adapter", {"train": {"bridge": "full", "lm": "mma"}, "mma": {"dim": 8}}),
+}
 TASKS = {"caption": ("cider", 24), "vqa": ("vqa_accuracy", 8), "grounding": ("grounding_acc50", 24)}
 
 
-def recipe_for(bridge: dict, args):
-    """The bundled demo recipe (same LM, encoder and world) with this bridge and the benchmark's steps."""
+def recipe_for(bridge: dict, args, stage2: dict | None = None):
+    """The bundled demo recipe (same LM, encoder and world) with this bridge and the benchmark's steps; `stage2`:
+    keys that replace stage 2's (what the LM trains)."""
     sets = [f"model.bridge={json.dumps(bridge)}",
+            *(f"stages.1.{k}={json.dumps(v)}" for k, v in (stage2 or {}).items()),
             f"stages.0.steps={args.align_steps}", f"stages.1.steps={args.multitask_steps}",
             "stages.1.data={world/train/caption: 1.0, world/train/vqa: 1.0, world/train/grounding: 1.0}",
             f"threads={args.threads}", "log_every=1"]
@@ -59,7 +68,8 @@ def evaluate(model, processor, recipe, limit: int) -> dict:
 def run_bridge(name: str, args) -> dict:
     from mmbridge.train.trainer import Trainer
 
-    recipe = recipe_for(BRIDGES[name], args)
+    bridge, stage2 = TUNINGS.get(name, (name, None))
+    recipe = recipe_for(BRIDGES[bridge], args, stage2)
     run_dir = Path(args.out) / name
     shutil.rmtree(run_dir, ignore_errors=True)
     t0 = time.perf_counter()
@@ -67,7 +77,7 @@ def run_bridge(name: str, args) -> dict:
     trainer.run()
     t_train = time.perf_counter() - t0
     model, processor = trainer.model, trainer.processor
-    trainable, _ = count_params(model)  # as in the last stage: bridge + LoRA adapters
+    trainable, _ = count_params(model)  # as in the last stage: bridge + LoRA adapters (or experts, or MMA)
     steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     t1 = time.perf_counter()
     row = {"trainable_params": trainable, "bridge_params": sum(p.numel() for p in model.bridge.parameters()),
@@ -81,7 +91,8 @@ def run_bridge(name: str, args) -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bridges", default=",".join(BRIDGES), help="comma-separated subset of " + ",".join(BRIDGES))
+    choices = [*BRIDGES, *TUNINGS]
+    parser.add_argument("--bridges", default=",".join(choices), help="comma-separated subset of " + ",".join(choices))
     parser.add_argument("--align-steps", type=int, default=10)
     parser.add_argument("--multitask-steps", type=int, default=40)
     parser.add_argument("--limit", type=int, default=40, help="test records per task")
@@ -89,9 +100,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="runs/bench-bridges")
     args = parser.parse_args(argv)
     names = args.bridges.split(",")
-    unknown = set(names) - set(BRIDGES)
+    unknown = set(names) - set(choices)
     if unknown:
-        parser.error(f"unknown bridge(s) {sorted(unknown)}; choose from {list(BRIDGES)}")
+        parser.error(f"unknown bridge(s) {sorted(unknown)}; choose from {choices}")
     t0 = time.perf_counter()
     rows = {name: run_bridge(name, args) for name in names}
     if "mlp" in rows:
