@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -91,3 +92,27 @@ def test_mma_recipe_errors(tiny_lm_dir, tiny_clip_dir, world):
         mma_recipe(tiny_lm_dir, tiny_clip_dir, world, where=["everywhere"])
     with pytest.raises(RecipeError, match="temperature"):
         mma_recipe(tiny_lm_dir, tiny_clip_dir, world, temperature=0)
+
+
+def test_mixture_of_modality_training_mixes_text_only_and_image_samples_in_a_batch(tiny_lm_dir, tiny_clip_dir,
+                                                                                   world, tmp_path):
+    text = [{"id": f"t{i}", "conversations": [{"from": "human", "value": f"Say the number {i}."},
+                                              {"from": "gpt", "value": str(i)}]} for i in range(20)]
+    (tmp_path / "text.json").write_text(json.dumps(text))
+    data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"])
+    data["sources"] = {"text": {"json": str(tmp_path / "text.json")}}
+    data["stages"] = [dict(data["stages"][1], data={"text": 1.0, "world/train/vqa": 1.0}, steps=4, batch_size=8,
+                           train={"bridge": "full", "lm": "mma"}, lr={"bridge": 1e-2, "lm": 1e-2}, mma={"dim": 4})]
+    trainer = Trainer(recipe_from_dict(data), tmp_path / "run", progress=False)
+    seen = []
+
+    def record(module, args, kwargs):  # the decoder stays the same module; its layers get the adapters
+        seen.append(sorted(set(trainer.model.lm.mma_modality.current.flatten().tolist())))
+
+    trainer.model.lm.get_decoder().register_forward_pre_hook(record, with_kwargs=True)
+    trainer.run()
+    assert seen and all(s == [0, 1] for s in seen)  # every batch held both kinds of sample
+    first = adapters(trainer.model)[0]
+    mark(trainer.model.lm, torch.tensor([[True], [False]]))
+    w = first.weights(torch.zeros(2, 1, 64))
+    assert not torch.allclose(w[0], w[1])
