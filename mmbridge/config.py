@@ -88,6 +88,9 @@ class StageConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     moe: MoeConfig = field(default_factory=MoeConfig)
     mma: MmaConfig = field(default_factory=MmaConfig)
+    # encode images at this size from this stage on (Qwen-VL: 224, then 448): a ViT tower's positions are
+    # interpolated at the stage's start; None keeps the size the previous stage used
+    image_size: int | None = None
     steps: int = 100
     epochs: float | None = None  # if set, overrides steps
     batch_size: int = 8
@@ -293,6 +296,12 @@ def validate(recipe: Recipe) -> None:
             raise RecipeError(f"{where}.loss_norm: expected token or sample, got {st.loss_norm!r}")
         if st.pack_images < 0:
             raise RecipeError(f"{where}.pack_images: must be 0 (no limit) or positive, got {st.pack_images}")
+        if st.image_size is not None:
+            if st.image_size < 1:
+                raise RecipeError(f"{where}.image_size: must be positive, got {st.image_size}")
+            if recipe.kind != "lmm" or recipe.strategy == "fsdp":
+                raise RecipeError(f"{where}.image_size: a stage's resolution can change in kind lmm recipes without "
+                                  "FSDP (single process or ddp)")
         _validate_moe(st.moe, f"{where}.moe")
         _validate_mma(st.mma, f"{where}.mma")
         if len(st.betas) != 2 or not all(0 <= b < 1 for b in st.betas):

@@ -64,6 +64,12 @@ class MultimodalLM(nn.Module):
         """The forward pass's precision context: bf16 autocast on a GPU, nothing on a CPU (by default)."""
         return autocast(self.precision, self.device)
 
+    def set_image_size(self, image_size: int) -> None:
+        """Encode `image_size` images from now on: the encoder interpolates its positions, the bridge follows its
+        new grid (the tokens per image may change: give the processor `num_image_tokens` again)."""
+        self.vision.resize(image_size)
+        self.bridge.regrid(self.vision.grid, self.vision.num_tokens)
+
     def parts(self) -> dict[str, nn.Module]:
         return {"vision": self.vision, "bridge": self.bridge, "lm": self.lm}
 

@@ -55,6 +55,12 @@ class VisionEncoder(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def resize(self, image_size: int) -> None:
+        """Take `image_size` images from now on (a stage's `image_size`): ViT towers interpolate their positions."""
+        if image_size != self.image_size:
+            raise ValueError(f"{self.cfg.get('name')}: this encoder cannot change its resolution "
+                             f"({self.image_size} → {image_size}); a stage's image_size needs a ViT tower")
+
 
 VISION_ENCODERS: dict[str, type[VisionEncoder]] = {}
 
@@ -216,6 +222,7 @@ class HFVisionEncoder(VisionEncoder):
         self.grid = (self.image_size // patch, self.image_size // patch)
 
         has_cls = any(hasattr(m, "class_embedding") or hasattr(m, "cls_token") for m in self.model.modules())
+        self._has_cls = has_cls  # the CLS row of the position table (register tokens have none)
         self._n_special = int(has_cls) + int(getattr(vc, "num_register_tokens", 0) or 0)
         self.num_prefix_tokens = 0 if drop_cls else self._n_special
 
@@ -232,6 +239,17 @@ class HFVisionEncoder(VisionEncoder):
         self.image_mean, self.image_std = stats
         self.cfg = {"name": "hf", "path": path, "feature_layer": feature_layer, "drop_cls": drop_cls,
                     "post_layernorm": post_layernorm, "image_size": image_size}
+
+    def resize(self, image_size: int) -> None:
+        """Interpolate the position table to `image_size` (2D bicubic) and take that size from now on."""
+        if image_size == self.image_size:
+            return
+        from mmbridge.models.resolution import resize_hf_tower
+
+        resize_hf_tower(self.model, image_size, int(self._has_cls))
+        patch = int(self.model.config.patch_size)
+        self.image_size, self.grid = image_size, (image_size // patch, image_size // patch)
+        self._forward_kwargs.pop("interpolate_pos_encoding", None)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] -> [B, num_tokens, hidden_size]."""

@@ -153,6 +153,23 @@ class LCLViTEncoder(VisionEncoder):
         self.image_mean, self.image_std = tuple(c.image_mean), tuple(c.image_std)
         self.cfg = {"name": MODEL_TYPE, "path": path, "features": features}
 
+    def resize(self, image_size: int) -> None:
+        """Interpolate the learned positions to `image_size` (2D bicubic) and take that size from now on."""
+        if image_size == self.image_size:
+            return
+        from mmbridge.models.resolution import interpolate_positions
+
+        c = self.tower.config
+        if image_size % c.patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of the patch size {c.patch_size}")
+        side = image_size // c.patch_size
+        old = self.tower.pos_embed
+        with torch.no_grad():
+            table = interpolate_positions(old[0], 0, (side, side))
+        self.tower.pos_embed = nn.Parameter(table.unsqueeze(0), requires_grad=old.requires_grad)
+        c.image_size = image_size
+        self.image_size, self.grid = image_size, (side, side)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         self._check_pixels(pixel_values)
         feats = self.tower.patch_features(pixel_values)

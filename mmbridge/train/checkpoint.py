@@ -36,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from mmbridge.config import Recipe, recipe_from_dict, recipe_to_dict
 from mmbridge.models.meta import defer_file, has_meta
+from mmbridge.models.resolution import sync_processor
 
 MANIFEST = "manifest.json"
 STATE = "trainer_state.pt"
@@ -154,6 +155,9 @@ def restore_structure(model: torch.nn.Module, meta: dict) -> None:
         if not has_moe(model.lm):
             add_moe(model.lm, **meta["moe"])
             model.lm.moe_config = dict(meta["moe"])
+    size = meta.get("image_size")
+    if size and hasattr(model, "set_image_size") and size != model.vision.image_size:
+        model.set_image_size(size)  # a stage changed the resolution: the saved position table has the new size
     if meta.get("mma"):
         from mmbridge.models.mma import add_mma, has_mma
 
@@ -381,5 +385,6 @@ def load_run(run_dir: str | Path, device: str = "auto"):
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir)) if tok_dir.exists() else None
     model, processor = build_model(recipe.model, tokenizer=tokenizer)
     load_weights(model, run_dir / "model")
+    sync_processor(model, processor)
     model.to(target).eval()
     return model, processor

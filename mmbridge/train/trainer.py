@@ -32,6 +32,7 @@ from mmbridge.train.device import allow_tf32
 from mmbridge.train.distributed import Dist
 from mmbridge.train.flops import device_peak
 from mmbridge.train.loss_norm import sample_weights, target_total
+from mmbridge.models.resolution import sync_processor
 from mmbridge.train.parts import apply_stage_modes, count_params, param_groups, trainable_keys
 from mmbridge.train.plots import plot_losses
 from mmbridge.train.schedule import warmup_cosine
@@ -134,6 +135,7 @@ class Trainer:
 
         state = found[1] if found else ckpt.load_trainer_state(folder)
         meta = (dcp.load_weights if dcp.is_sharded(folder) else ckpt.load_weights)(self.model, folder)
+        sync_processor(self.model, getattr(self.task, "processor", None))  # a stage may have changed the resolution
         self._resume_from = folder
         self.state, self.trained, self.lora = state, set(meta["keys"]), meta.get("lora")
         self.skipped.update(state.get("skipped", {}))
@@ -208,6 +210,9 @@ class Trainer:
         resuming = self.state["stage"] == si and self.state["step"] > 0
         if not resuming:  # seed first: LoRA and objective initialisation draw from it
             torch.manual_seed(stage.seed)
+        if stage.image_size and stage.image_size != model.vision.image_size:
+            model.set_image_size(stage.image_size)  # before the modes: the new position table trains if vision does
+        sync_processor(model, getattr(self.task, "processor", None))
         injected = apply_stage_modes(model, stage)
         self.lora = self.lora or injected
         self.trained |= trainable_keys(model)
@@ -350,7 +355,8 @@ class Trainer:
 
     def _meta(self, stage: int, step: int) -> dict:
         return {"keys": sorted(self.trained), "lora": self.lora, "moe": getattr(self.model.lm, "moe_config", None),
-                "mma": getattr(self.model.lm, "mma_config", None), "stage": stage, "step": step}
+                "mma": getattr(self.model.lm, "mma_config", None),
+                "image_size": getattr(self.model.vision, "image_size", None), "stage": stage, "step": step}
 
     def save_checkpoint(self, optimizer, stage: int, step: int, objective=None, wrapped=None, weights=None) -> Path:
         """Weights plus what an exact mid-stage resume needs (optimizer, objective, RNG, data position).

@@ -37,6 +37,10 @@ class Bridge(nn.Module):
         """Visual tokens this bridge emits per image."""
         raise NotImplementedError
 
+    def regrid(self, grid: tuple[int, int], in_tokens: int) -> None:
+        """The encoder's grid changed (a stage's `image_size`); a bridge that cannot follow raises ValueError."""
+        self.grid, self.in_tokens = tuple(grid), in_tokens
+
     @property
     def visual_tokens(self) -> int:
         """Visual tokens per image the LM reads (in its input, or through cross-attention)."""

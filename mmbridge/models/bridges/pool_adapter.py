@@ -21,17 +21,29 @@ class PoolAdapter(Bridge):
     def __init__(self, vision_dim, lm_dim, grid, pooled: int = 8, depth: int = 2, l2_normalize: bool = False,
                  in_tokens=None, pos_embed: bool = False, norm: bool = False, pos_std: float = 0.02):
         super().__init__(vision_dim, lm_dim, grid, l2_normalize, in_tokens)
+        self.pooled = pooled
+        self._check_grid()
+        self.proj = mlp(vision_dim, lm_dim, depth, norm)  # norm: LayerNorm on each pooled feature first
+        self.pos_embed = nn.Parameter(torch.randn(pooled * pooled, lm_dim) * pos_std) if pos_embed else None
+
+    def _check_grid(self) -> None:
         if self.in_tokens != self.grid[0] * self.grid[1]:
             raise ValueError("pool_adapter needs the patch grid only: set drop_cls: true on the vision encoder")
         rows, cols = self.grid
-        if rows % pooled or cols % pooled:
+        if rows % self.pooled or cols % self.pooled:
             raise ValueError(
-                f"pool_adapter: the encoder's {rows}x{cols} token grid is not divisible by pooled={pooled}; "
+                f"pool_adapter: the encoder's {rows}x{cols} token grid is not divisible by pooled={self.pooled}; "
                 f"choose pooled from the common divisors of {rows} and {cols}, or change the image size"
             )
-        self.pooled = pooled
-        self.proj = mlp(vision_dim, lm_dim, depth, norm)  # norm: LayerNorm on each pooled feature first
-        self.pos_embed = nn.Parameter(torch.randn(pooled * pooled, lm_dim) * pos_std) if pos_embed else None
+
+    def regrid(self, grid: tuple[int, int], in_tokens: int) -> None:
+        old = self.grid, self.in_tokens
+        super().regrid(grid, in_tokens)
+        try:
+            self._check_grid()
+        except ValueError:
+            self.grid, self.in_tokens = old
+            raise
 
     @property
     def num_tokens(self) -> int:
