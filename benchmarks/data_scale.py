@@ -141,7 +141,7 @@ def memory(it, batches: int) -> dict:
     return {"main": mb(me), "workers": [mb(c) for c in me.children() if c.is_running()]}
 
 
-def sampler_time(start_step: int, batch_size: int, n: int, batches: int = 2000) -> dict:
+def sampler_time(start_step: int, batch_size: int, n: int, batches: int = 20000) -> dict:
     sizes, weights = [n, 100_000, 50_000], [1.0, 0.5, 0.25]
     t0 = time.perf_counter()
     it = iter(BatchSampler(MixtureSampler(sizes, weights, seed=0, start=start_step * batch_size), batch_size, True))
