@@ -21,19 +21,21 @@ class LMMTask(Task):
         from mmbridge.models.build import build_model
 
         self.model, self.processor = build_model(self.recipe.model)
-        self.datasets: dict[str, ConversationDataset] = {}
+        self.datasets: dict[tuple, ConversationDataset] = {}
         return self.model, self.processor.tokenizer
 
     def dataset(self, name: str) -> ConversationDataset:
-        if name not in self.datasets:
+        # a stage may change the image tokens (its resolution): lengths are indexed per setting
+        key = (name, self.processor.num_image_tokens, self.processor.max_length, self.processor.image_size)
+        if key not in self.datasets:
             src = resolve_source(self.recipe, name)
             ds = ConversationDataset(src.json or src.jsonl or src.shards, src.images, self.processor,
                                      skip_bad=self.recipe.bad_samples == "skip", lines=True if src.jsonl else None)
             self.skipped.update({f"{name}: {k}": v for k, v in ds.skipped.items()})
             if ds.truncated:
                 print(f"{name}: {ds.truncated} sample(s) shortened in their trailing text to max_length")
-            self.datasets[name] = ds
-        return self.datasets[name]
+            self.datasets[key] = ds
+        return self.datasets[key]
 
     def batches(self, model, stage: StageConfig, start_batch: int, pin_memory: bool = False,
                 fixed_width: bool = False):
