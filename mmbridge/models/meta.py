@@ -202,6 +202,29 @@ def defer_file(model: nn.Module, file: str, keys: list[str]) -> list[str]:
     return [k for k in keys if k not in lazy]
 
 
+def new_on(module: nn.Module, like: torch.Tensor) -> nn.Module:
+    """A module that training adds to a built model (an MoE router, LaVIN's adapters), created and initialised on
+    the CPU, moved to the device of `like` (a tensor of the part it joins). On the meta device (a model built for
+    FSDP) it stays on the CPU and FSDP shards it from these values. So its initial values come from the CPU
+    generator wherever it lives: one process, DDP and FSDP ranks, CPU or GPU draw the same."""
+    return module if like.is_meta else module.to(like.device)
+
+
+def former_name(root: nn.Module, name: str) -> str | None:
+    """The name `name` (a tensor of `root`) had before a module that took over another's tensors replaced it:
+    the MoE experts' copies of an FFN, the normalisation inside LaVIN's adapter. Such a module has a method
+    `former_name(relative name)`, giving the name relative to the module it replaced (None if none)."""
+    parts, module = name.split("."), root
+    for i, part in enumerate(parts[:-1]):
+        module = module._modules.get(part)
+        if module is None:
+            return None
+        rename = getattr(module, "former_name", None)
+        if callable(rename) and (rest := rename(".".join(parts[i + 1:]))) is not None:
+            return ".".join([*parts[:i + 1], rest])
+    return None
+
+
 def meta_copy(module: nn.Module) -> nn.Module:
     """`module`'s structure with every parameter and buffer on the meta device: nothing is copied but
     shapes, dtypes and `requires_grad`; parameters shared between modules stay shared."""

@@ -5,6 +5,10 @@ In every decoder layer the normalised input of attention and of the FFN gets an 
 mixed by a router. The router reads a learned modality token: one embedding for text-only samples, one for samples
 with an image, so the two kinds of input take different mixtures of the same paths. Which samples hold an image is
 told by the composite model before each forward (`mark`), per row or, for packed rows, per sample.
+
+The adapters and modality tokens are created on the CPU (`meta.new_on`): under FSDP, where the LM is on the meta
+device, they are sharded from the values one process would give them, and the wrapped normalisation keeps its
+shards (`former_name`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mmbridge.models.meta import new_on
 
 PLACES = {"attention": "input_layernorm", "ffn": "post_attention_layernorm"}
 
@@ -38,14 +44,20 @@ class ModalityAdapter(nn.Module):
         super().__init__()
         self.norm, self.temperature = norm, temperature
         weight = next(norm.parameters())
-        kw = {"device": weight.device, "dtype": weight.dtype}
-        self.down = nn.ModuleList(nn.Linear(hidden, dim, **kw) for _ in range(2))
+        kw = {"dtype": weight.dtype}  # drawn on the CPU, then moved to the norm's device (`new_on`)
+        self.down = new_on(nn.ModuleList(nn.Linear(hidden, dim, **kw) for _ in range(2)), weight)
         self.up = nn.ModuleList(nn.Linear(dim, hidden, **kw) for _ in range(2))
         for up in self.up:
             nn.init.zeros_(up.weight)
             nn.init.zeros_(up.bias)
-        self.router = nn.Linear(hidden, 2, **kw)
+        self.up = new_on(self.up, weight)
+        self.router = new_on(nn.Linear(hidden, 2, **kw), weight)
         self._modality = [modality]  # shared by every adapter of the LM, registered once on the LM
+
+    @staticmethod
+    def former_name(name: str) -> str | None:
+        """The name the tensor `name` (relative to this module) had in the normalisation it wraps."""
+        return name.removeprefix("norm.") if name.startswith("norm.") else None
 
     def weights(self, like: torch.Tensor) -> torch.Tensor:
         """Router weights [B, T or 1, 2] for the marked modality."""
@@ -65,7 +77,7 @@ def add_mma(lm: nn.Module, dim: int = 8, temperature: float = 10.0, where=("atte
         raise ValueError(f"mma.where: expected a non-empty list of {sorted(PLACES)}, got {list(where)!r}")
     hidden = lm.get_input_embeddings().embedding_dim
     decoder = lm.get_decoder()
-    modality = Modality(hidden).to(lm.get_input_embeddings().weight.device)
+    modality = new_on(Modality(hidden), lm.get_input_embeddings().weight)
     lm.mma_modality = modality
     count = 0
     for layer in decoder.layers:

@@ -4,15 +4,22 @@ Each chosen decoder layer's FFN is copied into E experts, so the converted model
 dense one did. A router (Linear d → E, no bias) scores every token, image and text alike; a token goes through its
 top-k experts and their outputs are summed with the top-k router probabilities renormalised to sum to 1. Dispatch
 is batched: tokens are sorted by expert and each expert runs once on its contiguous slice (a loop over the E
-experts, none over tokens). Every forward leaves the layer's Switch-Transformer balancing loss in `aux`.
+experts, none over tokens; an expert without tokens runs on an empty slice, so DDP and FSDP see every expert
+take part on every rank). Every forward leaves the layer's Switch-Transformer balancing loss in `aux`.
+
+Under FSDP the experts are copied from a layer on the meta device: they hold no values until the layer is
+sharded, and then each takes the FFN's shards (`former_name` tells `train/fsdp.py` whose).
 """
 
 from __future__ import annotations
 
 import copy
+import re
 
 import torch
 from torch import nn
+
+from mmbridge.models.meta import new_on
 
 LAYER_CHOICES = ("all", "every_other")
 
@@ -27,9 +34,16 @@ class MoEFeedForward(nn.Module):
         self.num_experts, self.top_k = num_experts, top_k
         self.experts = nn.ModuleList(copy.deepcopy(ffn) for _ in range(num_experts))
         weight = next(ffn.parameters())
-        self.router = nn.Linear(hidden_size, num_experts, bias=False, device=weight.device, dtype=weight.dtype)
+        self.router = nn.Linear(hidden_size, num_experts, bias=False, dtype=weight.dtype)  # drawn on the CPU
         nn.init.normal_(self.router.weight, std=0.02)
+        self.router = new_on(self.router, weight)
         self.aux: torch.Tensor | None = None
+
+    @staticmethod
+    def former_name(name: str) -> str | None:
+        """What the tensor `name` (relative to this module) was a copy of in the FFN it replaced."""
+        found = re.fullmatch(r"experts\.\d+\.(.+)", name)
+        return found.group(1) if found else None
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[N, d] → router probabilities [N, E] (fp32), chosen experts [N, k], renormalised weights [N, k]."""
@@ -45,6 +59,9 @@ class MoEFeedForward(nn.Module):
         counts = torch.bincount(flat, minlength=self.num_experts)
         token = order // self.top_k
         slices = h[token].split(counts.tolist())  # one read-back per layer: the slice sizes
+        # every expert runs, on an empty slice too, so each gets a gradient (zeros) on every rank: DDP needs no
+        # unused-parameter search, and FSDP's reduce-scatter, which takes the gradients a rank has, lines up
+        # (measured: skipping empty experts silently mixed two experts' gradients across 2 FSDP ranks)
         out = torch.cat([expert(s) for expert, s in zip(self.experts, slices)])
         out = out * weights.reshape(-1)[order, None].to(out.dtype)
         y = torch.zeros_like(h).index_add_(0, token, out)
@@ -95,6 +112,11 @@ def add_moe(lm: nn.Module, experts: int, top_k: int, layers="every_other", **_ig
 
 def has_moe(model: nn.Module) -> bool:
     return bool(moe_layers(model))
+
+
+def is_moe_param(name: str) -> bool:
+    """What `lm: moe` trains: the MoE layers' experts and routers (not other routers, e.g. LaVIN's adapters')."""
+    return re.search(r"\.mlp\.(experts\.\d+|router)\.", name) is not None
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor | None:

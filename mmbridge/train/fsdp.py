@@ -5,14 +5,18 @@ shards a structure and then fills each rank's shards, rows [r * ceil(n / W), ...
 
 - the first stage a process trains reads those rows from the weight files (a part built for real, such as
   a fresh bridge, is sharded from its values), then the trained weights of a resumed sharded checkpoint;
-- a later stage shards a meta copy of the previous stage's structure (LoRA adapters it injects come with
-  their initial values) and takes over the previous stage's shards as they are: same mesh, same rows.
+- a later stage shards a meta copy of the previous stage's structure (LoRA adapters, MoE routers and LaVIN's
+  adapters it adds come with their initial values) and takes over the previous stage's shards as they are:
+  same mesh, same rows. MoE experts take copies of their FFN's shards, found by its former name.
 
 So a rank holds its shards plus the units FSDP all-gathers for the computation, and a stage transition
-moves no weights. The structure is copied; weights only where a shard must be re-padded.
+moves no weights. The structure is copied; weights only where a shard must be re-padded or an FFN becomes
+several experts.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import torch
 from torch import nn
@@ -87,9 +91,17 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _named(table: dict, name: str):
-    """`table[name]`, or that of the name a layer had before peft wrapped it in a LoRA layer (`base_layer`)."""
-    return table.get(name, table.get(name.replace(".base_layer.", ".")))
+def _named(table: dict, name: str, root: nn.Module):
+    """`table[name]`, or that of the name the tensor had before peft wrapped its layer in a LoRA layer
+    (`base_layer`) or a module of `root` took it over (`meta.former_name`: MoE experts copy their FFN's,
+    LaVIN's adapters keep their normalisation's)."""
+    for candidate in (name, name.replace(".base_layer.", ".")):
+        if candidate in table:
+            return table[candidate]
+        former = meta.former_name(root, candidate)
+        if former is not None and (found := _named(table, former, root)) is not None:
+            return found
+    return None
 
 
 def _aliases(root: nn.Module) -> dict[str, list[str]]:
@@ -141,9 +153,10 @@ def fill_from_files(root: nn.Module, device: torch.device) -> None:
     readers: dict[str, meta.RowReader] = {}
     try:
         for name, p in list(root.named_parameters()):
-            if not p.is_meta or _named(tags, name) is None:
+            tag = _named(tags, name, root) if p.is_meta else None
+            if tag is None:
                 continue  # real already (sharded from its values), or reported as missing by the caller
-            file, key = _named(tags, name)
+            file, key = tag
             if file not in readers:
                 readers[file] = meta.RowReader(file)
             with torch.no_grad():
@@ -170,33 +183,35 @@ def _load_pending_dcp(step: nn.Module) -> None:
 
 
 def _take_over(step: nn.Module, previous: nn.Module) -> None:
-    """Fill `step`'s meta tensors with `previous`'s of the same name: its shards as they are when laid out
-    alike (no copy), else re-distributed; the old storage is released as each one is taken."""
+    """Fill `step`'s meta tensors with `previous`'s of the same name (or former name): its shards as they are when
+    laid out alike (no copy), else re-distributed; the old storage is released once taken. A tensor several new
+    ones copy (an FFN its MoE experts) is cloned for all but the last of them."""
     old_params, old_buffers = dict(previous.named_parameters()), dict(previous.named_buffers())
-    aliases, missing = _aliases(step), []
-    for name, p in list(step.named_parameters()):
-        if not p.is_meta:
-            continue  # new this stage: LoRA adapters, the objective's parameters
-        old = _named(old_params, name)
-        if old is None:
-            missing.append(name)
-            continue
+    aliases = _aliases(step)
+    # new this stage and real already: LoRA adapters, MoE routers, LaVIN's adapters, the objective's parameters
+    sources = {name: _named(old_params, name, step) for name, p in step.named_parameters() if p.is_meta}
+    missing = [name for name, old in sources.items() if old is None]
+    if missing:
+        raise RuntimeError(f"FSDP: the previous stage's model has no {missing[:5]}")
+    takers = Counter(id(old) for old in sources.values())
+    for name, old in sources.items():
+        p = step.get_parameter(name)
+        takers[id(old)] -= 1
+        last = takers[id(old)] == 0
         same = isinstance(old, DTensor) and isinstance(p, DTensor) and old.placements == p.placements \
             and old.device_mesh == p.device_mesh and old.to_local().shape == p.to_local().shape \
             and old.dtype == p.dtype
         if same:
-            value = old.detach()
+            value = old.detach() if last else old.detach().clone()
         else:
             full = (old.full_tensor() if isinstance(old, DTensor) else old.detach()).to(p.dtype)
             value = distribute_tensor(full, p.device_mesh, p.placements) if isinstance(p, DTensor) else full
         _assign(step, name, value, aliases[name])
         new_local, old_local = _local(step.get_parameter(name)), _local(old)
-        if new_local.untyped_storage().data_ptr() != old_local.untyped_storage().data_ptr():
+        if last and new_local.untyped_storage().data_ptr() != old_local.untyped_storage().data_ptr():
             old_local.untyped_storage().resize_(0)  # re-padded or re-distributed: the old shard is not kept
     for name, b in list(step.named_buffers()):
-        old = _named(old_buffers, name)
+        old = _named(old_buffers, name, step)
         if b.is_meta and old is not None:
             owner, leaf = meta.owner_of(step, name)
             setattr(owner, leaf, old)
-    if missing:
-        raise RuntimeError(f"FSDP: the previous stage's model has no {missing[:5]}")

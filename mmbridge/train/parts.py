@@ -8,7 +8,7 @@ from mmbridge.config import StageConfig
 from mmbridge.models.language import add_lora
 from mmbridge.models.mmlm import MultimodalLM
 from mmbridge.models.mma import add_mma, has_mma, is_mma_param
-from mmbridge.models.moe import add_moe, has_moe
+from mmbridge.models.moe import add_moe, has_moe, is_moe_param
 
 
 def has_lora(model: MultimodalLM) -> bool:
@@ -44,7 +44,7 @@ def apply_stage_modes(model: MultimodalLM, stage: StageConfig) -> dict | None:
             elif mode == "lora":
                 p.requires_grad_("lora_" in name)
             elif mode == "moe":  # the routers and the experts, nothing else of the LM
-                p.requires_grad_(".experts." in name or ".router." in name)
+                p.requires_grad_(is_moe_param(name))
             elif mode == "mma":  # LaVIN: the adapters, their routers and the modality tokens
                 p.requires_grad_(is_mma_param(name))
             else:
