@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmbridge.data.processor import IGNORE
-from mmbridge.models import mma, packed_attention
+from mmbridge.models import mma, moe, packed_attention
 from mmbridge.models.masks import mixed_attention_mask
 from mmbridge.models.precision import autocast
 from mmbridge.models.sampling import next_tokens, per_row
@@ -97,11 +97,18 @@ class MultimodalLM(nn.Module):
     def prepare(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 visual: torch.Tensor | None = None,
                 instruction_ids: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                segment_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """`embed`, plus the extra decoder keywords (`fusion`) a deep-fusion bridge needs for the same forward.
-        LaVIN's adapters (models/mma.py), if the LM has them, learn here which samples hold an image."""
+        LaVIN's adapters (models/mma.py), if the LM has them, learn here which samples hold an image; MoE layers
+        (models/moe.py) which positions are padding (`attention_mask` [B, T] or `segment_ids` 0), for their
+        balancing loss."""
         is_image = input_ids == self.image_token_id
         mma.mark(self.lm, is_image, segment_ids)
+        if segment_ids is not None:
+            moe.mark(self.lm, segment_ids != 0)
+        else:
+            moe.mark(self.lm, attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None)
         table = self.lm.get_input_embeddings()
         embeds = table(input_ids.masked_fill(is_image, 0))
         n_slots = int(is_image.sum())
@@ -161,7 +168,8 @@ class MultimodalLM(nn.Module):
 
         `segment_ids` ([B, T], packed rows: samples 1, 2, … and 0 for padding) make attention
         block-diagonal; give each sample's own `position_ids` with them."""
-        embeds, extra = self.prepare(input_ids, pixel_values, instruction_ids=instruction_ids, segment_ids=segment_ids)
+        embeds, extra = self.prepare(input_ids, pixel_values, instruction_ids=instruction_ids, segment_ids=segment_ids,
+                                     attention_mask=attention_mask)
         if segment_ids is not None:
             attention_mask = self.packed_mask(segment_ids, attention_mask, embeds.dtype)
         decoder = self.lm.get_decoder()

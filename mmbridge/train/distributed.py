@@ -25,14 +25,15 @@ from mmbridge.train.device import resolve_device
 
 class TrainStep(nn.Module):
     """The model and the stage's objective as one module: DDP and FSDP wrap this, so parameters the
-    objective owns (Croc's prompt pool) are reduced too, and objectives may call any model method."""
+    objective owns (Croc's prompt pool) are reduced too, and objectives may call any model method.
+    `sum_ranks` (under torchrun) sums a tensor over the processes, for losses over the whole micro-batch."""
 
-    def __init__(self, model: nn.Module, objective: nn.Module):
+    def __init__(self, model: nn.Module, objective: nn.Module, sum_ranks=None):
         super().__init__()
-        self.model, self.objective = model, objective
+        self.model, self.objective, self.sum_ranks = model, objective, sum_ranks
 
     def forward(self, batch: dict, normalizer: float):
-        return self.objective(self.model, batch, normalizer=normalizer)
+        return self.objective(self.model, batch, normalizer=normalizer, sum_ranks=self.sum_ranks)
 
 
 class RankSlice:
@@ -131,6 +132,13 @@ class Dist:
             bad = "loss on another rank"
         return loss / self.world, int(tokens), int(flops), terms, bad
 
+    def sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor's element-wise sum over ranks (a new tensor without a graph), on its device."""
+        t = t.detach().clone()
+        if self.enabled:
+            dist.all_reduce(t)
+        return t
+
     def any(self, flag: bool) -> bool:
         return bool(flag) if not self.enabled else self.sum([float(bool(flag))])[0] > 0
 
@@ -212,7 +220,7 @@ class Dist:
         layer and per vision block, then the rest as the root) with each rank's shards filled. Frozen
         parameters are sharded like the rest and get no gradient. On GPU, FSDP computes in bf16 and
         reduces in fp32; on CPU, fp32."""
-        step = TrainStep(model, objective)
+        step = TrainStep(model, objective, self.sum_tensor if self.enabled else None)
         if not self.enabled:
             return step
         if self.strategy == "ddp":
