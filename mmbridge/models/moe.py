@@ -154,7 +154,8 @@ def mark(lm: nn.Module, real: torch.Tensor | None) -> None:
     padding: the balancing loss counts tokens only, so it does not depend on how a batch is padded (or split
     over processes). The composite model does it before each forward; without it, every position counts."""
     flat = None if real is None else real.reshape(-1)
-    for block in getattr(lm.get_decoder(), "layers", ()):
+    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else lm
+    for block in getattr(decoder, "layers", ()):
         if isinstance(getattr(block, "mlp", None), MoEFeedForward):
             block.mlp.real = flat
 
