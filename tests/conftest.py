@@ -115,3 +115,25 @@ def tiny_recipe(tiny_lm_dir, tiny_clip_dir, world):
     from mmbridge.config import recipe_from_dict
 
     return recipe_from_dict(tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"]))
+
+
+class Interrupt(Exception):
+    """Raised into a training run to stop it as a crash would."""
+
+
+def interrupted_run(recipe, run_dir, at_call: int) -> None:
+    """Train `recipe` into `run_dir` and stop it as it asks for its `at_call`-th micro-batch (a crash mid-step)."""
+    from mmbridge.train.trainer import Trainer
+
+    trainer = Trainer(recipe, run_dir, progress=False)
+    original, calls = trainer._next_batch, {"n": 0}
+
+    def next_batch(batches):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            raise Interrupt
+        return original(batches)
+
+    trainer._next_batch = next_batch
+    with pytest.raises(Interrupt):
+        trainer.run()

@@ -17,7 +17,7 @@ from mmbridge.config import recipe_from_dict
 from mmbridge.data.dataset import ConversationDataset
 from mmbridge.data.llava import DataError, read_llava_json, record_images
 from mmbridge.data.shards import write_shards
-from tests.conftest import tiny_recipe_dict
+from tests.conftest import interrupted_run, tiny_recipe_dict
 from tests.test_processor import make
 
 TASKS = ("caption", "vqa", "grounding")
@@ -159,9 +159,6 @@ def test_the_byte_pass_splits_any_json_list_as_json_does(tmp_path, monkeypatch):
         assert str(got.value) == str(expected.value), (trial, text)
 
 
-class Interrupt(Exception):
-    pass
-
 
 def losses(run: Path) -> dict:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -182,18 +179,7 @@ def test_resume_mid_epoch_reproduces_the_losses(tiny_lm_dir, tiny_clip_dir, worl
     Trainer(recipe, tmp_path / "a", progress=False).run()
     reference = losses(tmp_path / "a")
     assert len(reference) == 10  # 40 samples, 20 of the 40 captions: the resume at step 6 is mid-pass
-    stopper = Trainer(recipe, tmp_path / "b", progress=False)
-    original, calls = stopper._next_batch, []
-
-    def next_batch(batches):
-        calls.append(1)
-        if len(calls) == 8:  # during step 8; the checkpoint is at step 6
-            raise Interrupt
-        return original(batches)
-
-    stopper._next_batch = next_batch
-    with pytest.raises(Interrupt):
-        stopper.run()
+    interrupted_run(recipe, tmp_path / "b", 8)  # during step 8; the checkpoint is at step 6
     Trainer(recipe, tmp_path / "b", resume=True, progress=False).run()
     resumed = losses(tmp_path / "b")
     assert resumed.keys() == reference.keys()

@@ -15,7 +15,7 @@ from mmbridge.data.packing import PackedBatches, PackingCollator, pack
 from mmbridge.models.build import build_model
 from mmbridge.models.masks import allowed_attention
 from mmbridge.objectives.croc import CrocObjective
-from tests.conftest import tiny_recipe_dict
+from tests.conftest import interrupted_run, tiny_recipe_dict
 
 IGNORE = -100
 
@@ -309,9 +309,6 @@ def test_pack_option_is_checked(tiny_lm_dir, tiny_clip_dir, world):
         recipe_from_dict(data)
 
 
-class Interrupt(Exception):
-    pass
-
 
 def test_packed_stage_trains_and_resumes_with_the_same_losses(tiny_lm_dir, tiny_clip_dir, world, tmp_path):
     from mmbridge.train.trainer import Trainer
@@ -325,18 +322,7 @@ def test_packed_stage_trains_and_resumes_with_the_same_losses(tiny_lm_dir, tiny_
     assert batch["input_ids"].shape[0] <= 2 and len(batch["ids"]) > 2  # several samples per row
     assert batch["pixel_values"].shape[0] <= 6  # at most 3 images per row
     trainer.run()
-    stopper = Trainer(recipe, tmp_path / "b", progress=False)
-    original, calls = stopper._next_batch, []
-
-    def next_batch(batches):
-        calls.append(1)
-        if len(calls) == 4:  # during step 4; the checkpoint is at step 2
-            raise Interrupt
-        return original(batches)
-
-    stopper._next_batch = next_batch
-    with pytest.raises(Interrupt):
-        stopper.run()
+    interrupted_run(recipe, tmp_path / "b", 4)  # during step 4; the checkpoint is at step 2
     Trainer(recipe, tmp_path / "b", resume=True, progress=False).run()
 
     def losses(run):

@@ -24,7 +24,7 @@ from mmbridge.objectives.base import OBJECTIVES, LossOutput
 from mmbridge.objectives.captioning import NextTokenLoss
 from mmbridge.train import checkpoint as ckpt
 from mmbridge.train.trainer import NonFiniteError, Trainer
-from tests.conftest import tiny_recipe_dict
+from tests.conftest import Interrupt, interrupted_run, tiny_recipe_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -160,25 +160,6 @@ def test_keep_last_n_checkpoints(one_stage, tmp_path):
     Trainer(one_stage(keep_checkpoints=3), tmp_path / "run", progress=False).run()
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == \
         ["stage1-step0000000", "stage0-step0000005", "stage0-step0000004"]
-
-
-class Interrupt(Exception):
-    pass
-
-
-def interrupted_run(recipe, run_dir: Path, at_call: int) -> None:
-    trainer = Trainer(recipe, run_dir, progress=False)
-    original, calls = trainer._next_batch, {"n": 0}
-
-    def next_batch(batches):
-        calls["n"] += 1
-        if calls["n"] == at_call:
-            raise Interrupt
-        return original(batches)
-
-    trainer._next_batch = next_batch
-    with pytest.raises(Interrupt):
-        trainer.run()
 
 
 @pytest.fixture(scope="module")

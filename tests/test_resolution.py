@@ -13,7 +13,7 @@ from mmbridge.models.resolution import interpolate_positions
 from mmbridge.models.vision import build_vision_encoder
 from mmbridge.train.checkpoint import load_run
 from mmbridge.train.trainer import Trainer
-from tests.conftest import tiny_recipe_dict
+from tests.conftest import interrupted_run, tiny_recipe_dict
 
 
 def test_interpolated_table_equals_f_interpolate_of_the_old_one():
@@ -58,9 +58,6 @@ def losses(run_dir):
     return {(r["stage"], r["step"]): r["loss"] for r in rows}
 
 
-class Interrupt(Exception):
-    pass
-
 
 def test_stage_resolution_trains_resumes_and_reloads(tiny_lm_dir, tiny_clip_dir, world, tmp_path):
     recipe = recipe_from_dict(recipe_data(tiny_lm_dir, tiny_clip_dir, world))
@@ -71,18 +68,7 @@ def test_stage_resolution_trains_resumes_and_reloads(tiny_lm_dir, tiny_clip_dir,
     table = full.model.vision.model.embeddings.position_embedding.weight
     assert table.shape[0] == 37 and table.requires_grad  # the interpolated table trained in stage 2
 
-    stopper = Trainer(recipe, tmp_path / "b", progress=False)
-    calls, original = {"n": 0}, stopper._next_batch
-
-    def next_batch(batches):
-        calls["n"] += 1
-        if calls["n"] == 2 + 4:  # stage 2, step 4 (the last checkpoint is stage 2 step 2, at 48 px)
-            raise Interrupt
-        return original(batches)
-
-    stopper._next_batch = next_batch
-    with pytest.raises(Interrupt):
-        stopper.run()
+    interrupted_run(recipe, tmp_path / "b", 2 + 4)  # stage 2, step 4 (the last checkpoint: stage 2 step 2, 48 px)
     resumed = Trainer(recipe, tmp_path / "b", resume=True, progress=False)
     assert resumed.model.vision.image_size == 48 and resumed.processor.num_image_tokens == 36
     resumed.run()

@@ -10,7 +10,7 @@ import torch
 from mmbridge.config import RecipeError, load_recipe, recipe_from_dict
 from mmbridge.train.checkpoint import load_run
 from mmbridge.train.trainer import Trainer
-from tests.conftest import tiny_recipe_dict
+from tests.conftest import interrupted_run, tiny_recipe_dict
 
 
 def snapshot(module):
@@ -56,9 +56,6 @@ def test_saved_run_reloads_to_identical_logits(tiny_recipe, tmp_path):
     assert (tmp_path / "run" / "loss_2_multitask.png").exists()
 
 
-class Interrupt(Exception):
-    pass
-
 
 def losses(run_dir):
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -74,19 +71,7 @@ def test_resume_continues_the_same_loss_sequence(tiny_lm_dir, tiny_clip_dir, wor
     Trainer(recipe, tmp_path / "a", progress=False).run()
     reference = losses(tmp_path / "a")
 
-    stopper = Trainer(recipe, tmp_path / "b", progress=False)
-    calls = {"n": 0}
-    original = stopper._next_batch
-
-    def next_batch(batches):
-        calls["n"] += 1
-        if calls["n"] == 9:  # during stage 2, step 4 (the last checkpoint is stage 2 step 2)
-            raise Interrupt
-        return original(batches)
-
-    stopper._next_batch = next_batch
-    with pytest.raises(Interrupt):
-        stopper.run()
+    interrupted_run(recipe, tmp_path / "b", 9)  # during stage 2, step 4 (the last checkpoint is stage 2 step 2)
     Trainer(recipe, tmp_path / "b", resume=True, progress=False).run()
     resumed = losses(tmp_path / "b")
     # the interrupted run logged stage-2 step 3 twice (before the crash and after resuming)

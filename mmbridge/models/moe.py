@@ -125,7 +125,7 @@ def chosen_layers(n_layers: int, layers) -> list[int]:
     raise ValueError(f"moe.layers: expected {' or '.join(LAYER_CHOICES)} or a list of layer indices, got {layers!r}")
 
 
-def add_moe(lm: nn.Module, experts: int, top_k: int, layers="every_other", **_ignored) -> list[int]:
+def add_moe(lm: nn.Module, experts: int, top_k: int, layers="every_other") -> list[int]:
     """Turn the `mlp` of each chosen decoder layer of `lm` into an MoEFeedForward, in place; returns the layers."""
     decoder = lm.get_decoder()
     blocks = getattr(decoder, "layers", None)
