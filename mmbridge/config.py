@@ -38,7 +38,8 @@ class DataSource:
 
     LMM stages read LLaVA records from a `json` list, a `jsonl` file (one record a line) or webdataset
     `shards` (`data/shards.py`); LCL stages read an MMC4-style `jsonl` or webdataset `shards` (a folder
-    or glob of tars), with `pairs: true` to split documents into image-sentence pairs.
+    or glob of tars), with `pairs: true` to split documents into image-sentence pairs. `interleaved: true`
+    makes an LMM stage read MMC4-style documents from the `jsonl` or `shards` instead (`data/interleaved.py`).
     """
 
     json: str = ""
@@ -46,6 +47,7 @@ class DataSource:
     jsonl: str = ""
     shards: str = ""
     pairs: bool = False
+    interleaved: bool = False
 
 
 @dataclass
@@ -155,8 +157,9 @@ class Recipe:
     strategy: str = "none"
     # auto: this process's GPU when CUDA is available, else the CPU | cpu | cuda | cuda:N (see train/device.py)
     device: str = "auto"
-    # kind lcl only: how documents become sequences (max_images, min_sim, image_position, patches; the
-    # length budget is model.max_length) and the folder inside the run the trained encoder is exported to
+    # how documents become sequences (max_images, min_sim, image_position, and for kind lcl patches; the
+    # length budget is model.max_length): LCL's documents, or an lmm recipe's interleaved sources; and, for
+    # kind lcl, the folder inside the run the trained encoder is exported to
     sequence: dict | None = None
     export: str = "encoder"
 
@@ -242,6 +245,21 @@ def _validate_lcl(recipe: Recipe) -> None:
                 raise RecipeError(f"{where}.data.{src}: expected world/<split>/interleaved|pairs or a source")
 
 
+def _validate_lmm_sequence(recipe: Recipe) -> None:
+    """Kind lmm: `sequence` lays out the interleaved sources' documents (LCL's rules, see data/documents.py)."""
+    from mmbridge.data.documents import LAYOUT_KEYS
+    from mmbridge.lcl.sequence import SequenceConfig
+
+    seq = recipe.sequence
+    if not isinstance(seq, dict) or set(seq) - set(LAYOUT_KEYS):
+        raise RecipeError(f"recipe.sequence: for interleaved sources, expected some of {list(LAYOUT_KEYS)}, "
+                          f"got {seq!r}")
+    try:
+        SequenceConfig(**seq)
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"recipe.sequence: {e}") from e
+
+
 def _validate_moe(moe: MoeConfig, where: str) -> None:
     from mmbridge.models.moe import LAYER_CHOICES
 
@@ -274,7 +292,7 @@ def validate(recipe: Recipe) -> None:
     if recipe.kind == "lcl":
         _validate_lcl(recipe)
     elif recipe.sequence is not None:
-        raise RecipeError("recipe.sequence: only kind lcl recipes lay out documents; remove it")
+        _validate_lmm_sequence(recipe)
     parts = PARTS[recipe.kind]
     if recipe.bad_samples not in ("error", "skip"):
         raise RecipeError(f"recipe.bad_samples: expected 'error' or 'skip', got {recipe.bad_samples!r}")
@@ -325,6 +343,9 @@ def validate(recipe: Recipe) -> None:
                 raise RecipeError(f"{where}.data.{src}: weight must be a positive number, got {w!r}")
         if not st.data:
             raise RecipeError(f"{where}.data: a stage needs at least one data source")
+    for name, src in recipe.sources.items():
+        if recipe.kind == "lmm" and src.interleaved and (bool(src.jsonl) == bool(src.shards) or src.json):
+            raise RecipeError(f"recipe.sources.{name}: an interleaved source is {{jsonl, images}} or {{shards}}")
     for name, ev in recipe.eval.items():
         if ev.task not in ("caption", "vqa", "grounding"):
             raise RecipeError(f"recipe.eval.{name}.task: expected caption, vqa or grounding, got {ev.task!r}")

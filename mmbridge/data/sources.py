@@ -23,7 +23,8 @@ def world_manifest(world: dict) -> tuple[dict, Path]:
 
 
 def resolve_source(recipe: Recipe, name: str) -> DataSource:
-    """`name` is a key of `recipe.sources`, or `world/<split>/<task>` for the built-in world."""
+    """`name` is a key of `recipe.sources`, or `world/<split>/<task>` for the built-in world (its
+    `interleaved` task: MMC4-style documents, an interleaved source)."""
     if name in recipe.sources:
         return recipe.sources[name]
     if name.startswith("world/"):
@@ -34,5 +35,7 @@ def resolve_source(recipe: Recipe, name: str) -> DataSource:
         if len(parts) != 3 or parts[1] not in manifest or parts[2] not in manifest[parts[1]]:
             valid = [f"world/{s}/{t}" for s in manifest for t in manifest[s]]
             raise RecipeError(f"data {name!r}: expected one of {valid}")
+        if parts[2] == "interleaved":  # MMC4-style documents, one a line
+            return DataSource(jsonl=str(manifest[parts[1]][parts[2]]), images=str(images), interleaved=True)
         return DataSource(json=str(manifest[parts[1]][parts[2]]), images=str(images))
     raise RecipeError(f"data {name!r}: not in recipe.sources ({sorted(recipe.sources)}) nor world/<split>/<task>")

@@ -1,4 +1,5 @@
-"""The multimodal-LM task: LLaVA-format sources (JSON, JSONL, shards) → conversations → (packed) micro-batches."""
+"""The multimodal-LM task: LLaVA-format sources (JSON, JSONL, shards) → conversations, and interleaved
+(MMC4-style) sources → documents, mixed → (packed) micro-batches."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from torch.utils.data import BatchSampler, ConcatDataset, DataLoader
 
 from mmbridge.config import StageConfig
 from mmbridge.data.dataset import Collator, ConversationDataset, LengthGroupedBatches, MixtureSampler
+from mmbridge.data.interleaved import InterleavedDataset
 from mmbridge.data.packing import PackedBatches, PackingCollator, RowTagged, rows_per_epoch
 from mmbridge.data.sources import resolve_source
 from mmbridge.train.signals import ignore_signals
@@ -21,16 +23,21 @@ class LMMTask(Task):
         from mmbridge.models.build import build_model
 
         self.model, self.processor = build_model(self.recipe.model)
-        self.datasets: dict[tuple, ConversationDataset] = {}
+        self.datasets: dict[tuple, ConversationDataset | InterleavedDataset] = {}
         return self.model, self.processor.tokenizer
 
-    def dataset(self, name: str) -> ConversationDataset:
+    def dataset(self, name: str) -> ConversationDataset | InterleavedDataset:
         # a stage may change the image tokens (its resolution): lengths are indexed per setting
         key = (name, self.processor.num_image_tokens, self.processor.max_length, self.processor.image_size)
         if key not in self.datasets:
             src = resolve_source(self.recipe, name)
-            ds = ConversationDataset(src.json or src.jsonl or src.shards, src.images, self.processor,
-                                     skip_bad=self.recipe.bad_samples == "skip", lines=True if src.jsonl else None)
+            skip, lines = self.recipe.bad_samples == "skip", True if src.jsonl else None
+            if src.interleaved:  # MMC4-style documents: raw text with images, laid out by recipe.sequence
+                ds = InterleavedDataset(src.jsonl or src.shards, src.images, self.processor, self.recipe.sequence,
+                                        seed=self.recipe.seed, skip_bad=skip, lines=lines)
+            else:
+                ds = ConversationDataset(src.json or src.jsonl or src.shards, src.images, self.processor,
+                                         skip_bad=skip, lines=lines)
             self.skipped.update({f"{name}: {k}": v for k, v in ds.skipped.items()})
             if ds.truncated:
                 print(f"{name}: {ds.truncated} sample(s) shortened in their trailing text to max_length")

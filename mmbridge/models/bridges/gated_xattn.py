@@ -14,7 +14,10 @@ from mmbridge.models.bridges.resampler import PerceiverResampler
 
 
 class GatedCrossAttentionBlock(nn.Module):
-    """GATED XATTN-DENSE: x += tanh(α)·xattn(x, media); x += tanh(β)·ffw(x), with α = β = 0 at first."""
+    """GATED XATTN-DENSE: x += tanh(α)·xattn(x, media); x += tanh(β)·ffw(x), with α = β = 0 at first.
+
+    A position with no image at or before it is left as it is (no cross-attention, no dense part), so
+    the text before a document's first image is what the LM alone makes of it."""
 
     def __init__(self, dim: int, media_dim: int, heads: int, ff_mult: int = 4):
         super().__init__()
@@ -25,8 +28,9 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor, media: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        seen = mask.any(-1, keepdim=True)  # [B, T, 1]: an image lies at or before the position
         x = x + torch.tanh(self.attn_gate) * self.attn(self.norm(x), media, mask)
-        return x + torch.tanh(self.ff_gate) * self.ff(x)
+        return x + torch.tanh(self.ff_gate) * self.ff(x) * seen
 
 
 @BRIDGES.register("gated_xattn")
