@@ -228,8 +228,143 @@ def test_measured_lengths_and_errors_equal_encoding(proc, world, n, max_length):
             elif fault < 0.35:
                 conv[-1]["value"] = "<|im_end|>"
             items.append((conv, 1, f"{task} {i}"))
-    want = [e if isinstance(e, DataError) else (len(e.input_ids), e.truncated) for e in p.encode_many(items)]
+    want = [e if isinstance(e, DataError) else (len(e.input_ids), e.truncated) for e in slow.encode_many(items)]
     got = p.measure_many(items)
     assert [str(x) if isinstance(x, DataError) else tuple(x) for x in got] == \
         [str(x) if isinstance(x, DataError) else x for x in want]
     assert [x.kind for x in got if isinstance(x, DataError)] == [x.kind for x in want if isinstance(x, DataError)]
+
+
+# -- the fast index path: shaped rendering and bulk counting are exact -----------------------------
+VERBATIM = [
+    "{% for m in messages %}{{ '<|im_start|>' ~ m.role ~ '\\n' ~ m.content ~ '<|im_end|>\\n' }}{% endfor %}",
+    "{% if messages[0]['role'] == 'system' %}{{ '<|endoftext|>' }}{% endif %}{% for m in messages %}"
+    "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) and m['role'] != 'system' %}"
+    "{{ raise_exception('roles must alternate') }}{% endif %}{% if m['role'] == 'assistant' %}"
+    "{{ ' [A] ' + m['content'] + '<|im_end|>' }}{% else %}{{ '[' + m['role'] + '] ' + m['content'] }}{% endif %}"
+    "{% if loop.last %}{{ '\\n' }}{% endif %}{% endfor %}",
+]
+NOT_VERBATIM = [
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}: {{ m['content'] | trim }}<|endoftext|>{% endfor %}",
+    "{% for m in messages %}{{ m['content'].strip() }}{% endfor %}",
+    "{% for m in messages %}{% if m['content'] %}x{% endif %}{{ m['content'] }}{% endfor %}",
+    "{% set rest = messages[1:] %}{% for m in rest %}{{ m['content'] }}{% endfor %}",
+    "{% for m in messages %}{{ m | tojson }}{% endfor %}",
+    "{% for m in messages %}{% set c = m['content'] %}{{ c }}{% endfor %}",
+    "{% macro say(m) %}{{ m['content'] }}{% endmacro %}{% for m in messages %}{{ say(m) }}{% endfor %}",
+    "{% for m in messages %}{{ m['content'] }}{{ raise_exception(m['content']) if loop.last }}{% endfor %}",
+    "{% for m in messages %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}",
+]
+AWKWARD = ["the", "cat", "don't", "3.14", ",", "?", "\n", "\t", " ", "  ", "\r\n", "é", "日本", "😀", "\u00a0",
+           "<image>", "<repo_name>", "{{ x }}", "{% raw %}", '"q"', "\\", "\x1c", "\x7f", "x" * 17, "abcdefgh",
+           "\ue000", "Hello", "  \n", "user", "\n\n"]
+
+
+def random_conversation(rng: random.Random, images: int = 1) -> list[dict]:
+    def text(lo=0):
+        return "".join(rng.choice(AWKWARD) + rng.choice(["", " ", " ", "  ", "\n"]) for _ in range(rng.randint(lo, 12)))
+
+    turns = [{"from": "system", "value": text()}] if rng.random() < 0.2 else []
+    for r in range(rng.randint(1, 5)):
+        question = text()
+        if r == 0 and images:
+            question = rng.choice(["<image>\n", "<image>", "", "\n<image> "]) + question
+            question = question if "<image>" in question else question + "<image>"
+        turns.append({"from": rng.choice(["human", "human", "human", "gpt"]), "value": question})
+        turns.append({"from": "gpt", "value": rng.choice(["", " ok ", "red"]) + text(1)})
+    if rng.random() < 0.03:
+        turns[-1]["value"] += "<|im_end|>"
+    return turns
+
+
+def outcome(f, *args):
+    try:
+        return f(*args)
+    except DataError as e:
+        return type(e), e.kind, str(e)
+
+
+def test_only_templates_that_print_contents_verbatim_are_shaped(tokenizer):
+    from mmbridge.data.chat_shape import content_printed_verbatim
+
+    assert content_printed_verbatim(tokenizer.chat_template)  # SmolLM2's
+    assert all(content_printed_verbatim(t) for t in VERBATIM)
+    assert not any(content_printed_verbatim(t) for t in NOT_VERBATIM + [None, ""])
+
+
+@pytest.mark.parametrize("template", [None, *VERBATIM, NOT_VERBATIM[0]])
+@pytest.mark.parametrize("system_prompt", [None, "", "Be brief. "])
+def test_shaped_rendering_gives_the_templates_text_and_spans(tokenizer, template, system_prompt):
+    """Random conversations (multi-turn, system turns, unicode, odd spacing, image placeholders, Jinja-like
+    text, template errors): text, answer spans and errors as the template renders them."""
+    from tests.test_processor import make
+
+    proc = make(tokenizer, template=template, system_prompt=system_prompt)
+    slow = make(tokenizer, template=template, system_prompt=system_prompt)
+    slow._verbatim = False  # every conversation through the template
+    rng = random.Random(hash((template, system_prompt)) % 1000)
+    for i in range(300):
+        conv = random_conversation(rng)
+        assert outcome(proc._prepare, conv, f"r{i}") == outcome(slow._prepare, conv, f"r{i}"), conv
+    assert proc._verbatim == (template in (None, *VERBATIM))
+    if proc._verbatim:
+        assert len(proc._shapes) > 5  # and each shape was compared with the template once
+
+
+def test_a_wrongly_shaped_template_is_caught_by_its_first_rendering(tokenizer, monkeypatch):
+    import mmbridge.data.chat_shape as chat_shape
+    from tests.test_processor import make
+
+    monkeypatch.setattr(chat_shape, "content_printed_verbatim", lambda template: True)  # a wrong proof
+    proc = make(tokenizer, template=NOT_VERBATIM[0])
+    slow = make(tokenizer, template=NOT_VERBATIM[0])
+    slow._verbatim = False
+    conv = [{"from": "human", "value": " hi "}, {"from": "gpt", "value": "yes  "}]
+    assert proc._prepare(conv, "x") == slow._prepare(conv, "x") and proc._verbatim is False
+
+
+def test_bulk_piece_counts_equal_the_tokenizer(proc, monkeypatch):
+    """ASCII texts counted in bulk (joined, looked up in the table of pieces) as the tokenizer counts them:
+    control characters, runs of spaces, added tokens, pieces longer than the table's keys, empty texts;
+    with groups cut small and a table too small for every piece (slots taken, table full)."""
+    from mmbridge.data.token_count import PieceCounter
+
+    rng = random.Random(3)
+    atoms = [a for a in AWKWARD if a.isascii()] + ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "\x00", "a" * 15,
+                                                   "b" * 16, "cdefghi", "123456789", "'s", "!!", "(x)"]
+    texts = [""] + ["".join(rng.choice(atoms) + rng.choice([" ", " ", " ", "", "  ", "\n", " \n"])
+                            for _ in range(rng.randint(0, 40))) for _ in range(1500)]
+    texts.append("é " + texts[5])  # not ASCII: counted alone
+    want = [len(proc.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    alone = PieceCounter.build(proc.tokenizer)
+    alone.bulk = False
+    assert alone.count(texts) == want
+    for chars, table in ((1 << 19, 1 << 21), (300, 8)):
+        monkeypatch.setattr(PieceCounter, "BULK_CHARS", chars)
+        monkeypatch.setattr(PieceCounter, "MAX_TABLE", table)
+        counter = PieceCounter.build(proc.tokenizer)
+        assert counter.bulk
+        assert counter.count(texts) == want
+        assert counter.count(texts[::-1]) == want[::-1]  # from the table and the memo this time
+        assert counter.count(texts[:3]) == want[:3]  # fewer than BULK_MIN: one by one
+
+
+@pytest.mark.parametrize("n, max_length", [(4, 60), (16, 100), (4, 400)])
+def test_measured_lengths_equal_encoding_on_random_conversations(tokenizer, n, max_length):
+    """`measure_many` (shaped rendering, bulk counting) against `encode_many` (the template and the
+    tokenizer) on random conversations, shortened ones and every error included."""
+    from tests.test_processor import make
+
+    p, slow = make(tokenizer, n=n, max_length=max_length), make(tokenizer, n=n, max_length=max_length)
+    slow._verbatim = False  # every conversation through the template
+    rng = random.Random(n + max_length)
+    items = []
+    for i in range(400):
+        conv = random_conversation(rng, images=rng.choice([0, 1, 1, 1]))
+        items.append((conv, sum(t["value"].count("<image>") for t in conv) - (rng.random() < 0.05), f"r{i}"))
+    want = [e if isinstance(e, DataError) else (len(e.input_ids), e.truncated) for e in slow.encode_many(items)]
+    got = p.measure_many(items)
+    assert p._verbatim and p._counter is not None and p._counter.bulk
+    assert [(type(x), x.kind, str(x)) if isinstance(x, DataError) else tuple(x) for x in got] == \
+        [(type(x), x.kind, str(x)) if isinstance(x, DataError) else x for x in want]
+    assert sum(not isinstance(x, DataError) for x in want) > 100

@@ -42,6 +42,17 @@ def _may_hold_surrogates(value: object) -> bool:
         return True
 
 
+def decode_json(raw: bytes) -> tuple[str, bool]:
+    """JSON bytes as text, undecodable bytes kept as surrogate escapes (`check_record` names them), and
+    whether the value parsed from it holds no surrogate for sure: the bytes are UTF-8 and no `\\ud…`
+    escape is in them (an escaped surrogate or a pair: either way the field-by-field check runs)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="surrogateescape"), False
+    return text, b"\\ud" not in raw and b"\\uD" not in raw
+
+
 def _undecodable(value: object, at: str = "") -> str | None:
     """The first field (e.g. `conversations[1].value`) whose text is not valid UTF-8: undecodable
     bytes (read with surrogateescape) or a lone surrogate escape. Such text cannot be tokenised."""
@@ -68,11 +79,12 @@ def printable(value: object) -> str:
     return text if text.isprintable() else repr(text)
 
 
-def check_record(record: object, where: str) -> None:
-    """Raise DataError if `record` is not a well-formed LLaVA conversation record."""
+def check_record(record: object, where: str, plain: bool = False) -> None:
+    """Raise DataError if `record` is not a well-formed LLaVA conversation record (`plain`: it is known
+    to hold no surrogate, see `decode_json`)."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected an object, got {type(record).__name__}", "not an object")
-    field = _undecodable(record) if _may_hold_surrogates(record) else None
+    field = _undecodable(record) if not plain and _may_hold_surrogates(record) else None
     if field is not None:
         raise DataError(f"{where}: {field} is not valid UTF-8 text", "bad UTF-8")
     convs = record.get("conversations")

@@ -54,6 +54,8 @@ class Processor:
         self._special = sorted(set(tokenizer.all_special_tokens) - {IMAGE_TOKEN}, key=len, reverse=True)
         self._expand = _isolated(tokenizer, self.image_token_id)
         self._skeletons: dict[tuple, str] = {}  # the template rendered with markers, per sequence of roles
+        self._shapes: dict[tuple, tuple] = {}  # per sequence of roles: how `_fill` lays out a conversation
+        self._verbatim: bool | None = None  # the template prints contents verbatim (data/chat_shape.py)
         self._counter = False  # a PieceCounter, built on first use (None where the tokenizer has none)
 
     @property
@@ -85,8 +87,10 @@ class Processor:
                             "rejected by chat template") from e
 
     def _check_turns(self, msgs: list[dict], where: str) -> None:
+        joined = "\n".join(m["content"] for m in msgs)  # no special token in any: then none in each
+        specials = self._special if any(t in joined for t in self._special) else ()
         for m in msgs:
-            token = next((t for t in self._special if t in m["content"]), None)
+            token = next((t for t in specials if t in m["content"]), None)
             if token is not None:
                 raise DataError(f"{where}: a {m['role']} turn contains the special token {token!r}, which would "
                                 "fake the chat structure", "special token in text")
@@ -158,8 +162,63 @@ class Processor:
         """The rendered text (one image token per `<image>` when `_expand` allows) and its answer spans."""
         msgs = self.messages(conversations, span=1 if self._expand else None)
         self._check_turns(msgs, where)
+        if self._verbatim is None:
+            from mmbridge.data.chat_shape import content_printed_verbatim
+
+            self._verbatim = content_printed_verbatim(self.tokenizer.chat_template)
+        if not self._verbatim:
+            return self._render_and_span(msgs, where)
+        roles = tuple(m["role"] for m in msgs)
+        shape = self._shapes.get(roles)
+        if shape is not None:
+            return self._fill(shape, msgs, where)
+        shape = self._shape(msgs, where)  # the first conversation of these roles is rendered too, to compare
+        fast, slow = _outcome(self._fill, shape, msgs, where), _outcome(self._render_and_span, msgs, where)
+        if _same(fast, slow):
+            self._shapes[roles] = shape
+        else:  # not what the template gives after all: render every conversation
+            self._verbatim = False
+        if isinstance(slow, DataError):
+            raise slow
+        return slow
+
+    def _render_and_span(self, msgs: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
         text = self._render(msgs, where)
         return text, self._target_spans(text, msgs, where)
+
+    def _shape(self, msgs: list[dict], where: str) -> tuple:
+        """For a template that prints contents verbatim (`data/chat_shape.py`): the literal text around
+        the contents, their order and, for an assistant's, the special token that closes it ("" if none;
+        None for other roles); or the error (kind, message after `where`) that these roles raise."""
+        try:
+            skeleton = self._render([{**m, "content": _MARK.format(k)} for k, m in enumerate(msgs)], where)
+        except DataError as e:
+            return "error", e.kind, str(e)[len(where):]
+        pieces = _MARK_RE.split(skeleton)
+        literals, order = pieces[0::2], [int(k) for k in pieces[1::2]]
+        if sorted(order) != list(range(len(msgs))):
+            return "error", "rewritten by chat template", ": the chat template drops, repeats or reorders messages"
+        closing = [next((t for t in self._special if after.startswith(t)), "") if msgs[k]["role"] == "assistant"
+                   else None for k, after in zip(order, literals[1:])]
+        return "ok", literals, order, closing
+
+    def _fill(self, shape: tuple, msgs: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
+        """What `_render_and_span` gives, laid out from the conversation's shape: each content is put
+        in as written, so `_target_spans` would find each where it is put."""
+        if shape[0] == "error":
+            raise DataError(f"{where}{shape[2]}", shape[1])
+        _, literals, order, closing = shape
+        parts, spans = [literals[0]], []
+        pos = len(literals[0])
+        for k, after, close in zip(order, literals[1:], closing):
+            content = msgs[k]["content"]
+            if close is not None:
+                lead = len(content) - len(content.lstrip(_SPACE))
+                spans.append((pos + lead, pos + len(content) + len(close) if close else
+                              pos + len(content.rstrip(_SPACE))))
+            parts += (content, after)
+            pos += len(content) + len(after)
+        return "".join(parts), spans
 
     def _finish(self, text: str, spans, ids, offsets, n_images: int, where: str) -> Encoded:
         """Labels from the answer spans, image spans expanded, checks, and the cut to `max_length`."""
@@ -229,10 +288,11 @@ class Processor:
             exact, ready = [k for k, _, _ in ready], []
         counts = self._counter.count([text for _, text, _ in ready]) if ready else []
         n_tok = self.num_image_tokens
+        long = []  # too long: count the prefixes that end with the last image and with the first closed answer
+        special = tuple(self._special)
         for (k, text, spans), count in zip(ready, counts):
             _, n_images, where = items[k]
-            closed = [e for s, e in spans if s > 0 and any(text.startswith(t, e - len(t)) and e - len(t) >= s
-                                                           for t in self._special)]
+            closed = [e for s, e in spans if s > 0 and text.endswith(special, s, e)]
             images = text.count(IMAGE_TOKEN)
             if not closed:  # no answer ends in a special token, which is always labelled: encode
                 exact.append(k)
@@ -241,17 +301,20 @@ class Processor:
                                    f"{n_images} x {n_tok}", "<image> count mismatch")
             elif (n := count + (n_tok - 1) * images) <= self.max_length:
                 out[k] = (n, False)
-            else:  # too long: count the prefixes that end with the last image and with the first closed answer
-                end = text.rfind(IMAGE_TOKEN) + len(IMAGE_TOKEN)
-                image_end = self._counter.count([text[:end]])[0] + (n_tok - 1) * images if images else 0
-                first = self._counter.count([text[:closed[0]]])[0] + \
-                    (n_tok - 1) * text.count(IMAGE_TOKEN, 0, closed[0])
-                if image_end > self.max_length:
-                    out[k] = self._image_past_budget(where, n, image_end)
-                elif first > self.max_length:
-                    exact.append(k)
-                else:
-                    out[k] = (self.max_length, True)
+            else:
+                long.append((k, text, closed[0], images, n, where))
+        prefixes = [p for _, text, first, images, _, _ in long
+                    for p in (text[:text.rfind(IMAGE_TOKEN) + len(IMAGE_TOKEN)] if images else "", text[:first])]
+        counts = self._counter.count(prefixes) if prefixes else []
+        for (k, text, first, images, n, where), image_end, first_n in zip(long, counts[0::2], counts[1::2]):
+            image_end = image_end + (n_tok - 1) * images if images else 0
+            first_n += (n_tok - 1) * text.count(IMAGE_TOKEN, 0, first)
+            if image_end > self.max_length:
+                out[k] = self._image_past_budget(where, n, image_end)
+            elif first_n > self.max_length:
+                exact.append(k)
+            else:
+                out[k] = (self.max_length, True)
         for k, enc in zip(exact, self.encode_many([items[k] for k in exact])):
             out[k] = enc if isinstance(enc, DataError) else (len(enc.input_ids), enc.truncated)
         return out
@@ -299,6 +362,20 @@ class Processor:
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
+
+
+def _outcome(f, *args):
+    """What `f(*args)` returns, or the DataError it raises."""
+    try:
+        return f(*args)
+    except DataError as e:
+        return e
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, DataError) or isinstance(b, DataError):
+        return isinstance(a, DataError) and isinstance(b, DataError) and (a.kind, str(a)) == (b.kind, str(b))
+    return a == b
 
 
 def _isolated(tokenizer, token_id: int) -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from mmbridge.data.images import load_image
-from mmbridge.data.llava import DataError, printable, read_llava_json
+from mmbridge.data.llava import DataError, decode_json, printable, read_llava_json
 
 CHUNK = 1 << 26  # bytes scanned at a time
 _WS = np.zeros(256, dtype=bool)
@@ -194,11 +194,15 @@ class RecordFile:
 
     def load(self, i: int) -> object:
         """Record `i` as parsed JSON; undecodable bytes in a string spoil only that record (checked later)."""
-        text = self._raw(i).decode("utf-8", errors="surrogateescape")
+        return self.load_plain(i)[0]
+
+    def load_plain(self, i: int) -> tuple[object, bool]:
+        """`load(i)`, and whether the record holds no surrogate for sure (`llava.decode_json`)."""
+        text, plain = decode_json(self._raw(i))
         if i == 0 and text.startswith("\ufeff"):
             text = text[1:]
         try:
-            return json.loads(text)
+            return json.loads(text), plain
         except json.JSONDecodeError as e:
             if not self.lines:  # cannot happen in a list the fast pass split; the whole-file reader says why
                 _whole_file_error(self.path)

@@ -60,8 +60,9 @@ def index_range(store, processor, a: int, b: int) -> dict:
     items, at = [], []
     for i in range(a, b):
         try:
-            rec = store.load(i)
-            check_record(rec, store.place(i, rec))
+            rec, plain = store.load_plain(i)
+            where = store.place(i, rec)
+            check_record(rec, where, plain)
         except DataError as e:
             if isinstance(e, MalformedFile):
                 raise
@@ -69,7 +70,7 @@ def index_range(store, processor, a: int, b: int) -> dict:
             continue
         paths = record_images(rec)
         images[i - a] = len(paths)
-        items.append((rec["conversations"], len(paths), store.place(i, rec)))
+        items.append((rec["conversations"], len(paths), where))
         at.append(i - a)
     for s in range(0, len(items), BATCH):
         for j, got in zip(at[s:s + BATCH], processor.measure_many(items[s:s + BATCH])):

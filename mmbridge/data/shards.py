@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from mmbridge.data.images import ImageError, decode_image
-from mmbridge.data.llava import DataError, printable, record_images
+from mmbridge.data.llava import DataError, decode_json, printable, record_images
 
 
 def is_shards(path: str | os.PathLike) -> bool:
@@ -102,11 +102,15 @@ class ShardRecords:
         return f"{self.files[self.file_of[i]]}: sample {self.keys[i]} (id {rid})"
 
     def load(self, i: int) -> object:
+        return self.load_plain(i)[0]
+
+    def load_plain(self, i: int) -> tuple[object, bool]:
+        """`load(i)`, and whether the record holds no surrogate for sure (`llava.decode_json`)."""
         if self.offsets[i] < 0:
             raise DataError(f"{self.place(i)}: the sample has no json member", "no json member")
-        raw = self._read(int(self.file_of[i]), int(self.offsets[i]), int(self.sizes[i]))
+        text, plain = decode_json(self._read(int(self.file_of[i]), int(self.offsets[i]), int(self.sizes[i])))
         try:
-            return json.loads(raw.decode("utf-8", errors="surrogateescape"))
+            return json.loads(text), plain
         except json.JSONDecodeError as e:
             raise DataError(f"{self.place(i)}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}",
                             "malformed JSON") from e

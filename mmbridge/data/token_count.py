@@ -8,6 +8,12 @@ piece reaches across it, and BPE never merges across pieces. So a text's count i
 pieces' counts, and each distinct piece (a word with its leading space) is tokenised once and
 remembered. Stretches with other spacing (double spaces, spaces beside control characters, non-ASCII
 text) are tokenised whole. `PieceCounter.build` returns None for any other kind of tokenizer.
+
+ASCII texts are counted many at a time with numpy: the texts are joined, their added tokens and
+spaces found in the bytes, and each piece of up to 15 bytes looked up by its bytes (two 64-bit
+words and its length, an exact key) in an open table of the pieces counted so far; a piece that
+is not there (new, longer, or its slot taken by another piece) is looked up in the dictionaries as
+above. Either way each piece gets the count the tokenizer gives it.
 """
 
 from __future__ import annotations
@@ -16,13 +22,21 @@ import json
 import re
 from itertools import islice
 
+import numpy as np
+
 _CLASSES = bytes(ord("s") if c == 32 else ord("p") if 33 <= c <= 126 else ord("c") for c in range(256))
+_BETWEEN, _ADDED = 0xFF, 0x80  # in the joined bytes: between two texts; an added token (never in ASCII text)
+_MASKS = np.array([(1 << (8 * k)) - 1 for k in range(8)] + [2**64 - 1], dtype=np.uint64)  # the first k bytes
+_MIX1, _MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F)
 
 
 class PieceCounter:
     """Counts tokens as `len(tokenizer(text, add_special_tokens=False)["input_ids"])` would."""
 
     MAX_MEMO = 1_000_000  # remembered pieces; forgotten all at once past this
+    MAX_TABLE = 1 << 21  # slots of the table of pieces for ASCII texts (20 bytes each)
+    BULK_CHARS = 1 << 19  # characters of ASCII text counted at a time
+    BULK_MIN = 8  # fewer texts are counted one by one
 
     def __init__(self, tokenizer):
         self.backend = tokenizer.backend_tokenizer
@@ -31,6 +45,10 @@ class PieceCounter:
         self.first: dict[str, int] = {}  # a stretch's first piece (no leading space)
         self.spaced: dict[str, int] = {}  # a later piece, keyed without its leading space
         self.whole: dict[str, int] = {}  # stretches that do not split cleanly
+        # ASCII texts are counted in bulk (`_count_ascii`) unless an added token could reach across the
+        # character that joins them
+        self.bulk = bool(added) and not any("\xff" in t for t in added)
+        self._new_table(1 << 16)
 
     @classmethod
     def build(cls, tokenizer) -> PieceCounter | None:
@@ -54,8 +72,23 @@ class PieceCounter:
         """Token counts of `texts`."""
         if len(self.first) + len(self.spaced) + len(self.whole) > self.MAX_MEMO:
             self.first.clear(), self.spaced.clear(), self.whole.clear()
+            self._new_table(1 << 16)
         out, unknown = [0] * len(texts), []
-        for k, text in enumerate(texts):
+        if self.bulk and len(texts) >= self.BULK_MIN:
+            plain = [k for k, text in enumerate(texts) if text.isascii()]
+            group, chars = [], 0
+            for j, k in enumerate(plain):
+                group.append(k)
+                chars += len(texts[k])
+                if chars >= self.BULK_CHARS or j == len(plain) - 1:
+                    for i, n in zip(group, self._count_ascii([texts[i] for i in group]).tolist()):
+                        out[i] = n
+                    group, chars = [], 0
+            rest = [k for k, text in enumerate(texts) if not text.isascii()] if len(plain) < len(texts) else []
+        else:
+            rest = range(len(texts))
+        for k in rest:
+            text = texts[k]
             try:
                 out[k] = self._count(text)
             except KeyError:  # a piece not seen yet: learnt below, with every other text's new pieces
@@ -101,3 +134,102 @@ class PieceCounter:
                                   (self.whole, new_whole, "")):
             new = sorted(new - memo.keys())
             memo.update(zip(new, self._tokenise([prefix + p for p in new])))
+
+    # -- ASCII texts in bulk ----------------------------------------------------------------------
+    def _new_table(self, size: int) -> None:
+        """An empty table of `size` slots: a piece's key (two words: its first 8 bytes, then the next 7
+        and in the top byte its length + 16 if it begins a stretch) and its count; a key of 0 is no piece."""
+        self._keys = np.zeros((2, size), dtype=np.uint64)
+        self._counts = np.zeros(size, dtype=np.int32)
+        self._shift = np.uint64(64 - (size.bit_length() - 1))
+        self._filled = 0
+
+    def _slots(self, k1: np.ndarray, k2: np.ndarray) -> np.ndarray:
+        """A piece's first slot; its second is the neighbour `slot ^ 1`."""
+        return ((k1 * _MIX1) ^ (k2 * _MIX2)) >> self._shift
+
+    def _find(self, k1: np.ndarray, k2: np.ndarray) -> np.ndarray:
+        """The slot holding each key, or -1."""
+        keys = self._keys
+        slots = self._slots(k1, k2).astype(np.int64)
+        out = np.where((keys[0, slots] == k1) & (keys[1, slots] == k2), slots, -1)
+        again = np.flatnonzero(out < 0)
+        if len(again):
+            other = slots[again] ^ 1
+            out[again] = np.where((keys[0, other] == k1[again]) & (keys[1, other] == k2[again]), other, -1)
+        return out
+
+    def _insert(self, k1: np.ndarray, k2: np.ndarray, counts: np.ndarray) -> None:
+        """Put pieces not in the table yet in a free one of their two slots (a piece that finds both
+        taken stays out: it is looked up in the dictionaries)."""
+        _, first = np.unique(np.stack([k1, k2], axis=1).view(np.dtype((np.void, 16))).ravel(), return_index=True)
+        first = first[self._find(k1[first], k2[first]) < 0]
+        k1, k2, counts = k1[first], k2[first], counts[first]
+        if 2 * (self._filled + len(k1)) > len(self._counts) and len(self._counts) < self.MAX_TABLE:
+            used = np.flatnonzero(self._keys[1])
+            k1, k2 = np.concatenate([self._keys[0, used], k1]), np.concatenate([self._keys[1, used], k2])
+            counts = np.concatenate([self._counts[used], counts])
+            self._new_table(2 * len(self._counts))
+        slots = self._slots(k1, k2).astype(np.int64)
+        for _ in range(2):
+            free = np.flatnonzero(self._keys[1, slots] == 0)
+            at, put = np.unique(slots[free], return_index=True)
+            put = free[put]
+            self._keys[0, at], self._keys[1, at], self._counts[at] = k1[put], k2[put], counts[put]
+            self._filled += len(at)
+            left = np.ones(len(slots), dtype=bool)
+            left[put] = False
+            k1, k2, counts, slots = k1[left], k2[left], counts[left], slots[left] ^ 1
+
+    def _count_ascii(self, texts: list[str]) -> np.ndarray:
+        """`count` of ASCII texts, all at once (see the module's docstring)."""
+        joined = "\x80".join(self.added.split("\xff".join(texts)))  # each added token: one byte 0x80
+        raw = b"\xff" + joined.encode("latin-1") + b"\xff"
+        n = len(raw)
+        buf = np.frombuffer(raw + bytes(16), dtype=np.uint8)
+        c = buf[:n]
+        space, mark = c == 32, c >= _ADDED
+        control = (c < 32) | (c == 127)
+        marks = np.flatnonzero(mark)  # stretch j lies between marks[j] and marks[j + 1]
+        text_of = np.cumsum(c[marks] == _BETWEEN) - 1  # the text of the stretch after each mark
+        total = np.bincount(text_of[c[marks] == _ADDED], minlength=len(texts)).astype(np.int64)
+        # stretches that do not split cleanly: a space at either end, or next to a space or control character
+        bad = np.flatnonzero(space[:-1] & (space[1:] | control[1:] | mark[1:]) | control[:-1] & space[1:])
+        bad = np.concatenate([bad, np.flatnonzero(space[1:] & mark[:-1]) + 1])
+        unclean = np.zeros(len(marks), dtype=bool)
+        unclean[np.searchsorted(marks, bad) - 1] = True
+        whole = np.flatnonzero(unclean)
+        if len(whole):
+            stretches = [joined[a:b] for a, b in zip(marks[whole].tolist(), (marks[whole + 1] - 1).tolist())]
+            new = sorted(set(stretches) - self.whole.keys())
+            self.whole.update(zip(new, self._tokenise(new)))
+            np.add.at(total, text_of[whole], [self.whole[t] for t in stretches])
+        # the pieces of clean stretches: from a mark or a space to the next one
+        cuts = np.flatnonzero(space | mark)
+        starts, ends = cuts[:-1] + 1, cuts[1:]
+        after_mark = mark[cuts[:-1]]
+        stretch = np.cumsum(after_mark) - 1
+        keep = np.flatnonzero((ends > starts) & ~unclean[stretch])
+        starts, ends, first, stretch = starts[keep], ends[keep], after_mark[keep], stretch[keep]
+        size = ends - starts
+        words = np.ndarray((len(buf) - 7,), dtype="<u8", buffer=buf.data, strides=(1,))
+        k1 = words[starts] & _MASKS[np.minimum(size, 8)]
+        k2 = words[starts + 8] & _MASKS[np.clip(size - 8, 0, 8)] | \
+            (size + 16 * first).astype(np.uint64) << np.uint64(56)
+        slots = self._find(k1, k2)
+        counts = self._counts[slots].astype(np.int64)
+        missed = np.flatnonzero((slots < 0) | (size > 15))
+        if len(missed):
+            pieces = [joined[a:b] for a, b in zip((starts[missed] - 1).tolist(), (ends[missed] - 1).tolist())]
+            heads = first[missed].tolist()
+            for memo, prefix, is_head in ((self.first, "", True), (self.spaced, " ", False)):
+                new = sorted({p for p, h in zip(pieces, heads) if h == is_head} - memo.keys())
+                memo.update(zip(new, self._tokenise([prefix + p for p in new])))
+            first_get, spaced_get = self.first.__getitem__, self.spaced.__getitem__
+            counts[missed] = [first_get(p) if h else spaced_get(p) for p, h in zip(pieces, heads)]
+            short = missed[size[missed] <= 15]
+            self._insert(k1[short], k2[short], counts[short])
+        # the pieces are in text order: each text's sum is a difference of running sums
+        ends = np.searchsorted(text_of[stretch], np.arange(len(texts)), side="right")
+        running = np.concatenate([[0], np.cumsum(counts)])
+        return total + running[ends] - running[np.concatenate([[0], ends[:-1]])]
