@@ -74,7 +74,10 @@ class Processor:
     def messages(self, conversations: list[dict], span: int | None = None) -> list[dict]:
         """LLaVA turns → chat messages, with each `<image>` expanded to its token span (or `span` tokens)."""
         span = IMAGE_TOKEN * (self.num_image_tokens if span is None else span)
-        msgs = [{"role": ROLES[t["from"]], "content": t["value"].replace(IMAGE_TOKEN, span)} for t in conversations]
+        if span == IMAGE_TOKEN:
+            msgs = [{"role": ROLES[t["from"]], "content": t["value"]} for t in conversations]
+        else:
+            msgs = [{"role": ROLES[t["from"]], "content": t["value"].replace(IMAGE_TOKEN, span)} for t in conversations]
         if self.system_prompt is not None and msgs[0]["role"] != "system":
             msgs.insert(0, {"role": "system", "content": self.system_prompt})
         return msgs
@@ -87,14 +90,14 @@ class Processor:
                             "rejected by chat template") from e
 
     def _check_turns(self, msgs: list[dict], where: str) -> None:
-        joined = "\n".join(m["content"] for m in msgs)  # no special token in any: then none in each
+        joined = "\n".join([m["content"] for m in msgs])  # no special token in it: none in any turn
         specials = self._special if any(t in joined for t in self._special) else ()
         for m in msgs:
-            token = next((t for t in specials if t in m["content"]), None)
+            token = next((t for t in specials if t in m["content"]), None) if specials else None
             if token is not None:
                 raise DataError(f"{where}: a {m['role']} turn contains the special token {token!r}, which would "
                                 "fake the chat structure", "special token in text")
-            if m["role"] == "assistant" and not m["content"].strip():
+            if m["role"] == "assistant" and (not m["content"] or m["content"].isspace()):
                 raise DataError(f"{where}: an assistant turn is empty, so there is nothing to learn from it",
                                 "empty answer")
 

@@ -10,6 +10,7 @@ column C; not a list). JSONL records are the non-blank lines.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from pathlib import Path
 
@@ -37,11 +38,24 @@ class _Unsplittable(Exception):
 
 
 def _chunks(path: Path):
+    """The file's bytes, CHUNK at a time: views of the file mapped in memory (no copy)."""
     with open(path, "rb") as f:
-        base = 0
-        while block := f.read(CHUNK):
-            yield base, np.frombuffer(block, dtype=np.uint8)
-            base += len(block)
+        size = os.fstat(f.fileno()).st_size
+        if not size:
+            return
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # closed when the last view is gone
+    for base in range(0, size, CHUNK):
+        yield base, np.frombuffer(data, dtype=np.uint8, count=min(CHUNK, size - base), offset=base)
+
+
+def _outside(buf: np.ndarray, quotes: np.ndarray, in_str: bool) -> np.ndarray:
+    """Positions in `buf` outside strings (`quotes`: the unescaped quotes; `in_str`: inside one at the start)."""
+    bounds = np.concatenate([[] if in_str else [-1], quotes, [len(buf)] if (len(quotes) + in_str) % 2 == 0 else []])
+    starts, ends = bounds[0::2].astype(np.int64) + 1, bounds[1::2].astype(np.int64)
+    size = ends - starts
+    if len(size) == 1:
+        return np.arange(starts[0], ends[0])
+    return np.repeat(starts - np.concatenate([[0], np.cumsum(size)[:-1]]), size) + np.arange(int(size.sum()))
 
 
 def _split_list(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -66,8 +80,8 @@ def _split_list(path: Path) -> tuple[np.ndarray, np.ndarray]:
                     run += 1
                 keep[j] = (run + (backslashes if q == run else 0)) % 2 == 0
             quotes = quotes[keep]
-        struct = np.flatnonzero(_STRUCT[buf])
-        struct = struct[(np.searchsorted(quotes, struct) + in_str) % 2 == 0]
+        struct = _outside(buf, quotes, in_str)
+        struct = struct[_STRUCT[buf[struct]]]
         delta = _DELTA[buf[struct]]
         before = depth + np.cumsum(delta) - delta
         top = before == 0  # only the list's own '[' may stand outside it, after nothing but whitespace

@@ -24,7 +24,7 @@ from mmbridge.data.llava import DataError, check_record, record_images
 from mmbridge.data.record_file import MalformedFile
 
 VERSION = 3  # bump when what the index holds or how a record is encoded changes
-BATCH = 128  # conversations per tokenizer call
+BATCH = 512  # conversations measured at a time
 SPAN = 4096  # records per job of an index worker
 MIN_PER_WORKER = 2000  # fewer records than this per worker: index in this process
 _JOB: dict = {}  # what forked index workers read (the store and the processor)

@@ -35,7 +35,7 @@ class PieceCounter:
 
     MAX_MEMO = 1_000_000  # remembered pieces; forgotten all at once past this
     MAX_TABLE = 1 << 21  # slots of the table of pieces for ASCII texts (20 bytes each)
-    BULK_CHARS = 1 << 19  # characters of ASCII text counted at a time
+    BULK_CHARS = 1 << 20  # characters of ASCII text counted at a time
     BULK_MIN = 8  # fewer texts are counted one by one
 
     def __init__(self, tokenizer):
@@ -145,41 +145,44 @@ class PieceCounter:
         self._filled = 0
 
     def _slots(self, k1: np.ndarray, k2: np.ndarray) -> np.ndarray:
-        """A piece's first slot; its second is the neighbour `slot ^ 1`."""
-        return ((k1 * _MIX1) ^ (k2 * _MIX2)) >> self._shift
+        """A piece's first slot; the others of its bucket are `slot ^ 1`, `slot ^ 2`, `slot ^ 3`."""
+        return (((k1 * _MIX1) ^ (k2 * _MIX2)) >> self._shift).astype(np.int64)
 
     def _find(self, k1: np.ndarray, k2: np.ndarray) -> np.ndarray:
         """The slot holding each key, or -1."""
         keys = self._keys
-        slots = self._slots(k1, k2).astype(np.int64)
-        out = np.where((keys[0, slots] == k1) & (keys[1, slots] == k2), slots, -1)
-        again = np.flatnonzero(out < 0)
-        if len(again):
-            other = slots[again] ^ 1
-            out[again] = np.where((keys[0, other] == k1[again]) & (keys[1, other] == k2[again]), other, -1)
+        first = self._slots(k1, k2)
+        out = np.where((keys[0, first] == k1) & (keys[1, first] == k2), first, -1)
+        for j in (1, 2, 3):
+            again = np.flatnonzero(out < 0)
+            if not len(again):
+                break
+            slots = first[again] ^ j
+            out[again] = np.where((keys[0, slots] == k1[again]) & (keys[1, slots] == k2[again]), slots, -1)
         return out
 
     def _insert(self, k1: np.ndarray, k2: np.ndarray, counts: np.ndarray) -> None:
-        """Put pieces not in the table yet in a free one of their two slots (a piece that finds both
-        taken stays out: it is looked up in the dictionaries)."""
+        """Put pieces not in the table yet in free slots of their buckets (a piece that finds its bucket
+        full stays out: it is looked up in the dictionaries). The table doubles past a quarter full."""
         _, first = np.unique(np.stack([k1, k2], axis=1).view(np.dtype((np.void, 16))).ravel(), return_index=True)
         first = first[self._find(k1[first], k2[first]) < 0]
         k1, k2, counts = k1[first], k2[first], counts[first]
-        if 2 * (self._filled + len(k1)) > len(self._counts) and len(self._counts) < self.MAX_TABLE:
+        if 4 * (self._filled + len(k1)) > len(self._counts) and len(self._counts) < self.MAX_TABLE:
             used = np.flatnonzero(self._keys[1])
             k1, k2 = np.concatenate([self._keys[0, used], k1]), np.concatenate([self._keys[1, used], k2])
             counts = np.concatenate([self._counts[used], counts])
             self._new_table(2 * len(self._counts))
-        slots = self._slots(k1, k2).astype(np.int64)
-        for _ in range(2):
+        base = self._slots(k1, k2)
+        for j in range(4):
+            slots = base ^ j
             free = np.flatnonzero(self._keys[1, slots] == 0)
             at, put = np.unique(slots[free], return_index=True)
             put = free[put]
             self._keys[0, at], self._keys[1, at], self._counts[at] = k1[put], k2[put], counts[put]
             self._filled += len(at)
-            left = np.ones(len(slots), dtype=bool)
+            left = np.ones(len(base), dtype=bool)
             left[put] = False
-            k1, k2, counts, slots = k1[left], k2[left], counts[left], slots[left] ^ 1
+            k1, k2, counts, base = k1[left], k2[left], counts[left], base[left]
 
     def _count_ascii(self, texts: list[str]) -> np.ndarray:
         """`count` of ASCII texts, all at once (see the module's docstring)."""
@@ -214,21 +217,25 @@ class PieceCounter:
         size = ends - starts
         words = np.ndarray((len(buf) - 7,), dtype="<u8", buffer=buf.data, strides=(1,))
         k1 = words[starts] & _MASKS[np.minimum(size, 8)]
-        k2 = words[starts + 8] & _MASKS[np.clip(size - 8, 0, 8)] | \
-            (size + 16 * first).astype(np.uint64) << np.uint64(56)
+        k2 = (size + 16 * first).astype(np.uint64) << np.uint64(56)
+        longer = np.flatnonzero(size > 8)
+        k2[longer] |= words[starts[longer] + 8] & _MASKS[np.minimum(size[longer] - 8, 8)]
         slots = self._find(k1, k2)
         counts = self._counts[slots].astype(np.int64)
         missed = np.flatnonzero((slots < 0) | (size > 15))
         if len(missed):
             pieces = [joined[a:b] for a, b in zip((starts[missed] - 1).tolist(), (ends[missed] - 1).tolist())]
             heads = first[missed].tolist()
+            learnt = 0
             for memo, prefix, is_head in ((self.first, "", True), (self.spaced, " ", False)):
                 new = sorted({p for p, h in zip(pieces, heads) if h == is_head} - memo.keys())
                 memo.update(zip(new, self._tokenise([prefix + p for p in new])))
+                learnt += len(new)
             first_get, spaced_get = self.first.__getitem__, self.spaced.__getitem__
             counts[missed] = [first_get(p) if h else spaced_get(p) for p, h in zip(pieces, heads)]
-            short = missed[size[missed] <= 15]
-            self._insert(k1[short], k2[short], counts[short])
+            if learnt:  # pieces known before and still missed have no free slot (or are too long)
+                short = missed[size[missed] <= 15]
+                self._insert(k1[short], k2[short], counts[short])
         # the pieces are in text order: each text's sum is a difference of running sums
         ends = np.searchsorted(text_of[stretch], np.arange(len(texts)), side="right")
         running = np.concatenate([[0], np.cumsum(counts)])
