@@ -27,6 +27,8 @@ class ModelConfig:
     system_prompt: str | None = None  # None: the chat template's own default
     gradient_checkpointing: bool = False  # recompute LM layers (and a trained ViT's blocks) in the backward pass
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    # how records' videos are read (data/video.py): {fps: frames taken per second (1), max_frames: most kept (8)}
+    video: dict = field(default_factory=dict)
     # a run directory: the build starts from its trained weights (RUN/model/, LoRA injected as it was) instead of a
     # fresh bridge, e.g. a run made by `mmbridge import`; the run must stay where it is (load_run reads it again)
     init: str | None = None
@@ -303,6 +305,12 @@ def validate(recipe: Recipe) -> None:
             raise RecipeError(f"recipe.{key}: must be at least 1, got {getattr(recipe, key)}")
     if recipe.model.precision not in ("auto", "fp32", "bf16"):
         raise RecipeError(f"recipe.model.precision: expected auto, fp32 or bf16, got {recipe.model.precision!r}")
+    from mmbridge.data.video import VideoSampling
+
+    try:
+        VideoSampling.from_options(recipe.model.video)
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"recipe.{e}" if str(e).startswith("model.video") else f"recipe.model.video: {e}") from e
     for i, st in enumerate(recipe.stages):
         where = f"recipe.stages[{i}] ({st.name})"
         if st.pack and st.group_by_length:

@@ -14,6 +14,8 @@ from mmbridge.data.llava import DataError, record_images
 from mmbridge.data.processor import IGNORE, Processor
 from mmbridge.data.record_index import load_index
 from mmbridge.data.sampler import LengthGroupedBatches, MixtureSampler  # noqa: F401  (re-exported)
+from mmbridge.data.video import record_units, sampling_of
+from mmbridge.data.video_records import VideoRecords
 
 BRIDGE_TEXT = ("caption_ids", "instruction_ids")  # the bridge's own tokens, see Processor.bridge_text
 
@@ -34,14 +36,16 @@ class ConversationDataset(Dataset):
     cached (`data/record_index.py`), so text errors still surface before training: the first bad
     record raises, naming the file and record, or with `skip_bad` bad records are counted. Images are
     read with their sample: an unreadable one raises naming file and record, or with `skip_bad` drops
-    the sample from its batch and is counted there. Only numpy arrays are held per record.
+    the sample from its batch and is counted there. Only numpy arrays are held per record. A record's
+    `video` is read as its sampled frames (`data/video.py`, the processor's video settings); a sample
+    with a video input of several frames carries `frame_counts`, the frames of each visual input.
     """
 
     def __init__(self, json_path: str | Path, image_root: str | Path, processor: Processor, skip_bad: bool = False,
                  workers: int | None = None, cache: bool = True, lines: bool | None = None):
         self.json_path, self.image_root = Path(json_path), Path(image_root)
         self.processor, self.skip_bad = processor, skip_bad
-        self.store = open_source(json_path, image_root, lines)
+        self.store = VideoRecords(open_source(json_path, image_root, lines), sampling_of(processor))
         index = load_index(self.store, processor, workers=workers, cache=cache)
         if index["first_error"] is not None and not skip_bad:
             kind, message = index["first_error"]
@@ -64,7 +68,8 @@ class ConversationDataset(Dataset):
                             f"delete {self.store.name}'s entry in the data-index cache")
         return {"id": str(rec.get("id", self.store.default_id(i))), "input_ids": enc.input_ids,
                 "labels": enc.labels, **self.processor.bridge_text(rec["conversations"]),
-                "images": [self.store.image_ref(i, p) for p in names], "names": names, "where": where, "row": i}
+                "images": [self.store.image_ref(i, p) for p in names], "names": names, "where": where, "row": i,
+                "units": record_units(rec)}
 
     @property
     def samples(self) -> Sequence[dict]:
@@ -74,7 +79,7 @@ class ConversationDataset(Dataset):
     def __getitem__(self, idx: int) -> dict:
         s = self.encoded(idx)
         try:
-            images = [self.store.image(s["row"], p) for p in s["names"]]
+            images = self.store.frames(s["row"], s["units"])
         except ImageError as e:
             if not self.skip_bad:
                 raise DataError(f"{s['where']}: {e}", "unreadable image") from e
@@ -82,7 +87,9 @@ class ConversationDataset(Dataset):
         size = self.processor.image_size
         pixels = preprocess(images, size, self.processor.image_mean, self.processor.image_std) \
             if images else torch.zeros(0, 3, size, size)
+        counts = [len(u) for u in s["units"]]
         return {"id": s["id"], "input_ids": s["input_ids"], "labels": s["labels"], "pixel_values": pixels,
+                **({"frame_counts": counts} if len(counts) != len(images) else {}),
                 **{k: s[k] for k in BRIDGE_TEXT if k in s}}
 
 
@@ -125,7 +132,16 @@ class Collator:
             "pixel_values": torch.cat([it["pixel_values"] for it in items]),
             "skipped": skipped,
             **self._bridge_text(items),
+            **self._frame_counts(items),
         }
+
+    @staticmethod
+    def _frame_counts(items: list[dict]) -> dict:
+        """`frame_counts` [n_inputs]: the frames of each visual input, when a sample has a multi-frame one."""
+        if not any("frame_counts" in it for it in items):
+            return {}
+        return {"frame_counts": torch.tensor([c for it in items
+                                              for c in it.get("frame_counts", [1] * len(it["pixel_values"]))])}
 
     def _bridge_text(self, items: list[dict]) -> dict:
         """caption_ids [B, L] per sample; instruction_ids [n_images, L] per image (None without images)."""

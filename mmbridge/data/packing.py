@@ -162,4 +162,5 @@ class PackingCollator(Collator):
             "pixel_values": torch.cat([it["pixel_values"] for it in ordered]),
             "skipped": skipped,
             **self._bridge_text(ordered),
+            **self._frame_counts(ordered),
         }

@@ -7,24 +7,35 @@ from pathlib import Path
 from mmbridge.config import DataSource, Recipe, RecipeError
 
 WORLD_DEFAULTS = {"root": ".cache/shapes-world", "n_train": 2000, "n_val": 100, "n_test": 200, "seed": 0,
-                  "image_size": 256, "vqa_turns": 1}
+                  "image_size": 256, "vqa_turns": 1, "videos": None}
 
 
 def world_manifest(world: dict) -> tuple[dict, Path]:
-    """Generate (or reuse) the shapes world described by a recipe's `world` section."""
+    """Generate (or reuse) the shapes world described by a recipe's `world` section; with `videos` (a mapping
+    of `shapes_video.DEFAULTS`' keys, or {} for the defaults) also its videos, as each split's `video` task."""
+    from mmbridge.data.shapes_video import write_videos
     from mmbridge.data.shapes_world import write_world
 
     unknown = set(world) - set(WORLD_DEFAULTS)
     if unknown:
         raise RecipeError(f"recipe.world: unknown key(s) {sorted(unknown)}; expected some of {sorted(WORLD_DEFAULTS)}")
     cfg = {**WORLD_DEFAULTS, **world}
-    root = Path(cfg.pop("root"))
-    return write_world(root, **cfg), root / "images"
+    root, videos = Path(cfg.pop("root")), cfg.pop("videos")
+    manifest = write_world(root, **cfg)
+    if videos is not None:
+        if not isinstance(videos, dict):
+            raise RecipeError(f"recipe.world.videos: expected a mapping (e.g. {{n_train: 1000}}), got {videos!r}")
+        try:
+            for split, path in write_videos(root, seed=cfg["seed"], **videos).items():
+                manifest[split]["video"] = path
+        except ValueError as e:
+            raise RecipeError(f"recipe.{e}") from e
+    return manifest, root / "images"
 
 
 def resolve_source(recipe: Recipe, name: str) -> DataSource:
     """`name` is a key of `recipe.sources`, or `world/<split>/<task>` for the built-in world (its
-    `interleaved` task: MMC4-style documents, an interleaved source)."""
+    `interleaved` task: MMC4-style documents, an interleaved source; `video`: its videos, if it has them)."""
     if name in recipe.sources:
         return recipe.sources[name]
     if name.startswith("world/"):

@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from mmbridge.data.images import load_image, preprocess
 from mmbridge.data.llava import read_llava_json, record_images
+from mmbridge.data.video import expand, load_frames, record_units, sampling_of
 from mmbridge.eval.metrics import caption_scores, grounding_scores, parse_box, vqa_accuracy
 
 TASKS = ("caption", "vqa", "grounding", "choice")
@@ -36,21 +37,25 @@ def gold(record: dict, task: str):
 @torch.no_grad()
 def generate_answers(model, processor, records: list[dict], image_root: str | Path, max_new_tokens: int = 24,
                      batch_size: int = 16, progress: bool = True, desc: str = "generate") -> list[str]:
-    """Greedy answers for each record's final question (KV-cached, left-padded batches)."""
+    """Greedy answers for each record's final question (KV-cached, left-padded batches); a record's video is
+    read as its sampled frames (`data/video.py`)."""
     tok = processor.tokenizer
     eos = processor.stop_token_ids
     model.eval()
     answers: list[str] = []
+    root, sampling = Path(image_root), sampling_of(processor)
     for i in tqdm(range(0, len(records), batch_size), desc=desc, disable=not progress, dynamic_ncols=True):
-        batch = records[i: i + batch_size]
+        batch = [expand(r, sampling, f"record {r.get('id')}", lambda name: root / name)
+                 for r in records[i: i + batch_size]]
         prompts = [processor.encode_prompt(prompt_turns(r)) for r in batch]
-        paths = [Path(image_root) / p for r in batch for p in record_images(r)]
-        pixels = preprocess([load_image(p) for p in paths], processor.image_size, processor.image_mean,
-                            processor.image_std) if paths else None
+        units = [u for r in batch for u in record_units(r)]
+        frames = load_frames(units, lambda name: load_image(root / name), lambda name: root / name)
+        pixels = preprocess(frames, processor.image_size, processor.image_mean,
+                            processor.image_std) if frames else None
         ids = processor.pad(prompts, processor.pad_id, left=True)
         lengths = torch.tensor([len(p) for p in prompts])
         mask = (torch.arange(ids.shape[1])[None, :] >= ids.shape[1] - lengths[:, None]).long()
-        extra = {}
+        extra = {"frame_counts": torch.tensor([len(u) for u in units])} if len(units) != len(frames) else {}
         if processor.instructions:  # InstructBLIP: the Q-Former reads each image's instruction
             extra["instruction_ids"] = processor.pad_text(
                 [s for r in batch for s in processor.instruction_ids(prompt_turns(r))])
@@ -82,7 +87,8 @@ def evaluate_records(model, processor, records: list[dict], image_root, task: st
         metrics = vqa_accuracy(preds, golds)
     else:
         metrics = grounding_scores(preds, golds)
-    rows = [{"id": str(r["id"]), "image": record_images(r), "question": prompt_turns(r)[-1]["value"],
+    rows = [{"id": str(r["id"]), "image": record_images(r), **({"video": r["video"]} if "video" in r else {}),
+             "question": prompt_turns(r)[-1]["value"],
              "prediction": p, "gold": g} for r, p, g in zip(records, preds, golds)]
     return metrics, rows
 

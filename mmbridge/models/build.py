@@ -6,6 +6,7 @@ from pathlib import Path
 
 from mmbridge.config import ModelConfig
 from mmbridge.data.processor import Processor
+from mmbridge.data.video import VideoSampling
 from mmbridge.models.bridges import build_bridge
 from mmbridge.models.checkpointing import enable_gradient_checkpointing
 from mmbridge.models.language import IMAGE_TOKEN, load_language_model
@@ -31,7 +32,18 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> tuple[MultimodalLM, Process
                           max_length=cfg.max_length, system_prompt=cfg.system_prompt,
                           text_tokenizer=bridge.tokenizer, instructions=bridge.uses_instruction,
                           max_text_tokens=getattr(bridge, "max_text_tokens", 64))
+    processor.video = video_sampling(cfg, bridge)
     return model, processor
+
+
+def video_sampling(cfg: ModelConfig, bridge) -> VideoSampling:
+    """`model.video` for this bridge: a whole video is one input of a bridge that reads videos, whose temporal
+    embeddings must cover `max_frames`."""
+    sampling = VideoSampling.from_options(getattr(cfg, "video", None), whole=bridge.reads_video)
+    if bridge.reads_video and sampling.max_frames > bridge.max_frames:
+        raise ValueError(f"model.video.max_frames={sampling.max_frames} exceeds the {cfg.bridge.get('name')} bridge's "
+                         f"temporal embeddings (model.bridge.max_frames={bridge.max_frames})")
+    return sampling
 
 
 def _load_init(model: MultimodalLM, run_dir: str, seen: tuple[str, ...] = ()) -> None:

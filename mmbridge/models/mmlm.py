@@ -35,7 +35,9 @@ class MultimodalLM(nn.Module):
 
     `vision`, `bridge` and `lm` are the three trainable parts a recipe stage names.
     `instruction_ids` ([n_images, L], the bridge's own tokens) reach a bridge that reads the
-    instruction (InstructBLIP's Q-Former) and no other.
+    instruction (InstructBLIP's Q-Former) and no other. `frame_counts` ([n_inputs], see data/video.py)
+    group the encoded frames into the videos of a bridge that reads a whole video (`reads_video`);
+    every other bridge takes each frame as an image.
     """
 
     def __init__(self, vision: nn.Module, bridge: nn.Module, lm: nn.Module, image_token_id: int):
@@ -80,12 +82,18 @@ class MultimodalLM(nn.Module):
         with torch.no_grad():
             return self.vision(pixel_values)
 
-    def _bridge(self, feats: torch.Tensor, instruction_ids: torch.Tensor | None) -> torch.Tensor:
-        return self.bridge(feats) if instruction_ids is None else self.bridge(feats, instruction_ids=instruction_ids)
+    def _bridge(self, feats: torch.Tensor, instruction_ids: torch.Tensor | None,
+                frame_counts: torch.Tensor | None = None) -> torch.Tensor:
+        kwargs = {} if instruction_ids is None else {"instruction_ids": instruction_ids}
+        if frame_counts is not None and getattr(self.bridge, "reads_video", False):
+            kwargs["frame_counts"] = frame_counts
+        return self.bridge(feats, **kwargs)
 
-    def encode_images(self, pixel_values: torch.Tensor, instruction_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """[n_images, 3, H, W] → [n_images, num_image_tokens, lm_width]."""
-        return self._bridge(self.vision_features(pixel_values), instruction_ids)
+    def encode_images(self, pixel_values: torch.Tensor, instruction_ids: torch.Tensor | None = None,
+                      frame_counts: torch.Tensor | None = None) -> torch.Tensor:
+        """[n_frames, 3, H, W] → [n_inputs, num_image_tokens, lm_width] (an input: an image, or a whole video
+        for a bridge that reads videos, its frames counted by `frame_counts`)."""
+        return self._bridge(self.vision_features(pixel_values), instruction_ids, frame_counts)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
               visual: torch.Tensor | None = None, instruction_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -98,7 +106,8 @@ class MultimodalLM(nn.Module):
                 visual: torch.Tensor | None = None,
                 instruction_ids: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                attention_mask: torch.Tensor | None = None,
+                frame_counts: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """`embed`, plus the extra decoder keywords (`fusion`) a deep-fusion bridge needs for the same forward.
         LaVIN's adapters (models/mma.py), if the LM has them, learn here which samples hold an image; MoE layers
         (models/moe.py) which positions are padding (`attention_mask` [B, T] or `segment_ids` 0), for their
@@ -119,7 +128,7 @@ class MultimodalLM(nn.Module):
                     raise ValueError(f"{n_slots} image tokens in the batch but no images")
                 return embeds, {}
             feats = self.vision_features(pixel_values)
-            visual = self._bridge(feats, instruction_ids)
+            visual = self._bridge(feats, instruction_ids, frame_counts)
         visual = visual.to(embeds.dtype)
         if visual.shape[0] * visual.shape[1] != n_slots:
             raise ValueError(f"{visual.shape[0]} images x {visual.shape[1]} tokens do not match "
@@ -163,13 +172,13 @@ class MultimodalLM(nn.Module):
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 normalizer: float | None = None, position_ids: torch.Tensor | None = None,
                 instruction_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
-                target_weights: torch.Tensor | None = None) -> LMOutput:
+                target_weights: torch.Tensor | None = None, frame_counts: torch.Tensor | None = None) -> LMOutput:
         """Next-token loss over labelled positions only; logits are computed only where needed.
 
         `segment_ids` ([B, T], packed rows: samples 1, 2, … and 0 for padding) make attention
         block-diagonal; give each sample's own `position_ids` with them."""
         embeds, extra = self.prepare(input_ids, pixel_values, instruction_ids=instruction_ids, segment_ids=segment_ids,
-                                     attention_mask=attention_mask)
+                                     attention_mask=attention_mask, frame_counts=frame_counts)
         if segment_ids is not None:
             attention_mask = self.packed_mask(segment_ids, attention_mask, embeds.dtype)
         decoder = self.lm.get_decoder()
@@ -186,7 +195,8 @@ class MultimodalLM(nn.Module):
                  instruction_ids: torch.Tensor | None = None, temperature: float | Sequence[float] = 0.0,
                  top_p: float | Sequence[float] = 1.0,
                  generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
-                 on_token: Callable[[list[int | None]], Sequence[bool] | None] | None = None) -> list[list[int]]:
+                 on_token: Callable[[list[int | None]], Sequence[bool] | None] | None = None,
+                 frame_counts: torch.Tensor | None = None) -> list[list[int]]:
         """Decoding with a KV cache; `input_ids` are left-padded prompts, on the model's device.
 
         Greedy by default; a row with `temperature` > 0 samples from its top-p nucleus with its `generator`
@@ -199,11 +209,12 @@ class MultimodalLM(nn.Module):
                          top_p=per_row(top_p, n, "top_p"), generators=per_row(generator, n, "generator"))
         with self.autocast():
             return self._generate(input_ids, attention_mask, pixel_values, max_new_tokens, eos_token_ids,
-                                  instruction_ids, choose, on_token)
+                                  instruction_ids, choose, on_token, frame_counts)
 
     def _generate(self, input_ids, attention_mask, pixel_values, max_new_tokens, eos_token_ids, instruction_ids,
-                  choose, on_token):
-        embeds, extra = self.prepare(input_ids, pixel_values, instruction_ids=instruction_ids)
+                  choose, on_token, frame_counts=None):
+        embeds, extra = self.prepare(input_ids, pixel_values, instruction_ids=instruction_ids,
+                                     frame_counts=frame_counts)
         mask = attention_mask.clone()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         # only the last position's logits are needed (a [B, T, vocab] product is a fifth of a small LM's prefill)

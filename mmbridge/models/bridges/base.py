@@ -17,12 +17,16 @@ class Bridge(nn.Module):
     `l2_normalize` (Croc) rescales every output token to unit L2 norm.
     `fusion` is "early" (outputs fill the LM's image-token positions) or "deep" (the bridge also
     acts inside the LM's layers; see `deep.py`). A bridge with its own text side (the Q-Former)
-    sets `tokenizer`; one that reads the instruction (InstructBLIP) sets `uses_instruction`.
+    sets `tokenizer`; one that reads the instruction (InstructBLIP) sets `uses_instruction`. One that
+    reads a whole video at once (the Perceiver Resampler) sets `reads_video`: its `project` then takes
+    the frames' features with `frame_counts` and emits `num_tokens` per video; any other bridge takes a
+    video's frames as consecutive images (`video_tokens`).
     """
 
     fusion = "early"
     tokenizer = None
     uses_instruction = False
+    reads_video = False
 
     def __init__(self, vision_dim: int, lm_dim: int, grid: tuple[int, int], l2_normalize: bool = False,
                  in_tokens: int | None = None):
@@ -40,6 +44,10 @@ class Bridge(nn.Module):
     def regrid(self, grid: tuple[int, int], in_tokens: int) -> None:
         """The encoder's grid changed (a stage's `image_size`); a bridge that cannot follow raises ValueError."""
         self.grid, self.in_tokens = tuple(grid), in_tokens
+
+    def video_tokens(self, frames: int) -> int:
+        """Visual tokens this bridge emits for a video of `frames` frames."""
+        return self.num_tokens if self.reads_video else frames * self.num_tokens
 
     @property
     def visual_tokens(self) -> int:

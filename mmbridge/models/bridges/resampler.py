@@ -18,14 +18,19 @@ class PerceiverLayer(nn.Module):
         self.attn = MultiHeadAttention(dim, heads)
         self.ff = FeedForward(dim, ff_mult)
 
-    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    def forward(self, media: torch.Tensor, latents: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask` [B, Q, K]: which of the keys (media, then latents) each latent may read."""
         q = self.norm_latents(latents)
-        latents = latents + self.attn(q, torch.cat([self.norm_media(media), q], dim=1))
+        latents = latents + self.attn(q, torch.cat([self.norm_media(media), q], dim=1), mask)
         return latents + self.ff(latents)
 
 
 class PerceiverResampler(nn.Module):
-    """[B, T, D_in] or frames [B, F, T, D_in] → [B, latents, dim], whatever T and F are (Flamingo)."""
+    """[B, T, D_in] or frames [B, F, T, D_in] → [B, latents, dim], whatever T and F are (Flamingo).
+
+    Frame f's tokens get the learned temporal embedding `frame_embed[f]` (one per frame index, up to
+    `max_frames`), so the latents know the frames' order; `frame_mask` [B, F] marks real frames (a
+    shorter video padded to F frames), which alone are read."""
 
     def __init__(self, in_dim: int, dim: int, latents: int = 64, depth: int = 2, heads: int = 8, ff_mult: int = 4,
                  max_frames: int = 8):
@@ -37,24 +42,43 @@ class PerceiverResampler(nn.Module):
         self.layers = nn.ModuleList(PerceiverLayer(dim, heads, ff_mult) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+    def forward(self, feats: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
         if feats.ndim == 3:  # one frame per image
             feats = feats[:, None]
         if feats.ndim != 4:
             raise ValueError(f"resampler expects [B, T, D] or [B, frames, T, D], got {tuple(feats.shape)}")
-        b, f = feats.shape[:2]
+        b, f, t = feats.shape[:3]
         if f > len(self.frame_embed):
             raise ValueError(f"resampler: {f} frames exceed max_frames={len(self.frame_embed)}")
         media = (self.inp(feats) + self.frame_embed[:f, None]).flatten(1, 2)
         latents = self.latents.expand(b, -1, -1)
+        mask = None
+        if frame_mask is not None:  # keys: each real frame's tokens, and every latent
+            keys = torch.cat([frame_mask.repeat_interleave(t, dim=1), frame_mask.new_ones(b, len(self.latents))], 1)
+            mask = keys[:, None].expand(b, len(self.latents), -1)
         for layer in self.layers:
-            latents = layer(media, latents)
+            latents = layer(media, latents, mask)
         return self.norm(latents)
+
+
+def group_frames(feats: torch.Tensor, frame_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Consecutive frames' features [N, T, D] of videos of `frame_counts` [V] frames (summing to N) →
+    [V, F, T, D], each video padded to the longest F with its last frame, and the real frames [V, F]."""
+    counts = frame_counts.to(feats.device)
+    longest = int(counts.max())
+    starts = torch.cumsum(counts, 0) - counts
+    offsets = torch.arange(longest, device=feats.device)
+    real = offsets[None] < counts[:, None]
+    index = starts[:, None] + torch.minimum(offsets[None], counts[:, None] - 1)
+    return feats[index], real
 
 
 @BRIDGES.register("resampler")
 class ResamplerBridge(Bridge):
-    """Perceiver Resampler, then a linear layer to the LM width: `latents` tokens per image."""
+    """Perceiver Resampler, then a linear layer to the LM width: `latents` tokens per image, or per video
+    (`frame_counts` frames each, read together with their temporal embeddings; `max_frames` at most)."""
+
+    reads_video = True
 
     def __init__(self, vision_dim, lm_dim, grid, latents: int = 64, depth: int = 2, heads: int = 8,
                  dim: int | None = None, ff_mult: int = 4, max_frames: int = 8, l2_normalize: bool = False,
@@ -68,5 +92,15 @@ class ResamplerBridge(Bridge):
     def num_tokens(self) -> int:
         return len(self.resampler.latents)
 
-    def project(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.resampler(feats))
+    @property
+    def max_frames(self) -> int:
+        return len(self.resampler.frame_embed)
+
+    def project(self, feats: torch.Tensor, frame_counts: torch.Tensor | None = None) -> torch.Tensor:
+        """[n_frames, T, D] features → [n_inputs, latents, lm_dim]; without `frame_counts` each frame is an image."""
+        if frame_counts is None or len(frame_counts) == feats.shape[0]:  # one frame per input
+            return self.proj(self.resampler(feats))
+        if int(frame_counts.sum()) != feats.shape[0]:
+            raise ValueError(f"frame_counts add up to {int(frame_counts.sum())} frames, but {feats.shape[0]} "
+                             "were encoded")
+        return self.proj(self.resampler(*group_frames(feats, frame_counts)))
