@@ -30,17 +30,20 @@ class PerceiverResampler(nn.Module):
 
     Frame f's tokens get the learned temporal embedding `frame_embed[f]` (one per frame index, up to
     `max_frames`), so the latents know the frames' order; `frame_mask` [B, F] marks real frames (a
-    shorter video padded to F frames), which alone are read."""
+    shorter video padded to F frames), which alone are read. With `tokens` (the encoder's tokens per
+    frame), token t also gets a learned position embedding `pos_embed[t]`: Flamingo has none, but a CNN
+    grid's features say little of where they are. `embed_std`: the embeddings' initial scale."""
 
     def __init__(self, in_dim: int, dim: int, latents: int = 64, depth: int = 2, heads: int = 8, ff_mult: int = 4,
-                 max_frames: int = 8):
+                 max_frames: int = 8, tokens: int | None = None, embed_std: float = 0.02):
         super().__init__()
         check_heads(dim, heads, "resampler")
         self.inp = nn.Linear(in_dim, dim) if in_dim != dim else nn.Identity()
         self.latents = nn.Parameter(torch.randn(latents, dim) * 0.02)
-        self.frame_embed = nn.Parameter(torch.randn(max_frames, dim) * 0.02)  # learned temporal embeddings
+        self.frame_embed = nn.Parameter(torch.randn(max_frames, dim) * embed_std)  # learned temporal embeddings
         self.layers = nn.ModuleList(PerceiverLayer(dim, heads, ff_mult) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
+        self.pos_embed = nn.Parameter(torch.randn(tokens, dim) * embed_std) if tokens else None
 
     def forward(self, feats: torch.Tensor, frame_mask: torch.Tensor | None = None) -> torch.Tensor:
         if feats.ndim == 3:  # one frame per image
@@ -50,7 +53,10 @@ class PerceiverResampler(nn.Module):
         b, f, t = feats.shape[:3]
         if f > len(self.frame_embed):
             raise ValueError(f"resampler: {f} frames exceed max_frames={len(self.frame_embed)}")
-        media = (self.inp(feats) + self.frame_embed[:f, None]).flatten(1, 2)
+        if self.pos_embed is not None and t != len(self.pos_embed):
+            raise ValueError(f"resampler: {t} tokens per frame, but its position embeddings are for {len(self.pos_embed)}")
+        media = self.inp(feats) + self.frame_embed[:f, None]
+        media = (media if self.pos_embed is None else media + self.pos_embed).flatten(1, 2)
         latents = self.latents.expand(b, -1, -1)
         mask = None
         if frame_mask is not None:  # keys: each real frame's tokens, and every latent
@@ -82,11 +88,18 @@ class ResamplerBridge(Bridge):
 
     def __init__(self, vision_dim, lm_dim, grid, latents: int = 64, depth: int = 2, heads: int = 8,
                  dim: int | None = None, ff_mult: int = 4, max_frames: int = 8, l2_normalize: bool = False,
-                 in_tokens=None):
+                 in_tokens=None, pos_embed: bool = False, embed_std: float = 0.02):
         super().__init__(vision_dim, lm_dim, grid, l2_normalize, in_tokens)
         dim = dim or vision_dim
-        self.resampler = PerceiverResampler(vision_dim, dim, latents, depth, heads, ff_mult, max_frames)
+        self.resampler = PerceiverResampler(vision_dim, dim, latents, depth, heads, ff_mult, max_frames,
+                                            tokens=self.in_tokens if pos_embed else None, embed_std=embed_std)
         self.proj = nn.Linear(dim, lm_dim)
+
+    def regrid(self, grid: tuple[int, int], in_tokens: int) -> None:
+        if self.resampler.pos_embed is not None and in_tokens != self.in_tokens:
+            raise ValueError(f"resampler: pos_embed is learned for {self.in_tokens} tokens per frame, the new grid "
+                             f"{tuple(grid)} gives {in_tokens}")
+        super().regrid(grid, in_tokens)
 
     @property
     def num_tokens(self) -> int:
