@@ -27,6 +27,8 @@ class ModelConfig:
     system_prompt: str | None = None  # None: the chat template's own default
     gradient_checkpointing: bool = False  # recompute LM layers (and a trained ViT's blocks) in the backward pass
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    # keep a frozen encoder's output per image (models/feature_cache.py): later epochs skip the encoder
+    feature_cache: bool = False
     # how records' videos are read (data/video.py): {fps: frames taken per second (1), max_frames: most kept (8)}
     video: dict = field(default_factory=dict)
     # a run directory: the build starts from its trained weights (RUN/model/, LoRA injected as it was) instead of a

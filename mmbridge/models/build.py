@@ -9,6 +9,7 @@ from mmbridge.data.processor import Processor
 from mmbridge.data.video import VideoSampling
 from mmbridge.models.bridges import build_bridge
 from mmbridge.models.checkpointing import enable_gradient_checkpointing
+from mmbridge.models.feature_cache import FeatureCache
 from mmbridge.models.language import IMAGE_TOKEN, load_language_model
 from mmbridge.models.mmlm import MultimodalLM
 from mmbridge.models.vision import build_vision_encoder
@@ -24,6 +25,8 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> tuple[MultimodalLM, Process
                           in_tokens=vision.num_tokens)
     model = MultimodalLM(vision, bridge, lm, tok.convert_tokens_to_ids(IMAGE_TOKEN))
     model.precision = getattr(cfg, "precision", "auto")
+    if getattr(cfg, "feature_cache", False):
+        model.feature_cache = FeatureCache()
     if getattr(cfg, "init", None):
         _load_init(model, cfg.init)
     if getattr(cfg, "gradient_checkpointing", False):

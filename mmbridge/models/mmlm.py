@@ -18,6 +18,7 @@ from torch import nn
 
 from mmbridge.data.processor import IGNORE
 from mmbridge.models import mma, moe, packed_attention
+from mmbridge.models.feature_cache import FeatureCache
 from mmbridge.models.masks import mixed_attention_mask
 from mmbridge.models.precision import autocast
 from mmbridge.models.sampling import next_tokens, per_row
@@ -46,6 +47,7 @@ class MultimodalLM(nn.Module):
         self.image_token_id = image_token_id
         self.precision = "auto"  # see models/precision.py; set from the recipe by build_model
         self.packed_attention = "auto"  # packed rows: a flex_attention BlockMask on a GPU, a dense mask on a CPU
+        self.feature_cache: FeatureCache | None = None  # a frozen encoder's outputs per image (model.feature_cache)
         if self.deep_fusion:
             bridge.attach(lm)
 
@@ -70,6 +72,8 @@ class MultimodalLM(nn.Module):
         """Encode `image_size` images from now on: the encoder interpolates its positions, the bridge follows its
         new grid (the tokens per image may change: give the processor `num_image_tokens` again)."""
         self.vision.resize(image_size)
+        if self.feature_cache is not None:
+            self.feature_cache.clear()
         self.bridge.regrid(self.vision.grid, self.vision.num_tokens)
 
     def parts(self) -> dict[str, nn.Module]:
@@ -77,10 +81,14 @@ class MultimodalLM(nn.Module):
 
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[n_images, 3, H, W] → encoder tokens [n_images, T_in, D_vision] (no graph if it is frozen)."""
+        cache = self.feature_cache
+        if cache is not None and (self.vision.training or any(p.requires_grad for p in self.vision.parameters())):
+            cache.clear()  # the encoder trains, or its outputs vary (dropout): what it gave before is stale
+            cache = None
         if any(p.requires_grad for p in self.vision.parameters()):
             return self.vision(pixel_values)
         with torch.no_grad():
-            return self.vision(pixel_values)
+            return self.vision(pixel_values) if cache is None else cache.lookup(pixel_values, self.vision)
 
     def _bridge(self, feats: torch.Tensor, instruction_ids: torch.Tensor | None,
                 frame_counts: torch.Tensor | None = None) -> torch.Tensor:
