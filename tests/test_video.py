@@ -241,29 +241,32 @@ def test_world_videos_show_what_their_answers_say(videos):
     assert {s: open(p).read() for s, p in videos["files"].items()} == stamp
 
 
-def video_recipe(tiny_lm_dir, tiny_clip_dir, root, bridge):
+def video_recipe(tiny_lm_dir, tiny_clip_dir, root, bridge, **stage):
     return {"name": "video", "world": {"root": root, "n_train": 0, "n_val": 0, "n_test": 0, "image_size": 32,
                                        "videos": VIDEOS},
             "model": {"vision": {"name": "hf", "path": tiny_clip_dir}, "bridge": bridge, "lm": {"path": tiny_lm_dir},
                       "max_length": 96, "system_prompt": "", "video": {"fps": 1, "max_frames": 3}},
             "stages": [{"name": "video", "data": {"world/train/video": 1.0}, "train": {"bridge": "full"},
-                        "lr": {"bridge": 1e-2}, "steps": 2, "batch_size": 3}]}
+                        "lr": {"bridge": 1e-2}, "steps": 2, "batch_size": 3, **stage}]}
 
 
-@pytest.mark.parametrize("bridge", [RESAMPLER, POOL], ids=["resampler", "pool_adapter"])
+@pytest.mark.parametrize("bridge,stage", [(RESAMPLER, {}), (POOL, {}), (RESAMPLER, {"pack": True, "batch_size": 1})],
+                         ids=["resampler", "pool_adapter", "resampler-packed"])
 def test_a_train_step_on_world_videos_has_a_finite_loss_and_labels_only_on_answers(
-        tiny_lm_dir, tiny_clip_dir, tmp_path, one_thread, bridge):
+        tiny_lm_dir, tiny_clip_dir, tmp_path, one_thread, bridge, stage):
     from mmbridge.train.trainer import Trainer
 
-    recipe = recipe_from_dict(video_recipe(tiny_lm_dir, tiny_clip_dir, str(tmp_path / "world"), bridge))
+    recipe = recipe_from_dict(video_recipe(tiny_lm_dir, tiny_clip_dir, str(tmp_path / "world"), bridge, **stage))
     trainer = Trainer(recipe, tmp_path / "run", progress=False)
     batch = next(iter(trainer.loader(recipe.stages[0], 0)[0]))
     answers = {r["id"]: r["answer"] for r in json.loads((tmp_path / "world/video/train.json").read_text())}
-    tok = trainer.processor.tokenizer
-    for rid, labels in zip(batch["ids"], batch["labels"]):
-        assert tok.decode(labels[labels != IGNORE]) == answers[rid] + "<|im_end|>"
-    assert batch["pixel_values"].shape[0] == 3 * 3
-    assert ("frame_counts" in batch) == (bridge["name"] == "resampler")
+    labelled = batch["labels"][batch["labels"] != IGNORE]  # row-major: the samples' answers in `ids` order
+    assert trainer.processor.tokenizer.decode(labelled) == "".join(answers[i] + "<|im_end|>" for i in batch["ids"])
+    assert len(batch["ids"]) >= 2 and batch["pixel_values"].shape[0] == 3 * len(batch["ids"])
+    if bridge["name"] == "resampler":  # one input of 3 frames per video
+        assert batch["frame_counts"].tolist() == [3] * len(batch["ids"])
+    else:
+        assert "frame_counts" not in batch
     trainer.run()
     rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
