@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -347,6 +348,14 @@ def test_bulk_piece_counts_equal_the_tokenizer(proc, monkeypatch):
         assert counter.count(texts) == want
         assert counter.count(texts[::-1]) == want[::-1]  # from the table and the memo this time
         assert counter.count(texts[:3]) == want[:3]  # fewer than BULK_MIN: one by one
+    # prefixes that end just after an added token, counted with their texts
+    cuts = [[m.end() for m in re.finditer(r"<\|im_end\|>|<image>|<\|endoftext\|>", t)][:3] for t in texts]
+    cuts = [[0, *c] if k % 2 else c for k, c in enumerate(cuts)]
+    got, at = counter.count_with_prefixes(texts, cuts)
+    assert got == want and sum(map(len, cuts)) > 1000
+    assert at == [[len(proc.tokenizer(t[:p], add_special_tokens=False)["input_ids"]) for p in c]
+                  for t, c in zip(texts, cuts)]
+    assert alone.count_with_prefixes(texts, cuts) == (got, at)
 
 
 @pytest.mark.parametrize("n, max_length", [(4, 60), (16, 100), (4, 400)])

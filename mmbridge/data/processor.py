@@ -73,14 +73,18 @@ class Processor:
     # -- text ---------------------------------------------------------------------------------
     def messages(self, conversations: list[dict], span: int | None = None) -> list[dict]:
         """LLaVA turns → chat messages, with each `<image>` expanded to its token span (or `span` tokens)."""
+        return [{"role": r, "content": c} for r, c in zip(*self._turns(conversations, span))]
+
+    def _turns(self, conversations: list[dict], span: int | None = None) -> tuple[list[str], list[str]]:
+        """The roles and contents of `messages`."""
         span = IMAGE_TOKEN * (self.num_image_tokens if span is None else span)
-        if span == IMAGE_TOKEN:
-            msgs = [{"role": ROLES[t["from"]], "content": t["value"]} for t in conversations]
-        else:
-            msgs = [{"role": ROLES[t["from"]], "content": t["value"].replace(IMAGE_TOKEN, span)} for t in conversations]
-        if self.system_prompt is not None and msgs[0]["role"] != "system":
-            msgs.insert(0, {"role": "system", "content": self.system_prompt})
-        return msgs
+        roles = [ROLES[t["from"]] for t in conversations]
+        contents = [t["value"] for t in conversations] if span == IMAGE_TOKEN else \
+            [t["value"].replace(IMAGE_TOKEN, span) for t in conversations]
+        if self.system_prompt is not None and roles[0] != "system":
+            roles.insert(0, "system")
+            contents.insert(0, self.system_prompt)
+        return roles, contents
 
     def _render(self, msgs: list[dict], where: str, **kw) -> str:
         try:
@@ -89,15 +93,15 @@ class Processor:
             raise DataError(f"{where}: the chat template rejects this conversation: {e}",
                             "rejected by chat template") from e
 
-    def _check_turns(self, msgs: list[dict], where: str) -> None:
-        joined = "\n".join([m["content"] for m in msgs])  # no special token in it: none in any turn
+    def _check_turns(self, roles: list[str], contents: list[str], where: str) -> None:
+        joined = "\n".join(contents)  # no special token in it: none in any turn
         specials = self._special if any(t in joined for t in self._special) else ()
-        for m in msgs:
-            token = next((t for t in specials if t in m["content"]), None) if specials else None
+        for role, content in zip(roles, contents):
+            token = next((t for t in specials if t in content), None) if specials else None
             if token is not None:
-                raise DataError(f"{where}: a {m['role']} turn contains the special token {token!r}, which would "
+                raise DataError(f"{where}: a {role} turn contains the special token {token!r}, which would "
                                 "fake the chat structure", "special token in text")
-            if m["role"] == "assistant" and (not m["content"] or m["content"].isspace()):
+            if role == "assistant" and (not content or content.isspace()):
                 raise DataError(f"{where}: an assistant turn is empty, so there is nothing to learn from it",
                                 "empty answer")
 
@@ -163,22 +167,23 @@ class Processor:
 
     def _prepare(self, conversations: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
         """The rendered text (one image token per `<image>` when `_expand` allows) and its answer spans."""
-        msgs = self.messages(conversations, span=1 if self._expand else None)
-        self._check_turns(msgs, where)
+        roles, contents = self._turns(conversations, span=1 if self._expand else None)
+        self._check_turns(roles, contents, where)
         if self._verbatim is None:
             from mmbridge.data.chat_shape import content_printed_verbatim
 
             self._verbatim = content_printed_verbatim(self.tokenizer.chat_template)
+        if self._verbatim:
+            shape = self._shapes.get(key := tuple(roles))
+            if shape is not None:
+                return self._fill(shape, contents, where)
+        msgs = [{"role": r, "content": c} for r, c in zip(roles, contents)]
         if not self._verbatim:
             return self._render_and_span(msgs, where)
-        roles = tuple(m["role"] for m in msgs)
-        shape = self._shapes.get(roles)
-        if shape is not None:
-            return self._fill(shape, msgs, where)
         shape = self._shape(msgs, where)  # the first conversation of these roles is rendered too, to compare
-        fast, slow = _outcome(self._fill, shape, msgs, where), _outcome(self._render_and_span, msgs, where)
+        fast, slow = _outcome(self._fill, shape, contents, where), _outcome(self._render_and_span, msgs, where)
         if _same(fast, slow):
-            self._shapes[roles] = shape
+            self._shapes[key] = shape
         else:  # not what the template gives after all: render every conversation
             self._verbatim = False
         if isinstance(slow, DataError):
@@ -205,7 +210,7 @@ class Processor:
                    else None for k, after in zip(order, literals[1:])]
         return "ok", literals, order, closing
 
-    def _fill(self, shape: tuple, msgs: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
+    def _fill(self, shape: tuple, contents: list[str], where: str) -> tuple[str, list[tuple[int, int]]]:
         """What `_render_and_span` gives, laid out from the conversation's shape: each content is put
         in as written, so `_target_spans` would find each where it is put."""
         if shape[0] == "error":
@@ -214,7 +219,7 @@ class Processor:
         parts, spans = [literals[0]], []
         pos = len(literals[0])
         for k, after, close in zip(order, literals[1:], closing):
-            content = msgs[k]["content"]
+            content = contents[k]
             if close is not None:
                 lead = len(content) - len(content.lstrip(_SPACE))
                 spans.append((pos + lead, pos + len(content) + len(close) if close else
@@ -289,11 +294,9 @@ class Processor:
                 out[k] = e
         if self._counter is None:
             exact, ready = [k for k, _, _ in ready], []
-        counts = self._counter.count([text for _, text, _ in ready]) if ready else []
-        n_tok = self.num_image_tokens
-        long = []  # too long: count the prefixes that end with the last image and with the first closed answer
-        special = tuple(self._special)
-        for (k, text, spans), count in zip(ready, counts):
+        n_tok, special = self.num_image_tokens, tuple(self._special)
+        counted = []  # (k, text, end of the last image, end of the first closed answer, images)
+        for k, text, spans in ready:
             _, n_images, where = items[k]
             closed = [e for s, e in spans if s > 0 and text.endswith(special, s, e)]
             images = text.count(IMAGE_TOKEN)
@@ -302,14 +305,18 @@ class Processor:
             elif images != n_images:
                 out[k] = DataError(f"{where}: {images * n_tok} image tokens after tokenisation, expected "
                                    f"{n_images} x {n_tok}", "<image> count mismatch")
-            elif (n := count + (n_tok - 1) * images) <= self.max_length:
-                out[k] = (n, False)
             else:
-                long.append((k, text, closed[0], images, n, where))
-        prefixes = [p for _, text, first, images, _, _ in long
-                    for p in (text[:text.rfind(IMAGE_TOKEN) + len(IMAGE_TOKEN)] if images else "", text[:first])]
-        counts = self._counter.count(prefixes) if prefixes else []
-        for (k, text, first, images, n, where), image_end, first_n in zip(long, counts[0::2], counts[1::2]):
+                image_end = text.rfind(IMAGE_TOKEN) + len(IMAGE_TOKEN) if images else 0
+                counted.append((k, text, image_end, closed[0], images))
+        # each text's count, and (for one that is too long) the counts of its prefixes that end with the last
+        # image and with the first closed answer
+        counts, prefixes = self._counter.count_with_prefixes([c[1] for c in counted], [c[2:4] for c in counted]) \
+            if counted else ([], [])
+        for (k, text, _, first, images), count, (image_end, first_n) in zip(counted, counts, prefixes):
+            where = items[k][2]
+            if (n := count + (n_tok - 1) * images) <= self.max_length:
+                out[k] = (n, False)
+                continue
             image_end = image_end + (n_tok - 1) * images if images else 0
             first_n += (n_tok - 1) * text.count(IMAGE_TOKEN, 0, first)
             if image_end > self.max_length:

@@ -10,6 +10,7 @@ result, with where each record lies in the file, is cached in `~/.cache/mmbridge
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import multiprocessing as mp
@@ -53,6 +54,16 @@ def _relative(message: str, name: str) -> str:
 
 def index_range(store, processor, a: int, b: int) -> dict:
     """Records [a, b) of `store`: usable or not (and why), exact lengths, image counts."""
+    collecting = gc.isenabled()
+    gc.disable()  # parsed records hold no cycles: the collector's passes over them would find nothing
+    try:
+        return _index_range(store, processor, a, b)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _index_range(store, processor, a: int, b: int) -> dict:
     n = b - a
     ok, length = np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int32)
     images, truncated = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=bool)

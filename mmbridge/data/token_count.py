@@ -10,10 +10,11 @@ remembered. Stretches with other spacing (double spaces, spaces beside control c
 text) are tokenised whole. `PieceCounter.build` returns None for any other kind of tokenizer.
 
 ASCII texts are counted many at a time with numpy: the texts are joined, their added tokens and
-spaces found in the bytes, and each piece of up to 15 bytes looked up by its bytes (two 64-bit
-words and its length, an exact key) in an open table of the pieces counted so far; a piece that
-is not there (new, longer, or its slot taken by another piece) is looked up in the dictionaries as
-above. Either way each piece gets the count the tokenizer gives it.
+spaces found in the bytes, and each piece looked up by its bytes in a table of the pieces counted
+so far: up to 7 bytes in one 64-bit word with its length (and whether it begins a stretch) in the
+top byte, 8 to 15 bytes in two such words; the key is the piece itself, not a hash. A piece that is
+not there (new, longer, or finding its bucket full) is looked up in the dictionaries as above.
+Either way each piece gets the count the tokenizer gives it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 
 _CLASSES = bytes(ord("s") if c == 32 else ord("p") if 33 <= c <= 126 else ord("c") for c in range(256))
 _BETWEEN, _ADDED = 0xFF, 0x80  # in the joined bytes: between two texts; an added token (never in ASCII text)
-_MASKS = np.array([(1 << (8 * k)) - 1 for k in range(8)] + [2**64 - 1], dtype=np.uint64)  # the first k bytes
+_MASKS = np.array([(1 << (8 * k)) - 1 for k in range(8)], dtype=np.uint64)  # the first k bytes of a word
 _MIX1, _MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xC2B2AE3D27D4EB4F)
 
 
@@ -34,7 +35,7 @@ class PieceCounter:
     """Counts tokens as `len(tokenizer(text, add_special_tokens=False)["input_ids"])` would."""
 
     MAX_MEMO = 1_000_000  # remembered pieces; forgotten all at once past this
-    MAX_TABLE = 1 << 21  # slots of the table of pieces for ASCII texts (20 bytes each)
+    MAX_TABLE = 1 << 21  # slots of a table of pieces for ASCII texts
     BULK_CHARS = 1 << 20  # characters of ASCII text counted at a time
     BULK_MIN = 8  # fewer texts are counted one by one
 
@@ -48,7 +49,7 @@ class PieceCounter:
         # ASCII texts are counted in bulk (`_count_ascii`) unless an added token could reach across the
         # character that joins them
         self.bulk = bool(added) and not any("\xff" in t for t in added)
-        self._new_table(1 << 16)
+        self._short, self._long = _Table(1, self.MAX_TABLE), _Table(2, self.MAX_TABLE)
 
     @classmethod
     def build(cls, tokenizer) -> PieceCounter | None:
@@ -70,10 +71,15 @@ class PieceCounter:
 
     def count(self, texts: list[str]) -> list[int]:
         """Token counts of `texts`."""
+        return self.count_with_prefixes(texts, [()] * len(texts))[0]
+
+    def count_with_prefixes(self, texts: list[str], cuts: list) -> tuple[list[int], list[list[int]]]:
+        """Token counts of `texts` and of `text[:p]` for each `p` in `cuts[k]` (positions in `texts[k]`, each
+        just after an added token, so the prefix splits as the text does)."""
         if len(self.first) + len(self.spaced) + len(self.whole) > self.MAX_MEMO:
             self.first.clear(), self.spaced.clear(), self.whole.clear()
-            self._new_table(1 << 16)
-        out, unknown = [0] * len(texts), []
+            self._short, self._long = _Table(1, self.MAX_TABLE), _Table(2, self.MAX_TABLE)
+        out, at_cuts, unknown = [0] * len(texts), [[] for _ in texts], []
         if self.bulk and len(texts) >= self.BULK_MIN:
             plain = [k for k, text in enumerate(texts) if text.isascii()]
             group, chars = [], 0
@@ -81,8 +87,11 @@ class PieceCounter:
                 group.append(k)
                 chars += len(texts[k])
                 if chars >= self.BULK_CHARS or j == len(plain) - 1:
-                    for i, n in zip(group, self._count_ascii([texts[i] for i in group]).tolist()):
-                        out[i] = n
+                    # a cut after the m-th added token of a text: its first m stretches and m tokens
+                    tokens = [[len(self.added.findall(texts[i], 0, p)) for p in cuts[i]] for i in group]
+                    totals, prefixes = self._count_ascii([texts[i] for i in group], tokens)
+                    for i, n, pre in zip(group, totals, prefixes):
+                        out[i], at_cuts[i] = n, pre
                     group, chars = [], 0
             rest = [k for k, text in enumerate(texts) if not text.isascii()] if len(plain) < len(texts) else []
         else:
@@ -90,14 +99,14 @@ class PieceCounter:
         for k in rest:
             text = texts[k]
             try:
-                out[k] = self._count(text)
+                out[k], at_cuts[k] = self._count(text), [self._count(text[:p]) for p in cuts[k]]
             except KeyError:  # a piece not seen yet: learnt below, with every other text's new pieces
                 unknown.append(k)
         if unknown:
-            self._learn([texts[k] for k in unknown])
+            self._learn([texts[k][:p] for k in unknown for p in (len(texts[k]), *cuts[k])])
             for k in unknown:
-                out[k] = self._count(texts[k])
-        return out
+                out[k], at_cuts[k] = self._count(texts[k]), [self._count(texts[k][:p]) for p in cuts[k]]
+        return out, at_cuts
 
     def _stretches(self, text: str) -> tuple[int, list]:
         """The added tokens in `text`, and the text between them: (first piece, later pieces) where it
@@ -136,107 +145,137 @@ class PieceCounter:
             memo.update(zip(new, self._tokenise([prefix + p for p in new])))
 
     # -- ASCII texts in bulk ----------------------------------------------------------------------
-    def _new_table(self, size: int) -> None:
-        """An empty table of `size` slots: a piece's key (two words: its first 8 bytes, then the next 7
-        and in the top byte its length + 16 if it begins a stretch) and its count; a key of 0 is no piece."""
-        self._keys = np.zeros((2, size), dtype=np.uint64)
-        self._counts = np.zeros(size, dtype=np.int32)
-        self._shift = np.uint64(64 - (size.bit_length() - 1))
-        self._filled = 0
-
-    def _slots(self, k1: np.ndarray, k2: np.ndarray) -> np.ndarray:
-        """A piece's first slot; the others of its bucket are `slot ^ 1`, `slot ^ 2`, `slot ^ 3`."""
-        return (((k1 * _MIX1) ^ (k2 * _MIX2)) >> self._shift).astype(np.int64)
-
-    def _find(self, k1: np.ndarray, k2: np.ndarray) -> np.ndarray:
-        """The slot holding each key, or -1."""
-        keys = self._keys
-        first = self._slots(k1, k2)
-        out = np.where((keys[0, first] == k1) & (keys[1, first] == k2), first, -1)
-        for j in (1, 2, 3):
-            again = np.flatnonzero(out < 0)
-            if not len(again):
-                break
-            slots = first[again] ^ j
-            out[again] = np.where((keys[0, slots] == k1[again]) & (keys[1, slots] == k2[again]), slots, -1)
-        return out
-
-    def _insert(self, k1: np.ndarray, k2: np.ndarray, counts: np.ndarray) -> None:
-        """Put pieces not in the table yet in free slots of their buckets (a piece that finds its bucket
-        full stays out: it is looked up in the dictionaries). The table doubles past a quarter full."""
-        _, first = np.unique(np.stack([k1, k2], axis=1).view(np.dtype((np.void, 16))).ravel(), return_index=True)
-        first = first[self._find(k1[first], k2[first]) < 0]
-        k1, k2, counts = k1[first], k2[first], counts[first]
-        if 4 * (self._filled + len(k1)) > len(self._counts) and len(self._counts) < self.MAX_TABLE:
-            used = np.flatnonzero(self._keys[1])
-            k1, k2 = np.concatenate([self._keys[0, used], k1]), np.concatenate([self._keys[1, used], k2])
-            counts = np.concatenate([self._counts[used], counts])
-            self._new_table(2 * len(self._counts))
-        base = self._slots(k1, k2)
-        for j in range(4):
-            slots = base ^ j
-            free = np.flatnonzero(self._keys[1, slots] == 0)
-            at, put = np.unique(slots[free], return_index=True)
-            put = free[put]
-            self._keys[0, at], self._keys[1, at], self._counts[at] = k1[put], k2[put], counts[put]
-            self._filled += len(at)
-            left = np.ones(len(base), dtype=bool)
-            left[put] = False
-            k1, k2, counts, base = k1[left], k2[left], counts[left], base[left]
-
-    def _count_ascii(self, texts: list[str]) -> np.ndarray:
-        """`count` of ASCII texts, all at once (see the module's docstring)."""
+    def _count_ascii(self, texts: list[str], tokens: list[list[int]]) -> tuple[list[int], list[list[int]]]:
+        """`count_with_prefixes` of ASCII texts, all at once (see the module's docstring); `tokens`: for
+        each text, the number of added tokens before each of its cuts."""
         joined = "\x80".join(self.added.split("\xff".join(texts)))  # each added token: one byte 0x80
         raw = b"\xff" + joined.encode("latin-1") + b"\xff"
-        n = len(raw)
         buf = np.frombuffer(raw + bytes(16), dtype=np.uint8)
-        c = buf[:n]
-        space, mark = c == 32, c >= _ADDED
-        control = (c < 32) | (c == 127)
-        marks = np.flatnonzero(mark)  # stretch j lies between marks[j] and marks[j + 1]
-        text_of = np.cumsum(c[marks] == _BETWEEN) - 1  # the text of the stretch after each mark
-        total = np.bincount(text_of[c[marks] == _ADDED], minlength=len(texts)).astype(np.int64)
-        # stretches that do not split cleanly: a space at either end, or next to a space or control character
-        bad = np.flatnonzero(space[:-1] & (space[1:] | control[1:] | mark[1:]) | control[:-1] & space[1:])
-        bad = np.concatenate([bad, np.flatnonzero(space[1:] & mark[:-1]) + 1])
+        c = buf[:len(raw)]
+        cuts = np.flatnonzero((c == 32) | (c >= _ADDED))  # the spaces and marks, which end the pieces
+        at_mark = c[cuts] >= _ADDED
+        stretch = np.cumsum(at_mark) - 1  # of each cut: stretch j lies between the marks j and j + 1
+        marks = cuts[at_mark]
+        # stretches that do not split cleanly: a space beside anything but a printable character (a
+        # space, a control character, the stretch's end)
+        spaces = np.flatnonzero(~at_mark)
+        around = (c[cuts[spaces] - 1] - np.uint8(33) >= 94) | (c[cuts[spaces] + 1] - np.uint8(33) >= 94)
         unclean = np.zeros(len(marks), dtype=bool)
-        unclean[np.searchsorted(marks, bad) - 1] = True
+        unclean[stretch[spaces[around]]] = True
+        per_stretch = np.zeros(len(marks), dtype=np.int64)  # its tokens
         whole = np.flatnonzero(unclean)
         if len(whole):
             stretches = [joined[a:b] for a, b in zip(marks[whole].tolist(), (marks[whole + 1] - 1).tolist())]
             new = sorted(set(stretches) - self.whole.keys())
             self.whole.update(zip(new, self._tokenise(new)))
-            np.add.at(total, text_of[whole], [self.whole[t] for t in stretches])
-        # the pieces of clean stretches: from a mark or a space to the next one
-        cuts = np.flatnonzero(space | mark)
-        starts, ends = cuts[:-1] + 1, cuts[1:]
-        after_mark = mark[cuts[:-1]]
-        stretch = np.cumsum(after_mark) - 1
-        keep = np.flatnonzero((ends > starts) & ~unclean[stretch])
-        starts, ends, first, stretch = starts[keep], ends[keep], after_mark[keep], stretch[keep]
-        size = ends - starts
+            per_stretch[whole] = [self.whole[t] for t in stretches]
+        # the pieces: from each cut to the next; none between two marks, and those of unclean stretches
+        # are left out (their stretches are counted whole)
+        starts, size, first, stretch = cuts[:-1] + 1, np.diff(cuts) - 1, at_mark[:-1], stretch[:-1]
+        size[unclean[stretch]] = 0
         words = np.ndarray((len(buf) - 7,), dtype="<u8", buffer=buf.data, strides=(1,))
-        k1 = words[starts] & _MASKS[np.minimum(size, 8)]
-        k2 = (size + 16 * first).astype(np.uint64) << np.uint64(56)
-        longer = np.flatnonzero(size > 8)
-        k2[longer] |= words[starts[longer] + 8] & _MASKS[np.minimum(size[longer] - 8, 8)]
-        slots = self._find(k1, k2)
-        counts = self._counts[slots].astype(np.int64)
-        missed = np.flatnonzero((slots < 0) | (size > 15))
+        head = words[starts]
+        tag = (np.minimum(size, 15) + 16 * first).astype(np.uint64) << np.uint64(56)
+        key = head & _MASKS[np.minimum(size, 7)] | tag  # exact for up to 7 bytes; a longer one finds nothing
+        slots = self._short.find(key)
+        counts = self._short.counts[slots]
+        longer = np.flatnonzero(size > 7)
+        missed = np.flatnonzero((slots < 0) & (size > 0) & (size <= 7))
+        if len(longer):
+            k2 = words[starts[longer] + 8] & _MASKS[np.clip(size[longer] - 8, 0, 7)] | tag[longer]
+            found = self._long.find(head[longer], k2)
+            counts[longer] = self._long.counts[found]
+            missed = np.union1d(missed, longer[(found < 0) | (size[longer] > 15)])
+        counts[size == 0] = 0
         if len(missed):
-            pieces = [joined[a:b] for a, b in zip((starts[missed] - 1).tolist(), (ends[missed] - 1).tolist())]
+            pieces = [joined[a:b] for a, b in zip((starts[missed] - 1).tolist(), (starts[missed] + size[missed] - 1)
+                                                  .tolist())]
             heads = first[missed].tolist()
-            learnt = 0
-            for memo, prefix, is_head in ((self.first, "", True), (self.spaced, " ", False)):
-                new = sorted({p for p, h in zip(pieces, heads) if h == is_head} - memo.keys())
-                memo.update(zip(new, self._tokenise([prefix + p for p in new])))
-                learnt += len(new)
-            first_get, spaced_get = self.first.__getitem__, self.spaced.__getitem__
-            counts[missed] = [first_get(p) if h else spaced_get(p) for p, h in zip(pieces, heads)]
-            if learnt:  # pieces known before and still missed have no free slot (or are too long)
-                short = missed[size[missed] <= 15]
-                self._insert(k1[short], k2[short], counts[short])
-        # the pieces are in text order: each text's sum is a difference of running sums
-        ends = np.searchsorted(text_of[stretch], np.arange(len(texts)), side="right")
-        running = np.concatenate([[0], np.cumsum(counts)])
-        return total + running[ends] - running[np.concatenate([[0], ends[:-1]])]
+            first_get, spaced_get = self.first.get, self.spaced.get
+            got = [first_get(p) if h else spaced_get(p) for p, h in zip(pieces, heads)]
+            if None in got:  # pieces not seen yet: tokenised, remembered, and put in the tables
+                for memo, prefix, is_head in ((self.first, "", True), (self.spaced, " ", False)):
+                    new = sorted({p for p, h, n in zip(pieces, heads, got) if h == is_head and n is None})
+                    memo.update(zip(new, self._tokenise([prefix + p for p in new])))
+                counts[missed] = [first_get(p) if h else spaced_get(p) for p, h in zip(pieces, heads)]
+                short, long = missed[size[missed] <= 7], missed[(size[missed] > 7) & (size[missed] <= 15)]
+                self._short.insert([key[short]], counts[short])
+                self._long.insert([head[long], words[starts[long] + 8] & _MASKS[size[long] - 8] | tag[long]],
+                                  counts[long])
+            else:  # known, but too long for the tables or finding its bucket full
+                counts[missed] = got
+        # the pieces are in order: a stretch's tokens are a difference of running sums
+        running = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        bounds = np.searchsorted(stretch, np.arange(len(marks) + 1))
+        per_stretch += running[bounds[1:]] - running[bounds[:-1]]
+        running = np.concatenate([[0], np.cumsum(per_stretch)])
+        between = np.flatnonzero(c[marks] == _BETWEEN)  # text k: the stretches between[k] .. between[k + 1] - 1
+        totals = running[between[1:]] - running[between[:-1]] + np.diff(between) - 1
+        prefixes = [[int(running[j + m] - running[j]) + m for m in ms] for j, ms in zip(between[:-1].tolist(), tokens)]
+        return totals.tolist(), prefixes
+
+
+class _Table:
+    """An open table of pieces' counts keyed by `width` 64-bit words (a key of zeros is no piece), in buckets
+    of 4 slots; it doubles past a quarter full, up to `most` slots. A piece that finds its bucket full is
+    not put in: it is looked up in the counter's dictionaries instead."""
+
+    def __init__(self, width: int, most: int, size: int | None = None):
+        self.width, self.most = width, most
+        size = size or max(4, min(1 << 16, most))
+        self.keys = np.zeros((width, size), dtype=np.uint64)
+        self.counts = np.zeros(size + 1, dtype=np.int64)  # counts[-1]: what a piece not found reads (0)
+        self.shift = np.uint64(64 - (size.bit_length() - 1))
+        self.filled = 0
+
+    def _slots(self, keys: tuple) -> np.ndarray:
+        mixed = keys[0] * _MIX1
+        if self.width == 2:
+            mixed ^= keys[1] * _MIX2
+        return (mixed >> self.shift).astype(np.int64)
+
+    def find(self, *keys: np.ndarray) -> np.ndarray:
+        """The slot holding each key, or -1."""
+        first = self._slots(keys)
+        hit = self.keys[0, first] == keys[0]
+        if self.width == 2:
+            hit &= self.keys[1, first] == keys[1]
+        out = np.where(hit, first, -1)
+        for j in (1, 2, 3):
+            again = np.flatnonzero(out < 0)
+            if not len(again):
+                break
+            slots = first[again] ^ j
+            hit = self.keys[0, slots] == keys[0][again]
+            if self.width == 2:
+                hit &= self.keys[1, slots] == keys[1][again]
+            out[again] = np.where(hit, slots, -1)
+        return out
+
+    def insert(self, keys: list[np.ndarray], counts: np.ndarray) -> None:
+        """Put pieces (`keys`: `width` arrays of words) that are not in the table yet in free slots."""
+        keys = np.stack(keys)
+        keep = keys.any(axis=0)  # a key of zeros cannot be told from a free slot
+        keys, counts = keys[:, keep], counts[keep]
+        _, once = np.unique(np.ascontiguousarray(keys.T).view(np.dtype((np.void, 8 * self.width))).ravel(),
+                            return_index=True)
+        keys, counts = keys[:, once], counts[once]
+        new = self.find(*keys) < 0
+        keys, counts = keys[:, new], counts[new]
+        size = self.keys.shape[1]
+        if 4 * (self.filled + len(counts)) > size and size < self.most:
+            used = np.flatnonzero(self.keys.any(axis=0))
+            keys, counts = np.concatenate([self.keys[:, used], keys], axis=1), \
+                np.concatenate([self.counts[used], counts])
+            self.__init__(self.width, self.most, 2 * size)
+        base = self._slots(keys)
+        for j in range(4):
+            slots = base ^ j
+            free = np.flatnonzero(~self.keys[:, slots].any(axis=0))
+            at, put = np.unique(slots[free], return_index=True)
+            put = free[put]
+            self.keys[:, at], self.counts[at] = keys[:, put], counts[put]
+            self.filled += len(at)
+            left = np.ones(len(base), dtype=bool)
+            left[put] = False
+            keys, counts, base = keys[:, left], counts[left], base[left]
