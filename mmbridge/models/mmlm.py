@@ -93,6 +93,8 @@ class MultimodalLM(nn.Module):
     def _bridge(self, feats: torch.Tensor, instruction_ids: torch.Tensor | None,
                 frame_counts: torch.Tensor | None = None) -> torch.Tensor:
         kwargs = {} if instruction_ids is None else {"instruction_ids": instruction_ids}
+        if getattr(self.bridge, "reads_words", False):  # concept tokens: the LM's own word embeddings
+            kwargs["words"] = self.lm.get_input_embeddings().weight
         if frame_counts is not None and getattr(self.bridge, "reads_video", False):
             kwargs["frame_counts"] = frame_counts
         return self.bridge(feats, **kwargs)

@@ -138,6 +138,8 @@ class StepFlops:
                 # InstructBLIP's Q-Former also reads the instruction: counted for a nominal 16 tokens
                 extra = {"instruction_ids": torch.ones(1, 16, dtype=torch.long, device=weight.device)} \
                     if getattr(bridge, "uses_instruction", False) else {}
+                if getattr(bridge, "reads_words", False):  # concept tokens read the LM's word embeddings
+                    extra["words"] = model.lm.get_input_embeddings().weight
                 return vision, forward_flops(functools.partial(bridge, **extra), feats)
         finally:
             for m, mode in modes.items():

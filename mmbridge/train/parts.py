@@ -81,7 +81,11 @@ def param_groups(model: MultimodalLM, stage: StageConfig, objective: torch.nn.Mo
 
 
 def trainable_keys(model: torch.nn.Module) -> set[str]:
-    return {n for n, p in model.named_parameters() if p.requires_grad}
+    """Parameters that train, and the buffers a module saves with them (its `run_buffers`, e.g. a vocabulary)."""
+    keys = {n for n, p in model.named_parameters() if p.requires_grad}
+    for prefix, module in model.named_modules():
+        keys |= {f"{prefix}.{b}" if prefix else b for b in getattr(module, "run_buffers", ())}
+    return keys
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:

@@ -216,8 +216,10 @@ class Trainer:
         injected = apply_stage_modes(model, stage)
         self.lora = self.lora or injected
         self.trained |= trainable_keys(model)
-        self._count_flops = self.task.flops(self.dist.probe(model))
         objective = build_objective(stage.objective, model).to(self.dist.device)
+        if hasattr(objective, "prepare"):  # e.g. the concepts objective's vocabulary, chosen from the stage's data
+            objective.prepare(model, [self.task.dataset(n) for n in stage.data], self.task.processor.tokenizer)
+        self._count_flops = self.task.flops(self.dist.probe(model))
         self.objective = objective
         step_fn = self.dist.wrap(model, objective)  # objective(model, batch), under DDP / FSDP if asked
         self.model = model  # under FSDP now sharded, holding the weights

@@ -66,7 +66,16 @@ def build_bridge(cfg: dict, vision_dim: int, lm_dim: int, grid: tuple[int, int],
     """Build a bridge from a recipe dict `{"name": ..., **options}`."""
     cfg = dict(cfg)
     name = cfg.pop("name")
+    concepts = cfg.pop("concepts", None)  # {words, slots, global_token}: read out as words (bridges/concepts.py)
     try:
-        return BRIDGES.get(name)(vision_dim=vision_dim, lm_dim=lm_dim, grid=grid, in_tokens=in_tokens, **cfg)
+        bridge = BRIDGES.get(name)(vision_dim=vision_dim, lm_dim=lm_dim, grid=grid, in_tokens=in_tokens, **cfg)
     except TypeError as e:
         raise ValueError(f"model.bridge ({name}): {e}") from e
+    if concepts is None:
+        return bridge
+    from mmbridge.models.bridges.concepts import ConceptTokens
+
+    try:
+        return ConceptTokens(bridge, **dict(concepts))
+    except TypeError as e:
+        raise ValueError(f"model.bridge.concepts: {e}") from e

@@ -1,0 +1,101 @@
+"""The `concepts` objective: word detectors learned from captions by multiple-instance learning.
+
+For a stage whose bridge reads out concept tokens (`model.bridge.concepts`, bridges/concepts.py): every
+sample's target is the set of vocabulary words among its answer tokens; an image's score for a word is its
+best region's (max over the bridge's tokens, the MIL rule of Fang et al. 2015), trained with binary
+cross-entropy against that set. The LM only lends its word embeddings: it runs no forward pass, so a step
+costs the encoder (nothing with `model.feature_cache` after the first epoch) and the bridge.
+
+`prepare` chooses the vocabulary once, from the stage's own data: the `words` token ids that occur in the
+most samples' answers, among whole alphabetic words of at least two letters that occur in at least
+`min_count` samples and in at most `max_share` of them (words in nearly every answer, such as "the", say
+nothing about the image).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mmbridge.data.processor import IGNORE
+from mmbridge.objectives.base import OBJECTIVES, LossOutput, Objective
+from mmbridge.train.loss_norm import target_total
+
+
+def concept_bridge(model):
+    bridge = getattr(model, "bridge", None)
+    if not getattr(bridge, "reads_words", False):
+        raise ValueError("objective concepts: the model's bridge has no concept read-out; set "
+                         "model.bridge.concepts: {words: N, slots: K}")
+    return bridge
+
+
+def choose_vocabulary(label_rows, tokenizer, words: int, min_count: int = 3, max_share: float = 0.9) -> list[int]:
+    """The `words` most frequent eligible answer tokens of `label_rows` (each a sequence of label ids)."""
+    df, n = Counter(), 0
+    for labels in label_rows:
+        df.update({int(t) for t in labels if t != IGNORE})
+        n += 1
+    if not n:
+        raise ValueError("objective concepts: the stage has no samples to choose a vocabulary from")
+
+    def eligible(tok: int, count: int) -> bool:
+        text = tokenizer.decode([tok]).strip()
+        return len(text) >= 2 and text.isalpha() and min_count <= count <= max_share * n
+
+    ranked = sorted(((c, t) for t, c in df.items() if eligible(t, c)), key=lambda x: (-x[0], x[1]))
+    if len(ranked) < words:
+        raise ValueError(f"objective concepts: only {len(ranked)} eligible words in the stage's answers "
+                         f"({n} samples), {words} asked (model.bridge.concepts.words)")
+    return [t for _, t in ranked[:words]]
+
+
+@OBJECTIVES.register("concepts")
+class ConceptLoss(Objective):
+    """Multiple-instance word detection on the bridge's tokens; `samples`: how many of the stage's samples
+    (spread evenly) choose the vocabulary."""
+
+    def __init__(self, model, samples: int = 4000, min_count: int = 3, max_share: float = 0.9):
+        super().__init__(model)
+        concept_bridge(model)
+        self.samples, self.min_count, self.max_share = samples, min_count, max_share
+
+    def prepare(self, model, datasets, tokenizer) -> None:
+        """Choose the vocabulary from the stage's datasets (the same choice on every call and every rank)."""
+        bridge = concept_bridge(model)
+        sizes = [len(d) for d in datasets]
+        total = sum(sizes)
+        picks = np.unique(np.linspace(0, total - 1, min(self.samples, total)).astype(np.int64)) if total else []
+        starts = np.cumsum([0, *sizes])
+
+        def rows():
+            for i in picks:
+                d = int(np.searchsorted(starts, i, side="right") - 1)
+                yield datasets[d].encoded(int(i - starts[d]))["labels"]
+
+        ids = choose_vocabulary(rows(), tokenizer, len(bridge.word_ids), self.min_count, self.max_share)
+        bridge.set_vocabulary(ids)
+
+    def forward(self, model, batch: dict, normalizer: float | None = None) -> LossOutput:
+        bridge = concept_bridge(model)
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        feats = model.vision_features(batch["pixel_values"])
+        words = model.lm.get_input_embeddings().weight
+        per_region = bridge.scores(bridge.regions_of(feats), words)  # [n_images, regions, V]
+        per_image = per_region.amax(1)
+        # each image belongs to the row whose image tokens it fills (in order)
+        per_row = (input_ids == model.image_token_id).sum(1) // bridge.num_tokens
+        owner = torch.repeat_interleave(torch.arange(len(per_row), device=per_row.device), per_row)
+        if owner.numel() != per_image.shape[0]:
+            raise ValueError(f"objective concepts: {per_image.shape[0]} images for {owner.numel()} image slots")
+        scores = per_image.new_full((len(per_row), per_image.shape[1]), float("-inf"))
+        scores = scores.scatter_reduce(0, owner[:, None].expand_as(per_image), per_image, "amax")
+        has = per_row > 0
+        target = (labels[:, :, None] == bridge.word_ids[None, None, :]).any(1).to(scores.dtype)
+        loss = F.binary_cross_entropy_with_logits(scores[has], target[has])
+        share = 1.0 if normalizer is None else target_total(batch) / normalizer
+        hit = ((scores[has] > 0) == target[has].bool()).float().mean()
+        return LossOutput(loss * share, {"concepts": (loss * share).detach()}, {"word_accuracy": hit.detach()})
