@@ -127,3 +127,11 @@ def test_a_concepts_stage_then_an_lm_stage_saves_and_reloads_the_vocabulary(tiny
     model.bridge.word_ids.fill_(-1)
     loss.prepare(model, ds, proc.tokenizer)
     assert model.bridge.word_ids.tolist() == trained
+
+
+
+def test_export_names_the_concepts_option(tiny_lm_dir, tiny_clip_dir, world):
+    from mmbridge.interop.export import recipe_blockers
+
+    data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"], bridge={"name": "mlp", "concepts": CONCEPTS})
+    assert any(b.startswith("model.bridge.concepts") for b in recipe_blockers(recipe_from_dict(data).model))

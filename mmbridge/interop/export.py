@@ -78,6 +78,9 @@ def recipe_blockers(cfg: ModelConfig) -> list[str]:
             found.append("model.vision.post_layernorm: true applies the tower's final LayerNorm to the selected "
                          "layer, which LLaVA does not; train with post_layernorm: false")
     kind = bridge.get("name")
+    if bridge.get("concepts"):
+        found.append("model.bridge.concepts: concept tokens (the LM's word embeddings picked by detectors) have "
+                     "no LLaVA or FastVLM counterpart")
     if kind in _BRIDGES:
         found.append(f"model.bridge.name: {kind} is {_BRIDGES[kind]}")
     elif kind != "mlp":
