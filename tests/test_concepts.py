@@ -115,6 +115,8 @@ def test_a_concepts_stage_then_an_lm_stage_saves_and_reloads_the_vocabulary(tiny
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     first = [r for r in rows if r["stage"] == "align"]
     assert first[-1]["loss"] < 0.9 * first[0]["loss"]  # the detectors learn from the captions
+    lm_stage = [r for r in rows if r["stage"] == "multitask"]
+    assert 0 < first[0]["flops"] * 20 < lm_stage[0]["flops"]  # no LM pass counted: images only
     model, proc = load_run(run)[:2]
     trained = model.bridge.word_ids.tolist()
     words = [proc.tokenizer.decode([t]).strip() for t in trained]

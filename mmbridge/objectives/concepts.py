@@ -58,6 +58,8 @@ class ConceptLoss(Objective):
     """Multiple-instance word detection on the bridge's tokens; `samples`: how many of the stage's samples
     (spread evenly) choose the vocabulary."""
 
+    runs_lm = False  # the trainer counts the encoder's and bridge's FLOPs only
+
     def __init__(self, model, samples: int = 4000, min_count: int = 3, max_share: float = 0.9):
         super().__init__(model)
         concept_bridge(model)

@@ -147,6 +147,10 @@ class StepFlops:
             for p, flag in grads.items():
                 p.requires_grad_(flag)
 
+    def images_only(self) -> None:
+        """Count the images' encoder and bridge only: for an objective that runs no LM pass."""
+        self.linear = self.attention = self.head = 0
+
     def __call__(self, batch: dict) -> int:
         lengths = segment_lengths(batch)
         targets = int((batch["labels"][:, 1:] != IGNORE).sum())

@@ -220,6 +220,8 @@ class Trainer:
         if hasattr(objective, "prepare"):  # e.g. the concepts objective's vocabulary, chosen from the stage's data
             objective.prepare(model, [self.task.dataset(n) for n in stage.data], self.task.processor.tokenizer)
         self._count_flops = self.task.flops(self.dist.probe(model))
+        if not getattr(objective, "runs_lm", True) and hasattr(self._count_flops, "images_only"):
+            self._count_flops.images_only()  # e.g. the concepts objective: encoder and bridge, no LM pass
         self.objective = objective
         step_fn = self.dist.wrap(model, objective)  # objective(model, batch), under DDP / FSDP if asked
         self.model = model  # under FSDP now sharded, holding the weights
