@@ -84,10 +84,49 @@ def test_forked_index_workers_and_the_cache_agree(world, proc, monkeypatch, tmp_
         assert np.array_equal(alone[key], forked[key])
     first = ConversationDataset(path, world["images"], proc)
     monkeypatch.setattr(record_index, "build_index", lambda *a, **k: pytest.fail("rebuilt a cached index"))
-    monkeypatch.setattr(record_file, "_split_list", lambda *a: pytest.fail("scanned a file whose index is cached"))
+    monkeypatch.setattr(record_file, "_list_marks", lambda *a: pytest.fail("scanned a file whose index is cached"))
     again = ConversationDataset(path, world["images"], proc)
     assert np.array_equal(first.lengths, again.lengths) and lazy(first) == lazy(again)
     assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_indexing_while_locating_gives_the_same_index_and_errors(world, proc, monkeypatch, tmp_path):
+    """A big JSON list is indexed by forked workers while the byte pass is still finding its records (here:
+    every file, 6 records a job, the file read 300 bytes at a time): the same index, offsets and errors
+    as locating first and indexing in this process."""
+    bad = {"id": "b", "conversations": [{"from": "human", "value": "<|im_end|>"}, {"from": "gpt", "value": "x"}]}
+    records = read_llava_json(world["manifest"]["train"]["vqa"])[0]
+    files = {"empty": "[ ]", "one": json.dumps([records[0]]), "records": json.dumps(records, indent=1),
+             "bad": json.dumps(records[:20] + [bad, 7] + records[20:40]), "broken": json.dumps(records[:9])[:-40]}
+    got = {}
+    for name, text in files.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(text)
+        try:
+            alone = record_index.build_index(record_file.RecordFile(path), proc, workers=1)
+            offsets = record_file.RecordFile(path).located()
+        except DataError as e:
+            alone = e
+        with monkeypatch.context() as m:
+            m.setattr(record_index, "STREAM_BYTES", 0)
+            m.setattr(record_index, "SPAN", 6)
+            m.setattr(record_file, "CHUNK", 300)
+            store = record_file.RecordFile(path)
+            try:
+                got[name] = streamed = record_index.build_index(store, proc, workers=2)
+            except DataError as e:
+                assert isinstance(alone, DataError) and (type(e), str(e)) == (type(alone), str(alone)), name
+                got[name] = e
+                continue
+        assert not isinstance(alone, DataError), name
+        for key in ("rows", "length", "images"):
+            assert np.array_equal(alone[key], streamed[key]), (name, key)
+        assert {k: alone[k] for k in ("truncated", "skipped", "first_error")} == \
+            {k: streamed[k] for k in ("truncated", "skipped", "first_error")}, name
+        assert all(np.array_equal(offsets[k], v) for k, v in store.located().items()), name
+    assert len(got["empty"]["rows"]) == 0 and len(got["one"]["rows"]) == 1 and len(got["records"]["rows"]) > 30
+    assert got["bad"]["skipped"] == {"special token in text": 1, "not an object": 1}
+    assert isinstance(got["broken"], record_file.MalformedFile)
 
 
 def test_bad_records_are_named_or_counted_as_before(proc, tmp_path):

@@ -60,11 +60,17 @@ def _outside(buf: np.ndarray, quotes: np.ndarray, in_str: bool) -> np.ndarray:
 
 def _split_list(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Byte ranges [start, end) of the elements of a top-level JSON list (whitespace around them kept)."""
+    marks = np.concatenate(list(_list_marks(path)))
+    return (marks[:-1] + 1).astype(np.int64), marks[1:].astype(np.int64)
+
+
+def _list_marks(path: Path):
+    """The '[' that opens a top-level JSON list, each ',' between its elements and the closing ']', a
+    chunk of the file at a time (raises _Unsplittable where the pass cannot split the file)."""
     in_str, depth, backslashes = False, 0, 0  # state carried from one chunk to the next
     opened = closed = False
     with open(path, "rb") as f:
         bom = 3 if f.read(3) == b"\xef\xbb\xbf" else 0
-    marks: list[np.ndarray] = []  # the '[' that opens the list, each ',' between elements, the closing ']'
     for base, buf in _chunks(path):
         if closed:
             if not _WS[buf].all():
@@ -98,7 +104,7 @@ def _split_list(path: Path) -> tuple[np.ndarray, np.ndarray]:
             raise _Unsplittable
         at_list = before == 1
         ends = np.flatnonzero(at_list & (delta == -1))
-        marks.append(base + struct[top | (at_list & (delta <= 0))])
+        yield (base + struct[top | (at_list & (delta <= 0))]).astype(np.int64)
         if len(ends):
             last = int(struct[ends[0]])
             if buf[last] != ord("]") or ends[0] != len(struct) - 1 or not _WS[buf[last + 1:]].all():
@@ -112,8 +118,6 @@ def _split_list(path: Path) -> tuple[np.ndarray, np.ndarray]:
         backslashes = backslashes + run if run == len(buf) else run
     if not closed:
         raise _Unsplittable
-    marks = np.concatenate(marks)
-    return (marks[:-1] + 1).astype(np.int64), marks[1:].astype(np.int64)
 
 
 def _split_lines(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -175,6 +179,39 @@ class RecordFile:
         if len(starts) == 1 and not self._raw(0).strip():
             self.starts, self.ends = starts[:0], ends[:0]
         self.numbers = np.arange(len(self.starts), dtype=np.int64)
+
+    def locate_stream(self):
+        """`locate`, yielding (starts, ends, numbers) of the records found so far, a batch at a time, so that
+        a caller can start on them: a JSON list's records come while its bytes are scanned (the first one
+        once a second is found: a list of one blank element is empty), a JSONL file's all at the end."""
+        if self.starts is not None or self.lines:
+            self.locate()
+            yield self.starts, self.ends, self.numbers
+            return
+        found, waiting, total, pending = [], [], 0, np.zeros(0, dtype=np.int64)
+        try:
+            for marks in _list_marks(self.path):
+                marks = np.concatenate([pending, marks])
+                pending = marks[-1:]
+                if len(marks) < 2:
+                    continue
+                found.append((marks[:-1] + 1, marks[1:]))
+                waiting.append(found[-1])
+                total += len(marks) - 1
+                if total >= 2:
+                    starts, ends = (np.concatenate(x) for x in zip(*waiting))
+                    waiting = []
+                    yield starts, ends, np.arange(total - len(starts), total, dtype=np.int64)
+        except _Unsplittable:
+            _whole_file_error(self.path)
+        if not found:  # cannot happen once the pass has closed the list; as `locate` would find it
+            _whole_file_error(self.path)
+        self.starts, self.ends = (np.concatenate(x) for x in zip(*found))
+        if len(self.starts) == 1 and not self._raw(0).strip():
+            self.starts, self.ends, waiting = self.starts[:0], self.ends[:0], []
+        self.numbers = np.arange(len(self.starts), dtype=np.int64)
+        if waiting:
+            yield self.starts, self.ends, self.numbers
 
     def located(self) -> dict[str, np.ndarray]:
         """What `locate` found, to cache beside the index."""

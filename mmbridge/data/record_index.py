@@ -28,6 +28,7 @@ VERSION = 3  # bump when what the index holds or how a record is encoded changes
 BATCH = 512  # conversations measured at a time
 SPAN = 4096  # records per job of an index worker
 MIN_PER_WORKER = 2000  # fewer records than this per worker: index in this process
+STREAM_BYTES = 64 << 20  # a JSON list this big is indexed while it is located (smaller: located first)
 _JOB: dict = {}  # what forked index workers read (the store and the processor)
 
 
@@ -92,25 +93,64 @@ def _index_range(store, processor, a: int, b: int) -> dict:
     return {"ok": ok, "length": length, "images": images, "truncated": truncated, "bad": bad}
 
 
-def _job(span: tuple[int, int]) -> dict:
-    return index_range(_JOB["store"], _JOB["processor"], *span)
+def _job(span: tuple) -> dict:
+    """Index records [a, b) in a forked worker; `offsets`: where they lie, for a store forked before it
+    had located them (kept in arrays that grow with the jobs, as `store.restore` takes them)."""
+    a, b, offsets = span
+    store = _JOB["store"]
+    if offsets is not None:
+        have = _JOB.setdefault("offsets", {})
+        for key, part in offsets.items():
+            held = have.get(key, part[:0])
+            if len(held) < b:
+                held = np.concatenate([held, np.zeros(max(b, 2 * len(held)) - len(held), dtype=part.dtype)])
+            held[a:b] = part
+            have[key] = held
+        store.restore(have)
+    return index_range(store, _JOB["processor"], a, b)
+
+
+def _streamed(store, processor, pool) -> list:
+    """Index the records of `store` while they are located: a job of SPAN records goes to the pool as
+    soon as the byte pass has found them."""
+    jobs, waiting, a = [], [], 0
+    for starts, ends, numbers in store.locate_stream():
+        waiting.append((starts, ends, numbers))
+        found = sum(len(w[0]) for w in waiting)
+        while found >= SPAN:
+            s, e, n = (np.concatenate(x) for x in zip(*waiting))
+            k = min(SPAN, len(s))
+            offsets = {"starts": s[:k], "ends": e[:k], "numbers": n[:k]}
+            jobs.append(pool.apply_async(_job, ((a, a + k, offsets),)))
+            a, waiting, found = a + k, [(s[k:], e[k:], n[k:])], found - k
+    if sum(len(w[0]) for w in waiting):  # the last records
+        s, e, n = (np.concatenate(x) for x in zip(*waiting))
+        jobs.append(pool.apply_async(_job, ((a, a + len(s), {"starts": s, "ends": e, "numbers": n}),)))
+    return [job.get() for job in jobs]
 
 
 def build_index(store, processor, workers: int | None = None) -> dict:
-    """Index every record of `store`, in `workers` forked processes (default: the CPU count)."""
-    n = len(store)
-    workers = min(workers or os.cpu_count() or 1, max(1, n // MIN_PER_WORKER))
-    spans = [(a, min(n, a + SPAN)) for a in range(0, n, SPAN)] or [(0, 0)]
-    if workers <= 1 or "fork" not in mp.get_all_start_methods():
-        parts = [index_range(store, processor, a, b) for a, b in spans]
+    """Index every record of `store`, in `workers` forked processes (default: the CPU count). A JSON list
+    of STREAM_BYTES or more is indexed while the byte pass locates its records."""
+    workers = workers or os.cpu_count() or 1
+    fork = "fork" in mp.get_all_start_methods()
+    stream = workers > 1 and fork and hasattr(store, "locate_stream") and \
+        sum(os.path.getsize(f) for f in store.files) >= STREAM_BYTES
+    if not stream:
+        n = len(store)
+        workers = min(workers, max(1, n // MIN_PER_WORKER))
+        spans = [(a, min(n, a + SPAN), None) for a in range(0, n, SPAN)]
+    if not stream and (workers <= 1 or not fork):
+        parts = [index_range(store, processor, a, b) for a, b, _ in spans]
     else:
         _JOB.update(store=store, processor=processor)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         try:
             with mp.get_context("fork").Pool(workers) as pool:
-                parts = pool.map(_job, spans, chunksize=1)
+                parts = _streamed(store, processor, pool) if stream else pool.map(_job, spans, chunksize=1)
         finally:
             _JOB.clear()
+    parts = parts or [index_range(store, processor, 0, 0)]
     ok = np.concatenate([p["ok"] for p in parts])
     bad = [b for p in parts for b in p["bad"]]
     first = {c: next(([kind, msg] for _, cls, kind, msg in bad if cls == c), None) for c in ("record", "encode")}

@@ -22,6 +22,10 @@ class VideoRecords:
     def located(self) -> dict:
         return self.store.located()
 
+    @property
+    def locate_stream(self):  # the source's, where it has one (else hasattr(...) is False)
+        return self.store.locate_stream
+
     def restore(self, offsets: dict) -> None:
         self.store.restore(offsets)
 
