@@ -395,6 +395,9 @@ def test_bulk_piece_counts_equal_the_tokenizer(proc, monkeypatch):
     assert at == [[len(proc.tokenizer(t[:p], add_special_tokens=False)["input_ids"]) for p in c]
                   for t, c in zip(texts, cuts)]
     assert alone.count_with_prefixes(texts, cuts) == (got, at)
+    some = counter.count_with_prefixes(texts, cuts, over=[20] * len(texts))[1]  # only those of texts over 20
+    assert all(s == a if n > 20 else s in (None, a) for s, a, n in zip(some, at, want))
+    assert sum(s is None for s in some) > 100
 
 
 @pytest.mark.parametrize("n, max_length", [(4, 60), (16, 100), (4, 400)])

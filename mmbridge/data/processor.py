@@ -310,13 +310,15 @@ class Processor:
                 counted.append((k, text, image_end, closed[0], images))
         # each text's count, and (for one that is too long) the counts of its prefixes that end with the last
         # image and with the first closed answer
-        counts, prefixes = self._counter.count_with_prefixes([c[1] for c in counted], [c[2:4] for c in counted]) \
-            if counted else ([], [])
-        for (k, text, _, first, images), count, (image_end, first_n) in zip(counted, counts, prefixes):
+        budget = [self.max_length - (n_tok - 1) * c[4] for c in counted]
+        counts, prefixes = self._counter.count_with_prefixes([c[1] for c in counted], [c[2:4] for c in counted],
+                                                             budget) if counted else ([], [])
+        for (k, text, _, first, images), count, prefix in zip(counted, counts, prefixes):
             where = items[k][2]
             if (n := count + (n_tok - 1) * images) <= self.max_length:
                 out[k] = (n, False)
                 continue
+            image_end, first_n = prefix
             image_end = image_end + (n_tok - 1) * images if images else 0
             first_n += (n_tok - 1) * text.count(IMAGE_TOKEN, 0, first)
             if image_end > self.max_length:

@@ -73,9 +73,11 @@ class PieceCounter:
         """Token counts of `texts`."""
         return self.count_with_prefixes(texts, [()] * len(texts))[0]
 
-    def count_with_prefixes(self, texts: list[str], cuts: list) -> tuple[list[int], list[list[int]]]:
+    def count_with_prefixes(self, texts: list[str], cuts: list, over: list | None = None
+                            ) -> tuple[list[int], list[list[int] | None]]:
         """Token counts of `texts` and of `text[:p]` for each `p` in `cuts[k]` (positions in `texts[k]`, each
-        just after an added token, so the prefix splits as the text does)."""
+        just after an added token, so the prefix splits as the text does); with `over`, those of a text of
+        at most `over[k]` tokens may be left out (None)."""
         if len(self.first) + len(self.spaced) + len(self.whole) > self.MAX_MEMO:
             self.first.clear(), self.spaced.clear(), self.whole.clear()
             self._short, self._long = _Table(1, self.MAX_TABLE), _Table(2, self.MAX_TABLE)
@@ -87,11 +89,15 @@ class PieceCounter:
                 group.append(k)
                 chars += len(texts[k])
                 if chars >= self.BULK_CHARS or j == len(plain) - 1:
-                    # a cut after the m-th added token of a text: its first m stretches and m tokens
-                    tokens = [[len(self.added.findall(texts[i], 0, p)) for p in cuts[i]] for i in group]
-                    totals, prefixes = self._count_ascii([texts[i] for i in group], tokens)
-                    for i, n, pre in zip(group, totals, prefixes):
-                        out[i], at_cuts[i] = n, pre
+                    totals, running, first = self._count_ascii([texts[i] for i in group])
+                    for i, n, j in zip(group, totals, first):
+                        out[i] = n
+                        if over is None or n > over[i]:
+                            # a cut after the m-th added token of a text: its first m stretches and m tokens
+                            ms = [len(self.added.findall(texts[i], 0, p)) for p in cuts[i]]
+                            at_cuts[i] = [int(running[j + m] - running[j]) + m for m in ms]
+                        else:
+                            at_cuts[i] = None
                     group, chars = [], 0
             rest = [k for k, text in enumerate(texts) if not text.isascii()] if len(plain) < len(texts) else []
         else:
@@ -145,9 +151,9 @@ class PieceCounter:
             memo.update(zip(new, self._tokenise([prefix + p for p in new])))
 
     # -- ASCII texts in bulk ----------------------------------------------------------------------
-    def _count_ascii(self, texts: list[str], tokens: list[list[int]]) -> tuple[list[int], list[list[int]]]:
-        """`count_with_prefixes` of ASCII texts, all at once (see the module's docstring); `tokens`: for
-        each text, the number of added tokens before each of its cuts."""
+    def _count_ascii(self, texts: list[str]) -> tuple[list[int], np.ndarray, list[int]]:
+        """Counts of ASCII texts, all at once (see the module's docstring), with the running count over their
+        stretches (between added tokens) and where each text's stretches begin in it."""
         joined = "\x80".join(self.added.split("\xff".join(texts)))  # each added token: one byte 0x80
         raw = b"\xff" + joined.encode("latin-1") + b"\xff"
         buf = np.frombuffer(raw + bytes(16), dtype=np.uint8)
@@ -211,8 +217,7 @@ class PieceCounter:
         running = np.concatenate([[0], np.cumsum(per_stretch)])
         between = np.flatnonzero(c[marks] == _BETWEEN)  # text k: the stretches between[k] .. between[k + 1] - 1
         totals = running[between[1:]] - running[between[:-1]] + np.diff(between) - 1
-        prefixes = [[int(running[j + m] - running[j]) + m for m in ms] for j, ms in zip(between[:-1].tolist(), tokens)]
-        return totals.tolist(), prefixes
+        return totals.tolist(), running, between[:-1].tolist()
 
 
 class _Table:
