@@ -273,6 +273,17 @@ def test_a_train_step_on_world_videos_has_a_finite_loss_and_labels_only_on_answe
     assert len(losses) == 2 and all(np.isfinite(losses))
 
 
+def test_eval_answers_video_questions_and_ranking_refuses_them(tiny_lm_dir, tiny_clip_dir, videos):
+    from mmbridge.eval.evaluate import evaluate_file
+
+    model, proc = build(tiny_lm_dir, tiny_clip_dir, RESAMPLER)
+    metrics, rows = evaluate_file(model, proc, videos["files"]["test"], videos["images"], "vqa", limit=3,
+                                  max_new_tokens=2, batch_size=2, progress=False)
+    assert metrics["n"] == 3 and [len(r["video"]) for r in rows] == [VIDEOS["frames"]] * 3
+    with pytest.raises(ValueError, match="does not read videos"):
+        evaluate_file(model, proc, videos["files"]["test"], videos["images"], "choice", limit=2, progress=False)
+
+
 def test_the_bundled_video_recipe_reads_the_worlds_videos_through_the_resampler():
     recipe = load_recipe("video")
     assert recipe.model.bridge["name"] == "resampler" and recipe.world["videos"]

@@ -79,6 +79,9 @@ def score_candidates(model, processor, records: list[dict], candidates: list[lis
     """(summed log-probability, tokens) of every candidate of every record, `batch_size` candidates at a time."""
     model.eval()
     device = model.device
+    video = next((r for r in records if "video" in r), None)
+    if video is not None:
+        raise ValueError(f"record {video.get('id')}: answer ranking does not read videos yet; use the vqa task")
     rows = [(i, c) for i, cands in enumerate(candidates) for c in cands]
     scores: list[tuple[float, int]] = []
     for start in tqdm(range(0, len(rows), batch_size), desc="choice", disable=not progress, dynamic_ncols=True):
