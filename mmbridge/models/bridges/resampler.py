@@ -54,7 +54,8 @@ class PerceiverResampler(nn.Module):
         if f > len(self.frame_embed):
             raise ValueError(f"resampler: {f} frames exceed max_frames={len(self.frame_embed)}")
         if self.pos_embed is not None and t != len(self.pos_embed):
-            raise ValueError(f"resampler: {t} tokens per frame, but its position embeddings are for {len(self.pos_embed)}")
+            raise ValueError(f"resampler: {t} tokens per frame, but its position embeddings are for "
+                             f"{len(self.pos_embed)}")
         media = self.inp(feats) + self.frame_embed[:f, None]
         media = (media if self.pos_embed is None else media + self.pos_embed).flatten(1, 2)
         latents = self.latents.expand(b, -1, -1)
