@@ -15,6 +15,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import signal
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -129,6 +130,13 @@ def _streamed(store, processor, pool) -> list:
     return [job.get() for job in jobs]
 
 
+def _default_signals() -> None:
+    """A forked index worker must not inherit a training run's SIGTERM handler (which only asks for a checkpoint):
+    the pool stops its workers with SIGTERM, and one that ignored it would hang the run. Ctrl-C is the parent's."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def build_index(store, processor, workers: int | None = None) -> dict:
     """Index every record of `store`, in `workers` forked processes (default: the CPU count). A JSON list
     of STREAM_BYTES or more is indexed while the byte pass locates its records."""
@@ -146,7 +154,7 @@ def build_index(store, processor, workers: int | None = None) -> dict:
         _JOB.update(store=store, processor=processor)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         try:
-            with mp.get_context("fork").Pool(workers) as pool:
+            with mp.get_context("fork").Pool(workers, initializer=_default_signals) as pool:
                 parts = _streamed(store, processor, pool) if stream else pool.map(_job, spans, chunksize=1)
         finally:
             _JOB.clear()
