@@ -95,3 +95,15 @@ def test_a_run_with_the_cache_logs_the_losses_of_one_without(tiny_lm_dir, tiny_c
     assert [x[:2] for x in runs[True]] == [x[:2] for x in runs[False]]
     for (s, k, got), (_, _, want) in zip(runs[True], runs[False]):
         assert got == pytest.approx(want, rel=1e-6, abs=1e-7), (s, k)
+
+
+def test_flops_leave_out_a_cached_frozen_encoder(frozen):
+    from mmbridge.train.flops import StepFlops
+
+    model, _ = frozen
+    encoding = StepFlops(model).image
+    model.feature_cache = FeatureCache()
+    cached = StepFlops(model).image
+    model.feature_cache = None
+    vision_forward = StepFlops._per_image(model, model.vision.image_size)[0]
+    assert cached > 0 and encoding - cached == vision_forward  # the bridge still counts

@@ -115,6 +115,8 @@ class StepFlops:
                                                                     "image_size", None)
         if size:
             vision, bridge = self._per_image(model, size)
+            if getattr(model, "feature_cache", None) is not None and not vision_trains:
+                vision = 0  # a frozen encoder's outputs come from the cache (all but an image's first time)
             self.image = vision * (3 if vision_trains else 1) \
                 + bridge * (3 if bridge_trains else 2 if vision_trains else 1)
 
