@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from mmbridge.data.documents import DocumentEncoder
 from mmbridge.data.images import ImageError, preprocess
 from mmbridge.data.llava import DataError
 from mmbridge.data.record_file import MalformedFile
-from mmbridge.data.record_index import cache_dir, content_hash, fingerprint
+from mmbridge.data.record_index import cached_index, content_hash, fingerprint
 
 VERSION = 1  # bump when what the index holds or how a document is encoded changes
 BATCH = 128  # documents per tokenizer call while indexing
@@ -65,24 +63,7 @@ def load_document_index(store, encoder: DocumentEncoder, cache: bool = True) -> 
     settings = json.dumps([VERSION, encoder.settings], sort_keys=True).encode()
     key = f"docs-{store.kind}-{content_hash(store.files)}-{fingerprint(encoder.processor)}-" \
           f"{hashlib.sha256(settings).hexdigest()[:12]}"
-    path = cache_dir() / f"{key}.npz" if cache else None
-    if path is not None and path.exists():
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                store.restore({k[6:]: z[k] for k in z.files if k.startswith("store_")})
-                return {"rows": z["rows"], "length": z["length"], "images": z["images"], **json.loads(str(z["meta"]))}
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable: rebuilt below
-    index = index_documents(store, encoder)
-    if path is not None:
-        meta = {k: index[k] for k in ("truncated", "skipped", "first_error")}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, rows=index["rows"], length=index["length"], images=index["images"],
-                     meta=np.array(json.dumps(meta)), **{f"store_{k}": v for k, v in store.located().items()})
-        os.replace(tmp, path)
-    return index
+    return cached_index(store, key, lambda: index_documents(store, encoder), cache)
 
 
 class InterleavedDataset(Dataset):

@@ -177,9 +177,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MMBRIDGE_INDEX_CACHE") or cache_root() / "data-index")
 
 
-def load_index(store, processor, workers: int | None = None, cache: bool = True) -> dict:
-    """The index of `store` for `processor`, from the cache when the bytes and settings are unchanged."""
-    key = f"{store.kind}-{content_hash(store.files)}-{fingerprint(processor)}"
+def cached_index(store, key: str, build, cache: bool = True) -> dict:
+    """`build()`'s index of `store`, kept as `<key>.npz` in `cache_dir()` with where the store's records lie, and
+    read from there while the key (the source's bytes and every setting that changes the index) is the same."""
     path = cache_dir() / f"{key}.npz" if cache else None
     if path is not None and path.exists():
         try:
@@ -189,7 +189,7 @@ def load_index(store, processor, workers: int | None = None, cache: bool = True)
                 return {"rows": z["rows"], "length": z["length"], "images": z["images"], **meta}
         except (OSError, ValueError, KeyError):
             pass  # unreadable: rebuilt below
-    index = build_index(store, processor, workers)
+    index = build()
     if path is not None:
         meta = {k: index[k] for k in ("truncated", "skipped", "first_error")}
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -199,3 +199,9 @@ def load_index(store, processor, workers: int | None = None, cache: bool = True)
                      meta=np.array(json.dumps(meta)), **{f"store_{k}": v for k, v in store.located().items()})
         os.replace(tmp, path)
     return index
+
+
+def load_index(store, processor, workers: int | None = None, cache: bool = True) -> dict:
+    """The index of `store` for `processor`, from the cache when the bytes and settings are unchanged."""
+    key = f"{store.kind}-{content_hash(store.files)}-{fingerprint(processor)}"
+    return cached_index(store, key, lambda: build_index(store, processor, workers), cache)
