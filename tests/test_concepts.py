@@ -127,7 +127,7 @@ def test_a_concepts_stage_then_an_lm_stage_saves_and_reloads_the_vocabulary(tiny
     ds = [fresh.task.dataset("world/train/detailed")]
     loss = ConceptLoss(model, min_count=2)
     model.bridge.word_ids.fill_(-1)
-    loss.prepare(model, ds, proc.tokenizer)
+    loss.read_stage_data(model, ds, proc.tokenizer)
     assert model.bridge.word_ids.tolist() == trained
 
 

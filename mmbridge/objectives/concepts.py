@@ -6,7 +6,7 @@ best region's (max over the bridge's tokens, the MIL rule of Fang et al. 2015), 
 cross-entropy against that set. The LM only lends its word embeddings: it runs no forward pass, so a step
 costs the encoder (nothing with `model.feature_cache` after the first epoch) and the bridge.
 
-`prepare` chooses the vocabulary once, from the stage's own data: the `words` token ids that occur in the
+`read_stage_data` chooses the vocabulary once, from the stage's own data: the `words` token ids that occur in the
 most samples' answers, among whole alphabetic words of at least two letters that occur in at least
 `min_count` samples and in at most `max_share` of them (words in nearly every answer, such as "the", say
 nothing about the image).
@@ -65,7 +65,7 @@ class ConceptLoss(Objective):
         concept_bridge(model)
         self.samples, self.min_count, self.max_share = samples, min_count, max_share
 
-    def prepare(self, model, datasets, tokenizer) -> None:
+    def read_stage_data(self, model, datasets, tokenizer) -> None:
         """Choose the vocabulary from the stage's datasets (the same choice on every call and every rank)."""
         bridge = concept_bridge(model)
         sizes = [len(d) for d in datasets]

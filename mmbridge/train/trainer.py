@@ -217,8 +217,8 @@ class Trainer:
         self.lora = self.lora or injected
         self.trained |= trainable_keys(model)
         objective = build_objective(stage.objective, model).to(self.dist.device)
-        if hasattr(objective, "prepare"):  # e.g. the concepts objective's vocabulary, chosen from the stage's data
-            objective.prepare(model, [self.task.dataset(n) for n in stage.data], self.task.processor.tokenizer)
+        if hasattr(objective, "read_stage_data"):  # e.g. the concepts objective's vocabulary, from the stage's data
+            objective.read_stage_data(model, [self.task.dataset(n) for n in stage.data], self.task.processor.tokenizer)
         self._count_flops = self.task.flops(self.dist.probe(model))
         if not getattr(objective, "runs_lm", True) and hasattr(self._count_flops, "images_only"):
             self._count_flops.images_only()  # e.g. the concepts objective: encoder and bridge, no LM pass
