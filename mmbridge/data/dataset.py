@@ -29,6 +29,17 @@ def open_source(path: str | Path, image_root: str | Path = "", lines: bool | Non
     return ShardRecords(path) if is_shards(path) else RecordFile(path, image_root, lines)
 
 
+def adopt_index(dataset, index: dict, skip_bad: bool, where: str = "") -> None:
+    """Give `dataset` its index's usable rows, lengths, image counts and tallies; the first bad record is raised
+    (prefixed by `where`) unless bad records are skipped."""
+    if index["first_error"] is not None and not skip_bad:
+        kind, message = index["first_error"]
+        raise DataError(f"{where}{message}", kind)
+    dataset.skipped = Counter(index["skipped"])
+    dataset.truncated = index["truncated"]
+    dataset.rows, dataset.lengths, dataset.n_images = index["rows"], index["length"], index["images"]
+
+
 class ConversationDataset(Dataset):
     """LLaVA-format records; a sample is parsed and tokenised when it is read (in the loader's workers).
 
@@ -46,13 +57,8 @@ class ConversationDataset(Dataset):
         self.json_path, self.image_root = Path(json_path), Path(image_root)
         self.processor, self.skip_bad = processor, skip_bad
         self.store = VideoRecords(open_source(json_path, image_root, lines), sampling_of(processor))
-        index = load_index(self.store, processor, workers=workers, cache=cache)
-        if index["first_error"] is not None and not skip_bad:
-            kind, message = index["first_error"]
-            raise DataError(f"{self.store.name}: {message}", kind)
-        self.skipped: Counter = Counter(index["skipped"])
-        self.truncated = index["truncated"]
-        self.rows, self.lengths, self.n_images = index["rows"], index["length"], index["images"]
+        adopt_index(self, load_index(self.store, processor, workers=workers, cache=cache), skip_bad,
+                    f"{self.store.name}: ")
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mmbridge.data.dataset import open_source
+from mmbridge.data.dataset import adopt_index, open_source
 from mmbridge.data.documents import DocumentEncoder
 from mmbridge.data.images import ImageError, preprocess
 from mmbridge.data.llava import DataError
@@ -78,13 +78,7 @@ class InterleavedDataset(Dataset):
         self.processor, self.skip_bad = processor, skip_bad
         self.store = open_source(path, image_root, lines)
         self.encoder = DocumentEncoder(processor, sequence, seed)
-        index = load_document_index(self.store, self.encoder, cache)
-        if index["first_error"] is not None and not skip_bad:
-            kind, message = index["first_error"]
-            raise DataError(message, kind)
-        self.skipped: Counter = Counter(index["skipped"])
-        self.truncated = index["truncated"]
-        self.rows, self.lengths, self.n_images = index["rows"], index["length"], index["images"]
+        adopt_index(self, load_document_index(self.store, self.encoder, cache), skip_bad)
 
     def __len__(self) -> int:
         return len(self.rows)
