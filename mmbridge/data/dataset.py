@@ -9,10 +9,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from mmbridge.data.images import ImageError, preprocess
+from mmbridge.data.images import ImageError
+from mmbridge.data.layouts import batch_index
 from mmbridge.data.llava import DataError, record_images
 from mmbridge.data.processor import IGNORE, Processor
-from mmbridge.data.record_index import load_index
+from mmbridge.data.record_index import image_counts, load_index
 from mmbridge.data.sampler import LengthGroupedBatches, MixtureSampler  # noqa: F401  (re-exported)
 from mmbridge.data.video import record_units, sampling_of
 from mmbridge.data.video_records import VideoRecords
@@ -63,12 +64,15 @@ class ConversationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def encoded(self, idx: int) -> dict:
-        """Sample `idx` tokenised, its images named but not read."""
+    def encoded(self, idx: int, counts: list[int] | None = None) -> dict:
+        """Sample `idx` tokenised, its images named but not read (`counts`: each image's tokens; under a tiling
+        whose counts vary, read from the images' sizes when not given)."""
         i = int(self.rows[idx])
         rec = self.store.load(i)
         where, names = self.store.place(i, rec), record_images(rec)
-        enc = self.processor.encode(rec["conversations"], len(names), where)
+        if counts is None and self.processor.tiling.varies and names:
+            counts = image_counts(self.store, self.processor, i, record_units(rec), where)
+        enc = self.processor.encode(rec["conversations"], len(names), where, counts)
         if len(enc.input_ids) != self.lengths[idx]:
             raise DataError(f"{where}: {len(enc.input_ids)} tokens, but the index says {self.lengths[idx]}; "
                             f"delete {self.store.name}'s entry in the data-index cache")
@@ -83,19 +87,22 @@ class ConversationDataset(Dataset):
         return _Samples(self)
 
     def __getitem__(self, idx: int) -> dict:
-        s = self.encoded(idx)
+        i = int(self.rows[idx])
+        rec = self.store.load(i)
+        units = record_units(rec)
         try:
-            images = self.store.frames(s["row"], s["units"])
+            images = self.store.frames(i, units)
         except ImageError as e:
             if not self.skip_bad:
-                raise DataError(f"{s['where']}: {e}", "unreadable image") from e
-            return {"id": s["id"], "skip": "unreadable image"}
-        size = self.processor.image_size
-        pixels = preprocess(images, size, self.processor.image_mean, self.processor.image_std) \
-            if images else torch.zeros(0, 3, size, size)
-        counts = [len(u) for u in s["units"]]
-        return {"id": s["id"], "input_ids": s["input_ids"], "labels": s["labels"], "pixel_values": pixels,
-                **({"frame_counts": counts} if len(counts) != len(images) else {}),
+                raise DataError(f"{self.store.place(i, rec)}: {e}", "unreadable image") from e
+            return {"id": str(rec.get("id", self.store.default_id(i))), "skip": "unreadable image"}
+        views = self.processor.images(images)
+        s = self.encoded(idx, views.get("counts"))
+        frames = [len(u) for u in units]
+        return {"id": s["id"], "input_ids": s["input_ids"], "labels": s["labels"],
+                "pixel_values": views["pixel_values"],
+                **({"frame_counts": frames} if len(frames) != len(images) else {}),
+                **({"visual_index": views["visual_index"], "views": views["views"]} if "views" in views else {}),
                 **{k: s[k] for k in BRIDGE_TEXT if k in s}}
 
 
@@ -139,7 +146,16 @@ class Collator:
             "skipped": skipped,
             **self._bridge_text(items),
             **self._frame_counts(items),
+            **self._visual_index(items),
         }
+
+    def _visual_index(self, items: list[dict]) -> dict:
+        """`visual_index` [image tokens]: under a tiling whose counts vary, where each image token's vector comes
+        from among the batch's bridge outputs (data/layouts.py), images in the samples' order."""
+        if not any("visual_index" in it for it in items):
+            return {}
+        return {"visual_index": batch_index([it["visual_index"].numpy() for it in items], [it["views"] for it in items],
+                                            self.processor.num_image_tokens)}
 
     @staticmethod
     def _frame_counts(items: list[dict]) -> dict:

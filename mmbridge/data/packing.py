@@ -163,4 +163,5 @@ class PackingCollator(Collator):
             "skipped": skipped,
             **self._bridge_text(ordered),
             **self._frame_counts(ordered),
+            **self._visual_index(ordered),
         }

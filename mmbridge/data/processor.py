@@ -9,6 +9,8 @@ import jinja2
 import numpy as np
 import torch
 
+from mmbridge.data.images import preprocess
+from mmbridge.data.layouts import Tiling, batch_index
 from mmbridge.data.llava import ROLES, DataError
 from mmbridge.models.language import IMAGE_TOKEN
 
@@ -33,8 +35,9 @@ class Encoded:
 class Processor:
     """Owns tokenisation and image preprocessing for one composite model.
 
-    Each `<image>` in a user turn becomes exactly `num_image_tokens` image-token ids, which the
-    model fills with bridge outputs by position. Labels cover every assistant turn (its content
+    Each `<image>` in a user turn becomes its image's count of image-token ids (`image_counts`: with the
+    default `tiling`, `num_image_tokens`, the bridge's tokens per view, for every image), which the model
+    fills with bridge outputs by position. Labels cover every assistant turn (its content
     and the end-of-turn token the template puts after it) and nothing else.
 
     A bridge with its own text side (the Q-Former) gives `text_tokenizer`: each sample then also
@@ -46,7 +49,8 @@ class Processor:
                  instructions: bool = False, max_text_tokens: int = 64):
         self.tokenizer = tokenizer
         self.text_tokenizer, self.instructions, self.max_text_tokens = text_tokenizer, instructions, max_text_tokens
-        self.num_image_tokens = num_image_tokens
+        self.num_image_tokens = num_image_tokens  # the bridge's tokens per encoder view
+        self.tiling = Tiling()  # how an image becomes views and tokens (data/layouts.py)
         self.image_size, self.image_mean, self.image_std = image_size, tuple(image_mean), tuple(image_std)
         self.max_length = max_length
         self.system_prompt = system_prompt
@@ -70,17 +74,60 @@ class Processor:
             ids.add(self.tokenizer.convert_tokens_to_ids(closing))
         return sorted(i for i in ids if i is not None)
 
-    # -- text ---------------------------------------------------------------------------------
-    def messages(self, conversations: list[dict], span: int | None = None) -> list[dict]:
-        """LLaVA turns → chat messages, with each `<image>` expanded to its token span (or `span` tokens)."""
-        return [{"role": r, "content": c} for r, c in zip(*self._turns(conversations, span))]
+    # -- images -------------------------------------------------------------------------------
+    def image_counts(self, sizes) -> list[int]:
+        """The LM tokens of each image, from its (width, height) under the tiling."""
+        if not self.tiling.varies:
+            return [self.num_image_tokens] * len(sizes)
+        return [self.tiling.count(s, self.image_size, self.num_image_tokens) for s in sizes]
 
-    def _turns(self, conversations: list[dict], span: int | None = None) -> tuple[list[str], list[str]]:
+    def images(self, images: list) -> dict:
+        """PIL images (or video frames) → `pixel_values` [views, 3, S, S]; under a tiling whose counts vary also
+        `counts` (each image's tokens), `visual_index` (data/layouts.py, for these images alone) and `views`."""
+        size = self.image_size
+        if not self.tiling.varies:
+            pixels = preprocess(images, size, self.image_mean, self.image_std) if images else \
+                torch.zeros(0, 3, size, size)
+            return {"pixel_values": pixels}
+        views = [self.tiling.views(im, size) for im in images]
+        index = [self.tiling.token_index(im.size, size, self.num_image_tokens) for im in images]
+        flat = [v for vs in views for v in vs]
+        pixels = preprocess(flat, size, self.image_mean, self.image_std) if flat else torch.zeros(0, 3, size, size)
+        return {"pixel_values": pixels, "counts": [len(ix) for ix in index], "views": len(flat),
+                "visual_index": batch_index(index, [len(v) for v in views], self.num_image_tokens)}
+
+    def _reps(self, counts: list[int] | None, n: int) -> list[int]:
+        """The tokens of each of `n` `<image>` placeholders: `counts` in order (the bridge's tokens per view
+        where none is given)."""
+        counts = list(counts or ())
+        return [counts[k] if k < len(counts) else self.num_image_tokens for k in range(n)]
+
+    @staticmethod
+    def _expected(n_images: int, counts: list[int]) -> str:
+        if len(set(counts)) <= 1:
+            return f"{n_images} x {counts[0] if counts else 0}"
+        return f"{sum(counts)} ({' + '.join(map(str, counts))})"
+
+    # -- text ---------------------------------------------------------------------------------
+    def messages(self, conversations: list[dict], span: int | None = None,
+                 counts: list[int] | None = None) -> list[dict]:
+        """LLaVA turns → chat messages, with each `<image>` expanded to its token span (`counts`, else the
+        bridge's tokens per view; or `span` tokens for every image)."""
+        return [{"role": r, "content": c} for r, c in zip(*self._turns(conversations, span, counts))]
+
+    def _turns(self, conversations: list[dict], span: int | None = None,
+               counts: list[int] | None = None) -> tuple[list[str], list[str]]:
         """The roles and contents of `messages`."""
-        span = IMAGE_TOKEN * (self.num_image_tokens if span is None else span)
         roles = [ROLES[t["from"]] for t in conversations]
-        contents = [t["value"] for t in conversations] if span == IMAGE_TOKEN else \
-            [t["value"].replace(IMAGE_TOKEN, span) for t in conversations]
+        if span == 1:
+            contents = [t["value"] for t in conversations]
+        elif span is not None or not counts:
+            span = IMAGE_TOKEN * (self.num_image_tokens if span is None else span)
+            contents = [t["value"].replace(IMAGE_TOKEN, span) for t in conversations]
+        else:  # each image its own span, in order
+            reps = iter(self._reps(counts, sum(t["value"].count(IMAGE_TOKEN) for t in conversations)))
+            contents = [re.sub(re.escape(IMAGE_TOKEN), lambda _: IMAGE_TOKEN * next(reps), t["value"])
+                        for t in conversations]
         if self.system_prompt is not None and roles[0] != "system":
             roles.insert(0, "system")
             contents.insert(0, self.system_prompt)
@@ -138,36 +185,39 @@ class Processor:
             pos += len(placed) + len(after)
         return spans
 
-    def encode(self, conversations: list[dict], n_images: int, where: str = "sample") -> Encoded:
-        """Tokenise a training conversation; the length budget counts image tokens."""
-        out = self.encode_many([(conversations, n_images, where)])[0]
+    def encode(self, conversations: list[dict], n_images: int, where: str = "sample",
+               counts: list[int] | None = None) -> Encoded:
+        """Tokenise a training conversation; the length budget counts image tokens (`counts` per image, see
+        `image_counts`; default: the bridge's tokens per view each)."""
+        out = self.encode_many([(conversations, n_images, where, counts)])[0]
         if isinstance(out, DataError):
             raise out
         return out
 
-    def encode_many(self, items: list[tuple[list[dict], int, str]]) -> list[Encoded | DataError]:
-        """`encode` for many (conversations, n_images, where) at once, the tokenizer called once:
+    def encode_many(self, items: list[tuple]) -> list[Encoded | DataError]:
+        """`encode` for many (conversations, n_images, where[, counts]) at once, the tokenizer called once:
         each result is the encoding or the DataError that `encode` would raise."""
         out: list = [None] * len(items)
         todo = []
-        for k, (conversations, _, where) in enumerate(items):
+        for k, (conversations, _, where, *counts) in enumerate(items):
             try:
-                todo.append((k, *self._prepare(conversations, where)))
+                todo.append((k, *self._prepare(conversations, where, *counts)))
             except DataError as e:
                 out[k] = e
         if todo:
             enc = self.tokenizer([t[1] for t in todo], add_special_tokens=False, return_offsets_mapping=True)
             for (k, text, spans), ids, offsets in zip(todo, enc["input_ids"], enc["offset_mapping"]):
-                _, n_images, where = items[k]
+                _, n_images, where, *counts = items[k]
                 try:
-                    out[k] = self._finish(text, spans, ids, offsets, n_images, where)
+                    out[k] = self._finish(text, spans, ids, offsets, n_images, where, *counts)
                 except DataError as e:
                     out[k] = e
         return out
 
-    def _prepare(self, conversations: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
+    def _prepare(self, conversations: list[dict], where: str,
+                 counts: list[int] | None = None) -> tuple[str, list[tuple[int, int]]]:
         """The rendered text (one image token per `<image>` when `_expand` allows) and its answer spans."""
-        roles, contents = self._turns(conversations, span=1 if self._expand else None)
+        roles, contents = self._turns(conversations, span=1 if self._expand else None, counts=counts)
         self._check_turns(roles, contents, where)
         if self._verbatim is None:
             from mmbridge.data.chat_shape import content_printed_verbatim
@@ -228,7 +278,8 @@ class Processor:
             pos += len(content) + len(after)
         return "".join(parts), spans
 
-    def _finish(self, text: str, spans, ids, offsets, n_images: int, where: str) -> Encoded:
+    def _finish(self, text: str, spans, ids, offsets, n_images: int, where: str,
+                counts: list[int] | None = None) -> Encoded:
         """Labels from the answer spans, image spans expanded, checks, and the cut to `max_length`."""
         ids = np.asarray(ids, dtype=np.int64)
         offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
@@ -242,12 +293,15 @@ class Processor:
         for s, e in spans:
             is_target |= (starts >= s) & (offsets[:, 1] <= e) & (offsets[:, 1] > starts)
         if self._expand:  # each image token stands for its whole span
-            reps = np.where(ids == self.image_token_id, self.num_image_tokens, 1)
+            at = ids == self.image_token_id
+            reps = np.ones(len(ids), dtype=np.int64)
+            reps[at] = self._reps(counts, int(at.sum()))
             ids, is_target = np.repeat(ids, reps), np.repeat(is_target, reps)
         n_img_tok = int((ids == self.image_token_id).sum())
-        if n_img_tok != n_images * self.num_image_tokens:
+        wanted = self._reps(counts, n_images)
+        if n_img_tok != sum(wanted):
             raise DataError(f"{where}: {n_img_tok} image tokens after tokenisation, expected "
-                            f"{n_images} x {self.num_image_tokens}", "<image> count mismatch")
+                            f"{self._expected(n_images, wanted)}", "<image> count mismatch")
         labels = np.where(is_target, ids, IGNORE)
         if not (labels[1:] != IGNORE).any():
             raise DataError(f"{where}: no token of any answer is labelled", "no answer tokens")
@@ -272,8 +326,9 @@ class Processor:
         return DataError(f"{where}: {n} tokens (images end at token {image_end}) exceed max_length={self.max_length}; "
                          "the cut would fall inside or before an image", "too long (image past the length budget)")
 
-    def measure_many(self, items: list[tuple[list[dict], int, str]]) -> list[tuple[int, bool] | DataError]:
-        """(length, shortened?) of each (conversations, n_images, where) as `encode` gives them, or its DataError.
+    def measure_many(self, items: list[tuple]) -> list[tuple[int, bool] | DataError]:
+        """(length, shortened?) of each (conversations, n_images, where[, counts]) as `encode` gives them, or its
+        DataError.
 
         Counted with a `PieceCounter` (`data/token_count.py`) where the tokenizer allows; a conversation
         whose labels that count cannot settle (no answer closed by a special token, or one too long to
@@ -287,40 +342,44 @@ class Processor:
             self._counter = PieceCounter.build(self.tokenizer) if fits else None
         out: list = [None] * len(items)
         ready, exact = [], []
-        for k, (conversations, _, where) in enumerate(items):
+        for k, (conversations, _, where, *counts) in enumerate(items):
             try:
-                ready.append((k, *self._prepare(conversations, where)))
+                ready.append((k, *self._prepare(conversations, where, *counts)))
             except DataError as e:
                 out[k] = e
         if self._counter is None:
             exact, ready = [k for k, _, _ in ready], []
-        n_tok, special = self.num_image_tokens, tuple(self._special)
-        counted = []  # (k, text, end of the last image, end of the first closed answer, images)
+        special = tuple(self._special)
+        counted = []  # (k, text, end of the last image, end of the first closed answer, each image's tokens)
         for k, text, spans in ready:
-            _, n_images, where = items[k]
+            _, n_images, where, *given = items[k]
             closed = [e for s, e in spans if s > 0 and text.endswith(special, s, e)]
             images = text.count(IMAGE_TOKEN)
+            reps = self._reps(given[0] if given else None, images)
             if not closed:  # no answer ends in a special token, which is always labelled: encode
                 exact.append(k)
             elif images != n_images:
-                out[k] = DataError(f"{where}: {images * n_tok} image tokens after tokenisation, expected "
-                                   f"{n_images} x {n_tok}", "<image> count mismatch")
+                wanted = self._reps(given[0] if given else None, n_images)
+                out[k] = DataError(f"{where}: {sum(reps)} image tokens after tokenisation, expected "
+                                   f"{self._expected(n_images, wanted)}", "<image> count mismatch")
             else:
                 image_end = text.rfind(IMAGE_TOKEN) + len(IMAGE_TOKEN) if images else 0
-                counted.append((k, text, image_end, closed[0], images))
+                counted.append((k, text, image_end, closed[0], reps))
         # each text's count, and (for one that is too long) the counts of its prefixes that end with the last
-        # image and with the first closed answer
-        budget = [self.max_length - (n_tok - 1) * c[4] for c in counted]
-        counts, prefixes = self._counter.count_with_prefixes([c[1] for c in counted], [c[2:4] for c in counted],
-                                                             budget) if counted else ([], [])
-        for (k, text, _, first, images), count, prefix in zip(counted, counts, prefixes):
+        # image and with the first closed answer; an image placeholder is one token of the text
+        budget = [self.max_length - (sum(c[4]) - len(c[4])) for c in counted]
+        lengths, prefixes = self._counter.count_with_prefixes([c[1] for c in counted], [c[2:4] for c in counted],
+                                                              budget) if counted else ([], [])
+        for (k, text, _, first, reps), count, prefix in zip(counted, lengths, prefixes):
             where = items[k][2]
-            if (n := count + (n_tok - 1) * images) <= self.max_length:
+            extra = sum(reps) - len(reps)
+            if (n := count + extra) <= self.max_length:
                 out[k] = (n, False)
                 continue
             image_end, first_n = prefix
-            image_end = image_end + (n_tok - 1) * images if images else 0
-            first_n += (n_tok - 1) * text.count(IMAGE_TOKEN, 0, first)
+            image_end = image_end + extra if reps else 0
+            before = text.count(IMAGE_TOKEN, 0, first)
+            first_n += sum(reps[:before]) - before
             if image_end > self.max_length:
                 out[k] = self._image_past_budget(where, n, image_end)
             elif first_n > self.max_length:
@@ -331,9 +390,10 @@ class Processor:
             out[k] = enc if isinstance(enc, DataError) else (len(enc.input_ids), enc.truncated)
         return out
 
-    def encode_prompt(self, conversations: list[dict]) -> list[int]:
-        """Tokenise the conversation so far plus the assistant header, for generation."""
-        msgs = self.messages(conversations)
+    def encode_prompt(self, conversations: list[dict], counts: list[int] | None = None) -> list[int]:
+        """Tokenise the conversation so far plus the assistant header, for generation (`counts`: each image's
+        tokens, see `image_counts`)."""
+        msgs = self.messages(conversations, counts=counts)
         text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 

@@ -22,8 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mmbridge.data.images import ImageError
 from mmbridge.data.llava import DataError, check_record, record_images
 from mmbridge.data.record_file import MalformedFile
+from mmbridge.data.video import record_units
 
 VERSION = 3  # bump when what the index holds or how a record is encoded changes
 BATCH = 512  # conversations measured at a time
@@ -39,6 +41,9 @@ def fingerprint(processor) -> str:
     backend = tok.backend_tokenizer.to_str() if getattr(tok, "is_fast", False) else repr(sorted(tok.get_vocab()))
     parts = [VERSION, backend, tok.chat_template, processor.num_image_tokens, processor.max_length,
              processor.system_prompt, processor.image_token_id, processor._expand, type(processor).__name__]
+    tiling = getattr(processor, "tiling", None)
+    if tiling is not None and tiling.varies:  # each image's count follows its size, the tiling and S
+        parts += [tiling.key, processor.image_size]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
 
 
@@ -48,6 +53,15 @@ def content_hash(files: list[Path]) -> str:
         with open(f, "rb") as fh:
             h.update(hashlib.file_digest(fh, "sha256").digest())
     return h.hexdigest()[:24]
+
+
+def image_counts(store, processor, i: int, units: list[list], where: str) -> list[int]:
+    """The LM tokens of record `i`'s images, from their sizes under the processor's tiling (each visual input's first frame)."""
+    try:
+        frames = store.frames(i, units)
+    except ImageError as e:
+        raise DataError(f"{where}: {e}", "unreadable image") from e
+    return processor.image_counts([im.size for im in frames])
 
 
 def _relative(message: str, name: str) -> str:
@@ -83,7 +97,14 @@ def _index_range(store, processor, a: int, b: int) -> dict:
             continue
         paths = record_images(rec)
         images[i - a] = len(paths)
-        items.append((rec["conversations"], len(paths), where))
+        counts = None
+        if paths and getattr(processor, "tiling", None) is not None and processor.tiling.varies:
+            try:  # the tokens of each image follow its size: read it
+                counts = image_counts(store, processor, i, record_units(rec), where)
+            except DataError as e:
+                bad.append((i, "record", e.kind, _relative(str(e), store.name)))
+                continue
+        items.append((rec["conversations"], len(paths), where, counts))
         at.append(i - a)
     for s in range(0, len(items), BATCH):
         for j, got in zip(at[s:s + BATCH], processor.measure_many(items[s:s + BATCH])):

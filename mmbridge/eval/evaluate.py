@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from mmbridge.data.images import load_image, preprocess
+from mmbridge.data.images import load_image
 from mmbridge.data.llava import read_llava_json, record_images
 from mmbridge.data.video import expand, load_frames, record_units, sampling_of
 from mmbridge.eval.metrics import caption_scores, grounding_scores, parse_box, vqa_accuracy
@@ -47,15 +47,22 @@ def generate_answers(model, processor, records: list[dict], image_root: str | Pa
     for i in tqdm(range(0, len(records), batch_size), desc=desc, disable=not progress, dynamic_ncols=True):
         batch = [expand(r, sampling, f"record {r.get('id')}", lambda name: root / name)
                  for r in records[i: i + batch_size]]
-        prompts = [processor.encode_prompt(prompt_turns(r)) for r in batch]
         units = [u for r in batch for u in record_units(r)]
         frames = load_frames(units, lambda name: load_image(root / name), lambda name: root / name)
-        pixels = preprocess(frames, processor.image_size, processor.image_mean,
-                            processor.image_std) if frames else None
+        views = processor.images(frames)  # under a tiling: each image's views and own token count
+        pixels = views["pixel_values"] if frames else None
+        counts, at = views.get("counts"), 0
+        prompts = []
+        for r in batch:  # each record's images' own counts (none given: the bridge's tokens per view)
+            n = len(record_units(r))
+            prompts.append(processor.encode_prompt(prompt_turns(r), counts[at:at + n] if counts else None))
+            at += n
         ids = processor.pad(prompts, processor.pad_id, left=True)
         lengths = torch.tensor([len(p) for p in prompts])
         mask = (torch.arange(ids.shape[1])[None, :] >= ids.shape[1] - lengths[:, None]).long()
         extra = {"frame_counts": torch.tensor([len(u) for u in units])} if len(units) != len(frames) else {}
+        if "visual_index" in views:
+            extra["visual_index"] = views["visual_index"]
         if processor.instructions:  # InstructBLIP: the Q-Former reads each image's instruction
             extra["instruction_ids"] = processor.pad_text(
                 [s for r in batch for s in processor.instruction_ids(prompt_turns(r))])

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from mmbridge.config import ModelConfig
+from mmbridge.data.layouts import Tiling
 from mmbridge.data.processor import Processor
 from mmbridge.data.video import VideoSampling
 from mmbridge.models.bridges import build_bridge
@@ -23,6 +27,7 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> tuple[MultimodalLM, Process
     tok = tokenizer or tok
     bridge = build_bridge(dict(cfg.bridge), vision.hidden_size, lm.config.hidden_size, vision.grid,
                           in_tokens=vision.num_tokens)
+    tiling = build_tiling(cfg, bridge, vision.image_size, lm.config.hidden_size)
     model = MultimodalLM(vision, bridge, lm, tok.convert_tokens_to_ids(IMAGE_TOKEN))
     model.precision = getattr(cfg, "precision", "auto")
     if getattr(cfg, "feature_cache", False):
@@ -36,7 +41,23 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> tuple[MultimodalLM, Process
                           text_tokenizer=bridge.tokenizer, instructions=bridge.uses_instruction,
                           max_text_tokens=getattr(bridge, "max_text_tokens", 64))
     processor.video = video_sampling(cfg, bridge)
+    processor.tiling = tiling
     return model, processor
+
+
+def build_tiling(cfg: ModelConfig, bridge, image_size: int, width: int) -> Tiling:
+    """`model.tiling`, checked against the bridge; AnyRes's newline becomes the bridge's learned `image_newline`
+    (LLaVA-NeXT), so it trains and is saved with the bridge."""
+    tiling = Tiling.from_options(getattr(cfg, "tiling", None))
+    if not tiling.varies:
+        return tiling
+    if bridge.reads_video or bridge.uses_instruction or getattr(bridge, "fusion", "early") == "deep":
+        raise ValueError(f"model.tiling.mode={tiling.mode}: the {cfg.bridge.get('name')} bridge reads videos, "
+                         "instructions or the LM's layers per image; tiling needs a bridge that maps each view alone")
+    tiling.check(image_size, bridge.num_tokens)
+    if tiling.newline:
+        bridge.image_newline = nn.Parameter(torch.randn(width) / width ** 0.5)
+    return tiling
 
 
 def video_sampling(cfg: ModelConfig, bridge) -> VideoSampling:

@@ -57,7 +57,22 @@ class MultimodalLM(nn.Module):
 
     @property
     def num_image_tokens(self) -> int:
+        """The bridge's tokens per encoder view (an image's own count may differ: `visual_index`)."""
         return self.bridge.num_tokens
+
+    def place_visual(self, visual: torch.Tensor, visual_index: torch.Tensor | None) -> torch.Tensor:
+        """[n_views, k, D] bridge outputs → [image tokens, D] in the order of the image-token positions: as they
+        are, or, with a `visual_index` (data/layouts.py), gathered from them and the bridge's `image_newline`
+        (index -1)."""
+        flat = visual.reshape(-1, visual.shape[-1])
+        if visual_index is None:
+            return flat
+        newline = getattr(self.bridge, "image_newline", None)
+        if newline is not None:
+            flat = torch.cat([flat, newline.to(flat.dtype)[None]], dim=0)
+        elif visual_index.numel() and bool((visual_index < 0).any()):
+            raise ValueError("visual_index asks for the image newline, but the bridge has no image_newline")
+        return flat[visual_index]
 
     @property
     def device(self) -> torch.device:
@@ -117,7 +132,8 @@ class MultimodalLM(nn.Module):
                 instruction_ids: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
-                frame_counts: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                frame_counts: torch.Tensor | None = None,
+                visual_index: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """`embed`, plus the extra decoder keywords (`fusion`) a deep-fusion bridge needs for the same forward.
         LaVIN's adapters (models/mma.py), if the LM has them, learn here which samples hold an image; MoE layers
         (models/moe.py) which positions are padding (`attention_mask` [B, T] or `segment_ids` 0), for their
@@ -139,11 +155,12 @@ class MultimodalLM(nn.Module):
                 return embeds, {}
             feats = self.vision_features(pixel_values)
             visual = self._bridge(feats, instruction_ids, frame_counts)
-        visual = visual.to(embeds.dtype)
-        if visual.shape[0] * visual.shape[1] != n_slots:
-            raise ValueError(f"{visual.shape[0]} images x {visual.shape[1]} tokens do not match "
-                             f"{n_slots} image-token positions in the batch")
-        embeds = embeds.masked_scatter(is_image.unsqueeze(-1), visual.reshape(-1, visual.shape[-1]))
+        placed = self.place_visual(visual.to(embeds.dtype), visual_index)
+        if placed.shape[0] != n_slots:
+            got = f"{visual.shape[0]} images x {visual.shape[1]} tokens" if visual_index is None else \
+                f"{placed.shape[0]} visual tokens (visual_index)"
+            raise ValueError(f"{got} do not match {n_slots} image-token positions in the batch")
+        embeds = embeds.masked_scatter(is_image.unsqueeze(-1), placed)
         if not self.deep_fusion:
             return embeds, {}
         if feats is None:
@@ -182,13 +199,16 @@ class MultimodalLM(nn.Module):
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 normalizer: float | None = None, position_ids: torch.Tensor | None = None,
                 instruction_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
-                target_weights: torch.Tensor | None = None, frame_counts: torch.Tensor | None = None) -> LMOutput:
+                target_weights: torch.Tensor | None = None, frame_counts: torch.Tensor | None = None,
+                visual_index: torch.Tensor | None = None) -> LMOutput:
         """Next-token loss over labelled positions only; logits are computed only where needed.
 
         `segment_ids` ([B, T], packed rows: samples 1, 2, … and 0 for padding) make attention
-        block-diagonal; give each sample's own `position_ids` with them."""
+        block-diagonal; give each sample's own `position_ids` with them. `visual_index` places a tiled batch's
+        bridge outputs (data/layouts.py)."""
         embeds, extra = self.prepare(input_ids, pixel_values, instruction_ids=instruction_ids, segment_ids=segment_ids,
-                                     attention_mask=attention_mask, frame_counts=frame_counts)
+                                     attention_mask=attention_mask, frame_counts=frame_counts,
+                                     visual_index=visual_index)
         if segment_ids is not None:
             attention_mask = self.packed_mask(segment_ids, attention_mask, embeds.dtype)
         decoder = self.lm.get_decoder()
@@ -206,7 +226,8 @@ class MultimodalLM(nn.Module):
                  top_p: float | Sequence[float] = 1.0,
                  generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
                  on_token: Callable[[list[int | None]], Sequence[bool] | None] | None = None,
-                 frame_counts: torch.Tensor | None = None) -> list[list[int]]:
+                 frame_counts: torch.Tensor | None = None,
+                 visual_index: torch.Tensor | None = None) -> list[list[int]]:
         """Decoding with a KV cache; `input_ids` are left-padded prompts, on the model's device.
 
         Greedy by default; a row with `temperature` > 0 samples from its top-p nucleus with its `generator`
@@ -219,12 +240,12 @@ class MultimodalLM(nn.Module):
                          top_p=per_row(top_p, n, "top_p"), generators=per_row(generator, n, "generator"))
         with self.autocast():
             return self._generate(input_ids, attention_mask, pixel_values, max_new_tokens, eos_token_ids,
-                                  instruction_ids, choose, on_token, frame_counts)
+                                  instruction_ids, choose, on_token, frame_counts, visual_index)
 
     def _generate(self, input_ids, attention_mask, pixel_values, max_new_tokens, eos_token_ids, instruction_ids,
-                  choose, on_token, frame_counts=None):
+                  choose, on_token, frame_counts=None, visual_index=None):
         embeds, extra = self.prepare(input_ids, pixel_values, instruction_ids=instruction_ids,
-                                     frame_counts=frame_counts)
+                                     frame_counts=frame_counts, visual_index=visual_index)
         mask = attention_mask.clone()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         # only the last position's logits are needed (a [B, T, vocab] product is a fifth of a small LM's prefill)

@@ -66,8 +66,12 @@ def resize_hf_tower(model: nn.Module, image_size: int, n_special: int) -> None:
 
 
 def sync_processor(model: nn.Module, processor) -> None:
-    """The processor resizes images to the model's current size and gives each image its current token count."""
+    """The processor resizes images (and cuts tiles) at the model's current size and counts each image's tokens
+    with the bridge's current tokens per view."""
     if processor is None or not hasattr(model, "num_image_tokens"):
         return
     processor.image_size = model.vision.image_size
     processor.num_image_tokens = model.num_image_tokens
+    tiling = getattr(processor, "tiling", None)
+    if tiling is not None:
+        tiling.check(processor.image_size, processor.num_image_tokens)  # AnyRes still places the new grid

@@ -13,5 +13,6 @@ class NextTokenLoss(Objective):
         out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
                     normalizer=normalizer, instruction_ids=batch.get("instruction_ids"),
                     position_ids=batch.get("position_ids"), segment_ids=batch.get("segment_ids"),
-                    target_weights=batch.get("target_weights"), frame_counts=batch.get("frame_counts"))
+                    target_weights=batch.get("target_weights"), frame_counts=batch.get("frame_counts"),
+                    visual_index=batch.get("visual_index"))
         return LossOutput(out.loss, {"lm": out.loss.detach()})

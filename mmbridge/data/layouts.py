@@ -1,0 +1,112 @@
+"""How an image becomes encoder views and visual tokens: one square resize, or LLaVA-NeXT's AnyRes tiles.
+
+`Tiling` (the recipe's `model.tiling`) is what the processor asks per image: the S×S views the encoder reads
+(`views`) and where each of the image's LM tokens comes from (`token_index`): a row of the bridge's outputs for
+those views, flattened view by view, or -1 for the learned `image_newline`. The number of tokens of an image is
+the length of that index, so it depends on the image's size (its layout), not on one fixed count.
+
+- `mode: none` (default): one view, the image resized to S×S; its tokens are the bridge's outputs in order.
+- `mode: anyres` (LLaVA-NeXT): the grid from `grids` (rows×cols of S×S tiles; default 1×2, 2×1, 2×2, 1×3, 3×1)
+  chosen from the image size (`data/tiling.py`), the tiles' token maps placed as one map with the padding's
+  rows and columns removed, a newline after each row (`newline`), then the global view's tokens
+  (`global_view`). The bridge must give a square g×g map per view, with g dividing S.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mmbridge.data.tiling import ANYRES_GRIDS, anyres_layout, cut_tiles
+from mmbridge.models.anyres import assemble
+
+MODES = ("none", "anyres")
+
+
+class Tiling:
+    """A per-image layout policy; `base` (S) and `per_view` (the bridge's tokens per view) are read from the
+    processor when used, so a stage that changes the resolution changes them too."""
+
+    def __init__(self, mode: str = "none", grids=None, newline: bool = True, global_view: bool = True):
+        if mode not in MODES:
+            raise ValueError(f"model.tiling.mode: {mode!r}; expected one of {list(MODES)}")
+        self.mode, self.newline, self.global_view = mode, bool(newline), bool(global_view)
+        grids = ANYRES_GRIDS if grids is None else grids
+        try:
+            self.grids = tuple((int(r), int(c)) for r, c in grids)
+        except (TypeError, ValueError):
+            raise ValueError(f"model.tiling.grids: expected a list of [rows, cols] pairs, got {grids!r}") from None
+        if not self.grids or any(r < 1 or c < 1 for r, c in self.grids):
+            raise ValueError(f"model.tiling.grids: expected positive [rows, cols] pairs, got {grids!r}")
+
+    @classmethod
+    def from_options(cls, options: dict | None) -> Tiling:
+        options = dict(options or {})
+        known = {"mode", "grids", "newline", "global_view"}
+        unknown = set(options) - known
+        if unknown:
+            raise ValueError(f"model.tiling.{sorted(unknown)[0]}: unknown key; expected one of {sorted(known)}")
+        return cls(**options)
+
+    @property
+    def varies(self) -> bool:
+        """Whether an image's token count depends on its size."""
+        return self.mode != "none"
+
+    @property
+    def key(self) -> str:
+        """What a data index's fingerprint takes from the tiling."""
+        if not self.varies:
+            return "none"
+        return f"{self.mode}-{self.grids}-{int(self.newline)}-{int(self.global_view)}"
+
+    def check(self, base: int, per_view: int) -> int:
+        """The side g of the bridge's g×g token map per view; raises if AnyRes cannot place it."""
+        side = math.isqrt(per_view)
+        if self.varies and (side * side != per_view or base % side):
+            raise ValueError(f"model.tiling.mode={self.mode}: the bridge gives {per_view} tokens per view; expected "
+                             f"a square g×g map with g dividing the image size {base}")
+        return side
+
+    def views(self, image: Image.Image, base: int) -> list[Image.Image]:
+        """The encoder's views of `image`, in the order the bridge's outputs are indexed."""
+        if not self.varies:
+            return [image]
+        layout = anyres_layout(image.size, base, self.grids)
+        tiles = cut_tiles(image, layout)
+        return tiles + [image.convert("RGB").resize((base, base), Image.Resampling.BICUBIC)] * self.global_view
+
+    def num_views(self, size: tuple[int, int], base: int) -> int:
+        if not self.varies:
+            return 1
+        layout = anyres_layout(size, base, self.grids)
+        return layout.rows * layout.cols + int(self.global_view)
+
+    def token_index(self, size: tuple[int, int], base: int, per_view: int) -> np.ndarray:
+        """For each of the image's LM tokens, its row in the image's flattened bridge outputs (-1: newline)."""
+        if not self.varies:
+            return np.arange(per_view, dtype=np.int64)
+        side = self.check(base, per_view)
+        layout = anyres_layout(size, base, self.grids)
+        n = layout.rows * layout.cols
+        tiles = torch.arange(n * per_view).reshape(n, side, side, 1)
+        glob = torch.arange(n * per_view, (n + 1) * per_view).reshape(-1, 1) if self.global_view else None
+        newline = torch.tensor([-1]) if self.newline else None
+        return assemble(tiles, layout, newline, glob).reshape(-1).numpy().astype(np.int64)
+
+    def count(self, size: tuple[int, int], base: int, per_view: int) -> int:
+        """How many LM tokens an image of `size` becomes."""
+        return per_view if not self.varies else len(self.token_index(size, base, per_view))
+
+
+def batch_index(indexes: list[np.ndarray], views: list[int], per_view: int) -> torch.Tensor:
+    """One batch's `visual_index`: each image's (or sample's) token index shifted past the views before it (-1
+    stays -1: the newline row the model appends after all views' outputs)."""
+    if not indexes:
+        return torch.zeros(0, dtype=torch.long)
+    offsets = np.concatenate([[0], np.cumsum(views)[:-1]]) * per_view
+    flat = np.concatenate([np.where(ix < 0, -1, ix + off) for ix, off in zip(indexes, offsets)])
+    return torch.from_numpy(flat.astype(np.int64))
