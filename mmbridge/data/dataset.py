@@ -102,7 +102,8 @@ class ConversationDataset(Dataset):
         return {"id": s["id"], "input_ids": s["input_ids"], "labels": s["labels"],
                 "pixel_values": views["pixel_values"],
                 **({"frame_counts": frames} if len(frames) != len(images) else {}),
-                **({"visual_index": views["visual_index"], "views": views["views"]} if "views" in views else {}),
+                **({"visual_index": views["visual_index"], "views": views["views"], "image_counts": views["counts"]}
+                   if "views" in views else {}),
                 **{k: s[k] for k in BRIDGE_TEXT if k in s}}
 
 
@@ -150,12 +151,14 @@ class Collator:
         }
 
     def _visual_index(self, items: list[dict]) -> dict:
-        """`visual_index` [image tokens]: under a tiling whose counts vary, where each image token's vector comes
-        from among the batch's bridge outputs (data/layouts.py), images in the samples' order."""
+        """Under a tiling whose counts vary: `visual_index` [image tokens], where each image token's vector comes
+        from among the batch's bridge outputs (data/layouts.py), and `image_counts` [n_images], each image's
+        tokens; images in the samples' order."""
         if not any("visual_index" in it for it in items):
             return {}
         return {"visual_index": batch_index([it["visual_index"].numpy() for it in items], [it["views"] for it in items],
-                                            self.processor.num_image_tokens)}
+                                            self.processor.num_image_tokens),
+                "image_counts": torch.tensor([c for it in items for c in it["image_counts"]], dtype=torch.long)}
 
     @staticmethod
     def _frame_counts(items: list[dict]) -> dict:

@@ -28,11 +28,17 @@ def first_answer_position(labels: torch.Tensor) -> torch.Tensor:
     return torch.where(has.any(dim=1), first, torch.full_like(first, labels.shape[1]))
 
 
-def image_spans(is_image: torch.Tensor, tokens_per_image: int) -> torch.Tensor:
-    """Which image each position belongs to (0, 1, … per row; -1 for text): image tokens are
-    grouped in order, `tokens_per_image` at a time, as the model fills them."""
-    ordinal = is_image.long().cumsum(dim=1) - 1
-    return torch.where(is_image, ordinal // tokens_per_image, torch.full_like(ordinal, -1))
+def image_spans(is_image: torch.Tensor, tokens_per_image: int | torch.Tensor) -> torch.Tensor:
+    """Which image each position belongs to (-1 for text): image tokens are grouped in order, as the model
+    fills them, `tokens_per_image` at a time (0, 1, … per row), or by each image's own count (a tensor
+    [n_images] of the batch's images in row-major order; numbered across the batch)."""
+    if torch.is_tensor(tokens_per_image):
+        ordinal = is_image.long().flatten().cumsum(0).reshape(is_image.shape) - 1
+        ends = tokens_per_image.to(is_image.device).cumsum(0)
+        span = torch.searchsorted(ends, ordinal, right=True)
+    else:
+        span = (is_image.long().cumsum(dim=1) - 1) // tokens_per_image
+    return torch.where(is_image, span, torch.full_like(span, -1))
 
 
 def segment_first_answer(labels: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
@@ -45,7 +51,7 @@ def segment_first_answer(labels: torch.Tensor, segment_ids: torch.Tensor) -> tor
 
 
 def allowed_attention(attention_mask: torch.Tensor, mode: str = "causal", labels: torch.Tensor | None = None,
-                      is_image: torch.Tensor | None = None, tokens_per_image: int | None = None,
+                      is_image: torch.Tensor | None = None, tokens_per_image: int | torch.Tensor | None = None,
                       segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean [B, T, T] (query, key): True where a query may attend to a key."""
     if mode not in MODES:
@@ -63,7 +69,8 @@ def allowed_attention(attention_mask: torch.Tensor, mode: str = "causal", labels
         else:  # the key lies in its own sample's prefix (the segment check below keeps samples apart)
             allowed = allowed | (pos < segment_first_answer(labels, segment_ids))[:, None, :]
     elif mode == "visual":
-        if is_image is None or not tokens_per_image:
+        if is_image is None or tokens_per_image is None or (not torch.is_tensor(tokens_per_image)
+                                                            and not tokens_per_image):
             raise ValueError("visual attention needs is_image and tokens_per_image")
         span = image_spans(is_image, tokens_per_image)
         same = (span[:, :, None] == span[:, None, :]) & is_image[:, :, None] & is_image[:, None, :]
@@ -80,7 +87,7 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> 
 
 
 def mixed_attention_mask(attention_mask: torch.Tensor, mode: str, labels: torch.Tensor | None = None,
-                         is_image: torch.Tensor | None = None, tokens_per_image: int | None = None,
+                         is_image: torch.Tensor | None = None, tokens_per_image: int | torch.Tensor | None = None,
                          dtype: torch.dtype = torch.float32, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Croc's mixed attention as a 4D additive mask for `lm.get_decoder()(attention_mask=...)`."""
     return additive_mask(allowed_attention(attention_mask, mode, labels, is_image, tokens_per_image, segment_ids),

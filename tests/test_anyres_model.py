@@ -1,0 +1,212 @@
+"""A token count per image, end to end, with LLaVA-NeXT's AnyRes: processor, splicing, packing, masks, dataset
+index, FLOPs, training, load_run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmbridge.config import ModelConfig, recipe_from_dict
+from mmbridge.data.dataset import Collator, ConversationDataset
+from mmbridge.data.layouts import Tiling
+from mmbridge.data.packing import PackingCollator, pack
+from mmbridge.data.tiling import anyres_grid, anyres_layout
+from mmbridge.models.anyres import assemble
+from mmbridge.models.build import build_model
+from mmbridge.models.masks import allowed_attention, image_spans
+from mmbridge.train.checkpoint import load_run
+from mmbridge.train.flops import StepFlops
+from mmbridge.train.trainer import Trainer
+from tests.conftest import tiny_recipe_dict
+
+IGNORE = -100
+# (width, height) → tokens for the tiny tower (32 px, 4x4 grid) and the mlp bridge (16 tokens per view):
+# 64x64: a 2x2 grid, an 8x8 map, 8 rows of 8 + newline, + 16 global = 88
+# 32x96: 3x1 (rows x cols), a 12x4 map: 12 x 5 + 16 = 76;  64x40: 2x2, image at y 12..52 → map rows 1..7: 6 x 9 + 16 = 70
+SIZES = {(64, 64): 88, (32, 96): 76, (64, 40): 70}
+
+
+def picture(size, seed):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def conv(n_images: int, question: str = "What is there?", answer: str = "a red circle") -> list[dict]:
+    return [{"from": "human", "value": "<image>\n" * n_images + question}, {"from": "gpt", "value": answer}]
+
+
+@pytest.fixture(scope="module")
+def tiled(tiny_lm_dir, tiny_clip_dir):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vision={"name": "hf", "path": tiny_clip_dir}, bridge={"name": "mlp"}, lm={"path": tiny_lm_dir},
+                      max_length=400, system_prompt="", tiling={"mode": "anyres"})
+    model, proc = build_model(cfg)
+    return model.eval(), proc
+
+
+def sample(proc, images, **kw):
+    """A training item as the dataset gives it."""
+    views = proc.images(images)
+    enc = proc.encode(conv(len(images), **kw), len(images), counts=views["counts"])
+    return {"id": "x", "input_ids": enc.input_ids, "labels": enc.labels, "pixel_values": views["pixel_values"],
+            "visual_index": views["visual_index"], "views": views["views"], "image_counts": views["counts"]}
+
+
+def test_layouts_and_counts():
+    tiling = Tiling("anyres")
+    assert anyres_grid((672, 672), 336) == (2, 2) and tiling.num_views((672, 672), 336) == 5  # 2x2 + global view
+    assert anyres_grid((336, 1344), 336, grids=[(1, 2), (2, 1), (2, 2), (4, 1), (1, 4)]) == (4, 1)  # one column
+    for size, n in SIZES.items():
+        assert tiling.count(size, 32, 16) == n, size
+    index = tiling.token_index((64, 40), 32, 16)
+    assert int((index == -1).sum()) == 6 and (index[-16:] == np.arange(64, 80)).all()  # 6 rows, global view last
+    assert Tiling().count((999, 10), 32, 16) == 16  # untiled: the bridge's count for every image
+    with pytest.raises(ValueError, match="model.tiling.mode"):
+        Tiling("tiles")
+    with pytest.raises(ValueError, match="square g×g map"):
+        tiling.check(32, 12)
+
+
+def test_processor_expands_each_image_by_its_own_count(tiled):
+    model, proc = tiled
+    images = [picture(s, k) for k, s in enumerate(SIZES)]
+    views = proc.images(images)
+    assert views["counts"] == list(SIZES.values()) and views["views"] == 5 + 4 + 5
+    assert views["pixel_values"].shape == (14, 3, 32, 32) and len(views["visual_index"]) == sum(SIZES.values())
+    enc = proc.encode(conv(3), 3, counts=views["counts"])
+    ids = np.asarray(enc.input_ids)
+    runs = np.diff(np.flatnonzero(np.diff(np.r_[0, ids == proc.image_token_id, 0])))[::2]
+    assert runs.tolist() == list(SIZES.values())  # each <image> is its own image's span, in order
+    (n, cut), = proc.measure_many([(conv(3), 3, "s", views["counts"])])
+    assert n == len(ids) and not cut
+    prompt = proc.encode_prompt(conv(3)[:1], views["counts"])
+    assert prompt.count(proc.image_token_id) == sum(SIZES.values())
+    with pytest.raises(Exception, match="expected 234 \\(88 \\+ 76 \\+ 70\\)"):
+        proc.encode(conv(2), 3, counts=views["counts"])
+
+
+def test_a_mixed_batch_fills_every_image_slot_in_order(tiled):
+    model, proc = tiled
+    images = [picture(s, k) for k, s in enumerate(SIZES)]
+    batch = Collator(proc)([sample(proc, images[:1]), sample(proc, images[1:])])
+    with torch.no_grad():
+        embeds, _ = model.prepare(batch["input_ids"], batch["pixel_values"], visual_index=batch["visual_index"])
+        is_image = batch["input_ids"] == model.image_token_id
+        assert is_image.sum(1).tolist() == [88, 76 + 70]
+        newline = model.bridge.image_newline
+        want = []
+        for im in images:  # each image alone: its tiles' maps placed, padding cut, newlines, then the global view
+            own = model.encode_images(proc.images([im])["pixel_values"])
+            layout = anyres_layout(im.size, 32)
+            n = layout.rows * layout.cols
+            want.append(assemble(own[:n].reshape(n, 4, 4, -1), layout, newline, own[n]))
+    torch.testing.assert_close(embeds[is_image], torch.cat(want), rtol=1e-5, atol=1e-6)
+    assert int((embeds[is_image] == newline).all(-1).sum()) == 8 + 12 + 6  # one newline per kept row
+    assert torch.equal(batch["image_counts"], torch.tensor(list(SIZES.values())))
+
+
+def test_changing_one_tile_changes_only_its_tokens(tiled):
+    model, proc = tiled
+    array = np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+
+    def tokens(a):
+        views = proc.images([Image.fromarray(a)])
+        with torch.no_grad():
+            return model.place_visual(model.encode_images(views["pixel_values"]), views["visual_index"])
+
+    before = tokens(array)
+    array[:32, 32:] = 0  # tile 1, top right
+    after = tokens(array)
+    changed = (before != after).any(-1)
+    body = changed[:72].reshape(8, 9)
+    want = torch.zeros(8, 9, dtype=torch.bool)
+    want[:4, 4:8] = True
+    assert torch.equal(body, want)  # exactly that tile's 4x4 tokens; no newline changes
+    assert changed[72:].all()  # and the global view, which sees the whole image
+
+
+def test_packed_rows_with_different_counts_leak_nothing_and_match_unpacked(tiled):
+    model, proc = tiled
+    model.requires_grad_(True)
+    images = [picture(s, k) for k, s in enumerate(SIZES)]
+    its = [sample(proc, images[:1]), sample(proc, images[1:2], answer="two blue squares"),
+           sample(proc, images[2:], answer="nothing"), sample(proc, [], answer="hello")]
+    rows = pack([len(it["input_ids"]) for it in its], [len(it["image_counts"]) for it in its], budget=260)
+    assert len(rows) < len(its)
+    tagged = [{**its[i], "row": r} for r, row in enumerate(rows) for i in row]
+    order = [i for row in rows for i in row]
+    packed, padded = PackingCollator(proc)(tagged), Collator(proc)([its[i] for i in order])
+    seg, is_image = packed["segment_ids"], packed["input_ids"] == model.image_token_id
+    spans = image_spans(is_image, packed["image_counts"])
+    counts = torch.bincount(spans[is_image])
+    assert counts.tolist() == packed["image_counts"].tolist()  # each image one block of its own count
+    for mode in ("causal", "visual"):
+        allowed = allowed_attention(packed["attention_mask"], mode, packed["labels"], is_image,
+                                    packed["image_counts"], segment_ids=seg)
+        assert not (allowed & (seg[:, :, None] != seg[:, None, :])).any(), mode
+    normalizer = float(padded["labels"][:, 1:].ne(IGNORE).sum())
+    results = []
+    for batch in (padded, packed):
+        model.zero_grad()
+        out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
+                    normalizer=normalizer, position_ids=batch.get("position_ids"), segment_ids=batch.get("segment_ids"),
+                    visual_index=batch["visual_index"])
+        out.loss.backward()
+        results.append((out.loss.detach(), model.bridge.image_newline.grad.clone()))
+    model.zero_grad()
+    model.requires_grad_(False)
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-6)
+    assert results[0][1].abs().sum() > 0  # the newline learns
+
+
+def test_flops_count_every_view(tiled):
+    model, proc = tiled
+    batch = Collator(proc)([sample(proc, [picture((64, 64), 0), picture((32, 96), 1)])])
+    flops = StepFlops(model)
+    no_images = {**batch, "pixel_values": batch["pixel_values"][:0]}
+    assert flops(batch) - flops(no_images) == 9 * flops.image > 0  # 5 + 4 views
+
+
+def test_dataset_index_counts_each_image(tiled, tmp_path):
+    model, proc = tiled
+    records = []
+    for k, size in enumerate(SIZES):
+        picture(size, k).save(tmp_path / f"{k}.png")
+        records.append({"id": str(k), "image": f"{k}.png", "conversations": conv(1)})
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    ds = ConversationDataset(tmp_path / "data.json", tmp_path, proc, cache=False)
+    base = len(proc.encode(conv(0), 0).input_ids) - 1  # the text around one image-token span ("<image>\n" → "\n")
+    for k, n in enumerate(SIZES.values()):
+        item = ds[k]
+        assert ds.lengths[k] == len(item["input_ids"]) and item["input_ids"].count(proc.image_token_id) == n
+        assert abs(len(item["input_ids"]) - n - base) <= 2
+    batch = Collator(proc)([ds[0], ds[2]])
+    assert len(batch["visual_index"]) == 88 + 70 and batch["pixel_values"].shape[0] == 10
+
+
+def test_anyres_trains_and_reloads(tiny_lm_dir, tiny_clip_dir, world, tmp_path):
+    data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"], bridge={"name": "mlp"})
+    data["model"]["tiling"] = {"mode": "anyres"}
+    data["model"]["max_length"] = 200
+    for stage in data["stages"]:
+        stage["steps"] = 2
+    trainer = Trainer(recipe_from_dict(data), tmp_path / "run", progress=False)
+    start = trainer.model.bridge.image_newline.detach().clone()
+    trainer.run()
+    trained = trainer.model.bridge.image_newline.detach()
+    assert not torch.equal(trained, start)  # the newline trains with the bridge
+    model, proc = load_run(tmp_path / "run", device="cpu")
+    assert torch.equal(model.bridge.image_newline, trained) and proc.tiling.mode == "anyres"
+    image = Image.open(sorted(Path(world["images"]).rglob("*.png"))[0])
+    views = proc.images([image])
+    ids = torch.tensor([proc.encode(conv(1), 1, counts=views["counts"]).input_ids])
+    with torch.no_grad():
+        a = model(ids, pixel_values=views["pixel_values"], visual_index=views["visual_index"]).hidden_states
+        b = trainer.model.eval()(ids, pixel_values=views["pixel_values"], visual_index=views["visual_index"])
+    assert torch.equal(a, b.hidden_states)
+    assert views["counts"] == [4 * 5 + 16]  # 32x32 in a 1x2 canvas: 4 of 8 columns kept, 4 rows + newlines, global
