@@ -210,3 +210,53 @@ def test_anyres_trains_and_reloads(tiny_lm_dir, tiny_clip_dir, world, tmp_path):
         b = trainer.model.eval()(ids, pixel_values=views["pixel_values"], visual_index=views["visual_index"])
     assert torch.equal(a, b.hidden_states)
     assert views["counts"] == [4 * 5 + 16]  # 32x32 in a 1x2 canvas: 4 of 8 columns kept, 4 rows + newlines, global
+
+
+def test_croc_selects_within_each_images_own_count(tiled):
+    from mmbridge.objectives.croc import CrocObjective, num_selected
+
+    model, proc = tiled
+    model.requires_grad_(True)
+    images = [picture(s, k) for k, s in enumerate(SIZES)]
+    batch = Collator(proc)([sample(proc, images[:1]), sample(proc, images[1:])])
+    obj = CrocObjective(model, pool_size=128, attention="visual")
+    assert obj.num_tokens == model.max_image_tokens == 8 * 9 + 16  # the largest layout: 2x2 without padding
+    torch.manual_seed(0)
+    inputs = obj.prepare(model, batch)
+    with torch.no_grad():
+        plain = model.place_visual(model.encode_images(batch["pixel_values"]), batch["visual_index"])
+    replaced = (inputs.embeds[inputs.is_image] != plain).any(-1)
+    per_image = torch.stack([c.sum() for c in replaced.split(list(SIZES.values()))])
+    assert per_image.tolist() == [num_selected(n, 0.75) for n in SIZES.values()]
+    for row, n in zip(inputs.assignment, SIZES.values()):  # one-to-one within each image
+        real = row[:num_selected(n, 0.75)]
+        assert len(real.unique()) == len(real)
+    out = obj(model, batch, normalizer=None)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and obj.head.position.grad.abs().sum() > 0
+    assert model.bridge.image_newline.grad is not None
+    model.zero_grad()
+    model.requires_grad_(False)
+
+
+@pytest.mark.parametrize("target", ["all", "selected"])
+def test_croc_with_one_count_for_all_matches_the_fixed_count_path(tiny, target):
+    from mmbridge.objectives.croc import CrocObjective
+
+    model, proc = tiny  # pool-adapter, 4 tokens per image, untiled
+    ims = [picture((32, 32), k) for k in range(3)]
+    its = [{**proc.images(ims[:2]), "id": "a"}, {**proc.images(ims[2:]), "id": "b"}]
+    for it, n in zip(its, (2, 1)):
+        enc = proc.encode(conv(n), n)
+        it.update(input_ids=enc.input_ids, labels=enc.labels)
+    batch = Collator(proc)(its)
+    ragged = {**batch, "image_counts": torch.full((3,), model.num_image_tokens)}
+    obj = CrocObjective(model, pool_size=16, attention="prefix", target=target)
+    results = []
+    for b in (batch, ragged):
+        torch.manual_seed(1)
+        inputs = obj.prepare(model, b)
+        hidden = model.lm.get_decoder()(inputs_embeds=inputs.embeds, attention_mask=inputs.mask).last_hidden_state
+        results.append((inputs.embeds, inputs.mask, inputs.selected, obj.reconstruction_loss(hidden, inputs)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

@@ -97,6 +97,13 @@ class Tiling:
         newline = torch.tensor([-1]) if self.newline else None
         return assemble(tiles, layout, newline, glob).reshape(-1).numpy().astype(np.int64)
 
+    def max_count(self, base: int, per_view: int) -> int:
+        """The most tokens an image can take (its grid's map with no padding removed)."""
+        if not self.varies:
+            return per_view
+        side = self.check(base, per_view)
+        return max(r * side * (c * side + int(self.newline)) for r, c in self.grids) + per_view * self.global_view
+
     def count(self, size: tuple[int, int], base: int, per_view: int) -> int:
         """How many LM tokens an image of `size` becomes."""
         return per_view if not self.varies else len(self.token_index(size, base, per_view))

@@ -30,6 +30,7 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> tuple[MultimodalLM, Process
     tiling = build_tiling(cfg, bridge, vision.image_size, lm.config.hidden_size)
     model = MultimodalLM(vision, bridge, lm, tok.convert_tokens_to_ids(IMAGE_TOKEN))
     model.precision = getattr(cfg, "precision", "auto")
+    model.tiling = tiling
     if getattr(cfg, "feature_cache", False):
         model.feature_cache = FeatureCache()
     if getattr(cfg, "init", None):

@@ -48,6 +48,7 @@ class MultimodalLM(nn.Module):
         self.precision = "auto"  # see models/precision.py; set from the recipe by build_model
         self.packed_attention = "auto"  # packed rows: a flex_attention BlockMask on a GPU, a dense mask on a CPU
         self.feature_cache: FeatureCache | None = None  # a frozen encoder's outputs per image (model.feature_cache)
+        self.tiling = None  # how the processor lays out images (data/layouts.py); set by build_model
         if self.deep_fusion:
             bridge.attach(lm)
 
@@ -59,6 +60,13 @@ class MultimodalLM(nn.Module):
     def num_image_tokens(self) -> int:
         """The bridge's tokens per encoder view (an image's own count may differ: `visual_index`)."""
         return self.bridge.num_tokens
+
+    @property
+    def max_image_tokens(self) -> int:
+        """The most tokens one image can take: the bridge's count, or under a tiling its largest layout."""
+        if self.tiling is None or not self.tiling.varies:
+            return self.num_image_tokens
+        return self.tiling.max_count(self.vision.image_size, self.num_image_tokens)
 
     def place_visual(self, visual: torch.Tensor, visual_index: torch.Tensor | None) -> torch.Tensor:
         """[n_views, k, D] bridge outputs → [image tokens, D] in the order of the image-token positions: as they

@@ -22,6 +22,7 @@ from mmbridge.models.masks import MODES, mixed_attention_mask
 from mmbridge.train.loss_norm import target_total
 from mmbridge.objectives.base import OBJECTIVES, LossOutput, Objective
 from mmbridge.objectives.matching import METHODS, check_capacity, match
+from mmbridge.objectives.ragged import pad_by_image, select_within
 from mmbridge.objectives.reconstruction import ReconstructionHead
 
 TARGETS = ("all", "selected")
@@ -49,6 +50,10 @@ class CrocInputs:
     visual: torch.Tensor | None  # [n_images, N, width] bridge outputs before replacement
     selected: torch.Tensor | None  # [n_images, m] replaced token indices
     assignment: torch.Tensor | None  # [n_images, m] pool row for each replaced token
+    # images of their own counts (a tiling): `visual` is padded to the largest, `valid` [n_images, N] marks real
+    # tokens and `used` [n_images, m] the selections that are real (the others index past every real token)
+    valid: torch.Tensor | None = None
+    used: torch.Tensor | None = None
 
 
 @OBJECTIVES.register("croc")
@@ -67,7 +72,7 @@ class CrocObjective(Objective):
             raise ValueError(f"target {target!r}: expected one of {TARGETS}")
         if not 0.0 < mask_ratio <= 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1], got {mask_ratio}")
-        self.num_tokens = model.num_image_tokens
+        self.num_tokens = getattr(model, "max_image_tokens", model.num_image_tokens)  # the most one image takes
         m = num_selected(self.num_tokens, mask_ratio)
         if matching == "hungarian":
             check_capacity(m, pool_size)  # fail when the recipe is read, not at the first step
@@ -86,6 +91,8 @@ class CrocObjective(Objective):
         pixels = batch.get("pixel_values")
         visual = selected = assignment = None
         t_match = 0.0
+        if batch.get("image_counts") is not None:
+            return self._prepare_ragged(model, batch)
         if pixels is not None and pixels.numel():
             visual = model.encode_images(pixels)
             n, k, width = visual.shape
@@ -105,8 +112,38 @@ class CrocObjective(Objective):
         self.timings = {"matching": t_match, "mask": time.perf_counter() - t0}
         return CrocInputs(embeds, mask, is_image, visual, selected, assignment)
 
+    def _prepare_ragged(self, model, batch: dict) -> CrocInputs:
+        """`prepare` for images of their own token counts (`image_counts`, `visual_index`: a tiling): each image
+        has `mask_ratio` of its own tokens replaced, matched within the image."""
+        ids, counts = batch["input_ids"], batch["image_counts"]
+        is_image = ids == model.image_token_id
+        pixels, t_match = batch.get("pixel_values"), 0.0
+        visual = selected = assignment = valid = used = None
+        if pixels is not None and pixels.numel() and len(counts):
+            flat = model.place_visual(model.encode_images(pixels), batch.get("visual_index"))
+            counts = counts.to(flat.device)
+            visual, valid = pad_by_image(flat, counts, extra=1)  # one spare column: unused selections land there
+            selected, used = select_within(counts, self.mask_ratio)
+            index = selected.unsqueeze(-1).expand(-1, -1, flat.shape[-1])
+            t0 = time.perf_counter()
+            assignment = match(F.normalize(visual.gather(1, index).detach(), dim=-1), self.pool, self.matching, used)
+            t_match = time.perf_counter() - t0
+            prompts = self.pool[assignment].to(visual.dtype)
+            mixed = visual.scatter(1, index, torch.where(used.unsqueeze(-1), prompts, visual.gather(1, index)))
+            visual, valid = visual[:, :-1], valid[:, :-1]
+            embeds = model.embed(ids, visual=mixed[:, :-1][valid].unsqueeze(0))
+        else:
+            embeds = model.embed(ids, None)
+        t0 = time.perf_counter()
+        mask = mixed_attention_mask(batch["attention_mask"], self.attention, batch.get("labels"), is_image,
+                                    counts, dtype=embeds.dtype, segment_ids=batch.get("segment_ids"))
+        self.timings = {"matching": t_match, "mask": time.perf_counter() - t0}
+        return CrocInputs(embeds, mask, is_image, visual, selected, assignment, valid, used)
+
     def reconstruction_loss(self, hidden: torch.Tensor, inputs: CrocInputs) -> torch.Tensor:
         """SmoothL1 between the head's predictions and the detached, L2-normalised bridge outputs."""
+        if inputs.valid is not None:
+            return self._ragged_loss(hidden, inputs)
         n, k, width = inputs.visual.shape
         pred = self.head(hidden[inputs.is_image].view(n, k, -1).to(self.pool.dtype))
         target = F.normalize(inputs.visual.detach().float(), dim=-1)
@@ -114,6 +151,18 @@ class CrocObjective(Objective):
             index = inputs.selected.unsqueeze(-1).expand(-1, -1, width)
             pred, target = pred.gather(1, index), target.gather(1, index)
         return F.smooth_l1_loss(pred.float(), target, beta=self.beta)
+
+    def _ragged_loss(self, hidden: torch.Tensor, inputs: CrocInputs) -> torch.Tensor:
+        """The loss over each image's own tokens (or its real selections), padding left out of the mean."""
+        width = inputs.visual.shape[-1]
+        states, _ = pad_by_image(hidden[inputs.is_image], inputs.valid.sum(1))
+        pred = self.head(states.to(self.pool.dtype), inputs.valid)
+        target = F.normalize(inputs.visual.detach().float(), dim=-1)
+        if self.target == "selected":
+            index = inputs.selected.clamp(max=inputs.visual.shape[1] - 1).unsqueeze(-1).expand(-1, -1, width)
+            return F.smooth_l1_loss(pred.gather(1, index)[inputs.used].float(), target.gather(1, index)[inputs.used],
+                                    beta=self.beta)
+        return F.smooth_l1_loss(pred[inputs.valid].float(), target[inputs.valid], beta=self.beta)
 
     def forward(self, model, batch: dict, normalizer: float | None = None) -> LossOutput:
         inputs = self.prepare(model, batch)

@@ -49,12 +49,17 @@ def nearest(cost: torch.Tensor) -> torch.Tensor:
     return cost.argmin(dim=-1)
 
 
-def match(tokens: torch.Tensor, pool: torch.Tensor, method: str = "hungarian") -> torch.Tensor:
-    """Pool index for every token of `tokens` [B, m, D] (no gradient flows through the choice)."""
+def match(tokens: torch.Tensor, pool: torch.Tensor, method: str = "hungarian",
+          used: torch.Tensor | None = None) -> torch.Tensor:
+    """Pool index for every token of `tokens` [B, m, D] (no gradient flows through the choice). `used` ([B, m]):
+    the slots that hold a token; an unused slot costs the same for every pool vector, so it leaves the used
+    slots' optimal assignment as it is (its own index is meaningless)."""
     if method not in METHODS:
         raise ValueError(f"matching {method!r}: expected one of {METHODS}")
     if method == "hungarian":
         check_capacity(tokens.shape[1], pool.shape[0])
     with torch.no_grad():
         cost = l2_costs(tokens.detach().float(), pool.detach().float())
+        if used is not None:
+            cost = cost.masked_fill(~used[..., None], 0.0)
     return hungarian(cost) if method == "hungarian" else nearest(cost)

@@ -26,8 +26,16 @@ class ReconstructionHead(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, out_width)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if hidden.shape[1] != self.num_tokens:
+    def forward(self, hidden: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """`valid` ([n_images, T], images of their own counts padded to T ≤ num_tokens): True at real tokens;
+        padding is neither attended to nor meaningful in the output."""
+        if valid is None and hidden.shape[1] != self.num_tokens:
             raise ValueError(f"reconstruction head built for {self.num_tokens} tokens per image, got {hidden.shape[1]}")
-        x = self.layer(hidden + self.position)  # no mask: bidirectional within the image
+        if valid is not None and hidden.shape[1] > self.num_tokens:
+            raise ValueError(f"reconstruction head built for at most {self.num_tokens} tokens per image, "
+                             f"got {hidden.shape[1]}")
+        if valid is None:
+            x = self.layer(hidden + self.position)  # no mask: bidirectional within the image
+        else:
+            x = self.layer(hidden + self.position[:hidden.shape[1]], src_key_padding_mask=~valid)
         return self.out(self.norm(x))
