@@ -23,6 +23,7 @@ from mmbridge.data.processor import IGNORE
 from mmbridge.lcl.readers import parse_document
 from mmbridge.lcl.sequence import SequenceConfig, layout
 from mmbridge.models.language import IMAGE_TOKEN
+from mmbridge.data.layouts import require_fixed
 
 LAYOUT_KEYS = ("max_images", "min_sim", "image_position")  # what a recipe's `sequence` may set for LMM stages
 
@@ -42,6 +43,7 @@ class DocumentEncoder:
 
     def __init__(self, processor, sequence: dict | None = None, seed: int = 0):
         self.processor, self.seed = processor, seed
+        require_fixed(processor, "interleaved documents")
         unknown = set(sequence or {}) - set(LAYOUT_KEYS)
         if unknown:
             raise ValueError(f"sequence: unknown key(s) {sorted(unknown)} for interleaved sources; "

@@ -117,3 +117,11 @@ def batch_index(indexes: list[np.ndarray], views: list[int], per_view: int) -> t
     offsets = np.concatenate([[0], np.cumsum(views)[:-1]]) * per_view
     flat = np.concatenate([np.where(ix < 0, -1, ix + off) for ix, off in zip(indexes, offsets)])
     return torch.from_numpy(flat.astype(np.int64))
+
+
+def require_fixed(processor, what: str) -> None:
+    """Refuse, naming `what`, a processor whose images take their own token counts where one count is assumed."""
+    tiling = getattr(processor, "tiling", None)
+    if tiling is not None and tiling.varies:
+        raise ValueError(f"{what} assumes one token count per image; model.tiling.mode={tiling.mode} gives each "
+                         "image its own (use model.tiling.mode: none here)")

@@ -20,6 +20,7 @@ from mmbridge.data.llava import record_images
 from mmbridge.data.processor import IGNORE
 from mmbridge.eval.evaluate import gold, prompt_turns
 from mmbridge.eval.metrics import normalize_answer, vqa_accuracy, vqa_accuracy_by_type
+from mmbridge.data.layouts import require_fixed
 
 
 def answers_of(record: dict) -> list[str]:
@@ -136,6 +137,7 @@ def evaluate_choice(model, processor, records: list[dict], image_root: str | Pat
                     batch_size: int = 16, progress: bool = True) -> tuple[dict, list[dict]]:
     """Accuracy of the best candidate by summed and by per-token log-likelihood (VQA normalisation; per
     `qtype` where records have one), and one row per record with every candidate's scores."""
+    require_fixed(processor, "eval task choice")
     candidates = candidate_lists(records, source)
     scores = score_candidates(model, processor, records, candidates, image_root, batch_size, progress)
     golds = [gold(r, "vqa") for r in records]

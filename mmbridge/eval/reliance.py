@@ -15,6 +15,7 @@ from mmbridge.data.dataset import Collator
 from mmbridge.data.images import load_image, preprocess
 from mmbridge.data.llava import record_images
 from mmbridge.train.distributed import to_device
+from mmbridge.data.layouts import require_fixed
 
 
 @torch.no_grad()
@@ -24,6 +25,7 @@ def image_reliance(model, processor, records: list[dict], image_root: str | Path
     Returns ``{"answer_loss", "answer_loss_wrong_image", "image_gain", "n"}``; `image_gain` near 0 means
     the answers do not depend on the image. Every record needs exactly one image.
     """
+    require_fixed(processor, "image reliance")
     paths = []
     for r in records:
         imgs = record_images(r)

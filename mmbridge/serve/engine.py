@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mmbridge.serve.text import ReplyText
+from mmbridge.data.layouts import require_fixed
 
 
 @dataclass
@@ -69,6 +70,7 @@ class Engine:
     def __init__(self, model, processor, max_batch: int = 8, start: bool = True):
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch}: expected at least 1")
+        require_fixed(processor, "mmbridge serve")
         self.model, self.processor, self.max_batch = model, processor, max_batch
         self.stop_ids = set(processor.stop_token_ids)
         self.batch_sizes: list[int] = []  # the size of every batch run so far (for tests and benchmarks)

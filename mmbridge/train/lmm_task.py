@@ -28,7 +28,8 @@ class LMMTask(Task):
 
     def dataset(self, name: str) -> ConversationDataset | InterleavedDataset:
         # a stage may change the image tokens (its resolution): lengths are indexed per setting
-        key = (name, self.processor.num_image_tokens, self.processor.max_length, self.processor.image_size)
+        key = (name, self.processor.num_image_tokens, self.processor.max_length, self.processor.image_size,
+               self.processor.tiling.key)
         if key not in self.datasets:
             src = resolve_source(self.recipe, name)
             skip, lines = self.recipe.bad_samples == "skip", True if src.jsonl else None
