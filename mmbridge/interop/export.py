@@ -40,6 +40,7 @@ _BRIDGES = {
     "resampler": "a Perceiver Resampler (Flamingo), not a per-token projector",
     "gated_xattn": "adds cross-attention blocks inside the LM (deep fusion), which LLaVA has not",
     "visual_expert": "adds visual-expert weights inside every LM layer (deep fusion), which LLaVA has not",
+    "objects": "an object detector read out as the LM's word and digit tokens, which LLaVA's projector is not",
 }
 _VISION = {"lcl_vit": "mmbridge's own ViT, which transformers cannot build"}
 ARCHS = {"hf": "LlavaForConditionalGeneration", "efficientnet_lite0": "FastVlmForConditionalGeneration"}

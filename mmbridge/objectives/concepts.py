@@ -53,6 +53,17 @@ def choose_vocabulary(label_rows, tokenizer, words: int, min_count: int = 3, max
     return [t for _, t in ranked[:words]]
 
 
+def answer_rows(datasets, samples: int):
+    """The label rows of up to `samples` of the datasets' samples, spread evenly over their concatenation."""
+    sizes = [len(d) for d in datasets]
+    total = sum(sizes)
+    picks = np.unique(np.linspace(0, total - 1, min(samples, total)).astype(np.int64)) if total else []
+    starts = np.cumsum([0, *sizes])
+    for i in picks:
+        d = int(np.searchsorted(starts, i, side="right") - 1)
+        yield datasets[d].encoded(int(i - starts[d]))["labels"]
+
+
 @OBJECTIVES.register("concepts")
 class ConceptLoss(Objective):
     """Multiple-instance word detection on the bridge's tokens; `samples`: how many of the stage's samples
@@ -68,18 +79,8 @@ class ConceptLoss(Objective):
     def read_stage_data(self, model, datasets, tokenizer) -> None:
         """Choose the vocabulary from the stage's datasets (the same choice on every call and every rank)."""
         bridge = concept_bridge(model)
-        sizes = [len(d) for d in datasets]
-        total = sum(sizes)
-        picks = np.unique(np.linspace(0, total - 1, min(self.samples, total)).astype(np.int64)) if total else []
-        starts = np.cumsum([0, *sizes])
-
-        def rows():
-            for i in picks:
-                d = int(np.searchsorted(starts, i, side="right") - 1)
-                yield datasets[d].encoded(int(i - starts[d]))["labels"]
-
-        ids = choose_vocabulary(rows(), tokenizer, len(bridge.word_ids), self.min_count, self.max_share)
-        bridge.set_vocabulary(ids)
+        rows = answer_rows(datasets, self.samples)
+        bridge.set_vocabulary(choose_vocabulary(rows, tokenizer, len(bridge.word_ids), self.min_count, self.max_share))
 
     def forward(self, model, batch: dict, normalizer: float | None = None) -> LossOutput:
         bridge = concept_bridge(model)

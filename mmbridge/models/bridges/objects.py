@@ -1,0 +1,127 @@
+"""Object tokens: each object the bridge detects, told to the LM as its own words and its box's digits.
+
+Objects are points (Zhou et al., "Objects as points", 2019): an object is the cell of the encoder's grid
+that holds its box centre. A small convolutional head over the grid gives each cell an objectness logit, a box
+(its centre within one cell of the cell's own, and a half-size up to half the image) and a detector embedding,
+scored against the LM's word embeddings as concept tokens are (bridges/concepts.py). The `objects` objective
+(objectives/objects.py) trains it from boxes and captions.
+
+The LM reads, for each of the `objects` best cells (local maxima of objectness, present ones left to right,
+then the rest): the embeddings of its `slots` best words, each weighted by its detection probability, then its
+box as the 12 digits of "x0 y0 x1 y1" in [0, 999] (three digits each), the LM's own digit tokens, all weighted
+by the object's probability, plus a learned embedding per position. A box answer in the training data's own
+format ("[503, 718, 726, 941]") is then a copy of digits the LM can see, as a count is of how many objects it
+sees.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmbridge.models.bridges.base import BRIDGES, Bridge
+
+BOX_DIGITS = 12  # four coordinates in [0, 999], three digits each
+
+
+@BRIDGES.register("objects")
+class ObjectTokens(Bridge):
+    """[B, rows·cols, D_vision] grid → [B, objects · (slots + 12), D_lm] word and digit tokens."""
+
+    reads_words = True  # the composite passes the LM's input-embedding table to forward
+    run_buffers = ("word_ids", "digit_ids")  # chosen by the objects objective, saved with the weights
+
+    def __init__(self, vision_dim, lm_dim, grid, objects: int = 3, words: int = 24, slots: int = 4,
+                 hidden: int = 256, pos_std: float = 0.5, slot_std: float = 0.02, l2_normalize: bool = False,
+                 in_tokens=None):
+        super().__init__(vision_dim, lm_dim, grid, l2_normalize, in_tokens)
+        if self.in_tokens != self.grid[0] * self.grid[1]:
+            raise ValueError("objects: the bridge needs the patch grid only; set drop_cls: true on the vision encoder")
+        if not 1 <= slots <= words:
+            raise ValueError(f"objects: slots must be between 1 and words ({words}), got {slots}")
+        if not 1 <= objects <= self.in_tokens:
+            raise ValueError(f"objects: objects must be between 1 and the grid's {self.in_tokens} cells, got {objects}")
+        self.objects, self.slots = objects, slots
+        self.pos = nn.Parameter(torch.randn(vision_dim, *self.grid) * pos_std)  # CNN features carry little position
+        self.trunk = nn.Conv2d(vision_dim, hidden, 3, padding=1)
+        self.head = nn.Conv2d(hidden, 5, 1)  # objectness, centre offset (2), half-size (2)
+        self.embed = nn.Conv2d(hidden, lm_dim, 1)  # the detector embedding, scored against word embeddings
+        self.register_buffer("word_ids", torch.full((words,), -1, dtype=torch.long))
+        self.register_buffer("digit_ids", torch.full((10,), -1, dtype=torch.long))
+        self.slot_embed = nn.Parameter(torch.randn(objects, slots + BOX_DIGITS, lm_dim) * slot_std)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.objects * (self.slots + BOX_DIGITS)
+
+    def regrid(self, grid, in_tokens) -> None:
+        if tuple(grid) != self.grid:
+            raise ValueError("objects: the position table is per cell of the grid; keep the image size")
+        super().regrid(grid, in_tokens)
+
+    def set_vocabulary(self, ids: list[int], digits: list[int]) -> None:
+        if len(ids) != len(self.word_ids) or len(digits) != 10:
+            raise ValueError(f"objects: {len(self.word_ids)} words and 10 digits expected, got {len(ids)}, "
+                             f"{len(digits)}")
+        self.word_ids.copy_(torch.as_tensor(ids, dtype=torch.long))
+        self.digit_ids.copy_(torch.as_tensor(digits, dtype=torch.long))
+
+    def maps(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per cell: `objectness` logits [B, R, C], `boxes` (x0, y0, x1, y1 in image fractions) [B, R, C, 4]
+        and detector `embed`dings [B, R, C, D_lm]."""
+        b, t, d = feats.shape
+        rows, cols = self.grid
+        if t != rows * cols:
+            raise ValueError(f"objects: expected {rows}x{cols}={rows * cols} tokens per image, got {t}")
+        x = F.gelu(self.trunk(feats.transpose(1, 2).reshape(b, d, rows, cols) + self.pos.to(feats.dtype)))
+        out = self.head(x).permute(0, 2, 3, 1)
+        ys = (torch.arange(rows, device=x.device, dtype=out.dtype) + 0.5) / rows
+        xs = (torch.arange(cols, device=x.device, dtype=out.dtype) + 0.5) / cols
+        cell = torch.stack(torch.broadcast_tensors(xs[None, :], ys[:, None]), -1)  # [R, C, (x, y)]
+        step = torch.tensor([1 / cols, 1 / rows], device=x.device, dtype=out.dtype)
+        centre = cell + torch.tanh(out[..., 1:3]) * step
+        half = 0.5 * torch.sigmoid(out[..., 3:5])
+        return {"objectness": out[..., 0], "boxes": torch.cat([centre - half, centre + half], -1),
+                "embed": self.embed(x).permute(0, 2, 3, 1)}
+
+    def peaks(self, objectness: torch.Tensor) -> torch.Tensor:
+        """Cell indices [B, objects] (row-major) of the best local maxima of objectness: present ones (p > 0.5)
+        first, left to right by column, then the rest by objectness."""
+        b, rows, cols = objectness.shape
+        local = objectness == F.max_pool2d(objectness[:, None], 3, 1, 1)[:, 0]
+        score = torch.where(local, objectness, objectness - 1e4).flatten(1)
+        top = score.topk(self.objects, dim=1).indices
+        present = objectness.flatten(1).gather(1, top) > 0
+        reading = top % cols * rows + top // cols  # column-major: left to right, then top to bottom
+        rest = rows * cols + torch.arange(self.objects, device=top.device)
+        order = torch.where(present, reading, rest).argsort(dim=1, stable=True)
+        return top.gather(1, order)
+
+    def scores(self, embed: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        """Detector logits [..., V]: each cell's embedding against each vocabulary word's."""
+        if bool((self.word_ids < 0).any()):
+            raise RuntimeError("objects: no vocabulary yet; a stage with the `objects` objective chooses it")
+        return embed @ words[self.word_ids].to(embed.dtype).T
+
+    def box_digits(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Boxes [..., 4] in image fractions → the token ids of their 12 digits [..., 12] (coordinates in [0, 999])."""
+        coords = (boxes * 1000).floor().clamp(0, 999).long()
+        digits = torch.stack([coords // 100, coords // 10 % 10, coords % 10], -1)
+        return self.digit_ids[digits.flatten(-2)]
+
+    def project(self, feats: torch.Tensor, words: torch.Tensor | None = None) -> torch.Tensor:
+        if words is None:
+            raise ValueError("objects: the LM's input-embedding table is needed (pass words=)")
+        with torch.no_grad():  # the detector trains only under the objects objective
+            m = self.maps(feats)
+            cells = self.peaks(m["objectness"])
+            b, d = cells.shape[0], m["embed"].shape[-1]
+            embed = m["embed"].flatten(1, 2).gather(1, cells[..., None].expand(b, self.objects, d))
+            top = self.scores(embed, words).topk(self.slots, dim=-1)
+            p = torch.sigmoid(m["objectness"].flatten(1).gather(1, cells))
+            boxes = m["boxes"].flatten(1, 2).gather(1, cells[..., None].expand(b, self.objects, 4))
+        table = words.to(self.slot_embed.dtype)
+        word_tok = table[self.word_ids][top.indices] * torch.sigmoid(top.values)[..., None].to(table.dtype)
+        tokens = torch.cat([word_tok, table[self.box_digits(boxes)]], 2) * p[..., None, None].to(table.dtype)
+        return (tokens + self.slot_embed).flatten(1, 2)

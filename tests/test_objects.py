@@ -1,0 +1,157 @@
+"""Object tokens (bridges/objects.py) and their detector's objective (objectives/objects.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmbridge.config import ModelConfig, recipe_from_dict
+from mmbridge.data.processor import IGNORE
+from mmbridge.models.build import build_model
+from mmbridge.objectives.objects import ObjectLoss, label_boxes
+from mmbridge.train.checkpoint import load_run
+from mmbridge.train.trainer import Trainer
+from tests.conftest import tiny_recipe_dict
+
+OBJECTS = {"name": "objects", "objects": 2, "words": 6, "slots": 2, "hidden": 16}
+WORDS = ("Ġred", "Ġblue", "Ġcircle", "Ġsquare", "Ġtwo", "Ġleft")
+
+
+@pytest.fixture(scope="module")
+def object_model(tiny_lm_dir, tiny_clip_dir, tokenizer):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vision={"name": "hf", "path": tiny_clip_dir, "drop_cls": True}, bridge=OBJECTS,
+                      lm={"path": tiny_lm_dir}, max_length=160, system_prompt="")
+    model, proc = build_model(cfg)
+    digits = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
+    model.bridge.set_vocabulary([tokenizer.convert_tokens_to_ids(t) for t in WORDS], digits)
+    model.vision.requires_grad_(False)
+    return model.eval(), proc
+
+
+def answer_labels(proc, answers: list[str]) -> torch.Tensor:
+    rows = [proc.encode([{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": a}], 1).labels
+            for a in answers]
+    width = max(map(len, rows))
+    return torch.tensor([r + [IGNORE] * (width - len(r)) for r in rows])
+
+
+def test_boxes_are_read_from_answer_tokens(tokenizer, object_model):
+    _, proc = object_model
+    digits = torch.tensor([tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)])
+    labels = answer_labels(proc, ["[503, 71, 726, 941]", "3 shapes, [1, 2, 30, 400] and [9, 9, 1, 1]",
+                                  "a red circle", "[5, 6, 7]"])
+    rows, boxes = label_boxes(labels, digits, [tokenizer.convert_tokens_to_ids(t) for t in ("[", "Ġ[")])
+    # the reversed box [9, 9, 1, 1], the bare count and the three-number group are not boxes
+    assert rows.tolist() == [0, 1]
+    assert boxes.tolist() == [[503, 71, 726, 941], [1, 2, 30, 400]]
+
+
+def test_peaks_are_local_maxima_present_first_left_to_right(object_model):
+    bridge = object_model[0].bridge
+    logits = torch.full((2, 4, 4), -5.0)
+    logits[0, 1, 3], logits[0, 1, 2], logits[0, 3, 0] = 4.0, 3.0, 2.0  # (1, 2) is next to the stronger (1, 3)
+    logits[1, 0, 0] = -1.0  # nothing present: the best cells by objectness
+    got = bridge.peaks(logits)
+    assert got[0].tolist() == [3 * 4 + 0, 1 * 4 + 3]  # (3, 0) is left of (1, 3); (1, 2) is suppressed
+    assert got[1, 0].item() == 0
+
+
+def test_tokens_are_words_then_box_digits_weighted_by_objectness(object_model):
+    model, _ = object_model
+    bridge, table = model.bridge, model.lm.get_input_embeddings().weight
+    torch.manual_seed(1)
+    px = torch.randn(2, 3, 32, 32)
+    feats = model.vision_features(px)
+    m = bridge.maps(feats)
+    got = model.encode_images(px)
+    assert got.shape == (2, bridge.num_tokens, table.shape[1]) and bridge.num_tokens == 2 * (2 + 12)
+    cells = bridge.peaks(m["objectness"])
+    rows, cols = bridge.grid
+    for i in range(2):
+        for k in range(2):
+            r, c = divmod(int(cells[i, k]), cols)
+            p = torch.sigmoid(m["objectness"][i, r, c])
+            best = (m["embed"][i, r, c] @ table[bridge.word_ids].T).topk(2)
+            coords = [max(0, min(999, int(v * 1000))) for v in m["boxes"][i, r, c].tolist()]
+            digits = [int(ch) for v in coords for ch in f"{v:03d}"]
+            want = [table[bridge.word_ids[best.indices[s]]] * torch.sigmoid(best.values[s]) for s in range(2)]
+            want += [table[bridge.digit_ids[d]] for d in digits]
+            want = torch.stack(want) * p + bridge.slot_embed[k]
+            torch.testing.assert_close(got[i, k * 14:(k + 1) * 14], want, rtol=1e-5, atol=1e-6)
+
+
+def test_lm_loss_trains_the_slot_embeddings_and_not_the_detector(object_model):
+    model, proc = object_model
+    enc = proc.encode([{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a red circle"}], 1)
+    ids, labels = torch.tensor([enc.input_ids]), torch.tensor([enc.labels])
+    model.zero_grad(set_to_none=True)
+    model(ids, torch.ones_like(ids), torch.randn(1, 3, 32, 32), labels).loss.backward()
+    assert model.bridge.slot_embed.grad.abs().sum() > 0
+    assert all(p.grad is None for n, p in model.bridge.named_parameters() if n != "slot_embed")
+    model.zero_grad(set_to_none=True)
+
+
+def test_objects_loss_is_objectness_box_and_mil_words(object_model, tokenizer):
+    model, proc = object_model
+    bridge = model.bridge
+    loss_fn = ObjectLoss(model)
+    loss_fn.open_ids = [tokenizer.convert_tokens_to_ids("[")]
+    answers = ["[100, 200, 400, 700]", "a red circle"]
+    labels = answer_labels(proc, answers)
+    ids = [proc.encode([{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": a}], 1).input_ids
+           for a in answers]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([r + [0] * (width - len(r)) for r in ids])
+    torch.manual_seed(2)
+    px = torch.randn(2, 3, 32, 32)
+    out = loss_fn(model, {"input_ids": input_ids, "labels": labels, "pixel_values": px})
+    m = bridge.maps(model.vision_features(px))
+    rows, cols = bridge.grid
+    target = torch.tensor([0.1, 0.2, 0.4, 0.7])
+    r, c = int(0.45 * rows), int(0.25 * cols)  # the box centre (0.25, 0.45)
+    obj = torch.zeros(rows, cols)
+    obj[r, c] = 1
+    l_obj = F.binary_cross_entropy_with_logits(m["objectness"][0], obj)
+    pred = m["boxes"][0, r, c]
+    lt, rb = torch.maximum(pred[:2], target[:2]), torch.minimum(pred[2:], target[2:])
+    inter = (rb - lt).clamp(min=0).prod()
+    iou = inter / ((pred[2:] - pred[:2]).prod() + (target[2:] - target[:2]).prod() - inter)
+    l_box = 5 * F.l1_loss(pred, target) + 1 - iou
+    cells = bridge.peaks(m["objectness"][1:])[0]
+    table = model.lm.get_input_embeddings().weight
+    scores = (m["embed"][1].flatten(0, 1)[cells] @ table[bridge.word_ids].T).amax(0)
+    want_words = torch.tensor([1.0, 0, 1, 0, 0, 0])  # red, circle
+    l_words = F.binary_cross_entropy_with_logits(scores, want_words)
+    torch.testing.assert_close(out.loss, l_obj + l_box + l_words, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.terms["box"], l_box, rtol=1e-5, atol=1e-6)
+
+
+def test_an_objects_stage_then_an_lm_stage_saves_and_reloads_the_vocabulary(tiny_lm_dir, tiny_clip_dir, world,
+                                                                           tmp_path):
+    data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"], bridge=OBJECTS)
+    data["model"]["vision"]["drop_cls"] = True
+    data["model"]["feature_cache"] = True
+    data["stages"][0].update(objective={"name": "objects", "min_count": 2}, steps=30, lr={"bridge": 1e-2},
+                             data={"world/train/detailed": 1.0, "world/train/grounding": 1.0}, batch_size=16)
+    run = tmp_path / "run"
+    Trainer(recipe_from_dict(data), run, progress=False).run()
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    first = [r for r in rows if r["stage"] == "align"]
+    assert first[-1]["loss_box"] < 0.7 * first[0]["loss_box"]  # the boxes are learned
+    model, proc = load_run(run)[:2]
+    digits = [proc.tokenizer.decode([t]) for t in model.bridge.digit_ids.tolist()]
+    assert digits == [str(d) for d in range(10)]
+    trained = model.bridge.word_ids.tolist()
+    assert min(trained) >= 0 and len(set(trained)) == len(trained)
+    assert all(proc.tokenizer.decode([t]).strip().isalpha() for t in trained)  # words from captions, not boxes
+
+
+def test_export_names_the_objects_bridge(tiny_lm_dir, tiny_clip_dir, world):
+    from mmbridge.interop.export import recipe_blockers
+
+    data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"], bridge=OBJECTS)
+    assert any(b.startswith("model.bridge.name: objects") for b in recipe_blockers(recipe_from_dict(data).model))
