@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 
 from mmbridge.data.images import ImageError
 from mmbridge.data.layouts import batch_index
+from mmbridge.data.views import pad_to
 from mmbridge.data.llava import DataError, record_images
 from mmbridge.data.processor import IGNORE, Processor
 from mmbridge.data.record_index import image_counts, load_index
@@ -102,8 +103,9 @@ class ConversationDataset(Dataset):
         return {"id": s["id"], "input_ids": s["input_ids"], "labels": s["labels"],
                 "pixel_values": views["pixel_values"],
                 **({"frame_counts": frames} if len(frames) != len(images) else {}),
-                **({"visual_index": views["visual_index"], "views": views["views"], "image_counts": views["counts"]}
-                   if "views" in views else {}),
+                **({"visual_index": views["visual_index"], "views": views["views"],
+                    "image_counts": views["visual_counts"]} if "views" in views else {}),
+                **({"view_sizes": views["view_sizes"]} if "view_sizes" in views else {}),
                 **{k: s[k] for k in BRIDGE_TEXT if k in s}}
 
 
@@ -143,12 +145,19 @@ class Collator:
             "input_ids": input_ids,
             "labels": labels,
             "attention_mask": attention_mask,
-            "pixel_values": torch.cat([it["pixel_values"] for it in items]),
+            "pixel_values": self._pixels(items),
             "skipped": skipped,
             **self._bridge_text(items),
             **self._frame_counts(items),
             **self._visual_index(items),
         }
+
+    @staticmethod
+    def _pixels(items: list[dict]) -> torch.Tensor:
+        """The samples' pixels in order; views of their own sizes (UHD) zero-padded to the largest."""
+        if any("view_sizes" in it for it in items):
+            return pad_to([it["pixel_values"] for it in items])
+        return torch.cat([it["pixel_values"] for it in items])
 
     def _visual_index(self, items: list[dict]) -> dict:
         """Under a tiling whose counts vary: `visual_index` [image tokens], where each image token's vector comes
@@ -158,7 +167,8 @@ class Collator:
             return {}
         return {"visual_index": batch_index([it["visual_index"].numpy() for it in items], [it["views"] for it in items],
                                             self.processor.num_image_tokens),
-                "image_counts": torch.tensor([c for it in items for c in it["image_counts"]], dtype=torch.long)}
+                "image_counts": torch.tensor([c for it in items for c in it["image_counts"]], dtype=torch.long),
+                **({"view_sizes": torch.cat([it["view_sizes"] for it in items])} if "view_sizes" in items[0] else {})}
 
     @staticmethod
     def _frame_counts(items: list[dict]) -> dict:

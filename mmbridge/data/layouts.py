@@ -10,6 +10,10 @@ the length of that index, so it depends on the image's size (its layout), not on
   chosen from the image size (`data/tiling.py`), the tiles' token maps placed as one map with the padding's
   rows and columns removed, a newline after each row (`newline`), then the global view's tokens
   (`global_view`). The bridge must give a square g×g map per view, with g dividing S.
+- `mode: uhd` (LLaVA-UHD): up to `max_slices` slices (`data/tiling.py`) and an overview, each resized to keep
+  its aspect with an area near S² and sides that are multiples of the patch (`patch`), encoded at that size and
+  compressed by the bridge (a resampler) to the same count. An image's span is the overview's tokens, then the
+  slices row by row with the LM's own "," between the slices of a row and "\n" after each row (`separators`).
 """
 
 from __future__ import annotations
@@ -20,20 +24,25 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmbridge.data.tiling import ANYRES_GRIDS, anyres_layout, cut_tiles
+from mmbridge.data.tiling import ANYRES_GRIDS, anyres_layout, cut_tiles, slice_size, uhd_grid, uhd_slices
 from mmbridge.models.anyres import assemble
 
-MODES = ("none", "anyres")
+MODES = ("none", "anyres", "uhd")
 
 
 class Tiling:
     """A per-image layout policy; `base` (S) and `per_view` (the bridge's tokens per view) are read from the
     processor when used, so a stage that changes the resolution changes them too."""
 
-    def __init__(self, mode: str = "none", grids=None, newline: bool = True, global_view: bool = True):
+    def __init__(self, mode: str = "none", grids=None, newline: bool = True, global_view: bool = True,
+                 max_slices: int = 9, separators: bool = True, patch: int = 1):
         if mode not in MODES:
             raise ValueError(f"model.tiling.mode: {mode!r}; expected one of {list(MODES)}")
-        self.mode, self.newline, self.global_view = mode, bool(newline), bool(global_view)
+        if int(max_slices) < 1:
+            raise ValueError(f"model.tiling.max_slices: expected at least 1, got {max_slices}")
+        self.mode, self.newline, self.global_view = mode, bool(newline) and mode == "anyres", bool(global_view)
+        self.max_slices, self.separators = int(max_slices), bool(separators)
+        self.patch = int(patch)  # the encoder's patch size (UHD sizes its views in whole patches); set by the build
         grids = ANYRES_GRIDS if grids is None else grids
         try:
             self.grids = tuple((int(r), int(c)) for r, c in grids)
@@ -45,7 +54,7 @@ class Tiling:
     @classmethod
     def from_options(cls, options: dict | None) -> Tiling:
         options = dict(options or {})
-        known = {"mode", "grids", "newline", "global_view"}
+        known = {"mode", "grids", "newline", "global_view", "max_slices", "separators"}
         unknown = set(options) - known
         if unknown:
             raise ValueError(f"model.tiling.{sorted(unknown)[0]}: unknown key; expected one of {sorted(known)}")
@@ -61,12 +70,19 @@ class Tiling:
         """What a data index's fingerprint takes from the tiling."""
         if not self.varies:
             return "none"
+        if self.mode == "uhd":
+            return f"uhd-{self.max_slices}-{int(self.separators)}-{self.patch}"
         return f"{self.mode}-{self.grids}-{int(self.newline)}-{int(self.global_view)}"
+
+    @property
+    def own_sizes(self) -> bool:
+        """Whether views are encoded at their own sizes (UHD) rather than all at S×S."""
+        return self.mode == "uhd"
 
     def check(self, base: int, per_view: int) -> int:
         """The side g of the bridge's g×g token map per view; raises if AnyRes cannot place it."""
         side = math.isqrt(per_view)
-        if self.varies and (side * side != per_view or base % side):
+        if self.mode == "anyres" and (side * side != per_view or base % side):
             raise ValueError(f"model.tiling.mode={self.mode}: the bridge gives {per_view} tokens per view; expected "
                              f"a square g×g map with g dividing the image size {base}")
         return side
@@ -75,6 +91,11 @@ class Tiling:
         """The encoder's views of `image`, in the order the bridge's outputs are indexed."""
         if not self.varies:
             return [image]
+        if self.mode == "uhd":
+            image = image.convert("RGB")
+            _, slices = uhd_slices(image, base, self.max_slices)
+            views = [image] + slices if len(slices) > 1 else [image]
+            return [v.resize(slice_size(v.size, base, self.patch), Image.Resampling.BICUBIC) for v in views]
         layout = anyres_layout(image.size, base, self.grids)
         tiles = cut_tiles(image, layout)
         return tiles + [image.convert("RGB").resize((base, base), Image.Resampling.BICUBIC)] * self.global_view
@@ -82,13 +103,16 @@ class Tiling:
     def num_views(self, size: tuple[int, int], base: int) -> int:
         if not self.varies:
             return 1
+        if self.mode == "uhd":
+            rows, cols = uhd_grid(size, base, self.max_slices)
+            return 1 + rows * cols * (rows * cols > 1)
         layout = anyres_layout(size, base, self.grids)
         return layout.rows * layout.cols + int(self.global_view)
 
     def token_index(self, size: tuple[int, int], base: int, per_view: int) -> np.ndarray:
         """For each of the image's LM tokens, its row in the image's flattened bridge outputs (-1: newline)."""
-        if not self.varies:
-            return np.arange(per_view, dtype=np.int64)
+        if self.mode != "anyres":  # each view's tokens in order (UHD's separators are text, not visual tokens)
+            return np.arange(self.num_views(size, base) * per_view, dtype=np.int64)
         side = self.check(base, per_view)
         layout = anyres_layout(size, base, self.grids)
         n = layout.rows * layout.cols
@@ -97,15 +121,32 @@ class Tiling:
         newline = torch.tensor([-1]) if self.newline else None
         return assemble(tiles, layout, newline, glob).reshape(-1).numpy().astype(np.int64)
 
+    def span(self, size: tuple[int, int], base: int, per_view: int, image_id: int, comma: list[int],
+             newline: list[int]) -> np.ndarray:
+        """UHD: the LM ids of an image's span: the overview's `per_view` image ids, then each row of slices, the
+        `comma` ids between the slices of a row and the `newline` ids after each row (with `separators`)."""
+        rows, cols = uhd_grid(size, base, self.max_slices)
+        view = [image_id] * per_view
+        out = list(view)
+        if rows * cols > 1:
+            sep = self.separators
+            for _ in range(rows):
+                out += [t for c in range(cols) for t in view + (comma if sep and c < cols - 1 else [])]
+                out += newline if sep else []
+        return np.asarray(out, dtype=np.int64)
+
     def max_count(self, base: int, per_view: int) -> int:
-        """The most tokens an image can take (its grid's map with no padding removed)."""
+        """The most visual tokens an image can take (AnyRes: its grid's map with no padding removed)."""
         if not self.varies:
             return per_view
+        if self.mode == "uhd":
+            return per_view * (1 + self.max_slices + 1)
         side = self.check(base, per_view)
         return max(r * side * (c * side + int(self.newline)) for r, c in self.grids) + per_view * self.global_view
 
     def count(self, size: tuple[int, int], base: int, per_view: int) -> int:
-        """How many LM tokens an image of `size` becomes."""
+        """How many visual tokens (image-token positions) an image of `size` becomes; with UHD's separators its
+        span is longer (`span`)."""
         return per_view if not self.varies else len(self.token_index(size, base, per_view))
 
 

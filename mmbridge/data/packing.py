@@ -159,7 +159,7 @@ class PackingCollator(Collator):
             "attention_mask": (segment_ids > 0).long(),
             "position_ids": position_ids,
             "segment_ids": segment_ids,
-            "pixel_values": torch.cat([it["pixel_values"] for it in ordered]),
+            "pixel_values": self._pixels(ordered),
             "skipped": skipped,
             **self._bridge_text(ordered),
             **self._frame_counts(ordered),

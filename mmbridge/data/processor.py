@@ -9,8 +9,7 @@ import jinja2
 import numpy as np
 import torch
 
-from mmbridge.data.images import preprocess
-from mmbridge.data.layouts import Tiling, batch_index
+from mmbridge.data.layouts import Tiling
 from mmbridge.data.llava import ROLES, DataError
 from mmbridge.models.language import IMAGE_TOKEN
 
@@ -75,31 +74,32 @@ class Processor:
         return sorted(i for i in ids if i is not None)
 
     # -- images -------------------------------------------------------------------------------
-    def image_counts(self, sizes) -> list[int]:
-        """The LM tokens of each image, from its (width, height) under the tiling."""
+    def image_counts(self, sizes) -> list:
+        """Each image's span from its (width, height) under the tiling: its LM token count, or (UHD) its ids."""
         if not self.tiling.varies:
             return [self.num_image_tokens] * len(sizes)
+        if self.tiling.mode == "uhd":
+            return [self.uhd_span(s) for s in sizes]
         return [self.tiling.count(s, self.image_size, self.num_image_tokens) for s in sizes]
 
-    def images(self, images: list) -> dict:
-        """PIL images (or video frames) → `pixel_values` [views, 3, S, S]; under a tiling whose counts vary also
-        `counts` (each image's tokens), `visual_index` (data/layouts.py, for these images alone) and `views`."""
-        size = self.image_size
-        if not self.tiling.varies:
-            pixels = preprocess(images, size, self.image_mean, self.image_std) if images else \
-                torch.zeros(0, 3, size, size)
-            return {"pixel_values": pixels}
-        views = [self.tiling.views(im, size) for im in images]
-        index = [self.tiling.token_index(im.size, size, self.num_image_tokens) for im in images]
-        flat = [v for vs in views for v in vs]
-        pixels = preprocess(flat, size, self.image_mean, self.image_std) if flat else torch.zeros(0, 3, size, size)
-        return {"pixel_values": pixels, "counts": [len(ix) for ix in index], "views": len(flat),
-                "visual_index": batch_index(index, [len(v) for v in views], self.num_image_tokens)}
+    def uhd_span(self, size) -> np.ndarray:
+        """An image's LM ids under UHD: image-token ids with the LM's own "," and "\n" between slices."""
+        if self.tiling.separators and not self._expand:
+            raise ValueError("model.tiling.mode=uhd with separators needs a fast tokenizer whose image token is an "
+                             "added token of its own")
+        sep = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in (",", "\n")]
+        return self.tiling.span(size, self.image_size, self.num_image_tokens, self.image_token_id, *sep)
 
-    def _reps(self, counts: list[int] | None, n: int) -> list[int]:
-        """The tokens of each of `n` `<image>` placeholders: `counts` in order (the bridge's tokens per view
-        where none is given)."""
-        counts = list(counts or ())
+    def images(self, images: list) -> dict:
+        """PIL images (or video frames) → the model's image inputs (`data/views.py`)."""
+        from mmbridge.data.views import image_inputs
+
+        return image_inputs(self, images)
+
+    def _reps(self, counts: list | None, n: int) -> list[int]:
+        """The tokens of each of `n` `<image>` placeholders: `counts` in order (a length, or a span's ids), the
+        bridge's tokens per view where none is given."""
+        counts = [c if isinstance(c, (int, np.integer)) else len(c) for c in counts or ()]
         return [counts[k] if k < len(counts) else self.num_image_tokens for k in range(n)]
 
     @staticmethod
@@ -125,6 +125,8 @@ class Processor:
             span = IMAGE_TOKEN * (self.num_image_tokens if span is None else span)
             contents = [t["value"].replace(IMAGE_TOKEN, span) for t in conversations]
         else:  # each image its own span, in order
+            if any(not isinstance(c, (int, np.integer)) for c in counts):
+                raise ValueError("spans with separators (UHD) are laid out as ids, with one image token per <image>")
             reps = iter(self._reps(counts, sum(t["value"].count(IMAGE_TOKEN) for t in conversations)))
             contents = [re.sub(re.escape(IMAGE_TOKEN), lambda _: IMAGE_TOKEN * next(reps), t["value"])
                         for t in conversations]
@@ -293,12 +295,10 @@ class Processor:
         for s, e in spans:
             is_target |= (starts >= s) & (offsets[:, 1] <= e) & (offsets[:, 1] > starts)
         if self._expand:  # each image token stands for its whole span
-            at = ids == self.image_token_id
-            reps = np.ones(len(ids), dtype=np.int64)
-            reps[at] = self._reps(counts, int(at.sum()))
-            ids, is_target = np.repeat(ids, reps), np.repeat(is_target, reps)
+            ids, is_target = self._expand_ids(ids, counts, is_target)
         n_img_tok = int((ids == self.image_token_id).sum())
-        wanted = self._reps(counts, n_images)
+        wanted = self._reps([c if isinstance(c, (int, np.integer)) else int((c == self.image_token_id).sum())
+                             for c in counts] if counts else None, n_images)
         if n_img_tok != sum(wanted):
             raise DataError(f"{where}: {n_img_tok} image tokens after tokenisation, expected "
                             f"{self._expected(n_images, wanted)}", "<image> count mismatch")
@@ -310,6 +310,19 @@ class Processor:
             ids, labels = self._shorten(ids, labels, where)
             truncated = True
         return Encoded(ids.tolist(), labels.tolist(), truncated)
+
+    def _expand_ids(self, ids: np.ndarray, counts, *more: np.ndarray):
+        """Each image-token id → its image's span (`counts`: lengths, or UHD's ids); `more` arrays follow along."""
+        at = ids == self.image_token_id
+        reps = np.ones(len(ids), dtype=np.int64)
+        reps[at] = self._reps(counts, int(at.sum()))
+        out = np.repeat(ids, reps)
+        spans = [c for c in counts or () if not isinstance(c, (int, np.integer))]
+        if spans:
+            if len(spans) != len(counts) or len(spans) < int(at.sum()):
+                raise ValueError("give every image's span as ids, one per <image>")
+            out[np.repeat(at, reps)] = np.concatenate(spans[:int(at.sum())]) if at.any() else out[:0]
+        return (out, *(np.repeat(m, reps) for m in more))
 
     def _shorten(self, ids: np.ndarray, labels: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
         """Cut trailing text to fit `max_length`; never cut an image span apart or drop an image."""
@@ -390,9 +403,14 @@ class Processor:
             out[k] = enc if isinstance(enc, DataError) else (len(enc.input_ids), enc.truncated)
         return out
 
-    def encode_prompt(self, conversations: list[dict], counts: list[int] | None = None) -> list[int]:
+    def encode_prompt(self, conversations: list[dict], counts: list | None = None) -> list[int]:
         """Tokenise the conversation so far plus the assistant header, for generation (`counts`: each image's
-        tokens, see `image_counts`)."""
+        tokens, see `image_counts`, or its span's ids)."""
+        if counts and any(not isinstance(c, (int, np.integer)) for c in counts):  # UHD: expanded as ids
+            msgs = self.messages(conversations, span=1)
+            text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            ids = np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+            return self._expand_ids(ids, counts)[0].tolist()
         msgs = self.messages(conversations, counts=counts)
         text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

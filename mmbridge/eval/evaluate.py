@@ -61,8 +61,7 @@ def generate_answers(model, processor, records: list[dict], image_root: str | Pa
         lengths = torch.tensor([len(p) for p in prompts])
         mask = (torch.arange(ids.shape[1])[None, :] >= ids.shape[1] - lengths[:, None]).long()
         extra = {"frame_counts": torch.tensor([len(u) for u in units])} if len(units) != len(frames) else {}
-        if "visual_index" in views:
-            extra["visual_index"] = views["visual_index"]
+        extra.update({k: views[k] for k in ("visual_index", "view_sizes") if k in views})
         if processor.instructions:  # InstructBLIP: the Q-Former reads each image's instruction
             extra["instruction_ids"] = processor.pad_text(
                 [s for r in batch for s in processor.instruction_ids(prompt_turns(r))])

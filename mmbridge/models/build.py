@@ -27,7 +27,7 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> tuple[MultimodalLM, Process
     tok = tokenizer or tok
     bridge = build_bridge(dict(cfg.bridge), vision.hidden_size, lm.config.hidden_size, vision.grid,
                           in_tokens=vision.num_tokens)
-    tiling = build_tiling(cfg, bridge, vision.image_size, lm.config.hidden_size)
+    tiling = build_tiling(cfg, bridge, vision, lm.config.hidden_size)
     model = MultimodalLM(vision, bridge, lm, tok.convert_tokens_to_ids(IMAGE_TOKEN))
     model.precision = getattr(cfg, "precision", "auto")
     model.tiling = tiling
@@ -46,16 +46,21 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> tuple[MultimodalLM, Process
     return model, processor
 
 
-def build_tiling(cfg: ModelConfig, bridge, image_size: int, width: int) -> Tiling:
+def build_tiling(cfg: ModelConfig, bridge, vision, width: int) -> Tiling:
     """`model.tiling`, checked against the bridge; AnyRes's newline becomes the bridge's learned `image_newline`
     (LLaVA-NeXT), so it trains and is saved with the bridge."""
-    tiling = Tiling.from_options(getattr(cfg, "tiling", None))
+    tiling, image_size = Tiling.from_options(getattr(cfg, "tiling", None)), vision.image_size
     if not tiling.varies:
         return tiling
-    if bridge.reads_video or bridge.uses_instruction or getattr(bridge, "fusion", "early") == "deep":
-        raise ValueError(f"model.tiling.mode={tiling.mode}: the {cfg.bridge.get('name')} bridge reads videos, "
-                         "instructions or the LM's layers per image; tiling needs a bridge that maps each view alone")
+    if bridge.uses_instruction or getattr(bridge, "fusion", "early") == "deep":
+        raise ValueError(f"model.tiling.mode={tiling.mode}: the {cfg.bridge.get('name')} bridge reads instructions "
+                         "or works in the LM's layers; tiling needs a bridge that maps each view alone")
     tiling.check(image_size, bridge.num_tokens)
+    tiling.patch = image_size // vision.grid[1]
+    if tiling.mode == "uhd" and (cfg.bridge.get("name") != "resampler" or cfg.bridge.get("pos_embed")
+                                 or not hasattr(vision, "forward_any")):
+        raise ValueError("model.tiling.mode=uhd: each slice is encoded at its own size and compressed to one count; "
+                         "expected an hf vision tower and the resampler bridge without pos_embed")
     if tiling.newline:
         bridge.image_newline = nn.Parameter(torch.randn(width) / width ** 0.5)
     return tiling

@@ -123,10 +123,30 @@ class MultimodalLM(nn.Module):
         return self.bridge(feats, **kwargs)
 
     def encode_images(self, pixel_values: torch.Tensor, instruction_ids: torch.Tensor | None = None,
-                      frame_counts: torch.Tensor | None = None) -> torch.Tensor:
+                      frame_counts: torch.Tensor | None = None, view_sizes: torch.Tensor | None = None) -> torch.Tensor:
         """[n_frames, 3, H, W] → [n_inputs, num_image_tokens, lm_width] (an input: an image, or a whole video
-        for a bridge that reads videos, its frames counted by `frame_counts`)."""
+        for a bridge that reads videos, its frames counted by `frame_counts`; or a view of its own size)."""
+        if view_sizes is not None:
+            return self.encode_views(pixel_values, view_sizes)
         return self._bridge(self.vision_features(pixel_values), instruction_ids, frame_counts)
+
+    def encode_views(self, pixel_values: torch.Tensor, view_sizes: torch.Tensor) -> torch.Tensor:
+        """Views of their own sizes (LLaVA-UHD's slices; zero-padded `pixel_values`, `view_sizes` [n, 2] of
+        (height, width)) → [n, num_image_tokens, lm_width]: each size encoded as one batch with the position
+        table interpolated to it, then compressed by the bridge to the same count."""
+        trains = any(p.requires_grad for p in self.vision.parameters())
+        groups: dict[tuple[int, int], list[int]] = {}
+        for k, (h, w) in enumerate(view_sizes.tolist()):
+            groups.setdefault((h, w), []).append(k)
+        out = None
+        for (h, w), rows in groups.items():  # one encoder pass per distinct size
+            index = torch.tensor(rows, device=pixel_values.device)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and trains):
+                feats = self.vision.forward_any(pixel_values[index, :, :h, :w])
+            tokens = self._bridge(feats, None)
+            out = tokens.new_zeros(len(view_sizes), *tokens.shape[1:]) if out is None else out
+            out = out.index_copy(0, index, tokens)
+        return out
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
               visual: torch.Tensor | None = None, instruction_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -140,8 +160,8 @@ class MultimodalLM(nn.Module):
                 instruction_ids: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
-                frame_counts: torch.Tensor | None = None,
-                visual_index: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                frame_counts: torch.Tensor | None = None, visual_index: torch.Tensor | None = None,
+                view_sizes: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """`embed`, plus the extra decoder keywords (`fusion`) a deep-fusion bridge needs for the same forward.
         LaVIN's adapters (models/mma.py), if the LM has them, learn here which samples hold an image; MoE layers
         (models/moe.py) which positions are padding (`attention_mask` [B, T] or `segment_ids` 0), for their
@@ -161,8 +181,11 @@ class MultimodalLM(nn.Module):
                 if n_slots:
                     raise ValueError(f"{n_slots} image tokens in the batch but no images")
                 return embeds, {}
-            feats = self.vision_features(pixel_values)
-            visual = self._bridge(feats, instruction_ids, frame_counts)
+            if view_sizes is not None:
+                visual = self.encode_views(pixel_values, view_sizes)
+            else:
+                feats = self.vision_features(pixel_values)
+                visual = self._bridge(feats, instruction_ids, frame_counts)
         placed = self.place_visual(visual.to(embeds.dtype), visual_index)
         if placed.shape[0] != n_slots:
             got = f"{visual.shape[0]} images x {visual.shape[1]} tokens" if visual_index is None else \
@@ -208,15 +231,15 @@ class MultimodalLM(nn.Module):
                 normalizer: float | None = None, position_ids: torch.Tensor | None = None,
                 instruction_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
                 target_weights: torch.Tensor | None = None, frame_counts: torch.Tensor | None = None,
-                visual_index: torch.Tensor | None = None) -> LMOutput:
+                visual_index: torch.Tensor | None = None, view_sizes: torch.Tensor | None = None) -> LMOutput:
         """Next-token loss over labelled positions only; logits are computed only where needed.
 
         `segment_ids` ([B, T], packed rows: samples 1, 2, … and 0 for padding) make attention
         block-diagonal; give each sample's own `position_ids` with them. `visual_index` places a tiled batch's
-        bridge outputs (data/layouts.py)."""
+        bridge outputs (data/layouts.py); `view_sizes` gives views of their own sizes (UHD)."""
         embeds, extra = self.prepare(input_ids, pixel_values, instruction_ids=instruction_ids, segment_ids=segment_ids,
                                      attention_mask=attention_mask, frame_counts=frame_counts,
-                                     visual_index=visual_index)
+                                     visual_index=visual_index, view_sizes=view_sizes)
         if segment_ids is not None:
             attention_mask = self.packed_mask(segment_ids, attention_mask, embeds.dtype)
         decoder = self.lm.get_decoder()
@@ -235,7 +258,7 @@ class MultimodalLM(nn.Module):
                  generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
                  on_token: Callable[[list[int | None]], Sequence[bool] | None] | None = None,
                  frame_counts: torch.Tensor | None = None,
-                 visual_index: torch.Tensor | None = None) -> list[list[int]]:
+                 visual_index: torch.Tensor | None = None, view_sizes: torch.Tensor | None = None) -> list[list[int]]:
         """Decoding with a KV cache; `input_ids` are left-padded prompts, on the model's device.
 
         Greedy by default; a row with `temperature` > 0 samples from its top-p nucleus with its `generator`
@@ -248,12 +271,12 @@ class MultimodalLM(nn.Module):
                          top_p=per_row(top_p, n, "top_p"), generators=per_row(generator, n, "generator"))
         with self.autocast():
             return self._generate(input_ids, attention_mask, pixel_values, max_new_tokens, eos_token_ids,
-                                  instruction_ids, choose, on_token, frame_counts, visual_index)
+                                  instruction_ids, choose, on_token, frame_counts, visual_index, view_sizes)
 
     def _generate(self, input_ids, attention_mask, pixel_values, max_new_tokens, eos_token_ids, instruction_ids,
-                  choose, on_token, frame_counts=None, visual_index=None):
+                  choose, on_token, frame_counts=None, visual_index=None, view_sizes=None):
         embeds, extra = self.prepare(input_ids, pixel_values, instruction_ids=instruction_ids,
-                                     frame_counts=frame_counts, visual_index=visual_index)
+                                     frame_counts=frame_counts, visual_index=visual_index, view_sizes=view_sizes)
         mask = attention_mask.clone()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         # only the last position's logits are needed (a [B, T, vocab] product is a fifth of a small LM's prefill)

@@ -251,6 +251,20 @@ class HFVisionEncoder(VisionEncoder):
         self.image_size, self.grid = image_size, (image_size // patch, image_size // patch)
         self._forward_kwargs.pop("interpolate_pos_encoding", None)
 
+    def forward_any(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W], sides multiples of the patch → [B, (H/p)·(W/p), hidden_size]: the position table
+        interpolated in 2D for this size on the fly (HF's `interpolate_pos_encoding`; LLaVA-UHD's slices)."""
+        patch, (h, w) = int(self.model.config.patch_size), pixel_values.shape[-2:]
+        if h % patch or w % patch:
+            raise ValueError(f"a {h}x{w} view: both sides must be multiples of the patch size {patch}")
+        if "interpolate_pos_encoding" not in inspect.signature(self.model.forward).parameters:
+            raise ValueError(f"{type(self.model).__name__} cannot interpolate its positions for other sizes")
+        out = self.model(pixel_values=pixel_values.to(next(self.model.parameters()).dtype), output_hidden_states=True,
+                         interpolate_pos_encoding=True)
+        feats = out.hidden_states[self.feature_layer]
+        feats = feats[:, self._n_special:] if self.drop_cls else feats
+        return feats if self._final_norm is None else self._final_norm(feats)
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, S, S] -> [B, num_tokens, hidden_size]."""
         self._check_pixels(pixel_values)

@@ -14,5 +14,5 @@ class NextTokenLoss(Objective):
                     normalizer=normalizer, instruction_ids=batch.get("instruction_ids"),
                     position_ids=batch.get("position_ids"), segment_ids=batch.get("segment_ids"),
                     target_weights=batch.get("target_weights"), frame_counts=batch.get("frame_counts"),
-                    visual_index=batch.get("visual_index"))
+                    visual_index=batch.get("visual_index"), view_sizes=batch.get("view_sizes"))
         return LossOutput(out.loss, {"lm": out.loss.detach()})

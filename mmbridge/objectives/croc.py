@@ -120,7 +120,8 @@ class CrocObjective(Objective):
         pixels, t_match = batch.get("pixel_values"), 0.0
         visual = selected = assignment = valid = used = None
         if pixels is not None and pixels.numel() and len(counts):
-            flat = model.place_visual(model.encode_images(pixels), batch.get("visual_index"))
+            views = model.encode_images(pixels, view_sizes=batch.get("view_sizes"))
+            flat = model.place_visual(views, batch.get("visual_index"))
             counts = counts.to(flat.device)
             visual, valid = pad_by_image(flat, counts, extra=1)  # one spare column: unused selections land there
             selected, used = select_within(counts, self.mask_ratio)

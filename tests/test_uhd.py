@@ -1,0 +1,128 @@
+"""LLaVA-UHD under `model.tiling: {mode: uhd}`: slices at their own sizes, one compressor, the LM's own separators."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmbridge.config import ModelConfig
+from mmbridge.data.dataset import Collator
+from mmbridge.data.packing import PackingCollator, pack
+from mmbridge.data.views import padded_pixels
+from mmbridge.models.build import build_model
+
+IGNORE = -100
+K = 4  # the resampler's latents: tokens per view
+# (width, height) → (rows, cols) of slices at S = 32: 32x128 → N = 4 → 4x1; 96x64 → N = 6 → 2x3 (square slices)
+GRIDS = {(32, 128): (4, 1), (96, 64): (2, 3)}
+
+
+def picture(size, seed):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def conv(n_images: int, answer: str = "a red circle") -> list[dict]:
+    return [{"from": "human", "value": "<image>\n" * n_images + "What is there?"}, {"from": "gpt", "value": answer}]
+
+
+@pytest.fixture(scope="module")
+def uhd(tiny_lm_dir, tiny_clip_dir):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vision={"name": "hf", "path": tiny_clip_dir, "feature_layer": -1},
+                      bridge={"name": "resampler", "latents": K, "depth": 1, "heads": 4}, lm={"path": tiny_lm_dir},
+                      max_length=400, system_prompt="", tiling={"mode": "uhd", "max_slices": 6})
+    model, proc = build_model(cfg)
+    return model.eval(), proc
+
+
+def sample(proc, images, answer="a red circle"):
+    views = proc.images(images)
+    enc = proc.encode(conv(len(images)), len(images), counts=views["counts"])
+    return {"id": "x", "input_ids": enc.input_ids, "labels": enc.labels, "pixel_values": views["pixel_values"],
+            "visual_index": views["visual_index"], "views": views["views"], "image_counts": views["visual_counts"],
+            "view_sizes": views["view_sizes"]}
+
+
+def test_separators_are_the_lms_own_tokens(uhd):
+    model, proc = uhd
+    comma = proc.tokenizer(",", add_special_tokens=False)["input_ids"]
+    newline = proc.tokenizer("\n", add_special_tokens=False)["input_ids"]
+    assert len(comma) == len(newline) == 1
+    for size, (rows, cols) in GRIDS.items():
+        span = proc.uhd_span(size)
+        assert int((span == comma[0]).sum()) == rows * (cols - 1) and int((span == newline[0]).sum()) == rows
+        assert int((span == proc.image_token_id).sum()) == (1 + rows * cols) * K  # overview + slices
+    views = proc.images([picture((96, 64), 0)])
+    # the overview keeps its aspect (area near 32², whole patches); the six slices are 32x32
+    assert views["view_sizes"].tolist() == [[24, 40]] + [[32, 32]] * 6
+    assert proc.uhd_span((20, 20)).tolist() == [proc.image_token_id] * K  # one slice: the overview alone
+
+
+def test_the_encoded_sequence_carries_the_separators(uhd):
+    model, proc = uhd
+    image = picture((96, 64), 1)
+    views = proc.images([image])
+    ids = np.asarray(proc.encode(conv(1), 1, counts=views["counts"]).input_ids)
+    first = int(np.flatnonzero(ids == proc.image_token_id)[0])
+    span = proc.uhd_span(image.size)
+    assert (ids[first:first + len(span)] == span).all()
+    prompt = proc.encode_prompt(conv(1)[:1], views["counts"])
+    assert prompt[first:first + len(span)] == span.tolist()
+    (n, _), = proc.measure_many([(conv(1), 1, "s", proc.image_counts([image.size]))])
+    assert n == len(ids)
+
+
+def test_views_of_their_own_sizes_fill_the_slots_in_order(uhd):
+    model, proc = uhd
+    images = [picture(s, k) for k, s in enumerate(GRIDS)]
+    batch = Collator(proc)([sample(proc, images[:1]), sample(proc, images[1:])])
+    assert batch["pixel_values"].shape == (5 + 7, 3, 64, 40)  # padded to the largest view
+    with torch.no_grad():
+        embeds, _ = model.prepare(batch["input_ids"], batch["pixel_values"], visual_index=batch["visual_index"],
+                                  view_sizes=batch["view_sizes"])
+        want = []
+        for im in images:  # each view alone, unpadded, through the tower at its own size and the resampler
+            for view in proc.tiling.views(im, 32):
+                px, _ = padded_pixels([view], proc.image_mean, proc.image_std)
+                want.append(model.bridge(model.vision.forward_any(px)))
+    is_image = batch["input_ids"] == model.image_token_id
+    torch.testing.assert_close(embeds[is_image], torch.cat(want).reshape(-1, embeds.shape[-1]), rtol=1e-4,
+                               atol=1e-5)
+    assert batch["image_counts"].tolist() == [5 * K, 7 * K]
+
+
+def test_packed_uhd_rows_equal_unpacked_and_train(uhd):
+    from mmbridge.objectives.croc import CrocObjective
+
+    model, proc = uhd
+    model.requires_grad_(True)
+    images = [picture(s, k) for k, s in enumerate(GRIDS)]
+    its = [sample(proc, images[:1]), sample(proc, images[1:], "two squares"), sample(proc, [], "hello")]
+    rows = pack([len(it["input_ids"]) for it in its], [len(it["image_counts"]) for it in its], budget=200)
+    tagged = [{**its[i], "row": r} for r, row in enumerate(rows) for i in row]
+    order = [i for row in rows for i in row]
+    packed, padded = PackingCollator(proc)(tagged), Collator(proc)([its[i] for i in order])
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]
+    normalizer = float(padded["labels"][:, 1:].ne(IGNORE).sum())
+    losses = []
+    for b in (padded, packed):
+        out = model(b["input_ids"], b["attention_mask"], b["pixel_values"], b["labels"], normalizer=normalizer,
+                    position_ids=b.get("position_ids"), segment_ids=b.get("segment_ids"),
+                    visual_index=b["visual_index"], view_sizes=b["view_sizes"])
+        losses.append(out.loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    obj = CrocObjective(model, pool_size=64, attention="visual")
+    out = obj(model, padded, normalizer=None)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and model.bridge.resampler.latents.grad.abs().sum() > 0
+    model.zero_grad()
+    model.requires_grad_(False)
+
+
+def test_uhd_needs_a_compressor(tiny_lm_dir, tiny_clip_dir):
+    cfg = ModelConfig(vision={"name": "hf", "path": tiny_clip_dir}, bridge={"name": "mlp"}, lm={"path": tiny_lm_dir},
+                      tiling={"mode": "uhd"})
+    with pytest.raises(ValueError, match="resampler bridge"):
+        build_model(cfg)
