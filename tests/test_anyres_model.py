@@ -260,3 +260,31 @@ def test_croc_with_one_count_for_all_matches_the_fixed_count_path(tiny, target):
         results.append((inputs.embeds, inputs.mask, inputs.selected, obj.reconstruction_loss(hidden, inputs)))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_a_tiled_run_changes_resolution_and_resumes_inside_the_larger_stage(tiny_lm_dir, tiny_clip_dir, world,
+                                                                            tmp_path):
+    from tests.conftest import interrupted_run
+
+    data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"], bridge={"name": "mlp"})
+    data["model"].update(tiling={"mode": "anyres"}, max_length=320)
+    data["save_every"] = 2
+    data["stages"][0]["steps"] = 2
+    data["stages"][1].update(image_size=48, steps=4)
+    recipe = recipe_from_dict(data)
+    full = Trainer(recipe, tmp_path / "a", progress=False)
+    full.run()
+    # 32x32 at S = 48: a 1x2 canvas (96x48) holds it at 48x48 in the middle: 6 of 12 columns, 6 rows, + 36 global
+    assert full.processor.image_size == 48 and full.processor.image_counts([(32, 32)]) == [6 * 7 + 36]
+    interrupted_run(recipe, tmp_path / "b", 2 + 4)  # inside stage 2 (last checkpoint: stage 2, step 2)
+    resumed = Trainer(recipe, tmp_path / "b", resume=True, progress=False)
+    assert resumed.model.vision.image_size == 48 and resumed.processor.num_image_tokens == 36
+    resumed.run()
+    rows = {d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in "ab"}
+    want = {(r["stage"], r["step"]): r["loss"] for r in rows["a"]}
+    got = {(r["stage"], r["step"]): r["loss"] for r in rows["b"]}
+    assert set(got) == set(want)
+    for key in want:
+        assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-7), key
+    model, proc = load_run(tmp_path / "a", device="cpu")
+    assert proc.image_size == 48 and torch.equal(model.bridge.image_newline, full.model.bridge.image_newline)
