@@ -288,3 +288,17 @@ def test_a_tiled_run_changes_resolution_and_resumes_inside_the_larger_stage(tiny
         assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-7), key
     model, proc = load_run(tmp_path / "a", device="cpu")
     assert proc.image_size == 48 and torch.equal(model.bridge.image_newline, full.model.bridge.image_newline)
+
+
+def test_generation_reads_each_images_own_count(tiled, tmp_path):
+    from mmbridge.eval.evaluate import generate_answers
+
+    model, proc = tiled
+    records = []
+    for k, size in enumerate(SIZES):
+        picture(size, k).save(tmp_path / f"{k}.png")
+        records.append({"id": str(k), "image": f"{k}.png", "conversations": conv(1)})
+    together = generate_answers(model, proc, records, tmp_path, max_new_tokens=4, batch_size=3, progress=False)
+    alone = [generate_answers(model, proc, [r], tmp_path, max_new_tokens=4, batch_size=1, progress=False)[0]
+             for r in records]
+    assert together == alone and len(together) == 3

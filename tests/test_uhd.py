@@ -126,3 +126,44 @@ def test_uhd_needs_a_compressor(tiny_lm_dir, tiny_clip_dir):
                       tiling={"mode": "uhd"})
     with pytest.raises(ValueError, match="resampler bridge"):
         build_model(cfg)
+
+
+def test_a_uhd_run_trains_and_reloads(tiny_lm_dir, tiny_clip_dir, world, tmp_path):
+    from pathlib import Path
+
+    from mmbridge.config import recipe_from_dict
+    from mmbridge.train.checkpoint import load_run
+    from mmbridge.train.trainer import Trainer
+    from tests.conftest import tiny_recipe_dict
+
+    data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"],
+                            bridge={"name": "resampler", "latents": K, "depth": 1, "heads": 4})
+    data["model"]["tiling"] = {"mode": "uhd"}
+    for stage in data["stages"]:
+        stage["steps"] = 2
+    trainer = Trainer(recipe_from_dict(data), tmp_path / "run", progress=False)
+    trainer.run()
+    model, proc = load_run(tmp_path / "run", device="cpu")
+    image = picture((96, 64), 5)  # slices and an overview, unlike the world's small squares
+    views = proc.images([image])
+    ids = torch.tensor([proc.encode(conv(1), 1, counts=views["counts"]).input_ids])
+    kw = {"pixel_values": views["pixel_values"], "visual_index": views["visual_index"],
+          "view_sizes": views["view_sizes"]}
+    with torch.no_grad():
+        assert torch.equal(model(ids, **kw).hidden_states, trainer.model.eval()(ids, **kw).hidden_states)
+    world_image = Image.open(sorted(Path(world["images"]).rglob("*.png"))[0])
+    assert proc.images([world_image])["visual_counts"] == [K]  # 32x32 at S = 32: the overview alone
+
+
+def test_generation_with_slices(uhd, tmp_path):
+    from mmbridge.eval.evaluate import generate_answers
+
+    model, proc = uhd
+    records = []
+    for k, size in enumerate(GRIDS):
+        picture(size, k).save(tmp_path / f"{k}.png")
+        records.append({"id": str(k), "image": f"{k}.png", "conversations": conv(1)})
+    together = generate_answers(model, proc, records, tmp_path, max_new_tokens=4, batch_size=2, progress=False)
+    alone = [generate_answers(model, proc, [r], tmp_path, max_new_tokens=4, batch_size=1, progress=False)[0]
+             for r in records]
+    assert together == alone and len(together) == 2
