@@ -27,7 +27,8 @@ from tests.conftest import tiny_recipe_dict
 IGNORE = -100
 # (width, height) → tokens for the tiny tower (32 px, 4x4 grid) and the mlp bridge (16 tokens per view):
 # 64x64: a 2x2 grid, an 8x8 map, 8 rows of 8 + newline, + 16 global = 88
-# 32x96: 3x1 (rows x cols), a 12x4 map: 12 x 5 + 16 = 76;  64x40: 2x2, image at y 12..52 → map rows 1..7: 6 x 9 + 16 = 70
+# 32x96: 3x1 (rows x cols), a 12x4 map: 12 x 5 + 16 = 76
+# 64x40: 2x2, the image at y 12..52 → map rows 1..7: 6 x 9 + 16 = 70
 SIZES = {(64, 64): 88, (32, 96): 76, (64, 40): 70}
 
 

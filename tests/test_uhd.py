@@ -15,7 +15,8 @@ from mmbridge.models.build import build_model
 
 IGNORE = -100
 K = 4  # the resampler's latents: tokens per view
-# (width, height) → (rows, cols) of slices at S = 32: 32x128 → N = 4 → 4x1; 96x64 → N = 6 → 2x3 (square slices)
+# (width, height) → (rows, cols) of slices at S = 32: 32x128 → N = 4 → 4x1; 96x64 → N = 6 → 2x3 (square
+# slices)
 GRIDS = {(32, 128): (4, 1), (96, 64): (2, 3)}
 
 

@@ -9,6 +9,7 @@ import jinja2
 import numpy as np
 import torch
 
+from mmbridge.data import spans as img_spans
 from mmbridge.data.layouts import Tiling
 from mmbridge.data.llava import ROLES, DataError
 from mmbridge.models.language import IMAGE_TOKEN
@@ -73,40 +74,19 @@ class Processor:
             ids.add(self.tokenizer.convert_tokens_to_ids(closing))
         return sorted(i for i in ids if i is not None)
 
-    # -- images -------------------------------------------------------------------------------
+    # -- images (data/spans.py, data/views.py) -----------------------------------------------------
     def image_counts(self, sizes) -> list:
-        """Each image's span from its (width, height) under the tiling: its LM token count, or (UHD) its ids."""
-        if not self.tiling.varies:
-            return [self.num_image_tokens] * len(sizes)
-        if self.tiling.mode == "uhd":
-            return [self.uhd_span(s) for s in sizes]
-        return [self.tiling.count(s, self.image_size, self.num_image_tokens) for s in sizes]
+        """Each image's span from its (width, height): its LM token count, or (UHD) its ids."""
+        return img_spans.image_counts(self, sizes)
 
     def uhd_span(self, size) -> np.ndarray:
-        """An image's LM ids under UHD: image-token ids with the LM's own "," and "\n" between slices."""
-        if self.tiling.separators and not self._expand:
-            raise ValueError("model.tiling.mode=uhd with separators needs a fast tokenizer whose image token is an "
-                             "added token of its own")
-        sep = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in (",", "\n")]
-        return self.tiling.span(size, self.image_size, self.num_image_tokens, self.image_token_id, *sep)
+        return img_spans.uhd_span(self, size)
 
     def images(self, images: list) -> dict:
-        """PIL images (or video frames) → the model's image inputs (`data/views.py`)."""
+        """PIL images (or video frames) → the model's image inputs."""
         from mmbridge.data.views import image_inputs
 
         return image_inputs(self, images)
-
-    def _reps(self, counts: list | None, n: int) -> list[int]:
-        """The tokens of each of `n` `<image>` placeholders: `counts` in order (a length, or a span's ids), the
-        bridge's tokens per view where none is given."""
-        counts = [c if isinstance(c, (int, np.integer)) else len(c) for c in counts or ()]
-        return [counts[k] if k < len(counts) else self.num_image_tokens for k in range(n)]
-
-    @staticmethod
-    def _expected(n_images: int, counts: list[int]) -> str:
-        if len(set(counts)) <= 1:
-            return f"{n_images} x {counts[0] if counts else 0}"
-        return f"{sum(counts)} ({' + '.join(map(str, counts))})"
 
     # -- text ---------------------------------------------------------------------------------
     def messages(self, conversations: list[dict], span: int | None = None,
@@ -125,9 +105,10 @@ class Processor:
             span = IMAGE_TOKEN * (self.num_image_tokens if span is None else span)
             contents = [t["value"].replace(IMAGE_TOKEN, span) for t in conversations]
         else:  # each image its own span, in order
-            if any(not isinstance(c, (int, np.integer)) for c in counts):
+            if not all(map(img_spans.is_count, counts)):
                 raise ValueError("spans with separators (UHD) are laid out as ids, with one image token per <image>")
-            reps = iter(self._reps(counts, sum(t["value"].count(IMAGE_TOKEN) for t in conversations)))
+            n = sum(t["value"].count(IMAGE_TOKEN) for t in conversations)
+            reps = iter(img_spans.lengths(self.num_image_tokens, counts, n))
             contents = [re.sub(re.escape(IMAGE_TOKEN), lambda _: IMAGE_TOKEN * next(reps), t["value"])
                         for t in conversations]
         if self.system_prompt is not None and roles[0] != "system":
@@ -295,13 +276,13 @@ class Processor:
         for s, e in spans:
             is_target |= (starts >= s) & (offsets[:, 1] <= e) & (offsets[:, 1] > starts)
         if self._expand:  # each image token stands for its whole span
-            ids, is_target = self._expand_ids(ids, counts, is_target)
+            ids, is_target = img_spans.expand_ids(ids, self.image_token_id, self.num_image_tokens, counts, is_target)
         n_img_tok = int((ids == self.image_token_id).sum())
-        wanted = self._reps([c if isinstance(c, (int, np.integer)) else int((c == self.image_token_id).sum())
-                             for c in counts] if counts else None, n_images)
+        visual = [c if img_spans.is_count(c) else int((c == self.image_token_id).sum()) for c in counts or ()]
+        wanted = img_spans.lengths(self.num_image_tokens, visual or None, n_images)
         if n_img_tok != sum(wanted):
             raise DataError(f"{where}: {n_img_tok} image tokens after tokenisation, expected "
-                            f"{self._expected(n_images, wanted)}", "<image> count mismatch")
+                            f"{img_spans.expected(n_images, wanted)}", "<image> count mismatch")
         labels = np.where(is_target, ids, IGNORE)
         if not (labels[1:] != IGNORE).any():
             raise DataError(f"{where}: no token of any answer is labelled", "no answer tokens")
@@ -310,19 +291,6 @@ class Processor:
             ids, labels = self._shorten(ids, labels, where)
             truncated = True
         return Encoded(ids.tolist(), labels.tolist(), truncated)
-
-    def _expand_ids(self, ids: np.ndarray, counts, *more: np.ndarray):
-        """Each image-token id → its image's span (`counts`: lengths, or UHD's ids); `more` arrays follow along."""
-        at = ids == self.image_token_id
-        reps = np.ones(len(ids), dtype=np.int64)
-        reps[at] = self._reps(counts, int(at.sum()))
-        out = np.repeat(ids, reps)
-        spans = [c for c in counts or () if not isinstance(c, (int, np.integer))]
-        if spans:
-            if len(spans) != len(counts) or len(spans) < int(at.sum()):
-                raise ValueError("give every image's span as ids, one per <image>")
-            out[np.repeat(at, reps)] = np.concatenate(spans[:int(at.sum())]) if at.any() else out[:0]
-        return (out, *(np.repeat(m, reps) for m in more))
 
     def _shorten(self, ids: np.ndarray, labels: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
         """Cut trailing text to fit `max_length`; never cut an image span apart or drop an image."""
@@ -368,13 +336,13 @@ class Processor:
             _, n_images, where, *given = items[k]
             closed = [e for s, e in spans if s > 0 and text.endswith(special, s, e)]
             images = text.count(IMAGE_TOKEN)
-            reps = self._reps(given[0] if given else None, images)
-            if not closed:  # no answer ends in a special token, which is always labelled: encode
-                exact.append(k)
+            reps = img_spans.lengths(self.num_image_tokens, given[0] if given else None, images)
+            if not closed or (images != n_images and given and not all(map(img_spans.is_count, given[0] or ()))):
+                exact.append(k)  # no answer ends in a special token (always labelled), or a UHD mismatch: encode
             elif images != n_images:
-                wanted = self._reps(given[0] if given else None, n_images)
+                wanted = img_spans.lengths(self.num_image_tokens, given[0] if given else None, n_images)
                 out[k] = DataError(f"{where}: {sum(reps)} image tokens after tokenisation, expected "
-                                   f"{self._expected(n_images, wanted)}", "<image> count mismatch")
+                                   f"{img_spans.expected(n_images, wanted)}", "<image> count mismatch")
             else:
                 image_end = text.rfind(IMAGE_TOKEN) + len(IMAGE_TOKEN) if images else 0
                 counted.append((k, text, image_end, closed[0], reps))
@@ -406,11 +374,11 @@ class Processor:
     def encode_prompt(self, conversations: list[dict], counts: list | None = None) -> list[int]:
         """Tokenise the conversation so far plus the assistant header, for generation (`counts`: each image's
         tokens, see `image_counts`, or its span's ids)."""
-        if counts and any(not isinstance(c, (int, np.integer)) for c in counts):  # UHD: expanded as ids
+        if counts and not all(map(img_spans.is_count, counts)):  # UHD: expanded as ids
             msgs = self.messages(conversations, span=1)
             text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
             ids = np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
-            return self._expand_ids(ids, counts)[0].tolist()
+            return img_spans.expand_ids(ids, self.image_token_id, self.num_image_tokens, counts)[0].tolist()
         msgs = self.messages(conversations, counts=counts)
         text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

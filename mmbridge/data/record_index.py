@@ -56,7 +56,7 @@ def content_hash(files: list[Path]) -> str:
 
 
 def image_counts(store, processor, i: int, units: list[list], where: str) -> list[int]:
-    """The LM tokens of record `i`'s images, from their sizes under the processor's tiling (each visual input's first frame)."""
+    """Record `i`'s images' spans (`Processor.image_counts`), from their sizes under the processor's tiling."""
     try:
         frames = store.frames(i, units)
     except ImageError as e:
