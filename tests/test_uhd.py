@@ -168,3 +168,22 @@ def test_generation_with_slices(uhd, tmp_path):
     alone = [generate_answers(model, proc, [r], tmp_path, max_new_tokens=4, batch_size=1, progress=False)[0]
              for r in records]
     assert together == alone and len(together) == 2
+
+
+def test_flops_measure_each_view_at_its_own_size(uhd):
+    from mmbridge.train.flops import StepFlops, forward_flops
+
+    model, proc = uhd
+    model.requires_grad_(False)  # a frozen tower and bridge: forward FLOPs once each
+    batch = Collator(proc)([sample(proc, [picture((96, 64), 0)])])  # a 24x40 overview and six 32x32 slices
+    flops = StepFlops(model)
+    no_images = {**batch, "pixel_values": batch["pixel_values"][:0], "view_sizes": batch["view_sizes"][:0]}
+
+    def view(h, w):
+        px = torch.zeros(1, 3, h, w)
+        with torch.no_grad():
+            return forward_flops(model.vision.forward_any, px) + forward_flops(model.bridge,
+                                                                                model.vision.forward_any(px))
+
+    assert flops(batch) - flops(no_images) == view(24, 40) + 6 * view(32, 32)
+    assert view(24, 40) < view(32, 32)  # 15 patches, not 16

@@ -10,6 +10,7 @@ input (needed whenever a trainable part lies below it) and again for the gradien
     LM attention   Σ_layers Σ_samples 4·L²·(heads·head_dim) · 3                     (QKᵀ and AV; full L², as PaLM)
     LM head        n_targets · 2·width·vocab · (3 if it trains else 2)               (logits at targets only)
     vision         n_images · F_vision · (3 if it trains else 1)                     (frozen: run without grad)
+                   (UHD's views, encoded at their own sizes: F_vision and F_bridge measured per size)
     bridge         n_images · F_bridge · (3 if it trains, 2 if the vision trains, else 1)
 
 where tokens and sample lengths L exclude padding (packed rows: L per sample, from position ids),
@@ -111,32 +112,38 @@ class StepFlops:
         bridge = getattr(model, "bridge", None)  # LCL's model has none: its ViT's pooling feeds the LM
         vision_trains, bridge_trains = _trains(model.vision), bridge is not None and _trains(bridge)
         self.image = 0  # FLOPs per image: vision encoder and bridge, forward and backward
+        self.factors = (3 if vision_trains else 1, 3 if bridge_trains else 2 if vision_trains else 1)
+        tiling = getattr(model, "tiling", None)
+        # UHD's views have their own sizes: each size is measured when a batch first holds it
+        self._own_sizes = model if tiling is not None and tiling.own_sizes else None
+        self._per_size: dict[tuple[int, int], int] = {}
         size = getattr(model.vision, "image_size", None) or getattr(getattr(model.vision, "config", None),
                                                                     "image_size", None)
         if size:
-            vision, bridge = self._per_image(model, size)
+            vision, bridge = self._per_image(model, (size, size))
             if getattr(model, "feature_cache", None) is not None and not vision_trains:
                 vision = 0  # a frozen encoder's outputs come from the cache (all but an image's first time)
-            self.image = vision * (3 if vision_trains else 1) \
-                + bridge * (3 if bridge_trains else 2 if vision_trains else 1)
+            self.image = vision * self.factors[0] + bridge * self.factors[1]
 
     @staticmethod
-    def _per_image(model: nn.Module, size: int) -> tuple[int, int]:
-        """Forward FLOPs of the vision encoder and of the bridge for one image, in eval mode (no running
-        statistics updated) and without touching the RNG."""
+    def _per_image(model: nn.Module, size: int | tuple[int, int], any_size: bool = False) -> tuple[int, int]:
+        """Forward FLOPs of the vision encoder and of the bridge for one S×S or (height, width) image (`any_size`:
+        encoded at its own size), in eval mode (no running statistics updated) and without touching the RNG."""
+        size = (size, size) if isinstance(size, int) else tuple(size)
         modes = {m: m.training for m in model.modules()}
         grads = {p: p.requires_grad for p in model.parameters()}  # none: no parameter views that need a grad_fn
         weight = next(model.vision.parameters())
-        pixels = torch.zeros(1, 3, size, size, dtype=weight.dtype, device=weight.device)
+        pixels = torch.zeros(1, 3, *size, dtype=weight.dtype, device=weight.device)
+        encode = model.vision.forward_any if any_size else model.vision
         bridge = getattr(model, "bridge", None)
         try:
             with torch.random.fork_rng(devices=[weight.device] if weight.device.type == "cuda" else []):
                 model.eval().requires_grad_(False)
-                vision = forward_flops(model.vision, pixels)
+                vision = forward_flops(encode, pixels)
                 if bridge is None:
                     return vision, 0
                 with torch.no_grad():
-                    feats = model.vision(pixels)
+                    feats = encode(pixels)
                 # InstructBLIP's Q-Former also reads the instruction: counted for a nominal 16 tokens
                 extra = {"instruction_ids": torch.ones(1, 16, dtype=torch.long, device=weight.device)} \
                     if getattr(bridge, "uses_instruction", False) else {}
@@ -158,8 +165,18 @@ class StepFlops:
         targets = int((batch["labels"][:, 1:] != IGNORE).sum())
         pixels = batch.get("pixel_values")
         n_images = pixels.shape[0] if pixels is not None else 0
+        sizes = batch.get("view_sizes")
+        images = n_images * self.image if sizes is None or self._own_sizes is None else \
+            sum(self._view(tuple(hw)) for hw in sizes.tolist())
         return int(sum(lengths) * self.linear + sum(x * x for x in lengths) * self.attention
-                   + targets * self.head + n_images * self.image)
+                   + targets * self.head + images)
+
+    def _view(self, size: tuple[int, int]) -> int:
+        """FLOPs, forward and backward, of one view of its own (height, width), measured once per size."""
+        if size not in self._per_size:
+            vision, bridge = self._per_image(self._own_sizes, size, any_size=True)
+            self._per_size[size] = vision * self.factors[0] + bridge * self.factors[1]
+        return self._per_size[size]
 
 
 # -- peak -----------------------------------------------------------------------------------------
