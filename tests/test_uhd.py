@@ -187,3 +187,24 @@ def test_flops_measure_each_view_at_its_own_size(uhd):
 
     assert flops(batch) - flops(no_images) == view(24, 40) + 6 * view(32, 32)
     assert view(24, 40) < view(32, 32)  # 15 patches, not 16
+
+
+def test_our_vit_encodes_any_size_with_its_positions_interpolated(tmp_path):
+    import torch.nn.functional as F
+
+    from mmbridge.models.vision import build_vision_encoder
+    from mmbridge.models.vit import LCLVisionTower, ViTConfig
+
+    torch.manual_seed(0)
+    LCLVisionTower(ViTConfig(image_size=32, patch_size=8, width=32, depth=1, heads=4, out_dim=16)).save_pretrained(
+        tmp_path / "vit")
+    enc = build_vision_encoder({"name": "lcl_vit", "path": str(tmp_path / "vit")}).eval()
+    px = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(enc.forward_any(px), enc(px))  # its own size: the table as it is
+        tall = torch.randn(1, 3, 48, 24)
+        table = F.interpolate(enc.tower.pos_embed[0].reshape(1, 4, 4, 32).permute(0, 3, 1, 2), size=(6, 3),
+                              mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, 18, 32)
+        torch.testing.assert_close(enc.forward_any(tall), enc.tower.patch_features(tall, table))
+    with pytest.raises(ValueError, match="multiples of the patch size 8"):
+        enc.forward_any(torch.randn(1, 3, 30, 32))

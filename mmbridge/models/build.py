@@ -60,7 +60,7 @@ def build_tiling(cfg: ModelConfig, bridge, vision, width: int) -> Tiling:
     if tiling.mode == "uhd" and (cfg.bridge.get("name") != "resampler" or cfg.bridge.get("pos_embed")
                                  or not hasattr(vision, "forward_any")):
         raise ValueError("model.tiling.mode=uhd: each slice is encoded at its own size and compressed to one count; "
-                         "expected an hf vision tower and the resampler bridge without pos_embed")
+                         "expected a ViT tower (hf or lcl_vit) and the resampler bridge without pos_embed")
     if tiling.newline:
         bridge.image_newline = nn.Parameter(torch.randn(width) / width ** 0.5)
     return tiling

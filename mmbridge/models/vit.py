@@ -99,9 +99,11 @@ class LCLVisionTower(nn.Module):
         self.norm = nn.LayerNorm(c.width)
         self.pool = AttentivePool(c.width, c.heads, c.out_dim)
 
-    def patch_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[B, 3, S, S] → final-normed patch features [B, grid², width], row-major."""
-        x = self.patch_embed(pixel_values).flatten(2).transpose(1, 2) + self.pos_embed
+    def patch_features(self, pixel_values: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, 3, S, S] → final-normed patch features [B, grid², width], row-major (`positions`: a table for
+        another grid, [1, rows·cols, width])."""
+        x = self.patch_embed(pixel_values).flatten(2).transpose(1, 2)
+        x = x + (self.pos_embed if positions is None else positions)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
@@ -173,4 +175,18 @@ class LCLViTEncoder(VisionEncoder):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         self._check_pixels(pixel_values)
         feats = self.tower.patch_features(pixel_values)
+        return feats if self.features == "patches" else self.tower.pool(feats)[1]
+
+    def forward_any(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W], sides multiples of the patch → [B, (H/p)·(W/p), hidden_size], the learned positions
+        resampled in 2D (bicubic) to this grid on the fly, as HF towers' `interpolate_pos_encoding` (LLaVA-UHD)."""
+        from mmbridge.models.resolution import interpolate_positions
+
+        patch, (h, w) = self.tower.config.patch_size, pixel_values.shape[-2:]
+        if h % patch or w % patch:
+            raise ValueError(f"a {h}x{w} view: both sides must be multiples of the patch size {patch}")
+        grid = (h // patch, w // patch)
+        table = self.tower.pos_embed if grid == self.grid else \
+            interpolate_positions(self.tower.pos_embed[0], 0, grid).unsqueeze(0)
+        feats = self.tower.patch_features(pixel_values, table)
         return feats if self.features == "patches" else self.tower.pool(feats)[1]
