@@ -208,3 +208,31 @@ def test_our_vit_encodes_any_size_with_its_positions_interpolated(tmp_path):
         torch.testing.assert_close(enc.forward_any(tall), enc.tower.patch_features(tall, table))
     with pytest.raises(ValueError, match="multiples of the patch size 8"):
         enc.forward_any(torch.randn(1, 3, 30, 32))
+
+
+def test_the_serving_engine_batches_slices(uhd):
+    import threading
+
+    from mmbridge.serve.engine import Engine, Job
+    from mmbridge.serve.text import ReplyText
+
+    model, proc = uhd
+    engine = Engine(model, proc, max_batch=4, start=False)
+    jobs = []
+    for k, size in enumerate(GRIDS):
+        views = proc.images([picture(size, k)])
+        prompt = engine.encode_prompt(conv(1)[:1], views["counts"])
+        done = threading.Event()
+        jobs.append((Job(prompt, views["pixel_values"], 4, ReplyText(engine.decode),
+                         lambda kind, _, d=done: d.set() if kind != "delta" else None, images=views), done, views))
+        engine.submit(jobs[-1][0])
+    engine.start()
+    for _, done, _ in jobs:
+        assert done.wait(60)
+    engine.close()
+    assert engine.batch_sizes == [2]
+    for job, _, views in jobs:
+        alone = model.generate(torch.tensor([job.prompt]), torch.ones(1, len(job.prompt), dtype=torch.long),
+                               views["pixel_values"], 4, proc.stop_token_ids, visual_index=views["visual_index"],
+                               view_sizes=views["view_sizes"])[0]
+        assert job.reply.text == proc.tokenizer.decode(alone, skip_special_tokens=True).strip()

@@ -15,7 +15,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from mmbridge.data.images import preprocess
 from mmbridge.models.language import IMAGE_TOKEN
 from mmbridge.serve.engine import Engine, Job
 from mmbridge.serve.request import ChatRequest, RequestError, parse_chat_request
@@ -55,17 +54,18 @@ def create_app(model, processor, name: str, max_batch: int = 8, max_images: int 
     async def models():
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "mmbridge"}]}
 
-    def prepare(body) -> tuple[ChatRequest, list[int], object, list]:
+    def prepare(body) -> tuple[ChatRequest, list[int], object, list, dict | None]:
         """Parse and encode a request (on a worker thread: image decoding and tokenising take a while)."""
         req = parse_chat_request(body, max_images, special)
-        prompt = engine.encode_prompt(req.turns)
+        views = processor.images(req.images) if req.images else None  # under a tiling: each image's own count
+        prompt = engine.encode_prompt(req.turns, views.get("counts") if views else None)
         if len(prompt) > processor.max_length:
-            raise RequestError(f"the prompt is {len(prompt)} tokens (each image counts {processor.num_image_tokens}),"
-                               f" beyond this model's max_length of {processor.max_length}", "messages",
-                               "context_length_exceeded")
-        pixels = preprocess(req.images, processor.image_size, processor.image_mean,
-                            processor.image_std) if req.images else None
-        return req, prompt, pixels, engine.instruction_ids(req.turns)
+            each = "each image counts by its size" if processor.tiling.varies else \
+                f"each image counts {processor.num_image_tokens}"
+            raise RequestError(f"the prompt is {len(prompt)} tokens ({each}), beyond this model's max_length of "
+                               f"{processor.max_length}", "messages", "context_length_exceeded")
+        pixels = views["pixel_values"] if views else None
+        return req, prompt, pixels, engine.instruction_ids(req.turns), views if processor.tiling.varies else None
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -73,10 +73,10 @@ def create_app(model, processor, name: str, max_batch: int = 8, max_images: int 
             body = await request.json()
         except ValueError as e:
             raise RequestError(f"the request body is not valid JSON: {e}") from e
-        req, prompt, pixels, instructions = await run_in_threadpool(prepare, body)
+        req, prompt, pixels, instructions, views = await run_in_threadpool(prepare, body)
         room = max(1, processor.max_length - len(prompt))
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        job = Job(prompt=prompt, pixels=pixels, instructions=instructions,
+        job = Job(prompt=prompt, pixels=pixels, instructions=instructions, images=views,
                   max_new_tokens=min(req.max_tokens or max_tokens, max_tokens, room),
                   reply=ReplyText(engine.decode, req.stop), temperature=req.temperature, top_p=req.top_p,
                   seed=req.seed, notify=lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)))

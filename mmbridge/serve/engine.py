@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import torch
 
 from mmbridge.serve.text import ReplyText
-from mmbridge.data.layouts import require_fixed
+from mmbridge.data.layouts import batch_index
+from mmbridge.data.views import pad_to
 
 
 @dataclass
@@ -34,6 +35,8 @@ class Job:
     top_p: float = 1.0
     seed: int | None = None
     instructions: list[list[int]] = field(default_factory=list)  # per image, for an instruction-aware Q-Former
+    # under a varying model.tiling: the processor's image inputs (`Processor.images`: visual_index, views, ...)
+    images: dict | None = None
     generated: int = 0  # tokens the model produced for this reply, its stop token included
     finish_reason: str | None = None  # "stop" or "length"
     cancelled: bool = False  # set by the server when the client has gone: the row ends at the next token
@@ -70,7 +73,6 @@ class Engine:
     def __init__(self, model, processor, max_batch: int = 8, start: bool = True):
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch}: expected at least 1")
-        require_fixed(processor, "mmbridge serve")
         self.model, self.processor, self.max_batch = model, processor, max_batch
         self.stop_ids = set(processor.stop_token_ids)
         self.batch_sizes: list[int] = []  # the size of every batch run so far (for tests and benchmarks)
@@ -92,9 +94,10 @@ class Engine:
     def submit(self, job: Job) -> None:
         self._queue.put(job)
 
-    def encode_prompt(self, turns: list[dict]) -> list[int]:
+    def encode_prompt(self, turns: list[dict], counts: list | None = None) -> list[int]:
+        """The prompt, each image expanded to `counts` (its own span under a tiling) or the bridge's count."""
         with self._tokenizer_lock:
-            return self.processor.encode_prompt(turns)
+            return self.processor.encode_prompt(turns, counts)
 
     def instruction_ids(self, turns: list[dict]) -> list[list[int]]:
         return self.processor.instruction_ids(turns) if self.processor.instructions else []
@@ -151,16 +154,30 @@ class Engine:
         lengths = torch.tensor([len(j.prompt) for j in batch])
         mask = (torch.arange(ids.shape[1])[None, :] >= ids.shape[1] - lengths[:, None]).long()
         pixels = [j.pixels for j in batch if j.pixels is not None]
-        extra = {}
+        extra = self._image_inputs(batch, device)
         instructions = [s for j in batch for s in j.instructions]
         if instructions:
             extra["instruction_ids"] = proc.pad_text(instructions).to(device)
         generators = [None if j.temperature <= 0 else self._generator(j.seed, device) for j in batch]
-        model.generate(ids.to(device), mask.to(device), torch.cat(pixels).to(device) if pixels else None,
+        if pixels:
+            pixels = pad_to(pixels) if "view_sizes" in extra else torch.cat(pixels)
+        model.generate(ids.to(device), mask.to(device), pixels.to(device) if len(pixels) else None,
                        max_new_tokens=max(j.max_new_tokens for j in batch), eos_token_ids=sorted(self.stop_ids),
                        temperature=[j.temperature for j in batch], top_p=[j.top_p for j in batch],
                        generator=generators, **extra,
                        on_token=lambda toks: [t is None or j.take(t, self.stop_ids) for j, t in zip(batch, toks)])
+
+    def _image_inputs(self, batch: list[Job], device) -> dict:
+        """Under a varying tiling: the batch's `visual_index` (each job's shifted past the views before it) and,
+        for views of their own sizes, `view_sizes`."""
+        tiled = [j.images for j in batch if j.images is not None and "visual_index" in j.images]
+        if not tiled:
+            return {}
+        out = {"visual_index": batch_index([t["visual_index"].numpy() for t in tiled], [t["views"] for t in tiled],
+                                           self.processor.num_image_tokens).to(device)}
+        if "view_sizes" in tiled[0]:
+            out["view_sizes"] = torch.cat([t["view_sizes"] for t in tiled]).to(device)
+        return out
 
     @staticmethod
     def _generator(seed: int | None, device: torch.device) -> torch.Generator:
