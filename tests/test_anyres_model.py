@@ -330,3 +330,51 @@ def test_the_serving_engine_batches_images_of_their_own_counts(tiled):
         alone = model.generate(torch.tensor([job.prompt]), torch.ones(1, len(job.prompt), dtype=torch.long),
                                views["pixel_values"], 4, proc.stop_token_ids, visual_index=views["visual_index"])[0]
         assert job.reply.text == proc.tokenizer.decode(alone, skip_special_tokens=True).strip()
+
+
+def test_answer_ranking_scores_each_candidate_with_its_images_own_count(tiled, tmp_path):
+    from mmbridge.eval.choice import score_candidates
+    from mmbridge.eval.evaluate import prompt_turns
+
+    model, proc = tiled
+    records = []
+    for k, size in enumerate(SIZES):
+        picture(size, k).save(tmp_path / f"{k}.png")
+        records.append({"id": str(k), "image": f"{k}.png", "conversations": conv(1)})
+    cands = [["red", "a blue square"], ["two"], ["yes", "no", "three circles"]]
+    got = score_candidates(model, proc, records, cands, tmp_path, batch_size=4, progress=False)
+    for k, (r, options, scores) in enumerate(zip(records, cands, got)):
+        views = proc.images([Image.open(tmp_path / f"{k}.png").convert("RGB")])
+        prompt = len(proc.encode_prompt(prompt_turns(r), views["counts"]))
+        for answer, (logprob, n) in zip(options, scores):
+            enc = proc.encode([*prompt_turns(r), {"from": "gpt", "value": answer}], 1, counts=views["counts"])
+            labels = torch.tensor([y if t >= prompt else IGNORE for t, y in enumerate(enc.labels)])[None]
+            with torch.no_grad():
+                out = model(torch.tensor([enc.input_ids]), None, views["pixel_values"], labels, normalizer=1.0,
+                            visual_index=views["visual_index"])
+            assert n == int(out.num_targets) and logprob == pytest.approx(-float(out.loss), rel=1e-5, abs=1e-5)
+
+
+def test_image_reliance_gives_each_image_its_own_count(tiled, tmp_path):
+    from mmbridge.eval.reliance import image_reliance
+
+    model, proc = tiled
+    records = []
+    for k, size in enumerate(SIZES):
+        picture(size, k).save(tmp_path / f"{k}.png")
+        records.append({"id": str(k), "image": f"{k}.png", "conversations": conv(1)})
+    got = image_reliance(model, proc, records, tmp_path, batch_size=2)
+
+    def loss(k, image):  # record k's answer loss with `image`, alone
+        views = proc.images([Image.open(tmp_path / f"{image}.png").convert("RGB")])
+        enc = proc.encode(records[k]["conversations"], 1, counts=views["counts"])
+        with torch.no_grad():
+            out = model(torch.tensor([enc.input_ids]), None, views["pixel_values"], torch.tensor([enc.labels]),
+                        normalizer=1.0, visual_index=views["visual_index"])
+        return float(out.loss), float(out.num_targets)
+
+    own = [loss(k, k) for k in range(3)]
+    wrong = [loss(k, (k + 1) % 3) for k in range(3)]
+    n = sum(t for _, t in own)
+    assert got["answer_loss"] == pytest.approx(sum(x for x, _ in own) / n, rel=1e-5)
+    assert got["answer_loss_wrong_image"] == pytest.approx(sum(x for x, _ in wrong) / n, rel=1e-5)

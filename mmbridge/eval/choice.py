@@ -20,7 +20,6 @@ from mmbridge.data.llava import record_images
 from mmbridge.data.processor import IGNORE
 from mmbridge.eval.evaluate import gold, prompt_turns
 from mmbridge.eval.metrics import normalize_answer, vqa_accuracy, vqa_accuracy_by_type
-from mmbridge.data.layouts import require_fixed
 
 
 def answers_of(record: dict) -> list[str]:
@@ -88,10 +87,12 @@ def score_candidates(model, processor, records: list[dict], candidates: list[lis
     for start in tqdm(range(0, len(rows), batch_size), desc="choice", disable=not progress, dynamic_ncols=True):
         chunk = rows[start:start + batch_size]
         ids, labels = [], []
+        views = _views(processor, records, [i for i, _ in chunk], image_root)  # a tiling: each image's own count
         for i, answer in chunk:
             turns = [*prompt_turns(records[i]), {"from": "gpt", "value": answer}]
             where = f"record {records[i].get('id')}"
-            enc = processor.encode(turns, len(record_images(records[i])), where)
+            enc = processor.encode(turns, len(record_images(records[i])), where,
+                                   views[i]["counts"] if i in views else None)
             if enc.truncated:  # the cut would fall in the answer being scored
                 raise ValueError(f"{where}: its question and the candidate {answer!r} exceed model.max_length")
             ids.append(enc.input_ids)
@@ -100,7 +101,8 @@ def score_candidates(model, processor, records: list[dict], candidates: list[lis
         mask = processor.pad([[1] * len(x) for x in ids], 0).to(device)
         labels_t = processor.pad(labels, IGNORE).to(device)
         with model.autocast():
-            pixels, visual, instr = _images(model, processor, records, [i for i, _ in chunk], image_root, device)
+            pixels, visual, instr = _tiled(model, views, [i for i, _ in chunk], device) if views else \
+                _images(model, processor, records, [i for i, _ in chunk], image_root, device)
             sums, counts = _row_logprobs(model, ids_t, mask, labels_t, pixels, visual, instr)
         scores += list(zip(sums, counts))
     out, k = [], 0
@@ -108,6 +110,28 @@ def score_candidates(model, processor, records: list[dict], candidates: list[lis
         out.append(scores[k:k + len(cands)])
         k += len(cands)
     return out
+
+
+def _views(processor, records, owners: list[int], image_root) -> dict:
+    """Under a varying tiling: each record's image inputs (`Processor.images`), else nothing."""
+    if not processor.tiling.varies:
+        return {}
+    out = {}
+    for i in dict.fromkeys(owners):
+        paths = [Path(image_root) / p for p in record_images(records[i])]
+        if paths:
+            out[i] = processor.images([load_image(p) for p in paths])
+    return out
+
+
+def _tiled(model, views: dict, owners: list[int], device):
+    """`_images` for images of their own counts: each record's placed visual tokens, encoded once and repeated
+    for its candidates, as one flat [1, tokens, width] run."""
+    placed = {i: model.place_visual(model.encode_images(v["pixel_values"].to(device), view_sizes=v["view_sizes"]
+                                                        .to(device) if "view_sizes" in v else None),
+                                    v["visual_index"].to(device)) for i, v in views.items()}
+    rows = [placed[i] for i in owners if i in placed]
+    return None, (torch.cat(rows)[None] if rows else None), None
 
 
 def _images(model, processor, records, owners: list[int], image_root, device):
@@ -137,7 +161,6 @@ def evaluate_choice(model, processor, records: list[dict], image_root: str | Pat
                     batch_size: int = 16, progress: bool = True) -> tuple[dict, list[dict]]:
     """Accuracy of the best candidate by summed and by per-token log-likelihood (VQA normalisation; per
     `qtype` where records have one), and one row per record with every candidate's scores."""
-    require_fixed(processor, "eval task choice")
     candidates = candidate_lists(records, source)
     scores = score_candidates(model, processor, records, candidates, image_root, batch_size, progress)
     golds = [gold(r, "vqa") for r in records]

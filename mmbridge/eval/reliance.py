@@ -15,7 +15,6 @@ from mmbridge.data.dataset import Collator
 from mmbridge.data.images import load_image, preprocess
 from mmbridge.data.llava import record_images
 from mmbridge.train.distributed import to_device
-from mmbridge.data.layouts import require_fixed
 
 
 @torch.no_grad()
@@ -25,7 +24,6 @@ def image_reliance(model, processor, records: list[dict], image_root: str | Path
     Returns ``{"answer_loss", "answer_loss_wrong_image", "image_gain", "n"}``; `image_gain` near 0 means
     the answers do not depend on the image. Every record needs exactly one image.
     """
-    require_fixed(processor, "image reliance")
     paths = []
     for r in records:
         imgs = record_images(r)
@@ -51,6 +49,10 @@ def image_reliance(model, processor, records: list[dict], image_root: str | Path
                           "pixel_values": torch.zeros(0)})
         batch = to_device(collate(items), device)
         for key, source in (("own", paths), ("wrong", shifted)):
+            if processor.tiling.varies:  # each image its own count: the sequences follow the images
+                out = _tiled_loss(model, processor, collate, records, chunk, source, device)
+                totals[key] += float(out.loss)
+                continue
             pixels = preprocess([load_image(source[j]) for j in chunk], processor.image_size,
                                 processor.image_mean, processor.image_std).to(device)
             with model.autocast():
@@ -59,3 +61,19 @@ def image_reliance(model, processor, records: list[dict], image_root: str | Path
         n_tokens += float(out.num_targets)
     own, wrong = totals["own"] / max(n_tokens, 1), totals["wrong"] / max(n_tokens, 1)
     return {"answer_loss": own, "answer_loss_wrong_image": wrong, "image_gain": wrong - own, "n": len(records)}
+
+
+def _tiled_loss(model, processor, collate, records, chunk, source, device):
+    """The summed answer loss of `chunk`'s records, each with the image at `source[j]` and that image's own
+    token count (a varying tiling)."""
+    items = []
+    for j in chunk:
+        views = processor.images([load_image(source[j])])
+        enc = processor.encode(records[j]["conversations"], 1, f"record {records[j].get('id')}", views["counts"])
+        items.append({"id": str(j), "input_ids": enc.input_ids, "labels": enc.labels, "image_counts":
+                      views["visual_counts"], **{k: views[k] for k in views if k not in ("counts", "visual_counts")}})
+    batch = to_device(collate(items), device)
+    with model.autocast():
+        return model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
+                     normalizer=1.0, visual_index=batch["visual_index"], view_sizes=batch.get("view_sizes"))
+
