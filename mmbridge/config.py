@@ -342,8 +342,10 @@ def validate(recipe: Recipe) -> None:
                 raise RecipeError(f"{where}.train.{part}: unknown part; expected one of {list(parts)}")
             if mode not in MODES:
                 raise RecipeError(f"{where}.train.{part}: unknown mode {mode!r}; expected one of {list(MODES)}")
-            if mode in ("lora", "moe", "mma") and part != "lm":
-                raise RecipeError(f"{where}.train.{part}: {mode} is supported for the lm only")
+            if mode in ("moe", "mma") and part != "lm" or mode == "lora" and part == "bridge":
+                raise RecipeError(f"{where}.train.{part}: {mode} is supported for the lm only"
+                                  + (" (and lora for the vision encoder's per-window adapters, model.tiling.mode="
+                                     "monkey)" if mode == "lora" else ""))
             if mode != "frozen" and part not in st.lr:
                 raise RecipeError(f"{where}.lr.{part}: missing learning rate for a part that trains")
         for part in st.lr:

@@ -14,6 +14,9 @@ the length of that index, so it depends on the image's size (its layout), not on
   its aspect with an area near S² and sides that are multiples of the patch (`patch`), encoded at that size and
   compressed by the bridge (a resampler) to the same count. An image's span is the overview's tokens, then the
   slices row by row with the LM's own "," between the slices of a row and "\n" after each row (`separators`).
+- `mode: monkey` (Monkey): the image resized to `windows` (rows×cols) S×S windows, each encoded by the shared
+  encoder with its own window's LoRA (`models/window_lora.py`; `rank`, `alpha`, `targets`), then the global
+  view (no adapter); the bridge's tokens of each view in that order.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from PIL import Image
 from mmbridge.data.tiling import ANYRES_GRIDS, anyres_layout, cut_tiles, slice_size, uhd_grid, uhd_slices
 from mmbridge.models.anyres import assemble
 
-MODES = ("none", "anyres", "uhd")
+MODES = ("none", "anyres", "uhd", "monkey")
 
 
 class Tiling:
@@ -35,7 +38,8 @@ class Tiling:
     processor when used, so a stage that changes the resolution changes them too."""
 
     def __init__(self, mode: str = "none", grids=None, newline: bool = True, global_view: bool = True,
-                 max_slices: int = 9, separators: bool = True, patch: int = 1):
+                 max_slices: int = 9, separators: bool = True, patch: int = 1, windows=(2, 2), rank: int = 4,
+                 alpha: float = 8.0, targets=("q_proj", "v_proj")):
         if mode not in MODES:
             raise ValueError(f"model.tiling.mode: {mode!r}; expected one of {list(MODES)}")
         if int(max_slices) < 1:
@@ -43,6 +47,13 @@ class Tiling:
         self.mode, self.newline, self.global_view = mode, bool(newline) and mode == "anyres", bool(global_view)
         self.max_slices, self.separators = int(max_slices), bool(separators)
         self.patch = int(patch)  # the encoder's patch size (UHD sizes its views in whole patches); set by the build
+        try:
+            self.windows = (int(windows[0]), int(windows[1]))
+        except (TypeError, ValueError, IndexError):
+            raise ValueError(f"model.tiling.windows: expected [rows, cols], got {windows!r}") from None
+        if min(self.windows) < 1 or int(rank) < 1:
+            raise ValueError(f"model.tiling: windows {windows!r} and rank {rank!r} must be positive")
+        self.rank, self.alpha, self.targets = int(rank), float(alpha), tuple(targets)
         grids = ANYRES_GRIDS if grids is None else grids
         try:
             self.grids = tuple((int(r), int(c)) for r, c in grids)
@@ -54,7 +65,8 @@ class Tiling:
     @classmethod
     def from_options(cls, options: dict | None) -> Tiling:
         options = dict(options or {})
-        known = {"mode", "grids", "newline", "global_view", "max_slices", "separators"}
+        known = {"mode", "grids", "newline", "global_view", "max_slices", "separators", "windows", "rank", "alpha",
+                 "targets"}
         unknown = set(options) - known
         if unknown:
             raise ValueError(f"model.tiling.{sorted(unknown)[0]}: unknown key; expected one of {sorted(known)}")
@@ -72,6 +84,8 @@ class Tiling:
             return "none"
         if self.mode == "uhd":
             return f"uhd-{self.max_slices}-{int(self.separators)}-{self.patch}"
+        if self.mode == "monkey":
+            return f"monkey-{self.windows}"
         return f"{self.mode}-{self.grids}-{int(self.newline)}-{int(self.global_view)}"
 
     @property
@@ -91,6 +105,12 @@ class Tiling:
         """The encoder's views of `image`, in the order the bridge's outputs are indexed."""
         if not self.varies:
             return [image]
+        if self.mode == "monkey":  # windows over the whole image resized to the grid, then the global view
+            rows, cols = self.windows
+            image = image.convert("RGB")
+            big = image.resize((cols * base, rows * base), Image.Resampling.BICUBIC)
+            return [big.crop((c * base, r * base, (c + 1) * base, (r + 1) * base)) for r in range(rows)
+                    for c in range(cols)] + [image.resize((base, base), Image.Resampling.BICUBIC)]
         if self.mode == "uhd":
             image = image.convert("RGB")
             _, slices = uhd_slices(image, base, self.max_slices)
@@ -103,6 +123,8 @@ class Tiling:
     def num_views(self, size: tuple[int, int], base: int) -> int:
         if not self.varies:
             return 1
+        if self.mode == "monkey":
+            return self.windows[0] * self.windows[1] + 1
         if self.mode == "uhd":
             rows, cols = uhd_grid(size, base, self.max_slices)
             return 1 + rows * cols * (rows * cols > 1)
@@ -141,6 +163,8 @@ class Tiling:
             return per_view
         if self.mode == "uhd":
             return per_view * (1 + self.max_slices + 1)
+        if self.mode == "monkey":
+            return per_view * (self.windows[0] * self.windows[1] + 1)
         side = self.check(base, per_view)
         return max(r * side * (c * side + int(self.newline)) for r, c in self.grids) + per_view * self.global_view
 
@@ -166,3 +190,13 @@ def require_fixed(processor, what: str) -> None:
     if tiling is not None and tiling.varies:
         raise ValueError(f"{what} assumes one token count per image; model.tiling.mode={tiling.mode} gives each "
                          "image its own (use model.tiling.mode: none here)")
+
+
+def window_ids(n_views: int, windows: tuple[int, int], device=None) -> torch.Tensor:
+    """Monkey: each view's window (-1 for the global view), for a batch of whole images' views in order."""
+    per = windows[0] * windows[1] + 1
+    if n_views % per:
+        raise ValueError(f"monkey: {n_views} views are not whole images of {per} views each")
+    ids = torch.arange(n_views, device=device) % per
+    return torch.where(ids == per - 1, torch.full_like(ids, -1), ids)
+

@@ -99,6 +99,10 @@ def recipe_blockers(cfg: ModelConfig) -> list[str]:
     for key in ("pos_embed", "pooled"):
         if key in bridge and kind == "pool_adapter":
             found.append(f"model.bridge.{key}: a pool_adapter option; LLaVA has no pooling or per-cell embedding")
+    mode = dict(getattr(cfg, "tiling", None) or {}).get("mode", "none")
+    if mode != "none":
+        found.append(f"model.tiling.mode: {mode} gives each image its own views and token count; the exported "
+                     "LLaVA reads one S×S view per image")
     return found
 
 

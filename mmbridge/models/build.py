@@ -17,6 +17,7 @@ from mmbridge.models.feature_cache import FeatureCache
 from mmbridge.models.language import IMAGE_TOKEN, load_language_model
 from mmbridge.models.mmlm import MultimodalLM
 from mmbridge.models.vision import build_vision_encoder
+from mmbridge.models.window_lora import add_window_lora
 
 
 def build_model(cfg: ModelConfig, tokenizer=None) -> tuple[MultimodalLM, Processor]:
@@ -63,6 +64,11 @@ def build_tiling(cfg: ModelConfig, bridge, vision, width: int) -> Tiling:
                          "expected a ViT tower (hf or lcl_vit) and the resampler bridge without pos_embed")
     if tiling.newline:
         bridge.image_newline = nn.Parameter(torch.randn(width) / width ** 0.5)
+    if tiling.mode == "monkey":
+        if getattr(cfg, "feature_cache", False):
+            raise ValueError("model.tiling.mode=monkey: each window has its own adapter; feature_cache keys on pixels "
+                             "alone (turn it off)")
+        add_window_lora(vision, tiling.windows[0] * tiling.windows[1], tiling.rank, tiling.alpha, tiling.targets)
     return tiling
 
 

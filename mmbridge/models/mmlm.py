@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmbridge.data.processor import IGNORE
-from mmbridge.models import mma, moe, packed_attention
+from mmbridge.data.layouts import window_ids
+from mmbridge.models import mma, moe, packed_attention, window_lora
 from mmbridge.models.feature_cache import FeatureCache
 from mmbridge.models.masks import mixed_attention_mask
 from mmbridge.models.precision import autocast
@@ -108,6 +109,8 @@ class MultimodalLM(nn.Module):
         if cache is not None and (self.vision.training or any(p.requires_grad for p in self.vision.parameters())):
             cache.clear()  # the encoder trains, or its outputs vary (dropout): what it gave before is stale
             cache = None
+        if self.tiling is not None and self.tiling.mode == "monkey":  # each view its own window's adapter
+            window_lora.mark(self.vision, window_ids(pixel_values.shape[0], self.tiling.windows, pixel_values.device))
         if any(p.requires_grad for p in self.vision.parameters()):
             return self.vision(pixel_values)
         with torch.no_grad():

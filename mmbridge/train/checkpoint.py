@@ -145,7 +145,7 @@ def save_weights(model: torch.nn.Module | dict, keys: set[str], folder: Path, me
 
 def restore_structure(model: torch.nn.Module, meta: dict) -> None:
     """What training added to the LM before its weights were saved: LoRA, MoE experts (MoE-tuning), LaVIN's MMA."""
-    if meta.get("lora") and not any("lora_" in n for n, _ in model.named_parameters()):
+    if meta.get("lora") and not any("lora_" in n for n, _ in getattr(model, "lm", model).named_parameters()):
         from mmbridge.models.language import add_lora
 
         add_lora(model.lm, **meta["lora"])
@@ -274,8 +274,10 @@ def remove_partial(run_dir: Path) -> None:
 
 # -- run directory checks ---------------------------------------------------------------------
 def _lora_bytes(module: torch.nn.Module, r: int, targets: list[str]) -> int:
-    return sum(r * (m.in_features + m.out_features) * 4 for name, m in module.named_modules()
-               if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets)
+    """The adapters a stage's LoRA adds, plus those the part already has (Monkey's per-window adapters)."""
+    have = sum(p.numel() * p.element_size() for n, p in module.named_parameters() if "lora_" in n)
+    return have + sum(r * (m.in_features + m.out_features) * 4 for name, m in module.named_modules()
+                      if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets)
 
 
 def estimate_checkpoint_bytes(model, recipe: Recipe) -> tuple[int, int]:

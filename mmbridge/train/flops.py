@@ -38,6 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from mmbridge.data.processor import IGNORE
 from mmbridge.models.moe import moe_layers
+from mmbridge.models.window_lora import has_window_lora, mark as mark_windows
 
 # Dense bf16 peaks (no sparsity) from the vendors' datasheets, FLOP/s, by the exact name CUDA reports
 # (`torch.cuda.get_device_name`). A GPU not listed gets no MFU rather than a guessed one.
@@ -135,6 +136,8 @@ class StepFlops:
         weight = next(model.vision.parameters())
         pixels = torch.zeros(1, 3, *size, dtype=weight.dtype, device=weight.device)
         encode = model.vision.forward_any if any_size else model.vision
+        if has_window_lora(model.vision):  # Monkey: one view through a window's adapter
+            mark_windows(model.vision, torch.zeros(1, dtype=torch.long, device=weight.device))
         bridge = getattr(model, "bridge", None)
         try:
             with torch.random.fork_rng(devices=[weight.device] if weight.device.type == "cuda" else []):

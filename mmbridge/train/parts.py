@@ -7,6 +7,7 @@ import torch
 from mmbridge.config import StageConfig
 from mmbridge.models.language import add_lora
 from mmbridge.models.mmlm import MultimodalLM
+from mmbridge.models.window_lora import has_window_lora
 from mmbridge.models.mma import add_mma, has_mma, is_mma_param
 from mmbridge.models.moe import add_moe, has_moe, is_moe_param
 
@@ -22,6 +23,9 @@ def apply_stage_modes(model: MultimodalLM, stage: StageConfig) -> dict | None:
     adapters; later stages keep what was added."""
     injected = None
     modes = {"vision": "frozen", "bridge": "frozen", "lm": "frozen", **stage.train}
+    if modes["vision"] == "lora" and not has_window_lora(model.vision):
+        raise ValueError(f"stage {stage.name!r}: train.vision: lora trains Monkey's per-window adapters; this model "
+                         "has none (model.tiling.mode: monkey adds them)")
     if modes["lm"] == "lora" and not has_lora(model):
         injected = {"r": stage.lora.r, "alpha": stage.lora.alpha, "dropout": stage.lora.dropout,
                     "target_modules": list(stage.lora.target_modules)}

@@ -1,0 +1,139 @@
+"""Monkey under `model.tiling: {mode: monkey}`: windows over the resized image and a global view, one LoRA per
+window position on the shared frozen encoder, `train: {vision: lora}`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmbridge.config import ModelConfig, recipe_from_dict
+from mmbridge.data.dataset import Collator
+from mmbridge.data.layouts import window_ids
+from mmbridge.models.build import build_model
+from mmbridge.models.vision import build_vision_encoder
+from mmbridge.models.window_lora import WindowLoRALinear
+from tests.conftest import tiny_recipe_dict
+
+TILING = {"mode": "monkey", "windows": [2, 2], "rank": 2}
+
+
+def picture(size, seed):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def monkey(tiny_lm_dir, tiny_clip_dir):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vision={"name": "hf", "path": tiny_clip_dir, "feature_layer": -1}, bridge={"name": "mlp"},
+                      lm={"path": tiny_lm_dir}, max_length=300, system_prompt="", tiling=TILING)
+    model, proc = build_model(cfg)
+    return model.eval(), proc
+
+
+def adapters(model) -> list[WindowLoRALinear]:
+    return [m for m in model.vision.modules() if isinstance(m, WindowLoRALinear)]
+
+
+def test_windows_and_global_view(monkey):
+    model, proc = monkey
+    views = proc.images([picture((50, 70), 0), picture((90, 30), 1)])
+    assert views["views"] == 10 and views["visual_counts"] == [5 * 16, 5 * 16]
+    assert window_ids(10, (2, 2)).tolist() == [0, 1, 2, 3, -1, 0, 1, 2, 3, -1]
+    assert len(adapters(model)) == 4  # q_proj and v_proj of the tower's two layers
+    with pytest.raises(ValueError, match="not whole images"):
+        window_ids(7, (2, 2))
+
+
+def test_zero_adapters_leave_the_encoder_as_it_was(monkey, tiny_clip_dir):
+    model, proc = monkey
+    plain = build_vision_encoder({"name": "hf", "path": tiny_clip_dir, "feature_layer": -1}).eval()
+    pixels = proc.images([picture((50, 70), 2)])["pixel_values"]
+    with torch.no_grad():
+        torch.testing.assert_close(model.vision_features(pixels), plain(pixels), rtol=1e-5, atol=1e-6)
+
+
+def test_only_the_windows_own_adapter_gets_gradient_from_its_tokens(monkey):
+    model, proc = monkey
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in adapters(model):
+            m.lora_B.normal_(std=0.1)  # B at zero would leave A without gradient
+    model.vision.requires_grad_(False)
+    for m in adapters(model):
+        m.lora_A.requires_grad_(True)
+        m.lora_B.requires_grad_(True)
+    pixels = proc.images([picture((50, 70), 3)])["pixel_values"]
+    for view in range(5):
+        for m in adapters(model):
+            m.lora_A.grad = m.lora_B.grad = None
+        model.vision_features(pixels)[view].sum().backward()
+        for m in adapters(model):
+            for grad in (m.lora_A.grad, m.lora_B.grad):
+                used = grad.flatten(1).abs().sum(1) > 0
+                want = torch.zeros(4, dtype=torch.bool)
+                if view < 4:
+                    want[view] = True  # the global view (4) goes through no adapter
+                assert torch.equal(used, want), view
+    with torch.no_grad():
+        for m in adapters(model):
+            m.lora_B.zero_()
+    model.vision.requires_grad_(False)
+
+
+def test_a_monkey_run_trains_only_the_adapters_and_reloads(tiny_lm_dir, tiny_clip_dir, world, tmp_path):
+    from mmbridge.train.checkpoint import load_run
+    from mmbridge.train.trainer import Trainer
+
+    data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"], bridge={"name": "mlp"})
+    data["model"].update(tiling=TILING, max_length=300)
+    data["stages"] = data["stages"][:1]
+    data["stages"][0].update(steps=2, train={"vision": "lora", "bridge": "full"}, lr={"vision": 1e-2, "bridge": 1e-2})
+    trainer = Trainer(recipe_from_dict(data), tmp_path / "run", progress=False)
+    base = {n: p.detach().clone() for n, p in trainer.model.vision.named_parameters()}
+    trainer.run()
+    after = dict(trainer.model.vision.named_parameters())
+    changed = {n for n in base if not torch.equal(base[n], after[n].detach())}
+    assert changed and all("lora_" in n for n in changed)  # the adapters alone; the tower stays as it was
+    model, proc = load_run(tmp_path / "run", device="cpu")
+    for n, p in model.vision.named_parameters():
+        assert torch.equal(p, after[n].detach()), n
+    items = []
+    for k in range(2):
+        views = proc.images([picture((40 + 20 * k, 60), k)])
+        enc = proc.encode([{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}], 1,
+                          counts=views["counts"])
+        items.append({"id": str(k), "input_ids": enc.input_ids, "labels": enc.labels,
+                      "image_counts": views["visual_counts"], **{k2: views[k2] for k2 in ("pixel_values",
+                                                                                        "visual_index", "views")}})
+    batch = Collator(proc)(items)
+    with torch.no_grad():
+        a = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                  visual_index=batch["visual_index"]).hidden_states
+        b = trainer.model.eval()(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                                 visual_index=batch["visual_index"]).hidden_states
+    assert torch.equal(a, b)
+
+
+def test_vision_lora_needs_window_adapters(tiny_lm_dir, tiny_clip_dir, world, tmp_path):
+    from mmbridge.config import RecipeError
+    from mmbridge.train.trainer import Trainer
+
+    data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"])
+    data["stages"][0].update(train={"vision": "lora", "bridge": "full"}, lr={"vision": 1e-3, "bridge": 1e-3})
+    with pytest.raises(ValueError, match="per-window adapters"):
+        Trainer(recipe_from_dict(data), tmp_path / "run", progress=False).run()
+    data["stages"][0].update(train={"bridge": "lora"}, lr={"bridge": 1e-3})
+    with pytest.raises(RecipeError, match="lm only"):
+        recipe_from_dict(data)
+
+
+def test_a_tiled_recipe_is_not_exported():
+    from mmbridge.interop.export import recipe_blockers
+
+    for mode in ("anyres", "uhd", "monkey"):
+        cfg = ModelConfig(vision={"name": "hf", "path": "x"}, bridge={"name": "mlp"}, tiling={"mode": mode})
+        assert recipe_blockers(cfg) == [f"model.tiling.mode: {mode} gives each image its own views and token "
+                                        "count; the exported LLaVA reads one S×S view per image"]
+    assert recipe_blockers(ModelConfig(vision={"name": "hf", "path": "x"}, bridge={"name": "mlp"})) == []
