@@ -2,10 +2,10 @@
 
 Samples whose answers hold boxes ("[x0, y0, x1, y1]" in [0, 999], as grounding data writes them) are taken
 to box every object of their image, as detection data does: the cell under each box centre is an object
-(binary cross-entropy on every cell's objectness) and regresses its box there (L1 and 1 − IoU). Samples whose
+(binary cross-entropy on every cell's objectness, object cells weighted `positive_weight`) and regresses its box there (L1 and 1 − IoU). Samples whose
 answers hold no box (captions, descriptions) train the word detectors by multiple-instance learning: an image
-holds a word if one of its objects does, its objects being the cells the bridge would pick (bridges/objects.py
-`peaks`), scored with binary cross-entropy against the vocabulary words of the answers, as the `concepts`
+holds a word if one of its objects does, its objects being the cells the bridge would pick and deems present
+(`peaks` with positive objectness, at least the best one), scored with binary cross-entropy against the vocabulary words of the answers, as the `concepts`
 objective does over regions. The LM only lends its word embeddings and runs no forward pass.
 
 `read_stage_data` chooses the vocabulary from the stage's box-free answers and checks that the tokenizer
@@ -84,15 +84,17 @@ def single_token(tokenizer, text: str) -> int:
 
 @OBJECTIVES.register("objects")
 class ObjectLoss(Objective):
-    """Objectness and boxes from box answers, words by MIL from the other answers; `box_weight` scales the L1."""
+    """Objectness and boxes from box answers, words by MIL from the other answers. `box_weight` scales the L1;
+    `positive_weight` an object cell's objectness loss (a grid has far more empty cells than objects)."""
 
     runs_lm = False  # the trainer counts the encoder's and bridge's FLOPs only
 
     def __init__(self, model, samples: int = 4000, min_count: int = 3, max_share: float = 0.9,
-                 box_weight: float = 5.0):
+                 box_weight: float = 5.0, positive_weight: float = 10.0):
         super().__init__(model)
         object_bridge(model)
-        self.samples, self.min_count, self.max_share, self.box_weight = samples, min_count, max_share, box_weight
+        self.samples, self.min_count, self.max_share = samples, min_count, max_share
+        self.box_weight, self.positive_weight = box_weight, positive_weight
         self.open_ids: list[int] | None = None
 
     def read_stage_data(self, model, datasets, tokenizer) -> None:
@@ -137,7 +139,8 @@ class ObjectLoss(Objective):
             r = (centre[:, 1] * rows).long().clamp(0, rows - 1)
             obj = torch.zeros_like(m["objectness"])
             obj[box_row, r, c] = 1.0
-            l_obj = F.binary_cross_entropy_with_logits(m["objectness"][has_box], obj[has_box])
+            l_obj = F.binary_cross_entropy_with_logits(m["objectness"][has_box], obj[has_box],
+                                                       pos_weight=obj.new_tensor(self.positive_weight))
             pred = m["boxes"][box_row, r, c]
             iou = box_iou(pred, target)
             l_box = self.box_weight * F.l1_loss(pred, target) + (1 - iou).mean()
@@ -148,10 +151,14 @@ class ObjectLoss(Objective):
             metrics = {}
         words = ~has_box
         if bool(words.any()):
-            cells = bridge.peaks(m["objectness"][words].detach())
+            objectness = m["objectness"][words].detach()
+            cells = bridge.peaks(objectness)
             emb = m["embed"][words].flatten(1, 2)
             emb = emb.gather(1, cells[..., None].expand(*cells.shape, emb.shape[-1]))
-            scores = bridge.scores(emb, model.lm.get_input_embeddings().weight).amax(1)
+            present = objectness.flatten(1).gather(1, cells) > 0
+            present[:, 0] |= ~present.any(1)  # at least the best cell
+            scores = bridge.scores(emb, model.lm.get_input_embeddings().weight)
+            scores = scores.masked_fill(~present[..., None], float("-inf")).amax(1)
             target = (labels[words][:, :, None] == bridge.word_ids).any(1).to(scores.dtype)
             l_words = F.binary_cross_entropy_with_logits(scores, target)
             loss = loss + l_words
