@@ -137,3 +137,20 @@ def test_a_tiled_recipe_is_not_exported():
         assert recipe_blockers(cfg) == [f"model.tiling.mode: {mode} gives each image its own views and token "
                                         "count; the exported LLaVA reads one S×S view per image"]
     assert recipe_blockers(ModelConfig(vision={"name": "hf", "path": "x"}, bridge={"name": "mlp"})) == []
+
+
+def test_the_data_index_counts_monkeys_views_without_reading_images(monkey, tmp_path):
+    import json
+
+    from mmbridge.data.dataset import ConversationDataset
+
+    model, proc = monkey
+    conv = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]
+    records = [{"id": str(k), "image": f"{k}.png", "conversations": conv} for k in range(2)]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    ds = ConversationDataset(tmp_path / "data.json", tmp_path, proc, cache=False)  # no image file exists yet
+    assert len(ds) == 2
+    for k, size in enumerate([(50, 70), (90, 30)]):
+        picture(size, k).save(tmp_path / f"{k}.png")
+        item = ds[k]
+        assert ds.lengths[k] == len(item["input_ids"]) and item["input_ids"].count(proc.image_token_id) == 5 * 16

@@ -89,6 +89,11 @@ class Tiling:
         return f"{self.mode}-{self.grids}-{int(self.newline)}-{int(self.global_view)}"
 
     @property
+    def by_size(self) -> bool:
+        """Whether an image's views and count follow its size (AnyRes, UHD; Monkey's are the same for all)."""
+        return self.mode in ("anyres", "uhd")
+
+    @property
     def own_sizes(self) -> bool:
         """Whether views are encoded at their own sizes (UHD) rather than all at S×S."""
         return self.mode == "uhd"

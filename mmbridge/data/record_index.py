@@ -57,6 +57,8 @@ def content_hash(files: list[Path]) -> str:
 
 def image_counts(store, processor, i: int, units: list[list], where: str) -> list[int]:
     """Record `i`'s images' spans (`Processor.image_counts`), from their sizes under the processor's tiling."""
+    if not processor.tiling.by_size:  # the same views for every image: no need to read them
+        return processor.image_counts([(0, 0)] * len(units))
     try:
         frames = store.frames(i, units)
     except ImageError as e:
