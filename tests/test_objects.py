@@ -50,6 +50,14 @@ def test_boxes_are_read_from_answer_tokens(tokenizer, object_model):
     assert boxes.tolist() == [[503, 71, 726, 941], [1, 2, 30, 400]]
 
 
+def test_box_digits_leave_leading_zeros_unwritten(object_model):
+    bridge = object_model[0].bridge
+    ids, written = bridge.box_digits(torch.tensor([[0.0151, 0.0009, 0.5, 0.9999]]))
+    digit = {int(t): d for d, t in enumerate(bridge.digit_ids.tolist())}
+    assert [digit[int(t)] for t in ids[0]] == [0, 1, 5, 0, 0, 0, 5, 0, 0, 9, 9, 9]  # 15, 0, 500, 999
+    assert written[0].tolist() == [False, True, True, False, False, True, True, True, True, True, True, True]
+
+
 def test_peaks_are_local_maxima_present_first_left_to_right(object_model):
     bridge = object_model[0].bridge
     logits = torch.full((2, 4, 4), -5.0)
@@ -77,9 +85,9 @@ def test_tokens_are_words_then_box_digits_weighted_by_objectness(object_model):
             p = torch.sigmoid(m["objectness"][i, r, c])
             best = (m["embed"][i, r, c] @ table[bridge.word_ids].T).topk(2)
             coords = [max(0, min(999, int(v * 1000))) for v in m["boxes"][i, r, c].tolist()]
-            digits = [int(ch) for v in coords for ch in f"{v:03d}"]
+            text = "".join(f"{v:>3d}" for v in coords)  # 15 -> " 15": no leading zeros
             want = [table[bridge.word_ids[best.indices[s]]] * torch.sigmoid(best.values[s]) for s in range(2)]
-            want += [table[bridge.digit_ids[d]] for d in digits]
+            want += [table[bridge.digit_ids[int(ch)]] if ch != " " else torch.zeros_like(table[0]) for ch in text]
             want = torch.stack(want) * p + bridge.slot_embed[k]
             torch.testing.assert_close(got[i, k * 14:(k + 1) * 14], want, rtol=1e-5, atol=1e-6)
 

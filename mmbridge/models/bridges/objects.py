@@ -8,8 +8,9 @@ scored against the LM's word embeddings as concept tokens are (bridges/concepts.
 
 The LM reads, for each of the `objects` best cells (local maxima of objectness, present ones left to right,
 then the rest): the embeddings of its `slots` best words, each weighted by its detection probability, then its
-box as the 12 digits of "x0 y0 x1 y1" in [0, 999] (three digits each), the LM's own digit tokens, all weighted
-by the object's probability, plus a learned embedding per position. A box answer in the training data's own
+box as the 12 digits of "x0 y0 x1 y1" in [0, 999] (three places each, the LM's own digit tokens; a leading zero
+is left empty, as text leaves it), all weighted by the object's probability, plus a learned embedding per
+position. A box answer in the training data's own
 format ("[503, 718, 726, 941]") is then a copy of digits the LM can see, as a count is of how many objects it
 sees.
 """
@@ -104,11 +105,13 @@ class ObjectTokens(Bridge):
             raise RuntimeError("objects: no vocabulary yet; a stage with the `objects` objective chooses it")
         return embed @ words[self.word_ids].to(embed.dtype).T
 
-    def box_digits(self, boxes: torch.Tensor) -> torch.Tensor:
-        """Boxes [..., 4] in image fractions → the token ids of their 12 digits [..., 12] (coordinates in [0, 999])."""
+    def box_digits(self, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boxes [..., 4] in image fractions → the token ids of their 12 digits [..., 12] (coordinates in [0, 999],
+        three digits each) and which are written [..., 12]: a leading zero is not (15 is "_15", as text writes it)."""
         coords = (boxes * 1000).floor().clamp(0, 999).long()
         digits = torch.stack([coords // 100, coords // 10 % 10, coords % 10], -1)
-        return self.digit_ids[digits.flatten(-2)]
+        written = torch.stack([coords >= 100, coords >= 10, torch.ones_like(coords, dtype=torch.bool)], -1)
+        return self.digit_ids[digits.flatten(-2)], written.flatten(-2)
 
     def project(self, feats: torch.Tensor, words: torch.Tensor | None = None) -> torch.Tensor:
         if words is None:
@@ -123,5 +126,7 @@ class ObjectTokens(Bridge):
             boxes = m["boxes"].flatten(1, 2).gather(1, cells[..., None].expand(b, self.objects, 4))
         table = words.to(self.slot_embed.dtype)
         word_tok = table[self.word_ids][top.indices] * torch.sigmoid(top.values)[..., None].to(table.dtype)
-        tokens = torch.cat([word_tok, table[self.box_digits(boxes)]], 2) * p[..., None, None].to(table.dtype)
+        digit_ids, written = self.box_digits(boxes)
+        digit_tok = table[digit_ids] * written[..., None].to(table.dtype)  # an unwritten digit is the position alone
+        tokens = torch.cat([word_tok, digit_tok], 2) * p[..., None, None].to(table.dtype)
         return (tokens + self.slot_embed).flatten(1, 2)
