@@ -319,12 +319,11 @@ def test_efficientnet_lite0_exports_as_fastvlm(lm_dir, tmp_path):
 
 
 def test_the_bundled_exportable_recipe_exports_and_the_demo_says_why_not():
-    """README: `mmbridge train exportable` then `mmbridge export` runs on this CPU; the demo's pool-adapter
-    and per-cell embedding have no stock class, and the refusal names them."""
+    """README: `mmbridge train exportable` then `mmbridge export` runs on this CPU; the demo's object-token
+    bridge has no stock class, and the refusal names it."""
     from mmbridge.config import load_recipe
     from mmbridge.interop.export import recipe_blockers
 
     assert recipe_blockers(load_recipe("exportable").model) == []
     demo = recipe_blockers(load_recipe("demo").model)
-    assert any(b.startswith("model.bridge.name: pool_adapter") for b in demo)
-    assert any(b.startswith("model.bridge.pos_embed") for b in demo)
+    assert any(b.startswith("model.bridge.name: objects") for b in demo)
