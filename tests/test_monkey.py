@@ -88,8 +88,8 @@ def test_a_monkey_run_trains_only_the_adapters_and_reloads(tiny_lm_dir, tiny_cli
 
     data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"], bridge={"name": "mlp"})
     data["model"].update(tiling=TILING, max_length=300)
-    data["stages"] = data["stages"][:1]
     data["stages"][0].update(steps=2, train={"vision": "lora", "bridge": "full"}, lr={"vision": 1e-2, "bridge": 1e-2})
+    data["stages"][1].update(steps=1)  # bridge + the LM's own LoRA, beside the tower's adapters
     trainer = Trainer(recipe_from_dict(data), tmp_path / "run", progress=False)
     base = {n: p.detach().clone() for n, p in trainer.model.vision.named_parameters()}
     trainer.run()
@@ -99,6 +99,8 @@ def test_a_monkey_run_trains_only_the_adapters_and_reloads(tiny_lm_dir, tiny_cli
     model, proc = load_run(tmp_path / "run", device="cpu")
     for n, p in model.vision.named_parameters():
         assert torch.equal(p, after[n].detach()), n
+    lm_lora = {n: p for n, p in trainer.model.lm.named_parameters() if "lora_" in n}
+    assert lm_lora and all(torch.equal(dict(model.lm.named_parameters())[n], p) for n, p in lm_lora.items())
     items = []
     for k in range(2):
         views = proc.images([picture((40 + 20 * k, 60), k)])
