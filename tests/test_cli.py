@@ -29,7 +29,7 @@ def test_quick_demo_writes_metrics_and_examples(quick_run):
     assert saved["baselines"]["vqa_accuracy"] > 0.2
     assert len(list((out / "examples").glob("*.png"))) == 9
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in rows] == ["concepts"] * 3 + ["multitask"] * 3
+    assert [r["stage"] for r in rows] == ["objects"] * 3 + ["multitask"] * 3
     assert all(r["tokens"] > 0 and r["loss"] > 0 for r in rows)
 
 
