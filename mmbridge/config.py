@@ -147,6 +147,8 @@ class Recipe:
     sources: dict = field(default_factory=dict)  # name -> DataSource
     # The built-in shapes world, generated on first use: {root, n_train, n_val, n_test, seed, image_size}.
     # Its files are then named in `data` and `eval` as "world/<split>/<task>", e.g. world/train/vqa.
+    # Opt-in `shape_px: [min, max]` sets every shape's side in pixels (default: 18-45% of image_size); with
+    # `image_size: 1024, shape_px: [20, 60]` it is the high-resolution task (benchmarks/highres.py).
     world: dict | None = None
     stages: list = field(default_factory=list)  # list[StageConfig]
     eval: dict = field(default_factory=dict)  # name -> EvalTask

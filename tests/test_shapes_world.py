@@ -270,3 +270,65 @@ def test_generation_speed(tmp_path):
     t0 = time.perf_counter()
     sw.write_world(tmp_path, n_train=200, n_val=0, n_test=0, image_size=256)
     assert time.perf_counter() - t0 < 8.0  # ~0.7 s expected; 2,000 images ~7 s
+
+
+# ------------------------------------------------------------------ the high-resolution option
+# sha256 over every written file (relative path, then bytes) of write_world(**SMALL), taken before `shape_px` existed
+DEFAULT_WORLD_SHA256 = "f8dfef13ffc2801977a14f4bac4136ef12adc9c9dca66d9211366c342a37b541"
+
+
+def _tree_sha256(root: Path) -> str:
+    h = hashlib.sha256()
+    for name, data in _files(root).items():
+        h.update(name.encode())
+        h.update(data)
+    return h.hexdigest()
+
+
+def test_default_world_is_byte_for_byte_unchanged(tmp_path):
+    sw.write_world(tmp_path / "a", **SMALL)
+    sw.write_world(tmp_path / "b", **SMALL, shape_px=None)
+    assert _tree_sha256(tmp_path / "a") == _tree_sha256(tmp_path / "b") == DEFAULT_WORLD_SHA256
+    assert "shape_px" not in sw.load_manifest(tmp_path / "a")["params"]
+
+
+def test_high_resolution_world_has_the_requested_sizes(tmp_path):
+    from PIL import Image
+
+    manifest = sw.write_world(tmp_path, n_train=6, n_val=2, n_test=4, seed=0, image_size=1024, shape_px=[20, 60])
+    assert sw.load_manifest(tmp_path)["params"]["shape_px"] == [20, 60]
+    for split, n in (("train", 6), ("test", 4)):
+        paths = sorted((tmp_path / "images" / split).glob("*.png"))
+        assert len(paths) == n and all(Image.open(p).size == (1024, 1024) for p in paths)
+    sides = [o.box[2] - o.box[0] for s in sw.SPLITS for sc in sw.split_scenes(0, s, 40, 1024, 0.5, (20, 60))
+             for o in sc.objects]
+    assert min(sides) >= 20 and max(sides) <= 60 and max(sides) - min(sides) > 30
+    # the boxes written are the pixel boxes in [0, 999]: a 20-60 px shape spans 19-59 units
+    for rec in json.loads(Path(manifest["test"]["grounding"]).read_text()):
+        x0, y0, x1, y1 = rec["box"]
+        assert 18 <= x1 - x0 <= 60 and abs((x1 - x0) - (y1 - y0)) <= 1  # square, up to truncation
+    # size words follow the pixel range's terciles
+    assert [sw.size_word(s, 1024, (20, 60)) for s in (20, 35, 45, 50)] == ["small", "medium", "medium", "large"]
+    # a rendered shape covers its box: its colour is at the box centre
+    scene = sw.split_scenes(0, "test", 1, 1024, 0.5, (20, 60))[0]
+    img = np.asarray(Image.open(tmp_path / "images" / "test" / "test_00000.png"))
+    for o in scene.objects:
+        cx, cy = (o.box[0] + o.box[2]) // 2, (o.box[1] + o.box[3]) // 2
+        assert tuple(img[cy, cx]) == sw.COLOURS[o.colour]
+
+
+@pytest.mark.parametrize("bad", [[60, 20], [0, 10], [20, 600], [20], "20-60", [20.0, 60.0]])
+def test_shape_px_is_checked(tmp_path, bad):
+    with pytest.raises(ValueError, match="shape_px"):
+        sw.write_world(tmp_path, n_train=1, n_val=1, n_test=1, image_size=1024, shape_px=bad)
+
+
+def test_a_recipe_world_passes_shape_px(tmp_path):
+    from mmbridge.config import RecipeError
+    from mmbridge.data.sources import world_manifest
+
+    _, images = world_manifest({"root": str(tmp_path / "w"), "n_train": 2, "n_val": 1, "n_test": 1,
+                                "image_size": 512, "shape_px": [20, 40]})
+    assert sw.load_manifest(tmp_path / "w")["params"]["shape_px"] == [20, 40]
+    with pytest.raises(RecipeError, match="shape_px"):
+        world_manifest({"root": str(tmp_path / "x"), "n_train": 1, "n_val": 1, "n_test": 1, "shape_px": [5, 1]})

@@ -4,6 +4,10 @@ Scenes hold 1-3 flat coloured shapes on a light background. Every scene yields
 short captions, a detailed caption, VQA pairs and referring expressions with
 boxes; :func:`write_world` writes images plus LLaVA-format JSON (and MMC4-style
 interleaved JSONL) for the train/val/test splits.
+
+By default a shape's side is 18-45% of the image's. ``shape_px=(lo, hi)`` (opt-in) sets it in pixels
+instead: with large images (``image_size=1024, shape_px=(20, 60)``) that is a high-resolution task,
+whose shapes a single 256-px resize shrinks to 5-15 px. Without it the output is unchanged.
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ FILLERS: tuple[str, ...] = ("Here is another picture.", "Take a look at this one
 IMAGE_TOKEN = "<image>"
 
 Box = tuple[int, int, int, int]
+Bounds = Optional[tuple[int, int]]  # (min, max) object side in pixels; None: MIN_FRAC/MAX_FRAC of the image
 
 
 @dataclass(frozen=True)
@@ -92,14 +97,29 @@ def box_to_text(box: Sequence[float], image_size: int) -> str:
     return "[" + ", ".join(str(v) for v in box_to_norm(box, image_size)) + "]"
 
 
-def size_bounds(image_size: int) -> tuple[int, int]:
-    """Inclusive (min, max) object side length in pixels."""
+def size_bounds(image_size: int, shape_px: Bounds = None) -> tuple[int, int]:
+    """Inclusive (min, max) object side length in pixels: ``shape_px`` if given, else fractions of the image."""
+    if shape_px is not None:
+        return int(shape_px[0]), int(shape_px[1])
     return round(MIN_FRAC * image_size), round(MAX_FRAC * image_size)
 
 
-def size_word(side: float, image_size: int) -> str:
+def check_shape_px(shape_px: Any, image_size: int) -> Bounds:
+    """``shape_px`` as an (lo, hi) tuple of ints, 1 <= lo < hi <= image_size / 2; None stays None."""
+    if shape_px is None:
+        return None
+    if (not isinstance(shape_px, (list, tuple)) or len(shape_px) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in shape_px)):
+        raise ValueError(f"world.shape_px: expected [min, max] object side in pixels, got {shape_px!r}")
+    lo, hi = shape_px
+    if not 1 <= lo < hi <= image_size // 2:
+        raise ValueError(f"world.shape_px: need 1 <= min < max <= image_size / 2 = {image_size // 2}, got {shape_px!r}")
+    return lo, hi
+
+
+def size_word(side: float, image_size: int, shape_px: Bounds = None) -> str:
     """small/medium/large by terciles of the allowed side-length range."""
-    lo, hi = size_bounds(image_size)
+    lo, hi = size_bounds(image_size, shape_px)
     t = (side - lo) / (hi - lo)
     return "small" if t < 1 / 3 else "medium" if t < 2 / 3 else "large"
 
@@ -114,11 +134,12 @@ def position_word(box: Sequence[float], image_size: int) -> str:
     return f"{ROW_WORDS[row]} {COL_WORDS[col]}"
 
 
-def make_object(shape: str, colour: str, box: Sequence[int], image_size: int) -> ShapeObject:
+def make_object(shape: str, colour: str, box: Sequence[int], image_size: int,
+                shape_px: Bounds = None) -> ShapeObject:
     """Build a ShapeObject, deriving its size and position words."""
     assert shape in SHAPES and colour in COLOURS, (shape, colour)
     b = tuple(int(v) for v in box)
-    return ShapeObject(shape, colour, b, size_word(b[2] - b[0], image_size),
+    return ShapeObject(shape, colour, b, size_word(b[2] - b[0], image_size, shape_px),
                        position_word(b, image_size))
 
 
@@ -127,9 +148,9 @@ def _overlaps(a: Box, b: Box, margin: int) -> bool:
     return a[0] < b[2] + margin and b[0] < a[2] + margin and a[1] < b[3] + margin and b[1] < a[3] + margin
 
 
-def _place_boxes(rng: np.random.Generator, n: int, image_size: int) -> list[Box]:
+def _place_boxes(rng: np.random.Generator, n: int, image_size: int, shape_px: Bounds = None) -> list[Box]:
     """Rejection-sample ``n`` non-overlapping square boxes fully inside the image."""
-    lo, hi = size_bounds(image_size)
+    lo, hi = size_bounds(image_size, shape_px)
     margin = max(2, image_size // 50)
     while True:
         boxes: list[Box] = []
@@ -148,16 +169,17 @@ def _place_boxes(rng: np.random.Generator, n: int, image_size: int) -> list[Box]
             return boxes
 
 
-def sample_scene(rng: np.random.Generator, image_size: int = 256, noise_prob: float = 0.5) -> Scene:
-    """Sample a scene of 1-3 objects with distinct shapes and distinct colours."""
+def sample_scene(rng: np.random.Generator, image_size: int = 256, noise_prob: float = 0.5,
+                 shape_px: Bounds = None) -> Scene:
+    """Sample a scene of 1-3 objects with distinct shapes and distinct colours (sides in ``shape_px`` if given)."""
     n = int(rng.integers(1, 4))
     shapes = [SHAPES[i] for i in rng.choice(len(SHAPES), n, replace=False)]
     names = list(COLOURS)
     colours = [names[i] for i in rng.choice(len(names), n, replace=False)]
-    boxes = _place_boxes(rng, n, image_size)
+    boxes = _place_boxes(rng, n, image_size, shape_px)
     background = tuple(int(BG_BASE + t) for t in rng.integers(-BG_TINT, BG_TINT + 1, 3))
     noise_seed = int(rng.integers(0, 2**31 - 1)) if rng.random() < noise_prob else None
-    objects = tuple(make_object(s, c, b, image_size) for s, c, b in zip(shapes, colours, boxes))
+    objects = tuple(make_object(s, c, b, image_size, shape_px) for s, c, b in zip(shapes, colours, boxes))
     return Scene(image_size, background, objects, noise_seed)  # type: ignore[arg-type]
 
 
@@ -366,10 +388,11 @@ def _split_rng(seed: int, split: str, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(split.encode()), stream])
 
 
-def split_scenes(seed: int, split: str, n: int, image_size: int = 256, noise_prob: float = 0.5) -> list[Scene]:
+def split_scenes(seed: int, split: str, n: int, image_size: int = 256, noise_prob: float = 0.5,
+                 shape_px: Bounds = None) -> list[Scene]:
     """The scenes that :func:`write_world` generates for ``split``."""
     rng = _split_rng(seed, split, 0)
-    return [sample_scene(rng, image_size, noise_prob) for _ in range(n)]
+    return [sample_scene(rng, image_size, noise_prob, shape_px) for _ in range(n)]
 
 
 def _check_disjoint(scenes: dict[str, list[Scene]]) -> None:
@@ -415,23 +438,29 @@ def load_manifest(root: str | os.PathLike) -> dict[str, Any]:
 
 def write_world(root: str | os.PathLike, n_train: int = 2000, n_val: int = 200, n_test: int = 200,
                 seed: int = 0, image_size: int = 256, max_turns: int = 6,
-                noise_prob: float = 0.5, vqa_turns: int = 1) -> dict[str, dict[str, str]]:
+                noise_prob: float = 0.5, vqa_turns: int = 1,
+                shape_px: Optional[Sequence[int]] = None) -> dict[str, dict[str, str]]:
     """Generate the dataset under ``root``; returns {split: {task: absolute path}}.
 
+    ``shape_px=(lo, hi)``: every shape's side in pixels (opt-in; default: 18-45% of ``image_size``),
+    e.g. ``image_size=1024, shape_px=(20, 60)`` for the high-resolution task.
     Idempotent: if ``root/manifest.json`` records identical parameters (and its files
     exist) nothing is rewritten. Images live under ``root/images/{split}/``.
     """
     root = Path(root)
+    bounds = check_shape_px(None if shape_px is None else tuple(shape_px), image_size)
     params = {"version": GENERATOR_VERSION, "seed": seed, "image_size": image_size, "n_train": n_train,
               "n_val": n_val, "n_test": n_test, "max_turns": max_turns, "noise_prob": noise_prob,
               "vqa_turns": vqa_turns}
+    if bounds is not None:  # only when set: the default world's manifest stays as it was
+        params["shape_px"] = list(bounds)
     if (root / "manifest.json").exists():
         old = load_manifest(root)
         files = _resolve(root, old.get("splits", {}))
         if old.get("params") == params and all(Path(p).exists() for t in files.values() for p in t.values()):
             return files
     counts = {"train": n_train, "val": n_val, "test": n_test}
-    scenes = {s: split_scenes(seed, s, counts[s], image_size, noise_prob) for s in SPLITS}
+    scenes = {s: split_scenes(seed, s, counts[s], image_size, noise_prob, bounds) for s in SPLITS}
     _check_disjoint(scenes)
     root.mkdir(parents=True, exist_ok=True)
     rel = {s: _write_split(root, s, scenes[s], _split_rng(seed, s, 1), max_turns, vqa_turns) for s in SPLITS}

@@ -7,7 +7,8 @@ from pathlib import Path
 from mmbridge.config import DataSource, Recipe, RecipeError
 
 WORLD_DEFAULTS = {"root": ".cache/shapes-world", "n_train": 2000, "n_val": 100, "n_test": 200, "seed": 0,
-                  "image_size": 256, "vqa_turns": 1, "videos": None}
+                  "image_size": 256, "vqa_turns": 1, "videos": None,
+                  "shape_px": None}  # [min, max] shape side in pixels (the high-resolution task); None: 18-45%
 
 
 def world_manifest(world: dict) -> tuple[dict, Path]:
@@ -21,7 +22,10 @@ def world_manifest(world: dict) -> tuple[dict, Path]:
         raise RecipeError(f"recipe.world: unknown key(s) {sorted(unknown)}; expected some of {sorted(WORLD_DEFAULTS)}")
     cfg = {**WORLD_DEFAULTS, **world}
     root, videos = Path(cfg.pop("root")), cfg.pop("videos")
-    manifest = write_world(root, **cfg)
+    try:
+        manifest = write_world(root, **cfg)
+    except ValueError as e:
+        raise RecipeError(f"recipe.{e}") from e
     if videos is not None:
         if not isinstance(videos, dict):
             raise RecipeError(f"recipe.world.videos: expected a mapping (e.g. {{n_train: 1000}}), got {videos!r}")
