@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from mmbridge.config import ModelConfig, recipe_from_dict
 from mmbridge.data.processor import IGNORE
 from mmbridge.models.build import build_model
-from mmbridge.objectives.objects import ObjectLoss, label_boxes
+from mmbridge.objectives.objects import ObjectLoss, box_template, label_boxes
 from mmbridge.train.checkpoint import load_run
 from mmbridge.train.trainer import Trainer
 from tests.conftest import tiny_recipe_dict
@@ -27,7 +27,8 @@ def object_model(tiny_lm_dir, tiny_clip_dir, tokenizer):
                       lm={"path": tiny_lm_dir}, max_length=160, system_prompt="")
     model, proc = build_model(cfg)
     digits = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
-    model.bridge.set_vocabulary([tokenizer.convert_tokens_to_ids(t) for t in WORDS], digits)
+    model.bridge.set_vocabulary([tokenizer.convert_tokens_to_ids(t) for t in WORDS], digits,
+                                box_template(tokenizer, model.bridge.box_format, digits))
     model.vision.requires_grad_(False)
     return model.eval(), proc
 
@@ -50,12 +51,13 @@ def test_boxes_are_read_from_answer_tokens(tokenizer, object_model):
     assert boxes.tolist() == [[503, 71, 726, 941], [1, 2, 30, 400]]
 
 
-def test_box_digits_leave_leading_zeros_unwritten(object_model):
+def test_boxes_are_written_as_the_answers_write_them(object_model, tokenizer):
     bridge = object_model[0].bridge
-    ids, written = bridge.box_digits(torch.tensor([[0.0151, 0.0009, 0.5, 0.9999]]))
-    digit = {int(t): d for d, t in enumerate(bridge.digit_ids.tolist())}
-    assert [digit[int(t)] for t in ids[0]] == [0, 1, 5, 0, 0, 0, 5, 0, 0, 9, 9, 9]  # 15, 0, 500, 999
-    assert written[0].tolist() == [False, True, True, False, False, True, True, True, True, True, True, True]
+    ids, written = bridge.box_text(torch.tensor([[0.0151, 0.0009, 0.5, 0.9999], [0.503, 0.071, 0.726, 0.941]]))
+    want = tokenizer.encode("[15, 0, 500, 999]", add_special_tokens=False)
+    assert ids[0, :len(want)].tolist() == want and written[0].tolist() == [True] * len(want) + [False] * 3
+    assert ids[1].tolist() == tokenizer.encode("[503, 71, 726, 941]", add_special_tokens=False) + ids[1, -1:].tolist()
+    assert written[1].sum() == 19 and len(bridge.box_template) == 20
 
 
 def test_peaks_are_local_maxima_present_first_left_to_right(object_model):
@@ -68,7 +70,7 @@ def test_peaks_are_local_maxima_present_first_left_to_right(object_model):
     assert got[1, 0].item() == 0
 
 
-def test_tokens_are_words_then_box_digits_weighted_by_objectness(object_model):
+def test_tokens_are_words_then_box_text_weighted_by_objectness(object_model, tokenizer):
     model, _ = object_model
     bridge, table = model.bridge, model.lm.get_input_embeddings().weight
     torch.manual_seed(1)
@@ -76,7 +78,7 @@ def test_tokens_are_words_then_box_digits_weighted_by_objectness(object_model):
     feats = model.vision_features(px)
     m = bridge.maps(feats)
     got = model.encode_images(px)
-    assert got.shape == (2, bridge.num_tokens, table.shape[1]) and bridge.num_tokens == 2 * (2 + 12)
+    assert got.shape == (2, bridge.num_tokens, table.shape[1]) and bridge.num_tokens == 2 * (2 + 20)
     cells = bridge.peaks(m["objectness"])
     rows, cols = bridge.grid
     for i in range(2):
@@ -85,11 +87,11 @@ def test_tokens_are_words_then_box_digits_weighted_by_objectness(object_model):
             p = torch.sigmoid(m["objectness"][i, r, c])
             best = (m["embed"][i, r, c] @ table[bridge.word_ids].T).topk(2)
             coords = [max(0, min(999, int(v * 1000))) for v in m["boxes"][i, r, c].tolist()]
-            text = "".join(f"{v:>3d}" for v in coords)  # 15 -> " 15": no leading zeros
+            text = tokenizer.encode("[{}, {}, {}, {}]".format(*coords), add_special_tokens=False)
             want = [table[bridge.word_ids[best.indices[s]]] * torch.sigmoid(best.values[s]) for s in range(2)]
-            want += [table[bridge.digit_ids[int(ch)]] if ch != " " else torch.zeros_like(table[0]) for ch in text]
+            want += [table[t] for t in text] + [torch.zeros_like(table[0])] * (20 - len(text))
             want = torch.stack(want) * p + bridge.slot_embed[k]
-            torch.testing.assert_close(got[i, k * 14:(k + 1) * 14], want, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got[i, k * 22:(k + 1) * 22], want, rtol=1e-5, atol=1e-6)
 
 
 def test_lm_loss_trains_the_slot_embeddings_and_not_the_detector(object_model):
@@ -155,6 +157,8 @@ def test_an_objects_stage_then_an_lm_stage_saves_and_reloads_the_vocabulary(tiny
     model, proc = load_run(run)[:2]
     digits = [proc.tokenizer.decode([t]) for t in model.bridge.digit_ids.tolist()]
     assert digits == [str(d) for d in range(10)]
+    template = model.bridge.box_template.tolist()
+    assert proc.tokenizer.decode([t if t >= 0 else model.bridge.digit_ids[7] for t in template]) == "[777, 777, 777, 777]"
     trained = model.bridge.word_ids.tolist()
     assert min(trained) >= 0 and len(set(trained)) == len(trained)
     assert all(proc.tokenizer.decode([t]).strip().isalpha() for t in trained)  # words from captions, not boxes

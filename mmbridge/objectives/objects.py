@@ -8,8 +8,8 @@ holds a word if one of its objects does, its objects being the cells the bridge 
 (`peaks` with positive objectness, at least the best one), scored with binary cross-entropy against the vocabulary words of the answers, as the `concepts`
 objective does over regions. The LM only lends its word embeddings and runs no forward pass.
 
-`read_stage_data` chooses the vocabulary from the stage's box-free answers and checks that the tokenizer
-writes numbers digit by digit (the bridge spells boxes with the LM's digit tokens).
+`read_stage_data` chooses the vocabulary from the stage's box-free answers, checks that the tokenizer writes
+numbers digit by digit and tokenises the bridge's `box_format` (the bridge writes boxes with the LM's tokens).
 """
 
 from __future__ import annotations
@@ -82,6 +82,12 @@ def single_token(tokenizer, text: str) -> int:
     return ids[0]
 
 
+def box_template(tokenizer, box_format: str, digits: list[int]) -> list[int]:
+    """`box_format` with three-digit coordinates, tokenised: its token ids with -1 for each digit."""
+    ids = tokenizer.encode(box_format.format(*["100"] * 4), add_special_tokens=False)
+    return [-1 if t in digits else t for t in ids]
+
+
 @OBJECTIVES.register("objects")
 class ObjectLoss(Objective):
     """Objectness and boxes from box answers, words by MIL from the other answers. `box_weight` scales the L1;
@@ -115,7 +121,7 @@ class ObjectLoss(Objective):
                     yield labels
 
         words = choose_vocabulary(box_free(), tokenizer, len(bridge.word_ids), self.min_count, self.max_share)
-        bridge.set_vocabulary(words, digits)
+        bridge.set_vocabulary(words, digits, box_template(tokenizer, bridge.box_format, digits))
 
     def forward(self, model, batch: dict, normalizer: float | None = None) -> LossOutput:
         bridge = object_bridge(model)

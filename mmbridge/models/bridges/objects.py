@@ -8,11 +8,10 @@ scored against the LM's word embeddings as concept tokens are (bridges/concepts.
 
 The LM reads, for each of the `objects` best cells (local maxima of objectness, present ones left to right,
 then the rest): the embeddings of its `slots` best words, each weighted by its detection probability, then its
-box as the 12 digits of "x0 y0 x1 y1" in [0, 999] (three places each, the LM's own digit tokens; a leading zero
-is left empty, as text leaves it), all weighted by the object's probability, plus a learned embedding per
-position. A box answer in the training data's own
-format ("[503, 718, 726, 941]") is then a copy of digits the LM can see, as a count is of how many objects it
-sees.
+box written as the training data writes boxes (`box_format`, coordinates in [0, 999]: "[503, 71, 726, 941]",
+`box_tokens` of the LM's own tokens, the tail left empty where a coordinate has fewer than three digits), all
+weighted by the object's probability, plus a learned embedding per position. A box answer is then a copy of
+text in view, which a pretrained LM does from its first steps, and a count is of how many objects it sees.
 """
 
 from __future__ import annotations
@@ -28,14 +27,14 @@ BOX_DIGITS = 12  # four coordinates in [0, 999], three digits each
 
 @BRIDGES.register("objects")
 class ObjectTokens(Bridge):
-    """[B, rows·cols, D_vision] grid → [B, objects · (slots + 12), D_lm] word and digit tokens."""
+    """[B, rows·cols, D_vision] grid → [B, objects · (slots + box_tokens), D_lm] word and box-text tokens."""
 
     reads_words = True  # the composite passes the LM's input-embedding table to forward
-    run_buffers = ("word_ids", "digit_ids")  # chosen by the objects objective, saved with the weights
+    run_buffers = ("word_ids", "digit_ids", "box_template")  # set by the objects objective, saved with the weights
 
     def __init__(self, vision_dim, lm_dim, grid, objects: int = 3, words: int = 24, slots: int = 4,
-                 hidden: int = 256, pos_std: float = 0.5, slot_std: float = 0.02, l2_normalize: bool = False,
-                 in_tokens=None):
+                 hidden: int = 256, box_format: str = "[{}, {}, {}, {}]", box_tokens: int = 20,
+                 pos_std: float = 0.5, slot_std: float = 0.02, l2_normalize: bool = False, in_tokens=None):
         super().__init__(vision_dim, lm_dim, grid, l2_normalize, in_tokens)
         if self.in_tokens != self.grid[0] * self.grid[1]:
             raise ValueError("objects: the bridge needs the patch grid only; set drop_cls: true on the vision encoder")
@@ -43,30 +42,40 @@ class ObjectTokens(Bridge):
             raise ValueError(f"objects: slots must be between 1 and words ({words}), got {slots}")
         if not 1 <= objects <= self.in_tokens:
             raise ValueError(f"objects: objects must be between 1 and the grid's {self.in_tokens} cells, got {objects}")
-        self.objects, self.slots = objects, slots
+        if box_format.count("{}") != 4 or box_tokens < BOX_DIGITS:
+            raise ValueError(f"objects: box_format needs four {{}} fields and box_tokens at least {BOX_DIGITS}, got "
+                             f"{box_format!r} and {box_tokens}")
+        self.objects, self.slots, self.box_format = objects, slots, box_format
         self.pos = nn.Parameter(torch.randn(vision_dim, *self.grid) * pos_std)  # CNN features carry little position
         self.trunk = nn.Conv2d(vision_dim, hidden, 3, padding=1)
         self.head = nn.Conv2d(hidden, 5, 1)  # objectness, centre offset (2), half-size (2)
         self.embed = nn.Conv2d(hidden, lm_dim, 1)  # the detector embedding, scored against word embeddings
         self.register_buffer("word_ids", torch.full((words,), -1, dtype=torch.long))
         self.register_buffer("digit_ids", torch.full((10,), -1, dtype=torch.long))
-        self.slot_embed = nn.Parameter(torch.randn(objects, slots + BOX_DIGITS, lm_dim) * slot_std)
+        # the box's text as token ids, -1 where a digit goes (e.g. "[", d, d, d, ",", " ", ..., "]")
+        self.register_buffer("box_template", torch.full((box_tokens,), -2, dtype=torch.long))
+        self.slot_embed = nn.Parameter(torch.randn(objects, slots + box_tokens, lm_dim) * slot_std)
 
     @property
     def num_tokens(self) -> int:
-        return self.objects * (self.slots + BOX_DIGITS)
+        return self.objects * (self.slots + len(self.box_template))
 
     def regrid(self, grid, in_tokens) -> None:
         if tuple(grid) != self.grid:
             raise ValueError("objects: the position table is per cell of the grid; keep the image size")
         super().regrid(grid, in_tokens)
 
-    def set_vocabulary(self, ids: list[int], digits: list[int]) -> None:
+    def set_vocabulary(self, ids: list[int], digits: list[int], template: list[int]) -> None:
+        """Word and digit token ids, and the box's text (`box_format` tokenised, -1 for each of its 12 digits)."""
         if len(ids) != len(self.word_ids) or len(digits) != 10:
             raise ValueError(f"objects: {len(self.word_ids)} words and 10 digits expected, got {len(ids)}, "
                              f"{len(digits)}")
+        if len(template) != len(self.box_template) or sum(t == -1 for t in template) != BOX_DIGITS:
+            raise ValueError(f"objects: the box's text {self.box_format!r} is {len(template)} tokens with "
+                             f"{sum(t == -1 for t in template)} digits; set model.bridge.box_tokens: {len(template)}")
         self.word_ids.copy_(torch.as_tensor(ids, dtype=torch.long))
         self.digit_ids.copy_(torch.as_tensor(digits, dtype=torch.long))
+        self.box_template.copy_(torch.as_tensor(template, dtype=torch.long))
 
     def maps(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per cell: `objectness` logits [B, R, C], `boxes` (x0, y0, x1, y1 in image fractions) [B, R, C, 4]
@@ -105,13 +114,20 @@ class ObjectTokens(Bridge):
             raise RuntimeError("objects: no vocabulary yet; a stage with the `objects` objective chooses it")
         return embed @ words[self.word_ids].to(embed.dtype).T
 
-    def box_digits(self, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Boxes [..., 4] in image fractions → the token ids of their 12 digits [..., 12] (coordinates in [0, 999],
-        three digits each) and which are written [..., 12]: a leading zero is not (15 is "_15", as text writes it)."""
+    def box_text(self, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boxes [..., 4] in image fractions → their text as token ids [..., box_tokens] and which are written:
+        `box_format` with the coordinates in [0, 999] and no leading zeros ("[15, 0, 500, 999]"), the text
+        moved up over the dropped zeros and the tail left empty."""
         coords = (boxes * 1000).floor().clamp(0, 999).long()
-        digits = torch.stack([coords // 100, coords // 10 % 10, coords % 10], -1)
-        written = torch.stack([coords >= 100, coords >= 10, torch.ones_like(coords, dtype=torch.bool)], -1)
-        return self.digit_ids[digits.flatten(-2)], written.flatten(-2)
+        digits = torch.stack([coords // 100, coords // 10 % 10, coords % 10], -1).flatten(-2)
+        shown = torch.stack([coords >= 100, coords >= 10, torch.ones_like(coords, dtype=torch.bool)], -1).flatten(-2)
+        slot = self.box_template == -1
+        ids = self.box_template.expand(*coords.shape[:-1], -1).clone()
+        ids[..., slot] = self.digit_ids[digits]
+        written = torch.ones_like(ids, dtype=torch.bool)
+        written[..., slot] = shown
+        order = (~written).to(torch.uint8).argsort(dim=-1, stable=True)  # written tokens first, in order
+        return ids.gather(-1, order), written.gather(-1, order)
 
     def project(self, feats: torch.Tensor, words: torch.Tensor | None = None) -> torch.Tensor:
         if words is None:
@@ -126,7 +142,7 @@ class ObjectTokens(Bridge):
             boxes = m["boxes"].flatten(1, 2).gather(1, cells[..., None].expand(b, self.objects, 4))
         table = words.to(self.slot_embed.dtype)
         word_tok = table[self.word_ids][top.indices] * torch.sigmoid(top.values)[..., None].to(table.dtype)
-        digit_ids, written = self.box_digits(boxes)
-        digit_tok = table[digit_ids] * written[..., None].to(table.dtype)  # an unwritten digit is the position alone
-        tokens = torch.cat([word_tok, digit_tok], 2) * p[..., None, None].to(table.dtype)
+        box_ids, written = self.box_text(boxes)
+        box_tok = table[box_ids] * written[..., None].to(table.dtype)  # the empty tail is the position alone
+        tokens = torch.cat([word_tok, box_tok], 2) * p[..., None, None].to(table.dtype)
         return (tokens + self.slot_embed).flatten(1, 2)
