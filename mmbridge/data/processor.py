@@ -280,7 +280,7 @@ class Processor:
         n_img_tok = int((ids == self.image_token_id).sum())
         visual = [c if img_spans.is_count(c) else int((c == self.image_token_id).sum()) for c in counts or ()]
         wanted = img_spans.lengths(self.num_image_tokens, visual or None, n_images)
-        if n_img_tok != sum(wanted):
+        if n_img_tok != sum(wanted) or len(wanted) != n_images:  # a negative count too
             raise DataError(f"{where}: {n_img_tok} image tokens after tokenisation, expected "
                             f"{img_spans.expected(n_images, wanted)}", "<image> count mismatch")
         labels = np.where(is_target, ids, IGNORE)
