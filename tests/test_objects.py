@@ -138,7 +138,7 @@ def test_objects_loss_is_objectness_box_and_mil_words(object_model, tokenizer):
     scores = (m["embed"][1].flatten(0, 1)[cells[present]] @ table[bridge.word_ids].T).amax(0)
     want_words = torch.tensor([1.0, 0, 1, 0, 0, 0])  # red, circle
     l_words = F.binary_cross_entropy_with_logits(scores, want_words)
-    torch.testing.assert_close(out.loss, l_obj + l_box + l_words, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, l_obj + l_box + 3 * l_words, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.terms["box"], l_box, rtol=1e-5, atol=1e-6)
 
 

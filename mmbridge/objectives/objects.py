@@ -91,16 +91,17 @@ def box_template(tokenizer, box_format: str, digits: list[int]) -> list[int]:
 @OBJECTIVES.register("objects")
 class ObjectLoss(Objective):
     """Objectness and boxes from box answers, words by MIL from the other answers. `box_weight` scales the L1;
-    `positive_weight` an object cell's objectness loss (a grid has far more empty cells than objects)."""
+    `positive_weight` an object cell's objectness loss (a grid has far more empty cells than objects);
+    `word_weight` the words' loss (3: the words lag the boxes, which converge within a few hundred steps)."""
 
     runs_lm = False  # the trainer counts the encoder's and bridge's FLOPs only
 
     def __init__(self, model, samples: int = 4000, min_count: int = 3, max_share: float = 0.9,
-                 box_weight: float = 5.0, positive_weight: float = 10.0):
+                 box_weight: float = 5.0, positive_weight: float = 10.0, word_weight: float = 3.0):
         super().__init__(model)
         object_bridge(model)
         self.samples, self.min_count, self.max_share = samples, min_count, max_share
-        self.box_weight, self.positive_weight = box_weight, positive_weight
+        self.box_weight, self.positive_weight, self.word_weight = box_weight, positive_weight, word_weight
         self.open_ids: list[int] | None = None
 
     def read_stage_data(self, model, datasets, tokenizer) -> None:
@@ -167,7 +168,7 @@ class ObjectLoss(Objective):
             scores = scores.masked_fill(~present[..., None], float("-inf")).amax(1)
             target = (labels[words][:, :, None] == bridge.word_ids).any(1).to(scores.dtype)
             l_words = F.binary_cross_entropy_with_logits(scores, target)
-            loss = loss + l_words
+            loss = loss + self.word_weight * l_words
             logs["words"] = l_words.detach()
             metrics["word_accuracy"] = ((scores > 0) == target.bool()).float().mean().detach()
         share = 1.0 if normalizer is None else target_total(batch) / normalizer
