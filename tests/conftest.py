@@ -137,3 +137,32 @@ def interrupted_run(recipe, run_dir, at_call: int) -> None:
     trainer._next_batch = next_batch
     with pytest.raises(Interrupt):
         trainer.run()
+
+
+def assert_served_batch_equals_alone(model, proc, images, turns, batch: int) -> None:
+    """Queue one request per image on a stopped serving engine, start it: they decode as one batch of `batch`, and
+    each reply equals the model's own `generate` on that request alone (its views, counts and visual index)."""
+    import threading
+
+    from mmbridge.serve.engine import Engine, Job
+    from mmbridge.serve.text import ReplyText
+
+    engine = Engine(model, proc, max_batch=4, start=False)
+    jobs = []
+    for image in images:
+        views = proc.images([image])
+        prompt = engine.encode_prompt(turns, views["counts"])
+        done = threading.Event()
+        jobs.append((Job(prompt, views["pixel_values"], 4, ReplyText(engine.decode),
+                         lambda kind, _, d=done: d.set() if kind != "delta" else None, images=views), done, views))
+        engine.submit(jobs[-1][0])
+    engine.start()
+    for _, done, _ in jobs:
+        assert done.wait(60)
+    engine.close()
+    assert engine.batch_sizes == [batch]
+    for job, _, views in jobs:
+        extra = {k: views[k] for k in ("visual_index", "view_sizes") if k in views}
+        alone = model.generate(torch.tensor([job.prompt]), torch.ones(1, len(job.prompt), dtype=torch.long),
+                               views["pixel_values"], 4, proc.stop_token_ids, **extra)[0]
+        assert job.reply.text == proc.tokenizer.decode(alone, skip_special_tokens=True).strip()

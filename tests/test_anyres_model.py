@@ -22,7 +22,7 @@ from mmbridge.models.masks import allowed_attention, image_spans
 from mmbridge.train.checkpoint import load_run
 from mmbridge.train.flops import StepFlops
 from mmbridge.train.trainer import Trainer
-from tests.conftest import tiny_recipe_dict
+from tests.conftest import assert_served_batch_equals_alone, tiny_recipe_dict
 
 IGNORE = -100
 # (width, height) → tokens for the tiny tower (32 px, 4x4 grid) and the mlp bridge (16 tokens per view):
@@ -306,30 +306,8 @@ def test_generation_reads_each_images_own_count(tiled, tmp_path):
 
 
 def test_the_serving_engine_batches_images_of_their_own_counts(tiled):
-    import threading
-
-    from mmbridge.serve.engine import Engine, Job
-    from mmbridge.serve.text import ReplyText
-
     model, proc = tiled
-    engine = Engine(model, proc, max_batch=4, start=False)
-    jobs = []
-    for k, size in enumerate(SIZES):
-        views = proc.images([picture(size, k)])
-        prompt = engine.encode_prompt(conv(1)[:1], views["counts"])
-        done = threading.Event()
-        jobs.append((Job(prompt, views["pixel_values"], 4, ReplyText(engine.decode),
-                         lambda kind, _, d=done: d.set() if kind != "delta" else None, images=views), done, views))
-        engine.submit(jobs[-1][0])
-    engine.start()
-    for _, done, _ in jobs:
-        assert done.wait(60)
-    engine.close()
-    assert engine.batch_sizes == [3]
-    for job, _, views in jobs:
-        alone = model.generate(torch.tensor([job.prompt]), torch.ones(1, len(job.prompt), dtype=torch.long),
-                               views["pixel_values"], 4, proc.stop_token_ids, visual_index=views["visual_index"])[0]
-        assert job.reply.text == proc.tokenizer.decode(alone, skip_special_tokens=True).strip()
+    assert_served_batch_equals_alone(model, proc, [picture(size, k) for k, size in enumerate(SIZES)], conv(1)[:1], 3)
 
 
 def test_answer_ranking_scores_each_candidate_with_its_images_own_count(tiled, tmp_path):

@@ -12,6 +12,7 @@ from mmbridge.data.dataset import Collator
 from mmbridge.data.packing import PackingCollator, pack
 from mmbridge.data.views import padded_pixels
 from mmbridge.models.build import build_model
+from tests.conftest import assert_served_batch_equals_alone
 
 IGNORE = -100
 K = 4  # the resampler's latents: tokens per view
@@ -232,28 +233,5 @@ def test_a_dinov2_tower_encodes_any_size(tmp_path):
 
 
 def test_the_serving_engine_batches_slices(uhd):
-    import threading
-
-    from mmbridge.serve.engine import Engine, Job
-    from mmbridge.serve.text import ReplyText
-
     model, proc = uhd
-    engine = Engine(model, proc, max_batch=4, start=False)
-    jobs = []
-    for k, size in enumerate(GRIDS):
-        views = proc.images([picture(size, k)])
-        prompt = engine.encode_prompt(conv(1)[:1], views["counts"])
-        done = threading.Event()
-        jobs.append((Job(prompt, views["pixel_values"], 4, ReplyText(engine.decode),
-                         lambda kind, _, d=done: d.set() if kind != "delta" else None, images=views), done, views))
-        engine.submit(jobs[-1][0])
-    engine.start()
-    for _, done, _ in jobs:
-        assert done.wait(60)
-    engine.close()
-    assert engine.batch_sizes == [2]
-    for job, _, views in jobs:
-        alone = model.generate(torch.tensor([job.prompt]), torch.ones(1, len(job.prompt), dtype=torch.long),
-                               views["pixel_values"], 4, proc.stop_token_ids, visual_index=views["visual_index"],
-                               view_sizes=views["view_sizes"])[0]
-        assert job.reply.text == proc.tokenizer.decode(alone, skip_special_tokens=True).strip()
+    assert_served_batch_equals_alone(model, proc, [picture(size, k) for k, size in enumerate(GRIDS)], conv(1)[:1], 2)

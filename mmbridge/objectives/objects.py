@@ -160,9 +160,8 @@ class ObjectLoss(Objective):
         if bool(words.any()):
             objectness = m["objectness"][words].detach()
             cells = bridge.peaks(objectness)
-            emb = m["embed"][words].flatten(1, 2)
-            emb = emb.gather(1, cells[..., None].expand(*cells.shape, emb.shape[-1]))
-            present = objectness.flatten(1).gather(1, cells) > 0
+            emb = bridge.at(cells, m["embed"][words])
+            present = bridge.at(cells, objectness) > 0
             present[:, 0] |= ~present.any(1)  # at least the best cell
             scores = bridge.scores(emb, model.lm.get_input_embeddings().weight)
             scores = scores.masked_fill(~present[..., None], float("-inf")).amax(1)

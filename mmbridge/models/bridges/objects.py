@@ -108,6 +108,13 @@ class ObjectTokens(Bridge):
         order = torch.where(present, reading, rest).argsort(dim=1, stable=True)
         return top.gather(1, order)
 
+    @staticmethod
+    def at(cells: torch.Tensor, grid_values: torch.Tensor) -> torch.Tensor:
+        """`grid_values` [B, R, C, ...] at the cells [B, K] (row-major indices) → [B, K, ...]."""
+        flat = grid_values.flatten(1, 2)
+        index = cells.reshape(*cells.shape, *[1] * (flat.dim() - 2)).expand(*cells.shape, *flat.shape[2:])
+        return flat.gather(1, index)
+
     def scores(self, embed: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
         """Detector logits [..., V]: each cell's embedding against each vocabulary word's."""
         if bool((self.word_ids < 0).any()):
@@ -135,11 +142,9 @@ class ObjectTokens(Bridge):
         with torch.no_grad():  # the detector trains only under the objects objective
             m = self.maps(feats)
             cells = self.peaks(m["objectness"])
-            b, d = cells.shape[0], m["embed"].shape[-1]
-            embed = m["embed"].flatten(1, 2).gather(1, cells[..., None].expand(b, self.objects, d))
-            top = self.scores(embed, words).topk(self.slots, dim=-1)
-            p = torch.sigmoid(m["objectness"].flatten(1).gather(1, cells))
-            boxes = m["boxes"].flatten(1, 2).gather(1, cells[..., None].expand(b, self.objects, 4))
+            top = self.scores(self.at(cells, m["embed"]), words).topk(self.slots, dim=-1)
+            p = torch.sigmoid(self.at(cells, m["objectness"]))
+            boxes = self.at(cells, m["boxes"])
         table = words.to(self.slot_embed.dtype)
         word_tok = table[self.word_ids][top.indices] * torch.sigmoid(top.values)[..., None].to(table.dtype)
         box_ids, written = self.box_text(boxes)
