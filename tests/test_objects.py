@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from mmbridge.config import ModelConfig, recipe_from_dict
 from mmbridge.data.processor import IGNORE
 from mmbridge.models.build import build_model
-from mmbridge.objectives.objects import ObjectLoss, box_template, label_boxes
+from mmbridge.objectives.objects import ObjectLoss, box_template, label_boxes, reading_order
 from mmbridge.train.checkpoint import load_run
 from mmbridge.train.trainer import Trainer
 from tests.conftest import tiny_recipe_dict
@@ -86,9 +86,10 @@ def test_tokens_are_words_then_box_text_weighted_by_objectness(object_model, tok
             r, c = divmod(int(cells[i, k]), cols)
             p = torch.sigmoid(m["objectness"][i, r, c])
             best = (m["embed"][i, r, c] @ table[bridge.word_ids].T).topk(2)
+            index, order = best.indices.sort()  # reading order: the vocabulary's
             coords = [max(0, min(999, int(v * 1000))) for v in m["boxes"][i, r, c].tolist()]
             text = tokenizer.encode("[{}, {}, {}, {}]".format(*coords), add_special_tokens=False)
-            want = [table[bridge.word_ids[best.indices[s]]] * torch.sigmoid(best.values[s]) for s in range(2)]
+            want = [table[bridge.word_ids[index[s]]] * torch.sigmoid(best.values[order[s]]) for s in range(2)]
             want += [table[t] for t in text] + [torch.zeros_like(table[0])] * (20 - len(text))
             want = torch.stack(want) * p + bridge.slot_embed[k]
             torch.testing.assert_close(got[i, k * 22:(k + 1) * 22], want, rtol=1e-5, atol=1e-6)
@@ -140,6 +141,40 @@ def test_objects_loss_is_objectness_box_and_mil_words(object_model, tokenizer):
     l_words = F.binary_cross_entropy_with_logits(scores, want_words)
     torch.testing.assert_close(out.loss, l_obj + l_box + 3 * l_words, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.terms["box"], l_box, rtol=1e-5, atol=1e-6)
+    # the words read the box's place (the `where` features) but do not move the box or the objectness
+    bridge.zero_grad(set_to_none=True)
+    keep = torch.tensor([1])
+    loss_fn(model, {"input_ids": input_ids[keep], "labels": labels[keep], "pixel_values": px[keep]}).loss.backward()
+    assert bridge.where[0].weight.grad.abs().sum() > 0 and bridge.trunk.weight.grad.abs().sum() > 0
+    assert bridge.head.weight.grad is None or bridge.head.weight.grad.abs().sum() == 0
+    bridge.zero_grad(set_to_none=True)
+
+
+def test_word_scores_follow_the_box_centre(object_model):
+    bridge = object_model[0].bridge
+    torch.manual_seed(3)
+    feats = torch.randn(1, bridge.in_tokens, bridge.trunk.in_channels)
+    before = bridge.maps(feats)["embed"]
+    with torch.no_grad():
+        bridge.head.bias[1] += 2.0  # move every predicted centre right, the features unchanged
+    try:
+        after = bridge.maps(feats)["embed"]
+    finally:
+        with torch.no_grad():
+            bridge.head.bias[1] -= 2.0
+    assert (after - before).abs().amax() > 1e-3
+
+
+def test_reading_order_is_the_order_answers_write_words(tokenizer):
+    answers = ["A large red circle is at the top left. A small blue square is at the bottom right.",
+               "There are two shapes. A red square is at the top right.", "a small blue circle, a large red square."]
+    rows = [tokenizer.encode(a, add_special_tokens=False) for a in answers]
+    ids = {w: tokenizer.encode(" " + w, add_special_tokens=False)[0]
+           for w in ("large", "small", "red", "blue", "circle", "square", "top", "bottom", "left", "right")}
+    got = reading_order(rows, tokenizer, [ids[w] for w in ("left", "square", "top", "red", "large", "circle")])
+    # median offsets in their clause: large 1, red 2, square 3 = circle 3 (a tie keeps the given order), top 6,
+    # left 8
+    assert [tokenizer.decode([t]).strip() for t in got] == ["large", "red", "square", "circle", "top", "left"]
 
 
 def test_an_objects_stage_then_an_lm_stage_saves_and_reloads_the_vocabulary(tiny_lm_dir, tiny_clip_dir, world,

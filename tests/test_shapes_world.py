@@ -205,6 +205,27 @@ def test_train_vqa_chunks_keep_every_question(tmp_path, turns):
         assert dict(qa for c in chunks for qa in c)["How many shapes are there?"] == str(len(scene.objects))
 
 
+def test_train_vqa_by_type_holds_one_type_per_conversation(tmp_path):
+    manifest = sw.write_world(tmp_path, **{**SMALL, "vqa_turns": "type"})
+    recs = json.loads(Path(manifest["train"]["vqa"]).read_text())
+    convs = _train_questions(manifest)
+    scenes = sw.split_scenes(SMALL["seed"], "train", SMALL["n_train"], SMALL["image_size"])
+    kinds = {"How": "count", "What colour": "colour", "What shape": "shape", "Where": "position", "Is there": "exists"}
+
+    def kind(q: str) -> str:
+        return next(v for k, v in kinds.items() if q.startswith(k))
+
+    for i, scene in enumerate(scenes):
+        chunks = convs[f"train/train_{i:05d}.png"]
+        n = len(scene.objects)
+        assert sorted(len(c) for c in chunks) == sorted([1, n, n, n, 2 * n])
+        assert all(len({kind(q) for q, _ in c}) == 1 for c in chunks)
+        assert len({kind(c[0][0]) for c in chunks}) == 5
+    assert len(recs) == 5 * len(scenes)
+    with pytest.raises(ValueError, match="vqa_turns"):
+        sw.write_world(tmp_path / "bad", **{**SMALL, "vqa_turns": 0})
+
+
 def test_records_llava_format(world):
     root, manifest = world
     assert set(manifest["train"]) == {"caption", "detailed", "vqa", "grounding", "mixed", "multitask", "interleaved"}

@@ -315,13 +315,15 @@ def _conversation(turns: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
 
 
 def _scene_records(split: str, idx: int, scene: Scene, rng: np.random.Generator,
-                   max_turns: int, vqa_turns: int) -> dict[str, list[dict[str, Any]]]:
+                   max_turns: int, vqa_turns: int | str) -> dict[str, list[dict[str, Any]]]:
     """All task records for one image of a split.
 
     Training VQA conversations hold `vqa_turns` questions each, all of the image's questions over
     its records. More than one lets a question give away another's answer ("Where is the green
     triangle?" before "Is there a green triangle?"), and a model trained so learns to read answers off
-    the conversation instead of the image: single-turn VQA at test time then falls to its priors."""
+    the conversation instead of the image: single-turn VQA at test time then falls to its priors.
+    `vqa_turns: type` puts each question type in one conversation (all colour questions, all yes/no ones...):
+    questions of one type do not answer each other, and the image's tokens are read once for all of them."""
     sid, image = f"{split}_{idx:05d}", f"{split}/{split}_{idx:05d}.png"
     caps, qas, refs = short_captions(scene), vqa_pairs(scene, rng), referring(scene, rng)
     det = detailed_caption(scene)
@@ -342,7 +344,8 @@ def _scene_records(split: str, idx: int, scene: Scene, rng: np.random.Generator,
                           for j, r in enumerate(refs)],
         }
     cap_turn = (instruction("caption", rng), caps[int(rng.integers(len(caps)))])
-    qa_turns = [(qas[j]["question"], qas[j]["answer"]) for j in rng.permutation(len(qas))]
+    order = rng.permutation(len(qas))
+    qa_turns = [(qas[j]["question"], qas[j]["answer"]) for j in order]
     ground_turns = [ground_turn(refs[j], True) for j in rng.permutation(len(refs))]
     extra = qa_turns[: int(rng.integers(1, 4))] + ground_turns[: int(rng.integers(1, min(2, len(refs)) + 1))]
     mixed = [cap_turn] + [extra[j] for j in rng.permutation(len(extra))]
@@ -352,8 +355,8 @@ def _scene_records(split: str, idx: int, scene: Scene, rng: np.random.Generator,
     return {
         "caption": [rec(sid, [cap_turn])],
         "detailed": [rec(sid, [(instruction("detailed", rng), det)])],
-        "vqa": [rec(f"{sid}_c{k}", qa_turns[j: j + vqa_turns])
-                for k, j in enumerate(range(0, len(qa_turns), vqa_turns))],
+        "vqa": [rec(f"{sid}_c{k}", chunk) for k, chunk in enumerate(_vqa_chunks(qa_turns, [qas[j] for j in order],
+                                                                              vqa_turns))],
         "grounding": [rec(sid, ground_turns)],
         "mixed": [rec(sid, mixed)],
         "multitask": [rec(sid, multitask)],
@@ -404,8 +407,17 @@ def _check_disjoint(scenes: dict[str, list[Scene]]) -> None:
                 raise RuntimeError(f"scene repeated across splits {other!r} and {split!r}")
 
 
+def _vqa_chunks(turns: list, pairs: list[dict[str, str]], vqa_turns: int | str) -> list[list]:
+    """Training VQA turns split into conversations: `vqa_turns` at a time, or one per question type ("type",
+    types in the order they first come)."""
+    if vqa_turns == "type":
+        types = list(dict.fromkeys(p["qtype"] for p in pairs))
+        return [[t for t, p in zip(turns, pairs) if p["qtype"] == kind] for kind in types]
+    return [turns[j: j + vqa_turns] for j in range(0, len(turns), vqa_turns)]
+
+
 def _write_split(root: Path, split: str, scenes: Sequence[Scene], rng: np.random.Generator,
-                 max_turns: int, vqa_turns: int) -> dict[str, str]:
+                 max_turns: int, vqa_turns: int | str) -> dict[str, str]:
     """Write images and task files of one split; returns {task: path relative to root}."""
     img_dir = root / "images" / split
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -438,7 +450,7 @@ def load_manifest(root: str | os.PathLike) -> dict[str, Any]:
 
 def write_world(root: str | os.PathLike, n_train: int = 2000, n_val: int = 200, n_test: int = 200,
                 seed: int = 0, image_size: int = 256, max_turns: int = 6,
-                noise_prob: float = 0.5, vqa_turns: int = 1,
+                noise_prob: float = 0.5, vqa_turns: int | str = 1,
                 shape_px: Optional[Sequence[int]] = None) -> dict[str, dict[str, str]]:
     """Generate the dataset under ``root``; returns {split: {task: absolute path}}.
 
@@ -448,6 +460,9 @@ def write_world(root: str | os.PathLike, n_train: int = 2000, n_val: int = 200, 
     exist) nothing is rewritten. Images live under ``root/images/{split}/``.
     """
     root = Path(root)
+    if not (vqa_turns == "type" or (isinstance(vqa_turns, int) and vqa_turns >= 1)):
+        raise ValueError(f"world.vqa_turns: a number of questions per conversation (1 or more) or 'type', "
+                         f"got {vqa_turns!r}")
     bounds = check_shape_px(None if shape_px is None else tuple(shape_px), image_size)
     params = {"version": GENERATOR_VERSION, "seed": seed, "image_size": image_size, "n_train": n_train,
               "n_val": n_val, "n_test": n_test, "max_turns": max_turns, "noise_prob": noise_prob,

@@ -8,7 +8,9 @@ holds a word if one of its objects does, its objects being the cells the bridge 
 (`peaks` with positive objectness, at least the best one), scored with binary cross-entropy against the vocabulary words of the answers, as the `concepts`
 objective does over regions. The LM only lends its word embeddings and runs no forward pass.
 
-`read_stage_data` chooses the vocabulary from the stage's box-free answers, checks that the tokenizer writes
+`read_stage_data` chooses the vocabulary from the stage's box-free answers and puts it in reading order (by
+where each word tends to stand in its clause: "a large red circle is at the top left" gives size, colour, shape,
+place), checks that the tokenizer writes
 numbers digit by digit and tokenises the bridge's `box_format` (the bridge writes boxes with the LM's tokens).
 """
 
@@ -88,6 +90,26 @@ def box_template(tokenizer, box_format: str, digits: list[int]) -> list[int]:
     return [-1 if t in digits else t for t in ids]
 
 
+def reading_order(label_rows, tokenizer, words: list[int]) -> list[int]:
+    """`words` sorted by their median offset from the start of their clause (the answer's start or the last
+    token that is not a word, e.g. "." or ","), over the answers `label_rows`; ties keep the given order."""
+    wanted, offsets = set(words), {w: [] for w in words}
+    is_word: dict[int, bool] = {}
+    for labels in label_rows:
+        offset = 0
+        for tok in (int(t) for t in labels if t != IGNORE):
+            if tok not in is_word:
+                is_word[tok] = tokenizer.decode([tok]).strip().isalpha()
+            if not is_word[tok]:
+                offset = 0
+                continue
+            if tok in wanted:
+                offsets[tok].append(offset)
+            offset += 1
+    key = {w: float(torch.tensor(o, dtype=torch.float).median()) if o else float("inf") for w, o in offsets.items()}
+    return sorted(words, key=lambda w: key[w])
+
+
 @OBJECTIVES.register("objects")
 class ObjectLoss(Objective):
     """Objectness and boxes from box answers, words by MIL from the other answers. `box_weight` scales the L1;
@@ -121,7 +143,9 @@ class ObjectLoss(Objective):
                 if len(label_boxes(row, digit_t, self.open_ids)[0]) == 0:
                     yield labels
 
-        words = choose_vocabulary(box_free(), tokenizer, len(bridge.word_ids), self.min_count, self.max_share)
+        rows = list(box_free())
+        words = choose_vocabulary(rows, tokenizer, len(bridge.word_ids), self.min_count, self.max_share)
+        words = reading_order(rows, tokenizer, words)
         bridge.set_vocabulary(words, digits, box_template(tokenizer, bridge.box_format, digits))
 
     def forward(self, model, batch: dict, normalizer: float | None = None) -> LossOutput:

@@ -3,11 +3,15 @@
 Objects are points (Zhou et al., "Objects as points", 2019): an object is the cell of the encoder's grid
 that holds its box centre. A small convolutional head over the grid gives each cell an objectness logit, a box
 (its centre within one cell of the cell's own, and a half-size up to half the image) and a detector embedding,
-scored against the LM's word embeddings as concept tokens are (bridges/concepts.py). The `objects` objective
+scored against the LM's word embeddings as concept tokens are (bridges/concepts.py). The embedding also reads
+where its box is (Fourier features of the box centre, `frequencies` of them per axis), so that words of place
+("top", "left") are told by the box, not by the cell alone, which straddles their borders. The `objects` objective
 (objectives/objects.py) trains it from boxes and captions.
 
 The LM reads, for each of the `objects` best cells (local maxima of objectness, present ones left to right,
-then the rest): the embeddings of its `slots` best words, each weighted by its detection probability, then its
+then the rest): the embeddings of its `slots` best words in reading order (the vocabulary's order, which the
+objective sets to the order the captions write words in, so an object reads "large red circle top left"; or
+best first with `word_order: score`), each weighted by its detection probability, then its
 box written as the training data writes boxes (`box_format`, coordinates in [0, 999]: "[503, 71, 726, 941]",
 `box_tokens` of the LM's own tokens, the tail left empty where a coordinate has fewer than three digits), all
 weighted by the object's probability, plus a learned embedding per position. A box answer is then a copy of
@@ -34,7 +38,8 @@ class ObjectTokens(Bridge):
 
     def __init__(self, vision_dim, lm_dim, grid, objects: int = 3, words: int = 24, slots: int = 4,
                  hidden: int = 256, box_format: str = "[{}, {}, {}, {}]", box_tokens: int = 20,
-                 pos_std: float = 0.5, slot_std: float = 0.02, l2_normalize: bool = False, in_tokens=None):
+                 frequencies: int = 6, word_order: str = "reading", pos_std: float = 0.5, slot_std: float = 0.02,
+                 l2_normalize: bool = False, in_tokens=None):
         super().__init__(vision_dim, lm_dim, grid, l2_normalize, in_tokens)
         if self.in_tokens != self.grid[0] * self.grid[1]:
             raise ValueError("objects: the bridge needs the patch grid only; set drop_cls: true on the vision encoder")
@@ -45,11 +50,16 @@ class ObjectTokens(Bridge):
         if box_format.count("{}") != 4 or box_tokens < BOX_DIGITS:
             raise ValueError(f"objects: box_format needs four {{}} fields and box_tokens at least {BOX_DIGITS}, got "
                              f"{box_format!r} and {box_tokens}")
-        self.objects, self.slots, self.box_format = objects, slots, box_format
+        if word_order not in ("reading", "score"):
+            raise ValueError(f"objects: word_order is 'reading' or 'score', got {word_order!r}")
+        self.objects, self.slots, self.box_format, self.word_order = objects, slots, box_format, word_order
         self.pos = nn.Parameter(torch.randn(vision_dim, *self.grid) * pos_std)  # CNN features carry little position
         self.trunk = nn.Conv2d(vision_dim, hidden, 3, padding=1)
         self.head = nn.Conv2d(hidden, 5, 1)  # objectness, centre offset (2), half-size (2)
-        self.embed = nn.Conv2d(hidden, lm_dim, 1)  # the detector embedding, scored against word embeddings
+        self.register_buffer("frequencies", torch.arange(1, frequencies + 1) * torch.pi, persistent=False)
+        self.where = nn.Sequential(nn.Linear(4 * frequencies, hidden), nn.GELU(), nn.Linear(hidden, hidden)) \
+            if frequencies else None
+        self.embed = nn.Linear(hidden, lm_dim)  # the detector embedding, scored against word embeddings
         self.register_buffer("word_ids", torch.full((words,), -1, dtype=torch.long))
         self.register_buffer("digit_ids", torch.full((10,), -1, dtype=torch.long))
         # the box's text as token ids, -1 where a digit goes (e.g. "[", d, d, d, ",", " ", ..., "]")
@@ -92,8 +102,12 @@ class ObjectTokens(Bridge):
         step = torch.tensor([1 / cols, 1 / rows], device=x.device, dtype=out.dtype)
         centre = cell + torch.tanh(out[..., 1:3]) * step
         half = 0.5 * torch.sigmoid(out[..., 3:5])
+        h = x.permute(0, 2, 3, 1)
+        if self.where is not None:  # the words read the box's place; they do not move it
+            angle = centre.detach()[..., None] * self.frequencies.to(h.dtype)
+            h = h + self.where(torch.cat([angle.sin(), angle.cos()], -1).flatten(-2))
         return {"objectness": out[..., 0], "boxes": torch.cat([centre - half, centre + half], -1),
-                "embed": self.embed(x).permute(0, 2, 3, 1)}
+                "embed": self.embed(h)}
 
     def peaks(self, objectness: torch.Tensor) -> torch.Tensor:
         """Cell indices [B, objects] (row-major) of the best local maxima of objectness: present ones (p > 0.5)
@@ -143,10 +157,14 @@ class ObjectTokens(Bridge):
             m = self.maps(feats)
             cells = self.peaks(m["objectness"])
             top = self.scores(self.at(cells, m["embed"]), words).topk(self.slots, dim=-1)
+            index, value = top.indices, top.values
+            if self.word_order == "reading":
+                index, order = index.sort(dim=-1)
+                value = value.gather(-1, order)
             p = torch.sigmoid(self.at(cells, m["objectness"]))
             boxes = self.at(cells, m["boxes"])
         table = words.to(self.slot_embed.dtype)
-        word_tok = table[self.word_ids][top.indices] * torch.sigmoid(top.values)[..., None].to(table.dtype)
+        word_tok = table[self.word_ids][index] * torch.sigmoid(value)[..., None].to(table.dtype)
         box_ids, written = self.box_text(boxes)
         box_tok = table[box_ids] * written[..., None].to(table.dtype)  # the empty tail is the position alone
         tokens = torch.cat([word_tok, box_tok], 2) * p[..., None, None].to(table.dtype)
