@@ -59,10 +59,14 @@ class DataSource:
 
 @dataclass
 class LoraConfig:
+    """`layers`: which decoder layers get adapters: all (None), a list of indices, or a number N for the top N.
+    With adapters only in the top layers and nothing below them trained, the backward pass stops there."""
+
     r: int = 16
     alpha: int = 32
     dropout: float = 0.0
     target_modules: list = field(default_factory=lambda: ["q_proj", "v_proj"])
+    layers: Any = None
 
 
 @dataclass

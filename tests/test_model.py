@@ -74,3 +74,34 @@ def test_kv_cached_generation_equals_full_recompute(tiny):
                 out.append(nxt)
                 seq = torch.cat([seq, torch.tensor([[nxt]])], 1)
         assert got[row] == out
+
+
+def test_questions_on_one_image_share_its_prefix_and_decode_as_alone(tiny):
+    from mmbridge.eval.evaluate import left_mask, shared_prefixes
+
+    model, proc = tiny
+    questions = ["Colour?", "What shape is the red one?", "Where?", "Is there a blue circle here at all?"]
+    prompts = [proc.encode_prompt([{"from": "human", "value": f"<image>\n{q}"}]) for q in questions]
+    group = [0, 1, 0, 0]  # the second question is on another image
+    torch.manual_seed(4)
+    pixels = torch.randn(2, 3, 32, 32)
+    heads, tails = shared_prefixes(prompts, group, model.image_token_id)
+    assert len(heads) == 2 and all(model.image_token_id not in t for t in tails)
+    assert [h + t for h, t in zip([heads[g] for g in group], tails)] == prompts
+    saved = {k: v.clone() for k, v in model.lm.state_dict().items()}
+    with torch.no_grad():  # strong attention: the random tiny LM's greedy tokens then follow its whole input
+        for name, p in model.lm.named_parameters():
+            if name.endswith(("v_proj.weight", "o_proj.weight")):
+                p.mul_(40)
+    try:
+        got = model.generate(proc.pad(heads, proc.pad_id, left=True), left_mask(heads), pixels, max_new_tokens=5,
+                             eos_token_ids=[], suffix_ids=proc.pad(tails, proc.pad_id, left=True),
+                             suffix_mask=left_mask(tails), group=torch.tensor(group))
+        want = model.generate(proc.pad(prompts, proc.pad_id, left=True), left_mask(prompts), pixels[group],
+                              max_new_tokens=5, eos_token_ids=[])
+    finally:
+        model.lm.load_state_dict(saved)
+    assert got == want and len({tuple(w) for w in want}) > 1  # the rows' answers differ
+    # a question before its image cannot share the image's prefix
+    before = [proc.encode_prompt([{"from": "human", "value": f"{q}\n<image>"}]) for q in questions[:2]]
+    assert shared_prefixes(before, [0, 0], model.image_token_id) is None

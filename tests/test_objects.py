@@ -204,3 +204,16 @@ def test_export_names_the_objects_bridge(tiny_lm_dir, tiny_clip_dir, world):
 
     data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"], bridge=OBJECTS)
     assert any(b.startswith("model.bridge.name: objects") for b in recipe_blockers(recipe_from_dict(data).model))
+
+
+def test_excluded_words_stay_out_of_the_vocabulary(tokenizer):
+    from mmbridge.objectives.concepts import choose_vocabulary
+
+    answers = ["two red circle"] * 3 + ["two blue circle"] * 2 + ["three red square"]
+    rows = [tokenizer.encode(a, add_special_tokens=False) for a in answers]
+
+    def chosen(**kw):
+        return {tokenizer.decode([t]).strip() for t in choose_vocabulary(rows, tokenizer, 3, min_count=1, **kw)}
+
+    assert chosen() == {"two", "circle", "red"}  # in 5, 5 and 4 of the 6 answers
+    assert chosen(exclude=["Two "]) == {"circle", "red", "blue"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -38,39 +39,84 @@ def gold(record: dict, task: str):
 def generate_answers(model, processor, records: list[dict], image_root: str | Path, max_new_tokens: int = 24,
                      batch_size: int = 16, progress: bool = True, desc: str = "generate") -> list[str]:
     """Greedy answers for each record's final question (KV-cached, left-padded batches); a record's video is
-    read as its sampled frames (`data/video.py`)."""
-    tok = processor.tokenizer
-    eos = processor.stop_token_ids
+    read as its sampled frames (`data/video.py`). Records of a batch that show the same images share one
+    reading of them and of the text before their questions (`shared_prefixes`)."""
     model.eval()
     answers: list[str] = []
     root, sampling = Path(image_root), sampling_of(processor)
+    # an InstructBLIP Q-Former or a deep-fusion bridge reads the image with the question: nothing to share
+    share = not processor.instructions and not model.deep_fusion
     for i in tqdm(range(0, len(records), batch_size), desc=desc, disable=not progress, dynamic_ncols=True):
         batch = [expand(r, sampling, f"record {r.get('id')}", lambda name: root / name)
                  for r in records[i: i + batch_size]]
-        units = [u for r in batch for u in record_units(r)]
-        frames = load_frames(units, lambda name: load_image(root / name), lambda name: root / name)
-        views = processor.images(frames)  # under a tiling: each image's views and own token count
-        pixels = views["pixel_values"] if frames else None
-        counts, at = views.get("counts"), 0
-        prompts = []
-        for r in batch:  # each record's images' own counts (none given: the bridge's tokens per view)
-            n = len(record_units(r))
-            prompts.append(processor.encode_prompt(prompt_turns(r), counts[at:at + n] if counts else None))
-            at += n
-        ids = processor.pad(prompts, processor.pad_id, left=True)
-        lengths = torch.tensor([len(p) for p in prompts])
-        mask = (torch.arange(ids.shape[1])[None, :] >= ids.shape[1] - lengths[:, None]).long()
-        extra = {"frame_counts": torch.tensor([len(u) for u in units])} if len(units) != len(frames) else {}
-        extra.update({k: views[k] for k in ("visual_index", "view_sizes") if k in views})
-        if processor.instructions:  # InstructBLIP: the Q-Former reads each image's instruction
-            extra["instruction_ids"] = processor.pad_text(
-                [s for r in batch for s in processor.instruction_ids(prompt_turns(r))])
-        device = model.device
-        extra = {k: v.to(device) for k, v in extra.items()}
-        out = model.generate(ids.to(device), mask.to(device), pixels.to(device) if pixels is not None else None,
-                             max_new_tokens=max_new_tokens, eos_token_ids=eos, **extra)
-        answers += [tok.decode(o, skip_special_tokens=True).strip() for o in out]
+        out = _answer_batch(model, processor, batch, root, max_new_tokens, share)
+        if out is None:  # some question comes before its image: every record reads its own
+            out = _answer_batch(model, processor, batch, root, max_new_tokens, False)
+        answers += out
     return answers
+
+
+def _answer_batch(model, processor, batch: list[dict], root: Path, max_new_tokens: int, share: bool):
+    """Answers for one batch of expanded records, or None where sharing was asked and a prefix cannot hold
+    its images."""
+    keys = [json.dumps(record_units(r)) if share else str(j) for j, r in enumerate(batch)]
+    first: dict[str, int] = {}
+    group = [first.setdefault(k, len(first)) for k in keys]
+    shown = [batch[keys.index(k)] for k in first]  # one record per distinct visual input
+    units = [u for r in shown for u in record_units(r)]
+    frames = load_frames(units, lambda name: load_image(root / name), lambda name: root / name)
+    views = processor.images(frames)  # under a tiling: each image's views and own token count
+    counts, at, own = views.get("counts"), 0, []
+    for r in shown:  # each record's images' own counts (none given: the bridge's tokens per view)
+        n = len(record_units(r))
+        own.append(counts[at:at + n] if counts else None)
+        at += n
+    prompts = [processor.encode_prompt(prompt_turns(r), own[g]) for r, g in zip(batch, group)]
+    extra = {"frame_counts": torch.tensor([len(u) for u in units])} if len(units) != len(frames) else {}
+    extra.update({k: views[k] for k in ("visual_index", "view_sizes") if k in views})
+    heads = prompts
+    if len(shown) < len(batch):
+        split = shared_prefixes(prompts, group, model.image_token_id)
+        if split is None:
+            return None
+        heads, tails = split
+        extra.update(suffix_ids=processor.pad(tails, processor.pad_id, left=True), suffix_mask=left_mask(tails),
+                     group=torch.tensor(group))
+    if processor.instructions:  # InstructBLIP: the Q-Former reads each image's instruction
+        extra["instruction_ids"] = processor.pad_text(
+            [s for r in batch for s in processor.instruction_ids(prompt_turns(r))])
+    device = model.device
+    extra = {k: v.to(device) for k, v in extra.items()}
+    pixels = views["pixel_values"].to(device) if frames else None
+    ids = processor.pad(heads, processor.pad_id, left=True)
+    out = model.generate(ids.to(device), left_mask(heads).to(device), pixels, max_new_tokens=max_new_tokens,
+                         eos_token_ids=processor.stop_token_ids, **extra)
+    return [processor.tokenizer.decode(o, skip_special_tokens=True).strip() for o in out]
+
+
+def left_mask(rows: list[list[int]]) -> torch.Tensor:
+    """The attention mask of `rows` left-padded to the longest."""
+    lengths = torch.tensor([len(r) for r in rows])
+    width = int(lengths.max())
+    return (torch.arange(width)[None, :] >= width - lengths[:, None]).long()
+
+
+def shared_prefixes(prompts: list[list[int]], group: list[int], image_token_id: int):
+    """Each group's common prompt prefix (at least one token short of its shortest prompt) and each prompt's
+    rest: ([prefix per group], [suffix per prompt]), or None where an image token falls in a suffix."""
+    prefixes, suffixes = [], [None] * len(prompts)
+    for g in range(max(group) + 1):
+        rows = [j for j, k in enumerate(group) if k == g]
+        members = [prompts[j] for j in rows]
+        n, limit = 0, min(map(len, members)) - 1
+        while n < limit and all(p[n] == members[0][n] for p in members):
+            n += 1
+        if any(image_token_id in p[n:] for p in members):
+            return None
+        prefixes.append(members[0][:n])
+        for j in rows:
+            suffixes[j] = prompts[j][n:]
+    return prefixes, suffixes
 
 
 def evaluate_records(model, processor, records: list[dict], image_root, task: str, max_new_tokens: int = 24,

@@ -87,14 +87,32 @@ def load_language_model(cfg: dict) -> tuple[PreTrainedModel, "object"]:
     return model, tokenizer
 
 
+def lora_layers(layers, num_layers: int) -> list[int] | None:
+    """A recipe's `lora.layers` as decoder-layer indices: None (all), a list, or N for the top N."""
+    if layers is None:
+        return None
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        if not 1 <= layers <= num_layers:
+            raise ValueError(f"lora.layers: the top N layers, N between 1 and the LM's {num_layers}; got {layers}")
+        return list(range(num_layers - layers, num_layers))
+    if not isinstance(layers, (list, tuple)) or not layers or not all(
+            isinstance(i, int) and 0 <= i < num_layers for i in layers):
+        raise ValueError(f"lora.layers: a number N (the top N layers) or a list of layer indices in "
+                         f"[0, {num_layers}); got {layers!r}")
+    return sorted(set(layers))
+
+
 def language_config(path: str) -> object:
     return AutoConfig.from_pretrained(resolve_path(path))
 
 
-def add_lora(model: torch.nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str]) -> None:
-    """Inject LoRA adapters into `model` in place (peft); the base weights stay as they are."""
+def add_lora(model: torch.nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str],
+             layers: list[int] | None = None) -> None:
+    """Inject LoRA adapters into `model` in place (peft), into the decoder `layers` given (default all); the
+    base weights stay as they are."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
+                        layers_to_transform=list(layers) if layers is not None else None)
     with meta.adapters_off_meta(model):  # a model built for FSDP: adapters get their initial values
         inject_adapter_in_model(config, model)

@@ -261,23 +261,30 @@ class MultimodalLM(nn.Module):
                  generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
                  on_token: Callable[[list[int | None]], Sequence[bool] | None] | None = None,
                  frame_counts: torch.Tensor | None = None,
-                 visual_index: torch.Tensor | None = None, view_sizes: torch.Tensor | None = None) -> list[list[int]]:
+                 visual_index: torch.Tensor | None = None, view_sizes: torch.Tensor | None = None,
+                 suffix_ids: torch.Tensor | None = None, suffix_mask: torch.Tensor | None = None,
+                 group: torch.Tensor | None = None) -> list[list[int]]:
         """Decoding with a KV cache; `input_ids` are left-padded prompts, on the model's device.
+
+        Shared prefixes (several questions on one image): with `group` [B], `input_ids` are the prefixes (their
+        images and the text before each question), row b's prompt being prefix `group[b]` followed by its
+        `suffix_ids[b]` (left-padded, `suffix_mask`). Each prefix is read once and its cache copied to its rows.
 
         Greedy by default; a row with `temperature` > 0 samples from its top-p nucleus with its `generator`
         (one per row, or one for all; on the model's device), see `sampling.py`. `on_token`, if given, is
         called after every step with each row's new token (None for a row already finished) and may return
         one flag per row that ends that row after this token (a stop string, a client gone). Returns each
         row's tokens up to its first `eos_token_ids` token (excluded) or its end."""
-        n = input_ids.shape[0]
+        n = input_ids.shape[0] if group is None else group.numel()
         choose = partial(next_tokens, temperature=per_row(temperature, n, "temperature"),
                          top_p=per_row(top_p, n, "top_p"), generators=per_row(generator, n, "generator"))
         with self.autocast():
             return self._generate(input_ids, attention_mask, pixel_values, max_new_tokens, eos_token_ids,
-                                  instruction_ids, choose, on_token, frame_counts, visual_index, view_sizes)
+                                  instruction_ids, choose, on_token, frame_counts, visual_index, view_sizes,
+                                  (suffix_ids, suffix_mask, group) if group is not None else None)
 
     def _generate(self, input_ids, attention_mask, pixel_values, max_new_tokens, eos_token_ids, instruction_ids,
-                  choose, on_token, frame_counts=None, visual_index=None, view_sizes=None):
+                  choose, on_token, frame_counts=None, visual_index=None, view_sizes=None, shared=None):
         embeds, extra = self.prepare(input_ids, pixel_values, instruction_ids=instruction_ids,
                                      frame_counts=frame_counts, visual_index=visual_index, view_sizes=view_sizes)
         mask = attention_mask.clone()
@@ -292,9 +299,20 @@ class MultimodalLM(nn.Module):
         key = "cache" if "cache" in inspect.signature(type(self.lm.get_decoder()).forward).parameters \
             else "past_key_values"
         cache, last = out[key], positions[:, -1]
+        if shared is not None:  # each row: its prefix's cache, then its own suffix
+            suffix_ids, suffix_mask, group = shared
+            if extra:
+                raise ValueError("generate: shared prefixes need an early-fusion bridge (the image is in the prefix)")
+            cache.batch_select_indices(group)
+            mask = torch.cat([mask[group], suffix_mask], 1)
+            last = (mask.cumsum(-1) - 1).clamp(min=0)[:, -suffix_ids.shape[1]:]
+            out = self.lm(input_ids=suffix_ids, attention_mask=mask, position_ids=last, use_cache=True, **keep,
+                          **{key: cache})
+            cache, last = out[key], last[:, -1]
+        rows = last.shape[0]
         eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=input_ids.device)
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        ends: list[int | None] = [None] * input_ids.shape[0]  # with `on_token`: each finished row's length
+        done = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
+        ends: list[int | None] = [None] * rows  # with `on_token`: each finished row's length
         tokens = []
         next_tok = choose(out.logits[:, -1])
         for step in range(max_new_tokens):
@@ -310,7 +328,7 @@ class MultimodalLM(nn.Module):
                           use_cache=True, **{key: cache}, **step_extra)
             cache = out[key]
             next_tok = choose(out.logits[:, -1])
-        seqs = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(input_ids.shape[0])]
+        seqs = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(rows)]
         result = []
         for seq, end in zip(seqs, ends):
             cut = next((i for i, t in enumerate(seq) if t in set(eos_token_ids)), len(seq))

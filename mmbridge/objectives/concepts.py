@@ -33,8 +33,12 @@ def concept_bridge(model):
     return bridge
 
 
-def choose_vocabulary(label_rows, tokenizer, words: int, min_count: int = 3, max_share: float = 0.9) -> list[int]:
-    """The `words` most frequent eligible answer tokens of `label_rows` (each a sequence of label ids)."""
+def choose_vocabulary(label_rows, tokenizer, words: int, min_count: int = 3, max_share: float = 0.9,
+                      exclude=()) -> list[int]:
+    """The `words` most frequent eligible answer tokens of `label_rows` (each a sequence of label ids): words
+    of two letters or more, in at least `min_count` answers and at most a `max_share` of them, and not among
+    `exclude` (case-insensitive)."""
+    skip = {w.strip().lower() for w in exclude}
     df, n = Counter(), 0
     for labels in label_rows:
         df.update({int(t) for t in labels if t != IGNORE})
@@ -44,7 +48,7 @@ def choose_vocabulary(label_rows, tokenizer, words: int, min_count: int = 3, max
 
     def eligible(tok: int, count: int) -> bool:
         text = tokenizer.decode([tok]).strip()
-        return len(text) >= 2 and text.isalpha() and min_count <= count <= max_share * n
+        return len(text) >= 2 and text.isalpha() and min_count <= count <= max_share * n and text.lower() not in skip
 
     ranked = sorted(((c, t) for t, c in df.items() if eligible(t, c)), key=lambda x: (-x[0], x[1]))
     if len(ranked) < words:

@@ -114,14 +114,18 @@ def reading_order(label_rows, tokenizer, words: list[int]) -> list[int]:
 class ObjectLoss(Objective):
     """Objectness and boxes from box answers, words by MIL from the other answers. `box_weight` scales the L1;
     `positive_weight` an object cell's objectness loss (a grid has far more empty cells than objects);
-    `word_weight` the words' loss (3: the words lag the boxes, which converge within a few hundred steps)."""
+    `word_weight` the words' loss (3: the words lag the boxes, which converge within a few hundred steps).
+    `exclude`: answer words kept out of the vocabulary, e.g. those that tell of the whole image ("two shapes")
+    rather than of one object, which would otherwise take an object's slots."""
 
     runs_lm = False  # the trainer counts the encoder's and bridge's FLOPs only
 
     def __init__(self, model, samples: int = 4000, min_count: int = 3, max_share: float = 0.9,
-                 box_weight: float = 5.0, positive_weight: float = 10.0, word_weight: float = 3.0):
+                 box_weight: float = 5.0, positive_weight: float = 10.0, word_weight: float = 3.0,
+                 exclude: list[str] | tuple = ()):
         super().__init__(model)
         object_bridge(model)
+        self.exclude = list(exclude)
         self.samples, self.min_count, self.max_share = samples, min_count, max_share
         self.box_weight, self.positive_weight, self.word_weight = box_weight, positive_weight, word_weight
         self.open_ids: list[int] | None = None
@@ -144,7 +148,8 @@ class ObjectLoss(Objective):
                     yield labels
 
         rows = list(box_free())
-        words = choose_vocabulary(rows, tokenizer, len(bridge.word_ids), self.min_count, self.max_share)
+        words = choose_vocabulary(rows, tokenizer, len(bridge.word_ids), self.min_count, self.max_share,
+                                  self.exclude)
         words = reading_order(rows, tokenizer, words)
         bridge.set_vocabulary(words, digits, box_template(tokenizer, bridge.box_format, digits))
 

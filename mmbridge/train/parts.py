@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from mmbridge.config import StageConfig
-from mmbridge.models.language import add_lora
+from mmbridge.models.language import add_lora, lora_layers
 from mmbridge.models.mmlm import MultimodalLM
 from mmbridge.models.window_lora import has_window_lora
 from mmbridge.models.mma import add_mma, has_mma, is_mma_param
@@ -28,7 +28,8 @@ def apply_stage_modes(model: MultimodalLM, stage: StageConfig) -> dict | None:
                          "has none (model.tiling.mode: monkey adds them)")
     if modes["lm"] == "lora" and not has_lora(model):
         injected = {"r": stage.lora.r, "alpha": stage.lora.alpha, "dropout": stage.lora.dropout,
-                    "target_modules": list(stage.lora.target_modules)}
+                    "target_modules": list(stage.lora.target_modules),
+                    "layers": lora_layers(stage.lora.layers, model.lm.config.num_hidden_layers)}
         add_lora(model.lm, **injected)
     if modes["lm"] == "moe" and not has_moe(model.lm):
         moe = {"experts": stage.moe.experts, "top_k": stage.moe.top_k, "layers": stage.moe.layers}
