@@ -151,6 +151,17 @@ def test_step_flops_match_a_hand_count(tiny_recipe):
     want_lora = want + n_tok * 2 * 2 * lora_macs * 3
     assert StepFlops(model)(batch) == want_lora
 
+    # LoRA in the top layer only, the bridge frozen: layer 0 runs forward only (nothing below it trains)
+    import dataclasses
+
+    model, _ = build_model(tiny_recipe.model)
+    lora = tiny_recipe.stages[1]
+    apply_stage_modes(model, dataclasses.replace(lora, train={"vision": "frozen", "bridge": "frozen", "lm": "lora"},
+                                                 lora=dataclasses.replace(lora.lora, layers=1)))
+    want_top = (n_tok * 2 * lm_macs * (1 + 2) + n_tok * 2 * lora_macs * 3 + n_sq * attention // 2 * (1 + 3)
+                + sum(targets) * 2 * 64 * vocab * 2 + 2 * (clip + bridge))
+    assert StepFlops(model)(batch) == want_top
+
 
 def test_packed_rows_count_attention_per_sample():
     from mmbridge.train.flops import segment_lengths

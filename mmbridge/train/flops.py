@@ -8,6 +8,8 @@ input (needed whenever a trainable part lies below it) and again for the gradien
 
     LM linears     Σ_tokens Σ_linear 2·in·out · (3 if the weight trains else 2)      (LoRA A/B included)
     LM attention   Σ_layers Σ_samples 4·L²·(heads·head_dim) · 3                     (QKᵀ and AV; full L², as PaLM)
+                   (both · 1 in the layers below the first that trains, when nothing below them trains either:
+                   autograd records no graph there, e.g. LoRA in the top layers with the bridge frozen)
     LM head        n_targets · 2·width·vocab · (3 if it trains else 2)               (logits at targets only)
     vision         n_images · F_vision · (3 if it trains else 1)                     (frozen: run without grad)
                    (UHD's views, encoded at their own sizes: F_vision and F_bridge measured per size)
@@ -15,10 +17,10 @@ input (needed whenever a trainable part lies below it) and again for the gradien
 
 where tokens and sample lengths L exclude padding (packed rows: L per sample, from position ids),
 and F_vision, F_bridge are the forward FLOPs of one image, measured once with
-`torch.utils.flop_counter` (convolutions, matmuls, attention). The gradient through the frozen
-first LM layers is counted even when only later layers train (a slight over-count for LoRA-only
-stages). Extra heads of objectives other than `lm` (Croc, BLIP-2) are not counted; an instruction-aware
-Q-Former is counted for a 16-token instruction.
+`torch.utils.flop_counter` (convolutions, matmuls, attention). The gradient through the lowest
+trainable layer is counted for all its linears (a slight over-count for LoRA-only stages). Extra heads of
+objectives other than `lm` (Croc, BLIP-2) are not counted; an instruction-aware Q-Former is counted for a
+16-token instruction.
 
 The peak: a GPU's dense bf16 peak from its datasheet, matched by the exact device name (an unknown GPU
 gets no MFU); on CPU a measured fp32 matmul peak (2048², best of several runs) at the current thread count, cached in
@@ -103,15 +105,26 @@ class StepFlops:
         text = getattr(cfg, "text_config", cfg)
         # MoE-tuning: a token goes through top_k of an MoE layer's experts, not all of them
         share = {id(lin): m.top_k / m.num_experts for m in moe_layers(lm) for lin in m.experts.modules()}
-        self.linear = int(sum(2 * m.in_features * m.out_features * (3 if m.weight.requires_grad else 2)
-                              * share.get(id(m), 1) for m in lm.get_decoder().modules() if isinstance(m, nn.Linear)))
-        heads = text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        self.attention = 4 * text.num_hidden_layers * heads * head_dim * 3  # per sample, times L²
-        head = lm.get_output_embeddings()
-        self.head = 2 * head.in_features * head.out_features * (3 if head.weight.requires_grad else 2)
         bridge = getattr(model, "bridge", None)  # LCL's model has none: its ViT's pooling feeds the LM
         vision_trains, bridge_trains = _trains(model.vision), bridge is not None and _trains(bridge)
+        decoder = lm.get_decoder()
+        layers = list(getattr(decoder, "layers", []))
+        first = 0  # layers below the first trainable one run forward only when nothing below them trains
+        if layers and not (vision_trains or bridge_trains or lm.get_input_embeddings().weight.requires_grad):
+            first = next((i for i, layer in enumerate(layers) if _trains(layer)), len(layers))
+        below = {id(m) for layer in layers[:first] for m in layer.modules()}
+
+        def factor(m: nn.Linear) -> int:
+            return 1 if id(m) in below else 3 if m.weight.requires_grad else 2
+
+        self.linear = int(sum(2 * m.in_features * m.out_features * factor(m) * share.get(id(m), 1)
+                              for m in decoder.modules() if isinstance(m, nn.Linear)))
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        passes = 3 * (text.num_hidden_layers - first) + first if layers else 3 * text.num_hidden_layers
+        self.attention = 4 * passes * heads * head_dim  # per sample, times L²
+        head = lm.get_output_embeddings()
+        self.head = 2 * head.in_features * head.out_features * (3 if head.weight.requires_grad else 2)
         self.image = 0  # FLOPs per image: vision encoder and bridge, forward and backward
         self.factors = (3 if vision_trains else 1, 3 if bridge_trains else 2 if vision_trains else 1)
         tiling = getattr(model, "tiling", None)
