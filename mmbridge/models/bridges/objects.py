@@ -56,7 +56,7 @@ class ObjectTokens(Bridge):
         self.pos = nn.Parameter(torch.randn(vision_dim, *self.grid) * pos_std)  # CNN features carry little position
         self.trunk = nn.Conv2d(vision_dim, hidden, 3, padding=1)
         self.head = nn.Conv2d(hidden, 5, 1)  # objectness, centre offset (2), half-size (2)
-        self.register_buffer("frequencies", torch.arange(1, frequencies + 1) * torch.pi, persistent=False)
+        self.frequencies = frequencies
         self.where = nn.Sequential(nn.Linear(4 * frequencies, hidden), nn.GELU(), nn.Linear(hidden, hidden)) \
             if frequencies else None
         self.embed = nn.Linear(hidden, lm_dim)  # the detector embedding, scored against word embeddings
@@ -104,7 +104,8 @@ class ObjectTokens(Bridge):
         half = 0.5 * torch.sigmoid(out[..., 3:5])
         h = x.permute(0, 2, 3, 1)
         if self.where is not None:  # the words read the box's place; they do not move it
-            angle = centre.detach()[..., None] * self.frequencies.to(h.dtype)
+            angle = centre.detach()[..., None] * torch.arange(1, self.frequencies + 1, device=h.device,
+                                                              dtype=h.dtype) * torch.pi
             h = h + self.where(torch.cat([angle.sin(), angle.cos()], -1).flatten(-2))
         return {"objectness": out[..., 0], "boxes": torch.cat([centre - half, centre + half], -1),
                 "embed": self.embed(h)}
