@@ -111,7 +111,7 @@ class StepFlops:
         layers = list(getattr(decoder, "layers", []))
         first = 0  # layers below the first trainable one run forward only when nothing below them trains
         if layers and not (vision_trains or bridge_trains or lm.get_input_embeddings().weight.requires_grad):
-            first = next((i for i, layer in enumerate(layers) if _trains(layer)), len(layers))
+            first = next((i for i, layer in enumerate(layers) if _trains(layer)), 0)  # none trains: as before
         below = {id(m) for layer in layers[:first] for m in layer.modules()}
 
         def factor(m: nn.Linear) -> int:
