@@ -77,9 +77,10 @@ def test_kv_cached_generation_equals_full_recompute(tiny):
 
 
 def test_questions_on_one_image_share_its_prefix_and_decode_as_alone(tiny):
-    from mmbridge.eval.evaluate import left_mask, shared_prefixes
+    from mmbridge.eval.evaluate import shared_prefixes
 
     model, proc = tiny
+    left_mask = proc.left_mask
     questions = ["Colour?", "What shape is the red one?", "Where?", "Is there a blue circle here at all?"]
     prompts = [proc.encode_prompt([{"from": "human", "value": f"<image>\n{q}"}]) for q in questions]
     group = [0, 1, 0, 0]  # the second question is on another image

@@ -417,6 +417,13 @@ class Processor:
                 out[i, : len(s)] = torch.as_tensor(s)
         return out
 
+    @staticmethod
+    def left_mask(sequences: list[list[int]]) -> torch.Tensor:
+        """The attention mask of `sequences` as `pad(..., left=True)` lays them out."""
+        lengths = torch.tensor([len(s) for s in sequences])
+        width = int(lengths.max())
+        return (torch.arange(width)[None, :] >= width - lengths[:, None]).long()
+
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id

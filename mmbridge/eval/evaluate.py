@@ -80,7 +80,7 @@ def _answer_batch(model, processor, batch: list[dict], root: Path, max_new_token
         if split is None:
             return None
         heads, tails = split
-        extra.update(suffix_ids=processor.pad(tails, processor.pad_id, left=True), suffix_mask=left_mask(tails),
+        extra.update(suffix_ids=processor.pad(tails, processor.pad_id, left=True), suffix_mask=processor.left_mask(tails),
                      group=torch.tensor(group))
     if processor.instructions:  # InstructBLIP: the Q-Former reads each image's instruction
         extra["instruction_ids"] = processor.pad_text(
@@ -89,16 +89,9 @@ def _answer_batch(model, processor, batch: list[dict], root: Path, max_new_token
     extra = {k: v.to(device) for k, v in extra.items()}
     pixels = views["pixel_values"].to(device) if frames else None
     ids = processor.pad(heads, processor.pad_id, left=True)
-    out = model.generate(ids.to(device), left_mask(heads).to(device), pixels, max_new_tokens=max_new_tokens,
+    out = model.generate(ids.to(device), processor.left_mask(heads).to(device), pixels, max_new_tokens=max_new_tokens,
                          eos_token_ids=processor.stop_token_ids, **extra)
     return [processor.tokenizer.decode(o, skip_special_tokens=True).strip() for o in out]
-
-
-def left_mask(rows: list[list[int]]) -> torch.Tensor:
-    """The attention mask of `rows` left-padded to the longest."""
-    lengths = torch.tensor([len(r) for r in rows])
-    width = int(lengths.max())
-    return (torch.arange(width)[None, :] >= width - lengths[:, None]).long()
 
 
 def shared_prefixes(prompts: list[list[int]], group: list[int], image_token_id: int):

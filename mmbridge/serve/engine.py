@@ -151,8 +151,7 @@ class Engine:
         model, proc = self.model, self.processor
         device = model.device
         ids = proc.pad([j.prompt for j in batch], proc.pad_id, left=True)
-        lengths = torch.tensor([len(j.prompt) for j in batch])
-        mask = (torch.arange(ids.shape[1])[None, :] >= ids.shape[1] - lengths[:, None]).long()
+        mask = proc.left_mask([j.prompt for j in batch])
         pixels = [j.pixels for j in batch if j.pixels is not None]
         extra = self._image_inputs(batch, device)
         instructions = [s for j in batch for s in j.instructions]

@@ -121,7 +121,7 @@ class StepFlops:
                               for m in decoder.modules() if isinstance(m, nn.Linear)))
         heads = text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        passes = 3 * (text.num_hidden_layers - first) + first if layers else 3 * text.num_hidden_layers
+        passes = 3 * text.num_hidden_layers - 2 * first  # forward + backward above `first`, forward below
         self.attention = 4 * passes * heads * head_dim  # per sample, times L²
         head = lm.get_output_embeddings()
         self.head = 2 * head.in_features * head.out_features * (3 if head.weight.requires_grad else 2)
