@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from mmbridge.interop.llava_import import LlavaImportError, import_llava
 from mmbridge.models.build import build_model
 from mmbridge.train.checkpoint import load_run, read_recipe, recipe_to_dict
 from mmbridge.train.trainer import Trainer
+from tests.greedy_reference import greedy_answers, vqa_accuracy_by_hand
 
 # LLaVA-1.5's template (llava-hf): it iterates content parts, so it cannot render plain strings itself
 LLAVA15 = ("{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
@@ -112,11 +114,27 @@ def test_chat_and_eval_read_the_imported_run(imported, world, tmp_path):
     square(1)[0].save(image)
     answer = cli(["chat", str(imported), "--image", str(image), "What is it?", "--max-new-tokens", "4",
                   "--device", "cpu"])
-    assert isinstance(answer, str)
+    model, proc = load_run(imported, device="cpu")
+    prompt = proc.encode_prompt([{"from": "human", "value": "<image>\nWhat is it?"}])
+    pixels = preprocess(square(1), proc.image_size, proc.image_mean, proc.image_std)
+    assert answer == greedy_answers(model, proc, [prompt], pixels, 4)[0]  # the imported weights' own answer
+    # one record per batch, so each prediction is one prompt's decoding (the first two questions share an image)
     cli(["eval", str(imported), "--data", world["manifest"]["test"]["vqa"], "--images", world["images"],
-         "--task", "vqa", "--limit", "2", "--max-new-tokens", "2", "--out", str(tmp_path / "m.json"),
-         "--device", "cpu"])
-    assert json.loads((tmp_path / "m.json").read_text())["n"] == 2
+         "--task", "vqa", "--limit", "2", "--max-new-tokens", "2", "--batch-size", "1",
+         "--out", str(tmp_path / "m.json"), "--device", "cpu"])
+    rows = [json.loads(x) for x in (tmp_path / "m.predictions.jsonl").read_text().splitlines()]
+    records = json.loads(Path(world["manifest"]["test"]["vqa"]).read_text())[:2]
+    assert [r["id"] for r in rows] == [r["id"] for r in records]
+    for row, record in zip(rows, records):
+        prompt = proc.encode_prompt(record["conversations"][:1])
+        pixels = preprocess([Image.open(Path(world["images"]) / record["image"])], proc.image_size, proc.image_mean,
+                            proc.image_std)
+        assert row["prediction"] == greedy_answers(model, proc, [prompt], pixels, 2)[0]
+        assert row["gold"] == record["answer"]
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["n"] == 2
+    assert metrics["vqa_accuracy"] == vqa_accuracy_by_hand([r["prediction"] for r in rows],
+                                                           [r["answer"] for r in records])
 
 
 def test_model_init_trains_further_and_chains(imported, world, tmp_path):
