@@ -22,7 +22,7 @@ from mmbridge.models.moe import balancing_loss, balancing_over, is_moe_param, mo
 from mmbridge.train import checkpoint as ckpt
 from mmbridge.train.trainer import Trainer
 from tests.conftest import tiny_recipe_dict
-from tests.test_distributed import assert_same_losses, rows
+from tests.test_distributed import LOSS_REL, assert_same_losses, assert_same_outputs, assert_same_updates, rows, starts
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
@@ -70,7 +70,7 @@ def test_balancing_loss_from_summed_slices_is_the_whole_micro_batchs():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_lm_dir, tiny_clip_dir, world) -> dict:
-    """The recipe trained by one process, DDP and FSDP (concurrently), each through `lm_modes_probe.py`."""
+    """The recipe trained by one process, DDP and FSDP (concurrently), each through `train_probe.py`."""
     root = tmp_path_factory.mktemp("lm_modes")
     procs = {}
     for strategy in ("none", "ddp", "fsdp"):
@@ -79,7 +79,7 @@ def runs(tmp_path_factory, tiny_lm_dir, tiny_clip_dir, world) -> dict:
                                        sort_keys=False))  # key order is the mixture order
         launch = [sys.executable] if strategy == "none" else TORCHRUN
         log = open(root / f"{strategy}.log", "w")
-        procs[strategy] = subprocess.Popen([*launch, str(ROOT / "tests" / "lm_modes_probe.py"), str(path),
+        procs[strategy] = subprocess.Popen([*launch, str(ROOT / "tests" / "train_probe.py"), str(path),
                                             str(root / strategy)], cwd=ROOT, env=ENV, stdout=log,
                                            stderr=subprocess.STDOUT)
     for strategy, proc in procs.items():
@@ -90,17 +90,18 @@ def runs(tmp_path_factory, tiny_lm_dir, tiny_clip_dir, world) -> dict:
 
 def test_added_parameters_start_as_in_one_process_and_experts_are_sharded_with_their_layer(runs, tiny_lm_dir):
     pretrained = load_file(str(Path(tiny_lm_dir) / "model.safetensors"))
+    first = starts(runs["one"])
     for stage, new in ((1, is_mma_param), (2, is_moe_param)):
-        want = load_file(str(runs["one"] / f"added{stage}.safetensors"))
+        want = load_file(str(runs["one"] / f"start{stage}.safetensors"))
         for strategy in ("ddp", "fsdp"):
-            got = load_file(str(runs[strategy] / f"added{stage}.safetensors"))
+            got = load_file(str(runs[strategy] / f"start{stage}.safetensors"))
             assert got.keys() == want.keys()
-            for k in want:  # added now: bitwise; the adapters trained in stage 1: to float rounding
-                if new(k):
-                    assert torch.equal(got[k], want[k]), (strategy, stage, k)
-                else:
-                    torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
-    stage1, stage2 = (load_file(str(runs["fsdp"] / f"added{s}.safetensors")) for s in (1, 2))
+            for k in filter(new, want):  # added now: bitwise
+                assert torch.equal(got[k], want[k]), (strategy, stage, k)
+            # the rest: untrained until now bitwise, trained in stage 1 (adapters, bridge) up to rounding
+            old = [k for k in want if not new(k)]
+            assert_same_updates({k: got[k] for k in old}, {k: want[k] for k in old}, first)
+    stage1, stage2 = (load_file(str(runs["fsdp"] / f"start{s}.safetensors")) for s in (1, 2))
     ups = [v for k, v in stage1.items() if "layernorm.up." in k]
     assert len(ups) == 2 * 2 * 2 * 2 and all(not v.any() for v in ups)  # layers x norms x paths x (weight, bias)
     assert stage1["lm.mma_modality.tokens.weight"].abs().sum() > 0
@@ -126,23 +127,25 @@ def test_two_processes_reproduce_one_process(runs, strategy):
     assert [r["stage"] for r in want] == ["align"] * 2 + ["multitask"] * 3
     assert_same_losses(got, want)
     for g, w in zip(got, want):
-        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-4) and g["tokens"] == w["tokens"]
+        # a norm and a balancing loss are sums like the loss's (see LOSS_REL)
+        assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=LOSS_REL) and g["tokens"] == w["tokens"]
         if w["stage"] == "multitask":  # the balancing loss over the whole micro-batch, as one process has it
-            assert g["loss_moe_aux"] == pytest.approx(w["loss_moe_aux"], rel=1e-5)
+            assert g["loss_moe_aux"] == pytest.approx(w["loss_moe_aux"], rel=LOSS_REL)
     a = load_file(str(runs[strategy] / "model" / "model.safetensors"))
     b = load_file(str(runs["one"] / "model" / "model.safetensors"))
-    assert a.keys() == b.keys() and any(".experts." in k for k in a) and any("layernorm.up." in k for k in a)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    assert any(".experts." in k for k in a) and any("layernorm.up." in k for k in a)
+    first = starts(runs["one"])
+    assert_same_updates(a, b, first)
     model, proc = ckpt.load_run(runs[strategy])
     one, _ = ckpt.load_run(runs["one"])
     assert len(moe_layers(model.lm)) == 1 and sum(isinstance(m, ModalityAdapter) for m in model.lm.modules()) == 4
     ids = torch.tensor([proc.encode([{"from": "human", "value": "<image>\nWhat colour is the circle?"},
                                      {"from": "gpt", "value": "red"}], 1).input_ids])
-    pixels = torch.randn(1, 3, 32, 32)
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(model.eval()(ids, pixel_values=pixels).hidden_states,
-                                   one.eval()(ids, pixel_values=pixels).hidden_states, rtol=1e-4, atol=1e-4)
+        got, want = (m.eval()(ids, pixel_values=pixels).hidden_states for m in (model, one))
+        assert not one.load_state_dict(first, strict=False).unexpected_keys  # the weights before they trained
+        assert_same_outputs(got, want, untrained=one(ids, pixel_values=pixels).hidden_states)
 
 
 def _cut(runs, tmp_path, keep: str) -> Path:

@@ -1,7 +1,8 @@
-"""Run by `test_lm_modes_distributed.py` in one process or on each torchrun rank: train a recipe and record, at each
-stage's start (once the step is wrapped: under FSDP sharded and filled), the whole values of the LM's MoE and MMA
-parameters (`added<stage>.safetensors`, written by rank 0) and, under FSDP, which parameters each decoder layer's
-FSDP unit holds, with their local rows (`units<stage>.json`, per rank)."""
+"""Run by the distributed tests in one process or on each torchrun rank: train a recipe and record, at each stage's
+start (once the step is wrapped: under FSDP sharded and filled), the whole values of the parameters the stage
+trains and of the LM's MoE and MMA parameters (`start<stage>.safetensors`, written by rank 0: the reference a
+trained weight's movement is measured from) and, under FSDP, which parameters each decoder layer's FSDP unit
+holds, with their local rows (`units<stage>.json`, per rank)."""
 
 import json
 import sys
@@ -20,13 +21,14 @@ from mmbridge.train.trainer import Trainer
 
 def record(out: Path, stage: int, step, dist) -> None:
     bare = getattr(step, "module", step).model  # DDP wraps the TrainStep
-    added = {}
+    start = {}
     for name, p in bare.named_parameters():
-        if is_moe_param(name) or is_mma_param(name):
+        if p.requires_grad or is_moe_param(name) or is_mma_param(name):
             full = p.full_tensor() if isinstance(p, DTensor) else p  # a collective: every rank gathers
-            added[name] = full.detach().cpu().contiguous().clone()
+            start[name] = full.detach().cpu().contiguous().clone()
     if dist.main:
-        save_file(added, str(out / f"added{stage}.safetensors"))
+        save_file(start, str(out / f"start{stage}.safetensors"), metadata={
+            "trained": json.dumps(sorted(n for n, p in bare.named_parameters() if p.requires_grad))})
     if not dist.fsdp:
         return
     units = {}
