@@ -44,7 +44,7 @@ def tiny_world(folder: str | Path, image_size: int = 32) -> dict:
 
 
 def tiny_sets(models: dict, world: dict) -> list[str]:
-    """Recipe overrides that put a bundled recipe (demo, croc) on the tiny models and world; its bridge, stages
-    and objectives stay as they are."""
-    return [f"model.vision={{name: hf, path: {models['clip']}}}", f"model.lm={{path: {models['lm']}}}",
+    """Recipe overrides that put a bundled recipe (demo, croc) on the tiny models and world, on one CPU thread (tiny
+    ops run far slower on two when another process holds a core); its bridge, stages and objectives stay."""
+    return ["threads=1", f"model.vision={{name: hf, path: {models['clip']}}}", f"model.lm={{path: {models['lm']}}}",
             *(f"world.{k}={v}" for k, v in world.items())]

@@ -10,6 +10,7 @@ accuracy, grounding Acc@0.5 and caption CIDEr, next to chance / majority baselin
 Defaults are the recipe's full size (about 20 minutes of training per arm on 2 free cores). An
 interrupted run continues with --resume (same arguments). The last line printed is one JSON object
 with both arms' figures; `train_seconds` counts only the last (resumed) part of an arm's training.
+`--smoke` runs both arms at toy size (tiny models and world, one step per stage) in seconds.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import argparse
 import json
 import os
 import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +36,10 @@ from mmbridge.demo import baselines  # noqa: E402
 from mmbridge.eval.evaluate import evaluate_records  # noqa: E402
 from mmbridge.train.trainer import Trainer  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _smoke import tiny_models, tiny_sets, tiny_world  # noqa: E402
+
+SMOKE_KEYS = ("benchmark", "croc", "caption_only", "croc_minus_caption_only", "baselines")  # the last JSON line's
 KEYS = {"caption": ["cider", "bleu4"], "vqa": ["vqa_accuracy"], "grounding": ["grounding_acc50", "unparsed"]}
 
 
@@ -96,13 +103,25 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--resume", action="store_true",
                     help="reuse finished arms in --out and continue interrupted ones from their checkpoints")
+    ap.add_argument("--smoke", action="store_true", help="toy sizes: tiny models and world, one step per stage")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.smoke:
+            args.set = [*tiny_sets(tiny_models(tmp), tiny_world(tmp)), *args.set]
+            args.align_steps = args.mid_steps = args.instruct_steps = 1
+            args.eval_caption = args.eval_vqa = args.eval_grounding = 2
+            args.batch_size, args.out = 4, str(Path(tmp) / "runs")
+        return run(args)
+
+
+def run(args) -> dict:
     arms = {arm: run_arm(args, arm) for arm in ("croc", "caption_only")}
     recipe = load_recipe(args.recipe, overrides(args, "croc"))
     metrics = ("vqa_accuracy", "grounding_acc50", "cider")
     result = {
+        "benchmark": "croc_ablation", "smoke": args.smoke,
         "steps": {"align": args.align_steps, "stage15": args.mid_steps, "instruct": args.instruct_steps},
         "eval_limits": {"caption": args.eval_caption, "vqa": args.eval_vqa, "grounding": args.eval_grounding},
         **arms,

@@ -90,7 +90,7 @@ def demo_recipe(args, ctx: dict):
             f"stages.0.steps={args.steps}", f"stages.1.steps={args.steps}"]
     if ctx["tiny"]:
         sets += [*tiny_sets(ctx["tiny"], {}), "stages.0.batch_size=4", "stages.1.batch_size=4",
-                 "stages.1.lora.layers=1", "threads=2"]
+                 "stages.1.lora.layers=1"]
     return load_recipe("demo", sets)
 
 
@@ -102,7 +102,7 @@ def adapter_recipe(args, ctx: dict):
     lm = {"path": tiny["lm"]} if tiny else dict(SMOLLM)
     batch = 4 if tiny else 16
     data = {"name": "gpu-check-adapter", "seed": 0, "device": args.device, "world": ctx["world"], "log_every": 1,
-            "save_every": 0, "threads": 2,
+            "save_every": 0, "threads": 1 if tiny else 2,
             "model": {"vision": vision, "bridge": {"name": "pool_adapter", "pooled": 2 if tiny else 4}, "lm": lm,
                       "max_length": 256, "system_prompt": ""},
             "stages": [{"name": "align", "data": {"world/train/caption": 1.0},
@@ -218,7 +218,8 @@ def check_lcl(args, ctx: dict) -> dict:
     if ctx["tiny"]:
         sets += ["model.vision={image_size: 32, patch_size: 8, width: 32, depth: 1, heads: 2}",
                  "model.lm={tokenizer: words, hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
-                 "num_key_value_heads: 1, intermediate_size: 64}", "model.max_length=128", "stages.0.batch_size=4"]
+                 "num_key_value_heads: 1, intermediate_size: 64}", "model.max_length=128", "stages.0.batch_size=4",
+                 "threads=1"]
     run = ctx["tmp"] / "lcl"
     trainer = Trainer(load_recipe("lcl", sets), run, progress=False)
     seen = watched(trainer)
@@ -261,7 +262,7 @@ def check_mfu(args, ctx: dict) -> dict:
     tok.save_pretrained(folder / "lm")
     CLIPVisionModel(CLIPVisionConfig(**vit)).save_pretrained(folder / "vit")
     data = {"name": "gpu-check-mfu", "device": args.device, "world": ctx["world"], "log_every": 1,
-            "num_workers": 0 if ctx["tiny"] else 6,
+            "num_workers": 0 if ctx["tiny"] else 6, "threads": 1 if ctx["tiny"] else None,
             "model": {"vision": {"name": "hf", "path": str(folder / "vit"), "feature_layer": -2},
                       "bridge": {"name": "mlp"}, "lm": {"path": str(folder / "lm")}, "max_length": length,
                       "system_prompt": ""},
