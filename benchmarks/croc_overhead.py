@@ -5,7 +5,8 @@ tokens per image) + SmolLM2-135M, detailed captions, batch 8, prompt pool K = 20
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/croc_overhead.py [--repeats 7] [--lm lora|full]
 
 A step is forward + backward + AdamW update, with the parts the recipe's Croc stage trains. The
-last line printed is one JSON object with the medians over the repeats.
+last line printed is one JSON object with the medians over the repeats. `--smoke`: the same at toy size
+(tiny models and world, batch 2, pool 64, one repeat).
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import argparse
 import json
 import os
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -27,6 +31,11 @@ from mmbridge.data.sources import resolve_source  # noqa: E402
 from mmbridge.models.build import build_model  # noqa: E402
 from mmbridge.objectives import build_objective  # noqa: E402
 from mmbridge.train.parts import apply_stage_modes, param_groups  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _smoke import tiny_models, tiny_sets, tiny_world  # noqa: E402
+
+SMOKE_KEYS = ("benchmark", "caption_step_s", "croc_step_s", "matching_fraction", "croc_over_caption")  # last line
 
 
 def timed_step(model, objective, optimizer, batch) -> float:
@@ -48,12 +57,22 @@ def main(argv=None) -> dict:
     ap.add_argument("--lm", default="lora", choices=["lora", "full"], help="how the LM trains in the Croc stage")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--smoke", action="store_true", help="toy sizes: tiny models and world, batch 2, pool 64, 1 repeat")
     args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        sets = []
+        if args.smoke:
+            sets = tiny_sets(tiny_models(tmp), tiny_world(tmp))
+            args.batch_size, args.pool_size, args.repeats, args.threads = 2, 64, 1, 1
+        return measure(args, sets)
+
+
+def measure(args, sets: list[str]) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, sets)
     stage = next(s for s in recipe.stages if s.objective.get("name") == "croc")
     stage.train = {**stage.train, "lm": args.lm}
     model, processor = build_model(recipe.model)
@@ -77,7 +96,8 @@ def main(argv=None) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     n_img = batch["pixel_values"].shape[0]
     result = {
-        "batch_size": args.batch_size, "images": n_img, "seq_len": int(batch["input_ids"].shape[1]),
+        "benchmark": "croc_overhead", "smoke": args.smoke, "batch_size": args.batch_size, "images": n_img,
+        "seq_len": int(batch["input_ids"].shape[1]),
         "visual_tokens_per_image": model.num_image_tokens, "pool_size": args.pool_size,
         "matching": args.matching, "attention": args.attention, "lm": args.lm, "repeats": args.repeats,
         "threads": torch.get_num_threads(),
