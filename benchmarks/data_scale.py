@@ -18,6 +18,7 @@ The last line is one JSON object. It also runs against the eager data path of ea
 
     python benchmarks/data_scale.py                     # the full scale (cold index: minutes on 2 cores)
     python benchmarks/data_scale.py --records 20000     # a scaled-down run
+    python benchmarks/data_scale.py --smoke             # every step at toy size, in a temporary folder (seconds)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import gc
 import json
 import os
 import resource
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,6 +47,7 @@ from mmbridge.models.language import IMAGE_TOKEN, _dequantised_gguf, resolve_pat
 
 SYLLABLES = ("ba be bi bo bu da de di do du ka ke ki ko ku la le li lo lu ma me mi mo mu na ne ni no nu ra re "
              "ri ro ru sa se si so su ta te ti to tu an en in on un ar er ir or ur st th ch sh").split()
+SMOKE_KEYS = ("benchmark", "records", "first_batch_cold_s", "memory_after_batches", "packing", "sampler")  # last line
 COMMON = "the a of and to in is that it with as for on was this by are be at from or which an".split()
 
 
@@ -60,13 +63,13 @@ def write_images(folder: Path, n: int) -> None:
         img.save(folder / f"{i:04d}.png")
 
 
-def write_json(path: Path, n: int, n_images: int, seed: int = 0) -> None:
-    """n LLaVA records; words come from a pool of 10^7 seeded draws, so a text is a join of a slice."""
+def write_json(path: Path, n: int, n_images: int, seed: int = 0, pool_size: int = 10**7) -> None:
+    """n LLaVA records; words come from a pool of `pool_size` seeded draws, so a text is a join of a slice."""
     rng = np.random.default_rng(seed)
     vocab = list(COMMON)
     while len(vocab) < 4000:
         vocab.append("".join(rng.choice(SYLLABLES, size=int(rng.integers(1, 4)))))
-    pool = [vocab[i] for i in rng.integers(0, len(vocab), size=10**7)]
+    pool = [vocab[i] for i in rng.integers(0, len(vocab), size=pool_size)]
     rounds = rng.integers(1, 11, size=n)
     turns_at = np.concatenate([[0], np.cumsum(rounds)]).tolist()
     q_len, a_len = rng.integers(3, 20, size=turns_at[-1]).tolist(), rng.integers(1, 201, size=turns_at[-1]).tolist()
@@ -141,13 +144,14 @@ def memory(it, batches: int) -> dict:
     return {"main": mb(me), "workers": [mb(c) for c in me.children() if c.is_running()]}
 
 
-def sampler_time(start_step: int, batch_size: int, n: int, passes: int = 4, repeats: int = 3) -> dict:
+def sampler_time(start_step: int, batch_size: int, n: int, others: tuple[int, int] = (100_000, 50_000),
+                 passes: int = 4, repeats: int = 3) -> dict:
     """Per-batch time over `passes` full passes of every source (median of `repeats`).
 
     A new pass draws a fresh permutation of its source, the sampler's one cost that is not per
     index; timing whole passes makes both windows pay it equally often, as training does.
     """
-    sizes, weights = [n, 100_000, 50_000], [1.0, 0.5, 0.25]
+    sizes, weights = [n, *others], [1.0, 0.5, 0.25]
     probs = np.asarray(weights) / sum(weights)
     batches = int(np.ceil(passes * max(np.asarray(sizes) / probs) / batch_size))
     firsts, per = [], []
@@ -185,13 +189,23 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--batches", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--smoke", action="store_true",
+                    help="toy sizes: 200 records, 4 images, 5 batches, 2 workers, a small sampler mixture and word "
+                    "pool, in a temporary folder")
     args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.smoke:
+            args.records, args.images, args.batches, args.workers, args.dir = 200, 4, 5, 2, tmp
+        measure(args)
+
+
+def measure(args) -> None:
     folder = Path(args.dir)
     json_path = folder / f"llava-{args.records}.json"
     t0 = time.perf_counter()
     if not json_path.exists():
         write_images(folder / "images", args.images)
-        write_json(json_path.with_suffix(".tmp"), args.records, args.images)
+        write_json(json_path.with_suffix(".tmp"), args.records, args.images, pool_size=10**5 if args.smoke else 10**7)
         json_path.with_suffix(".tmp").rename(json_path)
     print(f"data: {json_path} ({json_path.stat().st_size / 2**30:.2f} GiB, written in "
           f"{time.perf_counter() - t0:.0f} s)", flush=True)
@@ -200,7 +214,8 @@ def main() -> None:
     os.environ["MMBRIDGE_INDEX_CACHE"] = str(cache)
     for old in cache.glob("*"):
         old.unlink()
-    result = {"records": args.records, "file_gib": round(json_path.stat().st_size / 2**30, 3),
+    result = {"benchmark": "data_scale", "smoke": args.smoke, "records": args.records,
+              "file_gib": round(json_path.stat().st_size / 2**30, 3),
               "batch_size": args.batch_size, "workers": args.workers}
     ds, it, (t_index, cpu), t_cold = first_batch(json_path, folder / "images", proc, args.batch_size, args.workers)
     result.update(first_batch_cold_s=round(t_cold, 2), index_cold_s=round(t_index, 2),
@@ -210,7 +225,7 @@ def main() -> None:
     result["memory_after_batches"] = {"batches": args.batches, **memory(it, args.batches)}
     result["batches_per_s"] = round((args.batches - 1) / (time.perf_counter() - t0), 2)
     print(f"memory after {args.batches} batches: {result['memory_after_batches']}", flush=True)
-    result["packing"] = packing(ds, proc)
+    result["packing"] = packing(ds, proc, batches=10 if args.smoke else 200)
     del it, ds
     gc.collect()
     if any(cache.glob("*")):  # the eager path keeps no index
@@ -219,8 +234,9 @@ def main() -> None:
         result.update(first_batch_cached_s=round(t_warm, 2), index_cached_s=round(t_index, 2))
         print(f"cached: first batch after {t_warm:.1f} s (index {t_index:.1f} s)", flush=True)
         del it, ds
-    result["sampler"] = {"step_0": sampler_time(0, args.batch_size, args.records),
-                         "step_1000000": sampler_time(1_000_000, args.batch_size, args.records)}
+    small = {"others": (1000, 500), "passes": 1, "repeats": 1} if args.smoke else {}
+    result["sampler"] = {"step_0": sampler_time(0, args.batch_size, args.records, **small),
+                         "step_1000000": sampler_time(1_000_000, args.batch_size, args.records, **small)}
     print(json.dumps(result))
 
 
