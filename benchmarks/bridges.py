@@ -28,7 +28,7 @@ from mmbridge.eval.evaluate import evaluate_records
 from mmbridge.train.parts import count_params
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _smoke import tiny_models, tiny_sets, tiny_world  # noqa: E402
+from _common import tiny_models, tiny_sets, tiny_world  # noqa: E402
 
 SMOKE_KEYS = ("benchmark", "rows", "blind_baselines_full_test")  # what the last JSON line holds (the smoke test)
 

@@ -37,7 +37,7 @@ from mmbridge.eval.evaluate import evaluate_records  # noqa: E402
 from mmbridge.train.trainer import Trainer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _smoke import tiny_models, tiny_sets, tiny_world  # noqa: E402
+from _common import tiny_models, tiny_sets, tiny_world  # noqa: E402
 
 SMOKE_KEYS = ("benchmark", "croc", "caption_only", "croc_minus_caption_only", "baselines")  # the last JSON line's
 KEYS = {"caption": ["cider", "bleu4"], "vqa": ["vqa_accuracy"], "grounding": ["grounding_acc50", "unparsed"]}

@@ -33,7 +33,7 @@ from mmbridge.objectives import build_objective  # noqa: E402
 from mmbridge.train.parts import apply_stage_modes, param_groups  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _smoke import tiny_models, tiny_sets, tiny_world  # noqa: E402
+from _common import tiny_models, tiny_sets, tiny_world  # noqa: E402
 
 SMOKE_KEYS = ("benchmark", "caption_step_s", "croc_step_s", "matching_fraction", "croc_over_caption")  # last line
 

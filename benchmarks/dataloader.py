@@ -9,6 +9,7 @@ step (forward, backward, AdamW) over `--steps` steps after one warm-up step, med
 
     python benchmarks/dataloader.py              # ~3 min on the 2-core CPU
     python benchmarks/dataloader.py --steps 2    # fewer steps when the CPU is contended
+    python benchmarks/dataloader.py --smoke      # the same path at toy size (tiny models and world), seconds
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -28,6 +31,11 @@ from mmbridge.config import load_recipe
 from mmbridge.objectives import build_objective
 from mmbridge.train.parts import apply_stage_modes, param_groups
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ready_for_stage, tiny_models, tiny_sets, tiny_world  # noqa: E402
+
+SMOKE_KEYS = ("benchmark", "loader_samples_per_s", "step_s", "step_samples_per_s", "headroom")  # the last JSON line
+
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,16 +43,28 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=4, help="training steps timed (after one warm-up)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--pack", action="store_true", help="the stage with pack: true (rows of max_length)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="toy sizes: tiny models and world, LoRA in the top layer, 3 batches, 1 step")
     args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        sets = []
+        if args.smoke:
+            sets = [*tiny_sets(tiny_models(tmp), tiny_world(tmp)), "stages.1.lora.layers=1", "stages.1.batch_size=4"]
+            args.batches, args.steps = 3, 1
+        return measure(args, sets)
+
+
+def measure(args, sets: list[str]) -> dict:
     from mmbridge.train.trainer import Trainer
 
     torch.set_num_threads(args.threads)
-    sets = [f"threads={args.threads}"] + (["stages.1.pack=true", "stages.1.group_by_length=0", "stages.1.batch_size=3"]
-                                          if args.pack else [])
+    sets = [*sets, f"threads={args.threads}"] + (["stages.1.pack=true", "stages.1.group_by_length=0",
+                                                  "stages.1.batch_size=3"] if args.pack else [])
     recipe = load_recipe("demo", sets)
     stage = recipe.stages[1]
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = Trainer(recipe, run_dir, progress=False)
+    ready_for_stage(trainer, 1)  # e.g. the objects stage's vocabulary, without training it
     model = trainer.model
 
     # 1. the data pipeline alone
@@ -76,8 +96,8 @@ def main(argv=None) -> dict:
             n_samples.append(len(b["ids"]))
     step_s = statistics.median(times)
     step_rate = statistics.mean(n_samples) / step_s
-    result = {"benchmark": "dataloader", "stage": stage.name, "packed": args.pack, "num_workers": recipe.num_workers,
-              "threads": args.threads, "batch_size": stage.batch_size,
+    result = {"benchmark": "dataloader", "smoke": args.smoke, "stage": stage.name, "packed": args.pack,
+              "num_workers": recipe.num_workers, "threads": args.threads, "batch_size": stage.batch_size,
               "samples_per_batch": round(statistics.mean(n_samples), 2),
               "loader_samples_per_s": round(data_rate, 1), "step_s": round(step_s, 3),
               "step_samples_per_s": round(step_rate, 2), "headroom": round(data_rate / step_rate, 1),

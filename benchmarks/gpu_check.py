@@ -20,7 +20,7 @@
     python benchmarks/gpu_check.py --device cpu --smoke   # every check at toy sizes, on a CPU (a dry run)
 
 A check that needs another's run (`resume`, `eval` need `demo`'s) is reported as skipped, with the reason, when
-that run is missing. --smoke runs every check on tiny models built from configs (`benchmarks/_smoke.py`) and a
+that run is missing. --smoke runs every check on tiny models built from configs (`benchmarks/_common.py`) and a
 small world. The last line printed is one JSON object.
 """
 
@@ -49,7 +49,7 @@ from mmbridge.train.device import resolve_device  # noqa: E402
 from mmbridge.train.trainer import Trainer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _smoke import SMOLLM, smollm_tokenizer, tiny_models, tiny_sets, tiny_world  # noqa: E402
+from _common import SMOLLM, smollm_tokenizer, tiny_models, tiny_sets, tiny_world  # noqa: E402
 
 SMOKE_KEYS = ("benchmark", "device", "smoke", "all_ok", "checks")  # what the last JSON line holds (the smoke test)
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,6 +1,7 @@
-"""Toy sizes for the benchmarks' `--smoke` runs: tiny Hugging Face models built from configs and saved like real
-checkpoints (random weights, nothing downloaded) and a small shapes world, so that each script's whole path runs
-in seconds on a CPU. Not a benchmark itself (`tests/test_benchmarks_smoke.py` skips names that start with `_`)."""
+"""What the benchmark scripts share: toy sizes for their `--smoke` runs (tiny Hugging Face models built from configs
+and saved like real checkpoints, random weights, nothing downloaded; a small shapes world), so that each script's
+whole path runs in seconds on a CPU; and the model as a later stage of a recipe meets it. Not a benchmark itself
+(`tests/test_benchmarks_smoke.py` skips names that start with `_`)."""
 
 from __future__ import annotations
 
@@ -48,3 +49,15 @@ def tiny_sets(models: dict, world: dict) -> list[str]:
     ops run far slower on two when another process holds a core); its bridge, stages and objectives stay."""
     return ["threads=1", f"model.vision={{name: hf, path: {models['clip']}}}", f"model.lm={{path: {models['lm']}}}",
             *(f"world.{k}={v}" for k, v in world.items())]
+
+
+def ready_for_stage(trainer, si: int) -> None:
+    """Make `trainer.model` what stage `si` meets, without training: every earlier stage's objective reads that
+    stage's data as the trainer has it do (the objects objective chooses the bridge's vocabulary there)."""
+    from mmbridge.objectives import build_objective
+
+    for stage in trainer.recipe.stages[:si]:
+        objective = build_objective(stage.objective, trainer.model)
+        if hasattr(objective, "read_stage_data"):
+            objective.read_stage_data(trainer.model, [trainer.task.dataset(n) for n in stage.data],
+                                      trainer.task.processor.tokenizer)
