@@ -21,6 +21,7 @@ from mmbridge.models.language import add_lora
 from mmbridge.train import checkpoint as ckpt
 from mmbridge.train.fsdp import fill_from_files
 from tests.conftest import tiny_recipe_dict
+from tests.test_distributed import assert_same_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,9 +128,8 @@ def test_fsdp_ranks_hold_less_than_the_whole_model_and_give_its_losses(big_lm_di
     for rank in ranks:  # before: every rank built the whole model and deep-copied it per stage
         assert rank["peak_kib"] * 1024 < whole["peak_kib"] * 1024 - model_bytes / 8, (rank, whole, model_bytes)
     got, want = ([json.loads(x) for x in (runs[s] / "metrics.jsonl").read_text().splitlines()] for s in ("fsdp", "none"))
-    assert [(r["stage"], r["step"]) for r in got] == [(r["stage"], r["step"]) for r in want] and len(want) == 2
-    for g, w in zip(got, want):
-        assert g["loss"] == pytest.approx(w["loss"], rel=1e-5) and g["tokens"] == w["tokens"]
+    assert len(want) == 2 and [r["tokens"] for r in got] == [r["tokens"] for r in want]
+    assert_same_losses(got, want)  # rounding's bound, as for the other process-count comparisons
     saved = load_file(str(runs["fsdp"] / "model" / "model.safetensors"))
     gathered = load_file(str(runs["fsdp"] / "bridge.safetensors"))  # `Dist.part` on the sharded model
     assert gathered.keys() == {k[len("bridge."):] for k in saved if k.startswith("bridge.")}
