@@ -11,7 +11,8 @@ LM's likelihood of the text after the image for the objectives that train genera
 init is the floor. The paper's ordering: LCL ≥ contrastive ≫ generation only. Last line: one JSON object.
 
     python benchmarks/lcl_table1.py                         # full run (~15 min alone on the 2-core CPU)
-    python benchmarks/lcl_table1.py --steps 20 --probe-train 200 --probe-test 100 --retrieval-n 30   # smoke
+    python benchmarks/lcl_table1.py --steps 20 --probe-train 200 --probe-test 100 --retrieval-n 30   # a small run
+    python benchmarks/lcl_table1.py --smoke    # seconds: a tiny ViT and LM, a small world, 2 steps per method
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +36,14 @@ from mmbridge.objectives import build_objective
 from mmbridge.train.task import task_for
 from mmbridge.train.trainer import Trainer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import tiny_world  # noqa: E402
+
+SMOKE_KEYS = ("benchmark", "chance", "rows")  # what the last JSON line holds (the smoke test reads this)
+# --smoke: the LCL recipe's ViT and LM at toy size
+TINY = ["model.vision={image_size: 32, patch_size: 8, width: 32, depth: 1, heads: 2}",
+        "model.lm={tokenizer: words, hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
+        "num_key_value_heads: 1, intermediate_size: 64}", "model.max_length=128"]
 METHODS = {
     "lcl": [],
     "contrastive": ["stages.0.data={world/train/pairs: 1.0}", "sequence.image_position=after",
@@ -43,7 +54,7 @@ METHODS = {
 
 def recipe_for(method: str, args):
     sets = [f"stages.0.steps={args.steps}", f"stages.0.batch_size={args.batch}", f"threads={args.threads}",
-            "save_every=0", "log_every=10", f"name=bench-{method}"] + METHODS[method]
+            "save_every=0", "log_every=10", f"name=bench-{method}", *args.sets] + METHODS[method]
     if method == "contrastive":
         sets.append(f"stages.0.batch_size={args.batch * 3}")
     return load_recipe("lcl", sets)
@@ -161,7 +172,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--retrieval-n", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/bench-lcl")
+    parser.add_argument("--smoke", action="store_true",
+                        help="toy sizes: a tiny ViT and LM, a small world, 2 steps per method, a few probe images")
     args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        args.sets = []
+        if args.smoke:
+            args.sets = [*TINY, *(f"world.{k}={v}" for k, v in tiny_world(tmp).items())]
+            args.steps, args.batch, args.probe_train, args.probe_test, args.retrieval_n = 2, 4, 16, 8, 8
+            args.threads, args.out = 1, str(Path(tmp) / "runs")
+        return compare(args)
+
+
+def compare(args) -> dict:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     base = recipe_for("lcl", args)
@@ -189,7 +212,8 @@ def main(argv=None) -> dict:
                                 likelihood=True)
     print(f"random_init: {rows['random_init']}", flush=True)
     print_table(rows)
-    table = {"benchmark": "lcl_table1", "steps": args.steps, "batch_docs": args.batch, "batch_pairs": args.batch * 3,
+    table = {"benchmark": "lcl_table1", "smoke": args.smoke, "steps": args.steps, "batch_docs": args.batch,
+             "batch_pairs": args.batch * 3,
              "probe_train": args.probe_train, "probe_test": args.probe_test, "retrieval_n": args.retrieval_n,
              "chance": {"shape": 0.25, "colour": round(1 / 6, 4), "r1": round(1 / args.retrieval_n, 4)},
              "total_s": round(time.perf_counter() - t0, 1), "rows": rows}
