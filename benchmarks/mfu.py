@@ -2,6 +2,7 @@
 tokens per image) + SmolLM2-135M, the demo's `multitask` stage (bridge full, LoRA r=16 on q/k/v/o).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/mfu.py [--steps 3] [--configs demo,packed256,packed1024]
+    python benchmarks/mfu.py --smoke    # every config at toy size (tiny models and world, 1 timed step), seconds
 
 Configs: `demo` is the demo's batch (8 samples, padded, grouped by length); `packedN` packs samples
 into rows of N tokens (`pack: true`, `model.max_length: N`), `--rows` rows per batch. Each step is
@@ -9,8 +10,9 @@ forward + backward + AdamW on real batches of the demo's shapes world. Model FLO
 the trainer counts them (`mmbridge/train/flops.py`); the first step is a warm-up and is left out.
 On CPU the peak is a measured fp32 matmul peak at the same thread count, measured before and after
 the steps (the higher one is used: another process's load lowers it and would overstate MFU); on a
-GPU the steps run in bf16 autocast against the GPU's dense bf16 peak. The last line printed is one
-JSON object.
+GPU the steps run in bf16 autocast against the GPU's dense bf16 peak (--smoke: the cached CPU peak, measured
+only when none is cached). The model is what stage 2 meets (the objects stage's vocabulary is chosen, untrained).
+The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import contextlib
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -34,6 +38,10 @@ from mmbridge.train.flops import StepFlops, cpu_peak, device_peak  # noqa: E402
 from mmbridge.train.parts import apply_stage_modes, param_groups  # noqa: E402
 from mmbridge.train.trainer import Trainer  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ready_for_stage, tiny_models, tiny_sets, tiny_world  # noqa: E402
+
+SMOKE_KEYS = ("benchmark", "device", "peak_gflop_per_s", "results", "best_mfu")  # the last JSON line's keys
 CONFIGS = {"demo": [], "packed256": ["model.max_length=256", "stages.1.pack=true", "stages.1.group_by_length=0"],
            "packed1024": ["model.max_length=1024", "stages.1.pack=true", "stages.1.group_by_length=0"]}
 
@@ -42,6 +50,7 @@ def measure(name: str, overrides: list[str], steps: int, rows: int, device: torc
     recipe = load_recipe("demo", overrides + ([f"stages.1.batch_size={rows}"] if name != "demo" else []))
     with tempfile.TemporaryDirectory() as run:
         trainer = Trainer(recipe, run, progress=False)
+    ready_for_stage(trainer, 1)
     stage = recipe.stages[1]
     model = trainer.model
     torch.manual_seed(stage.seed)
@@ -86,18 +95,31 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per config (after one warm-up)")
     parser.add_argument("--rows", type=int, default=8, help="rows per batch for the packed configs")
     parser.add_argument("--configs", default="demo,packed256,packed1024")
+    parser.add_argument("--smoke", action="store_true",
+                        help="toy sizes: tiny models and world, LoRA in the top layer, 2 rows, 1 timed step, 1 thread")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        args.sets = []
+        if args.smoke:
+            args.sets = [*tiny_sets(tiny_models(tmp), tiny_world(tmp)), "stages.1.lora.layers=1",
+                         "stages.1.batch_size=4"]
+            args.steps, args.rows = 1, 2
+            torch.set_num_threads(1)
+        run(args)
+
+
+def run(args) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     threads = torch.get_num_threads()
     print(f"device {device}, {threads} thread(s), torch {torch.__version__}; demo stage 'multitask' "
           f"(vision frozen, bridge full, LoRA r=16 on q/k/v/o); {args.steps} timed steps per config", flush=True)
-    peak_before = cpu_peak(refresh=True) if device.type == "cpu" else device_peak(device)[0]
+    peak_before = cpu_peak(refresh=not args.smoke) if device.type == "cpu" else device_peak(device)[0]
     results = []
     for name in args.configs.split(","):
-        r = measure(name, CONFIGS[name], args.steps, args.rows, device)
+        r = measure(name, [*args.sets, *CONFIGS[name]], args.steps, args.rows, device)
         results.append(r)
         print(json.dumps(r), flush=True)
-    peak_after = cpu_peak(refresh=True) if device.type == "cpu" else peak_before
+    peak_after = cpu_peak(refresh=not args.smoke) if device.type == "cpu" else peak_before
     peak = max(peak_before, peak_after) if peak_before else None
     how = f"measured fp32 matmul peak ({threads} thread(s))" if device.type == "cpu" else device_peak(device)[1]
     if peak:
@@ -108,7 +130,7 @@ def main() -> None:
         print(f"  {r['config']:>11}: {r['tokens_per_step']:>5} tokens/step, {r['gflop_per_step']:>7.1f} GFLOP/step, "
               f"{r['step_s_median']:>7.2f} s/step, {r['model_gflop_per_s']:>6.1f} GFLOP/s, MFU "
               f"{'-' if r['mfu'] is None else format(r['mfu'], '.1%')}")
-    print(json.dumps({"device": str(device), "threads": threads,
+    print(json.dumps({"benchmark": "mfu", "smoke": args.smoke, "device": str(device), "threads": threads,
                       "peak_gflop_per_s": round(peak / 1e9, 2) if peak else None,
                       "peak_how": how, "target": 0.35 if device.type == "cpu" else 0.45, "results": results,
                       "best_mfu": max((r["mfu"] for r in results if r["mfu"] is not None), default=None)}))
