@@ -7,6 +7,7 @@ tokenised with SmolLM2's chat template, 16 visual tokens per image, max_length 2
 max_length tokens). Tokenisation only; no model runs. The last line is one JSON object.
 
     python benchmarks/packing.py            # ~1 min (tokenising 9,000 samples)
+    python benchmarks/packing.py --smoke    # seconds: a small world in a temporary folder, 20 micro-batches
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+import tempfile
 from itertools import islice
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -29,6 +33,11 @@ from mmbridge.data.sources import resolve_source
 from mmbridge.models.bridges import build_bridge
 from mmbridge.models.language import IMAGE_TOKEN, _dequantised_gguf, resolve_path
 from mmbridge.models.vision import build_vision_encoder
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import tiny_world  # noqa: E402
+
+SMOKE_KEYS = ("benchmark", "samples", "padded", "length_grouped", "packed", "settings")  # the last JSON line's keys
 
 
 def demo_processor(recipe) -> Processor:
@@ -65,8 +74,16 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, default=300)
     parser.add_argument("--rows", type=int, default=4, help="packed rows per micro-batch")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes: a small world, 20 micro-batches")
     args = parser.parse_args(argv)
-    recipe = load_recipe("demo")
+    with tempfile.TemporaryDirectory() as tmp:
+        sets = []
+        if args.smoke:
+            sets, args.batches = [f"world.{k}={v}" for k, v in tiny_world(tmp).items()], 20
+        return measure(args, load_recipe("demo", sets))
+
+
+def measure(args, recipe) -> dict:
     stage = recipe.stages[1]
     proc = demo_processor(recipe)
     parts = []
@@ -78,7 +95,7 @@ def main(argv=None) -> dict:
     mix = {"sizes": [len(p) for p in parts], "weights": list(stage.data.values()), "seed": stage.seed}
     budget = recipe.model.max_length
     n = args.batches
-    result = {"benchmark": "packing", "data": list(stage.data), "samples": int(len(lengths)),
+    result = {"benchmark": "packing", "smoke": args.smoke, "data": list(stage.data), "samples": int(len(lengths)),
               "mean_length": round(float(lengths.mean()), 1), "max_length": budget,
               "padded": fill(list(islice(BatchSampler(MixtureSampler(**mix), stage.batch_size, True), n)), lengths),
               "length_grouped": fill(list(islice(iter(LengthGroupedBatches(
