@@ -8,6 +8,10 @@ run's `examples/*.png` (or `--images DIR`). The last line is one JSON object.
 
     python benchmarks/serve.py                      # ~2 min on the 2-core CPU once runs/demo-quick exists
     python benchmarks/serve.py --max-batch 1        # the same with one request decoded at a time
+    python benchmarks/serve.py --smoke              # seconds: a 1-step demo run on tiny models, 1 and 2 clients
+
+`--smoke` serves a run it trains first in a temporary folder (the demo recipe on tiny models and a small world built
+from configs, one step per stage), asking about the world's test images.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,8 +33,26 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import tiny_models, tiny_sets, tiny_world  # noqa: E402
+
+SMOKE_KEYS = ("benchmark", "run_dir", "max_batch", "levels")  # what the last JSON line holds (the smoke test)
 QUESTIONS = ["What is in this picture?", "How many shapes are there?", "What colour is the largest shape?",
              "Is there a red circle?"]
+
+
+def tiny_run(folder: Path) -> tuple[Path, Path]:
+    """A demo run on tiny models and a small world, one step per stage (--smoke); its folder and the world's test
+    images."""
+    from mmbridge.config import load_recipe
+    from mmbridge.train.trainer import Trainer
+
+    world = tiny_world(folder)
+    sets = [*tiny_sets(tiny_models(folder), world), "stages.0.steps=1", "stages.1.steps=1", "stages.0.batch_size=4",
+            "stages.1.batch_size=4", "stages.1.lora.layers=1"]
+    run_dir = folder / "run"
+    Trainer(load_recipe("demo", sets), run_dir, progress=False).run()
+    return run_dir, Path(world["root"]) / "images" / "test"
 
 
 def free_port() -> int:
@@ -106,8 +129,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch")
     parser.add_argument("--threads", type=int, default=1, help="the server's CPU threads")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes (see above)")
     args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.smoke:
+            run_dir, images = tiny_run(Path(tmp))
+            args.run_dir, args.images = str(run_dir), str(images)
+            args.clients, args.requests, args.max_tokens, args.max_seconds = [1, 2], 2, 4, 30.0
+        return measure(args)
 
+
+def measure(args) -> dict:
     run_dir = Path(args.run_dir)
     if not (run_dir / "recipe.yaml").exists():
         print(f"{run_dir}: no run there; making one with `mmbridge demo --quick --out {run_dir}`", flush=True)
@@ -134,7 +166,8 @@ def main(argv=None) -> dict:
     for r in rows:
         print(f"{r['clients']:>7} {r['requests']:>8} {r['requests_per_s']:>7.2f} {r['p50_s']:>7.3f} "
               f"{r['p95_s']:>7.3f} {r['completion_tokens_per_s']:>7.1f} {r['mean_completion_tokens']:>7.1f}")
-    result = {"run_dir": str(run_dir), "max_batch": args.max_batch, "threads": args.threads,
+    result = {"benchmark": "serve", "smoke": args.smoke, "run_dir": str(run_dir), "max_batch": args.max_batch,
+              "threads": args.threads,
               "max_tokens": args.max_tokens, "levels": rows}
     print(json.dumps(result))
     return result
