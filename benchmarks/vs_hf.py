@@ -15,7 +15,8 @@ The last line is one JSON object.
 
     python benchmarks/vs_hf.py                 # ~4 min on one contended thread
     python benchmarks/vs_hf.py --vocab 4096    # the body-dominated variant
-    python benchmarks/vs_hf.py --repeats 3     # a smoke run
+    python benchmarks/vs_hf.py --repeats 3     # a short run
+    python benchmarks/vs_hf.py --smoke         # seconds: a 1-layer, 64-wide LM, 4 samples, 1 repeat
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from mmbridge.models.build import build_model
 from mmbridge.models.language import IMAGE_TOKEN, _dequantised_gguf, resolve_path
 
 IGNORE = -100
+SMOKE_KEYS = ("benchmark", "losses", "median_step_s", "ratio_unpacked", "ratio_packed")  # the last JSON line's keys
 
 
 def build_pair(args, folder: str):
@@ -140,7 +142,11 @@ def main(argv=None) -> dict:
                         "makes the LM body, not the output layer, dominate the step")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--smoke", action="store_true", help="toy sizes: a 1-layer, 64-wide LM, 4 samples, 1 repeat")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.width, args.layers, args.vision_width, args.vision_layers, args.image_size = 64, 1, 32, 1, 32
+        args.batch_size, args.budget, args.repeats = 4, 96, 1
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as folder:
         ours, ref, image_id, pad_id = build_pair(args, folder)
@@ -173,7 +179,7 @@ def main(argv=None) -> dict:
     for k, v in med.items():
         print(f"{k:>14}: median {v * 1e3:8.1f} ms/step  ({args.batch_size / v:7.1f} samples/s)")
     result = {
-        "benchmark": "vs_hf", "device": "cpu", "threads": args.threads, "repeats": args.repeats,
+        "benchmark": "vs_hf", "smoke": args.smoke, "device": "cpu", "threads": args.threads, "repeats": args.repeats,
         "config": {k: getattr(args, k) for k in ("batch_size", "budget", "width", "layers", "vision_width",
                                                  "vision_layers", "image_size", "patch")},
         "vocab": vocab, "losses": {k: round(v, 6) for k, v in losses.items()},
