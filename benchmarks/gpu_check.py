@@ -18,6 +18,7 @@
 
     python benchmarks/gpu_check.py                        # on a GPU machine
     python benchmarks/gpu_check.py --device cpu --smoke   # every check at toy sizes, on a CPU (a dry run)
+    python benchmarks/gpu_check.py --smoke                # the same on the GPU if there is one
 
 A check that needs another's run (`resume`, `eval` need `demo`'s) is reported as skipped, with the reason, when
 that run is missing. --smoke runs every check on tiny models built from configs (`benchmarks/_common.py`) and a
@@ -304,7 +305,7 @@ def passed(result: dict) -> bool:
 
 def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--device", default=None, help="default cuda (--smoke: auto, the GPU if there is one)")
     parser.add_argument("--smoke", action="store_true", help="toy sizes (a CPU dry run of every check)")
     parser.add_argument("--checks", default=",".join(CHECKS))
     parser.add_argument("--steps", type=int, default=8, help="steps per stage of the demo and adapter runs")
@@ -312,6 +313,7 @@ def main() -> dict:
     parser.add_argument("--mfu-warmup", type=int, default=None, help="steps left out; default 4 (--smoke: 1)")
     parser.add_argument("--mfu-rows", type=int, default=8, help="packed rows of 2048 tokens per step")
     args = parser.parse_args()
+    args.device = args.device or ("auto" if args.smoke else "cuda")
     unknown = set(args.checks.split(",")) - set(CHECKS)
     if unknown:
         parser.error(f"unknown check(s) {sorted(unknown)}; choose from {list(CHECKS)}")
