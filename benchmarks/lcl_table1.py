@@ -213,8 +213,8 @@ def compare(args) -> dict:
     print(f"random_init: {rows['random_init']}", flush=True)
     print_table(rows)
     table = {"benchmark": "lcl_table1", "smoke": args.smoke, "steps": args.steps, "batch_docs": args.batch,
-             "batch_pairs": args.batch * 3,
-             "probe_train": args.probe_train, "probe_test": args.probe_test, "retrieval_n": args.retrieval_n,
+             "batch_pairs": args.batch * 3, "probe_train": args.probe_train, "probe_test": args.probe_test,
+             "retrieval_n": args.retrieval_n,
              "chance": {"shape": 0.25, "colour": round(1 / 6, 4), "r1": round(1 / args.retrieval_n, 4)},
              "total_s": round(time.perf_counter() - t0, 1), "rows": rows}
     print(json.dumps(table))

@@ -167,8 +167,7 @@ def measure(args) -> dict:
         print(f"{r['clients']:>7} {r['requests']:>8} {r['requests_per_s']:>7.2f} {r['p50_s']:>7.3f} "
               f"{r['p95_s']:>7.3f} {r['completion_tokens_per_s']:>7.1f} {r['mean_completion_tokens']:>7.1f}")
     result = {"benchmark": "serve", "smoke": args.smoke, "run_dir": str(run_dir), "max_batch": args.max_batch,
-              "threads": args.threads,
-              "max_tokens": args.max_tokens, "levels": rows}
+              "threads": args.threads, "max_tokens": args.max_tokens, "levels": rows}
     print(json.dumps(result))
     return result
 
