@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -190,9 +192,29 @@ def test_flops_measure_each_view_at_its_own_size(uhd):
     assert view(24, 40) < view(32, 32)  # 15 patches, not 16
 
 
-def test_our_vit_encodes_any_size_with_its_positions_interpolated(tmp_path):
-    import torch.nn.functional as F
+def cubic_weights(n_out: int, n_in: int) -> torch.Tensor:
+    """[n_out, n_in] (float64): 1-D bicubic resampling as torch's (Keys' cubic convolution, A = -0.75, half-pixel
+    centres, no antialiasing, reads past an edge take the edge value), written out from the formula."""
+    a, w = -0.75, torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        src = (i + 0.5) * n_in / n_out - 0.5
+        i0 = math.floor(src)
+        t = src - i0
+        for k, d in zip(range(i0 - 1, i0 + 3), (1 + t, t, 1 - t, 2 - t)):  # tap at distance d from src
+            near = ((a + 2) * d - (a + 3)) * d * d + 1
+            far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+            w[i, min(max(k, 0), n_in - 1)] += near if d <= 1 else far
+    return w
 
+
+def test_cubic_weights_by_hand():
+    w = cubic_weights(6, 4)  # row 1 samples the source at 1.5 * 4/6 - 0.5 = 0.5: taps -1, 0, 1, 2 at distances
+    # 1.5, 0.5, 0.5, 1.5 with Keys' weights -0.09375, 0.59375, 0.59375, -0.09375; tap -1 reads row 0
+    assert w[1].tolist() == [0.5, 0.59375, -0.09375, 0.0]
+    assert torch.allclose(w.sum(1), torch.ones(6, dtype=torch.float64))
+
+
+def test_our_vit_encodes_any_size_with_its_positions_interpolated(tmp_path):
     from mmbridge.models.vision import build_vision_encoder
     from mmbridge.models.vit import LCLVisionTower, ViTConfig
 
@@ -201,12 +223,20 @@ def test_our_vit_encodes_any_size_with_its_positions_interpolated(tmp_path):
         tmp_path / "vit")
     enc = build_vision_encoder({"name": "lcl_vit", "path": str(tmp_path / "vit")}).eval()
     px = torch.randn(2, 3, 32, 32)
+    tables = []  # the position table the tower is given
+    patch_features = enc.tower.patch_features
+    enc.tower.patch_features = lambda x, table=None: tables.append(table) or patch_features(x, table)
     with torch.no_grad():
         assert torch.equal(enc.forward_any(px), enc(px))  # its own size: the table as it is
+        assert tables[0] is enc.tower.pos_embed
         tall = torch.randn(1, 3, 48, 24)
-        table = F.interpolate(enc.tower.pos_embed[0].reshape(1, 4, 4, 32).permute(0, 3, 1, 2), size=(6, 3),
-                              mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, 18, 32)
-        torch.testing.assert_close(enc.forward_any(tall), enc.tower.patch_features(tall, table))
+        got = enc.forward_any(tall)
+        # the 4x4 table to 6 rows (bicubic up) and 3 columns (bicubic down, no antialiasing), by hand
+        grid = enc.tower.pos_embed[0].double().reshape(4, 4, 32)
+        want = torch.einsum("ip,jq,pqd->ijd", cubic_weights(6, 4), cubic_weights(3, 4), grid).reshape(1, 18, 32)
+        # fp32 sums of 16 taps, weights' magnitudes summing to < 1.5: error < 16 * 2^-24 * 1.5 * max|table|
+        torch.testing.assert_close(tables[-1].double(), want, rtol=0, atol=2e-6 * grid.abs().max().item())
+        torch.testing.assert_close(got, patch_features(tall, want.float()))
     with pytest.raises(ValueError, match="multiples of the patch size 8"):
         enc.forward_any(torch.randn(1, 3, 30, 32))
 

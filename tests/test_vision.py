@@ -289,8 +289,15 @@ def test_preprocess_layout_and_resize():
     out = preprocess([img], 20, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     assert torch.allclose(out[0, :2, 0], torch.zeros(2, 20)) and torch.allclose(out[0, :2, -1], torch.ones(2, 20))
     assert torch.all(out[0, 2] == 0)
-    hand = np.asarray(img.resize((20, 20), Image.Resampling.BICUBIC), dtype=np.float32) / 255
-    torch.testing.assert_close(out[0], torch.from_numpy(hand).permute(2, 0, 1), rtol=0, atol=1e-6)
+    # rows: 40 → 20 is PIL's antialiased bicubic (a = -0.5) stretched 2x: output row y reads input rows
+    # 2y - 3 … 2y + 4 at distances 1.75, 1.25, 0.75, 0.25 (each side), weights -0.0234375, -0.0703125, 0.2265625,
+    # 0.8671875, summing to 2. The edge is between input rows 19 and 20: row 8 takes -0.0234375 / 2 of white (0
+    # after clipping), row 9 (0.2265625 - 0.0703125 - 0.0234375) / 2 · 255 = 16.93 → 17, row 10 255 - 16.93 → 238,
+    # row 11 255 + 2.99 → 255 after clipping; columns are uniform, so 60 → 20 leaves them as they are
+    rows = [0] * 9 + [17, 238] + [255] * 9
+    hand = torch.tensor(rows, dtype=torch.float32)[:, None].expand(20, 20) / 255
+    for c in (0, 1):  # each level exact: 8-bit fixed-point weights move none of these values across a .5
+        torch.testing.assert_close(out[0, c], hand, rtol=0, atol=1e-7)  # one fp32 rounding of k/255
 
 
 def test_effnet_inner_block_features(effnet):
