@@ -151,18 +151,41 @@ def test_objects_loss_is_objectness_box_and_mil_words(object_model, tokenizer):
 
 
 def test_word_scores_follow_the_box_centre(object_model):
+    """The detector embedding a cell's words are scored with reads the Fourier features of its box's centre (sin
+    and cos of k·π·x, k·π·y, k = 1 … frequencies), not of the cell: moving every centre right changes what it
+    reads to the features of the moved centre, and the cell's own features stay as they were."""
     bridge = object_model[0].bridge
     torch.manual_seed(3)
     feats = torch.randn(1, bridge.in_tokens, bridge.trunk.in_channels)
-    before = bridge.maps(feats)["embed"]
-    with torch.no_grad():
-        bridge.head.bias[1] += 2.0  # move every predicted centre right, the features unchanged
+    seen = []  # per maps(): the `where` MLP's input and output, and the embedding layer's input
+    hooks = [bridge.where.register_forward_hook(lambda m, i, o: seen.append({"fourier": i[0], "where": o})),
+             bridge.embed.register_forward_hook(lambda m, i, o: seen[-1].update(embed_in=i[0]))]
     try:
-        after = bridge.maps(feats)["embed"]
+        with torch.no_grad():
+            before = bridge.maps(feats)
+            bridge.head.bias[1] += 2.0  # move every predicted centre right, the features unchanged
+            after = bridge.maps(feats)
     finally:
         with torch.no_grad():
             bridge.head.bias[1] -= 2.0
-    assert (after - before).abs().amax() > 1e-3
+        for h in hooks:
+            h.remove()
+    centres = [(m["boxes"][0, ..., :2] + m["boxes"][0, ..., 2:]).double() / 2 for m in (before, after)]
+    assert (centres[1][..., 0] > centres[0][..., 0]).all()  # every centre moved right …
+    assert torch.equal(before["boxes"][..., 1::2], after["boxes"][..., 1::2])  # … and not up or down
+    k = torch.arange(1, bridge.frequencies + 1, dtype=torch.float64) * torch.pi
+    for centre, read in zip(centres, seen):
+        angle = centre[..., None] * k  # [R, C, (x, y), k]
+        want = torch.cat([angle.sin(), angle.cos()], -1).flatten(-2)  # x: sin, cos; then y: sin, cos
+        # fp32 angles up to 6π < 32 (two roundings of half-ulp 9.5e-7) of a centre the boxes give to 6e-8 (times
+        # 6π: 1.1e-6), then sin/cos to 6e-8: |error| < 3.1e-6
+        torch.testing.assert_close(read["fourier"][0].double(), want, rtol=0, atol=4e-6)
+    assert (seen[1]["fourier"] - seen[0]["fourier"]).abs().amax() > 0.1  # the words read another place
+    # the cell's own features (the embedding's input less the place) are the same: (h + w) - w in fp32 is h to
+    # a half-ulp of |h + w| and one of |h|, so the two differ by at most 2 · 2^-24 · (|h + w| + |h|)
+    trunk = [s["embed_in"] - s["where"] for s in seen]
+    scale = max(s["embed_in"].abs().max() for s in seen).item() + max(t.abs().max() for t in trunk).item()
+    torch.testing.assert_close(trunk[1], trunk[0], rtol=0, atol=2 * 2 ** -24 * scale)
 
 
 def test_reading_order_is_the_order_answers_write_words(tokenizer):
