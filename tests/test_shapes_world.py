@@ -287,12 +287,6 @@ def test_interleaved_schema(tmp_path):
     assert any(s < 0.2 for s in sims) and any(s >= 0.2 for s in sims)
 
 
-def test_generation_speed(tmp_path):
-    t0 = time.perf_counter()
-    sw.write_world(tmp_path, n_train=200, n_val=0, n_test=0, image_size=256)
-    assert time.perf_counter() - t0 < 8.0  # ~0.7 s expected; 2,000 images ~7 s
-
-
 # ------------------------------------------------------------------ the high-resolution option
 # sha256 over every written file (relative path, then bytes) of write_world(**SMALL), taken before `shape_px` existed
 DEFAULT_WORLD_SHA256 = "f8dfef13ffc2801977a14f4bac4136ef12adc9c9dca66d9211366c342a37b541"
