@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -62,43 +61,76 @@ def output(run_dir: Path, tag: str = "train") -> str:
     return (run_dir.parent / f"{tag}.log").read_text()
 
 
-def wait_for_rows(proc: subprocess.Popen, run_dir: Path, n: int) -> None:
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"training ended (rc {proc.returncode}) before step row {n}:\n{output(run_dir)}")
-        if metrics.exists() and metrics.read_text().count("\n") >= n:
-            return
-        time.sleep(0.005)
-    pytest.fail("training made no progress")
+# `mmbridge train` that sends itself SIGNAL at a chosen point, so no polling parent races the run: just before
+# its AT_SYNC-th file sync (checkpoint.py's `_fsync`: each file of a checkpoint, its manifest, its folder, and the
+# folder it is renamed into; so mid-checkpoint too), or as it asks for its AT_BATCH-th micro-batch
+SIGNALLED = """
+import os, signal, sys
+from mmbridge.cli import main
+from mmbridge.train import checkpoint
+from mmbridge.train.trainer import Trainer
+
+sig = getattr(signal, os.environ["SIGNAL"])
+
+def at(count, original):
+    calls = [0]
+    def wrapped(*args):
+        calls[0] += 1
+        if calls[0] == count:
+            os.kill(os.getpid(), sig)
+        return original(*args)
+    return wrapped
+
+if "AT_SYNC" in os.environ:
+    checkpoint._fsync = at(int(os.environ["AT_SYNC"]), checkpoint._fsync)
+if "AT_BATCH" in os.environ:
+    Trainer._next_batch = at(int(os.environ["AT_BATCH"]), Trainer._next_batch)
+main(sys.argv[1:])
+"""
+
+
+def start_signalled(recipe_yaml: Path, run_dir: Path, *extra: str, **at: str) -> subprocess.Popen:
+    """`mmbridge train` (output in RUN/../train.log) that signals itself: at={"SIGNAL": ..., "AT_SYNC" or
+    "AT_BATCH": ...}."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **at}
+    log = open(run_dir.parent / "train.log", "w")
+    return subprocess.Popen([sys.executable, "-c", SIGNALLED, "train", str(recipe_yaml), "--out", str(run_dir),
+                             *extra], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 @pytest.fixture(scope="module")
 def two_stage(tmp_path_factory, tiny_lm_dir, tiny_clip_dir, world):
-    """A recipe file (5 + 5 steps, a checkpoint every step) and its uninterrupted run's losses."""
+    """A recipe file (5 + 5 steps, a checkpoint every step), its uninterrupted run's losses, and for each file
+    sync of that run the file synced and how many step rows the metrics held then."""
     root = tmp_path_factory.mktemp("proc")
     path = root / "tiny.yaml"
     data = recipe_dict(tiny_lm_dir, tiny_clip_dir, world)
     path.write_text(yaml.safe_dump(data, sort_keys=False))  # key order = mixture order
-    Trainer(recipe_from_dict(data), root / "reference", progress=False).run()  # in-process: same numbers, faster
-    return path, losses(root / "reference")
+    syncs, fsync = [], ckpt._fsync
+    metrics = root / "reference" / "metrics.jsonl"
+
+    def counted(p):
+        syncs.append((Path(p).name, metrics.read_text().count("\n") if metrics.exists() else 0))
+        fsync(p)
+
+    with pytest.MonkeyPatch.context() as mp:  # in-process: the same numbers and syncs as the CLI, faster
+        mp.setattr(ckpt, "_fsync", counted)
+        Trainer(recipe_from_dict(data), root / "reference", progress=False).run()
+    return path, losses(root / "reference"), syncs
 
 
-def test_sigkill_at_a_random_step_then_resume_reproduces_the_losses(two_stage, tmp_path):
-    recipe_yaml, reference = two_stage
-    seed = random.randrange(10**6)
-    rng = random.Random(seed)
-    rows, delay = rng.randint(1, len(reference) - 2), rng.uniform(0, 0.08)  # the kill may land mid-checkpoint
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sigkill_at_a_seeded_point_then_resume_reproduces_the_losses(two_stage, tmp_path, seed):
+    recipe_yaml, reference, syncs = two_stage
+    # a file sync before the last step's row: between two checkpoints' files, before a manifest, after a rename
+    before_end = [i + 1 for i, (_, rows) in enumerate(syncs) if rows < len(reference)]
+    kill_at = random.Random(seed).choice(before_end)
     run = tmp_path / "run"
-    proc = start_train(recipe_yaml, run)
-    wait_for_rows(proc, run, rows)
-    time.sleep(delay)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    proc = start_signalled(recipe_yaml, run, SIGNAL="SIGKILL", AT_SYNC=str(kill_at))
+    proc.wait(timeout=240)
+    assert proc.returncode == -signal.SIGKILL, output(run)
     logged = (run / "metrics.jsonl").read_text().count("\n")
-    assert logged < len(reference), f"seed {seed}: the run finished before the kill"
+    assert logged == syncs[kill_at - 1][1] < len(reference)  # killed where the reference run had that many rows
 
     proc = start_train(recipe_yaml, run, "--resume", tag="resume")
     proc.wait(timeout=240)
@@ -111,12 +143,10 @@ def test_sigkill_at_a_random_step_then_resume_reproduces_the_losses(two_stage, t
 
 
 def test_sigterm_finishes_the_step_checkpoints_and_exits_0(two_stage, tmp_path):
-    recipe_yaml, reference = two_stage
+    recipe_yaml, reference, _ = two_stage
     run = tmp_path / "run"
-    proc = start_train(recipe_yaml, run, "--set", "save_every=0")
-    wait_for_rows(proc, run, 2)
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=120)
+    proc = start_signalled(recipe_yaml, run, "--set", "save_every=0", SIGNAL="SIGTERM", AT_BATCH="3")
+    proc.wait(timeout=240)
     text = output(run)
     assert proc.returncode == 0, text
     assert "stopped by SIGTERM: checkpoint written to" in text
@@ -124,9 +154,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_0(two_stage, tmp_path):
     newest = ckpt.list_checkpoints(run)[0]
     ckpt.verify(newest)
     state = ckpt.load_trainer_state(newest)
-    stage, step = rows[-1][:2]  # the checkpoint is exactly the last finished step
-    names = [s.name for s in recipe_from_dict(yaml.safe_load(recipe_yaml.read_text())).stages]
-    assert (state["stage"], state["step"]) in {(names.index(stage), step), (names.index(stage) + 1, 0)}
+    assert len(rows) == 3 and (state["stage"], state["step"]) == (0, 3)  # SIGTERM in step 3: it ends, then stops
     assert_same_losses(rows, reference[: len(rows)])
 
 
