@@ -146,8 +146,8 @@ def interrupted_run(recipe, run_dir, at_call: int) -> None:
 
 
 FP32_U = 2.0 ** -24  # fp32 unit roundoff
-# Along the deepest path to a logit (tower, bridge, two LM layers over <= 256 positions, output layer) fewer than 2**12
-# terms are summed, and a sum of n terms is off by at most n*u of what it carries: one evaluation order's relative error.
+# Along the deepest path to a logit (tower, bridge, two LM layers over <= 256 positions, output layer) fewer than
+# 2**12 terms are summed, and a sum of n terms is off by at most n*u of what it carries: one order's relative error.
 LOGIT_EPS = 2 ** 12 * FP32_U
 
 
