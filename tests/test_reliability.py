@@ -24,6 +24,7 @@ from mmbridge.objectives.captioning import NextTokenLoss
 from mmbridge.train import checkpoint as ckpt
 from mmbridge.train.trainer import NonFiniteError, Trainer
 from tests.conftest import Interrupt, interrupted_run, tiny_recipe_dict
+from tests.signalled_run import counted_syncs, start_signalled
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,43 +62,6 @@ def output(run_dir: Path, tag: str = "train") -> str:
     return (run_dir.parent / f"{tag}.log").read_text()
 
 
-# `mmbridge train` that sends itself SIGNAL at a chosen point, so no polling parent races the run: just before
-# its AT_SYNC-th file sync (checkpoint.py's `_fsync`: each file of a checkpoint, its manifest, its folder, and the
-# folder it is renamed into; so mid-checkpoint too), or as it asks for its AT_BATCH-th micro-batch
-SIGNALLED = """
-import os, signal, sys
-from mmbridge.cli import main
-from mmbridge.train import checkpoint
-from mmbridge.train.trainer import Trainer
-
-sig = getattr(signal, os.environ["SIGNAL"])
-
-def at(count, original):
-    calls = [0]
-    def wrapped(*args):
-        calls[0] += 1
-        if calls[0] == count:
-            os.kill(os.getpid(), sig)
-        return original(*args)
-    return wrapped
-
-if "AT_SYNC" in os.environ:
-    checkpoint._fsync = at(int(os.environ["AT_SYNC"]), checkpoint._fsync)
-if "AT_BATCH" in os.environ:
-    Trainer._next_batch = at(int(os.environ["AT_BATCH"]), Trainer._next_batch)
-main(sys.argv[1:])
-"""
-
-
-def start_signalled(recipe_yaml: Path, run_dir: Path, *extra: str, **at: str) -> subprocess.Popen:
-    """`mmbridge train` (output in RUN/../train.log) that signals itself: at={"SIGNAL": ..., "AT_SYNC" or
-    "AT_BATCH": ...}."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **at}
-    log = open(run_dir.parent / "train.log", "w")
-    return subprocess.Popen([sys.executable, "-c", SIGNALLED, "train", str(recipe_yaml), "--out", str(run_dir),
-                             *extra], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
 @pytest.fixture(scope="module")
 def two_stage(tmp_path_factory, tiny_lm_dir, tiny_clip_dir, world):
     """A recipe file (5 + 5 steps, a checkpoint every step), its uninterrupted run's losses, and for each file
@@ -106,19 +70,13 @@ def two_stage(tmp_path_factory, tiny_lm_dir, tiny_clip_dir, world):
     path = root / "tiny.yaml"
     data = recipe_dict(tiny_lm_dir, tiny_clip_dir, world)
     path.write_text(yaml.safe_dump(data, sort_keys=False))  # key order = mixture order
-    syncs, fsync = [], ckpt._fsync
-    metrics = root / "reference" / "metrics.jsonl"
-
-    def counted(p):
-        syncs.append((Path(p).name, metrics.read_text().count("\n") if metrics.exists() else 0))
-        fsync(p)
-
-    with pytest.MonkeyPatch.context() as mp:  # in-process: the same numbers and syncs as the CLI, faster
-        mp.setattr(ckpt, "_fsync", counted)
+    with counted_syncs(root / "reference") as syncs:  # in-process: the same numbers and syncs as the CLI, faster
         Trainer(recipe_from_dict(data), root / "reference", progress=False).run()
     return path, losses(root / "reference"), syncs
 
 
+# 0: killed in the checkpoint of step 9 (stage 2, step 4) after its weights, before its meta.json is synced;
+# 1: in the checkpoint of step 2 (stage 1) before its trainer_state.pt is synced. Either resumes one step back.
 @pytest.mark.parametrize("seed", [0, 1])
 def test_sigkill_at_a_seeded_point_then_resume_reproduces_the_losses(two_stage, tmp_path, seed):
     recipe_yaml, reference, syncs = two_stage
@@ -126,7 +84,7 @@ def test_sigkill_at_a_seeded_point_then_resume_reproduces_the_losses(two_stage, 
     before_end = [i + 1 for i, (_, rows) in enumerate(syncs) if rows < len(reference)]
     kill_at = random.Random(seed).choice(before_end)
     run = tmp_path / "run"
-    proc = start_signalled(recipe_yaml, run, SIGNAL="SIGKILL", AT_SYNC=str(kill_at))
+    proc = start_signalled(recipe_yaml, run, log=run.parent / "train.log", SIGNAL="SIGKILL", AT_SYNC=str(kill_at))
     proc.wait(timeout=240)
     assert proc.returncode == -signal.SIGKILL, output(run)
     logged = (run / "metrics.jsonl").read_text().count("\n")
@@ -145,7 +103,8 @@ def test_sigkill_at_a_seeded_point_then_resume_reproduces_the_losses(two_stage, 
 def test_sigterm_finishes_the_step_checkpoints_and_exits_0(two_stage, tmp_path):
     recipe_yaml, reference, _ = two_stage
     run = tmp_path / "run"
-    proc = start_signalled(recipe_yaml, run, "--set", "save_every=0", SIGNAL="SIGTERM", AT_BATCH="3")
+    proc = start_signalled(recipe_yaml, run, "--set", "save_every=0", log=run.parent / "train.log", SIGNAL="SIGTERM",
+                           AT_BATCH="3")
     proc.wait(timeout=240)
     text = output(run)
     assert proc.returncode == 0, text
