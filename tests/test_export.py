@@ -21,7 +21,7 @@ from mmbridge.interop.merge import merge_lora
 from mmbridge.models.build import build_model
 from mmbridge.train.checkpoint import load_run, save_recipe, save_weights
 from mmbridge.train.trainer import Trainer
-from tests.conftest import tiny_recipe_dict
+from tests.conftest import Choices, tiny_recipe_dict
 
 QUESTION = "What is shown?"
 
@@ -142,10 +142,12 @@ def test_greedy_generation_matches(hf, ours):
     model, processor, _ = hf
     for n in (1, 2):
         ids, pixels = our_inputs(ours[1], n)
-        want = ours[0].generate(ids, torch.ones_like(ids), pixels, max_new_tokens=12,
-                                eos_token_ids=ours[1].stop_token_ids)[0]
+        with Choices(ours[0]) as choices:  # 10 tokens: the 12th choice of the one-image reply is near a tie
+            want = ours[0].generate(ids, torch.ones_like(ids), pixels, max_new_tokens=10,
+                                    eos_token_ids=ours[1].stop_token_ids)[0]
+        choices.assert_clear()  # merging LoRA regroups the sums: no near-tie that could flip
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
-                             max_new_tokens=12)[0, ids.shape[1]:].tolist()
+                             max_new_tokens=10)[0, ids.shape[1]:].tolist()
         got = [t for t in out if t not in ours[1].stop_token_ids and t != processor.tokenizer.pad_token_id]
         assert got == want
         assert len(set(want)) > 2  # a real sequence, not one repeated token
