@@ -48,9 +48,13 @@ def test_cached_features_equal_the_encoders_and_skip_seen_images(frozen):
         del model.vision.forward
         model.feature_cache = None
     assert seen == [3, 2]  # every image encoded once
-    torch.testing.assert_close(first, want[:3], rtol=0, atol=0)
-    torch.testing.assert_close(mixed, want[[4, 0, 3, 2]], rtol=0, atol=0)
-    torch.testing.assert_close(again, want, rtol=0, atol=0)
+    # a remembered image gives exactly what the encoder gave it the first time
+    assert torch.equal(mixed[[1, 3]], first[[0, 2]]) and torch.equal(again[:3], first)
+    assert torch.equal(again[[4, 3]], mixed[[0, 2]])
+    # and that is the encoder's output for it in any batch, up to the order the kernels for another batch size sum
+    # in: 2 layers of fp32 sums of <= 64 terms (each within 64 * 2^-24 = 3.8e-6 of the exact sum, relatively)
+    # over features of order 1, a few such sums in sequence per layer: 1e-5
+    torch.testing.assert_close(again, want, rtol=1e-5, atol=1e-5)
 
 
 def test_a_changed_pixel_is_a_new_key_and_a_training_encoder_bypasses_the_cache(frozen):
