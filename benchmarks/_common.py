@@ -74,6 +74,19 @@ def tiny_sets(models: dict, world: dict) -> list[str]:
             *(f"world.{k}={v}" for k, v in world.items())]
 
 
+def toy_stages(recipe: str, batch_size: int = 4, steps: int | None = None) -> list[str]:
+    """Overrides for every stage of a bundled recipe at toy size, however many it has: `batch_size` samples (and
+    `steps` steps, if given) a stage; adapters meant for the top N layers go in the tiny LM's top layer."""
+    from mmbridge.config import load_recipe
+
+    sets = []
+    for i, stage in enumerate(load_recipe(recipe).stages):
+        sets.append(f"stages.{i}.batch_size={batch_size}")
+        sets += [f"stages.{i}.steps={steps}"] if steps else []
+        sets += [f"stages.{i}.lora.layers=1"] if stage.lora.layers is not None else []
+    return sets
+
+
 def ready_for_stage(trainer, si: int) -> None:
     """Make `trainer.model` what stage `si` meets, without training: every earlier stage's objective reads that
     stage's data as the trainer has it do (the objects objective chooses the bridge's vocabulary there)."""

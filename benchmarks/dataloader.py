@@ -32,7 +32,7 @@ from mmbridge.objectives import build_objective
 from mmbridge.train.parts import apply_stage_modes, param_groups
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ready_for_stage, tiny_models, tiny_sets, tiny_world  # noqa: E402
+from _common import ready_for_stage, tiny_models, tiny_sets, tiny_world, toy_stages  # noqa: E402
 
 SMOKE_KEYS = ("benchmark", "loader_samples_per_s", "step_s", "step_samples_per_s", "headroom")  # the last JSON line
 
@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         sets = []
         if args.smoke:
-            sets = [*tiny_sets(tiny_models(tmp), tiny_world(tmp)), "stages.1.lora.layers=1", "stages.1.batch_size=4"]
+            sets = [*tiny_sets(tiny_models(tmp), tiny_world(tmp)), *toy_stages("demo")]
             args.batches, args.steps = 3, 1
         return measure(args, sets)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from mmbridge.demo import run_demo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import tiny_models, tiny_sets, tiny_world  # noqa: E402
+from _common import tiny_models, tiny_sets, tiny_world, toy_stages  # noqa: E402
 
 SMOKE_KEYS = ("benchmark", "overrides", "runs")  # what the last JSON line holds (the smoke test reads this)
 COLUMNS = ("cider", "vqa_accuracy", "grounding_acc50", "vqa_image_gain", "train_seconds", "total_seconds")
@@ -35,9 +35,8 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.smoke:
-            args.set = [*tiny_sets(tiny_models(tmp), tiny_world(tmp)), "stages.0.steps=1", "stages.0.batch_size=4",
-                        "stages.1.batch_size=4", "stages.1.lora.layers=1", "eval.caption.limit=2", "eval.vqa.limit=16",
-                        "eval.grounding.limit=2", *args.set]
+            args.set = [*tiny_sets(tiny_models(tmp), tiny_world(tmp)), *toy_stages("demo", steps=1),
+                        "eval.caption.limit=2", "eval.vqa.limit=16", "eval.grounding.limit=2", *args.set]
             args.steps, args.out = [1], str(Path(tmp) / "runs")
         rows = {}
         for n in args.steps:

@@ -50,7 +50,7 @@ from mmbridge.train.device import resolve_device  # noqa: E402
 from mmbridge.train.trainer import Trainer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SMOLLM, smollm_tokenizer, tiny_models, tiny_sets, tiny_world  # noqa: E402
+from _common import SMOLLM, smollm_tokenizer, tiny_models, tiny_sets, tiny_world, toy_stages  # noqa: E402
 
 SMOKE_KEYS = ("benchmark", "device", "smoke", "all_ok", "checks")  # what the last JSON line holds (the smoke test)
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,14 +84,13 @@ def watched(trainer: Trainer, stop_at_call: int | None = None) -> dict:
 
 # -- the recipes each check trains ----------------------------------------------------------------------------
 def demo_recipe(args, ctx: dict):
-    """The bundled demo recipe as it is (its vision, bridge, stages and objectives) with the check's steps and
-    world; --smoke: on the tiny models, LoRA in the tiny LM's top layer."""
+    """The bundled demo recipe as it is (its vision, bridge, stages and objectives) with the check's steps in every
+    stage and the check's world; --smoke: on the tiny models, 4 samples a step."""
     sets = [f"device={args.device}", "log_every=1", "save_every=3", "keep_checkpoints=10",
             *(f"world.{k}={v}" for k, v in ctx["world"].items()),
-            f"stages.0.steps={args.steps}", f"stages.1.steps={args.steps}"]
+            *(f"stages.{i}.steps={args.steps}" for i in range(len(load_recipe("demo").stages)))]
     if ctx["tiny"]:
-        sets += [*tiny_sets(ctx["tiny"], {}), "stages.0.batch_size=4", "stages.1.batch_size=4",
-                 "stages.1.lora.layers=1"]
+        sets += [*tiny_sets(ctx["tiny"], {}), *toy_stages("demo")]
     return load_recipe("demo", sets)
 
 
@@ -173,7 +172,8 @@ def check_resume(args, ctx: dict) -> dict:
     recipe = demo_recipe(args, ctx)
     run = ctx["tmp"] / "resume"
     trainer = Trainer(recipe, run, progress=False)
-    watched(trainer, stop_at_call=args.steps + 5)  # inside stage 2, after its checkpoint at step 3
+    # at the last stage's step 5, after its checkpoint at step 3
+    watched(trainer, stop_at_call=args.steps * (len(recipe.stages) - 1) + 5)
     try:
         trainer.run()
     except Interrupt:
@@ -318,7 +318,8 @@ def main() -> dict:
     if unknown:
         parser.error(f"unknown check(s) {sorted(unknown)}; choose from {list(CHECKS)}")
     if args.steps < 6:
-        parser.error("--steps: at least 6 (the resume check stops at stage 2's step 5, after its checkpoint at 3)")
+        parser.error("--steps: at least 6 (the resume check stops at the last stage's step 5, after its checkpoint "
+                     "at 3)")
     args.mfu_steps = args.mfu_steps or (3 if args.smoke else 12)
     args.mfu_warmup = (1 if args.smoke else 4) if args.mfu_warmup is None else args.mfu_warmup
     device = resolve_device(args.device)

@@ -39,7 +39,7 @@ from mmbridge.train.parts import apply_stage_modes, param_groups  # noqa: E402
 from mmbridge.train.trainer import Trainer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ready_for_stage, tiny_models, tiny_sets, tiny_world  # noqa: E402
+from _common import ready_for_stage, tiny_models, tiny_sets, tiny_world, toy_stages  # noqa: E402
 
 SMOKE_KEYS = ("benchmark", "device", "peak_gflop_per_s", "results", "best_mfu")  # the last JSON line's keys
 CONFIGS = {"demo": [], "packed256": ["model.max_length=256", "stages.1.pack=true", "stages.1.group_by_length=0"],
@@ -101,8 +101,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         args.sets = []
         if args.smoke:
-            args.sets = [*tiny_sets(tiny_models(tmp), tiny_world(tmp)), "stages.1.lora.layers=1",
-                         "stages.1.batch_size=4"]
+            args.sets = [*tiny_sets(tiny_models(tmp), tiny_world(tmp)), *toy_stages("demo")]
             args.steps, args.rows = 1, 2
             torch.set_num_threads(1)
         run(args)

@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import tiny_models, tiny_sets, tiny_world  # noqa: E402
+from _common import tiny_models, tiny_sets, tiny_world, toy_stages  # noqa: E402
 
 SMOKE_KEYS = ("benchmark", "run_dir", "max_batch", "levels")  # what the last JSON line holds (the smoke test)
 QUESTIONS = ["What is in this picture?", "How many shapes are there?", "What colour is the largest shape?",
@@ -48,8 +48,7 @@ def tiny_run(folder: Path) -> tuple[Path, Path]:
     from mmbridge.train.trainer import Trainer
 
     world = tiny_world(folder)
-    sets = [*tiny_sets(tiny_models(folder), world), "stages.0.steps=1", "stages.1.steps=1", "stages.0.batch_size=4",
-            "stages.1.batch_size=4", "stages.1.lora.layers=1"]
+    sets = [*tiny_sets(tiny_models(folder), world), *toy_stages("demo", steps=1)]
     run_dir = folder / "run"
     Trainer(load_recipe("demo", sets), run_dir, progress=False).run()
     return run_dir, Path(world["root"]) / "images" / "test"
