@@ -69,9 +69,11 @@ def test_quick_demo_writes_metrics_and_examples(quick_run):
     records, rows = scored["vqa"]
     preds, golds = [r["prediction"] for r in rows], [r["answer"] for r in records]
     assert saved["vqa_accuracy"] == vqa_accuracy_by_hand(preds, golds)
-    qtypes = sorted({r["qtype"] for r in records})
-    assert saved["vqa_by_qtype"] == {t: round(vqa_accuracy_by_hand(*zip(*[(p, g) for p, g, r in zip(preds, golds, records)
-                                                                         if r["qtype"] == t])), 4) for t in qtypes}
+    by_type = {}
+    for p, g, r in zip(preds, golds, records):
+        by_type.setdefault(r["qtype"], ([], []))[0].append(p)
+        by_type[r["qtype"]][1].append(g)
+    assert saved["vqa_by_qtype"] == {t: round(vqa_accuracy_by_hand(*by_type[t]), 4) for t in sorted(by_type)}
     records, rows = scored["grounding"]
     acc50, unparsed = grounding_by_hand([r["prediction"] for r in rows], [r["box"] for r in records])
     assert saved["grounding_acc50"] == acc50 and saved["unparsed"] == unparsed

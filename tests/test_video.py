@@ -18,6 +18,7 @@ from mmbridge.data.llava import DataError
 from mmbridge.data.processor import IGNORE
 from mmbridge.data.video import VideoSampling, expand, sample_indices
 from mmbridge.models.build import build_model
+from tests.conftest import attentive
 from tests.greedy_reference import greedy_answers, vqa_accuracy_by_hand
 
 RESAMPLER = {"name": "resampler", "latents": 4, "depth": 1, "heads": 4, "max_frames": 4}
@@ -280,25 +281,25 @@ def test_eval_answers_video_questions_and_ranking_refuses_them(tiny_lm_dir, tiny
     from mmbridge.eval.evaluate import evaluate_file
 
     model, proc = build(tiny_lm_dir, tiny_clip_dir, RESAMPLER)
-    seen = []  # the frames the vision tower reads, per batch
-    hook = model.vision.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-    metrics, rows = evaluate_file(model, proc, videos["files"]["test"], videos["images"], "vqa", limit=3,
-                                  max_new_tokens=2, batch_size=2, progress=False)
-    hook.remove()
-    assert metrics["n"] == 3 and [len(r["video"]) for r in rows] == [VIDEOS["frames"]] * 3
-    # the same batches by hand (2 videos, then 1): each video one <image> input of its frames 0, 2 and 4 (1 fps)
     records = json.loads(open(videos["files"]["test"]).read())[:3]
-    want = []
-    assert len(seen) == 2
-    for batch, read in zip((records[:2], records[2:]), seen):
-        frames = [Image.open(f"{videos['images']}/{r['video'][i]}") for r in batch for i in (0, 2, 4)]
-        pixels = preprocess(frames, proc.image_size, proc.image_mean, proc.image_std)
-        assert torch.equal(read, pixels)
-        prompts = [proc.encode_prompt([{"from": "human", "value": r["conversations"][0]["value"].replace(
-            "<video>", "<image>")}]) for r in batch]
-        want += greedy_answers(model, proc, prompts, pixels, 2, frame_counts=torch.tensor([3] * len(batch)))
+    seen, want = [], []  # the frames the vision tower reads, per batch; the answers decoded by hand
+    with attentive(model):  # replies that follow their input (the tiny LM as it is answers "" to everything)
+        hook = model.vision.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        metrics, rows = evaluate_file(model, proc, videos["files"]["test"], videos["images"], "vqa", limit=3,
+                                      max_new_tokens=3, batch_size=2, progress=False)
+        hook.remove()
+        assert len(seen) == 2
+        # the same batches by hand (2 videos, then 1): each video one <image> input of its frames 0, 2, 4 (1 fps)
+        for batch, read in zip((records[:2], records[2:]), seen):
+            frames = [Image.open(f"{videos['images']}/{r['video'][i]}") for r in batch for i in (0, 2, 4)]
+            pixels = preprocess(frames, proc.image_size, proc.image_mean, proc.image_std)
+            assert torch.equal(read, pixels)
+            prompts = [proc.encode_prompt([{"from": "human", "value": r["conversations"][0]["value"].replace(
+                "<video>", "<image>")}]) for r in batch]
+            want += greedy_answers(model, proc, prompts, pixels, 3, frame_counts=torch.tensor([3] * len(batch)))
+    assert metrics["n"] == 3 and [len(r["video"]) for r in rows] == [VIDEOS["frames"]] * 3
     preds = [r["prediction"] for r in rows]
-    assert preds == want
+    assert preds == want and all(preds)
     assert metrics["vqa_accuracy"] == vqa_accuracy_by_hand(preds, [r["answer"] for r in records])
     with pytest.raises(ValueError, match="does not read videos"):
         evaluate_file(model, proc, videos["files"]["test"], videos["images"], "choice", limit=2, progress=False)
