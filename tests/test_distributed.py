@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from mmbridge.train import checkpoint as ckpt
 from mmbridge.train.trainer import Trainer
 from tests.conftest import tiny_recipe_dict
+from tests.rounding import GRAD_REL, LOSS_REL, assert_same_outputs, assert_same_updates
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,21 +38,6 @@ def rows(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-# Runs that differ only in where their sums are split (processes, strategy, a resume) differ by float rounding,
-# which depends on the processor's kernels. What rounding can do, and what the checks below allow:
-# - a loss is a mean over ~1e3 fp32 terms (relative error ~log2(n) * 6e-8, about 1e-6), computed with weights that
-#   differ by the rounding of earlier updates: 1e-5; a gradient norm sums squares of gradients that rounding
-#   perturbs in the same way, over fewer terms each: 1e-4;
-# - an Adam update divides the gradient by its own running size, so rounding changes it materially only for the
-#   few elements whose gradient is within rounding of zero (one element of 8,192 moved 3e-5 more after 3 steps at
-#   lr 1e-2 here): the trained weights differ by far less than 1 % of how far training moved them (the norm over
-#   the tensor; seen: at most 2.2e-5 of it).
-# Broken on purpose once each (rank 1's gradient dropped, rank 1 skipping a micro-batch, DDP's all-reduce skipped,
-# FSDP's shards gathered in the wrong order), every break failed: later losses off by 9e-5 to 2.5e-3 relative,
-# gradient norms by 0.26 to 0.55, some tensor's weights by 34 % to 42,000 % of its update.
-LOSS_REL, GRAD_REL, UPDATE_REL = 1e-5, 1e-4, 1e-2
-
-
 def assert_same_losses(got: list[dict], want: list[dict], rel: float = LOSS_REL) -> None:
     assert [(r["stage"], r["step"]) for r in got] == [(r["stage"], r["step"]) for r in want]
     for g, w in zip(got, want):
@@ -66,24 +52,6 @@ def starts(run_dir: Path) -> dict[str, torch.Tensor]:
             for name in json.loads(f.metadata()["trained"]):
                 out.setdefault(name, f.get_tensor(name))
     return out
-
-
-def assert_same_updates(got: dict, want: dict, start: dict, rel: float = UPDATE_REL) -> None:
-    """`got` and `want` hold the same tensors, each equal up to `rel` of how far training moved it from `start`
-    (the norm over the tensor; see above); a tensor that never trained is bitwise equal."""
-    assert got.keys() == want.keys()
-    for k in want:
-        if k not in start:
-            assert torch.equal(got[k], want[k]), f"{k} never trained but differs"
-            continue
-        moved, off = (want[k] - start[k]).norm().item(), (got[k] - want[k]).norm().item()
-        assert off <= rel * moved, f"{k}: the runs differ by {off:.3g}, training moved it by {moved:.3g}"
-
-
-def assert_same_outputs(got: torch.Tensor, want: torch.Tensor, untrained: torch.Tensor, rel: float = UPDATE_REL):
-    """Two trained models' outputs equal up to `rel` of how far training moved the output from `untrained`."""
-    moved, off = (want - untrained).norm().item(), (got - want).norm().item()
-    assert off <= rel * moved, f"outputs differ by {off:.3g}, training moved them by {moved:.3g}"
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,8 @@ from mmbridge.models.moe import balancing_loss, balancing_over, is_moe_param, mo
 from mmbridge.train import checkpoint as ckpt
 from mmbridge.train.trainer import Trainer
 from tests.conftest import tiny_recipe_dict
-from tests.test_distributed import (GRAD_REL, LOSS_REL, assert_same_losses, assert_same_outputs, assert_same_updates,
-                                    rows, starts)
+from tests.rounding import GRAD_REL, LOSS_REL, assert_same_outputs, assert_same_updates
+from tests.test_distributed import assert_same_losses, rows, starts
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}

@@ -11,6 +11,7 @@ from mmbridge.config import RecipeError, load_recipe, recipe_from_dict
 from mmbridge.train.checkpoint import load_run
 from mmbridge.train.trainer import Trainer
 from tests.conftest import interrupted_run, tiny_recipe_dict
+from tests.rounding import GRAD_REL, LOSS_REL
 
 
 def snapshot(module):
@@ -110,5 +111,5 @@ def test_grad_accumulation_normalises_by_all_target_tokens(tiny_lm_dir, tiny_cli
         Trainer(recipe_from_dict(data), run, progress=False).run()
         logs.append(json.loads((run / "metrics.jsonl").read_text().splitlines()[0]))
     (a, b) = logs
-    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_REL)  # the same sums, split otherwise
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=GRAD_REL)
