@@ -75,7 +75,7 @@ def test_kv_cached_generation_equals_full_recompute(tiny):
             assert got[row] == out
             choices.assert_logits(row, full)  # every logit, not only the winners
     choices.assert_clear([6, 6])  # no near-tie the cache's or the padding's other rounding could flip
-    assert got[0] != got[1]
+    assert got[0] != got[1] and len(choices.steps) == 6  # one choice per token: no forward pass for a 7th
 
 
 def test_questions_on_one_image_share_its_prefix_and_decode_as_alone(tiny):

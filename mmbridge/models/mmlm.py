@@ -320,7 +320,7 @@ class MultimodalLM(nn.Module):
             done |= torch.isin(next_tok, eos)
             if on_token is not None:
                 self._report(next_tok, step, ends, set(eos_token_ids), on_token, done)
-            if bool(done.all()):
+            if bool(done.all()) or step == max_new_tokens - 1:  # no forward pass for a token never kept
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             last = last + 1
