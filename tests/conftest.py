@@ -15,6 +15,8 @@ import pytest
 import torch
 from hypothesis import settings as hypothesis_settings
 
+from tests.rounding import LOGIT_EPS
+
 # Hypothesis's "ci" profile: the same examples on every run (derandomised), so a failure comes back when rerun, and
 # the blob that replays a failing example printed with it; `pytest --hypothesis-profile=default` explores afresh.
 hypothesis_settings.load_profile("ci")
@@ -143,12 +145,6 @@ def interrupted_run(recipe, run_dir, at_call: int) -> None:
     trainer._next_batch = next_batch
     with pytest.raises(Interrupt):
         trainer.run()
-
-
-FP32_U = 2.0 ** -24  # fp32 unit roundoff
-# Along the deepest path to a logit (tower, bridge, two LM layers over <= 256 positions, output layer) fewer than
-# 2**12 terms are summed, and a sum of n terms is off by at most n*u of what it carries: one order's relative error.
-LOGIT_EPS = 2 ** 12 * FP32_U
 
 
 class Choices:
