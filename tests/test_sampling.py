@@ -100,3 +100,17 @@ def test_on_token_reports_the_stop_token_then_none(tiny, prompts):
     assert got[1] == greedy[1][:cut]
     assert [s[1] for s in seen][: cut + 1] == greedy[1][: cut + 1]
     assert all(s[1] is None for s in seen[cut + 1:])
+
+
+def test_tiny_temperatures_are_greedy_and_non_finite_settings_are_refused():
+    """A temperature whose 1/t overflows float32 (1e-300 divides the logits by 0) chose NaN probabilities, and
+    `torch.multinomial` raised for the whole batch, its greedy rows too (issue #29). Such a row is now greedy;
+    NaN, infinite or negative settings raise before any row is chosen."""
+    from mmbridge.models.sampling import GREEDY_BELOW, next_tokens
+
+    logits = torch.randn(3, 50, generator=seeded(0))
+    tokens = next_tokens(logits, [0.0, 1e-300, GREEDY_BELOW / 2], [1.0, 1.0, 0.5], [None, seeded(1), seeded(2)])
+    assert tokens.tolist() == logits.argmax(-1).tolist()
+    for t, p in [(float("nan"), 1.0), (float("inf"), 1.0), (-1.0, 1.0), (1.0, float("nan")), (1.0, 0.0), (1.0, 1.5)]:
+        with pytest.raises(ValueError, match="temperature|top_p"):
+            next_tokens(logits[:1], [t], [p], [None])
