@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,11 +14,13 @@ __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "DEFAULT_MAX_PIXELS",
+    "IMAGE_FORMATS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "SIGLIP_MEAN",
     "SIGLIP_STD",
     "ImageError",
+    "ImageTooLarge",
     "decode_image",
     "load_image",
     "preprocess",
@@ -35,6 +36,10 @@ SIGLIP_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
 #: Images with more pixels than this are rejected as possible decompression bombs.
 DEFAULT_MAX_PIXELS: int = 64_000_000
 
+#: The only formats opened: PIL would otherwise try every plugin it has, some of which run other programs
+#: (EPS runs Ghostscript where it is installed) or parse rarely used, rarely audited layouts.
+IMAGE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+
 
 class ImageError(ValueError):
     """An image file could not be loaded; the message names the path and the reason."""
@@ -45,12 +50,17 @@ class ImageError(ValueError):
         super().__init__(f"cannot load image {self.path!r}: {reason}")
 
 
+class ImageTooLarge(ImageError):
+    """The image's header declares more pixels than allowed; nothing was decoded."""
+
+
 def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Load ``path`` fully into memory as an RGB image.
 
-    Raises ``ImageError`` for a missing or empty file, a file PIL cannot decode
-    (including truncated data) and images larger than ``max_pixels`` pixels
-    (``None`` disables our limit; PIL's own bomb check then raises instead of warning).
+    Raises ``ImageError`` for a missing or empty file, a file that is not one of ``IMAGE_FORMATS`` or that PIL
+    cannot decode (including truncated data), and ``ImageTooLarge`` for images larger than ``max_pixels`` pixels
+    or PIL's ``Image.MAX_IMAGE_PIXELS``, whichever is smaller (``None``: PIL's alone), read from the header
+    before any pixel data is decoded.
     """
     if not os.path.exists(path):
         raise ImageError(path, "file does not exist")
@@ -69,26 +79,26 @@ def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int | None = DE
 
 
 def _decode(source, name, max_pixels: int | None) -> Image.Image:
-    """Open `source` (a path or a binary file), check its size, decode it fully, as RGB."""
+    """Open `source` (a path or a binary file), check its size, decode it fully, as RGB.
+
+    PIL's own bomb check only warns below twice its `MAX_IMAGE_PIXELS`; rather than turning that warning into
+    an error with `warnings.catch_warnings` (which swaps the process-wide filters, so threads decoding at the
+    same time undo each other's), the size is compared here with the smaller of the two limits."""
+    limits = [n for n in (max_pixels, Image.MAX_IMAGE_PIXELS) if n is not None]
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as img:
-                w, h = img.size  # header only; check before decoding pixel data
-                if max_pixels is not None and w * h > max_pixels:
-                    raise ImageError(
-                        name,
-                        f"{w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
-                        "(possible decompression bomb)",
-                    )
-                img.load()  # decode now so truncation/corruption is detected here
-                return img.convert("RGB")
+        with Image.open(source, formats=IMAGE_FORMATS) as img:
+            w, h = img.size  # header only; check before decoding pixel data
+            if limits and w * h > min(limits):
+                raise ImageTooLarge(name, f"{w}x{h} = {w * h} pixels exceeds the limit of {min(limits)} "
+                                          "(possible decompression bomb)")
+            img.load()  # decode now so truncation/corruption is detected here
+            return img.convert("RGB")
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(name, f"decompression bomb: {e}") from e
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(name, f"decompression bomb: {e}") from e
     except Image.UnidentifiedImageError as e:
-        raise ImageError(name, "not a recognised image format") from e
+        raise ImageError(name, f"not a recognised image format (one of {', '.join(IMAGE_FORMATS)})") from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         # PIL reports truncated/corrupt data as OSError, SyntaxError ("broken PNG") or EOFError.
         raise ImageError(name, f"corrupt or truncated image data ({type(e).__name__}: {e})") from e
