@@ -94,9 +94,10 @@ class ConversationDataset(Dataset):
         try:
             images = self.store.frames(i, units)
         except ImageError as e:
+            kind = getattr(e, "kind", "unreadable image")  # a MediaPathError: a name outside the image root
             if not self.skip_bad:
-                raise DataError(f"{self.store.place(i, rec)}: {e}", "unreadable image") from e
-            return {"id": str(rec.get("id", self.store.default_id(i))), "skip": "unreadable image"}
+                raise DataError(f"{self.store.place(i, rec)}: {e}", kind) from e
+            return {"id": str(rec.get("id", self.store.default_id(i))), "skip": kind}
         views = self.processor.images(images)
         s = self.encoded(idx, views.get("counts"))
         frames = [len(u) for u in units]

@@ -64,7 +64,7 @@ class DocumentEncoder:
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected an object, got {type(record).__name__}", "not an object")
         try:
-            doc = parse_document(record, where, image_root="")
+            doc = parse_document(record, where)  # names only: the store reads them (`image_ref`)
         except DataError as e:
             raise DataError(str(e), "bad document") from e
         for k, text in enumerate(doc.texts):

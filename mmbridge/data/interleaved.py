@@ -109,9 +109,10 @@ class InterleavedDataset(Dataset):
         try:
             images = [self.store.image(s["row"], p) for p in s["names"]]
         except ImageError as e:
+            kind = getattr(e, "kind", "unreadable image")  # a MediaPathError: a name outside the image root
             if not self.skip_bad:
-                raise DataError(f"{s['where']}: {e}", "unreadable image") from e
-            return {"id": s["id"], "skip": "unreadable image"}
+                raise DataError(f"{s['where']}: {e}", kind) from e
+            return {"id": s["id"], "skip": kind}
         size = self.processor.image_size
         pixels = preprocess(images, size, self.processor.image_mean, self.processor.image_std) \
             if images else torch.zeros(0, 3, size, size)

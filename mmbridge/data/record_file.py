@@ -18,6 +18,7 @@ import numpy as np
 
 from mmbridge.data.images import load_image
 from mmbridge.data.llava import DataError, decode_json, printable, read_llava_json
+from mmbridge.data.media import media_path
 
 CHUNK = 1 << 26  # bytes scanned at a time
 _WS = np.zeros(256, dtype=bool)
@@ -261,8 +262,9 @@ class RecordFile:
                             f"{e.msg}", "malformed JSON") from e
 
     def image_ref(self, i: int, name: str) -> str:
-        """Where image `name` of record `i` is: a file under the image root."""
-        return str(self.image_root / name)
+        """Where image, frame or video file `name` of record `i` is: a regular file under the image root
+        (`media.media_path`; else a MediaPathError, or an ImageError for a folder, device or FIFO)."""
+        return media_path(self.image_root, name)
 
     def image(self, i: int, name: str):
         return load_image(self.image_ref(i, name))

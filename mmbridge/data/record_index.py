@@ -27,7 +27,7 @@ from mmbridge.data.llava import DataError, check_record, record_images
 from mmbridge.data.record_file import MalformedFile
 from mmbridge.data.video import record_units
 
-VERSION = 3  # bump when what the index holds or how a record is encoded changes
+VERSION = 4  # bump when what the index holds or how a record is encoded changes (4: media names checked)
 BATCH = 512  # conversations measured at a time
 SPAN = 4096  # records per job of an index worker
 MIN_PER_WORKER = 2000  # fewer records than this per worker: index in this process
@@ -62,7 +62,7 @@ def image_counts(store, processor, i: int, units: list[list], where: str) -> lis
     try:
         frames = store.frames(i, units)
     except ImageError as e:
-        raise DataError(f"{where}: {e}", "unreadable image") from e
+        raise DataError(f"{where}: {e}", getattr(e, "kind", "unreadable image")) from e
     return processor.image_counts([im.size for im in frames])
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from mmbridge.data.images import ImageError, decode_image
 from mmbridge.data.llava import DataError, decode_json, printable, record_images
+from mmbridge.data.media import media_path, read_media
 
 
 def is_shards(path: str | os.PathLike) -> bool:
@@ -132,12 +133,19 @@ class ShardRecords:
 
 def write_shards(json_path: str | os.PathLike, image_root: str | os.PathLike, out_dir: str | os.PathLike,
                  per_shard: int = 1000) -> list[str]:
-    """A LLaVA JSON list + image root → webdataset shards (`shard-00000.tar`, …); returns their paths."""
+    """A LLaVA JSON list + image root → webdataset shards (`shard-00000.tar`, …); returns their paths.
+
+    Shards are made to be shared, so every image must be a regular file under `image_root` (`media.py`);
+    every name is checked before anything is written, and the first that is not raises a DataError naming
+    the record and the image, with nothing packed."""
     import webdataset as wds
 
     from mmbridge.data.llava import read_llava_json
 
     records, _ = read_llava_json(json_path)
+    for n, rec in enumerate(records):
+        for j, p in enumerate(record_images(rec)):
+            _checked(json_path, n, rec, j, lambda: media_path(image_root, p))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with wds.ShardWriter(str(out_dir / "shard-%05d.tar"), maxcount=per_shard, verbose=0) as sink:
@@ -146,10 +154,19 @@ def write_shards(json_path: str | os.PathLike, image_root: str | os.PathLike, ou
             names = []
             for j, p in enumerate(record_images(rec)):
                 member = f"{j}.{Path(p).suffix.lstrip('.').lower() or 'png'}"
-                sample[member] = (Path(image_root) / p).read_bytes()
+                sample[member] = _checked(json_path, n, rec, j, lambda: read_media(image_root, p))
                 names.append(member)
             if names:
                 rec = {**rec, "image": names[0] if isinstance(rec.get("image"), str) else names}
             sample["json"] = json.dumps(rec).encode()
             sink.write(sample)
     return sorted(str(p) for p in out_dir.glob("shard-*.tar"))
+
+
+def _checked(json_path, n: int, rec: dict, j: int, read):
+    """`read()`, its ImageError as a DataError naming the record and its image."""
+    try:
+        return read()
+    except ImageError as e:
+        raise DataError(f"{json_path}: record {n} (id {printable(rec.get('id', n))}): image[{j}]: {e}",
+                        getattr(e, "kind", "unreadable image")) from e

@@ -160,7 +160,13 @@ def video_frames(record: dict, sampling: VideoSampling, where: str, locate) -> l
         if locate is None:
             raise DataError(f"{where}: video files are read from a folder of files, not from shards; give the "
                             "video as a list of frame images", "video file in shards")
-        times = probe_times(locate(video), where, video)
+        from mmbridge.data.images import ImageError
+
+        try:
+            path = locate(video)  # a regular file under the image root (`media.media_path`)
+        except ImageError as e:
+            raise DataError(f"{where}: 'video': {e}", getattr(e, "kind", "unreadable video")) from e
+        times = probe_times(path, where, video)
         return [(video, int(k)) for k in sample_indices(times, sampling.fps, sampling.max_frames)]
     times = frame_times(record, len(video), where)
     picks = spread(np.arange(len(video)), sampling.max_frames) if times is None else \

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmbridge.data.images import load_image, preprocess
+from mmbridge.data.media import media_path
 from mmbridge.data.llava import record_images
 from mmbridge.data.processor import IGNORE
 from mmbridge.eval.evaluate import gold, prompt_turns
@@ -118,7 +119,7 @@ def _views(processor, records, owners: list[int], image_root) -> dict:
         return {}
     out = {}
     for i in dict.fromkeys(owners):
-        paths = [Path(image_root) / p for p in record_images(records[i])]
+        paths = [media_path(image_root, p) for p in record_images(records[i])]
         if paths:
             out[i] = processor.images([load_image(p) for p in paths])
     return out
@@ -139,7 +140,7 @@ def _images(model, processor, records, owners: list[int], image_root, device):
     deep-fusion bridge reads pixels inside the LM: those are repeated instead). Returns (pixels, visual,
     instruction_ids) for `model.prepare`."""
     distinct = list(dict.fromkeys(owners))
-    paths = {i: [Path(image_root) / p for p in record_images(records[i])] for i in distinct}
+    paths = {i: [media_path(image_root, p) for p in record_images(records[i])] for i in distinct}
     if not any(paths.values()):
         return None, None, None
     pixels = {i: preprocess([load_image(p) for p in paths[i]], processor.image_size, processor.image_mean,

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from mmbridge.data.images import load_image
+from mmbridge.data.media import media_path
 from mmbridge.data.llava import read_llava_json, record_images
 from mmbridge.data.video import expand, load_frames, record_units, sampling_of
 from mmbridge.eval.metrics import caption_scores, grounding_scores, parse_box, vqa_accuracy
@@ -47,7 +49,7 @@ def generate_answers(model, processor, records: list[dict], image_root: str | Pa
     # an InstructBLIP Q-Former or a deep-fusion bridge reads the image with the question: nothing to share
     share = not processor.instructions and not model.deep_fusion
     for i in tqdm(range(0, len(records), batch_size), desc=desc, disable=not progress, dynamic_ncols=True):
-        batch = [expand(r, sampling, f"record {r.get('id')}", lambda name: root / name)
+        batch = [expand(r, sampling, f"record {r.get('id')}", partial(media_path, root))
                  for r in records[i: i + batch_size]]
         out = _answer_batch(model, processor, batch, root, max_new_tokens, share)
         if out is None:  # some question comes before its image: every record reads its own
@@ -64,7 +66,8 @@ def _answer_batch(model, processor, batch: list[dict], root: Path, max_new_token
     group = [first.setdefault(k, len(first)) for k in keys]
     shown = [batch[keys.index(k)] for k in first]  # one record per distinct visual input
     units = [u for r in shown for u in record_units(r)]
-    frames = load_frames(units, lambda name: load_image(root / name), lambda name: root / name)
+    locate = partial(media_path, root)  # a regular file under the image root
+    frames = load_frames(units, lambda name: load_image(locate(name)), locate)
     views = processor.images(frames)  # under a tiling: each image's views and own token count
     counts, at, own = views.get("counts"), 0, []
     for r in shown:  # each record's images' own counts (none given: the bridge's tokens per view)

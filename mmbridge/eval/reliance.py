@@ -13,6 +13,7 @@ import torch
 
 from mmbridge.data.dataset import Collator
 from mmbridge.data.images import load_image, preprocess
+from mmbridge.data.media import media_path
 from mmbridge.data.llava import record_images
 from mmbridge.train.distributed import to_device
 
@@ -29,7 +30,7 @@ def image_reliance(model, processor, records: list[dict], image_root: str | Path
         imgs = record_images(r)
         if len(imgs) != 1:
             raise ValueError(f"record {r.get('id')}: image_reliance needs exactly one image, got {len(imgs)}")
-        paths.append(Path(image_root) / imgs[0])
+        paths.append(media_path(image_root, imgs[0]))
     distinct = list(dict.fromkeys(paths))
     if len(distinct) < 2:
         raise ValueError("image_reliance needs records with at least two different images")

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 from typing import Iterator
 
+from mmbridge.data.images import ImageError
 from mmbridge.data.llava import DataError
+from mmbridge.data.media import media_path, read_media
 from mmbridge.lcl.sequence import Document, ImageRef
 
 
@@ -23,7 +24,8 @@ class LCLDataError(DataError):
 
 
 def parse_document(obj: dict, where: str, image_root: str | None = None, members: dict | None = None) -> Document:
-    """An MMC4-style dict → Document (images as paths under `image_root`, or decoded shard members)."""
+    """An MMC4-style dict → Document: images as files under `image_root` (checked: `data/media.py`), as decoded
+    shard `members`, or, with neither, as the names `image_info` gives."""
     if not isinstance(obj.get("text_list"), list):
         raise LCLDataError(f"{where}: expected a `text_list` list")
     images = []
@@ -38,8 +40,14 @@ def parse_document(obj: dict, where: str, image_root: str | None = None, members
             from PIL import Image
 
             source = Image.open(io.BytesIO(members[name]))
+        elif image_root is not None:
+            try:
+                source = media_path(image_root, str(name))
+            except ImageError as e:
+                raise LCLDataError(f"{where}: image_info[{j}].image_name: {e}",
+                                   getattr(e, "kind", "unreadable image")) from e
         else:
-            source = os.path.join(image_root or "", name)
+            source = str(name)
         images.append(ImageRef(source, t, sim))
     return Document([str(t) for t in obj["text_list"]], images, str(obj.get("id", where)))
 
@@ -78,22 +86,28 @@ def iter_shards(urls: list[str]) -> Iterator[Document]:
 
 
 def write_shards(jsonl: str | Path, image_root: str | Path, out_dir: str | Path, per_shard: int = 1000) -> list[str]:
-    """Convert an MMC4-style JSONL + image root into tar shards; returns the shard paths."""
+    """Convert an MMC4-style JSONL + image root into tar shards; returns the shard paths. Every image must be a
+    regular file under `image_root` (`data/media.py`): checked for all documents before anything is written."""
     import webdataset as wds
 
+    lines = [(n, line) for n, line in enumerate(Path(jsonl).read_text().splitlines()) if line.strip()]
+    for n, line in lines:  # every image checked (a regular file under the root) before anything is packed
+        parse_document(json.loads(line), f"{jsonl}:{n + 1}", str(image_root))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pattern = str(out_dir / "shard-%05d.tar")
     with wds.ShardWriter(pattern, maxcount=per_shard, verbose=0) as sink:
-        for n, line in enumerate(Path(jsonl).read_text().splitlines()):
-            if not line.strip():
-                continue
+        for n, line in lines:
             obj = json.loads(line)
             sample = {"__key__": f"doc{n:07d}"}
             for j, info in enumerate(obj.get("image_info", [])):
                 ext = Path(info["image_name"]).suffix.lstrip(".").lower() or "png"
                 member = f"{j}.{ext}"
-                sample[member] = (Path(image_root) / info["image_name"]).read_bytes()
+                try:
+                    sample[member] = read_media(image_root, info["image_name"])
+                except ImageError as e:
+                    raise LCLDataError(f"{jsonl}:{n + 1}: image_info[{j}].image_name: {e}",
+                                       getattr(e, "kind", "unreadable image")) from e
                 info["image_name"] = member
             sample["json"] = json.dumps(obj).encode()
             sink.write(sample)

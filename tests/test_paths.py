@@ -1,0 +1,177 @@
+"""Paths a record or a command names stay where they belong (issue #29, the file half).
+
+Media: a record's image, frame or video name is a regular file under its source's image root
+(`data/media.py`), else a DataError naming the file, the record and the name, or with `bad_samples: skip` a
+count of why; shard writers pack nothing from outside the root. Nothing here opens a FIFO or a device: a
+FIFO used below is fed by a writer thread, so a reader that did open it would read an image and the test
+would fail on what it read, never hang.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import os
+import tarfile
+import threading
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mmbridge.data.dataset import Collator, ConversationDataset
+from mmbridge.data.llava import DataError
+from mmbridge.data.media import OUTSIDE, media_path
+from tests.test_processor import make
+
+
+def png(path: Path, colour=(200, 10, 10)) -> Path:
+    Image.new("RGB", (8, 8), colour).save(path)
+    return path
+
+
+def rec(i: int, **extra) -> dict:
+    turns = [{"from": "human", "value": ("<video>\n" if "video" in extra else "<image>\n") + "what?"},
+             {"from": "gpt", "value": "a shape"}]
+    return {"id": f"r{i}", "conversations": turns, **({"image": "good.png"} if not extra else extra)}
+
+
+@contextmanager
+def fed_fifo(path: Path, data: bytes):
+    """A FIFO at `path` that hands `data` (less than a pipe's 64 KiB) to whoever opens it; on exit the writer
+    is let go by a read end opened without blocking, and kept open until the writer is done."""
+    os.mkfifo(path)
+
+    def feed():
+        with open(path, "wb") as f:  # blocks until someone opens the read end
+            f.write(data)
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    try:
+        yield path
+    finally:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        writer.join(60)  # a safety net only: with a read end open, the writer's open and write return at once
+        os.close(fd)
+        assert not writer.is_alive()
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """root/ holding good.png, a symlink to it and one leaving the root; outside.png beside root/."""
+    root = tmp_path / "root"
+    root.mkdir()
+    png(root / "good.png")
+    (root / "sub").mkdir()
+    (root / "sub" / "inner.png").symlink_to(root / "good.png")
+    png(tmp_path / "outside.png", (0, 0, 250))
+    (root / "escape.png").symlink_to(tmp_path / "outside.png")
+    return root
+
+
+BAD_NAMES = ["/etc/passwd", "../outside.png", "sub/../../outside.png", "escape.png", "/dev/zero",
+             "http://h/x.png", "file:///etc/passwd"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_a_name_outside_the_image_root_is_named_or_counted(tokenizer, tree, name):
+    path = tree / "data.json"
+    path.write_text(json.dumps([rec(0), rec(1, image=name), rec(2, image="sub/inner.png")]))
+    proc = make(tokenizer, n=2)
+    strict = ConversationDataset(path, tree, proc, cache=False)
+    with pytest.raises(DataError, match=rf"data\.json: record 1 \(id r1\): .*{re.escape(name.split('/')[-1])}.*"
+                                        r"(outside the image root|a URL is not a file)") as err:
+        strict[1]
+    assert err.value.kind == OUTSIDE
+    assert strict[2]["pixel_values"].shape == (1, 3, 32, 32)  # a symlink that stays inside is followed
+    lenient = ConversationDataset(path, tree, proc, skip_bad=True, cache=False)
+    batch = Collator(proc)([lenient[i] for i in range(3)])
+    assert batch["ids"] == ["r0", "r2"] and batch["skipped"] == Counter({OUTSIDE: 1})
+
+
+def test_a_fifo_or_a_folder_is_not_an_image_and_nothing_blocks(tokenizer, tree):
+    with fed_fifo(tree / "pipe.png", (tree / "good.png").read_bytes()):
+        for name, what in (("pipe.png", "a FIFO"), ("sub", "a folder")):
+            with pytest.raises(Exception, match=f"not a regular file \\({what}\\)"):
+                media_path(tree, name)
+        path = tree / "data.json"
+        path.write_text(json.dumps([rec(0), rec(1, image="pipe.png")]))
+        proc = make(tokenizer, n=2)
+        with pytest.raises(DataError, match=r"record 1 \(id r1\).*pipe\.png.*not a regular file"):
+            ConversationDataset(path, tree, proc, cache=False)[1]
+        lenient = ConversationDataset(path, tree, proc, skip_bad=True, cache=False)
+        assert Collator(proc)([lenient[0], lenient[1]])["skipped"] == Counter({"unreadable image": 1})
+
+
+def test_media_paths_are_absolute_real_files_under_the_root(tree, monkeypatch):
+    assert media_path(tree, "sub/inner.png") == str((tree / "good.png").resolve())
+    assert media_path(tree, str(tree / "good.png")) == str((tree / "good.png").resolve())  # absolute, inside
+    assert media_path(tree, "missing.png") == str(tree.resolve() / "missing.png")  # the reader says "missing"
+    monkeypatch.chdir(tree)
+    assert media_path("", "good.png") == str((tree / "good.png").resolve())  # no root: the working directory
+
+
+@pytest.mark.parametrize("name,says", [("http://h/x.mp4", "a URL is not a file"), ("../clip.mp4", OUTSIDE),
+                                       ("pipe.mp4", r"not a regular file \(a FIFO\)")])
+def test_a_video_file_outside_the_root_or_not_a_file_never_reaches_ffmpeg(tokenizer, tmp_path, monkeypatch,
+                                                                         name, says):
+    """With no image root, `http://h/x.mp4` was handed to FFmpeg as `http:/h/x.mp4`, a URL."""
+    pytest.importorskip("av")
+    root = tmp_path / "root"
+    root.mkdir()
+    monkeypatch.chdir(root)  # no image root: the working directory is the root
+    (tmp_path / "clip.mp4").write_bytes(b"\0" * 64)
+    path = root / "data.json"
+    path.write_text(json.dumps([rec(0, video=["a.png", "b.png"]), rec(1, video=name)]))
+    for frame in ("a.png", "b.png"):
+        png(root / frame)
+    proc = make(tokenizer, n=2)
+    with fed_fifo(root / "pipe.mp4", b"\0" * 4096):
+        with pytest.raises(DataError, match=rf"data\.json: record 1 \(id r1\): 'video': .*{says}") as err:
+            ConversationDataset(path, "", proc, cache=False)
+        assert err.value.kind == (OUTSIDE if name != "pipe.mp4" else "unreadable video")
+        lenient = ConversationDataset(path, "", proc, skip_bad=True, cache=False)
+        assert len(lenient) == 1 and lenient.skipped == Counter({err.value.kind: 1})
+
+
+@pytest.mark.parametrize("name,says", [("/etc/passwd", OUTSIDE), ("../outside.png", OUTSIDE),
+                                       ("escape.png", "a symlink leads to"), ("/dev/zero", OUTSIDE),
+                                       ("pipe.png", r"not a regular file \(a FIFO\)")])
+def test_write_shards_packs_nothing_from_outside_the_root(tree, tmp_path, name, says):
+    from mmbridge.data.shards import write_shards
+
+    data = tree / "data.json"
+    data.write_text(json.dumps([rec(0), rec(1, image="sub/inner.png"), rec(2, image=name)]))
+    out = tmp_path / "shards"
+    with fed_fifo(tree / "pipe.png", (tmp_path / "outside.png").read_bytes()):
+        with pytest.raises(DataError, match=rf"data\.json: record 2 \(id r2\): image\[0\]: .*{says}"):
+            write_shards(data, tree, out)
+    assert not out.exists() or not list(out.iterdir())  # checked before anything was written
+    data.write_text(json.dumps([rec(0), rec(1, image="sub/inner.png")]))
+    (shard,) = write_shards(data, tree, out)
+    with tarfile.open(shard) as t:
+        members = {m.name: t.extractfile(m).read() for m in t if m.isfile()}
+    assert members["s00000001.0.png"] == (tree / "good.png").read_bytes()
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../outside.png", "escape.png", "pipe.png"])
+def test_interleaved_documents_name_only_files_under_their_root(tree, tmp_path, name):
+    from mmbridge.lcl.readers import LCLDataError, read_jsonl, write_shards
+
+    def doc(image):
+        return json.dumps({"text_list": ["a red square"], "image_info": [
+            {"image_name": image, "matched_text_index": 0, "matched_sim": 0.5}]})
+
+    jsonl = tree / "docs.jsonl"
+    jsonl.write_text(doc("good.png") + "\n" + doc(name) + "\n")
+    out = tmp_path / "shards"
+    with fed_fifo(tree / "pipe.png", (tmp_path / "outside.png").read_bytes()):
+        with pytest.raises(LCLDataError, match=r"docs\.jsonl:2: image_info\[0\]\.image_name: .*"
+                                               r"(outside the image root|not a regular file)"):
+            read_jsonl(jsonl, tree)
+        with pytest.raises(LCLDataError, match=r"docs\.jsonl:2: image_info\[0\]\.image_name"):
+            write_shards(jsonl, tree, out)
+    assert not out.exists() or not list(out.iterdir())
