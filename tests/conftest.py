@@ -235,6 +235,22 @@ def attentive(model, scale: float = 6.0):
         model.lm.load_state_dict(saved)
 
 
+def assert_batched_answers_equal_alone(model, proc, records: list[dict], image_root, batch_size: int) -> None:
+    """`generate_answers` on `records` in batches of `batch_size` gives each record's answer alone, on the attentive
+    LM (answers that follow their images, all different), with no greedy choice near a tie."""
+    from mmbridge.eval.evaluate import generate_answers
+
+    with attentive(model):
+        together = generate_answers(model, proc, records, image_root, max_new_tokens=4, batch_size=batch_size,
+                                    progress=False)
+        alone = []
+        for r in records:
+            with Choices(model) as choices:
+                alone += generate_answers(model, proc, [r], image_root, max_new_tokens=4, batch_size=1, progress=False)
+            choices.assert_clear()  # no near-tie a batch's other rounding could flip
+    assert together == alone and len(set(together)) == len(records), (together, alone)
+
+
 def assert_served_batch_equals_alone(model, proc, images, turns, batch: int, scale: float = 6.0) -> None:
     """Queue one request per image on a stopped serving engine, start it: they decode as one batch of `batch`, and
     each reply equals the model's own `generate` on that request alone (its views, counts and visual index). The LM

@@ -22,7 +22,7 @@ from mmbridge.models.masks import allowed_attention, image_spans
 from mmbridge.train.checkpoint import load_run
 from mmbridge.train.flops import StepFlops
 from mmbridge.train.trainer import Trainer
-from tests.conftest import Choices, assert_served_batch_equals_alone, attentive, tiny_recipe_dict
+from tests.conftest import assert_batched_answers_equal_alone, assert_served_batch_equals_alone, tiny_recipe_dict
 from tests.rounding import assert_same_math
 
 IGNORE = -100
@@ -295,21 +295,12 @@ def test_a_tiled_run_changes_resolution_and_resumes_inside_the_larger_stage(tiny
 
 
 def test_generation_reads_each_images_own_count(tiled, tmp_path):
-    from mmbridge.eval.evaluate import generate_answers
-
     model, proc = tiled
     records = []
     for k, size in enumerate(SIZES):
         picture(size, k).save(tmp_path / f"{k}.png")
         records.append({"id": str(k), "image": f"{k}.png", "conversations": conv(1)})
-    with attentive(model):  # answers that follow their images
-        together = generate_answers(model, proc, records, tmp_path, max_new_tokens=4, batch_size=3, progress=False)
-        alone = []
-        for r in records:
-            with Choices(model) as choices:
-                alone += generate_answers(model, proc, [r], tmp_path, max_new_tokens=4, batch_size=1, progress=False)
-            choices.assert_clear()  # no near-tie a batch's other rounding could flip
-    assert together == alone and len(set(together)) == 3
+    assert_batched_answers_equal_alone(model, proc, records, tmp_path, batch_size=3)
 
 
 def test_the_serving_engine_batches_images_of_their_own_counts(tiled):

@@ -14,7 +14,7 @@ from mmbridge.data.dataset import Collator
 from mmbridge.data.packing import PackingCollator, pack
 from mmbridge.data.views import padded_pixels
 from mmbridge.models.build import build_model
-from tests.conftest import Choices, assert_served_batch_equals_alone, attentive
+from tests.conftest import assert_batched_answers_equal_alone, assert_served_batch_equals_alone
 
 IGNORE = -100
 K = 4  # the resampler's latents: tokens per view
@@ -160,21 +160,12 @@ def test_a_uhd_run_trains_and_reloads(tiny_lm_dir, tiny_clip_dir, world, tmp_pat
 
 
 def test_generation_with_slices(uhd, tmp_path):
-    from mmbridge.eval.evaluate import generate_answers
-
     model, proc = uhd
     records = []
     for k, size in enumerate(GRIDS):
         picture(size, k).save(tmp_path / f"{k}.png")
         records.append({"id": str(k), "image": f"{k}.png", "conversations": conv(1)})
-    with attentive(model):  # answers that follow their images
-        together = generate_answers(model, proc, records, tmp_path, max_new_tokens=4, batch_size=2, progress=False)
-        alone = []
-        for r in records:
-            with Choices(model) as choices:
-                alone += generate_answers(model, proc, [r], tmp_path, max_new_tokens=4, batch_size=1, progress=False)
-            choices.assert_clear()  # no near-tie a batch's other rounding could flip
-    assert together == alone and len(set(together)) == 2
+    assert_batched_answers_equal_alone(model, proc, records, tmp_path, batch_size=2)
 
 
 def test_flops_measure_each_view_at_its_own_size(uhd):
