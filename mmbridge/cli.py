@@ -56,10 +56,20 @@ def _serve(args) -> None:
     from mmbridge.serve.app import create_app
     from mmbridge.train.checkpoint import load_run
 
+    from mmbridge.serve.guard import LOOPBACK_HOSTS
+
+    loopback = args.host in LOOPBACK_HOSTS or args.host.startswith("127.")
+    hosts = args.allowed_hosts.split(",") if args.allowed_hosts else LOOPBACK_HOSTS if loopback else ["*"]
+    key = args.api_key or os.environ.get("MMBRIDGE_API_KEY") or None
+    if not loopback and key is None:
+        print(f"warning: serving on {args.host} without an API key: anyone who can reach this port can use the "
+              "model (set MMBRIDGE_API_KEY, and put a TLS reverse proxy in front)", file=sys.stderr, flush=True)
     model, processor = load_run(args.run_dir, device=args.device)
     name = Path(args.run_dir).resolve().name
     app = create_app(model, processor, name, max_batch=args.max_batch, max_images=args.max_images,
-                     max_tokens=args.max_tokens)
+                     max_tokens=args.max_tokens, max_image_pixels=args.max_image_pixels,
+                     max_body=int(args.max_body_mb * 1024 * 1024), max_queue=args.max_queue, api_key=key,
+                     allowed_hosts=[h.strip() for h in hosts if h.strip()])
     print(f"serving {args.run_dir} as model {name!r} on http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
@@ -129,10 +139,21 @@ def main(argv: list[str] | None = None):
 
     p = sub.add_parser("serve", help="an OpenAI-compatible chat-completions server for a trained run")
     p.add_argument("run_dir")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' (default: $MMBRIDGE_API_KEY; the environment keeps the "
+                        "key out of the process list other users can read)")
+    p.add_argument("--allowed-hosts", default=None, metavar="NAME,...",
+                   help="Host header names to answer (against DNS rebinding; '*.example.com' for subdomains, '*' for "
+                        "any); default localhost,127.0.0.1,::1 on a loopback address, else any")
     p.add_argument("--max-batch", type=int, default=8, help="decode up to this many waiting requests together")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting beyond the batch; more get 503 with Retry-After")
     p.add_argument("--max-images", type=int, default=4, help="images allowed in one request")
+    p.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
+                   help="each image's pixels, read from its header before it is decoded")
+    p.add_argument("--max-body-mb", type=float, default=20.0, help="the largest request body, in MiB (413 beyond)")
     p.add_argument("--max-tokens", type=int, default=256, help="the longest reply (a request may ask for fewer)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _device_flag(p)

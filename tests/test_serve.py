@@ -238,9 +238,22 @@ def test_refused_requests_get_openai_errors(server, images, case, param, code):
     assert error["message"]
 
 
-def test_invalid_json_is_a_400(server):
-    r = httpx.post(f"{server[0]}/v1/chat/completions", content=b"{not json", timeout=10)
-    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+HI = '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, '
+
+
+@pytest.mark.parametrize("raw", [
+    b"{not json", b"\xff\xfe", b"[" * 100_000, b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    (HI + '"temperature": NaN}').encode(), (HI + '"temperature": 1e999}').encode(),
+    (HI + '"top_p": -Infinity}').encode(), (HI + '"temperature": 1e-300, "top_p": NaN}').encode(),
+], ids=["syntax", "not_utf8", "deep", "deep_messages", "nan", "overflow", "minus_infinity", "nan_top_p"])
+def test_invalid_json_and_non_finite_numbers_are_400s(server, raw):
+    """Python's JSON parser reads NaN and Infinity (and 1e999 as inf); a NaN temperature passed the range check and
+    failed every request batched with it. Deep nesting raised RecursionError: a plain-text 500 (issue #29)."""
+    r = httpx.post(f"{server[0]}/v1/chat/completions", content=raw, headers={"content-type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
 
 
 def test_same_seed_same_sample_and_sampling_is_not_greedy(server, images):

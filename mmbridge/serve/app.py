@@ -1,14 +1,19 @@
 """The FastAPI app: OpenAI's `POST /v1/chat/completions` (plain or streamed as server-sent events) and
-`GET /v1/models`, over one `Engine`. Errors are OpenAI-shaped: `{"error": {message, type, param, code}}`."""
+`GET /v1/models`, over one `Engine`, behind a `Guard` (host, API key, content type, body size, requests in
+flight). Errors are OpenAI-shaped: `{"error": {message, type, param, code}}`; a refused request is a 4xx with
+its reason, anything else a 500 that says no more than that (the detail goes to the server's log)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
 
+import anyio
+import jinja2
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -17,16 +22,32 @@ from starlette.exceptions import HTTPException
 
 from mmbridge.models.language import IMAGE_TOKEN
 from mmbridge.serve.engine import Engine, Job
-from mmbridge.serve.request import ChatRequest, RequestError, parse_chat_request
+from mmbridge.serve.guard import LOOPBACK_HOSTS, MAX_BODY_BYTES, Guard, error_body
+from mmbridge.serve.request import MAX_IMAGE_PIXELS, ChatRequest, RequestError, parse_chat_request, parse_json
 from mmbridge.serve.text import ReplyText
 
+log = logging.getLogger(__name__)
+FAILED = "the server failed to answer this request; the reason is in its log"
+# a prompt's text beyond max_length x (the longest token's characters) x this cannot fit, and is refused unread
+CHARS_PER_TOKEN_SLACK = 4
 
-def create_app(model, processor, name: str, max_batch: int = 8, max_images: int = 4,
-               max_tokens: int = 256) -> FastAPI:
+
+def create_app(model, processor, name: str, max_batch: int = 8, max_images: int = 4, max_tokens: int = 256,
+               max_image_pixels: int | None = MAX_IMAGE_PIXELS, max_body: int = MAX_BODY_BYTES,
+               max_queue: int = 64, api_key: str | None = None, allowed_hosts=LOOPBACK_HOSTS,
+               prepare_workers: int = 4) -> FastAPI:
     """The server for one loaded run, answering as model `name`. A reply is at most `max_tokens` tokens
-    (a request may ask for fewer) and, with its prompt, fits in the processor's `max_length`."""
+    (a request may ask for fewer) and, with its prompt, fits in the processor's `max_length`.
+
+    Limits: `max_images` images a request, each at most `max_image_pixels` pixels (from its header, before it is
+    decoded); a body of at most `max_body` bytes; `max_batch` requests decoded together and `max_queue` more
+    waiting (beyond that, 503 with Retry-After); `prepare_workers` requests decoding images and tokenising at
+    once. `api_key`: required as a Bearer token when set. `allowed_hosts`: the Host header's allowed names."""
     engine = Engine(model, processor, max_batch=max_batch)
     special = sorted(set(processor.tokenizer.all_special_tokens) - {IMAGE_TOKEN}, key=len, reverse=True)
+    longest = max(map(len, processor.tokenizer.get_vocab()), default=1)
+    max_chars = processor.max_length * longest * CHARS_PER_TOKEN_SLACK
+    preparing = anyio.CapacityLimiter(prepare_workers)
     created = int(time.time())
 
     @asynccontextmanager
@@ -35,7 +56,9 @@ def create_app(model, processor, name: str, max_batch: int = 8, max_images: int 
         await run_in_threadpool(engine.close)
 
     app = FastAPI(title="mmbridge", lifespan=lifespan)
-    app.state.engine = engine
+    app.state.engine, app.state.preparing = engine, preparing
+    app.add_middleware(Guard, allowed_hosts=allowed_hosts, api_key=api_key, max_body=max_body,
+                       max_in_flight=max_batch + max_queue)
 
     @app.exception_handler(RequestError)
     async def _refused(request: Request, e: RequestError):
@@ -50,15 +73,30 @@ def create_app(model, processor, name: str, max_batch: int = 8, max_images: int 
     async def _invalid(request: Request, e: RequestValidationError):
         return JSONResponse(RequestError(str(e.errors())[:500]).body(), status_code=400)
 
+    @app.exception_handler(Exception)
+    async def _failed(request: Request, e: Exception):  # Starlette logs the exception after this answer
+        return JSONResponse(error_body(FAILED, "server_error"), status_code=500)
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "mmbridge"}]}
 
-    def prepare(body) -> tuple[ChatRequest, list[int], object, list, dict | None]:
+    def prepare(raw: bytes) -> tuple[ChatRequest, list[int], object, list, dict | None]:
         """Parse and encode a request (on a worker thread: image decoding and tokenising take a while)."""
-        req = parse_chat_request(body, max_images, special)
+        try:
+            req = parse_chat_request(parse_json(raw), max_images, special, max_image_pixels)
+        except RecursionError as e:
+            raise RequestError("the request body is nested too deeply") from e
+        if (chars := sum(len(t["value"]) for t in req.turns)) > max_chars:
+            raise RequestError(f"the messages hold {chars} characters, more than this model's max_length of "
+                               f"{processor.max_length} tokens can take", "messages", "context_length_exceeded")
         views = processor.images(req.images) if req.images else None  # under a tiling: each image's own count
-        prompt = engine.encode_prompt(req.turns, views.get("counts") if views else None)
+        req.images = []  # decoded once; the pixels below are what is kept
+        try:
+            prompt = engine.encode_prompt(req.turns, views.get("counts") if views else None)
+        except jinja2.TemplateError as e:
+            raise RequestError(f"the model's chat template rejects this conversation: {e}", "messages",
+                               "invalid_conversation") from e
         if len(prompt) > processor.max_length:
             each = "each image counts by its size" if processor.tiling.varies else \
                 f"each image counts {processor.num_image_tokens}"
@@ -69,11 +107,8 @@ def create_app(model, processor, name: str, max_batch: int = 8, max_images: int 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        try:
-            body = await request.json()
-        except ValueError as e:
-            raise RequestError(f"the request body is not valid JSON: {e}") from e
-        req, prompt, pixels, instructions, views = await run_in_threadpool(prepare, body)
+        raw = await request.body()
+        req, prompt, pixels, instructions, views = await anyio.to_thread.run_sync(prepare, raw, limiter=preparing)
         room = max(1, processor.max_length - len(prompt))
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         job = Job(prompt=prompt, pixels=pixels, instructions=instructions, images=views,
@@ -82,18 +117,29 @@ def create_app(model, processor, name: str, max_batch: int = 8, max_images: int 
                   seed=req.seed, notify=lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)))
         engine.submit(job)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
-        if req.stream:
+        if req.stream:  # Starlette ends the stream when the client goes, and `_stream` then cancels the job
             return StreamingResponse(_stream(job, events, meta, req.include_usage), media_type="text/event-stream")
-        while (event := await events.get())[0] == "delta":
-            pass
-        if event[0] == "error":
-            raise RequestError(f"generation failed: {event[1]}", status=500, kind="server_error")
+        watch = asyncio.create_task(_cancel_when_gone(request, job))
+        try:
+            while (event := await events.get())[0] == "delta":
+                pass
+        finally:
+            watch.cancel()
+        if event[0] == "error":  # the engine logged it
+            return JSONResponse(error_body(FAILED, "server_error"), status_code=500)
         return {**meta, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": job.reply.text},
                              "finish_reason": job.finish_reason, "logprobs": None}],
                 "usage": _usage(job)}
 
     return app
+
+
+async def _cancel_when_gone(request: Request, job: Job) -> None:
+    """Cancel `job` once its client disconnects (the body is read: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancelled = True
 
 
 def _usage(job: Job) -> dict:
@@ -114,9 +160,8 @@ async def _stream(job: Job, events: asyncio.Queue, meta: dict, include_usage: bo
         yield chunk({"role": "assistant", "content": ""})
         while (event := await events.get())[0] == "delta":
             yield chunk({"content": event[1]})
-        if event[0] == "error":
-            error = RequestError(f"generation failed: {event[1]}", status=500, kind="server_error")
-            yield f"data: {json.dumps(error.body())}\n\n"
+        if event[0] == "error":  # the engine logged it
+            yield f"data: {json.dumps(error_body(FAILED, 'server_error'))}\n\n"
         else:
             yield chunk({}, job.finish_reason)
             if include_usage:

@@ -5,10 +5,16 @@ it is free it takes every waiting job (up to `max_batch`), left-pads their promp
 calls `MultimodalLM.generate` with one temperature, top-p and generator per row. A job is answered as soon
 as its own reply ends (stop token, stop string, its token limit), not when the whole batch ends; a job that
 arrives during a batch waits for the next one.
+
+One job cannot stop the others: its sampling settings are checked when it is submitted, its generator is made
+on its own, and a `notify` callback that raises only ends its own row. Request threads encode prompts with the
+processor's tokenizer; this thread decodes with its own copy, so a long prompt never holds up a batch.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -16,9 +22,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mmbridge.serve.text import ReplyText
 from mmbridge.data.layouts import batch_index
 from mmbridge.data.views import pad_to
+from mmbridge.models import sampling
+from mmbridge.serve.text import ReplyText
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,8 +47,18 @@ class Job:
     # under a varying model.tiling: the processor's image inputs (`Processor.images`: visual_index, views, ...)
     images: dict | None = None
     generated: int = 0  # tokens the model produced for this reply, its stop token included
-    finish_reason: str | None = None  # "stop" or "length"
+    finish_reason: str | None = None  # "stop" or "length" ("error" after a failure)
     cancelled: bool = False  # set by the server when the client has gone: the row ends at the next token
+    generator: torch.Generator | None = None  # made by the engine thread when the job's batch starts
+
+    def tell(self, kind: str, value) -> None:
+        """`notify`, except that a callback that raises (its client gone, its event loop closed) is logged and
+        ends this job's row, not the batch or the engine thread."""
+        try:
+            self.notify(kind, value)
+        except Exception:  # noqa: BLE001 - whatever the callback raised is the callback's, not the batch's
+            log.exception("a job's notify(%r) raised; its row ends", kind)
+            self.cancelled = True
 
     def take(self, token: int, stop_ids: set[int]) -> bool:
         """One new token; True once this reply is complete."""
@@ -50,7 +69,7 @@ class Job:
             return self.finish("stop")
         piece = self.reply.push(token)
         if piece:
-            self.notify("delta", piece)
+            self.tell("delta", piece)
         if self.reply.stopped:
             return self.finish("stop")
         if self.generated >= self.max_new_tokens or self.cancelled:
@@ -62,9 +81,14 @@ class Job:
             self.finish_reason = reason
             piece = self.reply.finish()
             if piece:
-                self.notify("delta", piece)
-            self.notify("done", None)
+                self.tell("delta", piece)
+            self.tell("done", None)
         return True
+
+    def fail(self, error: BaseException) -> None:
+        if self.finish_reason is None:
+            self.finish_reason = "error"
+            self.tell("error", error)
 
 
 class Engine:
@@ -77,7 +101,8 @@ class Engine:
         self.stop_ids = set(processor.stop_token_ids)
         self.batch_sizes: list[int] = []  # the size of every batch run so far (for tests and benchmarks)
         self._queue: queue.Queue = queue.Queue()
-        self._tokenizer_lock = threading.Lock()  # the request threads encode while this thread decodes
+        self._encode_lock = threading.Lock()  # request threads take turns with the processor's tokenizer
+        self._decoder = copy.deepcopy(processor.tokenizer)  # this thread's own: decoding never waits on an encode
         self._thread = threading.Thread(target=self._loop, name="mmbridge-generate", daemon=True)
         if start:
             self.start()
@@ -92,20 +117,25 @@ class Engine:
             self._thread.join(timeout)
 
     def submit(self, job: Job) -> None:
+        """Queue `job`; ValueError if its sampling settings are not finite and in range (`sampling.check`)."""
+        sampling.check(job.temperature, job.top_p)
         self._queue.put(job)
 
     def encode_prompt(self, turns: list[dict], counts: list | None = None) -> list[int]:
-        """The prompt, each image expanded to `counts` (its own span under a tiling) or the bridge's count."""
-        with self._tokenizer_lock:
+        """The prompt, each image expanded to `counts` (its own span under a tiling) or the bridge's count.
+        Called from request threads; the generation thread does not wait for it."""
+        with self._encode_lock:
             return self.processor.encode_prompt(turns, counts)
 
     def instruction_ids(self, turns: list[dict]) -> list[list[int]]:
-        return self.processor.instruction_ids(turns) if self.processor.instructions else []
+        if not self.processor.instructions:
+            return []
+        with self._encode_lock:
+            return self.processor.instruction_ids(turns)
 
     def decode(self, ids: list[int]) -> str:
-        """Token ids → text as `mmbridge chat` decodes them (special tokens skipped)."""
-        with self._tokenizer_lock:
-            return self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+        """Token ids → text as `mmbridge chat` decodes them (special tokens skipped); for the generation thread."""
+        return self._decoder.decode(ids, skip_special_tokens=True)
 
     def _loop(self) -> None:
         while True:
@@ -123,7 +153,12 @@ class Engine:
                     closing = True
                     break
                 batch.append(more)
-            self._run(batch)
+            try:
+                self._run(batch)
+            except Exception as e:  # noqa: BLE001 - the thread outlives any batch
+                log.exception("a batch of %d failed", len(batch))
+                for job in batch:
+                    job.fail(e)
             if closing:
                 break
         while True:  # closed: refuse what is still waiting
@@ -132,17 +167,29 @@ class Engine:
             except queue.Empty:
                 return
             if job is not None:
-                job.notify("error", RuntimeError("the server is shutting down"))
+                job.fail(RuntimeError("the server is shutting down"))
 
     def _run(self, batch: list[Job]) -> None:
+        for job in batch:  # a client gone while its job waited: nothing to decode for it
+            if job.cancelled:
+                job.finish("length")
+        for job in batch:  # each job's own generator, so a bad seed fails only its job
+            if job.finish_reason is None and job.temperature >= sampling.GREEDY_BELOW:
+                try:
+                    job.generator = self._generator(job.seed, self.model.device)
+                except Exception as e:  # noqa: BLE001
+                    log.exception("a job's generator could not be made")
+                    job.fail(e)
+        batch = [job for job in batch if job.finish_reason is None]
+        if not batch:
+            return
         self.batch_sizes.append(len(batch))
         try:
             self._generate(batch)
         except Exception as e:  # noqa: BLE001 - every waiting client gets the error, the thread lives on
+            log.exception("generation failed for a batch of %d", len(batch))
             for job in batch:
-                if job.finish_reason is None:
-                    job.finish_reason = "error"
-                    job.notify("error", e)
+                job.fail(e)
             return
         for job in batch:  # the batch ran out of steps before this reply ended
             job.finish("length")
@@ -157,7 +204,7 @@ class Engine:
         instructions = [s for j in batch for s in j.instructions]
         if instructions:
             extra["instruction_ids"] = proc.pad_text(instructions).to(device)
-        generators = [None if j.temperature <= 0 else self._generator(j.seed, device) for j in batch]
+        generators = [j.generator for j in batch]
         if pixels:
             pixels = pad_to(pixels) if "view_sizes" in extra else torch.cat(pixels)
         model.generate(ids.to(device), mask.to(device), pixels.to(device) if len(pixels) else None,

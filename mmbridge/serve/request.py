@@ -2,23 +2,29 @@
 
 Messages become the same LLaVA-style turns `mmbridge chat` builds: the parts of a message joined by newlines,
 an image part written as `<image>` (so an image then a question reads `<image>\\nquestion`, as in `chat`).
-Images come only as base64 data URLs; nothing is fetched from the network.
+Images come only as base64 data URLs; nothing is fetched from the network. Image parts are counted before
+any is decoded, and each is refused from its header if it has more than `max_pixels` pixels.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
+import math
 import re
 from dataclasses import dataclass, field
 
 from PIL import Image
 
-from mmbridge.data.images import ImageError, decode_image
+from mmbridge.data.images import ImageError, ImageTooLarge, decode_image
 from mmbridge.models.language import IMAGE_TOKEN
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOPS = 4
+#: A serving limit on each image's pixels, below training's `DEFAULT_MAX_PIXELS`: a few KB of PNG can declare
+#: 64 MP, 192 MB once decoded as RGB.
+MAX_IMAGE_PIXELS = 4096 * 4096
 _DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]+)*?);base64,(?P<data>.*)", re.DOTALL)
 
 
@@ -47,57 +53,82 @@ class ChatRequest:
     include_usage: bool = False
 
 
-def parse_chat_request(body, max_images: int, special_tokens: list[str]) -> ChatRequest:
-    """Check an OpenAI `/v1/chat/completions` body and read it; `special_tokens` may not appear in any text."""
+def parse_json(raw: bytes):
+    """A request body → its JSON value; strict JSON only (no NaN or Infinity), however deeply nested."""
+
+    def constant(name: str):
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        return json.loads(raw, parse_constant=constant)
+    except RecursionError as e:
+        raise RequestError("the request body is nested too deeply") from e
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError among them
+        raise RequestError(f"the request body is not valid JSON: {e}") from e
+
+
+def parse_chat_request(body, max_images: int, special_tokens: list[str],
+                       max_pixels: int | None = MAX_IMAGE_PIXELS) -> ChatRequest:
+    """Check an OpenAI `/v1/chat/completions` body and read it; `special_tokens` may not appear in any text.
+    Images are decoded only once they are counted, each refused from its header beyond `max_pixels`."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     n = body.get("n")
     if n is not None and n != 1:
-        raise RequestError(f"n={n!r}: this server returns one choice per request (n=1)", "n", "unsupported_value")
+        raise RequestError(f"n={_show(n)}: this server returns one choice per request (n=1)", "n", "unsupported_value")
     for key in ("logprobs", "tools", "functions"):
         if body.get(key):
             raise RequestError(f"{key!r} is not supported by this server", key, "unsupported_parameter")
-    images: list[Image.Image] = []
-    turns = _turns(body.get("messages"), images, special_tokens)
-    if len(images) > max_images:
-        raise RequestError(f"{len(images)} images in the request; this server takes at most {max_images}",
+    sources: list[tuple[object, str]] = []  # each image part's url and where it is, in order
+    turns = _turns(body.get("messages"), sources, special_tokens)
+    if len(sources) > max_images:
+        raise RequestError(f"{len(sources)} images in the request; this server takes at most {max_images}",
                            "messages", "too_many_images")
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
-        raise RequestError(f"stream={stream!r}: expected true or false", "stream")
+        raise RequestError(f"stream={_show(stream)}: expected true or false", "stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise RequestError("stream_options must be an object", "stream_options")
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    return ChatRequest(
-        turns=turns, images=images,
+    settings = dict(
         max_tokens=None if limit is None else int(_number(limit, param, 1, None, integer=True)),
         temperature=_number(body.get("temperature", 1.0), "temperature", 0.0, 2.0),
         top_p=_number(body.get("top_p", 1.0), "top_p", 0.0, 1.0, open_low=True),
         seed=None if body.get("seed") is None else int(_number(body["seed"], "seed", -2**63, 2**64 - 1, integer=True)),
         stop=_stops(body.get("stop")), stream=stream, include_usage=bool(options.get("include_usage", False)))
+    return ChatRequest(turns=turns, images=[_image(url, where, max_pixels) for url, where in sources], **settings)
 
 
 def _number(value, param: str, low, high, integer: bool = False, open_low: bool = False) -> float:
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if not ok or isinstance(value, bool):
-        raise RequestError(f"{param}={value!r}: expected {'an integer' if integer else 'a number'}", param)
+    if not ok or isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
+        raise RequestError(f"{param}={_show(value)}: expected {'an integer' if integer else 'a finite number'}", param)
     if (low is not None and (value <= low if open_low else value < low)) or (high is not None and value > high):
         lo, hi = ("-inf" if low is None else low), ("inf" if high is None else high)
         bounds = f"{'(' if open_low else '['}{lo}, {hi}]"
-        raise RequestError(f"{param}={value!r}: expected a value in {bounds}", param)
+        raise RequestError(f"{param}={_show(value)}: expected a value in {bounds}", param)
     return value
+
+
+def _show(value) -> str:
+    """A client's value, short, for an error message; a list or object by its kind only (its repr could be
+    megabytes, or nest deeper than Python's recursion limit)."""
+    if isinstance(value, (list, dict)):
+        return f"a JSON {'array' if isinstance(value, list) else 'object'}"
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 def _stops(stop) -> list[str]:
     stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOPS:
-        raise RequestError(f"stop={stop!r}: expected a non-empty string or a list of at most {MAX_STOPS}", "stop")
+        raise RequestError(f"stop={_show(stop)}: expected a non-empty string or a list of at most {MAX_STOPS}", "stop")
     return stops
 
 
-def _turns(messages, images: list, special_tokens: list[str]) -> list[dict]:
+def _turns(messages, sources: list, special_tokens: list[str]) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list", "messages")
     turns = []
@@ -110,12 +141,12 @@ def _turns(messages, images: list, special_tokens: list[str]) -> list[dict]:
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
         if not isinstance(parts, list):
             raise RequestError(f"{where}.content: expected a string or a list of content parts", f"{where}.content")
-        pieces = [_part(part, f"{where}.content[{k}]", role, images, special_tokens) for k, part in enumerate(parts)]
+        pieces = [_part(part, f"{where}.content[{k}]", role, sources, special_tokens) for k, part in enumerate(parts)]
         turns.append({"from": role, "value": "\n".join(pieces)})
     return turns
 
 
-def _part(part, where: str, role: str, images: list, special_tokens: list[str]) -> str:
+def _part(part, where: str, role: str, sources: list, special_tokens: list[str]) -> str:
     kind = part.get("type") if isinstance(part, dict) else None
     if kind == "text" and isinstance(part.get("text"), str):
         text = part["text"]
@@ -130,12 +161,13 @@ def _part(part, where: str, role: str, images: list, special_tokens: list[str]) 
             raise RequestError(f"{where}: images are accepted in user messages only", where)
         url = part.get("image_url")
         url = url.get("url") if isinstance(url, dict) else url
-        images.append(_image(url, where))
+        sources.append((url, where))  # decoded once all are counted
         return IMAGE_TOKEN
-    raise RequestError(f"{where}: expected a text part or an image_url part, got {str(part)[:80]!r}", where)
+    got = f"type {_show(kind)}" if isinstance(kind, str) else _show(part)
+    raise RequestError(f"{where}: expected a text part or an image_url part, got {got}", where)
 
 
-def _image(url, where: str) -> Image.Image:
+def _image(url, where: str, max_pixels: int | None) -> Image.Image:
     if not isinstance(url, str):
         raise RequestError(f"{where}: image_url.url must be a string", where)
     if url.startswith(("http://", "https://")):
@@ -150,6 +182,8 @@ def _image(url, where: str) -> Image.Image:
     except (binascii.Error, ValueError) as e:
         raise RequestError(f"{where}: the data URL is not valid base64 ({e})", where, "invalid_base64") from e
     try:
-        return decode_image(data, name=where)
+        return decode_image(data, name=where, max_pixels=max_pixels)
+    except ImageTooLarge as e:
+        raise RequestError(f"{where}: {e.reason}", where, "image_too_large") from e
     except ImageError as e:
         raise RequestError(f"{where}: {e.reason}", where, "invalid_image") from e

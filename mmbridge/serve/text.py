@@ -38,8 +38,10 @@ class ReplyText:
         return self._give(text[:len(text) - self._held(text)].rstrip())
 
     def finish(self) -> str:
-        """The text not yet given out; the reply is then `self.text`."""
-        return self._give(self.text)
+        """The text not yet given out; the reply is then `self.text`, kept (reading it decodes nothing, so
+        another thread may read it while the decoding thread goes on)."""
+        self._final = self.text
+        return self._give(self._final)
 
     @property
     def text(self) -> str:
