@@ -19,10 +19,12 @@ from contextlib import contextmanager
 import httpx
 import pytest
 import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from mmbridge.serve.engine import Engine, Job
-from mmbridge.serve.request import RequestError, parse_chat_request
+from mmbridge.serve.request import ROLES, RequestError, parse_chat_request
 from mmbridge.serve.text import ReplyText
 
 KEY = "sekrit-key"
@@ -395,3 +397,87 @@ def test_failures_reach_clients_as_generic_500s(open_server, tiny, monkeypatch, 
     monkeypatch.undo()
     assert post(base, ask(1), key=None).status_code == 200
     assert torch.is_tensor(proc.images([Image.new("RGB", (32, 32))])["pixel_values"])
+
+
+# -- generated requests: every answer well-formed, the server still up ---------------------------------------------
+
+FIELDS = ["messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", "stop", "stream",
+          "stream_options", "n", "logprobs", "tools", "model", "user"]
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12) | st.sampled_from(FIELDS),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8) | st.sampled_from(FIELDS), inner,
+                                                                 max_size=4), max_leaves=10)
+hostile_urls = st.sampled_from([url(png_header(5000, 5000)), url(b"not an image"), "data:image/png;base64,*!",
+                                "https://example.com/a.png", "file:///etc/passwd", url(png((8, 200))), ""]) | st.text()
+
+
+@st.composite
+def mutated_requests(draw) -> dict:
+    """A valid request (0-3 images, streamed or not), then a few changes of any kind."""
+    body = ask(draw(st.integers(0, 3)), max_tokens=draw(st.integers(1, 3)), stream=draw(st.booleans()))
+    for _ in range(draw(st.integers(0, 3))):
+        msgs = body.get("messages")
+        first = msgs[0] if isinstance(msgs, list) and msgs and isinstance(msgs[0], dict) else {}
+        parts = first.get("content")
+        where = draw(st.sampled_from(["field", "drop", "role", "part", "url", "number", "extra_message", "pad"]))
+        if where == "field":
+            body[draw(st.sampled_from(FIELDS))] = draw(json_values)
+        elif where == "drop" and body:
+            body.pop(draw(st.sampled_from(sorted(body))))
+        elif where == "role" and first:
+            first["role"] = draw(st.sampled_from(["system", "developer", "assistant", "tool", "function", ""]) |
+                                   json_values)
+        elif where == "part" and isinstance(parts, list) and parts:
+            parts[draw(st.integers(0, len(parts) - 1))] = draw(json_values)
+        elif where == "url" and isinstance(parts, list) and parts and isinstance(parts[0], dict):
+            parts[0] = {"type": "image_url", "image_url": {"url": draw(hostile_urls)}}
+        elif where == "number":
+            body[draw(st.sampled_from(["temperature", "top_p", "seed", "max_tokens"]))] = draw(
+                st.sampled_from([float("nan"), float("inf"), -0.0, 1e-300, 2**64, -(2**63) - 1, 10**30]) | st.floats())
+        elif where == "extra_message" and isinstance(msgs, list):
+            msgs.insert(draw(st.integers(0, len(msgs))), {"role": draw(st.sampled_from(list(ROLES) + ["tool"])),
+                                                         "content": draw(st.text(max_size=20) | json_values)})
+        elif where == "pad":  # beyond the fuzzed server's 8 KB body limit, or not
+            body["user"] = "x" * draw(st.sampled_from([100, 9000]))
+    return body
+
+
+@pytest.fixture(scope="module")
+def fuzzed(tiny):
+    from mmbridge.serve.app import create_app
+
+    app = create_app(*tiny, "tiny", max_batch=4, max_images=2, max_tokens=2, max_body=8 * 1024)
+    with serving(app) as base, httpx.Client(base_url=base, timeout=WAIT_S) as client:
+        yield client, app
+
+
+def assert_well_formed(r: httpx.Response, streamed: bool) -> None:
+    assert r.status_code in (200, 400, 413, 503), (r.status_code, r.text[:300])
+    if r.status_code != 200:
+        assert_error(r, r.status_code)
+    elif streamed and r.headers["content-type"].startswith("text/event-stream"):
+        events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        assert all("choices" in json.loads(e) for e in events[:-1]), events  # no error event: nothing failed
+    else:
+        assert isinstance(r.json()["choices"][0]["message"]["content"], str)
+
+
+@settings(max_examples=150, deadline=None)
+@given(body=st.integers(0, 9).flatmap(lambda k: json_values if k == 0 else mutated_requests()))  # mostly near-valid
+@example(body=float("nan"))
+@example(body={"messages": [{"role": "user", "content": [[[[[[[[[[[[[[[[[[[["deep"]]]]]]]]]]]]]]]]]]]]}]})
+def test_generated_requests_get_well_formed_answers(fuzzed, body):
+    client, app = fuzzed
+    raw = json.dumps(body, allow_nan=True).encode()  # NaN and Infinity as Python writes them
+    r = client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    assert_well_formed(r, isinstance(body, dict) and body.get("stream") is True)
+    assert app.state.engine._thread.is_alive()
+
+
+def test_the_server_stays_up_after_hostile_bytes(fuzzed):
+    client, app = fuzzed
+    for raw in [b"[" * 200_000, b'{"messages": "' + b"\\ud800" * 10 + b'"}', b"\x00" * 100, b"{" * 50 + b"}" * 50]:
+        assert_well_formed(client.post("/v1/chat/completions", content=raw,
+                                       headers={"content-type": "application/json"}), False)
+    assert client.get("/v1/models").status_code == 200 and app.state.engine._thread.is_alive()

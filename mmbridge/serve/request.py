@@ -134,7 +134,7 @@ def _turns(messages, sources: list, special_tokens: list[str]) -> list[dict]:
     turns = []
     for i, msg in enumerate(messages):
         where = f"messages[{i}]"
-        if not isinstance(msg, dict) or msg.get("role") not in ROLES:
+        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or msg["role"] not in ROLES:
             raise RequestError(f"{where}: expected an object whose role is one of {sorted(ROLES)}", where)
         role = ROLES[msg["role"]]
         content = msg.get("content")
