@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -330,3 +332,58 @@ def test_the_bundled_exportable_recipe_exports_and_the_demo_says_why_not():
     assert recipe_blockers(load_recipe("exportable").model) == []
     demo = recipe_blockers(load_recipe("demo").model)
     assert any(b.startswith("model.bridge.name: objects") for b in demo)
+
+
+def _kept_folder(message: str) -> Path:
+    """The finished output a refused publish kept, as its message names it."""
+    return Path(re.search(r"the finished output was kept in (\S+) \(", message).group(1))
+
+
+@pytest.mark.parametrize("appears", ["a file in the empty folder", "an empty folder", "a folder with a file"])
+def test_an_output_folder_that_changes_during_the_export_is_left_alone(run, tmp_path, monkeypatch, appears):
+    """OUT was checked only at the start; at publish time whatever was there was renamed aside and deleted."""
+    import mmbridge.interop.llava_processor as processor_module
+    from mmbridge.interop import InteropError
+
+    out = tmp_path / "llava"
+    if appears == "a file in the empty folder":
+        out.mkdir()  # an empty folder is a valid OUT; it is filled by someone else while the export runs
+    real = processor_module.llava_processor
+
+    def meanwhile(*args, **kwargs):
+        out.mkdir(exist_ok=True)
+        if appears != "an empty folder":
+            (out / "theirs.txt").write_text("theirs")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(processor_module, "llava_processor", meanwhile)
+    with pytest.raises(InteropError, match=f"{out}: something was put there while this command ran") as err:
+        export_run(run, out, say=lambda *_: None)
+    assert sorted(p.name for p in out.iterdir()) == ([] if appears == "an empty folder" else ["theirs.txt"])
+    kept = _kept_folder(str(err.value))
+    assert kept.parent == out.parent and {"config.json", "model.safetensors", "manifest.json"} <= \
+        {p.name for p in kept.iterdir()}
+
+
+def test_two_exports_to_one_folder_never_touch_each_others_files(run, tmp_path, monkeypatch):
+    """A second export to the same OUT removed the first one's staging folder (`.OUT.tmp`, one name for all)."""
+    import mmbridge.interop.llava_processor as processor_module
+    from mmbridge.interop import InteropError
+    from mmbridge.train.checkpoint import verify
+
+    out, real = tmp_path / "llava", processor_module.llava_processor
+    calls = []
+
+    def second_export_meanwhile(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:  # the first export is half written: the second runs start to end now
+            export_run(run, out, say=lambda *_: None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(processor_module, "llava_processor", second_export_meanwhile)
+    with pytest.raises(InteropError, match="something was put there") as err:
+        export_run(run, out, say=lambda *_: None)
+    verify(out)  # the second export, whole
+    first = _kept_folder(str(err.value))
+    verify(first)  # the first, whole, beside it
+    assert [p.name for p in tmp_path.iterdir() if p != first] == ["llava"]

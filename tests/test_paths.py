@@ -175,3 +175,83 @@ def test_interleaved_documents_name_only_files_under_their_root(tree, tmp_path, 
         with pytest.raises(LCLDataError, match=r"docs\.jsonl:2: image_info\[0\]\.image_name"):
             write_shards(jsonl, tree, out)
     assert not out.exists() or not list(out.iterdir())
+
+
+# -- run directories: nothing deleted or replaced that the same call did not create ------------------------
+def checkpoint_files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_runs_without_resume_keep_every_earlier_checkpoint_set(tiny_lm_dir, tiny_clip_dir, world, tmp_path, capsys):
+    """A second run without --resume deleted the first run's `checkpoints.old` while saying it was 'moved'."""
+    from mmbridge.config import recipe_from_dict
+    from mmbridge.train import checkpoint as ckpt
+    from mmbridge.train.trainer import Trainer
+    from tests.conftest import tiny_recipe_dict
+
+    data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"])
+    data["stages"] = data["stages"][:1]
+    data.update({"save_every": 1, "threads": 1})
+    data["stages"][0]["steps"] = 2
+    recipe, run = recipe_from_dict(data), tmp_path / "run"
+    Trainer(recipe, run, progress=False).run()
+    first = checkpoint_files(run / "checkpoints")
+    Trainer(recipe, run, progress=False).run()
+    second = checkpoint_files(run / "checkpoints")
+    capsys.readouterr()
+    Trainer(recipe, run, progress=False)  # a third run sets the second one's checkpoints aside as well
+    said = capsys.readouterr().out
+    kept = sorted(run.glob("checkpoints.old-*"))
+    assert len(kept) == 2 and [checkpoint_files(k) for k in kept] == [first, second]  # by name: oldest first
+    assert f"was moved, whole, to {kept[1]}" in said and "nothing was deleted" in said
+    assert not list((run / "checkpoints").iterdir()) and not ckpt.list_checkpoints(run)
+
+
+def test_checkpoint_cleanup_removes_only_its_own_leftovers(tmp_path):
+    """The cleanup at a run's start deleted every hidden entry of RUN/checkpoints."""
+    from mmbridge.train import checkpoint as ckpt
+
+    root = tmp_path / "run" / "checkpoints"
+    (root / "stage0-step0000002").mkdir(parents=True)
+    mine = {".notes": "a file", ".backup/keep.txt": "a folder", ".stage-notes/keep.txt": "a near miss",
+            ".stage0-step0000001.tmp.txt": "a file named like a temp folder"}
+    for name, text in mine.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    leftovers = [".stage0-step0000003.tmp", ".stage0-step0000003.k2x_9abc.tmp", ".stage0-step0000001.deleting",
+                 ".stage0-step0000002.ab12cd34.old"]
+    for name in leftovers:
+        (root / name).mkdir()
+        (root / name / "model.safetensors").write_bytes(b"half")
+    (root / ".stage0-step0000004.zz99yy88.old").mkdir()  # set aside, its replacement never written: put back
+    (root / ".stage0-step0000004.zz99yy88.old" / "meta.json").write_text("{}")
+    ckpt.remove_partial(tmp_path / "run")
+    assert {name: (root / name).read_text() for name in mine} == mine
+    assert not any((root / name).exists() for name in leftovers)
+    assert (root / "stage0-step0000004" / "meta.json").read_text() == "{}"
+    assert ckpt.set_aside(tmp_path / "other") is None
+    (tmp_path / "other" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "other" / "checkpoints" / ".notes").write_text("mine")
+    assert ckpt.set_aside(tmp_path / "other") is None  # no checkpoint of a run there: nothing moves
+    assert (tmp_path / "other" / "checkpoints" / ".notes").read_text() == "mine"
+
+
+def test_a_folder_write_never_touches_temp_or_old_names_it_did_not_make(tmp_path):
+    """`model/` was written through `.model.tmp` and `.model.old`, deleting whatever had those names."""
+    import torch
+
+    from mmbridge.train.checkpoint import load_weights, save_weights
+
+    run = tmp_path / "run"
+    for name in (".model.tmp", ".model.old"):
+        (run / name).mkdir(parents=True)
+        (run / name / "keep.txt").write_text(name)
+    layer = torch.nn.Linear(2, 2)
+    for value in (1.0, 2.0):  # the second write replaces the first
+        torch.nn.init.constant_(layer.weight, value)
+        save_weights(layer, {"weight"}, run / "model", {"keys": ["weight"], "lora": None})
+    assert sorted(p.name for p in run.iterdir()) == [".model.old", ".model.tmp", "model"]
+    assert [(run / n / "keep.txt").read_text() for n in (".model.tmp", ".model.old")] == [".model.tmp", ".model.old"]
+    torch.nn.init.zeros_(layer.weight)
+    load_weights(layer, run / "model")
+    assert torch.equal(layer.weight, torch.full((2, 2), 2.0))

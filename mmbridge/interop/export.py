@@ -287,15 +287,15 @@ def export_run(run_dir: str | Path, out_dir: str | Path, say=print) -> Path:
     stage = folders.staging(out)
     try:
         llava.generation_config = generation_config(processor, new_ids)
-        llava.save_pretrained(str(stage))
-        llava_processor(processor, plan, recipe.model.system_prompt).save_pretrained(str(stage))
-        (stage / "mmbridge_export.json").write_text(json.dumps(
+        llava.save_pretrained(str(stage.path))
+        llava_processor(processor, plan, recipe.model.system_prompt).save_pretrained(str(stage.path))
+        (stage.path / "mmbridge_export.json").write_text(json.dumps(
             {"format": 1, "run": str(run_dir.resolve()), "class": plan.architecture,
              "lora_layers_merged": merged, "suppressed_ids": new_ids}, indent=2))
-        folders.publish(out)
     except BaseException:
-        folders.discard(out)
+        folders.discard(stage)
         raise
+    folders.publish(stage)  # refused: OUT untouched, the finished folder kept and named
     say(f"exported {run_dir} as {plan.architecture} to {out} ({merged} LoRA layers merged; "
         f"{plan.image_seq_length} tokens per image, vision_feature_layer {plan.feature_layer}, "
         f"select strategy {plan.strategy})")

@@ -155,7 +155,8 @@ def import_llava(src: str | Path, out_dir: str | Path, say=print) -> Path:
     drop_cls = _drop_cls(src, config, llava.model.vision_tower)
     size = int(config.vision_config.image_size)
     ip = processor.image_processor
-    stage = folders.staging(out)
+    staged = folders.staging(out)
+    stage = staged.path
     try:
         vision_tmp, lm_tmp, tok_tmp = stage / ".vision.tmp", stage / ".lm.tmp", stage / ".tokenizer.tmp"
         llava.model.vision_tower.save_pretrained(str(vision_tmp))
@@ -164,7 +165,7 @@ def import_llava(src: str | Path, out_dir: str | Path, say=print) -> Path:
         tokenizer.save_pretrained(str(lm_tmp))
         tokenizer.save_pretrained(str(tok_tmp))
         for name in ("vision", "lm", "tokenizer"):
-            write_folder(stage / name, {}, prefilled=True)
+            write_folder(stage / name, {}, filled=stage / f".{name}.tmp")
         text = config.text_config
         model_cfg = {"vision": {"name": "hf", "feature_layer": int(config.vision_feature_layer),
                                 "drop_cls": drop_cls},
@@ -190,10 +191,10 @@ def import_llava(src: str | Path, out_dir: str | Path, say=print) -> Path:
                      {"keys": sorted(keys), "lora": None, "stage": 0, "step": 0, "imported_from": str(src.resolve())})
         save_recipe(recipe(out.resolve()), stage)
         (stage / "imported.json").write_text(json.dumps({"format": 1, "source": str(src.resolve())}, indent=2))
-        folders.publish(out)
     except BaseException:
-        folders.discard(out)
+        folders.discard(staged)
         raise
+    folders.publish(staged)  # refused: OUT untouched, the finished run kept and named
     for line in _preprocessing_notes(src, ip, size):
         say(line)
     say(f"imported {src} into the run directory {out} ({our_processor.num_image_tokens} tokens per image, "

@@ -9,9 +9,11 @@ Layout::
     RUN/model/manifest.json      size and sha256 of each file, checked on load
     RUN/checkpoints/stage{S}-step{N}/  the same three plus trainer_state.pt (optimizer, objective,
                                  RNG, data position) for --resume; the newest `keep_checkpoints` stay
+    RUN/checkpoints.old-{date}-{time}/  an earlier run's checkpoints, set aside by a run without --resume
 
-Every folder is written under a temporary name, each file fsynced, then renamed into place, so a
-crash leaves either the old folder or the new one. Loading checks the manifest; a checkpoint that
+Every folder is written under a temporary name made for that one write, each file fsynced, then renamed
+into place, so a crash leaves either the old folder or the new one; what a crash leaves is cleared by its
+names only (`remove_partial`). Loading checks the manifest; a checkpoint that
 fails the check is set aside (renamed `*.corrupt`) and the previous one is used. Weights are only
 ever read from safetensors; trainer state with `torch.load(weights_only=True)`, which refuses to
 unpickle anything but tensors and plain containers.
@@ -19,13 +21,17 @@ unpickle anything but tensors and plain containers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import os
 import pickle
 import random
 import re
 import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +47,8 @@ from mmbridge.models.resolution import sync_processor
 MANIFEST = "manifest.json"
 STATE = "trainer_state.pt"
 _NAME = re.compile(r"^stage(\d+)-step(\d+)$")
+# what a killed save or prune leaves in RUN/checkpoints: a temp folder, a checkpoint renamed aside, a prune's
+_PARTIAL = re.compile(r"^\.(stage\d+-step\d+)(\.[a-z0-9_]+)?\.(tmp|old|deleting)$")
 
 
 class CheckpointError(RuntimeError):
@@ -91,21 +99,52 @@ def verify(folder: Path) -> None:
             raise CheckpointError(f"{path}: corrupt: its sha256 differs from the manifest's")
 
 
-def write_folder(folder: Path, writers: dict, prefilled: bool = False) -> None:
+def seal(folder: Path) -> None:
+    """Fsync every file of a filled folder, write its manifest and fsync that and the folder (what a rename
+    then publishes is whole on disk)."""
+    folder = Path(folder)
+    for p in folder.iterdir():
+        _fsync(p)
+    write_manifest(folder)
+    _fsync(folder / MANIFEST)
+    _fsync(folder)
+
+
+def rename_new(src: Path, dst: Path) -> None:
+    """Rename folder `src` to `dst`, which must not exist (FileExistsError if anything is there, nothing
+    touched): `dst` is made empty first, then replaced by the rename, which the kernel refuses if it is not
+    empty by then (the empty folder made here is then removed again; anything put into it stays)."""
+    os.mkdir(dst)  # FileExistsError for anything there, an empty folder too
+    try:
+        os.rename(src, dst)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.rmdir(dst)  # only while empty
+        raise
+
+
+def unique_beside(folder: Path, suffix: str) -> Path:
+    """A new empty folder `.NAME.<random>.<suffix>` beside `folder`, made for one call (never shared)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=f".{suffix}", dir=folder.parent))
+
+
+def write_folder(folder: Path, writers: dict, filled: Path | None = None) -> None:
     """Write files (name -> fn(path)) into `folder` atomically: temp folder, fsync, manifest, rename.
 
-    `prefilled`: the temp folder `.NAME.tmp` already holds files (a sharded save's); they are kept and fsynced.
+    The temp folder is made for this call beside `folder` (`unique_beside`), or is `filled`: one the caller
+    made and filled already (a sharded save's), whose files are kept and fsynced. An existing `folder` is
+    replaced: one the run wrote itself (a checkpoint saved again, `model/` at a stage's end), renamed aside to
+    a folder made for this call and deleted once the new one is in place, or renamed back on a failure.
     """
     folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    old = folder.with_name(f".{folder.name}.old")
+    tmp, old = (Path(filled) if filled is not None else None), None
     try:
-        if prefilled:
-            for p in tmp.iterdir():
-                _fsync(p)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+        if tmp is None:
+            tmp = unique_beside(folder, "tmp")
+        for p in tmp.iterdir():
+            _fsync(p)
         for name, write in writers.items():
             write(tmp / name)
             _fsync(tmp / name)
@@ -113,15 +152,20 @@ def write_folder(folder: Path, writers: dict, prefilled: bool = False) -> None:
         _fsync(tmp / MANIFEST)
         _fsync(tmp)
         if folder.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            folder.rename(old)
+            old = unique_beside(folder, "old")
+            folder.rename(old)  # onto the empty folder just made for it
         tmp.rename(folder)
         _fsync(folder.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except (OSError, SafetensorError) as e:  # safetensors reports its I/O errors as SafetensorError
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not folder.exists():
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not folder.exists():
             old.rename(folder)
+        elif old is not None:
+            with contextlib.suppress(OSError):
+                old.rmdir()  # the aside folder, if nothing was moved into it
         reason = f"{e.strerror} (errno {e.errno})" if isinstance(e, OSError) and e.strerror else str(e)
         raise CheckpointError(f"could not write {folder}: {reason}") from e
 
@@ -247,29 +291,52 @@ def latest_checkpoint(run_dir: Path, say=print) -> tuple[Path, dict] | None:
             return folder, load_trainer_state(folder)
         except CheckpointError as e:
             aside = folder.with_name(folder.name + ".corrupt")
-            shutil.rmtree(aside, ignore_errors=True)
-            folder.rename(aside)
+            for k in itertools.count(2):  # an earlier `.corrupt` of the same name is kept too
+                try:
+                    rename_new(folder, aside)
+                    break
+                except FileExistsError:
+                    aside = folder.with_name(f"{folder.name}.corrupt{k}")
             say(f"checkpoint {folder.name} is unusable and was moved to {aside.name}: {e}; "
                 "trying the previous checkpoint")
     return None
 
 
-def set_aside(run_dir: Path) -> Path | None:
-    """Move an earlier run's checkpoints to RUN/checkpoints.old (replacing older ones there)."""
+def set_aside(run_dir: Path) -> tuple[Path, int] | None:
+    """Move an earlier run's checkpoints folder, whole, to a new `RUN/checkpoints.old-<date>-<time>` (never
+    onto an earlier one, which stays as it is) and start an empty one; returns (where, how many checkpoints).
+    Nothing moves when the folder holds no checkpoint of a run (`stageS-stepN`, `*.corrupt`)."""
     root = Path(run_dir) / "checkpoints"
-    if not root.is_dir() or not any(root.iterdir()):
+    if not root.is_dir() or not any(_NAME.match(p.name.split(".")[0]) for p in root.iterdir()
+                                    if not p.name.startswith(".")):
         return None
-    old = root.with_name("checkpoints.old")
-    shutil.rmtree(old, ignore_errors=True)
-    root.rename(old)
+    n = len(list_checkpoints(run_dir))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for k in itertools.count(1):
+        old = root.with_name(f"checkpoints.old-{stamp}" + (f"-{k}" if k > 1 else ""))
+        try:
+            rename_new(root, old)
+            break
+        except FileExistsError:
+            continue
     root.mkdir()
-    return old
+    return old, n
 
 
 def remove_partial(run_dir: Path) -> None:
-    """Delete what a killed save or prune left behind (hidden `.*` folders)."""
-    for tmp in (Path(run_dir) / "checkpoints").glob(".*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Clear what a killed save or prune left in RUN/checkpoints, recognised by its names: temp folders
+    (`.stageS-stepN.*.tmp`), a prune's `.stageS-stepN.deleting`, and a checkpoint renamed aside for a new one
+    of the same name (`.stageS-stepN.*.old`: put back where the checkpoint is missing, else deleted). Nothing
+    else is touched: a hidden file or folder of another name stays."""
+    root = Path(run_dir) / "checkpoints"
+    for p in sorted(root.glob(".*")):
+        m = _PARTIAL.match(p.name)
+        if m is None or not p.is_dir() or p.is_symlink():
+            continue
+        if m[3] == "old" and not (root / m[1]).exists():
+            p.rename(root / m[1])
+        else:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 # -- run directory checks ---------------------------------------------------------------------

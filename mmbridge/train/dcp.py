@@ -11,7 +11,6 @@ run's `model/` folder is always consolidated safetensors (what `load_run` reads)
 from __future__ import annotations
 
 import json
-import shutil
 import warnings
 from pathlib import Path
 
@@ -42,10 +41,7 @@ def save(run_dir: Path, step: torch.nn.Module, optimizer, keys: set[str], meta: 
     """Every rank writes its shards into the temporary folder; rank 0 adds meta, trainer state and the
     manifest, renames the folder into place and prunes old checkpoints. Needs a filesystem all ranks share."""
     folder = ckpt.checkpoint_dir(run_dir, state["stage"], state["step"])
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    if dist.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    tmp = Path(dist.broadcast(str(ckpt.unique_beside(folder, "tmp")) if dist.main else None))  # this save's own
     dist.barrier()
     dcp.save({"model": _saved_model_state(step, keys), "optim": get_optimizer_state_dict(step, optimizer)},
              checkpoint_id=str(tmp))
@@ -53,7 +49,7 @@ def save(run_dir: Path, step: torch.nn.Module, optimizer, keys: set[str], meta: 
     if dist.main:
         writers = {"meta.json": lambda p: p.write_text(json.dumps(meta, indent=2)),
                    ckpt.STATE: lambda p: torch.save({**state, "sharded": True}, p)}
-        ckpt.write_folder(folder, writers, prefilled=True)
+        ckpt.write_folder(folder, writers, filled=tmp)
         ckpt.prune_checkpoints(run_dir, folder, keep)
     dist.barrier()
     return folder

@@ -98,8 +98,10 @@ class Trainer:
         self.dist.barrier()
         if resume:
             self._resume()
-        elif self.dist.main and (old := ckpt.set_aside(self.run_dir)) is not None:  # never resume into another run
-            print(f"{self.run_dir}: an earlier run's checkpoints were moved to {old}")
+        elif self.dist.main and (aside := ckpt.set_aside(self.run_dir)) is not None:  # never resume another run
+            print(f"{self.run_dir}: not resuming (no --resume): the earlier run's checkpoints folder ({aside[1]} "
+                  f"checkpoint(s)) was moved, whole, to {aside[0]}; nothing was deleted (remove it when no "
+                  "longer needed)")
         ckpt.check_free_space(self.run_dir, *ckpt.estimate_checkpoint_bytes(self.model, recipe),
                               recipe.keep_checkpoints)
         if self.dist.main:
