@@ -255,3 +255,27 @@ def test_a_folder_write_never_touches_temp_or_old_names_it_did_not_make(tmp_path
     torch.nn.init.zeros_(layer.weight)
     load_weights(layer, run / "model")
     assert torch.equal(layer.weight, torch.full((2, 2), 2.0))
+
+
+def test_a_checkpoint_found_corrupt_again_keeps_the_earlier_corrupt_copy(tmp_path, capsys):
+    """Setting a bad checkpoint aside deleted an earlier `NAME.corrupt` of the same name."""
+    from mmbridge.train import checkpoint as ckpt
+
+    root = tmp_path / "run" / "checkpoints"
+    (root / "stage0-step0000004.corrupt").mkdir(parents=True)
+    (root / "stage0-step0000004.corrupt" / "meta.json").write_text("first")
+    (root / "stage0-step0000004").mkdir()
+    (root / "stage0-step0000004" / "meta.json").write_text("second")  # no manifest: unusable
+    assert ckpt.latest_checkpoint(tmp_path / "run", say=print) is None
+    assert "moved to stage0-step0000004.corrupt2" in capsys.readouterr().out
+    assert [(root / f"stage0-step0000004.{n}" / "meta.json").read_text() for n in ("corrupt", "corrupt2")] == \
+        ["first", "second"]
+
+
+def test_evaluation_reads_images_only_under_its_root(tree):
+    from mmbridge.data.media import MediaPathError
+    from mmbridge.eval.reliance import image_reliance
+
+    records = [rec(0), rec(1, image="../outside.png")]
+    with pytest.raises(MediaPathError, match=r"'\.\./outside\.png'.*outside the image root"):
+        image_reliance(None, None, records, tree)  # refused before any model is used
