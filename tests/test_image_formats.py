@@ -49,6 +49,7 @@ def test_decoding_leaves_the_warning_filters_alone(monkeypatch):
     assert seen == [before] and warnings.filters == before
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL warns, then we refuse
 def test_pil_limit_applies_when_ours_is_off(monkeypatch):
     """`max_pixels=None` leaves PIL's `MAX_IMAGE_PIXELS`, which is now enforced as an error, not a warning."""
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
