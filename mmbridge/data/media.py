@@ -6,14 +6,15 @@ is refused with a `MediaPathError`, which names it and the root, when
 
 * it looks like a URL (`http://h/x.mp4`, `file:…`, `concat:…`): media are files, and FFmpeg never sees a URL;
 * it is absolute or climbs out (`/etc/passwd`, `../x.png`) to a place outside the root (an absolute name
-  inside the root is accepted);
-* its real path, every symlink followed, lies outside the root's real path: a symlink may point anywhere
-  inside the root (the root itself may be a symlink), never out of it.
+  inside the root is accepted).
+
+What is checked is the name a record gives; the root's own contents are the user's layout, so a symlink in it
+(`images/coco -> /mnt/datasets/coco`, the common way to place a dataset) is followed wherever it points.
 
 A name that exists but is not a regular file (a folder, a device such as /dev/zero, a FIFO, a socket) is an
 unreadable image (`ImageError`); this is found with `stat`, so nothing is opened and nothing blocks. A name
 that names nothing passes: reading it says that the file does not exist, as for any missing image. The path
-given back is absolute and real, so no URL parser reads a scheme into it.
+given back is absolute, so no URL parser reads a scheme into it.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def _what(mode: int) -> str:
 
 
 def media_path(root: str | os.PathLike | None, name: str) -> str:
-    """The absolute real path of media `name` under `root` (see the module's rules), or MediaPathError."""
+    """The absolute path of media `name` under `root` (see the module's rules), or MediaPathError."""
     base = os.path.abspath(os.fspath(root) if root else ".")
     if "\0" in name:
         raise MediaPathError(name, "the name holds a NUL character")
@@ -55,17 +56,13 @@ def media_path(root: str | os.PathLike | None, name: str) -> str:
     if not _within(joined, base):
         raise MediaPathError(name, f"{joined} is outside the image root {base} (media are files under their "
                                    "source's image root)")
-    real, real_base = os.path.realpath(joined), os.path.realpath(base)
-    if not _within(real, real_base):
-        raise MediaPathError(name, f"a symlink leads to {real}, outside the image root {real_base} (a symlink "
-                                   "may only point inside the root)")
     try:
-        mode = os.stat(real).st_mode
+        mode = os.stat(joined).st_mode  # through the root's symlinks
     except OSError:  # missing or unreadable: the reader says which
-        return real
+        return joined
     if not stat.S_ISREG(mode):
-        raise ImageError(real, f"not a regular file ({_what(mode)})")
-    return real
+        raise ImageError(joined, f"not a regular file ({_what(mode)})")
+    return joined
 
 
 def read_media(root: str | os.PathLike | None, name: str) -> bytes:
