@@ -30,6 +30,8 @@ class Guard:
     def __init__(self, app, allowed_hosts=LOOPBACK_HOSTS, api_key: str | None = None,
                  max_body: int = MAX_BODY_BYTES, max_in_flight: int = 72, retry_after: int = 1):
         self.app, self.max_body, self.max_in_flight, self.retry_after = app, max_body, max_in_flight, retry_after
+        if api_key is not None and not api_key.strip():
+            raise ValueError("api_key is empty: give a key, or None for no key")
         self.hosts = {h.lower().rstrip(".") for h in allowed_hosts}
         self.key = None if api_key is None else api_key.encode()
         self.in_flight = 0  # read and changed on the event loop's thread only
