@@ -5,7 +5,8 @@ The server runs in its own process on 127.0.0.1 (a free port). Each level has `-
 `clients` threads; a request is hostile with probability `--hostile` (seeded): a NaN temperature, an image whose
 header declares 8000x8000 pixels, more images than the server takes, a role the server does not know, JSON nested
 100,000 deep, a text/plain body, or a stream the client drops after its first chunk. A 503 is retried after its
-`Retry-After` (counted as shed). The last level repeats the largest one, to see whether memory grows.
+`Retry-After` (with jitter, for up to 5 minutes; counted as shed). The last level repeats the largest one, to see
+whether memory grows.
 
 Reported per level: requests/s, p50/p95/p99 latency of the well-formed requests, how many well-formed requests
 failed (target 0), hostile ones answered otherwise than expected (target 0), the server's peak RSS; then the RSS
@@ -47,7 +48,7 @@ HOSTILE = ["nan", "huge_image", "too_many_images", "bad_role", "deep_json", "tex
 EXPECTED = {"nan": 400, "huge_image": 400, "too_many_images": 400, "bad_role": 400, "deep_json": 400,
             "text_plain": 415, "disconnect": 200}
 MAX_IMAGES = 4
-MAX_RETRIES = 20
+RETRY_FOR_S = 300.0  # a client retries a 503 after its Retry-After until this long has passed
 
 
 def png_header(width: int, height: int) -> bytes:
@@ -148,15 +149,16 @@ class Memory:
         self._thread.join()
 
 
-def send(http: httpx.Client, url: str, raw: bytes, content_type: str, stream: bool, drop: bool) -> tuple[int, bool, int]:
+def send(http: httpx.Client, url: str, raw: bytes, content_type: str, stream: bool,
+         drop: bool) -> tuple[int, bool, int]:
     """One request, retried after its Retry-After while the server answers 503: (status, well-formed answer, 503s)."""
-    shed = 0
+    shed, give_up = 0, time.monotonic() + RETRY_FOR_S
     headers = {"content-type": content_type}
     while True:
         with http.stream("POST", f"{url}/v1/chat/completions", content=raw, headers=headers) as r:
-            if r.status_code == 503 and shed < MAX_RETRIES:
+            if r.status_code == 503 and time.monotonic() < give_up:
                 shed += 1
-                time.sleep(float(r.headers.get("retry-after", "1")))
+                time.sleep(float(r.headers.get("retry-after", "1")) * random.uniform(1.0, 1.5))
                 continue
             if r.status_code != 200:
                 r.read()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -58,7 +59,8 @@ def create_app(model, processor, name: str, max_batch: int = 8, max_images: int 
     app = FastAPI(title="mmbridge", lifespan=lifespan)
     app.state.engine, app.state.preparing = engine, preparing
     app.add_middleware(Guard, allowed_hosts=allowed_hosts, api_key=api_key, max_body=max_body,
-                       max_in_flight=max_batch + max_queue)
+                       max_in_flight=max_batch + max_queue,  # Retry-After: when those in flight are decoded
+                       retry_after=lambda n: min(60, max(1, math.ceil(engine.wait_estimate(n)))))
 
     @app.exception_handler(RequestError)
     async def _refused(request: Request, e: RequestError):

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -100,6 +102,7 @@ class Engine:
         self.model, self.processor, self.max_batch = model, processor, max_batch
         self.stop_ids = set(processor.stop_token_ids)
         self.batch_sizes: list[int] = []  # the size of every batch run so far (for tests and benchmarks)
+        self.batch_seconds: float | None = None  # a moving average of how long a batch takes
         self._queue: queue.Queue = queue.Queue()
         self._encode_lock = threading.Lock()  # request threads take turns with the processor's tokenizer
         self._decoder = copy.deepcopy(processor.tokenizer)  # this thread's own: decoding never waits on an encode
@@ -120,6 +123,10 @@ class Engine:
         """Queue `job`; ValueError if its sampling settings are not finite and in range (`sampling.check`)."""
         sampling.check(job.temperature, job.top_p)
         self._queue.put(job)
+
+    def wait_estimate(self, requests: int) -> float:
+        """Seconds until `requests` jobs ahead are decoded, from recent batches (1 s a batch before any ran)."""
+        return math.ceil(requests / self.max_batch) * (self.batch_seconds or 1.0)
 
     def encode_prompt(self, turns: list[dict], counts: list | None = None) -> list[int]:
         """The prompt, each image expanded to `counts` (its own span under a tiling) or the bridge's count.
@@ -184,6 +191,7 @@ class Engine:
         if not batch:
             return
         self.batch_sizes.append(len(batch))
+        start = time.perf_counter()
         try:
             self._generate(batch)
         except Exception as e:  # noqa: BLE001 - every waiting client gets the error, the thread lives on
@@ -191,6 +199,8 @@ class Engine:
             for job in batch:
                 job.fail(e)
             return
+        took = time.perf_counter() - start
+        self.batch_seconds = took if self.batch_seconds is None else 0.8 * self.batch_seconds + 0.2 * took
         for job in batch:  # the batch ran out of steps before this reply ended
             job.finish("length")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Callable
 
 from starlette.datastructures import Headers
 
@@ -25,10 +26,11 @@ class Guard:
     `allowed_hosts`: the names the Host header may carry (any port); `"*"` allows any, `"*.example.com"` that
     domain's subdomains. `api_key`: if set, every request must send `Authorization: Bearer <key>` (compared in
     constant time). `max_body`: bytes a POST body may have. `max_in_flight`: POSTs being read, prepared, queued
-    or decoded at once; one more gets 503 with `Retry-After: retry_after`."""
+    or decoded at once; one more gets 503 with `Retry-After: retry_after(in flight)` seconds."""
 
     def __init__(self, app, allowed_hosts=LOOPBACK_HOSTS, api_key: str | None = None,
-                 max_body: int = MAX_BODY_BYTES, max_in_flight: int = 72, retry_after: int = 1):
+                 max_body: int = MAX_BODY_BYTES, max_in_flight: int = 72,
+                 retry_after: Callable[[int], int] = lambda in_flight: 1):
         self.app, self.max_body, self.max_in_flight, self.retry_after = app, max_body, max_in_flight, retry_after
         if api_key is not None and not api_key.strip():
             raise ValueError("api_key is empty: give a key, or None for no key")
@@ -56,8 +58,9 @@ class Guard:
         if declared is not None and declared.isdigit() and int(declared) > self.max_body:
             return await self._too_large(send)
         if self.in_flight >= self.max_in_flight:
+            wait = str(self.retry_after(self.in_flight)).encode()
             return await _refuse(send, 503, "the server is busy; retry after a moment", kind="server_error",
-                                 code="overloaded", extra=[(b"retry-after", str(self.retry_after).encode())])
+                                 code="overloaded", extra=[(b"retry-after", wait)])
         self.in_flight += 1
         try:
             body = await self._body(receive)
