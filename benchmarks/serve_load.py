@@ -5,8 +5,8 @@ The server runs in its own process on 127.0.0.1 (a free port). Each level has `-
 `clients` threads; a request is hostile with probability `--hostile` (seeded): a NaN temperature, an image whose
 header declares 8000x8000 pixels, more images than the server takes, a role the server does not know, JSON nested
 100,000 deep, a text/plain body, or a stream the client drops after its first chunk. A 503 is retried after its
-`Retry-After` (with jitter, for up to 5 minutes; counted as shed). The last level repeats the largest one, to see
-whether memory grows.
+`Retry-After` (with jitter, for up to 5 minutes; counted as shed). The largest level runs `--passes` times (2 by
+default), to see whether memory keeps growing.
 
 Reported per level: requests/s, p50/p95/p99 latency of the well-formed requests, how many well-formed requests
 failed (target 0), hostile ones answered otherwise than expected (target 0), the server's peak RSS; then the RSS
@@ -247,6 +247,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch")
     parser.add_argument("--max-queue", type=int, default=64, help="the server's --max-queue")
     parser.add_argument("--threads", type=int, default=1, help="the server's CPU threads")
+    parser.add_argument("--passes", type=int, default=2, help="times the largest level runs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="toy sizes (see above)")
     args = parser.parse_args(argv)
@@ -278,7 +279,7 @@ def measure(args, tmp: Path) -> dict:
             httpx.post(f"{url}/v1/chat/completions", json=reqs.good(0, False), timeout=300).raise_for_status()
             memory.level = "warm"
             time.sleep(2 * memory.every)
-            plan = [*args.clients, args.clients[-1]]  # the largest level twice: memory after a full pass
+            plan = [*args.clients, *[args.clients[-1]] * (args.passes - 1)]  # memory after full passes
             rows = []
             for n, clients in enumerate(plan):
                 memory.level = f"{n}:{clients}"
@@ -298,8 +299,8 @@ def measure(args, tmp: Path) -> dict:
 
     warm = memory.peak("warm") or memory.peak("start")
     peaks = [r["peak_rss_mb"] for r in rows]
-    rss = {"after_warm_up": warm, "peak": max(p for p in peaks if p is not None),
-           "largest_level_first_pass": peaks[-2], "largest_level_second_pass": peaks[-1],
+    passes = peaks[len(args.clients) - 1:]
+    rss = {"after_warm_up": warm, "peak": max(p for p in peaks if p is not None), "largest_level_passes": passes,
            "samples": [[t, lv, mb] for t, lv, mb in memory.samples[::max(1, len(memory.samples) // 120)]]}
     print(f"mmbridge serve {run_dir} (--max-batch {args.max_batch}, --max-queue {args.max_queue}, {args.threads} "
           f"thread(s)), max_tokens {args.max_tokens}, {args.requests} requests a level, {args.hostile:.0%} hostile")
@@ -311,7 +312,7 @@ def measure(args, tmp: Path) -> dict:
               f"{r['shed_503']:>5} {r['peak_rss_mb'] or 0:>7.0f}")
         for e in r["errors"]:
             print(f"        {e}")
-    print(f"RSS after warm-up {warm} MB; largest level {peaks[-2]} MB, again {peaks[-1]} MB; GET /v1/models after: "
+    print(f"RSS after warm-up {warm} MB; largest level, pass by pass: {passes} MB; GET /v1/models after: "
           f"{'answers' if models_after else 'FAILED'}; server alive: {alive}; tracebacks in its log: {tracebacks}")
     result = {"benchmark": "serve_load", "smoke": args.smoke, "run_dir": str(run_dir), "max_batch": args.max_batch,
               "max_queue": args.max_queue, "threads": args.threads, "max_tokens": args.max_tokens,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import math
 import time
 import uuid
@@ -27,7 +26,6 @@ from mmbridge.serve.guard import LOOPBACK_HOSTS, MAX_BODY_BYTES, Guard, error_bo
 from mmbridge.serve.request import MAX_IMAGE_PIXELS, ChatRequest, RequestError, parse_chat_request, parse_json
 from mmbridge.serve.text import ReplyText
 
-log = logging.getLogger(__name__)
 FAILED = "the server failed to answer this request; the reason is in its log"
 # a prompt's text beyond max_length x (the longest token's characters) x this cannot fit, and is refused unread
 CHARS_PER_TOKEN_SLACK = 4
