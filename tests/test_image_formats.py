@@ -1,5 +1,6 @@
-"""`data/images.py` as the server meets it (issue #29): only PNG, JPEG, WEBP, GIF and BMP are opened, the size
-is judged from the header, and decoding touches no process-wide state (requests decode on several threads)."""
+"""`data/images.py` as the server meets it (issue #29): a request's images open only as PNG, JPEG, WEBP, GIF or
+BMP, data files also as TIFF, PPM, TGA and JPEG 2000, never as EPS; the size is judged from the header, and
+decoding touches no process-wide state (requests decode on several threads)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import warnings
 import pytest
 from PIL import Image
 
-from mmbridge.data.images import IMAGE_FORMATS, ImageError, ImageTooLarge, decode_image
+from mmbridge.data.images import DATA_FORMATS, IMAGE_FORMATS, ImageError, ImageTooLarge, decode_image, load_image
 
 # An EPS header PIL's EPS plugin accepts; loading it would start Ghostscript (where installed).
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\nshowpage\n%%EOF\n"
@@ -29,7 +30,22 @@ def test_allowed_formats_decode(fmt):
 
 @pytest.mark.parametrize("data", [encoded("TIFF"), encoded("PPM"), encoded("ICO", (16, 16)), EPS],
                          ids=["tiff", "ppm", "ico", "eps"])
-def test_other_formats_are_not_opened(data):
+def test_other_formats_are_not_opened_from_a_request(data):
+    with pytest.raises(ImageError, match="not a recognised image format"):
+        decode_image(data, formats=IMAGE_FORMATS)
+
+
+@pytest.mark.parametrize("fmt", [f for f in DATA_FORMATS if f not in IMAGE_FORMATS])
+def test_data_files_also_open_as_the_formats_datasets_use(fmt, tmp_path):
+    path = tmp_path / f"x.{fmt.lower()}"
+    path.write_bytes(encoded(fmt))
+    assert load_image(path).size == (8, 6)
+    with pytest.raises(ImageError, match="not a recognised image format"):
+        load_image(path, formats=IMAGE_FORMATS)
+
+
+@pytest.mark.parametrize("data", [encoded("ICO", (16, 16)), EPS], ids=["ico", "eps"])
+def test_data_files_never_open_as_other_formats(data):
     with pytest.raises(ImageError, match="not a recognised image format"):
         decode_image(data)
 

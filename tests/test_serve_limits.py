@@ -6,6 +6,7 @@ here; tests/test_serve.py checks them on a trained run), with real uvicorn serve
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import json
 import logging
@@ -134,10 +135,13 @@ def guarded(tiny):
 
 @pytest.fixture(scope="module")
 def open_server(tiny):
-    """A server without a key and with the default body limit, one request preparing at a time, short replies."""
+    """A server without a key and with the default body limit, one request preparing at a time, short replies; its
+    own copy of the processor (`app.state.processor`), so a test may watch it without seeing other servers' work."""
     from mmbridge.serve.app import create_app
 
-    app = create_app(*tiny, "tiny", max_batch=4, max_images=2, max_tokens=2, prepare_workers=1)
+    own = copy.copy(tiny[1])
+    app = create_app(tiny[0], own, "tiny", max_batch=4, max_images=2, max_tokens=2, prepare_workers=1)
+    app.state.processor = own
     with serving(app) as base:
         yield base, app
 
@@ -345,10 +349,10 @@ def test_decoding_does_not_wait_for_a_prompt_being_tokenised(tiny, monkeypatch):
         encoding.join(WAIT_S)
 
 
-def test_requests_prepare_a_few_at_a_time(open_server, monkeypatch, tiny):
+def test_requests_prepare_a_few_at_a_time(open_server, monkeypatch):
     """Up to 40 requests (the thread pool's size) decoded images at once; now `prepare_workers` (1 here)."""
     base, app = open_server
-    proc = tiny[1]
+    proc = app.state.processor  # this server's alone: a request another test's server still prepares is not counted
     inside, release = [], threading.Event()
     images = proc.images
 
@@ -375,8 +379,9 @@ def test_requests_prepare_a_few_at_a_time(open_server, monkeypatch, tiny):
 def test_failures_reach_clients_as_generic_500s(open_server, tiny, monkeypatch, caplog):
     """Exception text (a CUDA OOM message, paths, shapes) went to clients; a failure outside generation was a
     plain-text 500. Now every one is an OpenAI-shaped 500 that says only that it failed; the log has the detail."""
-    model, proc = tiny
-    base = open_server[0]
+    model = tiny[0]
+    base, app = open_server
+    proc = app.state.processor
 
     def out_of_memory(*a, **kw):
         raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; SECRET-DETAIL)")

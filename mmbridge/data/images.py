@@ -14,6 +14,7 @@ __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "DEFAULT_MAX_PIXELS",
+    "DATA_FORMATS",
     "IMAGE_FORMATS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -36,9 +37,12 @@ SIGLIP_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
 #: Images with more pixels than this are rejected as possible decompression bombs.
 DEFAULT_MAX_PIXELS: int = 64_000_000
 
-#: The only formats opened: PIL would otherwise try every plugin it has, some of which run other programs
-#: (EPS runs Ghostscript where it is installed) or parse rarely used, rarely audited layouts.
+#: The formats a server request may send: PIL would otherwise try every plugin it has, some of which run other
+#: programs (EPS runs Ghostscript where it is installed) or parse rarely used, rarely audited layouts.
 IMAGE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+#: The formats training and evaluation data may hold (the user's own files): those, and the ones datasets in
+#: science and remote sensing use, each decoded by PIL itself (no other program).
+DATA_FORMATS: tuple[str, ...] = IMAGE_FORMATS + ("TIFF", "PPM", "TGA", "JPEG2000")
 
 
 class ImageError(ValueError):
@@ -54,10 +58,11 @@ class ImageTooLarge(ImageError):
     """The image's header declares more pixels than allowed; nothing was decoded."""
 
 
-def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               formats: tuple[str, ...] = DATA_FORMATS) -> Image.Image:
     """Load ``path`` fully into memory as an RGB image.
 
-    Raises ``ImageError`` for a missing or empty file, a file that is not one of ``IMAGE_FORMATS`` or that PIL
+    Raises ``ImageError`` for a missing or empty file, a file that is not one of ``formats`` or that PIL
     cannot decode (including truncated data), and ``ImageTooLarge`` for images larger than ``max_pixels`` pixels
     or PIL's ``Image.MAX_IMAGE_PIXELS``, whichever is smaller (``None``: PIL's alone), read from the header
     before any pixel data is decoded.
@@ -68,17 +73,18 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
         raise ImageError(path, "not a regular file")
     if os.path.getsize(path) == 0:
         raise ImageError(path, "file is empty (0 bytes)")
-    return _decode(path, path, max_pixels)
+    return _decode(path, path, max_pixels, formats)
 
 
-def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 formats: tuple[str, ...] = DATA_FORMATS) -> Image.Image:
     """`load_image` for an image held in memory (e.g. a base64 data URL); errors name it `name`."""
     if not data:
         raise ImageError(name, "no image data (0 bytes)")
-    return _decode(io.BytesIO(data), name, max_pixels)
+    return _decode(io.BytesIO(data), name, max_pixels, formats)
 
 
-def _decode(source, name, max_pixels: int | None) -> Image.Image:
+def _decode(source, name, max_pixels: int | None, formats: tuple[str, ...]) -> Image.Image:
     """Open `source` (a path or a binary file), check its size, decode it fully, as RGB.
 
     PIL's own bomb check only warns below twice its `MAX_IMAGE_PIXELS`; rather than turning that warning into
@@ -86,7 +92,7 @@ def _decode(source, name, max_pixels: int | None) -> Image.Image:
     same time undo each other's), the size is compared here with the smaller of the two limits."""
     limits = [n for n in (max_pixels, Image.MAX_IMAGE_PIXELS) if n is not None]
     try:
-        with Image.open(source, formats=IMAGE_FORMATS) as img:
+        with Image.open(source, formats=formats) as img:
             w, h = img.size  # header only; check before decoding pixel data
             if limits and w * h > min(limits):
                 raise ImageTooLarge(name, f"{w}x{h} = {w * h} pixels exceeds the limit of {min(limits)} "
@@ -98,7 +104,7 @@ def _decode(source, name, max_pixels: int | None) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise ImageTooLarge(name, f"decompression bomb: {e}") from e
     except Image.UnidentifiedImageError as e:
-        raise ImageError(name, f"not a recognised image format (one of {', '.join(IMAGE_FORMATS)})") from e
+        raise ImageError(name, f"not a recognised image format (one of {', '.join(formats)})") from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         # PIL reports truncated/corrupt data as OSError, SyntaxError ("broken PNG") or EOFError.
         raise ImageError(name, f"corrupt or truncated image data ({type(e).__name__}: {e})") from e

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from mmbridge.data.images import ImageError, ImageTooLarge, decode_image
+from mmbridge.data.images import IMAGE_FORMATS, ImageError, ImageTooLarge, decode_image
 from mmbridge.models.language import IMAGE_TOKEN
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -182,7 +182,7 @@ def _image(url, where: str, max_pixels: int | None) -> Image.Image:
     except (binascii.Error, ValueError) as e:
         raise RequestError(f"{where}: the data URL is not valid base64 ({e})", where, "invalid_base64") from e
     try:
-        return decode_image(data, name=where, max_pixels=max_pixels)
+        return decode_image(data, name=where, max_pixels=max_pixels, formats=IMAGE_FORMATS)
     except ImageTooLarge as e:
         raise RequestError(f"{where}: {e.reason}", where, "image_too_large") from e
     except ImageError as e:
