@@ -97,3 +97,21 @@ def ready_for_stage(trainer, si: int) -> None:
         if hasattr(objective, "read_stage_data"):
             objective.read_stage_data(trainer.model, [trainer.task.dataset(n) for n in stage.data],
                                       trainer.task.processor.tokenizer)
+
+
+def demo_run_images(run_dir: str | Path, images: str | None, threads: int, timeout: int) -> list[Path]:
+    """The PNGs to ask a served run about (`images`, or the run's `examples/`), first making the run with
+    `mmbridge demo --quick --out RUN_DIR` when there is none."""
+    import os
+    import subprocess
+    import sys
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.yaml").exists():
+        print(f"{run_dir}: no run there; making one with `mmbridge demo --quick --out {run_dir}`", flush=True)
+        subprocess.run([sys.executable, "-m", "mmbridge", "demo", "--quick", "--out", str(run_dir)], check=True,
+                       env={**os.environ, "OMP_NUM_THREADS": str(threads)}, timeout=timeout)
+    found = sorted(Path(images or run_dir / "examples").glob("*.png"))
+    if not found:
+        raise SystemExit(f"no PNG images in {images or run_dir / 'examples'}; give --images DIR")
+    return found

@@ -34,7 +34,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import tiny_models, tiny_sets, tiny_world, toy_stages  # noqa: E402
+from _common import demo_run_images, tiny_models, tiny_sets, tiny_world, toy_stages  # noqa: E402
 
 SMOKE_KEYS = ("benchmark", "run_dir", "max_batch", "levels")  # what the last JSON line holds (the smoke test)
 QUESTIONS = ["What is in this picture?", "How many shapes are there?", "What colour is the largest shape?",
@@ -140,13 +140,7 @@ def main(argv=None) -> dict:
 
 def measure(args) -> dict:
     run_dir = Path(args.run_dir)
-    if not (run_dir / "recipe.yaml").exists():
-        print(f"{run_dir}: no run there; making one with `mmbridge demo --quick --out {run_dir}`", flush=True)
-        subprocess.run([sys.executable, "-m", "mmbridge", "demo", "--quick", "--out", str(run_dir)], check=True,
-                       env={**os.environ, "OMP_NUM_THREADS": str(args.threads)}, timeout=900)
-    images = sorted(Path(args.images or run_dir / "examples").glob("*.png"))
-    if not images:
-        raise SystemExit(f"no PNG images in {args.images or run_dir / 'examples'}; give --images DIR")
+    images = demo_run_images(run_dir, args.images, args.threads, timeout=900)
     bodies = [request_body(img, q, args.max_tokens) for img, q in zip(itertools.cycle(images), QUESTIONS * 4)]
 
     port = free_port()

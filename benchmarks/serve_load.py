@@ -40,6 +40,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import demo_run_images  # noqa: E402
 from serve import QUESTIONS, free_port, tiny_run  # noqa: E402  (the serve benchmark's tiny run and helpers)
 
 SMOKE_KEYS = ["benchmark", "run_dir", "levels", "well_formed_failed", "hostile_mishandled", "rss_mb",
@@ -261,13 +262,7 @@ def main(argv=None) -> dict:
 
 def measure(args, tmp: Path) -> dict:
     run_dir = Path(args.run_dir)
-    if not (run_dir / "recipe.yaml").exists():
-        print(f"{run_dir}: no run there; making one with `mmbridge demo --quick --out {run_dir}`", flush=True)
-        subprocess.run([sys.executable, "-m", "mmbridge", "demo", "--quick", "--out", str(run_dir)], check=True,
-                       env={**os.environ, "OMP_NUM_THREADS": str(args.threads)}, timeout=1800)
-    images = sorted(Path(args.images or run_dir / "examples").glob("*.png"))
-    if not images:
-        raise SystemExit(f"no PNG images in {args.images or run_dir / 'examples'}; give --images DIR")
+    images = demo_run_images(run_dir, args.images, args.threads, timeout=1800)
     reqs = Requests(images, args.max_tokens)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
