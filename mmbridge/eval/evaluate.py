@@ -10,8 +10,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mmbridge.data.images import load_image
-from mmbridge.data.media import media_path
 from mmbridge.data.llava import read_llava_json, record_images
+from mmbridge.data.media import media_path
 from mmbridge.data.video import expand, load_frames, record_units, sampling_of
 from mmbridge.eval.metrics import caption_scores, grounding_scores, parse_box, vqa_accuracy
 
