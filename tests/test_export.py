@@ -18,6 +18,7 @@ from mmbridge.cli import main as cli
 from mmbridge.config import recipe_from_dict
 from mmbridge.data.images import preprocess
 from mmbridge.interop.export import ExportError, export_run, layout
+from mmbridge.interop.fastvlm import CUT_RANGE
 from mmbridge.interop.llava_import import import_llava
 from mmbridge.interop.merge import merge_lora
 from mmbridge.models.build import build_model
@@ -257,7 +258,7 @@ BLOCKED = [  # (model section changes, the key the error must name)
     ({"bridge": {"name": "visual_expert"}}, "model.bridge.name: visual_expert"),
     ({"bridge": {"name": "qformer", "queries": 4}}, "model.bridge.name: qformer"),
     ({"vision": {"name": "efficientnet_lite0", "image_size": 80}}, "model.vision.image_size: 80"),
-    ({"vision": {"name": "efficientnet_lite0", "image_size": 64, "feature_stage": "block7"}},
+    ({"vision": {"name": "efficientnet_lite0", "image_size": 64, "feature_stage": "last_block"}},
      "model.vision.feature_stage"),
     ({"vision": {"name": "efficientnet_lite0", "image_size": 64, "extra_stages": ["stem"]}},
      "model.vision.extra_stages"),
@@ -295,11 +296,14 @@ def test_tower_settings_llava_cannot_reproduce(case, key, lm_dir, tiny_clip_dir,
         layout(model, recipe.model)
 
 
-def test_efficientnet_lite0_exports_as_fastvlm(lm_dir, tmp_path):
-    """EfficientNet-Lite0 (the packaged ImageNet weights) as EfficientNetModel with identity squeeze-excite."""
+@pytest.mark.parametrize("stage,act", [("head", "gelu"), ("block7", "sigmoid"), ("block4", "gelu")])
+def test_efficientnet_lite0_exports_as_fastvlm(stage, act, lm_dir, tmp_path):
+    """EfficientNet-Lite0 (the packaged ImageNet weights) as EfficientNetModel with identity squeeze-excite; a cut
+    after an inner block passes its features through the stock head as ReLU6 pieces (fastvlm.cut_head)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    recipe = model_recipe({"name": "efficientnet_lite0", "image_size": 64}, {"name": "mlp"}, lm_dir)
+    recipe = model_recipe({"name": "efficientnet_lite0", "image_size": 64, "feature_stage": stage},
+                          {"name": "mlp", "act": act}, lm_dir)
     torch.manual_seed(5)
     model, processor = build_model(recipe.model)
     run = write_run(model, processor, recipe, tmp_path / "run")
@@ -308,6 +312,7 @@ def test_efficientnet_lite0_exports_as_fastvlm(lm_dir, tmp_path):
     assert type(hf_model).__name__ == "FastVlmForConditionalGeneration" and all(not v for v in info.values())
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["vision_config"]["model_type"] == "efficientnet" and config["vision_config"]["hidden_act"] == "relu6"
+    assert config["projector_hidden_act"] == act
     hf_processor = AutoProcessor.from_pretrained(str(tmp_path / "out"))
     hf_model.eval()
     model.eval()
@@ -317,7 +322,14 @@ def test_efficientnet_lite0_exports_as_fastvlm(lm_dir, tmp_path):
         assert enc["input_ids"].tolist() == ids.tolist() and torch.equal(enc["pixel_values"], pixels)
         with torch.no_grad():
             tower = hf_model.model.vision_tower(pixels).last_hidden_state.flatten(2).transpose(1, 2)
-            assert torch.equal(tower, model.vision(pixels))  # the same feature map, bit for bit
+            feats = model.vision(pixels)
+            if stage == "head":
+                assert torch.equal(tower, feats)  # the same feature map, bit for bit
+            else:  # the pieces give back every feature (to rounding of the pieces' sum), and the projector's output
+                assert tower.shape[-1] == 1280 and feats.abs().max() < CUT_RANGE
+                ours_tokens = model.bridge(feats)
+                hf_tokens = hf_model.model.multi_modal_projector(tower)
+                assert_same_math(hf_tokens, ours_tokens)
             got = hf_model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels).logits
         want = our_logits(model, ids, pixels)
         assert_same_math(got[..., : want.shape[-1]], want)

@@ -110,10 +110,11 @@ def _check_projector(proj: nn.Module) -> None:
     """The bridge module itself must be Linear, exact GELU, Linear (what `projector_hidden_act: gelu` runs)."""
     layers = list(proj) if isinstance(proj, nn.Sequential) else []
     shape_ok = (len(layers) == 3 and isinstance(layers[0], nn.Linear) and isinstance(layers[2], nn.Linear)
-                and isinstance(layers[1], nn.GELU) and all(m.bias is not None for m in (layers[0], layers[2])))
+                and isinstance(layers[1], (nn.GELU, nn.Sigmoid)) and all(m.bias is not None for m in (layers[0], layers[2])))
     if not shape_ok:
-        raise ExportError(f"model.bridge: the projector is {proj}, not Linear-GELU-Linear with biases")
-    if layers[1].approximate != "none":
+        raise ExportError(f"model.bridge: the projector is {proj}, not Linear-GELU-Linear (or Linear-Sigmoid-Linear) "
+                          "with biases")
+    if isinstance(layers[1], nn.GELU) and layers[1].approximate != "none":
         raise ExportError(f"model.bridge: GELU(approximate={layers[1].approximate!r}); LLaVA's `gelu` is exact")
 
 
@@ -162,10 +163,12 @@ def _hf_layout(model) -> LlavaLayout:
 
 
 def _efficientnet_layout(model) -> LlavaLayout:
-    """FastVLM reads the tower's last feature map, flattened row-major: one token per stride-32 cell."""
+    """FastVLM reads the tower's last feature map, flattened row-major: one token per cell (stride 32, or 16 for
+    a cut after blocks 4 to 10)."""
     enc = model.vision
     return LlavaLayout(architecture=ARCHS["efficientnet_lite0"], feature_layer=-1, strategy="full",
-                       num_additional_image_tokens=0, image_seq_length=enc.grid[0] * enc.grid[1], patch_size=32,
+                       num_additional_image_tokens=0, image_seq_length=enc.grid[0] * enc.grid[1],
+                       patch_size=enc.image_size // enc.grid[0],
                        image_size=enc.image_size)
 
 
@@ -198,8 +201,14 @@ def _tower(model, plan: LlavaLayout) -> tuple[dict, dict[str, torch.Tensor]]:
     return efficientnet_config(model.vision).to_dict(), efficientnet_state_dict(model.vision)
 
 
+def projector_act(proj: nn.Sequential) -> str:
+    """transformers' `projector_hidden_act` for the bridge's activation."""
+    return "sigmoid" if isinstance(proj[1], nn.Sigmoid) else "gelu"
+
+
 def llava_state_dict(model, vocab_size: int, tower: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The merged model's tensors under LLaVA's (and FastVLM's) names (no copies but the padded rows)."""
+    """The merged model's tensors under LLaVA's (and FastVLM's) names (no copies but the padded rows; an
+    EfficientNet cut after an inner block reads the projector's first layer through its head, `fastvlm.cut_head`)."""
     lm = model.lm
     prefix = lm.base_model_prefix + "."
     state = {f"model.vision_tower.{k}": v for k, v in tower.items()}
@@ -218,6 +227,12 @@ def llava_state_dict(model, vocab_size: int, tower: dict[str, torch.Tensor]) -> 
     for i, name in ((0, "linear_1"), (2, "linear_2")):
         state[f"model.multi_modal_projector.{name}.weight"] = proj[i].weight
         state[f"model.multi_modal_projector.{name}.bias"] = proj[i].bias
+    from mmbridge.interop.fastvlm import cut_block, cut_head
+
+    if getattr(model.vision, "cfg", {}).get("name") == "efficientnet_lite0" and cut_block(model.vision) is not None:
+        _, weight, bias = cut_head(int(model.vision.hidden_size), proj[0].weight.detach(), proj[0].bias.detach())
+        state["model.multi_modal_projector.linear_1.weight"] = weight
+        state["model.multi_modal_projector.linear_1.bias"] = bias
     return {k: v.detach() for k, v in state.items()}
 
 
@@ -235,7 +250,7 @@ def llava_model(model, processor, plan: LlavaLayout):
     text["vocab_size"] = vocab
     vision = {k: v for k, v in vision.items() if k != "_name_or_path"}
     config = config_class(vision_config=vision, text_config=text, image_token_index=image_id,
-                          image_seq_length=plan.image_seq_length, projector_hidden_act="gelu",
+                          image_seq_length=plan.image_seq_length, projector_hidden_act=projector_act(model.bridge.proj),
                           vision_feature_select_strategy=plan.strategy, vision_feature_layer=plan.feature_layer,
                           multimodal_projector_bias=True, tie_word_embeddings=bool(model.lm.config.tie_word_embeddings))
     config.dtype = next(model.lm.parameters()).dtype

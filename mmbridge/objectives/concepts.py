@@ -34,8 +34,8 @@ def concept_bridge(model):
 
 
 def choose_vocabulary(label_rows, tokenizer, words: int, min_count: int = 3, max_share: float = 0.9,
-                      exclude=()) -> list[int]:
-    """The `words` most frequent eligible answer tokens of `label_rows` (each a sequence of label ids): words
+                      exclude=(), at_most: bool = False) -> list[int]:
+    """The `words` (with `at_most`: up to `words`) most frequent eligible answer tokens of `label_rows` (each a sequence of label ids): words
     of two letters or more, in at least `min_count` answers and at most a `max_share` of them, and not among
     `exclude` (case-insensitive)."""
     skip = {w.strip().lower() for w in exclude}
@@ -51,7 +51,7 @@ def choose_vocabulary(label_rows, tokenizer, words: int, min_count: int = 3, max
         return len(text) >= 2 and text.isalpha() and min_count <= count <= max_share * n and text.lower() not in skip
 
     ranked = sorted(((c, t) for t, c in df.items() if eligible(t, c)), key=lambda x: (-x[0], x[1]))
-    if len(ranked) < words:
+    if len(ranked) < words and not (at_most and ranked):
         raise ValueError(f"objective concepts: only {len(ranked)} eligible words in the stage's answers "
                          f"({n} samples), {words} asked (model.bridge.concepts.words)")
     return [t for _, t in ranked[:words]]

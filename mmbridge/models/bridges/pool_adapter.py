@@ -7,11 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmbridge.models.bridges.base import BRIDGES, Bridge
-from mmbridge.models.bridges.mlp import mlp
+from mmbridge.models.bridges.mlp import HiddenUnits, mlp
 
 
 @BRIDGES.register("pool_adapter")
-class PoolAdapter(Bridge):
+class PoolAdapter(HiddenUnits, Bridge):
     """Non-overlapping s×s → P×P average pooling preserves where each token came from.
 
     `pos_embed: true` adds a learned embedding per pooled cell to the output: a CNN's features carry
@@ -19,11 +19,12 @@ class PoolAdapter(Bridge):
     `pos_std`: its initial scale (per coordinate)."""
 
     def __init__(self, vision_dim, lm_dim, grid, pooled: int = 8, depth: int = 2, l2_normalize: bool = False,
-                 in_tokens=None, pos_embed: bool = False, norm: bool = False, pos_std: float = 0.02):
+                 in_tokens=None, pos_embed: bool = False, norm: bool = False, pos_std: float = 0.02,
+                 act: str = "gelu"):
         super().__init__(vision_dim, lm_dim, grid, l2_normalize, in_tokens)
         self.pooled = pooled
         self._check_grid()
-        self.proj = mlp(vision_dim, lm_dim, depth, norm)  # norm: LayerNorm on each pooled feature first
+        self.proj = mlp(vision_dim, lm_dim, depth, norm, act)  # norm: LayerNorm on each pooled feature first
         self.pos_embed = nn.Parameter(torch.randn(pooled * pooled, lm_dim) * pos_std) if pos_embed else None
 
     def _check_grid(self) -> None:
@@ -49,12 +50,16 @@ class PoolAdapter(Bridge):
     def num_tokens(self) -> int:
         return self.pooled * self.pooled
 
-    def project(self, feats: torch.Tensor) -> torch.Tensor:
+    def tokens_in(self, feats: torch.Tensor) -> torch.Tensor:
+        """[B, rows*cols, D] → the pooled cells [B, pooled², D], row-major."""
         b, t, d = feats.shape
         rows, cols = self.grid
         if t != rows * cols:
             raise ValueError(f"pool_adapter expected {rows}x{cols}={rows * cols} tokens per image, got {t}")
         grid = feats.transpose(1, 2).reshape(b, d, rows, cols)
         pooled = F.avg_pool2d(grid, kernel_size=(rows // self.pooled, cols // self.pooled))
-        out = self.proj(pooled.flatten(2).transpose(1, 2))
+        return pooled.flatten(2).transpose(1, 2)
+
+    def project(self, feats: torch.Tensor) -> torch.Tensor:
+        out = self.proj(self.tokens_in(feats))
         return out if self.pos_embed is None else out + self.pos_embed

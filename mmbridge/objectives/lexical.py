@@ -1,0 +1,123 @@
+"""The `lexical` objective: align a continuous bridge's tokens with the LM's own words before the LM reads them.
+
+A pretrained LM binds and reasons over its own word embeddings from the first step, but learns a new kind
+of input slowly. This stage puts the bridge's tokens where the LM already reads, without any LM pass:
+
+* the stage's data chooses a vocabulary (`words` ids: the answer words found in the most samples, as the
+  `concepts` objective chooses them; captions suit best, since they name what is in the image);
+* for a bridge whose last step is Linear → activation → Linear (`mlp`, `pool_adapter`, with
+  `act: sigmoid`), the first `words` hidden units become word detectors and the output layer starts as
+  their words' embeddings (the rest of it at zero): a token is then Σ_w p_w · E[w], a weighted bag of the
+  words detected there, in the LM's own embedding space and at its scale. The detectors (everything before
+  the output layer) train by multiple-instance learning (Fang et al., 2015): an image holds a word if one
+  of its tokens does, so the image's logit for w is the largest of its tokens' pre-activations, with binary
+  cross-entropy against the words of the sample's text. The output layer does not train here;
+* any other early-fusion bridge (resampler, Q-Former, LLaMA-VID, …) is aligned through its output tokens: a
+  token's logit for w is its dot product with E[w], times a learned scale plus a learned offset per word
+  (these two live in the objective: set `lr.objective`).
+
+After the stage the bridge is an ordinary projector (exportable as LLaVA's where the shapes match): the LM
+reads its continuous tokens directly, there is no vocabulary at inference, and later stages train every
+weight, the output layer included, away from the words where the data asks for it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmbridge.objectives.base import OBJECTIVES, LossOutput, Objective
+from mmbridge.objectives.concepts import answer_rows, choose_vocabulary
+from mmbridge.train.loss_norm import target_total
+
+
+def hidden_units(bridge) -> nn.Linear | None:
+    """The bridge's output layer if its tokens come from hidden units through one (see bridges/mlp.py)."""
+    return getattr(bridge, "output_layer", None) if hasattr(bridge, "pre_activation") else None
+
+
+@OBJECTIVES.register("lexical")
+class LexicalAlignment(Objective):
+    """Word detectors on the bridge's tokens by multiple-instance learning; no LM pass.
+
+    `words`: the vocabulary's size at most; `samples`, `min_count`, `max_share`, `exclude`: how the vocabulary is chosen
+    (see `concepts.choose_vocabulary`)."""
+
+    runs_lm = False  # the trainer counts the encoder's and bridge's FLOPs only
+
+    def __init__(self, model, words: int = 64, samples: int = 4000, min_count: int = 3, max_share: float = 0.9,
+                 exclude: list[str] | tuple[str, ...] = ()):
+        super().__init__(model)
+        bridge = model.bridge
+        if bridge.fusion != "early" or getattr(bridge, "tokenizer", None) is not None or bridge.uses_instruction \
+                or getattr(bridge, "reads_words", False):
+            raise ValueError("objective lexical: the bridge must be an early-fusion bridge whose tokens the LM reads "
+                             f"as they are, without its own text side; got {type(bridge).__name__}")
+        self.samples, self.min_count, self.max_share, self.exclude = samples, min_count, max_share, tuple(exclude)
+        self.words = int(words)  # at most; the stage's data may have fewer eligible words
+        self.register_buffer("word_ids", torch.full((int(words),), -1, dtype=torch.long))
+        head = hidden_units(bridge)
+        if head is not None:
+            if not isinstance(bridge.proj[-2], nn.Sigmoid):
+                raise ValueError("objective lexical: the bridge's hidden units must read as probabilities; set "
+                                 f"model.bridge.act: sigmoid (got {type(bridge.proj[-2]).__name__})")
+            if words > head.in_features:
+                raise ValueError(f"objective lexical: {words} words for {head.in_features} hidden units "
+                                 "(the bridge's width); choose words ≤ the width")
+            self.scale = self.offset = None
+        else:  # read the output tokens against the word embeddings
+            self.scale = nn.Parameter(torch.zeros(()))  # log of the logits' scale
+            self.offset = nn.Parameter(torch.zeros(int(words)))  # the first len(word_ids) are used
+
+    @property
+    def detects_in_hidden_units(self) -> bool:
+        return self.scale is None
+
+    def read_stage_data(self, model, datasets, tokenizer) -> None:
+        """Choose the vocabulary; a hidden-unit bridge's output layer starts as its words' embeddings (the same
+        values on every call, so a resumed stage finds them again) and stays fixed during the stage."""
+        rows = answer_rows(datasets, self.samples)
+        ids = choose_vocabulary(rows, tokenizer, self.words, self.min_count, self.max_share, self.exclude,
+                                at_most=True)
+        self.word_ids = torch.as_tensor(ids, dtype=torch.long, device=self.word_ids.device)
+        if not self.detects_in_hidden_units:
+            return
+        head = hidden_units(model.bridge)
+        table = model.lm.get_input_embeddings().weight.detach()
+        with torch.no_grad():
+            head.weight.zero_()
+            head.weight[:, : len(ids)] = table[self.word_ids].to(head.weight).T
+            head.bias.zero_()
+        head.requires_grad_(False)
+        if not any(p.requires_grad for p in model.bridge.parameters()):
+            raise ValueError("objective lexical: nothing of the bridge trains; set train.bridge: full")
+
+    def word_logits(self, model, feats: torch.Tensor) -> torch.Tensor:
+        """[n_images, tokens, words]: each token's logit for each vocabulary word."""
+        if bool((self.word_ids < 0).any()):
+            raise RuntimeError("objective lexical: no vocabulary yet (read_stage_data chooses it)")
+        bridge = model.bridge
+        if self.detects_in_hidden_units:
+            return bridge.pre_activation(feats)[..., : len(self.word_ids)]
+        table = model.lm.get_input_embeddings().weight[self.word_ids].detach()
+        tokens = bridge(feats)
+        return tokens @ table.to(tokens.dtype).T * self.scale.exp() + self.offset[: len(self.word_ids)]
+
+    def forward(self, model, batch: dict, normalizer: float | None = None) -> LossOutput:
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        per_token = self.word_logits(model, model.vision_features(batch["pixel_values"]))
+        per_image = per_token.amax(1)  # MIL: an image holds a word if one of its tokens does
+        n_tokens = model.bridge.num_tokens
+        per_row = (input_ids == model.image_token_id).sum(1) // n_tokens  # images fill rows in order
+        owner = torch.repeat_interleave(torch.arange(len(per_row), device=per_row.device), per_row)
+        if owner.numel() != per_image.shape[0]:
+            raise ValueError(f"objective lexical: {per_image.shape[0]} images for {owner.numel()} image slots")
+        scores = per_image.new_full((len(per_row), per_image.shape[1]), float("-inf"))
+        scores = scores.scatter_reduce(0, owner[:, None].expand_as(per_image), per_image, "amax")
+        has = per_row > 0
+        target = (labels[:, :, None] == self.word_ids[None, None, :]).any(1).to(scores.dtype)
+        loss = F.binary_cross_entropy_with_logits(scores[has], target[has])
+        share = 1.0 if normalizer is None else target_total(batch) / normalizer
+        hit = ((scores[has] > 0) == target[has].bool()).float().mean()
+        return LossOutput(loss * share, {"lexical": (loss * share).detach()}, {"word_accuracy": hit.detach()})
