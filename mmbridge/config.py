@@ -72,12 +72,19 @@ class LoraConfig:
 @dataclass
 class MoeConfig:
     """MoE-tuning (`train: {lm: moe}`, see models/moe.py): experts per converted FFN, experts per token, which
-    layers (`all`, `every_other` or a list of indices) and the weight of the balancing loss."""
+    layers (`all`, `every_other` or a list of indices) and the weight of the balancing loss; the gate options
+    of MoE-LLaVA's DeepSpeed gate (`second`, `balance`, capacity); `train_ffn` also trains the dense FFNs."""
 
     experts: int = 4
     top_k: int = 2
     layers: Any = "every_other"
     aux_weight: float = 0.01
+    second: str = "top"
+    balance: str = "all"
+    capacity_factor: float | None = None
+    eval_capacity_factor: float | None = None
+    min_capacity: int = 0
+    train_ffn: bool = False
 
 
 @dataclass
@@ -274,7 +281,7 @@ def _validate_lmm_sequence(recipe: Recipe) -> None:
 
 
 def _validate_moe(moe: MoeConfig, where: str) -> None:
-    from mmbridge.models.moe import LAYER_CHOICES
+    from mmbridge.models.moe import GATE_KEYS, LAYER_CHOICES, check_gate
 
     if moe.experts < 2 or not 1 <= moe.top_k <= moe.experts:
         raise RecipeError(f"{where}: need experts >= 2 and 1 <= top_k <= experts, got {moe.experts} and {moe.top_k}")
@@ -284,6 +291,10 @@ def _validate_moe(moe: MoeConfig, where: str) -> None:
     if moe.layers not in LAYER_CHOICES and not ok_list:
         raise RecipeError(f"{where}.layers: expected {' or '.join(LAYER_CHOICES)} or a list of layer indices, "
                           f"got {moe.layers!r}")
+    try:
+        check_gate(moe.top_k, **{k: getattr(moe, k) for k in GATE_KEYS})
+    except ValueError as e:
+        raise RecipeError(f"{where}: {e}") from e
 
 
 def _validate_mma(mma: MmaConfig, where: str) -> None:
