@@ -90,11 +90,14 @@ class MoeConfig:
 @dataclass
 class MmaConfig:
     """LaVIN's mixture-of-modality adapters (`train: {lm: mma}`, see models/mma.py): bottleneck width, router
-    temperature and where in each layer (before attention, before the FFN)."""
+    temperature, where in each layer (before attention, as LaVIN's scripts; also before the FFN), the
+    up-projections' groups and the dropout after the down-projection."""
 
     dim: int = 8
     temperature: float = 10.0
-    where: list = field(default_factory=lambda: ["attention", "ffn"])
+    where: list = field(default_factory=lambda: ["attention"])
+    groups: int = 2
+    dropout: float = 0.1
 
 
 @dataclass
@@ -302,6 +305,9 @@ def _validate_mma(mma: MmaConfig, where: str) -> None:
 
     if mma.dim < 1 or mma.temperature <= 0:
         raise RecipeError(f"{where}: need dim >= 1 and temperature > 0, got {mma.dim} and {mma.temperature}")
+    if mma.groups < 1 or mma.dim % mma.groups or not 0 <= mma.dropout < 1:
+        raise RecipeError(f"{where}: need groups dividing dim and 0 <= dropout < 1, got groups {mma.groups}, "
+                          f"dim {mma.dim}, dropout {mma.dropout}")
     if not mma.where or any(w not in PLACES for w in mma.where):
         raise RecipeError(f"{where}.where: expected a non-empty list of {sorted(PLACES)}, got {mma.where!r}")
 

@@ -37,7 +37,8 @@ def apply_stage_modes(model: MultimodalLM, stage: StageConfig) -> dict | None:
         add_moe(model.lm, **moe)
         model.lm.moe_config = moe  # saved in the run's meta, so load_run rebuilds the same structure
     if modes["lm"] == "mma" and not has_mma(model.lm):
-        mma = {"dim": stage.mma.dim, "temperature": stage.mma.temperature, "where": list(stage.mma.where)}
+        mma = {"dim": stage.mma.dim, "temperature": stage.mma.temperature, "where": list(stage.mma.where),
+               "groups": stage.mma.groups, "dropout": stage.mma.dropout}
         add_mma(model.lm, **mma)
         model.lm.mma_config = mma
     if has_moe(model.lm):
