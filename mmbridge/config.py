@@ -270,7 +270,7 @@ def _validate_lcl(recipe: Recipe) -> None:
 
 def _validate_lmm_sequence(recipe: Recipe) -> None:
     """Kind lmm: `sequence` lays out the interleaved sources' documents (LCL's rules, see data/documents.py)."""
-    from mmbridge.data.documents import LAYOUT_KEYS
+    from mmbridge.data.documents import LAYOUT_KEYS, check_style
     from mmbridge.lcl.sequence import SequenceConfig
 
     seq = recipe.sequence
@@ -278,7 +278,7 @@ def _validate_lmm_sequence(recipe: Recipe) -> None:
         raise RecipeError(f"recipe.sequence: for interleaved sources, expected some of {list(LAYOUT_KEYS)}, "
                           f"got {seq!r}")
     try:
-        SequenceConfig(**seq)
+        SequenceConfig(**check_style(seq))
     except (TypeError, ValueError) as e:
         raise RecipeError(f"recipe.sequence: {e}") from e
 
