@@ -241,7 +241,8 @@ def test_mask_semantics_by_perturbation(tiny, mode):
 
 
 # -- generality and the stage ------------------------------------------------------------------------
-@pytest.mark.parametrize("bridge,drop_cls,n_tokens", [({"name": "pool_adapter", "pooled": 2, "l2_normalize": True}, True, 4),
+@pytest.mark.parametrize("bridge,drop_cls,n_tokens", [({"name": "pool_adapter", "pooled": 2, "l2_normalize": True},
+                                                       True, 4),
                                                       ({"name": "mlp", "l2_normalize": True}, False, 17)])
 @pytest.mark.parametrize("attention", ["prefix", "visual"])
 def test_any_token_count_and_two_images_per_sample(tiny_lm_dir, tiny_clip_dir, bridge, drop_cls, n_tokens, attention):

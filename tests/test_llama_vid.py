@@ -96,7 +96,7 @@ def test_content_all_or_grid_pool_and_a_cls_token_read_by_the_qformer_only(conte
         assert_same_math(out[:, 0], ctx)
         assert_same_math(out[:, 1:], mlp_by_hand(b.content_proj, pooled))
         frames2 = frames.clone()
-        frames2[:, 0] = torch.randn(2, 16)  # another CLS token moves the Q-Former's queries (context) but no content token
+        frames2[:, 0] = torch.randn(2, 16)  # another CLS: the Q-Former's queries (context) move, no content token
         out2 = b(frames2, instruction_ids=a)
     assert torch.equal(out2[:, 1:], out[:, 1:]) and not torch.allclose(out2[:, 0], out[:, 0])
 
@@ -127,7 +127,8 @@ def test_llama_vid_trains_end_to_end_with_instructions_from_the_data(tiny_lm_dir
     out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
                 instruction_ids=batch["instruction_ids"])
     out.loss.backward()
-    for part in (model.bridge.context_proj, model.bridge.content_proj[0], model.bridge.query_proj, model.bridge.key_proj):
+    bridge = model.bridge
+    for part in (bridge.context_proj, bridge.content_proj[0], bridge.query_proj, bridge.key_proj):
         assert part.weight.grad.abs().sum() > 0
     assert model.bridge.qformer.word.weight.grad.abs().sum() > 0
 

@@ -96,7 +96,8 @@ def test_layer_choices_and_recipe_errors(tiny_lm_dir, tiny_clip_dir, world):
         recipe_from_dict(data)
     for bad, msg in (({"second": "gumbel", "top_k": 1}, "gumbel samples the second"),
                      ({"balance": "top2"}, "moe.balance"), ({"capacity_factor": 0}, "capacity_factor"),
-                     ({"eval_capacity_factor": 2.0}, "set capacity_factor too"), ({"min_capacity": -1}, "min_capacity")):
+                     ({"eval_capacity_factor": 2.0}, "set capacity_factor too"),
+                     ({"min_capacity": -1}, "min_capacity")):
         data["stages"][1]["moe"] = bad
         with pytest.raises(RecipeError, match=msg):
             recipe_from_dict(data)

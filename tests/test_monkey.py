@@ -188,7 +188,8 @@ def test_monkeys_adapters_by_hand_fused_qkv_and_the_mlp_adapter_beside_the_mlp(m
             assert_same_math(proj(h), want)
         seen = {}
         hook = layer.layer_norm2.register_forward_pre_hook(lambda m, args: seen.setdefault("x1", args[0]))
-        out = layer(h, None) if "causal_attention_mask" not in layer.forward.__code__.co_varnames else layer(h, None, None)
+        takes_causal = "causal_attention_mask" in layer.forward.__code__.co_varnames
+        out = layer(h, None, None) if takes_causal else layer(h, None)
         hook.remove()
         out = out[0] if isinstance(out, tuple) else out
         x1 = seen["x1"]

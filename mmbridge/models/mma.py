@@ -5,8 +5,9 @@ router: one shared down-projection (d → dim, no activation, dropout 0.1) and t
 (dim → d in `groups` blocks, LaVIN's Conv1d with groups=2; they start at zero, so the adapted LM starts equal to
 the plain one) mixed by a router. Without an activation the adapter is linear in its input: for a fixed modality
 it folds into one d × d matrix and a bias (`folded`). The router reads a learned modality token: one embedding for
-text-only samples, one for samples with an image, so the two kinds of input take different mixtures of the paths. Which samples hold an image is
-told by the composite model before each forward (`mark`), per row or, for packed rows, per sample.
+text-only samples, one for samples with an image, so the two kinds of input take different mixtures of the paths.
+Which samples hold an image is told by the composite model before each forward (`mark`), per row or, for packed
+rows, per sample.
 
 The adapters and modality tokens are created on the CPU (`meta.new_on`): under FSDP, where the LM is on the meta
 device, they are sharded from the values one process would give them, and the wrapped normalisation keeps its

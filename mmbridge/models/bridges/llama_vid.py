@@ -20,7 +20,8 @@ def content_count(content: str, grid: tuple[int, int]) -> int:
     if content.startswith("grid:"):
         n = int(content.split(":", 1)[1])
         if n < 1 or grid[0] % n or grid[1] % n:
-            raise ValueError(f"llama_vid: content {content!r} needs the {grid[0]}x{grid[1]} grid's sides divisible by {n}")
+            raise ValueError(f"llama_vid: content {content!r} needs the {grid[0]}x{grid[1]} grid's sides "
+                             f"divisible by {n}")
         return n * n
     raise ValueError(f"llama_vid: content {content!r}: expected 'mean', 'all' or 'grid:N'")
 
@@ -89,7 +90,8 @@ class LlamaVidBridge(QFormerBridge):
 
     def project(self, feats: torch.Tensor, instruction_ids: torch.Tensor | None = None) -> torch.Tensor:
         if instruction_ids is None:
-            raise ValueError("llama_vid needs instruction_ids for every frame (the context token reads the instruction)")
+            raise ValueError("llama_vid needs instruction_ids for every frame (the context token reads the "
+                             "instruction)")
         if instruction_ids.shape[0] != feats.shape[0]:
             raise ValueError(f"{instruction_ids.shape[0]} instructions for {feats.shape[0]} frames")
         context = self.context_proj(self.context(feats, instruction_ids))
