@@ -200,3 +200,20 @@ def test_monkeys_adapters_by_hand_fused_qkv_and_the_mlp_adapter_beside_the_mlp(m
             for p in a.parameters():
                 p.copy_(saved[id(p)])
     mark(model.vision, None)
+
+
+def test_a_fused_adapter_computes_its_down_projection_once_and_lets_it_go(monkey):
+    model, _ = monkey
+    layer = next(m for m in model.vision.modules() if isinstance(getattr(m, "layer_norm2", None), NormTap))
+    qkv = layer.self_attn.lora_q_proj_k_proj_v_proj
+    assert qkv.users == 3 and layer.mlp.lora_mlp.users == 1
+    calls = []
+    hook = qkv.dropout.register_forward_hook(lambda m, args, out: calls.append(1))
+    mark(model.vision, torch.tensor([0, -1]))
+    h = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            proj(h)
+    hook.remove()
+    assert len(calls) == 1 and qkv._down is None  # one A·x for the three projections, not kept afterwards
+    mark(model.vision, None)

@@ -36,15 +36,18 @@ class WindowLoRA(nn.Module):
         self.fixed = None if alpha is None else alpha / r
         self.dropout = nn.Dropout(dropout)
         self.windows: torch.Tensor | None = None  # [B] window per image, set by `mark`
-        self._down: tuple | None = None  # (input, A·dropout(input)) of the last call, shared by fused projections
+        self.users = 1  # projections reading this adapter's input (3 for fused q, k, v)
+        self._down: tuple | None = None  # (input, A·dropout(input), uses so far), shared by fused projections
 
     def down(self, x: torch.Tensor) -> torch.Tensor:
-        """A[w] · dropout(x) per image, [B, T, r]; computed once for an input that several projections read."""
+        """A[w] · dropout(x) per image, [B, T, r]; computed once for an input that several projections read (one
+        dropout mask for them, as for Monkey's fused in_proj), and let go after the last of them."""
         if self._down is not None and self._down[0] is x:
-            return self._down[1]
-        flat = self.dropout(x).reshape(x.shape[0], -1, x.shape[-1])
-        out = torch.einsum("bti,bri->btr", flat, self.lora_A[self.windows.clamp(min=0)].to(x.dtype))
-        self._down = (x, out)
+            _, out, uses = self._down
+        else:
+            flat = self.dropout(x).reshape(x.shape[0], -1, x.shape[-1])
+            out, uses = torch.einsum("bti,bri->btr", flat, self.lora_A[self.windows.clamp(min=0)].to(x.dtype)), 0
+        self._down = (x, out, uses + 1) if uses + 1 < self.users else None  # held no longer than needed
         return out
 
     def delta(self, x: torch.Tensor, rows: slice | None = None) -> torch.Tensor | None:
@@ -131,6 +134,7 @@ def add_window_lora(encoder: nn.Module, windows: int, r: int = 16, alpha: float 
                 raise ValueError(f"model.tiling.targets: {list(group)} read inputs of different widths")
             adapter = WindowLoRA(windows, r, bases[0].in_features, sum(b.out_features for b in bases), alpha,
                                  dropout, bases[0].weight.device)
+            adapter.users = len(group)
             setattr(parent, "lora_" + "_".join(group), adapter)
             start = 0
             for n, b in zip(group, bases):
