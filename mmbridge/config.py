@@ -72,22 +72,32 @@ class LoraConfig:
 @dataclass
 class MoeConfig:
     """MoE-tuning (`train: {lm: moe}`, see models/moe.py): experts per converted FFN, experts per token, which
-    layers (`all`, `every_other` or a list of indices) and the weight of the balancing loss."""
+    layers (`all`, `every_other` or a list of indices) and the weight of the balancing loss; the gate options
+    of MoE-LLaVA's DeepSpeed gate (`second`, `balance`, capacity); `train_ffn` also trains the dense FFNs."""
 
     experts: int = 4
     top_k: int = 2
     layers: Any = "every_other"
     aux_weight: float = 0.01
+    second: str = "top"
+    balance: str = "all"
+    capacity_factor: float | None = None
+    eval_capacity_factor: float | None = None
+    min_capacity: int = 0
+    train_ffn: bool = False
 
 
 @dataclass
 class MmaConfig:
     """LaVIN's mixture-of-modality adapters (`train: {lm: mma}`, see models/mma.py): bottleneck width, router
-    temperature and where in each layer (before attention, before the FFN)."""
+    temperature, where in each layer (before attention, as LaVIN's scripts; also before the FFN), the
+    up-projections' groups and the dropout after the down-projection."""
 
     dim: int = 8
     temperature: float = 10.0
-    where: list = field(default_factory=lambda: ["attention", "ffn"])
+    where: list = field(default_factory=lambda: ["attention"])
+    groups: int = 2
+    dropout: float = 0.1
 
 
 @dataclass
@@ -260,7 +270,7 @@ def _validate_lcl(recipe: Recipe) -> None:
 
 def _validate_lmm_sequence(recipe: Recipe) -> None:
     """Kind lmm: `sequence` lays out the interleaved sources' documents (LCL's rules, see data/documents.py)."""
-    from mmbridge.data.documents import LAYOUT_KEYS
+    from mmbridge.data.documents import LAYOUT_KEYS, check_style
     from mmbridge.lcl.sequence import SequenceConfig
 
     seq = recipe.sequence
@@ -268,13 +278,13 @@ def _validate_lmm_sequence(recipe: Recipe) -> None:
         raise RecipeError(f"recipe.sequence: for interleaved sources, expected some of {list(LAYOUT_KEYS)}, "
                           f"got {seq!r}")
     try:
-        SequenceConfig(**seq)
+        SequenceConfig(**check_style(seq))
     except (TypeError, ValueError) as e:
         raise RecipeError(f"recipe.sequence: {e}") from e
 
 
 def _validate_moe(moe: MoeConfig, where: str) -> None:
-    from mmbridge.models.moe import LAYER_CHOICES
+    from mmbridge.models.moe import GATE_KEYS, LAYER_CHOICES, check_gate
 
     if moe.experts < 2 or not 1 <= moe.top_k <= moe.experts:
         raise RecipeError(f"{where}: need experts >= 2 and 1 <= top_k <= experts, got {moe.experts} and {moe.top_k}")
@@ -284,6 +294,10 @@ def _validate_moe(moe: MoeConfig, where: str) -> None:
     if moe.layers not in LAYER_CHOICES and not ok_list:
         raise RecipeError(f"{where}.layers: expected {' or '.join(LAYER_CHOICES)} or a list of layer indices, "
                           f"got {moe.layers!r}")
+    try:
+        check_gate(moe.top_k, **{k: getattr(moe, k) for k in GATE_KEYS})
+    except ValueError as e:
+        raise RecipeError(f"{where}: {e}") from e
 
 
 def _validate_mma(mma: MmaConfig, where: str) -> None:
@@ -291,6 +305,9 @@ def _validate_mma(mma: MmaConfig, where: str) -> None:
 
     if mma.dim < 1 or mma.temperature <= 0:
         raise RecipeError(f"{where}: need dim >= 1 and temperature > 0, got {mma.dim} and {mma.temperature}")
+    if mma.groups < 1 or mma.dim % mma.groups or not 0 <= mma.dropout < 1:
+        raise RecipeError(f"{where}: need groups dividing dim and 0 <= dropout < 1, got groups {mma.groups}, "
+                          f"dim {mma.dim}, dropout {mma.dropout}")
     if not mma.where or any(w not in PLACES for w in mma.where):
         raise RecipeError(f"{where}.where: expected a non-empty list of {sorted(PLACES)}, got {mma.where!r}")
 

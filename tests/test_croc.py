@@ -19,6 +19,7 @@ from mmbridge.objectives.matching import hungarian, l2_costs, match
 from mmbridge.train import trainer as trainer_module
 from mmbridge.train.trainer import Trainer
 from tests.conftest import tiny_recipe_dict
+from tests.rounding import assert_same_math
 
 TWO = [{"from": "human", "value": "<image> and <image>: which has more shapes?"}, {"from": "gpt", "value": "the first one"}]
 ONE = [{"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": "a red circle"}]
@@ -141,6 +142,7 @@ def test_reconstruction_target_is_detached(tiny):
     assert all(p.grad is None for p in model.bridge.parameters())
     assert hidden.grad.abs().sum() > 0 and obj.head.out.weight.grad.abs().sum() > 0
     # the target is the L2-normalised bridge output before replacement, at all or at the selected positions
+    obj.eval()  # the head's dropout off: its outputs are compared across calls
     with torch.no_grad():
         pred = obj.head(hidden[inputs.is_image].view(3, 4, -1))
         target = F.normalize(inputs.visual, dim=-1)
@@ -239,7 +241,8 @@ def test_mask_semantics_by_perturbation(tiny, mode):
 
 
 # -- generality and the stage ------------------------------------------------------------------------
-@pytest.mark.parametrize("bridge,drop_cls,n_tokens", [({"name": "pool_adapter", "pooled": 2}, True, 4),
+@pytest.mark.parametrize("bridge,drop_cls,n_tokens", [({"name": "pool_adapter", "pooled": 2, "l2_normalize": True},
+                                                       True, 4),
                                                       ({"name": "mlp", "l2_normalize": True}, False, 17)])
 @pytest.mark.parametrize("attention", ["prefix", "visual"])
 def test_any_token_count_and_two_images_per_sample(tiny_lm_dir, tiny_clip_dir, bridge, drop_cls, n_tokens, attention):
@@ -312,3 +315,73 @@ def test_bundled_croc_recipe_is_valid():
     assert r.stages[1].objective["name"] == "croc" and r.stages[1].train["vision"] == "frozen"
     assert r.stages[0].train == {"vision": "frozen", "bridge": "full", "lm": "frozen"}
     assert "world/train/mixed" not in r.stages[2].data and r.model.bridge.get("l2_normalize")
+
+
+# -- fidelity to Croc's code -----------------------------------------------------------------------------
+def test_pool_rows_start_as_croc_draws_them_and_unit_is_an_option(tiny):
+    model, _ = tiny
+    width = model_width(model)
+    torch.manual_seed(3)
+    want = torch.randn(32, width)  # Croc: the pool is randn(K, d), rows of norm about sqrt(d)
+    torch.manual_seed(3)
+    obj = CrocObjective(model, pool_size=32)
+    assert torch.equal(obj.pool.detach(), want)
+    norms = obj.pool.detach().norm(dim=-1)
+    # a chi distribution with d degrees of freedom: mean ~ sqrt(d), sd ~ 1/sqrt(2); 32 rows within 5 sd
+    assert (norms - width ** 0.5).abs().max() < 5 * 2 ** -0.5
+    torch.manual_seed(3)
+    unit = CrocObjective(model, pool_size=32, pool_init="unit")
+    torch.testing.assert_close(unit.pool.detach().norm(dim=-1), torch.ones(32), rtol=0, atol=width * 2 ** -24)
+    with pytest.raises(ValueError, match="pool_init"):
+        CrocObjective(model, pool_size=32, pool_init="zeros")
+
+
+def bert_layer_by_hand(layer, x):
+    """A post-LN BERT layer written out (eval: no dropout): per head softmax(q k^T / sqrt(d_h)) v, output dense,
+    residual, LayerNorm (eps 1e-12); GELU FFN, residual, LayerNorm."""
+    n, t, d = x.shape
+    heads = layer.heads
+    dh = d // heads
+
+    def ln(v, norm):
+        mu, var = v.mean(-1, keepdim=True), v.var(-1, unbiased=False, keepdim=True)
+        return (v - mu) / torch.sqrt(var + 1e-12) * norm.weight + norm.bias
+
+    qkv = x @ layer.qkv.weight.T + layer.qkv.bias
+    q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
+    heads_out = []
+    for h in range(heads):
+        sl = slice(h * dh, (h + 1) * dh)
+        att = torch.softmax(q[..., sl] @ k[..., sl].transpose(1, 2) / dh ** 0.5, dim=-1)
+        heads_out.append(att @ v[..., sl])
+    a = torch.cat(heads_out, -1) @ layer.attn_out.weight.T + layer.attn_out.bias
+    h1 = ln(x + a, layer.norm1)
+    f = h1 @ layer.fc1.weight.T + layer.fc1.bias
+    f = 0.5 * f * (1 + torch.erf(f / 2 ** 0.5))
+    return ln(h1 + f @ layer.fc2.weight.T + layer.fc2.bias, layer.norm2)
+
+
+def test_the_head_is_crocs_post_ln_bert_layer_with_dropout(tiny):
+    from mmbridge.objectives.reconstruction import ReconstructionHead
+
+    torch.manual_seed(0)
+    head = ReconstructionHead(64, 4, 16).eval()
+    assert head.layer.dropout.p == 0.1 and head.layer.p == 0.1
+    hidden = torch.randn(3, 4, 64)
+    with torch.no_grad():
+        want = bert_layer_by_hand(head.layer, hidden + head.position) @ head.out.weight.T + head.out.bias
+        assert_same_math(head(hidden), want)
+    head.train()
+    torch.manual_seed(1)
+    assert not torch.equal(head(hidden), head(hidden))  # dropout acts while training
+    pre = ReconstructionHead(64, 4, 16, kind="pre_ln")
+    assert pre.layer.norm_first and isinstance(pre.norm, torch.nn.LayerNorm)
+
+
+def test_croc_refuses_a_bridge_that_does_not_l2_normalise(tiny_lm_dir, tiny_clip_dir):
+    from mmbridge.objectives.croc import UnnormalisedBridgeError
+
+    model, _ = build(tiny_lm_dir, tiny_clip_dir, {"name": "pool_adapter", "pooled": 2})
+    with pytest.raises(UnnormalisedBridgeError, match="l2_normalize: true"):
+        CrocObjective(model, pool_size=32)
+    CrocObjective(model, pool_size=32, allow_unnormalised=True)  # an experiment may opt out

@@ -266,3 +266,69 @@ def test_the_bundled_recipe_mixes_the_worlds_documents_with_captions():
     with pytest.raises(RecipeError, match="an interleaved source is"):  # documents are one a line, or in shards
         recipe_from_dict({"sources": {"docs": {"json": "docs.json", "interleaved": True}},
                           "stages": [{"data": {"docs": 1.0}}]})
+
+
+# -- OpenFlamingo's MMC4 rules (sequence.style: openflamingo) ----------------------------------------------
+def test_openflamingo_layout_and_labels_of_the_hand_worked_document(pool, tmp_path):
+    """OpenFlamingo writes this document as "<image>A red circle. Nothing here.<|endofchunk|><image>A blue
+    square.<|endofchunk|>" + EOS, after the tokenizer's BOS; its labels drop the BOS, the images, and everything
+    from an end-of-chunk to the next image (here only the closing EOS)."""
+    _, proc = pool
+    tok = proc.tokenizer
+    assert tok.bos_token_id is not None
+    path = write_docs(tmp_path, [DOC])
+    ds = InterleavedDataset(path, tmp_path, proc, {"style": "openflamingo"})
+    img = [proc.image_token_id] * proc.num_image_tokens
+    eoc = tok("<|endofchunk|>", add_special_tokens=False)["input_ids"]
+    a, b, c = pieces(tok, "A red circle."), pieces(tok, " Nothing here."), pieces(tok, "A blue square.")
+    want = [tok.bos_token_id] + img + a + b + eoc + img + c + eoc + [tok.eos_token_id]
+    off = lambda n: [IGNORE] * n  # noqa: E731
+    want_labels = off(1) + off(len(img)) + a + b + eoc + off(len(img)) + c + eoc + off(1)
+    s = ds[0]
+    assert s["input_ids"] == want and s["labels"] == want_labels and ds.lengths.tolist() == [len(want)]
+
+
+def test_openflamingo_masks_the_text_before_the_first_image(pool, tmp_path):
+    _, proc = pool
+    tok = proc.tokenizer
+    doc = {"id": "late", "text_list": ["Intro text.", "A red circle.", "A blue square."],
+           "image_info": [{"image_name": "a.png", "matched_text_index": 1, "matched_sim": 0.3},
+                          {"image_name": "d.png", "matched_text_index": 2, "matched_sim": 0.3}]}
+    path = write_docs(tmp_path, [doc])
+    s = InterleavedDataset(path, tmp_path, proc, {"style": "openflamingo"})[0]
+    intro = pieces(tok, "Intro text.")
+    img = [proc.image_token_id] * proc.num_image_tokens
+    eoc = tok("<|endofchunk|>", add_special_tokens=False)["input_ids"]
+    a, c = pieces(tok, "A red circle."), pieces(tok, "A blue square.")
+    # "Intro text.<image>A red circle.": no space after the image, none kept before it either
+    assert s["input_ids"] == [tok.bos_token_id] + intro + img + a + eoc + img + c + eoc + [tok.eos_token_id]
+    assert s["labels"][:1 + len(intro) + len(img)] == [IGNORE] * (1 + len(intro) + len(img))
+    assert s["labels"][1 + len(intro) + len(img):][:len(a)] == a
+
+
+def test_openflamingo_drops_half_the_single_image_documents_and_those_without_images(pool, tmp_path):
+    _, proc = pool
+    one = [{"id": f"one{i}", "text_list": [f"Shape {i}."],
+            "image_info": [{"image_name": "a.png", "matched_text_index": 0, "matched_sim": 0.5}]} for i in range(200)]
+    none = [{"id": f"none{i}", "text_list": ["Nothing."],
+             "image_info": [{"image_name": "c.png", "matched_text_index": 0, "matched_sim": 0.1}]} for i in range(5)]
+    path = write_docs(tmp_path, one + [DOC] + none)
+    ds = InterleavedDataset(path, tmp_path, proc, {"style": "openflamingo"}, cache=False)
+    dropped = ds.skipped["single image dropped (openflamingo)"]
+    # each single-image document kept with p = 0.5: 200 draws, within 5 standard deviations (5 * sqrt(50))
+    assert abs(dropped - 100) < 5 * 50 ** 0.5
+    assert ds.skipped["no image (openflamingo)"] == 5 and len(ds) == 200 - dropped + 1  # DOC (two images) kept
+    again = InterleavedDataset(path, tmp_path, proc, {"style": "openflamingo"}, cache=False)
+    assert again.rows.tolist() == ds.rows.tolist()  # drawn once per (seed, record): an index can hold it
+    keep_all = InterleavedDataset(path, tmp_path, proc, {"style": "openflamingo", "single_image_drop": 0.0},
+                                  cache=False)
+    assert len(keep_all) == 201
+
+
+def test_openflamingo_options_are_checked(world):
+    for bad, msg in (({"style": "flamingo"}, "sequence.style"), ({"end_of_chunk": "<eoc>"}, "openflamingo"),
+                     ({"style": "openflamingo", "image_position": "after"}, "before its sentence"),
+                     ({"style": "openflamingo", "single_image_drop": 2}, "probability")):
+        with pytest.raises(RecipeError, match=msg):
+            recipe_from_dict({"world": {"root": world["root"]}, "sequence": bad,
+                              "stages": [{"data": {"world/train/interleaved": 1.0}}]})

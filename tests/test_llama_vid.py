@@ -34,7 +34,7 @@ def test_two_tokens_per_frame_content_ignores_the_instruction_and_context_reads_
     assert b.num_tokens == 2 and out_a.shape == (5, 2, 24)
     assert not torch.allclose(out_a[:, 0], out_c[:, 0], atol=1e-4)  # context token: instruction-guided
     assert torch.equal(out_a[:, 1], out_c[:, 1])  # content token: the frame alone
-    torch.testing.assert_close(out_a[:, 1], b.content_proj(frames.mean(1)))
+    torch.testing.assert_close(out_a[:, 1], b.content_proj(frames.mean(1)))  # the shared projector, frame averaged
     # padding the instruction changes nothing
     padded = torch.cat([a, torch.full((5, 3), b.pad_id)], dim=1)
     with torch.no_grad():
@@ -48,17 +48,71 @@ def test_two_tokens_per_frame_content_ignores_the_instruction_and_context_reads_
     assert changed.tolist() == [False, False, True, False, False]
 
 
-def test_the_context_token_is_an_attention_average_of_the_frame_features():
+def by_hand(b, frames, a, cls=False):
+    """LLaMA-VID's rule written out per frame and query: the Q-Former's *query* outputs, projected, score the
+    key-projected patches; softmax over patches, weighted sum of the raw patches, mean over queries, value
+    projection; content through Linear-GELU-Linear. Returns (context [F, D], content-input [F, n, D] fn)."""
+    queries, _ = b.qformer(frames, a, a != b.pad_id)
+    x = frames[:, 1:] if cls else frames
+    ctx = []
+    for f in range(frames.shape[0]):
+        rows = []
+        for j in range(queries.shape[1]):
+            q = queries[f, j] @ b.query_proj.weight.T + b.query_proj.bias
+            keys = x[f] @ b.key_proj.weight.T + b.key_proj.bias
+            rows.append(torch.softmax(keys @ q / x.shape[-1] ** 0.5, -1) @ x[f])
+        ctx.append(torch.stack(rows).mean(0) @ b.context_proj.weight.T + b.context_proj.bias)
+    return torch.stack(ctx), x
+
+
+def mlp_by_hand(seq, v):
+    h = v @ seq[0].weight.T + seq[0].bias
+    h = 0.5 * h * (1 + torch.erf(h / 2 ** 0.5))
+    return h @ seq[2].weight.T + seq[2].bias
+
+
+def test_the_context_token_follows_llama_vid_queries_keys_and_the_mean_over_queries():
     b = bridge()
     frames = torch.randn(2, 9, 16)
     a = ids(b, ["where is the square?"] * 2)
     with torch.no_grad():
-        got = b.context(frames, a)
-        _, text = b.qformer(frames, a, a != b.pad_id)
-        q = b.text_query(text)
-        want = torch.stack([torch.stack([torch.softmax(q[f, j] @ frames[f].T / 4.0, -1) @ frames[f]
-                                         for j in range(a.shape[1])]).mean(0) for f in range(2)])
-    assert_same_math(got, want)
+        out = b(frames, instruction_ids=a)
+        ctx, x = by_hand(b, frames, a)
+        assert_same_math(out[:, 0], ctx)
+        assert_same_math(out[:, 1], mlp_by_hand(b.content_proj, x.mean(1)))
+
+
+@pytest.mark.parametrize("content,n", [("all", 9), ("grid:1", 1)])
+def test_content_all_or_grid_pool_and_a_cls_token_read_by_the_qformer_only(content, n):
+    torch.manual_seed(0)
+    b = build_bridge({**TINY_VID, "content": content}, 16, 24, (3, 3), in_tokens=10).eval()
+    assert b.num_tokens == 1 + n
+    frames = torch.randn(2, 10, 16)  # CLS then a 3x3 grid
+    a = ids(b, ["what is left of the circle?"] * 2)
+    with torch.no_grad():
+        out = b(frames, instruction_ids=a)
+        ctx, x = by_hand(b, frames, a, cls=True)
+        pooled = x if content == "all" else x.mean(1, keepdim=True)
+        assert_same_math(out[:, 0], ctx)
+        assert_same_math(out[:, 1:], mlp_by_hand(b.content_proj, pooled))
+        frames2 = frames.clone()
+        frames2[:, 0] = torch.randn(2, 16)  # another CLS: the Q-Former's queries (context) move, no content token
+        out2 = b(frames2, instruction_ids=a)
+    assert torch.equal(out2[:, 1:], out[:, 1:]) and not torch.allclose(out2[:, 0], out[:, 0])
+
+
+def test_grid_pool_averages_blocks_in_row_major_order():
+    torch.manual_seed(0)
+    b = build_bridge({**TINY_VID, "content": "grid:2"}, 16, 24, (4, 6)).eval()
+    feats = torch.randn(1, 24, 16)
+    grid = feats[0].view(4, 6, 16)
+    want = torch.stack([grid[r * 2:r * 2 + 2, c * 3:c * 3 + 3].reshape(-1, 16).mean(0)
+                        for r in range(2) for c in range(2)])
+    assert_same_math(b.content_tokens(feats)[0], want)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        build_bridge({**TINY_VID, "content": "grid:4"}, 16, 24, (4, 6))
+    with pytest.raises(ValueError, match="expected 'mean'"):
+        build_bridge({**TINY_VID, "content": "max"}, 16, 24, (3, 3))
 
 
 def test_llama_vid_trains_end_to_end_with_instructions_from_the_data(tiny_lm_dir, tiny_clip_dir, world):
@@ -73,7 +127,8 @@ def test_llama_vid_trains_end_to_end_with_instructions_from_the_data(tiny_lm_dir
     out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
                 instruction_ids=batch["instruction_ids"])
     out.loss.backward()
-    for part in (model.bridge.context_proj, model.bridge.content_proj, model.bridge.text_query):
+    bridge = model.bridge
+    for part in (bridge.context_proj, bridge.content_proj[0], bridge.query_proj, bridge.key_proj):
         assert part.weight.grad.abs().sum() > 0
     assert model.bridge.qformer.word.weight.grad.abs().sum() > 0
 

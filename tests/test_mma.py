@@ -29,7 +29,8 @@ def test_at_initialisation_the_adapted_lm_equals_the_plain_one(tiny):
     pixels = torch.randn(1, 3, 32, 32)
     text_ids = torch.tensor([proc.encode(TEXT, 0).input_ids])
     adapted = copy.deepcopy(model)
-    assert add_mma(adapted.lm, dim=4) == 2 * 2  # 2 layers × (attention, ffn)
+    assert add_mma(adapted.lm, dim=4) == 2  # 2 layers × attention (LaVIN's default)
+    assert add_mma(copy.deepcopy(model).lm, dim=4, where=("attention", "ffn")) == 2 * 2
     with torch.no_grad():
         for want_ids, px in ((ids, pixels), (text_ids, None)):
             want = model(want_ids, pixel_values=px).hidden_states
@@ -73,7 +74,8 @@ def test_mma_stage_trains_only_adapters_and_reloads(tiny_lm_dir, tiny_clip_dir, 
                               or n.startswith("mma_modality.") for n in lm_trained)
     assert all(p.abs().sum() > 0 for a in adapters(model) for p in a.up.parameters())  # left their zero start
     n_adapter = sum(p.numel() for n, p in model.lm.named_parameters() if n in lm_trained)
-    assert n_adapter == 2 * 2 * (2 * (64 * 4 + 4 + 4 * 64 + 64) + 64 * 2 + 2) + 2 * 64
+    # per layer (attention only): a shared down 64x4 + 4, two grouped ups (2 groups: 64 x 2) + 64, a router 64x2 + 2
+    assert n_adapter == 2 * ((64 * 4 + 4) + 2 * (64 * 2 + 64) + (64 * 2 + 2)) + 2 * 64
     ids = torch.tensor([trainer.processor.encode(CONV, 1).input_ids])
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
@@ -116,3 +118,47 @@ def test_mixture_of_modality_training_mixes_text_only_and_image_samples_in_a_bat
     mark(trainer.model.lm, torch.tensor([[True], [False]]))
     w = first.weights(torch.zeros(2, 1, 64))
     assert not torch.allclose(w[0], w[1])
+
+
+def lavin_by_hand(adapter, h, w):
+    """LaVIN's RepAdapter router written out per token: a = A h + a_b (no activation; dropout off in eval); each
+    up-projection is a Conv1d(dim, d, 1, groups=2), i.e. output i reads the input block of i's group;
+    out = h + s (w_0 B a + w_1 D a)."""
+    d, dim = adapter.down.in_features, adapter.down.out_features
+    g = adapter.up[0].groups
+    out = torch.empty_like(h)
+    for t in range(h.shape[0]):
+        a = [sum(adapter.down.weight[j, k] * h[t, k] for k in range(d)) + adapter.down.bias[j] for j in range(dim)]
+        for i in range(d):
+            block = i // (d // g)  # the group output i belongs to
+            ins = range(block * dim // g, (block + 1) * dim // g)
+            ups = [sum(up.weight[i, j - block * dim // g] * a[j] for j in ins) + up.bias[i] for up in adapter.up]
+            out[t, i] = h[t, i] + adapter.scale * (w[0] * ups[0] + w[1] * ups[1])
+    return out
+
+
+def test_the_adapter_is_lavins_repadapter_router_and_folds_into_one_matrix(tiny):
+    model, _ = tiny
+    lm = copy.deepcopy(model.lm)
+    add_mma(lm, dim=4)
+    adapter = [m for m in lm.modules() if isinstance(m, ModalityAdapter)][0].eval()
+    assert adapter.dropout.p == 0.1 and not hasattr(adapter.down, "__len__")  # one shared down-projection
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for up in adapter.up:  # leave the zero start, so the paths differ
+            up.weight.normal_()
+            up.bias.normal_()
+        x = torch.randn(1, 3, 64)
+        mark(lm, torch.tensor([[True, False, False]]))
+        got = adapter(x)[0]
+        w = adapter.weights(x)[0, 0]
+        h = adapter.norm(x)[0]
+        want = lavin_by_hand(adapter, h, w)
+        # each output sums 64 + 2 products and two paths: a few fp32 roundings of that many terms
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got, want, rtol=0, atol=4 * 70 * 2 ** -24 * scale)
+        m, c = adapter.folded(w)  # no activation: one linear map per modality
+        torch.testing.assert_close(h @ m.T + c, got, rtol=0, atol=4 * 70 * 2 ** -24 * scale)
+    adapter.train()  # dropout acts on the down-projection's output while training
+    torch.manual_seed(1)
+    assert not torch.equal(adapter(x), adapter(x))

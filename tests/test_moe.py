@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from mmbridge.config import RecipeError, recipe_from_dict
-from mmbridge.models.moe import MoEFeedForward, add_moe, aux_loss, balancing_loss, chosen_layers, moe_layers
+from mmbridge.models.moe import (MoEFeedForward, add_moe, aux_loss, balancing_loss, chosen_layers, is_moe_param,
+                                 moe_layers, tally, balancing_over)
 from mmbridge.train.checkpoint import load_run
 from mmbridge.train.flops import StepFlops
 from mmbridge.train.trainer import Trainer
@@ -81,7 +82,9 @@ def test_balancing_loss_equals_a_hand_computation():
 
 
 def test_layer_choices_and_recipe_errors(tiny_lm_dir, tiny_clip_dir, world):
-    assert chosen_layers(6, "every_other") == [1, 3, 5] and chosen_layers(3, [2, 0]) == [0, 2]
+    # MoE-LLaVA's `sparse` mode: list(range(n))[::2], layers 0, 2, 4, …
+    assert chosen_layers(6, "every_other") == [0, 2, 4] and chosen_layers(5, "every_other") == [0, 2, 4]
+    assert chosen_layers(3, [2, 0]) == [0, 2]
     with pytest.raises(ValueError, match="outside"):
         chosen_layers(2, [5])
     data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"])
@@ -91,6 +94,13 @@ def test_layer_choices_and_recipe_errors(tiny_lm_dir, tiny_clip_dir, world):
     data["stages"][1]["moe"] = {"layers": "odd"}
     with pytest.raises(RecipeError, match="moe.layers"):
         recipe_from_dict(data)
+    for bad, msg in (({"second": "gumbel", "top_k": 1}, "gumbel samples the second"),
+                     ({"balance": "top2"}, "moe.balance"), ({"capacity_factor": 0}, "capacity_factor"),
+                     ({"eval_capacity_factor": 2.0}, "set capacity_factor too"),
+                     ({"min_capacity": -1}, "min_capacity")):
+        data["stages"][1]["moe"] = bad
+        with pytest.raises(RecipeError, match=msg):
+            recipe_from_dict(data)
     data["stages"][1]["moe"] = {}
     data["stages"][1]["train"] = {"bridge": "moe"}
     with pytest.raises(RecipeError, match="moe is supported for the lm only"):
@@ -171,3 +181,139 @@ def test_flops_count_top_k_experts_not_all(tiny):
     router_flops = 2 * 2 * 64 * 4
     # per token and layer: 2 of the 4 experts (one FFN's worth twice) plus the router, all frozen (×2 fwd+bwd)
     assert StepFlops(moe)(batch) - dense == 10 * 2 * (ffn_flops + router_flops)
+
+
+# -- MoE-LLaVA's DeepSpeed gate options ------------------------------------------------------------------------
+def logit_layer(experts=3, top_k=2, **gate):
+    """A layer whose router logits are its input (hidden size = E, router = identity) and whose experts differ."""
+    torch.manual_seed(0)
+    layer = MoEFeedForward(nn.Linear(experts, experts), experts, experts, top_k, **gate)
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.eye(experts))
+        for e in layer.experts:
+            nn.init.normal_(e.weight)
+    return layer
+
+
+def test_gumbel_second_expert_is_sampled_by_the_gumbel_max_rule_in_training_only():
+    layer = logit_layer(experts=4, second="gumbel")
+    n = 20000
+    x = torch.tensor([3.0, 1.0, 0.0, 0.0]).expand(n, 4)
+    torch.manual_seed(1)
+    probs, chosen, weights = layer.route(x)
+    assert (chosen[:, 0] == 0).all()  # the first expert is the plain argmax
+    # Gumbel-max: the second is expert j != 0 with probability softmax over the others, e^1/(e^1+2) for j = 1
+    p1 = torch.e / (torch.e + 2)
+    share = (chosen[:, 1] == 1).float().mean().item()
+    assert abs(share - p1) < 5 * (p1 * (1 - p1) / n) ** 0.5  # 5 standard deviations of a binomial share
+    assert set(chosen[:, 1].tolist()) == {1, 2, 3}
+    # the weights are the two chosen softmax gates renormalised (no noise in them)
+    want = probs.gather(1, chosen)
+    torch.testing.assert_close(weights, want / want.sum(1, keepdim=True), rtol=0, atol=2 * 2 ** -24)
+    layer.eval()
+    assert torch.equal(layer.route(x[:5])[1], torch.tensor([[0, 1]] * 5))  # eval: the plain second best
+
+
+def test_top1_balance_term_counts_first_choices_only():
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.5, 0.4], [0.45, 0.1, 0.45], [0.3, 0.3, 0.4]])
+    chosen = torch.tensor([[0, 1], [1, 2], [0, 2], [2, 0]])
+    # DeepSpeed top-2: me = mean(gates) = (0.3375, 0.3, 0.3625), ce = mean(mask1) = (2/4, 1/4, 1/4)
+    want = 3 * (0.3375 * 0.5 + 0.3 * 0.25 + 0.3625 * 0.25)
+    t = tally(probs, chosen[:, :1])
+    got = balancing_over(t, t).item()
+    assert got == pytest.approx(want, rel=4 * 2 ** -24 * 3)  # a few fp32 roundings over 3 summed terms
+    layer = logit_layer(balance="top1")
+    x = torch.randn(7, 3)
+    layer(x)
+    p = x.softmax(-1)
+    mask1 = nn.functional.one_hot(p.argmax(-1), 3).float()
+    want = 3 * (p.mean(0) * mask1.mean(0)).sum().item()
+    assert balancing_over(layer.tally, layer.tally).item() == pytest.approx(want, rel=8 * 7 * 2 ** -24)
+
+
+def by_hand_capacity(x, layer, cap):
+    """DeepSpeed's top-2 rule written out: queue every token's first choice in token order, then every second
+    choice; an expert takes the first `cap` of its queue; a token's kept gates are renormalised."""
+    probs = x.softmax(-1)
+    picks = [probs[t].topk(2).indices.tolist() for t in range(len(x))]
+    taken = [0] * layer.num_experts
+    kept = [[False, False] for _ in picks]
+    for j in range(2):
+        for t, pick in enumerate(picks):
+            e = pick[j]
+            if taken[e] < cap:
+                kept[t][j] = True
+            taken[e] += 1
+    out = torch.zeros_like(x)
+    for t, pick in enumerate(picks):
+        gates = [probs[t, e].item() if k else 0.0 for e, k in zip(pick, kept[t])]
+        total = sum(gates)
+        for e, g in zip(pick, gates):
+            if g:
+                out[t] += g / total * layer.experts[e](x[t])
+    return out, kept
+
+
+def test_capacity_drops_overflow_assignments_in_deepspeed_order_and_renormalises():
+    layer = logit_layer(capacity_factor=0.5, eval_capacity_factor=1.0)
+    # 6 tokens, 3 experts, top 2: capacity ceil(6 / 3 * 0.5 * 2) = 2 while training, ceil(6 / 3 * 1.0 * 2) = 4 in eval
+    x = torch.tensor([[3.0, 2, 0], [3, 0, 2], [3, 2, 0], [0, 3, 2], [2, 3, 0], [0, 2, 3]])
+    assert layer.capacity(6) == 2
+    want, kept = by_hand_capacity(x, layer, 2)
+    # first choices 0,0,0,1,1,2: expert 0 takes tokens 0, 1 (token 2 overflows), expert 1 tokens 3, 4, expert 2
+    # token 5; then second choices 1,2,1,2,0,1: only token 1's (expert 2, one place left) fits
+    assert kept == [[True, False], [True, True], [False, False], [True, False], [True, False], [True, False]]
+    got = layer(x)
+    assert torch.equal(got[2], torch.zeros(3))  # both choices dropped: the residual alone carries token 2
+    torch.testing.assert_close(got, want, rtol=0, atol=4 * 3 * 2 ** -24 * want.abs().max().item())
+    layer.eval()
+    assert layer.capacity(6) == 4 and layer.capacity(10) == 7  # ceil(10 / 3 * 2) = 7
+    layer.min_capacity = 9
+    assert layer.capacity(6) == 9
+    layer.min_capacity, layer.eval_capacity_factor = 0, None
+    assert layer.capacity(6) == 2  # no eval factor: the training one
+    # padding takes no place in a queue: marked padding does not change the real tokens' outputs
+    layer.train()
+    padded = torch.cat([torch.tensor([[0.0, 3, 2]] * 3), x])
+    layer.real = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 1])
+    torch.testing.assert_close(layer(padded)[3:], want, rtol=0, atol=4 * 3 * 2 ** -24 * want.abs().max().item())
+
+
+def test_released_script_option_trains_the_dense_ffns_too():
+    dense, expert = "lm.model.layers.1.mlp.down_proj.weight", "lm.model.layers.0.mlp.experts.2.up_proj.weight"
+    router, attn = "lm.model.layers.0.mlp.router.weight", "lm.model.layers.1.self_attn.q_proj.weight"
+    assert [is_moe_param(n) for n in (dense, expert, router, attn)] == [False, True, True, False]
+    assert [is_moe_param(n, ffn=True) for n in (dense, expert, router, attn)] == [True, True, True, False]
+
+
+def test_train_ffn_stage_trains_routers_experts_and_the_dense_ffns(tiny):
+    import copy
+
+    from mmbridge.config import MoeConfig, StageConfig
+    from mmbridge.train.parts import apply_stage_modes
+
+    model = copy.deepcopy(tiny[0])
+    stage = StageConfig(train={"vision": "frozen", "bridge": "frozen", "lm": "moe"}, lr={"lm": 1e-3},
+                        moe=MoeConfig(experts=2, layers="every_other", train_ffn=True, capacity_factor=1.5,
+                                      eval_capacity_factor=2.0, second="gumbel", balance="top1"))
+    apply_stage_modes(model, stage)
+    assert model.lm.moe_config["capacity_factor"] == 1.5 and model.lm.moe_config["second"] == "gumbel"
+    first = moe_layers(model.lm)[0]
+    assert (first.capacity_factor, first.eval_capacity_factor, first.balance) == (1.5, 2.0, "top1")
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".layers.1.mlp.down_proj." in n for n in trained)  # layer 1 stays dense, and trains
+    assert any(".layers.0.mlp.experts.1." in n for n in trained) and any(".mlp.router." in n for n in trained)
+    assert all(".mlp." in n for n in trained)
+
+
+def test_bundled_moe_llava_recipe_is_valid():
+    from mmbridge.config import load_recipe
+
+    r = load_recipe("moe_llava")
+    assert [s.name for s in r.stages] == ["align", "instruct", "moe"]
+    assert r.stages[0].train == {"vision": "frozen", "bridge": "full", "lm": "frozen"}
+    assert r.stages[1].train["lm"] == "full"
+    moe = r.stages[2]
+    assert moe.train["lm"] == "moe" and moe.lr == {"lm": 2.0e-5} and "text_only" in moe.data
+    assert (moe.moe.second, moe.moe.balance, moe.moe.capacity_factor, moe.moe.eval_capacity_factor,
+            moe.moe.train_ffn) == ("gumbel", "top1", 1.5, 2.0, True)

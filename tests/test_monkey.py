@@ -13,7 +13,7 @@ from mmbridge.data.dataset import Collator
 from mmbridge.data.layouts import window_ids
 from mmbridge.models.build import build_model
 from mmbridge.models.vision import build_vision_encoder
-from mmbridge.models.window_lora import WindowLoRALinear
+from mmbridge.models.window_lora import NormTap, WindowLoRA, WindowLoRALinear, mark
 from tests.conftest import tiny_recipe_dict
 from tests.rounding import assert_same_math
 
@@ -33,8 +33,8 @@ def monkey(tiny_lm_dir, tiny_clip_dir):
     return model.eval(), proc
 
 
-def adapters(model) -> list[WindowLoRALinear]:
-    return [m for m in model.vision.modules() if isinstance(m, WindowLoRALinear)]
+def adapters(model) -> list[WindowLoRA]:
+    return [m for m in model.vision.modules() if isinstance(m, WindowLoRA)]
 
 
 def test_windows_and_global_view(monkey):
@@ -42,7 +42,11 @@ def test_windows_and_global_view(monkey):
     views = proc.images([picture((50, 70), 0), picture((90, 30), 1)])
     assert views["views"] == 10 and views["visual_counts"] == [5 * 16, 5 * 16]
     assert window_ids(10, (2, 2)).tolist() == [0, 1, 2, 3, -1, 0, 1, 2, 3, -1]
-    assert len(adapters(model)) == 4  # q_proj and v_proj of the tower's two layers
+    # per layer of the tower's two: q/k/v fused (Monkey's in_proj), out_proj, the MLP's parallel adapter
+    assert len(adapters(model)) == 2 * 3
+    assert sum(isinstance(m, WindowLoRALinear) for m in model.vision.modules()) == 2 * 4
+    ranks = sorted(a.lora_A.shape[1] for a in adapters(model))
+    assert ranks == [2, 2, 2, 2, 32, 32]  # the fixture's rank 2; the MLP's Monkey rank 32
     with pytest.raises(ValueError, match="not whole images"):
         window_ids(7, (2, 2))
 
@@ -63,16 +67,16 @@ def test_only_the_windows_own_adapter_gets_gradient_from_its_tokens(monkey):
             m.lora_B.normal_(std=0.1)  # B at zero would leave A without gradient
     model.vision.requires_grad_(False)
     for m in adapters(model):
-        m.lora_A.requires_grad_(True)
-        m.lora_B.requires_grad_(True)
+        for p in m.parameters():
+            p.requires_grad_(True)
     pixels = proc.images([picture((50, 70), 3)])["pixel_values"]
     for view in range(5):
         for m in adapters(model):
-            m.lora_A.grad = m.lora_B.grad = None
+            m.lora_A.grad = m.lora_B.grad = m.lora_scale.grad = None
         model.vision_features(pixels)[view].sum().backward()
         for m in adapters(model):
-            for grad in (m.lora_A.grad, m.lora_B.grad):
-                used = grad.flatten(1).abs().sum(1) > 0
+            for grad in (m.lora_A.grad, m.lora_B.grad, m.lora_scale.grad):
+                used = grad.reshape(4, -1).abs().sum(1) > 0
                 want = torch.zeros(4, dtype=torch.bool)
                 if view < 4:
                     want[view] = True  # the global view (4) goes through no adapter
@@ -157,3 +161,59 @@ def test_the_data_index_counts_monkeys_views_without_reading_images(monkey, tmp_
         picture(size, k).save(tmp_path / f"{k}.png")
         item = ds[k]
         assert ds.lengths[k] == len(item["input_ids"]) and item["input_ids"].count(proc.image_token_id) == 5 * 16
+
+
+def test_monkeys_adapters_by_hand_fused_qkv_and_the_mlp_adapter_beside_the_mlp(monkey):
+    """Monkey's rule: in_proj (q, k, v fused) + s·B·A·x with one A; the block's output x1 + mlp(ln2(x1)) +
+    s·B·A·x1 with x1 the block's input to ln2 (the MLP adapter reads the residual stream, not the normalised one);
+    per window, nothing for the global view."""
+    model, _ = monkey
+    layer = next(m for m in model.vision.modules() if isinstance(getattr(m, "layer_norm2", None), NormTap))
+    qkv = layer.self_attn.lora_q_proj_k_proj_v_proj
+    mlp_adapter = layer.mlp.lora_mlp
+    torch.manual_seed(2)
+    saved = {id(p): p.detach().clone() for a in (qkv, mlp_adapter) for p in a.parameters()}
+    with torch.no_grad():
+        for a in (qkv, mlp_adapter):
+            a.lora_B.normal_(std=0.1)
+            a.lora_scale.uniform_(0.5, 2.0)
+    ids = torch.tensor([1, -1])
+    h = torch.randn(2, 5, 32)
+    mark(model.vision, ids)
+    with torch.no_grad():
+        d = 32
+        for k, proj in enumerate((layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)):
+            want = proj.base(h).clone()
+            want[0] += qkv.lora_scale[1] * h[0] @ qkv.lora_A[1].T @ qkv.lora_B[1, k * d:(k + 1) * d].T
+            assert_same_math(proj(h), want)
+        seen = {}
+        hook = layer.layer_norm2.register_forward_pre_hook(lambda m, args: seen.setdefault("x1", args[0]))
+        takes_causal = "causal_attention_mask" in layer.forward.__code__.co_varnames
+        out = layer(h, None, None) if takes_causal else layer(h, None)
+        hook.remove()
+        out = out[0] if isinstance(out, tuple) else out
+        x1 = seen["x1"]
+        want = x1 + layer.mlp.mlp(layer.layer_norm2.norm(x1))
+        want[0] += mlp_adapter.lora_scale[1] * x1[0] @ mlp_adapter.lora_A[1].T @ mlp_adapter.lora_B[1].T
+        assert_same_math(out, want)
+        for a in (qkv, mlp_adapter):
+            for p in a.parameters():
+                p.copy_(saved[id(p)])
+    mark(model.vision, None)
+
+
+def test_a_fused_adapter_computes_its_down_projection_once_and_lets_it_go(monkey):
+    model, _ = monkey
+    layer = next(m for m in model.vision.modules() if isinstance(getattr(m, "layer_norm2", None), NormTap))
+    qkv = layer.self_attn.lora_q_proj_k_proj_v_proj
+    assert qkv.users == 3 and layer.mlp.lora_mlp.users == 1
+    calls = []
+    hook = qkv.dropout.register_forward_hook(lambda m, args, out: calls.append(1))
+    mark(model.vision, torch.tensor([0, -1]))
+    h = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            proj(h)
+    hook.remove()
+    assert len(calls) == 1 and qkv._down is None  # one A·x for the three projections, not kept afterwards
+    mark(model.vision, None)

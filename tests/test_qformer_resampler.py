@@ -7,6 +7,7 @@ import itertools
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -289,3 +290,83 @@ def test_blip2_stage_in_a_recipe_trains_bridge_and_heads_only(tiny_lm_dir, tiny_
     assert all(torch.equal(v, trainer.model.lm.state_dict()[k]) for k, v in lm_before.items())
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 2 and all(k in rows[-1] for k in ("loss_itc", "loss_itm", "loss_itg", "lr_objective"))
+
+
+# -- Qwen-VL's position-aware compressor (resampler kind qwen) ----------------------------------------------
+def test_qwen_sincos_table_by_hand():
+    import math
+
+    from mmbridge.models.bridges.resampler import sincos_2d
+
+    dim, rows, cols = 8, 3, 2
+    got = sincos_2d(dim, rows, cols)
+    quarter = dim // 4
+    for r in range(rows):
+        for c in range(cols):
+            row = []
+            for p in (c, r):  # MAE: the first half from the column, the second from the row
+                w = [1 / 10000 ** (k / quarter) for k in range(quarter)]
+                row += [math.sin(p * wk) for wk in w] + [math.cos(p * wk) for wk in w]
+            torch.testing.assert_close(got[r * cols + c], torch.tensor(row), rtol=0, atol=4 * 2 ** -24)
+
+
+def test_qwen_compressor_is_one_cross_attention_with_positioned_keys_by_hand():
+    import torch.nn.functional as F
+
+    from mmbridge.models.bridges.resampler import resized, sincos_2d
+
+    torch.manual_seed(0)
+    b = build_bridge({"name": "resampler", "kind": "qwen", "latents": 4, "heads": 2, "dim": 16}, 12, 24, (3, 3))
+    b.eval()
+    assert b.num_tokens == 4 and not b.reads_video
+    x = torch.randn(2, 6, 12)  # a 2x3 view (a slice of its own shape)
+    with torch.no_grad():
+        got = b(x, grid=(2, 3))
+        m = b.resampler
+        table = sincos_2d(16, 2, 2)
+        # the keys' positions: the 2x2 query table resized bicubically to the view's 2x3 grid (Qwen's get_abs_pos)
+        want_pos = F.interpolate(table.reshape(1, 2, 2, 16).permute(0, 3, 1, 2), size=(2, 3), mode="bicubic",
+                                 align_corners=False)[0].reshape(16, 6).T
+        torch.testing.assert_close(resized(table, 2, (2, 3)), want_pos)
+        kv = m.ln_kv(x @ m.kv_proj.weight.T)
+        q = m.ln_q(m.query) + table
+        w, bias = m.attn.in_proj_weight, m.attn.in_proj_bias
+        Q, K, V = q @ w[:16].T + bias[:16], (kv + want_pos) @ w[16:32].T + bias[16:32], kv @ w[32:].T + bias[32:]
+        heads = []
+        for h in range(2):
+            s = slice(8 * h, 8 * (h + 1))
+            heads.append(torch.softmax(Q[:, s] @ K[:, :, s].transpose(1, 2) / 8 ** 0.5, -1) @ V[:, :, s])
+        out = torch.cat(heads, -1) @ m.attn.out_proj.weight.T + m.attn.out_proj.bias
+        want = b.ln_post(out) @ b.proj.weight.T
+        torch.testing.assert_close(got, want, rtol=0, atol=64 * 2 ** -24 * want.abs().max().item())
+        # keys carry positions: swapping two tokens changes the result (a position-free attention would not care)
+        swapped = x[:, [1, 0, 2, 3, 4, 5]]
+        assert not torch.allclose(b(swapped, grid=(2, 3)), got, atol=1e-5)
+        # the encoder's own grid by default; a leading CLS token is left out
+        own = b(torch.randn(2, 10, 12))
+        assert own.shape == (2, 4, 24)
+    with pytest.raises(ValueError, match="square number"):
+        build_bridge({"name": "resampler", "kind": "qwen", "latents": 5, "heads": 2, "dim": 16}, 12, 24, (3, 3))
+
+
+def test_qwen_compressor_reads_each_uhd_slice_with_its_own_grid(tiny_lm_dir, tiny_clip_dir, monkeypatch):
+    from mmbridge.models.bridges.resampler import QwenResampler
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vision={"name": "hf", "path": tiny_clip_dir, "feature_layer": -1},
+                      bridge={"name": "resampler", "kind": "qwen", "latents": 4, "heads": 4},
+                      lm={"path": tiny_lm_dir}, max_length=400, system_prompt="", tiling={"mode": "uhd"})
+    model, proc = build_model(cfg)
+    grids = []
+    original = QwenResampler.forward
+    monkeypatch.setattr(QwenResampler, "forward", lambda self, x, grid: (grids.append((x.shape[1], grid)),
+                                                                         original(self, x, grid))[1])
+    image = Image.fromarray((np.random.default_rng(0).random((40, 90, 3)) * 255).astype("uint8"))
+    views = proc.images([image])
+    with torch.no_grad():
+        out = model.encode_images(views["pixel_values"], view_sizes=views["view_sizes"])
+    assert out.shape[1] == 4
+    patch = proc.tiling.patch
+    for (h, w) in views["view_sizes"].tolist():
+        assert (h // patch * (w // patch), (h // patch, w // patch)) in grids
+    assert all(t == g[0] * g[1] for t, g in grids)

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mmbridge.data.dataset import adopt_index, open_source
-from mmbridge.data.documents import DocumentEncoder
+from mmbridge.data.documents import DocumentEncoder, Dropped
 from mmbridge.data.images import ImageError, preprocess
 from mmbridge.data.llava import DataError
 from mmbridge.data.record_file import MalformedFile
@@ -37,6 +37,7 @@ def index_documents(store, encoder: DocumentEncoder) -> dict:
     ok, length = np.zeros(n, dtype=bool), np.zeros(n, dtype=np.int32)
     images, truncated = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=bool)
     bad: list[tuple[int, str, str]] = []  # (record, kind, message)
+    dropped: Counter = Counter()  # documents a layout rule leaves out (openflamingo): counted, not errors
     for a in range(0, n, BATCH):
         items, rows = [], []
         for i in range(a, min(n, a + BATCH)):
@@ -47,6 +48,9 @@ def index_documents(store, encoder: DocumentEncoder) -> dict:
             except DataError as e:
                 if isinstance(e, MalformedFile):
                     raise
+                if isinstance(e, Dropped):
+                    dropped[e.kind] += 1
+                    continue
                 bad.append((i, e.kind, str(e)))
         for i, got in zip(rows, encoder.encode_many(items)):
             if isinstance(got, DataError):
@@ -54,7 +58,7 @@ def index_documents(store, encoder: DocumentEncoder) -> dict:
             else:
                 ok[i], length[i], images[i], truncated[i] = True, len(got.input_ids), len(got.images), got.truncated
     return {"rows": np.flatnonzero(ok).astype(np.int64), "length": length[ok], "images": images[ok],
-            "truncated": int(truncated.sum()), "skipped": dict(Counter(k for _, k, _ in bad)),
+            "truncated": int(truncated.sum()), "skipped": dict(Counter(k for _, k, _ in bad) + dropped),
             "first_error": list(min(bad)[1:]) if bad else None}
 
 

@@ -15,8 +15,9 @@ the length of that index, so it depends on the image's size (its layout), not on
   compressed by the bridge (a resampler) to the same count. An image's span is the overview's tokens, then the
   slices row by row with the LM's own "," between the slices of a row and "\n" after each row (`separators`).
 - `mode: monkey` (Monkey): the image resized to `windows` (rows×cols) S×S windows, each encoded by the shared
-  encoder with its own window's LoRA (`models/window_lora.py`; `rank`, `alpha`, `targets`), then the global
-  view (no adapter); the bridge's tokens of each view in that order.
+  encoder with its own window's LoRA (`models/window_lora.py`; `rank`, `alpha`, `targets`, `mlp_rank`, `dropout`;
+  Monkey's by default: fused q/k/v and out_proj at rank 16, the MLP at 32, learned scales, dropout 0.05), then
+  the global view (no adapter); the bridge's tokens of each view in that order.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ class Tiling:
     processor when used, so a stage that changes the resolution changes them too."""
 
     def __init__(self, mode: str = "none", grids=None, newline: bool = True, global_view: bool = True,
-                 max_slices: int = 9, separators: bool = True, patch: int = 1, windows=(2, 2), rank: int = 4,
-                 alpha: float = 8.0, targets=("q_proj", "v_proj")):
+                 max_slices: int = 9, separators: bool = True, patch: int = 1, windows=(2, 2), rank: int = 16,
+                 alpha: float | None = None, targets=(("q_proj", "k_proj", "v_proj"), "out_proj"),
+                 mlp_rank: int = 32, dropout: float = 0.05):
         if mode not in MODES:
             raise ValueError(f"model.tiling.mode: {mode!r}; expected one of {list(MODES)}")
         if int(max_slices) < 1:
@@ -51,9 +53,12 @@ class Tiling:
             self.windows = (int(windows[0]), int(windows[1]))
         except (TypeError, ValueError, IndexError):
             raise ValueError(f"model.tiling.windows: expected [rows, cols], got {windows!r}") from None
-        if min(self.windows) < 1 or int(rank) < 1:
-            raise ValueError(f"model.tiling: windows {windows!r} and rank {rank!r} must be positive")
-        self.rank, self.alpha, self.targets = int(rank), float(alpha), tuple(targets)
+        if min(self.windows) < 1 or int(rank) < 1 or int(mlp_rank) < 0 or not 0 <= float(dropout) < 1:
+            raise ValueError(f"model.tiling: windows {windows!r} and rank {rank!r} must be positive, mlp_rank "
+                             f"{mlp_rank!r} at least 0 and dropout {dropout!r} in [0, 1)")
+        self.rank, self.alpha = int(rank), None if alpha is None else float(alpha)
+        self.targets = tuple(t if isinstance(t, str) else tuple(t) for t in targets)
+        self.mlp_rank, self.dropout = int(mlp_rank), float(dropout)
         grids = ANYRES_GRIDS if grids is None else grids
         try:
             self.grids = tuple((int(r), int(c)) for r, c in grids)
@@ -66,7 +71,7 @@ class Tiling:
     def from_options(cls, options: dict | None) -> Tiling:
         options = dict(options or {})
         known = {"mode", "grids", "newline", "global_view", "max_slices", "separators", "windows", "rank", "alpha",
-                 "targets"}
+                 "targets", "mlp_rank", "dropout"}
         unknown = set(options) - known
         if unknown:
             raise ValueError(f"model.tiling.{sorted(unknown)[0]}: unknown key; expected one of {sorted(known)}")

@@ -68,7 +68,8 @@ def build_tiling(cfg: ModelConfig, bridge, vision, width: int) -> Tiling:
         if getattr(cfg, "feature_cache", False):
             raise ValueError("model.tiling.mode=monkey: each window has its own adapter; feature_cache keys on pixels "
                              "alone (turn it off)")
-        add_window_lora(vision, tiling.windows[0] * tiling.windows[1], tiling.rank, tiling.alpha, tiling.targets)
+        add_window_lora(vision, tiling.windows[0] * tiling.windows[1], tiling.rank, tiling.alpha, tiling.targets,
+                        tiling.mlp_rank, tiling.dropout)
     return tiling
 
 

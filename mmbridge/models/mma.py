@@ -1,10 +1,13 @@
 """LaVIN's mixture-of-modality adaptation (MMA): light adapters in the LM, mixed by the input's modality.
 
-In every decoder layer the normalised input of attention and of the FFN gets an adapter: two down-up paths
-(d → dim → d, the up-projections start at zero, so the adapted LM starts equal to the plain one) whose outputs are
-mixed by a router. The router reads a learned modality token: one embedding for text-only samples, one for samples
-with an image, so the two kinds of input take different mixtures of the same paths. Which samples hold an image is
-told by the composite model before each forward (`mark`), per row or, for packed rows, per sample.
+In every decoder layer the normalised input of attention (and, optionally, of the FFN) gets LaVIN's RepAdapter
+router: one shared down-projection (d → dim, no activation, dropout 0.1) and two grouped up-projections
+(dim → d in `groups` blocks, LaVIN's Conv1d with groups=2; they start at zero, so the adapted LM starts equal to
+the plain one) mixed by a router. Without an activation the adapter is linear in its input: for a fixed modality
+it folds into one d × d matrix and a bias (`folded`). The router reads a learned modality token: one embedding for
+text-only samples, one for samples with an image, so the two kinds of input take different mixtures of the paths.
+Which samples hold an image is told by the composite model before each forward (`mark`), per row or, for packed
+rows, per sample.
 
 The adapters and modality tokens are created on the CPU (`meta.new_on`): under FSDP, where the LM is on the meta
 device, they are sharded from the values one process would give them, and the wrapped normalisation keeps its
@@ -37,20 +40,41 @@ class Modality(nn.Module):
         return self.tokens(self.current.to(like.device)).to(like.dtype)
 
 
-class ModalityAdapter(nn.Module):
-    """A normalisation followed by `h + Σ_i w_i · up_i(silu(down_i(h)))`, w = softmax(router(modality) / τ)."""
+class GroupedUp(nn.Module):
+    """dim → hidden in `groups` independent blocks (a 1×1 Conv1d with groups, as LaVIN's conv_B / conv_D): block g
+    maps inputs [g·dim/G, (g+1)·dim/G) to outputs [g·d/G, (g+1)·d/G). Starts at zero."""
 
-    def __init__(self, norm: nn.Module, hidden: int, dim: int, temperature: float, modality: Modality):
+    def __init__(self, dim: int, hidden: int, groups: int, dtype=None):
         super().__init__()
-        self.norm, self.temperature = norm, temperature
+        self.groups = groups
+        self.weight = nn.Parameter(torch.zeros(hidden, dim // groups, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(hidden, dtype=dtype))
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        g = self.groups
+        parts = a.unflatten(-1, (g, -1))  # [..., G, dim/G]
+        w = self.weight.unflatten(0, (g, -1))  # [G, d/G, dim/G]
+        return torch.einsum("...gi,goi->...go", parts, w).flatten(-2) + self.bias
+
+
+class ModalityAdapter(nn.Module):
+    """A normalisation followed by LaVIN's RepAdapter router: with a = dropout(down(h)),
+    `h + s·(w_0 · up_0(a) + w_1 · up_1(a))`, w = softmax(router(modality) / τ)."""
+
+    def __init__(self, norm: nn.Module, hidden: int, dim: int, temperature: float, modality: Modality,
+                 groups: int = 2, dropout: float = 0.1, scale: float = 1.0):
+        super().__init__()
+        if dim % groups or hidden % groups:
+            raise ValueError(f"mma: dim {dim} and the LM width {hidden} must be divisible by groups {groups}")
+        self.norm, self.temperature, self.scale = norm, temperature, scale
         weight = next(norm.parameters())
         kw = {"dtype": weight.dtype}  # drawn on the CPU, then moved to the norm's device (`new_on`)
-        self.down = new_on(nn.ModuleList(nn.Linear(hidden, dim, **kw) for _ in range(2)), weight)
-        self.up = nn.ModuleList(nn.Linear(dim, hidden, **kw) for _ in range(2))
-        for up in self.up:
-            nn.init.zeros_(up.weight)
-            nn.init.zeros_(up.bias)
-        self.up = new_on(self.up, weight)
+        down = nn.Linear(hidden, dim, **kw)
+        nn.init.xavier_uniform_(down.weight)
+        nn.init.zeros_(down.bias)
+        self.down = new_on(down, weight)
+        self.dropout = nn.Dropout(dropout)
+        self.up = new_on(nn.ModuleList(GroupedUp(dim, hidden, groups, **kw) for _ in range(2)), weight)
         self.router = new_on(nn.Linear(hidden, 2, **kw), weight)
         self._modality = [modality]  # shared by every adapter of the LM, registered once on the LM
 
@@ -66,11 +90,21 @@ class ModalityAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
         w = self.weights(h)
-        paths = [up(F.silu(down(h))) for down, up in zip(self.down, self.up)]
-        return h + w[..., :1] * paths[0] + w[..., 1:] * paths[1]
+        a = self.dropout(self.down(h))
+        return h + self.scale * (w[..., :1] * self.up[0](a) + w[..., 1:] * self.up[1](a))
+
+    @torch.no_grad()
+    def folded(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For router weights `w` [2], the adapter (in eval) as one map h ↦ h @ M.T + c: returns (M, c)."""
+        eye = torch.eye(self.down.in_features, dtype=self.down.weight.dtype, device=self.down.weight.device)
+        a = self.down(eye) - self.down.bias  # the down-projection's columns, [d, dim]
+        mix = sum(wi * (up(a) - up.bias) for wi, up in zip(w, self.up))  # [d, d]: row i is the image of e_i
+        bias = sum(wi * up(self.down.bias) for wi, up in zip(w, self.up))
+        return eye + self.scale * mix.T, self.scale * bias
 
 
-def add_mma(lm: nn.Module, dim: int = 8, temperature: float = 10.0, where=("attention", "ffn")) -> int:
+def add_mma(lm: nn.Module, dim: int = 8, temperature: float = 10.0, where=("attention",), groups: int = 2,
+            dropout: float = 0.1) -> int:
     """Put a ModalityAdapter after the chosen norms of every decoder layer of `lm`, in place; returns the count."""
     bad = [w for w in where if w not in PLACES]
     if bad or not where:
@@ -85,7 +119,7 @@ def add_mma(lm: nn.Module, dim: int = 8, temperature: float = 10.0, where=("atte
             norm = getattr(layer, PLACES[place], None)
             if norm is None:
                 raise ValueError(f"mma: {type(layer).__name__} has no {PLACES[place]} to adapt")
-            setattr(layer, PLACES[place], ModalityAdapter(norm, hidden, dim, temperature, modality))
+            setattr(layer, PLACES[place], ModalityAdapter(norm, hidden, dim, temperature, modality, groups, dropout))
             count += 1
     return count
 

@@ -117,8 +117,10 @@ class MultimodalLM(nn.Module):
             return self.vision(pixel_values) if cache is None else cache.lookup(pixel_values, self.vision)
 
     def _bridge(self, feats: torch.Tensor, instruction_ids: torch.Tensor | None,
-                frame_counts: torch.Tensor | None = None) -> torch.Tensor:
+                frame_counts: torch.Tensor | None = None, grid: tuple[int, int] | None = None) -> torch.Tensor:
         kwargs = {} if instruction_ids is None else {"instruction_ids": instruction_ids}
+        if grid is not None and getattr(self.bridge, "reads_grid", False):  # positions for a view's own grid
+            kwargs["grid"] = grid
         if getattr(self.bridge, "reads_words", False):  # concept tokens: the LM's own word embeddings
             kwargs["words"] = self.lm.get_input_embeddings().weight
         if frame_counts is not None and getattr(self.bridge, "reads_video", False):
@@ -146,7 +148,8 @@ class MultimodalLM(nn.Module):
             index = torch.tensor(rows, device=pixel_values.device)
             with torch.set_grad_enabled(torch.is_grad_enabled() and trains):
                 feats = self.vision.forward_any(pixel_values[index, :, :h, :w])
-            tokens = self._bridge(feats, None)
+            patch = self.tiling.patch if self.tiling is not None else self.vision.image_size // self.vision.grid[1]
+            tokens = self._bridge(feats, None, grid=(h // patch, w // patch))
             out = tokens.new_zeros(len(view_sizes), *tokens.shape[1:]) if out is None else out
             out = out.index_copy(0, index, tokens)
         return out

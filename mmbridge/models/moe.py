@@ -15,6 +15,7 @@ sharded, and then each takes the FFN's shards (`former_name` tells `train/fsdp.p
 from __future__ import annotations
 
 import copy
+import math
 import re
 
 import torch
@@ -25,14 +26,51 @@ from mmbridge.models.meta import new_on
 LAYER_CHOICES = ("all", "every_other")
 
 
-class MoEFeedForward(nn.Module):
-    """Top-k routed experts in place of one FFN; `tally` holds what the last forward adds to the balancing loss."""
+SECOND = ("top", "gumbel")
+GATE_KEYS = ("second", "balance", "capacity_factor", "eval_capacity_factor", "min_capacity")
+BALANCE = ("all", "top1")
 
-    def __init__(self, ffn: nn.Module, hidden_size: int, num_experts: int, top_k: int):
+
+def check_gate(top_k: int, second: str = "top", balance: str = "all", capacity_factor: float | None = None,
+               eval_capacity_factor: float | None = None, min_capacity: int = 0) -> None:
+    """Raise ValueError for gate options that do not fit together (see MoEFeedForward)."""
+    if second not in SECOND:
+        raise ValueError(f"moe.second: expected one of {SECOND}, got {second!r}")
+    if second == "gumbel" and top_k != 2:
+        raise ValueError(f"moe.second: gumbel samples the second of top_k 2 experts, got top_k {top_k}")
+    if balance not in BALANCE:
+        raise ValueError(f"moe.balance: expected one of {BALANCE}, got {balance!r}")
+    for key, cf in (("capacity_factor", capacity_factor), ("eval_capacity_factor", eval_capacity_factor)):
+        if cf is not None and (isinstance(cf, bool) or not isinstance(cf, (int, float)) or cf <= 0):
+            raise ValueError(f"moe.{key}: expected a positive number or null, got {cf!r}")
+    if eval_capacity_factor is not None and capacity_factor is None:
+        raise ValueError("moe.eval_capacity_factor: set capacity_factor too (null: no capacity limit)")
+    if type(min_capacity) is not int or min_capacity < 0:
+        raise ValueError(f"moe.min_capacity: expected an integer >= 0, got {min_capacity!r}")
+
+
+class MoEFeedForward(nn.Module):
+    """Top-k routed experts in place of one FFN; `tally` holds what the last forward adds to the balancing loss.
+
+    Gate options (MoE-LLaVA's pinned DeepSpeed top-2 gate; the defaults are the paper's plain top-k):
+    `second: gumbel` takes the second expert as the argmax of the logits plus Gumbel noise, the first excluded
+    (while training; the plain second best in eval). `balance: top1` counts only each token's first choice in
+    the balancing loss (E·Σ mean(gates)·mean(mask1)); `all` counts every choice. `capacity_factor` (None: no
+    limit) caps each expert at ceil(tokens/E · factor · k) assignments (at least `min_capacity`), first choices
+    queued before second ones, each in token order; an assignment past the cap is dropped and the token's kept
+    weights renormalised (a token with none kept adds nothing: the decoder's residual carries it).
+    `eval_capacity_factor` applies in eval mode (None: the training one)."""
+
+    def __init__(self, ffn: nn.Module, hidden_size: int, num_experts: int, top_k: int, second: str = "top",
+                 balance: str = "all", capacity_factor: float | None = None,
+                 eval_capacity_factor: float | None = None, min_capacity: int = 0):
         super().__init__()
         if num_experts < 2 or not 1 <= top_k <= num_experts:
             raise ValueError(f"moe: need experts >= 2 and 1 <= top_k <= experts, got {num_experts} and {top_k}")
+        check_gate(top_k, second, balance, capacity_factor, eval_capacity_factor, min_capacity)
         self.num_experts, self.top_k = num_experts, top_k
+        self.second, self.balance, self.min_capacity = second, balance, min_capacity
+        self.capacity_factor, self.eval_capacity_factor = capacity_factor, eval_capacity_factor
         self.experts = nn.ModuleList(copy.deepcopy(ffn) for _ in range(num_experts))
         weight = next(ffn.parameters())
         self.router = nn.Linear(hidden_size, num_experts, bias=False, dtype=weight.dtype)  # drawn on the CPU
@@ -49,26 +87,62 @@ class MoEFeedForward(nn.Module):
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[N, d] → router probabilities [N, E] (fp32), chosen experts [N, k], renormalised weights [N, k]."""
-        probs = self.router(h).float().softmax(dim=-1)
-        weights, chosen = probs.topk(self.top_k, dim=-1)
+        logits = self.router(h).float()
+        probs = logits.softmax(dim=-1)
+        if self.second == "gumbel" and self.training:
+            first = probs.argmax(dim=-1, keepdim=True)
+            noisy = logits + torch.distributions.Gumbel(0.0, 1.0).sample(logits.shape).to(logits.device)
+            chosen = torch.cat([first, noisy.scatter(1, first, float("-inf")).argmax(dim=-1, keepdim=True)], 1)
+            weights = probs.gather(1, chosen)
+        else:
+            weights, chosen = probs.topk(self.top_k, dim=-1)
         return probs, chosen, weights / weights.sum(dim=-1, keepdim=True)
+
+    def capacity(self, tokens: int) -> int | None:
+        """The most assignments one expert takes from `tokens` tokens (None: no limit)."""
+        factor = self.capacity_factor
+        if not self.training and self.eval_capacity_factor is not None:
+            factor = self.eval_capacity_factor
+        if factor is None:
+            return None
+        return max(math.ceil(tokens / self.num_experts * factor * self.top_k), self.min_capacity)
+
+    def kept(self, chosen: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor | None:
+        """[N, k] True where an assignment fits its expert's capacity (None: no limit). Queue order: every
+        token's first choice in token order, then every second choice, …; padding takes no place."""
+        cap = self.capacity(chosen.shape[0] if real is None else int(real.sum()))
+        if cap is None:
+            return None
+        onehot = nn.functional.one_hot(chosen.t(), self.num_experts)  # [k, N, E]
+        if real is not None:
+            onehot = onehot * real.bool()[None, :, None]
+        position = (onehot.flatten(0, 1).cumsum(dim=0) - 1).view_as(onehot)  # place in the expert's queue
+        place = (position * onehot).sum(dim=-1).t()  # [N, k]
+        return place < cap
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.reshape(-1, x.shape[-1])
         probs, chosen, weights = self.route(h)
+        real = self.real if self.real is not None and self.real.numel() == h.shape[0] else None
+        keep = self.kept(chosen, real)
         flat = chosen.reshape(-1)  # [N*k]: token t's j-th choice at t*k + j
+        if keep is not None:  # dropped assignments sort last and go nowhere; the kept weights renormalise
+            weights = weights * keep
+            weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(weights.dtype).eps)
+            flat = flat.masked_fill(~keep.reshape(-1), self.num_experts)
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts)
+        counts = torch.bincount(flat, minlength=self.num_experts + 1)
+        n_kept = int(counts[:self.num_experts].sum())  # one read-back per layer: the slice sizes
+        order = order[:n_kept]
         token = order // self.top_k
-        slices = h[token].split(counts.tolist())  # one read-back per layer: the slice sizes
+        slices = h[token].split(counts[:self.num_experts].tolist())
         # every expert runs, on an empty slice too, so each gets a gradient (zeros) on every rank: DDP needs no
         # unused-parameter search, and FSDP's reduce-scatter, which takes the gradients a rank has, lines up
         # (measured: skipping empty experts silently mixed two experts' gradients across 2 FSDP ranks)
         out = torch.cat([expert(s) for expert, s in zip(self.experts, slices)])
         out = out * weights.reshape(-1)[order, None].to(out.dtype)
         y = torch.zeros_like(h).index_add_(0, token, out)
-        real = self.real if self.real is not None and self.real.numel() == h.shape[0] else None
-        self.tally = tally(probs, chosen, real)
+        self.tally = tally(probs, chosen[:, :1] if self.balance == "top1" else chosen, real)
         return y.reshape(x.shape)
 
 
@@ -112,11 +186,12 @@ def moe_layers(model: nn.Module) -> list[MoEFeedForward]:
 
 
 def chosen_layers(n_layers: int, layers) -> list[int]:
-    """`all`, `every_other` (layers 1, 3, 5, …: MoE alternates with dense FFNs) or a list of layer indices."""
+    """`all`, `every_other` (layers 0, 2, 4, …: MoE-LLaVA's `sparse` mode, MoE alternating with dense FFNs) or a
+    list of layer indices."""
     if layers == "all":
         return list(range(n_layers))
     if layers == "every_other":
-        return list(range(1, n_layers, 2))
+        return list(range(0, n_layers, 2))
     if isinstance(layers, (list, tuple)) and layers and all(isinstance(i, int) for i in layers):
         bad = [i for i in layers if not 0 <= i < n_layers]
         if bad:
@@ -125,8 +200,9 @@ def chosen_layers(n_layers: int, layers) -> list[int]:
     raise ValueError(f"moe.layers: expected {' or '.join(LAYER_CHOICES)} or a list of layer indices, got {layers!r}")
 
 
-def add_moe(lm: nn.Module, experts: int, top_k: int, layers="every_other") -> list[int]:
-    """Turn the `mlp` of each chosen decoder layer of `lm` into an MoEFeedForward, in place; returns the layers."""
+def add_moe(lm: nn.Module, experts: int, top_k: int, layers="every_other", **gate) -> list[int]:
+    """Turn the `mlp` of each chosen decoder layer of `lm` into an MoEFeedForward (`gate`: its gate options), in
+    place; returns the layers."""
     decoder = lm.get_decoder()
     blocks = getattr(decoder, "layers", None)
     if blocks is None or not all(hasattr(b, "mlp") for b in blocks):
@@ -136,7 +212,7 @@ def add_moe(lm: nn.Module, experts: int, top_k: int, layers="every_other") -> li
     ids = chosen_layers(len(blocks), layers)
     for i in ids:
         if not isinstance(blocks[i].mlp, MoEFeedForward):
-            blocks[i].mlp = MoEFeedForward(blocks[i].mlp, hidden, experts, top_k)
+            blocks[i].mlp = MoEFeedForward(blocks[i].mlp, hidden, experts, top_k, **gate)
     return ids
 
 
@@ -144,8 +220,11 @@ def has_moe(model: nn.Module) -> bool:
     return bool(moe_layers(model))
 
 
-def is_moe_param(name: str) -> bool:
-    """What `lm: moe` trains: the MoE layers' experts and routers (not other routers, e.g. LaVIN's adapters')."""
+def is_moe_param(name: str, ffn: bool = False) -> bool:
+    """What `lm: moe` trains: the MoE layers' experts and routers (not other routers, e.g. LaVIN's adapters');
+    with `ffn`, every decoder layer's FFN too, dense ones included (MoE-LLaVA's released `--train_modules`)."""
+    if ffn and re.search(r"\.layers\.\d+\.mlp\.", name):
+        return True
     return re.search(r"\.mlp\.(experts\.\d+|router)\.", name) is not None
 
 

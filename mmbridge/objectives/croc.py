@@ -26,6 +26,11 @@ from mmbridge.objectives.ragged import pad_by_image, select_within
 from mmbridge.objectives.reconstruction import ReconstructionHead
 
 TARGETS = ("all", "selected")
+POOL_INITS = ("randn", "unit")
+
+
+class UnnormalisedBridgeError(ValueError):
+    """Croc's objective on a bridge whose outputs are not L2-normalised (model.bridge.l2_normalize)."""
 
 
 def num_selected(num_tokens: int, ratio: float) -> int:
@@ -62,8 +67,20 @@ class CrocObjective(Objective):
 
     def __init__(self, model, pool_size: int = 2048, mask_ratio: float = 0.75, matching: str = "hungarian",
                  attention: str = "prefix", target: str = "all", recon_weight: float = 10.0, beta: float = 0.01,
-                 head_heads: int | None = None):
+                 head_heads: int | None = None, pool_init: str = "randn", head: str = "bert",
+                 head_dropout: float = 0.1, allow_unnormalised: bool = False):
+        """`pool_init`: `randn` rows ~ N(0, 1) (norm about √width, as Croc's code) or `unit` (unit rows, the
+        scale of the normalised visual tokens they replace). `head`: `bert` (Croc's post-LN BERT-style layer,
+        dropout `head_dropout`) or `pre_ln` (a pre-LN layer, a final LayerNorm, no dropout). The bridge must
+        L2-normalise its outputs (UnnormalisedBridgeError otherwise) unless `allow_unnormalised`."""
         super().__init__(model)
+        if not allow_unnormalised and not getattr(model.bridge, "l2_normalize", False):
+            raise UnnormalisedBridgeError(
+                "objective croc: the bridge does not L2-normalise its outputs; set model.bridge.l2_normalize: true "
+                "(Croc normalises them in every stage; its targets and pool assume unit tokens), or "
+                "allow_unnormalised: true")
+        if pool_init not in POOL_INITS:
+            raise ValueError(f"pool_init {pool_init!r}: expected one of {POOL_INITS}")
         if matching not in METHODS:
             raise ValueError(f"matching {matching!r}: expected one of {METHODS}")
         if attention not in MODES:
@@ -79,9 +96,9 @@ class CrocObjective(Objective):
         width = model.lm.get_input_embeddings().embedding_dim
         self.mask_ratio, self.matching, self.attention, self.target = mask_ratio, matching, attention, target
         self.recon_weight, self.beta = recon_weight, beta
-        # unit-norm rows, like the L2-normalised visual tokens they stand in for
-        self.pool = nn.Parameter(F.normalize(torch.randn(pool_size, width), dim=-1))
-        self.head = ReconstructionHead(width, self.num_tokens, width, head_heads)
+        rows = torch.randn(pool_size, width)
+        self.pool = nn.Parameter(rows if pool_init == "randn" else F.normalize(rows, dim=-1))
+        self.head = ReconstructionHead(width, self.num_tokens, width, head_heads, head, head_dropout)
         self.timings: dict[str, float] = {}  # seconds spent in matching and mask building, last call
 
     def prepare(self, model, batch: dict) -> CrocInputs:

@@ -206,6 +206,9 @@ def restore_structure(model: torch.nn.Module, meta: dict) -> None:
         from mmbridge.models.mma import add_mma, has_mma
 
         if not has_mma(model.lm):
+            if "groups" not in meta["mma"]:
+                raise ValueError("this run's LaVIN adapters are the older two-path SiLU form, which this version no "
+                                 "longer builds (it follows LaVIN's RepAdapter router now); retrain the mma stage")
             add_mma(model.lm, **meta["mma"])
             model.lm.mma_config = dict(meta["mma"])
 

@@ -9,7 +9,7 @@ from mmbridge.models.language import add_lora, lora_layers
 from mmbridge.models.mmlm import MultimodalLM
 from mmbridge.models.window_lora import has_window_lora
 from mmbridge.models.mma import add_mma, has_mma, is_mma_param
-from mmbridge.models.moe import add_moe, has_moe, is_moe_param
+from mmbridge.models.moe import GATE_KEYS, add_moe, has_moe, is_moe_param
 
 
 def has_lora(model: MultimodalLM) -> bool:
@@ -32,11 +32,13 @@ def apply_stage_modes(model: MultimodalLM, stage: StageConfig) -> dict | None:
                     "layers": lora_layers(stage.lora.layers, model.lm.config.num_hidden_layers)}
         add_lora(model.lm, **injected)
     if modes["lm"] == "moe" and not has_moe(model.lm):
-        moe = {"experts": stage.moe.experts, "top_k": stage.moe.top_k, "layers": stage.moe.layers}
+        moe = {"experts": stage.moe.experts, "top_k": stage.moe.top_k, "layers": stage.moe.layers,
+               **{k: getattr(stage.moe, k) for k in GATE_KEYS}}
         add_moe(model.lm, **moe)
         model.lm.moe_config = moe  # saved in the run's meta, so load_run rebuilds the same structure
     if modes["lm"] == "mma" and not has_mma(model.lm):
-        mma = {"dim": stage.mma.dim, "temperature": stage.mma.temperature, "where": list(stage.mma.where)}
+        mma = {"dim": stage.mma.dim, "temperature": stage.mma.temperature, "where": list(stage.mma.where),
+               "groups": stage.mma.groups, "dropout": stage.mma.dropout}
         add_mma(model.lm, **mma)
         model.lm.mma_config = mma
     if has_moe(model.lm):
@@ -48,8 +50,8 @@ def apply_stage_modes(model: MultimodalLM, stage: StageConfig) -> dict | None:
                 p.requires_grad_(True)
             elif mode == "lora":
                 p.requires_grad_("lora_" in name)
-            elif mode == "moe":  # the routers and the experts, nothing else of the LM
-                p.requires_grad_(is_moe_param(name))
+            elif mode == "moe":  # the routers and the experts (and, with train_ffn, the dense FFNs)
+                p.requires_grad_(is_moe_param(name, stage.moe.train_ffn))
             elif mode == "mma":  # LaVIN: the adapters, their routers and the modality tokens
                 p.requires_grad_(is_mma_param(name))
             else:
