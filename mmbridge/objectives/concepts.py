@@ -57,15 +57,21 @@ def choose_vocabulary(label_rows, tokenizer, words: int, min_count: int = 3, max
     return [t for _, t in ranked[:words]]
 
 
-def answer_rows(datasets, samples: int):
-    """The label rows of up to `samples` of the datasets' samples, spread evenly over their concatenation."""
+def answer_samples(datasets, samples: int):
+    """Up to `samples` of the datasets' samples (as `encoded` gives them), spread evenly over their concatenation."""
     sizes = [len(d) for d in datasets]
     total = sum(sizes)
     picks = np.unique(np.linspace(0, total - 1, min(samples, total)).astype(np.int64)) if total else []
     starts = np.cumsum([0, *sizes])
     for i in picks:
         d = int(np.searchsorted(starts, i, side="right") - 1)
-        yield datasets[d].encoded(int(i - starts[d]))["labels"]
+        yield datasets[d].encoded(int(i - starts[d]))
+
+
+def answer_rows(datasets, samples: int):
+    """The label rows of `answer_samples`."""
+    for sample in answer_samples(datasets, samples):
+        yield sample["labels"]
 
 
 @OBJECTIVES.register("concepts")
