@@ -10,6 +10,10 @@ costs the encoder (nothing with `model.feature_cache` after the first epoch) and
 most samples' answers, among whole alphabetic words of at least two letters that occur in at least
 `min_count` samples and in at most `max_share` of them (words in nearly every answer, such as "the", say
 nothing about the image).
+
+Assumed: a sample's answers describe its image(s) (a sample with several images credits each word to its best
+one), and the words worth detecting are single tokens of the stage's own answers. The bridge is then a word
+bottleneck over that vocabulary (bridges/concepts.py), not a continuous bridge.
 """
 
 from __future__ import annotations

@@ -20,10 +20,12 @@ to the LM as integers in [0, 999], so decimal boxes are refused too, at the star
 read for the vocabulary) or at the first batch that holds one: the LM would read one form and answer in another.
 
 `read_stage_data` checks that the tokenizer writes numbers digit by digit (`DigitTokenizerError`), tokenises
-the bridge's `box_format`, and chooses the vocabulary from the stage's box-free answers (a word bottleneck
-chosen from this data: in the demo the shapes world's inventory, less the `exclude` words) and puts it in
-reading order (by where each word tends to stand in its clause: "a large red circle is at the top left" gives
-size, colour, shape, place). Assumed: one image per sample, one object per grid cell.
+the bridge's `box_format`, and chooses the vocabulary from the stage's box-free answers and puts it in reading
+order (by where each word tends to stand in its clause: "a large red circle is at the top left" gives size,
+colour, shape, place). The bridge is a word bottleneck over that vocabulary, not a continuous bridge, and the
+vocabulary fits this data only (the demo's `words: 19` and `exclude` fit the shapes world's inventory).
+Assumed: one image per sample, one object per grid cell (two box centres in one cell train one object), boxes
+as integers in [0, 999], a tokenizer that writes numbers digit by digit.
 """
 
 from __future__ import annotations
