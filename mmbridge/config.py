@@ -47,6 +47,9 @@ class DataSource:
     `shards` (`data/shards.py`); LCL stages read an MMC4-style `jsonl` or webdataset `shards` (a folder
     or glob of tars), with `pairs: true` to split documents into image-sentence pairs. `interleaved: true`
     makes an LMM stage read MMC4-style documents from the `jsonl` or `shards` instead (`data/interleaved.py`).
+    `boxes_all_objects: true` says that a record whose answers hold boxes boxes every object of its image, as
+    detection data does (the `objects` objective then takes its unboxed cells as empty); off, its boxes are
+    positives only (RefCOCO-style data boxes one referent).
     """
 
     json: str = ""
@@ -55,6 +58,7 @@ class DataSource:
     shards: str = ""
     pairs: bool = False
     interleaved: bool = False
+    boxes_all_objects: bool = False
 
 
 @dataclass

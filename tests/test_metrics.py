@@ -166,7 +166,11 @@ def test_yes_no_first_word_only() -> None:
         ("[-1, 2, 3, 4]", None),
         ("[30, 20, 10, 40]", None),
         ("[10, 40, 30, 20]", None),
-        ("[0.1, 0.2, 0.3, 0.4]", None),
+        ("[0.1, 0.2, 0.3, 0.4]", (100, 200, 300, 400)),  # decimals in [0, 1] (LLaVA-1.5, Shikra)
+        ("[0.503, 0.071, 0.726, 0.941]", (503, 71, 726, 941)),
+        ("(0, 0.5, 1.0, 0.75)", (0, 500, 999, 750)),  # 1.0 is the last integer coordinate
+        ("[0.1, 0.2, 1.3, 0.4]", None),  # decimals above 1
+        ("[0.5, 0.2, 0.3, 0.4]", None),  # reversed decimals
         ("[1, 2, 3]", None),
         ("[1, 2, 3, 4)", None),
         ("no box here", None),
@@ -174,6 +178,32 @@ def test_yes_no_first_word_only() -> None:
 )
 def test_parse_box(text: str, expected: tuple[int, int, int, int] | None) -> None:
     assert parse_box(text) == expected
+
+
+def test_boxes_in_both_forms_are_one_box_and_other_forms_are_named() -> None:
+    from mmbridge.data.boxes import DECIMAL, INTEGER, BoxFormatError, box_of, find_boxes
+
+    got = find_boxes("a [503, 71, 726, 941] and b [0.503, 0.071, 0.726, 0.941], c [0.12, 0.34, 0.56, 0.78]")
+    assert [(b.box, b.form) for b in got] == [((503, 71, 726, 941), INTEGER), ((503, 71, 726, 941), DECIMAL),
+                                              ((120, 340, 560, 780), DECIMAL)]
+    # a decimal box is never read as the integers in its text ([0, 12, 0, 34] or [12, 34, 56, 78])
+    assert box_of([0.12, 0.34, 0.56, 0.78]).box == (120, 340, 560, 780) == parse_box("[0.12,0.34,0.56,0.78]")
+    for text, form in [("[10, 20, 1200, 800]", "integers above 999"), ("[0.1, 0.2, 1.5, 0.4]", "decimals above 1"),
+                       ("[-1, 2, 3, 4]", "negative")]:
+        with pytest.raises(BoxFormatError, match=r"holds " + form + r".*integers in \[0, 999\].*decimals in \[0, 1\]"):
+            find_boxes(f"it is at {text}.")
+        assert parse_box(text) is None  # a prediction in such a form is a miss
+
+
+def test_gold_boxes_read_both_forms() -> None:
+    from mmbridge.eval.evaluate import gold
+
+    record = {"id": "r", "conversations": [{"from": "gpt", "value": "[0.12, 0.34, 0.56, 0.78]"}]}
+    assert gold(record, "grounding") == [120, 340, 560, 780]
+    assert gold({**record, "box": [0.12, 0.34, 0.56, 0.78]}, "grounding") == [120, 340, 560, 780]
+    assert gold({**record, "box": [120, 340, 560, 780]}, "grounding") == [120, 340, 560, 780]
+    with pytest.raises(ValueError, match="record r: its 'box'.*integers above 999"):
+        gold({**record, "box": [12, 34, 1056, 78]}, "grounding")
 
 
 @pytest.mark.parametrize(

@@ -9,9 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from mmbridge.config import ModelConfig, recipe_from_dict
+from mmbridge.data.boxes import BoxFormatError
 from mmbridge.data.processor import IGNORE
+from mmbridge.eval.metrics import parse_box
 from mmbridge.models.build import build_model
-from mmbridge.objectives.objects import ObjectLoss, box_template, label_boxes, reading_order
+from mmbridge.objectives.objects import DigitTokenizerError, ObjectLoss, box_template, digit_tokens, label_boxes, \
+    reading_order
 from mmbridge.train.checkpoint import load_run
 from mmbridge.train.trainer import Trainer
 from tests.conftest import tiny_recipe_dict
@@ -42,13 +45,18 @@ def answer_labels(proc, answers: list[str]) -> torch.Tensor:
 
 def test_boxes_are_read_from_answer_tokens(tokenizer, object_model):
     _, proc = object_model
-    digits = torch.tensor([tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)])
     labels = answer_labels(proc, ["[503, 71, 726, 941]", "3 shapes, [1, 2, 30, 400] and [9, 9, 1, 1]",
-                                  "a red circle", "[5, 6, 7]"])
-    rows, boxes = label_boxes(labels, digits, [tokenizer.convert_tokens_to_ids(t) for t in ("[", "Ġ[")])
-    # the reversed box [9, 9, 1, 1], the bare count and the three-number group are not boxes
-    assert rows.tolist() == [0, 1]
-    assert boxes.tolist() == [[503, 71, 726, 941], [1, 2, 30, 400]]
+                                  "a red circle", "[5, 6, 7]", "[0.503, 0.071, 0.726, 0.941]",
+                                  "at [0.12, 0.34, 0.56, 0.78]"])
+    rows, boxes = label_boxes(labels, tokenizer)
+    # the reversed box [9, 9, 1, 1], the bare count and the three-number group are not boxes; a decimal box is
+    # the same box as its integer form, never the integers written in it ([0, 503, 0, 71] or [12, 34, 56, 78])
+    assert rows.tolist() == [0, 1, 4, 5]
+    assert boxes.tolist() == [[503, 71, 726, 941], [1, 2, 30, 400], [503, 71, 726, 941], [120, 340, 560, 780]]
+    # the evaluator reads the same boxes from the same text
+    assert parse_box("at [0.12, 0.34, 0.56, 0.78]") == (120, 340, 560, 780)
+    with pytest.raises(BoxFormatError, match="integers above 999"):  # pixel coordinates: named, not misread
+        label_boxes(answer_labels(proc, ["[12, 40, 1200, 800]"]), tokenizer)
 
 
 def test_boxes_are_written_as_the_answers_write_them(object_model, tokenizer):
@@ -110,7 +118,7 @@ def test_objects_loss_is_objectness_box_and_mil_words(object_model, tokenizer):
     model, proc = object_model
     bridge = model.bridge
     loss_fn = ObjectLoss(model)
-    loss_fn.open_ids = [tokenizer.convert_tokens_to_ids("[")]
+    loss_fn.tokenizer = tokenizer
     answers = ["[100, 200, 400, 700]", "a red circle"]
     labels = answer_labels(proc, answers)
     ids = [proc.encode([{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": a}], 1).input_ids
@@ -119,7 +127,9 @@ def test_objects_loss_is_objectness_box_and_mil_words(object_model, tokenizer):
     input_ids = torch.tensor([r + [0] * (width - len(r)) for r in ids])
     torch.manual_seed(2)
     px = torch.randn(2, 3, 32, 32)
-    out = loss_fn(model, {"input_ids": input_ids, "labels": labels, "pixel_values": px})
+    # the box answer's source boxes every object of the image: its other cells are empty
+    out = loss_fn(model, {"input_ids": input_ids, "labels": labels, "pixel_values": px,
+                          "boxes_all_objects": torch.tensor([True, False])})
     m = bridge.maps(model.vision_features(px))
     rows, cols = bridge.grid
     target = torch.tensor([0.1, 0.2, 0.4, 0.7])
@@ -240,3 +250,116 @@ def test_excluded_words_stay_out_of_the_vocabulary(tokenizer):
 
     assert chosen() == {"two", "circle", "red"}  # in 5, 5 and 4 of the 6 answers
     assert chosen(exclude=["Two "]) == {"circle", "red", "blue"}
+
+
+def objects_batch(proc, answers: list[str], **extra) -> dict:
+    rows = [proc.encode([{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": a}], 1).input_ids
+            for a in answers]
+    width = max(map(len, rows))
+    torch.manual_seed(2)
+    return {"input_ids": torch.tensor([r + [0] * (width - len(r)) for r in rows]),
+            "labels": answer_labels(proc, answers), "pixel_values": torch.randn(len(answers), 3, 32, 32), **extra}
+
+
+def test_a_box_is_a_positive_only_unless_its_source_boxes_all_objects(object_model, tokenizer):
+    """A RefCOCO-style sample boxes one referent: off (the default), only its box's cell has an objectness loss;
+    with boxes_all_objects every other cell of its image is a negative."""
+    model, proc = object_model
+    loss_fn = ObjectLoss(model)
+    loss_fn.tokenizer = tokenizer
+    answers = ["[100, 200, 400, 700]", "the box [500, 500, 700, 900]"]
+    m = model.bridge.maps(model.vision_features(objects_batch(proc, answers)["pixel_values"]))
+    rows, cols = model.bridge.grid
+    cells = [(int(0.45 * rows), int(0.25 * cols)), (int(0.7 * rows), int(0.6 * cols))]  # the box centres
+    obj = torch.zeros(2, rows, cols)
+    for i, (r, c) in enumerate(cells):
+        obj[i, r, c] = 1
+    bce = F.binary_cross_entropy_with_logits(m["objectness"], obj, pos_weight=torch.tensor(10.0), reduction="none")
+    box_cells = torch.stack([bce[i, r, c] for i, (r, c) in enumerate(cells)])
+    cases = {  # flags → the cells counted: the box cells only, all cells, or all of the first image's and one
+        None: box_cells.mean(),
+        (False, False): box_cells.mean(),
+        (True, True): bce.mean(),
+        (True, False): torch.cat([bce[0].flatten(), box_cells[1:]]).mean(),
+    }
+    for flags, want in cases.items():
+        extra = {} if flags is None else {"boxes_all_objects": torch.tensor(flags)}
+        with torch.no_grad():
+            out = loss_fn(model, objects_batch(proc, answers, **extra))
+        torch.testing.assert_close(out.terms["objectness"], want, rtol=1e-5, atol=1e-6, msg=str(flags))
+
+
+class Samples:
+    """A stand-in dataset: `encoded` as ConversationDataset gives it, from answers."""
+
+    def __init__(self, proc, answers: list[str]):
+        self.labels = answer_labels(proc, answers).tolist()
+
+    def __len__(self):
+        return len(self.labels)
+
+    def encoded(self, i: int) -> dict:
+        return {"id": f"s{i}", "labels": self.labels[i], "where": f"refcoco.json: record {i} (id s{i})"}
+
+
+def test_decimal_boxes_are_refused_naming_the_sample(object_model, tokenizer):
+    """The bridge writes boxes as integers in [0, 999]: a stage whose boxes are decimals is refused as it starts
+    (the samples read for the vocabulary), or at the first batch that holds one, naming the sample and the form."""
+    model, proc = object_model
+    data = Samples(proc, ["a red circle", "a blue square", "it is at [0.12, 0.34, 0.56, 0.78]"])
+    with pytest.raises(BoxFormatError, match=r"sample refcoco.json: record 2 \(id s2\): box '\[0.12, 0.34, 0.56, "
+                                             r"0.78\]' holds decimals in \[0, 1\]; .*integers in \[0, 999\]"):
+        ObjectLoss(model).read_stage_data(model, [data], tokenizer)
+    loss_fn = ObjectLoss(model)
+    loss_fn.tokenizer = tokenizer
+    batch = objects_batch(proc, ["a red circle", "[0.1, 0.2, 0.3, 0.4]"], ids=["cap7", "ref9"])
+    with pytest.raises(BoxFormatError, match="sample ref9: .*holds decimals in"):
+        loss_fn(model, batch)
+
+
+def test_a_tokenizer_that_merges_digits_is_named(object_model, tokenizer):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{str(d): d + 1 for d in range(10)}, "503": 11, "71": 12, "[": 13, "]": 14, ",": 15}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()  # "503" is one word, and in the vocabulary
+    merging = PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="[UNK]", name_or_path="three-digit-bpe")
+    assert merging.encode("503", add_special_tokens=False) == [11]
+    with pytest.raises(DigitTokenizerError, match=r"the tokenizer \w+ three-digit-bpe writes '503' as "
+                                                  r"\['503'\]; .*every digit of a number as its own token"):
+        ObjectLoss(object_model[0]).read_stage_data(object_model[0], [], merging)  # before reading any data
+    # SmolLM2's tokenizer writes numbers digit by digit, alone and in the box's text
+    assert digit_tokens(tokenizer, "[{}, {}, {}, {}]") == [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
+
+
+def test_sources_say_whether_their_boxes_box_every_object(object_model, world, tiny_lm_dir, tiny_clip_dir):
+    from mmbridge.config import load_recipe
+    from mmbridge.data.dataset import Collator
+    from mmbridge.data.sources import resolve_source
+    from mmbridge.train.lmm_task import LMMTask
+
+    data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"], bridge=OBJECTS)
+    grounding = str(world["manifest"]["train"]["grounding"])
+    data["sources"] = {"referring": {"json": grounding, "images": world["images"]},
+                       "detection": {"json": grounding, "images": world["images"], "boxes_all_objects": True}}
+    recipe = recipe_from_dict(data)
+    flags = {n: resolve_source(recipe, n).boxes_all_objects for n in
+             ("referring", "detection", "world/train/grounding", "world/train/multitask", "world/train/mixed",
+              "world/test/grounding", "world/train/detailed")}
+    # the world's training grounding and multitask conversations box every object; a test record, one referent
+    assert flags == {"referring": False, "detection": True, "world/train/grounding": True,
+                     "world/train/multitask": True, "world/train/mixed": False, "world/test/grounding": False,
+                     "world/train/detailed": False}
+    # the demo's objects stage keeps every object of its grounding answers boxed (on the tiny world here)
+    demo = load_recipe("demo")
+    demo.world = data["world"]
+    assert {n: resolve_source(demo, n).boxes_all_objects for n in demo.stages[0].data} == \
+        {"world/train/detailed": False, "world/train/grounding": True}
+    task = LMMTask(recipe)
+    task.processor = object_model[1]  # what build() would make, without a second model
+    task.datasets = {}
+    collate = Collator(task.processor)
+    batch = collate([task.dataset(n)[0] for n in ("detection", "referring", "world/train/grounding")])
+    assert batch["boxes_all_objects"].tolist() == [True, False, True]
+    assert "boxes_all_objects" not in collate([task.dataset("referring")[0]])

@@ -51,13 +51,15 @@ class ConversationDataset(Dataset):
     read with their sample: an unreadable one raises naming file and record, or with `skip_bad` drops
     the sample from its batch and is counted there. Only numpy arrays are held per record. A record's
     `video` is read as its sampled frames (`data/video.py`, the processor's video settings); a sample
-    with a video input of several frames carries `frame_counts`, the frames of each visual input.
+    with a video input of several frames carries `frame_counts`, the frames of each visual input. With
+    `boxes_all_objects` (the source's option) every sample says so, for the `objects` objective.
     """
 
     def __init__(self, json_path: str | Path, image_root: str | Path, processor: Processor, skip_bad: bool = False,
-                 workers: int | None = None, cache: bool = True, lines: bool | None = None):
+                 workers: int | None = None, cache: bool = True, lines: bool | None = None,
+                 boxes_all_objects: bool = False):
         self.json_path, self.image_root = Path(json_path), Path(image_root)
-        self.processor, self.skip_bad = processor, skip_bad
+        self.processor, self.skip_bad, self.boxes_all_objects = processor, skip_bad, boxes_all_objects
         self.store = VideoRecords(open_source(json_path, image_root, lines), sampling_of(processor))
         adopt_index(self, load_index(self.store, processor, workers=workers, cache=cache), skip_bad,
                     f"{self.store.name}: ")
@@ -107,6 +109,7 @@ class ConversationDataset(Dataset):
                 **({"visual_index": views["visual_index"], "views": views["views"],
                     "image_counts": views["visual_counts"]} if "views" in views else {}),
                 **({"view_sizes": views["view_sizes"]} if "view_sizes" in views else {}),
+                **({"boxes_all_objects": True} if self.boxes_all_objects else {}),
                 **{k: s[k] for k in BRIDGE_TEXT if k in s}}
 
 
@@ -151,7 +154,16 @@ class Collator:
             **self._bridge_text(items),
             **self._frame_counts(items),
             **self._visual_index(items),
+            **self._boxes_all_objects(items),
         }
+
+    @staticmethod
+    def _boxes_all_objects(items: list[dict]) -> dict:
+        """`boxes_all_objects` [B] (bool): whether each sample's boxes box every object of its image (its
+        source's option); absent when no sample's source says so."""
+        if not any("boxes_all_objects" in it for it in items):
+            return {}
+        return {"boxes_all_objects": torch.tensor([it.get("boxes_all_objects", False) for it in items])}
 
     @staticmethod
     def _pixels(items: list[dict]) -> torch.Tensor:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from mmbridge.data.boxes import BoxFormatError, box_of
 from mmbridge.data.images import load_image
 from mmbridge.data.llava import read_llava_json, record_images
 from mmbridge.data.media import media_path
@@ -31,7 +32,15 @@ def gold(record: dict, task: str):
         return record.get("references") or [answer]
     if task in ("vqa", "choice"):
         return record.get("answer", answer)
-    box = record.get("box") or parse_box(answer)
+    if record.get("box"):  # integers in [0, 999] or decimals in [0, 1], read as answers are
+        try:
+            given = box_of(record["box"])
+        except BoxFormatError as e:
+            raise ValueError(f"record {record.get('id')}: its 'box': {e}") from e
+        if given is None:
+            raise ValueError(f"record {record.get('id')}: its 'box' {record['box']} is reversed (x0 > x1 or y0 > y1)")
+        return list(given.box)
+    box = parse_box(answer)
     if box is None:
         raise ValueError(f"record {record.get('id')}: no 'box' key and no box in its answer {answer!r}")
     return list(box)

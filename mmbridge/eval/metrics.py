@@ -13,6 +13,8 @@ from itertools import chain
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
+from mmbridge.data.boxes import BOX_PATTERN, BoxFormatError, read_match
+
 Box = Sequence[float]
 
 # ----------------------------------------------------------------------------- captioning
@@ -170,29 +172,22 @@ def yes_no_scores(predictions: list[str], answers: list[str]) -> dict:
 
 # ----------------------------------------------------------------------------- grounding
 
-_NUM = r"\s*(-?\d+(?:\.\d+)?)\s*"
-_SEP = r"(?:,|\s)"
-_BODY = _SEP.join([_NUM] * 4)
-_BOX = re.compile(rf"\[{_BODY}\]|\({_BODY}\)")
-
-
 def parse_box(text: str) -> tuple[int, int, int, int] | None:
     """Parse the first box "[x0, y0, x1, y1]" (or "(...)", or space-separated) in ``text``.
 
-    Coordinates must be integers in [0, 999] with x0 <= x1 and y0 <= y1. Only the first
-    box-like group counts: if it is invalid (out of range, non-integer, reversed) the result
-    is None even when a later valid box exists. None if there is no box.
+    Coordinates are integers in [0, 999] or decimals in [0, 1], read to [0, 999] (`data/boxes.py`, the
+    reader training uses too), with x0 <= x1 and y0 <= y1. Only the first box-like group counts: if it is
+    invalid (another form, reversed) the result is None even when a later valid box exists. None if there
+    is no box.
     """
-    m = _BOX.search(text)
+    m = BOX_PATTERN.search(text)
     if m is None:
         return None
-    raw = [g for g in m.groups() if g is not None]
-    if any(not re.fullmatch(r"\d+", r) for r in raw):
+    try:
+        box = read_match(m)
+    except BoxFormatError:
         return None
-    x0, y0, x1, y1 = (int(r) for r in raw)
-    if max(x0, y0, x1, y1) > 999 or x0 > x1 or y0 > y1:
-        return None
-    return x0, y0, x1, y1
+    return None if box is None else box.box
 
 
 def box_iou(a: Box, b: Box) -> float:

@@ -10,6 +10,10 @@ costs the encoder (nothing with `model.feature_cache` after the first epoch) and
 most samples' answers, among whole alphabetic words of at least two letters that occur in at least
 `min_count` samples and in at most `max_share` of them (words in nearly every answer, such as "the", say
 nothing about the image).
+
+Assumed: a sample's answers describe its image(s) (a sample with several images credits each word to its best
+one), and the words worth detecting are single tokens of the stage's own answers. The bridge is then a word
+bottleneck over that vocabulary (bridges/concepts.py), not a continuous bridge.
 """
 
 from __future__ import annotations
@@ -57,15 +61,21 @@ def choose_vocabulary(label_rows, tokenizer, words: int, min_count: int = 3, max
     return [t for _, t in ranked[:words]]
 
 
-def answer_rows(datasets, samples: int):
-    """The label rows of up to `samples` of the datasets' samples, spread evenly over their concatenation."""
+def answer_samples(datasets, samples: int):
+    """Up to `samples` of the datasets' samples (as `encoded` gives them), spread evenly over their concatenation."""
     sizes = [len(d) for d in datasets]
     total = sum(sizes)
     picks = np.unique(np.linspace(0, total - 1, min(samples, total)).astype(np.int64)) if total else []
     starts = np.cumsum([0, *sizes])
     for i in picks:
         d = int(np.searchsorted(starts, i, side="right") - 1)
-        yield datasets[d].encoded(int(i - starts[d]))["labels"]
+        yield datasets[d].encoded(int(i - starts[d]))
+
+
+def answer_rows(datasets, samples: int):
+    """The label rows of `answer_samples`."""
+    for sample in answer_samples(datasets, samples):
+        yield sample["labels"]
 
 
 @OBJECTIVES.register("concepts")

@@ -1,17 +1,31 @@
 """The `objects` objective: an object-token bridge's detector, from boxes and captions (bridges/objects.py).
 
-Samples whose answers hold boxes ("[x0, y0, x1, y1]" in [0, 999], as grounding data writes them) are taken
-to box every object of their image, as detection data does: the cell under each box centre is an object
-(binary cross-entropy on every cell's objectness, object cells weighted `positive_weight`) and regresses its box there (L1 and 1 − IoU). Samples whose
-answers hold no box (captions, descriptions) train the word detectors by multiple-instance learning: an image
-holds a word if one of its objects does, its objects being the cells the bridge would pick and deems present
-(`peaks` with positive objectness, at least the best one), scored with binary cross-entropy against the vocabulary words of the answers, as the `concepts`
-objective does over regions. The LM only lends its word embeddings and runs no forward pass.
+Samples whose answers hold boxes train objectness and boxes: the cell under each box centre is an object (binary
+cross-entropy on its objectness, weighted `positive_weight`) and regresses its box there (L1 and 1 − IoU).
+Whether the other cells are empty depends on the sample's source: with `boxes_all_objects: true` (a source
+option, `sources: {name: {json: ..., boxes_all_objects: true}}`; the built-in world's training grounding and
+multitask sets) its answers box every object of the image, as detection data does, so every cell without a box
+is a negative. Off (the default: RefCOCO-style data boxes one referent, and the image's other instances would be
+contradictory negatives), a sample's boxes are positives only: the objectness loss counts only its box cells,
+so the detector learns empty cells only from sources that box every object. Samples whose answers hold no box
+(captions, descriptions) train the word detectors by multiple-instance learning: an image holds a word if one
+of its objects does, its objects being the cells the bridge would pick and deems present (`peaks` with positive
+objectness, at least the best one), scored with binary cross-entropy against the vocabulary words of the
+answers, as the `concepts` objective does over regions. The LM only lends its word embeddings and runs no
+forward pass.
 
-`read_stage_data` chooses the vocabulary from the stage's box-free answers and puts it in reading order (by
-where each word tends to stand in its clause: "a large red circle is at the top left" gives size, colour, shape,
-place), checks that the tokenizer writes
-numbers digit by digit and tokenises the bridge's `box_format` (the bridge writes boxes with the LM's tokens).
+Boxes are read from the decoded answers by the reader the evaluator uses (data/boxes.py): integers in [0, 999]
+or decimals in [0, 1]; any other form raises `BoxFormatError` naming the sample. The bridge writes boxes back
+to the LM as integers in [0, 999], so decimal boxes are refused too, at the start of the stage (in the samples
+read for the vocabulary) or at the first batch that holds one: the LM would read one form and answer in another.
+
+`read_stage_data` checks that the tokenizer writes numbers digit by digit (`DigitTokenizerError`), tokenises
+the bridge's `box_format`, and chooses the vocabulary from the stage's box-free answers and puts it in reading
+order (by where each word tends to stand in its clause: "a large red circle is at the top left" gives size,
+colour, shape, place). The bridge is a word bottleneck over that vocabulary, not a continuous bridge, and the
+vocabulary fits this data only (the demo's `words: 19` and `exclude` fit the shapes world's inventory).
+Assumed: one image per sample, one object per grid cell (two box centres in one cell train one object), boxes
+as integers in [0, 999], a tokenizer that writes numbers digit by digit.
 """
 
 from __future__ import annotations
@@ -19,10 +33,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mmbridge.data.boxes import INTEGER, BoxFormatError, TextBox, find_boxes
 from mmbridge.data.processor import IGNORE
 from mmbridge.objectives.base import OBJECTIVES, LossOutput, Objective
-from mmbridge.objectives.concepts import answer_rows, choose_vocabulary
+from mmbridge.objectives.concepts import answer_samples, choose_vocabulary
 from mmbridge.train.loss_norm import target_total
+
+
+class DigitTokenizerError(ValueError):
+    """The tokenizer does not write a number one token per digit, as the object bridge's box text needs."""
 
 
 def object_bridge(model):
@@ -33,39 +52,31 @@ def object_bridge(model):
     return bridge
 
 
-def label_boxes(labels: torch.Tensor, digit_ids: torch.Tensor, open_ids) -> tuple[torch.Tensor, torch.Tensor]:
-    """The boxes written in answer tokens: `labels` [B, L] (IGNORE outside answers) → (row of each box [N],
-    boxes [N, 4] as integers). A box is an opening token (one of `open_ids`: '[', ' [') followed by four digit runs; runs are numbers read
-    digit by digit (the tokenizer's digit tokens `digit_ids`). Boxes out of order or over 999 are dropped."""
-    b, length = labels.shape
-    match = labels[..., None] == digit_ids
-    is_digit = match.any(-1)
-    digit = match.long().argmax(-1)
-    prev = F.pad(is_digit[:, :-1], (1, 0), value=False)
-    start = (is_digit & ~prev).flatten()
-    flat_digit = is_digit.flatten()
-    where = flat_digit.nonzero().squeeze(1)
-    run_of = (start.long().cumsum(0) - 1)[where]
-    starts = start.nonzero().squeeze(1)
-    n = len(starts)
-    empty = (labels.new_zeros(0), labels.new_zeros(0, 4))
-    if n == 0:
-        return empty
-    size = torch.bincount(run_of, minlength=n)
-    pos = torch.arange(len(where), device=labels.device) - (size.cumsum(0) - size)[run_of]
-    place = torch.pow(10, size[run_of] - 1 - pos)
-    value = torch.zeros(n, dtype=torch.long, device=labels.device).index_add_(0, run_of, digit.flatten()[where] * place)
-    row, col = starts // length, starts % length
-    before = labels.flatten()[(starts - 1).clamp(min=0)]
-    opens = torch.as_tensor(open_ids, device=labels.device).reshape(-1)
-    first = ((col > 0) & torch.isin(before, opens)).nonzero().squeeze(1)
-    first = first[first + 3 < n]
-    if len(first) == 0:
-        return empty
-    idx = first[:, None] + torch.arange(4, device=labels.device)
-    boxes, rows = value[idx], row[idx]
-    ok = (rows == rows[:, :1]).all(1) & (boxes <= 999).all(1) & (boxes[:, 0] <= boxes[:, 2]) & (boxes[:, 1] <= boxes[:, 3])
-    return rows[ok, 0], boxes[ok]
+def answer_text(row: list[int], tokenizer) -> str:
+    """A label row's answer tokens decoded, each run between IGNOREs on its own, the runs joined by a space (the
+    processor leaves a token of spaces alone out of the labels, so "[503, 71" runs as "[503," and "71")."""
+    runs, run = [], []
+    for t in [*row, IGNORE]:
+        if t != IGNORE:
+            run.append(t)
+        elif run:
+            runs.append(tokenizer.decode(run, skip_special_tokens=True))
+            run = []
+    return " ".join(runs)
+
+
+def answer_boxes(labels: torch.Tensor, tokenizer) -> list[list[TextBox]]:
+    """The boxes in each row's answers (`labels` [B, L], IGNORE outside answers), by `data.boxes.find_boxes`."""
+    return [find_boxes(answer_text(row, tokenizer)) for row in labels.tolist()]
+
+
+def label_boxes(labels: torch.Tensor, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The boxes written in answer tokens → (row of each box [N], boxes [N, 4] as integers in [0, 999])."""
+    found = answer_boxes(labels, tokenizer)
+    rows = [r for r, boxes in enumerate(found) for _ in boxes]
+    boxes = [b.box for row in found for b in row]
+    return (torch.tensor(rows, dtype=torch.long, device=labels.device),
+            torch.tensor(boxes, dtype=torch.long, device=labels.device).reshape(-1, 4))
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -76,12 +87,28 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return inter / (area - inter).clamp(min=1e-6)
 
 
-def single_token(tokenizer, text: str) -> int:
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    if len(ids) != 1:
-        raise ValueError(f"objective objects: the tokenizer writes {text!r} as {len(ids)} tokens; the object "
-                         f"bridge spells boxes digit by digit and needs one token per digit and for '['")
-    return ids[0]
+def digit_tokens(tokenizer, box_format: str) -> list[int]:
+    """The token ids of the digits 0-9, after checking that the tokenizer writes every digit of a number as its
+    own token, alone and inside `box_format`; DigitTokenizerError (naming the tokenizer) if not."""
+    name = f"{type(tokenizer).__name__} {getattr(tokenizer, 'name_or_path', '') or '(unnamed)'}"
+
+    def refuse(what: str):
+        raise DigitTokenizerError(
+            f"objective objects: the tokenizer {name} {what}; the objects bridge writes boxes digit by digit and "
+            "needs a tokenizer that writes every digit of a number as its own token (as SmolLM2's does; "
+            "Llama-3's, which writes up to three digits as one token, does not)")
+
+    digits = []
+    for d in range(10):
+        ids = tokenizer.encode(str(d), add_special_tokens=False)
+        if len(ids) != 1:
+            refuse(f"writes the digit {d} as {len(ids)} tokens")
+        digits.append(ids[0])
+    for text in ("503", "71", "999", "100", box_format.format(503, 71, 726, 941)):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if sum(t in digits for t in ids) != sum(c.isdigit() for c in text):
+            refuse(f"writes {text!r} as {tokenizer.convert_ids_to_tokens(ids)}")
+    return digits
 
 
 def box_template(tokenizer, box_format: str, digits: list[int]) -> list[int]:
@@ -128,26 +155,33 @@ class ObjectLoss(Objective):
         self.exclude = list(exclude)
         self.samples, self.min_count, self.max_share = samples, min_count, max_share
         self.box_weight, self.positive_weight, self.word_weight = box_weight, positive_weight, word_weight
-        self.open_ids: list[int] | None = None
+        self.tokenizer = None  # set by read_stage_data: the boxes are read from the decoded answers
+
+    def integer_boxes(self, row: list[int], sample: str, box_format: str) -> list[TextBox]:
+        """The boxes of one sample's answers; BoxFormatError naming `sample` for any not in [0, 999] integers."""
+        where = f"objective objects: sample {sample}: "
+        try:
+            boxes = find_boxes(answer_text(row, self.tokenizer))
+        except BoxFormatError as e:
+            raise BoxFormatError(e.text, e.form, where=where) from e
+        for b in boxes:
+            if b.form != INTEGER:
+                raise BoxFormatError(
+                    b.text, "decimals in [0, 1]", where=where,
+                    supported=f"the objects bridge writes boxes to the LM as integers in [0, 999] (box_format "
+                              f"{box_format!r}), so its stages take boxes in that form only: write each "
+                              f"coordinate x as round(1000·x), at most 999")
+        return boxes
 
     def read_stage_data(self, model, datasets, tokenizer) -> None:
-        """Digits and '[' from the tokenizer; the vocabulary from the answers that hold no box."""
+        """Digits from the tokenizer; the box forms of the samples read; the vocabulary from those with no box."""
         bridge = object_bridge(model)
-        digits = [single_token(tokenizer, str(d)) for d in range(10)]
-        self.open_ids = [single_token(tokenizer, "[")]
-        spaced = tokenizer.encode(" [", add_special_tokens=False)
-        self.open_ids += spaced if len(spaced) == 1 else []
-        if tokenizer.encode("503", add_special_tokens=False) != [digits[5], digits[0], digits[3]]:
-            raise ValueError("objective objects: the tokenizer does not write numbers digit by digit")
-        digit_t = torch.tensor(digits)
-
-        def box_free():
-            for labels in answer_rows(datasets, self.samples):
-                row = torch.as_tensor(labels)[None]
-                if len(label_boxes(row, digit_t, self.open_ids)[0]) == 0:
-                    yield labels
-
-        rows = list(box_free())
+        digits = digit_tokens(tokenizer, bridge.box_format)
+        self.tokenizer = tokenizer
+        rows = []
+        for sample in answer_samples(datasets, self.samples):
+            if not self.integer_boxes(list(sample["labels"]), sample["where"], bridge.box_format):
+                rows.append(sample["labels"])
         words = choose_vocabulary(rows, tokenizer, len(bridge.word_ids), self.min_count, self.max_share,
                                   self.exclude)
         words = reading_order(rows, tokenizer, words)
@@ -155,16 +189,23 @@ class ObjectLoss(Objective):
 
     def forward(self, model, batch: dict, normalizer: float | None = None) -> LossOutput:
         bridge = object_bridge(model)
-        if self.open_ids is None:
+        if self.tokenizer is None:
             raise RuntimeError("objective objects: read_stage_data was not called (the trainer calls it)")
         input_ids, labels = batch["input_ids"], batch["labels"]
         per_row = (input_ids == model.image_token_id).sum(1) // bridge.num_tokens
         if bool((per_row > 1).any()) or int(per_row.sum()) != batch["pixel_values"].shape[0]:
             raise ValueError("objective objects: every sample must hold at most one image")
-        labels = labels[per_row > 0]
+        keep = per_row > 0
+        labels = labels[keep]
+        # per sample, from its source's `boxes_all_objects` (absent: off)
+        all_objects = batch.get("boxes_all_objects", torch.zeros_like(keep)).to(keep.device, torch.bool)[keep]
+        names = [str(i) for i, k in zip(batch.get("ids", range(len(keep))), keep.tolist()) if k]
         m = bridge.maps(model.vision_features(batch["pixel_values"]))
         n, rows, cols = m["objectness"].shape
-        box_row, boxes = label_boxes(labels, bridge.digit_ids, self.open_ids)
+        found = [self.integer_boxes(row, name, bridge.box_format) for row, name in zip(labels.tolist(), names)]
+        box_row = torch.tensor([r for r, bs in enumerate(found) for _ in bs], dtype=torch.long, device=labels.device)
+        boxes = torch.tensor([b.box for bs in found for b in bs], dtype=torch.long,
+                             device=labels.device).reshape(-1, 4)
         has_box = torch.zeros(n, dtype=torch.bool, device=labels.device)
         has_box[box_row] = True
         logs, loss = {}, m["objectness"].new_zeros(())
@@ -175,8 +216,10 @@ class ObjectLoss(Objective):
             r = (centre[:, 1] * rows).long().clamp(0, rows - 1)
             obj = torch.zeros_like(m["objectness"])
             obj[box_row, r, c] = 1.0
-            l_obj = F.binary_cross_entropy_with_logits(m["objectness"][has_box], obj[has_box],
-                                                       pos_weight=obj.new_tensor(self.positive_weight))
+            # the box cells, and every cell of a sample whose boxes are all its image's objects
+            counted = obj.bool() | (has_box & all_objects)[:, None, None]
+            l_obj = F.binary_cross_entropy_with_logits(m["objectness"], obj, reduction="none",
+                                                       pos_weight=obj.new_tensor(self.positive_weight))[counted].mean()
             pred = m["boxes"][box_row, r, c]
             iou = box_iou(pred, target)
             l_box = self.box_weight * F.l1_loss(pred, target) + (1 - iou).mean()

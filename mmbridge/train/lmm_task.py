@@ -38,7 +38,7 @@ class LMMTask(Task):
                                         seed=self.recipe.seed, skip_bad=skip, lines=lines)
             else:
                 ds = ConversationDataset(src.json or src.jsonl or src.shards, src.images, self.processor,
-                                         skip_bad=skip, lines=lines)
+                                         skip_bad=skip, lines=lines, boxes_all_objects=src.boxes_all_objects)
             self.skipped.update({f"{name}: {k}": v for k, v in ds.skipped.items()})
             if ds.truncated:
                 print(f"{name}: {ds.truncated} sample(s) shortened in their trailing text to max_length")

@@ -13,6 +13,12 @@ reasons over, as it does a description. With `global_token`, the mean of the tok
 The vocabulary (`word_ids`, LM token ids) is chosen from a stage's data by the `concepts` objective and
 saved with the run. The words' weights come from the detectors; LM stages train the slot embeddings (and
 the LM), not the detectors, which only the `concepts` objective trains.
+
+Limits. It is a word bottleneck, not a continuous bridge: the LM reads only the vocabulary's word embeddings
+(weighted), so what the vocabulary cannot name does not reach it. The vocabulary is whole words of one token
+each, chosen from the concepts stage's answers: it names what that data talks about (the shapes world's colours,
+shapes and places in the demo) and needs choosing again for other data. Words are detected per token of the
+wrapped bridge, not per object, and carry no boxes or numbers.
 """
 
 from __future__ import annotations

@@ -16,6 +16,15 @@ box written as the training data writes boxes (`box_format`, coordinates in [0, 
 `box_tokens` of the LM's own tokens, the tail left empty where a coordinate has fewer than three digits), all
 weighted by the object's probability, plus a learned embedding per position. A box answer is then a copy of
 text in view, which a pretrained LM does from its first steps, and a count is of how many objects it sees.
+
+Limits. It is a word bottleneck, not a continuous bridge: the LM reads only vocabulary words and box digits, so
+what the vocabulary cannot name (texture, text, relations) does not reach it. The vocabulary is chosen from the
+objects stage's data (the demo recipe's `words: 19` and the objective's `exclude` are fitted to the shapes
+world's inventory); other data needs its own. It assumes one object per grid cell (two box centres in one cell
+are one object), one image per sample, boxes written as integers in [0, 999] (data whose boxes are decimals in
+[0, 1] is refused by the objective rather than written back in another form) and a tokenizer that writes numbers
+digit by digit (the objective raises DigitTokenizerError otherwise, e.g. for Llama-3's). The grid is fixed
+(`regrid` refuses).
 """
 
 from __future__ import annotations
