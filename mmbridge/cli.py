@@ -78,6 +78,10 @@ def _export(args) -> None:
     from mmbridge.interop.export import export_run
 
     export_run(args.run_dir, args.out_dir)
+    if args.check:
+        from mmbridge.interop.check import check_export
+
+        check_export(args.run_dir, args.out_dir, args.check)
 
 
 def _import(args) -> None:
@@ -162,6 +166,9 @@ def main(argv: list[str] | None = None):
     p = sub.add_parser("export", help="write a run as a stock transformers LLaVA folder (LoRA merged)")
     p.add_argument("run_dir")
     p.add_argument("out_dir", help="a new folder (an existing non-empty one is refused)")
+    p.add_argument("--check", type=int, default=0, metavar="N",
+                   help="then answer N held-out questions of the recipe's first eval set with transformers' generate "
+                        "and with mmbridge, side by side")
     p.set_defaults(fn=_export)
 
     p = sub.add_parser("import", help="turn a transformers LLaVA folder into a run directory")

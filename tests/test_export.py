@@ -399,3 +399,19 @@ def test_two_exports_to_one_folder_never_touch_each_others_files(run, tmp_path, 
     first = _kept_folder(str(err.value))
     verify(first)  # the first, whole, beside it
     assert [p.name for p in tmp_path.iterdir() if p != first] == ["llava"]
+
+
+def test_the_export_check_answers_through_transformers_alone(exported, ours, world):
+    """`mmbridge export --check`: the export, loaded by transformers alone, gives mmbridge's greedy answers (where no
+    choice is a near tie that another order of the sums could flip)."""
+    from mmbridge.interop.check import compare_with_run
+
+    model, processor = ours[:2]
+    records = [r for r in json.loads((Path(world["root"]) / "test" / "vqa.json").read_text())][:3]
+    with Choices(model) as choices:
+        result = compare_with_run(model, processor, exported, records, Path(world["root"]) / "images",
+                                  max_new_tokens=4)
+    choices.assert_clear()
+    assert result["n"] == 3 and [r["question"] for r in result["rows"]] == \
+        [r["conversations"][0]["value"].replace("<image>", "").strip() for r in records]
+    assert result["agree"] == 3, result["rows"]
