@@ -125,7 +125,8 @@ def test_the_page_renders_every_curve_example_and_box_in_chromium(run, tmp_path)
     points = [d.count(",") for d in re.findall(r'<path class="series" data-series="[^"]+" d="([^"]+)"', dom)]
     assert len(probe["paths"]) == len(points) > 0
     assert all(length > 0 for length, n in zip(probe["paths"], points) if n > 1), "a curve of no length"
-    assert probe["resources"] == [] and page_requests(tmp_path / "net.json") == []
+    assert probe["resources"] == [], "the page loaded resources"
+    assert page_requests(tmp_path / "net.json") == [], "the page asked the network"
     refs = re.findall(r'<div class="example" data-task="grounding">.*?<rect class="ref" x="(\d+)" y="(\d+)" '
                       r'width="(\d+)" height="(\d+)"', dom, re.S)
     gold = [parse_box(str(ex["reference"])) for ex in examples if ex["task"] == "grounding"]
