@@ -18,6 +18,7 @@ from mmbridge.cli import main as cli
 from mmbridge.config import recipe_from_dict
 from mmbridge.eval.metrics import parse_box
 from mmbridge.eval.report import ReportError, read_run, write_report
+from mmbridge.eval.svg_plot import line_chart, thin
 from tests.conftest import tiny_recipe_dict
 
 CHROMIUM = shutil.which("chromium")
@@ -190,3 +191,13 @@ def test_the_cli_writes_the_page_where_asked(run, tmp_path, capsys):
     cli(["report", str(run), "--out", str(tmp_path / "r.html")])
     assert (tmp_path / "r.html").read_text().startswith("<!DOCTYPE html>")
     assert str(tmp_path / "r.html") in capsys.readouterr().out
+
+
+def test_a_long_curve_is_thinned_but_keeps_its_spike_and_its_ends():
+    points = [(float(i), 1.0 + (i % 7) / 100) for i in range(1, 10_001)]
+    points[5000] = (5001.0, 50.0)
+    kept = thin(points, 800)
+    assert len(kept) <= 800 and (5001.0, 50.0) in kept and kept[0] == points[0] and kept[-1] == points[-1]
+    assert [x for x, _ in kept] == sorted(x for x, _ in kept)
+    svg = line_chart("long: loss", {"loss": points, "nan": [(1.0, float("nan"))]})
+    assert svg.count('<path class="series"') == 1 and svg.count(" L") == len(kept) - 1

@@ -10,17 +10,18 @@ Points = list[tuple[float, float]]
 
 
 def thin(points: Points, most: int) -> Points:
-    """At most about `most` points: each bucket of consecutive points keeps its lowest and highest, so a spike
-    in a long run stays visible."""
+    """At most `most` points: the first, the last, and between them each bucket of consecutive points keeps its
+    lowest and highest, so a spike in a long run stays visible."""
     if len(points) <= most:
         return points
-    size = math.ceil(len(points) / (most // 2))
-    out: Points = []
-    for i in range(0, len(points), size):
-        bucket = points[i:i + size]
+    inner = points[1:-1]
+    size = math.ceil(len(inner) / ((most - 2) // 2))
+    out = [points[0]]
+    for i in range(0, len(inner), size):
+        bucket = inner[i:i + size]
         lo, hi = min(bucket, key=lambda p: p[1]), max(bucket, key=lambda p: p[1])
         out += sorted({lo, hi})
-    return out
+    return out + [points[-1]]
 
 
 def nice_ticks(lo: float, hi: float, n: int = 5, least: float = 0.0) -> list[float]:
@@ -40,7 +41,7 @@ def _span(values: list[float]) -> tuple[float, float]:
     return lo, hi
 
 
-def line_chart(title: str, series: dict[str, Points], ylabel: str = "", width: int = 340, height: int = 220,
+def line_chart(title: str, series: dict[str, Points], ylabel: str = "", width: int = 320, height: int = 220,
                most: int = 800) -> str:
     """An SVG chart: one `<path class="series">` per named series of (x, y) points (non-finite y dropped), with
     axes, ticks and a legend below; '' when no series has a point."""
