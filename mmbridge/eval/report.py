@@ -110,8 +110,9 @@ def _fmt(v) -> str:
 
 def _table(head: list[str], body: list[list], cls: str = "") -> str:
     th = "".join(f"<th>{escape(h)}</th>" for h in head)
+    thead = f"<thead><tr>{th}</tr></thead>" if any(head) else ""
     trs = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in body)
-    return f'<table class="{cls}"><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>'
+    return f'<table class="{cls}">{thead}<tbody>{trs}</tbody></table>'
 
 
 def _series(rows: list[dict], keys: list[str]) -> dict:
@@ -183,7 +184,7 @@ table{border-collapse:collapse;margin:6px 0}td,th{border:1px solid #ddd;padding:
 pre{background:#f6f6f6;padding:8px;max-height:420px;overflow:auto;font-size:12px}
 .plots{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0}
 .chart .title{font-size:13px;font-weight:600}.chart .tick{font-size:10px;fill:#444}
-.chart .frame{fill:none;stroke:#999}.chart .grid{stroke:#eee}.chart path{fill:none;stroke-width:1.5}
+.chart .frame{fill:none;stroke:#999}.chart .grid{stroke:#eee}.chart path{fill:none;stroke-width:1.5;stroke-linejoin:round}
 .bar{display:inline-block;height:10px;background:#1f77b4;min-width:1px}.qtype td:last-child{width:200px}
 .examples{display:flex;flex-wrap:wrap;gap:12px}.example{width:300px;border:1px solid #ddd;padding:6px}
 .example ul{padding-left:16px;margin:4px 0}.shot{position:relative;width:288px;height:288px}

@@ -44,7 +44,8 @@ def _span(values: list[float]) -> tuple[float, float]:
 def line_chart(title: str, series: dict[str, Points], ylabel: str = "", width: int = 320, height: int = 220,
                most: int = 800) -> str:
     """An SVG chart: one `<path class="series">` per named series of (x, y) points (non-finite y dropped), with
-    axes, ticks and a legend below; '' when no series has a point."""
+    axes, ticks and a legend below; '' when no series has a point. The first series is drawn wide and faint, so a
+    later one that equals it (a loss made of one term) stays visible on top."""
     series = {k: [(x, y) for x, y in v if y is not None and math.isfinite(y)] for k, v in series.items()}
     series = {k: thin(v, most) for k, v in series.items() if v}
     if not series:
@@ -72,7 +73,8 @@ def line_chart(title: str, series: dict[str, Points], ylabel: str = "", width: i
     for i, (name, points) in enumerate(series.items()):
         colour = PALETTE[i % len(PALETTE)]
         d = "M" + " L".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
-        out.append(f'<path class="series" data-series="{escape(name)}" d="{d}" stroke="{colour}"/>')
+        wide = ' style="stroke-width:4;stroke-opacity:.45"' if i == 0 and len(series) > 1 else ""
+        out.append(f'<path class="series" data-series="{escape(name)}" d="{d}" stroke="{colour}"{wide}/>')
         if len(points) == 1:  # a one-step stage: a path of one point draws nothing
             out.append(f'<circle cx="{sx(points[0][0]):.1f}" cy="{sy(points[0][1]):.1f}" r="3" fill="{colour}"/>')
         lx, ly = left + (i % 3) * (pw / 3), top + ph + 44 + 16 * (i // 3)
