@@ -184,11 +184,12 @@ table{border-collapse:collapse;margin:6px 0}td,th{border:1px solid #ddd;padding:
 pre{background:#f6f6f6;padding:8px;max-height:420px;overflow:auto;font-size:12px}
 .plots{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0}
 .chart .title{font-size:13px;font-weight:600}.chart .tick{font-size:10px;fill:#444}
-.chart .frame{fill:none;stroke:#999}.chart .grid{stroke:#eee}.chart path{fill:none;stroke-width:1.5;stroke-linejoin:round}
+.chart .frame{fill:none;stroke:#999}.chart .grid{stroke:#eee}
+.chart path{fill:none;stroke-width:1.5;stroke-linejoin:round}
 .bar{display:inline-block;height:10px;background:#1f77b4;min-width:1px}.qtype td:last-child{width:200px}
 .examples{display:flex;flex-wrap:wrap;gap:12px}.example{width:300px;border:1px solid #ddd;padding:6px}
-.example ul{padding-left:16px;margin:4px 0}.shot{position:relative;width:288px;height:288px}
-.shot img{width:100%;height:100%;image-rendering:pixelated}
+.example ul{padding-left:16px;margin:4px 0}.shot{position:relative;width:288px}
+.shot img{display:block;width:100%;height:auto;image-rendering:pixelated}
 .boxes{position:absolute;left:0;top:0;width:100%;height:100%}
 .boxes rect{fill:none;stroke-width:12}.boxes .ref{stroke:#00c853}.boxes .pred{stroke:#ff1744}
 code{white-space:pre-wrap;word-break:break-word}"""
