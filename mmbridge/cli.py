@@ -1,4 +1,4 @@
-"""Command line: `mmbridge train | eval | chat | serve | export | import | demo | env`."""
+"""Command line: `mmbridge train | eval | chat | serve | export | import | demo | report | env`."""
 
 from __future__ import annotations
 
@@ -96,6 +96,16 @@ def _demo(args) -> None:
     run_demo(quick=args.quick, out=args.out, overrides=args.set + ([f"device={args.device}"] if args.device else []))
 
 
+def _report(args) -> None:
+    from mmbridge.eval.report import ReportError, write_report
+
+    try:
+        print(f"report: {write_report(args.run_dir, args.out)}")
+    except ReportError as e:  # not a run directory, or a file in it that cannot be read: named in the message
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def _env(args) -> None:
     from mmbridge.machine import describe, report
 
@@ -182,6 +192,11 @@ def main(argv: list[str] | None = None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     _device_flag(p, default=None)
     p.set_defaults(fn=_demo)
+
+    p = sub.add_parser("report", help="one self-contained HTML page about a run: recipe, curves, eval, examples")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="the HTML file to write (default RUN/report.html)")
+    p.set_defaults(fn=_report)
 
     p = sub.add_parser("env", help="the machine and software versions (paste into a bug report)")
     p.add_argument("--json", action="store_true", help="one JSON object")

@@ -99,15 +99,20 @@ def run_demo(quick: bool = False, out: str | None = None, overrides: list[str] |
 
 
 def write_examples(examples: list[dict], folder: Path) -> None:
+    """examples.md for reading, and the same rows as examples.json (read by `mmbridge report`)."""
     folder.mkdir(parents=True, exist_ok=True)
-    lines = ["# Example predictions on the held-out test split", ""]
+    lines, rows = ["# Example predictions on the held-out test split", ""], []
     for i, ex in enumerate(examples):
         name = f"{i:02d}_{ex['task']}.png"
         shutil.copy(Path(ex["images_root"]) / ex["image"][0], folder / name)
         lines += [f"## {ex['task']} — {ex['id']}", f"![{name}]({name})", "",
                   f"- question: {ex['question'].replace('<image>', '').strip()}",
                   f"- prediction: `{ex['prediction']}`", f"- reference: `{ex['gold']}`", ""]
+        rows.append({"task": ex["task"], "id": ex["id"], "image": name,
+                     "question": ex["question"].replace("<image>", "").strip(),
+                     "prediction": ex["prediction"], "reference": ex["gold"]})
     (folder / "examples.md").write_text("\n".join(lines))
+    (folder / "examples.json").write_text(json.dumps(rows, indent=1) + "\n")
 
 
 def print_table(metrics: dict, base: dict, run_dir: Path) -> None:
