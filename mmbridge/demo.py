@@ -95,6 +95,9 @@ def run_demo(quick: bool = False, out: str | None = None, overrides: list[str] |
     (run_dir / "metrics.json").write_text(json.dumps({**metrics, "baselines": base}, indent=2) + "\n")
     write_examples(examples, run_dir / "examples")
     print_table(metrics, base, run_dir)
+    from mmbridge.eval.report import write_report
+
+    print(f"report: {write_report(run_dir)} (one self-contained HTML page: curves, eval, examples)")
     return metrics
 
 
