@@ -19,7 +19,7 @@ from mmbridge.data.images import load_image, preprocess
 from mmbridge.data.llava import record_images
 from mmbridge.data.media import media_path
 from mmbridge.data.processor import IGNORE
-from mmbridge.eval.evaluate import gold, prompt_turns
+from mmbridge.eval.records import gold, prompt_turns
 from mmbridge.eval.metrics import normalize_answer, vqa_accuracy, vqa_accuracy_by_type
 
 

@@ -9,41 +9,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from mmbridge.data.boxes import BoxFormatError, box_of
 from mmbridge.data.images import load_image
 from mmbridge.data.llava import read_llava_json, record_images
 from mmbridge.data.media import media_path
 from mmbridge.data.video import expand, load_frames, record_units, sampling_of
-from mmbridge.eval.metrics import caption_scores, grounding_scores, parse_box, vqa_accuracy
+from mmbridge.eval.metrics import caption_scores, grounding_scores, vqa_accuracy
+from mmbridge.eval.records import gold, prompt_turns  # noqa: F401  (also imported from here)
 
 TASKS = ("caption", "vqa", "grounding", "choice")
-
-
-def prompt_turns(record: dict) -> list[dict]:
-    """The conversation up to (not including) its last answer."""
-    convs = record["conversations"]
-    last = max(i for i, t in enumerate(convs) if t["from"] in ("gpt", "assistant"))
-    return convs[:last]
-
-
-def gold(record: dict, task: str):
-    answer = record["conversations"][-1]["value"]
-    if task == "caption":
-        return record.get("references") or [answer]
-    if task in ("vqa", "choice"):
-        return record.get("answer", answer)
-    if record.get("box"):  # integers in [0, 999] or decimals in [0, 1], read as answers are
-        try:
-            given = box_of(record["box"])
-        except BoxFormatError as e:
-            raise ValueError(f"record {record.get('id')}: its 'box': {e}") from e
-        if given is None:
-            raise ValueError(f"record {record.get('id')}: its 'box' {record['box']} is reversed (x0 > x1 or y0 > y1)")
-        return list(given.box)
-    box = parse_box(answer)
-    if box is None:
-        raise ValueError(f"record {record.get('id')}: no 'box' key and no box in its answer {answer!r}")
-    return list(box)
 
 
 @torch.no_grad()

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from mmbridge.data.images import load_image
-from mmbridge.eval.evaluate import generate_answers, prompt_turns
+from mmbridge.eval.evaluate import generate_answers
+from mmbridge.eval.records import prompt_turns
 
 
 def stock_answers(export_dir: str | Path, records: list[dict], image_root: str | Path,

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmbridge.data.images import SIGLIP_MEAN, SIGLIP_STD
-from mmbridge.models.vision import VisionEncoder, register_vision_encoder
+from mmbridge.models.encoder import VisionEncoder, register_vision_encoder
 
 MODEL_TYPE = "lcl_vit"
 

@@ -60,22 +60,3 @@ class Bridge(nn.Module):
     def forward(self, feats: torch.Tensor, **kwargs) -> torch.Tensor:
         out = self.project(feats, **kwargs)
         return F.normalize(out, dim=-1) if self.l2_normalize else out
-
-
-def build_bridge(cfg: dict, vision_dim: int, lm_dim: int, grid: tuple[int, int], in_tokens: int | None = None) -> Bridge:
-    """Build a bridge from a recipe dict `{"name": ..., **options}`."""
-    cfg = dict(cfg)
-    name = cfg.pop("name")
-    concepts = cfg.pop("concepts", None)  # {words, slots, global_token}: read out as words (bridges/concepts.py)
-    try:
-        bridge = BRIDGES.get(name)(vision_dim=vision_dim, lm_dim=lm_dim, grid=grid, in_tokens=in_tokens, **cfg)
-    except TypeError as e:
-        raise ValueError(f"model.bridge ({name}): {e}") from e
-    if concepts is None:
-        return bridge
-    from mmbridge.models.bridges.concepts import ConceptTokens
-
-    try:
-        return ConceptTokens(bridge, **dict(concepts))
-    except TypeError as e:
-        raise ValueError(f"model.bridge.concepts: {e}") from e
