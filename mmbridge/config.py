@@ -47,6 +47,9 @@ class DataSource:
     `shards` (`data/shards.py`); LCL stages read an MMC4-style `jsonl` or webdataset `shards` (a folder
     or glob of tars), with `pairs: true` to split documents into image-sentence pairs. `interleaved: true`
     makes an LMM stage read MMC4-style documents from the `jsonl` or `shards` instead (`data/interleaved.py`).
+    `hf_dataset` (a `save_to_disk` folder, or a glob of parquet / arrow files) is read by `data/hf_source.py`:
+    `images` then names its image column, `conversations` or `messages` its text column, `split` a split of a
+    saved DatasetDict and `image_root` the folder that image paths in it are relative to.
     """
 
     json: str = ""
@@ -55,6 +58,11 @@ class DataSource:
     shards: str = ""
     pairs: bool = False
     interleaved: bool = False
+    hf_dataset: str = ""
+    split: str = ""
+    conversations: str = ""
+    messages: str = ""
+    image_root: str = ""
 
 
 @dataclass
@@ -295,6 +303,23 @@ def _validate_mma(mma: MmaConfig, where: str) -> None:
         raise RecipeError(f"{where}.where: expected a non-empty list of {sorted(PLACES)}, got {mma.where!r}")
 
 
+def _validate_hf_source(recipe: Recipe, name: str, src: DataSource) -> None:
+    """An `hf_dataset` source names one text column and nothing of the file sources; the others name no column."""
+    where = f"recipe.sources.{name}"
+    if not src.hf_dataset:
+        for key in ("split", "conversations", "messages", "image_root"):
+            if getattr(src, key):
+                raise RecipeError(f"{where}.{key}: only for hf_dataset sources")
+        return
+    if recipe.kind != "lmm" or src.interleaved or src.pairs:
+        raise RecipeError(f"{where}.hf_dataset: conversation sources of kind lmm only (not interleaved or lcl)")
+    if src.json or src.jsonl or src.shards:
+        raise RecipeError(f"{where}: hf_dataset excludes json, jsonl and shards")
+    if bool(src.conversations) == bool(src.messages):
+        raise RecipeError(f"{where}: an hf_dataset source names its text column as either conversations: COLUMN "
+                          "or messages: COLUMN")
+
+
 def validate(recipe: Recipe) -> None:
     """Cross-field checks that dataclass typing cannot express."""
     from mmbridge.train.device import check_spec
@@ -365,6 +390,7 @@ def validate(recipe: Recipe) -> None:
         if not st.data:
             raise RecipeError(f"{where}.data: a stage needs at least one data source")
     for name, src in recipe.sources.items():
+        _validate_hf_source(recipe, name, src)
         if recipe.kind == "lmm" and src.interleaved and (bool(src.jsonl) == bool(src.shards) or src.json):
             raise RecipeError(f"recipe.sources.{name}: an interleaved source is {{jsonl, images}} or {{shards}}")
     for name, ev in recipe.eval.items():
