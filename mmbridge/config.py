@@ -183,6 +183,9 @@ class Recipe:
     # kind lcl, the folder inside the run the trained encoder is exported to
     sequence: dict | None = None
     export: str = "encoder"
+    # experiment trackers beside metrics.jsonl (train/tracking.py): {tensorboard: true, wandb: {project: P,
+    # mode: offline}}; none by default
+    log: dict = field(default_factory=dict)
 
 
 def _from_dict(cls: type, data: Any, where: str) -> Any:
@@ -327,6 +330,9 @@ def validate(recipe: Recipe) -> None:
     if recipe.kind not in KINDS:
         raise RecipeError(f"recipe.kind: expected one of {list(KINDS)}, got {recipe.kind!r}")
     check_spec(recipe.device, "recipe.device")
+    from mmbridge.train.tracking import check as check_log
+
+    check_log(recipe.log)
     if recipe.kind == "lcl":
         _validate_lcl(recipe)
     elif recipe.sequence is not None:
