@@ -95,6 +95,23 @@ def test_trackers_carry_the_metrics_rows(tiny_lm_dir, tiny_clip_dir, world, tmp_
     assert not (tmp_path / "wandb-elsewhere").exists() or not any((tmp_path / "wandb-elsewhere").iterdir())
 
 
+def test_a_resumed_run_shows_each_step_once(tiny_lm_dir, tiny_clip_dir, world, tmp_path, quiet_wandb):
+    from mmbridge.train.trainer import Trainer
+    from tests.conftest import interrupted_run
+
+    data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"])
+    data.update(save_every=2, log={"tensorboard": True})
+    for st in data["stages"]:
+        st["steps"] = 5
+    recipe, run = recipe_from_dict(data), tmp_path / "run"
+    interrupted_run(recipe, run, 9)  # during stage 2, step 4: step 3 was logged after the checkpoint, and is redone
+    Trainer(recipe, run, resume=True, progress=False).run()
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    loss = tb_scalars(run / "tensorboard")["train/loss"]
+    assert len(list((run / "tensorboard").glob("events.*"))) == 2 and len(rows) == 10
+    assert loss == [(i + 1, pytest.approx(r["loss"], rel=1e-6)) for i, r in enumerate(rows)]
+
+
 def test_off_by_default(tmp_path):
     trackers = Trackers({}, tmp_path)
     trackers.log({"loss": 1.0}, 1)

@@ -63,14 +63,15 @@ def scalars(row: dict) -> dict[str, float]:
 
 
 class TensorBoard:
-    """Scalars as TensorBoard events in `folder` (a new event file each time it is opened)."""
+    """Scalars as TensorBoard events in `folder` (a new event file each time it is opened); `purge_step`: events
+    of earlier files at this step or later are hidden (a resumed run redoes them)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, purge_step: int | None = None):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
             raise _missing("tensorboard") from e
-        self.writer = SummaryWriter(log_dir=str(folder))
+        self.writer = SummaryWriter(log_dir=str(folder), purge_step=purge_step)
 
     def log(self, values: dict[str, float], step: int) -> None:
         for k, v in values.items():
@@ -113,9 +114,9 @@ class Trackers:
         self.enabled = enabled and any(self.options.values())
         self.open: list = []
 
-    def _start(self) -> None:
+    def _start(self, purge_step: int | None) -> None:
         if self.options.get("tensorboard"):
-            self.open.append(TensorBoard(self.run_dir / "tensorboard"))
+            self.open.append(TensorBoard(self.run_dir / "tensorboard", purge_step))
         wandb = self.options.get("wandb")
         if wandb:
             self.open.append(WandB(wandb if isinstance(wandb, dict) else {}, self.run_dir, self.name, self.config))
@@ -124,8 +125,8 @@ class Trackers:
         """The numbers of `row` under `prefix/`, at global step `step`."""
         if not self.enabled:
             return
-        if not self.open:
-            self._start()
+        if not self.open:  # training rows start (or resume) the run: what earlier files hold from here on is redone
+            self._start(step if prefix == "train" else None)
         values = {f"{prefix}/{k}": v for k, v in scalars(row).items()}
         for tracker in self.open:
             tracker.log(values, step)
