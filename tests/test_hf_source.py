@@ -51,18 +51,20 @@ def as_messages(conversations):
 
 
 def image_column(recs, root, how):
-    """Each record's images as `bytes` or `path` values, or as Image-feature dicts (`feature`)."""
+    """Each record's images as `bytes` or `path` values, or as Image-feature dicts holding the bytes (`feature`)
+    or a path under `root` (`feature-path`)."""
     def one(name):
         path = os.path.join(root, name)
         return {"bytes": open(path, "rb").read(), "path": None} if how == "feature" else \
-            open(path, "rb").read() if how == "bytes" else name
+            {"bytes": None, "path": name} if how == "feature-path" else open(path, "rb").read() if how == "bytes" \
+            else name
     return [[one(n) for n in record_images(r)] for r in recs]
 
 
 def build(recs, root, how, layout, listed=True):
     """A datasets.Dataset of `recs` (images as `how`; text as `layout`; images a list per row or one)."""
     cells = image_column(recs, root, how)
-    value = {"bytes": datasets.Value("binary"), "path": datasets.Value("string"), "feature": datasets.Image()}[how]
+    value = {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}.get(how, datasets.Image())
     if not listed:
         cells = [c[0] if c else None for c in cells]
     text = [r["conversations"] if layout == "conversations" else as_messages(r["conversations"]) for r in recs]
@@ -100,21 +102,30 @@ def reference(records, world, proc, tmp_path_factory):
 
 
 @pytest.mark.parametrize("how,layout,form", [
-    ("feature", "conversations", "saved"), ("bytes", "messages", "parquet"), ("path", "conversations", "parquet"),
-    ("feature", "messages", "arrow"), ("path", "messages", "saved-dict")])
+    ("feature", "conversations", "saved"), ("bytes", "messages", "parquet"), ("path", "conversations", "parquet-dir"),
+    ("feature", "messages", "arrow"), ("path", "messages", "saved-dict"), ("feature-path", "messages", "pyarrow")])
 def test_samples_equal_the_llava_json_ones(records, world, proc, reference, tmp_path, how, layout, form):
-    ds = build(records, world["images"], how, layout)
-    root = world["images"] if how == "path" else ""
+    ds = build(records, world["images"], how if how != "feature-path" else "feature", layout)
+    root = world["images"] if how.endswith("path") else ""
     if form == "saved":
         ds.save_to_disk(tmp_path / "saved")
         kw = {"path": str(tmp_path / "saved")}
     elif form == "saved-dict":
         datasets.DatasetDict({"train": ds.select(range(3)), "val": ds}).save_to_disk(tmp_path / "dict")
         kw = {"path": str(tmp_path / "dict"), "split": "val"}
-    elif form == "parquet":  # two files, read through a glob
-        ds.select(range(5)).to_parquet(tmp_path / "part-0.parquet")
-        ds.select(range(5, len(ds))).to_parquet(tmp_path / "part-1.parquet")
-        kw = {"path": str(tmp_path / "part-*.parquet")}
+    elif form.startswith("parquet"):  # two files, read through a glob or their folder
+        (tmp_path / "pq").mkdir()
+        ds.select(range(5)).to_parquet(tmp_path / "pq" / "part-0.parquet")
+        ds.select(range(5, len(ds))).to_parquet(tmp_path / "pq" / "part-1.parquet")
+        kw = {"path": str(tmp_path / "pq" / ("part-*.parquet" if form == "parquet" else ""))}
+    elif form == "pyarrow":  # Image cells that hold a path only (datasets' own writers embed the bytes)
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        rows = [{"id": r["id"], "images": [{"bytes": None, "path": n} for n in record_images(r)],
+                 layout: as_messages(r["conversations"])} for r in records]
+        pq.write_table(pa.Table.from_pylist(rows, schema=ds.features.arrow_schema), tmp_path / "paths.parquet")
+        kw = {"path": str(tmp_path / "paths.parquet")}
     else:
         ds.save_to_disk(tmp_path / "saved", max_shard_size=20_000)
         kw = {"path": str(tmp_path / "saved" / "*.arrow")}
@@ -147,6 +158,11 @@ def test_bad_input_is_named_or_counted(records, world, proc, tmp_path):
     with pytest.raises(DataError, match=r"no column 'dialog'.*\['id', 'images', 'messages'\]") as e:
         HFRecords(path, messages="dialog")
     assert path in str(e.value)
+    with pytest.raises(DataError, match=r"no split 'test'; the dataset has \['train'\]"):
+        datasets.DatasetDict({"train": bad}).save_to_disk(tmp_path / "dict")
+        HFRecords(str(tmp_path / "dict"), messages="messages", split="test")
+    with pytest.raises(DataError, match=r"no saved dataset, \.parquet or \.arrow files found"):
+        HFRecords(str(tmp_path / "nothing-*.parquet"), messages="messages")
     with pytest.raises(DataError, match=rf"{re.escape(path)}: row 2 \(id {recs[2]['id']}\): messages: \[0\] must be"):
         dataset(proc, path=path, messages="messages")
     lenient = dataset(proc, skip=True, path=path, messages="messages")

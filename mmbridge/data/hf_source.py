@@ -60,6 +60,9 @@ def open_hf(path: str, split: str = ""):
             ds = ds.flatten_indices()
         files = [Path(f["filename"]) for f in ds.cache_files]
         return ds, files
+    if split:
+        raise DataError(f"{path}: `split` picks a split of a saved DatasetDict; parquet and arrow files are named "
+                        "by the path or glob alone")
     pattern = str(folder / "*") if folder.is_dir() else str(path)
     files = sorted(Path(p) for p in glob.glob(pattern) if p.endswith((".parquet", ".arrow")))
     if not files:
