@@ -7,8 +7,9 @@ template, 576 image tokens per image (LLaVA-1.5) and `--max-length` 2048:
 
 * time to first batch through a DataLoader with 4 workers: cold (no cached index) and cached, and
   the CPU seconds the index took (its worker processes included: a figure that load does not change);
-* RSS (and USS: memory the process alone holds) of the main process and of each of the 4 workers
-  after `--batches` batches of `--batch-size`;
+* RSS (and USS: memory the process alone holds; anon: RSS less file-backed pages, which for a memory-mapped
+  Arrow file are its pages in the page cache) of the main process and of each of the 4 workers after
+  `--batches` batches of `--batch-size`;
 * the mixture sampler's time per batch at step 0 and after fast-forwarding to step 1,000,000
   (three sources: this one and two of 100k and 50k indices, weights 1 : 0.5 : 0.25);
 * packing efficiency: real tokens / row capacity over 200 packed micro-batches of 8 rows.
@@ -181,9 +182,10 @@ def memory(it, batches: int) -> dict:
     me = psutil.Process()
     gc.collect()
 
-    def mb(p):
+    def mb(p):  # anon: RSS less file-backed pages (a memory-mapped Arrow file's pages are those: page cache)
         info = p.memory_full_info()
-        return {"rss_mb": round(info.rss / 2**20), "uss_mb": round(info.uss / 2**20)}
+        return {"rss_mb": round(info.rss / 2**20), "uss_mb": round(info.uss / 2**20),
+                "anon_mb": round((info.rss - info.shared) / 2**20)}
 
     return {"main": mb(me), "workers": [mb(c) for c in me.children() if c.is_running()]}
 
