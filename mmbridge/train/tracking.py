@@ -123,11 +123,11 @@ class Trackers:
 
     def log(self, row: dict, step: int, prefix: str = "train") -> None:
         """The numbers of `row` under `prefix/`, at global step `step`."""
-        if not self.enabled:
+        values = {f"{prefix}/{k}": v for k, v in scalars(row).items()}
+        if not self.enabled or not values:  # e.g. a skipped step's row: its reason and ids only
             return
         if not self.open:  # training rows start (or resume) the run: what earlier files hold from here on is redone
             self._start(step if prefix == "train" else None)
-        values = {f"{prefix}/{k}": v for k, v in scalars(row).items()}
         for tracker in self.open:
             tracker.log(values, step)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from mmbridge.config import Recipe, StageConfig
+from mmbridge.config import Recipe, StageConfig, recipe_to_dict
 from mmbridge.objectives import build_objective
 from mmbridge.train import checkpoint as ckpt
 from mmbridge.train.device import allow_tf32
@@ -95,8 +95,6 @@ class Trainer:
         self._metrics_bytes = 0  # length of metrics.jsonl at the last step, saved with checkpoints
         self._resume_from: Path | None = None  # the checkpoint being resumed
         self._steps_before = 0  # optimizer steps of the stages before this one: trackers count steps over the run
-        from mmbridge.config import recipe_to_dict
-
         self.trackers = Trackers(recipe.log, self.run_dir, recipe.name, recipe_to_dict(recipe), enabled=self.dist.main)
         if self.dist.main:
             ckpt.remove_partial(self.run_dir)
