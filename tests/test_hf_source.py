@@ -185,15 +185,31 @@ def test_recipe_schema(tiny_lm_dir, tiny_clip_dir, world):
             recipe_from_dict({**data, "sources": {"s": source}})
 
 
-def test_a_stage_trains_from_parquet_packed_and_mixed(records, world, tiny_lm_dir, tiny_clip_dir, tmp_path):
-    from mmbridge.train.trainer import Trainer
-
+@pytest.fixture
+def hf_recipe(records, world, tiny_lm_dir, tiny_clip_dir, tmp_path):
+    """A one-stage recipe on the records as parquet (messages, image bytes) mixed with a world source, packed."""
     build(records, world["images"], "bytes", "messages").to_parquet(tmp_path / "train.parquet")
     data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"])
     data["sources"] = {"hf": {"hf_dataset": str(tmp_path / "train.parquet"), "images": "images",
                               "messages": "messages"}}
     data["stages"] = [{"name": "hf", "data": {"hf": 2.0, "world/train/caption": 1.0}, "train": {"bridge": "full"},
-                       "lr": {"bridge": 1e-2}, "steps": 3, "batch_size": 2, "pack": True}]
-    Trainer(recipe_from_dict(data), tmp_path / "run", progress=False).run()
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] > 0 for r in rows)
+                       "lr": {"bridge": 1e-2}, "steps": 5, "batch_size": 2, "pack": True}]
+    return data
+
+
+def losses(run):
+    return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_packed_mixed_stage_trains_and_resumes_in_place(hf_recipe, tmp_path):
+    from mmbridge.train.trainer import Trainer
+    from tests.conftest import interrupted_run
+
+    hf_recipe["save_every"] = 2
+    recipe = recipe_from_dict(hf_recipe)
+    Trainer(recipe, tmp_path / "a", progress=False).run()
+    reference = losses(tmp_path / "a")
+    assert len(reference) == 5 and all(v > 0 for v in reference)
+    interrupted_run(recipe, tmp_path / "b", 4)  # during step 4; step 3 was logged after the step-2 checkpoint
+    Trainer(recipe, tmp_path / "b", resume=True, progress=False).run()
+    assert losses(tmp_path / "b") == pytest.approx(reference, rel=1e-6, abs=1e-7)
