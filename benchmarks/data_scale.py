@@ -7,17 +7,23 @@ template, 576 image tokens per image (LLaVA-1.5) and `--max-length` 2048:
 
 * time to first batch through a DataLoader with 4 workers: cold (no cached index) and cached, and
   the CPU seconds the index took (its worker processes included: a figure that load does not change);
-* RSS (and USS: memory the process alone holds) of the main process and of each of the 4 workers
-  after `--batches` batches of `--batch-size`;
+* RSS (and USS: memory the process alone holds; anon: RSS less file-backed pages, which for a memory-mapped
+  Arrow file are its pages in the page cache) of the main process and of each of the 4 workers after
+  `--batches` batches of `--batch-size`;
 * the mixture sampler's time per batch at step 0 and after fast-forwarding to step 1,000,000
   (three sources: this one and two of 100k and 50k indices, weights 1 : 0.5 : 0.25);
 * packing efficiency: real tokens / row capacity over 200 packed micro-batches of 8 rows.
 
 The last line is one JSON object. It also runs against the eager data path of earlier versions
 (tokenised up front, lengths from `samples`), for before/after figures at a smaller `--records`.
+`--source parquet` measures the same records as a parquet file read as an `hf_dataset` source
+(`data/hf_source.py`; images as paths, as in the JSON), its figures under the key `parquet` beside
+JSON's (`--source json,parquet`, what `--smoke` runs), or alone; the cold time includes `datasets`'
+one conversion of the parquet file to its Arrow cache.
 
     python benchmarks/data_scale.py                     # the full scale (cold index: minutes on 2 cores)
     python benchmarks/data_scale.py --records 20000     # a scaled-down run
+    python benchmarks/data_scale.py --source json,parquet   # both layouts of the same records
     python benchmarks/data_scale.py --smoke             # every step at toy size, in a temporary folder (seconds)
 """
 
@@ -28,6 +34,7 @@ import gc
 import json
 import os
 import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -47,7 +54,8 @@ from mmbridge.models.language import IMAGE_TOKEN, _dequantised_gguf, resolve_pat
 
 SYLLABLES = ("ba be bi bo bu da de di do du ka ke ki ko ku la le li lo lu ma me mi mo mu na ne ni no nu ra re "
              "ri ro ru sa se si so su ta te ti to tu an en in on un ar er ir or ur st th ch sh").split()
-SMOKE_KEYS = ("benchmark", "records", "first_batch_cold_s", "memory_after_batches", "packing", "sampler")  # last line
+SMOKE_KEYS = ("benchmark", "records", "first_batch_cold_s", "memory_after_batches", "packing", "sampler",
+              "parquet")  # last line
 COMMON = "the a of and to in is that it with as for on was this by are be at from or which an".split()
 
 
@@ -63,8 +71,9 @@ def write_images(folder: Path, n: int) -> None:
         img.save(folder / f"{i:04d}.png")
 
 
-def write_json(path: Path, n: int, n_images: int, seed: int = 0, pool_size: int = 10**7) -> None:
-    """n LLaVA records; words come from a pool of `pool_size` seeded draws, so a text is a join of a slice."""
+def texts(n: int, seed: int = 0, pool_size: int = 10**7):
+    """Each record's rounds as (question, answer) pairs; words come from a pool of `pool_size` seeded draws, so
+    a text is a join of a slice."""
     rng = np.random.default_rng(seed)
     vocab = list(COMMON)
     while len(vocab) < 4000:
@@ -74,17 +83,43 @@ def write_json(path: Path, n: int, n_images: int, seed: int = 0, pool_size: int 
     turns_at = np.concatenate([[0], np.cumsum(rounds)]).tolist()
     q_len, a_len = rng.integers(3, 20, size=turns_at[-1]).tolist(), rng.integers(1, 201, size=turns_at[-1]).tolist()
     q0, a0 = rng.integers(0, len(pool) - 200, size=(2, turns_at[-1])).tolist()
+    for i in range(n):
+        yield [(" ".join(pool[q0[t]:q0[t] + q_len[t]]) + "?", " ".join(pool[a0[t]:a0[t] + a_len[t]]) + ".")
+               for t in range(turns_at[i], turns_at[i + 1])]
+
+
+def write_json(path: Path, n: int, n_images: int, seed: int = 0, pool_size: int = 10**7) -> None:
+    """n LLaVA records, the first question of each with `<image>`."""
     with open(path, "w") as f:
         f.write("[\n")
-        for i in range(n):
+        for i, rounds in enumerate(texts(n, seed, pool_size)):
             turns = []
-            for t in range(turns_at[i], turns_at[i + 1]):
-                q = " ".join(pool[q0[t]:q0[t] + q_len[t]]) + "?"
-                turns.append('{"from": "human", "value": "%s"}' % ("<image>\\n" + q if t == turns_at[i] else q))
-                turns.append('{"from": "gpt", "value": "%s."}' % " ".join(pool[a0[t]:a0[t] + a_len[t]]))
+            for t, (q, a) in enumerate(rounds):
+                turns.append('{"from": "human", "value": "%s"}' % ("<image>\\n" + q if t == 0 else q))
+                turns.append('{"from": "gpt", "value": "%s"}' % a)
             f.write('%s{"id": "%07d", "image": "%04d.png", "conversations": [%s]}'
                     % (",\n" if i else "", i, i % n_images, ", ".join(turns)))
         f.write("\n]\n")
+
+
+def write_parquet(path: Path, n: int, n_images: int, seed: int = 0, pool_size: int = 10**7,
+                  rows: int = 20_000) -> None:
+    """The records `write_json` writes, as a parquet file (id, image path, conversations), `rows` at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    turn = pa.struct([("from", pa.string()), ("value", pa.string())])
+    schema = pa.schema([("id", pa.string()), ("image", pa.string()), ("conversations", pa.list_(turn))])
+    batch: dict[str, list] = {"id": [], "image": [], "conversations": []}
+    with pq.ParquetWriter(path, schema) as out:
+        for i, rounds in enumerate(texts(n, seed, pool_size)):
+            batch["id"].append(f"{i:07d}")
+            batch["image"].append(f"{i % n_images:04d}.png")
+            batch["conversations"].append([x for t, (q, a) in enumerate(rounds) for x in (
+                {"from": "human", "value": "<image>\n" + q if t == 0 else q}, {"from": "gpt", "value": a})])
+            if len(batch["id"]) == rows or i == n - 1:
+                out.write_table(pa.table(batch, schema=schema))
+                batch = {k: [] for k in batch}
 
 
 def processor(max_length: int) -> Processor:
@@ -121,9 +156,19 @@ def cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def open_dataset(path: Path, images: Path, proc):
+    """The JSON list, or the parquet file as an `hf_dataset` source."""
+    if path.suffix != ".parquet":
+        return ConversationDataset(path, images, proc)
+    from mmbridge.data.hf_source import HFRecords
+
+    records = HFRecords(str(path), conversations="conversations", images="image", image_root=images)
+    return ConversationDataset(records.name, images, proc, records=records)
+
+
 def first_batch(json_path: Path, images: Path, proc, batch_size: int, workers: int):
     t0, cpu0 = time.perf_counter(), cpu_seconds()
-    ds = ConversationDataset(json_path, images, proc)
+    ds = open_dataset(json_path, images, proc)
     t_index = time.perf_counter() - t0
     cpu = cpu_seconds() - cpu0
     it = iter(loader(ds, proc, batch_size, workers))
@@ -137,9 +182,10 @@ def memory(it, batches: int) -> dict:
     me = psutil.Process()
     gc.collect()
 
-    def mb(p):
+    def mb(p):  # anon: RSS less file-backed pages (a memory-mapped Arrow file's pages are those: page cache)
         info = p.memory_full_info()
-        return {"rss_mb": round(info.rss / 2**20), "uss_mb": round(info.uss / 2**20)}
+        return {"rss_mb": round(info.rss / 2**20), "uss_mb": round(info.uss / 2**20),
+                "anon_mb": round((info.rss - info.shared) / 2**20)}
 
     return {"main": mb(me), "workers": [mb(c) for c in me.children() if c.is_running()]}
 
@@ -189,32 +235,53 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--batches", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--source", default="json", help="json, parquet or json,parquet: which layouts to measure")
     ap.add_argument("--smoke", action="store_true",
                     help="toy sizes: 200 records, 4 images, 5 batches, 2 workers, a small sampler mixture and word "
-                    "pool, in a temporary folder")
+                    "pool, in a temporary folder; both layouts")
     args = ap.parse_args()
+    kinds = args.source.split(",")
+    if not kinds or set(kinds) - {"json", "parquet"}:
+        ap.error(f"--source: json, parquet or json,parquet, got {args.source!r}")
     with tempfile.TemporaryDirectory() as tmp:
         if args.smoke:
             args.records, args.images, args.batches, args.workers, args.dir = 200, 4, 5, 2, tmp
-        measure(args)
+            kinds = ["json", "parquet"]
+        results = [measure(args, kind) for kind in kinds]
+    result = results[0] if kinds[0] == "json" else {"benchmark": "data_scale", "smoke": args.smoke,
+                                                    "records": args.records, "parquet": results[0]}
+    if len(results) > 1:
+        result["parquet"] = results[1]
+    print(json.dumps(result))
 
 
-def measure(args) -> None:
-    folder = Path(args.dir)
-    json_path = folder / f"llava-{args.records}.json"
+def write_data(args, folder: Path, kind: str) -> Path:
+    """The synthetic records as `kind` (json or parquet) in `folder`, written once."""
+    path = folder / f"llava-{args.records}.{kind}"
     t0 = time.perf_counter()
-    if not json_path.exists():
+    if not path.exists():
         write_images(folder / "images", args.images)
-        write_json(json_path.with_suffix(".tmp"), args.records, args.images, pool_size=10**5 if args.smoke else 10**7)
-        json_path.with_suffix(".tmp").rename(json_path)
-    print(f"data: {json_path} ({json_path.stat().st_size / 2**30:.2f} GiB, written in "
+        writer = write_json if kind == "json" else write_parquet
+        writer(path.with_suffix(".tmp"), args.records, args.images, pool_size=10**5 if args.smoke else 10**7)
+        path.with_suffix(".tmp").rename(path)
+    print(f"data: {path} ({path.stat().st_size / 2**30:.2f} GiB, written in "
           f"{time.perf_counter() - t0:.0f} s)", flush=True)
+    return path
+
+
+def measure(args, kind: str = "json") -> dict:
+    folder = Path(args.dir)
+    json_path = write_data(args, folder, kind)
     proc = processor(args.max_length)
     cache = folder / "index-cache"
     os.environ["MMBRIDGE_INDEX_CACHE"] = str(cache)
     for old in cache.glob("*"):
         old.unlink()
-    result = {"benchmark": "data_scale", "smoke": args.smoke, "records": args.records,
+    if kind == "parquet":  # `datasets` converts the file to Arrow in its cache: a cold start redoes that
+        hf_cache = folder / "hf-cache"
+        shutil.rmtree(hf_cache, ignore_errors=True)
+        os.environ["HF_DATASETS_CACHE"] = str(hf_cache)  # read when `datasets` is first imported (just after)
+    result = {"benchmark": "data_scale", "smoke": args.smoke, "source": kind, "records": args.records,
               "file_gib": round(json_path.stat().st_size / 2**30, 3),
               "batch_size": args.batch_size, "workers": args.workers}
     ds, it, (t_index, cpu), t_cold = first_batch(json_path, folder / "images", proc, args.batch_size, args.workers)
@@ -237,7 +304,8 @@ def measure(args) -> None:
     small = {"others": (1000, 500), "passes": 1, "repeats": 1} if args.smoke else {}
     result["sampler"] = {"step_0": sampler_time(0, args.batch_size, args.records, **small),
                          "step_1000000": sampler_time(1_000_000, args.batch_size, args.records, **small)}
-    print(json.dumps(result))
+    print(json.dumps(result), flush=True)
+    return result
 
 
 if __name__ == "__main__":

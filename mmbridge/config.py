@@ -50,6 +50,9 @@ class DataSource:
     `boxes_all_objects: true` says that a record whose answers hold boxes boxes every object of its image, as
     detection data does (the `objects` objective then takes its unboxed cells as empty); off, its boxes are
     positives only (RefCOCO-style data boxes one referent).
+    `hf_dataset` (a `save_to_disk` folder, or a glob of parquet / arrow files) is read by `data/hf_source.py`:
+    `images` then names its image column, `conversations` or `messages` its text column, `split` a split of a
+    saved DatasetDict and `image_root` the folder that image paths in it are relative to.
     """
 
     json: str = ""
@@ -59,6 +62,11 @@ class DataSource:
     pairs: bool = False
     interleaved: bool = False
     boxes_all_objects: bool = False
+    hf_dataset: str = ""
+    split: str = ""
+    conversations: str = ""
+    messages: str = ""
+    image_root: str = ""
 
 
 @dataclass
@@ -189,6 +197,9 @@ class Recipe:
     # kind lcl, the folder inside the run the trained encoder is exported to
     sequence: dict | None = None
     export: str = "encoder"
+    # experiment trackers beside metrics.jsonl (train/tracking.py): {tensorboard: true, wandb: {project: P,
+    # mode: offline}}; none by default
+    log: dict = field(default_factory=dict)
 
 
 def _from_dict(cls: type, data: Any, where: str) -> Any:
@@ -316,6 +327,23 @@ def _validate_mma(mma: MmaConfig, where: str) -> None:
         raise RecipeError(f"{where}.where: expected a non-empty list of {sorted(PLACES)}, got {mma.where!r}")
 
 
+def _validate_hf_source(recipe: Recipe, name: str, src: DataSource) -> None:
+    """An `hf_dataset` source names one text column and nothing of the file sources; the others name no column."""
+    where = f"recipe.sources.{name}"
+    if not src.hf_dataset:
+        for key in ("split", "conversations", "messages", "image_root"):
+            if getattr(src, key):
+                raise RecipeError(f"{where}.{key}: only for hf_dataset sources")
+        return
+    if recipe.kind != "lmm" or src.interleaved or src.pairs:
+        raise RecipeError(f"{where}.hf_dataset: conversation sources of kind lmm only (not interleaved or lcl)")
+    if src.json or src.jsonl or src.shards:
+        raise RecipeError(f"{where}: hf_dataset excludes json, jsonl and shards")
+    if bool(src.conversations) == bool(src.messages):
+        raise RecipeError(f"{where}: an hf_dataset source names its text column as either conversations: COLUMN "
+                          "or messages: COLUMN")
+
+
 def validate(recipe: Recipe) -> None:
     """Cross-field checks that dataclass typing cannot express."""
     from mmbridge.train.device import check_spec
@@ -323,6 +351,9 @@ def validate(recipe: Recipe) -> None:
     if recipe.kind not in KINDS:
         raise RecipeError(f"recipe.kind: expected one of {list(KINDS)}, got {recipe.kind!r}")
     check_spec(recipe.device, "recipe.device")
+    from mmbridge.train.tracking import check as check_log
+
+    check_log(recipe.log)
     if recipe.kind == "lcl":
         _validate_lcl(recipe)
     elif recipe.sequence is not None:
@@ -386,6 +417,7 @@ def validate(recipe: Recipe) -> None:
         if not st.data:
             raise RecipeError(f"{where}.data: a stage needs at least one data source")
     for name, src in recipe.sources.items():
+        _validate_hf_source(recipe, name, src)
         if recipe.kind == "lmm" and src.interleaved and (bool(src.jsonl) == bool(src.shards) or src.json):
             raise RecipeError(f"recipe.sources.{name}: an interleaved source is {{jsonl, images}} or {{shards}}")
     for name, ev in recipe.eval.items():

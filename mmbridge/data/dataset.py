@@ -47,7 +47,8 @@ class ConversationDataset(Dataset):
 
     What every record gives (usable or why not, exact token length, image count) is indexed once and
     cached (`data/record_index.py`), so text errors still surface before training: the first bad
-    record raises, naming the file and record, or with `skip_bad` bad records are counted. Images are
+    record raises, naming the file and record, or with `skip_bad` bad records are counted. `records`: an
+    opened source to read instead of `json_path` (e.g. `hf_source.HFRecords`). Images are
     read with their sample: an unreadable one raises naming file and record, or with `skip_bad` drops
     the sample from its batch and is counted there. Only numpy arrays are held per record. A record's
     `video` is read as its sampled frames (`data/video.py`, the processor's video settings); a sample
@@ -57,10 +58,11 @@ class ConversationDataset(Dataset):
 
     def __init__(self, json_path: str | Path, image_root: str | Path, processor: Processor, skip_bad: bool = False,
                  workers: int | None = None, cache: bool = True, lines: bool | None = None,
-                 boxes_all_objects: bool = False):
+                 boxes_all_objects: bool = False, records=None):
         self.json_path, self.image_root = Path(json_path), Path(image_root)
         self.processor, self.skip_bad, self.boxes_all_objects = processor, skip_bad, boxes_all_objects
-        self.store = VideoRecords(open_source(json_path, image_root, lines), sampling_of(processor))
+        records = records if records is not None else open_source(json_path, image_root, lines)
+        self.store = VideoRecords(records, sampling_of(processor))
         adopt_index(self, load_index(self.store, processor, workers=workers, cache=cache), skip_bad,
                     f"{self.store.name}: ")
 

@@ -1,4 +1,4 @@
-"""The multimodal-LM task: LLaVA-format sources (JSON, JSONL, shards) → conversations, and interleaved
+"""The multimodal-LM task: LLaVA-format sources (JSON, JSONL, shards, HF datasets) → conversations, and interleaved
 (MMC4-style) sources → documents, mixed → (packed) micro-batches."""
 
 from __future__ import annotations
@@ -36,6 +36,13 @@ class LMMTask(Task):
             if src.interleaved:  # MMC4-style documents: raw text with images, laid out by recipe.sequence
                 ds = InterleavedDataset(src.jsonl or src.shards, src.images, self.processor, self.recipe.sequence,
                                         seed=self.recipe.seed, skip_bad=skip, lines=lines)
+            elif src.hf_dataset:  # a `datasets` dataset, rows read as LLaVA records
+                from mmbridge.data.hf_source import HFRecords
+
+                records = HFRecords(src.hf_dataset, src.conversations, src.messages, src.images, src.split,
+                                    src.image_root)
+                ds = ConversationDataset(records.name, src.image_root, self.processor, skip_bad=skip, records=records,
+                                         boxes_all_objects=src.boxes_all_objects)
             else:
                 ds = ConversationDataset(src.json or src.jsonl or src.shards, src.images, self.processor,
                                          skip_bad=skip, lines=lines, boxes_all_objects=src.boxes_all_objects)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from mmbridge.config import Recipe, StageConfig
+from mmbridge.config import Recipe, StageConfig, recipe_to_dict
 from mmbridge.objectives import build_objective
 from mmbridge.train import checkpoint as ckpt
 from mmbridge.train.device import allow_tf32
@@ -38,6 +38,7 @@ from mmbridge.train.plots import plot_losses
 from mmbridge.train.schedule import warmup_cosine
 from mmbridge.train.signals import StopSignals
 from mmbridge.train.task import task_for
+from mmbridge.train.tracking import Trackers
 
 
 class NonFiniteError(FloatingPointError):
@@ -93,6 +94,8 @@ class Trainer:
         self._consumed = 0  # loader batches taken this stage (the data position a resume skips to)
         self._metrics_bytes = 0  # length of metrics.jsonl at the last step, saved with checkpoints
         self._resume_from: Path | None = None  # the checkpoint being resumed
+        self._steps_before = 0  # optimizer steps of the stages before this one: trackers count steps over the run
+        self.trackers = Trackers(recipe.log, self.run_dir, recipe.name, recipe_to_dict(recipe), enabled=self.dist.main)
         if self.dist.main:
             ckpt.remove_partial(self.run_dir)
         self.dist.barrier()
@@ -142,6 +145,7 @@ class Trainer:
         self.state, self.trained, self.lora = state, set(meta["keys"]), meta.get("lora")
         self.skipped.update(state.get("skipped", {}))
         self.nonfinite = state.get("nonfinite", 0)
+        self._steps_before = state.get("steps_before", 0)
         # rows logged after the checkpoint (and a half-written last line) are dropped: they are redone
         metrics = self.run_dir / "metrics.jsonl"
         if "metrics_bytes" in state and self.dist.main and metrics.exists() and \
@@ -153,6 +157,17 @@ class Trainer:
 
     # -- training -----------------------------------------------------------------------------
     def run(self) -> Path:
+        try:
+            return self._run()
+        finally:
+            self.trackers.close()
+
+    def log_eval(self, metrics: dict) -> None:
+        """Send evaluation metrics (their numbers) to the recipe's trackers, at the run's last step."""
+        self.trackers.log(metrics, self._steps_before, prefix="eval")
+        self.trackers.close()
+
+    def _run(self) -> Path:
         with self.signals.active():
             for si, stage in enumerate(self.recipe.stages):
                 if si < self.state["stage"]:
@@ -315,6 +330,7 @@ class Trainer:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 self._metrics_bytes = log.tell()
+                self.trackers.log(rec, self._steps_before + step + 1)  # its numbers, to TensorBoard / W&B
             if streak >= self.recipe.max_nonfinite_steps:
                 bar.close()
                 log.close()
@@ -344,6 +360,7 @@ class Trainer:
         log.close()
         saved = self.dist.trained(self.model, self.trained)  # FSDP: the trained weights gathered on rank 0
         self._metrics_bytes = metrics.stat().st_size if self.dist.main else 0
+        self._steps_before += total
         self.state = {"stage": si + 1, "step": 0}
         self.save_checkpoint(None, stage=si + 1, step=0, weights=saved)  # consolidated, written by rank 0
         if self.dist.main:
@@ -375,7 +392,7 @@ class Trainer:
             rng["cuda"] = cuda
         state = {"stage": stage, "step": step, "batches": self._consumed, "rng": rng,
                  "skipped": {k: v for k, v in self.skipped.items() if k.startswith("batch: ")},
-                 "nonfinite": self.nonfinite, "metrics_bytes": self._metrics_bytes}
+                 "nonfinite": self.nonfinite, "metrics_bytes": self._metrics_bytes, "steps_before": self._steps_before}
         if optimizer is not None and self.dist.enabled:
             from mmbridge.train import dcp
 
