@@ -89,6 +89,8 @@ def run_demo(quick: bool = False, out: str | None = None, overrides: list[str] |
             metrics["vqa_image_gain"] = round(reliance["image_gain"], 4)
         examples += [{"task": ev.task, **r, "images_root": src.images} for r in rows[:3]]
     metrics["n"] = sum(metrics.pop(f"n_{t}") for t in keys if f"n_{t}" in metrics)
+    trainer.log_eval({k: v for k, v in metrics.items() if k != "vqa_by_qtype"}
+                     | {f"vqa_{k}": v for k, v in metrics.get("vqa_by_qtype", {}).items()})  # TensorBoard / W&B
     metrics["train_seconds"] = round(t_train, 1)
     metrics["total_seconds"] = round(time.time() - t0, 1)
     base = baselines(recipe)
