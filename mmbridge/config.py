@@ -187,8 +187,8 @@ class Recipe:
     log_every: int = 1
     num_workers: int = 0
     threads: int | None = None
-    # none: one process; ddp | fsdp under `torchrun` (see README "Scale out"). The global batch of a step is
-    # batch_size x grad_accum whatever the number of processes: each rank takes its slice of every micro-batch.
+    # none: one process; ddp | fsdp under `torchrun` (see docs/guide/training-at-scale.md). The global batch of a
+    # step is batch_size x grad_accum whatever the number of processes: each rank takes its slice of every micro-batch.
     strategy: str = "none"
     # auto: this process's GPU when CUDA is available, else the CPU | cpu | cuda | cuda:N (see train/device.py)
     device: str = "auto"

@@ -336,8 +336,8 @@ def test_efficientnet_lite0_exports_as_fastvlm(stage, act, lm_dir, tmp_path):
 
 
 def test_the_bundled_exportable_recipe_exports_and_the_demo_says_why_not():
-    """README: `mmbridge train exportable` then `mmbridge export` runs on this CPU; the demo's object-token
-    bridge has no stock class, and the refusal names it."""
+    """docs/guide/export-import.md: `mmbridge train exportable` then `mmbridge export` runs on this CPU; the demo's
+    object-token bridge has no stock class, and the refusal names it."""
     from mmbridge.config import load_recipe
     from mmbridge.interop.export import recipe_blockers
 

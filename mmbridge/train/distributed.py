@@ -102,7 +102,7 @@ class Dist:
             self._stages = ShardedStages(self.device, self.main)
             if self.device.type == "cpu" and "MALLOC_MMAP_THRESHOLD_" not in os.environ and self.main:
                 print("FSDP on CPU: glibc's malloc keeps the all-gather buffers FSDP frees, so resident memory "
-                      "grows step by step; MALLOC_MMAP_THRESHOLD_=65536 returns them (README, Scale out)")
+                      "grows step by step; MALLOC_MMAP_THRESHOLD_=65536 returns them (docs/guide/training-at-scale.md)")
 
     @property
     def main(self) -> bool:
