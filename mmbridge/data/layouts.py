@@ -6,10 +6,12 @@ those views, flattened view by view, or -1 for the learned `image_newline`. The 
 the length of that index, so it depends on the image's size (its layout), not on one fixed count.
 
 - `mode: none` (default): one view, the image resized to S×S; its tokens are the bridge's outputs in order.
-- `mode: anyres` (LLaVA-NeXT): the grid from `grids` (rows×cols of S×S tiles; default 1×2, 2×1, 2×2, 1×3, 3×1)
-  chosen from the image size (`data/tiling.py`), the tiles' token maps placed as one map with the padding's
-  rows and columns removed, a newline after each row (`newline`), then the global view's tokens
-  (`global_view`). The bridge must give a square g×g map per view, with g dividing S.
+- `mode: anyres` (LLaVA-NeXT): the grid chosen from the image size among `grids` (rows×cols of S×S tiles) or
+  `pinpoints` (LLaVA-NeXT's (width, height) in tiles, or a range "(1x1),...,(6x6)"); by default LLaVA-NeXT's
+  pinpoints in its order (2×1, 1×2, 2×2, 1×3, 3×1 as rows×cols; `data/tiling.py`). The global view's tokens
+  come first (`global_view`), then the tiles' token maps placed as one map with the padding's rows or columns
+  removed (LLaVA-NeXT's `unpad_image`) and a newline after each row (`newline`). The bridge must give a square
+  g×g map per view, with g dividing S.
 - `mode: uhd` (LLaVA-UHD): up to `max_slices` slices (`data/tiling.py`) and an overview, each resized to keep
   its aspect with an area near S² and sides that are multiples of the patch (`patch`), encoded at that size and
   compressed by the bridge (a resampler) to the same count. An image's span is the overview's tokens, then the
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmbridge.data.tiling import ANYRES_GRIDS, anyres_layout, cut_tiles, slice_size, uhd_grid, uhd_slices
+from mmbridge.data.tiling import ANYRES_GRIDS, anyres_layout, pinpoint_grids, cut_tiles, slice_size, uhd_grid, uhd_slices
 from mmbridge.models.anyres import assemble
 
 MODES = ("none", "anyres", "uhd", "monkey")
@@ -38,7 +40,7 @@ class Tiling:
     """A per-image layout policy; `base` (S) and `per_view` (the bridge's tokens per view) are read from the
     processor when used, so a stage that changes the resolution changes them too."""
 
-    def __init__(self, mode: str = "none", grids=None, newline: bool = True, global_view: bool = True,
+    def __init__(self, mode: str = "none", grids=None, pinpoints=None, newline: bool = True, global_view: bool = True,
                  max_slices: int = 9, separators: bool = True, patch: int = 1, windows=(2, 2), rank: int = 16,
                  alpha: float | None = None, targets=(("q_proj", "k_proj", "v_proj"), "out_proj"),
                  mlp_rank: int = 32, dropout: float = 0.05):
@@ -59,7 +61,9 @@ class Tiling:
         self.rank, self.alpha = int(rank), None if alpha is None else float(alpha)
         self.targets = tuple(t if isinstance(t, str) else tuple(t) for t in targets)
         self.mlp_rank, self.dropout = int(mlp_rank), float(dropout)
-        grids = ANYRES_GRIDS if grids is None else grids
+        if grids is not None and pinpoints is not None:
+            raise ValueError("model.tiling: give grids ([rows, cols]) or pinpoints ([width, height]), not both")
+        grids = pinpoint_grids(pinpoints) if pinpoints is not None else ANYRES_GRIDS if grids is None else grids
         try:
             self.grids = tuple((int(r), int(c)) for r, c in grids)
         except (TypeError, ValueError):
@@ -70,7 +74,7 @@ class Tiling:
     @classmethod
     def from_options(cls, options: dict | None) -> Tiling:
         options = dict(options or {})
-        known = {"mode", "grids", "newline", "global_view", "max_slices", "separators", "windows", "rank", "alpha",
+        known = {"mode", "grids", "pinpoints", "newline", "global_view", "max_slices", "separators", "windows", "rank", "alpha",
                  "targets", "mlp_rank", "dropout"}
         unknown = set(options) - known
         if unknown:
@@ -91,7 +95,7 @@ class Tiling:
             return f"uhd-{self.max_slices}-{int(self.separators)}-{self.patch}"
         if self.mode == "monkey":
             return f"monkey-{self.windows}"
-        return f"{self.mode}-{self.grids}-{int(self.newline)}-{int(self.global_view)}"
+        return f"{self.mode}-next-{self.grids}-{int(self.newline)}-{int(self.global_view)}"  # global view first
 
     @property
     def by_size(self) -> bool:
@@ -127,8 +131,8 @@ class Tiling:
             views = [image] + slices if len(slices) > 1 else [image]
             return [v.resize(slice_size(v.size, base, self.patch), Image.Resampling.BICUBIC) for v in views]
         layout = anyres_layout(image.size, base, self.grids)
-        tiles = cut_tiles(image, layout)
-        return tiles + [image.convert("RGB").resize((base, base), Image.Resampling.BICUBIC)] * self.global_view
+        return [image.convert("RGB").resize((base, base), Image.Resampling.BICUBIC)] * self.global_view \
+            + cut_tiles(image, layout)
 
     def num_views(self, size: tuple[int, int], base: int) -> int:
         if not self.varies:
@@ -147,9 +151,9 @@ class Tiling:
             return np.arange(self.num_views(size, base) * per_view, dtype=np.int64)
         side = self.check(base, per_view)
         layout = anyres_layout(size, base, self.grids)
-        n = layout.rows * layout.cols
-        tiles = torch.arange(n * per_view).reshape(n, side, side, 1)
-        glob = torch.arange(n * per_view, (n + 1) * per_view).reshape(-1, 1) if self.global_view else None
+        n, first = layout.rows * layout.cols, per_view * self.global_view  # the global view is view 0
+        tiles = torch.arange(first, first + n * per_view).reshape(n, side, side, 1)
+        glob = torch.arange(per_view).reshape(-1, 1) if self.global_view else None
         newline = torch.tensor([-1]) if self.newline else None
         return assemble(tiles, layout, newline, glob).reshape(-1).numpy().astype(np.int64)
 
