@@ -55,7 +55,8 @@ def test_cut_tiles_and_uhd_slices_cover_the_image():
     assert np.array_equal(np.asarray(tiles[3]), np.asarray(image)[336:, 336:])  # row-major: bottom right last
     grid, slices = uhd_slices(Image.new("RGB", (336, 1344)), 336)
     assert grid == (4, 1) and [s.size for s in slices] == [(336, 336)] * 4
-    assert slice_size((500, 300), 336, 14) == (434, 266)  # area ≈ 336², aspect kept, multiples of 14
+    # UHD's adapt_size: scale √(576 · 14/300 · 14/500) = 0.8676; ⌊0.8676 · 500/14⌋ = 30, ⌊0.8676 · 300/14⌋ = 18 patches
+    assert slice_size((500, 300), 336, 14) == (420, 252)
 
 
 def test_assemble_places_tiles_removes_padding_and_adds_newlines():

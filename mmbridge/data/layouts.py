@@ -12,9 +12,10 @@ the length of that index, so it depends on the image's size (its layout), not on
   come first (`global_view`), then the tiles' token maps placed as one map with the padding's rows or columns
   removed (LLaVA-NeXT's `unpad_image`) and a newline after each row (`newline`). The bridge must give a square
   g×g map per view, with g dividing S.
-- `mode: uhd` (LLaVA-UHD): up to `max_slices` slices (`data/tiling.py`) and an overview, each resized to keep
-  its aspect with an area near S² and sides that are multiples of the patch (`patch`), encoded at that size and
-  compressed by the bridge (a resampler) to the same count. An image's span is the overview's tokens, then the
+- `mode: uhd` (LLaVA-UHD): slices as UHD's `cal_num_of_slices` cuts them (the ideal count capped at `max_slices`,
+  default UHD's 6; `data/tiling.py`) and an overview, each resized to keep its aspect with an area near S² and
+  whole patches (`patch`), encoded at that size and compressed by the bridge (a resampler; Qwen-VL's
+  position-aware `kind: qwen` unless another kind is named) to the same count, whatever the resolution. An image's span is the overview's tokens, then the
   slices row by row with the LM's own "," between the slices of a row and "\n" after each row (`separators`).
 - `mode: monkey` (Monkey): the image resized to `windows` (rows×cols) S×S windows, each encoded by the shared
   encoder with its own window's LoRA (`models/window_lora.py`; `rank`, `alpha`, `targets`, `mlp_rank`, `dropout`;
@@ -41,7 +42,7 @@ class Tiling:
     processor when used, so a stage that changes the resolution changes them too."""
 
     def __init__(self, mode: str = "none", grids=None, pinpoints=None, newline: bool = True, global_view: bool = True,
-                 max_slices: int = 9, separators: bool = True, patch: int = 1, windows=(2, 2), rank: int = 16,
+                 max_slices: int = 6, separators: bool = True, patch: int = 1, windows=(2, 2), rank: int = 16,
                  alpha: float | None = None, targets=(("q_proj", "k_proj", "v_proj"), "out_proj"),
                  mlp_rank: int = 32, dropout: float = 0.05):
         if mode not in MODES:
@@ -74,8 +75,8 @@ class Tiling:
     @classmethod
     def from_options(cls, options: dict | None) -> Tiling:
         options = dict(options or {})
-        known = {"mode", "grids", "pinpoints", "newline", "global_view", "max_slices", "separators", "windows", "rank", "alpha",
-                 "targets", "mlp_rank", "dropout"}
+        known = {"mode", "grids", "pinpoints", "newline", "global_view", "max_slices", "separators", "windows",
+                 "rank", "alpha", "targets", "mlp_rank", "dropout"}
         unknown = set(options) - known
         if unknown:
             raise ValueError(f"model.tiling.{sorted(unknown)[0]}: unknown key; expected one of {sorted(known)}")
@@ -92,7 +93,7 @@ class Tiling:
         if not self.varies:
             return "none"
         if self.mode == "uhd":
-            return f"uhd-{self.max_slices}-{int(self.separators)}-{self.patch}"
+            return f"uhd2-{self.max_slices}-{int(self.separators)}-{self.patch}"
         if self.mode == "monkey":
             return f"monkey-{self.windows}"
         return f"{self.mode}-next-{self.grids}-{int(self.newline)}-{int(self.global_view)}"  # global view first

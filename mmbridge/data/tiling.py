@@ -89,25 +89,23 @@ def anyres_grid(size: tuple[int, int], base: int, grids=ANYRES_GRIDS) -> tuple[i
     return best
 
 
-def uhd_grid(size: tuple[int, int], base: int, max_slices: int = 9) -> tuple[int, int]:
-    """LLaVA-UHD's partition (rows, cols); (1, 1) when the image needs no slicing."""
+def uhd_grid(size: tuple[int, int], base: int, max_slices: int = 6) -> tuple[int, int]:
+    """LLaVA-UHD's partition (rows, cols) as its `cal_num_of_slices`: N = ⌈W·H / S²⌉ capped at `max_slices`;
+    candidates the factorisations (columns ascending) of N−1, N and N+1, or of N and N+1 when N ≤ 2 (so an image
+    with N = 1 may still split in two, and N = 2 always splits); the one whose grid aspect cols/rows is closest to
+    the image's in log scale wins, the first in that order on a tie. (1, 1): no slicing. N+1 may exceed the cap."""
     width, height = size
     if width <= 0 or height <= 0:
         raise ValueError(f"uhd: image size must be positive, got {size}")
     ideal = min(math.ceil(width * height / base**2), max_slices)
-    if ideal <= 1:
-        return 1, 1
-    best, best_score = None, None
-    for count in (ideal, ideal - 1, ideal + 1):  # ties go to the ideal count
-        if not 1 < count <= max_slices:
-            continue
+    counts = (ideal, ideal + 1) if ideal <= 2 else (ideal - 1, ideal, ideal + 1)
+    target, best, best_score = math.log(width / height), None, None
+    for count in counts:
         for cols in range(1, count + 1):
-            if count % cols:
-                continue
-            rows = count // cols
-            score = -abs(math.log((width / cols) / (height / rows)))
-            if best_score is None or score > best_score + 1e-12:
-                best, best_score = (rows, cols), score
+            if count % cols == 0:
+                score = abs(math.log(cols / (count / cols)) - target)  # UHD's float expression, for its ties
+                if best_score is None or score < best_score:
+                    best, best_score = (count // cols, cols), score
     return best
 
 
@@ -133,18 +131,19 @@ def cut_tiles(image: Image.Image, layout: TileLayout, fill=(0, 0, 0)) -> list[Im
     return [canvas.crop((c * s, r * s, (c + 1) * s, (r + 1) * s)) for r in range(layout.rows) for c in range(layout.cols)]
 
 
-def uhd_slices(image: Image.Image, base: int, max_slices: int = 9) -> tuple[tuple[int, int], list[Image.Image]]:
-    """The UHD grid and its slices, row-major, each cut from the original image (own aspect, no padding)."""
+def uhd_slices(image: Image.Image, base: int, max_slices: int = 6) -> tuple[tuple[int, int], list[Image.Image]]:
+    """The UHD grid and its slices, row-major, each cut from the original image (own aspect, no padding) at
+    UHD's boxes (i·W // cols, j·H // rows)."""
     rows, cols = uhd_grid(image.size, base, max_slices)
     width, height = image.size
-    xs = [round(c * width / cols) for c in range(cols + 1)]
-    ys = [round(r * height / rows) for r in range(rows + 1)]
+    xs = [c * width // cols for c in range(cols + 1)]
+    ys = [r * height // rows for r in range(rows + 1)]
     return (rows, cols), [image.crop((xs[c], ys[r], xs[c + 1], ys[r + 1])) for r in range(rows) for c in range(cols)]
 
 
 def slice_size(size: tuple[int, int], base: int, patch: int) -> tuple[int, int]:
-    """The size a UHD slice is encoded at: its area near S² with its aspect kept, both sides multiples of the
-    encoder's patch size (so the position table is interpolated to a whole grid)."""
-    width, height = size
-    scale = base / math.sqrt(width * height)
-    return (max(patch, round(width * scale / patch) * patch), max(patch, round(height * scale / patch) * patch))
+    """The size a UHD slice is encoded at (UHD's `adapt_size`): scaled to an area of S² with its aspect kept, each
+    side floored to whole patches (at least one), so it never holds more patches than the S×S position table."""
+    width, height, most = size[0], size[1], (base // patch) ** 2
+    scale = math.sqrt(most * (patch / height) * (patch / width))
+    return tuple(max(min(math.floor(scale * side / patch), most), 1) * patch for side in (width, height))
