@@ -101,3 +101,67 @@ def test_anyres_max_shrinks_a_large_map_bilinearly():
     want = full.reshape(4, 2, 4, 2, 3).mean((1, 3))
     # four fp32 terms of magnitude ≤ max|x|, weights 1/4: each sum is off by at most a few units of rounding
     assert_same_math(out.reshape(4, 5, 3)[:, :4], want, rel=4 * 2.0 ** -23)
+
+
+def test_bilinear_taps_by_hand():
+    from mmbridge.data.layouts import bilinear_taps
+
+    rows, weights = bilinear_taps(8, 3)  # scale 8/3: sources at 0.8333, 3.5, 6.1667
+    assert rows.tolist() == [[0, 1], [3, 4], [6, 7]]
+    # float32 as torch: three operations (8/3, its product, the subtraction) below 8 = 2^3, each off by at most
+    # half a unit in the last place there (2^-21)
+    assert np.allclose(weights, [[1 / 6, 5 / 6], [0.5, 0.5], [5 / 6, 1 / 6]], rtol=0, atol=3 * 2.0 ** -21)
+    rows, weights = bilinear_taps(4, 4)  # the same size: each output its own source
+    assert rows[:, 0].tolist() == [0, 1, 2, 3] and (weights[:, 0] == 1).all()
+
+
+@pytest.fixture(scope="module")
+def shrinking(tiny_lm_dir, tiny_clip_dir):
+    from mmbridge.config import ModelConfig
+    from mmbridge.models.build import build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vision={"name": "hf", "path": tiny_clip_dir}, bridge={"name": "mlp"}, lm={"path": tiny_lm_dir},
+                      max_length=400, system_prompt="", tiling={"mode": "anyres", "anyres_max": 1})
+    model, proc = build_model(cfg)
+    return model.eval(), proc
+
+
+def test_anyres_max_through_the_processor_equals_interpolating_the_map(shrinking):
+    model, proc = shrinking  # 16 tokens (4x4) per 32-pixel view; anyres_max_1: t = √(h·w / 16)
+    # 64x64 → 2x2, an 8x8 map, t = 2 → 4x4; 64x40 → 2x2, unpadded 6x8, t = √3 → ⌊6/√3⌋ x ⌊8/√3⌋ = 3x4;
+    # 32x96 → 3x1, a 12x4 map, t = √3 → 6x2; 20x20 → 2x1 (the first pinpoint), unpadded 4x4, t = 1: kept
+    counts = {(64, 64): 16 + 4 * 5, (64, 40): 16 + 3 * 5, (32, 96): 16 + 6 * 3, (20, 20): 16 + 4 * 5}
+    rng = np.random.default_rng(4)
+    for size, n in counts.items():
+        image = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+        views = proc.images([image])
+        assert views["counts"] == [n] and views["visual_index"].shape == (n, 8), size
+        with torch.no_grad():
+            own = model.encode_images(views["pixel_values"])
+            got = model.place_visual(own, views["visual_index"])
+            layout = anyres_layout(image.size, 32)
+            k = layout.rows * layout.cols
+            want = assemble(own[1:].reshape(k, 4, 4, -1), layout, model.bridge.image_newline, own[0], max_views=1)
+        assert_same_math(got, want, msg=str(size))  # four-term sums in another order than torch's
+
+
+def test_anyres_max_batches_shift_rows_and_keep_weights(shrinking):
+    from mmbridge.data.dataset import Collator
+
+    model, proc = shrinking
+    rng = np.random.default_rng(5)
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in ((64, 40), (32, 96))]
+    items = []
+    for im in images:
+        views = proc.images([im])
+        enc = proc.encode([{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "a"}], 1,
+                          counts=views["counts"])
+        items.append({"id": "x", "input_ids": enc.input_ids, "labels": enc.labels, **views,
+                      "image_counts": views["counts"]})
+    batch = Collator(proc)(items)
+    with torch.no_grad():
+        embeds, _ = model.prepare(batch["input_ids"], batch["pixel_values"], visual_index=batch["visual_index"])
+        alone = [model.place_visual(model.encode_images(it["pixel_values"]), it["visual_index"]) for it in items]
+    is_image = batch["input_ids"] == model.image_token_id
+    assert_same_math(embeds[is_image], torch.cat(alone))
