@@ -86,7 +86,7 @@ def test_views_of_their_own_sizes_fill_the_slots_in_order(uhd):
     model, proc = uhd
     images = [picture(s, k) for k, s in enumerate(GRIDS)]
     batch = Collator(proc)([sample(proc, images[:1]), sample(proc, images[1:])])
-    assert batch["pixel_values"].shape == (5 + 7, 3, 64, 32)  # padded: 64 rows (the 16x64 overview), 32 columns (slices)
+    assert batch["pixel_values"].shape == (5 + 7, 3, 64, 32)  # padded: the 16x64 overview's rows, the slices' columns
     with torch.no_grad():
         embeds, _ = model.prepare(batch["input_ids"], batch["pixel_values"], visual_index=batch["visual_index"],
                                   view_sizes=batch["view_sizes"])

@@ -17,8 +17,9 @@ the length of that index, so it depends on the image's size (its layout), not on
 - `mode: uhd` (LLaVA-UHD): slices as UHD's `cal_num_of_slices` cuts them (the ideal count capped at `max_slices`,
   default UHD's 6; `data/tiling.py`) and an overview, each resized to keep its aspect with an area near S² and
   whole patches (`patch`), encoded at that size and compressed by the bridge (a resampler; Qwen-VL's
-  position-aware `kind: qwen` unless another kind is named) to the same count, whatever the resolution. An image's span is the overview's tokens, then the
-  slices row by row with the LM's own "," between the slices of a row and "\n" after each row (`separators`).
+  position-aware `kind: qwen` unless another kind is named) to the same count, whatever the resolution. An
+  image's span is the overview's tokens, then the slices row by row with the LM's own "," between the slices of a
+  row and "\n" after each row (`separators`).
 - `mode: monkey` (Monkey): the image resized to `windows` (rows×cols) S×S windows, each encoded by the shared
   encoder with its own window's LoRA (`models/window_lora.py`; `rank`, `alpha`, `targets`, `mlp_rank`, `dropout`;
   Monkey's by default: fused q/k/v and out_proj at rank 16, the MLP at 32, learned scales, dropout 0.05), then
@@ -33,7 +34,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmbridge.data.tiling import ANYRES_GRIDS, anyres_layout, pinpoint_grids, cut_tiles, slice_size, uhd_grid, uhd_slices
+from mmbridge.data.tiling import (ANYRES_GRIDS, anyres_layout, cut_tiles, pinpoint_grids, slice_size, uhd_grid,
+                                  uhd_slices)
 from mmbridge.models.anyres import assemble, max_grid
 
 MODES = ("none", "anyres", "uhd", "monkey")
@@ -43,7 +45,8 @@ class Tiling:
     """A per-image layout policy; `base` (S) and `per_view` (the bridge's tokens per view) are read from the
     processor when used, so a stage that changes the resolution changes them too."""
 
-    def __init__(self, mode: str = "none", grids=None, pinpoints=None, anyres_max: int | None = None, newline: bool = True, global_view: bool = True,
+    def __init__(self, mode: str = "none", grids=None, pinpoints=None, anyres_max: int | None = None,
+                 newline: bool = True, global_view: bool = True,
                  max_slices: int = 6, separators: bool = True, patch: int = 1, windows=(2, 2), rank: int = 16,
                  alpha: float | None = None, targets=(("q_proj", "k_proj", "v_proj"), "out_proj"),
                  mlp_rank: int = 32, dropout: float = 0.05):
@@ -80,7 +83,8 @@ class Tiling:
     @classmethod
     def from_options(cls, options: dict | None) -> Tiling:
         options = dict(options or {})
-        known = {"mode", "grids", "pinpoints", "anyres_max", "newline", "global_view", "max_slices", "separators", "windows",
+        known = {"mode", "grids", "pinpoints", "anyres_max", "newline", "global_view", "max_slices", "separators",
+                 "windows",
                  "rank", "alpha", "targets", "mlp_rank", "dropout"}
         unknown = set(options) - known
         if unknown:
@@ -101,7 +105,8 @@ class Tiling:
             return f"uhd2-{self.max_slices}-{int(self.separators)}-{self.patch}"
         if self.mode == "monkey":
             return f"monkey-{self.windows}"
-        return f"{self.mode}-next-{self.grids}-{int(self.newline)}-{int(self.global_view)}-{self.anyres_max}"  # global view first
+        # "next": the global view first and LLaVA-NeXT's unpadding (older indexes counted otherwise)
+        return f"{self.mode}-next-{self.grids}-{int(self.newline)}-{int(self.global_view)}-{self.anyres_max}"
 
     @property
     def by_size(self) -> bool:

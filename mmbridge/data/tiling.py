@@ -40,7 +40,8 @@ def pinpoint_grids(pinpoints) -> tuple[tuple[int, int], ...]:
     try:
         grids = tuple((int(h), int(w)) for w, h in pinpoints)
     except (TypeError, ValueError):
-        raise ValueError(f"model.tiling.pinpoints: expected [width, height] pairs in tiles, got {pinpoints!r}") from None
+        raise ValueError(f"model.tiling.pinpoints: expected [width, height] pairs in tiles, got {pinpoints!r}") \
+            from None
     return grids
 
 
