@@ -103,3 +103,32 @@ def test_imported_llava_next_gives_transformers_logits(both, size):
         got = model.lm.get_output_embeddings()(model(ids, torch.ones_like(ids), views["pixel_values"],
                                                      visual_index=views["visual_index"]).hidden_states)
     assert_same_math(got, want, msg=f"{size}")
+
+
+def test_an_anyres_run_exports_as_llava_next(next_dir, imported_next, both, tmp_path):
+    """Import then export: the folder is a LlavaNextForConditionalGeneration with the original's weights, grids
+    and newline, its processor gives our pixels and ids, and its logits are the original's."""
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    from mmbridge.interop.export import export_run
+
+    hf, _, model, processor = both
+    out = export_run(imported_next, tmp_path / "exported", say=lambda *a: None)
+    again = LlavaNextForConditionalGeneration.from_pretrained(str(out)).eval()
+    assert again.config.image_grid_pinpoints == PINPOINTS
+    assert torch.equal(again.model.image_newline, hf.model.image_newline)
+    hp = AutoProcessor.from_pretrained(str(out))
+    image = picture(64, 40, seed=7)
+    views = processor.images([image])
+    ids = torch.tensor([processor.encode_prompt([{"from": "human", "value": "<image>\nDescribe it."}],
+                                                views["counts"])])
+    text = hp.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                {"type": "text", "text": "Describe it."}]}],
+                                  add_generation_prompt=True)
+    enc = hp(text=text, images=[image], return_tensors="pt")
+    assert enc["input_ids"].tolist() == ids.tolist()
+    assert torch.equal(enc["pixel_values"][0], views["pixel_values"])  # global view, then the tiles
+    with torch.no_grad():
+        got = again(**enc).logits
+        want = hf(input_ids=ids, pixel_values=views["pixel_values"][None], image_sizes=enc["image_sizes"]).logits
+    assert_same_math(got, want)
