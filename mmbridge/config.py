@@ -34,8 +34,9 @@ class ModelConfig:
     # a run directory: the build starts from its trained weights (RUN/model/, LoRA injected as it was) instead of a
     # fresh bridge, e.g. a run made by `mmbridge import`; the run must stay where it is (load_run reads it again)
     init: str | None = None
-    # how an image becomes encoder views and tokens (data/layouts.py): {mode: none | anyres, grids: [[rows, cols],
-    # ...], newline: true, global_view: true}; anyres gives the bridge a learned `image_newline`
+    # how an image becomes encoder views and tokens (data/layouts.py): {mode: none | anyres | uhd | monkey, grids:
+    # [[rows, cols], ...] or pinpoints: [[width, height], ...] / "(1x1),...,(6x6)", anyres_max: N, newline: true,
+    # global_view: true, max_slices: 6, ...}; anyres gives the bridge a learned `image_newline`
     tiling: dict = field(default_factory=dict)
 
 

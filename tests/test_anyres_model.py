@@ -27,9 +27,9 @@ from tests.rounding import assert_same_math
 
 IGNORE = -100
 # (width, height) → tokens for the tiny tower (32 px, 4x4 grid) and the mlp bridge (16 tokens per view):
-# 64x64: a 2x2 grid, an 8x8 map, 8 rows of 8 + newline, + 16 global = 88
-# 32x96: 3x1 (rows x cols), a 12x4 map: 12 x 5 + 16 = 76
-# 64x40: 2x2, the image at y 12..52 → map rows 1..7: 6 x 9 + 16 = 70
+# 64x64: 16 global + a 2x2 grid, an 8x8 map, 8 rows of 8 + newline = 88
+# 32x96: 16 + 3x1 (rows x cols), a 12x4 map: 12 x 5 = 76
+# 64x40: 16 + 2x2; unpad: 40·8 // 64 = 5 rows of the 8 hold the image, (8 - 5) // 2 = 1 cut each side: 6 x 9 = 70
 SIZES = {(64, 64): 88, (32, 96): 76, (64, 40): 70}
 
 
@@ -65,7 +65,7 @@ def test_layouts_and_counts():
     for size, n in SIZES.items():
         assert tiling.count(size, 32, 16) == n, size
     index = tiling.token_index((64, 40), 32, 16)
-    assert int((index == -1).sum()) == 6 and (index[-16:] == np.arange(64, 80)).all()  # 6 rows, global view last
+    assert int((index == -1).sum()) == 6 and (index[:16] == np.arange(16)).all()  # 6 rows, global view first
     assert Tiling().count((999, 10), 32, 16) == 16  # untiled: the bridge's count for every image
     with pytest.raises(ValueError, match="model.tiling.mode"):
         Tiling("tiles")
@@ -105,7 +105,7 @@ def test_a_mixed_batch_fills_every_image_slot_in_order(tiled):
             own = model.encode_images(proc.images([im])["pixel_values"])
             layout = anyres_layout(im.size, 32)
             n = layout.rows * layout.cols
-            want.append(assemble(own[:n].reshape(n, 4, 4, -1), layout, newline, own[n]))
+            want.append(assemble(own[1:].reshape(n, 4, 4, -1), layout, newline, own[0]))  # view 0: global
     assert_same_math(embeds[is_image], torch.cat(want))
     assert int((embeds[is_image] == newline).all(-1).sum()) == 8 + 12 + 6  # one newline per kept row
     assert torch.equal(batch["image_counts"], torch.tensor(list(SIZES.values())))
@@ -124,11 +124,11 @@ def test_changing_one_tile_changes_only_its_tokens(tiled):
     array[:32, 32:] = 0  # tile 1, top right
     after = tokens(array)
     changed = (before != after).any(-1)
-    body = changed[:72].reshape(8, 9)
+    body = changed[16:].reshape(8, 9)
     want = torch.zeros(8, 9, dtype=torch.bool)
     want[:4, 4:8] = True
     assert torch.equal(body, want)  # exactly that tile's 4x4 tokens; no newline changes
-    assert changed[72:].all()  # and the global view, which sees the whole image
+    assert changed[:16].all()  # and the global view (first), which sees the whole image
 
 
 def test_packed_rows_with_different_counts_leak_nothing_and_match_unpacked(tiled):
@@ -211,7 +211,7 @@ def test_anyres_trains_and_reloads(tiny_lm_dir, tiny_clip_dir, world, tmp_path):
         a = model(ids, pixel_values=views["pixel_values"], visual_index=views["visual_index"]).hidden_states
         b = trainer.model.eval()(ids, pixel_values=views["pixel_values"], visual_index=views["visual_index"])
     assert torch.equal(a, b.hidden_states)
-    assert views["counts"] == [4 * 5 + 16]  # 32x32 in a 1x2 canvas: 4 of 8 columns kept, 4 rows + newlines, global
+    assert views["counts"] == [16 + 4 * 5]  # global; 32x32 in a 2x1 canvas (LLaVA-NeXT's tie): 4 of 8 rows kept
 
 
 def test_croc_selects_within_each_images_own_count(tiled):
@@ -280,7 +280,7 @@ def test_a_tiled_run_changes_resolution_and_resumes_inside_the_larger_stage(tiny
     recipe = recipe_from_dict(data)
     full = Trainer(recipe, tmp_path / "a", progress=False)
     full.run()
-    # 32x32 at S = 48: a 1x2 canvas (96x48) holds it at 48x48 in the middle: 6 of 12 columns, 6 rows, + 36 global
+    # 32x32 at S = 48: a 2x1 canvas (48x96) holds it at 48x48 in the middle: 6 of 12 rows, 6 columns, + 36 global
     assert full.processor.image_size == 48 and full.processor.image_counts([(32, 32)]) == [6 * 7 + 36]
     interrupted_run(recipe, tmp_path / "b", 2 + 4)  # inside stage 2 (last checkpoint: stage 2, step 2)
     resumed = Trainer(recipe, tmp_path / "b", resume=True, progress=False)

@@ -139,11 +139,19 @@ def test_vision_lora_needs_window_adapters(tiny_lm_dir, tiny_clip_dir, world, tm
 def test_a_tiled_recipe_is_not_exported():
     from mmbridge.interop.export import recipe_blockers
 
-    for mode in ("anyres", "uhd", "monkey"):
+    for mode in ("uhd", "monkey"):
         cfg = ModelConfig(vision={"name": "hf", "path": "x"}, bridge={"name": "mlp"}, tiling={"mode": mode})
         assert recipe_blockers(cfg) == [f"model.tiling.mode: {mode} gives each image its own views and token "
                                         "count; the exported LLaVA reads one S×S view per image"]
     assert recipe_blockers(ModelConfig(vision={"name": "hf", "path": "x"}, bridge={"name": "mlp"})) == []
+    # AnyRes on an hf tower exports as LLaVA-NeXT (tests/test_import_next.py), unless LLaVA-NeXT lacks an option
+    anyres = {"mode": "anyres"}
+    assert recipe_blockers(ModelConfig(vision={"name": "hf", "path": "x"}, bridge={"name": "mlp"},
+                                       tiling=anyres)) == []
+    assert recipe_blockers(ModelConfig(vision={"name": "hf", "path": "x"}, bridge={"name": "mlp"},
+                                       tiling={**anyres, "anyres_max": 9, "newline": False})) == [
+        "model.tiling.newline: false; LLaVA-NeXT adds a newline after every row",
+        "model.tiling.anyres_max: LLaVA-NeXT never shrinks the map (LLaVA-OneVision does)"]
 
 
 def test_the_data_index_counts_monkeys_views_without_reading_images(monkey, tmp_path):

@@ -17,7 +17,10 @@ def test_anyres_picks_the_grid_that_keeps_the_most_resolution():
     assert anyres_grid((672, 672), 336) == (2, 2)
     assert anyres_grid((1000, 400), 336) == (1, 3)  # wide: three tiles side by side
     assert anyres_grid((400, 1000), 336) == (3, 1)
-    assert anyres_grid((300, 200), 336) == (1, 2)  # small: every grid keeps it all; 1x2 wastes the least
+    # small: every grid keeps it all, 1x2 and 2x1 waste the least alike: the first listed wins, LLaVA-NeXT's
+    # [336, 672] (width, height), i.e. two rows of one tile
+    assert anyres_grid((300, 200), 336) == (2, 1)
+    assert anyres_grid((300, 200), 336, grids=[(1, 2), (2, 1)]) == (1, 2)
 
 
 def test_anyres_hand_worked_non_square_case():
@@ -52,7 +55,8 @@ def test_cut_tiles_and_uhd_slices_cover_the_image():
     assert np.array_equal(np.asarray(tiles[3]), np.asarray(image)[336:, 336:])  # row-major: bottom right last
     grid, slices = uhd_slices(Image.new("RGB", (336, 1344)), 336)
     assert grid == (4, 1) and [s.size for s in slices] == [(336, 336)] * 4
-    assert slice_size((500, 300), 336, 14) == (434, 266)  # area ≈ 336², aspect kept, multiples of 14
+    # UHD's adapt_size: scale √(576 · 14/300 · 14/500) = 0.8676; ⌊0.8676 · 500/14⌋ = 30, ⌊0.8676 · 300/14⌋ = 18 patches
+    assert slice_size((500, 300), 336, 14) == (420, 252)
 
 
 def test_assemble_places_tiles_removes_padding_and_adds_newlines():
@@ -63,9 +67,9 @@ def test_assemble_places_tiles_removes_padding_and_adds_newlines():
     out = assemble(tiles, layout, newline, global_view=torch.full((3, 1), -2.0))
     rows = 10 - 2
     assert out.shape == (rows * (12 + 1) + 3, 1) == (token_count(layout, h, True, 3), 1)
-    body = out[:-3].reshape(rows, 13)
+    body = out[3:].reshape(rows, 13)
     assert (body[:, -1] == -1).all() and int((out == -1).sum()) == rows  # one newline per row
-    assert (out[-3:] == -2).all()
+    assert (out[:3] == -2).all()  # the global view first, as LLaVA-NeXT
     # the first kept row is feature row 2 of the top tiles: tile 0 then tile 1
     assert body[0, :6].tolist() == tiles[0, 2, :, 0].tolist() and body[0, 6:12].tolist() == tiles[1, 2, :, 0].tolist()
     assert body[-1, :6].tolist() == tiles[2, 3, :, 0].tolist()  # the last kept row: row 9 = tile 2's row 3

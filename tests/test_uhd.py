@@ -17,7 +17,7 @@ from mmbridge.models.build import build_model
 from tests.conftest import assert_batched_answers_equal_alone, assert_served_batch_equals_alone
 
 IGNORE = -100
-K = 4  # the resampler's latents: tokens per view
+K = 4  # the resampler's queries: tokens per view (a 2x2 grid: Qwen-VL's compressor, UHD's default here)
 # (width, height) → (rows, cols) of slices at S = 32: 32x128 → N = 4 → 4x1; 96x64 → N = 6 → 2x3 (square
 # slices)
 GRIDS = {(32, 128): (4, 1), (96, 64): (2, 3)}
@@ -38,6 +38,9 @@ def uhd(tiny_lm_dir, tiny_clip_dir):
                       bridge={"name": "resampler", "latents": K, "depth": 1, "heads": 4}, lm={"path": tiny_lm_dir},
                       max_length=400, system_prompt="", tiling={"mode": "uhd", "max_slices": 6})
     model, proc = build_model(cfg)
+    assert model.bridge.kind == "qwen"  # no kind named: UHD's position-aware compressor
+    with torch.no_grad():  # an output projection far from its small initialisation, so answers follow images
+        model.bridge.proj.weight.normal_()
     return model.eval(), proc
 
 
@@ -59,8 +62,9 @@ def test_separators_are_the_lms_own_tokens(uhd):
         assert int((span == comma[0]).sum()) == rows * (cols - 1) and int((span == newline[0]).sum()) == rows
         assert int((span == proc.image_token_id).sum()) == (1 + rows * cols) * K  # overview + slices
     views = proc.images([picture((96, 64), 0)])
-    # the overview keeps its aspect (area near 32², whole patches); the six slices are 32x32
-    assert views["view_sizes"].tolist() == [[24, 40]] + [[32, 32]] * 6
+    # the overview keeps its aspect (UHD's adapt_size: scale √(16 · 8/64 · 8/96) = 0.408, patches ⌊0.408 · 64/8⌋ = 3
+    # by ⌊0.408 · 96/8⌋ = 4); the six slices are 32x32
+    assert views["view_sizes"].tolist() == [[24, 32]] + [[32, 32]] * 6
     assert proc.uhd_span((20, 20)).tolist() == [proc.image_token_id] * K  # one slice: the overview alone
 
 
@@ -82,7 +86,7 @@ def test_views_of_their_own_sizes_fill_the_slots_in_order(uhd):
     model, proc = uhd
     images = [picture(s, k) for k, s in enumerate(GRIDS)]
     batch = Collator(proc)([sample(proc, images[:1]), sample(proc, images[1:])])
-    assert batch["pixel_values"].shape == (5 + 7, 3, 64, 40)  # padded to the largest view
+    assert batch["pixel_values"].shape == (5 + 7, 3, 64, 32)  # padded: the 16x64 overview's rows, the slices' columns
     with torch.no_grad():
         embeds, _ = model.prepare(batch["input_ids"], batch["pixel_values"], visual_index=batch["visual_index"],
                                   view_sizes=batch["view_sizes"])
@@ -90,7 +94,8 @@ def test_views_of_their_own_sizes_fill_the_slots_in_order(uhd):
         for im in images:  # each view alone, unpadded, through the tower at its own size and the resampler
             for view in proc.tiling.views(im, 32):
                 px, _ = padded_pixels([view], proc.image_mean, proc.image_std)
-                want.append(model.bridge(model.vision.forward_any(px)))
+                grid = (px.shape[2] // 8, px.shape[3] // 8)  # each view's keys placed on its own grid
+                want.append(model.bridge(model.vision.forward_any(px), grid=grid))
     is_image = batch["input_ids"] == model.image_token_id
     torch.testing.assert_close(embeds[is_image], torch.cat(want).reshape(-1, embeds.shape[-1]), rtol=1e-4,
                                atol=1e-5)
@@ -121,7 +126,7 @@ def test_packed_uhd_rows_equal_unpacked_and_train(uhd):
                           head_dropout=0.0)
     out = obj(model, padded, normalizer=None)
     out.loss.backward()
-    assert torch.isfinite(out.loss) and model.bridge.resampler.latents.grad.abs().sum() > 0
+    assert torch.isfinite(out.loss) and model.bridge.resampler.query.grad.abs().sum() > 0
     model.zero_grad()
     model.requires_grad_(False)
 
@@ -174,18 +179,19 @@ def test_flops_measure_each_view_at_its_own_size(uhd):
 
     model, proc = uhd
     model.requires_grad_(False)  # a frozen tower and bridge: forward FLOPs once each
-    batch = Collator(proc)([sample(proc, [picture((96, 64), 0)])])  # a 24x40 overview and six 32x32 slices
+    batch = Collator(proc)([sample(proc, [picture((96, 64), 0)])])  # a 24x32 overview and six 32x32 slices
     flops = StepFlops(model)
     no_images = {**batch, "pixel_values": batch["pixel_values"][:0], "view_sizes": batch["view_sizes"][:0]}
 
     def view(h, w):
         px = torch.zeros(1, 3, h, w)
         with torch.no_grad():
-            return forward_flops(model.vision.forward_any, px) + forward_flops(model.bridge,
-                                                                                model.vision.forward_any(px))
+            feats = model.vision.forward_any(px)
+            return forward_flops(model.vision.forward_any, px) + forward_flops(
+                lambda f: model.bridge(f, grid=(h // 8, w // 8)), feats)
 
-    assert flops(batch) - flops(no_images) == view(24, 40) + 6 * view(32, 32)
-    assert view(24, 40) < view(32, 32)  # 15 patches, not 16
+    assert flops(batch) - flops(no_images) == view(24, 32) + 6 * view(32, 32)
+    assert view(24, 32) < view(32, 32)  # 12 patches, not 16
 
 
 def cubic_weights(n_out: int, n_in: int) -> torch.Tensor:

@@ -14,13 +14,16 @@ The mapping:
 * tokens per image → `image_seq_length`; the image token gets a zero row if the LM's vocabulary lacks it
   (mmbridge never embeds it), suppressed in `generation_config.json` with any other new id.
 
+A run under `model.tiling: {mode: anyres}` (newline and global view on, no anyres_max) with an `hf` tower is
+written as `LlavaNextForConditionalGeneration`: its grids as `image_grid_pinpoints` (height, width, as
+transformers reads them), the bridge's `image_newline` as the model's.
 Anything else raises `ExportError`, naming the recipe key in the way and what to change.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -44,6 +47,7 @@ _BRIDGES = {
 }
 _VISION = {"lcl_vit": "mmbridge's own ViT, which transformers cannot build"}
 ARCHS = {"hf": "LlavaForConditionalGeneration", "efficientnet_lite0": "FastVlmForConditionalGeneration"}
+NEXT = "LlavaNextForConditionalGeneration"  # an hf tower under AnyRes
 
 
 class ExportError(InteropError):
@@ -61,6 +65,7 @@ class LlavaLayout:
     image_seq_length: int
     patch_size: int
     image_size: int
+    pinpoints: list | None = None  # LLaVA-NeXT: the AnyRes grids in pixels, (height, width) as transformers reads
 
 
 def recipe_blockers(cfg: ModelConfig) -> list[str]:
@@ -99,8 +104,15 @@ def recipe_blockers(cfg: ModelConfig) -> list[str]:
     for key in ("pos_embed", "pooled"):
         if key in bridge and kind == "pool_adapter":
             found.append(f"model.bridge.{key}: a pool_adapter option; LLaVA has no pooling or per-cell embedding")
-    mode = dict(getattr(cfg, "tiling", None) or {}).get("mode", "none")
-    if mode != "none":
+    tiling = dict(getattr(cfg, "tiling", None) or {})
+    mode = tiling.get("mode", "none")
+    if mode == "anyres" and cfg.vision.get("name") == "hf":  # exported as LLaVA-NeXT
+        for key, why in (("newline", "adds a newline after every row"), ("global_view", "reads a global view")):
+            if tiling.get(key, True) is False:
+                found.append(f"model.tiling.{key}: false; LLaVA-NeXT {why}")
+        if tiling.get("anyres_max") is not None:
+            found.append("model.tiling.anyres_max: LLaVA-NeXT never shrinks the map (LLaVA-OneVision does)")
+    elif mode != "none":
         found.append(f"model.tiling.mode: {mode} gives each image its own views and token count; the exported "
                      "LLaVA reads one S×S view per image")
     return found
@@ -131,6 +143,10 @@ def layout(model, cfg: ModelConfig) -> LlavaLayout:
     if blockers:
         raise ExportError("cannot export:\n  " + "\n  ".join(blockers))
     plan = _hf_layout(model) if cfg.vision.get("name") == "hf" else _efficientnet_layout(model)
+    tiling = getattr(model, "tiling", None)
+    if tiling is not None and tiling.mode == "anyres":
+        size = plan.image_size
+        plan = replace(plan, architecture=NEXT, pinpoints=[[r * size, c * size] for r, c in tiling.grids])
     if model.bridge.num_tokens != plan.image_seq_length:
         raise ExportError(f"model.bridge: {model.bridge.num_tokens} tokens per image, but {plan.architecture} "
                           f"would give {plan.image_seq_length}")
@@ -193,7 +209,7 @@ def _padded(weight: torch.Tensor, rows: int) -> torch.Tensor:
 
 def _tower(model, plan: LlavaLayout) -> tuple[dict, dict[str, torch.Tensor]]:
     """The vision tower's transformers config (as a dict) and tensors."""
-    if plan.architecture == ARCHS["hf"]:
+    if plan.architecture in (ARCHS["hf"], NEXT):
         tower = model.vision.model
         return tower.config.to_dict(), tower.state_dict()
     from mmbridge.interop.fastvlm import efficientnet_config, efficientnet_state_dict
@@ -227,6 +243,8 @@ def llava_state_dict(model, vocab_size: int, tower: dict[str, torch.Tensor]) -> 
     for i, name in ((0, "linear_1"), (2, "linear_2")):
         state[f"model.multi_modal_projector.{name}.weight"] = proj[i].weight
         state[f"model.multi_modal_projector.{name}.bias"] = proj[i].bias
+    if getattr(model.bridge, "image_newline", None) is not None:  # LLaVA-NeXT's
+        state["model.image_newline"] = model.bridge.image_newline
     from mmbridge.interop.fastvlm import cut_block, cut_head
 
     if getattr(model.vision, "cfg", {}).get("name") == "efficientnet_lite0" and cut_block(model.vision) is not None:
@@ -249,10 +267,12 @@ def llava_model(model, processor, plan: LlavaLayout):
     text = {k: v for k, v in model.lm.config.to_dict().items() if k != "_name_or_path"}
     text["vocab_size"] = vocab
     vision = {k: v for k, v in vision.items() if k != "_name_or_path"}
+    next_options = {"image_grid_pinpoints": plan.pinpoints} if plan.pinpoints else {}
     config = config_class(vision_config=vision, text_config=text, image_token_index=image_id,
                           image_seq_length=plan.image_seq_length, projector_hidden_act=projector_act(model.bridge.proj),
                           vision_feature_select_strategy=plan.strategy, vision_feature_layer=plan.feature_layer,
-                          multimodal_projector_bias=True, tie_word_embeddings=bool(model.lm.config.tie_word_embeddings))
+                          multimodal_projector_bias=True, tie_word_embeddings=bool(model.lm.config.tie_word_embeddings),
+                          **next_options)
     config.dtype = next(model.lm.parameters()).dtype
     with torch.device("meta"):  # no random initialisation: every tensor is assigned below
         llava = model_class(config)
@@ -266,7 +286,7 @@ def llava_model(model, processor, plan: LlavaLayout):
         llava.tie_weights()
     # buffers that are not saved (position ids, rotary frequencies) come from the models that ran
     buffers = {f"model.vision_tower.{k}": b for k, b in model.vision.model.named_buffers()} \
-        if plan.architecture == ARCHS["hf"] else {}
+        if plan.architecture in (ARCHS["hf"], NEXT) else {}
     prefix = model.lm.base_model_prefix + "."
     buffers.update({"model.language_model." + k[len(prefix):]: b for k, b in model.lm.named_buffers()
                     if k.startswith(prefix)})

@@ -1,14 +1,16 @@
 """`mmbridge import`: a transformers LLaVA folder (`LlavaForConditionalGeneration` with an HF tower and its
-Linear-GELU-Linear projector) → an mmbridge run directory that `load_run`, `eval`, `chat`, `serve` and
-further training (`model.init`) use.
+Linear-GELU-Linear projector, or `LlavaNextForConditionalGeneration`: the same plus AnyRes, its candidate grids
+and learned `image_newline`) → an mmbridge run directory that `load_run`, `eval`, `chat`, `serve` and further
+training (`model.init`) use.
 
 The run carries every weight itself::
 
     RUN/vision/     the vision tower as an HF folder (config, safetensors, preprocessor_config.json), manifest
     RUN/lm/         the causal LM as an HF folder (config, safetensors, tokenizer), manifest
     RUN/tokenizer/  the tokenizer (image token, a chat template that takes plain-string contents)
-    RUN/model/      the projector as the `mlp` bridge (model.safetensors, meta.json, manifest)
-    RUN/recipe.yaml vision {name: hf, path: RUN/vision, ...}, bridge {name: mlp}, lm {path: RUN/lm}; no stages
+    RUN/model/      the projector as the `mlp` bridge (model.safetensors, meta.json, manifest), LLaVA-NeXT's newline
+    RUN/recipe.yaml vision {name: hf, path: RUN/vision, ...}, bridge {name: mlp}, lm {path: RUN/lm}, for
+                    LLaVA-NeXT tiling {mode: anyres, grids: its pinpoints}; no stages
 
 Recipe paths are absolute: a moved run needs its recipe's `model.vision.path` and `model.lm.path` edited.
 The whole directory is filled under a temporary name and renamed into place at the end.
@@ -27,15 +29,19 @@ from mmbridge.interop.chat_template import string_content_template
 from mmbridge.models.language import IMAGE_TOKEN
 
 
+CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
+
+
 class LlavaImportError(InteropError):
     """A folder mmbridge cannot hold as tower + `mlp` bridge + causal LM; the message names the field."""
 
 
 def _check_config(src: Path, config) -> None:
     where = f"{src}/config.json"
-    if config.model_type != "llava":
+    if config.model_type not in CLASSES:
         raise LlavaImportError(f"{where}: model_type {config.model_type!r}; mmbridge import reads "
-                               "LlavaForConditionalGeneration folders (model_type llava)")
+                               "LlavaForConditionalGeneration and LlavaNextForConditionalGeneration folders "
+                               "(model_type llava, llava_next)")
     if not isinstance(config.vision_feature_layer, int):
         raise LlavaImportError(f"{where}: vision_feature_layer {config.vision_feature_layer} concatenates several "
                                "layers; mmbridge's hf encoder reads one (feature_layer)")
@@ -48,6 +54,19 @@ def _check_config(src: Path, config) -> None:
         if not hasattr(config.vision_config, attr):
             raise LlavaImportError(f"{where}: vision_config ({config.vision_config.model_type}) has no {attr}; "
                                    "mmbridge's hf encoder takes ViT-style towers")
+
+
+def _anyres_tiling(src: Path, config) -> dict:
+    """LLaVA-NeXT's pinpoints as our AnyRes grids, in its order. transformers reads each pinpoint as (height,
+    width) (LLaVA-NeXT's own code as (width, height)): the grids follow transformers, whose forward we match."""
+    size, grids = int(config.vision_config.image_size), []
+    for pin in config.image_grid_pinpoints:
+        height, width = (int(x) for x in pin)
+        if height % size or width % size:
+            raise LlavaImportError(f"{src}/config.json: image_grid_pinpoints {list(pin)} is not a grid of "
+                                   f"{size}-pixel tiles; mmbridge's AnyRes cuts whole tiles")
+        grids.append([height // size, width // size])
+    return {"mode": "anyres", "grids": grids, "newline": True, "global_view": True}
 
 
 def _drop_cls(src: Path, config, tower) -> bool:
@@ -125,7 +144,8 @@ def _preprocessing_notes(src: Path, image_processor, size: int) -> list[str]:
 
 def import_llava(src: str | Path, out_dir: str | Path, say=print) -> Path:
     """Write the LLaVA folder `src` as an mmbridge run directory `out_dir` (see the module docstring)."""
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
 
     from mmbridge.config import recipe_from_dict
     from mmbridge.interop.llava_processor import image_processor as square_processor
@@ -147,7 +167,9 @@ def import_llava(src: str | Path, out_dir: str | Path, say=print) -> Path:
         raise LlavaImportError(f"{src}/config.json: image_token_index {config.image_token_id} is not the id of "
                                f"{IMAGE_TOKEN!r} in its tokenizer ({tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)})")
     tokenizer.chat_template = _chat_template(src, processor, tokenizer)
-    llava, info = LlavaForConditionalGeneration.from_pretrained(str(src), dtype="auto", output_loading_info=True)
+    llava_class = getattr(transformers, CLASSES[config.model_type])
+    tiling = _anyres_tiling(src, config) if config.model_type == "llava_next" else None
+    llava, info = llava_class.from_pretrained(str(src), dtype="auto", output_loading_info=True)
     missing, mismatched = sorted(info.get("missing_keys") or []), list(info.get("mismatched_keys") or [])
     if missing or mismatched:
         raise LlavaImportError(f"{src}: its safetensors lack or misshape weights its config asks for: "
@@ -170,7 +192,8 @@ def import_llava(src: str | Path, out_dir: str | Path, say=print) -> Path:
         model_cfg = {"vision": {"name": "hf", "feature_layer": int(config.vision_feature_layer),
                                 "drop_cls": drop_cls},
                      "bridge": {"name": "mlp", "depth": 2},
-                     "max_length": int(min(getattr(text, "max_position_embeddings", 2048) or 2048, 4096))}
+                     "max_length": int(min(getattr(text, "max_position_embeddings", 2048) or 2048, 4096)),
+                     **({"tiling": tiling} if tiling else {})}
 
         def recipe(root: Path):
             return recipe_from_dict({"name": out.name, "model": {
@@ -183,7 +206,9 @@ def import_llava(src: str | Path, out_dir: str | Path, say=print) -> Path:
             for i, layer in ((0, proj.linear_1), (2, proj.linear_2)):
                 model.bridge.proj[i].weight.copy_(layer.weight)
                 model.bridge.proj[i].bias.copy_(layer.bias)
-        if our_processor.num_image_tokens != config.image_seq_length:
+            if tiling:
+                model.bridge.image_newline.copy_(llava.model.image_newline)
+        if not tiling and our_processor.num_image_tokens != config.image_seq_length:
             say(f"note: {src}/config.json: image_seq_length {config.image_seq_length}, but the tower gives "
                 f"{our_processor.num_image_tokens} tokens per image (used)")
         keys = {k for k, _ in model.bridge.named_parameters(prefix="bridge")}

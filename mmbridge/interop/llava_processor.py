@@ -20,11 +20,24 @@ def image_processor(size: int, mean, std):
                                   image_mean=list(mean), image_std=list(std), do_convert_rgb=True, do_pad=False)
 
 
+def next_image_processor(size: int, mean, std, pinpoints):
+    """LLaVA-NeXT's image processor set to our AnyRes: the global view resized to size×size (no crop), tiles from
+    the image resized to fit its grid, centred on black (data/tiling.py)."""
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    square = {"height": int(size), "width": int(size)}
+    return LlavaNextImageProcessorPil(do_resize=True, size=square, resample=3, do_center_crop=False,
+                                      crop_size=square, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                                      image_mean=list(mean), image_std=list(std), do_convert_rgb=True,
+                                      image_grid_pinpoints=[list(p) for p in pinpoints])
+
+
 def llava_processor(processor, plan, system_prompt: str | None):
-    """A LlavaProcessor equivalent to our `processor` (tokenizer with one multimodal chat template)."""
+    """A LlavaProcessor (LlavaNextProcessor under AnyRes) equivalent to our `processor` (tokenizer with one
+    multimodal chat template)."""
     import copy
 
-    from transformers import LlavaProcessor
+    from transformers import LlavaNextProcessor, LlavaProcessor
 
     tok = copy.deepcopy(processor.tokenizer)
     template = tok.chat_template
@@ -33,6 +46,13 @@ def llava_processor(processor, plan, system_prompt: str | None):
                          f"(got {type(template).__name__})")
     template = multimodal_template(template, system_prompt)
     tok.chat_template = template
+    if getattr(plan, "pinpoints", None):
+        return LlavaNextProcessor(image_processor=next_image_processor(plan.image_size, processor.image_mean,
+                                                                       processor.image_std, plan.pinpoints),
+                                  tokenizer=tok, patch_size=plan.patch_size,
+                                  vision_feature_select_strategy=plan.strategy, chat_template=template,
+                                  image_token=IMAGE_TOKEN,
+                                  num_additional_image_tokens=plan.num_additional_image_tokens)
     return LlavaProcessor(image_processor=image_processor(plan.image_size, processor.image_mean, processor.image_std),
                           tokenizer=tok, patch_size=plan.patch_size,
                           vision_feature_select_strategy=plan.strategy, chat_template=template,

@@ -26,7 +26,7 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> tuple[MultimodalLM, Process
     vision = build_vision_encoder(dict(cfg.vision))
     lm, tok = load_language_model(dict(cfg.lm))
     tok = tokenizer or tok
-    bridge = build_bridge(dict(cfg.bridge), vision.hidden_size, lm.config.hidden_size, vision.grid,
+    bridge = build_bridge(bridge_options(cfg), vision.hidden_size, lm.config.hidden_size, vision.grid,
                           in_tokens=vision.num_tokens)
     tiling = build_tiling(cfg, bridge, vision, lm.config.hidden_size)
     model = MultimodalLM(vision, bridge, lm, tok.convert_tokens_to_ids(IMAGE_TOKEN))
@@ -45,6 +45,15 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> tuple[MultimodalLM, Process
     processor.video = video_sampling(cfg, bridge)
     processor.tiling = tiling
     return model, processor
+
+
+def bridge_options(cfg: ModelConfig) -> dict:
+    """`model.bridge`; under LLaVA-UHD's tiling a resampler without a `kind` is Qwen-VL's position-aware
+    compressor (`kind: qwen`), which keys each slice by its own grid as UHD's shared compressor does."""
+    options = dict(cfg.bridge)
+    if dict(getattr(cfg, "tiling", None) or {}).get("mode") == "uhd" and options.get("name") == "resampler":
+        options.setdefault("kind", "qwen")
+    return options
 
 
 def build_tiling(cfg: ModelConfig, bridge, vision, width: int) -> Tiling:

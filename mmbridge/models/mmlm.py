@@ -81,6 +81,9 @@ class MultimodalLM(nn.Module):
             flat = torch.cat([flat, newline.to(flat.dtype)[None]], dim=0)
         elif visual_index.numel() and bool((visual_index < 0).any()):
             raise ValueError("visual_index asks for the image newline, but the bridge has no image_newline")
+        if visual_index.dim() == 2:  # anyres_max: each token a weighted sum of four rows (data/layouts.py)
+            rows, weights = visual_index[:, :4].long(), visual_index[:, 4:].to(flat.dtype)
+            return (flat[rows] * weights[..., None]).sum(1)
         return flat[visual_index]
 
     @property

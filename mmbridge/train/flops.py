@@ -165,6 +165,9 @@ class StepFlops:
                     if getattr(bridge, "uses_instruction", False) else {}
                 if getattr(bridge, "reads_words", False):  # concept tokens read the LM's word embeddings
                     extra["words"] = model.lm.get_input_embeddings().weight
+                if any_size and getattr(bridge, "reads_grid", False):  # a view's own grid (UHD's qwen compressor)
+                    patch = model.vision.image_size // model.vision.grid[1]
+                    extra["grid"] = (size[0] // patch, size[1] // patch)
                 return vision, forward_flops(functools.partial(bridge, **extra), feats)
         finally:
             for m, mode in modes.items():

@@ -176,7 +176,7 @@ class ResamplerBridge(Bridge):
         self.proj = nn.Linear(dim, lm_dim)
 
     def regrid(self, grid: tuple[int, int], in_tokens: int) -> None:
-        if self.resampler.pos_embed is not None and in_tokens != self.in_tokens:
+        if getattr(self.resampler, "pos_embed", None) is not None and in_tokens != self.in_tokens:  # qwen has none
             raise ValueError(f"resampler: pos_embed is learned for {self.in_tokens} tokens per frame, the new grid "
                              f"{tuple(grid)} gives {in_tokens}")
         super().regrid(grid, in_tokens)
