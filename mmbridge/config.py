@@ -11,9 +11,8 @@ from typing import Any
 
 import yaml
 
-
-class RecipeError(ValueError):
-    """A recipe that cannot be used as written."""
+from mmbridge.core import RecipeError, check_spec  # noqa: F401  (RecipeError: also imported from here)
+from mmbridge.log_settings import check as check_log
 
 
 @dataclass
@@ -346,13 +345,9 @@ def _validate_hf_source(recipe: Recipe, name: str, src: DataSource) -> None:
 
 def validate(recipe: Recipe) -> None:
     """Cross-field checks that dataclass typing cannot express."""
-    from mmbridge.train.device import check_spec
-
     if recipe.kind not in KINDS:
         raise RecipeError(f"recipe.kind: expected one of {list(KINDS)}, got {recipe.kind!r}")
     check_spec(recipe.device, "recipe.device")
-    from mmbridge.train.tracking import check as check_log
-
     check_log(recipe.log)
     if recipe.kind == "lcl":
         _validate_lcl(recipe)
