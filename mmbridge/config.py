@@ -458,3 +458,15 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def recipe_to_dict(recipe: Recipe) -> dict:
     return dataclasses.asdict(recipe)
+
+
+def save_recipe(recipe: Recipe, run_dir: Path) -> None:
+    (Path(run_dir) / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+
+
+def read_recipe(run_dir: Path) -> Recipe:
+    """The recipe a run directory was trained with (RUN/recipe.yaml)."""
+    path = Path(run_dir) / "recipe.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no recipe.yaml)")
+    return recipe_from_dict(yaml.safe_load(path.read_text()), where=str(path))
