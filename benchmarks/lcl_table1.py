@@ -33,7 +33,7 @@ from mmbridge.config import load_recipe
 from mmbridge.data.shapes_world import COLOURS, SHAPES, scene_sentence, split_scenes
 from mmbridge.lcl.sequence import ImageCache
 from mmbridge.objectives import build_objective
-from mmbridge.train.task import task_for
+from mmbridge.train.tasks import task_for
 from mmbridge.train.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

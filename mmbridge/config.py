@@ -11,9 +11,8 @@ from typing import Any
 
 import yaml
 
-
-class RecipeError(ValueError):
-    """A recipe that cannot be used as written."""
+from mmbridge.core import RecipeError, check_spec  # noqa: F401  (RecipeError: also imported from here)
+from mmbridge.log_settings import check as check_log
 
 
 @dataclass
@@ -347,13 +346,9 @@ def _validate_hf_source(recipe: Recipe, name: str, src: DataSource) -> None:
 
 def validate(recipe: Recipe) -> None:
     """Cross-field checks that dataclass typing cannot express."""
-    from mmbridge.train.device import check_spec
-
     if recipe.kind not in KINDS:
         raise RecipeError(f"recipe.kind: expected one of {list(KINDS)}, got {recipe.kind!r}")
     check_spec(recipe.device, "recipe.device")
-    from mmbridge.train.tracking import check as check_log
-
     check_log(recipe.log)
     if recipe.kind == "lcl":
         _validate_lcl(recipe)
@@ -464,3 +459,15 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def recipe_to_dict(recipe: Recipe) -> dict:
     return dataclasses.asdict(recipe)
+
+
+def save_recipe(recipe: Recipe, run_dir: Path) -> None:
+    (Path(run_dir) / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+
+
+def read_recipe(run_dir: Path) -> Recipe:
+    """The recipe a run directory was trained with (RUN/recipe.yaml)."""
+    path = Path(run_dir) / "recipe.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no recipe.yaml)")
+    return recipe_from_dict(yaml.safe_load(path.read_text()), where=str(path))

@@ -279,7 +279,7 @@ def test_engine_batches_follow_the_seeded_epoch_order(world):
     from mmbridge.config import recipe_from_dict
     from mmbridge.lcl.data import EpochBatches
     from mmbridge.train.distributed import Dist
-    from mmbridge.train.task import task_for
+    from mmbridge.train.tasks import task_for
 
     batches = iter(EpochBatches(10, 4, seed=3))
     got = [next(batches) for _ in range(5)]  # 20 items: two epochs

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mmbridge.config import ModelConfig
+from mmbridge.config import ModelConfig, read_recipe
 from mmbridge.data.layouts import Tiling
 from mmbridge.data.processor import Processor
 from mmbridge.data.video import VideoSampling
@@ -17,6 +17,7 @@ from mmbridge.models.feature_cache import FeatureCache
 from mmbridge.models.language import IMAGE_TOKEN, load_language_model
 from mmbridge.models.mmlm import MultimodalLM
 from mmbridge.models.vision import build_vision_encoder
+from mmbridge.models.weights import load_weights
 from mmbridge.models.window_lora import add_window_lora
 
 
@@ -95,8 +96,6 @@ def video_sampling(cfg: ModelConfig, bridge) -> VideoSampling:
 def _load_init(model: MultimodalLM, run_dir: str, seen: tuple[str, ...] = ()) -> None:
     """`model.init`: the run's trained weights (its LoRA adapters injected first) into the new build. A run that
     itself started from another (its own `model.init`) saved only what it trained: that one is loaded first."""
-    from mmbridge.train.checkpoint import load_weights, read_recipe
-
     folder = Path(run_dir) / "model"
     if not (folder / "meta.json").is_file():
         raise FileNotFoundError(f"model.init: {run_dir} is not a run directory with trained weights "

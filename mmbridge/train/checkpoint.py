@@ -22,7 +22,6 @@ unpickle anything but tensors and plain containers.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import json
 import os
@@ -36,23 +35,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
-from mmbridge.config import Recipe, recipe_from_dict, recipe_to_dict
-from mmbridge.models.meta import defer_file, has_meta
+from mmbridge.config import Recipe, read_recipe, recipe_to_dict, save_recipe  # noqa: F401  (also imported from here)
 from mmbridge.models.resolution import sync_processor
+from mmbridge.models.weights import (  # noqa: F401  (also imported from here)
+    MANIFEST, CheckpointError, _sha256, load_weights, restore_structure, verify)
 
-MANIFEST = "manifest.json"
 STATE = "trainer_state.pt"
 _NAME = re.compile(r"^stage(\d+)-step(\d+)$")
 # what a killed save or prune leaves in RUN/checkpoints: a temp folder, a checkpoint renamed aside, a prune's
 _PARTIAL = re.compile(r"^\.(stage\d+-step\d+)(\.[a-z0-9_]+)?\.(tmp|old|deleting)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint or run directory that cannot be written or read; the message says which and why."""
 
 
 # -- files ------------------------------------------------------------------------------------
@@ -64,39 +58,10 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_manifest(folder: Path) -> None:
     files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.name != MANIFEST)
     manifest = {"format": 1, "files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
     (Path(folder) / MANIFEST).write_text(json.dumps(manifest, indent=2))
-
-
-def verify(folder: Path) -> None:
-    """Raise CheckpointError unless every file in the manifest is there with its size and hash."""
-    folder = Path(folder)
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        files = manifest["files"]
-    except FileNotFoundError:
-        raise CheckpointError(f"{folder}: no {MANIFEST} (written last, so the save never finished)") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{folder}/{MANIFEST}: unreadable ({e})") from None
-    for name, want in files.items():
-        path = folder / name
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing (listed in {MANIFEST})")
-        size = path.stat().st_size
-        if size != want["bytes"]:
-            raise CheckpointError(f"{path}: truncated or altered: {size} bytes, the manifest says {want['bytes']}")
-        if _sha256(path) != want["sha256"]:
-            raise CheckpointError(f"{path}: corrupt: its sha256 differs from the manifest's")
 
 
 def seal(folder: Path) -> None:
@@ -185,58 +150,6 @@ def save_weights(model: torch.nn.Module | dict, keys: set[str], folder: Path, me
     if state is not None:
         writers[STATE] = lambda p: torch.save(state, p)
     write_folder(folder, writers)
-
-
-def restore_structure(model: torch.nn.Module, meta: dict) -> None:
-    """What training added to the LM before its weights were saved: LoRA, MoE experts (MoE-tuning), LaVIN's MMA."""
-    if meta.get("lora") and not any("lora_" in n for n, _ in getattr(model, "lm", model).named_parameters()):
-        from mmbridge.models.language import add_lora
-
-        add_lora(model.lm, **meta["lora"])
-    if meta.get("moe"):
-        from mmbridge.models.moe import add_moe, has_moe
-
-        if not has_moe(model.lm):
-            add_moe(model.lm, **meta["moe"])
-            model.lm.moe_config = dict(meta["moe"])
-    size = meta.get("image_size")
-    if size and hasattr(model, "set_image_size") and size != model.vision.image_size:
-        model.set_image_size(size)  # a stage changed the resolution: the saved position table has the new size
-    if meta.get("mma"):
-        from mmbridge.models.mma import add_mma, has_mma
-
-        if not has_mma(model.lm):
-            if "groups" not in meta["mma"]:
-                raise ValueError("this run's LaVIN adapters are the older two-path SiLU form, which this version no "
-                                 "longer builds (it follows LaVIN's RepAdapter router now); retrain the mma stage")
-            add_mma(model.lm, **meta["mma"])
-            model.lm.mma_config = dict(meta["mma"])
-
-
-def load_weights(model: torch.nn.Module, folder: Path) -> dict:
-    """Load saved parameters into a freshly built model; every saved key must exist there."""
-    folder = Path(folder)
-    if (folder / MANIFEST).exists():
-        verify(folder)
-    meta = json.loads((folder / "meta.json").read_text())
-    restore_structure(model, meta)
-    file = folder / "model.safetensors"
-    if has_meta(model):  # built for FSDP: what lands on meta parameters is read per shard when sharded
-        with safe_open(str(file), framework="pt") as fh:
-            shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-            state = {k: fh.get_tensor(k) for k in defer_file(model, str(file), list(shapes))}
-    else:
-        state = load_file(str(file))
-        shapes = {k: tuple(v.shape) for k, v in state.items()}
-    own = model.state_dict()
-    missing = sorted(set(shapes) - set(own))
-    if missing:
-        raise KeyError(f"{folder}: checkpoint has parameters the model lacks: {missing[:5]}")
-    for k, shape in shapes.items():
-        if tuple(own[k].shape) != shape:
-            raise ValueError(f"{folder}: {k} has shape {shape} in the checkpoint, {tuple(own[k].shape)} in the model")
-    model.load_state_dict(state, strict=False)
-    return meta
 
 
 # -- checkpoints ------------------------------------------------------------------------------
@@ -412,17 +325,6 @@ def check_free_space(run_dir: Path, checkpoint_bytes: int, final_bytes: int, kee
 
 
 # -- recipe, RNG, whole runs ------------------------------------------------------------------
-def save_recipe(recipe: Recipe, run_dir: Path) -> None:
-    (Path(run_dir) / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-
-
-def read_recipe(run_dir: Path) -> Recipe:
-    path = Path(run_dir) / "recipe.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir}: not a run directory (no recipe.yaml)")
-    return recipe_from_dict(yaml.safe_load(path.read_text()), where=str(path))
-
-
 def rng_state() -> dict:
     """The CPU-side RNG states (torch, numpy, Python) as tensors and plain values, so
     `torch.load(weights_only=True)` reads them; the trainer adds every CUDA device's under `cuda`."""

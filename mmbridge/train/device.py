@@ -9,25 +9,10 @@ The device is picked once; the model, every batch, generation and evaluation the
 from __future__ import annotations
 
 import os
-import re
 
 import torch
 
-from mmbridge.config import RecipeError
-
-_SPEC = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
-
-
-class DeviceError(RecipeError):
-    """A device that was asked for and is not there (or a spec that is not a device)."""
-
-
-def check_spec(spec: str, where: str = "device") -> str:
-    """`spec` normalised, or a DeviceError if it is not auto, cpu, cuda or cuda:N."""
-    norm = str(spec).strip().lower()
-    if not _SPEC.match(norm):
-        raise DeviceError(f"{where}: {spec!r} is not a device; expected auto, cpu, cuda or cuda:N")
-    return norm
+from mmbridge.core import DeviceError, check_spec  # noqa: F401  (DeviceError: also imported from here)
 
 
 def _why_no_cuda() -> str:

@@ -42,10 +42,3 @@ class Task:
 
     def finish(self, trainer) -> None:
         """After the last stage, on every process (the main one writes): export what the run is for."""
-
-
-def task_for(recipe: Recipe) -> Task:
-    from mmbridge.lcl import task as _lcl  # noqa: F401  (registration)
-    from mmbridge.train import lmm_task as _lmm  # noqa: F401
-
-    return TASKS.get(recipe.kind)(recipe)

@@ -37,7 +37,7 @@ from mmbridge.train.parts import apply_stage_modes, count_params, param_groups, 
 from mmbridge.train.plots import plot_losses
 from mmbridge.train.schedule import warmup_cosine
 from mmbridge.train.signals import StopSignals
-from mmbridge.train.task import task_for
+from mmbridge.train.tasks import task_for
 from mmbridge.train.tracking import Trackers
 
 
