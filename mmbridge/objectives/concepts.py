@@ -78,6 +78,28 @@ def answer_rows(datasets, samples: int):
         yield sample["labels"]
 
 
+def word_mil(per_token: torch.Tensor, batch: dict, image_token_id: int, tokens_per_image: int, word_ids: torch.Tensor,
+             normalizer: float | None, name: str):
+    """Multiple-instance word detection: a row holds a word if one of its images' tokens does (the largest logit of
+    `per_token` [n_images, tokens, V] over the row's images' tokens), binary cross-entropy against the words
+    `word_ids` among the row's labels. Returns the loss, its share of the step's normaliser, and the accuracy."""
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    per_image = per_token.amax(1)
+    # each image belongs to the row whose image tokens it fills (in order)
+    per_row = (input_ids == image_token_id).sum(1) // tokens_per_image
+    owner = torch.repeat_interleave(torch.arange(len(per_row), device=per_row.device), per_row)
+    if owner.numel() != per_image.shape[0]:
+        raise ValueError(f"objective {name}: {per_image.shape[0]} images for {owner.numel()} image slots")
+    scores = per_image.new_full((len(per_row), per_image.shape[1]), float("-inf"))
+    scores = scores.scatter_reduce(0, owner[:, None].expand_as(per_image), per_image, "amax")
+    has = per_row > 0
+    target = (labels[:, :, None] == word_ids[None, None, :]).any(1).to(scores.dtype)
+    loss = F.binary_cross_entropy_with_logits(scores[has], target[has])
+    share = 1.0 if normalizer is None else target_total(batch) / normalizer
+    hit = ((scores[has] > 0) == target[has].bool()).float().mean()
+    return loss, share, hit
+
+
 @OBJECTIVES.register("concepts")
 class ConceptLoss(Objective):
     """Multiple-instance word detection on the bridge's tokens; `samples`: how many of the stage's samples
@@ -98,21 +120,9 @@ class ConceptLoss(Objective):
 
     def forward(self, model, batch: dict, normalizer: float | None = None) -> LossOutput:
         bridge = concept_bridge(model)
-        input_ids, labels = batch["input_ids"], batch["labels"]
         feats = model.vision_features(batch["pixel_values"])
         words = model.lm.get_input_embeddings().weight
         per_region = bridge.scores(bridge.regions_of(feats), words)  # [n_images, regions, V]
-        per_image = per_region.amax(1)
-        # each image belongs to the row whose image tokens it fills (in order)
-        per_row = (input_ids == model.image_token_id).sum(1) // bridge.num_tokens
-        owner = torch.repeat_interleave(torch.arange(len(per_row), device=per_row.device), per_row)
-        if owner.numel() != per_image.shape[0]:
-            raise ValueError(f"objective concepts: {per_image.shape[0]} images for {owner.numel()} image slots")
-        scores = per_image.new_full((len(per_row), per_image.shape[1]), float("-inf"))
-        scores = scores.scatter_reduce(0, owner[:, None].expand_as(per_image), per_image, "amax")
-        has = per_row > 0
-        target = (labels[:, :, None] == bridge.word_ids[None, None, :]).any(1).to(scores.dtype)
-        loss = F.binary_cross_entropy_with_logits(scores[has], target[has])
-        share = 1.0 if normalizer is None else target_total(batch) / normalizer
-        hit = ((scores[has] > 0) == target[has].bool()).float().mean()
+        loss, share, hit = word_mil(per_region, batch, model.image_token_id, bridge.num_tokens, bridge.word_ids,
+                                    normalizer, "concepts")
         return LossOutput(loss * share, {"concepts": (loss * share).detach()}, {"word_accuracy": hit.detach()})

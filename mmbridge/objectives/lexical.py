@@ -24,12 +24,10 @@ weight, the output layer included, away from the words where the data asks for i
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mmbridge.objectives.base import OBJECTIVES, LossOutput, Objective
-from mmbridge.objectives.concepts import answer_rows, choose_vocabulary
-from mmbridge.train.loss_norm import target_total
+from mmbridge.objectives.concepts import answer_rows, choose_vocabulary, word_mil
 
 
 def hidden_units(bridge) -> nn.Linear | None:
@@ -105,19 +103,7 @@ class LexicalAlignment(Objective):
         return tokens @ table.to(tokens.dtype).T * self.scale.exp() + self.offset[: len(self.word_ids)]
 
     def forward(self, model, batch: dict, normalizer: float | None = None) -> LossOutput:
-        input_ids, labels = batch["input_ids"], batch["labels"]
         per_token = self.word_logits(model, model.vision_features(batch["pixel_values"]))
-        per_image = per_token.amax(1)  # MIL: an image holds a word if one of its tokens does
-        n_tokens = model.bridge.num_tokens
-        per_row = (input_ids == model.image_token_id).sum(1) // n_tokens  # images fill rows in order
-        owner = torch.repeat_interleave(torch.arange(len(per_row), device=per_row.device), per_row)
-        if owner.numel() != per_image.shape[0]:
-            raise ValueError(f"objective lexical: {per_image.shape[0]} images for {owner.numel()} image slots")
-        scores = per_image.new_full((len(per_row), per_image.shape[1]), float("-inf"))
-        scores = scores.scatter_reduce(0, owner[:, None].expand_as(per_image), per_image, "amax")
-        has = per_row > 0
-        target = (labels[:, :, None] == self.word_ids[None, None, :]).any(1).to(scores.dtype)
-        loss = F.binary_cross_entropy_with_logits(scores[has], target[has])
-        share = 1.0 if normalizer is None else target_total(batch) / normalizer
-        hit = ((scores[has] > 0) == target[has].bool()).float().mean()
+        loss, share, hit = word_mil(per_token, batch, model.image_token_id, model.bridge.num_tokens, self.word_ids,
+                                    normalizer, "lexical")
         return LossOutput(loss * share, {"lexical": (loss * share).detach()}, {"word_accuracy": hit.detach()})
