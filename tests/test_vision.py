@@ -342,3 +342,15 @@ def test_effnet_extra_stages_append_pooled_early_channels(effnet):
     with pytest.raises(ValueError, match="before the main feature_stage"):
         build_vision_encoder({"name": "efficientnet_lite0", "pretrained": False, "feature_stage": "block5",
                               "extra_stages": ["block5"]})
+
+
+def test_a_tower_without_its_own_statistics_says_which_it_uses(tiny_clip_dir):
+    """No preprocessor_config.json beside the tower: the model type's defaults, and a warning that says so."""
+    import pytest as _pytest
+
+    from mmbridge.data.images import CLIP_MEAN
+    from mmbridge.models.vision import build_vision_encoder
+
+    with _pytest.warns(UserWarning, match="normalising with the clip_vision_model defaults"):
+        enc = build_vision_encoder({"name": "hf", "path": tiny_clip_dir})
+    assert tuple(enc.image_mean) == tuple(CLIP_MEAN)

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from mmbridge.models import meta
 
@@ -100,10 +100,6 @@ def lora_layers(layers, num_layers: int) -> list[int] | None:
         raise ValueError(f"lora.layers: a number N (the top N layers) or a list of layer indices in "
                          f"[0, {num_layers}); got {layers!r}")
     return sorted(set(layers))
-
-
-def language_config(path: str) -> object:
-    return AutoConfig.from_pretrained(resolve_path(path))
 
 
 def add_lora(model: torch.nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str],

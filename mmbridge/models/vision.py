@@ -7,6 +7,7 @@ import inspect
 import io
 import json
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -57,7 +58,7 @@ def _read_preprocessor_stats(path: str) -> tuple[Triple, Triple] | None:
                 _raise_exceptions_for_missing_entries=False,
                 _raise_exceptions_for_connection_errors=False,
             )
-        except Exception:  # offline / not cached / no such file: fall back to defaults
+        except OSError:  # offline and not cached, or no such repository: the model type's defaults (said below)
             file = None
     if not file:
         return None
@@ -179,7 +180,11 @@ class HFVisionEncoder(VisionEncoder):
         if post_layernorm and self._final_norm is None:
             raise ValueError(f"post_layernorm=True but no final layernorm found in {type(self.model).__name__}")
 
-        stats = _read_preprocessor_stats(source) or _default_stats(str(vc.model_type))
+        stats = _read_preprocessor_stats(source)
+        if stats is None:  # said, not silent: a tower's own statistics would differ
+            stats = _default_stats(str(vc.model_type))
+            warnings.warn(f"model.vision.path {path}: no image_mean/image_std in a preprocessor_config.json there; "
+                          f"normalising with the {vc.model_type} defaults {stats}", stacklevel=2)
         self.image_mean, self.image_std = stats
         self.cfg = {"name": "hf", "path": path, "feature_layer": feature_layer, "drop_cls": drop_cls,
                     "post_layernorm": post_layernorm, "image_size": image_size}
