@@ -143,7 +143,7 @@ class StageConfig:
     pack: bool = False
     pack_images: int = 0
     # token: every answer token weighs the same; sample: every sample's answer weighs the same, so
-    # one-word VQA answers count as much as 17-token boxes (see mmbridge.train.loss_norm)
+    # one-word VQA answers count as much as 17-token boxes (see mmbridge.loss_norm)
     loss_norm: str = "token"
     objective: dict = field(default_factory=lambda: {"name": "lm"})  # name + options
 

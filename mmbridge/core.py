@@ -1,9 +1,20 @@
-"""The bottom of mmbridge: what every layer may use and nothing of mmbridge's own is imported by (errors, the
-device-spec check)."""
+"""The bottom of mmbridge: what every layer may use, importing nothing of mmbridge's own (errors, the device-spec
+check, the image placeholder, the label that is not a target, the cache folder)."""
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
+
+IMAGE_TOKEN = "<image>"  # where an image's tokens go in a conversation's text
+IGNORE = -100  # a label that is not a target (PyTorch's cross-entropy ignore_index)
+
+
+def cache_root() -> Path:
+    """Where mmbridge keeps what it derives once (dequantised GGUF models, data indexes): $MMBRIDGE_CACHE or
+    ~/.cache/mmbridge."""
+    return Path(os.environ.get("MMBRIDGE_CACHE", Path.home() / ".cache" / "mmbridge"))
 
 
 class RecipeError(ValueError):

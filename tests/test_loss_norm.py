@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmbridge.config import RecipeError, recipe_from_dict
-from mmbridge.train.loss_norm import sample_weights, target_total
+from mmbridge.loss_norm import sample_weights, target_total
 from mmbridge.train.trainer import Trainer
 from tests.conftest import tiny_recipe_dict
 from tests.rounding import GRAD_REL, LOSS_REL

@@ -29,7 +29,7 @@ from mmbridge.data.llava import DataError
 from mmbridge.data.processor import IGNORE
 from mmbridge.lcl.readers import parse_document
 from mmbridge.lcl.sequence import SequenceConfig, layout
-from mmbridge.models.language import IMAGE_TOKEN
+from mmbridge.core import IMAGE_TOKEN
 from mmbridge.data.layouts import require_fixed
 
 STYLE_KEYS = ("style", "end_of_chunk", "single_image_drop")

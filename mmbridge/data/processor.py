@@ -9,12 +9,11 @@ import jinja2
 import numpy as np
 import torch
 
+from mmbridge.core import IGNORE, IMAGE_TOKEN  # noqa: F401  (IGNORE: also imported from here)
 from mmbridge.data import spans as img_spans
 from mmbridge.data.layouts import Tiling
 from mmbridge.data.llava import ROLES, DataError
-from mmbridge.models.language import IMAGE_TOKEN
 
-IGNORE = -100
 # Private-use characters that stand in for each message's content in a trial rendering of the
 # template, so every message's place in the real rendering is known exactly.
 _MARK = "\ue000{}\ue001"

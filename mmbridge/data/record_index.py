@@ -195,7 +195,7 @@ def build_index(store, processor, workers: int | None = None) -> dict:
 
 def cache_dir() -> Path:
     """`$MMBRIDGE_INDEX_CACHE`, else `data-index/` in mmbridge's cache folder."""
-    from mmbridge.models.language import cache_root
+    from mmbridge.core import cache_root
 
     return Path(os.environ.get("MMBRIDGE_INDEX_CACHE") or cache_root() / "data-index")
 

@@ -6,15 +6,14 @@ import contextlib
 import hashlib
 import importlib.util
 import io
-import os
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from mmbridge.core import IMAGE_TOKEN, cache_root  # noqa: F401  (also imported from here)
 from mmbridge.models import meta
 
-IMAGE_TOKEN = "<image>"
 LM_OPTIONS = {"path", "gguf_file", "dtype", "attn_implementation", "cache_dir", "gradient_checkpointing"}
 
 
@@ -27,10 +26,6 @@ def resolve_path(path: str) -> str:
             raise FileNotFoundError(f"{path}: Python package {package!r} is not installed (see `make setup`)")
         return str(Path(spec.origin).parent / sub) if sub else str(Path(spec.origin).parent)
     return path
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MMBRIDGE_CACHE", Path.home() / ".cache" / "mmbridge"))
 
 
 def _dequantised_gguf(folder: str, gguf_file: str, cache_dir: str | None) -> str:

@@ -221,7 +221,7 @@ class MultimodalLM(nn.Module):
                     weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token cross-entropy over labelled positions / `normalizer` (default: their count).
 
-        `weights` ([B, T-1], see `mmbridge.train.loss_norm`) weigh each target; the count returned (a tensor,
+        `weights` ([B, T-1], see `mmbridge.loss_norm`) weigh each target; the count returned (a tensor,
         not read back to the host) is then their sum."""
         targets = labels[:, 1:]
         keep = targets != IGNORE

@@ -10,7 +10,7 @@ from torch import nn
 
 from mmbridge.models import moe
 from mmbridge.registry import Registry
-from mmbridge.train.loss_norm import target_total
+from mmbridge.loss_norm import target_total
 
 OBJECTIVES: Registry["Objective"] = Registry("objective")
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from mmbridge.models.bridges.qformer import QFormerBridge
 from mmbridge.objectives.base import OBJECTIVES, LossOutput, Objective
-from mmbridge.train.loss_norm import target_total
+from mmbridge.loss_norm import target_total
 
 LOSSES = ("itc", "itm", "itg")
 

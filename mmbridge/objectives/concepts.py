@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from mmbridge.data.processor import IGNORE
 from mmbridge.objectives.base import OBJECTIVES, LossOutput, Objective
-from mmbridge.train.loss_norm import target_total
+from mmbridge.loss_norm import target_total
 
 
 def concept_bridge(model):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmbridge.models.masks import MODES, mixed_attention_mask
-from mmbridge.train.loss_norm import target_total
+from mmbridge.loss_norm import target_total
 from mmbridge.objectives.base import OBJECTIVES, LossOutput, Objective
 from mmbridge.objectives.matching import METHODS, check_capacity, match
 from mmbridge.objectives.ragged import pad_by_image, select_within

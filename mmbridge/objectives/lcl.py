@@ -17,7 +17,7 @@ from torch import nn
 from mmbridge.lcl.loss import ContrastiveHead
 from mmbridge.lcl.sequence import IGNORE
 from mmbridge.objectives.base import OBJECTIVES, LossOutput, Objective
-from mmbridge.train.loss_norm import target_total
+from mmbridge.loss_norm import target_total
 
 
 @OBJECTIVES.register("lcl")

@@ -37,7 +37,7 @@ from mmbridge.data.boxes import INTEGER, BoxFormatError, TextBox, find_boxes
 from mmbridge.data.processor import IGNORE
 from mmbridge.objectives.base import OBJECTIVES, LossOutput, Objective
 from mmbridge.objectives.concepts import answer_samples, choose_vocabulary
-from mmbridge.train.loss_norm import target_total
+from mmbridge.loss_norm import target_total
 
 
 class DigitTokenizerError(ValueError):

@@ -31,7 +31,7 @@ from mmbridge.train import checkpoint as ckpt
 from mmbridge.train.device import allow_tf32
 from mmbridge.train.distributed import Dist
 from mmbridge.train.flops import device_peak
-from mmbridge.train.loss_norm import sample_weights, target_total
+from mmbridge.loss_norm import sample_weights, target_total
 from mmbridge.models.resolution import sync_processor
 from mmbridge.train.parts import apply_stage_modes, count_params, param_groups, trainable_keys
 from mmbridge.train.plots import plot_losses

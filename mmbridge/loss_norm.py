@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mmbridge.data.processor import IGNORE
+from mmbridge.core import IGNORE
 
 
 def sample_weights(labels: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
