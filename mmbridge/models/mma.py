@@ -9,6 +9,9 @@ text-only samples, one for samples with an image, so the two kinds of input take
 Which samples hold an image is told by the composite model before each forward (`mark`), per row or, for packed
 rows, per sample.
 
+With `mma.vision`, each ViT block of the vision tower gets LaVIN's single-path RepAdapter before its attention
+(`VisionAdapter`, LaVIN's `set_Clip_Adapter`): the same down / grouped-up adapter, no router, zero start.
+
 The adapters and modality tokens are created on the CPU (`meta.new_on`): under FSDP, where the LM is on the meta
 device, they are sharded from the values one process would give them, and the wrapped normalisation keeps its
 shards (`former_name`).
