@@ -103,13 +103,15 @@ class MoeConfig:
 class MmaConfig:
     """LaVIN's mixture-of-modality adapters (`train: {lm: mma}`, see models/mma.py): bottleneck width, router
     temperature, where in each layer (before attention, as LaVIN's scripts; also before the FFN), the
-    up-projections' groups and the dropout after the down-projection."""
+    up-projections' groups and the dropout after the down-projection; `vision: true` also puts LaVIN's
+    single-path adapters before the attention of each ViT block (they train with `lr.vision`)."""
 
     dim: int = 8
     temperature: float = 10.0
     where: list = field(default_factory=lambda: ["attention"])
     groups: int = 2
     dropout: float = 0.1
+    vision: bool = False
 
 
 @dataclass
@@ -389,6 +391,8 @@ def validate(recipe: Recipe) -> None:
                                   "FSDP (single process or ddp)")
         _validate_moe(st.moe, f"{where}.moe")
         _validate_mma(st.mma, f"{where}.mma")
+        if st.mma.vision and st.train.get("lm") == "mma" and "vision" not in st.lr:
+            raise RecipeError(f"{where}.lr.vision: missing learning rate for the vision adapters (mma.vision)")
         if len(st.betas) != 2 or not all(0 <= b < 1 for b in st.betas):
             raise RecipeError(f"{where}.betas: expected two numbers in [0, 1), got {st.betas!r}")
         for part, mode in st.train.items():

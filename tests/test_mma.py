@@ -162,3 +162,57 @@ def test_the_adapter_is_lavins_repadapter_router_and_folds_into_one_matrix(tiny)
     adapter.train()  # dropout acts on the down-projection's output while training
     torch.manual_seed(1)
     assert not torch.equal(adapter(x), adapter(x))
+
+
+def test_vision_adapters_start_as_the_plain_encoder_and_are_lavins_single_path_repadapter(tiny):
+    from mmbridge.models.mma import VisionAdapter, add_vision_mma
+
+    model, _ = tiny
+    vision = copy.deepcopy(model.vision).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    assert add_vision_mma(vision, dim=4) == 2  # one per ViT block, before its attention
+    with torch.no_grad():
+        assert torch.equal(model.vision.eval()(pixels), vision(pixels))
+        adapter = [m for m in vision.modules() if isinstance(m, VisionAdapter)][0]
+        assert adapter.up.groups == 2 and adapter.dropout.p == 0.1
+        torch.manual_seed(0)
+        adapter.up.weight.normal_()
+        adapter.up.bias.normal_()
+        x = torch.randn(5, 32)
+        h = adapter.norm(x)
+        a = h @ adapter.down.weight.T + adapter.down.bias  # down; dropout is off in eval
+        w, half = adapter.up.weight, 2  # grouped up: output block g reads bottleneck block g only
+        up = torch.cat([a[:, g * half:(g + 1) * half] @ w[g * 16:(g + 1) * 16].T for g in range(2)], -1)
+        torch.testing.assert_close(adapter(x), h + up + adapter.up.bias)
+        assert not torch.equal(model.vision(pixels), vision(pixels))
+
+
+def test_vision_adapters_train_in_an_mma_stage_and_reload(tiny_lm_dir, tiny_clip_dir, world, tmp_path):
+    from mmbridge.models.mma import VisionAdapter
+
+    with pytest.raises(RecipeError, match="lr.vision"):
+        mma_recipe(tiny_lm_dir, tiny_clip_dir, world, vision=True)
+    data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"])
+    data["stages"][1].update(train={"bridge": "full", "lm": "mma"}, lr={"bridge": 1e-2, "lm": 1e-2, "vision": 1e-2},
+                             mma={"dim": 4, "vision": True})
+    trainer = Trainer(recipe_from_dict(data), tmp_path / "run", progress=False)
+    before = {n: p.detach().clone() for n, p in trainer.model.vision.named_parameters()}
+    trainer.run()
+    model = trainer.model.eval()
+    vision_trained = {n for n, p in model.vision.named_parameters() if p.requires_grad}
+    assert vision_trained and all(".layer_norm1.down." in n or ".layer_norm1.up." in n for n in vision_trained)
+    assert len(vision_trained) == 2 * 4  # 2 blocks x (down weight, bias; up weight, bias)
+    for n, p in model.vision.named_parameters():  # the adapters left their zero start; the tower stayed frozen
+        if n in vision_trained:  # (feature_layer -2: block 1's output is not read, so its adapter gets no gradient)
+            assert not n.startswith("model.encoder.layers.0.layer_norm1.up.") or p.abs().sum() > 0
+        else:
+            assert torch.equal(p, before[n.replace("layer_norm1.norm.", "layer_norm1.")]), n
+    assert sum(isinstance(m, VisionAdapter) for m in model.vision.modules()) == 2
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        loaded, _ = load_run(tmp_path / "run")
+        assert sum(isinstance(m, VisionAdapter) for m in loaded.vision.modules()) == 2
+        assert torch.equal(model.vision(pixels), loaded.vision.eval()(pixels))
+        ids = torch.tensor([trainer.processor.encode(CONV, 1).input_ids])
+        assert torch.equal(model(ids, pixel_values=pixels[:1]).hidden_states,
+                           loaded(ids, pixel_values=pixels[:1]).hidden_states)

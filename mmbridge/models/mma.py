@@ -9,6 +9,9 @@ text-only samples, one for samples with an image, so the two kinds of input take
 Which samples hold an image is told by the composite model before each forward (`mark`), per row or, for packed
 rows, per sample.
 
+With `mma.vision`, each ViT block of the vision tower gets LaVIN's single-path RepAdapter before its attention
+(`VisionAdapter`, LaVIN's `set_Clip_Adapter`): the same down / grouped-up adapter, no router, zero start.
+
 The adapters and modality tokens are created on the CPU (`meta.new_on`): under FSDP, where the LM is on the meta
 device, they are sharded from the values one process would give them, and the wrapped normalisation keeps its
 shards (`former_name`).
@@ -23,6 +26,7 @@ from torch import nn
 from mmbridge.models.meta import new_on
 
 PLACES = {"attention": "input_layernorm", "ffn": "post_attention_layernorm"}
+VISION_NORMS = ("layer_norm1", "norm1", "layernorm_before")  # CLIP / SigLIP, DINOv2, ViT: the pre-attention norm
 
 
 class Modality(nn.Module):
@@ -143,5 +147,50 @@ def mark(lm: nn.Module, is_image: torch.Tensor, segment_ids: torch.Tensor | None
 
 def is_mma_param(name: str) -> bool:
     """What `lm: mma` trains: the adapters' paths and routers and the modality tokens."""
-    return "mma_modality." in name or any(f"{norm}.{k}." in name for norm in PLACES.values()
+    return "mma_modality." in name or any(f"{norm}.{k}." in name for norm in (*PLACES.values(), *VISION_NORMS)
                                           for k in ("down", "up", "router"))
+
+
+class VisionAdapter(nn.Module):
+    """A ViT block's pre-attention normalisation followed by LaVIN's RepAdapter (`set_Clip_Adapter`): one path,
+    no router, `h + s·up(dropout(down(h)))`; the grouped up-projection starts at zero."""
+
+    def __init__(self, norm: nn.Module, hidden: int, dim: int, groups: int = 2, dropout: float = 0.1,
+                 scale: float = 1.0):
+        super().__init__()
+        if dim % groups or hidden % groups:
+            raise ValueError(f"mma.vision: dim {dim} and the encoder width {hidden} must be divisible by {groups}")
+        self.norm, self.scale = norm, scale
+        weight = next(norm.parameters())
+        down = nn.Linear(hidden, dim, dtype=weight.dtype)
+        nn.init.xavier_uniform_(down.weight)
+        nn.init.zeros_(down.bias)
+        self.down = new_on(down, weight)
+        self.dropout = nn.Dropout(dropout)
+        self.up = new_on(GroupedUp(dim, hidden, groups, dtype=weight.dtype), weight)
+
+    former_name = staticmethod(ModalityAdapter.former_name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return h + self.scale * self.up(self.dropout(self.down(h)))
+
+
+def add_vision_mma(vision: nn.Module, dim: int = 8, groups: int = 2, dropout: float = 0.1) -> int:
+    """Wrap the pre-attention norm of every block of an HF ViT tower with a VisionAdapter, in place; the count."""
+    count = 0
+    for module in list(vision.modules()):
+        name = next((n for n in VISION_NORMS if isinstance(getattr(module, n, None), nn.LayerNorm)), None)
+        if name is None:
+            continue
+        norm = getattr(module, name)
+        adapter = VisionAdapter(norm, norm.normalized_shape[0], dim, groups, dropout).train(norm.training)
+        setattr(module, name, adapter)  # in the tower's mode: a frozen (eval) tower's adapters start without dropout
+        count += 1
+    if not count:
+        raise ValueError(f"mma.vision: found no ViT blocks ({'/'.join(VISION_NORMS)}) in {type(vision).__name__}")
+    return count
+
+
+def has_vision_mma(vision: nn.Module) -> bool:
+    return any(isinstance(m, VisionAdapter) for m in vision.modules())

@@ -65,13 +65,16 @@ def restore_structure(model: torch.nn.Module, meta: dict) -> None:
     if size and hasattr(model, "set_image_size") and size != model.vision.image_size:
         model.set_image_size(size)  # a stage changed the resolution: the saved position table has the new size
     if meta.get("mma"):
-        from mmbridge.models.mma import add_mma, has_mma
+        from mmbridge.models.mma import add_mma, add_vision_mma, has_mma, has_vision_mma
 
+        cfg = dict(meta["mma"])
+        if cfg.pop("vision", False) and not has_vision_mma(model.vision):
+            add_vision_mma(model.vision, cfg["dim"], cfg["groups"], cfg["dropout"])
         if not has_mma(model.lm):
             if "groups" not in meta["mma"]:
                 raise ValueError("this run's LaVIN adapters are the older two-path SiLU form, which this version no "
                                  "longer builds (it follows LaVIN's RepAdapter router now); retrain the mma stage")
-            add_mma(model.lm, **meta["mma"])
+            add_mma(model.lm, **cfg)
             model.lm.mma_config = dict(meta["mma"])
 
 

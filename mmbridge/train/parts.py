@@ -8,7 +8,7 @@ from mmbridge.config import StageConfig
 from mmbridge.models.language import add_lora, lora_layers
 from mmbridge.models.mmlm import MultimodalLM
 from mmbridge.models.window_lora import has_window_lora
-from mmbridge.models.mma import add_mma, has_mma, is_mma_param
+from mmbridge.models.mma import VisionAdapter, add_mma, add_vision_mma, has_mma, has_vision_mma, is_mma_param
 from mmbridge.models.moe import GATE_KEYS, add_moe, has_moe, is_moe_param
 
 
@@ -41,6 +41,9 @@ def apply_stage_modes(model: MultimodalLM, stage: StageConfig) -> dict | None:
                "groups": stage.mma.groups, "dropout": stage.mma.dropout}
         add_mma(model.lm, **mma)
         model.lm.mma_config = mma
+    if modes["lm"] == "mma" and stage.mma.vision and not has_vision_mma(model.vision):
+        add_vision_mma(model.vision, stage.mma.dim, stage.mma.groups, stage.mma.dropout)
+        model.lm.mma_config = {**model.lm.mma_config, "vision": True}  # in the run's meta: load_run adds them
     if has_moe(model.lm):
         model.lm.moe_aux_weight = stage.moe.aux_weight if modes["lm"] == "moe" else 0.0
     for part, module in model.parts().items():
@@ -58,6 +61,11 @@ def apply_stage_modes(model: MultimodalLM, stage: StageConfig) -> dict | None:
                 p.requires_grad_(False)
         # frozen parts keep their normalisation statistics and run without dropout
         module.train(mode != "frozen")
+    if modes["lm"] == "mma":  # LaVIN's vision adapters train in an mma stage; the rest of the tower keeps its mode
+        for adapter in (m for m in model.vision.modules() if isinstance(m, VisionAdapter)):
+            for p in (*adapter.down.parameters(), *adapter.up.parameters()):
+                p.requires_grad_(True)
+            adapter.dropout.train(True)
     return injected
 
 
