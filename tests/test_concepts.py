@@ -77,15 +77,21 @@ def test_lm_loss_trains_the_slot_embeddings_and_not_the_detectors(concept_model)
     model.zero_grad(set_to_none=True)
 
 
-def test_mil_loss_is_bce_of_each_images_best_region(concept_model):
-    model, proc = concept_model
-    bridge, table = model.bridge, model.lm.get_input_embeddings().weight
+def two_captions(proc):
+    """A padded batch of two one-image caption conversations: their input ids and labels."""
     convs = [[{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "a red circle on the left"}],
              [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "there are two blue squares"}]]
     encs = [proc.encode(c, 1) for c in convs]
     width = max(len(e.input_ids) for e in encs)
     ids = torch.tensor([e.input_ids + [proc.pad_id] * (width - len(e.input_ids)) for e in encs])
     labels = torch.tensor([e.labels + [IGNORE] * (width - len(e.labels)) for e in encs])
+    return ids, labels
+
+
+def test_mil_loss_is_bce_of_each_images_best_region(concept_model):
+    model, proc = concept_model
+    bridge, table = model.bridge, model.lm.get_input_embeddings().weight
+    ids, labels = two_captions(proc)
     torch.manual_seed(2)
     px = torch.randn(2, 3, 32, 32)
     out = ConceptLoss(model)(model, {"input_ids": ids, "labels": labels, "pixel_values": px})

@@ -16,6 +16,7 @@ from mmbridge.objectives.lexical import LexicalAlignment
 from mmbridge.train.checkpoint import load_run
 from mmbridge.train.trainer import Trainer
 from tests.conftest import tiny_recipe_dict
+from tests.test_concepts import two_captions
 from tests.rounding import assert_same_math
 
 WORDS = ("Ġred", "Ġblue", "Ġcircle", "Ġsquare", "Ġtwo", "Ġleft")
@@ -82,12 +83,7 @@ def test_output_layer_starts_as_the_words_and_tokens_are_their_detection_weighte
 def test_mil_loss_is_bce_of_each_images_best_token(mlp_model):
     model, proc = mlp_model
     objective, _ = aligned(model, proc)
-    convs = [[{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "a red circle on the left"}],
-             [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "there are two blue squares"}]]
-    encs = [proc.encode(c, 1) for c in convs]
-    width = max(len(e.input_ids) for e in encs)
-    ids = torch.tensor([e.input_ids + [proc.pad_id] * (width - len(e.input_ids)) for e in encs])
-    labels = torch.tensor([e.labels + [IGNORE] * (width - len(e.labels)) for e in encs])
+    ids, labels = two_captions(proc)
     torch.manual_seed(2)
     px = torch.randn(2, 3, 32, 32)
     model.bridge.proj[0].weight.grad = None
