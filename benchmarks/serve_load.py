@@ -21,26 +21,23 @@ The last line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import base64
 import itertools
 import json
 import os
 import random
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import demo_run_images  # noqa: E402
+from _common import data_url, demo_run_images, png_header  # noqa: E402
 from serve import QUESTIONS, free_port, tiny_run  # noqa: E402  (the serve benchmark's tiny run and helpers)
 
 SMOKE_KEYS = ["benchmark", "run_dir", "levels", "well_formed_failed", "hostile_mishandled", "rss_mb",
@@ -50,19 +47,6 @@ EXPECTED = {"nan": 400, "huge_image": 400, "too_many_images": 400, "bad_role": 4
             "text_plain": 415, "disconnect": 200}
 MAX_IMAGES = 4
 RETRY_FOR_S = 300.0  # a client retries a 503 after its Retry-After until this long has passed
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG declaring `width` x `height` 1-bit pixels and holding none (decoded, 8000x8000 would be 192 MB)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)) + \
-        chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
-
-
-def data_url(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
 class Requests:

@@ -299,7 +299,7 @@ def test_tower_settings_llava_cannot_reproduce(case, key, lm_dir, tiny_clip_dir,
 @pytest.mark.parametrize("stage,act", [("head", "gelu"), ("block7", "sigmoid"), ("block4", "gelu")])
 def test_efficientnet_lite0_exports_as_fastvlm(stage, act, lm_dir, tmp_path):
     """EfficientNet-Lite0 (the packaged ImageNet weights) as EfficientNetModel with identity squeeze-excite; a cut
-    after an inner block passes its features through the stock head as ReLU6 pieces (fastvlm.cut_head)."""
+    after an inner block passes its features through the stock head as ReLU6 pieces (fastvlm.cut_head, cut_projector)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     recipe = model_recipe({"name": "efficientnet_lite0", "image_size": 64, "feature_stage": stage},

@@ -5,16 +5,13 @@ here; tests/test_serve.py checks them on a trained run), with real uvicorn serve
 
 from __future__ import annotations
 
-import base64
 import copy
 import io
 import json
 import logging
 import socket
-import struct
 import threading
 import time
-import zlib
 from contextlib import contextmanager
 
 import httpx
@@ -24,6 +21,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from benchmarks._common import data_url, png_header
 from mmbridge.serve.engine import Engine, Job
 from mmbridge.serve.request import ROLES, RequestError, parse_chat_request
 from mmbridge.serve.text import ReplyText
@@ -66,21 +64,8 @@ def png(size=(32, 32)) -> bytes:
     return out.getvalue()
 
 
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that declares `width` x `height` 1-bit pixels and holds none: a few dozen bytes."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)) + \
-        chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
-
-
-def url(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode()
-
-
 def ask(n_images: int = 0, image: bytes | None = None, **params) -> dict:
-    parts = [{"type": "image_url", "image_url": {"url": url(image or png())}}] * n_images + \
+    parts = [{"type": "image_url", "image_url": {"url": data_url(image or png())}}] * n_images + \
         [{"type": "text", "text": "What is in this picture?"}]
     return {"messages": [{"role": "user", "content": parts}], "temperature": 0, "max_tokens": 3, **params}
 
@@ -413,8 +398,9 @@ json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12) | st.sampled_from(FIELDS),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8) | st.sampled_from(FIELDS), inner,
                                                                  max_size=4), max_leaves=10)
-hostile_urls = st.sampled_from([url(png_header(5000, 5000)), url(b"not an image"), "data:image/png;base64,*!",
-                                "https://example.com/a.png", "file:///etc/passwd", url(png((8, 200))), ""]) | st.text()
+hostile_urls = st.sampled_from([data_url(png_header(5000, 5000)), data_url(b"not an image"),
+                                "data:image/png;base64,*!", "https://example.com/a.png", "file:///etc/passwd",
+                                data_url(png((8, 200))), ""]) | st.text()
 
 
 @st.composite

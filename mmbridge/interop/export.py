@@ -224,7 +224,7 @@ def projector_act(proj: nn.Sequential) -> str:
 
 def llava_state_dict(model, vocab_size: int, tower: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The merged model's tensors under LLaVA's (and FastVLM's) names (no copies but the padded rows; an
-    EfficientNet cut after an inner block reads the projector's first layer through its head, `fastvlm.cut_head`)."""
+    EfficientNet cut after an inner block reads the projector's first layer through its head, `fastvlm.cut_projector`)."""
     lm = model.lm
     prefix = lm.base_model_prefix + "."
     state = {f"model.vision_tower.{k}": v for k, v in tower.items()}
@@ -245,12 +245,10 @@ def llava_state_dict(model, vocab_size: int, tower: dict[str, torch.Tensor]) -> 
         state[f"model.multi_modal_projector.{name}.bias"] = proj[i].bias
     if getattr(model.bridge, "image_newline", None) is not None:  # LLaVA-NeXT's
         state["model.image_newline"] = model.bridge.image_newline
-    from mmbridge.interop.fastvlm import cut_block, cut_head
+    from mmbridge.interop.fastvlm import cut_block, cut_projector
 
     if getattr(model.vision, "cfg", {}).get("name") == "efficientnet_lite0" and cut_block(model.vision) is not None:
-        _, weight, bias = cut_head(int(model.vision.hidden_size), proj[0].weight.detach(), proj[0].bias.detach())
-        state["model.multi_modal_projector.linear_1.weight"] = weight
-        state["model.multi_modal_projector.linear_1.bias"] = bias
+        state["model.multi_modal_projector.linear_1.weight"] = cut_projector(proj[0].weight.detach())
     return {k: v.detach() for k, v in state.items()}
 
 

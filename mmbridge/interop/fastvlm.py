@@ -70,28 +70,37 @@ def efficientnet_config(encoder):
     return config
 
 
-def cut_head(channels: int, linear_1_weight: torch.Tensor, linear_1_bias: torch.Tensor):
-    """An inner-block cut: the head tensors that pass `channels` features through ReLU6 pieces, and the
-    projector's first Linear rewritten to read the pieces (see the module doc)."""
+def _pieces(channels: int):
+    """The ReLU6 pieces of an inner-block cut: each head channel's feature, side (+1 / −1), piece index, and the
+    scale s (see the module doc)."""
     half = 1280 // channels // 2  # pieces per side of a channel
     if half < 1:
         raise ValueError(f"a cut with {channels} channels leaves no room for its pieces in 1280 channels")
-    scale = 6.0 * half / CUT_RANGE  # a power of two for the shipped sizes (80 channels: 0.125)
     rows = torch.arange(channels * 2 * half)
-    channel, side, k = rows // (2 * half), (rows // half) % 2, rows % half
-    sign = 1.0 - 2.0 * side.float()  # +1: the positive side, −1: the negative one
+    sign = 1.0 - 2.0 * ((rows // half) % 2).float()  # +1: the positive side, −1: the negative one
+    return rows, rows // (2 * half), sign, rows % half, 6.0 * half / CUT_RANGE  # s: 0.125 for 80 channels
+
+
+def cut_head(channels: int) -> dict[str, torch.Tensor]:
+    """The stock head's tensors that spread `channels` features over ReLU6 pieces (see the module doc)."""
+    rows, channel, sign, k, scale = _pieces(channels)
     conv = torch.zeros(1280, channels, 1, 1)
     conv[rows, channel, 0, 0] = sign * scale
     bias = torch.zeros(1280)
     bias[rows] = -6.0 * k.float()
     # BatchNorm in eval: (x − 0) / sqrt(1 + eps) · w + b, with w = sqrt(1 + eps) taken in fp32 as it runs
     norm = torch.sqrt(torch.tensor(1.0 + 1e-3))
-    head = {"encoder.top_conv.weight": conv, "encoder.top_bn.weight": norm.expand(1280).clone(),
+    return {"encoder.top_conv.weight": conv, "encoder.top_bn.weight": norm.expand(1280).clone(),
             "encoder.top_bn.bias": bias, "encoder.top_bn.running_mean": torch.zeros(1280),
             "encoder.top_bn.running_var": torch.ones(1280), "encoder.top_bn.num_batches_tracked": torch.tensor(0)}
+
+
+def cut_projector(linear_1_weight: torch.Tensor) -> torch.Tensor:
+    """The projector's first Linear weight rewritten to read the pieces of its input features (its bias stays)."""
+    rows, channel, sign, _, scale = _pieces(linear_1_weight.shape[1])
     weight = torch.zeros(linear_1_weight.shape[0], 1280, dtype=linear_1_weight.dtype)
     weight[:, rows] = linear_1_weight[:, channel] * (sign / scale).to(linear_1_weight.dtype)
-    return head, weight, linear_1_bias.clone()
+    return weight
 
 
 _BLOCK = {"_expand_conv": "expansion.expand_conv", "_bn0": "expansion.expand_bn",
@@ -104,9 +113,8 @@ _TOP = {"_conv_stem": "embeddings.convolution", "_bn0": "embeddings.batchnorm", 
 def efficientnet_state_dict(encoder) -> dict[str, torch.Tensor]:
     """The Lite package's tensors under EfficientNetModel's names, plus identity squeeze-excite weights."""
     state = {}
-    if cut_block(encoder) is not None:  # the head comes from cut_head
-        state.update({k: v for k, v in cut_head(int(encoder.hidden_size), torch.zeros(1, int(encoder.hidden_size)),
-                                                 torch.zeros(1))[0].items()})
+    if cut_block(encoder) is not None:  # the head that passes the cut's features on
+        state.update(cut_head(int(encoder.hidden_size)))
     for key, value in encoder.model.state_dict().items():
         parts = key.split(".")
         if parts[0] == "_blocks":
