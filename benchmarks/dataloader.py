@@ -43,8 +43,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=4, help="training steps timed (after one warm-up)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--pack", action="store_true", help="the stage with pack: true (rows of max_length)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="toy sizes: tiny models and world, LoRA in the top layer, 3 batches, 1 step")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="toy sizes: tiny models and world, LoRA in the top layer, 3 batches, 1 step",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         sets = []
@@ -58,8 +61,9 @@ def measure(args, sets: list[str]) -> dict:
     from mmbridge.train.trainer import Trainer
 
     torch.set_num_threads(args.threads)
-    sets = [*sets, f"threads={args.threads}"] + (["stages.1.pack=true", "stages.1.group_by_length=0",
-                                                  "stages.1.batch_size=3"] if args.pack else [])
+    sets = [*sets, f"threads={args.threads}"] + (
+        ["stages.1.pack=true", "stages.1.group_by_length=0", "stages.1.batch_size=3"] if args.pack else []
+    )
     recipe = load_recipe("demo", sets)
     stage = recipe.stages[1]
     with tempfile.TemporaryDirectory() as run_dir:
@@ -96,14 +100,26 @@ def measure(args, sets: list[str]) -> dict:
             n_samples.append(len(b["ids"]))
     step_s = statistics.median(times)
     step_rate = statistics.mean(n_samples) / step_s
-    result = {"benchmark": "dataloader", "smoke": args.smoke, "stage": stage.name, "packed": args.pack,
-              "num_workers": recipe.num_workers, "threads": args.threads, "batch_size": stage.batch_size,
-              "samples_per_batch": round(statistics.mean(n_samples), 2),
-              "loader_samples_per_s": round(data_rate, 1), "step_s": round(step_s, 3),
-              "step_samples_per_s": round(step_rate, 2), "headroom": round(data_rate / step_rate, 1),
-              "loader_batches": args.batches, "steps": args.steps}
-    print(f"loader {data_rate:.1f} samples/s, training step {step_rate:.2f} samples/s "
-          f"({step_s:.2f} s/step): headroom {data_rate / step_rate:.1f}x")
+    result = {
+        "benchmark": "dataloader",
+        "smoke": args.smoke,
+        "stage": stage.name,
+        "packed": args.pack,
+        "num_workers": recipe.num_workers,
+        "threads": args.threads,
+        "batch_size": stage.batch_size,
+        "samples_per_batch": round(statistics.mean(n_samples), 2),
+        "loader_samples_per_s": round(data_rate, 1),
+        "step_s": round(step_s, 3),
+        "step_samples_per_s": round(step_rate, 2),
+        "headroom": round(data_rate / step_rate, 1),
+        "loader_batches": args.batches,
+        "steps": args.steps,
+    }
+    print(
+        f"loader {data_rate:.1f} samples/s, training step {step_rate:.2f} samples/s "
+        f"({step_s:.2f} s/step): headroom {data_rate / step_rate:.1f}x"
+    )
     print(json.dumps(result))
     return result
 

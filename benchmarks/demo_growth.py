@@ -30,13 +30,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[170, 340, 680], help="stage-2 step counts")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more recipe overrides")
     ap.add_argument("--out", default="runs/growth")
-    ap.add_argument("--smoke", action="store_true",
-                    help="toy sizes: tiny models and world, one step per stage, a few test records per task")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="toy sizes: tiny models and world, one step per stage, a few test records per task",
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.smoke:
-            args.set = [*tiny_sets(tiny_models(tmp), tiny_world(tmp)), *toy_stages("demo", steps=1),
-                        "eval.caption.limit=2", "eval.vqa.limit=16", "eval.grounding.limit=2", *args.set]
+            args.set = [
+                *tiny_sets(tiny_models(tmp), tiny_world(tmp)),
+                *toy_stages("demo", steps=1),
+                "eval.caption.limit=2",
+                "eval.vqa.limit=16",
+                "eval.grounding.limit=2",
+                *args.set,
+            ]
             args.steps, args.out = [1], str(Path(tmp) / "runs")
         rows = {}
         for n in args.steps:
@@ -44,10 +53,22 @@ def main() -> None:
             rows[n] = {k: m[k] for k in COLUMNS} | {"vqa_by_qtype": m["vqa_by_qtype"]}
     print("\nstage-2 steps | " + " | ".join(COLUMNS))
     for n, r in sorted(rows.items()):
-        print(f"{n:>13} | " + " | ".join(f"{r[k]:.3f}" if k not in ("train_seconds", "total_seconds")
-                                         else f"{r[k]:.0f}" for k in COLUMNS))
-    print(json.dumps({"benchmark": "demo_growth", "smoke": args.smoke, "overrides": args.set,
-                      "runs": {str(n): r for n, r in rows.items()}}))
+        print(
+            f"{n:>13} | "
+            + " | ".join(
+                f"{r[k]:.3f}" if k not in ("train_seconds", "total_seconds") else f"{r[k]:.0f}" for k in COLUMNS
+            )
+        )
+    print(
+        json.dumps(
+            {
+                "benchmark": "demo_growth",
+                "smoke": args.smoke,
+                "overrides": args.set,
+                "runs": {str(n): r for n, r in rows.items()},
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

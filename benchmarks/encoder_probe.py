@@ -80,8 +80,13 @@ def scene_labels(scene, image: np.ndarray) -> dict[str, np.ndarray]:
         cx, cy = o.centre
         centre[min(CELLS - 1, int(cy // step)) * CELLS + min(CELLS - 1, int(cx // step))] = 1
     present = np.array([float(c in {o.colour for o in objs}) for c in names], dtype=np.float32)
-    return {"occupied": occupied.astype(np.int64), "centre": centre, "colour": colour, "shape": shape,
-            "present": present}
+    return {
+        "occupied": occupied.astype(np.int64),
+        "centre": centre,
+        "colour": colour,
+        "shape": shape,
+        "present": present,
+    }
 
 
 # ------------------------------------------------------------------------------------------- features
@@ -96,11 +101,14 @@ class EffNetTaps:
     """EfficientNet-Lite0 head plus earlier stages from one forward pass (the encoder's `extra_stages`)."""
 
     def __init__(self, image_size: int):
-        self.enc = build_vision_encoder({"name": "efficientnet_lite0", "image_size": image_size,
-                                         "extra_stages": list(EFFNET_EXTRA)}).eval()
+        self.enc = build_vision_encoder(
+            {"name": "efficientnet_lite0", "image_size": image_size, "extra_stages": list(EFFNET_EXTRA)}
+        ).eval()
         net = self.enc.model
-        self.widths = [1280] + [int(net._bn0.num_features if s == "stem" else net._blocks[int(s[5:])]._bn2.num_features)
-                                for s in EFFNET_EXTRA]
+        self.widths = [1280] + [
+            int(net._bn0.num_features if s == "stem" else net._blocks[int(s[5:])]._bn2.num_features)
+            for s in EFFNET_EXTRA
+        ]
         self.names = ["effnet head"] + [f"effnet {s}" for s in EFFNET_EXTRA]
 
     def __call__(self, images) -> dict[str, torch.Tensor]:
@@ -113,8 +121,16 @@ class ViTTaps:
     """A Hugging Face ViT (the `hf` encoder) at several depths from one pass; the last after its final norm."""
 
     def __init__(self, path: str, image_size: int, layers: list[int], label: str):
-        self.enc = build_vision_encoder({"name": "hf", "path": path, "feature_layer": -1, "drop_cls": True,
-                                         "post_layernorm": True, "image_size": image_size}).eval()
+        self.enc = build_vision_encoder(
+            {
+                "name": "hf",
+                "path": path,
+                "feature_layer": -1,
+                "drop_cls": True,
+                "post_layernorm": True,
+                "image_size": image_size,
+            }
+        ).eval()
         self.layers, self.label, self.checked = layers, label, False
         depth = int(self.enc.model.config.num_hidden_layers)
         if not all(1 <= i <= depth for i in layers):
@@ -142,8 +158,10 @@ class LCLTaps:
     """An exported LCL ViT: final-normed patch features and the per-patch tokens its LM read."""
 
     def __init__(self, path: str):
-        self.encs = {f"lcl {f}": build_vision_encoder({"name": "lcl_vit", "path": path, "features": f}).eval()
-                     for f in ("patches", "tokens")}
+        self.encs = {
+            f"lcl {f}": build_vision_encoder({"name": "lcl_vit", "path": path, "features": f}).eval()
+            for f in ("patches", "tokens")
+        }
         self.names = list(self.encs)
 
     def __call__(self, images) -> dict[str, torch.Tensor]:
@@ -167,7 +185,7 @@ def _fit(x: torch.Tensor, y: torch.Tensor, multilabel: bool, l2: float, iters: i
     def closure():
         opt.zero_grad()
         logits = x @ w.T + b
-        loss = (F.binary_cross_entropy_with_logits(logits, y) if multilabel else F.cross_entropy(logits, y))
+        loss = F.binary_cross_entropy_with_logits(logits, y) if multilabel else F.cross_entropy(logits, y)
         loss = loss + l2 * (w * w).sum()
         loss.backward()
         return loss
@@ -210,8 +228,10 @@ def baseline(ytr: torch.Tensor, yte: torch.Tensor, multilabel: bool) -> dict:
     """The majority class of the train labels (per label for multi-label), scored on test."""
     if multilabel:
         pred = (ytr.mean(0) > 0.5).float().expand_as(yte)
-        return {"acc": round(float((pred == yte).float().mean()), 4),
-                "exact": round(float((pred == yte).all(1).float().mean()), 4)}
+        return {
+            "acc": round(float((pred == yte).float().mean()), 4),
+            "exact": round(float((pred == yte).all(1).float().mean()), 4),
+        }
     pred = torch.bincount(ytr).argmax()
     out = {"acc": round(float((yte == pred).float().mean()), 4)}
     if int(ytr.max()) == 1:
@@ -235,8 +255,13 @@ def task_data(feats: torch.Tensor, labels: dict, task: str):
 
 def save_features(path: str, key: dict, data: dict) -> None:
     """Pooled features and labels of both splits, to rerun the probes without the encoders."""
-    blob = {"key": key, **{split: {"feats": f, "labels": {t: torch.from_numpy(v) for t, v in lab.items()}}
-                           for split, (f, lab) in data.items()}}
+    blob = {
+        "key": key,
+        **{
+            split: {"feats": f, "labels": {t: torch.from_numpy(v) for t, v in lab.items()}}
+            for split, (f, lab) in data.items()
+        },
+    }
     torch.save(blob, path + ".tmp")
     os.replace(path + ".tmp", path)
 
@@ -249,8 +274,10 @@ def load_features(path: str, key: dict) -> dict | None:
     if blob.get("key") != key:
         print(f"{path}: saved for other settings ({blob.get('key')}); recomputing")
         return None
-    return {split: (blob[split]["feats"], {t: v.numpy() for t, v in blob[split]["labels"].items()})
-            for split in ("train", "test")}
+    return {
+        split: (blob[split]["feats"], {t: v.numpy() for t, v in blob[split]["labels"].items()})
+        for split in ("train", "test")
+    }
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -259,8 +286,8 @@ def extract(extractors, scenes, batch: int) -> tuple[dict[str, torch.Tensor], di
     labels: dict[str, list[np.ndarray]] = {t: [] for t in TASKS}
     seconds = {type(e).__name__: 0.0 for e in extractors}
     for i in range(0, len(scenes), batch):
-        images = [render(s) for s in scenes[i:i + batch]]
-        for s, im in zip(scenes[i:i + batch], images):
+        images = [render(s) for s in scenes[i : i + batch]]
+        for s, im in zip(scenes[i : i + batch], images):
             for t, v in scene_labels(s, np.asarray(im)).items():
                 labels[t].append(v)
         for e in extractors:
@@ -287,8 +314,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=25, help="images per encoder call")
     ap.add_argument("--iters", type=int, default=200, help="L-BFGS iterations per probe fit")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--features", default=None,
-                    help="a .pt file: pooled features are saved there, and reused by a later run with the same settings")
+    ap.add_argument(
+        "--features",
+        default=None,
+        help="a .pt file: pooled features are saved there, and reused by a later run with the same settings",
+    )
     ap.add_argument("--smoke", action="store_true", help="toy sizes (see above)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -319,8 +349,21 @@ def probe_all(args) -> None:
             skipped.append(f"lcl ({'no --lcl given' if not args.lcl else args.lcl + ': no exported encoder'})")
 
     seconds: dict = {"load_vit": round(load_vit, 1)} if "vit" in args.encoders else {}
-    key = {k: getattr(args, k) for k in ("train", "test", "seed", "image_size", "encoders", "effnet_size", "vit",
-                                         "vit_size", "vit_layers", "lcl")}
+    key = {
+        k: getattr(args, k)
+        for k in (
+            "train",
+            "test",
+            "seed",
+            "image_size",
+            "encoders",
+            "effnet_size",
+            "vit",
+            "vit_size",
+            "vit_layers",
+            "lcl",
+        )
+    }
     key["skipped"] = skipped
     data = load_features(args.features, key) if args.features else None
     if data is None:
@@ -356,14 +399,27 @@ def probe_all(args) -> None:
     seconds["total"] = round(time.perf_counter() - t_start, 1)
 
     cols = ("occupied", "centre", "centre bal.", "colour", "shape", "colours present", "exact set")
-    picks = (("occupied", "acc"), ("centre", "acc"), ("centre", "balanced"), ("colour", "acc"), ("shape", "acc"),
-             ("present", "acc"), ("present", "exact"))
-    print(f"\nLinear probes on 4x4-pooled cells: {args.train} train / {args.test} test shapes-world images "
-          f"(per-cell: {base['occupied']['n_test']} test cells, {base['colour']['n_test']} occupied)")
+    picks = (
+        ("occupied", "acc"),
+        ("centre", "acc"),
+        ("centre", "balanced"),
+        ("colour", "acc"),
+        ("shape", "acc"),
+        ("present", "acc"),
+        ("present", "exact"),
+    )
+    print(
+        f"\nLinear probes on 4x4-pooled cells: {args.train} train / {args.test} test shapes-world images "
+        f"(per-cell: {base['occupied']['n_test']} test cells, {base['colour']['n_test']} occupied)"
+    )
     widths = [18, 5] + [len(c) for c in cols]
 
     def row(cells) -> str:
-        return "| " + " | ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+        return (
+            "| "
+            + " | ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths)))
+            + " |"
+        )
 
     print(row(("features", "dim") + cols))
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -375,8 +431,18 @@ def probe_all(args) -> None:
     print(f"seconds: {seconds}")
     settings = {k: v for k, v in vars(args).items()}
     settings.update({"cells": CELLS, "cover": COVER, "l2_grid": list(L2S), "torch_threads": torch.get_num_threads()})
-    print(json.dumps({"benchmark": "encoder_probe", "settings": settings, "baseline": base, "results": results,
-                      "skipped": skipped, "seconds": seconds}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "encoder_probe",
+                "settings": settings,
+                "baseline": base,
+                "results": results,
+                "skipped": skipped,
+                "seconds": seconds,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

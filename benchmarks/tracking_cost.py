@@ -35,8 +35,11 @@ from _common import ready_for_stage, tiny_models, tiny_sets, tiny_world  # noqa:
 
 SMOKE_KEYS = ("benchmark", "demo_step_s", "log_us", "start_s", "both_over_step", "ok")  # last line
 QUICK_WORLD = ["world.n_train=200", "world.n_val=50", "world.n_test=50", "world.root=.cache/shapes-world-quick"]
-TRACKERS = {"tensorboard": {"tensorboard": True}, "wandb": {"wandb": {"project": "tracking-cost", "mode": "offline"}},
-            "both": {"tensorboard": True, "wandb": {"project": "tracking-cost", "mode": "offline"}}}
+TRACKERS = {
+    "tensorboard": {"tensorboard": True},
+    "wandb": {"wandb": {"project": "tracking-cost", "mode": "offline"}},
+    "both": {"tensorboard": True, "wandb": {"project": "tracking-cost", "mode": "offline"}},
+}
 
 
 def reference_run(sets: list[str], steps: int, folder: Path) -> list[dict]:
@@ -66,8 +69,12 @@ def log_cost(log: dict, rows: list[dict], n: int, folder: Path) -> dict:
         times.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     trackers.close()
-    return {"log_us": round(statistics.median(times) * 1e6, 1), "mean_us": round(statistics.fmean(times) * 1e6, 1),
-            "start_s": round(start, 3), "close_s": round(time.perf_counter() - t0, 3)}
+    return {
+        "log_us": round(statistics.median(times) * 1e6, 1),
+        "mean_us": round(statistics.fmean(times) * 1e6, 1),
+        "start_s": round(start, 3),
+        "close_s": round(time.perf_counter() - t0, 3),
+    }
 
 
 def main(argv=None) -> dict:
@@ -86,15 +93,25 @@ def main(argv=None) -> dict:
         step_s = statistics.median(r["step_s"] for r in rows[1:] or rows)
         costs = {name: log_cost(log, rows, args.rows, Path(tmp) / name) for name, log in TRACKERS.items()}
     both = costs["both"]["log_us"] / 1e6
-    result = {"benchmark": "tracking_cost", "smoke": args.smoke, "steps": len(rows), "rows": args.rows,
-              "scalars_per_row": len([k for k, v in rows[-1].items() if isinstance(v, (int, float))]) - 1,
-              "demo_step_s": round(step_s, 3), "log_us": {k: v["log_us"] for k, v in costs.items()},
-              "mean_us": {k: v["mean_us"] for k, v in costs.items()},
-              "start_s": {k: v["start_s"] for k, v in costs.items()},
-              "close_s": {k: v["close_s"] for k, v in costs.items()},
-              "both_over_step": round(both / step_s, 6), "ok": both / step_s < 0.01}
-    print(f"demo step {step_s:.3f} s; per-step logging: " + ", ".join(
-        f"{k} {v['log_us']:.0f} µs" for k, v in costs.items()) + f" (both: {100 * both / step_s:.3f} % of a step)")
+    result = {
+        "benchmark": "tracking_cost",
+        "smoke": args.smoke,
+        "steps": len(rows),
+        "rows": args.rows,
+        "scalars_per_row": len([k for k, v in rows[-1].items() if isinstance(v, (int, float))]) - 1,
+        "demo_step_s": round(step_s, 3),
+        "log_us": {k: v["log_us"] for k, v in costs.items()},
+        "mean_us": {k: v["mean_us"] for k, v in costs.items()},
+        "start_s": {k: v["start_s"] for k, v in costs.items()},
+        "close_s": {k: v["close_s"] for k, v in costs.items()},
+        "both_over_step": round(both / step_s, 6),
+        "ok": both / step_s < 0.01,
+    }
+    print(
+        f"demo step {step_s:.3f} s; per-step logging: "
+        + ", ".join(f"{k} {v['log_us']:.0f} µs" for k, v in costs.items())
+        + f" (both: {100 * both / step_s:.3f} % of a step)"
+    )
     print(json.dumps(result))
     return result
 

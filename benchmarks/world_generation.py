@@ -36,9 +36,16 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             shapes_world.write_world(folder, n_train=args.images, n_val=0, n_test=0, image_size=args.image_size)
             times.append(time.perf_counter() - t0)
-    result = {"benchmark": "world_generation", "smoke": args.smoke, "images": args.images,
-              "image_size": args.image_size, "repeats": args.repeats, "best_s": round(min(times), 3),
-              "median_s": round(statistics.median(times), 3), "images_per_s": round(args.images / min(times), 1)}
+    result = {
+        "benchmark": "world_generation",
+        "smoke": args.smoke,
+        "images": args.images,
+        "image_size": args.image_size,
+        "repeats": args.repeats,
+        "best_s": round(min(times), 3),
+        "median_s": round(statistics.median(times), 3),
+        "images_per_s": round(args.images / min(times), 1),
+    }
     print(json.dumps(result))
     return result
 

@@ -27,8 +27,16 @@ def _eval(args) -> None:
     from mmbridge.train.checkpoint import load_run
 
     model, processor = load_run(args.run_dir, device=args.device)
-    metrics, rows = evaluate_file(model, processor, args.data, args.images, args.task, limit=args.limit,
-                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    metrics, rows = evaluate_file(
+        model,
+        processor,
+        args.data,
+        args.images,
+        args.task,
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+    )
     text = json.dumps(metrics, indent=2)
     print(text)
     if args.out:  # beside the metrics: each record's prediction, or (choice) every candidate's scores
@@ -43,8 +51,11 @@ def _chat(args) -> None:
 
     model, processor = load_run(args.run_dir, device=args.device)
     image = Path(args.image).resolve()
-    record = {"id": "chat", "image": image.name,
-              "conversations": [{"from": "human", "value": f"<image>\n{args.question}"}, {"from": "gpt", "value": ""}]}
+    record = {
+        "id": "chat",
+        "image": image.name,
+        "conversations": [{"from": "human", "value": f"<image>\n{args.question}"}, {"from": "gpt", "value": ""}],
+    }
     answer = generate_answers(model, processor, [record], image.parent, args.max_new_tokens, 1, progress=False)[0]
     print(answer)
     return answer
@@ -54,22 +65,34 @@ def _serve(args) -> None:
     import uvicorn
 
     from mmbridge.serve.app import create_app
-    from mmbridge.train.checkpoint import load_run
-
     from mmbridge.serve.guard import LOOPBACK_HOSTS
+    from mmbridge.train.checkpoint import load_run
 
     loopback = args.host in LOOPBACK_HOSTS or args.host.startswith("127.")
     hosts = args.allowed_hosts.split(",") if args.allowed_hosts else LOOPBACK_HOSTS if loopback else ["*"]
     key = args.api_key or os.environ.get("MMBRIDGE_API_KEY") or None
     if not loopback and key is None:
-        print(f"warning: serving on {args.host} without an API key: anyone who can reach this port can use the "
-              "model (set MMBRIDGE_API_KEY, and put a TLS reverse proxy in front)", file=sys.stderr, flush=True)
+        print(
+            f"warning: serving on {args.host} without an API key: anyone who can reach this port can use the "
+            "model (set MMBRIDGE_API_KEY, and put a TLS reverse proxy in front)",
+            file=sys.stderr,
+            flush=True,
+        )
     model, processor = load_run(args.run_dir, device=args.device)
     name = Path(args.run_dir).resolve().name
-    app = create_app(model, processor, name, max_batch=args.max_batch, max_images=args.max_images,
-                     max_tokens=args.max_tokens, max_image_pixels=args.max_image_pixels,
-                     max_body=int(args.max_body_mb * 1024 * 1024), max_queue=args.max_queue, api_key=key,
-                     allowed_hosts=[h.strip() for h in hosts if h.strip()])
+    app = create_app(
+        model,
+        processor,
+        name,
+        max_batch=args.max_batch,
+        max_images=args.max_images,
+        max_tokens=args.max_tokens,
+        max_image_pixels=args.max_image_pixels,
+        max_body=int(args.max_body_mb * 1024 * 1024),
+        max_queue=args.max_queue,
+        api_key=key,
+        allowed_hosts=[h.strip() for h in hosts if h.strip()],
+    )
     print(f"serving {args.run_dir} as model {name!r} on http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
@@ -113,9 +136,13 @@ def _env(args) -> None:
 
 
 def _device_flag(p: argparse.ArgumentParser, default: str | None = "auto") -> None:
-    p.add_argument("--device", default=default, metavar="DEVICE",
-                   help="auto (this process's GPU if CUDA is available, else CPU), cpu, cuda or cuda:N"
-                        + ("" if default else "; overrides the recipe's `device`"))
+    p.add_argument(
+        "--device",
+        default=default,
+        metavar="DEVICE",
+        help="auto (this process's GPU if CUDA is available, else CPU), cpu, cuda or cuda:N"
+        + ("" if default else "; overrides the recipe's `device`"),
+    )
 
 
 def main(argv: list[str] | None = None):
@@ -134,8 +161,12 @@ def main(argv: list[str] | None = None):
     p.add_argument("run_dir")
     p.add_argument("--data", required=True)
     p.add_argument("--images", required=True)
-    p.add_argument("--task", required=True, choices=["caption", "vqa", "grounding", "choice"],
-                   help="choice: rank candidate answers by log-likelihood, no generation")
+    p.add_argument(
+        "--task",
+        required=True,
+        choices=["caption", "vqa", "grounding", "choice"],
+        help="choice: rank candidate answers by log-likelihood, no generation",
+    )
     p.add_argument("--out", help="write the metrics JSON here (and predictions beside it)")
     p.add_argument("--limit", type=int)
     p.add_argument("--max-new-tokens", type=int, default=24)
@@ -155,18 +186,30 @@ def main(argv: list[str] | None = None):
     p.add_argument("run_dir")
     p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' (default: $MMBRIDGE_API_KEY; the environment keeps the "
-                        "key out of the process list other users can read)")
-    p.add_argument("--allowed-hosts", default=None, metavar="NAME,...",
-                   help="Host header names to answer (against DNS rebinding; '*.example.com' for subdomains, '*' for "
-                        "any); default localhost,127.0.0.1,::1 on a loopback address, else any")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' (default: $MMBRIDGE_API_KEY; the environment keeps the "
+        "key out of the process list other users can read)",
+    )
+    p.add_argument(
+        "--allowed-hosts",
+        default=None,
+        metavar="NAME,...",
+        help="Host header names to answer (against DNS rebinding; '*.example.com' for subdomains, '*' for "
+        "any); default localhost,127.0.0.1,::1 on a loopback address, else any",
+    )
     p.add_argument("--max-batch", type=int, default=8, help="decode up to this many waiting requests together")
-    p.add_argument("--max-queue", type=int, default=64,
-                   help="requests waiting beyond the batch; more get 503 with Retry-After")
+    p.add_argument(
+        "--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 503 with Retry-After"
+    )
     p.add_argument("--max-images", type=int, default=4, help="images allowed in one request")
-    p.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
-                   help="each image's pixels, read from its header before it is decoded")
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=4096 * 4096,
+        help="each image's pixels, read from its header before it is decoded",
+    )
     p.add_argument("--max-body-mb", type=float, default=20.0, help="the largest request body, in MiB (413 beyond)")
     p.add_argument("--max-tokens", type=int, default=256, help="the longest reply (a request may ask for fewer)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -176,9 +219,14 @@ def main(argv: list[str] | None = None):
     p = sub.add_parser("export", help="write a run as a stock transformers LLaVA folder (LoRA merged)")
     p.add_argument("run_dir")
     p.add_argument("out_dir", help="a new folder (an existing non-empty one is refused)")
-    p.add_argument("--check", type=int, default=0, metavar="N",
-                   help="then answer N held-out questions of the recipe's first eval set with transformers' generate "
-                        "and with mmbridge, side by side")
+    p.add_argument(
+        "--check",
+        type=int,
+        default=0,
+        metavar="N",
+        help="then answer N held-out questions of the recipe's first eval set with transformers' generate "
+        "and with mmbridge, side by side",
+    )
     p.set_defaults(fn=_export)
 
     p = sub.add_parser("import", help="turn a transformers LLaVA folder into a run directory")
@@ -207,7 +255,6 @@ def main(argv: list[str] | None = None):
     from mmbridge.data.images import ImageError
     from mmbridge.data.llava import DataError
     from mmbridge.interop import InteropError
-
     from mmbridge.train.checkpoint import CheckpointError
 
     try:

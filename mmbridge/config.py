@@ -235,7 +235,7 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
             return float(value)
         except ValueError:
             pass
-    if hint in (int, float, str, bool) and not (type(value) is hint):
+    if hint in (int, float, str, bool) and type(value) is not hint:
         raise RecipeError(f"{where}: expected {hint.__name__}, got {value!r}")
     return value
 
@@ -267,21 +267,27 @@ def _validate_lcl(recipe: Recipe) -> None:
         raise RecipeError(f"recipe.sequence: {e}") from e
     for name, src in recipe.sources.items():
         if bool(src.jsonl) == bool(src.shards) or src.json:
-            raise RecipeError(f"recipe.sources.{name}: an lcl source is either {{jsonl, images}} or {{shards}} "
-                              "(optionally pairs: true)")
+            raise RecipeError(
+                f"recipe.sources.{name}: an lcl source is either {{jsonl, images}} or {{shards}} "
+                "(optionally pairs: true)"
+            )
     for i, st in enumerate(recipe.stages):
         where = f"recipe.stages[{i}] ({st.name})"
         if st.objective.get("name") != "lcl":
-            raise RecipeError(f"{where}.objective.name: a kind lcl recipe trains with the lcl objective, "
-                              f"got {st.objective.get('name')!r}")
+            raise RecipeError(
+                f"{where}.objective.name: a kind lcl recipe trains with the lcl objective, "
+                f"got {st.objective.get('name')!r}"
+            )
         for key in ("pack", "group_by_length"):
             if getattr(st, key):
                 raise RecipeError(f"{where}.{key}: not supported for kind lcl (documents are laid out whole)")
         if st.loss_norm != "token":
             raise RecipeError(f"{where}.loss_norm: kind lcl normalises by text tokens (token)")
         for src in st.data:
-            if not (src in recipe.sources or (recipe.world and src.startswith("world/")
-                                              and src.rsplit("/", 1)[-1] in ("interleaved", "pairs"))):
+            if not (
+                src in recipe.sources
+                or (recipe.world and src.startswith("world/") and src.rsplit("/", 1)[-1] in ("interleaved", "pairs"))
+            ):
                 raise RecipeError(f"{where}.data.{src}: expected world/<split>/interleaved|pairs or a source")
 
 
@@ -292,8 +298,9 @@ def _validate_lmm_sequence(recipe: Recipe) -> None:
 
     seq = recipe.sequence
     if not isinstance(seq, dict) or set(seq) - set(LAYOUT_KEYS):
-        raise RecipeError(f"recipe.sequence: for interleaved sources, expected some of {list(LAYOUT_KEYS)}, "
-                          f"got {seq!r}")
+        raise RecipeError(
+            f"recipe.sequence: for interleaved sources, expected some of {list(LAYOUT_KEYS)}, got {seq!r}"
+        )
     try:
         SequenceConfig(**check_style(seq))
     except (TypeError, ValueError) as e:
@@ -309,8 +316,9 @@ def _validate_moe(moe: MoeConfig, where: str) -> None:
         raise RecipeError(f"{where}.aux_weight: must be >= 0, got {moe.aux_weight}")
     ok_list = isinstance(moe.layers, list) and moe.layers and all(type(i) is int and i >= 0 for i in moe.layers)
     if moe.layers not in LAYER_CHOICES and not ok_list:
-        raise RecipeError(f"{where}.layers: expected {' or '.join(LAYER_CHOICES)} or a list of layer indices, "
-                          f"got {moe.layers!r}")
+        raise RecipeError(
+            f"{where}.layers: expected {' or '.join(LAYER_CHOICES)} or a list of layer indices, got {moe.layers!r}"
+        )
     try:
         check_gate(moe.top_k, **{k: getattr(moe, k) for k in GATE_KEYS})
     except ValueError as e:
@@ -323,8 +331,10 @@ def _validate_mma(mma: MmaConfig, where: str) -> None:
     if mma.dim < 1 or mma.temperature <= 0:
         raise RecipeError(f"{where}: need dim >= 1 and temperature > 0, got {mma.dim} and {mma.temperature}")
     if mma.groups < 1 or mma.dim % mma.groups or not 0 <= mma.dropout < 1:
-        raise RecipeError(f"{where}: need groups dividing dim and 0 <= dropout < 1, got groups {mma.groups}, "
-                          f"dim {mma.dim}, dropout {mma.dropout}")
+        raise RecipeError(
+            f"{where}: need groups dividing dim and 0 <= dropout < 1, got groups {mma.groups}, "
+            f"dim {mma.dim}, dropout {mma.dropout}"
+        )
     if not mma.where or any(w not in PLACES for w in mma.where):
         raise RecipeError(f"{where}.where: expected a non-empty list of {sorted(PLACES)}, got {mma.where!r}")
 
@@ -342,8 +352,9 @@ def _validate_hf_source(recipe: Recipe, name: str, src: DataSource) -> None:
     if src.json or src.jsonl or src.shards:
         raise RecipeError(f"{where}: hf_dataset excludes json, jsonl and shards")
     if bool(src.conversations) == bool(src.messages):
-        raise RecipeError(f"{where}: an hf_dataset source names its text column as either conversations: COLUMN "
-                          "or messages: COLUMN")
+        raise RecipeError(
+            f"{where}: an hf_dataset source names its text column as either conversations: COLUMN or messages: COLUMN"
+        )
 
 
 def validate(recipe: Recipe) -> None:
@@ -377,8 +388,9 @@ def validate(recipe: Recipe) -> None:
         if st.pack and st.group_by_length:
             raise RecipeError(f"{where}: pack and group_by_length exclude each other (packing leaves no padding)")
         if st.pack and st.objective.get("name", "lm") not in ("lm", "croc"):
-            raise RecipeError(f"{where}.pack: packing works with the lm and croc objectives, "
-                              f"not {st.objective.get('name')!r}")
+            raise RecipeError(
+                f"{where}.pack: packing works with the lm and croc objectives, not {st.objective.get('name')!r}"
+            )
         if st.loss_norm not in ("token", "sample"):
             raise RecipeError(f"{where}.loss_norm: expected token or sample, got {st.loss_norm!r}")
         if st.pack_images < 0:
@@ -387,8 +399,10 @@ def validate(recipe: Recipe) -> None:
             if st.image_size < 1:
                 raise RecipeError(f"{where}.image_size: must be positive, got {st.image_size}")
             if recipe.kind != "lmm" or recipe.strategy == "fsdp":
-                raise RecipeError(f"{where}.image_size: a stage's resolution can change in kind lmm recipes without "
-                                  "FSDP (single process or ddp)")
+                raise RecipeError(
+                    f"{where}.image_size: a stage's resolution can change in kind lmm recipes without "
+                    "FSDP (single process or ddp)"
+                )
         _validate_moe(st.moe, f"{where}.moe")
         _validate_mma(st.mma, f"{where}.mma")
         if st.mma.vision and st.train.get("lm") == "mma" and "vision" not in st.lr:
@@ -401,9 +415,14 @@ def validate(recipe: Recipe) -> None:
             if mode not in MODES:
                 raise RecipeError(f"{where}.train.{part}: unknown mode {mode!r}; expected one of {list(MODES)}")
             if mode in ("moe", "mma") and part != "lm" or mode == "lora" and part == "bridge":
-                raise RecipeError(f"{where}.train.{part}: {mode} is supported for the lm only"
-                                  + (" (and lora for the vision encoder's per-window adapters, model.tiling.mode="
-                                     "monkey)" if mode == "lora" else ""))
+                raise RecipeError(
+                    f"{where}.train.{part}: {mode} is supported for the lm only"
+                    + (
+                        " (and lora for the vision encoder's per-window adapters, model.tiling.mode=monkey)"
+                        if mode == "lora"
+                        else ""
+                    )
+                )
             if mode != "frozen" and part not in st.lr:
                 raise RecipeError(f"{where}.lr.{part}: missing learning rate for a part that trains")
         for part in st.lr:

@@ -12,13 +12,22 @@ from mmbridge.config import RecipeError, load_recipe
 from mmbridge.data.llava import read_llava_json
 from mmbridge.data.sources import resolve_source
 from mmbridge.eval.evaluate import evaluate_records, gold
-from mmbridge.eval.metrics import caption_scores, center_box_baseline, majority_vqa_baseline, \
-    vqa_accuracy_by_type
+from mmbridge.eval.metrics import caption_scores, center_box_baseline, majority_vqa_baseline, vqa_accuracy_by_type
 from mmbridge.eval.reliance import image_reliance
 
-QUICK = ["world.n_train=200", "world.n_val=50", "world.n_test=50", "world.root=.cache/shapes-world-quick",
-         "stages.0.steps=3", "stages.0.batch_size=4", "stages.1.steps=3", "stages.1.batch_size=4",
-         "eval.caption.limit=8", "eval.vqa.limit=16", "eval.grounding.limit=8"]
+QUICK = [
+    "world.n_train=200",
+    "world.n_val=50",
+    "world.n_test=50",
+    "world.root=.cache/shapes-world-quick",
+    "stages.0.steps=3",
+    "stages.0.batch_size=4",
+    "stages.1.steps=3",
+    "stages.1.batch_size=4",
+    "eval.caption.limit=8",
+    "eval.vqa.limit=16",
+    "eval.grounding.limit=8",
+]
 
 
 RELIANCE_RECORDS = 128  # VQA test records scored with their own and with a wrong image
@@ -34,13 +43,16 @@ def clear_run_dir(run_dir: Path) -> None:
         if not run_dir.is_dir():
             raise RecipeError(f"--out {run_dir}: exists and is not a directory; choose another --out")
         if any(run_dir.iterdir()) and not (run_dir / MARKER).is_file():
-            raise RecipeError(f"--out {run_dir}: a non-empty directory that is not an earlier demo run (no {MARKER} "
-                              "file in it); nothing was changed. Choose a new or empty --out, or remove it yourself")
+            raise RecipeError(
+                f"--out {run_dir}: a non-empty directory that is not an earlier demo run (no {MARKER} "
+                "file in it); nothing was changed. Choose a new or empty --out, or remove it yourself"
+            )
         if (run_dir / MARKER).is_file():
             shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / MARKER).write_text("a run directory written by `mmbridge demo`; the next demo with this --out "
-                                  "replaces it\n")
+    (run_dir / MARKER).write_text(
+        "a run directory written by `mmbridge demo`; the next demo with this --out replaces it\n"
+    )
 
 
 def baselines(recipe) -> dict:
@@ -53,8 +65,9 @@ def baselines(recipe) -> dict:
         by_type[r["qtype"]].append(r["answer"])
     tv = test("vqa")
     out["vqa_accuracy"] = majority_vqa_baseline(by_type, [r["qtype"] for r in tv], [r["answer"] for r in tv])
-    out["grounding_acc50"] = center_box_baseline([r["box"] for r in test("grounding")],
-                                                 [r["box"] for r in val("grounding")])
+    out["grounding_acc50"] = center_box_baseline(
+        [r["box"] for r in test("grounding")], [r["box"] for r in val("grounding")]
+    )
     common = Counter(r["conversations"][-1]["value"] for r in val("caption")).most_common(1)[0][0]
     tc = test("caption")
     out["cider"] = caption_scores({r["id"]: common for r in tc}, {r["id"]: gold(r, "caption") for r in tc})["cider"]
@@ -76,21 +89,24 @@ def run_demo(quick: bool = False, out: str | None = None, overrides: list[str] |
     model, processor = trainer.model, trainer.processor
     metrics, examples = {}, []
     keys = {"caption": ["cider", "bleu4"], "vqa": ["vqa_accuracy"], "grounding": ["grounding_acc50", "unparsed"]}
-    for name, ev in recipe.eval.items():
+    for ev in recipe.eval.values():
         src = resolve_source(recipe, ev.json)
         records = read_llava_json(src.json)[0][: ev.limit or None]
         m, rows = evaluate_records(model, processor, records, src.images, ev.task, max_new_tokens=ev.max_new_tokens)
         metrics.update({k: m[k] for k in keys[ev.task]})
         metrics[f"n_{ev.task}"] = m["n"]
         if ev.task == "vqa":  # per question type, and whether the answers depend on the image at all
-            metrics["vqa_by_qtype"] = vqa_accuracy_by_type([r["prediction"] for r in rows], [r["gold"] for r in rows],
-                                                           [rec.get("qtype") for rec in records])
+            metrics["vqa_by_qtype"] = vqa_accuracy_by_type(
+                [r["prediction"] for r in rows], [r["gold"] for r in rows], [rec.get("qtype") for rec in records]
+            )
             reliance = image_reliance(model, processor, records[:RELIANCE_RECORDS], src.images)
             metrics["vqa_image_gain"] = round(reliance["image_gain"], 4)
         examples += [{"task": ev.task, **r, "images_root": src.images} for r in rows[:3]]
     metrics["n"] = sum(metrics.pop(f"n_{t}") for t in keys if f"n_{t}" in metrics)
-    trainer.log_eval({k: v for k, v in metrics.items() if k != "vqa_by_qtype"}
-                     | {f"vqa_{k}": v for k, v in metrics.get("vqa_by_qtype", {}).items()})  # TensorBoard / W&B
+    trainer.log_eval(
+        {k: v for k, v in metrics.items() if k != "vqa_by_qtype"}
+        | {f"vqa_{k}": v for k, v in metrics.get("vqa_by_qtype", {}).items()}
+    )  # TensorBoard / W&B
     metrics["train_seconds"] = round(t_train, 1)
     metrics["total_seconds"] = round(time.time() - t0, 1)
     base = baselines(recipe)
@@ -110,12 +126,25 @@ def write_examples(examples: list[dict], folder: Path) -> None:
     for i, ex in enumerate(examples):
         name = f"{i:02d}_{ex['task']}.png"
         shutil.copy(Path(ex["images_root"]) / ex["image"][0], folder / name)
-        lines += [f"## {ex['task']} — {ex['id']}", f"![{name}]({name})", "",
-                  f"- question: {ex['question'].replace('<image>', '').strip()}",
-                  f"- prediction: `{ex['prediction']}`", f"- reference: `{ex['gold']}`", ""]
-        rows.append({"task": ex["task"], "id": ex["id"], "image": name,
-                     "question": ex["question"].replace("<image>", "").strip(),
-                     "prediction": ex["prediction"], "reference": ex["gold"]})
+        lines += [
+            f"## {ex['task']} — {ex['id']}",
+            f"![{name}]({name})",
+            "",
+            f"- question: {ex['question'].replace('<image>', '').strip()}",
+            f"- prediction: `{ex['prediction']}`",
+            f"- reference: `{ex['gold']}`",
+            "",
+        ]
+        rows.append(
+            {
+                "task": ex["task"],
+                "id": ex["id"],
+                "image": name,
+                "question": ex["question"].replace("<image>", "").strip(),
+                "prediction": ex["prediction"],
+                "reference": ex["gold"],
+            }
+        )
     (folder / "examples.md").write_text("\n".join(lines))
     (folder / "examples.json").write_text(json.dumps(rows, indent=1) + "\n")
 
@@ -127,19 +156,29 @@ def print_table(metrics: dict, base: dict, run_dir: Path) -> None:
     table = Table(title=f"mmbridge demo — held-out test split ({run_dir})")
     for col in ("metric", "model", "baseline", "baseline kind"):
         table.add_column(col)
-    kinds = {"cider": "most frequent val caption", "vqa_accuracy": "majority answer per question type",
-             "grounding_acc50": "mean val box"}
-    for key, label in (("cider", "caption CIDEr"), ("bleu4", "caption BLEU-4"), ("vqa_accuracy", "VQA accuracy"),
-                       ("grounding_acc50", "grounding Acc@0.5")):
+    kinds = {
+        "cider": "most frequent val caption",
+        "vqa_accuracy": "majority answer per question type",
+        "grounding_acc50": "mean val box",
+    }
+    for key, label in (
+        ("cider", "caption CIDEr"),
+        ("bleu4", "caption BLEU-4"),
+        ("vqa_accuracy", "VQA accuracy"),
+        ("grounding_acc50", "grounding Acc@0.5"),
+    ):
         if key in metrics:
             b = base.get(key)
             table.add_row(label, f"{metrics[key]:.3f}", "" if b is None else f"{b:.3f}", kinds.get(key, ""))
     if "vqa_image_gain" in metrics:
-        table.add_row("VQA loss, wrong image − own", f"{metrics['vqa_image_gain']:.3f}", "0.000",
-                      "a model that ignores the image")
+        table.add_row(
+            "VQA loss, wrong image − own", f"{metrics['vqa_image_gain']:.3f}", "0.000", "a model that ignores the image"
+        )
     Console().print(table)
     if metrics.get("vqa_by_qtype"):
         per_type = ", ".join(f"{k} {v:.3f}" for k, v in metrics["vqa_by_qtype"].items())
         print(f"VQA accuracy per question type: {per_type}")
-    print(f"unparsed grounding answers: {metrics.get('unparsed', 0)}; training took {metrics['train_seconds']} s, "
-          f"all {metrics['total_seconds']} s; examples in {run_dir / 'examples'}")
+    print(
+        f"unparsed grounding answers: {metrics.get('unparsed', 0)}; training took {metrics['train_seconds']} s, "
+        f"all {metrics['total_seconds']} s; examples in {run_dir / 'examples'}"
+    )

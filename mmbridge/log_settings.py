@@ -17,8 +17,10 @@ class TrackingError(RecipeError):
 
 
 def _missing(name: str) -> TrackingError:
-    return TrackingError(f"recipe.log.{name}: the `{PACKAGES[name]}` package is not installed; install it with "
-                         f"`pip install {PACKAGES[name]}` (or `pip install 'mmbridge[track]'`)")
+    return TrackingError(
+        f"recipe.log.{name}: the `{PACKAGES[name]}` package is not installed; install it with "
+        f"`pip install {PACKAGES[name]}` (or `pip install 'mmbridge[track]'`)"
+    )
 
 
 def check(log: dict) -> None:
@@ -34,8 +36,10 @@ def check(log: dict) -> None:
     if wandb not in (None, False, True) and not isinstance(wandb, dict):
         raise TrackingError(f"recipe.log.wandb: expected true or a mapping of {list(WANDB_KEYS)}, got {wandb!r}")
     if isinstance(wandb, dict) and set(wandb) - set(WANDB_KEYS):
-        raise TrackingError(f"recipe.log.wandb: unknown key(s) {sorted(set(wandb) - set(WANDB_KEYS))}; expected "
-                            f"some of {list(WANDB_KEYS)}")
+        raise TrackingError(
+            f"recipe.log.wandb: unknown key(s) {sorted(set(wandb) - set(WANDB_KEYS))}; expected "
+            f"some of {list(WANDB_KEYS)}"
+        )
     for name in PACKAGES:
         if log.get(name) and not _installed(PACKAGES[name]):
             raise _missing(name)

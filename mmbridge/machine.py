@@ -10,8 +10,16 @@ import sys
 from pathlib import Path
 
 # Environment variables that choose other kernels, and so other rounding, on the same processor.
-KERNEL_VARS = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS",
-               "MKL_NUM_THREADS", "CUBLAS_WORKSPACE_CONFIG", "NVIDIA_TF32_OVERRIDE")
+KERNEL_VARS = (
+    "ATEN_CPU_CAPABILITY",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "MKL_CBWR",
+    "ONEDNN_MAX_CPU_ISA",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "CUBLAS_WORKSPACE_CONFIG",
+    "NVIDIA_TF32_OVERRIDE",
+)
 
 
 # Instruction sets that decide which kernels MKL, oneDNN and ATen pick.
@@ -33,8 +41,12 @@ def cpu_model() -> str:
     name = fields.get("model name") or fields.get("Model") or platform.machine()
     ids = "/".join(fields[k] for k in ("cpu family", "model", "stepping") if k in fields)
     flags = set((fields.get("flags") or fields.get("Features") or "").split())
-    parts = [name, fields.get("vendor_id", ""), f"family/model/stepping {ids}" if ids else "",
-             " ".join(f for f in ISA_FLAGS if f in flags)]
+    parts = [
+        name,
+        fields.get("vendor_id", ""),
+        f"family/model/stepping {ids}" if ids else "",
+        " ".join(f for f in ISA_FLAGS if f in flags),
+    ]
     return "; ".join(p for p in parts if p)
 
 
@@ -49,14 +61,24 @@ def describe() -> dict:
         return hit.group(1) if hit else None
 
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    out = {"cpu": cpu_model(), "cores": os.cpu_count(), "cores_usable": usable, "os": platform.platform(),
-           "python": sys.version.split()[0], "torch": torch.__version__,
-           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads(),
-           "blas": found(r"BLAS_INFO=(\w+)"), "mkl": found(r"Math Kernel Library Version ([\w.]+)"),
-           "onednn": found(r"MKL-DNN v([\d.]+)"), "cuda": None}
+    out = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "cores_usable": usable,
+        "os": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+        "blas": found(r"BLAS_INFO=(\w+)"),
+        "mkl": found(r"Math Kernel Library Version ([\w.]+)"),
+        "onednn": found(r"MKL-DNN v([\d.]+)"),
+        "cuda": None,
+    }
     if torch.cuda.is_available():
-        out["cuda"] = f"{torch.version.cuda}: " + ", ".join(torch.cuda.get_device_name(i)
-                                                            for i in range(torch.cuda.device_count()))
+        out["cuda"] = f"{torch.version.cuda}: " + ", ".join(
+            torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())
+        )
     for name in ("transformers", "peft"):
         try:
             out[name] = __import__(name).__version__

@@ -45,9 +45,17 @@ def tiny_lm_dir(tmp_path_factory, tokenizer) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     folder = tmp_path_factory.mktemp("tiny_llama")
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -62,8 +70,13 @@ def tiny(tiny_lm_dir, tiny_clip_dir):
     from mmbridge.models.build import build_model
 
     torch.manual_seed(0)
-    cfg = ModelConfig(vision={"name": "hf", "path": tiny_clip_dir}, bridge={"name": "pool_adapter", "pooled": 2},
-                      lm={"path": tiny_lm_dir}, max_length=128, system_prompt="")
+    cfg = ModelConfig(
+        vision={"name": "hf", "path": tiny_clip_dir},
+        bridge={"name": "pool_adapter", "pooled": 2},
+        lm={"path": tiny_lm_dir},
+        max_length=128,
+        system_prompt="",
+    )
     model, proc = build_model(cfg)
     return model.eval(), proc
 
@@ -83,8 +96,15 @@ def tiny_clip_dir(tmp_path_factory) -> str:
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(0)
-    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8, projection_dim=32)
+    cfg = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=8,
+        projection_dim=32,
+    )
     folder = tmp_path_factory.mktemp("tiny_clip")
     CLIPVisionModel(cfg).save_pretrained(folder)
     return str(folder)
@@ -105,15 +125,31 @@ def tiny_recipe_dict(tiny_lm_dir: str, tiny_clip_dir: str, world_root: str, brid
     return {
         "name": "tiny",
         "world": {"root": world_root, "n_train": 40, "n_val": 8, "n_test": 8, "seed": 0, "image_size": 32},
-        "model": {"vision": {"name": "hf", "path": tiny_clip_dir, "feature_layer": -2},
-                  "bridge": bridge or {"name": "pool_adapter", "pooled": 2},
-                  "lm": {"path": tiny_lm_dir}, "max_length": 160, "system_prompt": ""},
+        "model": {
+            "vision": {"name": "hf", "path": tiny_clip_dir, "feature_layer": -2},
+            "bridge": bridge or {"name": "pool_adapter", "pooled": 2},
+            "lm": {"path": tiny_lm_dir},
+            "max_length": 160,
+            "system_prompt": "",
+        },
         "stages": [
-            {"name": "align", "data": {"world/train/caption": 1.0}, "train": {"bridge": "full"},
-             "lr": {"bridge": 1e-2}, "steps": 3, "batch_size": 4},
-            {"name": "multitask", "data": {"world/train/vqa": 1.0, "world/train/grounding": 1.0},
-             "train": {"bridge": "full", "lm": "lora"}, "lr": {"bridge": 1e-2, "lm": 1e-2},
-             "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}, "steps": 3, "batch_size": 4},
+            {
+                "name": "align",
+                "data": {"world/train/caption": 1.0},
+                "train": {"bridge": "full"},
+                "lr": {"bridge": 1e-2},
+                "steps": 3,
+                "batch_size": 4,
+            },
+            {
+                "name": "multitask",
+                "data": {"world/train/vqa": 1.0, "world/train/grounding": 1.0},
+                "train": {"bridge": "full", "lm": "lora"},
+                "lr": {"bridge": 1e-2, "lm": 1e-2},
+                "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+                "steps": 3,
+                "batch_size": 4,
+            },
         ],
     }
 
@@ -205,13 +241,17 @@ class Choices:
         assert len(want) <= len(self.steps)
         for step, ((logits, h, _), w) in enumerate(zip(self.steps, want)):
             diff, bound = (logits[row] - w.float()).abs(), 2 * LOGIT_EPS * norms * h[row]
-            assert (diff <= bound).all(), f"row {row}, step {step}: a logit differs by " \
+            assert (diff <= bound).all(), (
+                f"row {row}, step {step}: a logit differs by "
                 f"{float((diff / bound.clamp(min=1e-30)).max()):.3g}x what rounding can explain"
+            )
 
     def assert_clear(self, decisive: list[int] | None = None) -> None:
         least = self.margins(decisive)
-        assert all(m > 1 for m in least), f"near-tied logits: a greedy choice could flip under other rounding " \
+        assert all(m > 1 for m in least), (
+            f"near-tied logits: a greedy choice could flip under other rounding "
             f"(least lead / bound per row: {least}); choose another input or seed"
+        )
 
 
 def decisive_steps(results: list[list[int]], max_new_tokens: int) -> list[int]:
@@ -241,8 +281,9 @@ def assert_batched_answers_equal_alone(model, proc, records: list[dict], image_r
     from mmbridge.eval.evaluate import generate_answers
 
     with attentive(model):
-        together = generate_answers(model, proc, records, image_root, max_new_tokens=4, batch_size=batch_size,
-                                    progress=False)
+        together = generate_answers(
+            model, proc, records, image_root, max_new_tokens=4, batch_size=batch_size, progress=False
+        )
         alone = []
         for r in records:
             with Choices(model) as choices:
@@ -267,8 +308,20 @@ def assert_served_batch_equals_alone(model, proc, images, turns, batch: int, sca
             views = proc.images([image])
             prompt = engine.encode_prompt(turns, views["counts"])
             done = threading.Event()
-            jobs.append((Job(prompt, views["pixel_values"], 4, ReplyText(engine.decode),
-                             lambda kind, _, d=done: d.set() if kind != "delta" else None, images=views), done, views))
+            jobs.append(
+                (
+                    Job(
+                        prompt,
+                        views["pixel_values"],
+                        4,
+                        ReplyText(engine.decode),
+                        lambda kind, _, d=done: d.set() if kind != "delta" else None,
+                        images=views,
+                    ),
+                    done,
+                    views,
+                )
+            )
             engine.submit(jobs[-1][0])
         engine.start()
         for _, done, _ in jobs:
@@ -278,8 +331,14 @@ def assert_served_batch_equals_alone(model, proc, images, turns, batch: int, sca
         for job, _, views in jobs:
             extra = {k: views[k] for k in ("visual_index", "view_sizes") if k in views}
             with Choices(model) as choices:
-                alone = model.generate(torch.tensor([job.prompt]), torch.ones(1, len(job.prompt), dtype=torch.long),
-                                       views["pixel_values"], 4, proc.stop_token_ids, **extra)
+                alone = model.generate(
+                    torch.tensor([job.prompt]),
+                    torch.ones(1, len(job.prompt), dtype=torch.long),
+                    views["pixel_values"],
+                    4,
+                    proc.stop_token_ids,
+                    **extra,
+                )
             choices.assert_clear()
             assert job.reply.text == proc.tokenizer.decode(alone[0], skip_special_tokens=True).strip()
     assert len({job.reply.text for job, _, _ in jobs}) > 1, "the replies should tell the images apart"

@@ -21,7 +21,9 @@ def main(recipe: str, out: str) -> None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
         bridge = trainer.dist.part(trainer.model, "bridge")  # under FSDP gathered from the shards
         if trainer.dist.main:
-            save_file({k: v.contiguous() for k, v in bridge.state_dict().items()}, str(Path(out) / "bridge.safetensors"))
+            save_file(
+                {k: v.contiguous() for k, v in bridge.state_dict().items()}, str(Path(out) / "bridge.safetensors")
+            )
     finally:
         trainer.dist.close()
     rank = os.environ.get("RANK", "0")

@@ -11,8 +11,9 @@ import torch
 from mmbridge.eval.metrics import normalize_answer
 
 
-def greedy_answers(model, proc, prompts: list[list[int]], pixels: torch.Tensor | None, max_new_tokens: int,
-                   **extra) -> list[str]:
+def greedy_answers(
+    model, proc, prompts: list[list[int]], pixels: torch.Tensor | None, max_new_tokens: int, **extra
+) -> list[str]:
     """Left-pad `prompts` (token ids, images expanded) with the pad id, mask the padding, decode greedily."""
     width = max(map(len, prompts))
     ids = torch.tensor([[proc.pad_id] * (width - len(p)) + list(p) for p in prompts])

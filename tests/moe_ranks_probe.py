@@ -40,7 +40,7 @@ def main() -> None:
     ddp = nn.parallel.DistributedDataParallel(layer(), find_unused_parameters=False)
     for _ in range(2):  # an unused parameter makes DDP raise at the second step's forward
         ddp.zero_grad()
-        loss(ddp, x[rank:rank + 1], world / x.numel()).backward()  # DDP averages: times the world size
+        loss(ddp, x[rank : rank + 1], world / x.numel()).backward()  # DDP averages: times the world size
     for n, p in ddp.module.named_parameters():
         torch.testing.assert_close(p.grad, want[n], rtol=1e-5, atol=1e-7, msg=f"DDP {n}")
 
@@ -50,7 +50,7 @@ def main() -> None:
     sharded = fully_shard(layer(), mesh=init_device_mesh("cpu", (world,)))  # one unit, as a decoder layer is
     for _ in range(2):
         sharded.zero_grad()
-        loss(sharded, x[rank:rank + 1], world / x.numel()).backward()
+        loss(sharded, x[rank : rank + 1], world / x.numel()).backward()
     for n, p in sharded.named_parameters():
         assert p.grad is not None, f"FSDP {n}: no gradient"
         torch.testing.assert_close(p.grad.full_tensor(), want[n], rtol=1e-5, atol=1e-7, msg=f"FSDP {n}")

@@ -18,12 +18,13 @@ REL = 1e-5
 # along the deepest path to a logit (tower, bridge, two LM layers over <= 256 positions, output layer) fewer than
 # 2**12 terms are summed, and a sum of n terms is off by at most n*u of what it carries (u = 2**-24, fp32's unit
 # roundoff). `tests/conftest.py`'s `Choices` asserts every compared choice leads by more than twice that.
-FP32_U = 2.0 ** -24
-LOGIT_EPS = 2 ** 12 * FP32_U
+FP32_U = 2.0**-24
+LOGIT_EPS = 2**12 * FP32_U
 
 
-def assert_same_math(got: torch.Tensor, want: torch.Tensor, rel: float = REL, msg: str = "",
-                     scale: float | None = None) -> None:
+def assert_same_math(
+    got: torch.Tensor, want: torch.Tensor, rel: float = REL, msg: str = "", scale: float | None = None
+) -> None:
     """`got` equals `want` elementwise up to `rel` of `scale`: by default `want`'s largest magnitude (see above).
     A result whose terms cancel (a key bias's gradient is zero, computed from nonzero terms) errs by the terms'
     magnitude, not its own: pass the scale of the terms (e.g. the largest gradient of the model)."""

@@ -48,8 +48,13 @@ def start_signalled(recipe_yaml: Path, run_dir: Path, *extra: str, log: Path, **
     """`mmbridge train RECIPE --out RUN EXTRA...`, its output in `log`, signalling itself as `at` says:
     SIGNAL (a name, e.g. "SIGKILL") and AT_SYNC or AT_BATCH (a count from 1)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **at}
-    return subprocess.Popen([sys.executable, "-c", SIGNALLED, "train", str(recipe_yaml), "--out", str(run_dir),
-                             *extra], cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-c", SIGNALLED, "train", str(recipe_yaml), "--out", str(run_dir), *extra],
+        cwd=ROOT,
+        env=env,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 @contextlib.contextmanager

@@ -44,8 +44,14 @@ def conv(n_images: int, question: str = "What is there?", answer: str = "a red c
 @pytest.fixture(scope="module")
 def tiled(tiny_lm_dir, tiny_clip_dir):
     torch.manual_seed(0)
-    cfg = ModelConfig(vision={"name": "hf", "path": tiny_clip_dir}, bridge={"name": "mlp"}, lm={"path": tiny_lm_dir},
-                      max_length=400, system_prompt="", tiling={"mode": "anyres"})
+    cfg = ModelConfig(
+        vision={"name": "hf", "path": tiny_clip_dir},
+        bridge={"name": "mlp"},
+        lm={"path": tiny_lm_dir},
+        max_length=400,
+        system_prompt="",
+        tiling={"mode": "anyres"},
+    )
     model, proc = build_model(cfg)
     return model.eval(), proc
 
@@ -54,8 +60,15 @@ def sample(proc, images, **kw):
     """A training item as the dataset gives it."""
     views = proc.images(images)
     enc = proc.encode(conv(len(images), **kw), len(images), counts=views["counts"])
-    return {"id": "x", "input_ids": enc.input_ids, "labels": enc.labels, "pixel_values": views["pixel_values"],
-            "visual_index": views["visual_index"], "views": views["views"], "image_counts": views["counts"]}
+    return {
+        "id": "x",
+        "input_ids": enc.input_ids,
+        "labels": enc.labels,
+        "pixel_values": views["pixel_values"],
+        "visual_index": views["visual_index"],
+        "views": views["views"],
+        "image_counts": views["counts"],
+    }
 
 
 def test_layouts_and_counts():
@@ -83,7 +96,7 @@ def test_processor_expands_each_image_by_its_own_count(tiled):
     ids = np.asarray(enc.input_ids)
     runs = np.diff(np.flatnonzero(np.diff(np.r_[0, ids == proc.image_token_id, 0])))[::2]
     assert runs.tolist() == list(SIZES.values())  # each <image> is its own image's span, in order
-    (n, cut), = proc.measure_many([(conv(3), 3, "s", views["counts"])])
+    ((n, cut),) = proc.measure_many([(conv(3), 3, "s", views["counts"])])
     assert n == len(ids) and not cut
     prompt = proc.encode_prompt(conv(3)[:1], views["counts"])
     assert prompt.count(proc.image_token_id) == sum(SIZES.values())
@@ -135,8 +148,12 @@ def test_packed_rows_with_different_counts_leak_nothing_and_match_unpacked(tiled
     model, proc = tiled
     model.requires_grad_(True)
     images = [picture(s, k) for k, s in enumerate(SIZES)]
-    its = [sample(proc, images[:1]), sample(proc, images[1:2], answer="two blue squares"),
-           sample(proc, images[2:], answer="nothing"), sample(proc, [], answer="hello")]
+    its = [
+        sample(proc, images[:1]),
+        sample(proc, images[1:2], answer="two blue squares"),
+        sample(proc, images[2:], answer="nothing"),
+        sample(proc, [], answer="hello"),
+    ]
     rows = pack([len(it["input_ids"]) for it in its], [len(it["image_counts"]) for it in its], budget=260)
     assert len(rows) < len(its)
     tagged = [{**its[i], "row": r} for r, row in enumerate(rows) for i in row]
@@ -147,16 +164,24 @@ def test_packed_rows_with_different_counts_leak_nothing_and_match_unpacked(tiled
     counts = torch.bincount(spans[is_image])
     assert counts.tolist() == packed["image_counts"].tolist()  # each image one block of its own count
     for mode in ("causal", "visual"):
-        allowed = allowed_attention(packed["attention_mask"], mode, packed["labels"], is_image,
-                                    packed["image_counts"], segment_ids=seg)
+        allowed = allowed_attention(
+            packed["attention_mask"], mode, packed["labels"], is_image, packed["image_counts"], segment_ids=seg
+        )
         assert not (allowed & (seg[:, :, None] != seg[:, None, :])).any(), mode
     normalizer = float(padded["labels"][:, 1:].ne(IGNORE).sum())
     results = []
     for batch in (padded, packed):
         model.zero_grad()
-        out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
-                    normalizer=normalizer, position_ids=batch.get("position_ids"), segment_ids=batch.get("segment_ids"),
-                    visual_index=batch["visual_index"])
+        out = model(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["pixel_values"],
+            batch["labels"],
+            normalizer=normalizer,
+            position_ids=batch.get("position_ids"),
+            segment_ids=batch.get("segment_ids"),
+            visual_index=batch["visual_index"],
+        )
         out.loss.backward()
         results.append((out.loss.detach(), model.bridge.image_newline.grad.clone()))
     model.zero_grad()
@@ -221,8 +246,7 @@ def test_croc_selects_within_each_images_own_count(tiled):
     model.requires_grad_(True)
     images = [picture(s, k) for k, s in enumerate(SIZES)]
     batch = Collator(proc)([sample(proc, images[:1]), sample(proc, images[1:])])
-    obj = CrocObjective(model, pool_size=128, attention="visual", allow_unnormalised=True,
-                          head_dropout=0.0)
+    obj = CrocObjective(model, pool_size=128, attention="visual", allow_unnormalised=True, head_dropout=0.0)
     assert obj.num_tokens == model.max_image_tokens == 8 * 9 + 16  # the largest layout: 2x2 without padding
     torch.manual_seed(0)
     inputs = obj.prepare(model, batch)
@@ -232,7 +256,7 @@ def test_croc_selects_within_each_images_own_count(tiled):
     per_image = torch.stack([c.sum() for c in replaced.split(list(SIZES.values()))])
     assert per_image.tolist() == [num_selected(n, 0.75) for n in SIZES.values()]
     for row, n in zip(inputs.assignment, SIZES.values()):  # one-to-one within each image
-        real = row[:num_selected(n, 0.75)]
+        real = row[: num_selected(n, 0.75)]
         assert len(real.unique()) == len(real)
     out = obj(model, batch, normalizer=None)
     out.loss.backward()
@@ -254,8 +278,9 @@ def test_croc_with_one_count_for_all_matches_the_fixed_count_path(tiny, target):
         it.update(input_ids=enc.input_ids, labels=enc.labels)
     batch = Collator(proc)(its)
     ragged = {**batch, "image_counts": torch.full((3,), model.num_image_tokens)}
-    obj = CrocObjective(model, pool_size=16, attention="prefix", target=target, allow_unnormalised=True,
-                          head_dropout=0.0)  # paths compared: no dropout masks
+    obj = CrocObjective(
+        model, pool_size=16, attention="prefix", target=target, allow_unnormalised=True, head_dropout=0.0
+    )  # paths compared: no dropout masks
     results = []
     for b in (batch, ragged):
         torch.manual_seed(1)
@@ -268,8 +293,9 @@ def test_croc_with_one_count_for_all_matches_the_fixed_count_path(tiny, target):
     assert_same_math(loss, want[3])
 
 
-def test_a_tiled_run_changes_resolution_and_resumes_inside_the_larger_stage(tiny_lm_dir, tiny_clip_dir, world,
-                                                                            tmp_path):
+def test_a_tiled_run_changes_resolution_and_resumes_inside_the_larger_stage(
+    tiny_lm_dir, tiny_clip_dir, world, tmp_path
+):
     from tests.conftest import interrupted_run
 
     data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"], bridge={"name": "mlp"})
@@ -328,8 +354,14 @@ def test_answer_ranking_scores_each_candidate_with_its_images_own_count(tiled, t
             enc = proc.encode([*prompt_turns(r), {"from": "gpt", "value": answer}], 1, counts=views["counts"])
             labels = torch.tensor([y if t >= prompt else IGNORE for t, y in enumerate(enc.labels)])[None]
             with torch.no_grad():
-                out = model(torch.tensor([enc.input_ids]), None, views["pixel_values"], labels, normalizer=1.0,
-                            visual_index=views["visual_index"])
+                out = model(
+                    torch.tensor([enc.input_ids]),
+                    None,
+                    views["pixel_values"],
+                    labels,
+                    normalizer=1.0,
+                    visual_index=views["visual_index"],
+                )
             assert n == int(out.num_targets) and logprob == pytest.approx(-float(out.loss), rel=1e-5, abs=1e-5)
 
 
@@ -347,8 +379,14 @@ def test_image_reliance_gives_each_image_its_own_count(tiled, tmp_path):
         views = proc.images([Image.open(tmp_path / f"{image}.png").convert("RGB")])
         enc = proc.encode(records[k]["conversations"], 1, counts=views["counts"])
         with torch.no_grad():
-            out = model(torch.tensor([enc.input_ids]), None, views["pixel_values"], torch.tensor([enc.labels]),
-                        normalizer=1.0, visual_index=views["visual_index"])
+            out = model(
+                torch.tensor([enc.input_ids]),
+                None,
+                views["pixel_values"],
+                torch.tensor([enc.labels]),
+                normalizer=1.0,
+                visual_index=views["visual_index"],
+            )
         return float(out.loss), float(out.num_targets)
 
     own = [loss(k, k) for k in range(3)]

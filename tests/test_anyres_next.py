@@ -78,8 +78,7 @@ def test_the_global_view_comes_first():
     tiling, rng = Tiling("anyres"), np.random.default_rng(2)
     image = Image.fromarray(rng.integers(0, 255, (40, 64, 3), dtype=np.uint8))  # 64x40 → 2x2 at S = 32
     views = tiling.views(image, 32)
-    assert len(views) == 5 and np.array_equal(np.asarray(views[0]), np.asarray(image.resize((32, 32),
-                                                                                             Image.BICUBIC)))
+    assert len(views) == 5 and np.array_equal(np.asarray(views[0]), np.asarray(image.resize((32, 32), Image.BICUBIC)))
     index = tiling.token_index((64, 40), 32, 16)  # 4x4 tokens per view: the 8x8 map keeps rows 1..7
     assert index[:16].tolist() == list(range(16))
     # the first kept map row is feature row 1 of tiles 0 and 1 (views 1 and 2): 16 + 4..8, 32 + 4..8, newline
@@ -100,7 +99,7 @@ def test_anyres_max_shrinks_a_large_map_bilinearly():
     # halving with bilinear (align_corners False): each output samples at 2i + 0.5, the mean of a 2x2 block
     want = full.reshape(4, 2, 4, 2, 3).mean((1, 3))
     # four fp32 terms of magnitude ≤ max|x|, weights 1/4: each sum is off by at most a few units of rounding
-    assert_same_math(out.reshape(4, 5, 3)[:, :4], want, rel=4 * 2.0 ** -23)
+    assert_same_math(out.reshape(4, 5, 3)[:, :4], want, rel=4 * 2.0**-23)
 
 
 def test_bilinear_taps_by_hand():
@@ -110,7 +109,7 @@ def test_bilinear_taps_by_hand():
     assert rows.tolist() == [[0, 1], [3, 4], [6, 7]]
     # float32 as torch: three operations (8/3, its product, the subtraction) below 8 = 2^3, each off by at most
     # half a unit in the last place there (2^-21)
-    assert np.allclose(weights, [[1 / 6, 5 / 6], [0.5, 0.5], [5 / 6, 1 / 6]], rtol=0, atol=3 * 2.0 ** -21)
+    assert np.allclose(weights, [[1 / 6, 5 / 6], [0.5, 0.5], [5 / 6, 1 / 6]], rtol=0, atol=3 * 2.0**-21)
     rows, weights = bilinear_taps(4, 4)  # the same size: each output its own source
     assert rows[:, 0].tolist() == [0, 1, 2, 3] and (weights[:, 0] == 1).all()
 
@@ -121,8 +120,14 @@ def shrinking(tiny_lm_dir, tiny_clip_dir):
     from mmbridge.models.build import build_model
 
     torch.manual_seed(0)
-    cfg = ModelConfig(vision={"name": "hf", "path": tiny_clip_dir}, bridge={"name": "mlp"}, lm={"path": tiny_lm_dir},
-                      max_length=400, system_prompt="", tiling={"mode": "anyres", "anyres_max": 1})
+    cfg = ModelConfig(
+        vision={"name": "hf", "path": tiny_clip_dir},
+        bridge={"name": "mlp"},
+        lm={"path": tiny_lm_dir},
+        max_length=400,
+        system_prompt="",
+        tiling={"mode": "anyres", "anyres_max": 1},
+    )
     model, proc = build_model(cfg)
     return model.eval(), proc
 
@@ -155,10 +160,12 @@ def test_anyres_max_batches_shift_rows_and_keep_weights(shrinking):
     items = []
     for im in images:
         views = proc.images([im])
-        enc = proc.encode([{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "a"}], 1,
-                          counts=views["counts"])
-        items.append({"id": "x", "input_ids": enc.input_ids, "labels": enc.labels, **views,
-                      "image_counts": views["counts"]})
+        enc = proc.encode(
+            [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "a"}], 1, counts=views["counts"]
+        )
+        items.append(
+            {"id": "x", "input_ids": enc.input_ids, "labels": enc.labels, **views, "image_counts": views["counts"]}
+        )
     batch = Collator(proc)(items)
     with torch.no_grad():
         embeds, _ = model.prepare(batch["input_ids"], batch["pixel_values"], visual_index=batch["visual_index"])

@@ -36,21 +36,37 @@ def promised_keys(script: Path) -> tuple[str, ...] | None:
 
 
 def run_smoke(script: Path, folder: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "MMBRIDGE_INDEX_CACHE": str(folder / "index-cache")}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "MMBRIDGE_INDEX_CACHE": str(folder / "index-cache"),
+    }
     try:
-        return subprocess.run([sys.executable, str(script), "--smoke"], cwd=folder, env=env, capture_output=True,
-                              text=True, timeout=TIMEOUT_S)
+        return subprocess.run(
+            [sys.executable, str(script), "--smoke"],
+            cwd=folder,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+        )
     except subprocess.TimeoutExpired as e:
-        return subprocess.CompletedProcess(e.cmd, -1, e.stdout or "", f"{e.stderr or ''}\ntimed out after {TIMEOUT_S} s")
+        return subprocess.CompletedProcess(
+            e.cmd, -1, e.stdout or "", f"{e.stderr or ''}\ntimed out after {TIMEOUT_S} s"
+        )
 
 
 @pytest.fixture(scope="module")
 def smoke_runs(request, tmp_path_factory, smollm_dir):
     """{script stem: future of its run}, for the scripts this session selected. `smollm_dir` first: the SmolLM2
     tokenizer is dequantised once, not by two scripts at the same time."""
-    chosen = {item.callspec.params["script"] for item in request.session.items
-              if item.module is request.module and hasattr(item, "callspec")}
+    chosen = {
+        item.callspec.params["script"]
+        for item in request.session.items
+        if item.module is request.module and hasattr(item, "callspec")
+    }
     pool = ThreadPoolExecutor(JOBS)
     yield {s.stem: pool.submit(run_smoke, s, tmp_path_factory.mktemp(s.stem)) for s in SCRIPTS if s in chosen}
     pool.shutdown(cancel_futures=True)

@@ -40,11 +40,22 @@ def test_candidates_come_from_the_record_its_question_type_or_the_source():
     def rec(i, reply, **kw):
         return {"id": i, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": reply}], **kw}
 
-    source = [rec(0, "red", qtype="colour"), rec(1, "blue", qtype="colour"), rec(2, "yes", qtype="exists"),
-              rec(3, "3", qtype="count"), rec(4, "no", qtype="exists"), rec(5, "red", qtype="colour")]
+    source = [
+        rec(0, "red", qtype="colour"),
+        rec(1, "blue", qtype="colour"),
+        rec(2, "yes", qtype="exists"),
+        rec(3, "3", qtype="count"),
+        rec(4, "no", qtype="exists"),
+        rec(5, "red", qtype="colour"),
+    ]
     records = [source[0], source[2], rec(6, "x", candidates=["b", "a", "b"]), rec(7, "3"), rec(8, "2", qtype="size")]
-    assert candidate_lists(records, source) == [["blue", "red"], ["no", "yes"], ["b", "a"],
-                                                ["3", "blue", "no", "red", "yes"], ["3", "blue", "no", "red", "yes"]]
+    assert candidate_lists(records, source) == [
+        ["blue", "red"],
+        ["no", "yes"],
+        ["b", "a"],
+        ["3", "blue", "no", "red", "yes"],
+        ["3", "blue", "no", "red", "yes"],
+    ]
     assert candidate_lists([rec(9, "z", answer=["z", "y"], qtype="t")]) == [["y", "z"]]  # an annotators' list
     with pytest.raises(ValueError, match="candidates"):
         candidate_lists([rec(10, "a", candidates=[])])
@@ -91,8 +102,9 @@ def test_choices_and_scores_are_the_hand_computed_likelihoods(tiny, vqa, world, 
     logits = torch.zeros(width, vocab) if table == "uniform" else 4 * torch.randn(width, vocab)
     model = MultimodalLM(base.vision, base.bridge, BigramLM(logits, width), base.image_token_id).eval()
     records = vqa[:12] + [{**vqa[12], "candidates": ["red", "a small red circle", "top center", "no"]}]
-    metrics, rows = evaluate_records(model, proc, records, world["images"], "choice", batch_size=5, progress=False,
-                                     source=vqa)
+    metrics, rows = evaluate_records(
+        model, proc, records, world["images"], "choice", batch_size=5, progress=False, source=vqa
+    )
     logp = torch.log_softmax(logits, dim=-1)
     correct = {"sum": 0, "mean": 0}
     for r, row in zip(records, rows):
@@ -127,14 +139,23 @@ def test_batched_scores_are_each_candidates_training_loss(tiny, vqa, world, no_d
     records = [vqa[i] for i in pick]
     first, second = vqa[pick[2]], vqa[pick[2] + 1]
     assert first["image"] == second["image"]
-    records.append({**second, "id": "two_turns", "conversations": [
-        *first["conversations"], {"from": "human", "value": second["conversations"][0]["value"].replace("<image>\n", "")},
-        second["conversations"][1]]})
+    records.append(
+        {
+            **second,
+            "id": "two_turns",
+            "conversations": [
+                *first["conversations"],
+                {"from": "human", "value": second["conversations"][0]["value"].replace("<image>\n", "")},
+                second["conversations"][1],
+            ],
+        }
+    )
     cands = candidate_lists(records, vqa)
     got = score_candidates(model, proc, records, cands, world["images"], batch_size=7, progress=False)
     for r, options, scores in zip(records, cands, got):
-        pixels = preprocess([load_image(f"{world['images']}/{r['image']}")], proc.image_size, proc.image_mean,
-                            proc.image_std)
+        pixels = preprocess(
+            [load_image(f"{world['images']}/{r['image']}")], proc.image_size, proc.image_mean, proc.image_std
+        )
         prompt = len(proc.encode_prompt(prompt_turns(r)))
         for answer, (logprob, n) in zip(options, scores):
             enc = proc.encode([*prompt_turns(r), {"from": "gpt", "value": answer}], 1)
@@ -155,11 +176,30 @@ def test_eval_command_writes_accuracy_and_scores_beside_it(tiny_recipe, world, t
     tiny_recipe.stages[0].steps = 1
     Trainer(tiny_recipe, tmp_path / "run", progress=False).run()
     out = tmp_path / "m.json"
-    main(["eval", str(tmp_path / "run"), "--data", world["manifest"]["test"]["vqa"], "--images", world["images"],
-          "--task", "choice", "--limit", "6", "--batch-size", "4", "--out", str(out)])
+    main(
+        [
+            "eval",
+            str(tmp_path / "run"),
+            "--data",
+            world["manifest"]["test"]["vqa"],
+            "--images",
+            world["images"],
+            "--task",
+            "choice",
+            "--limit",
+            "6",
+            "--batch-size",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     metrics = json.loads(out.read_text())
-    assert metrics["n"] == 6 and 0 <= metrics["choice_accuracy"] <= 1 and set(metrics["by_qtype"]) <= {
-        "count", "colour", "shape", "position", "exists"}
+    assert (
+        metrics["n"] == 6
+        and 0 <= metrics["choice_accuracy"] <= 1
+        and set(metrics["by_qtype"]) <= {"count", "colour", "shape", "position", "exists"}
+    )
     rows = [json.loads(x) for x in out.with_suffix(".scores.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == [str(r["id"]) for r in vqa[:6]]
     colours = sorted({r["answer"] for r in vqa if r["qtype"] == "colour"})  # from the whole file, not 6 records

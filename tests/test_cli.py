@@ -63,8 +63,10 @@ def test_quick_demo_writes_metrics_and_examples(quick_run):
         assert [r["id"] for r in rows] == [str(r["id"]) for r in records]
     # each metric is that of the predictions the demo made (the scorers are checked by hand in test_metrics)
     records, rows = scored["caption"]
-    want = caption_scores({r["id"]: r["prediction"] for r in rows}, {str(r["id"]): r.get("references") or
-                                                                    [r["conversations"][-1]["value"]] for r in records})
+    want = caption_scores(
+        {r["id"]: r["prediction"] for r in rows},
+        {str(r["id"]): r.get("references") or [r["conversations"][-1]["value"]] for r in records},
+    )
     assert saved["cider"] == want["cider"] and saved["bleu4"] == want["bleu4"]
     records, rows = scored["vqa"]
     preds, golds = [r["prediction"] for r in rows], [r["answer"] for r in records]
@@ -96,16 +98,34 @@ def test_eval_command_writes_the_model_s_predictions_and_their_scores(quick_run,
     src = resolve_source(recipe, "world/test/grounding")
     records = read_llava_json(src.json)[0][:2]
     assert records[0]["image"] != records[1]["image"]  # one batch of two prompts, none sharing an image
-    main(["eval", str(out), "--data", src.json, "--images", src.images, "--task", "grounding",
-          "--limit", "2", "--batch-size", "2", "--out", str(tmp_path / "m.json")])
+    main(
+        [
+            "eval",
+            str(out),
+            "--data",
+            src.json,
+            "--images",
+            src.images,
+            "--task",
+            "grounding",
+            "--limit",
+            "2",
+            "--batch-size",
+            "2",
+            "--out",
+            str(tmp_path / "m.json"),
+        ]
+    )
     m = json.loads((tmp_path / "m.json").read_text())
     rows = [json.loads(x) for x in (tmp_path / "m.predictions.jsonl").read_text().splitlines()]
-    assert [r["id"] for r in rows] == [r["id"] for r in records] and [r["gold"] for r in rows] == \
-        [r["box"] for r in records]
+    assert [r["id"] for r in rows] == [r["id"] for r in records] and [r["gold"] for r in rows] == [
+        r["box"] for r in records
+    ]
     model, proc = trained
     prompts = [proc.encode_prompt(r["conversations"][:1]) for r in records]
-    pixels = preprocess([load_image(Path(src.images) / r["image"]) for r in records], proc.image_size,
-                        proc.image_mean, proc.image_std)
+    pixels = preprocess(
+        [load_image(Path(src.images) / r["image"]) for r in records], proc.image_size, proc.image_mean, proc.image_std
+    )
     assert [r["prediction"] for r in rows] == greedy_answers(model, proc, prompts, pixels, 24)
     acc50, unparsed = grounding_by_hand([r["prediction"] for r in rows], [r["box"] for r in records])
     assert m["n"] == 2 and m["grounding_acc50"] == acc50 and m["unparsed"] == unparsed

@@ -21,22 +21,29 @@ CONCEPTS = {"words": 6, "slots": 2, "global_token": True}
 @pytest.fixture(scope="module")
 def concept_model(tiny_lm_dir, tiny_clip_dir):
     torch.manual_seed(0)
-    cfg = ModelConfig(vision={"name": "hf", "path": tiny_clip_dir},
-                      bridge={"name": "pool_adapter", "pooled": 2, "concepts": CONCEPTS},
-                      lm={"path": tiny_lm_dir}, max_length=128, system_prompt="")
+    cfg = ModelConfig(
+        vision={"name": "hf", "path": tiny_clip_dir},
+        bridge={"name": "pool_adapter", "pooled": 2, "concepts": CONCEPTS},
+        lm={"path": tiny_lm_dir},
+        max_length=128,
+        system_prompt="",
+    )
     model, proc = build_model(cfg)
-    model.bridge.set_vocabulary([proc.tokenizer.convert_tokens_to_ids(t) for t in
-                                 ("Ġred", "Ġblue", "Ġcircle", "Ġsquare", "Ġtwo", "Ġleft")])
+    model.bridge.set_vocabulary(
+        [proc.tokenizer.convert_tokens_to_ids(t) for t in ("Ġred", "Ġblue", "Ġcircle", "Ġsquare", "Ġtwo", "Ġleft")]
+    )
     model.vision.requires_grad_(False)
     return model.eval(), proc
 
 
 def test_vocabulary_is_the_most_frequent_eligible_answer_words(tokenizer):
     ids = {w: tokenizer.convert_tokens_to_ids(w) for w in ("Ġred", "Ġblue", "Ġthe", "Ġa", ",", "Ġcircle", "Ġx")}
-    rows = [[IGNORE, ids["Ġthe"], ids["Ġred"], ids["Ġred"], ids[","]],  # a word counts once per sample
-            [ids["Ġthe"], ids["Ġred"], ids["Ġcircle"], ids["Ġx"]],
-            [ids["Ġthe"], ids["Ġblue"], ids["Ġcircle"], ids["Ġa"]],
-            [ids["Ġthe"], ids["Ġred"], ids["Ġblue"], ids["Ġx"]]]
+    rows = [
+        [IGNORE, ids["Ġthe"], ids["Ġred"], ids["Ġred"], ids[","]],  # a word counts once per sample
+        [ids["Ġthe"], ids["Ġred"], ids["Ġcircle"], ids["Ġx"]],
+        [ids["Ġthe"], ids["Ġblue"], ids["Ġcircle"], ids["Ġa"]],
+        [ids["Ġthe"], ids["Ġred"], ids["Ġblue"], ids["Ġx"]],
+    ]
     # "the" is in every sample (> 0.9 of them), "," is not a word, " x" and " a" are one letter
     got = choose_vocabulary(rows, tokenizer, 3, min_count=2, max_share=0.9)
     assert got == [ids["Ġred"], ids["Ġblue"], ids["Ġcircle"]]  # by samples (3, 2, 2), ties by id
@@ -79,8 +86,10 @@ def test_lm_loss_trains_the_slot_embeddings_and_not_the_detectors(concept_model)
 
 def two_captions(proc):
     """A padded batch of two one-image caption conversations: their input ids and labels."""
-    convs = [[{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "a red circle on the left"}],
-             [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "there are two blue squares"}]]
+    convs = [
+        [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "a red circle on the left"}],
+        [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "there are two blue squares"}],
+    ]
     encs = [proc.encode(c, 1) for c in convs]
     width = max(len(e.input_ids) for e in encs)
     ids = torch.tensor([e.input_ids + [proc.pad_id] * (width - len(e.input_ids)) for e in encs])
@@ -108,13 +117,20 @@ def test_mil_loss_is_bce_of_each_images_best_region(concept_model):
     model.zero_grad(set_to_none=True)
 
 
-def test_a_concepts_stage_then_an_lm_stage_saves_and_reloads_the_vocabulary(tiny_lm_dir, tiny_clip_dir, world,
-                                                                           tmp_path):
-    data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"],
-                            bridge={"name": "pool_adapter", "pooled": 2, "concepts": CONCEPTS})
+def test_a_concepts_stage_then_an_lm_stage_saves_and_reloads_the_vocabulary(
+    tiny_lm_dir, tiny_clip_dir, world, tmp_path
+):
+    data = tiny_recipe_dict(
+        tiny_lm_dir, tiny_clip_dir, world["root"], bridge={"name": "pool_adapter", "pooled": 2, "concepts": CONCEPTS}
+    )
     data["model"]["feature_cache"] = True
-    data["stages"][0].update(objective={"name": "concepts", "min_count": 2}, steps=20, lr={"bridge": 3e-2},
-                             data={"world/train/detailed": 1.0}, batch_size=8)
+    data["stages"][0].update(
+        objective={"name": "concepts", "min_count": 2},
+        steps=20,
+        lr={"bridge": 3e-2},
+        data={"world/train/detailed": 1.0},
+        batch_size=8,
+    )
     run = tmp_path / "run"
     Trainer(recipe_from_dict(data), run, progress=False).run()
     import json
@@ -136,7 +152,6 @@ def test_a_concepts_stage_then_an_lm_stage_saves_and_reloads_the_vocabulary(tiny
     model.bridge.word_ids.fill_(-1)
     loss.read_stage_data(model, ds, proc.tokenizer)
     assert model.bridge.word_ids.tolist() == trained
-
 
 
 def test_export_names_the_concepts_option(tiny_lm_dir, tiny_clip_dir, world):

@@ -21,15 +21,22 @@ from mmbridge.train.trainer import Trainer
 from tests.conftest import tiny_recipe_dict
 from tests.rounding import assert_same_math
 
-TWO = [{"from": "human", "value": "<image> and <image>: which has more shapes?"}, {"from": "gpt", "value": "the first one"}]
+TWO = [
+    {"from": "human", "value": "<image> and <image>: which has more shapes?"},
+    {"from": "gpt", "value": "the first one"},
+]
 ONE = [{"from": "human", "value": "<image>\nDescribe the image."}, {"from": "gpt", "value": "a red circle"}]
 
 
 def build(tiny_lm_dir, tiny_clip_dir, bridge=None, drop_cls=True):
     torch.manual_seed(0)
-    cfg = ModelConfig(vision={"name": "hf", "path": tiny_clip_dir, "drop_cls": drop_cls},
-                      bridge=bridge or {"name": "pool_adapter", "pooled": 2, "l2_normalize": True},
-                      lm={"path": tiny_lm_dir}, max_length=160, system_prompt="")
+    cfg = ModelConfig(
+        vision={"name": "hf", "path": tiny_clip_dir, "drop_cls": drop_cls},
+        bridge=bridge or {"name": "pool_adapter", "pooled": 2, "l2_normalize": True},
+        lm={"path": tiny_lm_dir},
+        max_length=160,
+        system_prompt="",
+    )
     return build_model(cfg)
 
 
@@ -53,8 +60,12 @@ def make_batch(proc, convs_and_counts, pad_extra=0):
     mask = (torch.arange(ids.shape[1])[None] < lengths[:, None]).long()
     n_img = sum(n for _, n in convs_and_counts)
     g = torch.Generator().manual_seed(1)
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask,
-            "pixel_values": torch.randn(n_img, 3, 32, 32, generator=g)}
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "attention_mask": mask,
+        "pixel_values": torch.randn(n_img, 3, 32, 32, generator=g),
+    }
 
 
 # -- matching -----------------------------------------------------------------------------------
@@ -88,7 +99,14 @@ def test_nearest_is_argmin_of_l2_distance():
 # -- selection and replacement --------------------------------------------------------------------
 def test_selected_fraction_is_exact_and_fresh_per_image():
     torch.manual_seed(0)
-    for n_tokens, ratio, want in [(16, 0.75, 12), (4, 0.75, 3), (17, 0.75, 13), (64, 0.5, 32), (5, 1.0, 5), (2, 0.1, 1)]:
+    for n_tokens, ratio, want in [
+        (16, 0.75, 12),
+        (4, 0.75, 3),
+        (17, 0.75, 13),
+        (64, 0.5, 32),
+        (5, 1.0, 5),
+        (2, 0.1, 1),
+    ]:
         assert num_selected(n_tokens, ratio) == want
         sel = select_tokens(6, n_tokens, ratio)
         assert sel.shape == (6, want)
@@ -109,8 +127,13 @@ def test_replaced_tokens_are_matched_pool_vectors(tiny, matching):
     assert replaced.sum(1).tolist() == [3, 3, 3]  # exactly 75% of every image
     assert torch.equal(img[~replaced], inputs.visual[~replaced])
     assert torch.equal(img[replaced], obj.pool[inputs.assignment.flatten()])
-    want = match(torch.nn.functional.normalize(inputs.visual.gather(
-        1, inputs.selected[..., None].expand(-1, -1, inputs.visual.shape[-1])), dim=-1), obj.pool, matching)
+    want = match(
+        torch.nn.functional.normalize(
+            inputs.visual.gather(1, inputs.selected[..., None].expand(-1, -1, inputs.visual.shape[-1])), dim=-1
+        ),
+        obj.pool,
+        matching,
+    )
     assert torch.equal(inputs.assignment, want)
     if matching == "hungarian":
         assert all(len(set(row.tolist())) == row.numel() for row in inputs.assignment)
@@ -176,8 +199,9 @@ def reference_allowed(attn, mode, labels, is_image, n):
 
 def test_masks_match_their_definition(tiny):
     model, proc = tiny
-    batch = make_batch(proc, [(ONE, 1), (TWO, 2), ([{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}], 0)],
-                       pad_extra=2)
+    batch = make_batch(
+        proc, [(ONE, 1), (TWO, 2), ([{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}], 0)], pad_extra=2
+    )
     labels = batch["labels"].clone()
     labels[2] = -100  # a row without any answer: its whole (unpadded) sequence is prefix
     is_image = batch["input_ids"] == model.image_token_id
@@ -241,9 +265,13 @@ def test_mask_semantics_by_perturbation(tiny, mode):
 
 
 # -- generality and the stage ------------------------------------------------------------------------
-@pytest.mark.parametrize("bridge,drop_cls,n_tokens", [({"name": "pool_adapter", "pooled": 2, "l2_normalize": True},
-                                                       True, 4),
-                                                      ({"name": "mlp", "l2_normalize": True}, False, 17)])
+@pytest.mark.parametrize(
+    "bridge,drop_cls,n_tokens",
+    [
+        ({"name": "pool_adapter", "pooled": 2, "l2_normalize": True}, True, 4),
+        ({"name": "mlp", "l2_normalize": True}, False, 17),
+    ],
+)
 @pytest.mark.parametrize("attention", ["prefix", "visual"])
 def test_any_token_count_and_two_images_per_sample(tiny_lm_dir, tiny_clip_dir, bridge, drop_cls, n_tokens, attention):
     model, proc = build(tiny_lm_dir, tiny_clip_dir, bridge, drop_cls)
@@ -269,12 +297,20 @@ def test_objective_options_are_checked(tiny):
 
 
 def test_croc_stage_trains_pool_and_leaves_nothing_behind(tiny_lm_dir, tiny_clip_dir, world, tmp_path, monkeypatch):
-    data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"],
-                            bridge={"name": "pool_adapter", "pooled": 2, "l2_normalize": True})
-    croc = {"name": "croc", "data": {"world/train/detailed": 1.0}, "train": {"bridge": "full", "lm": "lora"},
-            "lr": {"bridge": 1e-3, "lm": 1e-3, "objective": 1e-3},
-            "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}, "steps": 2, "batch_size": 2,
-            "grad_accum": 2, "objective": {"name": "croc", "pool_size": 16, "attention": "visual"}}
+    data = tiny_recipe_dict(
+        tiny_lm_dir, tiny_clip_dir, world["root"], bridge={"name": "pool_adapter", "pooled": 2, "l2_normalize": True}
+    )
+    croc = {
+        "name": "croc",
+        "data": {"world/train/detailed": 1.0},
+        "train": {"bridge": "full", "lm": "lora"},
+        "lr": {"bridge": 1e-3, "lm": 1e-3, "objective": 1e-3},
+        "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        "steps": 2,
+        "batch_size": 2,
+        "grad_accum": 2,
+        "objective": {"name": "croc", "pool_size": 16, "attention": "visual"},
+    }
     data["stages"] = [data["stages"][0], croc, data["stages"][1]]
     run = tmp_path / "run"
     trainer = Trainer(recipe_from_dict(data), run, progress=False)
@@ -328,10 +364,10 @@ def test_pool_rows_start_as_croc_draws_them_and_unit_is_an_option(tiny):
     assert torch.equal(obj.pool.detach(), want)
     norms = obj.pool.detach().norm(dim=-1)
     # a chi distribution with d degrees of freedom: mean ~ sqrt(d), sd ~ 1/sqrt(2); 32 rows within 5 sd
-    assert (norms - width ** 0.5).abs().max() < 5 * 2 ** -0.5
+    assert (norms - width**0.5).abs().max() < 5 * 2**-0.5
     torch.manual_seed(3)
     unit = CrocObjective(model, pool_size=32, pool_init="unit")
-    torch.testing.assert_close(unit.pool.detach().norm(dim=-1), torch.ones(32), rtol=0, atol=width * 2 ** -24)
+    torch.testing.assert_close(unit.pool.detach().norm(dim=-1), torch.ones(32), rtol=0, atol=width * 2**-24)
     with pytest.raises(ValueError, match="pool_init"):
         CrocObjective(model, pool_size=32, pool_init="zeros")
 
@@ -348,16 +384,16 @@ def bert_layer_by_hand(layer, x):
         return (v - mu) / torch.sqrt(var + 1e-12) * norm.weight + norm.bias
 
     qkv = x @ layer.qkv.weight.T + layer.qkv.bias
-    q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
+    q, k, v = qkv[..., :d], qkv[..., d : 2 * d], qkv[..., 2 * d :]
     heads_out = []
     for h in range(heads):
         sl = slice(h * dh, (h + 1) * dh)
-        att = torch.softmax(q[..., sl] @ k[..., sl].transpose(1, 2) / dh ** 0.5, dim=-1)
+        att = torch.softmax(q[..., sl] @ k[..., sl].transpose(1, 2) / dh**0.5, dim=-1)
         heads_out.append(att @ v[..., sl])
     a = torch.cat(heads_out, -1) @ layer.attn_out.weight.T + layer.attn_out.bias
     h1 = ln(x + a, layer.norm1)
     f = h1 @ layer.fc1.weight.T + layer.fc1.bias
-    f = 0.5 * f * (1 + torch.erf(f / 2 ** 0.5))
+    f = 0.5 * f * (1 + torch.erf(f / 2**0.5))
     return ln(h1 + f @ layer.fc2.weight.T + layer.fc2.bias, layer.norm2)
 
 

@@ -22,8 +22,11 @@ def write(tmp_path, records, name="data.json"):
 
 
 def rec(i, image="a.png", question="<image>\nWhat is it?", answer="a circle"):
-    return {"id": f"r{i}", "image": image,
-            "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
+    return {
+        "id": f"r{i}",
+        "image": image,
+        "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
+    }
 
 
 @pytest.fixture
@@ -49,9 +52,11 @@ def test_placeholder_count_mismatch_names_record(tmp_path):
 
 
 def test_structural_errors(tmp_path):
-    bad = [{"id": "e", "image": "a.png", "conversations": []},
-           {"id": "n", "conversations": [{"from": "human", "value": "hi"}]},
-           {"id": "t", "conversations": [{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "x"}]}]
+    bad = [
+        {"id": "e", "image": "a.png", "conversations": []},
+        {"id": "n", "conversations": [{"from": "human", "value": "hi"}]},
+        {"id": "t", "conversations": [{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "x"}]},
+    ]
     for r, msg in zip(bad, ["non-empty list", "no 'gpt' turn", r"conversations\[0\] must be"]):
         with pytest.raises(DataError, match=msg):
             read_llava_json(write(tmp_path, [r]))
@@ -122,7 +127,7 @@ def test_mixture_blocks_need_no_history():
     stream = list(islice(iter(s), 32 * 40))
     labels = np.searchsorted(s.offsets, stream, side="right") - 1
     for k in (0, 1, 17, 40):
-        assert (np.bincount(labels[:32 * k], minlength=3) == s.drawn_before(k)).all()
+        assert (np.bincount(labels[: 32 * k], minlength=3) == s.drawn_before(k)).all()
     # exact proportions, to within one draw per dataset
     assert np.abs(s.drawn_before(10**6) - 32 * 10**6 * s.probs).max() <= 1
     far = 32 * 10**6 + 5
@@ -130,4 +135,4 @@ def test_mixture_blocks_need_no_history():
     assert resumed == s.block(10**6)[5:].tolist() + s.block(10**6 + 1)[:32].tolist()
     # dataset 0 is read pass after pass, each pass a permutation of its 7 samples
     first = [i for i in stream if i < 7][:21]
-    assert all(sorted(first[j:j + 7]) == list(range(7)) for j in (0, 7, 14))
+    assert all(sorted(first[j : j + 7]) == list(range(7)) for j in (0, 7, 14))

@@ -35,13 +35,24 @@ K = 2  # image tokens per image
 
 # record fault -> the skip kind it must be counted as (None: no fault)
 RECORD_FAULTS = {
-    "none": None, "missing conversations": "no conversations", "conversations not a list": "no conversations",
-    "empty conversations": "no conversations", "turn without from": "bad turn", "turn without value": "bad turn",
-    "value not a string": "bad turn", "unknown role": "bad turn", "no answer turn": "no answer turn",
-    "extra <image>": "<image> count mismatch", "missing <image>": "<image> count mismatch",
-    "<image> in the answer": "<image> in an answer", "empty answer": "empty answer",
-    "special token in text": "special token in text", "bad UTF-8 bytes": "bad UTF-8",
-    "lone surrogate escape": "bad UTF-8", "not an object": "not an object", "image not a path": "bad image field",
+    "none": None,
+    "missing conversations": "no conversations",
+    "conversations not a list": "no conversations",
+    "empty conversations": "no conversations",
+    "turn without from": "bad turn",
+    "turn without value": "bad turn",
+    "value not a string": "bad turn",
+    "unknown role": "bad turn",
+    "no answer turn": "no answer turn",
+    "extra <image>": "<image> count mismatch",
+    "missing <image>": "<image> count mismatch",
+    "<image> in the answer": "<image> in an answer",
+    "empty answer": "empty answer",
+    "special token in text": "special token in text",
+    "bad UTF-8 bytes": "bad UTF-8",
+    "lone surrogate escape": "bad UTF-8",
+    "not an object": "not an object",
+    "image not a path": "bad image field",
 }
 GOOD_IMAGES = ["png", "jpeg", "palette png", "rgba png", "16-bit grey png", "1x1 png", "large png"]
 BAD_IMAGES = ["zero bytes", "not an image", "huge header (bomb)", "missing file", "a directory"]
@@ -56,6 +67,7 @@ TEXT = st.one_of(WORDS, st.text(st.characters(blacklist_categories=("Cs",), blac
 def png_header_only(w: int, h: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
@@ -100,21 +112,29 @@ def candidates(draw):
         "fault": draw(st.one_of(st.just("none"), st.sampled_from(sorted(RECORD_FAULTS)))),
         "images": [draw(st.sampled_from(GOOD_IMAGES + BAD_IMAGES + TRUNCATED)) for _ in range(n_images)],
         "cut": draw(st.floats(0.05, 0.999)),
-        "question": draw(TEXT), "answer": draw(TEXT), "second": draw(st.none() | st.tuples(TEXT, TEXT)),
-        "id": draw(st.none() | TEXT), "seed": draw(st.integers(0, 2**16)),
+        "question": draw(TEXT),
+        "answer": draw(TEXT),
+        "second": draw(st.none() | st.tuples(TEXT, TEXT)),
+        "id": draw(st.none() | TEXT),
+        "seed": draw(st.integers(0, 2**16)),
     }
 
 
 def build(c: dict, root: Path) -> tuple[bytes, int]:
     """The JSON file's bytes for `[good record, candidate]`, and how many images the candidate uses."""
     Image.new("RGB", (8, 8), (1, 2, 3)).save(root / "good.png")
-    good = {"id": "good", "image": "good.png",
-            "conversations": [{"from": "human", "value": "<image>\nok?"}, {"from": "gpt", "value": "ok"}]}
+    good = {
+        "id": "good",
+        "image": "good.png",
+        "conversations": [{"from": "human", "value": "<image>\nok?"}, {"from": "gpt", "value": "ok"}],
+    }
     names = [f"img{i}.{'jpg' if 'jpeg' in k else 'png'}" for i, k in enumerate(c["images"])]
     for name, kind in zip(names, c["images"]):
         write_image(root / name, kind, c["seed"], c["cut"])
-    turns = [{"from": "human", "value": "<image>\n" * len(names) + c["question"]},
-             {"from": "gpt", "value": c["answer"]}]
+    turns = [
+        {"from": "human", "value": "<image>\n" * len(names) + c["question"]},
+        {"from": "gpt", "value": c["answer"]},
+    ]
     if c["second"]:
         turns += [{"from": "human", "value": c["second"][0]}, {"from": "gpt", "value": c["second"][1]}]
     rec = {"image": names, "conversations": turns}
@@ -191,7 +211,7 @@ def test_every_malformed_record_is_named_or_counted_and_good_ones_are_exact(proc
         path = root / "data.json"
         path.write_bytes(raw)
         kind = expected_kind(c)
-        rid = re.escape(f"record 1 (id ")
+        rid = re.escape("record 1 (id ")
 
         if kind is not None:  # a record fault: found when the file is read and tokenised
             with pytest.raises(DataError, match=re.escape(str(path)) + ": " + rid) as err:

@@ -97,8 +97,13 @@ def test_indexing_while_locating_gives_the_same_index_and_errors(world, proc, mo
     as locating first and indexing in this process."""
     bad = {"id": "b", "conversations": [{"from": "human", "value": "<|im_end|>"}, {"from": "gpt", "value": "x"}]}
     records = read_llava_json(world["manifest"]["train"]["vqa"])[0]
-    files = {"empty": "[ ]", "one": json.dumps([records[0]]), "records": json.dumps(records, indent=1),
-             "bad": json.dumps(records[:20] + [bad, 7] + records[20:40]), "broken": json.dumps(records[:9])[:-40]}
+    files = {
+        "empty": "[ ]",
+        "one": json.dumps([records[0]]),
+        "records": json.dumps(records, indent=1),
+        "bad": json.dumps(records[:20] + [bad, 7] + records[20:40]),
+        "broken": json.dumps(records[:9])[:-40],
+    }
     got = {}
     for name, text in files.items():
         path = tmp_path / f"{name}.json"
@@ -122,8 +127,9 @@ def test_indexing_while_locating_gives_the_same_index_and_errors(world, proc, mo
         assert not isinstance(alone, DataError), name
         for key in ("rows", "length", "images"):
             assert np.array_equal(alone[key], streamed[key]), (name, key)
-        assert {k: alone[k] for k in ("truncated", "skipped", "first_error")} == \
-            {k: streamed[k] for k in ("truncated", "skipped", "first_error")}, name
+        assert {k: alone[k] for k in ("truncated", "skipped", "first_error")} == {
+            k: streamed[k] for k in ("truncated", "skipped", "first_error")
+        }, name
         assert all(np.array_equal(offsets[k], v) for k, v in store.located().items()), name
     assert len(got["empty"]["rows"]) == 0 and len(got["one"]["rows"]) == 1 and len(got["records"]["rows"]) > 30
     assert got["bad"]["skipped"] == {"special token in text": 1, "not an object": 1}
@@ -161,7 +167,7 @@ def test_the_byte_pass_splits_any_json_list_as_json_does(tmp_path, monkeypatch):
     """Random lists whose strings hold quotes, backslashes, brackets and commas, cut into tiny chunks;
     a corrupted file raises exactly the whole-file reader's error."""
     rng = random.Random(0)
-    alphabet = ['a', '"', '\\', '[', ']', '{', '}', ',', ' ', '\n', 'é', '\u2028']
+    alphabet = ["a", '"', "\\", "[", "]", "{", "}", ",", " ", "\n", "é", "\u2028"]
 
     def value(depth=0):
         r = rng.random()
@@ -176,11 +182,12 @@ def test_the_byte_pass_splits_any_json_list_as_json_does(tmp_path, monkeypatch):
     path = tmp_path / "f.json"
     for trial in range(400):
         monkeypatch.setattr(record_file, "CHUNK", rng.choice([1, 2, 3, 5, 64, 1 << 20]))
-        text = json.dumps([value() for _ in range(rng.randint(0, 5))], ensure_ascii=rng.random() < 0.5,
-                          indent=rng.choice([None, 1]))
+        text = json.dumps(
+            [value() for _ in range(rng.randint(0, 5))], ensure_ascii=rng.random() < 0.5, indent=rng.choice([None, 1])
+        )
         if rng.random() < 0.3:
             i = rng.randrange(len(text))
-            text = text[:i] + rng.choice(alphabet + ["", "1"]) + text[i + 1:]
+            text = text[:i] + rng.choice(alphabet + ["", "1"]) + text[i + 1 :]
         if rng.random() < 0.1:
             text = "\ufeff \n" + text + "\n"
         path.write_bytes(text.encode())
@@ -200,7 +207,6 @@ def test_the_byte_pass_splits_any_json_list_as_json_does(tmp_path, monkeypatch):
         assert str(got.value) == str(expected.value), (trial, text)
 
 
-
 def losses(run: Path) -> dict:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows}
@@ -211,10 +217,19 @@ def test_resume_mid_epoch_reproduces_the_losses(tiny_lm_dir, tiny_clip_dir, worl
     from mmbridge.train.trainer import Trainer
 
     data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"])
-    data["sources"] = {"captions": {"jsonl": str(as_jsonl(world["manifest"]["train"]["caption"],
-                                                          tmp_path / "captions.jsonl")), "images": world["images"]}}
-    stage = {**data["stages"][0], "data": {"captions": 1.0, "world/train/vqa": 1.0}, "steps": 10,
-             "batch_size": 4, "group_by_length": loader.get("group_by_length", 0)}
+    data["sources"] = {
+        "captions": {
+            "jsonl": str(as_jsonl(world["manifest"]["train"]["caption"], tmp_path / "captions.jsonl")),
+            "images": world["images"],
+        }
+    }
+    stage = {
+        **data["stages"][0],
+        "data": {"captions": 1.0, "world/train/vqa": 1.0},
+        "steps": 10,
+        "batch_size": 4,
+        "group_by_length": loader.get("group_by_length", 0),
+    }
     data.update(stages=[stage], save_every=3, num_workers=loader["num_workers"], log_every=1)
     recipe = recipe_from_dict(data)
     Trainer(recipe, tmp_path / "a", progress=False).run()
@@ -234,15 +249,49 @@ def test_piece_counts_equal_the_tokenizer_on_awkward_text(proc):
     counter = PieceCounter.build(proc.tokenizer)
     assert counter is not None  # SmolLM2: byte-level BPE with the GPT-2 pre-tokenizer
     rng = random.Random(1)
-    atoms = ["the", "cat", "'s", "don't", "123", "4567", "3.14", ",", "?", "!!", "\n", "\t", "\r\n", "é", "日本",
-             "<|im_start|>", "<|im_end|>", "<image>", "user", "\x1c", "\x00", "a-b", "(x)", '"q"', "Hello", "😀",
-             "\u00a0", "\u2028", "x" * 30, "`", "@#$%"]
+    atoms = [
+        "the",
+        "cat",
+        "'s",
+        "don't",
+        "123",
+        "4567",
+        "3.14",
+        ",",
+        "?",
+        "!!",
+        "\n",
+        "\t",
+        "\r\n",
+        "é",
+        "日本",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<image>",
+        "user",
+        "\x1c",
+        "\x00",
+        "a-b",
+        "(x)",
+        '"q"',
+        "Hello",
+        "😀",
+        "\u00a0",
+        "\u2028",
+        "x" * 30,
+        "`",
+        "@#$%",
+    ]
     texts = []
     for ascii_only in (False, True):
         pool = [a for a in atoms if a.isascii() or not ascii_only]
         for _ in range(600):
-            texts.append("".join(rng.choice(pool) + rng.choice([" ", " ", " ", "", "  ", "\n", " \n", "   "])
-                                 for _ in range(rng.randint(0, 30))))
+            texts.append(
+                "".join(
+                    rng.choice(pool) + rng.choice([" ", " ", " ", "", "  ", "\n", " \n", "   "])
+                    for _ in range(rng.randint(0, 30))
+                )
+            )
     want = [len(proc.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     assert counter.count(texts) == want
     assert counter.count(texts[::-1]) == want[::-1]  # from the memo this time
@@ -271,8 +320,9 @@ def test_measured_lengths_and_errors_equal_encoding(proc, world, n, max_length):
             items.append((conv, 1, f"{task} {i}"))
     want = [e if isinstance(e, DataError) else (len(e.input_ids), e.truncated) for e in p.encode_many(items)]
     got = p.measure_many(items)
-    assert [str(x) if isinstance(x, DataError) else tuple(x) for x in got] == \
-        [str(x) if isinstance(x, DataError) else x for x in want]
+    assert [str(x) if isinstance(x, DataError) else tuple(x) for x in got] == [
+        str(x) if isinstance(x, DataError) else x for x in want
+    ]
     assert [x.kind for x in got if isinstance(x, DataError)] == [x.kind for x in want if isinstance(x, DataError)]
 
 
@@ -296,9 +346,38 @@ NOT_VERBATIM = [
     "{% for m in messages %}{{ m['content'] }}{{ raise_exception(m['content']) if loop.last }}{% endfor %}",
     "{% for m in messages %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}",
 ]
-AWKWARD = ["the", "cat", "don't", "3.14", ",", "?", "\n", "\t", " ", "  ", "\r\n", "é", "日本", "😀", "\u00a0",
-           "<image>", "<repo_name>", "{{ x }}", "{% raw %}", '"q"', "\\", "\x1c", "\x7f", "x" * 17, "abcdefgh",
-           "\ue000", "Hello", "  \n", "user", "\n\n"]
+AWKWARD = [
+    "the",
+    "cat",
+    "don't",
+    "3.14",
+    ",",
+    "?",
+    "\n",
+    "\t",
+    " ",
+    "  ",
+    "\r\n",
+    "é",
+    "日本",
+    "😀",
+    "\u00a0",
+    "<image>",
+    "<repo_name>",
+    "{{ x }}",
+    "{% raw %}",
+    '"q"',
+    "\\",
+    "\x1c",
+    "\x7f",
+    "x" * 17,
+    "abcdefgh",
+    "\ue000",
+    "Hello",
+    "  \n",
+    "user",
+    "\n\n",
+]
 
 
 def random_conversation(rng: random.Random, images: int = 1) -> list[dict]:
@@ -371,10 +450,25 @@ def test_bulk_piece_counts_equal_the_tokenizer(proc, monkeypatch):
     from mmbridge.data.token_count import PieceCounter
 
     rng = random.Random(3)
-    atoms = [a for a in AWKWARD if a.isascii()] + ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "\x00", "a" * 15,
-                                                   "b" * 16, "cdefghi", "123456789", "'s", "!!", "(x)"]
-    texts = [""] + ["".join(rng.choice(atoms) + rng.choice([" ", " ", " ", "", "  ", "\n", " \n"])
-                            for _ in range(rng.randint(0, 40))) for _ in range(1500)]
+    atoms = [a for a in AWKWARD if a.isascii()] + [
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+        "\x00",
+        "a" * 15,
+        "b" * 16,
+        "cdefghi",
+        "123456789",
+        "'s",
+        "!!",
+        "(x)",
+    ]
+    texts = [""] + [
+        "".join(
+            rng.choice(atoms) + rng.choice([" ", " ", " ", "", "  ", "\n", " \n"]) for _ in range(rng.randint(0, 40))
+        )
+        for _ in range(1500)
+    ]
     texts.append("é " + texts[5])  # not ASCII: counted alone
     want = [len(proc.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     alone = PieceCounter.build(proc.tokenizer)
@@ -393,8 +487,9 @@ def test_bulk_piece_counts_equal_the_tokenizer(proc, monkeypatch):
     cuts = [[0, *c] if k % 2 else c for k, c in enumerate(cuts)]
     got, at = counter.count_with_prefixes(texts, cuts)
     assert got == want and sum(map(len, cuts)) > 1000
-    assert at == [[len(proc.tokenizer(t[:p], add_special_tokens=False)["input_ids"]) for p in c]
-                  for t, c in zip(texts, cuts)]
+    assert at == [
+        [len(proc.tokenizer(t[:p], add_special_tokens=False)["input_ids"]) for p in c] for t, c in zip(texts, cuts)
+    ]
     assert alone.count_with_prefixes(texts, cuts) == (got, at)
     some = counter.count_with_prefixes(texts, cuts, over=[20] * len(texts))[1]  # only those of texts over 20
     assert all(s == a if n > 20 else s in (None, a) for s, a, n in zip(some, at, want))
@@ -417,6 +512,7 @@ def test_measured_lengths_equal_encoding_on_random_conversations(tokenizer, n, m
     want = [e if isinstance(e, DataError) else (len(e.input_ids), e.truncated) for e in slow.encode_many(items)]
     got = p.measure_many(items)
     assert p._verbatim and p._counter is not None and p._counter.bulk
-    assert [(type(x), x.kind, str(x)) if isinstance(x, DataError) else tuple(x) for x in got] == \
-        [(type(x), x.kind, str(x)) if isinstance(x, DataError) else x for x in want]
+    assert [(type(x), x.kind, str(x)) if isinstance(x, DataError) else tuple(x) for x in got] == [
+        (type(x), x.kind, str(x)) if isinstance(x, DataError) else x for x in want
+    ]
     assert sum(not isinstance(x, DataError) for x in want) > 100

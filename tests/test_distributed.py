@@ -59,17 +59,26 @@ def runs(tmp_path_factory, tiny_lm_dir, tiny_clip_dir, world) -> dict:
     """The same recipe trained by DDP and FSDP on 2 processes (`mmbridge train` under torchrun) and by one process
     (through `train_probe.py`, which also records each trained tensor's starting value), concurrently."""
     root = tmp_path_factory.mktemp("dist")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": str(ROOT),
+    }
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     procs = {}
     for strategy in ("none", "ddp", "fsdp"):
         path = root / f"{strategy}.yaml"
-        path.write_text(yaml.safe_dump(recipe_dict(tiny_lm_dir, tiny_clip_dir, world, strategy=strategy),
-                                        sort_keys=False))  # key order is the mixture order
+        path.write_text(
+            yaml.safe_dump(recipe_dict(tiny_lm_dir, tiny_clip_dir, world, strategy=strategy), sort_keys=False)
+        )  # key order is the mixture order
         out = root / ("one" if strategy == "none" else strategy)
-        command = [sys.executable, str(ROOT / "tests" / "train_probe.py"), str(path), str(out)] \
-            if strategy == "none" else [*torchrun, "-m", "mmbridge", "train", str(path), "--out", str(out)]
+        command = (
+            [sys.executable, str(ROOT / "tests" / "train_probe.py"), str(path), str(out)]
+            if strategy == "none"
+            else [*torchrun, "-m", "mmbridge", "train", str(path), "--out", str(out)]
+        )
         log = open(root / f"{strategy}.log", "w")
         procs[strategy] = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     for strategy, proc in procs.items():
@@ -95,8 +104,13 @@ def test_two_processes_reproduce_one_process(runs, strategy):
     assert_same_updates(a, b, first)
     model, proc = ckpt.load_run(runs[strategy])  # and loads as any run does: the one process's model
     one, _ = ckpt.load_run(runs["one"])
-    ids = torch.tensor([proc.encode([{"from": "human", "value": "<image>\nWhat colour is the circle?"},
-                                     {"from": "gpt", "value": "red"}], 1).input_ids])
+    ids = torch.tensor(
+        [
+            proc.encode(
+                [{"from": "human", "value": "<image>\nWhat colour is the circle?"}, {"from": "gpt", "value": "red"}], 1
+            ).input_ids
+        ]
+    )
     pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got, want = (m(ids, pixel_values=pixels).hidden_states for m in (model, one))
@@ -130,9 +144,28 @@ def test_fsdp_resumes_its_sharded_checkpoint_under_torchrun(runs, tmp_path):
         if later.name > "stage1-step0000001":
             shutil.rmtree(later)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "mmbridge", "train", str(run / "recipe.yaml"), "--out", str(run), "--resume"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "mmbridge",
+            "train",
+            str(run / "recipe.yaml"),
+            "--out",
+            str(run),
+            "--resume",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "resuming from" in proc.stdout and "stage 2, step 1" in proc.stdout
     resumed = list({(r["stage"], r["step"]): r for r in rows(run)}.values())
@@ -148,11 +181,15 @@ def test_step_flops_match_a_hand_count(tiny_recipe):
     model, _ = build_model(tiny_recipe.model)
     vocab = model.lm.config.vocab_size
     lengths, targets = [10, 7], [3, 2]
-    batch = {"input_ids": torch.zeros(2, 10, dtype=torch.long), "attention_mask": torch.zeros(2, 10, dtype=torch.long),
-             "labels": torch.full((2, 10), -100), "pixel_values": torch.zeros(2, 3, 32, 32)}
+    batch = {
+        "input_ids": torch.zeros(2, 10, dtype=torch.long),
+        "attention_mask": torch.zeros(2, 10, dtype=torch.long),
+        "labels": torch.full((2, 10), -100),
+        "pixel_values": torch.zeros(2, 3, 32, 32),
+    }
     for r, (n, t) in enumerate(zip(lengths, targets)):
         batch["attention_mask"][r, :n] = 1
-        batch["labels"][r, n - t:n] = 1
+        batch["labels"][r, n - t : n] = 1
     # tiny Llama: width 64, MLP 128, 2 layers, 4 heads x 16, 2 KV heads; MACs per token per layer
     lm_macs = 64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 128
     attention = 2 * (2 * 64 + 2 * 64)  # per (query, key) pair: 2 layers x (QK^T + AV over 4 heads x 16)
@@ -162,8 +199,12 @@ def test_step_flops_match_a_hand_count(tiny_recipe):
     n_tok, n_sq = sum(lengths), sum(n * n for n in lengths)
 
     apply_stage_modes(model, tiny_recipe.stages[0])  # bridge trains; LM and vision frozen
-    want = (n_tok * 2 * 2 * lm_macs * 2 + n_sq * attention * 3 + sum(targets) * 2 * 64 * vocab * 2
-            + 2 * (clip * 1 + bridge * 3))
+    want = (
+        n_tok * 2 * 2 * lm_macs * 2
+        + n_sq * attention * 3
+        + sum(targets) * 2 * 64 * vocab * 2
+        + 2 * (clip * 1 + bridge * 3)
+    )
     assert StepFlops(model)(batch) == want
 
     apply_stage_modes(model, tiny_recipe.stages[1])  # + LoRA r=4 on q_proj, v_proj: adapters train (x3)
@@ -176,19 +217,32 @@ def test_step_flops_match_a_hand_count(tiny_recipe):
 
     model, _ = build_model(tiny_recipe.model)
     lora = tiny_recipe.stages[1]
-    apply_stage_modes(model, dataclasses.replace(lora, train={"vision": "frozen", "bridge": "frozen", "lm": "lora"},
-                                                 lora=dataclasses.replace(lora.lora, layers=1)))
-    want_top = (n_tok * 2 * lm_macs * (1 + 2) + n_tok * 2 * lora_macs * 3 + n_sq * attention // 2 * (1 + 3)
-                + sum(targets) * 2 * 64 * vocab * 2 + 2 * (clip + bridge))
+    apply_stage_modes(
+        model,
+        dataclasses.replace(
+            lora,
+            train={"vision": "frozen", "bridge": "frozen", "lm": "lora"},
+            lora=dataclasses.replace(lora.lora, layers=1),
+        ),
+    )
+    want_top = (
+        n_tok * 2 * lm_macs * (1 + 2)
+        + n_tok * 2 * lora_macs * 3
+        + n_sq * attention // 2 * (1 + 3)
+        + sum(targets) * 2 * 64 * vocab * 2
+        + 2 * (clip + bridge)
+    )
     assert StepFlops(model)(batch) == want_top
 
 
 def test_packed_rows_count_attention_per_sample():
     from mmbridge.train.flops import segment_lengths
 
-    batch = {"input_ids": torch.zeros(2, 6, dtype=torch.long),
-             "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]),
-             "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 0, 1, 2, 3]])}
+    batch = {
+        "input_ids": torch.zeros(2, 6, dtype=torch.long),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]),
+        "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 0, 1, 2, 3]]),
+    }
     assert segment_lengths(batch) == [3, 2, 2, 4]
     del batch["position_ids"]
     assert segment_lengths(batch) == [5, 6]

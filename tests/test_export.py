@@ -36,9 +36,18 @@ def lm_dir(tmp_path_factory, tokenizer) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(1)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=False, initializer_range=0.2, pad_token_id=tokenizer.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     folder = tmp_path_factory.mktemp("untied_llama")
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -82,8 +91,7 @@ def images(n: int) -> list[Image.Image]:
 
 
 def hf_inputs(processor, n: int, parts: bool = True):
-    content = [{"type": "image"}] * n + [{"type": "text", "text": QUESTION}] if parts \
-        else "<image>\n" * n + QUESTION
+    content = [{"type": "image"}] * n + [{"type": "text", "text": QUESTION}] if parts else "<image>\n" * n + QUESTION
     text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     return processor(text=text, images=images(n), return_tensors="pt")
 
@@ -147,11 +155,13 @@ def test_greedy_generation_matches(hf, ours):
     for n in (1, 2):
         ids, pixels = our_inputs(ours[1], n)
         with Choices(ours[0]) as choices:  # 10 tokens: the 12th choice of the one-image reply is near a tie
-            want = ours[0].generate(ids, torch.ones_like(ids), pixels, max_new_tokens=10,
-                                    eos_token_ids=ours[1].stop_token_ids)[0]
+            want = ours[0].generate(
+                ids, torch.ones_like(ids), pixels, max_new_tokens=10, eos_token_ids=ours[1].stop_token_ids
+            )[0]
         choices.assert_clear()  # merging LoRA regroups the sums: no near-tie that could flip
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
-                             max_new_tokens=10)[0, ids.shape[1]:].tolist()
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, max_new_tokens=10
+        )[0, ids.shape[1] :].tolist()
         got = [t for t in out if t not in ours[1].stop_token_ids and t != processor.tokenizer.pad_token_id]
         assert got == want
         assert len(set(want)) > 2  # a real sequence, not one repeated token
@@ -165,8 +175,9 @@ def test_export_import_round_trip_is_bitwise(exported, run, tmp_path):
     sa, sb = a.state_dict(), b.state_dict()
     assert set(sa) == set(sb)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert pa.encode_prompt([{"from": "human", "value": "<image>\nhi"}]) == \
-        pb.encode_prompt([{"from": "human", "value": "<image>\nhi"}])
+    assert pa.encode_prompt([{"from": "human", "value": "<image>\nhi"}]) == pb.encode_prompt(
+        [{"from": "human", "value": "<image>\nhi"}]
+    )
     again = tmp_path / "again"
     export_run(imported, again, say=lambda *a: None)
     x, y = load_file(str(exported / "model.safetensors")), load_file(str(again / "model.safetensors"))
@@ -195,29 +206,45 @@ def write_run(model, processor, recipe, folder):
 
 def tower_dir(kind: str, folder) -> str:
     """A tiny SigLIP or DINOv2 tower saved like a real checkpoint (32 px, 8 px patches)."""
-    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel, \
-        SiglipVisionConfig, SiglipVisionModel
+    from transformers import (
+        Dinov2Config,
+        Dinov2Model,
+        Dinov2WithRegistersConfig,
+        Dinov2WithRegistersModel,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
 
     torch.manual_seed(2)
     small = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32, "patch_size": 8}
-    model = {"siglip": lambda: SiglipVisionModel(SiglipVisionConfig(intermediate_size=64, **small)),
-             "dinov2": lambda: Dinov2Model(Dinov2Config(mlp_ratio=2, **small)),
-             "dinov2_reg": lambda: Dinov2WithRegistersModel(
-                 Dinov2WithRegistersConfig(mlp_ratio=2, num_register_tokens=2, **small))}[kind]()
+    model = {
+        "siglip": lambda: SiglipVisionModel(SiglipVisionConfig(intermediate_size=64, **small)),
+        "dinov2": lambda: Dinov2Model(Dinov2Config(mlp_ratio=2, **small)),
+        "dinov2_reg": lambda: Dinov2WithRegistersModel(
+            Dinov2WithRegistersConfig(mlp_ratio=2, num_register_tokens=2, **small)
+        ),
+    }[kind]()
     model.save_pretrained(folder)
     return str(folder)
 
 
 def model_recipe(vision: dict, bridge: dict, lm_path: str, **extra):
-    return recipe_from_dict({"name": "t", "model": {"vision": vision, "bridge": bridge, "lm": {"path": lm_path},
-                                                    "max_length": 160, **extra}})
+    return recipe_from_dict(
+        {
+            "name": "t",
+            "model": {"vision": vision, "bridge": bridge, "lm": {"path": lm_path}, "max_length": 160, **extra},
+        }
+    )
 
 
-@pytest.mark.parametrize("kind,vision,strategy,tokens", [
-    ("siglip", {"feature_layer": -1}, "full", 16),  # no CLS: nothing to drop
-    ("dinov2", {"feature_layer": -1}, "default", 16),  # the last layer (LayerNorm'd in both)
-    ("clip", {"feature_layer": 1, "drop_cls": False}, "full", 17),  # CLS kept; a positive layer index
-])
+@pytest.mark.parametrize(
+    "kind,vision,strategy,tokens",
+    [
+        ("siglip", {"feature_layer": -1}, "full", 16),  # no CLS: nothing to drop
+        ("dinov2", {"feature_layer": -1}, "default", 16),  # the last layer (LayerNorm'd in both)
+        ("clip", {"feature_layer": 1, "drop_cls": False}, "full", 17),  # CLS kept; a positive layer index
+    ],
+)
 def test_other_towers_export_with_equal_logits(kind, vision, strategy, tokens, tiny_lm_dir, tiny_clip_dir, tmp_path):
     """(With conftest's Llama, whose embeddings are tied: the exported lm_head is the padded embedding.)"""
     from transformers import AutoModelForImageTextToText
@@ -258,10 +285,14 @@ BLOCKED = [  # (model section changes, the key the error must name)
     ({"bridge": {"name": "visual_expert"}}, "model.bridge.name: visual_expert"),
     ({"bridge": {"name": "qformer", "queries": 4}}, "model.bridge.name: qformer"),
     ({"vision": {"name": "efficientnet_lite0", "image_size": 80}}, "model.vision.image_size: 80"),
-    ({"vision": {"name": "efficientnet_lite0", "image_size": 64, "feature_stage": "last_block"}},
-     "model.vision.feature_stage"),
-    ({"vision": {"name": "efficientnet_lite0", "image_size": 64, "extra_stages": ["stem"]}},
-     "model.vision.extra_stages"),
+    (
+        {"vision": {"name": "efficientnet_lite0", "image_size": 64, "feature_stage": "last_block"}},
+        "model.vision.feature_stage",
+    ),
+    (
+        {"vision": {"name": "efficientnet_lite0", "image_size": 64, "extra_stages": ["stem"]}},
+        "model.vision.extra_stages",
+    ),
     ({"vision": {"name": "lcl_vit", "path": "runs/lcl/encoder"}}, "model.vision.name: lcl_vit"),
     ({"vision": {"post_layernorm": True}}, "model.vision.post_layernorm"),
 ]
@@ -302,8 +333,9 @@ def test_efficientnet_lite0_exports_as_fastvlm(stage, act, lm_dir, tmp_path):
     after an inner block passes its features through the stock head as ReLU6 pieces (fastvlm.cut_head, cut_projector)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    recipe = model_recipe({"name": "efficientnet_lite0", "image_size": 64, "feature_stage": stage},
-                          {"name": "mlp", "act": act}, lm_dir)
+    recipe = model_recipe(
+        {"name": "efficientnet_lite0", "image_size": 64, "feature_stage": stage}, {"name": "mlp", "act": act}, lm_dir
+    )
     torch.manual_seed(5)
     model, processor = build_model(recipe.model)
     run = write_run(model, processor, recipe, tmp_path / "run")
@@ -373,8 +405,9 @@ def test_an_output_folder_that_changes_during_the_export_is_left_alone(run, tmp_
         export_run(run, out, say=lambda *_: None)
     assert sorted(p.name for p in out.iterdir()) == ([] if appears == "an empty folder" else ["theirs.txt"])
     kept = _kept_folder(str(err.value))
-    assert kept.parent == out.parent and {"config.json", "model.safetensors", "manifest.json"} <= \
-        {p.name for p in kept.iterdir()}
+    assert kept.parent == out.parent and {"config.json", "model.safetensors", "manifest.json"} <= {
+        p.name for p in kept.iterdir()
+    }
 
 
 def test_two_exports_to_one_folder_never_touch_each_others_files(run, tmp_path, monkeypatch):
@@ -409,9 +442,9 @@ def test_the_export_check_answers_through_transformers_alone(exported, ours, wor
     model, processor = ours[:2]
     records = [r for r in json.loads((Path(world["root"]) / "test" / "vqa.json").read_text())][:3]
     with Choices(model) as choices:
-        result = compare_with_run(model, processor, exported, records, Path(world["root"]) / "images",
-                                  max_new_tokens=4)
+        result = compare_with_run(model, processor, exported, records, Path(world["root"]) / "images", max_new_tokens=4)
     choices.assert_clear()
-    assert result["n"] == 3 and [r["question"] for r in result["rows"]] == \
-        [r["conversations"][0]["value"].replace("<image>", "").strip() for r in records]
+    assert result["n"] == 3 and [r["question"] for r in result["rows"]] == [
+        r["conversations"][0]["value"].replace("<image>", "").strip() for r in records
+    ]
     assert result["agree"] == 3, result["rows"]

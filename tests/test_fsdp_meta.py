@@ -27,8 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cfg(tiny_lm_dir, tiny_clip_dir) -> ModelConfig:
-    return ModelConfig(vision={"name": "hf", "path": tiny_clip_dir}, bridge={"name": "pool_adapter", "pooled": 2},
-                       lm={"path": tiny_lm_dir}, max_length=128, system_prompt="")
+    return ModelConfig(
+        vision={"name": "hf", "path": tiny_clip_dir},
+        bridge={"name": "pool_adapter", "pooled": 2},
+        lm={"path": tiny_lm_dir},
+        max_length=128,
+        system_prompt="",
+    )
 
 
 def _build(cfg: ModelConfig, lazy: bool):
@@ -90,9 +95,17 @@ def big_lm_dir(tmp_path_factory, tokenizer) -> tuple[str, int]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=384, intermediate_size=3072, num_hidden_layers=32,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=384,
+        intermediate_size=3072,
+        num_hidden_layers=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     folder = tmp_path_factory.mktemp("big_llama")
     model = LlamaForCausalLM(cfg)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -109,17 +122,25 @@ def test_fsdp_ranks_hold_less_than_the_whole_model_and_give_its_losses(big_lm_di
     data.update(threads=1, save_every=0)
     # glibc's malloc raises its mmap threshold as large blocks are freed, then keeps FSDP's freed all-gather
     # buffers in its heap (resident memory grew 2.5x in 4 CPU steps); a fixed threshold returns them, for both runs
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": "65536",
-           "PYTHONPATH": str(ROOT)}  # the probe is a script: import this checkout's mmbridge
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "MALLOC_MMAP_THRESHOLD_": "65536",
+        "PYTHONPATH": str(ROOT),
+    }  # the probe is a script: import this checkout's mmbridge
     probe = [str(ROOT / "tests" / "fsdp_probe.py")]
     runs = {}
-    for strategy, launch in (("none", [sys.executable]), ("fsdp", [sys.executable, "-m", "torch.distributed.run",
-                                                                    "--standalone", "--nproc_per_node", "2"])):
+    for strategy, launch in (
+        ("none", [sys.executable]),
+        ("fsdp", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]),
+    ):
         recipe = tmp_path / f"{strategy}.yaml"
         recipe.write_text(yaml.safe_dump({**data, "strategy": strategy}, sort_keys=False))
         out = tmp_path / strategy
-        proc = subprocess.run([*launch, *probe, str(recipe), str(out)], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=600)
+        proc = subprocess.run(
+            [*launch, *probe, str(recipe), str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         runs[strategy] = out
     whole = json.loads((runs["none"] / "rss0.json").read_text())
@@ -127,11 +148,13 @@ def test_fsdp_ranks_hold_less_than_the_whole_model_and_give_its_losses(big_lm_di
     print(json.dumps({"model_mib": model_bytes / 2**20, "one_process": whole, "fsdp_ranks": ranks}))
     for rank in ranks:  # before: every rank built the whole model and deep-copied it per stage
         assert rank["peak_kib"] * 1024 < whole["peak_kib"] * 1024 - model_bytes / 8, (rank, whole, model_bytes)
-    got, want = ([json.loads(x) for x in (runs[s] / "metrics.jsonl").read_text().splitlines()] for s in ("fsdp", "none"))
+    got, want = (
+        [json.loads(x) for x in (runs[s] / "metrics.jsonl").read_text().splitlines()] for s in ("fsdp", "none")
+    )
     assert len(want) == 2 and [r["tokens"] for r in got] == [r["tokens"] for r in want]
     assert_same_losses(got, want)  # rounding's bound, as for the other process-count comparisons
     saved = load_file(str(runs["fsdp"] / "model" / "model.safetensors"))
     gathered = load_file(str(runs["fsdp"] / "bridge.safetensors"))  # `Dist.part` on the sharded model
-    assert gathered.keys() == {k[len("bridge."):] for k in saved if k.startswith("bridge.")}
+    assert gathered.keys() == {k[len("bridge.") :] for k in saved if k.startswith("bridge.")}
     for k, v in gathered.items():
         assert torch.equal(v, saved["bridge." + k]), k

@@ -34,30 +34,52 @@ MESSAGE = [{"role": datasets.Value("string"), "content": [PART]}]
 def records(world):
     """Multi-turn world records, one with two images and one with none (as LLaVA JSON records)."""
     recs = json.loads(open(world["manifest"]["train"]["mixed"]).read())[:10]
-    two = {"id": "two", "image": [recs[0]["image"], recs[1]["image"]],
-           "conversations": [{"from": "human", "value": "<image>\n<image>\nAre these the same picture?"},
-                             {"from": "gpt", "value": "no"}]}
-    none = {"id": "text", "conversations": [{"from": "human", "value": "Name a shape."},
-                                            {"from": "gpt", "value": "a circle"}]}
+    two = {
+        "id": "two",
+        "image": [recs[0]["image"], recs[1]["image"]],
+        "conversations": [
+            {"from": "human", "value": "<image>\n<image>\nAre these the same picture?"},
+            {"from": "gpt", "value": "no"},
+        ],
+    }
+    none = {
+        "id": "text",
+        "conversations": [{"from": "human", "value": "Name a shape."}, {"from": "gpt", "value": "a circle"}],
+    }
     return recs + [two, none]
 
 
 def as_messages(conversations):
     """LLaVA turns → OpenAI-style messages (lines that are `<image>` become image parts)."""
     role = {"human": "user", "gpt": "assistant", "system": "system"}
-    return [{"role": role[t["from"]], "content": [{"type": "image", "text": None} if line == "<image>" else
-                                                  {"type": "text", "text": line} for line in t["value"].split("\n")]}
-            for t in conversations]
+    return [
+        {
+            "role": role[t["from"]],
+            "content": [
+                {"type": "image", "text": None} if line == "<image>" else {"type": "text", "text": line}
+                for line in t["value"].split("\n")
+            ],
+        }
+        for t in conversations
+    ]
 
 
 def image_column(recs, root, how):
     """Each record's images as `bytes` or `path` values, or as Image-feature dicts holding the bytes (`feature`)
     or a path under `root` (`feature-path`)."""
+
     def one(name):
         path = os.path.join(root, name)
-        return {"bytes": open(path, "rb").read(), "path": None} if how == "feature" else \
-            {"bytes": None, "path": name} if how == "feature-path" else open(path, "rb").read() if how == "bytes" \
+        return (
+            {"bytes": open(path, "rb").read(), "path": None}
+            if how == "feature"
+            else {"bytes": None, "path": name}
+            if how == "feature-path"
+            else open(path, "rb").read()
+            if how == "bytes"
             else name
+        )
+
     return [[one(n) for n in record_images(r)] for r in recs]
 
 
@@ -68,10 +90,14 @@ def build(recs, root, how, layout, listed=True):
     if not listed:
         cells = [c[0] if c else None for c in cells]
     text = [r["conversations"] if layout == "conversations" else as_messages(r["conversations"]) for r in recs]
-    features = datasets.Features({"id": datasets.Value("string"), "images": [value] if listed else value,
-                                  layout: TURN if layout == "conversations" else MESSAGE})
-    return datasets.Dataset.from_dict({"id": [r["id"] for r in recs], "images": cells, layout: text},
-                                      features=features)
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "images": [value] if listed else value,
+            layout: TURN if layout == "conversations" else MESSAGE,
+        }
+    )
+    return datasets.Dataset.from_dict({"id": [r["id"] for r in recs], "images": cells, layout: text}, features=features)
 
 
 def dataset(proc, skip=False, **kw):
@@ -101,9 +127,17 @@ def reference(records, world, proc, tmp_path_factory):
     return ConversationDataset(path, world["images"], proc, cache=False)
 
 
-@pytest.mark.parametrize("how,layout,form", [
-    ("feature", "conversations", "saved"), ("bytes", "messages", "parquet"), ("path", "conversations", "parquet-dir"),
-    ("feature", "messages", "arrow"), ("path", "messages", "saved-dict"), ("feature-path", "messages", "pyarrow")])
+@pytest.mark.parametrize(
+    "how,layout,form",
+    [
+        ("feature", "conversations", "saved"),
+        ("bytes", "messages", "parquet"),
+        ("path", "conversations", "parquet-dir"),
+        ("feature", "messages", "arrow"),
+        ("path", "messages", "saved-dict"),
+        ("feature-path", "messages", "pyarrow"),
+    ],
+)
 def test_samples_equal_the_llava_json_ones(records, world, proc, reference, tmp_path, how, layout, form):
     ds = build(records, world["images"], how if how != "feature-path" else "feature", layout)
     root = world["images"] if how.endswith("path") else ""
@@ -122,8 +156,14 @@ def test_samples_equal_the_llava_json_ones(records, world, proc, reference, tmp_
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        rows = [{"id": r["id"], "images": [{"bytes": None, "path": n} for n in record_images(r)],
-                 layout: as_messages(r["conversations"])} for r in records]
+        rows = [
+            {
+                "id": r["id"],
+                "images": [{"bytes": None, "path": n} for n in record_images(r)],
+                layout: as_messages(r["conversations"]),
+            }
+            for r in records
+        ]
         pq.write_table(pa.Table.from_pylist(rows, schema=ds.features.arrow_schema), tmp_path / "paths.parquet")
         kw = {"path": str(tmp_path / "paths.parquet")}
     else:
@@ -178,9 +218,11 @@ def test_bad_input_is_named_or_counted(records, world, proc, tmp_path):
 
 def test_recipe_schema(tiny_lm_dir, tiny_clip_dir, world):
     data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"])
-    for source, message in [({"hf_dataset": "x"}, "either conversations"),
-                            ({"hf_dataset": "x", "messages": "m", "json": "a.json"}, "excludes json"),
-                            ({"json": "a.json", "messages": "m"}, "only for hf_dataset")]:
+    for source, message in [
+        ({"hf_dataset": "x"}, "either conversations"),
+        ({"hf_dataset": "x", "messages": "m", "json": "a.json"}, "excludes json"),
+        ({"json": "a.json", "messages": "m"}, "only for hf_dataset"),
+    ]:
         with pytest.raises(RecipeError, match=message):
             recipe_from_dict({**data, "sources": {"s": source}})
 
@@ -190,10 +232,20 @@ def hf_recipe(records, world, tiny_lm_dir, tiny_clip_dir, tmp_path):
     """A one-stage recipe on the records as parquet (messages, image bytes) mixed with a world source, packed."""
     build(records, world["images"], "bytes", "messages").to_parquet(tmp_path / "train.parquet")
     data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"])
-    data["sources"] = {"hf": {"hf_dataset": str(tmp_path / "train.parquet"), "images": "images",
-                              "messages": "messages"}}
-    data["stages"] = [{"name": "hf", "data": {"hf": 2.0, "world/train/caption": 1.0}, "train": {"bridge": "full"},
-                       "lr": {"bridge": 1e-2}, "steps": 5, "batch_size": 2, "pack": True}]
+    data["sources"] = {
+        "hf": {"hf_dataset": str(tmp_path / "train.parquet"), "images": "images", "messages": "messages"}
+    }
+    data["stages"] = [
+        {
+            "name": "hf",
+            "data": {"hf": 2.0, "world/train/caption": 1.0},
+            "train": {"bridge": "full"},
+            "lr": {"bridge": 1e-2},
+            "steps": 5,
+            "batch_size": 2,
+            "pack": True,
+        }
+    ]
     return data
 
 

@@ -28,8 +28,9 @@ def test_allowed_formats_decode(fmt):
     assert img.mode == "RGB" and img.size == (8, 6)
 
 
-@pytest.mark.parametrize("data", [encoded("TIFF"), encoded("PPM"), encoded("ICO", (16, 16)), EPS],
-                         ids=["tiff", "ppm", "ico", "eps"])
+@pytest.mark.parametrize(
+    "data", [encoded("TIFF"), encoded("PPM"), encoded("ICO", (16, 16)), EPS], ids=["tiff", "ppm", "ico", "eps"]
+)
 def test_other_formats_are_not_opened_from_a_request(data):
     with pytest.raises(ImageError, match="not a recognised image format"):
         decode_image(data, formats=IMAGE_FORMATS)

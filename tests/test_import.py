@@ -23,11 +23,13 @@ from mmbridge.train.trainer import Trainer
 from tests.greedy_reference import greedy_answers, vqa_accuracy_by_hand
 
 # LLaVA-1.5's template (llava-hf): it iterates content parts, so it cannot render plain strings itself
-LLAVA15 = ("{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
-           "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-           "{{ '<image>\n' }}{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', "
-           "'text') %}{{ content['text'] + ' '}}{% endfor %}{% endfor %}{% if add_generation_prompt %}"
-           "{{ 'ASSISTANT:' }}{% endif %}")
+LLAVA15 = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+    "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', "
+    "'text') %}{{ content['text'] + ' '}}{% endfor %}{% endfor %}{% if add_generation_prompt %}"
+    "{{ 'ASSISTANT:' }}{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,19 +37,39 @@ def llava_dir(tmp_path_factory, tokenizer):
     """A LLaVA-1.5-shaped folder: CLIP tower, Linear-GELU-Linear projector, Llama with a padded vocabulary."""
     import copy
 
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, \
-        LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     tok = copy.deepcopy(tokenizer)
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     tok.pad_token = tok.eos_token
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=32, patch_size=8)
-    text = LlamaConfig(vocab_size=len(tok) + 63, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-                       pad_token_id=tok.pad_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
-                         image_seq_length=16, vision_feature_layer=-2, vision_feature_select_strategy="default")
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
+    )
+    text = LlamaConfig(
+        vocab_size=len(tok) + 63,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,
+        pad_token_id=tok.pad_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        image_seq_length=16,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
     torch.manual_seed(4)
     model = LlavaForConditionalGeneration(config)
     with torch.no_grad():  # a projector far from its initialisation
@@ -55,8 +77,14 @@ def llava_dir(tmp_path_factory, tokenizer):
     folder = tmp_path_factory.mktemp("llava15") / "llava"
     model.save_pretrained(folder)
     images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
-                   num_additional_image_tokens=1, chat_template=LLAVA15).save_pretrained(folder)
+    LlavaProcessor(
+        image_processor=images,
+        tokenizer=tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA15,
+    ).save_pretrained(folder)
     return folder
 
 
@@ -72,16 +100,21 @@ def imported(llava_dir, tmp_path_factory):
 
 def square(n: int) -> list[Image.Image]:
     g = torch.Generator().manual_seed(n)
-    return [Image.fromarray(torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy())
-            for _ in range(n)]
+    return [
+        Image.fromarray(torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy()) for _ in range(n)
+    ]
 
 
 def test_imported_run_layout(imported):
     for name in ("vision", "lm", "tokenizer", "model"):
         assert (imported / name / "manifest.json").is_file(), name
     recipe = read_recipe(imported)
-    assert recipe.model.vision == {"name": "hf", "path": str((imported / "vision").resolve()), "feature_layer": -2,
-                                   "drop_cls": True}
+    assert recipe.model.vision == {
+        "name": "hf",
+        "path": str((imported / "vision").resolve()),
+        "feature_layer": -2,
+        "drop_cls": True,
+    }
     assert recipe.model.bridge == {"name": "mlp", "depth": 2}
     assert recipe.model.lm["path"] == str((imported / "lm").resolve())
     said = (imported.parent / "said.txt").read_text()
@@ -112,29 +145,51 @@ def test_imported_llava_gives_the_same_logits_and_ids(llava_dir, imported, n):
 def test_chat_and_eval_read_the_imported_run(imported, world, tmp_path):
     image = tmp_path / "photo.png"
     square(1)[0].save(image)
-    answer = cli(["chat", str(imported), "--image", str(image), "What is it?", "--max-new-tokens", "4",
-                  "--device", "cpu"])
+    answer = cli(
+        ["chat", str(imported), "--image", str(image), "What is it?", "--max-new-tokens", "4", "--device", "cpu"]
+    )
     model, proc = load_run(imported, device="cpu")
     prompt = proc.encode_prompt([{"from": "human", "value": "<image>\nWhat is it?"}])
     pixels = preprocess(square(1), proc.image_size, proc.image_mean, proc.image_std)
     assert answer == greedy_answers(model, proc, [prompt], pixels, 4)[0]  # the imported weights' own answer
     # one record per batch, so each prediction is one prompt's decoding (the first two questions share an image)
-    cli(["eval", str(imported), "--data", world["manifest"]["test"]["vqa"], "--images", world["images"],
-         "--task", "vqa", "--limit", "2", "--max-new-tokens", "2", "--batch-size", "1",
-         "--out", str(tmp_path / "m.json"), "--device", "cpu"])
+    cli(
+        [
+            "eval",
+            str(imported),
+            "--data",
+            world["manifest"]["test"]["vqa"],
+            "--images",
+            world["images"],
+            "--task",
+            "vqa",
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "2",
+            "--batch-size",
+            "1",
+            "--out",
+            str(tmp_path / "m.json"),
+            "--device",
+            "cpu",
+        ]
+    )
     rows = [json.loads(x) for x in (tmp_path / "m.predictions.jsonl").read_text().splitlines()]
     records = json.loads(Path(world["manifest"]["test"]["vqa"]).read_text())[:2]
     assert [r["id"] for r in rows] == [r["id"] for r in records]
     for row, record in zip(rows, records):
         prompt = proc.encode_prompt(record["conversations"][:1])
-        pixels = preprocess([Image.open(Path(world["images"]) / record["image"])], proc.image_size, proc.image_mean,
-                            proc.image_std)
+        pixels = preprocess(
+            [Image.open(Path(world["images"]) / record["image"])], proc.image_size, proc.image_mean, proc.image_std
+        )
         assert row["prediction"] == greedy_answers(model, proc, [prompt], pixels, 2)[0]
         assert row["gold"] == record["answer"]
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["n"] == 2
-    assert metrics["vqa_accuracy"] == vqa_accuracy_by_hand([r["prediction"] for r in rows],
-                                                           [r["answer"] for r in records])
+    assert metrics["vqa_accuracy"] == vqa_accuracy_by_hand(
+        [r["prediction"] for r in rows], [r["answer"] for r in records]
+    )
 
 
 def test_model_init_trains_further_and_chains(imported, world, tmp_path):
@@ -142,8 +197,17 @@ def test_model_init_trains_further_and_chains(imported, world, tmp_path):
     data = recipe_to_dict(read_recipe(imported))
     data["model"]["init"] = str(imported)
     data["world"] = {"root": world["root"], "n_train": 40, "n_val": 8, "n_test": 8, "seed": 0, "image_size": 32}
-    data["stages"] = [{"name": "lora", "data": {"world/train/vqa": 1.0}, "train": {"lm": "lora"}, "lr": {"lm": 1e-2},
-                       "lora": {"r": 4, "alpha": 8}, "steps": 2, "batch_size": 2}]
+    data["stages"] = [
+        {
+            "name": "lora",
+            "data": {"world/train/vqa": 1.0},
+            "train": {"lm": "lora"},
+            "lr": {"lm": 1e-2},
+            "lora": {"r": 4, "alpha": 8},
+            "steps": 2,
+            "batch_size": 2,
+        }
+    ]
     Trainer(recipe_from_dict(data), tmp_path / "further", progress=False).run()
     further, _ = load_run(tmp_path / "further", device="cpu")
     for k, v in base.bridge.state_dict().items():  # the bridge came from the imported run, untouched

@@ -26,21 +26,39 @@ PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
 def next_dir(tmp_path_factory, tokenizer):
     import copy
 
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, \
-        LlavaNextProcessor
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextProcessor,
+    )
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
     tok = copy.deepcopy(tokenizer)
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
     tok.pad_token = tok.eos_token
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                              image_size=32, patch_size=8)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
-                       pad_token_id=tok.pad_token_id)
-    config = LlavaNextConfig(vision_config=vision, text_config=text, image_grid_pinpoints=PINPOINTS,
-                             image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
-                             vision_feature_select_strategy="default")
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32, patch_size=8
+    )
+    text = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,
+        pad_token_id=tok.pad_token_id,
+    )
+    config = LlavaNextConfig(
+        vision_config=vision,
+        text_config=text,
+        image_grid_pinpoints=PINPOINTS,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
     torch.manual_seed(5)
     model = LlavaNextForConditionalGeneration(config)
     with torch.no_grad():  # a projector far from its initialisation, a newline unlike any token
@@ -48,10 +66,17 @@ def next_dir(tmp_path_factory, tokenizer):
         model.model.image_newline.normal_(0, 3)
     folder = tmp_path_factory.mktemp("llava_next") / "next"
     model.save_pretrained(folder)
-    images = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-                                        image_grid_pinpoints=PINPOINTS)
-    LlavaNextProcessor(image_processor=images, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
-                       num_additional_image_tokens=1, chat_template=LLAVA15).save_pretrained(folder)
+    images = LlavaNextImageProcessorPil(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=PINPOINTS
+    )
+    LlavaNextProcessor(
+        image_processor=images,
+        tokenizer=tok,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=LLAVA15,
+    ).save_pretrained(folder)
     return folder
 
 
@@ -78,8 +103,12 @@ def picture(width, height, seed):
 
 def test_the_recipe_holds_llava_next_anyres(imported_next):
     recipe = read_recipe(imported_next)
-    assert recipe.model.tiling == {"mode": "anyres", "grids": [[1, 2], [2, 1], [2, 2], [1, 3], [3, 1]],
-                                   "newline": True, "global_view": True}
+    assert recipe.model.tiling == {
+        "mode": "anyres",
+        "grids": [[1, 2], [2, 1], [2, 2], [1, 3], [3, 1]],
+        "newline": True,
+        "global_view": True,
+    }
     meta = json.loads((imported_next / "model" / "meta.json").read_text())
     assert "bridge.image_newline" in meta["keys"]
 
@@ -91,17 +120,24 @@ def test_imported_llava_next_gives_transformers_logits(both, size):
     hf, hp, model, processor = both
     image = picture(*size, seed=sum(size))
     views = processor.images([image])
-    ids = torch.tensor([processor.encode_prompt([{"from": "human", "value": "<image>\nDescribe it."}],
-                                                views["counts"])])
-    text = hp.apply_chat_template([{"role": "user", "content": [{"type": "image"},
-                                                                {"type": "text", "text": "Describe it."}]}],
-                                  add_generation_prompt=True)
+    ids = torch.tensor(
+        [processor.encode_prompt([{"from": "human", "value": "<image>\nDescribe it."}], views["counts"])]
+    )
+    text = hp.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}],
+        add_generation_prompt=True,
+    )
     assert hp(text=text, images=[image], return_tensors="pt")["input_ids"].tolist() == ids.tolist()  # same count
     with torch.no_grad():  # the same views in both (ours: global view first, then the tiles row by row)
-        want = hf(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=views["pixel_values"][None],
-                  image_sizes=torch.tensor([[size[1], size[0]]])).logits
-        got = model.lm.get_output_embeddings()(model(ids, torch.ones_like(ids), views["pixel_values"],
-                                                     visual_index=views["visual_index"]).hidden_states)
+        want = hf(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            pixel_values=views["pixel_values"][None],
+            image_sizes=torch.tensor([[size[1], size[0]]]),
+        ).logits
+        got = model.lm.get_output_embeddings()(
+            model(ids, torch.ones_like(ids), views["pixel_values"], visual_index=views["visual_index"]).hidden_states
+        )
     assert_same_math(got, want, msg=f"{size}")
 
 
@@ -120,11 +156,13 @@ def test_an_anyres_run_exports_as_llava_next(next_dir, imported_next, both, tmp_
     hp = AutoProcessor.from_pretrained(str(out))
     image = picture(64, 40, seed=7)
     views = processor.images([image])
-    ids = torch.tensor([processor.encode_prompt([{"from": "human", "value": "<image>\nDescribe it."}],
-                                                views["counts"])])
-    text = hp.apply_chat_template([{"role": "user", "content": [{"type": "image"},
-                                                                {"type": "text", "text": "Describe it."}]}],
-                                  add_generation_prompt=True)
+    ids = torch.tensor(
+        [processor.encode_prompt([{"from": "human", "value": "<image>\nDescribe it."}], views["counts"])]
+    )
+    text = hp.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]}],
+        add_generation_prompt=True,
+    )
     enc = hp(text=text, images=[image], return_tensors="pt")
     assert enc["input_ids"].tolist() == ids.tolist()
     assert torch.equal(enc["pixel_values"][0], views["pixel_values"])  # global view, then the tiles

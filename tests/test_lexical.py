@@ -16,8 +16,8 @@ from mmbridge.objectives.lexical import LexicalAlignment
 from mmbridge.train.checkpoint import load_run
 from mmbridge.train.trainer import Trainer
 from tests.conftest import tiny_recipe_dict
-from tests.test_concepts import two_captions
 from tests.rounding import assert_same_math
+from tests.test_concepts import two_captions
 
 WORDS = ("Ġred", "Ġblue", "Ġcircle", "Ġsquare", "Ġtwo", "Ġleft")
 
@@ -37,8 +37,13 @@ class Answers:
 
 def model_with(tiny_lm_dir, tiny_clip_dir, bridge):
     torch.manual_seed(0)
-    cfg = ModelConfig(vision={"name": "hf", "path": tiny_clip_dir}, bridge=bridge, lm={"path": tiny_lm_dir},
-                      max_length=128, system_prompt="")
+    cfg = ModelConfig(
+        vision={"name": "hf", "path": tiny_clip_dir},
+        bridge=bridge,
+        lm={"path": tiny_lm_dir},
+        max_length=128,
+        system_prompt="",
+    )
     model, proc = build_model(cfg)
     model.vision.requires_grad_(False)
     return model, proc
@@ -113,11 +118,14 @@ def test_a_bridge_without_hidden_units_is_aligned_through_its_tokens(tiny_lm_dir
     assert_same_math(got, want, scale=float((tokens.abs() @ table.abs().T).max()) * 1.35 + 1)
 
 
-@pytest.mark.parametrize("bridge,message", [
-    ({"name": "mlp"}, "act: sigmoid"),
-    ({"name": "qformer", "queries": 4}, "early-fusion bridge"),
-    ({"name": "pool_adapter", "pooled": 2, "concepts": {"words": 4, "slots": 2}}, "early-fusion bridge"),
-])
+@pytest.mark.parametrize(
+    "bridge,message",
+    [
+        ({"name": "mlp"}, "act: sigmoid"),
+        ({"name": "qformer", "queries": 4}, "early-fusion bridge"),
+        ({"name": "pool_adapter", "pooled": 2, "concepts": {"words": 4, "slots": 2}}, "early-fusion bridge"),
+    ],
+)
 def test_bridges_it_cannot_align_are_named(bridge, message, tiny_lm_dir, tiny_clip_dir):
     model, _ = model_with(tiny_lm_dir, tiny_clip_dir, bridge)
     with pytest.raises(ValueError, match=message):
@@ -135,8 +143,13 @@ def test_a_lexical_stage_then_an_lm_stage(tiny_lm_dir, tiny_clip_dir, world, tmp
     trains it; the run reloads as a plain mlp bridge."""
     data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"], bridge={"name": "mlp", "act": "sigmoid"})
     data["model"]["feature_cache"] = True
-    data["stages"][0].update(objective={"name": "lexical", "words": 8, "min_count": 2}, steps=20,
-                             lr={"bridge": 3e-2}, data={"world/train/detailed": 1.0}, batch_size=8)
+    data["stages"][0].update(
+        objective={"name": "lexical", "words": 8, "min_count": 2},
+        steps=20,
+        lr={"bridge": 3e-2},
+        data={"world/train/detailed": 1.0},
+        batch_size=8,
+    )
     run = tmp_path / "run"
     Trainer(recipe_from_dict(data | {"stages": data["stages"][:1]}), run, progress=False).run()
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

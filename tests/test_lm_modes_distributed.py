@@ -43,17 +43,32 @@ def recipe_dict(tiny_lm_dir, tiny_clip_dir, world, text: Path, **top) -> dict:
     proportional and Adam keeps the paths equal; mixed modalities and two more steps give them real gradients, so
     the comparison relative to how far training moved them means something."""
     data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"])
-    records = [{"id": f"t{i}", "conversations": [{"from": "human", "value": f"Say the number {i}."},
-                                                 {"from": "gpt", "value": str(i)}]} for i in range(20)]
+    records = [
+        {
+            "id": f"t{i}",
+            "conversations": [{"from": "human", "value": f"Say the number {i}."}, {"from": "gpt", "value": str(i)}],
+        }
+        for i in range(20)
+    ]
     text.write_text(json.dumps(records))
     data["sources"] = {"text": {"json": str(text)}}
     # no dropout: one process and two draw no masks to compare
-    data["stages"][0].update(train={"bridge": "full", "lm": "mma"}, lr={"bridge": 1e-2, "lm": 1e-2},
-                             mma={"dim": 4, "where": ["attention", "ffn"], "dropout": 0.0},
-                             data={"world/train/caption": 1.0, "text": 1.0}, steps=4, batch_size=4)
-    data["stages"][1].update(train={"bridge": "full", "lm": "moe"}, lr={"bridge": 1e-2, "lm": 1e-2},
-                             moe={"experts": EXPERTS, "top_k": 2, "layers": [1], "aux_weight": 0.1},
-                             steps=3, batch_size=4, grad_accum=2)
+    data["stages"][0].update(
+        train={"bridge": "full", "lm": "mma"},
+        lr={"bridge": 1e-2, "lm": 1e-2},
+        mma={"dim": 4, "where": ["attention", "ffn"], "dropout": 0.0},
+        data={"world/train/caption": 1.0, "text": 1.0},
+        steps=4,
+        batch_size=4,
+    )
+    data["stages"][1].update(
+        train={"bridge": "full", "lm": "moe"},
+        lr={"bridge": 1e-2, "lm": 1e-2},
+        moe={"experts": EXPERTS, "top_k": 2, "layers": [1], "aux_weight": 0.1},
+        steps=3,
+        batch_size=4,
+        grad_accum=2,
+    )
     del data["stages"][1]["lora"]
     data.update(threads=1, save_every=1, keep_checkpoints=10, **top)
     return data
@@ -89,14 +104,20 @@ def runs(tmp_path_factory, tiny_lm_dir, tiny_clip_dir, world) -> dict:
     procs = {}
     for strategy in ("none", "ddp", "fsdp"):
         path = root / f"{strategy}.yaml"
-        path.write_text(yaml.safe_dump(recipe_dict(tiny_lm_dir, tiny_clip_dir, world, root / "text.json",
-                                                   strategy=strategy),
-                                       sort_keys=False))  # key order is the mixture order
+        path.write_text(
+            yaml.safe_dump(
+                recipe_dict(tiny_lm_dir, tiny_clip_dir, world, root / "text.json", strategy=strategy), sort_keys=False
+            )
+        )  # key order is the mixture order
         launch = [sys.executable] if strategy == "none" else TORCHRUN
         log = open(root / f"{strategy}.log", "w")
-        procs[strategy] = subprocess.Popen([*launch, str(ROOT / "tests" / "train_probe.py"), str(path),
-                                            str(root / strategy)], cwd=ROOT, env=ENV, stdout=log,
-                                           stderr=subprocess.STDOUT)
+        procs[strategy] = subprocess.Popen(
+            [*launch, str(ROOT / "tests" / "train_probe.py"), str(path), str(root / strategy)],
+            cwd=ROOT,
+            env=ENV,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     for strategy, proc in procs.items():
         if proc.wait(timeout=300) != 0:
             pytest.fail(f"{strategy} failed:\n{(root / f'{strategy}.log').read_text()[-4000:]}")
@@ -153,8 +174,13 @@ def test_two_processes_reproduce_one_process(runs, strategy):
     model, proc = ckpt.load_run(runs[strategy])
     one, _ = ckpt.load_run(runs["one"])
     assert len(moe_layers(model.lm)) == 1 and sum(isinstance(m, ModalityAdapter) for m in model.lm.modules()) == 4
-    ids = torch.tensor([proc.encode([{"from": "human", "value": "<image>\nWhat colour is the circle?"},
-                                     {"from": "gpt", "value": "red"}], 1).input_ids])
+    ids = torch.tensor(
+        [
+            proc.encode(
+                [{"from": "human", "value": "<image>\nWhat colour is the circle?"}, {"from": "gpt", "value": "red"}], 1
+            ).input_ids
+        ]
+    )
     pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got, want = (m.eval()(ids, pixel_values=pixels).hidden_states for m in (model, one))
@@ -177,8 +203,14 @@ def test_fsdp_resumes_its_sharded_moe_checkpoint_under_torchrun(runs, tmp_path):
     the adapters' norms from theirs), then from the checkpoint's trained weights; the losses continue as one
     process's."""
     run = _cut(runs, tmp_path, "stage1-step0000001")
-    proc = subprocess.run([*TORCHRUN, "-m", "mmbridge", "train", str(run / "recipe.yaml"), "--out", str(run),
-                           "--resume"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [*TORCHRUN, "-m", "mmbridge", "train", str(run / "recipe.yaml"), "--out", str(run), "--resume"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "stage 2, step 1" in proc.stdout
     assert_same_losses(list({(r["stage"], r["step"]): r for r in rows(run)}.values()), rows(runs["one"]))
@@ -186,13 +218,21 @@ def test_fsdp_resumes_its_sharded_moe_checkpoint_under_torchrun(runs, tmp_path):
 
 def test_fsdp_moe_checkpoint_resumes_in_one_process(runs, tmp_path):
     run = _cut(runs, tmp_path, "stage1-step0000002")
-    assert sorted(p.name for p in (run / "checkpoints" / "stage1-step0000002").glob("*.distcp")) == \
-        ["__0_0.distcp", "__1_0.distcp"]
+    assert sorted(p.name for p in (run / "checkpoints" / "stage1-step0000002").glob("*.distcp")) == [
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]
     Trainer(ckpt.read_recipe(run), run, resume=True, progress=False).run()
     assert_same_losses(list({(r["stage"], r["step"]): r for r in rows(run)}.values()), rows(runs["one"]))
 
 
 def test_experts_without_tokens_on_a_rank_still_take_part_under_ddp_and_fsdp():
-    proc = subprocess.run([*TORCHRUN, str(ROOT / "tests" / "moe_ranks_probe.py")], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [*TORCHRUN, str(ROOT / "tests" / "moe_ranks_probe.py")],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]

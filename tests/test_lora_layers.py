@@ -22,11 +22,19 @@ def test_layers_are_all_a_list_or_the_top_n():
 
 def test_top_layer_adapters_stop_the_backward_pass_below_them(tiny_lm_dir, tiny_clip_dir):
     torch.manual_seed(0)
-    cfg = ModelConfig(vision={"name": "hf", "path": tiny_clip_dir}, bridge={"name": "pool_adapter", "pooled": 2},
-                      lm={"path": tiny_lm_dir}, max_length=128, system_prompt="")
+    cfg = ModelConfig(
+        vision={"name": "hf", "path": tiny_clip_dir},
+        bridge={"name": "pool_adapter", "pooled": 2},
+        lm={"path": tiny_lm_dir},
+        max_length=128,
+        system_prompt="",
+    )
     model, proc = build_model(cfg)
-    stage = StageConfig(name="s", train={"vision": "frozen", "bridge": "frozen", "lm": "lora"},
-                        lora=LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], layers=1))
+    stage = StageConfig(
+        name="s",
+        train={"vision": "frozen", "bridge": "frozen", "lm": "lora"},
+        lora=LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], layers=1),
+    )
     injected = apply_stage_modes(model, stage)
     assert injected["layers"] == [1]  # the tiny LM has 2 layers: the top one
     trained = [n for n, p in model.named_parameters() if p.requires_grad]

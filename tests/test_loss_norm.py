@@ -14,18 +14,20 @@ from tests.conftest import tiny_recipe_dict
 from tests.rounding import GRAD_REL, LOSS_REL
 from tests.test_croc import build, make_batch
 
-I = -100
-LONG = [{"from": "human", "value": "<image>\nDescribe the image."},
-        {"from": "gpt", "value": "a large red circle at the top left and a small blue square"}]
+IGN = -100
+LONG = [
+    {"from": "human", "value": "<image>\nDescribe the image."},
+    {"from": "gpt", "value": "a large red circle at the top left and a small blue square"},
+]
 SHORT = [{"from": "human", "value": "<image>\nWhat colour is the circle?"}, {"from": "gpt", "value": "red"}]
 
 
 def test_sample_weights_give_each_row_or_segment_a_total_of_one():
-    labels = torch.tensor([[I, I, 5, 6, 7, I], [I, I, I, 9, I, I], [I] * 6])
+    labels = torch.tensor([[IGN, IGN, 5, 6, 7, IGN], [IGN, IGN, IGN, 9, IGN, IGN], [IGN] * 6])
     w = sample_weights(labels)
     torch.testing.assert_close(w, torch.tensor([[0, 1 / 3, 1 / 3, 1 / 3, 0], [0, 0, 1, 0, 0], [0.0] * 5]))
     # a packed row: segment 1 has two targets, segment 2 one, the tail is padding (segment 0)
-    w = sample_weights(torch.tensor([[I, 3, 4, I, 5, I]]), torch.tensor([[1, 1, 1, 2, 2, 0]]))
+    w = sample_weights(torch.tensor([[IGN, 3, 4, IGN, 5, IGN]]), torch.tensor([[1, 1, 1, 2, 2, 0]]))
     torch.testing.assert_close(w, torch.tensor([[0.5, 0.5, 0, 1, 0]]))
     batch = {"labels": labels, "target_weights": sample_weights(labels)}
     assert target_total(batch) == pytest.approx(2.0)  # two samples have targets
@@ -39,11 +41,17 @@ def test_sample_norm_is_the_mean_of_per_sample_means(tiny_lm_dir, tiny_clip_dir)
     with torch.no_grad():
         per_sample = []
         for row in range(2):
-            one = {k: v[row:row + 1] for k, v in batch.items()}
+            one = {k: v[row : row + 1] for k, v in batch.items()}
             per_sample.append(model(one["input_ids"], one["attention_mask"], one["pixel_values"], one["labels"]))
         w = sample_weights(batch["labels"])
-        by_sample = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
-                          normalizer=2.0, target_weights=w)
+        by_sample = model(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["pixel_values"],
+            batch["labels"],
+            normalizer=2.0,
+            target_weights=w,
+        )
         by_token = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
     (a, b) = per_sample
     assert a.num_targets > 5 * b.num_targets  # the long answer has many more tokens

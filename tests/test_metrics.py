@@ -184,12 +184,18 @@ def test_boxes_in_both_forms_are_one_box_and_other_forms_are_named() -> None:
     from mmbridge.data.boxes import DECIMAL, INTEGER, BoxFormatError, box_of, find_boxes
 
     got = find_boxes("a [503, 71, 726, 941] and b [0.503, 0.071, 0.726, 0.941], c [0.12, 0.34, 0.56, 0.78]")
-    assert [(b.box, b.form) for b in got] == [((503, 71, 726, 941), INTEGER), ((503, 71, 726, 941), DECIMAL),
-                                              ((120, 340, 560, 780), DECIMAL)]
+    assert [(b.box, b.form) for b in got] == [
+        ((503, 71, 726, 941), INTEGER),
+        ((503, 71, 726, 941), DECIMAL),
+        ((120, 340, 560, 780), DECIMAL),
+    ]
     # a decimal box is never read as the integers in its text ([0, 12, 0, 34] or [12, 34, 56, 78])
     assert box_of([0.12, 0.34, 0.56, 0.78]).box == (120, 340, 560, 780) == parse_box("[0.12,0.34,0.56,0.78]")
-    for text, form in [("[10, 20, 1200, 800]", "integers above 999"), ("[0.1, 0.2, 1.5, 0.4]", "decimals above 1"),
-                       ("[-1, 2, 3, 4]", "negative")]:
+    for text, form in [
+        ("[10, 20, 1200, 800]", "integers above 999"),
+        ("[0.1, 0.2, 1.5, 0.4]", "decimals above 1"),
+        ("[-1, 2, 3, 4]", "negative"),
+    ]:
         with pytest.raises(BoxFormatError, match=r"holds " + form + r".*integers in \[0, 999\].*decimals in \[0, 1\]"):
             find_boxes(f"it is at {text}.")
         assert parse_box(text) is None  # a prediction in such a form is a miss

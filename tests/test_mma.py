@@ -60,8 +60,9 @@ def test_text_only_and_image_text_inputs_get_different_router_weights(tiny):
 
 def mma_recipe(tiny_lm_dir, tiny_clip_dir, world, **mma):
     data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"])
-    data["stages"][1].update(train={"bridge": "full", "lm": "mma"}, lr={"bridge": 1e-2, "lm": 1e-2},
-                             mma={"dim": 4, **mma})
+    data["stages"][1].update(
+        train={"bridge": "full", "lm": "mma"}, lr={"bridge": 1e-2, "lm": 1e-2}, mma={"dim": 4, **mma}
+    )
     return recipe_from_dict(data)
 
 
@@ -70,8 +71,10 @@ def test_mma_stage_trains_only_adapters_and_reloads(tiny_lm_dir, tiny_clip_dir, 
     trainer.run()
     model = trainer.model.eval()
     lm_trained = {n for n, p in model.lm.named_parameters() if p.requires_grad}
-    assert lm_trained and all("layernorm.down." in n or "layernorm.up." in n or "layernorm.router." in n
-                              or n.startswith("mma_modality.") for n in lm_trained)
+    assert lm_trained and all(
+        "layernorm.down." in n or "layernorm.up." in n or "layernorm.router." in n or n.startswith("mma_modality.")
+        for n in lm_trained
+    )
     assert all(p.abs().sum() > 0 for a in adapters(model) for p in a.up.parameters())  # left their zero start
     n_adapter = sum(p.numel() for n, p in model.lm.named_parameters() if n in lm_trained)
     # per layer (attention only): a shared down 64x4 + 4, two grouped ups (2 groups: 64 x 2) + 64, a router 64x2 + 2
@@ -96,15 +99,30 @@ def test_mma_recipe_errors(tiny_lm_dir, tiny_clip_dir, world):
         mma_recipe(tiny_lm_dir, tiny_clip_dir, world, temperature=0)
 
 
-def test_mixture_of_modality_training_mixes_text_only_and_image_samples_in_a_batch(tiny_lm_dir, tiny_clip_dir,
-                                                                                   world, tmp_path):
-    text = [{"id": f"t{i}", "conversations": [{"from": "human", "value": f"Say the number {i}."},
-                                              {"from": "gpt", "value": str(i)}]} for i in range(20)]
+def test_mixture_of_modality_training_mixes_text_only_and_image_samples_in_a_batch(
+    tiny_lm_dir, tiny_clip_dir, world, tmp_path
+):
+    text = [
+        {
+            "id": f"t{i}",
+            "conversations": [{"from": "human", "value": f"Say the number {i}."}, {"from": "gpt", "value": str(i)}],
+        }
+        for i in range(20)
+    ]
     (tmp_path / "text.json").write_text(json.dumps(text))
     data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"])
     data["sources"] = {"text": {"json": str(tmp_path / "text.json")}}
-    data["stages"] = [dict(data["stages"][1], data={"text": 1.0, "world/train/vqa": 1.0}, steps=4, batch_size=8,
-                           train={"bridge": "full", "lm": "mma"}, lr={"bridge": 1e-2, "lm": 1e-2}, mma={"dim": 4})]
+    data["stages"] = [
+        dict(
+            data["stages"][1],
+            data={"text": 1.0, "world/train/vqa": 1.0},
+            steps=4,
+            batch_size=8,
+            train={"bridge": "full", "lm": "mma"},
+            lr={"bridge": 1e-2, "lm": 1e-2},
+            mma={"dim": 4},
+        )
+    ]
     trainer = Trainer(recipe_from_dict(data), tmp_path / "run", progress=False)
     seen = []
 
@@ -156,9 +174,9 @@ def test_the_adapter_is_lavins_repadapter_router_and_folds_into_one_matrix(tiny)
         want = lavin_by_hand(adapter, h, w)
         # each output sums 64 + 2 products and two paths: a few fp32 roundings of that many terms
         scale = want.abs().max().item()
-        torch.testing.assert_close(got, want, rtol=0, atol=4 * 70 * 2 ** -24 * scale)
+        torch.testing.assert_close(got, want, rtol=0, atol=4 * 70 * 2**-24 * scale)
         m, c = adapter.folded(w)  # no activation: one linear map per modality
-        torch.testing.assert_close(h @ m.T + c, got, rtol=0, atol=4 * 70 * 2 ** -24 * scale)
+        torch.testing.assert_close(h @ m.T + c, got, rtol=0, atol=4 * 70 * 2**-24 * scale)
     adapter.train()  # dropout acts on the down-projection's output while training
     torch.manual_seed(1)
     assert not torch.equal(adapter(x), adapter(x))
@@ -182,7 +200,7 @@ def test_vision_adapters_start_as_the_plain_encoder_and_are_lavins_single_path_r
         h = adapter.norm(x)
         a = h @ adapter.down.weight.T + adapter.down.bias  # down; dropout is off in eval
         w, half = adapter.up.weight, 2  # grouped up: output block g reads bottleneck block g only
-        up = torch.cat([a[:, g * half:(g + 1) * half] @ w[g * 16:(g + 1) * 16].T for g in range(2)], -1)
+        up = torch.cat([a[:, g * half : (g + 1) * half] @ w[g * 16 : (g + 1) * 16].T for g in range(2)], -1)
         torch.testing.assert_close(adapter(x), h + up + adapter.up.bias)
         assert not torch.equal(model.vision(pixels), vision(pixels))
 
@@ -193,8 +211,11 @@ def test_vision_adapters_train_in_an_mma_stage_and_reload(tiny_lm_dir, tiny_clip
     with pytest.raises(RecipeError, match="lr.vision"):
         mma_recipe(tiny_lm_dir, tiny_clip_dir, world, vision=True)
     data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"])
-    data["stages"][1].update(train={"bridge": "full", "lm": "mma"}, lr={"bridge": 1e-2, "lm": 1e-2, "vision": 1e-2},
-                             mma={"dim": 4, "vision": True})
+    data["stages"][1].update(
+        train={"bridge": "full", "lm": "mma"},
+        lr={"bridge": 1e-2, "lm": 1e-2, "vision": 1e-2},
+        mma={"dim": 4, "vision": True},
+    )
     trainer = Trainer(recipe_from_dict(data), tmp_path / "run", progress=False)
     before = {n: p.detach().clone() for n, p in trainer.model.vision.named_parameters()}
     trainer.run()
@@ -214,5 +235,6 @@ def test_vision_adapters_train_in_an_mma_stage_and_reload(tiny_lm_dir, tiny_clip
         assert sum(isinstance(m, VisionAdapter) for m in loaded.vision.modules()) == 2
         assert torch.equal(model.vision(pixels), loaded.vision.eval()(pixels))
         ids = torch.tensor([trainer.processor.encode(CONV, 1).input_ids])
-        assert torch.equal(model(ids, pixel_values=pixels[:1]).hidden_states,
-                           loaded(ids, pixel_values=pixels[:1]).hidden_states)
+        assert torch.equal(
+            model(ids, pixel_values=pixels[:1]).hidden_states, loaded(ids, pixel_values=pixels[:1]).hidden_states
+        )

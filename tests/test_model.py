@@ -64,7 +64,7 @@ def test_kv_cached_generation_equals_full_recompute(tiny):
         for row, prompt in enumerate(prompts):
             n_img = sum(t == model.image_token_id for t in prompt) // model.num_image_tokens
             seq = torch.tensor([prompt])
-            px = pixels[img_start: img_start + n_img]
+            px = pixels[img_start : img_start + n_img]
             img_start += n_img
             out, full = [], []
             with torch.no_grad():
@@ -91,12 +91,24 @@ def test_questions_on_one_image_share_its_prefix_and_decode_as_alone(tiny):
     assert len(heads) == 2 and all(model.image_token_id not in t for t in tails)
     assert [h + t for h, t in zip([heads[g] for g in group], tails)] == prompts
     with attentive(model):  # the tokens follow the whole input
-        got = model.generate(proc.pad(heads, proc.pad_id, left=True), left_mask(heads), pixels, max_new_tokens=5,
-                             eos_token_ids=[], suffix_ids=proc.pad(tails, proc.pad_id, left=True),
-                             suffix_mask=left_mask(tails), group=torch.tensor(group))
+        got = model.generate(
+            proc.pad(heads, proc.pad_id, left=True),
+            left_mask(heads),
+            pixels,
+            max_new_tokens=5,
+            eos_token_ids=[],
+            suffix_ids=proc.pad(tails, proc.pad_id, left=True),
+            suffix_mask=left_mask(tails),
+            group=torch.tensor(group),
+        )
         with Choices(model) as choices:
-            want = model.generate(proc.pad(prompts, proc.pad_id, left=True), left_mask(prompts), pixels[group],
-                                  max_new_tokens=5, eos_token_ids=[])
+            want = model.generate(
+                proc.pad(prompts, proc.pad_id, left=True),
+                left_mask(prompts),
+                pixels[group],
+                max_new_tokens=5,
+                eos_token_ids=[],
+            )
     choices.assert_clear([5] * 4)  # no near-tie the shared prefix's other rounding could flip
     assert got == want and len({tuple(w) for w in want}) > 1  # the rows' answers differ
     # a question before its image cannot share the image's prefix

@@ -9,8 +9,17 @@ import torch
 from torch import nn
 
 from mmbridge.config import RecipeError, recipe_from_dict
-from mmbridge.models.moe import (MoEFeedForward, add_moe, aux_loss, balancing_loss, chosen_layers, is_moe_param,
-                                 moe_layers, tally, balancing_over)
+from mmbridge.models.moe import (
+    MoEFeedForward,
+    add_moe,
+    aux_loss,
+    balancing_loss,
+    balancing_over,
+    chosen_layers,
+    is_moe_param,
+    moe_layers,
+    tally,
+)
 from mmbridge.train.checkpoint import load_run
 from mmbridge.train.flops import StepFlops
 from mmbridge.train.trainer import Trainer
@@ -94,10 +103,13 @@ def test_layer_choices_and_recipe_errors(tiny_lm_dir, tiny_clip_dir, world):
     data["stages"][1]["moe"] = {"layers": "odd"}
     with pytest.raises(RecipeError, match="moe.layers"):
         recipe_from_dict(data)
-    for bad, msg in (({"second": "gumbel", "top_k": 1}, "gumbel samples the second"),
-                     ({"balance": "top2"}, "moe.balance"), ({"capacity_factor": 0}, "capacity_factor"),
-                     ({"eval_capacity_factor": 2.0}, "set capacity_factor too"),
-                     ({"min_capacity": -1}, "min_capacity")):
+    for bad, msg in (
+        ({"second": "gumbel", "top_k": 1}, "gumbel samples the second"),
+        ({"balance": "top2"}, "moe.balance"),
+        ({"capacity_factor": 0}, "capacity_factor"),
+        ({"eval_capacity_factor": 2.0}, "set capacity_factor too"),
+        ({"min_capacity": -1}, "min_capacity"),
+    ):
         data["stages"][1]["moe"] = bad
         with pytest.raises(RecipeError, match=msg):
             recipe_from_dict(data)
@@ -109,13 +121,17 @@ def test_layer_choices_and_recipe_errors(tiny_lm_dir, tiny_clip_dir, world):
 
 def moe_recipe(tiny_lm_dir, tiny_clip_dir, world):
     data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"])
-    data["stages"][1].update(train={"bridge": "frozen", "lm": "moe"}, lr={"lm": 1e-2},
-                             moe={"experts": 3, "top_k": 2, "layers": [1], "aux_weight": 0.1})
+    data["stages"][1].update(
+        train={"bridge": "frozen", "lm": "moe"},
+        lr={"lm": 1e-2},
+        moe={"experts": 3, "top_k": 2, "layers": [1], "aux_weight": 0.1},
+    )
     return recipe_from_dict(data)
 
 
-def test_moe_stage_trains_only_routers_and_experts_and_reloads(tiny_lm_dir, tiny_clip_dir, world, tmp_path,
-                                                              monkeypatch):
+def test_moe_stage_trains_only_routers_and_experts_and_reloads(
+    tiny_lm_dir, tiny_clip_dir, world, tmp_path, monkeypatch
+):
     routed = []  # per MoE forward: (training?, the router probabilities and choices of the tokens it counts)
     original_route = MoEFeedForward.route
 
@@ -145,9 +161,13 @@ def test_moe_stage_trains_only_routers_and_experts_and_reloads(tiny_lm_dir, tiny
         assert r["loss_moe_aux"] == pytest.approx(want, rel=1e-4, abs=1e-6)
     experts = moe_layers(model)[0].experts
     assert not torch.equal(experts[0].down_proj.weight, experts[1].down_proj.weight)  # experts moved apart
-    ids = torch.tensor([trainer.processor.encode(
-        [{"from": "human", "value": "<image>\nWhat colour is the circle?"}, {"from": "gpt", "value": "red"}], 1
-    ).input_ids])
+    ids = torch.tensor(
+        [
+            trainer.processor.encode(
+                [{"from": "human", "value": "<image>\nWhat colour is the circle?"}, {"from": "gpt", "value": "red"}], 1
+            ).input_ids
+        ]
+    )
     pixels = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         routed.clear()
@@ -161,8 +181,9 @@ def test_moe_stage_trains_only_routers_and_experts_and_reloads(tiny_lm_dir, tiny
     (_, probs, chosen), (_, probs2, chosen2) = routed  # the trained model's forward, then the reloaded one's
     assert probs.shape[0] == ids.shape[1] and torch.equal(probs, probs2) and torch.equal(chosen, chosen2)
     # the same forward's tally gives the balancing loss computed directly (fp32 sums over T tokens, differing order)
-    assert got_aux.item() == pytest.approx(balancing_loss(probs, torch.bincount(chosen.reshape(-1), minlength=3),
-                                                          2).item(), rel=1e-5)
+    assert got_aux.item() == pytest.approx(
+        balancing_loss(probs, torch.bincount(chosen.reshape(-1), minlength=3), 2).item(), rel=1e-5
+    )
     assert torch.equal(got_aux, want_aux)
 
 
@@ -170,8 +191,11 @@ def test_flops_count_top_k_experts_not_all(tiny):
     import copy
 
     model = copy.deepcopy(tiny[0]).requires_grad_(False)
-    batch = {"input_ids": torch.ones(1, 10, dtype=torch.long), "labels": torch.full((1, 10), -100),
-             "attention_mask": torch.ones(1, 10, dtype=torch.long)}
+    batch = {
+        "input_ids": torch.ones(1, 10, dtype=torch.long),
+        "labels": torch.full((1, 10), -100),
+        "attention_mask": torch.ones(1, 10, dtype=torch.long),
+    }
     dense = StepFlops(model)(batch)
     moe = copy.deepcopy(model)
     add_moe(moe.lm, experts=4, top_k=2, layers="all")
@@ -209,7 +233,7 @@ def test_gumbel_second_expert_is_sampled_by_the_gumbel_max_rule_in_training_only
     assert set(chosen[:, 1].tolist()) == {1, 2, 3}
     # the weights are the two chosen softmax gates renormalised (no noise in them)
     want = probs.gather(1, chosen)
-    torch.testing.assert_close(weights, want / want.sum(1, keepdim=True), rtol=0, atol=2 * 2 ** -24)
+    torch.testing.assert_close(weights, want / want.sum(1, keepdim=True), rtol=0, atol=2 * 2**-24)
     layer.eval()
     assert torch.equal(layer.route(x[:5])[1], torch.tensor([[0, 1]] * 5))  # eval: the plain second best
 
@@ -221,14 +245,14 @@ def test_top1_balance_term_counts_first_choices_only():
     want = 3 * (0.3375 * 0.5 + 0.3 * 0.25 + 0.3625 * 0.25)
     t = tally(probs, chosen[:, :1])
     got = balancing_over(t, t).item()
-    assert got == pytest.approx(want, rel=4 * 2 ** -24 * 3)  # a few fp32 roundings over 3 summed terms
+    assert got == pytest.approx(want, rel=4 * 2**-24 * 3)  # a few fp32 roundings over 3 summed terms
     layer = logit_layer(balance="top1")
     x = torch.randn(7, 3)
     layer(x)
     p = x.softmax(-1)
     mask1 = nn.functional.one_hot(p.argmax(-1), 3).float()
     want = 3 * (p.mean(0) * mask1.mean(0)).sum().item()
-    assert balancing_over(layer.tally, layer.tally).item() == pytest.approx(want, rel=8 * 7 * 2 ** -24)
+    assert balancing_over(layer.tally, layer.tally).item() == pytest.approx(want, rel=8 * 7 * 2**-24)
 
 
 def by_hand_capacity(x, layer, cap):
@@ -265,7 +289,7 @@ def test_capacity_drops_overflow_assignments_in_deepspeed_order_and_renormalises
     assert kept == [[True, False], [True, True], [False, False], [True, False], [True, False], [True, False]]
     got = layer(x)
     assert torch.equal(got[2], torch.zeros(3))  # both choices dropped: the residual alone carries token 2
-    torch.testing.assert_close(got, want, rtol=0, atol=4 * 3 * 2 ** -24 * want.abs().max().item())
+    torch.testing.assert_close(got, want, rtol=0, atol=4 * 3 * 2**-24 * want.abs().max().item())
     layer.eval()
     assert layer.capacity(6) == 4 and layer.capacity(10) == 7  # ceil(10 / 3 * 2) = 7
     layer.min_capacity = 9
@@ -276,7 +300,7 @@ def test_capacity_drops_overflow_assignments_in_deepspeed_order_and_renormalises
     layer.train()
     padded = torch.cat([torch.tensor([[0.0, 3, 2]] * 3), x])
     layer.real = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 1])
-    torch.testing.assert_close(layer(padded)[3:], want, rtol=0, atol=4 * 3 * 2 ** -24 * want.abs().max().item())
+    torch.testing.assert_close(layer(padded)[3:], want, rtol=0, atol=4 * 3 * 2**-24 * want.abs().max().item())
 
 
 def test_released_script_option_trains_the_dense_ffns_too():
@@ -293,9 +317,19 @@ def test_train_ffn_stage_trains_routers_experts_and_the_dense_ffns(tiny):
     from mmbridge.train.parts import apply_stage_modes
 
     model = copy.deepcopy(tiny[0])
-    stage = StageConfig(train={"vision": "frozen", "bridge": "frozen", "lm": "moe"}, lr={"lm": 1e-3},
-                        moe=MoeConfig(experts=2, layers="every_other", train_ffn=True, capacity_factor=1.5,
-                                      eval_capacity_factor=2.0, second="gumbel", balance="top1"))
+    stage = StageConfig(
+        train={"vision": "frozen", "bridge": "frozen", "lm": "moe"},
+        lr={"lm": 1e-3},
+        moe=MoeConfig(
+            experts=2,
+            layers="every_other",
+            train_ffn=True,
+            capacity_factor=1.5,
+            eval_capacity_factor=2.0,
+            second="gumbel",
+            balance="top1",
+        ),
+    )
     apply_stage_modes(model, stage)
     assert model.lm.moe_config["capacity_factor"] == 1.5 and model.lm.moe_config["second"] == "gumbel"
     first = moe_layers(model.lm)[0]
@@ -315,5 +349,10 @@ def test_bundled_moe_llava_recipe_is_valid():
     assert r.stages[1].train["lm"] == "full"
     moe = r.stages[2]
     assert moe.train["lm"] == "moe" and moe.lr == {"lm": 2.0e-5} and "text_only" in moe.data
-    assert (moe.moe.second, moe.moe.balance, moe.moe.capacity_factor, moe.moe.eval_capacity_factor,
-            moe.moe.train_ffn) == ("gumbel", "top1", 1.5, 2.0, True)
+    assert (
+        moe.moe.second,
+        moe.moe.balance,
+        moe.moe.capacity_factor,
+        moe.moe.eval_capacity_factor,
+        moe.moe.train_ffn,
+    ) == ("gumbel", "top1", 1.5, 2.0, True)

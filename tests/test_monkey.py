@@ -27,8 +27,14 @@ def picture(size, seed):
 @pytest.fixture(scope="module")
 def monkey(tiny_lm_dir, tiny_clip_dir):
     torch.manual_seed(0)
-    cfg = ModelConfig(vision={"name": "hf", "path": tiny_clip_dir, "feature_layer": -1}, bridge={"name": "mlp"},
-                      lm={"path": tiny_lm_dir}, max_length=300, system_prompt="", tiling=TILING)
+    cfg = ModelConfig(
+        vision={"name": "hf", "path": tiny_clip_dir, "feature_layer": -1},
+        bridge={"name": "mlp"},
+        lm={"path": tiny_lm_dir},
+        max_length=300,
+        system_prompt="",
+        tiling=TILING,
+    )
     model, proc = build_model(cfg)
     return model.eval(), proc
 
@@ -109,17 +115,26 @@ def test_a_monkey_run_trains_only_the_adapters_and_reloads(tiny_lm_dir, tiny_cli
     items = []
     for k in range(2):
         views = proc.images([picture((40 + 20 * k, 60), k)])
-        enc = proc.encode([{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}], 1,
-                          counts=views["counts"])
-        items.append({"id": str(k), "input_ids": enc.input_ids, "labels": enc.labels,
-                      "image_counts": views["visual_counts"], **{k2: views[k2] for k2 in ("pixel_values",
-                                                                                        "visual_index", "views")}})
+        enc = proc.encode(
+            [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}], 1, counts=views["counts"]
+        )
+        items.append(
+            {
+                "id": str(k),
+                "input_ids": enc.input_ids,
+                "labels": enc.labels,
+                "image_counts": views["visual_counts"],
+                **{k2: views[k2] for k2 in ("pixel_values", "visual_index", "views")},
+            }
+        )
     batch = Collator(proc)(items)
     with torch.no_grad():
-        a = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                  visual_index=batch["visual_index"]).hidden_states
-        b = trainer.model.eval()(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                                 visual_index=batch["visual_index"]).hidden_states
+        a = model(
+            batch["input_ids"], batch["attention_mask"], batch["pixel_values"], visual_index=batch["visual_index"]
+        ).hidden_states
+        b = trainer.model.eval()(
+            batch["input_ids"], batch["attention_mask"], batch["pixel_values"], visual_index=batch["visual_index"]
+        ).hidden_states
     assert torch.equal(a, b)
 
 
@@ -141,17 +156,24 @@ def test_a_tiled_recipe_is_not_exported():
 
     for mode in ("uhd", "monkey"):
         cfg = ModelConfig(vision={"name": "hf", "path": "x"}, bridge={"name": "mlp"}, tiling={"mode": mode})
-        assert recipe_blockers(cfg) == [f"model.tiling.mode: {mode} gives each image its own views and token "
-                                        "count; the exported LLaVA reads one S×S view per image"]
+        assert recipe_blockers(cfg) == [
+            f"model.tiling.mode: {mode} gives each image its own views and token "
+            "count; the exported LLaVA reads one S×S view per image"
+        ]
     assert recipe_blockers(ModelConfig(vision={"name": "hf", "path": "x"}, bridge={"name": "mlp"})) == []
     # AnyRes on an hf tower exports as LLaVA-NeXT (tests/test_import_next.py), unless LLaVA-NeXT lacks an option
     anyres = {"mode": "anyres"}
-    assert recipe_blockers(ModelConfig(vision={"name": "hf", "path": "x"}, bridge={"name": "mlp"},
-                                       tiling=anyres)) == []
-    assert recipe_blockers(ModelConfig(vision={"name": "hf", "path": "x"}, bridge={"name": "mlp"},
-                                       tiling={**anyres, "anyres_max": 9, "newline": False})) == [
+    assert recipe_blockers(ModelConfig(vision={"name": "hf", "path": "x"}, bridge={"name": "mlp"}, tiling=anyres)) == []
+    assert recipe_blockers(
+        ModelConfig(
+            vision={"name": "hf", "path": "x"},
+            bridge={"name": "mlp"},
+            tiling={**anyres, "anyres_max": 9, "newline": False},
+        )
+    ) == [
         "model.tiling.newline: false; LLaVA-NeXT adds a newline after every row",
-        "model.tiling.anyres_max: LLaVA-NeXT never shrinks the map (LLaVA-OneVision does)"]
+        "model.tiling.anyres_max: LLaVA-NeXT never shrinks the map (LLaVA-OneVision does)",
+    ]
 
 
 def test_the_data_index_counts_monkeys_views_without_reading_images(monkey, tmp_path):
@@ -192,7 +214,7 @@ def test_monkeys_adapters_by_hand_fused_qkv_and_the_mlp_adapter_beside_the_mlp(m
         d = 32
         for k, proj in enumerate((layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)):
             want = proj.base(h).clone()
-            want[0] += qkv.lora_scale[1] * h[0] @ qkv.lora_A[1].T @ qkv.lora_B[1, k * d:(k + 1) * d].T
+            want[0] += qkv.lora_scale[1] * h[0] @ qkv.lora_A[1].T @ qkv.lora_B[1, k * d : (k + 1) * d].T
             assert_same_math(proj(h), want)
         seen = {}
         hook = layer.layer_norm2.register_forward_pre_hook(lambda m, args: seen.setdefault("x1", args[0]))

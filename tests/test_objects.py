@@ -13,8 +13,14 @@ from mmbridge.data.boxes import BoxFormatError
 from mmbridge.data.processor import IGNORE
 from mmbridge.eval.metrics import parse_box
 from mmbridge.models.build import build_model
-from mmbridge.objectives.objects import DigitTokenizerError, ObjectLoss, box_template, digit_tokens, label_boxes, \
-    reading_order
+from mmbridge.objectives.objects import (
+    DigitTokenizerError,
+    ObjectLoss,
+    box_template,
+    digit_tokens,
+    label_boxes,
+    reading_order,
+)
 from mmbridge.train.checkpoint import load_run
 from mmbridge.train.trainer import Trainer
 from tests.conftest import tiny_recipe_dict
@@ -26,28 +32,45 @@ WORDS = ("Ġred", "Ġblue", "Ġcircle", "Ġsquare", "Ġtwo", "Ġleft")
 @pytest.fixture(scope="module")
 def object_model(tiny_lm_dir, tiny_clip_dir, tokenizer):
     torch.manual_seed(0)
-    cfg = ModelConfig(vision={"name": "hf", "path": tiny_clip_dir, "drop_cls": True}, bridge=OBJECTS,
-                      lm={"path": tiny_lm_dir}, max_length=160, system_prompt="")
+    cfg = ModelConfig(
+        vision={"name": "hf", "path": tiny_clip_dir, "drop_cls": True},
+        bridge=OBJECTS,
+        lm={"path": tiny_lm_dir},
+        max_length=160,
+        system_prompt="",
+    )
     model, proc = build_model(cfg)
     digits = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
-    model.bridge.set_vocabulary([tokenizer.convert_tokens_to_ids(t) for t in WORDS], digits,
-                                box_template(tokenizer, model.bridge.box_format, digits))
+    model.bridge.set_vocabulary(
+        [tokenizer.convert_tokens_to_ids(t) for t in WORDS],
+        digits,
+        box_template(tokenizer, model.bridge.box_format, digits),
+    )
     model.vision.requires_grad_(False)
     return model.eval(), proc
 
 
 def answer_labels(proc, answers: list[str]) -> torch.Tensor:
-    rows = [proc.encode([{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": a}], 1).labels
-            for a in answers]
+    rows = [
+        proc.encode([{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": a}], 1).labels for a in answers
+    ]
     width = max(map(len, rows))
     return torch.tensor([r + [IGNORE] * (width - len(r)) for r in rows])
 
 
 def test_boxes_are_read_from_answer_tokens(tokenizer, object_model):
     _, proc = object_model
-    labels = answer_labels(proc, ["[503, 71, 726, 941]", "3 shapes, [1, 2, 30, 400] and [9, 9, 1, 1]",
-                                  "a red circle", "[5, 6, 7]", "[0.503, 0.071, 0.726, 0.941]",
-                                  "at [0.12, 0.34, 0.56, 0.78]"])
+    labels = answer_labels(
+        proc,
+        [
+            "[503, 71, 726, 941]",
+            "3 shapes, [1, 2, 30, 400] and [9, 9, 1, 1]",
+            "a red circle",
+            "[5, 6, 7]",
+            "[0.503, 0.071, 0.726, 0.941]",
+            "at [0.12, 0.34, 0.56, 0.78]",
+        ],
+    )
     rows, boxes = label_boxes(labels, tokenizer)
     # the reversed box [9, 9, 1, 1], the bare count and the three-number group are not boxes; a decimal box is
     # the same box as its integer form, never the integers written in it ([0, 503, 0, 71] or [12, 34, 56, 78])
@@ -63,7 +86,7 @@ def test_boxes_are_written_as_the_answers_write_them(object_model, tokenizer):
     bridge = object_model[0].bridge
     ids, written = bridge.box_text(torch.tensor([[0.0151, 0.0009, 0.5, 0.9999], [0.503, 0.071, 0.726, 0.941]]))
     want = tokenizer.encode("[15, 0, 500, 999]", add_special_tokens=False)
-    assert ids[0, :len(want)].tolist() == want and written[0].tolist() == [True] * len(want) + [False] * 3
+    assert ids[0, : len(want)].tolist() == want and written[0].tolist() == [True] * len(want) + [False] * 3
     assert ids[1].tolist() == tokenizer.encode("[503, 71, 726, 941]", add_special_tokens=False) + ids[1, -1:].tolist()
     assert written[1].sum() == 19 and len(bridge.box_template) == 20
 
@@ -100,7 +123,7 @@ def test_tokens_are_words_then_box_text_weighted_by_objectness(object_model, tok
             want = [table[bridge.word_ids[index[s]]] * torch.sigmoid(best.values[order[s]]) for s in range(2)]
             want += [table[t] for t in text] + [torch.zeros_like(table[0])] * (20 - len(text))
             want = torch.stack(want) * p + bridge.slot_embed[k]
-            torch.testing.assert_close(got[i, k * 22:(k + 1) * 22], want, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got[i, k * 22 : (k + 1) * 22], want, rtol=1e-5, atol=1e-6)
 
 
 def test_lm_loss_trains_the_slot_embeddings_and_not_the_detector(object_model):
@@ -121,15 +144,24 @@ def test_objects_loss_is_objectness_box_and_mil_words(object_model, tokenizer):
     loss_fn.tokenizer = tokenizer
     answers = ["[100, 200, 400, 700]", "a red circle"]
     labels = answer_labels(proc, answers)
-    ids = [proc.encode([{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": a}], 1).input_ids
-           for a in answers]
+    ids = [
+        proc.encode([{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": a}], 1).input_ids
+        for a in answers
+    ]
     width = max(map(len, ids))
     input_ids = torch.tensor([r + [0] * (width - len(r)) for r in ids])
     torch.manual_seed(2)
     px = torch.randn(2, 3, 32, 32)
     # the box answer's source boxes every object of the image: its other cells are empty
-    out = loss_fn(model, {"input_ids": input_ids, "labels": labels, "pixel_values": px,
-                          "boxes_all_objects": torch.tensor([True, False])})
+    out = loss_fn(
+        model,
+        {
+            "input_ids": input_ids,
+            "labels": labels,
+            "pixel_values": px,
+            "boxes_all_objects": torch.tensor([True, False]),
+        },
+    )
     m = bridge.maps(model.vision_features(px))
     rows, cols = bridge.grid
     target = torch.tensor([0.1, 0.2, 0.4, 0.7])
@@ -168,8 +200,10 @@ def test_word_scores_follow_the_box_centre(object_model):
     torch.manual_seed(3)
     feats = torch.randn(1, bridge.in_tokens, bridge.trunk.in_channels)
     seen = []  # per maps(): the `where` MLP's input and output, and the embedding layer's input
-    hooks = [bridge.where.register_forward_hook(lambda m, i, o: seen.append({"fourier": i[0], "where": o})),
-             bridge.embed.register_forward_hook(lambda m, i, o: seen[-1].update(embed_in=i[0]))]
+    hooks = [
+        bridge.where.register_forward_hook(lambda m, i, o: seen.append({"fourier": i[0], "where": o})),
+        bridge.embed.register_forward_hook(lambda m, i, o: seen[-1].update(embed_in=i[0])),
+    ]
     try:
         with torch.no_grad():
             before = bridge.maps(feats)
@@ -195,28 +229,39 @@ def test_word_scores_follow_the_box_centre(object_model):
     # a half-ulp of |h + w| and one of |h|, so the two differ by at most 2 · 2^-24 · (|h + w| + |h|)
     trunk = [s["embed_in"] - s["where"] for s in seen]
     scale = max(s["embed_in"].abs().max() for s in seen).item() + max(t.abs().max() for t in trunk).item()
-    torch.testing.assert_close(trunk[1], trunk[0], rtol=0, atol=2 * 2 ** -24 * scale)
+    torch.testing.assert_close(trunk[1], trunk[0], rtol=0, atol=2 * 2**-24 * scale)
 
 
 def test_reading_order_is_the_order_answers_write_words(tokenizer):
-    answers = ["A large red circle is at the top left. A small blue square is at the bottom right.",
-               "There are two shapes. A red square is at the top right.", "a small blue circle, a large red square."]
+    answers = [
+        "A large red circle is at the top left. A small blue square is at the bottom right.",
+        "There are two shapes. A red square is at the top right.",
+        "a small blue circle, a large red square.",
+    ]
     rows = [tokenizer.encode(a, add_special_tokens=False) for a in answers]
-    ids = {w: tokenizer.encode(" " + w, add_special_tokens=False)[0]
-           for w in ("large", "small", "red", "blue", "circle", "square", "top", "bottom", "left", "right")}
+    ids = {
+        w: tokenizer.encode(" " + w, add_special_tokens=False)[0]
+        for w in ("large", "small", "red", "blue", "circle", "square", "top", "bottom", "left", "right")
+    }
     got = reading_order(rows, tokenizer, [ids[w] for w in ("left", "square", "top", "red", "large", "circle")])
     # median offsets in their clause: large 1, red 2, square 3 = circle 3 (a tie keeps the given order), top 6,
     # left 8
     assert [tokenizer.decode([t]).strip() for t in got] == ["large", "red", "square", "circle", "top", "left"]
 
 
-def test_an_objects_stage_then_an_lm_stage_saves_and_reloads_the_vocabulary(tiny_lm_dir, tiny_clip_dir, world,
-                                                                           tmp_path):
+def test_an_objects_stage_then_an_lm_stage_saves_and_reloads_the_vocabulary(
+    tiny_lm_dir, tiny_clip_dir, world, tmp_path
+):
     data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"], bridge=OBJECTS)
     data["model"]["vision"]["drop_cls"] = True
     data["model"]["feature_cache"] = True
-    data["stages"][0].update(objective={"name": "objects", "min_count": 2}, steps=30, lr={"bridge": 1e-2},
-                             data={"world/train/detailed": 1.0, "world/train/grounding": 1.0}, batch_size=16)
+    data["stages"][0].update(
+        objective={"name": "objects", "min_count": 2},
+        steps=30,
+        lr={"bridge": 1e-2},
+        data={"world/train/detailed": 1.0, "world/train/grounding": 1.0},
+        batch_size=16,
+    )
     run = tmp_path / "run"
     Trainer(recipe_from_dict(data), run, progress=False).run()
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -226,7 +271,9 @@ def test_an_objects_stage_then_an_lm_stage_saves_and_reloads_the_vocabulary(tiny
     digits = [proc.tokenizer.decode([t]) for t in model.bridge.digit_ids.tolist()]
     assert digits == [str(d) for d in range(10)]
     template = model.bridge.box_template.tolist()
-    assert proc.tokenizer.decode([t if t >= 0 else model.bridge.digit_ids[7] for t in template]) == "[777, 777, 777, 777]"
+    assert (
+        proc.tokenizer.decode([t if t >= 0 else model.bridge.digit_ids[7] for t in template]) == "[777, 777, 777, 777]"
+    )
     trained = model.bridge.word_ids.tolist()
     assert min(trained) >= 0 and len(set(trained)) == len(trained)
     assert all(proc.tokenizer.decode([t]).strip().isalpha() for t in trained)  # words from captions, not boxes
@@ -253,12 +300,18 @@ def test_excluded_words_stay_out_of_the_vocabulary(tokenizer):
 
 
 def objects_batch(proc, answers: list[str], **extra) -> dict:
-    rows = [proc.encode([{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": a}], 1).input_ids
-            for a in answers]
+    rows = [
+        proc.encode([{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": a}], 1).input_ids
+        for a in answers
+    ]
     width = max(map(len, rows))
     torch.manual_seed(2)
-    return {"input_ids": torch.tensor([r + [0] * (width - len(r)) for r in rows]),
-            "labels": answer_labels(proc, answers), "pixel_values": torch.randn(len(answers), 3, 32, 32), **extra}
+    return {
+        "input_ids": torch.tensor([r + [0] * (width - len(r)) for r in rows]),
+        "labels": answer_labels(proc, answers),
+        "pixel_values": torch.randn(len(answers), 3, 32, 32),
+        **extra,
+    }
 
 
 def test_a_box_is_a_positive_only_unless_its_source_boxes_all_objects(object_model, tokenizer):
@@ -307,8 +360,11 @@ def test_decimal_boxes_are_refused_naming_the_sample(object_model, tokenizer):
     (the samples read for the vocabulary), or at the first batch that holds one, naming the sample and the form."""
     model, proc = object_model
     data = Samples(proc, ["a red circle", "a blue square", "it is at [0.12, 0.34, 0.56, 0.78]"])
-    with pytest.raises(BoxFormatError, match=r"sample refcoco.json: record 2 \(id s2\): box '\[0.12, 0.34, 0.56, "
-                                             r"0.78\]' holds decimals in \[0, 1\]; .*integers in \[0, 999\]"):
+    with pytest.raises(
+        BoxFormatError,
+        match=r"sample refcoco.json: record 2 \(id s2\): box '\[0.12, 0.34, 0.56, "
+        r"0.78\]' holds decimals in \[0, 1\]; .*integers in \[0, 999\]",
+    ):
         ObjectLoss(model).read_stage_data(model, [data], tokenizer)
     loss_fn = ObjectLoss(model)
     loss_fn.tokenizer = tokenizer
@@ -326,8 +382,11 @@ def test_a_tokenizer_that_merges_digits_is_named(object_model, tokenizer):
     word_level.pre_tokenizer = pre_tokenizers.Whitespace()  # "503" is one word, and in the vocabulary
     merging = PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="[UNK]", name_or_path="three-digit-bpe")
     assert merging.encode("503", add_special_tokens=False) == [11]
-    with pytest.raises(DigitTokenizerError, match=r"the tokenizer \w+ three-digit-bpe writes '503' as "
-                                                  r"\['503'\]; .*every digit of a number as its own token"):
+    with pytest.raises(
+        DigitTokenizerError,
+        match=r"the tokenizer \w+ three-digit-bpe writes '503' as "
+        r"\['503'\]; .*every digit of a number as its own token",
+    ):
         ObjectLoss(object_model[0]).read_stage_data(object_model[0], [], merging)  # before reading any data
     # SmolLM2's tokenizer writes numbers digit by digit, alone and in the box's text
     assert digit_tokens(tokenizer, "[{}, {}, {}, {}]") == [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
@@ -341,21 +400,40 @@ def test_sources_say_whether_their_boxes_box_every_object(object_model, world, t
 
     data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"], bridge=OBJECTS)
     grounding = str(world["manifest"]["train"]["grounding"])
-    data["sources"] = {"referring": {"json": grounding, "images": world["images"]},
-                       "detection": {"json": grounding, "images": world["images"], "boxes_all_objects": True}}
+    data["sources"] = {
+        "referring": {"json": grounding, "images": world["images"]},
+        "detection": {"json": grounding, "images": world["images"], "boxes_all_objects": True},
+    }
     recipe = recipe_from_dict(data)
-    flags = {n: resolve_source(recipe, n).boxes_all_objects for n in
-             ("referring", "detection", "world/train/grounding", "world/train/multitask", "world/train/mixed",
-              "world/test/grounding", "world/train/detailed")}
+    flags = {
+        n: resolve_source(recipe, n).boxes_all_objects
+        for n in (
+            "referring",
+            "detection",
+            "world/train/grounding",
+            "world/train/multitask",
+            "world/train/mixed",
+            "world/test/grounding",
+            "world/train/detailed",
+        )
+    }
     # the world's training grounding and multitask conversations box every object; a test record, one referent
-    assert flags == {"referring": False, "detection": True, "world/train/grounding": True,
-                     "world/train/multitask": True, "world/train/mixed": False, "world/test/grounding": False,
-                     "world/train/detailed": False}
+    assert flags == {
+        "referring": False,
+        "detection": True,
+        "world/train/grounding": True,
+        "world/train/multitask": True,
+        "world/train/mixed": False,
+        "world/test/grounding": False,
+        "world/train/detailed": False,
+    }
     # the demo's objects stage keeps every object of its grounding answers boxed (on the tiny world here)
     demo = load_recipe("demo")
     demo.world = data["world"]
-    assert {n: resolve_source(demo, n).boxes_all_objects for n in demo.stages[0].data} == \
-        {"world/train/detailed": False, "world/train/grounding": True}
+    assert {n: resolve_source(demo, n).boxes_all_objects for n in demo.stages[0].data} == {
+        "world/train/detailed": False,
+        "world/train/grounding": True,
+    }
     task = LMMTask(recipe)
     task.processor = object_model[1]  # what build() would make, without a second model
     task.datasets = {}

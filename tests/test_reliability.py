@@ -54,8 +54,13 @@ def start_train(recipe_yaml: Path, run_dir: Path, *extra: str, tag: str = "train
     """`python -m mmbridge train` as a child process; its output goes to RUN/../<tag>.log."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     log = open(run_dir.parent / f"{tag}.log", "w")
-    return subprocess.Popen([sys.executable, "-m", "mmbridge", "train", str(recipe_yaml), "--out", str(run_dir),
-                             *extra], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mmbridge", "train", str(recipe_yaml), "--out", str(run_dir), *extra],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def output(run_dir: Path, tag: str = "train") -> str:
@@ -103,8 +108,9 @@ def test_sigkill_at_a_seeded_point_then_resume_reproduces_the_losses(two_stage, 
 def test_sigterm_finishes_the_step_checkpoints_and_exits_0(two_stage, tmp_path):
     recipe_yaml, reference, _ = two_stage
     run = tmp_path / "run"
-    proc = start_signalled(recipe_yaml, run, "--set", "save_every=0", log=run.parent / "train.log", SIGNAL="SIGTERM",
-                           AT_BATCH="3")
+    proc = start_signalled(
+        recipe_yaml, run, "--set", "save_every=0", log=run.parent / "train.log", SIGNAL="SIGTERM", AT_BATCH="3"
+    )
     proc.wait(timeout=240)
     text = output(run)
     assert proc.returncode == 0, text
@@ -122,6 +128,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_0(two_stage, tmp_path):
 def one_stage(tiny_lm_dir, tiny_clip_dir, world):
     def make(**top):
         return recipe_from_dict(recipe_dict(tiny_lm_dir, tiny_clip_dir, world, steps=(6,), **top))
+
     return make
 
 
@@ -146,8 +153,11 @@ def test_sigint_checkpoints_after_the_current_step(one_stage, tmp_path, capsys):
 
 def test_keep_last_n_checkpoints(one_stage, tmp_path):
     Trainer(one_stage(keep_checkpoints=3), tmp_path / "run", progress=False).run()
-    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == \
-        ["stage1-step0000000", "stage0-step0000005", "stage0-step0000004"]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run")] == [
+        "stage1-step0000000",
+        "stage0-step0000005",
+        "stage0-step0000004",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -196,8 +206,9 @@ def test_a_bad_newest_checkpoint_is_reported_and_the_previous_one_used(interrupt
     assert (run / "checkpoints" / "stage0-step0000004.corrupt").is_dir()  # kept for inspection
 
 
-def test_a_crash_inside_a_checkpoint_write_leaves_the_previous_one_usable(interrupted, one_stage, tmp_path,
-                                                                          monkeypatch):
+def test_a_crash_inside_a_checkpoint_write_leaves_the_previous_one_usable(
+    interrupted, one_stage, tmp_path, monkeypatch
+):
     """Dies while writing checkpoint 3 (files half there, no manifest) and mid-way through a metrics row."""
     _, _, reference = interrupted  # checkpoint frequency does not change the losses
     recipe, run = one_stage(save_every=1), tmp_path / "run"
@@ -249,7 +260,7 @@ def test_every_torch_load_in_the_package_is_weights_only():
             while depth:
                 depth += {"(": 1, ")": -1}.get(text[i], 0)
                 i += 1
-            calls.append((path.name, text[m.start():i]))
+            calls.append((path.name, text[m.start() : i]))
         assert "pickle.load(" not in text and "pickle.loads(" not in text, path
     assert calls and all("weights_only=True" in c for _, c in calls), calls
 
@@ -293,8 +304,9 @@ def test_isolated_nonfinite_steps_are_skipped_and_counted(one_stage, tmp_path, c
 
 @pytest.mark.parametrize("where", ["loss", "grad"])
 def test_nonfinite_in_a_row_stops_with_a_diagnostic_and_keeps_the_last_good_checkpoint(one_stage, tmp_path, where):
-    trainer = Trainer(nonfinite_recipe(one_stage, range(3, 9), where, max_nonfinite_steps=3), tmp_path / "run",
-                      progress=False)
+    trainer = Trainer(
+        nonfinite_recipe(one_stage, range(3, 9), where, max_nonfinite_steps=3), tmp_path / "run", progress=False
+    )
     with pytest.raises(NonFiniteError) as err:
         trainer.run()
     msg = str(err.value)

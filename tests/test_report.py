@@ -22,8 +22,10 @@ from mmbridge.eval.svg_plot import line_chart, thin
 from tests.conftest import tiny_recipe_dict
 
 CHROMIUM = shutil.which("chromium")
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y "
-                                    "chromium): the report is checked in a real browser")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="chromium is not installed (apt-get install -y chromium): the report is checked in a real browser",
+)
 # run in the page after load, into a copy of it: what the browser itself decoded and drew
 PROBE = """<script>addEventListener("load", () => { const p = document.createElement("pre"); p.id = "probe";
 p.textContent = JSON.stringify({images: [...document.images].map(i => i.naturalWidth),
@@ -48,16 +50,21 @@ def run(tmp_path_factory, tiny_lm_dir, tiny_clip_dir, world):
     trainer = Trainer(recipe, out, progress=False)
     trainer.run()
     metrics, examples = {}, []
-    for task, keys in (("caption", ["cider", "bleu4"]), ("vqa", ["vqa_accuracy"]),
-                       ("grounding", ["grounding_acc50", "unparsed"])):
+    for task, keys in (
+        ("caption", ["cider", "bleu4"]),
+        ("vqa", ["vqa_accuracy"]),
+        ("grounding", ["grounding_acc50", "unparsed"]),
+    ):
         src = resolve_source(recipe, f"world/test/{task}")
         records = read_llava_json(src.json)[0][:6]
-        m, rows = evaluate_records(trainer.model, trainer.processor, records, src.images, task, max_new_tokens=8,
-                                   progress=False)
+        m, rows = evaluate_records(
+            trainer.model, trainer.processor, records, src.images, task, max_new_tokens=8, progress=False
+        )
         metrics.update({k: m[k] for k in keys})
         if task == "vqa":
-            metrics["vqa_by_qtype"] = vqa_accuracy_by_type([r["prediction"] for r in rows], [r["gold"] for r in rows],
-                                                           [rec.get("qtype") for rec in records])
+            metrics["vqa_by_qtype"] = vqa_accuracy_by_type(
+                [r["prediction"] for r in rows], [r["gold"] for r in rows], [rec.get("qtype") for rec in records]
+            )
         examples += [{"task": task, **r, "images_root": src.images} for r in rows[:2]]
     (out / "metrics.json").write_text(json.dumps({**metrics, "baselines": baselines(recipe)}))
     write_examples(examples, out / "examples")
@@ -66,9 +73,19 @@ def run(tmp_path_factory, tiny_lm_dir, tiny_clip_dir, world):
 
 def chromium(page: Path, tmp: Path, *flags: str) -> str:
     """Chromium headless on `page`, every host name unresolvable, with a fresh profile; returns stdout."""
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--no-first-run", "--host-resolver-rules=MAP * ~NOTFOUND",
-           f"--user-data-dir={tmp / 'profile'}", *flags, page.as_uri()]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--host-resolver-rules=MAP * ~NOTFOUND",
+        f"--user-data-dir={tmp / 'profile'}",
+        *flags,
+        page.as_uri(),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=240, check=True).stdout
 
 
@@ -77,17 +94,25 @@ def page_requests(netlog: Path) -> list[str]:
     the file itself never reach it, Chromium's own background requests carry another isolation key."""
     text = netlog.read_text().rstrip()
     log = json.loads(text if text.endswith("}") else text.rstrip(",") + "]}")  # an unfinished log: close it
-    return sorted({e["params"]["url"] for e in log["events"]
-                   if "file://" in str(e.get("params", {}).get("network_isolation_key", ""))
-                   and "url" in e["params"]})
+    return sorted(
+        {
+            e["params"]["url"]
+            for e in log["events"]
+            if "file://" in str(e.get("params", {}).get("network_isolation_key", "")) and "url" in e["params"]
+        }
+    )
 
 
 def charts(dom: str, stage: str) -> dict[str, list[tuple[str, int]]]:
     """A stage section's charts in the DOM: title → (series name, number of points) per drawn path."""
     section = re.search(rf'<section class="stage" data-stage="{stage}">(.*?)</section>', dom, re.S).group(1)
-    return {title: [(name, d.count(",")) for name, d in
-                    re.findall(r'<path class="series" data-series="([^"]+)" d="([^"]+)"', body)]
-            for title, body in re.findall(r'<svg class="chart"[^>]*aria-label="([^"]+)"(.*?)</svg>', section, re.S)}
+    return {
+        title: [
+            (name, d.count(","))
+            for name, d in re.findall(r'<path class="series" data-series="([^"]+)" d="([^"]+)"', body)
+        ]
+        for title, body in re.findall(r'<svg class="chart"[^>]*aria-label="([^"]+)"(.*?)</svg>', section, re.S)
+    }
 
 
 def expected_charts(run_dir: Path, stage: str) -> dict[str, list[tuple[str, int]]]:
@@ -95,9 +120,11 @@ def expected_charts(run_dir: Path, stage: str) -> dict[str, list[tuple[str, int]
     rows = [r for r in rows if r["stage"] == stage]
     keys = sorted({k for r in rows for k in r})
     count = lambda k: sum(k in r for r in rows)  # noqa: E731
-    out = {f"{stage}: loss": [(k, count(k)) for k in ["loss"] + [k for k in keys if k.startswith("loss_")]],
-           f"{stage}: learning rate": [(k, count(k)) for k in keys if k.startswith("lr_")],
-           f"{stage}: throughput": [("tok_per_s", len(rows))]}
+    out = {
+        f"{stage}: loss": [(k, count(k)) for k in ["loss"] + [k for k in keys if k.startswith("loss_")]],
+        f"{stage}: learning rate": [(k, count(k)) for k in keys if k.startswith("lr_")],
+        f"{stage}: throughput": [("tok_per_s", len(rows))],
+    }
     if any(r.get("mfu") is not None for r in rows):
         out[f"{stage}: MFU"] = [("mfu", len(rows))]
     return out
@@ -128,8 +155,12 @@ def test_the_page_renders_every_curve_example_and_box_in_chromium(run, tmp_path)
     assert all(length > 0 for length, n in zip(probe["paths"], points) if n > 1), "a curve of no length"
     assert probe["resources"] == [], "the page loaded resources"
     assert page_requests(tmp_path / "net.json") == [], "the page asked the network"
-    refs = re.findall(r'<div class="example" data-task="grounding">.*?<rect class="ref" x="(\d+)" y="(\d+)" '
-                      r'width="(\d+)" height="(\d+)"', dom, re.S)
+    refs = re.findall(
+        r'<div class="example" data-task="grounding">.*?<rect class="ref" x="(\d+)" y="(\d+)" '
+        r'width="(\d+)" height="(\d+)"',
+        dom,
+        re.S,
+    )
     gold = [parse_box(str(ex["reference"])) for ex in examples if ex["task"] == "grounding"]
     assert [(int(x), int(y), int(x) + int(w), int(y) + int(h)) for x, y, w, h in refs] == gold
     shot = tmp_path / "shot.png"
@@ -161,16 +192,18 @@ def test_a_training_only_run_gets_a_page_without_eval_or_examples(run, tmp_path)
     page = write_report(copy).read_text()
     assert (copy / "report.html").is_file() and 'id="stages"' in page and 'id="recipe"' in page
     assert 'id="eval"' not in page and 'id="examples"' not in page and "<img" not in page
-    assert page.count('<path class="series"') == len(re.findall(r'<path class="series"',
-                                                                write_report(run, tmp_path / "full.html").read_text()))
+    assert page.count('<path class="series"') == len(
+        re.findall(r'<path class="series"', write_report(run, tmp_path / "full.html").read_text())
+    )
 
 
 def test_an_older_run_with_only_examples_md_still_shows_its_examples(run, tmp_path):
     copy = shutil.copytree(run, tmp_path / "run")
     (copy / "examples" / "examples.json").unlink()
     from_md, from_json = read_run(copy)["examples"], read_run(run)["examples"]
-    assert [(e["task"], e["id"], e["image"], e["prediction"]) for e in from_md] == \
-        [(e["task"], e["id"], e["image"], e["prediction"]) for e in from_json]
+    assert [(e["task"], e["id"], e["image"], e["prediction"]) for e in from_md] == [
+        (e["task"], e["id"], e["image"], e["prediction"]) for e in from_json
+    ]
     assert [str(e["reference"]) for e in from_md] == [str(e["reference"]) for e in from_json]
 
 

@@ -20,8 +20,13 @@ def test_interpolated_table_equals_f_interpolate_of_the_old_one():
     torch.manual_seed(0)
     table = torch.randn(1 + 16, 8)
     new = interpolate_positions(table, 1, (6, 6))
-    want = F.interpolate(table[1:].reshape(1, 4, 4, 8).permute(0, 3, 1, 2), size=(6, 6), mode="bicubic",
-                         align_corners=False).permute(0, 2, 3, 1).reshape(36, 8)
+    want = (
+        F.interpolate(
+            table[1:].reshape(1, 4, 4, 8).permute(0, 3, 1, 2), size=(6, 6), mode="bicubic", align_corners=False
+        )
+        .permute(0, 2, 3, 1)
+        .reshape(36, 8)
+    )
     assert torch.equal(new[0], table[0]) and torch.equal(new[1:], want)
 
 
@@ -30,8 +35,9 @@ def test_a_resized_tower_matches_its_on_the_fly_interpolation(tiny_clip_dir):
     resized = build_vision_encoder({"name": "hf", "path": tiny_clip_dir, "feature_layer": -1}).eval()
     before = resized.model.embeddings.position_embedding.weight.detach().clone()
     resized.resize(48)
-    on_the_fly = build_vision_encoder({"name": "hf", "path": tiny_clip_dir, "feature_layer": -1,
-                                       "image_size": 48}).eval()
+    on_the_fly = build_vision_encoder(
+        {"name": "hf", "path": tiny_clip_dir, "feature_layer": -1, "image_size": 48}
+    ).eval()
     table = resized.model.embeddings.position_embedding.weight
     assert table.shape == (1 + 36, 32) and resized.grid == (6, 6) and resized.num_tokens == 36
     assert torch.equal(table, interpolate_positions(before, 1, (6, 6)))
@@ -48,15 +54,18 @@ def recipe_data(tiny_lm_dir, tiny_clip_dir, world):
     data["model"]["max_length"] = 200
     data["save_every"] = 2
     data["stages"][0]["steps"] = 2
-    data["stages"][1].update(image_size=48, steps=5, train={"vision": "full", "bridge": "full", "lm": "lora"},
-                             lr={"vision": 1e-3, "bridge": 1e-2, "lm": 1e-2})
+    data["stages"][1].update(
+        image_size=48,
+        steps=5,
+        train={"vision": "full", "bridge": "full", "lm": "lora"},
+        lr={"vision": 1e-3, "bridge": 1e-2, "lm": 1e-2},
+    )
     return data
 
 
 def losses(run_dir):
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {(r["stage"], r["step"]): r["loss"] for r in rows}
-
 
 
 def test_stage_resolution_trains_resumes_and_reloads(tiny_lm_dir, tiny_clip_dir, world, tmp_path):
@@ -82,8 +91,9 @@ def test_stage_resolution_trains_resumes_and_reloads(tiny_lm_dir, tiny_clip_dir,
     conv = [{"from": "human", "value": "<image>\nWhat colour is the circle?"}, {"from": "gpt", "value": "red"}]
     ids, pixels = torch.tensor([proc.encode(conv, 1).input_ids]), torch.randn(1, 3, 48, 48)
     with torch.no_grad():
-        assert torch.equal(model(ids, pixel_values=pixels).hidden_states,
-                           full.model.eval()(ids, pixel_values=pixels).hidden_states)
+        assert torch.equal(
+            model(ids, pixel_values=pixels).hidden_states, full.model.eval()(ids, pixel_values=pixels).hidden_states
+        )
 
 
 def test_stage_resolution_errors(tiny_lm_dir, tiny_clip_dir, world, tmp_path):
@@ -94,4 +104,6 @@ def test_stage_resolution_errors(tiny_lm_dir, tiny_clip_dir, world, tmp_path):
     data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"], bridge={"name": "pool_adapter", "pooled": 4})
     data["stages"][1]["image_size"] = 40  # a 5x5 grid: pooled=4 does not divide it
     with pytest.raises(ValueError, match="not divisible by pooled=4"):
-        Trainer(recipe_from_dict(data), tmp_path / "run", progress=False).train_stage(1, recipe_from_dict(data).stages[1])
+        Trainer(recipe_from_dict(data), tmp_path / "run", progress=False).train_stage(
+            1, recipe_from_dict(data).stages[1]
+        )

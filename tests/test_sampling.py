@@ -14,8 +14,10 @@ from tests.conftest import Choices
 def prompts(tiny):
     """Two left-padded prompts with one image each."""
     _, proc = tiny
-    seqs = [proc.encode_prompt([{"from": "human", "value": "<image>\nColour?"}]),
-            proc.encode_prompt([{"from": "human", "value": "<image>\nHow many shapes are in this picture?"}])]
+    seqs = [
+        proc.encode_prompt([{"from": "human", "value": "<image>\nColour?"}]),
+        proc.encode_prompt([{"from": "human", "value": "<image>\nHow many shapes are in this picture?"}]),
+    ]
     ids = proc.pad(seqs, proc.pad_id, left=True)
     lengths = torch.tensor([len(s) for s in seqs])
     mask = (torch.arange(ids.shape[1])[None] >= ids.shape[1] - lengths[:, None]).long()
@@ -40,8 +42,9 @@ def test_same_seed_same_tokens_and_sampling_differs_from_greedy(tiny, prompts):
     a = model.generate(ids, mask, pixels, max_new_tokens=8, temperature=1.5, generator=seeded(7))
     b = model.generate(ids, mask, pixels, max_new_tokens=8, temperature=1.5, generator=seeded(7))
     assert a == b
-    others = [model.generate(ids, mask, pixels, max_new_tokens=8, temperature=1.5, generator=seeded(s))
-              for s in range(3)]
+    others = [
+        model.generate(ids, mask, pixels, max_new_tokens=8, temperature=1.5, generator=seeded(s)) for s in range(3)
+    ]
     assert any(o != greedy for o in [a, *others])
     assert len({str(o) for o in [a, *others]}) > 1  # the seed matters
 
@@ -52,8 +55,9 @@ def test_a_tiny_nucleus_is_greedy(tiny, prompts):
     with Choices(model) as choices:
         greedy = model.generate(ids, mask, pixels, max_new_tokens=8)
     choices.assert_clear()  # no near-tie that argmax and the nucleus's sort could break differently
-    assert model.generate(ids, mask, pixels, max_new_tokens=8, temperature=2.0, top_p=1e-6,
-                          generator=seeded(0)) == greedy
+    assert (
+        model.generate(ids, mask, pixels, max_new_tokens=8, temperature=2.0, top_p=1e-6, generator=seeded(0)) == greedy
+    )
 
 
 def test_rows_sample_with_their_own_settings(tiny, prompts):
@@ -63,8 +67,7 @@ def test_rows_sample_with_their_own_settings(tiny, prompts):
     model, _ = tiny
     ids, mask, pixels = prompts
     greedy = model.generate(ids, mask, pixels, max_new_tokens=8)
-    mixed = model.generate(ids, mask, pixels, max_new_tokens=8, temperature=[0.0, 1.5],
-                           generator=[None, seeded(3)])
+    mixed = model.generate(ids, mask, pixels, max_new_tokens=8, temperature=[0.0, 1.5], generator=[None, seeded(3)])
     beside = model.generate(ids, mask, pixels, max_new_tokens=8, temperature=1.5, generator=[seeded(4), seeded(3)])
     assert mixed[0] == greedy[0]
     assert mixed[1] == beside[1] and beside[0] != greedy[0]
@@ -99,7 +102,7 @@ def test_on_token_reports_the_stop_token_then_none(tiny, prompts):
     cut = greedy[1].index(stop)
     assert got[1] == greedy[1][:cut]
     assert [s[1] for s in seen][: cut + 1] == greedy[1][: cut + 1]
-    assert all(s[1] is None for s in seen[cut + 1:])
+    assert all(s[1] is None for s in seen[cut + 1 :])
 
 
 def test_tiny_temperatures_are_greedy_and_non_finite_settings_are_refused():

@@ -41,9 +41,13 @@ def run(tmp_path_factory, tiny_lm_dir, tiny_clip_dir, world):
         return step(self, *args, **kwargs)
 
     def recording_savefig(fig, path, *args, **kwargs):
-        ax, = fig.axes
-        plots[str(path)] = {"title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(),
-                            "lines": [line.get_xydata().tolist() for line in ax.get_lines()]}
+        (ax,) = fig.axes
+        plots[str(path)] = {
+            "title": ax.get_title(),
+            "xlabel": ax.get_xlabel(),
+            "ylabel": ax.get_ylabel(),
+            "lines": [line.get_xydata().tolist() for line in ax.get_lines()],
+        }
         return savefig(fig, path, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
@@ -57,8 +61,9 @@ def run(tmp_path_factory, tiny_lm_dir, tiny_clip_dir, world):
 def test_logged_and_used_learning_rates_follow_the_warmup_cosine_schedule(run):
     _, rows, used, _ = run
     want = [{"bridge": 1e-2 * m} for m in ALIGN] + [{"bridge": 1e-2 * m, "lm": 2e-3 * m} for m in MULTITASK]
-    assert [(r["stage"], r["step"]) for r in rows] == [("align", s) for s in range(1, 9)] + \
-        [("multitask", s) for s in range(1, 4)]
+    assert [(r["stage"], r["step"]) for r in rows] == [("align", s) for s in range(1, 9)] + [
+        ("multitask", s) for s in range(1, 4)
+    ]
     assert len(used) == len(want)  # one optimizer step per logged step
     for row, lrs, expected in zip(rows, used, want):
         assert {k[3:]: v for k, v in row.items() if k.startswith("lr_")} == pytest.approx(expected, rel=1e-12)

@@ -38,9 +38,17 @@ def untied_lm_dir(tmp_path_factory, tokenizer) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     folder = tmp_path_factory.mktemp("untied_llama")
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -99,8 +107,9 @@ def data_url(path: Path) -> str:
 
 
 def ask(image: Path | None, question: str = QUESTION, **params) -> dict:
-    parts = ([{"type": "image_url", "image_url": {"url": data_url(image)}}] if image else []) + \
-        [{"type": "text", "text": question}]
+    parts = ([{"type": "image_url", "image_url": {"url": data_url(image)}}] if image else []) + [
+        {"type": "text", "text": question}
+    ]
     return {"messages": [{"role": "user", "content": parts}], **params}
 
 
@@ -122,8 +131,13 @@ def reply_alone(loaded, image: Path | None, question: str, max_new_tokens: int) 
     pixels = proc.images([load_image(image)])["pixel_values"] if image else None
     prompt = proc.encode_prompt([{"from": "human", "value": f"<image>\n{question}" if image else question}])
     with Choices(model) as choices:
-        tokens = model.generate(torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long), pixels,
-                                max_new_tokens, proc.stop_token_ids)[0]
+        tokens = model.generate(
+            torch.tensor([prompt]),
+            torch.ones(1, len(prompt), dtype=torch.long),
+            pixels,
+            max_new_tokens,
+            proc.stop_token_ids,
+        )[0]
     choices.assert_clear()
     return tokens, proc.tokenizer.decode(tokens, skip_special_tokens=True).strip()
 
@@ -135,7 +149,7 @@ def stream(server, body: dict) -> list[dict | str]:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         for line in r.iter_lines():
             if line.startswith("data: "):
-                data = line[len("data: "):]
+                data = line[len("data: ") :]
                 events.append(data if data == "[DONE]" else json.loads(data))
     return events
 
@@ -149,8 +163,9 @@ def test_models_lists_the_run(server):
 def test_greedy_reply_equals_mmbridge_chat(server, run_dir, images, loaded):
     _, processor = loaded
     for image in images[:2]:  # each request decoded alone, as `chat` decodes it: the same arithmetic
-        want = main(["chat", str(run_dir), "--image", str(image), "--max-new-tokens", "12", "--device", "cpu",
-                     QUESTION])
+        want = main(
+            ["chat", str(run_dir), "--image", str(image), "--max-new-tokens", "12", "--device", "cpu", QUESTION]
+        )
         r = post(server, ask(image, temperature=0, max_tokens=12))
         assert content(r) == want
         body = r.json()
@@ -164,8 +179,10 @@ def test_greedy_reply_equals_mmbridge_chat(server, run_dir, images, loaded):
 
 
 def test_plain_string_content_and_max_completion_tokens(server, loaded):
-    r = post(server, {"messages": [{"role": "user", "content": "Describe a shape."}], "temperature": 0,
-                      "max_completion_tokens": 5})
+    r = post(
+        server,
+        {"messages": [{"role": "user", "content": "Describe a shape."}], "temperature": 0, "max_completion_tokens": 5},
+    )
     tokens, want = reply_alone(loaded, None, "Describe a shape.", 5)
     assert content(r) == want and want
     assert r.json()["usage"]["completion_tokens"] == min(len(tokens) + 1, 5)  # a stop token counts
@@ -198,17 +215,20 @@ def test_stop_strings_cut_the_reply(server, images):
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in events[:-1] if c["choices"]) == want
 
 
-@pytest.mark.parametrize("case, param, code", [
-    ("n", "n", "unsupported_value"),
-    ("bad_base64", "messages[0].content[0]", "invalid_base64"),
-    ("not_an_image", "messages[0].content[0]", "invalid_image"),
-    ("remote_url", "messages[0].content[0]", "invalid_image_url"),
-    ("too_many_images", "messages", "too_many_images"),
-    ("too_long", "messages", "context_length_exceeded"),
-    ("image_token_in_text", "messages[0].content[0]", None),
-    ("temperature", "temperature", None),
-    ("no_messages", "messages", None),
-])
+@pytest.mark.parametrize(
+    "case, param, code",
+    [
+        ("n", "n", "unsupported_value"),
+        ("bad_base64", "messages[0].content[0]", "invalid_base64"),
+        ("not_an_image", "messages[0].content[0]", "invalid_image"),
+        ("remote_url", "messages[0].content[0]", "invalid_image_url"),
+        ("too_many_images", "messages", "too_many_images"),
+        ("too_long", "messages", "context_length_exceeded"),
+        ("image_token_in_text", "messages[0].content[0]", None),
+        ("temperature", "temperature", None),
+        ("no_messages", "messages", None),
+    ],
+)
 def test_refused_requests_get_openai_errors(server, images, case, param, code):
     body = ask(images[0], temperature=0)
     parts = body["messages"][0]["content"]
@@ -241,16 +261,26 @@ def test_refused_requests_get_openai_errors(server, images, case, param, code):
 HI = '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, '
 
 
-@pytest.mark.parametrize("raw", [
-    b"{not json", b"\xff\xfe", b"[" * 100_000, b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}",
-    (HI + '"temperature": NaN}').encode(), (HI + '"temperature": 1e999}').encode(),
-    (HI + '"top_p": -Infinity}').encode(), (HI + '"temperature": 1e-300, "top_p": NaN}').encode(),
-], ids=["syntax", "not_utf8", "deep", "deep_messages", "nan", "overflow", "minus_infinity", "nan_top_p"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"{not json",
+        b"\xff\xfe",
+        b"[" * 100_000,
+        b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        (HI + '"temperature": NaN}').encode(),
+        (HI + '"temperature": 1e999}').encode(),
+        (HI + '"top_p": -Infinity}').encode(),
+        (HI + '"temperature": 1e-300, "top_p": NaN}').encode(),
+    ],
+    ids=["syntax", "not_utf8", "deep", "deep_messages", "nan", "overflow", "minus_infinity", "nan_top_p"],
+)
 def test_invalid_json_and_non_finite_numbers_are_400s(server, raw):
     """Python's JSON parser reads NaN and Infinity (and 1e999 as inf); a NaN temperature passed the range check and
     failed every request batched with it. Deep nesting raised RecursionError: a plain-text 500 (issue #29)."""
-    r = httpx.post(f"{server[0]}/v1/chat/completions", content=raw, headers={"content-type": "application/json"},
-                   timeout=30)
+    r = httpx.post(
+        f"{server[0]}/v1/chat/completions", content=raw, headers={"content-type": "application/json"}, timeout=30
+    )
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
@@ -287,8 +317,14 @@ def test_waiting_requests_are_decoded_in_one_batch(loaded, images):
         prompt = proc.encode_prompt([{"from": "human", "value": f"<image>\n{question}"}])
         pixels = preprocess([load_image(image)], proc.image_size, proc.image_mean, proc.image_std)
         done = threading.Event()
-        j = Job(prompt, pixels, max_new, ReplyText(engine.decode),
-                lambda kind, _: done.set() if kind != "delta" else None, **kw)
+        j = Job(
+            prompt,
+            pixels,
+            max_new,
+            ReplyText(engine.decode),
+            lambda kind, _: done.set() if kind != "delta" else None,
+            **kw,
+        )
         results.append((j, done, prompt, pixels))
         return j
 
@@ -304,9 +340,15 @@ def test_waiting_requests_are_decoded_in_one_batch(loaded, images):
         assert j.reply.text == reply_alone(loaded, *a)[1]
     # the sampled one: a draw near a tie could differ alone, so its draw in the same batch, with its own generator
     prompts = [prompt for _, _, prompt, _ in results]
-    rows = model.generate(proc.pad(prompts, proc.pad_id, left=True), proc.left_mask(prompts),
-                          torch.cat([pixels for _, _, _, pixels in results]), 8, proc.stop_token_ids,
-                          temperature=[0.0, 0.0, 1.5], generator=[None, None, torch.Generator().manual_seed(4)])
+    rows = model.generate(
+        proc.pad(prompts, proc.pad_id, left=True),
+        proc.left_mask(prompts),
+        torch.cat([pixels for _, _, _, pixels in results]),
+        8,
+        proc.stop_token_ids,
+        temperature=[0.0, 0.0, 1.5],
+        generator=[None, None, torch.Generator().manual_seed(4)],
+    )
     assert results[2][0].reply.text == proc.tokenizer.decode(rows[2][:6], skip_special_tokens=True).strip()
 
 
@@ -314,13 +356,25 @@ def test_openai_client_talks_to_the_server(server, images):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{server[0]}/v1", api_key="unused")
     assert [m.id for m in client.models.list()] == ["tiny-run"]
-    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(images[1])}},
-                                             {"type": "text", "text": QUESTION}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": data_url(images[1])}},
+                {"type": "text", "text": QUESTION},
+            ],
+        }
+    ]
     out = client.chat.completions.create(model="tiny-run", messages=messages, temperature=0, max_tokens=10)
     assert out.choices[0].message.content == content(post(server, ask(images[1], temperature=0, max_tokens=10)))
     assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
-    pieces = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
-        model="tiny-run", messages=messages, temperature=0, max_tokens=10, stream=True) if c.choices]
+    pieces = [
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model="tiny-run", messages=messages, temperature=0, max_tokens=10, stream=True
+        )
+        if c.choices
+    ]
     assert "".join(pieces) == out.choices[0].message.content
     with pytest.raises(openai.BadRequestError, match="one choice per request"):
         client.chat.completions.create(model="tiny-run", messages=messages, n=2)
@@ -330,9 +384,25 @@ def test_serve_command_starts_a_server(run_dir, images, loaded):
     """`mmbridge serve RUN_DIR --port P` in its own process answers as the model does in this one."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "mmbridge", "serve", str(run_dir), "--port", str(port),
-                             "--device", "cpu", "--log-level", "warning"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mmbridge",
+            "serve",
+            str(run_dir),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -351,13 +421,16 @@ def test_serve_command_starts_a_server(run_dir, images, loaded):
         proc.wait(30)
 
 
-@pytest.mark.parametrize("text, stop, want", [
-    ("  漢字 🦩 wörld, fine  ", [], "漢字 🦩 wörld, fine"),
-    ("漢字 🦩 wörld, fine", [" wörld"], "漢字 🦩"),
-    ("héllo 🦩 wörld, fine", ["🦩", "ll"], "hé"),
-    ("héllo 🦩 wörld, fine", ["wörld, fine!"], "héllo 🦩 wörld, fine"),
-    ("one\ntwo", ["\n"], "one"),
-])
+@pytest.mark.parametrize(
+    "text, stop, want",
+    [
+        ("  漢字 🦩 wörld, fine  ", [], "漢字 🦩 wörld, fine"),
+        ("漢字 🦩 wörld, fine", [" wörld"], "漢字 🦩"),
+        ("héllo 🦩 wörld, fine", ["🦩", "ll"], "hé"),
+        ("héllo 🦩 wörld, fine", ["wörld, fine!"], "héllo 🦩 wörld, fine"),
+        ("one\ntwo", ["\n"], "one"),
+    ],
+)
 def test_reply_text_pieces_join_to_the_stripped_cut_reply(tokenizer, text, stop, want):
     """Token by token, the settled pieces never run ahead of the final text (partial stop strings and
     unfinished UTF-8 characters wait) and join to it exactly."""

@@ -65,8 +65,9 @@ def png(size=(32, 32)) -> bytes:
 
 
 def ask(n_images: int = 0, image: bytes | None = None, **params) -> dict:
-    parts = [{"type": "image_url", "image_url": {"url": data_url(image or png())}}] * n_images + \
-        [{"type": "text", "text": "What is in this picture?"}]
+    parts = [{"type": "image_url", "image_url": {"url": data_url(image or png())}}] * n_images + [
+        {"type": "text", "text": "What is in this picture?"}
+    ]
     return {"messages": [{"role": "user", "content": parts}], "temperature": 0, "max_tokens": 3, **params}
 
 
@@ -112,8 +113,17 @@ def guarded(tiny):
     """A server with an API key, small limits, one request decoded at a time and none waiting."""
     from mmbridge.serve.app import create_app
 
-    app = create_app(*tiny, "tiny", max_batch=1, max_queue=0, max_images=2, max_tokens=4, max_body=64 * 1024,
-                     max_image_pixels=64 * 64, api_key=KEY)
+    app = create_app(
+        *tiny,
+        "tiny",
+        max_batch=1,
+        max_queue=0,
+        max_images=2,
+        max_tokens=4,
+        max_body=64 * 1024,
+        max_image_pixels=64 * 64,
+        api_key=KEY,
+    )
     with serving(app) as base:
         yield base, app
 
@@ -132,6 +142,7 @@ def open_server(tiny):
 
 
 # -- the request: images counted, then sized from their headers, then decoded ------------------------------------
+
 
 def test_images_are_counted_before_any_is_decoded(monkeypatch, special):
     """Every image was decoded (up to 64 MP each) before `max_images` was checked."""
@@ -176,15 +187,20 @@ def test_a_huge_prompt_is_refused_before_it_is_tokenised(open_server, monkeypatc
 def test_chat_template_refusal_is_a_400(open_server, tiny, monkeypatch):
     """A chat template that raises (roles out of order, a role it does not know) was a plain-text 500."""
     tokenizer = tiny[1].tokenizer
-    monkeypatch.setattr(tokenizer, "chat_template", "{% for m in messages %}{% if m['role'] == 'system' %}"
-                        "{{ raise_exception('System messages are not supported') }}{% endif %}{{ m['content'] }}"
-                        "{% endfor %}")
+    monkeypatch.setattr(
+        tokenizer,
+        "chat_template",
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System messages are not supported') }}{% endif %}{{ m['content'] }}"
+        "{% endfor %}",
+    )
     body = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}
     error = assert_error(post(open_server[0], body, key=None), 400, "invalid_conversation")
     assert "System messages are not supported" in error["message"] and error["param"] == "messages"
 
 
 # -- the guard: host, key, content type, body size, requests in flight ------------------------------------------
+
 
 def test_host_header_must_name_this_server(guarded):
     base = guarded[0]
@@ -198,8 +214,13 @@ def test_host_header_must_name_this_server(guarded):
 
 def test_api_key_is_required_when_set(guarded):
     base = guarded[0]
-    for headers in [{}, {"authorization": "Bearer wrong"}, {"authorization": KEY}, {"authorization": f"Basic {KEY}"},
-                    {"authorization": f"Bearer {KEY}x"}]:
+    for headers in [
+        {},
+        {"authorization": "Bearer wrong"},
+        {"authorization": KEY},
+        {"authorization": f"Basic {KEY}"},
+        {"authorization": f"Bearer {KEY}x"},
+    ]:
         r = httpx.get(f"{base}/v1/models", headers=headers)
         assert_error(r, 401, "invalid_api_key")
         assert r.headers["www-authenticate"] == "Bearer"
@@ -213,14 +234,15 @@ def test_body_must_be_json_and_within_the_limit(guarded):
     base, key = guarded[0], {"authorization": f"Bearer {KEY}"}
     raw = json.dumps(ask()).encode()
     for kind in [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"]:
-        r = httpx.post(f"{base}/v1/chat/completions", content=raw, headers={**key, **({"content-type": kind} if kind
-                                                                                      else {})})
+        r = httpx.post(
+            f"{base}/v1/chat/completions", content=raw, headers={**key, **({"content-type": kind} if kind else {})}
+        )
         assert_error(r, 415, "unsupported_media_type")
     json_type = {**key, "content-type": "application/json; charset=utf-8"}
     assert httpx.post(f"{base}/v1/chat/completions", content=raw, headers=json_type, timeout=WAIT_S).status_code == 200
     big = json.dumps({**ask(), "user": "x" * 70_000}).encode()
     assert_error(httpx.post(f"{base}/v1/chat/completions", content=big, headers=json_type), 413, "request_too_large")
-    chunks = (big[i:i + 8192] for i in range(0, len(big), 8192))  # no Content-Length: counted as it arrives
+    chunks = (big[i : i + 8192] for i in range(0, len(big), 8192))  # no Content-Length: counted as it arrives
     assert_error(httpx.post(f"{base}/v1/chat/completions", content=chunks, headers=json_type), 413, "request_too_large")
 
 
@@ -249,9 +271,15 @@ def test_a_plain_request_ends_when_its_client_disconnects(guarded, monkeypatch):
     body = json.dumps(ask(max_tokens=4)).encode()
     port = int(guarded[0].rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                  b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: " + str(len(body)).encode() +
-                  b"\r\n\r\n" + body)
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer "
+            + KEY.encode()
+            + b"\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
         assert gate.entered.wait(WAIT_S)
     job = gate.jobs[0]
     try:
@@ -263,6 +291,7 @@ def test_a_plain_request_ends_when_its_client_disconnects(guarded, monkeypatch):
 
 
 # -- failures: the batch, the thread and the client's view --------------------------------------------------------
+
 
 def job_for(engine, proc, done: dict, name: str, notify=None, **kw) -> Job:
     prompt = proc.encode_prompt([{"from": "human", "value": "<image>\nWhat is this?"}])
@@ -290,8 +319,11 @@ def test_one_job_cannot_fail_its_batch_or_the_engine(tiny):
         raise RuntimeError("the client's event loop is closed")
 
     done["broken"] = (threading.Event(), [])
-    jobs = [job_for(engine, proc, done, "greedy"), job_for(engine, proc, done, "tiny_t", temperature=1e-300),
-            job_for(engine, proc, done, "bad_seed", temperature=1.0, seed=2**70)]
+    jobs = [
+        job_for(engine, proc, done, "greedy"),
+        job_for(engine, proc, done, "tiny_t", temperature=1e-300),
+        job_for(engine, proc, done, "bad_seed", temperature=1.0, seed=2**70),
+    ]
     jobs.insert(0, Job(jobs[0].prompt, jobs[0].pixels, 3, ReplyText(engine.decode), broken))  # first in the batch
     with pytest.raises(ValueError, match="temperature"):
         engine.submit(job_for(engine, proc, done, "nan", temperature=float("nan")))
@@ -351,8 +383,10 @@ def test_requests_prepare_a_few_at_a_time(open_server, monkeypatch):
     for t in threads:
         t.start()
     try:
-        wait_until(lambda: len(inside) == 2 or app.state.preparing.statistics().tasks_waiting == 1,
-                   "the second request waits, or prepares beside the first")
+        wait_until(
+            lambda: len(inside) == 2 or app.state.preparing.statistics().tasks_waiting == 1,
+            "the second request waits, or prepares beside the first",
+        )
         assert len(inside) == 1
     finally:
         release.set()
@@ -392,15 +426,43 @@ def test_failures_reach_clients_as_generic_500s(open_server, tiny, monkeypatch, 
 
 # -- generated requests: every answer well-formed, the server still up ---------------------------------------------
 
-FIELDS = ["messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", "stop", "stream",
-          "stream_options", "n", "logprobs", "tools", "model", "user"]
+FIELDS = [
+    "messages",
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "seed",
+    "stop",
+    "stream",
+    "stream_options",
+    "n",
+    "logprobs",
+    "tools",
+    "model",
+    "user",
+]
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12) | st.sampled_from(FIELDS),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8) | st.sampled_from(FIELDS), inner,
-                                                                 max_size=4), max_leaves=10)
-hostile_urls = st.sampled_from([data_url(png_header(5000, 5000)), data_url(b"not an image"),
-                                "data:image/png;base64,*!", "https://example.com/a.png", "file:///etc/passwd",
-                                data_url(png((8, 200))), ""]) | st.text()
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8) | st.sampled_from(FIELDS), inner, max_size=4)
+    ),
+    max_leaves=10,
+)
+hostile_urls = (
+    st.sampled_from(
+        [
+            data_url(png_header(5000, 5000)),
+            data_url(b"not an image"),
+            "data:image/png;base64,*!",
+            "https://example.com/a.png",
+            "file:///etc/passwd",
+            data_url(png((8, 200))),
+            "",
+        ]
+    )
+    | st.text()
+)
 
 
 @st.composite
@@ -417,18 +479,25 @@ def mutated_requests(draw) -> dict:
         elif where == "drop" and body:
             body.pop(draw(st.sampled_from(sorted(body))))
         elif where == "role" and first:
-            first["role"] = draw(st.sampled_from(["system", "developer", "assistant", "tool", "function", ""]) |
-                                   json_values)
+            first["role"] = draw(
+                st.sampled_from(["system", "developer", "assistant", "tool", "function", ""]) | json_values
+            )
         elif where == "part" and isinstance(parts, list) and parts:
             parts[draw(st.integers(0, len(parts) - 1))] = draw(json_values)
         elif where == "url" and isinstance(parts, list) and parts and isinstance(parts[0], dict):
             parts[0] = {"type": "image_url", "image_url": {"url": draw(hostile_urls)}}
         elif where == "number":
             body[draw(st.sampled_from(["temperature", "top_p", "seed", "max_tokens"]))] = draw(
-                st.sampled_from([float("nan"), float("inf"), -0.0, 1e-300, 2**64, -(2**63) - 1, 10**30]) | st.floats())
+                st.sampled_from([float("nan"), float("inf"), -0.0, 1e-300, 2**64, -(2**63) - 1, 10**30]) | st.floats()
+            )
         elif where == "extra_message" and isinstance(msgs, list):
-            msgs.insert(draw(st.integers(0, len(msgs))), {"role": draw(st.sampled_from(list(ROLES) + ["tool"])),
-                                                         "content": draw(st.text(max_size=20) | json_values)})
+            msgs.insert(
+                draw(st.integers(0, len(msgs))),
+                {
+                    "role": draw(st.sampled_from(list(ROLES) + ["tool"])),
+                    "content": draw(st.text(max_size=20) | json_values),
+                },
+            )
         elif where == "pad":  # beyond the fuzzed server's 8 KB body limit, or not
             body["user"] = "x" * draw(st.sampled_from([100, 9000]))
     return body
@@ -470,6 +539,7 @@ def test_generated_requests_get_well_formed_answers(fuzzed, body):
 def test_the_server_stays_up_after_hostile_bytes(fuzzed):
     client, app = fuzzed
     for raw in [b"[" * 200_000, b'{"messages": "' + b"\\ud800" * 10 + b'"}', b"\x00" * 100, b"{" * 50 + b"}" * 50]:
-        assert_well_formed(client.post("/v1/chat/completions", content=raw,
-                                       headers={"content-type": "application/json"}), False)
+        assert_well_formed(
+            client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"}), False
+        )
     assert client.get("/v1/models").status_code == 200 and app.state.engine._thread.is_alive()

@@ -1,4 +1,5 @@
 """Tests for the synthetic shapes-world dataset generator."""
+
 from __future__ import annotations
 
 import hashlib
@@ -57,8 +58,9 @@ def test_splits_disjoint(world):
     keys = {s: {sc.key() for sc in v} for s, v in scenes.items()}
     assert not (keys["train"] & keys["val"]) and not (keys["train"] & keys["test"])
     assert not (keys["val"] & keys["test"])
-    hashes = {s: {hashlib.sha1(p.read_bytes()).hexdigest() for p in (root / "images" / s).glob("*.png")}
-              for s in sw.SPLITS}
+    hashes = {
+        s: {hashlib.sha1(p.read_bytes()).hexdigest() for p in (root / "images" / s).glob("*.png")} for s in sw.SPLITS
+    }
     assert len(hashes["train"]) == SMALL["n_train"]
     assert not (hashes["train"] & hashes["val"]) and not (hashes["val"] & hashes["test"])
     with pytest.raises(RuntimeError):  # the guard itself works
@@ -78,7 +80,7 @@ def test_scene_constraints():
         for i, o in enumerate(sc.objects):
             x0, y0, x1, y1 = o.box
             assert 0 <= x0 < x1 <= 256 and 0 <= y0 < y1 <= 256 and lo <= x1 - x0 <= hi
-            for p in sc.objects[i + 1:]:
+            for p in sc.objects[i + 1 :]:
                 assert sw._overlaps(o.box, p.box, 0) is False
     assert counts == {1, 2, 3}
 
@@ -94,7 +96,7 @@ def test_boxes_match_rendered_pixels():
             assert all(0 <= v <= 999 for v in norm) and norm[0] < norm[2] and norm[1] < norm[3]
             colour = np.array(sw.COLOURS[o.colour])
             cx, cy = (int(v) for v in o.centre)
-            assert (img[cy - 2:cy + 3, cx - 2:cx + 3] == colour).all()
+            assert (img[cy - 2 : cy + 3, cx - 2 : cx + 3] == colour).all()
             ys, xs = np.nonzero((img == colour).all(-1))
             assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == o.box  # tight box
             x0, y0, x1, y1 = o.box
@@ -108,8 +110,12 @@ def test_box_text_format():
 
 
 def test_position_and_size_words():
-    sc = _scene(300, ("circle", "red", (10, 10, 90, 90)), ("square", "blue", (110, 110, 190, 190)),
-                ("triangle", "green", (200, 110, 290, 200)))
+    sc = _scene(
+        300,
+        ("circle", "red", (10, 10, 90, 90)),
+        ("square", "blue", (110, 110, 190, 190)),
+        ("triangle", "green", (200, 110, 290, 200)),
+    )
     assert [o.position for o in sc.objects] == ["top left", "center", "middle right"]
     assert sw.position_word((110, 210, 190, 290), 300) == "bottom center"
     assert sw.position_word((200, 0, 300, 60), 300) == "top right"
@@ -122,18 +128,26 @@ def test_position_and_size_words():
 def test_caption_grammar():
     one = _scene(300, ("circle", "red", (10, 10, 90, 90)))
     two = _scene(300, ("square", "blue", (200, 200, 290, 290)), ("circle", "red", (10, 10, 90, 90)))
-    three = _scene(300, ("triangle", "orange", (200, 10, 290, 100)), ("circle", "red", (10, 10, 90, 90)),
-                   ("square", "blue", (110, 150, 190, 230)))
+    three = _scene(
+        300,
+        ("triangle", "orange", (200, 10, 290, 100)),
+        ("circle", "red", (10, 10, 90, 90)),
+        ("square", "blue", (110, 150, 190, 230)),
+    )
     assert sw.short_captions(one)[0] == "a red circle."
     assert sw.short_captions(two) == [
-        "a red circle and a blue square.", "an image of a red circle and a blue square.",
+        "a red circle and a blue square.",
+        "an image of a red circle and a blue square.",
         "a red circle and a blue square on a plain background.",
-        "a picture showing a red circle and a blue square.", "there is a red circle and a blue square."]
+        "a picture showing a red circle and a blue square.",
+        "there is a red circle and a blue square.",
+    ]
     assert sw.short_captions(three)[1] == "an image of a red circle, a blue square and an orange triangle."
     assert sw.detailed_caption(one) == "There is one shape. A small red circle is at the top left."
     assert sw.detailed_caption(three) == (
         "There are three shapes. A small red circle is at the top left. A small blue square is at the "
-        "center. A medium orange triangle is at the top right.")
+        "center. A medium orange triangle is at the top right."
+    )
 
 
 def test_vqa_hand_scene():
@@ -159,8 +173,9 @@ def test_vqa_hand_scene():
 
 def test_yes_no_balanced(world):
     rng = np.random.default_rng(3)
-    answers = [p["answer"] for _ in range(200) for p in sw.vqa_pairs(sw.sample_scene(rng), rng)
-               if p["qtype"] == "exists"]
+    answers = [
+        p["answer"] for _ in range(200) for p in sw.vqa_pairs(sw.sample_scene(rng), rng) if p["qtype"] == "exists"
+    ]
     assert abs(answers.count("yes") / len(answers) - 0.5) < 0.05
     _, manifest = world
     val = json.loads(Path(manifest["val"]["vqa"]).read_text())
@@ -185,7 +200,8 @@ def _train_questions(manifest: dict) -> dict[str, list[tuple[str, str]]]:
     for rec in json.loads(Path(manifest["train"]["vqa"]).read_text()):
         conv = rec["conversations"]
         out.setdefault(rec["image"], []).append(
-            [(q["value"].replace("<image>\n", ""), a["value"]) for q, a in zip(conv[::2], conv[1::2])])
+            [(q["value"].replace("<image>\n", ""), a["value"]) for q, a in zip(conv[::2], conv[1::2])]
+        )
     return out
 
 
@@ -315,8 +331,12 @@ def test_high_resolution_world_has_the_requested_sizes(tmp_path):
     for split, n in (("train", 6), ("test", 4)):
         paths = sorted((tmp_path / "images" / split).glob("*.png"))
         assert len(paths) == n and all(Image.open(p).size == (1024, 1024) for p in paths)
-    sides = [o.box[2] - o.box[0] for s in sw.SPLITS for sc in sw.split_scenes(0, s, 40, 1024, 0.5, (20, 60))
-             for o in sc.objects]
+    sides = [
+        o.box[2] - o.box[0]
+        for s in sw.SPLITS
+        for sc in sw.split_scenes(0, s, 40, 1024, 0.5, (20, 60))
+        for o in sc.objects
+    ]
     assert min(sides) >= 20 and max(sides) <= 60 and max(sides) - min(sides) > 30
     # the boxes written are the pixel boxes in [0, 999]: a 20-60 px shape spans 19-59 units
     for rec in json.loads(Path(manifest["test"]["grounding"]).read_text()):
@@ -342,8 +362,9 @@ def test_a_recipe_world_passes_shape_px(tmp_path):
     from mmbridge.config import RecipeError
     from mmbridge.data.sources import world_manifest
 
-    _, images = world_manifest({"root": str(tmp_path / "w"), "n_train": 2, "n_val": 1, "n_test": 1,
-                                "image_size": 512, "shape_px": [20, 40]})
+    _, images = world_manifest(
+        {"root": str(tmp_path / "w"), "n_train": 2, "n_val": 1, "n_test": 1, "image_size": 512, "shape_px": [20, 40]}
+    )
     assert sw.load_manifest(tmp_path / "w")["params"]["shape_px"] == [20, 40]
     with pytest.raises(RecipeError, match="shape_px"):
         world_manifest({"root": str(tmp_path / "x"), "n_train": 1, "n_val": 1, "n_test": 1, "shape_px": [5, 1]})

@@ -16,22 +16,34 @@ from mmbridge.objectives import build_objective
 from tests.conftest import tiny_recipe_dict
 from tests.rounding import assert_same_math
 
-CONV = [{"from": "human", "value": "<image> and <image>: which has more shapes?"},
-        {"from": "gpt", "value": "the first one, it has three"}]
+CONV = [
+    {"from": "human", "value": "<image> and <image>: which has more shapes?"},
+    {"from": "gpt", "value": "the first one, it has three"},
+]
 
 
 def build(tiny_lm_dir, tiny_clip_dir, checkpointing: bool, bridge=None):
     torch.manual_seed(0)
-    cfg = ModelConfig(vision={"name": "hf", "path": tiny_clip_dir}, bridge=bridge or {"name": "mlp"},
-                      lm={"path": tiny_lm_dir}, max_length=160, system_prompt="", gradient_checkpointing=checkpointing)
+    cfg = ModelConfig(
+        vision={"name": "hf", "path": tiny_clip_dir},
+        bridge=bridge or {"name": "mlp"},
+        lm={"path": tiny_lm_dir},
+        max_length=160,
+        system_prompt="",
+        gradient_checkpointing=checkpointing,
+    )
     return build_model(cfg)
 
 
 def batch(proc):
     e = proc.encode(CONV, 2)
     ids = torch.tensor([e.input_ids, e.input_ids])
-    return {"input_ids": ids, "labels": torch.tensor([e.labels, e.labels]), "attention_mask": torch.ones_like(ids),
-            "pixel_values": torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))}
+    return {
+        "input_ids": ids,
+        "labels": torch.tensor([e.labels, e.labels]),
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
+    }
 
 
 def step_grads(model, objective, b, train: dict) -> dict:
@@ -40,15 +52,21 @@ def step_grads(model, objective, b, train: dict) -> dict:
         module.train(train[part])  # frozen parts run in eval mode, as apply_stage_modes sets them
     torch.manual_seed(3)
     objective(model, b, normalizer=None).loss.backward()
-    out = {n: p.grad.clone() for n, p in [*model.named_parameters(), *objective.named_parameters()]
-           if p.grad is not None}
+    out = {
+        n: p.grad.clone() for n, p in [*model.named_parameters(), *objective.named_parameters()] if p.grad is not None
+    }
     model.zero_grad(set_to_none=True)
     objective.zero_grad(set_to_none=True)
     return out
 
 
-@pytest.mark.parametrize("train", [{"vision": False, "bridge": True, "lm": False},  # frozen LM carries gradients
-                                   {"vision": True, "bridge": True, "lm": True}])
+@pytest.mark.parametrize(
+    "train",
+    [
+        {"vision": False, "bridge": True, "lm": False},  # frozen LM carries gradients
+        {"vision": True, "bridge": True, "lm": True},
+    ],
+)
 @pytest.mark.parametrize("objective", ["lm", "croc"])
 def test_checkpointing_gives_the_same_gradients(tiny_lm_dir, tiny_clip_dir, train, objective):
     plain, proc = build(tiny_lm_dir, tiny_clip_dir, False)

@@ -80,8 +80,9 @@ def test_changing_one_tile_changes_only_its_tokens():
     encode = torch.nn.Conv2d(3, 4, kernel_size=56, stride=56)  # a per-tile encoder: 6x6 cells of 56 px
 
     def tokens(image):
-        pixels = torch.stack([torch.from_numpy(np.asarray(t, dtype=np.float32)).permute(2, 0, 1) / 255
-                              for t in cut_tiles(image, layout)])
+        pixels = torch.stack(
+            [torch.from_numpy(np.asarray(t, dtype=np.float32)).permute(2, 0, 1) / 255 for t in cut_tiles(image, layout)]
+        )
         with torch.no_grad():
             return assemble(encode(pixels).permute(0, 2, 3, 1), layout, torch.zeros(4))
 

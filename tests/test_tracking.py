@@ -32,8 +32,8 @@ def wandb_history(run_dir) -> list[dict]:
             if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
                 pos += 32768 - pos % 32768
                 continue
-            length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-            chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+            length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+            chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
             if kind in (2, 3):  # first, middle
                 pending += chunk
                 continue

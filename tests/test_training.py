@@ -57,7 +57,6 @@ def test_saved_run_reloads_to_identical_logits(tiny_recipe, tmp_path):
     assert (tmp_path / "run" / "loss_2_multitask.png").exists()
 
 
-
 def losses(run_dir):
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [(r["stage"], r["step"], r["loss"]) for r in rows]

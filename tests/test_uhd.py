@@ -34,9 +34,14 @@ def conv(n_images: int, answer: str = "a red circle") -> list[dict]:
 @pytest.fixture(scope="module")
 def uhd(tiny_lm_dir, tiny_clip_dir):
     torch.manual_seed(0)
-    cfg = ModelConfig(vision={"name": "hf", "path": tiny_clip_dir, "feature_layer": -1},
-                      bridge={"name": "resampler", "latents": K, "depth": 1, "heads": 4}, lm={"path": tiny_lm_dir},
-                      max_length=400, system_prompt="", tiling={"mode": "uhd", "max_slices": 6})
+    cfg = ModelConfig(
+        vision={"name": "hf", "path": tiny_clip_dir, "feature_layer": -1},
+        bridge={"name": "resampler", "latents": K, "depth": 1, "heads": 4},
+        lm={"path": tiny_lm_dir},
+        max_length=400,
+        system_prompt="",
+        tiling={"mode": "uhd", "max_slices": 6},
+    )
     model, proc = build_model(cfg)
     assert model.bridge.kind == "qwen"  # no kind named: UHD's position-aware compressor
     with torch.no_grad():  # an output projection far from its small initialisation, so answers follow images
@@ -47,9 +52,16 @@ def uhd(tiny_lm_dir, tiny_clip_dir):
 def sample(proc, images, answer="a red circle"):
     views = proc.images(images)
     enc = proc.encode(conv(len(images)), len(images), counts=views["counts"])
-    return {"id": "x", "input_ids": enc.input_ids, "labels": enc.labels, "pixel_values": views["pixel_values"],
-            "visual_index": views["visual_index"], "views": views["views"], "image_counts": views["visual_counts"],
-            "view_sizes": views["view_sizes"]}
+    return {
+        "id": "x",
+        "input_ids": enc.input_ids,
+        "labels": enc.labels,
+        "pixel_values": views["pixel_values"],
+        "visual_index": views["visual_index"],
+        "views": views["views"],
+        "image_counts": views["visual_counts"],
+        "view_sizes": views["view_sizes"],
+    }
 
 
 def test_separators_are_the_lms_own_tokens(uhd):
@@ -75,10 +87,10 @@ def test_the_encoded_sequence_carries_the_separators(uhd):
     ids = np.asarray(proc.encode(conv(1), 1, counts=views["counts"]).input_ids)
     first = int(np.flatnonzero(ids == proc.image_token_id)[0])
     span = proc.uhd_span(image.size)
-    assert (ids[first:first + len(span)] == span).all()
+    assert (ids[first : first + len(span)] == span).all()
     prompt = proc.encode_prompt(conv(1)[:1], views["counts"])
-    assert prompt[first:first + len(span)] == span.tolist()
-    (n, _), = proc.measure_many([(conv(1), 1, "s", proc.image_counts([image.size]))])
+    assert prompt[first : first + len(span)] == span.tolist()
+    ((n, _),) = proc.measure_many([(conv(1), 1, "s", proc.image_counts([image.size]))])
     assert n == len(ids)
 
 
@@ -88,8 +100,12 @@ def test_views_of_their_own_sizes_fill_the_slots_in_order(uhd):
     batch = Collator(proc)([sample(proc, images[:1]), sample(proc, images[1:])])
     assert batch["pixel_values"].shape == (5 + 7, 3, 64, 32)  # padded: the 16x64 overview's rows, the slices' columns
     with torch.no_grad():
-        embeds, _ = model.prepare(batch["input_ids"], batch["pixel_values"], visual_index=batch["visual_index"],
-                                  view_sizes=batch["view_sizes"])
+        embeds, _ = model.prepare(
+            batch["input_ids"],
+            batch["pixel_values"],
+            visual_index=batch["visual_index"],
+            view_sizes=batch["view_sizes"],
+        )
         want = []
         for im in images:  # each view alone, unpadded, through the tower at its own size and the resampler
             for view in proc.tiling.views(im, 32):
@@ -97,8 +113,7 @@ def test_views_of_their_own_sizes_fill_the_slots_in_order(uhd):
                 grid = (px.shape[2] // 8, px.shape[3] // 8)  # each view's keys placed on its own grid
                 want.append(model.bridge(model.vision.forward_any(px), grid=grid))
     is_image = batch["input_ids"] == model.image_token_id
-    torch.testing.assert_close(embeds[is_image], torch.cat(want).reshape(-1, embeds.shape[-1]), rtol=1e-4,
-                               atol=1e-5)
+    torch.testing.assert_close(embeds[is_image], torch.cat(want).reshape(-1, embeds.shape[-1]), rtol=1e-4, atol=1e-5)
     assert batch["image_counts"].tolist() == [5 * K, 7 * K]
 
 
@@ -117,13 +132,20 @@ def test_packed_uhd_rows_equal_unpacked_and_train(uhd):
     normalizer = float(padded["labels"][:, 1:].ne(IGNORE).sum())
     losses = []
     for b in (padded, packed):
-        out = model(b["input_ids"], b["attention_mask"], b["pixel_values"], b["labels"], normalizer=normalizer,
-                    position_ids=b.get("position_ids"), segment_ids=b.get("segment_ids"),
-                    visual_index=b["visual_index"], view_sizes=b["view_sizes"])
+        out = model(
+            b["input_ids"],
+            b["attention_mask"],
+            b["pixel_values"],
+            b["labels"],
+            normalizer=normalizer,
+            position_ids=b.get("position_ids"),
+            segment_ids=b.get("segment_ids"),
+            visual_index=b["visual_index"],
+            view_sizes=b["view_sizes"],
+        )
         losses.append(out.loss.detach())
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
-    obj = CrocObjective(model, pool_size=64, attention="visual", allow_unnormalised=True,
-                          head_dropout=0.0)
+    obj = CrocObjective(model, pool_size=64, attention="visual", allow_unnormalised=True, head_dropout=0.0)
     out = obj(model, padded, normalizer=None)
     out.loss.backward()
     assert torch.isfinite(out.loss) and model.bridge.resampler.query.grad.abs().sum() > 0
@@ -132,8 +154,12 @@ def test_packed_uhd_rows_equal_unpacked_and_train(uhd):
 
 
 def test_uhd_needs_a_compressor(tiny_lm_dir, tiny_clip_dir):
-    cfg = ModelConfig(vision={"name": "hf", "path": tiny_clip_dir}, bridge={"name": "mlp"}, lm={"path": tiny_lm_dir},
-                      tiling={"mode": "uhd"})
+    cfg = ModelConfig(
+        vision={"name": "hf", "path": tiny_clip_dir},
+        bridge={"name": "mlp"},
+        lm={"path": tiny_lm_dir},
+        tiling={"mode": "uhd"},
+    )
     with pytest.raises(ValueError, match="resampler bridge"):
         build_model(cfg)
 
@@ -146,8 +172,9 @@ def test_a_uhd_run_trains_and_reloads(tiny_lm_dir, tiny_clip_dir, world, tmp_pat
     from mmbridge.train.trainer import Trainer
     from tests.conftest import tiny_recipe_dict
 
-    data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"],
-                            bridge={"name": "resampler", "latents": K, "depth": 1, "heads": 4})
+    data = tiny_recipe_dict(
+        tiny_lm_dir, tiny_clip_dir, world["root"], bridge={"name": "resampler", "latents": K, "depth": 1, "heads": 4}
+    )
     data["model"]["tiling"] = {"mode": "uhd"}
     for stage in data["stages"]:
         stage["steps"] = 2
@@ -157,8 +184,11 @@ def test_a_uhd_run_trains_and_reloads(tiny_lm_dir, tiny_clip_dir, world, tmp_pat
     image = picture((96, 64), 5)  # slices and an overview, unlike the world's small squares
     views = proc.images([image])
     ids = torch.tensor([proc.encode(conv(1), 1, counts=views["counts"]).input_ids])
-    kw = {"pixel_values": views["pixel_values"], "visual_index": views["visual_index"],
-          "view_sizes": views["view_sizes"]}
+    kw = {
+        "pixel_values": views["pixel_values"],
+        "visual_index": views["visual_index"],
+        "view_sizes": views["view_sizes"],
+    }
     with torch.no_grad():
         assert torch.equal(model(ids, **kw).hidden_states, trainer.model.eval()(ids, **kw).hidden_states)
     world_image = Image.open(sorted(Path(world["images"]).rglob("*.png"))[0])
@@ -188,7 +218,8 @@ def test_flops_measure_each_view_at_its_own_size(uhd):
         with torch.no_grad():
             feats = model.vision.forward_any(px)
             return forward_flops(model.vision.forward_any, px) + forward_flops(
-                lambda f: model.bridge(f, grid=(h // 8, w // 8)), feats)
+                lambda f: model.bridge(f, grid=(h // 8, w // 8)), feats
+            )
 
     assert flops(batch) - flops(no_images) == view(24, 32) + 6 * view(32, 32)
     assert view(24, 32) < view(32, 32)  # 12 patches, not 16
@@ -222,7 +253,8 @@ def test_our_vit_encodes_any_size_with_its_positions_interpolated(tmp_path):
 
     torch.manual_seed(0)
     LCLVisionTower(ViTConfig(image_size=32, patch_size=8, width=32, depth=1, heads=4, out_dim=16)).save_pretrained(
-        tmp_path / "vit")
+        tmp_path / "vit"
+    )
     enc = build_vision_encoder({"name": "lcl_vit", "path": str(tmp_path / "vit")}).eval()
     px = torch.randn(2, 3, 32, 32)
     tables = []  # the position table the tower is given
@@ -251,8 +283,16 @@ def test_a_dinov2_tower_encodes_any_size(tmp_path):
     from mmbridge.models.vision import build_vision_encoder
 
     torch.manual_seed(0)
-    Dinov2Model(Dinov2Config(image_size=28, patch_size=7, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                             intermediate_size=64)).eval().save_pretrained(tmp_path / "dino")
+    Dinov2Model(
+        Dinov2Config(
+            image_size=28,
+            patch_size=7,
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            intermediate_size=64,
+        )
+    ).eval().save_pretrained(tmp_path / "dino")
     enc = build_vision_encoder({"name": "hf", "path": str(tmp_path / "dino"), "feature_layer": -1}).eval()
     with torch.no_grad():
         px = torch.randn(2, 3, 28, 28)

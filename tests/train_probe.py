@@ -27,15 +27,21 @@ def record(out: Path, stage: int, step, dist) -> None:
             full = p.full_tensor() if isinstance(p, DTensor) else p  # a collective: every rank gathers
             start[name] = full.detach().cpu().contiguous().clone()
     if dist.main:
-        save_file(start, str(out / f"start{stage}.safetensors"), metadata={
-            "trained": json.dumps(sorted(n for n, p in bare.named_parameters() if p.requires_grad))})
+        save_file(
+            start,
+            str(out / f"start{stage}.safetensors"),
+            metadata={"trained": json.dumps(sorted(n for n, p in bare.named_parameters() if p.requires_grad))},
+        )
     if not dist.fsdp:
         return
     units = {}
     for i, layer in enumerate(bare.lm.get_decoder().layers):
         held = {id(fp.sharded_param) for fp in layer._get_fsdp_state()._fsdp_param_group.fsdp_params}
-        units[f"lm.model.layers.{i}"] = {n: [p.to_local().shape[0], p.shape[0]] for n, p in layer.named_parameters()
-                                         if id(p) in held and isinstance(p, DTensor)}
+        units[f"lm.model.layers.{i}"] = {
+            n: [p.to_local().shape[0], p.shape[0]]
+            for n, p in layer.named_parameters()
+            if id(p) in held and isinstance(p, DTensor)
+        }
     (out / f"units{stage}_{dist.rank}.json").write_text(json.dumps(units))
 
 

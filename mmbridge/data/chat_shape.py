@@ -82,14 +82,23 @@ def content_printed_verbatim(template: str | None) -> bool:
                     continue
                 if isinstance(parent, nodes.Filter) and parent.name == "length" and parent.node is node:
                     continue
-                if isinstance(parent, nodes.Getitem) and parent.node is node and isinstance(parent.arg, nodes.Const) \
-                        and type(parent.arg.value) is int and _key(parents.get(id(parent))) in _MESSAGE_KEYS:
+                if (
+                    isinstance(parent, nodes.Getitem)
+                    and parent.node is node
+                    and isinstance(parent.arg, nodes.Const)
+                    and type(parent.arg.value) is int
+                    and _key(parents.get(id(parent))) in _MESSAGE_KEYS
+                ):
                     continue
                 return False
             if node.name in loop_vars and not (_key(parent) in _MESSAGE_KEYS and parent.node is node):
                 return False
-        elif isinstance(node, nodes.Getattr) and isinstance(node.node, nodes.Name) and node.node.name == "loop" \
-                and node.attr in ("previtem", "nextitem"):
+        elif (
+            isinstance(node, nodes.Getattr)
+            and isinstance(node.node, nodes.Name)
+            and node.node.name == "loop"
+            and node.attr in ("previtem", "nextitem")
+        ):
             if _key(parents.get(id(node))) not in _MESSAGE_KEYS:
                 return False
         if _key(node) == "content" and not _printed_as_is(node, parents):

@@ -11,13 +11,13 @@ from torch.utils.data import Dataset
 
 from mmbridge.data.images import ImageError
 from mmbridge.data.layouts import batch_index
-from mmbridge.data.views import pad_to
 from mmbridge.data.llava import DataError, record_images
 from mmbridge.data.processor import IGNORE, Processor
 from mmbridge.data.record_index import image_counts, load_index
 from mmbridge.data.sampler import LengthGroupedBatches, MixtureSampler  # noqa: F401  (re-exported)
 from mmbridge.data.video import record_units, sampling_of
 from mmbridge.data.video_records import VideoRecords
+from mmbridge.data.views import pad_to
 
 BRIDGE_TEXT = ("caption_ids", "instruction_ids")  # the bridge's own tokens, see Processor.bridge_text
 
@@ -56,15 +56,25 @@ class ConversationDataset(Dataset):
     `boxes_all_objects` (the source's option) every sample says so, for the `objects` objective.
     """
 
-    def __init__(self, json_path: str | Path, image_root: str | Path, processor: Processor, skip_bad: bool = False,
-                 workers: int | None = None, cache: bool = True, lines: bool | None = None,
-                 boxes_all_objects: bool = False, records=None):
+    def __init__(
+        self,
+        json_path: str | Path,
+        image_root: str | Path,
+        processor: Processor,
+        skip_bad: bool = False,
+        workers: int | None = None,
+        cache: bool = True,
+        lines: bool | None = None,
+        boxes_all_objects: bool = False,
+        records=None,
+    ):
         self.json_path, self.image_root = Path(json_path), Path(image_root)
         self.processor, self.skip_bad, self.boxes_all_objects = processor, skip_bad, boxes_all_objects
         records = records if records is not None else open_source(json_path, image_root, lines)
         self.store = VideoRecords(records, sampling_of(processor))
-        adopt_index(self, load_index(self.store, processor, workers=workers, cache=cache), skip_bad,
-                    f"{self.store.name}: ")
+        adopt_index(
+            self, load_index(self.store, processor, workers=workers, cache=cache), skip_bad, f"{self.store.name}: "
+        )
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -79,12 +89,21 @@ class ConversationDataset(Dataset):
             counts = image_counts(self.store, self.processor, i, record_units(rec), where)
         enc = self.processor.encode(rec["conversations"], len(names), where, counts)
         if len(enc.input_ids) != self.lengths[idx]:
-            raise DataError(f"{where}: {len(enc.input_ids)} tokens, but the index says {self.lengths[idx]}; "
-                            f"delete {self.store.name}'s entry in the data-index cache")
-        return {"id": str(rec.get("id", self.store.default_id(i))), "input_ids": enc.input_ids,
-                "labels": enc.labels, **self.processor.bridge_text(rec["conversations"]),
-                "images": [self.store.image_ref(i, p) for p in names], "names": names, "where": where, "row": i,
-                "units": record_units(rec)}
+            raise DataError(
+                f"{where}: {len(enc.input_ids)} tokens, but the index says {self.lengths[idx]}; "
+                f"delete {self.store.name}'s entry in the data-index cache"
+            )
+        return {
+            "id": str(rec.get("id", self.store.default_id(i))),
+            "input_ids": enc.input_ids,
+            "labels": enc.labels,
+            **self.processor.bridge_text(rec["conversations"]),
+            "images": [self.store.image_ref(i, p) for p in names],
+            "names": names,
+            "where": where,
+            "row": i,
+            "units": record_units(rec),
+        }
 
     @property
     def samples(self) -> Sequence[dict]:
@@ -105,14 +124,21 @@ class ConversationDataset(Dataset):
         views = self.processor.images(images)
         s = self.encoded(idx, views.get("counts"))
         frames = [len(u) for u in units]
-        return {"id": s["id"], "input_ids": s["input_ids"], "labels": s["labels"],
-                "pixel_values": views["pixel_values"],
-                **({"frame_counts": frames} if len(frames) != len(images) else {}),
-                **({"visual_index": views["visual_index"], "views": views["views"],
-                    "image_counts": views["visual_counts"]} if "views" in views else {}),
-                **({"view_sizes": views["view_sizes"]} if "view_sizes" in views else {}),
-                **({"boxes_all_objects": True} if self.boxes_all_objects else {}),
-                **{k: s[k] for k in BRIDGE_TEXT if k in s}}
+        return {
+            "id": s["id"],
+            "input_ids": s["input_ids"],
+            "labels": s["labels"],
+            "pixel_values": views["pixel_values"],
+            **({"frame_counts": frames} if len(frames) != len(images) else {}),
+            **(
+                {"visual_index": views["visual_index"], "views": views["views"], "image_counts": views["visual_counts"]}
+                if "views" in views
+                else {}
+            ),
+            **({"view_sizes": views["view_sizes"]} if "view_sizes" in views else {}),
+            **({"boxes_all_objects": True} if self.boxes_all_objects else {}),
+            **{k: s[k] for k in BRIDGE_TEXT if k in s},
+        }
 
 
 class _Samples(Sequence):
@@ -180,18 +206,26 @@ class Collator:
         tokens; images in the samples' order."""
         if not any("visual_index" in it for it in items):
             return {}
-        return {"visual_index": batch_index([it["visual_index"].numpy() for it in items], [it["views"] for it in items],
-                                            self.processor.num_image_tokens),
-                "image_counts": torch.tensor([c for it in items for c in it["image_counts"]], dtype=torch.long),
-                **({"view_sizes": torch.cat([it["view_sizes"] for it in items])} if "view_sizes" in items[0] else {})}
+        return {
+            "visual_index": batch_index(
+                [it["visual_index"].numpy() for it in items],
+                [it["views"] for it in items],
+                self.processor.num_image_tokens,
+            ),
+            "image_counts": torch.tensor([c for it in items for c in it["image_counts"]], dtype=torch.long),
+            **({"view_sizes": torch.cat([it["view_sizes"] for it in items])} if "view_sizes" in items[0] else {}),
+        }
 
     @staticmethod
     def _frame_counts(items: list[dict]) -> dict:
         """`frame_counts` [n_inputs]: the frames of each visual input, when a sample has a multi-frame one."""
         if not any("frame_counts" in it for it in items):
             return {}
-        return {"frame_counts": torch.tensor([c for it in items
-                                              for c in it.get("frame_counts", [1] * len(it["pixel_values"]))])}
+        return {
+            "frame_counts": torch.tensor(
+                [c for it in items for c in it.get("frame_counts", [1] * len(it["pixel_values"]))]
+            )
+        }
 
     def _bridge_text(self, items: list[dict]) -> dict:
         """caption_ids [B, L] per sample; instruction_ids [n_images, L] per image (None without images)."""

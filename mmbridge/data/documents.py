@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from mmbridge.core import IMAGE_TOKEN
+from mmbridge.data.layouts import require_fixed
 from mmbridge.data.llava import DataError
 from mmbridge.data.processor import IGNORE
 from mmbridge.lcl.readers import parse_document
 from mmbridge.lcl.sequence import SequenceConfig, layout
-from mmbridge.core import IMAGE_TOKEN
-from mmbridge.data.layouts import require_fixed
 
 STYLE_KEYS = ("style", "end_of_chunk", "single_image_drop")
 LAYOUT_KEYS = ("max_images", "min_sim", "image_position", *STYLE_KEYS)  # what `sequence` may set for LMM stages
@@ -79,8 +79,10 @@ class DocumentEncoder:
         require_fixed(processor, "interleaved documents")
         unknown = set(sequence or {}) - set(LAYOUT_KEYS)
         if unknown:
-            raise ValueError(f"sequence: unknown key(s) {sorted(unknown)} for interleaved sources; "
-                             f"expected some of {list(LAYOUT_KEYS)}")
+            raise ValueError(
+                f"sequence: unknown key(s) {sorted(unknown)} for interleaved sources; "
+                f"expected some of {list(LAYOUT_KEYS)}"
+            )
         self.cfg = SequenceConfig(**check_style(sequence), max_length=processor.max_length)
         self.style = (sequence or {}).get("style", "lcl")
         self._marks = [IMAGE_TOKEN, *processor._special]  # text holding one of these would fake the structure
@@ -94,11 +96,20 @@ class DocumentEncoder:
     def settings(self) -> dict:
         """Everything besides the processor that a document's tokens depend on (for the index's cache key)."""
         c = self.cfg
-        out = {"max_images": c.max_images, "min_sim": c.min_sim, "image_position": c.image_position,
-               "seed": self.seed, "eos": self.processor.tokenizer.eos_token_id}
+        out = {
+            "max_images": c.max_images,
+            "min_sim": c.min_sim,
+            "image_position": c.image_position,
+            "seed": self.seed,
+            "eos": self.processor.tokenizer.eos_token_id,
+        }
         if self.style == "openflamingo":
-            out |= {"style": self.style, "eoc": self.eoc_ids, "drop": self.single_image_drop,
-                    "bos": self.processor.tokenizer.bos_token_id}
+            out |= {
+                "style": self.style,
+                "eoc": self.eoc_ids,
+                "drop": self.single_image_drop,
+                "bos": self.processor.tokenizer.bos_token_id,
+            }
         return out
 
     def pieces(self, record: object, where: str, row: int) -> list[tuple[str, object]]:
@@ -117,8 +128,11 @@ class DocumentEncoder:
                 raise DataError(f"{where}: text_list[{k}] is not valid UTF-8 text", "bad UTF-8") from None
             mark = next((m for m in self._marks if m in text), None)
             if mark is not None:
-                raise DataError(f"{where}: text_list[{k}] contains the special token {mark!r}, which would fake "
-                                "an image or the text's structure", "special token in text")
+                raise DataError(
+                    f"{where}: text_list[{k}] contains the special token {mark!r}, which would fake "
+                    "an image or the text's structure",
+                    "special token in text",
+                )
         pieces = layout(doc, self.cfg, np.random.default_rng([self.seed, 20, row]))
         if self.style == "openflamingo":
             n = sum(kind == "image" for kind, _ in pieces)
@@ -175,8 +189,8 @@ class DocumentEncoder:
         is_image, learn = np.zeros(len(ids), dtype=bool), np.zeros(len(ids), dtype=bool)
         at = 0
         for p, kind in zip(parts, kinds):
-            is_image[at:at + len(p)] = kind == "image"
-            learn[at:at + len(p)] = kind in ("text", "eoc")
+            is_image[at : at + len(p)] = kind == "image"
+            learn[at : at + len(p)] = kind in ("text", "eoc")
             at += len(p)
         if (ids[~is_image] == img_id).any():
             return DataError(f"{where}: the text tokenises to the image token", "special token in text")
@@ -186,8 +200,9 @@ class DocumentEncoder:
             img_pos = np.flatnonzero(is_image)
             if len(img_pos) and img_pos[-1] >= proc.max_length:
                 return proc._image_past_budget(where, len(ids), int(img_pos[-1]) + 1)
-            ids, labels, truncated = ids[:proc.max_length], labels[:proc.max_length], True
+            ids, labels, truncated = ids[: proc.max_length], labels[: proc.max_length], True
         if not (labels[1:] != IGNORE).any():
-            return DataError(f"{where}: no text token to learn from" + (" within max_length" if truncated else ""),
-                             "no text tokens")
+            return DataError(
+                f"{where}: no text token to learn from" + (" within max_length" if truncated else ""), "no text tokens"
+            )
         return EncodedDocument(ids.tolist(), labels.tolist(), truncated, images, before, " ".join(texts))

@@ -43,8 +43,7 @@ def open_hf(path: str, split: str = ""):
     """The `datasets.Dataset` at `path` (memory-mapped) and the files whose bytes it is made of."""
     datasets = _datasets()
     folder = Path(path)
-    if folder.is_dir() and any((folder / f).exists() for f in ("dataset_info.json", "state.json",
-                                                               "dataset_dict.json")):
+    if folder.is_dir() and any((folder / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
         try:
             ds = datasets.load_from_disk(str(folder))
         except (OSError, ValueError, FileNotFoundError) as e:
@@ -61,8 +60,10 @@ def open_hf(path: str, split: str = ""):
         files = [Path(f["filename"]) for f in ds.cache_files]
         return ds, files
     if split:
-        raise DataError(f"{path}: `split` picks a split of a saved DatasetDict; parquet and arrow files are named "
-                        "by the path or glob alone")
+        raise DataError(
+            f"{path}: `split` picks a split of a saved DatasetDict; parquet and arrow files are named "
+            "by the path or glob alone"
+        )
     pattern = str(folder / "*") if folder.is_dir() else str(path)
     files = sorted(Path(p) for p in glob.glob(pattern) if p.endswith((".parquet", ".arrow")))
     if not files:
@@ -86,8 +87,15 @@ def open_hf(path: str, split: str = ""):
 class HFRecords:
     """A `datasets` dataset as LLaVA records, each row read on demand (the store of a ConversationDataset)."""
 
-    def __init__(self, path: str, conversations: str = "", messages: str = "", images: str = "",
-                 split: str = "", image_root: str | os.PathLike = ""):
+    def __init__(
+        self,
+        path: str,
+        conversations: str = "",
+        messages: str = "",
+        images: str = "",
+        split: str = "",
+        image_root: str | os.PathLike = "",
+    ):
         if bool(conversations) == bool(messages):
             raise DataError(f"{path}: name exactly one text column, `conversations` or `messages`")
         self.name = f"{path}[{split}]" if split else str(path)
@@ -167,8 +175,9 @@ class HFRecords:
             return 0
         import pyarrow as pa
 
-        listed = pa.types.is_list(cell.type) or pa.types.is_large_list(cell.type) or \
-            pa.types.is_fixed_size_list(cell.type)
+        listed = (
+            pa.types.is_list(cell.type) or pa.types.is_large_list(cell.type) or pa.types.is_fixed_size_list(cell.type)
+        )
         return len(cell) if listed else 1
 
     def image_ref(self, i: int, name: str) -> str:
@@ -213,13 +222,13 @@ def _from_conversations(value, where: str) -> list[dict]:
 def _from_messages(value, where: str) -> list[dict]:
     """OpenAI-style messages → LLaVA turns: image parts become `<image>`, parts joined by newlines."""
     if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: expected a non-empty list of messages, got {type(value).__name__}",
-                        "no conversations")
+        raise DataError(
+            f"{where}: expected a non-empty list of messages, got {type(value).__name__}", "no conversations"
+        )
     turns = []
     for j, m in enumerate(value):
         if not isinstance(m, dict) or m.get("role") not in SPEAKERS:
-            raise _turn_error(where, f"[{j}] must be {{'role': user|assistant|system, 'content': ...}}, "
-                                     f"got {m!r:.80}")
+            raise _turn_error(where, f"[{j}] must be {{'role': user|assistant|system, 'content': ...}}, got {m!r:.80}")
         content = m.get("content")
         if isinstance(content, str):
             texts = [content]
@@ -232,8 +241,11 @@ def _from_messages(value, where: str) -> list[dict]:
                 elif kind == "text" and isinstance(part.get("text"), str):
                     texts.append(part["text"])
                 else:
-                    raise _turn_error(where, f"[{j}].content[{k}] must be {{'type': 'image'}} or "
-                                             f"{{'type': 'text', 'text': str}}, got {part!r:.80}")
+                    raise _turn_error(
+                        where,
+                        f"[{j}].content[{k}] must be {{'type': 'image'}} or "
+                        f"{{'type': 'text', 'text': str}}, got {part!r:.80}",
+                    )
         else:
             raise _turn_error(where, f"[{j}].content must be a string or a non-empty list of parts")
         turns.append({"from": SPEAKERS[m["role"]], "value": "\n".join(texts)})

@@ -58,8 +58,9 @@ class ImageTooLarge(ImageError):
     """The image's header declares more pixels than allowed; nothing was decoded."""
 
 
-def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-               formats: tuple[str, ...] = DATA_FORMATS) -> Image.Image:
+def load_image(
+    path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS, formats: tuple[str, ...] = DATA_FORMATS
+) -> Image.Image:
     """Load ``path`` fully into memory as an RGB image.
 
     Raises ``ImageError`` for a missing or empty file, a file that is not one of ``formats`` or that PIL
@@ -76,8 +77,12 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
     return _decode(path, path, max_pixels, formats)
 
 
-def decode_image(data: bytes, name: str = "<bytes>", max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 formats: tuple[str, ...] = DATA_FORMATS) -> Image.Image:
+def decode_image(
+    data: bytes,
+    name: str = "<bytes>",
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    formats: tuple[str, ...] = DATA_FORMATS,
+) -> Image.Image:
     """`load_image` for an image held in memory (e.g. a base64 data URL); errors name it `name`."""
     if not data:
         raise ImageError(name, "no image data (0 bytes)")
@@ -95,8 +100,9 @@ def _decode(source, name, max_pixels: int | None, formats: tuple[str, ...]) -> I
         with Image.open(source, formats=formats) as img:
             w, h = img.size  # header only; check before decoding pixel data
             if limits and w * h > min(limits):
-                raise ImageTooLarge(name, f"{w}x{h} = {w * h} pixels exceeds the limit of {min(limits)} "
-                                          "(possible decompression bomb)")
+                raise ImageTooLarge(
+                    name, f"{w}x{h} = {w * h} pixels exceeds the limit of {min(limits)} (possible decompression bomb)"
+                )
             img.load()  # decode now so truncation/corruption is detected here
             return img.convert("RGB")
     except ImageError:

@@ -57,16 +57,23 @@ def index_documents(store, encoder: DocumentEncoder) -> dict:
                 bad.append((i, got.kind, str(got)))
             else:
                 ok[i], length[i], images[i], truncated[i] = True, len(got.input_ids), len(got.images), got.truncated
-    return {"rows": np.flatnonzero(ok).astype(np.int64), "length": length[ok], "images": images[ok],
-            "truncated": int(truncated.sum()), "skipped": dict(Counter(k for _, k, _ in bad) + dropped),
-            "first_error": list(min(bad)[1:]) if bad else None}
+    return {
+        "rows": np.flatnonzero(ok).astype(np.int64),
+        "length": length[ok],
+        "images": images[ok],
+        "truncated": int(truncated.sum()),
+        "skipped": dict(Counter(k for _, k, _ in bad) + dropped),
+        "first_error": list(min(bad)[1:]) if bad else None,
+    }
 
 
 def load_document_index(store, encoder: DocumentEncoder, cache: bool = True) -> dict:
     """The index of `store`, from the cache when the source's bytes and every layout setting are unchanged."""
     settings = json.dumps([VERSION, encoder.settings], sort_keys=True).encode()
-    key = f"docs-{store.kind}-{content_hash(store.files)}-{fingerprint(encoder.processor)}-" \
-          f"{hashlib.sha256(settings).hexdigest()[:12]}"
+    key = (
+        f"docs-{store.kind}-{content_hash(store.files)}-{fingerprint(encoder.processor)}-"
+        f"{hashlib.sha256(settings).hexdigest()[:12]}"
+    )
     return cached_index(store, key, lambda: index_documents(store, encoder), cache)
 
 
@@ -77,8 +84,17 @@ class InterleavedDataset(Dataset):
     document's `random` placements. A bridge with its own text side (the Q-Former) gets the document's
     text as `caption_ids` and, per image, the text before it as its instruction."""
 
-    def __init__(self, path: str | Path, image_root: str | Path, processor, sequence: dict | None = None,
-                 seed: int = 0, skip_bad: bool = False, cache: bool = True, lines: bool | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        image_root: str | Path,
+        processor,
+        sequence: dict | None = None,
+        seed: int = 0,
+        skip_bad: bool = False,
+        cache: bool = True,
+        lines: bool | None = None,
+    ):
         self.processor, self.skip_bad = processor, skip_bad
         self.store = open_source(path, image_root, lines)
         self.encoder = DocumentEncoder(processor, sequence, seed)
@@ -96,11 +112,19 @@ class InterleavedDataset(Dataset):
         if isinstance(enc, DataError):
             raise enc
         if len(enc.input_ids) != self.lengths[idx]:
-            raise DataError(f"{where}: {len(enc.input_ids)} tokens, but the index says {self.lengths[idx]}; "
-                            f"delete {self.store.name}'s entry in the data-index cache")
-        out = {"id": str(rec.get("id", self.store.default_id(i))), "input_ids": enc.input_ids, "labels": enc.labels,
-               "images": [self.store.image_ref(i, p) for p in enc.images], "names": enc.images, "where": where,
-               "row": i}
+            raise DataError(
+                f"{where}: {len(enc.input_ids)} tokens, but the index says {self.lengths[idx]}; "
+                f"delete {self.store.name}'s entry in the data-index cache"
+            )
+        out = {
+            "id": str(rec.get("id", self.store.default_id(i))),
+            "input_ids": enc.input_ids,
+            "labels": enc.labels,
+            "images": [self.store.image_ref(i, p) for p in enc.images],
+            "names": enc.images,
+            "where": where,
+            "row": i,
+        }
         proc = self.processor
         if proc.text_tokenizer is not None:
             out["caption_ids"] = proc._text_ids(enc.text)
@@ -118,7 +142,15 @@ class InterleavedDataset(Dataset):
                 raise DataError(f"{s['where']}: {e}", kind) from e
             return {"id": s["id"], "skip": kind}
         size = self.processor.image_size
-        pixels = preprocess(images, size, self.processor.image_mean, self.processor.image_std) \
-            if images else torch.zeros(0, 3, size, size)
-        return {"id": s["id"], "input_ids": s["input_ids"], "labels": s["labels"], "pixel_values": pixels,
-                **{k: s[k] for k in ("caption_ids", "instruction_ids") if k in s}}
+        pixels = (
+            preprocess(images, size, self.processor.image_mean, self.processor.image_std)
+            if images
+            else torch.zeros(0, 3, size, size)
+        )
+        return {
+            "id": s["id"],
+            "input_ids": s["input_ids"],
+            "labels": s["labels"],
+            "pixel_values": pixels,
+            **{k: s[k] for k in ("caption_ids", "instruction_ids") if k in s},
+        }

@@ -34,8 +34,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmbridge.data.tiling import (ANYRES_GRIDS, anyres_layout, cut_tiles, pinpoint_grids, slice_size, uhd_grid,
-                                  uhd_slices)
+from mmbridge.data.tiling import (
+    ANYRES_GRIDS,
+    anyres_layout,
+    cut_tiles,
+    pinpoint_grids,
+    slice_size,
+    uhd_grid,
+    uhd_slices,
+)
 from mmbridge.models.anyres import assemble, max_grid
 
 MODES = ("none", "anyres", "uhd", "monkey")
@@ -45,11 +52,24 @@ class Tiling:
     """A per-image layout policy; `base` (S) and `per_view` (the bridge's tokens per view) are read from the
     processor when used, so a stage that changes the resolution changes them too."""
 
-    def __init__(self, mode: str = "none", grids=None, pinpoints=None, anyres_max: int | None = None,
-                 newline: bool = True, global_view: bool = True,
-                 max_slices: int = 6, separators: bool = True, patch: int = 1, windows=(2, 2), rank: int = 16,
-                 alpha: float | None = None, targets=(("q_proj", "k_proj", "v_proj"), "out_proj"),
-                 mlp_rank: int = 32, dropout: float = 0.05):
+    def __init__(
+        self,
+        mode: str = "none",
+        grids=None,
+        pinpoints=None,
+        anyres_max: int | None = None,
+        newline: bool = True,
+        global_view: bool = True,
+        max_slices: int = 6,
+        separators: bool = True,
+        patch: int = 1,
+        windows=(2, 2),
+        rank: int = 16,
+        alpha: float | None = None,
+        targets=(("q_proj", "k_proj", "v_proj"), "out_proj"),
+        mlp_rank: int = 32,
+        dropout: float = 0.05,
+    ):
         if mode not in MODES:
             raise ValueError(f"model.tiling.mode: {mode!r}; expected one of {list(MODES)}")
         if int(max_slices) < 1:
@@ -62,8 +82,10 @@ class Tiling:
         except (TypeError, ValueError, IndexError):
             raise ValueError(f"model.tiling.windows: expected [rows, cols], got {windows!r}") from None
         if min(self.windows) < 1 or int(rank) < 1 or int(mlp_rank) < 0 or not 0 <= float(dropout) < 1:
-            raise ValueError(f"model.tiling: windows {windows!r} and rank {rank!r} must be positive, mlp_rank "
-                             f"{mlp_rank!r} at least 0 and dropout {dropout!r} in [0, 1)")
+            raise ValueError(
+                f"model.tiling: windows {windows!r} and rank {rank!r} must be positive, mlp_rank "
+                f"{mlp_rank!r} at least 0 and dropout {dropout!r} in [0, 1)"
+            )
         self.rank, self.alpha = int(rank), None if alpha is None else float(alpha)
         self.targets = tuple(t if isinstance(t, str) else tuple(t) for t in targets)
         self.mlp_rank, self.dropout = int(mlp_rank), float(dropout)
@@ -83,9 +105,22 @@ class Tiling:
     @classmethod
     def from_options(cls, options: dict | None) -> Tiling:
         options = dict(options or {})
-        known = {"mode", "grids", "pinpoints", "anyres_max", "newline", "global_view", "max_slices", "separators",
-                 "windows",
-                 "rank", "alpha", "targets", "mlp_rank", "dropout"}
+        known = {
+            "mode",
+            "grids",
+            "pinpoints",
+            "anyres_max",
+            "newline",
+            "global_view",
+            "max_slices",
+            "separators",
+            "windows",
+            "rank",
+            "alpha",
+            "targets",
+            "mlp_rank",
+            "dropout",
+        }
         unknown = set(options) - known
         if unknown:
             raise ValueError(f"model.tiling.{sorted(unknown)[0]}: unknown key; expected one of {sorted(known)}")
@@ -122,8 +157,10 @@ class Tiling:
         """The side g of the bridge's g×g token map per view; raises if AnyRes cannot place it."""
         side = math.isqrt(per_view)
         if self.mode == "anyres" and (side * side != per_view or base % side):
-            raise ValueError(f"model.tiling.mode={self.mode}: the bridge gives {per_view} tokens per view; expected "
-                             f"a square g×g map with g dividing the image size {base}")
+            raise ValueError(
+                f"model.tiling.mode={self.mode}: the bridge gives {per_view} tokens per view; expected "
+                f"a square g×g map with g dividing the image size {base}"
+            )
         return side
 
     def views(self, image: Image.Image, base: int) -> list[Image.Image]:
@@ -134,16 +171,18 @@ class Tiling:
             rows, cols = self.windows
             image = image.convert("RGB")
             big = image.resize((cols * base, rows * base), Image.Resampling.BICUBIC)
-            return [big.crop((c * base, r * base, (c + 1) * base, (r + 1) * base)) for r in range(rows)
-                    for c in range(cols)] + [image.resize((base, base), Image.Resampling.BICUBIC)]
+            return [
+                big.crop((c * base, r * base, (c + 1) * base, (r + 1) * base)) for r in range(rows) for c in range(cols)
+            ] + [image.resize((base, base), Image.Resampling.BICUBIC)]
         if self.mode == "uhd":
             image = image.convert("RGB")
             _, slices = uhd_slices(image, base, self.max_slices)
             views = [image] + slices if len(slices) > 1 else [image]
             return [v.resize(slice_size(v.size, base, self.patch), Image.Resampling.BICUBIC) for v in views]
         layout = anyres_layout(image.size, base, self.grids)
-        return [image.convert("RGB").resize((base, base), Image.Resampling.BICUBIC)] * self.global_view \
-            + cut_tiles(image, layout)
+        return [image.convert("RGB").resize((base, base), Image.Resampling.BICUBIC)] * self.global_view + cut_tiles(
+            image, layout
+        )
 
     def num_views(self, size: tuple[int, int], base: int) -> int:
         if not self.varies:
@@ -170,11 +209,16 @@ class Tiling:
             return assemble(tiles, layout, newline, glob).reshape(-1).numpy().astype(np.int64)
         rows, cols = layout.content_cells(layout.base // side)
         kept = assemble(tiles, layout).reshape(rows.stop - rows.start, cols.stop - cols.start).numpy()
-        return shrunk_index(kept, max_grid(*kept.shape, self.anyres_max, side), self.newline,
-                            np.arange(per_view) if self.global_view else None)
+        return shrunk_index(
+            kept,
+            max_grid(*kept.shape, self.anyres_max, side),
+            self.newline,
+            np.arange(per_view) if self.global_view else None,
+        )
 
-    def span(self, size: tuple[int, int], base: int, per_view: int, image_id: int, comma: list[int],
-             newline: list[int]) -> np.ndarray:
+    def span(
+        self, size: tuple[int, int], base: int, per_view: int, image_id: int, comma: list[int], newline: list[int]
+    ) -> np.ndarray:
         """UHD: the LM ids of an image's span: the overview's `per_view` image ids, then each row of slices, the
         `comma` ids between the slices of a row and the `newline` ids after each row (with `separators`)."""
         rows, cols = uhd_grid(size, base, self.max_slices)
@@ -220,8 +264,13 @@ def shrunk_index(kept: np.ndarray, size: tuple[int, int], newline: bool, glob: n
     (ri, rw), (ci, cw) = bilinear_taps(kept.shape[0], size[0]), bilinear_taps(kept.shape[1], size[1])
     rows = kept[ri[:, :, None, None], ci[None, None, :, :]]  # [out_r, 2, out_c, 2]
     weights = rw[:, :, None, None] * cw[None, None, :, :]
-    mixed = np.concatenate([rows.transpose(0, 2, 1, 3).reshape(size[0], size[1], 4),
-                            weights.transpose(0, 2, 1, 3).reshape(size[0], size[1], 4)], axis=-1)
+    mixed = np.concatenate(
+        [
+            rows.transpose(0, 2, 1, 3).reshape(size[0], size[1], 4),
+            weights.transpose(0, 2, 1, 3).reshape(size[0], size[1], 4),
+        ],
+        axis=-1,
+    )
     one = np.array([1.0, 0.0, 0.0, 0.0])
     if newline:
         line = np.broadcast_to(np.r_[[-1.0] * 4, one], (size[0], 1, 8))
@@ -254,8 +303,10 @@ def require_fixed(processor, what: str) -> None:
     """Refuse, naming `what`, a processor whose images take their own token counts where one count is assumed."""
     tiling = getattr(processor, "tiling", None)
     if tiling is not None and tiling.varies:
-        raise ValueError(f"{what} assumes one token count per image; model.tiling.mode={tiling.mode} gives each "
-                         "image its own (use model.tiling.mode: none here)")
+        raise ValueError(
+            f"{what} assumes one token count per image; model.tiling.mode={tiling.mode} gives each "
+            "image its own (use model.tiling.mode: none here)"
+        )
 
 
 def window_ids(n_views: int, windows: tuple[int, int], device=None) -> torch.Tensor:
@@ -265,4 +316,3 @@ def window_ids(n_views: int, windows: tuple[int, int], device=None) -> torch.Ten
         raise ValueError(f"monkey: {n_views} views are not whole images of {per} views each")
     ids = torch.arange(n_views, device=device) % per
     return torch.where(ids == per - 1, torch.full_like(ids, -1), ids)
-

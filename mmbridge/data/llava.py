@@ -91,13 +91,15 @@ def check_record(record: object, where: str, plain: bool = False) -> None:
     if not isinstance(convs, list) or not convs:
         raise DataError(f"{where}: 'conversations' must be a non-empty list", "no conversations")
     img = record.get("image")
-    if img is not None and not (isinstance(img, str) or (isinstance(img, list) and all(isinstance(p, str) for p in img))):
+    if img is not None and not (
+        isinstance(img, str) or (isinstance(img, list) and all(isinstance(p, str) for p in img))
+    ):
         raise DataError(f"{where}: 'image' must be a path or a list of paths", "bad image field")
     video = record.get("video")
-    if video is not None and not (isinstance(video, str) or (isinstance(video, list) and video
-                                                              and all(isinstance(p, str) for p in video))):
-        raise DataError(f"{where}: 'video' must be a video file or a non-empty list of frame images",
-                        "bad video field")
+    if video is not None and not (
+        isinstance(video, str) or (isinstance(video, list) and video and all(isinstance(p, str) for p in video))
+    ):
+        raise DataError(f"{where}: 'video' must be a video file or a non-empty list of frame images", "bad video field")
     has_answer = False
     for j, turn in enumerate(convs):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in ROLES:
@@ -106,8 +108,11 @@ def check_record(record: object, where: str, plain: bool = False) -> None:
             )
         if ROLES[turn["from"]] == "assistant" and ("<image>" in turn["value"] or "<video>" in turn["value"]):
             mark = "<image>" if "<image>" in turn["value"] else "<video>"
-            raise DataError(f"{where}: conversations[{j}] is a 'gpt' turn with an {mark} placeholder; "
-                            "images and videos belong in user turns", f"{mark} in an answer")
+            raise DataError(
+                f"{where}: conversations[{j}] is a 'gpt' turn with an {mark} placeholder; "
+                "images and videos belong in user turns",
+                f"{mark} in an answer",
+            )
         has_answer |= ROLES[turn["from"]] == "assistant"
     if not has_answer:
         raise DataError(f"{where}: no 'gpt' turn, so nothing to learn from", "no answer turn")
@@ -119,8 +124,11 @@ def check_record(record: object, where: str, plain: bool = False) -> None:
         )
     n_videos = sum(t["value"].count("<video>") for t in convs)
     if n_videos != (video is not None):
-        raise DataError(f"{where}: {n_videos} <video> placeholder(s) but {int(video is not None)} video "
-                        "(a record holds at most one, placed once)", "<video> count mismatch")
+        raise DataError(
+            f"{where}: {n_videos} <video> placeholder(s) but {int(video is not None)} video "
+            "(a record holds at most one, placed once)",
+            "<video> count mismatch",
+        )
 
 
 def read_llava_json(path: str | Path, skip_bad: bool = False) -> tuple[list[dict], dict[str, int]]:

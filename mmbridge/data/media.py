@@ -40,9 +40,19 @@ def _within(path: str, root: str) -> bool:
 
 
 def _what(mode: int) -> str:
-    return ("a folder" if stat.S_ISDIR(mode) else "a character device" if stat.S_ISCHR(mode) else
-            "a block device" if stat.S_ISBLK(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
-            "a socket" if stat.S_ISSOCK(mode) else "not a file")
+    return (
+        "a folder"
+        if stat.S_ISDIR(mode)
+        else "a character device"
+        if stat.S_ISCHR(mode)
+        else "a block device"
+        if stat.S_ISBLK(mode)
+        else "a FIFO"
+        if stat.S_ISFIFO(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "not a file"
+    )
 
 
 def media_path(root: str | os.PathLike | None, name: str) -> str:
@@ -54,8 +64,9 @@ def media_path(root: str | os.PathLike | None, name: str) -> str:
         raise MediaPathError(name, f"a URL is not a file: give a path relative to the image root {base}")
     joined = os.path.normpath(os.path.join(base, name))
     if not _within(joined, base):
-        raise MediaPathError(name, f"{joined} is outside the image root {base} (media are files under their "
-                                   "source's image root)")
+        raise MediaPathError(
+            name, f"{joined} is outside the image root {base} (media are files under their source's image root)"
+        )
     try:
         mode = os.stat(joined).st_mode  # through the root's symlinks
     except OSError:  # missing or unreadable: the reader says which

@@ -58,8 +58,17 @@ class PackedBatches(torch.utils.data.Sampler):
     (cheap, index-only) packing up to there and continues exactly as an uninterrupted run.
     """
 
-    def __init__(self, lengths, images, sampler_args: dict, rows: int, budget: int, max_images: int = 0,
-                 window: int = 16, start: int = 0):
+    def __init__(
+        self,
+        lengths,
+        images,
+        sampler_args: dict,
+        rows: int,
+        budget: int,
+        max_images: int = 0,
+        window: int = 16,
+        start: int = 0,
+    ):
         self.lengths, self.images = np.asarray(lengths, dtype=np.int64), np.asarray(images, dtype=np.int64)
         self.sampler_args, self.rows, self.budget = sampler_args, rows, budget
         self.max_images, self.window, self.start = max_images, window, start
@@ -78,7 +87,7 @@ class PackedBatches(torch.utils.data.Sampler):
             idx = np.asarray(idx)
             rows = [idx[r].tolist() for r in pack(self.lengths[idx], self.images[idx], self.budget, self.max_images)]
             rows.sort(key=lambda r: int(self.lengths[r].sum()))  # stable: rows of similar fill share a batch
-            batches = [rows[j:j + self.rows] for j in range(0, len(rows), self.rows)]
+            batches = [rows[j : j + self.rows] for j in range(0, len(rows), self.rows)]
             order = np.random.default_rng([self.sampler_args["seed"], 7920, w]).permutation(len(batches))
             yield [batches[b] for b in order]
             w += 1
@@ -146,10 +155,10 @@ class PackingCollator(Collator):
             at = 0
             for s, it in enumerate(row):
                 n = len(it["input_ids"])
-                input_ids[r, at:at + n] = torch.as_tensor(it["input_ids"])
-                labels[r, at + 1:at + n] = torch.as_tensor(it["labels"][1:])
-                position_ids[r, at:at + n] = torch.arange(n)
-                segment_ids[r, at:at + n] = s + 1
+                input_ids[r, at : at + n] = torch.as_tensor(it["input_ids"])
+                labels[r, at + 1 : at + n] = torch.as_tensor(it["labels"][1:])
+                position_ids[r, at : at + n] = torch.arange(n)
+                segment_ids[r, at : at + n] = s + 1
                 at += n
         ordered = [it for row in rows for it in row]
         return {

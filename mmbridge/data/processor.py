@@ -43,9 +43,19 @@ class Processor:
     carries its caption in those tokens, and with `instructions` each image its instruction.
     """
 
-    def __init__(self, tokenizer, num_image_tokens: int, image_size: int, image_mean, image_std,
-                 max_length: int = 512, system_prompt: str | None = None, text_tokenizer=None,
-                 instructions: bool = False, max_text_tokens: int = 64):
+    def __init__(
+        self,
+        tokenizer,
+        num_image_tokens: int,
+        image_size: int,
+        image_mean,
+        image_std,
+        max_length: int = 512,
+        system_prompt: str | None = None,
+        text_tokenizer=None,
+        instructions: bool = False,
+        max_text_tokens: int = 64,
+    ):
         self.tokenizer = tokenizer
         self.text_tokenizer, self.instructions, self.max_text_tokens = text_tokenizer, instructions, max_text_tokens
         self.num_image_tokens = num_image_tokens  # the bridge's tokens per encoder view
@@ -88,14 +98,16 @@ class Processor:
         return image_inputs(self, images)
 
     # -- text ---------------------------------------------------------------------------------
-    def messages(self, conversations: list[dict], span: int | None = None,
-                 counts: list[int] | None = None) -> list[dict]:
+    def messages(
+        self, conversations: list[dict], span: int | None = None, counts: list[int] | None = None
+    ) -> list[dict]:
         """LLaVA turns → chat messages, with each `<image>` expanded to its token span (`counts`, else the
         bridge's tokens per view; or `span` tokens for every image)."""
         return [{"role": r, "content": c} for r, c in zip(*self._turns(conversations, span, counts))]
 
-    def _turns(self, conversations: list[dict], span: int | None = None,
-               counts: list[int] | None = None) -> tuple[list[str], list[str]]:
+    def _turns(
+        self, conversations: list[dict], span: int | None = None, counts: list[int] | None = None
+    ) -> tuple[list[str], list[str]]:
         """The roles and contents of `messages`."""
         roles = [ROLES[t["from"]] for t in conversations]
         if span == 1:
@@ -108,8 +120,9 @@ class Processor:
                 raise ValueError("spans with separators (UHD) are laid out as ids, with one image token per <image>")
             n = sum(t["value"].count(IMAGE_TOKEN) for t in conversations)
             reps = iter(img_spans.lengths(self.num_image_tokens, counts, n))
-            contents = [re.sub(re.escape(IMAGE_TOKEN), lambda _: IMAGE_TOKEN * next(reps), t["value"])
-                        for t in conversations]
+            contents = [
+                re.sub(re.escape(IMAGE_TOKEN), lambda _: IMAGE_TOKEN * next(reps), t["value"]) for t in conversations
+            ]
         if self.system_prompt is not None and roles[0] != "system":
             roles.insert(0, "system")
             contents.insert(0, self.system_prompt)
@@ -119,8 +132,9 @@ class Processor:
         try:
             return self.tokenizer.apply_chat_template(msgs, tokenize=False, **kw)
         except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError) as e:
-            raise DataError(f"{where}: the chat template rejects this conversation: {e}",
-                            "rejected by chat template") from e
+            raise DataError(
+                f"{where}: the chat template rejects this conversation: {e}", "rejected by chat template"
+            ) from e
 
     def _check_turns(self, roles: list[str], contents: list[str], where: str) -> None:
         joined = "\n".join(contents)  # no special token in it: none in any turn
@@ -128,11 +142,14 @@ class Processor:
         for role, content in zip(roles, contents):
             token = next((t for t in specials if t in content), None) if specials else None
             if token is not None:
-                raise DataError(f"{where}: a {role} turn contains the special token {token!r}, which would "
-                                "fake the chat structure", "special token in text")
+                raise DataError(
+                    f"{where}: a {role} turn contains the special token {token!r}, which would fake the chat structure",
+                    "special token in text",
+                )
             if role == "assistant" and (not content or content.isspace()):
-                raise DataError(f"{where}: an assistant turn is empty, so there is nothing to learn from it",
-                                "empty answer")
+                raise DataError(
+                    f"{where}: an assistant turn is empty, so there is nothing to learn from it", "empty answer"
+                )
 
     def _target_spans(self, text: str, msgs: list[dict], where: str) -> list[tuple[int, int]]:
         """Character spans of each assistant reply (plus the special token closing it).
@@ -149,16 +166,25 @@ class Processor:
         pieces = _MARK_RE.split(skeleton)
         literals, order = pieces[0::2], [int(k) for k in pieces[1::2]]
         if sorted(order) != list(range(len(msgs))) or not text.startswith(literals[0]):
-            raise DataError(f"{where}: the chat template drops, repeats or reorders messages",
-                            "rewritten by chat template")
+            raise DataError(
+                f"{where}: the chat template drops, repeats or reorders messages", "rewritten by chat template"
+            )
         spans, pos = [], len(literals[0])
         for k, after in zip(order, literals[1:]):
             content = msgs[k]["content"]
-            placed = next((c for c in (content, content.strip())
-                           if text.startswith(c, pos) and text.startswith(after, pos + len(c))), None)
+            placed = next(
+                (
+                    c
+                    for c in (content, content.strip())
+                    if text.startswith(c, pos) and text.startswith(after, pos + len(c))
+                ),
+                None,
+            )
             if placed is None:
-                raise DataError(f"{where}: the chat template rewrote a {msgs[k]['role']} message: {content[:40]!r}",
-                                "rewritten by chat template")
+                raise DataError(
+                    f"{where}: the chat template rewrote a {msgs[k]['role']} message: {content[:40]!r}",
+                    "rewritten by chat template",
+                )
             if msgs[k]["role"] == "assistant":
                 lead = len(placed) - len(placed.lstrip(_SPACE))
                 closing = next((t for t in self._special if after.startswith(t)), "")
@@ -167,8 +193,9 @@ class Processor:
             pos += len(placed) + len(after)
         return spans
 
-    def encode(self, conversations: list[dict], n_images: int, where: str = "sample",
-               counts: list[int] | None = None) -> Encoded:
+    def encode(
+        self, conversations: list[dict], n_images: int, where: str = "sample", counts: list[int] | None = None
+    ) -> Encoded:
         """Tokenise a training conversation; the length budget counts image tokens (`counts` per image, see
         `image_counts`; default: the bridge's tokens per view each)."""
         out = self.encode_many([(conversations, n_images, where, counts)])[0]
@@ -196,8 +223,9 @@ class Processor:
                     out[k] = e
         return out
 
-    def _prepare(self, conversations: list[dict], where: str,
-                 counts: list[int] | None = None) -> tuple[str, list[tuple[int, int]]]:
+    def _prepare(
+        self, conversations: list[dict], where: str, counts: list[int] | None = None
+    ) -> tuple[str, list[tuple[int, int]]]:
         """The rendered text (one image token per `<image>` when `_expand` allows) and its answer spans."""
         roles, contents = self._turns(conversations, span=1 if self._expand else None, counts=counts)
         self._check_turns(roles, contents, where)
@@ -233,13 +261,15 @@ class Processor:
         try:
             skeleton = self._render([{**m, "content": _MARK.format(k)} for k, m in enumerate(msgs)], where)
         except DataError as e:
-            return "error", e.kind, str(e)[len(where):]
+            return "error", e.kind, str(e)[len(where) :]
         pieces = _MARK_RE.split(skeleton)
         literals, order = pieces[0::2], [int(k) for k in pieces[1::2]]
         if sorted(order) != list(range(len(msgs))):
             return "error", "rewritten by chat template", ": the chat template drops, repeats or reorders messages"
-        closing = [next((t for t in self._special if after.startswith(t)), "") if msgs[k]["role"] == "assistant"
-                   else None for k, after in zip(order, literals[1:])]
+        closing = [
+            next((t for t in self._special if after.startswith(t)), "") if msgs[k]["role"] == "assistant" else None
+            for k, after in zip(order, literals[1:])
+        ]
         return "ok", literals, order, closing
 
     def _fill(self, shape: tuple, contents: list[str], where: str) -> tuple[str, list[tuple[int, int]]]:
@@ -254,14 +284,16 @@ class Processor:
             content = contents[k]
             if close is not None:
                 lead = len(content) - len(content.lstrip(_SPACE))
-                spans.append((pos + lead, pos + len(content) + len(close) if close else
-                              pos + len(content.rstrip(_SPACE))))
+                spans.append(
+                    (pos + lead, pos + len(content) + len(close) if close else pos + len(content.rstrip(_SPACE)))
+                )
             parts += (content, after)
             pos += len(content) + len(after)
         return "".join(parts), spans
 
-    def _finish(self, text: str, spans, ids, offsets, n_images: int, where: str,
-                counts: list[int] | None = None) -> Encoded:
+    def _finish(
+        self, text: str, spans, ids, offsets, n_images: int, where: str, counts: list[int] | None = None
+    ) -> Encoded:
         """Labels from the answer spans, image spans expanded, checks, and the cut to `max_length`."""
         ids = np.asarray(ids, dtype=np.int64)
         offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
@@ -280,8 +312,11 @@ class Processor:
         visual = [c if img_spans.is_count(c) else int((c == self.image_token_id).sum()) for c in counts or ()]
         wanted = img_spans.lengths(self.num_image_tokens, visual or None, n_images)
         if n_img_tok != sum(wanted) or len(wanted) != n_images:  # a negative count too
-            raise DataError(f"{where}: {n_img_tok} image tokens after tokenisation, expected "
-                            f"{img_spans.expected(n_images, wanted)}", "<image> count mismatch")
+            raise DataError(
+                f"{where}: {n_img_tok} image tokens after tokenisation, expected "
+                f"{img_spans.expected(n_images, wanted)}",
+                "<image> count mismatch",
+            )
         labels = np.where(is_target, ids, IGNORE)
         if not (labels[1:] != IGNORE).any():
             raise DataError(f"{where}: no token of any answer is labelled", "no answer tokens")
@@ -298,13 +333,17 @@ class Processor:
             raise self._image_past_budget(where, len(ids), int(img_pos[-1]) + 1)
         ids, labels = ids[: self.max_length], labels[: self.max_length]
         if not (labels[1:] != IGNORE).any():
-            raise DataError(f"{where}: exceeds max_length={self.max_length} and no answer token fits",
-                            "too long (no answer fits)")
+            raise DataError(
+                f"{where}: exceeds max_length={self.max_length} and no answer token fits", "too long (no answer fits)"
+            )
         return ids, labels
 
     def _image_past_budget(self, where: str, n: int, image_end: int) -> DataError:
-        return DataError(f"{where}: {n} tokens (images end at token {image_end}) exceed max_length={self.max_length}; "
-                         "the cut would fall inside or before an image", "too long (image past the length budget)")
+        return DataError(
+            f"{where}: {n} tokens (images end at token {image_end}) exceed max_length={self.max_length}; "
+            "the cut would fall inside or before an image",
+            "too long (image past the length budget)",
+        )
 
     def measure_many(self, items: list[tuple]) -> list[tuple[int, bool] | DataError]:
         """(length, shortened?) of each (conversations, n_images, where[, counts]) as `encode` gives them, or its
@@ -340,16 +379,22 @@ class Processor:
                 exact.append(k)  # no answer ends in a special token (always labelled), or a UHD mismatch: encode
             elif images != n_images:
                 wanted = img_spans.lengths(self.num_image_tokens, given[0] if given else None, n_images)
-                out[k] = DataError(f"{where}: {sum(reps)} image tokens after tokenisation, expected "
-                                   f"{img_spans.expected(n_images, wanted)}", "<image> count mismatch")
+                out[k] = DataError(
+                    f"{where}: {sum(reps)} image tokens after tokenisation, expected "
+                    f"{img_spans.expected(n_images, wanted)}",
+                    "<image> count mismatch",
+                )
             else:
                 image_end = text.rfind(IMAGE_TOKEN) + len(IMAGE_TOKEN) if images else 0
                 counted.append((k, text, image_end, closed[0], reps))
         # each text's count, and (for one that is too long) the counts of its prefixes that end with the last
         # image and with the first closed answer; an image placeholder is one token of the text
         budget = [self.max_length - (sum(c[4]) - len(c[4])) for c in counted]
-        lengths, prefixes = self._counter.count_with_prefixes([c[1] for c in counted], [c[2:4] for c in counted],
-                                                              budget) if counted else ([], [])
+        lengths, prefixes = (
+            self._counter.count_with_prefixes([c[1] for c in counted], [c[2:4] for c in counted], budget)
+            if counted
+            else ([], [])
+        )
         for (k, text, _, first, reps), count, prefix in zip(counted, lengths, prefixes):
             where = items[k][2]
             extra = sum(reps) - len(reps)
@@ -388,8 +433,11 @@ class Processor:
 
     def instruction_ids(self, conversations: list[dict]) -> list[list[int]]:
         """One sequence per image: the text of the user turn holding it, without `<image>` (InstructBLIP)."""
-        return [self._text_ids(t["value"].replace(IMAGE_TOKEN, " ").strip())
-                for t in conversations for _ in range(t["value"].count(IMAGE_TOKEN))]
+        return [
+            self._text_ids(t["value"].replace(IMAGE_TOKEN, " ").strip())
+            for t in conversations
+            for _ in range(t["value"].count(IMAGE_TOKEN))
+        ]
 
     def bridge_text(self, conversations: list[dict]) -> dict:
         """`caption_ids` (the first assistant reply, for BLIP-2's stage 1) and, if the bridge reads
@@ -411,7 +459,7 @@ class Processor:
         out = torch.full((len(sequences), width), value, dtype=torch.long)
         for i, s in enumerate(sequences):
             if left:
-                out[i, width - len(s):] = torch.as_tensor(s)
+                out[i, width - len(s) :] = torch.as_tensor(s)
             else:
                 out[i, : len(s)] = torch.as_tensor(s)
         return out
@@ -453,5 +501,8 @@ def _isolated(tokenizer, token_id: int) -> bool:
 
 def _apart(a: str, b: str) -> bool:
     """Neither string overlaps the other (no match of one can take part of the other's)."""
-    return a not in b and b not in a and \
-        not any(a.endswith(b[:k]) or b.endswith(a[:k]) for k in range(1, min(len(a), len(b))))
+    return (
+        a not in b
+        and b not in a
+        and not any(a.endswith(b[:k]) or b.endswith(a[:k]) for k in range(1, min(len(a), len(b))))
+    )

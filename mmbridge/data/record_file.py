@@ -93,7 +93,7 @@ def _list_marks(path: Path):
         before = depth + np.cumsum(delta) - delta
         top = before == 0  # only the list's own '[' may stand outside it, after nothing but whitespace
         lead = len(buf) if not opened and not top.any() else int(struct[0]) if not opened else 0
-        if not _WS[buf[max(0, bom - base):lead]].all():
+        if not _WS[buf[max(0, bom - base) : lead]].all():
             raise _Unsplittable
         if top.any():
             if opened or top.sum() > 1 or not top[0] or buf[struct[0]] != ord("["):
@@ -108,7 +108,7 @@ def _list_marks(path: Path):
         yield (base + struct[top | (at_list & (delta <= 0))]).astype(np.int64)
         if len(ends):
             last = int(struct[ends[0]])
-            if buf[last] != ord("]") or ends[0] != len(struct) - 1 or not _WS[buf[last + 1:]].all():
+            if buf[last] != ord("]") or ends[0] != len(struct) - 1 or not _WS[buf[last + 1 :]].all():
                 raise _Unsplittable
             closed = True
         in_str = bool((in_str + len(quotes)) % 2)
@@ -258,8 +258,10 @@ class RecordFile:
         except json.JSONDecodeError as e:
             if not self.lines:  # cannot happen in a list the fast pass split; the whole-file reader says why
                 _whole_file_error(self.path)
-            raise DataError(f"{self.name}: line {int(self.numbers[i])}: malformed JSON at column {e.colno}: "
-                            f"{e.msg}", "malformed JSON") from e
+            raise DataError(
+                f"{self.name}: line {int(self.numbers[i])}: malformed JSON at column {e.colno}: {e.msg}",
+                "malformed JSON",
+            ) from e
 
     def image_ref(self, i: int, name: str) -> str:
         """Where image, frame or video file `name` of record `i` is: a regular file under the image root

@@ -39,8 +39,17 @@ def fingerprint(processor) -> str:
     """Hash of every processor setting a record's tokens depend on."""
     tok = processor.tokenizer
     backend = tok.backend_tokenizer.to_str() if getattr(tok, "is_fast", False) else repr(sorted(tok.get_vocab()))
-    parts = [VERSION, backend, tok.chat_template, processor.num_image_tokens, processor.max_length,
-             processor.system_prompt, processor.image_token_id, processor._expand, type(processor).__name__]
+    parts = [
+        VERSION,
+        backend,
+        tok.chat_template,
+        processor.num_image_tokens,
+        processor.max_length,
+        processor.system_prompt,
+        processor.image_token_id,
+        processor._expand,
+        type(processor).__name__,
+    ]
     tiling = getattr(processor, "tiling", None)
     if tiling is not None and tiling.varies:  # each image's count follows its size, the tiling and S
         parts += [tiling.key, processor.image_size]
@@ -67,7 +76,7 @@ def image_counts(store, processor, i: int, units: list[list], where: str) -> lis
 
 
 def _relative(message: str, name: str) -> str:
-    return message[len(name) + 2:] if message.startswith(name + ": ") else message
+    return message[len(name) + 2 :] if message.startswith(name + ": ") else message
 
 
 def index_range(store, processor, a: int, b: int) -> dict:
@@ -109,7 +118,7 @@ def _index_range(store, processor, a: int, b: int) -> dict:
         items.append((rec["conversations"], len(paths), where, counts))
         at.append(i - a)
     for s in range(0, len(items), BATCH):
-        for j, got in zip(at[s:s + BATCH], processor.measure_many(items[s:s + BATCH])):
+        for j, got in zip(at[s : s + BATCH], processor.measure_many(items[s : s + BATCH])):
             if isinstance(got, DataError):
                 bad.append((a + j, "encode", got.kind, _relative(str(got), store.name)))
             else:
@@ -165,8 +174,12 @@ def build_index(store, processor, workers: int | None = None) -> dict:
     of STREAM_BYTES or more is indexed while the byte pass locates its records."""
     workers = workers or os.cpu_count() or 1
     fork = "fork" in mp.get_all_start_methods()
-    stream = workers > 1 and fork and hasattr(store, "locate_stream") and \
-        sum(os.path.getsize(f) for f in store.files) >= STREAM_BYTES
+    stream = (
+        workers > 1
+        and fork
+        and hasattr(store, "locate_stream")
+        and sum(os.path.getsize(f) for f in store.files) >= STREAM_BYTES
+    )
     if not stream:
         n = len(store)
         workers = min(workers, max(1, n // MIN_PER_WORKER))
@@ -185,12 +198,14 @@ def build_index(store, processor, workers: int | None = None) -> dict:
     ok = np.concatenate([p["ok"] for p in parts])
     bad = [b for p in parts for b in p["bad"]]
     first = {c: next(([kind, msg] for _, cls, kind, msg in bad if cls == c), None) for c in ("record", "encode")}
-    return {"rows": np.flatnonzero(ok).astype(np.int64),
-            "length": np.concatenate([p["length"] for p in parts])[ok],
-            "images": np.concatenate([p["images"] for p in parts])[ok],
-            "truncated": int(np.concatenate([p["truncated"] for p in parts]).sum()),
-            "skipped": dict(Counter(kind for _, _, kind, _ in bad)),
-            "first_error": first["record"] or first["encode"]}
+    return {
+        "rows": np.flatnonzero(ok).astype(np.int64),
+        "length": np.concatenate([p["length"] for p in parts])[ok],
+        "images": np.concatenate([p["images"] for p in parts])[ok],
+        "truncated": int(np.concatenate([p["truncated"] for p in parts]).sum()),
+        "skipped": dict(Counter(kind for _, _, kind, _ in bad)),
+        "first_error": first["record"] or first["encode"],
+    }
 
 
 def cache_dir() -> Path:
@@ -218,8 +233,14 @@ def cached_index(store, key: str, build, cache: bool = True) -> dict:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, rows=index["rows"], length=index["length"], images=index["images"],
-                     meta=np.array(json.dumps(meta)), **{f"store_{k}": v for k, v in store.located().items()})
+            np.savez(
+                f,
+                rows=index["rows"],
+                length=index["length"],
+                images=index["images"],
+                meta=np.array(json.dumps(meta)),
+                **{f"store_{k}": v for k, v in store.located().items()},
+            )
         os.replace(tmp, path)
     return index
 

@@ -18,15 +18,28 @@ from typing import Any
 
 import numpy as np
 
-from mmbridge.data.shapes_world import BG_BASE, BG_TINT, COLOURS, SHAPES, SPLITS, Scene, _place_boxes, \
-    _split_rng, make_object, render
+from mmbridge.data.shapes_world import (
+    BG_BASE,
+    BG_TINT,
+    COLOURS,
+    SHAPES,
+    SPLITS,
+    Scene,
+    _place_boxes,
+    _split_rng,
+    make_object,
+    render,
+)
 
 VIDEO_VERSION = 1
 DIRECTIONS = ("left", "right", "up", "down")
 # the first entry of each question type is the evaluation prompt; all are used in training
 QUESTIONS = {
-    "motion": ("Which way does the {colour} {shape} move?", "In which direction is the {colour} {shape} moving?",
-               "Does the {colour} {shape} move left, right, up or down?"),
+    "motion": (
+        "Which way does the {colour} {shape} move?",
+        "In which direction is the {colour} {shape} moving?",
+        "Does the {colour} {shape} move left, right, up or down?",
+    ),
     "order": ("Which shape appears first?", "Which shape is shown first?", "What is the first shape to appear?"),
 }
 DEFAULTS = {"n_train": 1000, "n_val": 50, "n_test": 200, "frames": 8, "image_size": 96, "fps": 4}
@@ -69,8 +82,10 @@ def order_video(rng: np.random.Generator, frames: int, size: int) -> tuple[list[
     appear = [0] + sorted(int(f) for f in rng.choice(np.arange(1, frames - 1), n - 1, replace=False))
     objects = [make_object(s, c, b, size) for s, c, b in zip(shapes, colours, boxes)]
     background = tuple(int(BG_BASE + t) for t in rng.integers(-BG_TINT, BG_TINT + 1, 3))
-    scenes = [Scene(size, background, tuple(o for o, a in zip(objects, appear) if a <= f))  # type: ignore[arg-type]
-              for f in range(frames)]
+    scenes = [
+        Scene(size, background, tuple(o for o, a in zip(objects, appear) if a <= f))  # type: ignore[arg-type]
+        for f in range(frames)
+    ]
     return scenes, {"qtype": "order", "answer": shapes[0]}
 
 
@@ -78,10 +93,14 @@ def _record(split: str, idx: int, names: list[str], fps: float, question: dict, 
     prompts = QUESTIONS[question["qtype"]]
     prompt = prompts[0] if split != "train" else prompts[int(rng.integers(len(prompts)))]
     text = prompt.format(colour=question.get("colour"), shape=question.get("shape"))
-    return {"id": f"{split}_v{idx:05d}", "video": names, "fps": fps,
-            "conversations": [{"from": "human", "value": f"<video>\n{text}"},
-                              {"from": "gpt", "value": question["answer"]}],
-            "qtype": question["qtype"], "answer": question["answer"]}
+    return {
+        "id": f"{split}_v{idx:05d}",
+        "video": names,
+        "fps": fps,
+        "conversations": [{"from": "human", "value": f"<video>\n{text}"}, {"from": "gpt", "value": question["answer"]}],
+        "qtype": question["qtype"],
+        "answer": question["answer"],
+    }
 
 
 def _write_split(root: Path, split: str, n: int, seed: int, frames: int, size: int, fps: float) -> str:
@@ -119,8 +138,7 @@ def write_videos(root: str | os.PathLike, seed: int = 0, **options) -> dict[str,
         files = {s: str(root / p) for s, p in old.get("splits", {}).items()}
         if old.get("params") == params and all(Path(p).exists() for p in files.values()):
             return files
-    rel = {s: _write_split(root, s, cfg[f"n_{s}"], seed, cfg["frames"], cfg["image_size"], cfg["fps"])
-           for s in SPLITS}
+    rel = {s: _write_split(root, s, cfg[f"n_{s}"], seed, cfg["frames"], cfg["image_size"], cfg["fps"]) for s in SPLITS}
     tmp = manifest.with_suffix(".tmp")
     tmp.write_text(json.dumps({"params": params, "splits": rel}, indent=2))
     os.replace(tmp, manifest)

@@ -9,14 +9,16 @@ By default a shape's side is 18-45% of the image's. ``shape_px=(lo, hi)`` (opt-i
 instead: with large images (``image_size=1024, shape_px=(20, 60)``) that is a high-resolution task,
 whose shapes a single 256-px resize shrinks to 5-15 px. Without it the output is unchanged.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -24,31 +26,54 @@ from PIL import Image, ImageDraw
 GENERATOR_VERSION = 3
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220),
-    "yellow": (240, 205, 20), "purple": (140, 50, 180), "orange": (250, 130, 10),
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (240, 205, 20),
+    "purple": (140, 50, 180),
+    "orange": (250, 130, 10),
 }
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 MIN_FRAC, MAX_FRAC = 0.18, 0.45  # object side as a fraction of the image width
 BG_BASE, BG_TINT, NOISE_AMP = 238, 14, 3
 NUMBER_WORDS = ("zero", "one", "two", "three")
 ROW_WORDS, COL_WORDS = ("top", "middle", "bottom"), ("left", "center", "right")
-CAPTION_TEMPLATES: tuple[str, ...] = ("{objs}.", "an image of {objs}.", "{objs} on a plain background.",
-                                      "a picture showing {objs}.", "there is {objs}.")
+CAPTION_TEMPLATES: tuple[str, ...] = (
+    "{objs}.",
+    "an image of {objs}.",
+    "{objs} on a plain background.",
+    "a picture showing {objs}.",
+    "there is {objs}.",
+)
 # First entry of each task is the fixed evaluation prompt; all are used in training.
 PROMPTS: dict[str, tuple[str, ...]] = {
-    "caption": ("Describe the image briefly.", "Write a short caption for this image.",
-                "Briefly describe the picture.", "Give a one-sentence description of the image."),
-    "detailed": ("Describe the image in detail.", "Give a detailed description of this image.",
-                 "Describe every shape in the picture, including its size and position."),
-    "grounding": ("Give the bounding box of {expr}.", "Where is {expr}? Answer with a bounding box.",
-                  "Output the bounding box of {expr}."),
+    "caption": (
+        "Describe the image briefly.",
+        "Write a short caption for this image.",
+        "Briefly describe the picture.",
+        "Give a one-sentence description of the image.",
+    ),
+    "detailed": (
+        "Describe the image in detail.",
+        "Give a detailed description of this image.",
+        "Describe every shape in the picture, including its size and position.",
+    ),
+    "grounding": (
+        "Give the bounding box of {expr}.",
+        "Where is {expr}? Answer with a bounding box.",
+        "Output the bounding box of {expr}.",
+    ),
 }
-FILLERS: tuple[str, ...] = ("Here is another picture.", "Take a look at this one.",
-                            "The next image is shown below.", "Shapes come in many colours.")
+FILLERS: tuple[str, ...] = (
+    "Here is another picture.",
+    "Take a look at this one.",
+    "The next image is shown below.",
+    "Shapes come in many colours.",
+)
 IMAGE_TOKEN = "<image>"
 
 Box = tuple[int, int, int, int]
-Bounds = Optional[tuple[int, int]]  # (min, max) object side in pixels; None: MIN_FRAC/MAX_FRAC of the image
+Bounds = tuple[int, int] | None  # (min, max) object side in pixels; None: MIN_FRAC/MAX_FRAC of the image
 
 
 @dataclass(frozen=True)
@@ -74,7 +99,7 @@ class Scene:
     image_size: int
     background: tuple[int, int, int]
     objects: tuple[ShapeObject, ...]
-    noise_seed: Optional[int] = None
+    noise_seed: int | None = None
 
     def ordered(self) -> list[ShapeObject]:
         """Objects sorted left-to-right by box centre."""
@@ -108,8 +133,11 @@ def check_shape_px(shape_px: Any, image_size: int) -> Bounds:
     """``shape_px`` as an (lo, hi) tuple of ints, 1 <= lo < hi <= image_size / 2; None stays None."""
     if shape_px is None:
         return None
-    if (not isinstance(shape_px, (list, tuple)) or len(shape_px) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in shape_px)):
+    if (
+        not isinstance(shape_px, (list, tuple))
+        or len(shape_px) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in shape_px)
+    ):
         raise ValueError(f"world.shape_px: expected [min, max] object side in pixels, got {shape_px!r}")
     lo, hi = shape_px
     if not 1 <= lo < hi <= image_size // 2:
@@ -134,13 +162,11 @@ def position_word(box: Sequence[float], image_size: int) -> str:
     return f"{ROW_WORDS[row]} {COL_WORDS[col]}"
 
 
-def make_object(shape: str, colour: str, box: Sequence[int], image_size: int,
-                shape_px: Bounds = None) -> ShapeObject:
+def make_object(shape: str, colour: str, box: Sequence[int], image_size: int, shape_px: Bounds = None) -> ShapeObject:
     """Build a ShapeObject, deriving its size and position words."""
     assert shape in SHAPES and colour in COLOURS, (shape, colour)
     b = tuple(int(v) for v in box)
-    return ShapeObject(shape, colour, b, size_word(b[2] - b[0], image_size, shape_px),
-                       position_word(b, image_size))
+    return ShapeObject(shape, colour, b, size_word(b[2] - b[0], image_size, shape_px), position_word(b, image_size))
 
 
 # ---------------------------------------------------------------- sampling / rendering
@@ -169,8 +195,9 @@ def _place_boxes(rng: np.random.Generator, n: int, image_size: int, shape_px: Bo
             return boxes
 
 
-def sample_scene(rng: np.random.Generator, image_size: int = 256, noise_prob: float = 0.5,
-                 shape_px: Bounds = None) -> Scene:
+def sample_scene(
+    rng: np.random.Generator, image_size: int = 256, noise_prob: float = 0.5, shape_px: Bounds = None
+) -> Scene:
     """Sample a scene of 1-3 objects with distinct shapes and distinct colours (sides in ``shape_px`` if given)."""
     n = int(rng.integers(1, 4))
     shapes = [SHAPES[i] for i in rng.choice(len(SHAPES), n, replace=False)]
@@ -205,8 +232,7 @@ def render(scene: Scene) -> Image.Image:
         img = Image.new("RGB", (s, s), tuple(scene.background))
     else:
         # faint luminance noise (same offset on all channels: cheap to PNG-encode)
-        noise = np.random.default_rng(scene.noise_seed).integers(
-            -NOISE_AMP, NOISE_AMP + 1, (s, s, 1), dtype=np.int16)
+        noise = np.random.default_rng(scene.noise_seed).integers(-NOISE_AMP, NOISE_AMP + 1, (s, s, 1), dtype=np.int16)
         arr = np.clip(np.asarray(scene.background, np.int16) + noise, 0, 255).astype(np.uint8)
         img = Image.fromarray(arr, "RGB")
     draw = ImageDraw.Draw(img)
@@ -259,7 +285,15 @@ def _absent_combos(scene: Scene) -> dict[str, list[tuple[str, str]]]:
     for c in COLOURS:
         for s in SHAPES:
             if (c, s) not in present:
-                cat = "both" if c in cols and s in shps else "colour" if c in cols else "shape" if s in shps else "neither"
+                cat = (
+                    "both"
+                    if c in cols and s in shps
+                    else "colour"
+                    if c in cols
+                    else "shape"
+                    if s in shps
+                    else "neither"
+                )
                 cats[cat].append((c, s))
     return cats
 
@@ -292,12 +326,17 @@ def referring(scene: Scene, rng: np.random.Generator) -> list[dict[str, Any]]:
     for o in scene.ordered():
         u = rng.random()
         expr = f"the {o.colour} {o.shape}" if u < 0.6 else f"the {o.shape}" if u < 0.8 else f"the {o.colour} object"
-        out.append({"expression": expr, "box": box_to_norm(o.box, scene.image_size),
-                    "box_text": box_to_text(o.box, scene.image_size)})
+        out.append(
+            {
+                "expression": expr,
+                "box": box_to_norm(o.box, scene.image_size),
+                "box_text": box_to_text(o.box, scene.image_size),
+            }
+        )
     return out
 
 
-def instruction(task: str, rng: Optional[np.random.Generator] = None, expr: str = "") -> str:
+def instruction(task: str, rng: np.random.Generator | None = None, expr: str = "") -> str:
     """Prompt for a task: the fixed eval prompt if ``rng`` is None, else a random paraphrase."""
     options = PROMPTS[task]
     text = options[0] if rng is None else options[int(rng.integers(len(options)))]
@@ -314,8 +353,9 @@ def _conversation(turns: Sequence[tuple[str, str]]) -> list[dict[str, str]]:
     return conv
 
 
-def _scene_records(split: str, idx: int, scene: Scene, rng: np.random.Generator,
-                   max_turns: int, vqa_turns: int | str) -> dict[str, list[dict[str, Any]]]:
+def _scene_records(
+    split: str, idx: int, scene: Scene, rng: np.random.Generator, max_turns: int, vqa_turns: int | str
+) -> dict[str, list[dict[str, Any]]]:
     """All task records for one image of a split.
 
     Training VQA conversations hold `vqa_turns` questions each, all of the image's questions over
@@ -338,10 +378,14 @@ def _scene_records(split: str, idx: int, scene: Scene, rng: np.random.Generator,
         return {
             "caption": [rec(sid, [(instruction("caption"), caps[0])], references=caps)],
             "detailed": [rec(sid, [(instruction("detailed"), det)])],
-            "vqa": [rec(f"{sid}_q{j}", [(q["question"], q["answer"])], qtype=q["qtype"], answer=q["answer"])
-                    for j, q in enumerate(qas)],
-            "grounding": [rec(f"{sid}_g{j}", [ground_turn(r, False)], box=r["box"], expression=r["expression"])
-                          for j, r in enumerate(refs)],
+            "vqa": [
+                rec(f"{sid}_q{j}", [(q["question"], q["answer"])], qtype=q["qtype"], answer=q["answer"])
+                for j, q in enumerate(qas)
+            ],
+            "grounding": [
+                rec(f"{sid}_g{j}", [ground_turn(r, False)], box=r["box"], expression=r["expression"])
+                for j, r in enumerate(refs)
+            ],
         }
     cap_turn = (instruction("caption", rng), caps[int(rng.integers(len(caps)))])
     order = rng.permutation(len(qas))
@@ -355,8 +399,10 @@ def _scene_records(split: str, idx: int, scene: Scene, rng: np.random.Generator,
     return {
         "caption": [rec(sid, [cap_turn])],
         "detailed": [rec(sid, [(instruction("detailed", rng), det)])],
-        "vqa": [rec(f"{sid}_c{k}", chunk) for k, chunk in enumerate(_vqa_chunks(qa_turns, [qas[j] for j in order],
-                                                                              vqa_turns))],
+        "vqa": [
+            rec(f"{sid}_c{k}", chunk)
+            for k, chunk in enumerate(_vqa_chunks(qa_turns, [qas[j] for j in order], vqa_turns))
+        ],
         "grounding": [rec(sid, ground_turns)],
         "mixed": [rec(sid, mixed)],
         "multitask": [rec(sid, multitask)],
@@ -372,15 +418,20 @@ def _interleaved_docs(split: str, scenes: Sequence[Scene], rng: np.random.Genera
         idx = [int(order[(pos + j) % n]) for j in range(k)]
         pos += k
         n_fill = int(rng.integers(1, 3))
-        items: list[tuple[Optional[int], str]] = [(i, scene_sentence(scenes[i])) for i in idx]
+        items: list[tuple[int | None, str]] = [(i, scene_sentence(scenes[i])) for i in idx]
         items += [(None, FILLERS[int(rng.integers(len(FILLERS)))]) for _ in range(n_fill)]
         items = [items[j] for j in rng.permutation(len(items))]
         info = []
         for t, (i, _) in enumerate(items):
             if i is not None:
                 sim = rng.uniform(0.15, 0.2) if rng.random() < 0.2 else rng.uniform(0.2, 0.35)
-                info.append({"image_name": f"{split}/{split}_{i:05d}.png", "matched_text_index": t,
-                             "matched_sim": round(float(sim), 4)})
+                info.append(
+                    {
+                        "image_name": f"{split}/{split}_{i:05d}.png",
+                        "matched_text_index": t,
+                        "matched_sim": round(float(sim), 4),
+                    }
+                )
         docs.append({"id": f"{split}_doc{d:05d}", "text_list": [s for _, s in items], "image_info": info})
     return docs
 
@@ -391,8 +442,9 @@ def _split_rng(seed: int, split: str, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(split.encode()), stream])
 
 
-def split_scenes(seed: int, split: str, n: int, image_size: int = 256, noise_prob: float = 0.5,
-                 shape_px: Bounds = None) -> list[Scene]:
+def split_scenes(
+    seed: int, split: str, n: int, image_size: int = 256, noise_prob: float = 0.5, shape_px: Bounds = None
+) -> list[Scene]:
     """The scenes that :func:`write_world` generates for ``split``."""
     rng = _split_rng(seed, split, 0)
     return [sample_scene(rng, image_size, noise_prob, shape_px) for _ in range(n)]
@@ -413,11 +465,12 @@ def _vqa_chunks(turns: list, pairs: list[dict[str, str]], vqa_turns: int | str) 
     if vqa_turns == "type":
         types = list(dict.fromkeys(p["qtype"] for p in pairs))
         return [[t for t, p in zip(turns, pairs) if p["qtype"] == kind] for kind in types]
-    return [turns[j: j + vqa_turns] for j in range(0, len(turns), vqa_turns)]
+    return [turns[j : j + vqa_turns] for j in range(0, len(turns), vqa_turns)]
 
 
-def _write_split(root: Path, split: str, scenes: Sequence[Scene], rng: np.random.Generator,
-                 max_turns: int, vqa_turns: int | str) -> dict[str, str]:
+def _write_split(
+    root: Path, split: str, scenes: Sequence[Scene], rng: np.random.Generator, max_turns: int, vqa_turns: int | str
+) -> dict[str, str]:
     """Write images and task files of one split; returns {task: path relative to root}."""
     img_dir = root / "images" / split
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -448,10 +501,18 @@ def load_manifest(root: str | os.PathLike) -> dict[str, Any]:
     return json.loads((Path(root) / "manifest.json").read_text())
 
 
-def write_world(root: str | os.PathLike, n_train: int = 2000, n_val: int = 200, n_test: int = 200,
-                seed: int = 0, image_size: int = 256, max_turns: int = 6,
-                noise_prob: float = 0.5, vqa_turns: int | str = 1,
-                shape_px: Optional[Sequence[int]] = None) -> dict[str, dict[str, str]]:
+def write_world(
+    root: str | os.PathLike,
+    n_train: int = 2000,
+    n_val: int = 200,
+    n_test: int = 200,
+    seed: int = 0,
+    image_size: int = 256,
+    max_turns: int = 6,
+    noise_prob: float = 0.5,
+    vqa_turns: int | str = 1,
+    shape_px: Sequence[int] | None = None,
+) -> dict[str, dict[str, str]]:
     """Generate the dataset under ``root``; returns {split: {task: absolute path}}.
 
     ``shape_px=(lo, hi)``: every shape's side in pixels (opt-in; default: 18-45% of ``image_size``),
@@ -461,12 +522,21 @@ def write_world(root: str | os.PathLike, n_train: int = 2000, n_val: int = 200, 
     """
     root = Path(root)
     if not (vqa_turns == "type" or (isinstance(vqa_turns, int) and vqa_turns >= 1)):
-        raise ValueError(f"world.vqa_turns: a number of questions per conversation (1 or more) or 'type', "
-                         f"got {vqa_turns!r}")
+        raise ValueError(
+            f"world.vqa_turns: a number of questions per conversation (1 or more) or 'type', got {vqa_turns!r}"
+        )
     bounds = check_shape_px(None if shape_px is None else tuple(shape_px), image_size)
-    params = {"version": GENERATOR_VERSION, "seed": seed, "image_size": image_size, "n_train": n_train,
-              "n_val": n_val, "n_test": n_test, "max_turns": max_turns, "noise_prob": noise_prob,
-              "vqa_turns": vqa_turns}
+    params = {
+        "version": GENERATOR_VERSION,
+        "seed": seed,
+        "image_size": image_size,
+        "n_train": n_train,
+        "n_val": n_val,
+        "n_test": n_test,
+        "max_turns": max_turns,
+        "noise_prob": noise_prob,
+        "vqa_turns": vqa_turns,
+    }
     if bounds is not None:  # only when set: the default world's manifest stays as it was
         params["shape_px"] = list(bounds)
     if (root / "manifest.json").exists():

@@ -113,8 +113,9 @@ class ShardRecords:
         try:
             return json.loads(text), plain
         except json.JSONDecodeError as e:
-            raise DataError(f"{self.place(i)}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}",
-                            "malformed JSON") from e
+            raise DataError(
+                f"{self.place(i)}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}", "malformed JSON"
+            ) from e
 
     def image_ref(self, i: int, name: str) -> str:
         return f"{self.files[self.file_of[i]]}:{self.keys[i]}.{name}"
@@ -131,8 +132,9 @@ class ShardRecords:
         return str(self.keys[i])
 
 
-def write_shards(json_path: str | os.PathLike, image_root: str | os.PathLike, out_dir: str | os.PathLike,
-                 per_shard: int = 1000) -> list[str]:
+def write_shards(
+    json_path: str | os.PathLike, image_root: str | os.PathLike, out_dir: str | os.PathLike, per_shard: int = 1000
+) -> list[str]:
     """A LLaVA JSON list + image root → webdataset shards (`shard-00000.tar`, …); returns their paths.
 
     Shards are made to be shared, so every image must be a regular file under `image_root` (`media.py`);
@@ -145,7 +147,7 @@ def write_shards(json_path: str | os.PathLike, image_root: str | os.PathLike, ou
     records, _ = read_llava_json(json_path)
     for n, rec in enumerate(records):
         for j, p in enumerate(record_images(rec)):
-            _checked(json_path, n, rec, j, lambda: media_path(image_root, p))
+            _checked(json_path, n, rec, j, lambda p=p: media_path(image_root, p))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with wds.ShardWriter(str(out_dir / "shard-%05d.tar"), maxcount=per_shard, verbose=0) as sink:
@@ -154,7 +156,7 @@ def write_shards(json_path: str | os.PathLike, image_root: str | os.PathLike, ou
             names = []
             for j, p in enumerate(record_images(rec)):
                 member = f"{j}.{Path(p).suffix.lstrip('.').lower() or 'png'}"
-                sample[member] = _checked(json_path, n, rec, j, lambda: read_media(image_root, p))
+                sample[member] = _checked(json_path, n, rec, j, lambda p=p: read_media(image_root, p))
                 names.append(member)
             if names:
                 rec = {**rec, "image": names[0] if isinstance(rec.get("image"), str) else names}
@@ -168,5 +170,7 @@ def _checked(json_path, n: int, rec: dict, j: int, read):
     try:
         return read()
     except ImageError as e:
-        raise DataError(f"{json_path}: record {n} (id {printable(rec.get('id', n))}): image[{j}]: {e}",
-                        getattr(e, "kind", "unreadable image")) from e
+        raise DataError(
+            f"{json_path}: record {n} (id {printable(rec.get('id', n))}): image[{j}]: {e}",
+            getattr(e, "kind", "unreadable image"),
+        ) from e

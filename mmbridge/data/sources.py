@@ -6,9 +6,17 @@ from pathlib import Path
 
 from mmbridge.config import DataSource, Recipe, RecipeError
 
-WORLD_DEFAULTS = {"root": ".cache/shapes-world", "n_train": 2000, "n_val": 100, "n_test": 200, "seed": 0,
-                  "image_size": 256, "vqa_turns": 1, "videos": None,
-                  "shape_px": None}  # [min, max] shape side in pixels (the high-resolution task); None: 18-45%
+WORLD_DEFAULTS = {
+    "root": ".cache/shapes-world",
+    "n_train": 2000,
+    "n_val": 100,
+    "n_test": 200,
+    "seed": 0,
+    "image_size": 256,
+    "vqa_turns": 1,
+    "videos": None,
+    "shape_px": None,
+}  # [min, max] shape side in pixels (the high-resolution task); None: 18-45%
 # the world's sets whose box answers box every object of their image (a test record boxes one referent, and a
 # `mixed` conversation one or two objects): their sources have boxes_all_objects
 WORLD_BOXES_ALL_OBJECTS = {("train", "grounding"), ("train", "multitask")}
@@ -55,6 +63,9 @@ def resolve_source(recipe: Recipe, name: str) -> DataSource:
             raise RecipeError(f"data {name!r}: expected one of {valid}")
         if parts[2] == "interleaved":  # MMC4-style documents, one a line
             return DataSource(jsonl=str(manifest[parts[1]][parts[2]]), images=str(images), interleaved=True)
-        return DataSource(json=str(manifest[parts[1]][parts[2]]), images=str(images),
-                          boxes_all_objects=(parts[1], parts[2]) in WORLD_BOXES_ALL_OBJECTS)
+        return DataSource(
+            json=str(manifest[parts[1]][parts[2]]),
+            images=str(images),
+            boxes_all_objects=(parts[1], parts[2]) in WORLD_BOXES_ALL_OBJECTS,
+        )
     raise RecipeError(f"data {name!r}: not in recipe.sources ({sorted(recipe.sources)}) nor world/<split>/<task>")

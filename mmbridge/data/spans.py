@@ -36,7 +36,7 @@ def expand_ids(ids: np.ndarray, image_id: int, default: int, counts, *more: np.n
         if len(given) != len(counts) or len(given) < int(at.sum()):
             raise ValueError("give every image's span as ids, one per <image>")
         if at.any():
-            out[np.repeat(at, reps)] = np.concatenate(given[:int(at.sum())])
+            out[np.repeat(at, reps)] = np.concatenate(given[: int(at.sum())])
     return (out, *(np.repeat(m, reps) for m in more))
 
 
@@ -53,8 +53,9 @@ def image_counts(processor, sizes) -> list:
 def uhd_span(processor, size) -> np.ndarray:
     """An image's LM ids under UHD: image-token ids with the LM's own "," and "\n" between slices."""
     if processor.tiling.separators and not processor._expand:
-        raise ValueError("model.tiling.mode=uhd with separators needs a fast tokenizer whose image token is an "
-                         "added token of its own")
+        raise ValueError(
+            "model.tiling.mode=uhd with separators needs a fast tokenizer whose image token is an "
+            "added token of its own"
+        )
     sep = [processor.tokenizer(t, add_special_tokens=False)["input_ids"] for t in (",", "\n")]
-    return processor.tiling.span(size, processor.image_size, processor.num_image_tokens, processor.image_token_id,
-                                 *sep)
+    return processor.tiling.span(size, processor.image_size, processor.num_image_tokens, processor.image_token_id, *sep)

@@ -40,8 +40,9 @@ def pinpoint_grids(pinpoints) -> tuple[tuple[int, int], ...]:
     try:
         grids = tuple((int(h), int(w)) for w, h in pinpoints)
     except (TypeError, ValueError):
-        raise ValueError(f"model.tiling.pinpoints: expected [width, height] pairs in tiles, got {pinpoints!r}") \
-            from None
+        raise ValueError(
+            f"model.tiling.pinpoints: expected [width, height] pairs in tiles, got {pinpoints!r}"
+        ) from None
     return grids
 
 
@@ -129,7 +130,9 @@ def cut_tiles(image: Image.Image, layout: TileLayout, fill=(0, 0, 0)) -> list[Im
     canvas = Image.new("RGB", layout.canvas, fill)
     canvas.paste(image.convert("RGB").resize(layout.resized, Image.Resampling.BICUBIC), layout.offset)
     s = layout.base
-    return [canvas.crop((c * s, r * s, (c + 1) * s, (r + 1) * s)) for r in range(layout.rows) for c in range(layout.cols)]
+    return [
+        canvas.crop((c * s, r * s, (c + 1) * s, (r + 1) * s)) for r in range(layout.rows) for c in range(layout.cols)
+    ]
 
 
 def uhd_slices(image: Image.Image, base: int, max_slices: int = 6) -> tuple[tuple[int, int], list[Image.Image]]:

@@ -58,8 +58,13 @@ class PieceCounter:
             return None
         spec = json.loads(tokenizer.backend_tokenizer.to_str())
         pre = spec.get("pre_tokenizer") or {}
-        if spec.get("normalizer") is not None or (spec.get("model") or {}).get("type") != "BPE" or \
-                pre.get("type") != "ByteLevel" or pre.get("add_prefix_space") or not pre.get("use_regex", True):
+        if (
+            spec.get("normalizer") is not None
+            or (spec.get("model") or {}).get("type") != "BPE"
+            or pre.get("type") != "ByteLevel"
+            or pre.get("add_prefix_space")
+            or not pre.get("use_regex", True)
+        ):
             return None
         for t in tokenizer.added_tokens_decoder.values():
             if t.lstrip or t.rstrip or t.single_word or t.normalized:
@@ -73,8 +78,9 @@ class PieceCounter:
         """Token counts of `texts`."""
         return self.count_with_prefixes(texts, [()] * len(texts))[0]
 
-    def count_with_prefixes(self, texts: list[str], cuts: list, over: list | None = None
-                            ) -> tuple[list[int], list[list[int] | None]]:
+    def count_with_prefixes(
+        self, texts: list[str], cuts: list, over: list | None = None
+    ) -> tuple[list[int], list[list[int] | None]]:
         """Token counts of `texts` and of `text[:p]` for each `p` in `cuts[k]` (positions in `texts[k]`, each
         just after an added token, so the prefix splits as the text does); with `over`, those of a text of
         at most `over[k]` tokens may be left out (None)."""
@@ -145,8 +151,11 @@ class PieceCounter:
                 else:
                     new_first.add(head)
                     new_spaced.update(rest)
-        for memo, new, prefix in ((self.first, new_first, ""), (self.spaced, new_spaced, " "),
-                                  (self.whole, new_whole, "")):
+        for memo, new, prefix in (
+            (self.first, new_first, ""),
+            (self.spaced, new_spaced, " "),
+            (self.whole, new_whole, ""),
+        ):
             new = sorted(new - memo.keys())
             memo.update(zip(new, self._tokenise([prefix + p for p in new])))
 
@@ -157,7 +166,7 @@ class PieceCounter:
         joined = "\x80".join(self.added.split("\xff".join(texts)))  # each added token: one byte 0x80
         raw = b"\xff" + joined.encode("latin-1") + b"\xff"
         buf = np.frombuffer(raw + bytes(16), dtype=np.uint8)
-        c = buf[:len(raw)]
+        c = buf[: len(raw)]
         cuts = np.flatnonzero((c == 32) | (c >= _ADDED))  # the spaces and marks, which end the pieces
         at_mark = c[cuts] >= _ADDED
         stretch = np.cumsum(at_mark) - 1  # of each cut: stretch j lies between the marks j and j + 1
@@ -194,8 +203,9 @@ class PieceCounter:
             missed = np.union1d(missed, longer[(found < 0) | (size[longer] > 15)])
         counts[size == 0] = 0
         if len(missed):
-            pieces = [joined[a:b] for a, b in zip((starts[missed] - 1).tolist(), (starts[missed] + size[missed] - 1)
-                                                  .tolist())]
+            pieces = [
+                joined[a:b] for a, b in zip((starts[missed] - 1).tolist(), (starts[missed] + size[missed] - 1).tolist())
+            ]
             heads = first[missed].tolist()
             first_get, spaced_get = self.first.get, self.spaced.get
             got = [first_get(p) if h else spaced_get(p) for p, h in zip(pieces, heads)]
@@ -206,8 +216,9 @@ class PieceCounter:
                 counts[missed] = [first_get(p) if h else spaced_get(p) for p, h in zip(pieces, heads)]
                 short, long = missed[size[missed] <= 7], missed[(size[missed] > 7) & (size[missed] <= 15)]
                 self._short.insert([key[short]], counts[short])
-                self._long.insert([head[long], words[starts[long] + 8] & _MASKS[size[long] - 8] | tag[long]],
-                                  counts[long])
+                self._long.insert(
+                    [head[long], words[starts[long] + 8] & _MASKS[size[long] - 8] | tag[long]], counts[long]
+                )
             else:  # known, but too long for the tables or finding its bucket full
                 counts[missed] = got
         # the pieces are in order: a stretch's tokens are a difference of running sums
@@ -262,16 +273,19 @@ class _Table:
         keys = np.stack(keys)
         keep = keys.any(axis=0)  # a key of zeros cannot be told from a free slot
         keys, counts = keys[:, keep], counts[keep]
-        _, once = np.unique(np.ascontiguousarray(keys.T).view(np.dtype((np.void, 8 * self.width))).ravel(),
-                            return_index=True)
+        _, once = np.unique(
+            np.ascontiguousarray(keys.T).view(np.dtype((np.void, 8 * self.width))).ravel(), return_index=True
+        )
         keys, counts = keys[:, once], counts[once]
         new = self.find(*keys) < 0
         keys, counts = keys[:, new], counts[new]
         size = self.keys.shape[1]
         if 4 * (self.filled + len(counts)) > size and size < self.most:
             used = np.flatnonzero(self.keys.any(axis=0))
-            keys, counts = np.concatenate([self.keys[:, used], keys], axis=1), \
-                np.concatenate([self.counts[used], counts])
+            keys, counts = (
+                np.concatenate([self.keys[:, used], keys], axis=1),
+                np.concatenate([self.counts[used], counts]),
+            )
             self.__init__(self.width, self.most, 2 * size)
         base = self._slots(keys)
         for j in range(4):

@@ -46,7 +46,7 @@ class VideoSampling:
             raise ValueError(f"video.max_frames: expected a positive integer, got {self.max_frames!r}")
 
     @classmethod
-    def from_options(cls, options: dict | None, whole: bool = False) -> "VideoSampling":
+    def from_options(cls, options: dict | None, whole: bool = False) -> VideoSampling:
         """From a recipe's `model.video` ({fps, max_frames})."""
         options = dict(options or {})
         unknown = set(options) - set(OPTIONS)
@@ -92,10 +92,14 @@ def frame_times(record: dict, n: int, where: str) -> np.ndarray | None:
     """The times of a frame list's `n` frames: its `timestamps`, or i / its `fps`; None if it gives neither."""
     stamps, fps = record.get("timestamps"), record.get("fps")
     if stamps is not None:
-        if not isinstance(stamps, list) or len(stamps) != n or \
-                not all(isinstance(t, Real) and not isinstance(t, bool) for t in stamps):
-            raise DataError(f"{where}: 'timestamps' must be a list of {n} numbers (seconds, one per frame)",
-                            "bad video timestamps")
+        if (
+            not isinstance(stamps, list)
+            or len(stamps) != n
+            or not all(isinstance(t, Real) and not isinstance(t, bool) for t in stamps)
+        ):
+            raise DataError(
+                f"{where}: 'timestamps' must be a list of {n} numbers (seconds, one per frame)", "bad video timestamps"
+            )
         times = np.asarray(stamps, dtype=np.float64)
         if (np.diff(times) < 0).any() or not np.isfinite(times).all():
             raise DataError(f"{where}: 'timestamps' must be finite and in order", "bad video timestamps")
@@ -112,8 +116,11 @@ def _av(where: str, name: str):
     try:
         import av
     except ImportError as e:
-        raise DataError(f"{where}: 'video' is a video file ({name}) and reading one needs PyAV: install it "
-                        "(pip install av), or give the video as a list of frame images", "no video decoder") from e
+        raise DataError(
+            f"{where}: 'video' is a video file ({name}) and reading one needs PyAV: install it "
+            "(pip install av), or give the video as a list of frame images",
+            "no video decoder",
+        ) from e
     return av
 
 
@@ -158,8 +165,11 @@ def video_frames(record: dict, sampling: VideoSampling, where: str, locate) -> l
     video = record["video"]
     if isinstance(video, str):
         if locate is None:
-            raise DataError(f"{where}: video files are read from a folder of files, not from shards; give the "
-                            "video as a list of frame images", "video file in shards")
+            raise DataError(
+                f"{where}: video files are read from a folder of files, not from shards; give the "
+                "video as a list of frame images",
+                "video file in shards",
+            )
         from mmbridge.data.images import ImageError
 
         try:
@@ -169,8 +179,11 @@ def video_frames(record: dict, sampling: VideoSampling, where: str, locate) -> l
         times = probe_times(path, where, video)
         return [(video, int(k)) for k in sample_indices(times, sampling.fps, sampling.max_frames)]
     times = frame_times(record, len(video), where)
-    picks = spread(np.arange(len(video)), sampling.max_frames) if times is None else \
-        sample_indices(times, sampling.fps, sampling.max_frames)
+    picks = (
+        spread(np.arange(len(video)), sampling.max_frames)
+        if times is None
+        else sample_indices(times, sampling.fps, sampling.max_frames)
+    )
     return [video[int(k)] for k in picks]
 
 

@@ -21,8 +21,11 @@ def image_inputs(processor, images: list) -> dict:
     views = [tiling.views(im, size) for im in images]
     index = [tiling.token_index(im.size, size, per_view) for im in images]
     flat = [v for vs in views for v in vs]
-    out = {"views": len(flat), "visual_counts": [len(ix) for ix in index],
-           "visual_index": batch_index(index, [len(v) for v in views], per_view)}
+    out = {
+        "views": len(flat),
+        "visual_counts": [len(ix) for ix in index],
+        "visual_index": batch_index(index, [len(v) for v in views], per_view),
+    }
     if tiling.own_sizes:
         out["counts"] = [processor.uhd_span(im.size) for im in images]
         out["pixel_values"], out["view_sizes"] = padded_pixels(flat, mean, std)
@@ -41,7 +44,7 @@ def padded_pixels(views: list, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
     m, s = np.asarray(mean, dtype=np.float32), np.asarray(std, dtype=np.float32)
     for k, v in enumerate(views):
         a = (np.asarray(v.convert("RGB"), dtype=np.float32) / np.float32(255.0) - m) / s
-        out[k, :, :v.size[1], :v.size[0]] = torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+        out[k, :, : v.size[1], : v.size[0]] = torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
     return out, sizes
 
 

@@ -19,8 +19,8 @@ from mmbridge.data.images import load_image, preprocess
 from mmbridge.data.llava import record_images
 from mmbridge.data.media import media_path
 from mmbridge.data.processor import IGNORE
-from mmbridge.eval.records import gold, prompt_turns
 from mmbridge.eval.metrics import normalize_answer, vqa_accuracy, vqa_accuracy_by_type
+from mmbridge.eval.records import gold, prompt_turns
 
 
 def answers_of(record: dict) -> list[str]:
@@ -63,8 +63,9 @@ def _final_reply_labels(labels: list[int]) -> list[int]:
 def _row_logprobs(model, ids, mask, labels, pixels, visual, instruction_ids):
     """Summed log-probability of each row's labelled tokens, and their count."""
     embeds, extra = model.prepare(ids, pixels, visual=visual, instruction_ids=instruction_ids)
-    hidden = model.lm.get_decoder()(inputs_embeds=embeds, attention_mask=mask, use_cache=False,
-                                    **extra).last_hidden_state
+    hidden = model.lm.get_decoder()(
+        inputs_embeds=embeds, attention_mask=mask, use_cache=False, **extra
+    ).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE
     logits = model.lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
@@ -75,8 +76,15 @@ def _row_logprobs(model, ids, mask, labels, pixels, visual, instruction_ids):
 
 
 @torch.no_grad()
-def score_candidates(model, processor, records: list[dict], candidates: list[list[str]], image_root: str | Path,
-                     batch_size: int = 16, progress: bool = True) -> list[list[tuple[float, int]]]:
+def score_candidates(
+    model,
+    processor,
+    records: list[dict],
+    candidates: list[list[str]],
+    image_root: str | Path,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[list[tuple[float, int]]]:
     """(summed log-probability, tokens) of every candidate of every record, `batch_size` candidates at a time."""
     model.eval()
     device = model.device
@@ -86,14 +94,15 @@ def score_candidates(model, processor, records: list[dict], candidates: list[lis
     rows = [(i, c) for i, cands in enumerate(candidates) for c in cands]
     scores: list[tuple[float, int]] = []
     for start in tqdm(range(0, len(rows), batch_size), desc="choice", disable=not progress, dynamic_ncols=True):
-        chunk = rows[start:start + batch_size]
+        chunk = rows[start : start + batch_size]
         ids, labels = [], []
         views = _views(processor, records, [i for i, _ in chunk], image_root)  # a tiling: each image's own count
         for i, answer in chunk:
             turns = [*prompt_turns(records[i]), {"from": "gpt", "value": answer}]
             where = f"record {records[i].get('id')}"
-            enc = processor.encode(turns, len(record_images(records[i])), where,
-                                   views[i]["counts"] if i in views else None)
+            enc = processor.encode(
+                turns, len(record_images(records[i])), where, views[i]["counts"] if i in views else None
+            )
             if enc.truncated:  # the cut would fall in the answer being scored
                 raise ValueError(f"{where}: its question and the candidate {answer!r} exceed model.max_length")
             ids.append(enc.input_ids)
@@ -102,13 +111,16 @@ def score_candidates(model, processor, records: list[dict], candidates: list[lis
         mask = processor.pad([[1] * len(x) for x in ids], 0).to(device)
         labels_t = processor.pad(labels, IGNORE).to(device)
         with model.autocast():
-            pixels, visual, instr = _tiled(model, views, [i for i, _ in chunk], device) if views else \
-                _images(model, processor, records, [i for i, _ in chunk], image_root, device)
+            pixels, visual, instr = (
+                _tiled(model, views, [i for i, _ in chunk], device)
+                if views
+                else _images(model, processor, records, [i for i, _ in chunk], image_root, device)
+            )
             sums, counts = _row_logprobs(model, ids_t, mask, labels_t, pixels, visual, instr)
         scores += list(zip(sums, counts))
     out, k = [], 0
     for cands in candidates:
-        out.append(scores[k:k + len(cands)])
+        out.append(scores[k : k + len(cands)])
         k += len(cands)
     return out
 
@@ -128,9 +140,15 @@ def _views(processor, records, owners: list[int], image_root) -> dict:
 def _tiled(model, views: dict, owners: list[int], device):
     """`_images` for images of their own counts: each record's placed visual tokens, encoded once and repeated
     for its candidates, as one flat [1, tokens, width] run."""
-    placed = {i: model.place_visual(model.encode_images(v["pixel_values"].to(device), view_sizes=v["view_sizes"]
-                                                        .to(device) if "view_sizes" in v else None),
-                                    v["visual_index"].to(device)) for i, v in views.items()}
+    placed = {
+        i: model.place_visual(
+            model.encode_images(
+                v["pixel_values"].to(device), view_sizes=v["view_sizes"].to(device) if "view_sizes" in v else None
+            ),
+            v["visual_index"].to(device),
+        )
+        for i, v in views.items()
+    }
     rows = [placed[i] for i in owners if i in placed]
     return None, (torch.cat(rows)[None] if rows else None), None
 
@@ -143,10 +161,14 @@ def _images(model, processor, records, owners: list[int], image_root, device):
     paths = {i: [media_path(image_root, p) for p in record_images(records[i])] for i in distinct}
     if not any(paths.values()):
         return None, None, None
-    pixels = {i: preprocess([load_image(p) for p in paths[i]], processor.image_size, processor.image_mean,
-                            processor.image_std).to(device) for i in distinct if paths[i]}
-    instr = {i: processor.instruction_ids(prompt_turns(records[i])) for i in pixels} if processor.instructions \
-        else None
+    pixels = {
+        i: preprocess(
+            [load_image(p) for p in paths[i]], processor.image_size, processor.image_mean, processor.image_std
+        ).to(device)
+        for i in distinct
+        if paths[i]
+    }
+    instr = {i: processor.instruction_ids(prompt_turns(records[i])) for i in pixels} if processor.instructions else None
     if model.deep_fusion:
         rows = [i for i in owners if i in pixels]
         extra = processor.pad_text([s for i in rows for s in instr[i]]).to(device) if instr else None
@@ -158,8 +180,15 @@ def _images(model, processor, records, owners: list[int], image_root, device):
     return None, torch.cat([per_record[i] for i in owners if i in per_record]), None
 
 
-def evaluate_choice(model, processor, records: list[dict], image_root: str | Path, source: list[dict] | None = None,
-                    batch_size: int = 16, progress: bool = True) -> tuple[dict, list[dict]]:
+def evaluate_choice(
+    model,
+    processor,
+    records: list[dict],
+    image_root: str | Path,
+    source: list[dict] | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> tuple[dict, list[dict]]:
     """Accuracy of the best candidate by summed and by per-token log-likelihood (VQA normalisation; per
     `qtype` where records have one), and one row per record with every candidate's scores."""
     candidates = candidate_lists(records, source)
@@ -173,17 +202,31 @@ def evaluate_choice(model, processor, records: list[dict], image_root: str | Pat
         best_mean = max(range(len(cands)), key=lambda k: means[k])
         picks["sum"].append(cands[best_sum])
         picks["mean"].append(cands[best_mean])
-        rows.append({"id": str(r.get("id")), "image": record_images(r), "question": prompt_turns(r)[-1]["value"],
-                     "qtype": r.get("qtype"), "gold": g, "choice": cands[best_sum],
-                     "choice_per_token": cands[best_mean],
-                     "candidates": [{"answer": c, "logprob": s, "tokens": n, "logprob_per_token": m}
-                                    for c, (s, n), m in zip(cands, sc, means)]})
+        rows.append(
+            {
+                "id": str(r.get("id")),
+                "image": record_images(r),
+                "question": prompt_turns(r)[-1]["value"],
+                "qtype": r.get("qtype"),
+                "gold": g,
+                "choice": cands[best_sum],
+                "choice_per_token": cands[best_mean],
+                "candidates": [
+                    {"answer": c, "logprob": s, "tokens": n, "logprob_per_token": m}
+                    for c, (s, n), m in zip(cands, sc, means)
+                ],
+            }
+        )
     wanted = [{normalize_answer(a) for a in answers_of(r)} for r in records]
-    metrics = {"choice_accuracy": vqa_accuracy(picks["sum"], golds)["vqa_accuracy"],
-               "choice_accuracy_per_token": vqa_accuracy(picks["mean"], golds)["vqa_accuracy"],
-               "n": len(records), "mean_candidates": sum(map(len, candidates)) / max(len(records), 1),
-               "gold_not_a_candidate": sum(not w & {normalize_answer(c) for c in cands}
-                                           for w, cands in zip(wanted, candidates))}
+    metrics = {
+        "choice_accuracy": vqa_accuracy(picks["sum"], golds)["vqa_accuracy"],
+        "choice_accuracy_per_token": vqa_accuracy(picks["mean"], golds)["vqa_accuracy"],
+        "n": len(records),
+        "mean_candidates": sum(map(len, candidates)) / max(len(records), 1),
+        "gold_not_a_candidate": sum(
+            not w & {normalize_answer(c) for c in cands} for w, cands in zip(wanted, candidates)
+        ),
+    }
     qtypes = [r.get("qtype") for r in records]
     if any(t is not None for t in qtypes):
         metrics["by_qtype"] = vqa_accuracy_by_type(picks["sum"], golds, qtypes)

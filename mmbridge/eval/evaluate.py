@@ -20,8 +20,16 @@ TASKS = ("caption", "vqa", "grounding", "choice")
 
 
 @torch.no_grad()
-def generate_answers(model, processor, records: list[dict], image_root: str | Path, max_new_tokens: int = 24,
-                     batch_size: int = 16, progress: bool = True, desc: str = "generate") -> list[str]:
+def generate_answers(
+    model,
+    processor,
+    records: list[dict],
+    image_root: str | Path,
+    max_new_tokens: int = 24,
+    batch_size: int = 16,
+    progress: bool = True,
+    desc: str = "generate",
+) -> list[str]:
     """Greedy answers for each record's final question (KV-cached, left-padded batches); a record's video is
     read as its sampled frames (`data/video.py`). Records of a batch that show the same images share one
     reading of them and of the text before their questions (`shared_prefixes`)."""
@@ -31,8 +39,9 @@ def generate_answers(model, processor, records: list[dict], image_root: str | Pa
     # an InstructBLIP Q-Former or a deep-fusion bridge reads the image with the question: nothing to share
     share = not processor.instructions and not model.deep_fusion
     for i in tqdm(range(0, len(records), batch_size), desc=desc, disable=not progress, dynamic_ncols=True):
-        batch = [expand(r, sampling, f"record {r.get('id')}", partial(media_path, root))
-                 for r in records[i: i + batch_size]]
+        batch = [
+            expand(r, sampling, f"record {r.get('id')}", partial(media_path, root)) for r in records[i : i + batch_size]
+        ]
         out = _answer_batch(model, processor, batch, root, max_new_tokens, share)
         if out is None:  # some question comes before its image: every record reads its own
             out = _answer_batch(model, processor, batch, root, max_new_tokens, False)
@@ -54,7 +63,7 @@ def _answer_batch(model, processor, batch: list[dict], root: Path, max_new_token
     counts, at, own = views.get("counts"), 0, []
     for r in shown:  # each record's images' own counts (none given: the bridge's tokens per view)
         n = len(record_units(r))
-        own.append(counts[at:at + n] if counts else None)
+        own.append(counts[at : at + n] if counts else None)
         at += n
     prompts = [processor.encode_prompt(prompt_turns(r), own[g]) for r, g in zip(batch, group)]
     extra = {"frame_counts": torch.tensor([len(u) for u in units])} if len(units) != len(frames) else {}
@@ -65,17 +74,27 @@ def _answer_batch(model, processor, batch: list[dict], root: Path, max_new_token
         if split is None:
             return None
         heads, tails = split
-        extra.update(suffix_ids=processor.pad(tails, processor.pad_id, left=True), suffix_mask=processor.left_mask(tails),
-                     group=torch.tensor(group))
+        extra.update(
+            suffix_ids=processor.pad(tails, processor.pad_id, left=True),
+            suffix_mask=processor.left_mask(tails),
+            group=torch.tensor(group),
+        )
     if processor.instructions:  # InstructBLIP: the Q-Former reads each image's instruction
         extra["instruction_ids"] = processor.pad_text(
-            [s for r in batch for s in processor.instruction_ids(prompt_turns(r))])
+            [s for r in batch for s in processor.instruction_ids(prompt_turns(r))]
+        )
     device = model.device
     extra = {k: v.to(device) for k, v in extra.items()}
     pixels = views["pixel_values"].to(device) if frames else None
     ids = processor.pad(heads, processor.pad_id, left=True)
-    out = model.generate(ids.to(device), processor.left_mask(heads).to(device), pixels, max_new_tokens=max_new_tokens,
-                         eos_token_ids=processor.stop_token_ids, **extra)
+    out = model.generate(
+        ids.to(device),
+        processor.left_mask(heads).to(device),
+        pixels,
+        max_new_tokens=max_new_tokens,
+        eos_token_ids=processor.stop_token_ids,
+        **extra,
+    )
     return [processor.tokenizer.decode(o, skip_special_tokens=True).strip() for o in out]
 
 
@@ -97,9 +116,17 @@ def shared_prefixes(prompts: list[list[int]], group: list[int], image_token_id: 
     return prefixes, suffixes
 
 
-def evaluate_records(model, processor, records: list[dict], image_root, task: str, max_new_tokens: int = 24,
-                     batch_size: int = 16, progress: bool = True,
-                     source: list[dict] | None = None) -> tuple[dict, list[dict]]:
+def evaluate_records(
+    model,
+    processor,
+    records: list[dict],
+    image_root,
+    task: str,
+    max_new_tokens: int = 24,
+    batch_size: int = 16,
+    progress: bool = True,
+    source: list[dict] | None = None,
+) -> tuple[dict, list[dict]]:
     """Score `task` on `records`; returns (metrics, per-record predictions). `choice` ranks candidate answers
     without generating (`eval/choice.py`; `source`: the records whose answers are the candidates)."""
     if task not in TASKS:
@@ -117,9 +144,17 @@ def evaluate_records(model, processor, records: list[dict], image_root, task: st
         metrics = vqa_accuracy(preds, golds)
     else:
         metrics = grounding_scores(preds, golds)
-    rows = [{"id": str(r["id"]), "image": record_images(r), **({"video": r["video"]} if "video" in r else {}),
-             "question": prompt_turns(r)[-1]["value"],
-             "prediction": p, "gold": g} for r, p, g in zip(records, preds, golds)]
+    rows = [
+        {
+            "id": str(r["id"]),
+            "image": record_images(r),
+            **({"video": r["video"]} if "video" in r else {}),
+            "question": prompt_turns(r)[-1]["value"],
+            "prediction": p,
+            "gold": g,
+        }
+        for r, p, g in zip(records, preds, golds)
+    ]
     return metrics, rows
 
 

@@ -65,19 +65,44 @@ def caption_scores(predictions: dict[str, str], references: dict[str, list[str]]
 
 # ----------------------------------------------------------------------------- VQA
 
-_VQA_PUNCT = set(";/[]\"{}()=+\\_-><@`,?!")  # the official VQA list (no "." or "'")
+_VQA_PUNCT = set(';/[]"{}()=+\\_-><@`,?!')  # the official VQA list (no "." or "'")
 _NUMBER_WORDS = {
-    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
-    "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
 }
 _ARTICLES = {"a", "an", "the"}
 _CONTRACTIONS = {
-    "dont": "don't", "doesnt": "doesn't", "didnt": "didn't", "isnt": "isn't",
-    "arent": "aren't", "wasnt": "wasn't", "werent": "weren't", "cant": "can't",
-    "couldnt": "couldn't", "shouldnt": "shouldn't", "wouldnt": "wouldn't",
-    "wont": "won't", "hasnt": "hasn't", "havent": "haven't", "hadnt": "hadn't",
-    "im": "i'm", "ive": "i've", "youre": "you're", "theyre": "they're",
-    "thats": "that's", "whats": "what's",
+    "dont": "don't",
+    "doesnt": "doesn't",
+    "didnt": "didn't",
+    "isnt": "isn't",
+    "arent": "aren't",
+    "wasnt": "wasn't",
+    "werent": "weren't",
+    "cant": "can't",
+    "couldnt": "couldn't",
+    "shouldnt": "shouldn't",
+    "wouldnt": "wouldn't",
+    "wont": "won't",
+    "hasnt": "hasn't",
+    "havent": "haven't",
+    "hadnt": "hadn't",
+    "im": "i'm",
+    "ive": "i've",
+    "youre": "you're",
+    "theyre": "they're",
+    "thats": "that's",
+    "whats": "what's",
 }
 
 
@@ -132,8 +157,9 @@ def vqa_accuracy(predictions: list[str], answers: list[str | list[str]]) -> dict
     return {"vqa_accuracy": sum(scores) / len(scores), "n": len(scores)}
 
 
-def vqa_accuracy_by_type(predictions: list[str], answers: list[str | list[str]],
-                         qtypes: list[str | None]) -> dict[str, float]:
+def vqa_accuracy_by_type(
+    predictions: list[str], answers: list[str | list[str]], qtypes: list[str | None]
+) -> dict[str, float]:
     """VQA accuracy per question type (rounded to 4 places); items whose type is None are left out."""
     _check_lengths(predictions, answers)
     _check_lengths(predictions, qtypes)
@@ -166,11 +192,18 @@ def yes_no_scores(predictions: list[str], answers: list[str]) -> dict:
     recall = tp / sum(gold) if any(gold) else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
     n = len(pred)
-    return {"accuracy": correct / n, "precision": precision, "recall": recall, "f1": f1,
-            "yes_ratio": sum(pred) / n, "n": n}
+    return {
+        "accuracy": correct / n,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "yes_ratio": sum(pred) / n,
+        "n": n,
+    }
 
 
 # ----------------------------------------------------------------------------- grounding
+
 
 def parse_box(text: str) -> tuple[int, int, int, int] | None:
     """Parse the first box "[x0, y0, x1, y1]" (or "(...)", or space-separated) in ``text``.
@@ -221,23 +254,24 @@ def grounding_scores(predictions: list[str], boxes: list[list[int]]) -> dict:
         else:
             ious.append(box_iou(box, gold))
     n = len(ious)
-    return {"grounding_acc50": sum(i >= 0.5 for i in ious) / n, "unparsed": unparsed,
-            "mean_iou": sum(ious) / n, "n": n}
+    return {"grounding_acc50": sum(i >= 0.5 for i in ious) / n, "unparsed": unparsed, "mean_iou": sum(ious) / n, "n": n}
 
 
 # ----------------------------------------------------------------------------- baselines
 
 
-def majority_vqa_baseline(train_answers_by_qtype: dict[str, list[str]],
-                          test_qtypes: list[str], test_answers: list[str]) -> float:
+def majority_vqa_baseline(
+    train_answers_by_qtype: dict[str, list[str]], test_qtypes: list[str], test_answers: list[str]
+) -> float:
     """Accuracy of predicting each question type's most frequent (normalised) training answer.
 
     Ties go to the answer seen first; unseen question types get the overall most frequent
     training answer. Scored with :func:`vqa_accuracy`.
     """
     _check_lengths(test_qtypes, test_answers)
-    majority = {q: Counter(map(normalize_answer, a)).most_common(1)[0][0]
-                for q, a in train_answers_by_qtype.items() if a}
+    majority = {
+        q: Counter(map(normalize_answer, a)).most_common(1)[0][0] for q, a in train_answers_by_qtype.items() if a
+    }
     all_train = list(chain.from_iterable(train_answers_by_qtype.values()))
     if not all_train:
         raise ValueError("no training answers")

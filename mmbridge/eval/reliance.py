@@ -13,8 +13,8 @@ import torch
 
 from mmbridge.data.dataset import Collator
 from mmbridge.data.images import load_image, preprocess
-from mmbridge.data.media import media_path
 from mmbridge.data.llava import record_images
+from mmbridge.data.media import media_path
 from mmbridge.train.distributed import to_device
 
 
@@ -46,16 +46,23 @@ def image_reliance(model, processor, records: list[dict], image_root: str | Path
         items = []
         for j in chunk:
             enc = processor.encode(records[j]["conversations"], 1, f"record {records[j].get('id')}")
-            items.append({"id": str(records[j].get("id")), "input_ids": enc.input_ids, "labels": enc.labels,
-                          "pixel_values": torch.zeros(0)})
+            items.append(
+                {
+                    "id": str(records[j].get("id")),
+                    "input_ids": enc.input_ids,
+                    "labels": enc.labels,
+                    "pixel_values": torch.zeros(0),
+                }
+            )
         batch = to_device(collate(items), device)
         for key, source in (("own", paths), ("wrong", shifted)):
             if processor.tiling.varies:  # each image its own count: the sequences follow the images
                 out = _tiled_loss(model, processor, collate, records, chunk, source, device)
                 totals[key] += float(out.loss)
                 continue
-            pixels = preprocess([load_image(source[j]) for j in chunk], processor.image_size,
-                                processor.image_mean, processor.image_std).to(device)
+            pixels = preprocess(
+                [load_image(source[j]) for j in chunk], processor.image_size, processor.image_mean, processor.image_std
+            ).to(device)
             with model.autocast():
                 out = model(batch["input_ids"], batch["attention_mask"], pixels, batch["labels"], normalizer=1.0)
             totals[key] += float(out.loss)
@@ -71,10 +78,23 @@ def _tiled_loss(model, processor, collate, records, chunk, source, device):
     for j in chunk:
         views = processor.images([load_image(source[j])])
         enc = processor.encode(records[j]["conversations"], 1, f"record {records[j].get('id')}", views["counts"])
-        items.append({"id": str(j), "input_ids": enc.input_ids, "labels": enc.labels, "image_counts":
-                      views["visual_counts"], **{k: views[k] for k in views if k not in ("counts", "visual_counts")}})
+        items.append(
+            {
+                "id": str(j),
+                "input_ids": enc.input_ids,
+                "labels": enc.labels,
+                "image_counts": views["visual_counts"],
+                **{k: views[k] for k in views if k not in ("counts", "visual_counts")},
+            }
+        )
     batch = to_device(collate(items), device)
     with model.autocast():
-        return model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
-                     normalizer=1.0, visual_index=batch["visual_index"], view_sizes=batch.get("view_sizes"))
-
+        return model(
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["pixel_values"],
+            batch["labels"],
+            normalizer=1.0,
+            visual_index=batch["visual_index"],
+            view_sizes=batch.get("view_sizes"),
+        )

@@ -19,15 +19,30 @@ from mmbridge.eval.svg_plot import line_chart
 
 REQUIRED = ("recipe.yaml", "metrics.jsonl")  # what `mmbridge train` writes into every run directory
 MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif", ".webp": "image/webp"}
-LABELS = {"cider": "caption CIDEr", "bleu4": "caption BLEU-4", "vqa_accuracy": "VQA accuracy",
-          "grounding_acc50": "grounding Acc@0.5", "mean_iou": "grounding mean IoU",
-          "unparsed": "grounding answers without a box", "vqa_image_gain": "VQA loss, wrong image − own",
-          "n": "records evaluated", "train_seconds": "training time (s)", "total_seconds": "total time (s)"}
-BASELINE_KINDS = {"cider": "most frequent val caption", "vqa_accuracy": "majority answer per question type",
-                  "grounding_acc50": "mean val box", "vqa_image_gain": "a model that ignores the image"}
+LABELS = {
+    "cider": "caption CIDEr",
+    "bleu4": "caption BLEU-4",
+    "vqa_accuracy": "VQA accuracy",
+    "grounding_acc50": "grounding Acc@0.5",
+    "mean_iou": "grounding mean IoU",
+    "unparsed": "grounding answers without a box",
+    "vqa_image_gain": "VQA loss, wrong image − own",
+    "n": "records evaluated",
+    "train_seconds": "training time (s)",
+    "total_seconds": "total time (s)",
+}
+BASELINE_KINDS = {
+    "cider": "most frequent val caption",
+    "vqa_accuracy": "majority answer per question type",
+    "grounding_acc50": "mean val box",
+    "vqa_image_gain": "a model that ignores the image",
+}
 # an examples.md section as demo.write_examples writes it (runs made before examples.json existed)
-_MD_EXAMPLE = re.compile(r"^## (\S+) — (.+?)\n!\[[^\]]*\]\(([^)]+)\)\n\n- question: (.*?)\n"
-                         r"- prediction: `(.*?)`\n- reference: `(.*?)`\n", re.M | re.S)
+_MD_EXAMPLE = re.compile(
+    r"^## (\S+) — (.+?)\n!\[[^\]]*\]\(([^)]+)\)\n\n- question: (.*?)\n"
+    r"- prediction: `(.*?)`\n- reference: `(.*?)`\n",
+    re.M | re.S,
+)
 
 
 class ReportError(ValueError):
@@ -48,8 +63,7 @@ def read_run(run_dir) -> dict:
         raise ReportError(f"{run}: no such directory (expected a run directory from `mmbridge train` or `demo`)")
     missing = [name for name in REQUIRED if not (run / name).is_file()]
     if missing:
-        raise ReportError(f"{run}: not a run directory: missing {' and '.join(missing)} "
-                          "(`mmbridge train` writes both)")
+        raise ReportError(f"{run}: not a run directory: missing {' and '.join(missing)} (`mmbridge train` writes both)")
     text = (run / "recipe.yaml").read_text()
     try:
         recipe = yaml.safe_load(text)
@@ -69,8 +83,14 @@ def read_run(run_dir) -> dict:
             raise ReportError(f"{run / 'metrics.jsonl'} line {i}: no 'stage' and 'step' fields")
         rows.append(row)
     metrics = _json(run / "metrics.json") if (run / "metrics.json").is_file() else None
-    return {"dir": run, "recipe_text": text, "recipe": recipe, "rows": rows, "metrics": metrics,
-            "examples": read_examples(run / "examples")}
+    return {
+        "dir": run,
+        "recipe_text": text,
+        "recipe": recipe,
+        "rows": rows,
+        "metrics": metrics,
+        "examples": read_examples(run / "examples"),
+    }
 
 
 def read_examples(folder: Path) -> list[dict]:
@@ -83,8 +103,10 @@ def read_examples(folder: Path) -> list[dict]:
             if lacking:
                 raise ReportError(f"{folder / 'examples.json'} item {i}: no {', '.join(lacking)}")
     elif (folder / "examples.md").is_file():
-        rows = [dict(zip(("task", "id", "image", "question", "prediction", "reference"), m.groups()))
-                for m in _MD_EXAMPLE.finditer((folder / "examples.md").read_text())]
+        rows = [
+            dict(zip(("task", "id", "image", "question", "prediction", "reference"), m.groups()))
+            for m in _MD_EXAMPLE.finditer((folder / "examples.md").read_text())
+        ]
     else:
         return []
     for row in rows:
@@ -126,37 +148,59 @@ def stage_section(i: int, stage: dict, rows: list[dict]) -> str:
     accum = stage.get("grad_accum") or 1
     batch = f"{stage.get('batch_size')}" + (f" × {accum} accumulated" if accum > 1 else "")
     median = lambda k: statistics.median(v) if (v := [r[k] for r in good if r.get(k) is not None]) else None  # noqa
-    facts = [["steps", _fmt(stage.get("steps") or f"{stage.get('epochs')} epochs")], ["logged steps", len(good)],
-             ["skipped steps (non-finite)", len(rows) - len(good)], ["batch", escape(batch)],
-             ["trains", _fmt(stage.get("train", {}))], ["peak lr", _fmt(stage.get("lr", {}))],
-             ["objective", _fmt((stage.get("objective") or {}).get("name", "lm"))],
-             ["data", _fmt(stage.get("data", {}))], ["last loss", _fmt(good[-1]["loss"] if good else None)],
-             ["median tokens/s", _fmt(median("tok_per_s"))], ["median MFU", _fmt(median("mfu"))],
-             ["median data time (s/step)", _fmt(median("data_s"))]]
-    charts = [line_chart(f"{stage['name']}: loss", _series(good, ["loss"] + [k for k in keys if k.startswith("loss_")]),
-                         "loss"),
-              line_chart(f"{stage['name']}: learning rate", _series(good, [k for k in keys if k.startswith("lr_")]),
-                         "lr"),
-              line_chart(f"{stage['name']}: throughput", _series(good, ["tok_per_s"]), "tokens/s"),
-              line_chart(f"{stage['name']}: MFU", _series(good, ["mfu"]), "MFU")]
+    facts = [
+        ["steps", _fmt(stage.get("steps") or f"{stage.get('epochs')} epochs")],
+        ["logged steps", len(good)],
+        ["skipped steps (non-finite)", len(rows) - len(good)],
+        ["batch", escape(batch)],
+        ["trains", _fmt(stage.get("train", {}))],
+        ["peak lr", _fmt(stage.get("lr", {}))],
+        ["objective", _fmt((stage.get("objective") or {}).get("name", "lm"))],
+        ["data", _fmt(stage.get("data", {}))],
+        ["last loss", _fmt(good[-1]["loss"] if good else None)],
+        ["median tokens/s", _fmt(median("tok_per_s"))],
+        ["median MFU", _fmt(median("mfu"))],
+        ["median data time (s/step)", _fmt(median("data_s"))],
+    ]
+    charts = [
+        line_chart(
+            f"{stage['name']}: loss", _series(good, ["loss"] + [k for k in keys if k.startswith("loss_")]), "loss"
+        ),
+        line_chart(f"{stage['name']}: learning rate", _series(good, [k for k in keys if k.startswith("lr_")]), "lr"),
+        line_chart(f"{stage['name']}: throughput", _series(good, ["tok_per_s"]), "tokens/s"),
+        line_chart(f"{stage['name']}: MFU", _series(good, ["mfu"]), "MFU"),
+    ]
     body = "".join(f'<figure class="plot">{c}</figure>' for c in charts if c) or "<p>No steps logged.</p>"
-    return (f'<section class="stage" data-stage="{escape(stage["name"])}"><h3>Stage {i}: {escape(stage["name"])}'
-            f'</h3>{_table(["", ""], facts, "facts")}<div class="plots">{body}</div></section>')
+    return (
+        f'<section class="stage" data-stage="{escape(stage["name"])}"><h3>Stage {i}: {escape(stage["name"])}'
+        f'</h3>{_table(["", ""], facts, "facts")}<div class="plots">{body}</div></section>'
+    )
 
 
 def eval_section(metrics: dict) -> str:
     """The evaluation beside its baselines, and VQA accuracy per question type."""
     base = metrics.get("baselines") or {}
-    keys = [k for k in LABELS if k in metrics] + sorted(k for k, v in metrics.items() if k not in LABELS
-                                                        and isinstance(v, (int, float)))
-    body = [[escape(LABELS.get(k, k)), _fmt(metrics[k]), _fmt(base.get(k, 0.0 if k == "vqa_image_gain" else None)),
-             escape(BASELINE_KINDS.get(k, ""))] for k in keys]
-    out = '<section id="eval"><h2>Evaluation (held-out split)</h2>' + \
-        _table(["metric", "model", "baseline", "baseline kind"], body, "eval")
+    keys = [k for k in LABELS if k in metrics] + sorted(
+        k for k, v in metrics.items() if k not in LABELS and isinstance(v, (int, float))
+    )
+    body = [
+        [
+            escape(LABELS.get(k, k)),
+            _fmt(metrics[k]),
+            _fmt(base.get(k, 0.0 if k == "vqa_image_gain" else None)),
+            escape(BASELINE_KINDS.get(k, "")),
+        ]
+        for k in keys
+    ]
+    out = '<section id="eval"><h2>Evaluation (held-out split)</h2>' + _table(
+        ["metric", "model", "baseline", "baseline kind"], body, "eval"
+    )
     if metrics.get("vqa_by_qtype"):
-        rows = [[escape(t), _fmt(a), f'<span class="bar" style="width:{100 * a:.1f}%"></span>']
-                for t, a in metrics["vqa_by_qtype"].items()]
-        out += '<h3>VQA accuracy per question type</h3>' + _table(["type", "accuracy", ""], rows, "qtype")
+        rows = [
+            [escape(t), _fmt(a), f'<span class="bar" style="width:{100 * a:.1f}%"></span>']
+            for t, a in metrics["vqa_by_qtype"].items()
+        ]
+        out += "<h3>VQA accuracy per question type</h3>" + _table(["type", "accuracy", ""], rows, "qtype")
     return out + "</section>"
 
 
@@ -166,16 +210,26 @@ def example_card(ex: dict) -> str:
     overlay, note = "", ""
     if ex["task"] == "grounding":
         ref, pred = parse_box(str(ex["reference"])), parse_box(str(ex["prediction"]))
-        rects = [f'<rect class="{cls}" x="{b[0]}" y="{b[1]}" width="{b[2] - b[0]}" height="{b[3] - b[1]}"/>'
-                 for cls, b in (("ref", ref), ("pred", pred)) if b is not None]
+        rects = [
+            f'<rect class="{cls}" x="{b[0]}" y="{b[1]}" width="{b[2] - b[0]}" height="{b[3] - b[1]}"/>'
+            for cls, b in (("ref", ref), ("pred", pred))
+            if b is not None
+        ]
         overlay = f'<svg class="boxes" viewBox="0 0 1000 1000" preserveAspectRatio="none">{"".join(rects)}</svg>'
-        note = (f"<li>predicted box {list(pred)}, IoU {box_iou(pred, ref):.2f}</li>" if pred and ref
-                else "<li>no box in the prediction</li>" if ref else "")
-    return (f'<div class="example" data-task="{escape(ex["task"])}"><div class="shot"><img alt="{escape(ex["image"])}"'
-            f' src="{data_uri(ex["path"])}">{overlay}</div><ul><li><b>{escape(ex["task"])}</b> '
-            f'{escape(str(ex.get("id", "")))}</li><li>question: {escape(str(ex.get("question", "")))}</li>'
-            f'<li>prediction: <code>{escape(str(ex["prediction"]))}</code></li>'
-            f'<li>reference: <code>{escape(str(ex["reference"]))}</code></li>{note}</ul></div>')
+        note = (
+            f"<li>predicted box {list(pred)}, IoU {box_iou(pred, ref):.2f}</li>"
+            if pred and ref
+            else "<li>no box in the prediction</li>"
+            if ref
+            else ""
+        )
+    return (
+        f'<div class="example" data-task="{escape(ex["task"])}"><div class="shot"><img alt="{escape(ex["image"])}"'
+        f' src="{data_uri(ex["path"])}">{overlay}</div><ul><li><b>{escape(ex["task"])}</b> '
+        f"{escape(str(ex.get('id', '')))}</li><li>question: {escape(str(ex.get('question', '')))}</li>"
+        f"<li>prediction: <code>{escape(str(ex['prediction']))}</code></li>"
+        f"<li>reference: <code>{escape(str(ex['reference']))}</code></li>{note}</ul></div>"
+    )
 
 
 CSS = """body{font:14px system-ui,sans-serif;margin:24px;color:#222;max-width:1440px}
@@ -198,22 +252,30 @@ code{white-space:pre-wrap;word-break:break-word}"""
 def render(run: dict) -> str:
     """The page, as one HTML string."""
     recipe, rows = run["recipe"], run["rows"]
-    stages = "".join(stage_section(i, s, [r for r in rows if r["stage"] == s.get("name")])
-                     for i, s in enumerate(recipe["stages"], 1))
-    parts = [f"<h1>mmbridge run {escape(str(recipe.get('name', run['dir'].name)))}</h1>",
-             f"<p>{escape(str(run['dir']))} · {len(recipe['stages'])} stage(s) · {len(rows)} logged steps"
-             + ("" if run["metrics"] else " · no metrics.json (a training-only run)") + "</p>",
-             f'<section id="recipe"><h2>Recipe</h2><pre>{escape(run["recipe_text"])}</pre></section>',
-             f'<section id="stages"><h2>Stages</h2>{stages}</section>']
+    stages = "".join(
+        stage_section(i, s, [r for r in rows if r["stage"] == s.get("name")]) for i, s in enumerate(recipe["stages"], 1)
+    )
+    parts = [
+        f"<h1>mmbridge run {escape(str(recipe.get('name', run['dir'].name)))}</h1>",
+        f"<p>{escape(str(run['dir']))} · {len(recipe['stages'])} stage(s) · {len(rows)} logged steps"
+        + ("" if run["metrics"] else " · no metrics.json (a training-only run)")
+        + "</p>",
+        f'<section id="recipe"><h2>Recipe</h2><pre>{escape(run["recipe_text"])}</pre></section>',
+        f'<section id="stages"><h2>Stages</h2>{stages}</section>',
+    ]
     if run["metrics"]:
         parts.append(eval_section(run["metrics"]))
     if run["examples"]:
         cards = "".join(example_card(ex) for ex in run["examples"])
-        parts.append(f'<section id="examples"><h2>Example predictions</h2><p>Boxes: reference green, predicted '
-                     f'red.</p><div class="examples">{cards}</div></section>')
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>mmbridge report: '
-            f'{escape(str(recipe.get("name", "")))}</title><style>{CSS}</style></head><body>{"".join(parts)}'
-            "</body></html>\n")
+        parts.append(
+            f'<section id="examples"><h2>Example predictions</h2><p>Boxes: reference green, predicted '
+            f'red.</p><div class="examples">{cards}</div></section>'
+        )
+    return (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>mmbridge report: '
+        f"{escape(str(recipe.get('name', '')))}</title><style>{CSS}</style></head><body>{''.join(parts)}"
+        "</body></html>\n"
+    )
 
 
 def write_report(run_dir, out=None) -> Path:

@@ -47,8 +47,7 @@ def multimodal_template(lm_template: str, system_prompt: str | None) -> str:
     """`lm_template` wrapped so that it renders list-of-parts and plain-string contents as mmbridge does."""
     if system_prompt is None and lm_template.startswith(_HEAD):
         return lm_template  # already ours (a run imported from an export): wrapping again changes nothing
-    head = (f"{_HEAD} {_literal(system_prompt)} -%}}\n"
-            f"{{%- set _mm_image = {_literal(IMAGE_TOKEN)} -%}}\n")
+    head = f"{_HEAD} {_literal(system_prompt)} -%}}\n{{%- set _mm_image = {_literal(IMAGE_TOKEN)} -%}}\n"
     return head + _PREAMBLE + lm_template
 
 

@@ -16,8 +16,9 @@ from mmbridge.eval.evaluate import generate_answers
 from mmbridge.eval.records import prompt_turns
 
 
-def stock_answers(export_dir: str | Path, records: list[dict], image_root: str | Path,
-                  max_new_tokens: int = 24) -> list[str]:
+def stock_answers(
+    export_dir: str | Path, records: list[dict], image_root: str | Path, max_new_tokens: int = 24
+) -> list[str]:
     """Greedy answers of the exported folder, through transformers alone."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -35,18 +36,22 @@ def stock_answers(export_dir: str | Path, records: list[dict], image_root: str |
         inputs = processor(text=text, images=images, return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        answers.append(processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:],
-                                                  skip_special_tokens=True).strip())
+        answers.append(
+            processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        )
     return answers
 
 
-def compare_with_run(model, processor, export_dir: str | Path, records: list[dict], image_root: str | Path,
-                     max_new_tokens: int = 24) -> dict:
+def compare_with_run(
+    model, processor, export_dir: str | Path, records: list[dict], image_root: str | Path, max_new_tokens: int = 24
+) -> dict:
     """mmbridge's and the export's greedy answers side by side, and how many agree."""
     ours = [a.strip() for a in generate_answers(model, processor, records, image_root, max_new_tokens=max_new_tokens)]
     theirs = stock_answers(export_dir, records, image_root, max_new_tokens)
-    rows = [{"question": prompt_turns(r)[-1]["value"].replace("<image>", "").strip(), "mmbridge": a, "transformers": b}
-            for r, a, b in zip(records, ours, theirs)]
+    rows = [
+        {"question": prompt_turns(r)[-1]["value"].replace("<image>", "").strip(), "mmbridge": a, "transformers": b}
+        for r, a, b in zip(records, ours, theirs)
+    ]
     return {"agree": sum(a == b for a, b in zip(ours, theirs)), "n": len(records), "rows": rows}
 
 
@@ -68,6 +73,8 @@ def check_export(run_dir: str | Path, export_dir: str | Path, n: int, say=print)
     for row in result["rows"]:
         mark = "=" if row["mmbridge"] == row["transformers"] else "≠"
         say(f"  {row['question']!r}: mmbridge {row['mmbridge']!r} {mark} transformers {row['transformers']!r}")
-    say(f"export check ({name}): transformers' generate gave mmbridge's answer on {result['agree']} of "
-        f"{result['n']} held-out questions")
+    say(
+        f"export check ({name}): transformers' generate gave mmbridge's answer on {result['agree']} of "
+        f"{result['n']} held-out questions"
+    )
     return result

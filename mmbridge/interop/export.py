@@ -30,15 +30,14 @@ import torch
 from torch import nn
 
 from mmbridge.config import ModelConfig
-from mmbridge.interop import InteropError
-from mmbridge.interop import folders
+from mmbridge.interop import InteropError, folders
 from mmbridge.interop.merge import merge_lora
 
 # bridges LlavaMultiModalProjector cannot express, and why
 _BRIDGES = {
     "linear": "a single Linear layer; LLaVA's projector is Linear-GELU-Linear (train with {name: mlp, depth: 2})",
     "pool_adapter": "average-pools the token grid before its MLP; LLaVA's projector maps every encoder token "
-                    "(train with {name: mlp})",
+    "(train with {name: mlp})",
     "qformer": "a Q-Former (BLIP-2), not a per-token projector",
     "resampler": "a Perceiver Resampler (Flamingo), not a per-token projector",
     "gated_xattn": "adds cross-attention blocks inside the LM (deep fusion), which LLaVA has not",
@@ -81,26 +80,36 @@ def recipe_blockers(cfg: ModelConfig) -> list[str]:
         found += blockers(vision)
     else:
         if vision.get("post_layernorm"):
-            found.append("model.vision.post_layernorm: true applies the tower's final LayerNorm to the selected "
-                         "layer, which LLaVA does not; train with post_layernorm: false")
+            found.append(
+                "model.vision.post_layernorm: true applies the tower's final LayerNorm to the selected "
+                "layer, which LLaVA does not; train with post_layernorm: false"
+            )
     kind = bridge.get("name")
     if bridge.get("concepts"):
-        found.append("model.bridge.concepts: concept tokens (the LM's word embeddings picked by detectors) have "
-                     "no LLaVA or FastVLM counterpart")
+        found.append(
+            "model.bridge.concepts: concept tokens (the LM's word embeddings picked by detectors) have "
+            "no LLaVA or FastVLM counterpart"
+        )
     if kind in _BRIDGES:
         found.append(f"model.bridge.name: {kind} is {_BRIDGES[kind]}")
     elif kind != "mlp":
         found.append(f"model.bridge.name: {kind!r} is not the mlp bridge LLaVA's projector holds")
     else:
         if bridge.get("depth", 2) != 2:
-            found.append(f"model.bridge.depth: {bridge['depth']} layers; LLaVA's projector is exactly "
-                         "Linear-GELU-Linear (depth: 2)")
+            found.append(
+                f"model.bridge.depth: {bridge['depth']} layers; LLaVA's projector is exactly "
+                "Linear-GELU-Linear (depth: 2)"
+            )
         if bridge.get("norm"):
-            found.append("model.bridge.norm: true puts a LayerNorm before the projector, which LLaVA's projector "
-                         "lacks; train with norm: false")
+            found.append(
+                "model.bridge.norm: true puts a LayerNorm before the projector, which LLaVA's projector "
+                "lacks; train with norm: false"
+            )
         if bridge.get("l2_normalize"):
-            found.append("model.bridge.l2_normalize: true rescales every visual token to unit norm, which LLaVA "
-                         "does not; train with l2_normalize: false")
+            found.append(
+                "model.bridge.l2_normalize: true rescales every visual token to unit norm, which LLaVA "
+                "does not; train with l2_normalize: false"
+            )
     for key in ("pos_embed", "pooled"):
         if key in bridge and kind == "pool_adapter":
             found.append(f"model.bridge.{key}: a pool_adapter option; LLaVA has no pooling or per-cell embedding")
@@ -113,19 +122,27 @@ def recipe_blockers(cfg: ModelConfig) -> list[str]:
         if tiling.get("anyres_max") is not None:
             found.append("model.tiling.anyres_max: LLaVA-NeXT never shrinks the map (LLaVA-OneVision does)")
     elif mode != "none":
-        found.append(f"model.tiling.mode: {mode} gives each image its own views and token count; the exported "
-                     "LLaVA reads one S×S view per image")
+        found.append(
+            f"model.tiling.mode: {mode} gives each image its own views and token count; the exported "
+            "LLaVA reads one S×S view per image"
+        )
     return found
 
 
 def _check_projector(proj: nn.Module) -> None:
     """The bridge module itself must be Linear, exact GELU, Linear (what `projector_hidden_act: gelu` runs)."""
     layers = list(proj) if isinstance(proj, nn.Sequential) else []
-    shape_ok = (len(layers) == 3 and isinstance(layers[0], nn.Linear) and isinstance(layers[2], nn.Linear)
-                and isinstance(layers[1], (nn.GELU, nn.Sigmoid)) and all(m.bias is not None for m in (layers[0], layers[2])))
+    shape_ok = (
+        len(layers) == 3
+        and isinstance(layers[0], nn.Linear)
+        and isinstance(layers[2], nn.Linear)
+        and isinstance(layers[1], (nn.GELU, nn.Sigmoid))
+        and all(m.bias is not None for m in (layers[0], layers[2]))
+    )
     if not shape_ok:
-        raise ExportError(f"model.bridge: the projector is {proj}, not Linear-GELU-Linear (or Linear-Sigmoid-Linear) "
-                          "with biases")
+        raise ExportError(
+            f"model.bridge: the projector is {proj}, not Linear-GELU-Linear (or Linear-Sigmoid-Linear) with biases"
+        )
     if isinstance(layers[1], nn.GELU) and layers[1].approximate != "none":
         raise ExportError(f"model.bridge: GELU(approximate={layers[1].approximate!r}); LLaVA's `gelu` is exact")
 
@@ -148,8 +165,10 @@ def layout(model, cfg: ModelConfig) -> LlavaLayout:
         size = plan.image_size
         plan = replace(plan, architecture=NEXT, pinpoints=[[r * size, c * size] for r, c in tiling.grids])
     if model.bridge.num_tokens != plan.image_seq_length:
-        raise ExportError(f"model.bridge: {model.bridge.num_tokens} tokens per image, but {plan.architecture} "
-                          f"would give {plan.image_seq_length}")
+        raise ExportError(
+            f"model.bridge: {model.bridge.num_tokens} tokens per image, but {plan.architecture} "
+            f"would give {plan.image_seq_length}"
+        )
     _check_projector(model.bridge.proj)
     _check_lm(model.lm)
     return plan
@@ -160,42 +179,62 @@ def _hf_layout(model) -> LlavaLayout:
     vc = tower.config
     want = _auto_class(vc.model_type, "MODEL_MAPPING_NAMES")
     if want != type(tower).__name__:
-        raise ExportError(f"model.vision.path: the tower is a {type(tower).__name__}, but AutoModel builds "
-                          f"{want or 'nothing'} from its config ({vc.model_type}), as LLaVA would")
+        raise ExportError(
+            f"model.vision.path: the tower is a {type(tower).__name__}, but AutoModel builds "
+            f"{want or 'nothing'} from its config ({vc.model_type}), as LLaVA would"
+        )
     if enc.image_size != int(vc.image_size):
-        raise ExportError(f"model.vision.image_size: {enc.image_size} px differs from the tower's "
-                          f"{vc.image_size}; LLaVA does not interpolate position embeddings (drop image_size)")
+        raise ExportError(
+            f"model.vision.image_size: {enc.image_size} px differs from the tower's "
+            f"{vc.image_size}; LLaVA does not interpolate position embeddings (drop image_size)"
+        )
     n_special = enc._n_special
     if enc.drop_cls and n_special > 1:
-        raise ExportError(f"model.vision.drop_cls: true drops {n_special} tokens (CLS and "
-                          f"{n_special - 1} registers); LLaVA's `default` strategy drops exactly one. Use a tower "
-                          "without registers, or drop_cls: false (all tokens kept: `full`)")
+        raise ExportError(
+            f"model.vision.drop_cls: true drops {n_special} tokens (CLS and "
+            f"{n_special - 1} registers); LLaVA's `default` strategy drops exactly one. Use a tower "
+            "without registers, or drop_cls: false (all tokens kept: `full`)"
+        )
     strategy = "default" if enc.drop_cls and n_special == 1 else "full"
     kept = 0 if enc.drop_cls else n_special
-    return LlavaLayout(architecture=ARCHS["hf"], feature_layer=enc.feature_layer, strategy=strategy,
-                       num_additional_image_tokens=n_special if strategy == "default" else kept,
-                       image_seq_length=enc.grid[0] * enc.grid[1] + kept, patch_size=int(vc.patch_size),
-                       image_size=enc.image_size)
+    return LlavaLayout(
+        architecture=ARCHS["hf"],
+        feature_layer=enc.feature_layer,
+        strategy=strategy,
+        num_additional_image_tokens=n_special if strategy == "default" else kept,
+        image_seq_length=enc.grid[0] * enc.grid[1] + kept,
+        patch_size=int(vc.patch_size),
+        image_size=enc.image_size,
+    )
 
 
 def _efficientnet_layout(model) -> LlavaLayout:
     """FastVLM reads the tower's last feature map, flattened row-major: one token per cell (stride 32, or 16 for
     a cut after blocks 4 to 10)."""
     enc = model.vision
-    return LlavaLayout(architecture=ARCHS["efficientnet_lite0"], feature_layer=-1, strategy="full",
-                       num_additional_image_tokens=0, image_seq_length=enc.grid[0] * enc.grid[1],
-                       patch_size=enc.image_size // enc.grid[0],
-                       image_size=enc.image_size)
+    return LlavaLayout(
+        architecture=ARCHS["efficientnet_lite0"],
+        feature_layer=-1,
+        strategy="full",
+        num_additional_image_tokens=0,
+        image_seq_length=enc.grid[0] * enc.grid[1],
+        patch_size=enc.image_size // enc.grid[0],
+        image_size=enc.image_size,
+    )
 
 
 def _check_lm(lm: nn.Module) -> None:
     tc = lm.config
-    causal, base = _auto_class(tc.model_type, "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"), \
-        _auto_class(tc.model_type, "MODEL_MAPPING_NAMES")
+    causal, base = (
+        _auto_class(tc.model_type, "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+        _auto_class(tc.model_type, "MODEL_MAPPING_NAMES"),
+    )
     inner = getattr(lm, lm.base_model_prefix, None)
     if causal != type(lm).__name__ or inner is None or type(inner).__name__ != base:
-        raise ExportError(f"model.lm.path: the LM is a {type(lm).__name__}; LLaVA rebuilds {base} + lm_head from "
-                          f"its config ({tc.model_type}), which must be the same model")
+        raise ExportError(
+            f"model.lm.path: the LM is a {type(lm).__name__}; LLaVA rebuilds {base} + lm_head from "
+            f"its config ({tc.model_type}), which must be the same model"
+        )
     head = lm.get_output_embeddings()
     if not isinstance(head, nn.Linear) or head.bias is not None or getattr(lm, "lm_head", None) is not head:
         raise ExportError(f"model.lm.path: the LM's output layer is {head}; LLaVA's lm_head is a Linear without bias")
@@ -230,13 +269,16 @@ def llava_state_dict(model, vocab_size: int, tower: dict[str, torch.Tensor]) -> 
     state = {f"model.vision_tower.{k}": v for k, v in tower.items()}
     for k, v in lm.state_dict().items():
         if k.startswith(prefix):
-            state["model.language_model." + k[len(prefix):]] = v
+            state["model.language_model." + k[len(prefix) :]] = v
         elif k.startswith("lm_head."):
             state[k] = v
         else:
             raise ExportError(f"model.lm.path: the LM holds {k}, which is neither its base model nor its lm_head")
-    emb = next(f"model.language_model.{n}.weight" for n, m in lm.get_decoder().named_modules()
-               if m is lm.get_input_embeddings())
+    emb = next(
+        f"model.language_model.{n}.weight"
+        for n, m in lm.get_decoder().named_modules()
+        if m is lm.get_input_embeddings()
+    )
     state[emb] = _padded(state[emb], vocab_size)
     state["lm_head.weight"] = _padded(state["lm_head.weight"], vocab_size)
     proj = model.bridge.proj
@@ -266,28 +308,41 @@ def llava_model(model, processor, plan: LlavaLayout):
     text["vocab_size"] = vocab
     vision = {k: v for k, v in vision.items() if k != "_name_or_path"}
     next_options = {"image_grid_pinpoints": plan.pinpoints} if plan.pinpoints else {}
-    config = config_class(vision_config=vision, text_config=text, image_token_index=image_id,
-                          image_seq_length=plan.image_seq_length, projector_hidden_act=projector_act(model.bridge.proj),
-                          vision_feature_select_strategy=plan.strategy, vision_feature_layer=plan.feature_layer,
-                          multimodal_projector_bias=True, tie_word_embeddings=bool(model.lm.config.tie_word_embeddings),
-                          **next_options)
+    config = config_class(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=image_id,
+        image_seq_length=plan.image_seq_length,
+        projector_hidden_act=projector_act(model.bridge.proj),
+        vision_feature_select_strategy=plan.strategy,
+        vision_feature_layer=plan.feature_layer,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=bool(model.lm.config.tie_word_embeddings),
+        **next_options,
+    )
     config.dtype = next(model.lm.parameters()).dtype
     with torch.device("meta"):  # no random initialisation: every tensor is assigned below
         llava = model_class(config)
     state = llava_state_dict(model, vocab, tower)
     own = set(llava.state_dict())
     if own != set(state):
-        raise ExportError(f"the {plan.architecture} built from this run's configs expects other tensors: missing "
-                          f"{sorted(own - set(state))[:5]}, unexpected {sorted(set(state) - own)[:5]}")
+        raise ExportError(
+            f"the {plan.architecture} built from this run's configs expects other tensors: missing "
+            f"{sorted(own - set(state))[:5]}, unexpected {sorted(set(state) - own)[:5]}"
+        )
     llava.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         llava.tie_weights()
     # buffers that are not saved (position ids, rotary frequencies) come from the models that ran
-    buffers = {f"model.vision_tower.{k}": b for k, b in model.vision.model.named_buffers()} \
-        if plan.architecture in (ARCHS["hf"], NEXT) else {}
+    buffers = (
+        {f"model.vision_tower.{k}": b for k, b in model.vision.model.named_buffers()}
+        if plan.architecture in (ARCHS["hf"], NEXT)
+        else {}
+    )
     prefix = model.lm.base_model_prefix + "."
-    buffers.update({"model.language_model." + k[len(prefix):]: b for k, b in model.lm.named_buffers()
-                    if k.startswith(prefix)})
+    buffers.update(
+        {"model.language_model." + k[len(prefix) :]: b for k, b in model.lm.named_buffers() if k.startswith(prefix)}
+    )
     for name, buf in list(llava.named_buffers()):
         if buf.is_meta and name in buffers:
             owner, _, leaf = name.rpartition(".")
@@ -310,7 +365,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, say=print) -> Path:
     blockers = recipe_blockers(recipe.model) + [
         f"stages[{i}].train.lm: {st.train['lm']} adds layers a transformers Llama does not have "
         f"({'MoE experts' if st.train['lm'] == 'moe' else 'LaVIN adapters'})"
-        for i, st in enumerate(recipe.stages) if st.train.get("lm") in ("moe", "mma")]
+        for i, st in enumerate(recipe.stages)
+        if st.train.get("lm") in ("moe", "mma")
+    ]
     if blockers:  # before any weight is loaded
         raise ExportError(f"{run_dir}: cannot export as LLaVA or FastVLM:\n  " + "\n  ".join(blockers))
     model, processor = load_run(run_dir, device="cpu")
@@ -322,14 +379,25 @@ def export_run(run_dir: str | Path, out_dir: str | Path, say=print) -> Path:
         llava.generation_config = generation_config(processor, new_ids)
         llava.save_pretrained(str(stage.path))
         llava_processor(processor, plan, recipe.model.system_prompt).save_pretrained(str(stage.path))
-        (stage.path / "mmbridge_export.json").write_text(json.dumps(
-            {"format": 1, "run": str(run_dir.resolve()), "class": plan.architecture,
-             "lora_layers_merged": merged, "suppressed_ids": new_ids}, indent=2))
+        (stage.path / "mmbridge_export.json").write_text(
+            json.dumps(
+                {
+                    "format": 1,
+                    "run": str(run_dir.resolve()),
+                    "class": plan.architecture,
+                    "lora_layers_merged": merged,
+                    "suppressed_ids": new_ids,
+                },
+                indent=2,
+            )
+        )
     except BaseException:
         folders.discard(stage)
         raise
     folders.publish(stage)  # refused: OUT untouched, the finished folder kept and named
-    say(f"exported {run_dir} as {plan.architecture} to {out} ({merged} LoRA layers merged; "
+    say(
+        f"exported {run_dir} as {plan.architecture} to {out} ({merged} LoRA layers merged; "
         f"{plan.image_seq_length} tokens per image, vision_feature_layer {plan.feature_layer}, "
-        f"select strategy {plan.strategy})")
+        f"select strategy {plan.strategy})"
+    )
     return out

@@ -32,15 +32,21 @@ def blockers(vision: dict) -> list[str]:
     found = []
     stage = vision.get("feature_stage", "head")
     if stage != "head" and not (stage.startswith("block") and stage[5:].isdigit() and 0 <= int(stage[5:]) < 15):
-        found.append(f"model.vision.feature_stage: {stage}; FastVLM reads the tower's last feature map (the "
-                     "head, or an inner block's cut: block0 to block14)")
+        found.append(
+            f"model.vision.feature_stage: {stage}; FastVLM reads the tower's last feature map (the "
+            "head, or an inner block's cut: block0 to block14)"
+        )
     if vision.get("extra_stages"):
-        found.append(f"model.vision.extra_stages: {vision['extra_stages']} appends pooled earlier stages, which "
-                     "EfficientNetModel does not; train without extra_stages")
+        found.append(
+            f"model.vision.extra_stages: {vision['extra_stages']} appends pooled earlier stages, which "
+            "EfficientNetModel does not; train without extra_stages"
+        )
     size = int(vision.get("image_size", 256))
     if size % 32:
-        found.append(f"model.vision.image_size: {size} is not a multiple of 32, where transformers' padding "
-                     f"differs from the Lite package's; use {size - size % 32} or {size - size % 32 + 32}")
+        found.append(
+            f"model.vision.image_size: {size} is not a multiple of 32, where transformers' padding "
+            f"differs from the Lite package's; use {size - size % 32} or {size - size % 32 + 32}"
+        )
     return found
 
 
@@ -55,9 +61,17 @@ def efficientnet_config(encoder):
     block's cut, the stages up to that block."""
     from transformers import EfficientNetConfig
 
-    config = EfficientNetConfig(width_coefficient=1.0, depth_coefficient=1.0, image_size=int(encoder.image_size),
-                                hidden_act="relu6", hidden_dim=1280, hidden_size=1280, batch_norm_eps=1e-3,
-                                dropout_rate=0.0, drop_connect_rate=0.0)
+    config = EfficientNetConfig(
+        width_coefficient=1.0,
+        depth_coefficient=1.0,
+        image_size=int(encoder.image_size),
+        hidden_act="relu6",
+        hidden_dim=1280,
+        hidden_size=1280,
+        batch_norm_eps=1e-3,
+        dropout_rate=0.0,
+        drop_connect_rate=0.0,
+    )
     last = cut_block(encoder)
     if last is not None:
         ends = [sum(STAGE_REPEATS[: i + 1]) for i in range(len(STAGE_REPEATS))]
@@ -90,9 +104,14 @@ def cut_head(channels: int) -> dict[str, torch.Tensor]:
     bias[rows] = -6.0 * k.float()
     # BatchNorm in eval: (x − 0) / sqrt(1 + eps) · w + b, with w = sqrt(1 + eps) taken in fp32 as it runs
     norm = torch.sqrt(torch.tensor(1.0 + 1e-3))
-    return {"encoder.top_conv.weight": conv, "encoder.top_bn.weight": norm.expand(1280).clone(),
-            "encoder.top_bn.bias": bias, "encoder.top_bn.running_mean": torch.zeros(1280),
-            "encoder.top_bn.running_var": torch.ones(1280), "encoder.top_bn.num_batches_tracked": torch.tensor(0)}
+    return {
+        "encoder.top_conv.weight": conv,
+        "encoder.top_bn.weight": norm.expand(1280).clone(),
+        "encoder.top_bn.bias": bias,
+        "encoder.top_bn.running_mean": torch.zeros(1280),
+        "encoder.top_bn.running_var": torch.ones(1280),
+        "encoder.top_bn.num_batches_tracked": torch.tensor(0),
+    }
 
 
 def cut_projector(linear_1_weight: torch.Tensor) -> torch.Tensor:
@@ -103,11 +122,20 @@ def cut_projector(linear_1_weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
-_BLOCK = {"_expand_conv": "expansion.expand_conv", "_bn0": "expansion.expand_bn",
-          "_depthwise_conv": "depthwise_conv.depthwise_conv", "_bn1": "depthwise_conv.depthwise_norm",
-          "_project_conv": "projection.project_conv", "_bn2": "projection.project_bn"}
-_TOP = {"_conv_stem": "embeddings.convolution", "_bn0": "embeddings.batchnorm", "_conv_head": "encoder.top_conv",
-        "_bn1": "encoder.top_bn"}
+_BLOCK = {
+    "_expand_conv": "expansion.expand_conv",
+    "_bn0": "expansion.expand_bn",
+    "_depthwise_conv": "depthwise_conv.depthwise_conv",
+    "_bn1": "depthwise_conv.depthwise_norm",
+    "_project_conv": "projection.project_conv",
+    "_bn2": "projection.project_bn",
+}
+_TOP = {
+    "_conv_stem": "embeddings.convolution",
+    "_bn0": "embeddings.batchnorm",
+    "_conv_head": "encoder.top_conv",
+    "_bn1": "encoder.top_bn",
+}
 
 
 def efficientnet_state_dict(encoder) -> dict[str, torch.Tensor]:

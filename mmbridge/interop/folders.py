@@ -32,8 +32,9 @@ def check_new(out: Path) -> None:
     """Refuse an output path that already holds something (it is never replaced)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise InteropError(f"{out}: already exists and is not an empty folder; choose a new output folder "
-                           "(nothing there was touched)")
+        raise InteropError(
+            f"{out}: already exists and is not an empty folder; choose a new output folder (nothing there was touched)"
+        )
 
 
 def staging(out: Path) -> Staging:
@@ -63,9 +64,11 @@ def publish(stage: Staging) -> None:
                 os.rmdir(out)  # the empty folder made above (only while empty)
             except OSError:
                 pass
-        raise InteropError(f"{out}: something was put there while this command ran ({e.strerror or e}); "
-                           f"nothing there was touched, and the finished output was kept in {path} (move it "
-                           "where you want it)") from e
+        raise InteropError(
+            f"{out}: something was put there while this command ran ({e.strerror or e}); "
+            f"nothing there was touched, and the finished output was kept in {path} (move it "
+            "where you want it)"
+        ) from e
     try:
         fd = os.open(out.parent, os.O_RDONLY)
         try:

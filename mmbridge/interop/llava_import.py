@@ -28,7 +28,6 @@ from mmbridge.interop import InteropError, folders
 from mmbridge.interop.chat_template import string_content_template
 from mmbridge.models.language import IMAGE_TOKEN
 
-
 CLASSES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration"}
 
 
@@ -39,21 +38,28 @@ class LlavaImportError(InteropError):
 def _check_config(src: Path, config) -> None:
     where = f"{src}/config.json"
     if config.model_type not in CLASSES:
-        raise LlavaImportError(f"{where}: model_type {config.model_type!r}; mmbridge import reads "
-                               "LlavaForConditionalGeneration and LlavaNextForConditionalGeneration folders "
-                               "(model_type llava, llava_next)")
+        raise LlavaImportError(
+            f"{where}: model_type {config.model_type!r}; mmbridge import reads "
+            "LlavaForConditionalGeneration and LlavaNextForConditionalGeneration folders "
+            "(model_type llava, llava_next)"
+        )
     if not isinstance(config.vision_feature_layer, int):
-        raise LlavaImportError(f"{where}: vision_feature_layer {config.vision_feature_layer} concatenates several "
-                               "layers; mmbridge's hf encoder reads one (feature_layer)")
+        raise LlavaImportError(
+            f"{where}: vision_feature_layer {config.vision_feature_layer} concatenates several "
+            "layers; mmbridge's hf encoder reads one (feature_layer)"
+        )
     if config.projector_hidden_act != "gelu":
-        raise LlavaImportError(f"{where}: projector_hidden_act {config.projector_hidden_act!r}; the mlp bridge "
-                               "runs exact GELU (gelu)")
+        raise LlavaImportError(
+            f"{where}: projector_hidden_act {config.projector_hidden_act!r}; the mlp bridge runs exact GELU (gelu)"
+        )
     if not config.multimodal_projector_bias:
         raise LlavaImportError(f"{where}: multimodal_projector_bias false; the mlp bridge's layers have biases")
     for attr in ("image_size", "patch_size", "hidden_size"):
         if not hasattr(config.vision_config, attr):
-            raise LlavaImportError(f"{where}: vision_config ({config.vision_config.model_type}) has no {attr}; "
-                                   "mmbridge's hf encoder takes ViT-style towers")
+            raise LlavaImportError(
+                f"{where}: vision_config ({config.vision_config.model_type}) has no {attr}; "
+                "mmbridge's hf encoder takes ViT-style towers"
+            )
 
 
 def _anyres_tiling(src: Path, config) -> dict:
@@ -63,8 +69,10 @@ def _anyres_tiling(src: Path, config) -> dict:
     for pin in config.image_grid_pinpoints:
         height, width = (int(x) for x in pin)
         if height % size or width % size:
-            raise LlavaImportError(f"{src}/config.json: image_grid_pinpoints {list(pin)} is not a grid of "
-                                   f"{size}-pixel tiles; mmbridge's AnyRes cuts whole tiles")
+            raise LlavaImportError(
+                f"{src}/config.json: image_grid_pinpoints {list(pin)} is not a grid of "
+                f"{size}-pixel tiles; mmbridge's AnyRes cuts whole tiles"
+            )
         grids.append([height // size, width // size])
     return {"mode": "anyres", "grids": grids, "newline": True, "global_view": True}
 
@@ -76,9 +84,11 @@ def _drop_cls(src: Path, config, tower) -> bool:
     if config.vision_feature_select_strategy == "full":
         return False
     if special != 1:
-        raise LlavaImportError(f"{src}/config.json: vision_feature_select_strategy 'default' drops the first "
-                               f"token, but this tower emits {special} special tokens before its patches; mmbridge "
-                               "drops all of them or none")
+        raise LlavaImportError(
+            f"{src}/config.json: vision_feature_select_strategy 'default' drops the first "
+            f"token, but this tower emits {special} special tokens before its patches; mmbridge "
+            "drops all of them or none"
+        )
     return True
 
 
@@ -105,9 +115,11 @@ def _save_lm(llava, folder: Path, vocab: int) -> None:
     prefix = lm.base_model_prefix + "."
     inner = llava.model.language_model
     if type(getattr(lm, lm.base_model_prefix)) is not type(inner):
-        raise LlavaImportError(f"text_config ({text.model_type}): AutoModelForCausalLM wraps a "
-                               f"{type(getattr(lm, lm.base_model_prefix)).__name__}, the LLaVA holds a "
-                               f"{type(inner).__name__}")
+        raise LlavaImportError(
+            f"text_config ({text.model_type}): AutoModelForCausalLM wraps a "
+            f"{type(getattr(lm, lm.base_model_prefix)).__name__}, the LLaVA holds a "
+            f"{type(inner).__name__}"
+        )
     emb = next(n for n, m in inner.named_modules() if m is inner.get_input_embeddings()) + ".weight"
     state = {prefix + k: (v[:vocab] if k == emb else v) for k, v in inner.state_dict().items()}
     state["lm_head.weight"] = llava.lm_head.weight[:vocab]
@@ -116,30 +128,34 @@ def _save_lm(llava, folder: Path, vocab: int) -> None:
         lm.tie_weights()
     buffers = dict(inner.named_buffers())
     for name, buf in list(lm.named_buffers()):
-        if buf.is_meta and name[len(prefix):] in buffers:
+        if buf.is_meta and name[len(prefix) :] in buffers:
             owner, _, leaf = name.rpartition(".")
-            lm.get_submodule(owner)._buffers[leaf] = buffers[name[len(prefix):]]
+            lm.get_submodule(owner)._buffers[leaf] = buffers[name[len(prefix) :]]
     lm.save_pretrained(str(folder))
 
 
 def _chat_template(src: Path, processor, tokenizer) -> str:
     template = getattr(processor, "chat_template", None) or getattr(tokenizer, "chat_template", None)
     if not isinstance(template, str) or not template:
-        raise LlavaImportError(f"{src}: no chat template (chat_template.jinja, or chat_template in "
-                               "tokenizer_config.json); mmbridge renders every conversation with one")
+        raise LlavaImportError(
+            f"{src}: no chat template (chat_template.jinja, or chat_template in "
+            "tokenizer_config.json); mmbridge renders every conversation with one"
+        )
     return string_content_template(template)
 
 
 def _preprocessing_notes(src: Path, image_processor, size: int) -> list[str]:
     """Where the source's image preprocessing differs from ours (a square resize, no crop or padding)."""
     notes = []
-    if getattr(image_processor, "do_center_crop", False) or "shortest_edge" in (getattr(image_processor, "size", None)
-                                                                               or {}):
+    if getattr(image_processor, "do_center_crop", False) or "shortest_edge" in (
+        getattr(image_processor, "size", None) or {}
+    ):
         notes.append("its image processor resizes the shortest edge and center-crops")
     if getattr(image_processor, "do_pad", False):
         notes.append("its image processor pads images to a square")
-    return [f"note: {src}: {n}; mmbridge resizes whole images to {size}x{size} (the same for square images)"
-            for n in notes]
+    return [
+        f"note: {src}: {n}; mmbridge resizes whole images to {size}x{size} (the same for square images)" for n in notes
+    ]
 
 
 def import_llava(src: str | Path, out_dir: str | Path, say=print) -> Path:
@@ -164,16 +180,20 @@ def import_llava(src: str | Path, out_dir: str | Path, say=print) -> Path:
         raise LlavaImportError(f"{src}: AutoProcessor cannot load its processor files: {e}") from e
     tokenizer = copy.deepcopy(processor.tokenizer)
     if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != config.image_token_id:
-        raise LlavaImportError(f"{src}/config.json: image_token_index {config.image_token_id} is not the id of "
-                               f"{IMAGE_TOKEN!r} in its tokenizer ({tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)})")
+        raise LlavaImportError(
+            f"{src}/config.json: image_token_index {config.image_token_id} is not the id of "
+            f"{IMAGE_TOKEN!r} in its tokenizer ({tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)})"
+        )
     tokenizer.chat_template = _chat_template(src, processor, tokenizer)
     llava_class = getattr(transformers, CLASSES[config.model_type])
     tiling = _anyres_tiling(src, config) if config.model_type == "llava_next" else None
     llava, info = llava_class.from_pretrained(str(src), dtype="auto", output_loading_info=True)
     missing, mismatched = sorted(info.get("missing_keys") or []), list(info.get("mismatched_keys") or [])
     if missing or mismatched:
-        raise LlavaImportError(f"{src}: its safetensors lack or misshape weights its config asks for: "
-                               f"missing {missing[:5]}, mismatched {mismatched[:5]}")
+        raise LlavaImportError(
+            f"{src}: its safetensors lack or misshape weights its config asks for: "
+            f"missing {missing[:5]}, mismatched {mismatched[:5]}"
+        )
     drop_cls = _drop_cls(src, config, llava.model.vision_tower)
     size = int(config.vision_config.image_size)
     ip = processor.image_processor
@@ -189,16 +209,24 @@ def import_llava(src: str | Path, out_dir: str | Path, say=print) -> Path:
         for name in ("vision", "lm", "tokenizer"):
             write_folder(stage / name, {}, filled=stage / f".{name}.tmp")
         text = config.text_config
-        model_cfg = {"vision": {"name": "hf", "feature_layer": int(config.vision_feature_layer),
-                                "drop_cls": drop_cls},
-                     "bridge": {"name": "mlp", "depth": 2},
-                     "max_length": int(min(getattr(text, "max_position_embeddings", 2048) or 2048, 4096)),
-                     **({"tiling": tiling} if tiling else {})}
+        model_cfg = {
+            "vision": {"name": "hf", "feature_layer": int(config.vision_feature_layer), "drop_cls": drop_cls},
+            "bridge": {"name": "mlp", "depth": 2},
+            "max_length": int(min(getattr(text, "max_position_embeddings", 2048) or 2048, 4096)),
+            **({"tiling": tiling} if tiling else {}),
+        }
 
         def recipe(root: Path):
-            return recipe_from_dict({"name": out.name, "model": {
-                **model_cfg, "vision": {**model_cfg["vision"], "path": str(root / "vision")},
-                "lm": {"path": str(root / "lm"), "dtype": str(llava.dtype).removeprefix("torch.")}}})
+            return recipe_from_dict(
+                {
+                    "name": out.name,
+                    "model": {
+                        **model_cfg,
+                        "vision": {**model_cfg["vision"], "path": str(root / "vision")},
+                        "lm": {"path": str(root / "lm"), "dtype": str(llava.dtype).removeprefix("torch.")},
+                    },
+                }
+            )
 
         model, our_processor = build_model(recipe(stage).model)  # loads the written folders: they must work
         proj = llava.model.multi_modal_projector
@@ -209,11 +237,17 @@ def import_llava(src: str | Path, out_dir: str | Path, say=print) -> Path:
             if tiling:
                 model.bridge.image_newline.copy_(llava.model.image_newline)
         if not tiling and our_processor.num_image_tokens != config.image_seq_length:
-            say(f"note: {src}/config.json: image_seq_length {config.image_seq_length}, but the tower gives "
-                f"{our_processor.num_image_tokens} tokens per image (used)")
+            say(
+                f"note: {src}/config.json: image_seq_length {config.image_seq_length}, but the tower gives "
+                f"{our_processor.num_image_tokens} tokens per image (used)"
+            )
         keys = {k for k, _ in model.bridge.named_parameters(prefix="bridge")}
-        save_weights(model, keys, stage / "model",
-                     {"keys": sorted(keys), "lora": None, "stage": 0, "step": 0, "imported_from": str(src.resolve())})
+        save_weights(
+            model,
+            keys,
+            stage / "model",
+            {"keys": sorted(keys), "lora": None, "stage": 0, "step": 0, "imported_from": str(src.resolve())},
+        )
         save_recipe(recipe(out.resolve()), stage)
         (stage / "imported.json").write_text(json.dumps({"format": 1, "source": str(src.resolve())}, indent=2))
     except BaseException:
@@ -222,6 +256,8 @@ def import_llava(src: str | Path, out_dir: str | Path, say=print) -> Path:
     folders.publish(staged)  # refused: OUT untouched, the finished run kept and named
     for line in _preprocessing_notes(src, ip, size):
         say(line)
-    say(f"imported {src} into the run directory {out} ({our_processor.num_image_tokens} tokens per image, "
-        f"feature_layer {config.vision_feature_layer}, drop_cls {drop_cls})")
+    say(
+        f"imported {src} into the run directory {out} ({our_processor.num_image_tokens} tokens per image, "
+        f"feature_layer {config.vision_feature_layer}, drop_cls {drop_cls})"
+    )
     return out

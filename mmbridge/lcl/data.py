@@ -16,8 +16,8 @@ from __future__ import annotations
 import glob
 import itertools
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -52,8 +52,15 @@ def resolve_documents(recipe: Recipe, name: str) -> list[Document] | list[str]:
 class Sequences(torch.utils.data.Dataset):
     """Item `epoch·n + i`: document i laid out with the rng of (seed, epoch, i)."""
 
-    def __init__(self, docs: list[Document], cfg: SequenceConfig, ids: SpecialIds, n_patches: int,
-                 encode: Callable[[str], list[int]], seed: int):
+    def __init__(
+        self,
+        docs: list[Document],
+        cfg: SequenceConfig,
+        ids: SpecialIds,
+        n_patches: int,
+        encode: Callable[[str], list[int]],
+        seed: int,
+    ):
         self.docs, self.cfg, self.ids, self.n_patches, self.encode, self.seed = docs, cfg, ids, n_patches, encode, seed
 
     def __len__(self) -> int:
@@ -61,8 +68,9 @@ class Sequences(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> dict:
         epoch, i = divmod(int(k), len(self.docs))
-        return build_sequence(self.docs[i], self.cfg, self.ids, self.n_patches, self.encode,
-                              np.random.default_rng([self.seed, epoch, i]))
+        return build_sequence(
+            self.docs[i], self.cfg, self.ids, self.n_patches, self.encode, np.random.default_rng([self.seed, epoch, i])
+        )
 
 
 class EpochBatches(torch.utils.data.Sampler):
@@ -101,8 +109,17 @@ class ShardBatches:
 
     per_rank = True
 
-    def __init__(self, urls: list[tuple[str, bool]], build: Callable, collator: Collator, batch_size: int,
-                 seed: int, rank: int, world: int, start: int = 0):
+    def __init__(
+        self,
+        urls: list[tuple[str, bool]],
+        build: Callable,
+        collator: Collator,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world: int,
+        start: int = 0,
+    ):
         self.mine = [u for i, u in enumerate(urls) if i % world == rank]
         if not self.mine:
             raise RecipeError(f"{len(urls)} shard(s) for {world} processes: need at least one each")
@@ -118,7 +135,7 @@ class ShardBatches:
             for j in order:
                 url, pairs = self.mine[j]
                 for k, doc in enumerate(iter_shards([url])):
-                    for d in (as_pairs([doc]) if pairs else [doc]):
+                    for d in as_pairs([doc]) if pairs else [doc]:
                         yield self.build(d, np.random.default_rng([self.seed, epoch, int(j), k]))
 
     def __iter__(self) -> Iterator[dict]:

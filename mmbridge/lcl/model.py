@@ -13,8 +13,14 @@ from mmbridge.lcl.sequence import EOI, PATCH, SOI, SpecialIds
 from mmbridge.models.precision import autocast
 from mmbridge.models.vit import LCLVisionTower
 
-LLAMA_DEFAULTS = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                  "intermediate_size": 384, "max_position_embeddings": 1024}
+LLAMA_DEFAULTS = {
+    "hidden_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 384,
+    "max_position_embeddings": 1024,
+}
 
 
 def build_tokenizer(spec: str | dict, texts: list[str] | None = None):
@@ -57,8 +63,14 @@ def build_lm(cfg: dict, tokenizer) -> nn.Module:
 
         lm = AutoModelForCausalLM.from_pretrained(resolve_path(cfg.pop("path")), dtype=torch.float32)
     else:
-        lm = LlamaForCausalLM(LlamaConfig(**{**LLAMA_DEFAULTS, **cfg}, vocab_size=len(tokenizer),
-                                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True))
+        lm = LlamaForCausalLM(
+            LlamaConfig(
+                **{**LLAMA_DEFAULTS, **cfg},
+                vocab_size=len(tokenizer),
+                pad_token_id=tokenizer.pad_token_id,
+                tie_word_embeddings=True,
+            )
+        )
     if lm.get_input_embeddings().num_embeddings < len(tokenizer):
         lm.resize_token_embeddings(len(tokenizer))
     return lm
@@ -84,7 +96,7 @@ class LCLModel(nn.Module):
 
     @property
     def n_patches(self) -> int:
-        return self.vit.config.grid ** 2
+        return self.vit.config.grid**2
 
     @property
     def device(self) -> torch.device:
@@ -104,9 +116,12 @@ class LCLModel(nn.Module):
         n_slots = int(is_patch.sum())
         if n_slots:
             if n_slots != tokens.shape[0] * tokens.shape[1]:
-                raise ValueError(f"{tokens.shape[0]} images x {tokens.shape[1]} patches do not fill "
-                                 f"{n_slots} patch positions")
-            embeds = embeds.masked_scatter(is_patch.unsqueeze(-1), tokens.to(embeds.dtype).reshape(-1, tokens.shape[-1]))
+                raise ValueError(
+                    f"{tokens.shape[0]} images x {tokens.shape[1]} patches do not fill {n_slots} patch positions"
+                )
+            embeds = embeds.masked_scatter(
+                is_patch.unsqueeze(-1), tokens.to(embeds.dtype).reshape(-1, tokens.shape[-1])
+            )
         h = self.lm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
         return h, latent
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from mmbridge.data.images import ImageError
 from mmbridge.data.llava import DataError
@@ -44,8 +44,9 @@ def parse_document(obj: dict, where: str, image_root: str | None = None, members
             try:
                 source = media_path(image_root, str(name))
             except ImageError as e:
-                raise LCLDataError(f"{where}: image_info[{j}].image_name: {e}",
-                                   getattr(e, "kind", "unreadable image")) from e
+                raise LCLDataError(
+                    f"{where}: image_info[{j}].image_name: {e}", getattr(e, "kind", "unreadable image")
+                ) from e
         else:
             source = str(name)
         images.append(ImageRef(source, t, sim))
@@ -69,8 +70,12 @@ def read_jsonl(path: str | Path, image_root: str | Path) -> list[Document]:
 
 def as_pairs(docs: list[Document]) -> list[Document]:
     """Each image with its matched sentence, as a one-sentence document (CLIP-style pairs)."""
-    return [Document([d.texts[im.text_index]], [ImageRef(im.source, 0, im.sim)], f"{d.id}/{k}")
-            for d in docs for k, im in enumerate(d.images) if 0 <= im.text_index < len(d.texts)]
+    return [
+        Document([d.texts[im.text_index]], [ImageRef(im.source, 0, im.sim)], f"{d.id}/{k}")
+        for d in docs
+        for k, im in enumerate(d.images)
+        if 0 <= im.text_index < len(d.texts)
+    ]
 
 
 def iter_shards(urls: list[str]) -> Iterator[Document]:
@@ -106,8 +111,9 @@ def write_shards(jsonl: str | Path, image_root: str | Path, out_dir: str | Path,
                 try:
                     sample[member] = read_media(image_root, info["image_name"])
                 except ImageError as e:
-                    raise LCLDataError(f"{jsonl}:{n + 1}: image_info[{j}].image_name: {e}",
-                                       getattr(e, "kind", "unreadable image")) from e
+                    raise LCLDataError(
+                        f"{jsonl}:{n + 1}: image_info[{j}].image_name: {e}", getattr(e, "kind", "unreadable image")
+                    ) from e
                 info["image_name"] = member
             sample["json"] = json.dumps(obj).encode()
             sink.write(sample)

@@ -9,8 +9,8 @@ dropped together with everything after it. Targets are text tokens only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -58,7 +58,7 @@ class SpecialIds:
     pad: int
 
     @classmethod
-    def of(cls, tokenizer) -> "SpecialIds":
+    def of(cls, tokenizer) -> SpecialIds:
         return cls(*tokenizer.convert_tokens_to_ids([SOI, EOI, PATCH]), tokenizer.pad_token_id)
 
 
@@ -89,8 +89,14 @@ def layout(doc: Document, cfg: SequenceConfig, rng: np.random.Generator) -> list
     return pieces
 
 
-def build_sequence(doc: Document, cfg: SequenceConfig, ids: SpecialIds, n_patches: int,
-                   encode: Callable[[str], list[int]], rng: np.random.Generator) -> dict:
+def build_sequence(
+    doc: Document,
+    cfg: SequenceConfig,
+    ids: SpecialIds,
+    n_patches: int,
+    encode: Callable[[str], list[int]],
+    rng: np.random.Generator,
+) -> dict:
     """input_ids, labels (text tokens only) and the images in order of their `<soi>`."""
     span = [ids.soi] + ([ids.patch] * n_patches + [ids.eoi] if cfg.patches else [])
     input_ids: list[int] = []
@@ -150,5 +156,10 @@ def collate(samples: list[dict], pad_id: int, images: ImageCache) -> dict:
         n = len(s["input_ids"])
         input_ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(s["input_ids"]), torch.tensor(s["labels"]), 1
     pixels = images([im for s in samples for im in s["images"]])
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels,
-            "ids": [s["id"] for s in samples]}
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": mask,
+        "pixel_values": pixels,
+        "ids": [s["id"] for s in samples],
+    }

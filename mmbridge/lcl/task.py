@@ -52,25 +52,35 @@ class LCLTask(Task):
 
     def loader(self, model, stage: StageConfig, start_batch: int, dist):
         got = [self.sources[name] for name in stage.data]
-        streams = [(u, bool(self.recipe.sources[n].pairs)) for n, g in zip(stage.data, got)
-                   if g and isinstance(g[0], str) for u in g]
+        streams = [
+            (u, bool(self.recipe.sources[n].pairs))
+            for n, g in zip(stage.data, got)
+            if g and isinstance(g[0], str)
+            for u in g
+        ]
         docs = [d for g in got if g and not isinstance(g[0], str) for d in g]
         if docs and streams:
             raise RecipeError(f"stage {stage.name!r}: an LCL stage reads either in-memory sources or shards, not both")
         if not docs and not streams:
             raise RecipeError(f"stage {stage.name!r}: its data holds no documents")
         if streams:
+
             def build(doc, rng):
                 return build_sequence(doc, self.sequence, self.model.ids, self.model.n_patches, self._encode, rng)
 
-            return ShardBatches(streams, build, self._collator(), stage.batch_size, stage.seed, dist.rank,
-                                dist.world, start=start_batch), None
+            return ShardBatches(
+                streams, build, self._collator(), stage.batch_size, stage.seed, dist.rank, dist.world, start=start_batch
+            ), None
         dataset = Sequences(docs, self.sequence, self.model.ids, self.model.n_patches, self._encode, stage.seed)
         workers = self.recipe.num_workers
-        loader = DataLoader(dataset, batch_sampler=EpochBatches(len(docs), stage.batch_size, stage.seed, start_batch),
-                            collate_fn=self._collator(), num_workers=workers,
-                            worker_init_fn=ignore_signals if workers else None,
-                            pin_memory=dist.device.type == "cuda")
+        loader = DataLoader(
+            dataset,
+            batch_sampler=EpochBatches(len(docs), stage.batch_size, stage.seed, start_batch),
+            collate_fn=self._collator(),
+            num_workers=workers,
+            worker_init_fn=ignore_signals if workers else None,
+            pin_memory=dist.device.type == "cuda",
+        )
         return dist.shard_loader(loader), len(docs)
 
     def finish(self, trainer) -> None:
@@ -80,4 +90,3 @@ class LCLTask(Task):
             vit.save_pretrained(folder)
             print(f"encoder exported to {folder}")
         trainer.dist.barrier()
-

@@ -21,8 +21,13 @@ def max_grid(rows: int, cols: int, max_views: int | None, side: int) -> tuple[in
     return (int(rows // times), int(cols // times)) if times > 1.1 else (rows, cols)
 
 
-def assemble(tiles: torch.Tensor, layout: TileLayout, newline: torch.Tensor | None = None,
-             global_view: torch.Tensor | None = None, max_views: int | None = None) -> torch.Tensor:
+def assemble(
+    tiles: torch.Tensor,
+    layout: TileLayout,
+    newline: torch.Tensor | None = None,
+    global_view: torch.Tensor | None = None,
+    max_views: int | None = None,
+) -> torch.Tensor:
     """[rows·cols, h, w, D] tile features (row-major tiles) → [tokens, D]: the `global_view` tokens ([n, D]) if
     given, then the tiles as one (rows·h) × (cols·w) map with the rows or columns that only saw padding removed
     (`TileLayout.content_cells`), shrunk under `max_views` (`max_grid`), `newline` ([D]) after every row."""
@@ -31,8 +36,11 @@ def assemble(tiles: torch.Tensor, layout: TileLayout, newline: torch.Tensor | No
         raise ValueError(f"anyres: {n} tiles for a {layout.rows}x{layout.cols} grid")
     if h != w or layout.base % h:
         raise ValueError(f"anyres: a {h}x{w} feature grid per tile does not divide the tile size {layout.base}")
-    grid = tiles.reshape(layout.rows, layout.cols, h, w, d).permute(0, 2, 1, 3, 4).reshape(layout.rows * h,
-                                                                                              layout.cols * w, d)
+    grid = (
+        tiles.reshape(layout.rows, layout.cols, h, w, d)
+        .permute(0, 2, 1, 3, 4)
+        .reshape(layout.rows * h, layout.cols * w, d)
+    )
     rows, cols = layout.content_cells(layout.base // h)
     grid = grid[rows, cols]
     size = max_grid(grid.shape[0], grid.shape[1], max_views, h)
@@ -44,8 +52,9 @@ def assemble(tiles: torch.Tensor, layout: TileLayout, newline: torch.Tensor | No
     return out if global_view is None else torch.cat([global_view.to(out.dtype), out], dim=0)
 
 
-def token_count(layout: TileLayout, cells: int, newline: bool = True, global_tokens: int = 0,
-                max_views: int | None = None) -> int:
+def token_count(
+    layout: TileLayout, cells: int, newline: bool = True, global_tokens: int = 0, max_views: int | None = None
+) -> int:
     """How many tokens `assemble` returns for this layout with `cells`×`cells` features per tile."""
     rows, cols = layout.content_cells(layout.base // cells)
     r, c = max_grid(rows.stop - rows.start, cols.stop - cols.start, max_views, cells)

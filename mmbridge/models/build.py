@@ -27,8 +27,9 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> tuple[MultimodalLM, Process
     vision = build_vision_encoder(dict(cfg.vision))
     lm, tok = load_language_model(dict(cfg.lm))
     tok = tokenizer or tok
-    bridge = build_bridge(bridge_options(cfg), vision.hidden_size, lm.config.hidden_size, vision.grid,
-                          in_tokens=vision.num_tokens)
+    bridge = build_bridge(
+        bridge_options(cfg), vision.hidden_size, lm.config.hidden_size, vision.grid, in_tokens=vision.num_tokens
+    )
     tiling = build_tiling(cfg, bridge, vision, lm.config.hidden_size)
     model = MultimodalLM(vision, bridge, lm, tok.convert_tokens_to_ids(IMAGE_TOKEN))
     model.precision = getattr(cfg, "precision", "auto")
@@ -39,10 +40,18 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> tuple[MultimodalLM, Process
         _load_init(model, cfg.init)
     if getattr(cfg, "gradient_checkpointing", False):
         enable_gradient_checkpointing(model)
-    processor = Processor(tok, bridge.num_tokens, vision.image_size, vision.image_mean, vision.image_std,
-                          max_length=cfg.max_length, system_prompt=cfg.system_prompt,
-                          text_tokenizer=bridge.tokenizer, instructions=bridge.uses_instruction,
-                          max_text_tokens=getattr(bridge, "max_text_tokens", 64))
+    processor = Processor(
+        tok,
+        bridge.num_tokens,
+        vision.image_size,
+        vision.image_mean,
+        vision.image_std,
+        max_length=cfg.max_length,
+        system_prompt=cfg.system_prompt,
+        text_tokenizer=bridge.tokenizer,
+        instructions=bridge.uses_instruction,
+        max_text_tokens=getattr(bridge, "max_text_tokens", 64),
+    )
     processor.video = video_sampling(cfg, bridge)
     processor.tiling = tiling
     return model, processor
@@ -64,22 +73,36 @@ def build_tiling(cfg: ModelConfig, bridge, vision, width: int) -> Tiling:
     if not tiling.varies:
         return tiling
     if bridge.uses_instruction or getattr(bridge, "fusion", "early") == "deep":
-        raise ValueError(f"model.tiling.mode={tiling.mode}: the {cfg.bridge.get('name')} bridge reads instructions "
-                         "or works in the LM's layers; tiling needs a bridge that maps each view alone")
+        raise ValueError(
+            f"model.tiling.mode={tiling.mode}: the {cfg.bridge.get('name')} bridge reads instructions "
+            "or works in the LM's layers; tiling needs a bridge that maps each view alone"
+        )
     tiling.check(image_size, bridge.num_tokens)
     tiling.patch = image_size // vision.grid[1]
-    if tiling.mode == "uhd" and (cfg.bridge.get("name") != "resampler" or cfg.bridge.get("pos_embed")
-                                 or not hasattr(vision, "forward_any")):
-        raise ValueError("model.tiling.mode=uhd: each slice is encoded at its own size and compressed to one count; "
-                         "expected a ViT tower (hf or lcl_vit) and the resampler bridge without pos_embed")
+    if tiling.mode == "uhd" and (
+        cfg.bridge.get("name") != "resampler" or cfg.bridge.get("pos_embed") or not hasattr(vision, "forward_any")
+    ):
+        raise ValueError(
+            "model.tiling.mode=uhd: each slice is encoded at its own size and compressed to one count; "
+            "expected a ViT tower (hf or lcl_vit) and the resampler bridge without pos_embed"
+        )
     if tiling.newline:
-        bridge.image_newline = nn.Parameter(torch.randn(width) / width ** 0.5)
+        bridge.image_newline = nn.Parameter(torch.randn(width) / width**0.5)
     if tiling.mode == "monkey":
         if getattr(cfg, "feature_cache", False):
-            raise ValueError("model.tiling.mode=monkey: each window has its own adapter; feature_cache keys on pixels "
-                             "alone (turn it off)")
-        add_window_lora(vision, tiling.windows[0] * tiling.windows[1], tiling.rank, tiling.alpha, tiling.targets,
-                        tiling.mlp_rank, tiling.dropout)
+            raise ValueError(
+                "model.tiling.mode=monkey: each window has its own adapter; feature_cache keys on pixels "
+                "alone (turn it off)"
+            )
+        add_window_lora(
+            vision,
+            tiling.windows[0] * tiling.windows[1],
+            tiling.rank,
+            tiling.alpha,
+            tiling.targets,
+            tiling.mlp_rank,
+            tiling.dropout,
+        )
     return tiling
 
 
@@ -88,8 +111,10 @@ def video_sampling(cfg: ModelConfig, bridge) -> VideoSampling:
     embeddings must cover `max_frames`."""
     sampling = VideoSampling.from_options(getattr(cfg, "video", None), whole=bridge.reads_video)
     if bridge.reads_video and sampling.max_frames > bridge.max_frames:
-        raise ValueError(f"model.video.max_frames={sampling.max_frames} exceeds the {cfg.bridge.get('name')} bridge's "
-                         f"temporal embeddings (model.bridge.max_frames={bridge.max_frames})")
+        raise ValueError(
+            f"model.video.max_frames={sampling.max_frames} exceeds the {cfg.bridge.get('name')} bridge's "
+            f"temporal embeddings (model.bridge.max_frames={bridge.max_frames})"
+        )
     return sampling
 
 
@@ -98,8 +123,9 @@ def _load_init(model: MultimodalLM, run_dir: str, seen: tuple[str, ...] = ()) ->
     itself started from another (its own `model.init`) saved only what it trained: that one is loaded first."""
     folder = Path(run_dir) / "model"
     if not (folder / "meta.json").is_file():
-        raise FileNotFoundError(f"model.init: {run_dir} is not a run directory with trained weights "
-                                f"(no {folder / 'meta.json'})")
+        raise FileNotFoundError(
+            f"model.init: {run_dir} is not a run directory with trained weights (no {folder / 'meta.json'})"
+        )
     key = str(Path(run_dir).resolve())
     if key in seen:
         raise ValueError(f"model.init: the runs {' -> '.join(seen + (key,))} start from each other in a cycle")

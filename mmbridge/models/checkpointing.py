@@ -9,7 +9,7 @@ only when gradients flow through it; a frozen encoder under `no_grad` runs as us
 from __future__ import annotations
 
 import types
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -20,8 +20,9 @@ _CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
 
 def _carries_grad(block: nn.Module, args: tuple, kwargs: dict) -> bool:
     tensors = [*args, *kwargs.values()]
-    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors) or \
-        any(p.requires_grad for p in block.parameters())
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors) or any(
+        p.requires_grad for p in block.parameters()
+    )
 
 
 def _checkpointed_forward(self: nn.Module, *args, **kwargs):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,8 +47,10 @@ class VisionEncoder(nn.Module):
     def resize(self, image_size: int) -> None:
         """Take `image_size` images from now on (a stage's `image_size`): ViT towers interpolate their positions."""
         if image_size != self.image_size:
-            raise ValueError(f"{self.cfg.get('name')}: this encoder cannot change its resolution "
-                             f"({self.image_size} → {image_size}); a stage's image_size needs a ViT tower")
+            raise ValueError(
+                f"{self.cfg.get('name')}: this encoder cannot change its resolution "
+                f"({self.image_size} → {image_size}); a stage's image_size needs a ViT tower"
+            )
 
 
 VISION_ENCODERS: dict[str, type[VisionEncoder]] = {}

@@ -58,7 +58,7 @@ def _dequantised_gguf(folder: str, gguf_file: str, cache_dir: str | None) -> str
     return str(out)
 
 
-def load_language_model(cfg: dict) -> tuple[PreTrainedModel, "object"]:
+def load_language_model(cfg: dict) -> tuple[PreTrainedModel, object]:
     """Load a causal LM and its tokenizer from `cfg = {"path": ..., "gguf_file": optional}`."""
     unknown = set(cfg) - LM_OPTIONS
     if unknown:
@@ -68,10 +68,13 @@ def load_language_model(cfg: dict) -> tuple[PreTrainedModel, "object"]:
     path = resolve_path(cfg["path"])
     if cfg.get("gguf_file"):
         path = _dequantised_gguf(path, cfg["gguf_file"], cfg.get("cache_dir"))
-    kwargs = {"dtype": getattr(torch, cfg.get("dtype", "float32")),
-              "attn_implementation": cfg.get("attn_implementation", "sdpa")}
-    model = meta.try_meta(AutoModelForCausalLM, path, "model.lm", **kwargs) \
-        or AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    kwargs = {
+        "dtype": getattr(torch, cfg.get("dtype", "float32")),
+        "attn_implementation": cfg.get("attn_implementation", "sdpa"),
+    }
+    model = meta.try_meta(AutoModelForCausalLM, path, "model.lm", **kwargs) or AutoModelForCausalLM.from_pretrained(
+        path, **kwargs
+    )
     tokenizer = AutoTokenizer.from_pretrained(path)
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
@@ -90,20 +93,36 @@ def lora_layers(layers, num_layers: int) -> list[int] | None:
         if not 1 <= layers <= num_layers:
             raise ValueError(f"lora.layers: the top N layers, N between 1 and the LM's {num_layers}; got {layers}")
         return list(range(num_layers - layers, num_layers))
-    if not isinstance(layers, (list, tuple)) or not layers or not all(
-            isinstance(i, int) and 0 <= i < num_layers for i in layers):
-        raise ValueError(f"lora.layers: a number N (the top N layers) or a list of layer indices in "
-                         f"[0, {num_layers}); got {layers!r}")
+    if (
+        not isinstance(layers, (list, tuple))
+        or not layers
+        or not all(isinstance(i, int) and 0 <= i < num_layers for i in layers)
+    ):
+        raise ValueError(
+            f"lora.layers: a number N (the top N layers) or a list of layer indices in "
+            f"[0, {num_layers}); got {layers!r}"
+        )
     return sorted(set(layers))
 
 
-def add_lora(model: torch.nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str],
-             layers: list[int] | None = None) -> None:
+def add_lora(
+    model: torch.nn.Module,
+    r: int,
+    alpha: int,
+    dropout: float,
+    target_modules: list[str],
+    layers: list[int] | None = None,
+) -> None:
     """Inject LoRA adapters into `model` in place (peft), into the decoder `layers` given (default all); the
     base weights stay as they are."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                        layers_to_transform=list(layers) if layers is not None else None)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        layers_to_transform=list(layers) if layers is not None else None,
+    )
     with meta.adapters_off_meta(model):  # a model built for FSDP: adapters get their initial values
         inject_adapter_in_model(config, model)

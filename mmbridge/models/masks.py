@@ -50,9 +50,14 @@ def segment_first_answer(labels: torch.Tensor, segment_ids: torch.Tensor) -> tor
     return first.gather(1, segment_ids)
 
 
-def allowed_attention(attention_mask: torch.Tensor, mode: str = "causal", labels: torch.Tensor | None = None,
-                      is_image: torch.Tensor | None = None, tokens_per_image: int | torch.Tensor | None = None,
-                      segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+def allowed_attention(
+    attention_mask: torch.Tensor,
+    mode: str = "causal",
+    labels: torch.Tensor | None = None,
+    is_image: torch.Tensor | None = None,
+    tokens_per_image: int | torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Boolean [B, T, T] (query, key): True where a query may attend to a key."""
     if mode not in MODES:
         raise ValueError(f"attention mode {mode!r}: expected one of {MODES}")
@@ -69,8 +74,11 @@ def allowed_attention(attention_mask: torch.Tensor, mode: str = "causal", labels
         else:  # the key lies in its own sample's prefix (the segment check below keeps samples apart)
             allowed = allowed | (pos < segment_first_answer(labels, segment_ids))[:, None, :]
     elif mode == "visual":
-        if is_image is None or tokens_per_image is None or (not torch.is_tensor(tokens_per_image)
-                                                            and not tokens_per_image):
+        if (
+            is_image is None
+            or tokens_per_image is None
+            or (not torch.is_tensor(tokens_per_image) and not tokens_per_image)
+        ):
             raise ValueError("visual attention needs is_image and tokens_per_image")
         span = image_spans(is_image, tokens_per_image)
         same = (span[:, :, None] == span[:, None, :]) & is_image[:, :, None] & is_image[:, None, :]
@@ -86,9 +94,16 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> 
     return out.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
 
 
-def mixed_attention_mask(attention_mask: torch.Tensor, mode: str, labels: torch.Tensor | None = None,
-                         is_image: torch.Tensor | None = None, tokens_per_image: int | torch.Tensor | None = None,
-                         dtype: torch.dtype = torch.float32, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+def mixed_attention_mask(
+    attention_mask: torch.Tensor,
+    mode: str,
+    labels: torch.Tensor | None = None,
+    is_image: torch.Tensor | None = None,
+    tokens_per_image: int | torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    segment_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Croc's mixed attention as a 4D additive mask for `lm.get_decoder()(attention_mask=...)`."""
-    return additive_mask(allowed_attention(attention_mask, mode, labels, is_image, tokens_per_image, segment_ids),
-                         dtype)
+    return additive_mask(
+        allowed_attention(attention_mask, mode, labels, is_image, tokens_per_image, segment_ids), dtype
+    )

@@ -85,9 +85,18 @@ def file_index(files: list[Path]) -> dict[str, tuple[str, tuple[int, ...]]]:
     return found
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 class RowReader:
@@ -164,7 +173,7 @@ def submodule_of(model: nn.Module, name: str) -> nn.Module:
     sub = model.get_submodule(name)
     tags = getattr(model, SOURCES, None)
     if tags:
-        setattr(sub, SOURCES, {k[len(name) + 1:]: v for k, v in tags.items() if k.startswith(name + ".")})
+        setattr(sub, SOURCES, {k[len(name) + 1 :]: v for k, v in tags.items() if k.startswith(name + ".")})
     return sub
 
 
@@ -185,8 +194,10 @@ def owner_of(root: nn.Module, name: str) -> tuple[nn.Module, str]:
 def sources(root: nn.Module) -> dict[str, tuple[str, str]]:
     """Every tagged tensor under `root` by its full name; a tag nearer the root wins (a resumed checkpoint
     over `model.init` over the pretrained files: later `defer_file` calls overwrite earlier ones)."""
-    tagged = sorted(((n, m) for n, m in root.named_modules() if getattr(m, SOURCES, None)),
-                    key=lambda nm: -nm[0].count(".") - bool(nm[0]))
+    tagged = sorted(
+        ((n, m) for n, m in root.named_modules() if getattr(m, SOURCES, None)),
+        key=lambda nm: -nm[0].count(".") - bool(nm[0]),
+    )
     out = {}
     for name, module in tagged:
         out.update({(f"{name}.{k}" if name else k): v for k, v in getattr(module, SOURCES).items()})
@@ -220,8 +231,8 @@ def former_name(root: nn.Module, name: str) -> str | None:
         if module is None:
             return None
         rename = getattr(module, "former_name", None)
-        if callable(rename) and (rest := rename(".".join(parts[i + 1:]))) is not None:
-            return ".".join([*parts[:i + 1], rest])
+        if callable(rename) and (rest := rename(".".join(parts[i + 1 :]))) is not None:
+            return ".".join([*parts[: i + 1], rest])
     return None
 
 
@@ -256,8 +267,13 @@ def adapters_off_meta(model: nn.Module):
                     made.append((holder, adapter_name, copy.deepcopy(holder[adapter_name]).to(weight.dtype)))
                 elif isinstance(holder, nn.ParameterDict) and adapter_name in holder:
                     value = holder[adapter_name]
-                    made.append((holder, adapter_name, nn.Parameter(value.detach().to(weight.dtype),
-                                                                    requires_grad=value.requires_grad)))
+                    made.append(
+                        (
+                            holder,
+                            adapter_name,
+                            nn.Parameter(value.detach().to(weight.dtype), requires_grad=value.requires_grad),
+                        )
+                    )
         move(self, adapter_name, device)
 
     BaseTunerLayer._move_adapter_to_device_of_base_layer = keep

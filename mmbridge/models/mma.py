@@ -65,8 +65,17 @@ class ModalityAdapter(nn.Module):
     """A normalisation followed by LaVIN's RepAdapter router: with a = dropout(down(h)),
     `h + s·(w_0 · up_0(a) + w_1 · up_1(a))`, w = softmax(router(modality) / τ)."""
 
-    def __init__(self, norm: nn.Module, hidden: int, dim: int, temperature: float, modality: Modality,
-                 groups: int = 2, dropout: float = 0.1, scale: float = 1.0):
+    def __init__(
+        self,
+        norm: nn.Module,
+        hidden: int,
+        dim: int,
+        temperature: float,
+        modality: Modality,
+        groups: int = 2,
+        dropout: float = 0.1,
+        scale: float = 1.0,
+    ):
         super().__init__()
         if dim % groups or hidden % groups:
             raise ValueError(f"mma: dim {dim} and the LM width {hidden} must be divisible by groups {groups}")
@@ -107,8 +116,9 @@ class ModalityAdapter(nn.Module):
         return eye + self.scale * mix.T, self.scale * bias
 
 
-def add_mma(lm: nn.Module, dim: int = 8, temperature: float = 10.0, where=("attention",), groups: int = 2,
-            dropout: float = 0.1) -> int:
+def add_mma(
+    lm: nn.Module, dim: int = 8, temperature: float = 10.0, where=("attention",), groups: int = 2, dropout: float = 0.1
+) -> int:
     """Put a ModalityAdapter after the chosen norms of every decoder layer of `lm`, in place; returns the count."""
     bad = [w for w in where if w not in PLACES]
     if bad or not where:
@@ -147,16 +157,18 @@ def mark(lm: nn.Module, is_image: torch.Tensor, segment_ids: torch.Tensor | None
 
 def is_mma_param(name: str) -> bool:
     """What `lm: mma` trains: the adapters' paths and routers and the modality tokens."""
-    return "mma_modality." in name or any(f"{norm}.{k}." in name for norm in (*PLACES.values(), *VISION_NORMS)
-                                          for k in ("down", "up", "router"))
+    return "mma_modality." in name or any(
+        f"{norm}.{k}." in name for norm in (*PLACES.values(), *VISION_NORMS) for k in ("down", "up", "router")
+    )
 
 
 class VisionAdapter(nn.Module):
     """A ViT block's pre-attention normalisation followed by LaVIN's RepAdapter (`set_Clip_Adapter`): one path,
     no router, `h + s·up(dropout(down(h)))`; the grouped up-projection starts at zero."""
 
-    def __init__(self, norm: nn.Module, hidden: int, dim: int, groups: int = 2, dropout: float = 0.1,
-                 scale: float = 1.0):
+    def __init__(
+        self, norm: nn.Module, hidden: int, dim: int, groups: int = 2, dropout: float = 0.1, scale: float = 1.0
+    ):
         super().__init__()
         if dim % groups or hidden % groups:
             raise ValueError(f"mma.vision: dim {dim} and the encoder width {hidden} must be divisible by {groups}")

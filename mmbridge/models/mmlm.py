@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmbridge.data.processor import IGNORE
 from mmbridge.data.layouts import window_ids
+from mmbridge.data.processor import IGNORE
 from mmbridge.models import mma, moe, packed_attention, window_lora
 from mmbridge.models.feature_cache import FeatureCache
 from mmbridge.models.masks import mixed_attention_mask
@@ -119,8 +119,13 @@ class MultimodalLM(nn.Module):
         with torch.no_grad():
             return self.vision(pixel_values) if cache is None else cache.lookup(pixel_values, self.vision)
 
-    def _bridge(self, feats: torch.Tensor, instruction_ids: torch.Tensor | None,
-                frame_counts: torch.Tensor | None = None, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    def _bridge(
+        self,
+        feats: torch.Tensor,
+        instruction_ids: torch.Tensor | None,
+        frame_counts: torch.Tensor | None = None,
+        grid: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         kwargs = {} if instruction_ids is None else {"instruction_ids": instruction_ids}
         if grid is not None and getattr(self.bridge, "reads_grid", False):  # positions for a view's own grid
             kwargs["grid"] = grid
@@ -130,8 +135,13 @@ class MultimodalLM(nn.Module):
             kwargs["frame_counts"] = frame_counts
         return self.bridge(feats, **kwargs)
 
-    def encode_images(self, pixel_values: torch.Tensor, instruction_ids: torch.Tensor | None = None,
-                      frame_counts: torch.Tensor | None = None, view_sizes: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_images(
+        self,
+        pixel_values: torch.Tensor,
+        instruction_ids: torch.Tensor | None = None,
+        frame_counts: torch.Tensor | None = None,
+        view_sizes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """[n_frames, 3, H, W] → [n_inputs, num_image_tokens, lm_width] (an input: an image, or a whole video
         for a bridge that reads videos, its frames counted by `frame_counts`; or a view of its own size)."""
         if view_sizes is not None:
@@ -157,20 +167,30 @@ class MultimodalLM(nn.Module):
             out = out.index_copy(0, index, tokens)
         return out
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              visual: torch.Tensor | None = None, instruction_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        visual: torch.Tensor | None = None,
+        instruction_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Token embeddings with image positions replaced by visual tokens: `visual`
         ([n_images, num_image_tokens, width], e.g. Croc's partly replaced tokens) or, if not given,
         the encoded `pixel_values`."""
         return self.prepare(input_ids, pixel_values, visual, instruction_ids)[0]
 
-    def prepare(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                visual: torch.Tensor | None = None,
-                instruction_ids: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None,
-                frame_counts: torch.Tensor | None = None, visual_index: torch.Tensor | None = None,
-                view_sizes: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    def prepare(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        visual: torch.Tensor | None = None,
+        instruction_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        frame_counts: torch.Tensor | None = None,
+        visual_index: torch.Tensor | None = None,
+        view_sizes: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict]:
         """`embed`, plus the extra decoder keywords (`fusion`) a deep-fusion bridge needs for the same forward.
         LaVIN's adapters (models/mma.py), if the LM has them, learn here which samples hold an image; MoE layers
         (models/moe.py) which positions are padding (`attention_mask` [B, T] or `segment_ids` 0), for their
@@ -197,8 +217,11 @@ class MultimodalLM(nn.Module):
                 visual = self._bridge(feats, instruction_ids, frame_counts)
         placed = self.place_visual(visual.to(embeds.dtype), visual_index)
         if placed.shape[0] != n_slots:
-            got = f"{visual.shape[0]} images x {visual.shape[1]} tokens" if visual_index is None else \
-                f"{placed.shape[0]} visual tokens (visual_index)"
+            got = (
+                f"{visual.shape[0]} images x {visual.shape[1]} tokens"
+                if visual_index is None
+                else f"{placed.shape[0]} visual tokens (visual_index)"
+            )
             raise ValueError(f"{got} do not match {n_slots} image-token positions in the batch")
         embeds = embeds.masked_scatter(is_image.unsqueeze(-1), placed)
         if not self.deep_fusion:
@@ -217,8 +240,13 @@ class MultimodalLM(nn.Module):
             attention_mask = (segment_ids != 0).long()
         return mixed_attention_mask(attention_mask, "causal", segment_ids=segment_ids, dtype=dtype)
 
-    def target_loss(self, hidden: torch.Tensor, labels: torch.Tensor, normalizer: float | None = None,
-                    weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def target_loss(
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor,
+        normalizer: float | None = None,
+        weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed next-token cross-entropy over labelled positions / `normalizer` (default: their count).
 
         `weights` ([B, T-1], see `mmbridge.loss_norm`) weigh each target; the count returned (a tensor,
@@ -235,41 +263,67 @@ class MultimodalLM(nn.Module):
         loss = token_loss.sum()
         return loss / (normalizer if normalizer is not None else n.clamp(min=1)), n
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                normalizer: float | None = None, position_ids: torch.Tensor | None = None,
-                instruction_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
-                target_weights: torch.Tensor | None = None, frame_counts: torch.Tensor | None = None,
-                visual_index: torch.Tensor | None = None, view_sizes: torch.Tensor | None = None) -> LMOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        normalizer: float | None = None,
+        position_ids: torch.Tensor | None = None,
+        instruction_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        target_weights: torch.Tensor | None = None,
+        frame_counts: torch.Tensor | None = None,
+        visual_index: torch.Tensor | None = None,
+        view_sizes: torch.Tensor | None = None,
+    ) -> LMOutput:
         """Next-token loss over labelled positions only; logits are computed only where needed.
 
         `segment_ids` ([B, T], packed rows: samples 1, 2, … and 0 for padding) make attention
         block-diagonal; give each sample's own `position_ids` with them. `visual_index` places a tiled batch's
         bridge outputs (data/layouts.py); `view_sizes` gives views of their own sizes (UHD)."""
-        embeds, extra = self.prepare(input_ids, pixel_values, instruction_ids=instruction_ids, segment_ids=segment_ids,
-                                     attention_mask=attention_mask, frame_counts=frame_counts,
-                                     visual_index=visual_index, view_sizes=view_sizes)
+        embeds, extra = self.prepare(
+            input_ids,
+            pixel_values,
+            instruction_ids=instruction_ids,
+            segment_ids=segment_ids,
+            attention_mask=attention_mask,
+            frame_counts=frame_counts,
+            visual_index=visual_index,
+            view_sizes=view_sizes,
+        )
         if segment_ids is not None:
             attention_mask = self.packed_mask(segment_ids, attention_mask, embeds.dtype)
         decoder = self.lm.get_decoder()
-        hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=False, **extra).last_hidden_state
+        hidden = decoder(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False, **extra
+        ).last_hidden_state
         if labels is None:
             return LMOutput(None, 0, hidden)
         loss, n = self.target_loss(hidden, labels, normalizer, target_weights)
         return LMOutput(loss, n, hidden)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None,
-                 max_new_tokens: int = 32, eos_token_ids: list[int] | tuple = (),
-                 instruction_ids: torch.Tensor | None = None, temperature: float | Sequence[float] = 0.0,
-                 top_p: float | Sequence[float] = 1.0,
-                 generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
-                 on_token: Callable[[list[int | None]], Sequence[bool] | None] | None = None,
-                 frame_counts: torch.Tensor | None = None,
-                 visual_index: torch.Tensor | None = None, view_sizes: torch.Tensor | None = None,
-                 suffix_ids: torch.Tensor | None = None, suffix_mask: torch.Tensor | None = None,
-                 group: torch.Tensor | None = None) -> list[list[int]]:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None,
+        max_new_tokens: int = 32,
+        eos_token_ids: list[int] | tuple = (),
+        instruction_ids: torch.Tensor | None = None,
+        temperature: float | Sequence[float] = 0.0,
+        top_p: float | Sequence[float] = 1.0,
+        generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
+        on_token: Callable[[list[int | None]], Sequence[bool] | None] | None = None,
+        frame_counts: torch.Tensor | None = None,
+        visual_index: torch.Tensor | None = None,
+        view_sizes: torch.Tensor | None = None,
+        suffix_ids: torch.Tensor | None = None,
+        suffix_mask: torch.Tensor | None = None,
+        group: torch.Tensor | None = None,
+    ) -> list[list[int]]:
         """Decoding with a KV cache; `input_ids` are left-padded prompts, on the model's device.
 
         Shared prefixes (several questions on one image): with `group` [B], `input_ids` are the prefixes (their
@@ -282,28 +336,66 @@ class MultimodalLM(nn.Module):
         one flag per row that ends that row after this token (a stop string, a client gone). Returns each
         row's tokens up to its first `eos_token_ids` token (excluded) or its end."""
         n = input_ids.shape[0] if group is None else group.numel()
-        choose = partial(next_tokens, temperature=per_row(temperature, n, "temperature"),
-                         top_p=per_row(top_p, n, "top_p"), generators=per_row(generator, n, "generator"))
+        choose = partial(
+            next_tokens,
+            temperature=per_row(temperature, n, "temperature"),
+            top_p=per_row(top_p, n, "top_p"),
+            generators=per_row(generator, n, "generator"),
+        )
         with self.autocast():
-            return self._generate(input_ids, attention_mask, pixel_values, max_new_tokens, eos_token_ids,
-                                  instruction_ids, choose, on_token, frame_counts, visual_index, view_sizes,
-                                  (suffix_ids, suffix_mask, group) if group is not None else None)
+            return self._generate(
+                input_ids,
+                attention_mask,
+                pixel_values,
+                max_new_tokens,
+                eos_token_ids,
+                instruction_ids,
+                choose,
+                on_token,
+                frame_counts,
+                visual_index,
+                view_sizes,
+                (suffix_ids, suffix_mask, group) if group is not None else None,
+            )
 
-    def _generate(self, input_ids, attention_mask, pixel_values, max_new_tokens, eos_token_ids, instruction_ids,
-                  choose, on_token, frame_counts=None, visual_index=None, view_sizes=None, shared=None):
-        embeds, extra = self.prepare(input_ids, pixel_values, instruction_ids=instruction_ids,
-                                     frame_counts=frame_counts, visual_index=visual_index, view_sizes=view_sizes)
+    def _generate(
+        self,
+        input_ids,
+        attention_mask,
+        pixel_values,
+        max_new_tokens,
+        eos_token_ids,
+        instruction_ids,
+        choose,
+        on_token,
+        frame_counts=None,
+        visual_index=None,
+        view_sizes=None,
+        shared=None,
+    ):
+        embeds, extra = self.prepare(
+            input_ids,
+            pixel_values,
+            instruction_ids=instruction_ids,
+            frame_counts=frame_counts,
+            visual_index=visual_index,
+            view_sizes=view_sizes,
+        )
         mask = attention_mask.clone()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         # only the last position's logits are needed (a [B, T, vocab] product is a fifth of a small LM's prefill)
         keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(type(self.lm).forward).parameters else {}
-        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, **keep,
-                      **extra)
+        out = self.lm(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, **keep, **extra
+        )
         # deep fusion: every new token is text and sees the prompt's last image
         step_extra = {"fusion": extra["fusion"].next_token()} if extra else {}
         # transformers renamed `past_key_values` to `cache` (5.2x); use whichever this version has
-        key = "cache" if "cache" in inspect.signature(type(self.lm.get_decoder()).forward).parameters \
+        key = (
+            "cache"
+            if "cache" in inspect.signature(type(self.lm.get_decoder()).forward).parameters
             else "past_key_values"
+        )
         cache, last = out[key], positions[:, -1]
         if shared is not None:  # each row: its prefix's cache, then its own suffix
             suffix_ids, suffix_mask, group = shared
@@ -311,9 +403,10 @@ class MultimodalLM(nn.Module):
                 raise ValueError("generate: shared prefixes need an early-fusion bridge (the image is in the prefix)")
             cache.batch_select_indices(group)
             mask = torch.cat([mask[group], suffix_mask], 1)
-            last = (mask.cumsum(-1) - 1).clamp(min=0)[:, -suffix_ids.shape[1]:]
-            out = self.lm(input_ids=suffix_ids, attention_mask=mask, position_ids=last, use_cache=True, **keep,
-                          **{key: cache})
+            last = (mask.cumsum(-1) - 1).clamp(min=0)[:, -suffix_ids.shape[1] :]
+            out = self.lm(
+                input_ids=suffix_ids, attention_mask=mask, position_ids=last, use_cache=True, **keep, **{key: cache}
+            )
             cache, last = out[key], last[:, -1]
         rows = last.shape[0]
         eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=input_ids.device)
@@ -330,15 +423,21 @@ class MultimodalLM(nn.Module):
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             last = last + 1
-            out = self.lm(input_ids=next_tok[:, None], attention_mask=mask, position_ids=last[:, None],
-                          use_cache=True, **{key: cache}, **step_extra)
+            out = self.lm(
+                input_ids=next_tok[:, None],
+                attention_mask=mask,
+                position_ids=last[:, None],
+                use_cache=True,
+                **{key: cache},
+                **step_extra,
+            )
             cache = out[key]
             next_tok = choose(out.logits[:, -1])
         seqs = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(rows)]
         result = []
         for seq, end in zip(seqs, ends):
             cut = next((i for i, t in enumerate(seq) if t in set(eos_token_ids)), len(seq))
-            result.append(seq[:cut if end is None else min(cut, end)])
+            result.append(seq[: cut if end is None else min(cut, end)])
         return result
 
     @staticmethod

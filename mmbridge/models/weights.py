@@ -72,8 +72,10 @@ def restore_structure(model: torch.nn.Module, meta: dict) -> None:
             add_vision_mma(model.vision, cfg["dim"], cfg["groups"], cfg["dropout"])
         if not has_mma(model.lm):
             if "groups" not in meta["mma"]:
-                raise ValueError("this run's LaVIN adapters are the older two-path SiLU form, which this version no "
-                                 "longer builds (it follows LaVIN's RepAdapter router now); retrain the mma stage")
+                raise ValueError(
+                    "this run's LaVIN adapters are the older two-path SiLU form, which this version no "
+                    "longer builds (it follows LaVIN's RepAdapter router now); retrain the mma stage"
+                )
             add_mma(model.lm, **cfg)
             model.lm.mma_config = dict(meta["mma"])
 

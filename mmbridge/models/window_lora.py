@@ -25,8 +25,16 @@ MLP_BLOCKS = (("layer_norm2", "mlp"), ("norm2", "mlp"))  # (the MLP's input norm
 class WindowLoRA(nn.Module):
     """Per-window adapters of one projection (or of several that read the same input, stacked along `out`)."""
 
-    def __init__(self, windows: int, r: int, in_features: int, out_features: int, alpha: float | None = None,
-                 dropout: float = 0.05, device=None):
+    def __init__(
+        self,
+        windows: int,
+        r: int,
+        in_features: int,
+        out_features: int,
+        alpha: float | None = None,
+        dropout: float = 0.05,
+        device=None,
+    ):
         super().__init__()
         self.lora_A = nn.Parameter(torch.empty(windows, r, in_features, device=device))
         self.lora_B = nn.Parameter(torch.zeros(windows, out_features, r, device=device))
@@ -88,7 +96,7 @@ class WindowLoRALinear(nn.Module):
 class NormTap(nn.Module):
     """The MLP block's normalisation, handing its input (the residual stream) to the block's MLP adapter."""
 
-    def __init__(self, norm: nn.Module, mlp: "WindowMLP"):
+    def __init__(self, norm: nn.Module, mlp: WindowMLP):
         super().__init__()
         self.norm, self._mlp = norm, [mlp]
 
@@ -118,22 +126,35 @@ def _groups(targets) -> list[tuple[str, ...]]:
     return [(t,) if isinstance(t, str) else tuple(t) for t in targets]
 
 
-def add_window_lora(encoder: nn.Module, windows: int, r: int = 16, alpha: float | None = None,
-                    targets=MONKEY_TARGETS, mlp_rank: int = 32, dropout: float = 0.05) -> int:
+def add_window_lora(
+    encoder: nn.Module,
+    windows: int,
+    r: int = 16,
+    alpha: float | None = None,
+    targets=MONKEY_TARGETS,
+    mlp_rank: int = 32,
+    dropout: float = 0.05,
+) -> int:
     """Add per-window adapters to `encoder`, in place; returns how many projections and MLPs got one.
 
     `targets`: linear layers by name; a list of names (e.g. [q_proj, k_proj, v_proj]) shares one adapter whose
     output rows are split among them (a fused projection). `mlp_rank` 0 adds no MLP adapters."""
     count = 0
     for group in _groups(targets):
-        parents = [m for m in encoder.modules()
-                   if all(isinstance(getattr(m, n, None), nn.Linear) for n in group)]
+        parents = [m for m in encoder.modules() if all(isinstance(getattr(m, n, None), nn.Linear) for n in group)]
         for parent in parents:
             bases = [getattr(parent, n) for n in group]
             if len({b.in_features for b in bases}) != 1:
                 raise ValueError(f"model.tiling.targets: {list(group)} read inputs of different widths")
-            adapter = WindowLoRA(windows, r, bases[0].in_features, sum(b.out_features for b in bases), alpha,
-                                 dropout, bases[0].weight.device)
+            adapter = WindowLoRA(
+                windows,
+                r,
+                bases[0].in_features,
+                sum(b.out_features for b in bases),
+                alpha,
+                dropout,
+                bases[0].weight.device,
+            )
             adapter.users = len(group)
             setattr(parent, "lora_" + "_".join(group), adapter)
             start = 0
@@ -143,8 +164,10 @@ def add_window_lora(encoder: nn.Module, windows: int, r: int = 16, alpha: float 
                 start += b.out_features
             count += 1
     if not count:
-        raise ValueError(f"model.tiling.mode=monkey: no linear layers named {list(targets)} in the vision encoder "
-                         "(set model.tiling.targets)")
+        raise ValueError(
+            f"model.tiling.mode=monkey: no linear layers named {list(targets)} in the vision encoder "
+            "(set model.tiling.targets)"
+        )
     if mlp_rank:
         for block in list(encoder.modules()):
             found = next(((n, m) for n, m in MLP_BLOCKS if hasattr(block, n) and hasattr(block, m)), None)
@@ -152,8 +175,9 @@ def add_window_lora(encoder: nn.Module, windows: int, r: int = 16, alpha: float 
                 continue
             norm, mlp = getattr(block, found[0]), getattr(block, found[1])
             width = next(p for p in norm.parameters()).shape[0]
-            wrapped = WindowMLP(mlp, WindowLoRA(windows, mlp_rank, width, width, alpha, dropout,
-                                                next(mlp.parameters()).device))
+            wrapped = WindowMLP(
+                mlp, WindowLoRA(windows, mlp_rank, width, width, alpha, dropout, next(mlp.parameters()).device)
+            )
             setattr(block, found[1], wrapped)
             setattr(block, found[0], NormTap(norm, wrapped))
             count += 1

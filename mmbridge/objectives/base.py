@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from mmbridge.loss_norm import target_total
 from mmbridge.models import moe
 from mmbridge.registry import Registry
-from mmbridge.loss_norm import target_total
 
-OBJECTIVES: Registry["Objective"] = Registry("objective")
+OBJECTIVES: Registry[Objective] = Registry("objective")
 
 
 @dataclass

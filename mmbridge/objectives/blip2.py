@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmbridge.loss_norm import target_total
 from mmbridge.models.bridges.qformer import QFormerBridge
 from mmbridge.objectives.base import OBJECTIVES, LossOutput, Objective
-from mmbridge.loss_norm import target_total
 
 LOSSES = ("itc", "itm", "itg")
 
@@ -26,8 +26,9 @@ class Blip2Stage1(Objective):
     (`lr.objective`); the LM head's output layer is tied to the Q-Former's word embeddings.
     """
 
-    def __init__(self, model: nn.Module, embed_dim: int = 256, losses: list | tuple = LOSSES,
-                 temperature: float = 0.07):
+    def __init__(
+        self, model: nn.Module, embed_dim: int = 256, losses: list | tuple = LOSSES, temperature: float = 0.07
+    ):
         super().__init__(model)
         if not isinstance(model.bridge, QFormerBridge) or model.bridge.tokenizer is None:
             raise ValueError("objective blip2 needs the qformer bridge with a tokenizer (init or tokenizer)")
@@ -50,8 +51,9 @@ class Blip2Stage1(Objective):
             raise ValueError("objective blip2: the batch has no caption_ids (is the bridge a qformer?)")
         feats = model.vision_features(batch["pixel_values"])
         if feats.shape[0] != text.shape[0]:
-            raise ValueError(f"objective blip2 needs one image per sample: {feats.shape[0]} images, "
-                             f"{text.shape[0]} captions")
+            raise ValueError(
+                f"objective blip2 needs one image per sample: {feats.shape[0]} images, {text.shape[0]} captions"
+            )
         text_mask = text != pad
         terms = {}
         sim, same = None, None

@@ -25,20 +25,23 @@ import torch
 import torch.nn.functional as F
 
 from mmbridge.data.processor import IGNORE
-from mmbridge.objectives.base import OBJECTIVES, LossOutput, Objective
 from mmbridge.loss_norm import target_total
+from mmbridge.objectives.base import OBJECTIVES, LossOutput, Objective
 
 
 def concept_bridge(model):
     bridge = getattr(model, "bridge", None)
     if not getattr(bridge, "reads_words", False):
-        raise ValueError("objective concepts: the model's bridge has no concept read-out; set "
-                         "model.bridge.concepts: {words: N, slots: K}")
+        raise ValueError(
+            "objective concepts: the model's bridge has no concept read-out; set "
+            "model.bridge.concepts: {words: N, slots: K}"
+        )
     return bridge
 
 
-def choose_vocabulary(label_rows, tokenizer, words: int, min_count: int = 3, max_share: float = 0.9,
-                      exclude=(), at_most: bool = False) -> list[int]:
+def choose_vocabulary(
+    label_rows, tokenizer, words: int, min_count: int = 3, max_share: float = 0.9, exclude=(), at_most: bool = False
+) -> list[int]:
     """The `words` (with `at_most`: up to `words`) most frequent eligible answer tokens of `label_rows` (each a sequence of label ids): words
     of two letters or more, in at least `min_count` answers and at most a `max_share` of them, and not among
     `exclude` (case-insensitive)."""
@@ -56,8 +59,10 @@ def choose_vocabulary(label_rows, tokenizer, words: int, min_count: int = 3, max
 
     ranked = sorted(((c, t) for t, c in df.items() if eligible(t, c)), key=lambda x: (-x[0], x[1]))
     if len(ranked) < words and not (at_most and ranked):
-        raise ValueError(f"objective concepts: only {len(ranked)} eligible words in the stage's answers "
-                         f"({n} samples), {words} asked (model.bridge.concepts.words)")
+        raise ValueError(
+            f"objective concepts: only {len(ranked)} eligible words in the stage's answers "
+            f"({n} samples), {words} asked (model.bridge.concepts.words)"
+        )
     return [t for _, t in ranked[:words]]
 
 
@@ -78,8 +83,15 @@ def answer_rows(datasets, samples: int):
         yield sample["labels"]
 
 
-def word_mil(per_token: torch.Tensor, batch: dict, image_token_id: int, tokens_per_image: int, word_ids: torch.Tensor,
-             normalizer: float | None, name: str):
+def word_mil(
+    per_token: torch.Tensor,
+    batch: dict,
+    image_token_id: int,
+    tokens_per_image: int,
+    word_ids: torch.Tensor,
+    normalizer: float | None,
+    name: str,
+):
     """Multiple-instance word detection: a row holds a word if one of its images' tokens does (the largest logit of
     `per_token` [n_images, tokens, V] over the row's images' tokens), binary cross-entropy against the words
     `word_ids` among the row's labels. Returns the loss, its share of the step's normaliser, and the accuracy."""
@@ -123,6 +135,7 @@ class ConceptLoss(Objective):
         feats = model.vision_features(batch["pixel_values"])
         words = model.lm.get_input_embeddings().weight
         per_region = bridge.scores(bridge.regions_of(feats), words)  # [n_images, regions, V]
-        loss, share, hit = word_mil(per_region, batch, model.image_token_id, bridge.num_tokens, bridge.word_ids,
-                                    normalizer, "concepts")
+        loss, share, hit = word_mil(
+            per_region, batch, model.image_token_id, bridge.num_tokens, bridge.word_ids, normalizer, "concepts"
+        )
         return LossOutput(loss * share, {"concepts": (loss * share).detach()}, {"word_accuracy": hit.detach()})

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmbridge.models.masks import MODES, mixed_attention_mask
 from mmbridge.loss_norm import target_total
+from mmbridge.models.masks import MODES, mixed_attention_mask
 from mmbridge.objectives.base import OBJECTIVES, LossOutput, Objective
 from mmbridge.objectives.matching import METHODS, check_capacity, match
 from mmbridge.objectives.ragged import pad_by_image, select_within
@@ -65,10 +65,22 @@ class CrocInputs:
 class CrocObjective(Objective):
     """Prompt-pool replacement + mixed attention + visual-token reconstruction (Croc)."""
 
-    def __init__(self, model, pool_size: int = 2048, mask_ratio: float = 0.75, matching: str = "hungarian",
-                 attention: str = "prefix", target: str = "all", recon_weight: float = 10.0, beta: float = 0.01,
-                 head_heads: int | None = None, pool_init: str = "randn", head: str = "bert",
-                 head_dropout: float = 0.1, allow_unnormalised: bool = False):
+    def __init__(
+        self,
+        model,
+        pool_size: int = 2048,
+        mask_ratio: float = 0.75,
+        matching: str = "hungarian",
+        attention: str = "prefix",
+        target: str = "all",
+        recon_weight: float = 10.0,
+        beta: float = 0.01,
+        head_heads: int | None = None,
+        pool_init: str = "randn",
+        head: str = "bert",
+        head_dropout: float = 0.1,
+        allow_unnormalised: bool = False,
+    ):
         """`pool_init`: `randn` rows ~ N(0, 1) (norm about √width, as Croc's code) or `unit` (unit rows, the
         scale of the normalised visual tokens they replace). `head`: `bert` (Croc's post-LN BERT-style layer,
         dropout `head_dropout`) or `pre_ln` (a pre-LN layer, a final LayerNorm, no dropout). The bridge must
@@ -78,7 +90,8 @@ class CrocObjective(Objective):
             raise UnnormalisedBridgeError(
                 "objective croc: the bridge does not L2-normalise its outputs; set model.bridge.l2_normalize: true "
                 "(Croc normalises them in every stage; its targets and pool assume unit tokens), or "
-                "allow_unnormalised: true")
+                "allow_unnormalised: true"
+            )
         if pool_init not in POOL_INITS:
             raise ValueError(f"pool_init {pool_init!r}: expected one of {POOL_INITS}")
         if matching not in METHODS:
@@ -124,8 +137,15 @@ class CrocObjective(Objective):
         else:
             embeds = model.embed(ids, None)
         t0 = time.perf_counter()
-        mask = mixed_attention_mask(batch["attention_mask"], self.attention, batch.get("labels"), is_image,
-                                    self.num_tokens, dtype=embeds.dtype, segment_ids=batch.get("segment_ids"))
+        mask = mixed_attention_mask(
+            batch["attention_mask"],
+            self.attention,
+            batch.get("labels"),
+            is_image,
+            self.num_tokens,
+            dtype=embeds.dtype,
+            segment_ids=batch.get("segment_ids"),
+        )
         self.timings = {"matching": t_match, "mask": time.perf_counter() - t0}
         return CrocInputs(embeds, mask, is_image, visual, selected, assignment)
 
@@ -153,8 +173,15 @@ class CrocObjective(Objective):
         else:
             embeds = model.embed(ids, None)
         t0 = time.perf_counter()
-        mask = mixed_attention_mask(batch["attention_mask"], self.attention, batch.get("labels"), is_image,
-                                    counts, dtype=embeds.dtype, segment_ids=batch.get("segment_ids"))
+        mask = mixed_attention_mask(
+            batch["attention_mask"],
+            self.attention,
+            batch.get("labels"),
+            is_image,
+            counts,
+            dtype=embeds.dtype,
+            segment_ids=batch.get("segment_ids"),
+        )
         self.timings = {"matching": t_match, "mask": time.perf_counter() - t0}
         return CrocInputs(embeds, mask, is_image, visual, selected, assignment, valid, used)
 
@@ -178,14 +205,19 @@ class CrocObjective(Objective):
         target = F.normalize(inputs.visual.detach().float(), dim=-1)
         if self.target == "selected":
             index = inputs.selected.clamp(max=inputs.visual.shape[1] - 1).unsqueeze(-1).expand(-1, -1, width)
-            return F.smooth_l1_loss(pred.gather(1, index)[inputs.used].float(), target.gather(1, index)[inputs.used],
-                                    beta=self.beta)
+            return F.smooth_l1_loss(
+                pred.gather(1, index)[inputs.used].float(), target.gather(1, index)[inputs.used], beta=self.beta
+            )
         return F.smooth_l1_loss(pred[inputs.valid].float(), target[inputs.valid], beta=self.beta)
 
     def forward(self, model, batch: dict, normalizer: float | None = None) -> LossOutput:
         inputs = self.prepare(model, batch)
-        hidden = model.lm.get_decoder()(inputs_embeds=inputs.embeds, attention_mask=inputs.mask,
-                                        position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
+        hidden = model.lm.get_decoder()(
+            inputs_embeds=inputs.embeds,
+            attention_mask=inputs.mask,
+            position_ids=batch.get("position_ids"),
+            use_cache=False,
+        ).last_hidden_state
         lm_loss, n_targets = model.target_loss(hidden, batch["labels"], normalizer, batch.get("target_weights"))
         if inputs.visual is None:
             return LossOutput(lm_loss, {"lm": lm_loss.detach(), "recon": 0.0})

@@ -16,14 +16,20 @@ from torch import nn
 
 from mmbridge.lcl.loss import ContrastiveHead
 from mmbridge.lcl.sequence import IGNORE
-from mmbridge.objectives.base import OBJECTIVES, LossOutput, Objective
 from mmbridge.loss_norm import target_total
+from mmbridge.objectives.base import OBJECTIVES, LossOutput, Objective
 
 
 @OBJECTIVES.register("lcl")
 class LatentCompression(Objective):
-    def __init__(self, model: nn.Module, lambda_con: float = 0.1, gen_weight: float = 1.0,
-                 init_temperature: float = 0.07, max_scale: float = 100.0):
+    def __init__(
+        self,
+        model: nn.Module,
+        lambda_con: float = 0.1,
+        gen_weight: float = 1.0,
+        init_temperature: float = 0.07,
+        max_scale: float = 100.0,
+    ):
         super().__init__(model)
         if not hasattr(model, "soi_states"):
             raise ValueError("objective lcl needs the LCL model (a recipe of kind lcl)")
@@ -49,8 +55,9 @@ class LatentCompression(Objective):
         # step's targets, the sum over micro-batches and the average over processes are a mean again
         share = target_total(batch) / max(normalizer, 1e-12)
         loss = self.gen_weight * gen + self.lambda_con * share * con
-        return LossOutput(loss, {"gen": gen.detach(), "con": share * con.detach()},
-                          {"logit_scale": self.head.scale.detach()})
+        return LossOutput(
+            loss, {"gen": gen.detach(), "con": share * con.detach()}, {"logit_scale": self.head.scale.detach()}
+        )
 
     @torch.no_grad()
     def text_features(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

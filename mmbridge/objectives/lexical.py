@@ -44,25 +44,42 @@ class LexicalAlignment(Objective):
 
     runs_lm = False  # the trainer counts the encoder's and bridge's FLOPs only
 
-    def __init__(self, model, words: int = 64, samples: int = 4000, min_count: int = 3, max_share: float = 0.9,
-                 exclude: list[str] | tuple[str, ...] = ()):
+    def __init__(
+        self,
+        model,
+        words: int = 64,
+        samples: int = 4000,
+        min_count: int = 3,
+        max_share: float = 0.9,
+        exclude: list[str] | tuple[str, ...] = (),
+    ):
         super().__init__(model)
         bridge = model.bridge
-        if bridge.fusion != "early" or getattr(bridge, "tokenizer", None) is not None or bridge.uses_instruction \
-                or getattr(bridge, "reads_words", False):
-            raise ValueError("objective lexical: the bridge must be an early-fusion bridge whose tokens the LM reads "
-                             f"as they are, without its own text side; got {type(bridge).__name__}")
+        if (
+            bridge.fusion != "early"
+            or getattr(bridge, "tokenizer", None) is not None
+            or bridge.uses_instruction
+            or getattr(bridge, "reads_words", False)
+        ):
+            raise ValueError(
+                "objective lexical: the bridge must be an early-fusion bridge whose tokens the LM reads "
+                f"as they are, without its own text side; got {type(bridge).__name__}"
+            )
         self.samples, self.min_count, self.max_share, self.exclude = samples, min_count, max_share, tuple(exclude)
         self.words = int(words)  # at most; the stage's data may have fewer eligible words
         self.register_buffer("word_ids", torch.full((int(words),), -1, dtype=torch.long))
         head = hidden_units(bridge)
         if head is not None:
             if not isinstance(bridge.proj[-2], nn.Sigmoid):
-                raise ValueError("objective lexical: the bridge's hidden units must read as probabilities; set "
-                                 f"model.bridge.act: sigmoid (got {type(bridge.proj[-2]).__name__})")
+                raise ValueError(
+                    "objective lexical: the bridge's hidden units must read as probabilities; set "
+                    f"model.bridge.act: sigmoid (got {type(bridge.proj[-2]).__name__})"
+                )
             if words > head.in_features:
-                raise ValueError(f"objective lexical: {words} words for {head.in_features} hidden units "
-                                 "(the bridge's width); choose words ≤ the width")
+                raise ValueError(
+                    f"objective lexical: {words} words for {head.in_features} hidden units "
+                    "(the bridge's width); choose words ≤ the width"
+                )
             self.scale = self.offset = None
         else:  # read the output tokens against the word embeddings
             self.scale = nn.Parameter(torch.zeros(()))  # log of the logits' scale
@@ -76,8 +93,7 @@ class LexicalAlignment(Objective):
         """Choose the vocabulary; a hidden-unit bridge's output layer starts as its words' embeddings (the same
         values on every call, so a resumed stage finds them again) and stays fixed during the stage."""
         rows = answer_rows(datasets, self.samples)
-        ids = choose_vocabulary(rows, tokenizer, self.words, self.min_count, self.max_share, self.exclude,
-                                at_most=True)
+        ids = choose_vocabulary(rows, tokenizer, self.words, self.min_count, self.max_share, self.exclude, at_most=True)
         self.word_ids = torch.as_tensor(ids, dtype=torch.long, device=self.word_ids.device)
         if not self.detects_in_hidden_units:
             return
@@ -104,6 +120,7 @@ class LexicalAlignment(Objective):
 
     def forward(self, model, batch: dict, normalizer: float | None = None) -> LossOutput:
         per_token = self.word_logits(model, model.vision_features(batch["pixel_values"]))
-        loss, share, hit = word_mil(per_token, batch, model.image_token_id, model.bridge.num_tokens, self.word_ids,
-                                    normalizer, "lexical")
+        loss, share, hit = word_mil(
+            per_token, batch, model.image_token_id, model.bridge.num_tokens, self.word_ids, normalizer, "lexical"
+        )
         return LossOutput(loss * share, {"lexical": (loss * share).detach()}, {"word_accuracy": hit.detach()})

@@ -24,8 +24,10 @@ def l2_costs(tokens: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
 def check_capacity(selected: int, pool_size: int) -> None:
     """One-to-one matching needs at least as many pool vectors as selected tokens per image."""
     if selected > pool_size:
-        raise ValueError(f"hungarian matching: {selected} tokens selected per image but the prompt pool holds only "
-                         f"{pool_size} vectors; lower mask_ratio, raise pool_size, or use matching: nearest")
+        raise ValueError(
+            f"hungarian matching: {selected} tokens selected per image but the prompt pool holds only "
+            f"{pool_size} vectors; lower mask_ratio, raise pool_size, or use matching: nearest"
+        )
 
 
 def hungarian(cost: torch.Tensor) -> torch.Tensor:
@@ -49,8 +51,9 @@ def nearest(cost: torch.Tensor) -> torch.Tensor:
     return cost.argmin(dim=-1)
 
 
-def match(tokens: torch.Tensor, pool: torch.Tensor, method: str = "hungarian",
-          used: torch.Tensor | None = None) -> torch.Tensor:
+def match(
+    tokens: torch.Tensor, pool: torch.Tensor, method: str = "hungarian", used: torch.Tensor | None = None
+) -> torch.Tensor:
     """Pool index for every token of `tokens` [B, m, D] (no gradient flows through the choice). `used` ([B, m]):
     the slots that hold a token; an unused slot costs the same for every pool vector, so it leaves the used
     slots' optimal assignment as it is (its own index is meaningless)."""

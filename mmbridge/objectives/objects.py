@@ -35,9 +35,9 @@ import torch.nn.functional as F
 
 from mmbridge.data.boxes import INTEGER, BoxFormatError, TextBox, find_boxes
 from mmbridge.data.processor import IGNORE
+from mmbridge.loss_norm import target_total
 from mmbridge.objectives.base import OBJECTIVES, LossOutput, Objective
 from mmbridge.objectives.concepts import answer_samples, choose_vocabulary
-from mmbridge.loss_norm import target_total
 
 
 class DigitTokenizerError(ValueError):
@@ -47,8 +47,10 @@ class DigitTokenizerError(ValueError):
 def object_bridge(model):
     bridge = getattr(model, "bridge", None)
     if not hasattr(bridge, "peaks"):
-        raise ValueError("objective objects: the model's bridge is not an object-token bridge; set "
-                         "model.bridge: {name: objects, ...}")
+        raise ValueError(
+            "objective objects: the model's bridge is not an object-token bridge; set "
+            "model.bridge: {name: objects, ...}"
+        )
     return bridge
 
 
@@ -75,8 +77,10 @@ def label_boxes(labels: torch.Tensor, tokenizer) -> tuple[torch.Tensor, torch.Te
     found = answer_boxes(labels, tokenizer)
     rows = [r for r, boxes in enumerate(found) for _ in boxes]
     boxes = [b.box for row in found for b in row]
-    return (torch.tensor(rows, dtype=torch.long, device=labels.device),
-            torch.tensor(boxes, dtype=torch.long, device=labels.device).reshape(-1, 4))
+    return (
+        torch.tensor(rows, dtype=torch.long, device=labels.device),
+        torch.tensor(boxes, dtype=torch.long, device=labels.device).reshape(-1, 4),
+    )
 
 
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -96,7 +100,8 @@ def digit_tokens(tokenizer, box_format: str) -> list[int]:
         raise DigitTokenizerError(
             f"objective objects: the tokenizer {name} {what}; the objects bridge writes boxes digit by digit and "
             "needs a tokenizer that writes every digit of a number as its own token (as SmolLM2's does; "
-            "Llama-3's, which writes up to three digits as one token, does not)")
+            "Llama-3's, which writes up to three digits as one token, does not)"
+        )
 
     digits = []
     for d in range(10):
@@ -147,9 +152,17 @@ class ObjectLoss(Objective):
 
     runs_lm = False  # the trainer counts the encoder's and bridge's FLOPs only
 
-    def __init__(self, model, samples: int = 4000, min_count: int = 3, max_share: float = 0.9,
-                 box_weight: float = 5.0, positive_weight: float = 10.0, word_weight: float = 3.0,
-                 exclude: list[str] | tuple = ()):
+    def __init__(
+        self,
+        model,
+        samples: int = 4000,
+        min_count: int = 3,
+        max_share: float = 0.9,
+        box_weight: float = 5.0,
+        positive_weight: float = 10.0,
+        word_weight: float = 3.0,
+        exclude: list[str] | tuple = (),
+    ):
         super().__init__(model)
         object_bridge(model)
         self.exclude = list(exclude)
@@ -167,10 +180,13 @@ class ObjectLoss(Objective):
         for b in boxes:
             if b.form != INTEGER:
                 raise BoxFormatError(
-                    b.text, "decimals in [0, 1]", where=where,
+                    b.text,
+                    "decimals in [0, 1]",
+                    where=where,
                     supported=f"the objects bridge writes boxes to the LM as integers in [0, 999] (box_format "
-                              f"{box_format!r}), so its stages take boxes in that form only: write each "
-                              f"coordinate x as round(1000·x), at most 999")
+                    f"{box_format!r}), so its stages take boxes in that form only: write each "
+                    f"coordinate x as round(1000·x), at most 999",
+                )
         return boxes
 
     def read_stage_data(self, model, datasets, tokenizer) -> None:
@@ -182,8 +198,7 @@ class ObjectLoss(Objective):
         for sample in answer_samples(datasets, self.samples):
             if not self.integer_boxes(list(sample["labels"]), sample["where"], bridge.box_format):
                 rows.append(sample["labels"])
-        words = choose_vocabulary(rows, tokenizer, len(bridge.word_ids), self.min_count, self.max_share,
-                                  self.exclude)
+        words = choose_vocabulary(rows, tokenizer, len(bridge.word_ids), self.min_count, self.max_share, self.exclude)
         words = reading_order(rows, tokenizer, words)
         bridge.set_vocabulary(words, digits, box_template(tokenizer, bridge.box_format, digits))
 
@@ -204,8 +219,7 @@ class ObjectLoss(Objective):
         n, rows, cols = m["objectness"].shape
         found = [self.integer_boxes(row, name, bridge.box_format) for row, name in zip(labels.tolist(), names)]
         box_row = torch.tensor([r for r, bs in enumerate(found) for _ in bs], dtype=torch.long, device=labels.device)
-        boxes = torch.tensor([b.box for bs in found for b in bs], dtype=torch.long,
-                             device=labels.device).reshape(-1, 4)
+        boxes = torch.tensor([b.box for bs in found for b in bs], dtype=torch.long, device=labels.device).reshape(-1, 4)
         has_box = torch.zeros(n, dtype=torch.bool, device=labels.device)
         has_box[box_row] = True
         logs, loss = {}, m["objectness"].new_zeros(())
@@ -218,8 +232,9 @@ class ObjectLoss(Objective):
             obj[box_row, r, c] = 1.0
             # the box cells, and every cell of a sample whose boxes are all its image's objects
             counted = obj.bool() | (has_box & all_objects)[:, None, None]
-            l_obj = F.binary_cross_entropy_with_logits(m["objectness"], obj, reduction="none",
-                                                       pos_weight=obj.new_tensor(self.positive_weight))[counted].mean()
+            l_obj = F.binary_cross_entropy_with_logits(
+                m["objectness"], obj, reduction="none", pos_weight=obj.new_tensor(self.positive_weight)
+            )[counted].mean()
             pred = m["boxes"][box_row, r, c]
             iou = box_iou(pred, target)
             l_box = self.box_weight * F.l1_loss(pred, target) + (1 - iou).mean()

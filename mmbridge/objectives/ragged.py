@@ -32,6 +32,6 @@ def select_within(counts: torch.Tensor, ratio: float) -> tuple[torch.Tensor, tor
     if not bool(real.all()):
         keys = keys.masked_fill(~real, 2.0)  # padding sorts last
     m = selected_counts(counts, ratio)
-    order = keys.argsort(dim=1)[:, :int(m.max())]
+    order = keys.argsort(dim=1)[:, : int(m.max())]
     used = torch.arange(order.shape[1], device=counts.device)[None, :] < m[:, None]
     return order.masked_fill(~used, width).sort(dim=1).values, used

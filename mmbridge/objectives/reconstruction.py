@@ -43,8 +43,15 @@ class ReconstructionHead(nn.Module):
     `kind`: `bert` (Croc's: a post-LN BERT-style layer with dropout `dropout`) or `pre_ln` (a pre-LN layer and a
     final LayerNorm, no dropout)."""
 
-    def __init__(self, width: int, num_tokens: int, out_width: int, heads: int | None = None, kind: str = "bert",
-                 dropout: float = 0.1):
+    def __init__(
+        self,
+        width: int,
+        num_tokens: int,
+        out_width: int,
+        heads: int | None = None,
+        kind: str = "bert",
+        dropout: float = 0.1,
+    ):
         super().__init__()
         heads = heads or default_heads(width)
         if width % heads:
@@ -57,8 +64,15 @@ class ReconstructionHead(nn.Module):
             self.layer = BertLayer(width, heads, dropout)
             self.norm = nn.Identity()  # the layer ends in its own LayerNorm
         else:
-            self.layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=4 * width, dropout=0.0,
-                                                    activation="gelu", batch_first=True, norm_first=True)
+            self.layer = nn.TransformerEncoderLayer(
+                width,
+                heads,
+                dim_feedforward=4 * width,
+                dropout=0.0,
+                activation="gelu",
+                batch_first=True,
+                norm_first=True,
+            )
             self.norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, out_width)
 
@@ -68,9 +82,10 @@ class ReconstructionHead(nn.Module):
         if valid is None and hidden.shape[1] != self.num_tokens:
             raise ValueError(f"reconstruction head built for {self.num_tokens} tokens per image, got {hidden.shape[1]}")
         if valid is not None and hidden.shape[1] > self.num_tokens:
-            raise ValueError(f"reconstruction head built for at most {self.num_tokens} tokens per image, "
-                             f"got {hidden.shape[1]}")
-        x = hidden + self.position[:hidden.shape[1]]  # no causal mask: bidirectional within the image
+            raise ValueError(
+                f"reconstruction head built for at most {self.num_tokens} tokens per image, got {hidden.shape[1]}"
+            )
+        x = hidden + self.position[: hidden.shape[1]]  # no causal mask: bidirectional within the image
         padding = None if valid is None else ~valid
         if self.kind == "bert":
             x = self.layer(x, padding)

@@ -31,10 +31,20 @@ FAILED = "the server failed to answer this request; the reason is in its log"
 CHARS_PER_TOKEN_SLACK = 4
 
 
-def create_app(model, processor, name: str, max_batch: int = 8, max_images: int = 4, max_tokens: int = 256,
-               max_image_pixels: int | None = MAX_IMAGE_PIXELS, max_body: int = MAX_BODY_BYTES,
-               max_queue: int = 64, api_key: str | None = None, allowed_hosts=LOOPBACK_HOSTS,
-               prepare_workers: int = 4) -> FastAPI:
+def create_app(
+    model,
+    processor,
+    name: str,
+    max_batch: int = 8,
+    max_images: int = 4,
+    max_tokens: int = 256,
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+    max_body: int = MAX_BODY_BYTES,
+    max_queue: int = 64,
+    api_key: str | None = None,
+    allowed_hosts=LOOPBACK_HOSTS,
+    prepare_workers: int = 4,
+) -> FastAPI:
     """The server for one loaded run, answering as model `name`. A reply is at most `max_tokens` tokens
     (a request may ask for fewer) and, with its prompt, fits in the processor's `max_length`.
 
@@ -56,9 +66,14 @@ def create_app(model, processor, name: str, max_batch: int = 8, max_images: int 
 
     app = FastAPI(title="mmbridge", lifespan=lifespan)
     app.state.engine, app.state.preparing = engine, preparing
-    app.add_middleware(Guard, allowed_hosts=allowed_hosts, api_key=api_key, max_body=max_body,
-                       max_in_flight=max_batch + max_queue,  # Retry-After: when those in flight are decoded
-                       retry_after=lambda n: min(60, max(1, math.ceil(engine.wait_estimate(n)))))
+    app.add_middleware(
+        Guard,
+        allowed_hosts=allowed_hosts,
+        api_key=api_key,
+        max_body=max_body,
+        max_in_flight=max_batch + max_queue,  # Retry-After: when those in flight are decoded
+        retry_after=lambda n: min(60, max(1, math.ceil(engine.wait_estimate(n)))),
+    )
 
     @app.exception_handler(RequestError)
     async def _refused(request: Request, e: RequestError):
@@ -66,8 +81,9 @@ def create_app(model, processor, name: str, max_batch: int = 8, max_images: int 
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, e: HTTPException):
-        return JSONResponse(RequestError(str(e.detail), code=str(e.status_code), status=e.status_code).body(),
-                            status_code=e.status_code)
+        return JSONResponse(
+            RequestError(str(e.detail), code=str(e.status_code), status=e.status_code).body(), status_code=e.status_code
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
@@ -88,20 +104,32 @@ def create_app(model, processor, name: str, max_batch: int = 8, max_images: int 
         except RecursionError as e:
             raise RequestError("the request body is nested too deeply") from e
         if (chars := sum(len(t["value"]) for t in req.turns)) > max_chars:
-            raise RequestError(f"the messages hold {chars} characters, more than this model's max_length of "
-                               f"{processor.max_length} tokens can take", "messages", "context_length_exceeded")
+            raise RequestError(
+                f"the messages hold {chars} characters, more than this model's max_length of "
+                f"{processor.max_length} tokens can take",
+                "messages",
+                "context_length_exceeded",
+            )
         views = processor.images(req.images) if req.images else None  # under a tiling: each image's own count
         req.images = []  # decoded once; the pixels below are what is kept
         try:
             prompt = engine.encode_prompt(req.turns, views.get("counts") if views else None)
         except jinja2.TemplateError as e:
-            raise RequestError(f"the model's chat template rejects this conversation: {e}", "messages",
-                               "invalid_conversation") from e
+            raise RequestError(
+                f"the model's chat template rejects this conversation: {e}", "messages", "invalid_conversation"
+            ) from e
         if len(prompt) > processor.max_length:
-            each = "each image counts by its size" if processor.tiling.varies else \
-                f"each image counts {processor.num_image_tokens}"
-            raise RequestError(f"the prompt is {len(prompt)} tokens ({each}), beyond this model's max_length of "
-                               f"{processor.max_length}", "messages", "context_length_exceeded")
+            each = (
+                "each image counts by its size"
+                if processor.tiling.varies
+                else f"each image counts {processor.num_image_tokens}"
+            )
+            raise RequestError(
+                f"the prompt is {len(prompt)} tokens ({each}), beyond this model's max_length of "
+                f"{processor.max_length}",
+                "messages",
+                "context_length_exceeded",
+            )
         pixels = views["pixel_values"] if views else None
         return req, prompt, pixels, engine.instruction_ids(req.turns), views if processor.tiling.varies else None
 
@@ -111,10 +139,18 @@ def create_app(model, processor, name: str, max_batch: int = 8, max_images: int 
         req, prompt, pixels, instructions, views = await anyio.to_thread.run_sync(prepare, raw, limiter=preparing)
         room = max(1, processor.max_length - len(prompt))
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        job = Job(prompt=prompt, pixels=pixels, instructions=instructions, images=views,
-                  max_new_tokens=min(req.max_tokens or max_tokens, max_tokens, room),
-                  reply=ReplyText(engine.decode, req.stop), temperature=req.temperature, top_p=req.top_p,
-                  seed=req.seed, notify=lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)))
+        job = Job(
+            prompt=prompt,
+            pixels=pixels,
+            instructions=instructions,
+            images=views,
+            max_new_tokens=min(req.max_tokens or max_tokens, max_tokens, room),
+            reply=ReplyText(engine.decode, req.stop),
+            temperature=req.temperature,
+            top_p=req.top_p,
+            seed=req.seed,
+            notify=lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)),
+        )
         engine.submit(job)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": name}
         if req.stream:  # Starlette ends the stream when the client goes, and `_stream` then cancels the job
@@ -127,10 +163,19 @@ def create_app(model, processor, name: str, max_batch: int = 8, max_images: int 
             watch.cancel()
         if event[0] == "error":  # the engine logged it
             return JSONResponse(error_body(FAILED, "server_error"), status_code=500)
-        return {**meta, "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": job.reply.text},
-                             "finish_reason": job.finish_reason, "logprobs": None}],
-                "usage": _usage(job)}
+        return {
+            **meta,
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": job.reply.text},
+                    "finish_reason": job.finish_reason,
+                    "logprobs": None,
+                }
+            ],
+            "usage": _usage(job),
+        }
 
     return app
 
@@ -143,8 +188,11 @@ async def _cancel_when_gone(request: Request, job: Job) -> None:
 
 
 def _usage(job: Job) -> dict:
-    return {"prompt_tokens": len(job.prompt), "completion_tokens": job.generated,
-            "total_tokens": len(job.prompt) + job.generated}
+    return {
+        "prompt_tokens": len(job.prompt),
+        "completion_tokens": job.generated,
+        "total_tokens": len(job.prompt) + job.generated,
+    }
 
 
 async def _stream(job: Job, events: asyncio.Queue, meta: dict, include_usage: bool):
@@ -152,8 +200,12 @@ async def _stream(job: Job, events: asyncio.Queue, meta: dict, include_usage: bo
     then `data: [DONE]`. A client that goes away ends its row at the next token."""
 
     def chunk(delta: dict, finish: str | None = None, **extra) -> str:
-        body = {**meta, "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
+        body = {
+            **meta,
+            "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+            **extra,
+        }
         return f"data: {json.dumps(body)}\n\n"
 
     try:

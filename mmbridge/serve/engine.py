@@ -217,11 +217,18 @@ class Engine:
         generators = [j.generator for j in batch]
         if pixels:
             pixels = pad_to(pixels) if "view_sizes" in extra else torch.cat(pixels)
-        model.generate(ids.to(device), mask.to(device), pixels.to(device) if len(pixels) else None,
-                       max_new_tokens=max(j.max_new_tokens for j in batch), eos_token_ids=sorted(self.stop_ids),
-                       temperature=[j.temperature for j in batch], top_p=[j.top_p for j in batch],
-                       generator=generators, **extra,
-                       on_token=lambda toks: [t is None or j.take(t, self.stop_ids) for j, t in zip(batch, toks)])
+        model.generate(
+            ids.to(device),
+            mask.to(device),
+            pixels.to(device) if len(pixels) else None,
+            max_new_tokens=max(j.max_new_tokens for j in batch),
+            eos_token_ids=sorted(self.stop_ids),
+            temperature=[j.temperature for j in batch],
+            top_p=[j.top_p for j in batch],
+            generator=generators,
+            **extra,
+            on_token=lambda toks: [t is None or j.take(t, self.stop_ids) for j, t in zip(batch, toks)],
+        )
 
     def _image_inputs(self, batch: list[Job], device) -> dict:
         """Under a varying tiling: the batch's `visual_index` (each job's shifted past the views before it) and,
@@ -229,8 +236,11 @@ class Engine:
         tiled = [j.images for j in batch if j.images is not None and "visual_index" in j.images]
         if not tiled:
             return {}
-        out = {"visual_index": batch_index([t["visual_index"].numpy() for t in tiled], [t["views"] for t in tiled],
-                                           self.processor.num_image_tokens).to(device)}
+        out = {
+            "visual_index": batch_index(
+                [t["visual_index"].numpy() for t in tiled], [t["views"] for t in tiled], self.processor.num_image_tokens
+            ).to(device)
+        }
         if "view_sizes" in tiled[0]:
             out["view_sizes"] = torch.cat([t["view_sizes"] for t in tiled]).to(device)
         return out

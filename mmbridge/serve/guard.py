@@ -15,8 +15,9 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 MAX_BODY_BYTES = 20 * 1024 * 1024
 
 
-def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
+def error_body(
+    message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -28,9 +29,15 @@ class Guard:
     constant time). `max_body`: bytes a POST body may have. `max_in_flight`: POSTs being read, prepared, queued
     or decoded at once; one more gets 503 with `Retry-After: retry_after(in flight)` seconds."""
 
-    def __init__(self, app, allowed_hosts=LOOPBACK_HOSTS, api_key: str | None = None,
-                 max_body: int = MAX_BODY_BYTES, max_in_flight: int = 72,
-                 retry_after: Callable[[int], int] = lambda in_flight: 1):
+    def __init__(
+        self,
+        app,
+        allowed_hosts=LOOPBACK_HOSTS,
+        api_key: str | None = None,
+        max_body: int = MAX_BODY_BYTES,
+        max_in_flight: int = 72,
+        retry_after: Callable[[int], int] = lambda in_flight: 1,
+    ):
         self.app, self.max_body, self.max_in_flight, self.retry_after = app, max_body, max_in_flight, retry_after
         if api_key is not None and not api_key.strip():
             raise ValueError("api_key is empty: give a key, or None for no key")
@@ -43,24 +50,43 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = Headers(scope=scope)
         if not self._host_ok(headers.get("host")):
-            return await _refuse(send, 400, "the Host header names a host this server does not answer to "
-                                 "(see --allowed-hosts)", code="invalid_host")
+            return await _refuse(
+                send,
+                400,
+                "the Host header names a host this server does not answer to (see --allowed-hosts)",
+                code="invalid_host",
+            )
         if self.key is not None and not self._key_ok(headers.get("authorization", "")):
-            return await _refuse(send, 401, "a valid API key is required: send 'Authorization: Bearer <key>'",
-                                 code="invalid_api_key", extra=[(b"www-authenticate", b"Bearer")])
+            return await _refuse(
+                send,
+                401,
+                "a valid API key is required: send 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+                extra=[(b"www-authenticate", b"Bearer")],
+            )
         if scope["method"] != "POST":
             return await self.app(scope, receive, send)
         media = headers.get("content-type", "").split(";")[0].strip().lower()
         if media != "application/json":
-            return await _refuse(send, 415, f"the body must be sent as application/json, not {media[:60]!r}",
-                                 code="unsupported_media_type")
+            return await _refuse(
+                send,
+                415,
+                f"the body must be sent as application/json, not {media[:60]!r}",
+                code="unsupported_media_type",
+            )
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body:
             return await self._too_large(send)
         if self.in_flight >= self.max_in_flight:
             wait = str(self.retry_after(self.in_flight)).encode()
-            return await _refuse(send, 503, "the server is busy; retry after a moment", kind="server_error",
-                                 code="overloaded", extra=[(b"retry-after", wait)])
+            return await _refuse(
+                send,
+                503,
+                "the server is busy; retry after a moment",
+                kind="server_error",
+                code="overloaded",
+                extra=[(b"retry-after", wait)],
+            )
         self.in_flight += 1
         try:
             body = await self._body(receive)
@@ -78,8 +104,13 @@ class Guard:
         if not host:
             return False
         host = host.strip().lower()
-        name = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(":") == 1 \
+        name = (
+            host[1 : host.find("]")]
+            if host.startswith("[")
+            else host.rsplit(":", 1)[0]
+            if host.count(":") == 1
             else host
+        )
         name = name.rstrip(".")
         return name in self.hosts or any(h.startswith("*.") and name.endswith(h[1:]) for h in self.hosts)
 
@@ -101,8 +132,12 @@ class Guard:
                 return b"".join(chunks)
 
     async def _too_large(self, send):
-        return await _refuse(send, 413, f"the request body is larger than this server's limit of {self.max_body} "
-                             "bytes", code="request_too_large")
+        return await _refuse(
+            send,
+            413,
+            f"the request body is larger than this server's limit of {self.max_body} bytes",
+            code="request_too_large",
+        )
 
 
 def _replay(body: bytes, receive):
@@ -119,10 +154,15 @@ def _replay(body: bytes, receive):
     return replay
 
 
-async def _refuse(send, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-                  extra: list | None = None) -> None:
+async def _refuse(
+    send,
+    status: int,
+    message: str,
+    kind: str = "invalid_request_error",
+    code: str | None = None,
+    extra: list | None = None,
+) -> None:
     content = json.dumps(error_body(message, kind, None, code)).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode()),
-               *(extra or [])]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode()), *(extra or [])]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": content})

@@ -31,8 +31,14 @@ _DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]+)*?
 class RequestError(ValueError):
     """A request the server refuses; becomes an OpenAI-shaped error body with this HTTP status."""
 
-    def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400,
-                 kind: str = "invalid_request_error"):
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        status: int = 400,
+        kind: str = "invalid_request_error",
+    ):
         super().__init__(message)
         self.message, self.param, self.code, self.status, self.kind = message, param, code, status, kind
 
@@ -67,8 +73,9 @@ def parse_json(raw: bytes):
         raise RequestError(f"the request body is not valid JSON: {e}") from e
 
 
-def parse_chat_request(body, max_images: int, special_tokens: list[str],
-                       max_pixels: int | None = MAX_IMAGE_PIXELS) -> ChatRequest:
+def parse_chat_request(
+    body, max_images: int, special_tokens: list[str], max_pixels: int | None = MAX_IMAGE_PIXELS
+) -> ChatRequest:
     """Check an OpenAI `/v1/chat/completions` body and read it; `special_tokens` may not appear in any text.
     Images are decoded only once they are counted, each refused from its header beyond `max_pixels`."""
     if not isinstance(body, dict):
@@ -82,8 +89,11 @@ def parse_chat_request(body, max_images: int, special_tokens: list[str],
     sources: list[tuple[object, str]] = []  # each image part's url and where it is, in order
     turns = _turns(body.get("messages"), sources, special_tokens)
     if len(sources) > max_images:
-        raise RequestError(f"{len(sources)} images in the request; this server takes at most {max_images}",
-                           "messages", "too_many_images")
+        raise RequestError(
+            f"{len(sources)} images in the request; this server takes at most {max_images}",
+            "messages",
+            "too_many_images",
+        )
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise RequestError(f"stream={_show(stream)}: expected true or false", "stream")
@@ -96,8 +106,13 @@ def parse_chat_request(body, max_images: int, special_tokens: list[str],
         max_tokens=None if limit is None else int(_number(limit, param, 1, None, integer=True)),
         temperature=_number(body.get("temperature", 1.0), "temperature", 0.0, 2.0),
         top_p=_number(body.get("top_p", 1.0), "top_p", 0.0, 1.0, open_low=True),
-        seed=None if body.get("seed") is None else int(_number(body["seed"], "seed", -2**63, 2**64 - 1, integer=True)),
-        stop=_stops(body.get("stop")), stream=stream, include_usage=bool(options.get("include_usage", False)))
+        seed=None
+        if body.get("seed") is None
+        else int(_number(body["seed"], "seed", -(2**63), 2**64 - 1, integer=True)),
+        stop=_stops(body.get("stop")),
+        stream=stream,
+        include_usage=bool(options.get("include_usage", False)),
+    )
     return ChatRequest(turns=turns, images=[_image(url, where, max_pixels) for url, where in sources], **settings)
 
 
@@ -171,12 +186,19 @@ def _image(url, where: str, max_pixels: int | None) -> Image.Image:
     if not isinstance(url, str):
         raise RequestError(f"{where}: image_url.url must be a string", where)
     if url.startswith(("http://", "https://")):
-        raise RequestError(f"{where}: remote image URLs are not fetched; send the image as a base64 data URL "
-                           "(data:image/png;base64,...)", where, "invalid_image_url")
+        raise RequestError(
+            f"{where}: remote image URLs are not fetched; send the image as a base64 data URL "
+            "(data:image/png;base64,...)",
+            where,
+            "invalid_image_url",
+        )
     match = _DATA_URL.fullmatch(url)
     if match is None:
-        raise RequestError(f"{where}: expected a base64 data URL (data:image/png;base64,...), got {url[:40]!r}",
-                           where, "invalid_image_url")
+        raise RequestError(
+            f"{where}: expected a base64 data URL (data:image/png;base64,...), got {url[:40]!r}",
+            where,
+            "invalid_image_url",
+        )
     try:
         data = base64.b64decode("".join(match["data"].split()), validate=True)
     except (binascii.Error, ValueError) as e:

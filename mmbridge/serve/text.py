@@ -33,9 +33,9 @@ class ReplyText:
         text = self._text()
         hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
         if hits:
-            self.stopped, self._final = True, text[:min(hits)].rstrip()
+            self.stopped, self._final = True, text[: min(hits)].rstrip()
             return self._give(self._final)
-        return self._give(text[:len(text) - self._held(text)].rstrip())
+        return self._give(text[: len(text) - self._held(text)].rstrip())
 
     def finish(self) -> str:
         """The text not yet given out; the reply is then `self.text`, kept (reading it decodes nothing, so
@@ -50,8 +50,9 @@ class ReplyText:
     def _held(self, text: str) -> int:
         """How many trailing characters may still change: the longest start of a stop string, and any
         unfinished character before it."""
-        held = max((k for s in self.stop for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])),
-                   default=0)
+        held = max(
+            (k for s in self.stop for k in range(1, min(len(s), len(text) + 1)) if text.endswith(s[:k])), default=0
+        )
         while held < len(text) and text[len(text) - held - 1] == _PARTIAL:
             held += 1
         return held
@@ -60,5 +61,5 @@ class ReplyText:
         # decoding more tokens could in principle rewrite earlier text; what was given out stays given
         if not settled.startswith(self.sent):
             return ""
-        piece, self.sent = settled[len(self.sent):], settled
+        piece, self.sent = settled[len(self.sent) :], settled
         return piece

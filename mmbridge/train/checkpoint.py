@@ -40,8 +40,7 @@ from safetensors.torch import save_file
 
 from mmbridge.config import Recipe, read_recipe, recipe_to_dict, save_recipe  # noqa: F401  (also imported from here)
 from mmbridge.models.resolution import sync_processor
-from mmbridge.models.weights import (  # noqa: F401  (also imported from here)
-    MANIFEST, CheckpointError, _sha256, load_weights, restore_structure, verify)
+from mmbridge.models.weights import MANIFEST, CheckpointError, _sha256, load_weights, restore_structure, verify  # noqa: F401  (also imported from here)
 
 STATE = "trainer_state.pt"
 _NAME = re.compile(r"^stage(\d+)-step(\d+)$")
@@ -142,11 +141,15 @@ def trained_state(model: torch.nn.Module | dict, keys: set[str]) -> dict[str, to
     return {k: state[k].detach().cpu().contiguous().clone() for k in sorted(keys)}
 
 
-def save_weights(model: torch.nn.Module | dict, keys: set[str], folder: Path, meta: dict, state: dict | None = None) -> None:
+def save_weights(
+    model: torch.nn.Module | dict, keys: set[str], folder: Path, meta: dict, state: dict | None = None
+) -> None:
     """Write the trained parameters, their metadata and (for checkpoints) trainer state atomically."""
     weights = trained_state(model, keys)
-    writers = {"model.safetensors": lambda p: save_file(weights, str(p)),
-               "meta.json": lambda p: p.write_text(json.dumps(meta, indent=2))}
+    writers = {
+        "model.safetensors": lambda p: save_file(weights, str(p)),
+        "meta.json": lambda p: p.write_text(json.dumps(meta, indent=2)),
+    }
     if state is not None:
         writers[STATE] = lambda p: torch.save(state, p)
     write_folder(folder, writers)
@@ -175,7 +178,7 @@ def save_checkpoint(run_dir: Path, model, keys: set[str], meta: dict, state: dic
 def prune_checkpoints(run_dir: Path, folder: Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints (just written: `folder`)."""
     try:
-        for old in list_checkpoints(run_dir)[max(keep, 1):]:
+        for old in list_checkpoints(run_dir)[max(keep, 1) :]:
             doomed = old.with_name(f".{old.name}.deleting")  # renamed first: never a half-deleted checkpoint
             old.rename(doomed)
             shutil.rmtree(doomed, ignore_errors=True)
@@ -189,8 +192,10 @@ def load_trainer_state(folder: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused to load: it holds objects other than tensors and plain values, "
-                              f"which are never unpickled ({first})") from None
+        raise CheckpointError(
+            f"{path}: refused to load: it holds objects other than tensors and plain values, "
+            f"which are never unpickled ({first})"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
 
@@ -213,8 +218,10 @@ def latest_checkpoint(run_dir: Path, say=print) -> tuple[Path, dict] | None:
                     break
                 except FileExistsError:
                     aside = folder.with_name(f"{folder.name}.corrupt{k}")
-            say(f"checkpoint {folder.name} is unusable and was moved to {aside.name}: {e}; "
-                "trying the previous checkpoint")
+            say(
+                f"checkpoint {folder.name} is unusable and was moved to {aside.name}: {e}; "
+                "trying the previous checkpoint"
+            )
     return None
 
 
@@ -223,8 +230,9 @@ def set_aside(run_dir: Path) -> tuple[Path, int] | None:
     onto an earlier one, which stays as it is) and start an empty one; returns (where, how many checkpoints).
     Nothing moves when the folder holds no checkpoint of a run (`stageS-stepN`, `*.corrupt`)."""
     root = Path(run_dir) / "checkpoints"
-    if not root.is_dir() or not any(_NAME.match(p.name.split(".")[0]) for p in root.iterdir()
-                                    if not p.name.startswith(".")):
+    if not root.is_dir() or not any(
+        _NAME.match(p.name.split(".")[0]) for p in root.iterdir() if not p.name.startswith(".")
+    ):
         return None
     n = len(list_checkpoints(run_dir))
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -259,8 +267,11 @@ def remove_partial(run_dir: Path) -> None:
 def _lora_bytes(module: torch.nn.Module, r: int, targets: list[str]) -> int:
     """The adapters a stage's LoRA adds, plus those the part already has (Monkey's per-window adapters)."""
     have = sum(p.numel() * p.element_size() for n, p in module.named_parameters() if "lora_" in n)
-    return have + sum(r * (m.in_features + m.out_features) * 4 for name, m in module.named_modules()
-                      if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets)
+    return have + sum(
+        r * (m.in_features + m.out_features) * 4
+        for name, m in module.named_modules()
+        if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets
+    )
 
 
 def estimate_checkpoint_bytes(model, recipe: Recipe) -> tuple[int, int]:
@@ -309,8 +320,10 @@ def check_run_dir(run_dir: Path) -> None:
             os.fsync(f.fileno())
         probe.unlink()
     except OSError as e:
-        raise CheckpointError(f"run directory {run_dir} is not writable: {e.strerror or e} (errno {e.errno}); "
-                              "choose another --out or fix its permissions") from e
+        raise CheckpointError(
+            f"run directory {run_dir} is not writable: {e.strerror or e} (errno {e.errno}); "
+            "choose another --out or fix its permissions"
+        ) from e
 
 
 def check_free_space(run_dir: Path, checkpoint_bytes: int, final_bytes: int, keep: int) -> None:
@@ -321,7 +334,8 @@ def check_free_space(run_dir: Path, checkpoint_bytes: int, final_bytes: int, kee
         raise CheckpointError(
             f"run directory {run_dir}: {_human(free)} free, but training needs about {_human(need)} "
             f"({max(keep, 1)} checkpoint(s) of ~{_human(checkpoint_bytes)} kept (keep_checkpoints={keep}), one "
-            f"being written, and the final weights); free space, lower keep_checkpoints or choose another --out")
+            f"being written, and the final weights); free space, lower keep_checkpoints or choose another --out"
+        )
 
 
 # -- recipe, RNG, whole runs ------------------------------------------------------------------
@@ -329,8 +343,11 @@ def rng_state() -> dict:
     """The CPU-side RNG states (torch, numpy, Python) as tensors and plain values, so
     `torch.load(weights_only=True)` reads them; the trainer adds every CUDA device's under `cuda`."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-            "python": random.getstate()}
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "python": random.getstate(),
+    }
 
 
 def set_rng_state(state: dict) -> None:
@@ -352,8 +369,10 @@ def load_run(run_dir: str | Path, device: str = "auto"):
     run_dir = Path(run_dir)
     recipe = read_recipe(run_dir)
     if recipe.kind != "lmm":
-        raise CheckpointError(f"{run_dir}: a kind {recipe.kind!r} run; what it trained is the encoder in "
-                              f"{run_dir / recipe.export} (use it as model.vision {{name: lcl_vit, path: ...}})")
+        raise CheckpointError(
+            f"{run_dir}: a kind {recipe.kind!r} run; what it trained is the encoder in "
+            f"{run_dir / recipe.export} (use it as model.vision {{name: lcl_vit, path: ...}})"
+        )
     target = resolve_device(device)
     tok_dir = run_dir / "tokenizer"
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir)) if tok_dir.exists() else None

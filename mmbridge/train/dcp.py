@@ -16,9 +16,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from mmbridge.models.meta import PENDING_DCP, has_meta
 from mmbridge.train import checkpoint as ckpt
@@ -33,22 +37,27 @@ def is_sharded(folder: Path) -> bool:
 def _saved_model_state(step: torch.nn.Module, keys: set[str]) -> dict:
     """The trained weights (`keys`, names in the bare model) and all of the objective's state."""
     state = get_model_state_dict(step)
-    return {k: v for k, v in state.items() if k.startswith("objective.") or k[len("model."):] in keys}
+    return {k: v for k, v in state.items() if k.startswith("objective.") or k[len("model.") :] in keys}
 
 
-def save(run_dir: Path, step: torch.nn.Module, optimizer, keys: set[str], meta: dict, state: dict, keep: int,
-         dist) -> Path:
+def save(
+    run_dir: Path, step: torch.nn.Module, optimizer, keys: set[str], meta: dict, state: dict, keep: int, dist
+) -> Path:
     """Every rank writes its shards into the temporary folder; rank 0 adds meta, trainer state and the
     manifest, renames the folder into place and prunes old checkpoints. Needs a filesystem all ranks share."""
     folder = ckpt.checkpoint_dir(run_dir, state["stage"], state["step"])
     tmp = Path(dist.broadcast(str(ckpt.unique_beside(folder, "tmp")) if dist.main else None))  # this save's own
     dist.barrier()
-    dcp.save({"model": _saved_model_state(step, keys), "optim": get_optimizer_state_dict(step, optimizer)},
-             checkpoint_id=str(tmp))
+    dcp.save(
+        {"model": _saved_model_state(step, keys), "optim": get_optimizer_state_dict(step, optimizer)},
+        checkpoint_id=str(tmp),
+    )
     dist.barrier()
     if dist.main:
-        writers = {"meta.json": lambda p: p.write_text(json.dumps(meta, indent=2)),
-                   ckpt.STATE: lambda p: torch.save({**state, "sharded": True}, p)}
+        writers = {
+            "meta.json": lambda p: p.write_text(json.dumps(meta, indent=2)),
+            ckpt.STATE: lambda p: torch.save({**state, "sharded": True}, p),
+        }
         ckpt.write_folder(folder, writers, filled=tmp)
         ckpt.prune_checkpoints(run_dir, folder, keep)
     dist.barrier()
@@ -70,7 +79,7 @@ def load_weights(model: torch.nn.Module, folder: Path) -> dict:
         return meta
     state = {"model." + k: own[k] for k in meta["keys"]}
     dcp.load({"model": state}, checkpoint_id=str(folder))
-    model.load_state_dict({k[len("model."):]: v for k, v in state.items()}, strict=False)
+    model.load_state_dict({k[len("model.") :]: v for k, v in state.items()}, strict=False)
     return meta
 
 

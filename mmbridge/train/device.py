@@ -37,12 +37,16 @@ def resolve_device(spec: str = "auto", local_rank: int | None = None) -> torch.d
     else:
         index = int(spec.split(":")[1])
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise DeviceError(f"{flag}: under torchrun every process uses its own cuda:LOCAL_RANK; "
-                              "use --device cuda (or auto) and choose GPUs with CUDA_VISIBLE_DEVICES")
+            raise DeviceError(
+                f"{flag}: under torchrun every process uses its own cuda:LOCAL_RANK; "
+                "use --device cuda (or auto) and choose GPUs with CUDA_VISIBLE_DEVICES"
+            )
     count = torch.cuda.device_count()
     if index >= count:
-        raise DeviceError(f"{flag}: cuda:{index} does not exist; this machine shows {count} CUDA device(s)"
-                          f" (cuda:0 … cuda:{count - 1})")
+        raise DeviceError(
+            f"{flag}: cuda:{index} does not exist; this machine shows {count} CUDA device(s)"
+            f" (cuda:0 … cuda:{count - 1})"
+        )
     return torch.device("cuda", index)
 
 

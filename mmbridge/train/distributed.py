@@ -52,11 +52,13 @@ class RankSlice:
             packed = bool(idx) and isinstance(idx[0], tuple)  # (sample, row) pairs: split by rows
             units = sorted({row for _, row in idx}) if packed else idx
             if len(units) < self.world:
-                raise ValueError(f"a micro-batch of {len(units)} {'rows' if packed else 'samples'} cannot be split "
-                                 f"over {self.world} processes; make batch_size at least the world size")
+                raise ValueError(
+                    f"a micro-batch of {len(units)} {'rows' if packed else 'samples'} cannot be split "
+                    f"over {self.world} processes; make batch_size at least the world size"
+                )
             k, extra = divmod(len(units), self.world)  # the first `extra` ranks take one more
             start = self.rank * k + min(self.rank, extra)
-            mine = units[start:start + k + (self.rank < extra)]
+            mine = units[start : start + k + (self.rank < extra)]
             yield [x for x in idx if x[1] in set(mine)] if packed else mine
 
 
@@ -93,16 +95,19 @@ class Dist:
         if not self.enabled:
             return
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
-                                    timeout=datetime.timedelta(minutes=30))
+            dist.init_process_group(
+                "nccl" if self.device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30)
+            )
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         if self.fsdp:
             from mmbridge.train.fsdp import ShardedStages
 
             self._stages = ShardedStages(self.device, self.main)
             if self.device.type == "cpu" and "MALLOC_MMAP_THRESHOLD_" not in os.environ and self.main:
-                print("FSDP on CPU: glibc's malloc keeps the all-gather buffers FSDP frees, so resident memory "
-                      "grows step by step; MALLOC_MMAP_THRESHOLD_=65536 returns them (docs/guide/training-at-scale.md)")
+                print(
+                    "FSDP on CPU: glibc's malloc keeps the all-gather buffers FSDP frees, so resident memory "
+                    "grows step by step; MALLOC_MMAP_THRESHOLD_=65536 returns them (docs/guide/training-at-scale.md)"
+                )
 
     @property
     def main(self) -> bool:
@@ -160,11 +165,20 @@ class Dist:
         per process, `per_rank`, is returned as it is)."""
         if not self.enabled or getattr(loader, "per_rank", False):
             return loader
-        extra = {"prefetch_factor": loader.prefetch_factor, "persistent_workers": loader.persistent_workers} \
-            if loader.num_workers else {}
-        return DataLoader(loader.dataset, batch_sampler=RankSlice(loader.batch_sampler, self.rank, self.world),
-                          collate_fn=loader.collate_fn, num_workers=loader.num_workers,
-                          worker_init_fn=loader.worker_init_fn, pin_memory=self.device.type == "cuda", **extra)
+        extra = (
+            {"prefetch_factor": loader.prefetch_factor, "persistent_workers": loader.persistent_workers}
+            if loader.num_workers
+            else {}
+        )
+        return DataLoader(
+            loader.dataset,
+            batch_sampler=RankSlice(loader.batch_sampler, self.rank, self.world),
+            collate_fn=loader.collate_fn,
+            num_workers=loader.num_workers,
+            worker_init_fn=loader.worker_init_fn,
+            pin_memory=self.device.type == "cuda",
+            **extra,
+        )
 
     def to_device(self, batch: dict) -> dict:
         return to_device(batch, self.device)
@@ -234,10 +248,14 @@ class Dist:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(self.device.type, (self.world,))
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if self.device.type == "cuda" else MixedPrecisionPolicy()
-        return self._stages.shard(step, [*blocks(model.vision), *blocks(model.lm)],
-                                  lambda m: fully_shard(m, mesh=mesh, mp_policy=mp))
+        mp = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if self.device.type == "cuda"
+            else MixedPrecisionPolicy()
+        )
+        return self._stages.shard(
+            step, [*blocks(model.vision), *blocks(model.lm)], lambda m: fully_shard(m, mesh=mesh, mp_policy=mp)
+        )
 
     def no_sync(self, step: nn.Module, last: bool):
         """DDP: skip the gradient all-reduce on all but the last micro-batch of a step."""

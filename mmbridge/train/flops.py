@@ -40,7 +40,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from mmbridge.data.processor import IGNORE
 from mmbridge.models.moe import moe_layers
-from mmbridge.models.window_lora import has_window_lora, mark as mark_windows
+from mmbridge.models.window_lora import has_window_lora
+from mmbridge.models.window_lora import mark as mark_windows
 
 # Dense bf16 peaks (no sparsity) from the vendors' datasheets, FLOP/s, by the exact name CUDA reports
 # (`torch.cuda.get_device_name`). A GPU not listed gets no MFU rather than a guessed one.
@@ -67,8 +68,11 @@ def _trains(module: nn.Module) -> bool:
 
 
 # fused attention on CPU, which torch's counter leaves out
-_CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
-             lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)}
+_CPU_SDPA = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *args, out_shape=None, **kwargs: (
+        sdpa_flop_count(q, k, v)
+    )
+}
 
 
 def forward_flops(fn, *args) -> int:
@@ -117,8 +121,13 @@ class StepFlops:
         def factor(m: nn.Linear) -> int:
             return 1 if id(m) in below else 3 if m.weight.requires_grad else 2
 
-        self.linear = int(sum(2 * m.in_features * m.out_features * factor(m) * share.get(id(m), 1)
-                              for m in decoder.modules() if isinstance(m, nn.Linear)))
+        self.linear = int(
+            sum(
+                2 * m.in_features * m.out_features * factor(m) * share.get(id(m), 1)
+                for m in decoder.modules()
+                if isinstance(m, nn.Linear)
+            )
+        )
         heads = text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
         passes = 3 * text.num_hidden_layers - 2 * first  # forward + backward above `first`, forward below
@@ -131,8 +140,9 @@ class StepFlops:
         # UHD's views have their own sizes: each size is measured when a batch first holds it
         self._own_sizes = model if tiling is not None and tiling.own_sizes else None
         self._per_size: dict[tuple[int, int], int] = {}
-        size = getattr(model.vision, "image_size", None) or getattr(getattr(model.vision, "config", None),
-                                                                    "image_size", None)
+        size = getattr(model.vision, "image_size", None) or getattr(
+            getattr(model.vision, "config", None), "image_size", None
+        )
         if size:
             vision, bridge = self._per_image(model, (size, size))
             if getattr(model, "feature_cache", None) is not None and not vision_trains:
@@ -161,8 +171,11 @@ class StepFlops:
                 with torch.no_grad():
                     feats = encode(pixels)
                 # InstructBLIP's Q-Former also reads the instruction: counted for a nominal 16 tokens
-                extra = {"instruction_ids": torch.ones(1, 16, dtype=torch.long, device=weight.device)} \
-                    if getattr(bridge, "uses_instruction", False) else {}
+                extra = (
+                    {"instruction_ids": torch.ones(1, 16, dtype=torch.long, device=weight.device)}
+                    if getattr(bridge, "uses_instruction", False)
+                    else {}
+                )
                 if getattr(bridge, "reads_words", False):  # concept tokens read the LM's word embeddings
                     extra["words"] = model.lm.get_input_embeddings().weight
                 if any_size and getattr(bridge, "reads_grid", False):  # a view's own grid (UHD's qwen compressor)
@@ -185,10 +198,14 @@ class StepFlops:
         pixels = batch.get("pixel_values")
         n_images = pixels.shape[0] if pixels is not None else 0
         sizes = batch.get("view_sizes")
-        images = n_images * self.image if sizes is None or self._own_sizes is None else \
-            sum(self._view(tuple(hw)) for hw in sizes.tolist())
-        return int(sum(lengths) * self.linear + sum(x * x for x in lengths) * self.attention
-                   + targets * self.head + images)
+        images = (
+            n_images * self.image
+            if sizes is None or self._own_sizes is None
+            else sum(self._view(tuple(hw)) for hw in sizes.tolist())
+        )
+        return int(
+            sum(lengths) * self.linear + sum(x * x for x in lengths) * self.attention + targets * self.head + images
+        )
 
     def _view(self, size: tuple[int, int]) -> int:
         """FLOPs, forward and backward, of one view of its own (height, width), measured once per size."""
@@ -199,8 +216,9 @@ class StepFlops:
 
 
 # -- peak -----------------------------------------------------------------------------------------
-def measure_matmul_peak(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, n: int = 2048,
-                        reps: int = 6) -> float:
+def measure_matmul_peak(
+    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, n: int = 2048, reps: int = 6
+) -> float:
     """Best FLOP/s of an n x n matmul over `reps` timed runs (after a warm-up)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -213,7 +231,7 @@ def measure_matmul_peak(device: torch.device | str = "cpu", dtype: torch.dtype =
         torch.mm(a, b)
         sync()
         best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 def _cpu_name() -> str:

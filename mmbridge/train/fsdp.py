@@ -77,7 +77,7 @@ class ShardedStages:
             if name.startswith(prefix):
                 full = t.full_tensor() if isinstance(t, DTensor) else t
                 if self.main:
-                    tensors[name[len(prefix):]] = full.detach().cpu()
+                    tensors[name[len(prefix) :]] = full.detach().cpu()
         if not self.main:
             return None
         module = meta.meta_copy(self.template.get_submodule(part)).to_empty(device="cpu")
@@ -198,9 +198,14 @@ def _take_over(step: nn.Module, previous: nn.Module) -> None:
         p = step.get_parameter(name)
         takers[id(old)] -= 1
         last = takers[id(old)] == 0
-        same = isinstance(old, DTensor) and isinstance(p, DTensor) and old.placements == p.placements \
-            and old.device_mesh == p.device_mesh and old.to_local().shape == p.to_local().shape \
+        same = (
+            isinstance(old, DTensor)
+            and isinstance(p, DTensor)
+            and old.placements == p.placements
+            and old.device_mesh == p.device_mesh
+            and old.to_local().shape == p.to_local().shape
             and old.dtype == p.dtype
+        )
         if same:
             value = old.detach() if last else old.detach().clone()
         else:

@@ -28,32 +28,56 @@ class LMMTask(Task):
 
     def dataset(self, name: str) -> ConversationDataset | InterleavedDataset:
         # a stage may change the image tokens (its resolution): lengths are indexed per setting
-        key = (name, self.processor.num_image_tokens, self.processor.max_length, self.processor.image_size,
-               self.processor.tiling.key)
+        key = (
+            name,
+            self.processor.num_image_tokens,
+            self.processor.max_length,
+            self.processor.image_size,
+            self.processor.tiling.key,
+        )
         if key not in self.datasets:
             src = resolve_source(self.recipe, name)
             skip, lines = self.recipe.bad_samples == "skip", True if src.jsonl else None
             if src.interleaved:  # MMC4-style documents: raw text with images, laid out by recipe.sequence
-                ds = InterleavedDataset(src.jsonl or src.shards, src.images, self.processor, self.recipe.sequence,
-                                        seed=self.recipe.seed, skip_bad=skip, lines=lines)
+                ds = InterleavedDataset(
+                    src.jsonl or src.shards,
+                    src.images,
+                    self.processor,
+                    self.recipe.sequence,
+                    seed=self.recipe.seed,
+                    skip_bad=skip,
+                    lines=lines,
+                )
             elif src.hf_dataset:  # a `datasets` dataset, rows read as LLaVA records
                 from mmbridge.data.hf_source import HFRecords
 
-                records = HFRecords(src.hf_dataset, src.conversations, src.messages, src.images, src.split,
-                                    src.image_root)
-                ds = ConversationDataset(records.name, src.image_root, self.processor, skip_bad=skip, records=records,
-                                         boxes_all_objects=src.boxes_all_objects)
+                records = HFRecords(
+                    src.hf_dataset, src.conversations, src.messages, src.images, src.split, src.image_root
+                )
+                ds = ConversationDataset(
+                    records.name,
+                    src.image_root,
+                    self.processor,
+                    skip_bad=skip,
+                    records=records,
+                    boxes_all_objects=src.boxes_all_objects,
+                )
             else:
-                ds = ConversationDataset(src.json or src.jsonl or src.shards, src.images, self.processor,
-                                         skip_bad=skip, lines=lines, boxes_all_objects=src.boxes_all_objects)
+                ds = ConversationDataset(
+                    src.json or src.jsonl or src.shards,
+                    src.images,
+                    self.processor,
+                    skip_bad=skip,
+                    lines=lines,
+                    boxes_all_objects=src.boxes_all_objects,
+                )
             self.skipped.update({f"{name}: {k}": v for k, v in ds.skipped.items()})
             if ds.truncated:
                 print(f"{name}: {ds.truncated} sample(s) shortened in their trailing text to max_length")
             self.datasets[key] = ds
         return self.datasets[key]
 
-    def batches(self, model, stage: StageConfig, start_batch: int, pin_memory: bool = False,
-                fixed_width: bool = False):
+    def batches(self, model, stage: StageConfig, start_batch: int, pin_memory: bool = False, fixed_width: bool = False):
         """Micro-batches of the whole (global) stream from micro-batch `start_batch`, and the epoch size."""
         names = list(stage.data)
         parts = [self.dataset(n) for n in names]
@@ -61,25 +85,35 @@ class LMMTask(Task):
         dataset, collate, n_samples = ConcatDataset(parts), Collator(self.processor), sum(len(p) for p in parts)
         if stage.pack:  # batch_size counts rows of max_length tokens; `epochs` counts the rows the data fills
             if not getattr(model.bridge, "packable", True):
-                raise ValueError(f"stage {stage.name!r}: pack is not supported with the "
-                                 f"{type(model.bridge).__name__} bridge")
+                raise ValueError(
+                    f"stage {stage.name!r}: pack is not supported with the {type(model.bridge).__name__} bridge"
+                )
             lengths = np.concatenate([p.lengths for p in parts])
             images = np.concatenate([p.n_images for p in parts])
             budget = self.processor.max_length
-            batches = PackedBatches(lengths, images, mix, stage.batch_size, budget, stage.pack_images,
-                                    start=start_batch)
+            batches = PackedBatches(
+                lengths, images, mix, stage.batch_size, budget, stage.pack_images, start=start_batch
+            )
             collate = PackingCollator(self.processor, width=budget if fixed_width else None)
             dataset, n_samples = RowTagged(dataset), rows_per_epoch(lengths, budget)
         elif stage.group_by_length:
             lengths = np.concatenate([p.lengths for p in parts])
-            batches = LengthGroupedBatches(lengths, mix, stage.batch_size, window=stage.group_by_length,
-                                           start=start_batch)
+            batches = LengthGroupedBatches(
+                lengths, mix, stage.batch_size, window=stage.group_by_length, start=start_batch
+            )
         else:
-            batches = BatchSampler(MixtureSampler(**mix, start=start_batch * stage.batch_size), stage.batch_size,
-                                   drop_last=True)
+            batches = BatchSampler(
+                MixtureSampler(**mix, start=start_batch * stage.batch_size), stage.batch_size, drop_last=True
+            )
         workers = self.recipe.num_workers
-        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers,
-                            worker_init_fn=ignore_signals if workers else None, pin_memory=pin_memory)
+        loader = DataLoader(
+            dataset,
+            batch_sampler=batches,
+            collate_fn=collate,
+            num_workers=workers,
+            worker_init_fn=ignore_signals if workers else None,
+            pin_memory=pin_memory,
+        )
         return loader, n_samples
 
     def loader(self, model, stage: StageConfig, start_batch: int, dist):

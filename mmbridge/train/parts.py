@@ -6,10 +6,10 @@ import torch
 
 from mmbridge.config import StageConfig
 from mmbridge.models.language import add_lora, lora_layers
-from mmbridge.models.mmlm import MultimodalLM
-from mmbridge.models.window_lora import has_window_lora
 from mmbridge.models.mma import VisionAdapter, add_mma, add_vision_mma, has_mma, has_vision_mma, is_mma_param
+from mmbridge.models.mmlm import MultimodalLM
 from mmbridge.models.moe import GATE_KEYS, add_moe, has_moe, is_moe_param
+from mmbridge.models.window_lora import has_window_lora
 
 
 def has_lora(model: MultimodalLM) -> bool:
@@ -24,21 +24,36 @@ def apply_stage_modes(model: MultimodalLM, stage: StageConfig) -> dict | None:
     injected = None
     modes = {"vision": "frozen", "bridge": "frozen", "lm": "frozen", **stage.train}
     if modes["vision"] == "lora" and not has_window_lora(model.vision):
-        raise ValueError(f"stage {stage.name!r}: train.vision: lora trains Monkey's per-window adapters; this model "
-                         "has none (model.tiling.mode: monkey adds them)")
+        raise ValueError(
+            f"stage {stage.name!r}: train.vision: lora trains Monkey's per-window adapters; this model "
+            "has none (model.tiling.mode: monkey adds them)"
+        )
     if modes["lm"] == "lora" and not has_lora(model):
-        injected = {"r": stage.lora.r, "alpha": stage.lora.alpha, "dropout": stage.lora.dropout,
-                    "target_modules": list(stage.lora.target_modules),
-                    "layers": lora_layers(stage.lora.layers, model.lm.config.num_hidden_layers)}
+        injected = {
+            "r": stage.lora.r,
+            "alpha": stage.lora.alpha,
+            "dropout": stage.lora.dropout,
+            "target_modules": list(stage.lora.target_modules),
+            "layers": lora_layers(stage.lora.layers, model.lm.config.num_hidden_layers),
+        }
         add_lora(model.lm, **injected)
     if modes["lm"] == "moe" and not has_moe(model.lm):
-        moe = {"experts": stage.moe.experts, "top_k": stage.moe.top_k, "layers": stage.moe.layers,
-               **{k: getattr(stage.moe, k) for k in GATE_KEYS}}
+        moe = {
+            "experts": stage.moe.experts,
+            "top_k": stage.moe.top_k,
+            "layers": stage.moe.layers,
+            **{k: getattr(stage.moe, k) for k in GATE_KEYS},
+        }
         add_moe(model.lm, **moe)
         model.lm.moe_config = moe  # saved in the run's meta, so load_run rebuilds the same structure
     if modes["lm"] == "mma" and not has_mma(model.lm):
-        mma = {"dim": stage.mma.dim, "temperature": stage.mma.temperature, "where": list(stage.mma.where),
-               "groups": stage.mma.groups, "dropout": stage.mma.dropout}
+        mma = {
+            "dim": stage.mma.dim,
+            "temperature": stage.mma.temperature,
+            "where": list(stage.mma.where),
+            "groups": stage.mma.groups,
+            "dropout": stage.mma.dropout,
+        }
         add_mma(model.lm, **mma)
         model.lm.mma_config = mma
     if modes["lm"] == "mma" and stage.mma.vision and not has_vision_mma(model.vision):

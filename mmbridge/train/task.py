@@ -8,14 +8,14 @@ is the stage's objective (`objectives/`), built by the engine from the recipe.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from torch import nn
 
 from mmbridge.config import Recipe, StageConfig
 from mmbridge.registry import Registry
 
-TASKS: Registry[type["Task"]] = Registry("recipe kind")
+TASKS: Registry[type[Task]] = Registry("recipe kind")
 
 
 class Task:

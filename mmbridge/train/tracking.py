@@ -17,8 +17,11 @@ from mmbridge.log_settings import PACKAGES, TrackingError, _missing, check  # no
 
 def scalars(row: dict) -> dict[str, float]:
     """The finite numbers of a metrics row (`step` and text fields left out)."""
-    return {k: float(v) for k, v in row.items() if k != "step" and isinstance(v, (int, float))
-            and not isinstance(v, bool) and math.isfinite(v)}
+    return {
+        k: float(v)
+        for k, v in row.items()
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
 
 
 class TensorBoard:
@@ -52,8 +55,12 @@ class WandB:
         again = {"id": id_file.read_text().strip(), "resume": "allow"} if id_file.exists() else {}
         folder = Path(options.get("dir") or run_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(**{"name": name, **{k: v for k, v in options.items() if k != "dir"}},
-                              dir=str(folder), config=config, **again)
+        self.run = wandb.init(
+            **{"name": name, **{k: v for k, v in options.items() if k != "dir"}},
+            dir=str(folder),
+            config=config,
+            **again,
+        )
         id_file.write_text(self.run.id + "\n")
 
     def log(self, values: dict[str, float], step: int) -> None:
@@ -66,8 +73,9 @@ class WandB:
 class Trackers:
     """The trackers a recipe's `log` asks for, opened on first use; `log` sends one row to each."""
 
-    def __init__(self, log: dict, run_dir: str | Path, name: str = "run", config: dict | None = None,
-                 enabled: bool = True):
+    def __init__(
+        self, log: dict, run_dir: str | Path, name: str = "run", config: dict | None = None, enabled: bool = True
+    ):
         check(log or {})
         self.options, self.run_dir, self.name, self.config = log or {}, Path(run_dir), name, config or {}
         self.enabled = enabled and any(self.options.values())

@@ -26,13 +26,13 @@ import torch
 from tqdm.auto import tqdm
 
 from mmbridge.config import Recipe, StageConfig, recipe_to_dict
+from mmbridge.loss_norm import sample_weights, target_total
+from mmbridge.models.resolution import sync_processor
 from mmbridge.objectives import build_objective
 from mmbridge.train import checkpoint as ckpt
 from mmbridge.train.device import allow_tf32
 from mmbridge.train.distributed import Dist
 from mmbridge.train.flops import device_peak
-from mmbridge.loss_norm import sample_weights, target_total
-from mmbridge.models.resolution import sync_processor
 from mmbridge.train.parts import apply_stage_modes, count_params, param_groups, trainable_keys
 from mmbridge.train.plots import plot_losses
 from mmbridge.train.schedule import warmup_cosine
@@ -102,11 +102,14 @@ class Trainer:
         if resume:
             self._resume()
         elif self.dist.main and (aside := ckpt.set_aside(self.run_dir)) is not None:  # never resume another run
-            print(f"{self.run_dir}: not resuming (no --resume): the earlier run's checkpoints folder ({aside[1]} "
-                  f"checkpoint(s)) was moved, whole, to {aside[0]}; nothing was deleted (remove it when no "
-                  "longer needed)")
-        ckpt.check_free_space(self.run_dir, *ckpt.estimate_checkpoint_bytes(self.model, recipe),
-                              recipe.keep_checkpoints)
+            print(
+                f"{self.run_dir}: not resuming (no --resume): the earlier run's checkpoints folder ({aside[1]} "
+                f"checkpoint(s)) was moved, whole, to {aside[0]}; nothing was deleted (remove it when no "
+                "longer needed)"
+            )
+        ckpt.check_free_space(
+            self.run_dir, *ckpt.estimate_checkpoint_bytes(self.model, recipe), recipe.keep_checkpoints
+        )
         if self.dist.main:
             ckpt.save_recipe(recipe, self.run_dir)
             self.tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))
@@ -148,8 +151,12 @@ class Trainer:
         self._steps_before = state.get("steps_before", 0)
         # rows logged after the checkpoint (and a half-written last line) are dropped: they are redone
         metrics = self.run_dir / "metrics.jsonl"
-        if "metrics_bytes" in state and self.dist.main and metrics.exists() and \
-                metrics.stat().st_size > state["metrics_bytes"]:
+        if (
+            "metrics_bytes" in state
+            and self.dist.main
+            and metrics.exists()
+            and metrics.stat().st_size > state["metrics_bytes"]
+        ):
             with open(metrics, "r+b") as f:
                 f.truncate(state["metrics_bytes"])
         self._metrics_bytes = state.get("metrics_bytes", 0)
@@ -191,8 +198,11 @@ class Trainer:
     def _announce_stop(self, folder: Path) -> None:
         self.stopped = True
         name = signal.Signals(self.stop_signal).name
-        self.say(f"stopped by {name}: checkpoint written to {folder}; continue with `mmbridge train <recipe> "
-                 f"--out {self.run_dir} --resume`", flush=True)
+        self.say(
+            f"stopped by {name}: checkpoint written to {folder}; continue with `mmbridge train <recipe> "
+            f"--out {self.run_dir} --resume`",
+            flush=True,
+        )
 
     def _stop_requested(self) -> bool:
         """A stop signal reached this process or (under torchrun) any other: all stop at the same step."""
@@ -258,14 +268,22 @@ class Trainer:
             ckpt.set_rng_state(self.state["rng"])
             self.dist.set_cuda_rng_states(self.state["rng"].get("cuda"))
         trainable, params = count_params(model)
-        self.say(f"stage {si + 1}/{len(self.recipe.stages)} {stage.name!r}: {total} steps, "
-                 f"{n_samples if n_samples is not None else 'streamed'} samples, {trainable / 1e6:.2f}M of "
-                 f"{params / 1e6:.1f}M parameters train ({', '.join(f'{k}={v}' for k, v in stage.train.items())})"
-                 f" on {self.dist.device}")
+        self.say(
+            f"stage {si + 1}/{len(self.recipe.stages)} {stage.name!r}: {total} steps, "
+            f"{n_samples if n_samples is not None else 'streamed'} samples, {trainable / 1e6:.2f}M of "
+            f"{params / 1e6:.1f}M parameters train ({', '.join(f'{k}={v}' for k, v in stage.train.items())})"
+            f" on {self.dist.device}"
+        )
         metrics = self.run_dir / "metrics.jsonl"
         log = open(metrics if self.dist.main else os.devnull, "a")
-        bar = tqdm(range(start_step, total), initial=start_step, total=total, desc=stage.name,
-                   disable=not (self.progress and self.dist.main), dynamic_ncols=True)
+        bar = tqdm(
+            range(start_step, total),
+            initial=start_step,
+            total=total,
+            desc=stage.name,
+            disable=not (self.progress and self.dist.main),
+            dynamic_ncols=True,
+        )
         params_to_clip = [p for g in groups for p in g["params"]]
         streak = 0  # consecutive skipped steps
         for step in bar:
@@ -290,19 +308,29 @@ class Trainer:
             grad_norm = self.dist.clip(params_to_clip, stage.clip or math.inf)
             # the one read-back of the step: loss, gradient norm, loss terms and statistics together
             names = list(terms)
-            values = torch.stack([loss_sum, grad_norm.float().to(loss_sum.device),
-                                  *[torch.as_tensor(terms[k], device=loss_sum.device, dtype=torch.float32)
-                                    for k in names],
-                                  *[torch.as_tensor(v, device=loss_sum.device, dtype=torch.float32)
-                                    for v in stats.values()]]).tolist()
-            loss, grad, term_values, stat_values = values[0], values[1], values[2:2 + len(names)], \
-                values[2 + len(names):]
+            values = torch.stack(
+                [
+                    loss_sum,
+                    grad_norm.float().to(loss_sum.device),
+                    *[torch.as_tensor(terms[k], device=loss_sum.device, dtype=torch.float32) for k in names],
+                    *[torch.as_tensor(v, device=loss_sum.device, dtype=torch.float32) for v in stats.values()],
+                ]
+            ).tolist()
+            loss, grad, term_values, stat_values = (
+                values[0],
+                values[1],
+                values[2 : 2 + len(names)],
+                values[2 + len(names) :],
+            )
             bad = None if math.isfinite(loss) else _nonfinite_terms(loss, dict(zip(names, term_values)))
-            loss, tokens, flops, terms, bad = self.dist.step_totals(loss, tokens, flops,
-                                                                     dict(zip(names, term_values)), bad)
+            loss, tokens, flops, terms, bad = self.dist.step_totals(
+                loss, tokens, flops, dict(zip(names, term_values)), bad
+            )
             if bad is None and not math.isfinite(grad):
-                bad = f"gradient norm {grad} with a finite loss {loss:.6g}; first non-finite " \
-                      f"gradient in {_first_nonfinite_grad(model, objective)}"
+                bad = (
+                    f"gradient norm {grad} with a finite loss {loss:.6g}; first non-finite "
+                    f"gradient in {_first_nonfinite_grad(model, objective)}"
+                )
             ids = [i for b in micro for i in b["ids"]]
             if bad is None:
                 streak = 0
@@ -313,19 +341,31 @@ class Trainer:
             dt = time.perf_counter() - t0
             if bad is None:
                 mfu = round(flops / (dt * self.peak * self.dist.world), 4) if self.peak else None
-                rec = {"stage": stage.name, "step": step + 1, "loss": loss, "grad_norm": grad,
-                       "tokens": tokens, "tok_per_s": round(tokens / dt, 1), "data_s": round(t_data, 4),
-                       "compute_s": round(dt - t_data, 4), "step_s": round(dt, 4), "flops": flops, "mfu": mfu,
-                       **{f"loss_{k}": round(v, 6) for k, v in terms.items()},
-                       **{k: round(v, 6) for k, v in zip(stats, stat_values)},
-                       **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}}
+                rec = {
+                    "stage": stage.name,
+                    "step": step + 1,
+                    "loss": loss,
+                    "grad_norm": grad,
+                    "tokens": tokens,
+                    "tok_per_s": round(tokens / dt, 1),
+                    "data_s": round(t_data, 4),
+                    "compute_s": round(dt - t_data, 4),
+                    "step_s": round(dt, 4),
+                    "flops": flops,
+                    "mfu": mfu,
+                    **{f"loss_{k}": round(v, 6) for k, v in terms.items()},
+                    **{k: round(v, 6) for k, v in zip(stats, stat_values)},
+                    **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups},
+                }
             else:
                 streak += 1
                 self.nonfinite += 1
                 rec = {"stage": stage.name, "step": step + 1, "skipped": bad, "ids": ids}
                 if self.dist.main:
-                    tqdm.write(f"stage {stage.name!r} step {step + 1}: non-finite {bad}; update skipped "
-                               f"({streak} in a row; sample ids {ids})")
+                    tqdm.write(
+                        f"stage {stage.name!r} step {step + 1}: non-finite {bad}; update skipped "
+                        f"({streak} in a row; sample ids {ids})"
+                    )
             if bad is not None or (step + 1) % self.recipe.log_every == 0 or step + 1 == total:
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
@@ -338,7 +378,8 @@ class Trainer:
                 raise NonFiniteError(
                     f"stage {stage.name!r} step {step + 1}: {streak} steps in a row with a non-finite loss or "
                     f"gradient (max_nonfinite_steps={self.recipe.max_nonfinite_steps}), none applied. This step: "
-                    f"{bad}; batch sample ids {ids}. Last good checkpoint: {last[0] if last else 'none yet'}")
+                    f"{bad}; batch sample ids {ids}. Last good checkpoint: {last[0] if last else 'none yet'}"
+                )
             if bad is None:
                 shown = {"loss": f"{loss:.3f}", "tok_s": f"{tokens / dt:.0f}", "data": f"{t_data / dt:.0%}"}
                 if rec["mfu"] is not None:
@@ -353,8 +394,10 @@ class Trainer:
             if self._stop_requested():
                 bar.close()
                 log.close()
-                self._announce_stop(saved or self.save_checkpoint(optimizer, stage=si, step=step + 1,
-                                                                  objective=objective, wrapped=step_fn))
+                self._announce_stop(
+                    saved
+                    or self.save_checkpoint(optimizer, stage=si, step=step + 1, objective=objective, wrapped=step_fn)
+                )
                 return
         bar.close()
         log.close()
@@ -377,9 +420,15 @@ class Trainer:
                 return b
 
     def _meta(self, stage: int, step: int) -> dict:
-        return {"keys": sorted(self.trained), "lora": self.lora, "moe": getattr(self.model.lm, "moe_config", None),
-                "mma": getattr(self.model.lm, "mma_config", None),
-                "image_size": getattr(self.model.vision, "image_size", None), "stage": stage, "step": step}
+        return {
+            "keys": sorted(self.trained),
+            "lora": self.lora,
+            "moe": getattr(self.model.lm, "moe_config", None),
+            "mma": getattr(self.model.lm, "mma_config", None),
+            "image_size": getattr(self.model.vision, "image_size", None),
+            "stage": stage,
+            "step": step,
+        }
 
     def save_checkpoint(self, optimizer, stage: int, step: int, objective=None, wrapped=None, weights=None) -> Path:
         """Weights plus what an exact mid-stage resume needs (optimizer, objective, RNG, data position).
@@ -390,21 +439,42 @@ class Trainer:
         cuda = self.dist.cuda_rng_states()  # a collective under torchrun: every rank calls it
         if cuda is not None:
             rng["cuda"] = cuda
-        state = {"stage": stage, "step": step, "batches": self._consumed, "rng": rng,
-                 "skipped": {k: v for k, v in self.skipped.items() if k.startswith("batch: ")},
-                 "nonfinite": self.nonfinite, "metrics_bytes": self._metrics_bytes, "steps_before": self._steps_before}
+        state = {
+            "stage": stage,
+            "step": step,
+            "batches": self._consumed,
+            "rng": rng,
+            "skipped": {k: v for k, v in self.skipped.items() if k.startswith("batch: ")},
+            "nonfinite": self.nonfinite,
+            "metrics_bytes": self._metrics_bytes,
+            "steps_before": self._steps_before,
+        }
         if optimizer is not None and self.dist.enabled:
             from mmbridge.train import dcp
 
-            return dcp.save(self.run_dir, wrapped, optimizer, self.trained, self._meta(stage, step), state,
-                            self.recipe.keep_checkpoints, self.dist)
+            return dcp.save(
+                self.run_dir,
+                wrapped,
+                optimizer,
+                self.trained,
+                self._meta(stage, step),
+                state,
+                self.recipe.keep_checkpoints,
+                self.dist,
+            )
         if optimizer is not None:
             state["optimizer"] = optimizer.state_dict()
             state["objective"] = objective.state_dict() if objective is not None else {}
         folder = ckpt.checkpoint_dir(self.run_dir, stage, step)
         if self.dist.main:
-            folder = ckpt.save_checkpoint(self.run_dir, self.model if weights is None else weights, self.trained,
-                                          self._meta(stage, step), state, self.recipe.keep_checkpoints)
+            folder = ckpt.save_checkpoint(
+                self.run_dir,
+                self.model if weights is None else weights,
+                self.trained,
+                self._meta(stage, step),
+                state,
+                self.recipe.keep_checkpoints,
+            )
         self.dist.barrier()
         return folder
 

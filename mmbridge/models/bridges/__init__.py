@@ -1,14 +1,24 @@
 """Modality bridges (the survey's "interfaces"); importing this module registers them all."""
 
 from mmbridge.models.bridges import (  # noqa: F401  (registration)
-    gated_xattn, llama_vid, mlp, objects, pool_adapter, qformer, resampler, visual_expert)
+    gated_xattn,
+    llama_vid,
+    mlp,
+    objects,
+    pool_adapter,
+    qformer,
+    resampler,
+    visual_expert,
+)
 from mmbridge.models.bridges.base import BRIDGES, Bridge
 from mmbridge.models.bridges.concepts import ConceptTokens
 
 __all__ = ["BRIDGES", "Bridge", "build_bridge"]
 
 
-def build_bridge(cfg: dict, vision_dim: int, lm_dim: int, grid: tuple[int, int], in_tokens: int | None = None) -> Bridge:
+def build_bridge(
+    cfg: dict, vision_dim: int, lm_dim: int, grid: tuple[int, int], in_tokens: int | None = None
+) -> Bridge:
     """Build a bridge from a recipe dict `{"name": ..., **options}`."""
     cfg = dict(cfg)
     name = cfg.pop("name")

@@ -44,5 +44,6 @@ class FeedForward(nn.Sequential):
     """LayerNorm → Linear → GELU → Linear (Flamingo's FFW)."""
 
     def __init__(self, dim: int, mult: int = 4):
-        super().__init__(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(),
-                         nn.Linear(dim * mult, dim, bias=False))
+        super().__init__(
+            nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(), nn.Linear(dim * mult, dim, bias=False)
+        )

@@ -8,7 +8,7 @@ from torch import nn
 
 from mmbridge.registry import Registry
 
-BRIDGES: Registry["Bridge"] = Registry("bridge")
+BRIDGES: Registry[Bridge] = Registry("bridge")
 
 
 class Bridge(nn.Module):
@@ -28,8 +28,14 @@ class Bridge(nn.Module):
     uses_instruction = False
     reads_video = False
 
-    def __init__(self, vision_dim: int, lm_dim: int, grid: tuple[int, int], l2_normalize: bool = False,
-                 in_tokens: int | None = None):
+    def __init__(
+        self,
+        vision_dim: int,
+        lm_dim: int,
+        grid: tuple[int, int],
+        l2_normalize: bool = False,
+        in_tokens: int | None = None,
+    ):
         super().__init__()
         self.vision_dim, self.lm_dim, self.grid = vision_dim, lm_dim, tuple(grid)
         # tokens per image from the encoder: the grid, plus a CLS token if the encoder keeps it

@@ -35,8 +35,9 @@ class ConceptTokens(Bridge):
     reads_words = True  # the composite passes the LM's input-embedding table to forward
     run_buffers = ("word_ids",)  # saved with the trained weights
 
-    def __init__(self, inner: Bridge, words: int = 32, slots: int = 4, global_token: bool = True,
-                 slot_std: float = 0.02):
+    def __init__(
+        self, inner: Bridge, words: int = 32, slots: int = 4, global_token: bool = True, slot_std: float = 0.02
+    ):
         super().__init__(inner.vision_dim, inner.lm_dim, inner.grid, False, inner.in_tokens)
         if inner.fusion != "early" or getattr(inner, "tokenizer", None) is not None or inner.uses_instruction:
             raise ValueError("concepts: the wrapped bridge must be an early-fusion bridge without its own text side")
@@ -62,8 +63,9 @@ class ConceptTokens(Bridge):
     def regrid(self, grid, in_tokens) -> None:
         self.inner.regrid(grid, in_tokens)
         if self.inner.num_tokens + int(self.global_token) != self.slot_embed.shape[0]:
-            raise ValueError("concepts: the new grid changes the inner bridge's token count; the slot "
-                             "embeddings are per token")
+            raise ValueError(
+                "concepts: the new grid changes the inner bridge's token count; the slot embeddings are per token"
+            )
         super().regrid(grid, in_tokens)
 
     def set_vocabulary(self, ids: list[int]) -> None:

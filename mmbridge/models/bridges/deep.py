@@ -36,7 +36,7 @@ class FusionContext:
         """[B, T, K]: a position sees only the visual tokens of the last image before it (Flamingo)."""
         return self.media_index[..., None] == self.media_slot
 
-    def next_token(self) -> "FusionContext":
+    def next_token(self) -> FusionContext:
         """The context for one more generated (text) token per row, for KV-cached decoding."""
         index = None if self.media_index is None else self.media_index[:, -1:]
         return FusionContext(torch.zeros_like(self.image_mask[:, :1]), self.media, self.media_slot, index)
@@ -47,8 +47,10 @@ def decoder_layers(lm: nn.Module) -> nn.ModuleList:
     decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else lm
     layers = getattr(decoder, "layers", None)
     if not isinstance(layers, nn.ModuleList):
-        raise ValueError(f"deep fusion: cannot find the decoder layers of {type(lm).__name__} "
-                         "(expected `.get_decoder().layers`, as in the Llama family)")
+        raise ValueError(
+            f"deep fusion: cannot find the decoder layers of {type(lm).__name__} "
+            "(expected `.get_decoder().layers`, as in the Llama family)"
+        )
     return layers
 
 

@@ -41,9 +41,22 @@ class GatedCrossAttentionBridge(DeepFusionBridge):
 
     packable = False  # in a packed row a token would cross-attend to the previous sample's image
 
-    def __init__(self, vision_dim, lm_dim, grid, every: int = 1, latents: int = 64, depth: int = 2,
-                 heads: int = 8, dim: int | None = None, xattn_heads: int | None = None, ff_mult: int = 4,
-                 max_frames: int = 8, l2_normalize: bool = False, in_tokens=None):
+    def __init__(
+        self,
+        vision_dim,
+        lm_dim,
+        grid,
+        every: int = 1,
+        latents: int = 64,
+        depth: int = 2,
+        heads: int = 8,
+        dim: int | None = None,
+        xattn_heads: int | None = None,
+        ff_mult: int = 4,
+        max_frames: int = 8,
+        l2_normalize: bool = False,
+        in_tokens=None,
+    ):
         super().__init__(vision_dim, lm_dim, grid, l2_normalize, in_tokens)
         if every < 1:
             raise ValueError(f"gated_xattn: every must be >= 1, got {every}")
@@ -93,6 +106,7 @@ def _before_layer(block: GatedCrossAttentionBlock, layer: nn.Module, args: tuple
     if args:
         hidden = block(args[0], ctx.media.to(args[0].dtype), ctx.xattn_mask())
         return (hidden, *args[1:]), kwargs
-    kwargs["hidden_states"] = block(kwargs["hidden_states"], ctx.media.to(kwargs["hidden_states"].dtype),
-                                    ctx.xattn_mask())
+    kwargs["hidden_states"] = block(
+        kwargs["hidden_states"], ctx.media.to(kwargs["hidden_states"].dtype), ctx.xattn_mask()
+    )
     return args, kwargs

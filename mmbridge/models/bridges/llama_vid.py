@@ -20,8 +20,9 @@ def content_count(content: str, grid: tuple[int, int]) -> int:
     if content.startswith("grid:"):
         n = int(content.split(":", 1)[1])
         if n < 1 or grid[0] % n or grid[1] % n:
-            raise ValueError(f"llama_vid: content {content!r} needs the {grid[0]}x{grid[1]} grid's sides "
-                             f"divisible by {n}")
+            raise ValueError(
+                f"llama_vid: content {content!r} needs the {grid[0]}x{grid[1]} grid's sides divisible by {n}"
+            )
         return n * n
     raise ValueError(f"llama_vid: content {content!r}: expected 'mean', 'all' or 'grid:N'")
 
@@ -65,7 +66,7 @@ class LlamaVidBridge(QFormerBridge):
 
     def patches(self, feats: torch.Tensor) -> torch.Tensor:
         """The grid's tokens, without a leading CLS token."""
-        return feats[:, feats.shape[1] - self.grid[0] * self.grid[1]:]
+        return feats[:, feats.shape[1] - self.grid[0] * self.grid[1] :]
 
     def context(self, feats: torch.Tensor, instruction_ids: torch.Tensor) -> torch.Tensor:
         """[F, T, D] features and [F, L] instruction ids → the instruction-guided feature [F, D]."""
@@ -90,8 +91,9 @@ class LlamaVidBridge(QFormerBridge):
 
     def project(self, feats: torch.Tensor, instruction_ids: torch.Tensor | None = None) -> torch.Tensor:
         if instruction_ids is None:
-            raise ValueError("llama_vid needs instruction_ids for every frame (the context token reads the "
-                             "instruction)")
+            raise ValueError(
+                "llama_vid needs instruction_ids for every frame (the context token reads the instruction)"
+            )
         if instruction_ids.shape[0] != feats.shape[0]:
             raise ValueError(f"{instruction_ids.shape[0]} instructions for {feats.shape[0]} frames")
         context = self.context_proj(self.context(feats, instruction_ids))

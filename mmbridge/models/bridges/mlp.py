@@ -52,8 +52,17 @@ class HiddenUnits:
 class MLPBridge(HiddenUnits, Bridge):
     """One LM token per encoder token (LLaVA-1.5: depth 2)."""
 
-    def __init__(self, vision_dim, lm_dim, grid, depth: int = 2, l2_normalize: bool = False, in_tokens=None,
-                 norm: bool = False, act: str = "gelu"):
+    def __init__(
+        self,
+        vision_dim,
+        lm_dim,
+        grid,
+        depth: int = 2,
+        l2_normalize: bool = False,
+        in_tokens=None,
+        norm: bool = False,
+        act: str = "gelu",
+    ):
         super().__init__(vision_dim, lm_dim, grid, l2_normalize, in_tokens)
         self.proj = mlp(vision_dim, lm_dim, depth, norm, act)
 

@@ -45,10 +45,24 @@ class ObjectTokens(Bridge):
     reads_words = True  # the composite passes the LM's input-embedding table to forward
     run_buffers = ("word_ids", "digit_ids", "box_template")  # set by the objects objective, saved with the weights
 
-    def __init__(self, vision_dim, lm_dim, grid, objects: int = 3, words: int = 24, slots: int = 4,
-                 hidden: int = 256, box_format: str = "[{}, {}, {}, {}]", box_tokens: int = 20,
-                 frequencies: int = 6, word_order: str = "reading", pos_std: float = 0.5, slot_std: float = 0.02,
-                 l2_normalize: bool = False, in_tokens=None):
+    def __init__(
+        self,
+        vision_dim,
+        lm_dim,
+        grid,
+        objects: int = 3,
+        words: int = 24,
+        slots: int = 4,
+        hidden: int = 256,
+        box_format: str = "[{}, {}, {}, {}]",
+        box_tokens: int = 20,
+        frequencies: int = 6,
+        word_order: str = "reading",
+        pos_std: float = 0.5,
+        slot_std: float = 0.02,
+        l2_normalize: bool = False,
+        in_tokens=None,
+    ):
         super().__init__(vision_dim, lm_dim, grid, l2_normalize, in_tokens)
         if self.in_tokens != self.grid[0] * self.grid[1]:
             raise ValueError("objects: the bridge needs the patch grid only; set drop_cls: true on the vision encoder")
@@ -57,8 +71,10 @@ class ObjectTokens(Bridge):
         if not 1 <= objects <= self.in_tokens:
             raise ValueError(f"objects: objects must be between 1 and the grid's {self.in_tokens} cells, got {objects}")
         if box_format.count("{}") != 4 or box_tokens < BOX_DIGITS:
-            raise ValueError(f"objects: box_format needs four {{}} fields and box_tokens at least {BOX_DIGITS}, got "
-                             f"{box_format!r} and {box_tokens}")
+            raise ValueError(
+                f"objects: box_format needs four {{}} fields and box_tokens at least {BOX_DIGITS}, got "
+                f"{box_format!r} and {box_tokens}"
+            )
         if word_order not in ("reading", "score"):
             raise ValueError(f"objects: word_order is 'reading' or 'score', got {word_order!r}")
         self.objects, self.slots, self.box_format, self.word_order = objects, slots, box_format, word_order
@@ -66,8 +82,11 @@ class ObjectTokens(Bridge):
         self.trunk = nn.Conv2d(vision_dim, hidden, 3, padding=1)
         self.head = nn.Conv2d(hidden, 5, 1)  # objectness, centre offset (2), half-size (2)
         self.frequencies = frequencies
-        self.where = nn.Sequential(nn.Linear(4 * frequencies, hidden), nn.GELU(), nn.Linear(hidden, hidden)) \
-            if frequencies else None
+        self.where = (
+            nn.Sequential(nn.Linear(4 * frequencies, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+            if frequencies
+            else None
+        )
         self.embed = nn.Linear(hidden, lm_dim)  # the detector embedding, scored against word embeddings
         self.register_buffer("word_ids", torch.full((words,), -1, dtype=torch.long))
         self.register_buffer("digit_ids", torch.full((10,), -1, dtype=torch.long))
@@ -87,11 +106,14 @@ class ObjectTokens(Bridge):
     def set_vocabulary(self, ids: list[int], digits: list[int], template: list[int]) -> None:
         """Word and digit token ids, and the box's text (`box_format` tokenised, -1 for each of its 12 digits)."""
         if len(ids) != len(self.word_ids) or len(digits) != 10:
-            raise ValueError(f"objects: {len(self.word_ids)} words and 10 digits expected, got {len(ids)}, "
-                             f"{len(digits)}")
+            raise ValueError(
+                f"objects: {len(self.word_ids)} words and 10 digits expected, got {len(ids)}, {len(digits)}"
+            )
         if len(template) != len(self.box_template) or sum(t == -1 for t in template) != BOX_DIGITS:
-            raise ValueError(f"objects: the box's text {self.box_format!r} is {len(template)} tokens with "
-                             f"{sum(t == -1 for t in template)} digits; set model.bridge.box_tokens: {len(template)}")
+            raise ValueError(
+                f"objects: the box's text {self.box_format!r} is {len(template)} tokens with "
+                f"{sum(t == -1 for t in template)} digits; set model.bridge.box_tokens: {len(template)}"
+            )
         self.word_ids.copy_(torch.as_tensor(ids, dtype=torch.long))
         self.digit_ids.copy_(torch.as_tensor(digits, dtype=torch.long))
         self.box_template.copy_(torch.as_tensor(template, dtype=torch.long))
@@ -113,11 +135,17 @@ class ObjectTokens(Bridge):
         half = 0.5 * torch.sigmoid(out[..., 3:5])
         h = x.permute(0, 2, 3, 1)
         if self.where is not None:  # the words read the box's place; they do not move it
-            angle = centre.detach()[..., None] * torch.arange(1, self.frequencies + 1, device=h.device,
-                                                              dtype=h.dtype) * torch.pi
+            angle = (
+                centre.detach()[..., None]
+                * torch.arange(1, self.frequencies + 1, device=h.device, dtype=h.dtype)
+                * torch.pi
+            )
             h = h + self.where(torch.cat([angle.sin(), angle.cos()], -1).flatten(-2))
-        return {"objectness": out[..., 0], "boxes": torch.cat([centre - half, centre + half], -1),
-                "embed": self.embed(h)}
+        return {
+            "objectness": out[..., 0],
+            "boxes": torch.cat([centre - half, centre + half], -1),
+            "embed": self.embed(h),
+        }
 
     def peaks(self, objectness: torch.Tensor) -> torch.Tensor:
         """Cell indices [B, objects] (row-major) of the best local maxima of objectness: present ones (p > 0.5)

@@ -18,9 +18,20 @@ class PoolAdapter(HiddenUnits, Bridge):
     little absolute position (a ViT's have it from its position embeddings), and grounding needs it.
     `pos_std`: its initial scale (per coordinate)."""
 
-    def __init__(self, vision_dim, lm_dim, grid, pooled: int = 8, depth: int = 2, l2_normalize: bool = False,
-                 in_tokens=None, pos_embed: bool = False, norm: bool = False, pos_std: float = 0.02,
-                 act: str = "gelu"):
+    def __init__(
+        self,
+        vision_dim,
+        lm_dim,
+        grid,
+        pooled: int = 8,
+        depth: int = 2,
+        l2_normalize: bool = False,
+        in_tokens=None,
+        pos_embed: bool = False,
+        norm: bool = False,
+        pos_std: float = 0.02,
+        act: str = "gelu",
+    ):
         super().__init__(vision_dim, lm_dim, grid, l2_normalize, in_tokens)
         self.pooled = pooled
         self._check_grid()

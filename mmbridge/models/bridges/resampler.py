@@ -38,8 +38,18 @@ class PerceiverResampler(nn.Module):
     frame), token t also gets a learned position embedding `pos_embed[t]`: Flamingo has none, but a CNN
     grid's features say little of where they are. `embed_std`: the embeddings' initial scale."""
 
-    def __init__(self, in_dim: int, dim: int, latents: int = 64, depth: int = 2, heads: int = 8, ff_mult: int = 4,
-                 max_frames: int = 8, tokens: int | None = None, embed_std: float = 0.02):
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int,
+        latents: int = 64,
+        depth: int = 2,
+        heads: int = 8,
+        ff_mult: int = 4,
+        max_frames: int = 8,
+        tokens: int | None = None,
+        embed_std: float = 0.02,
+    ):
         super().__init__()
         check_heads(dim, heads, "resampler")
         self.inp = nn.Linear(in_dim, dim) if in_dim != dim else nn.Identity()
@@ -58,8 +68,9 @@ class PerceiverResampler(nn.Module):
         if f > len(self.frame_embed):
             raise ValueError(f"resampler: {f} frames exceed max_frames={len(self.frame_embed)}")
         if self.pos_embed is not None and t != len(self.pos_embed):
-            raise ValueError(f"resampler: {t} tokens per frame, but its position embeddings are for "
-                             f"{len(self.pos_embed)}")
+            raise ValueError(
+                f"resampler: {t} tokens per frame, but its position embeddings are for {len(self.pos_embed)}"
+            )
         media = self.inp(feats) + self.frame_embed[:f, None]
         media = (media if self.pos_embed is None else media + self.pos_embed).flatten(1, 2)
         latents = self.latents.expand(b, -1, -1)
@@ -78,8 +89,11 @@ def sincos_2d(dim: int, rows: int, cols: int, device=None) -> torch.Tensor:
     if dim % 4:
         raise ValueError(f"2D sin-cos positions need a width divisible by 4, got {dim}")
     omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64, device=device) / (dim / 4))
-    r, c = torch.meshgrid(torch.arange(rows, dtype=torch.float64, device=device),
-                          torch.arange(cols, dtype=torch.float64, device=device), indexing="ij")
+    r, c = torch.meshgrid(
+        torch.arange(rows, dtype=torch.float64, device=device),
+        torch.arange(cols, dtype=torch.float64, device=device),
+        indexing="ij",
+    )
 
     def half(p):
         out = p.reshape(-1, 1) * omega
@@ -154,9 +168,23 @@ class ResamplerBridge(Bridge):
     reads_video = True
     reads_grid = False
 
-    def __init__(self, vision_dim, lm_dim, grid, latents: int = 64, depth: int = 2, heads: int = 8,
-                 dim: int | None = None, ff_mult: int = 4, max_frames: int = 8, l2_normalize: bool = False,
-                 in_tokens=None, pos_embed: bool = False, embed_std: float = 0.02, kind: str = "perceiver"):
+    def __init__(
+        self,
+        vision_dim,
+        lm_dim,
+        grid,
+        latents: int = 64,
+        depth: int = 2,
+        heads: int = 8,
+        dim: int | None = None,
+        ff_mult: int = 4,
+        max_frames: int = 8,
+        l2_normalize: bool = False,
+        in_tokens=None,
+        pos_embed: bool = False,
+        embed_std: float = 0.02,
+        kind: str = "perceiver",
+    ):
         super().__init__(vision_dim, lm_dim, grid, l2_normalize, in_tokens)
         if kind not in ("perceiver", "qwen"):
             raise ValueError(f"resampler: kind {kind!r}: expected 'perceiver' or 'qwen'")
@@ -171,14 +199,25 @@ class ResamplerBridge(Bridge):
             self.proj = nn.Linear(dim, lm_dim, bias=False)
             return
         dim = dim or vision_dim
-        self.resampler = PerceiverResampler(vision_dim, dim, latents, depth, heads, ff_mult, max_frames,
-                                            tokens=self.in_tokens if pos_embed else None, embed_std=embed_std)
+        self.resampler = PerceiverResampler(
+            vision_dim,
+            dim,
+            latents,
+            depth,
+            heads,
+            ff_mult,
+            max_frames,
+            tokens=self.in_tokens if pos_embed else None,
+            embed_std=embed_std,
+        )
         self.proj = nn.Linear(dim, lm_dim)
 
     def regrid(self, grid: tuple[int, int], in_tokens: int) -> None:
         if getattr(self.resampler, "pos_embed", None) is not None and in_tokens != self.in_tokens:  # qwen has none
-            raise ValueError(f"resampler: pos_embed is learned for {self.in_tokens} tokens per frame, the new grid "
-                             f"{tuple(grid)} gives {in_tokens}")
+            raise ValueError(
+                f"resampler: pos_embed is learned for {self.in_tokens} tokens per frame, the new grid "
+                f"{tuple(grid)} gives {in_tokens}"
+            )
         super().regrid(grid, in_tokens)
 
     @property
@@ -189,19 +228,21 @@ class ResamplerBridge(Bridge):
     def max_frames(self) -> int:
         return len(self.resampler.frame_embed)
 
-    def project(self, feats: torch.Tensor, frame_counts: torch.Tensor | None = None,
-                grid: tuple[int, int] | None = None) -> torch.Tensor:
+    def project(
+        self, feats: torch.Tensor, frame_counts: torch.Tensor | None = None, grid: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """[n_frames, T, D] features → [n_inputs, latents, lm_dim]; without `frame_counts` each frame is an image.
         `grid` (kind qwen): the views' (rows, cols), when not the encoder's own (a slice of its own size)."""
         if self.kind == "qwen":
             rows, cols = grid or self.grid
             if feats.shape[1] < rows * cols:
                 raise ValueError(f"resampler: {feats.shape[1]} tokens for a {rows}x{cols} grid")
-            x = feats[:, feats.shape[1] - rows * cols:]  # a leading CLS token carries no grid position
+            x = feats[:, feats.shape[1] - rows * cols :]  # a leading CLS token carries no grid position
             return self.proj(self.ln_post(self.resampler(x, (rows, cols))))
         if frame_counts is None or len(frame_counts) == feats.shape[0]:  # one frame per input
             return self.proj(self.resampler(feats))
         if int(frame_counts.sum()) != feats.shape[0]:
-            raise ValueError(f"frame_counts add up to {int(frame_counts.sum())} frames, but {feats.shape[0]} "
-                             "were encoded")
+            raise ValueError(
+                f"frame_counts add up to {int(frame_counts.sum())} frames, but {feats.shape[0]} were encoded"
+            )
         return self.proj(self.resampler(*group_frames(feats, frame_counts)))

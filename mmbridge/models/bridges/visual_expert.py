@@ -22,8 +22,17 @@ class VisualExpertBridge(DeepFusionBridge):
     With LoRA on the LM's q/k/v, the adapters' update applies at image positions too.
     """
 
-    def __init__(self, vision_dim, lm_dim, grid, depth: int = 2, qkv: tuple = ("q_proj", "k_proj", "v_proj"),
-                 ffn: str = "mlp", l2_normalize: bool = False, in_tokens=None):
+    def __init__(
+        self,
+        vision_dim,
+        lm_dim,
+        grid,
+        depth: int = 2,
+        qkv: tuple = ("q_proj", "k_proj", "v_proj"),
+        ffn: str = "mlp",
+        l2_normalize: bool = False,
+        in_tokens=None,
+    ):
         super().__init__(vision_dim, lm_dim, grid, l2_normalize, in_tokens)
         self.proj = mlp(vision_dim, lm_dim, depth)
         self.qkv_names, self.ffn_name = list(qkv), ffn
