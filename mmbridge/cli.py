@@ -116,7 +116,8 @@ def _import(args) -> None:
 def _demo(args) -> None:
     from mmbridge.demo import run_demo
 
-    run_demo(quick=args.quick, out=args.out, overrides=args.set + ([f"device={args.device}"] if args.device else []))
+    overrides = args.set + ([f"device={args.device}"] if args.device else [])
+    run_demo(quick=args.quick, out=args.out, overrides=overrides, export=not args.no_export)
 
 
 def _report(args) -> None:
@@ -238,6 +239,9 @@ def main(argv: list[str] | None = None):
     p.add_argument("--quick", action="store_true", help="a handful of steps, for a first look and tests")
     p.add_argument("--out", default=None, help="run directory (default runs/demo or runs/demo-quick)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--no-export", action="store_true", help="skip the stock transformers export (RUN/export) and its check"
+    )
     _device_flag(p, default=None)
     p.set_defaults(fn=_demo)
 

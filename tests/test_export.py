@@ -367,15 +367,16 @@ def test_efficientnet_lite0_exports_as_fastvlm(stage, act, lm_dir, tmp_path):
         assert_same_math(got[..., : want.shape[-1]], want)
 
 
-def test_the_bundled_exportable_recipe_exports_and_the_demo_says_why_not():
-    """docs/guide/export-import.md: `mmbridge train exportable` then `mmbridge export` runs on this CPU; the demo's
-    object-token bridge has no stock class, and the refusal names it."""
+def test_the_bundled_exportable_recipes_export_and_the_object_tokens_say_why_not():
+    """docs/guide/export-import.md: `mmbridge train exportable` then `mmbridge export` runs on this CPU, and the
+    demo exports; the object-token bridge has no stock class, and the refusal names it."""
     from mmbridge.config import load_recipe
     from mmbridge.interop.export import recipe_blockers
 
     assert recipe_blockers(load_recipe("exportable").model) == []
-    demo = recipe_blockers(load_recipe("demo").model)
-    assert any(b.startswith("model.bridge.name: objects") for b in demo)
+    assert recipe_blockers(load_recipe("demo").model) == []
+    objects = recipe_blockers(load_recipe("objects").model)
+    assert any(b.startswith("model.bridge.name: objects") for b in objects)
 
 
 def _kept_folder(message: str) -> Path:
