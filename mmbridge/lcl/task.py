@@ -16,11 +16,13 @@ from mmbridge.lcl.model import LCLModel, build_lm, build_tokenizer
 from mmbridge.lcl.sequence import ImageCache, SequenceConfig, SpecialIds, build_sequence
 from mmbridge.models.vit import LCLVisionTower, ViTConfig
 from mmbridge.train.signals import ignore_signals
-from mmbridge.train.task import TASKS, Task
+from mmbridge.train.spec import TRAIN_SPECS, TrainSpec
+from mmbridge.train.task import Task
 
 
-@TASKS.register("lcl")
 class LCLTask(Task):
+    kind = "lcl"
+
     def build(self):
         recipe = self.recipe
         self.sequence = SequenceConfig(**{**(recipe.sequence or {}), "max_length": recipe.model.max_length})
@@ -90,3 +92,8 @@ class LCLTask(Task):
             vit.save_pretrained(folder)
             print(f"encoder exported to {folder}")
         trainer.dist.barrier()
+
+
+@TRAIN_SPECS.register("lcl")
+def lcl_spec(recipe) -> TrainSpec:
+    return LCLTask(recipe).spec()

@@ -21,19 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mmbridge.train.device import resolve_device
-
-
-class TrainStep(nn.Module):
-    """The model and the stage's objective as one module: DDP and FSDP wrap this, so parameters the
-    objective owns (Croc's prompt pool) are reduced too, and objectives may call any model method.
-    `sum_ranks` (under torchrun) sums a tensor over the processes, for losses over the whole micro-batch."""
-
-    def __init__(self, model: nn.Module, objective: nn.Module, sum_ranks=None):
-        super().__init__()
-        self.model, self.objective, self.sum_ranks = model, objective, sum_ranks
-
-    def forward(self, batch: dict, normalizer: float):
-        return self.objective(self.model, batch, normalizer=normalizer, sum_ranks=self.sum_ranks)
+from mmbridge.train.step import TrainStep
 
 
 class RankSlice:
@@ -229,12 +217,12 @@ class Dist:
 
         return meta_copy(model) if self.fsdp else model
 
-    def wrap(self, model: nn.Module, objective: nn.Module) -> nn.Module:
-        """`TrainStep(model, objective)`, under DDP or sharded with FSDP2 (`fully_shard` per LM decoder
+    def wrap(self, model: nn.Module, objective: nn.Module, moe_weight: float = 0.0) -> nn.Module:
+        """`TrainStep(model, objective, moe_weight)` (`train/step.py`), under DDP or sharded with FSDP2 (`fully_shard` per LM decoder
         layer and per vision block, then the rest as the root) with each rank's shards filled. Frozen
         parameters are sharded like the rest and get no gradient. On GPU, FSDP computes in bf16 and
         reduces in fp32; on CPU, fp32."""
-        step = TrainStep(model, objective, self.sum_tensor if self.enabled else None)
+        step = TrainStep(model, objective, self.sum_tensor if self.enabled else None, moe_weight)
         if not self.enabled:
             return step
         if self.strategy == "ddp":

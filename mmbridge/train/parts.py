@@ -16,6 +16,13 @@ def has_lora(model: MultimodalLM) -> bool:
     return any("lora_" in n for n, _ in model.lm.named_parameters())
 
 
+def moe_balance_weight(model: MultimodalLM, stage: StageConfig) -> float:
+    """The weight of the MoE balancing loss in this stage: `moe.aux_weight` where the stage tunes the experts
+    (`train.lm: moe`), else 0 (the experts, kept from an earlier stage, are not balanced again)."""
+    lm = getattr(model, "lm", None)
+    return stage.moe.aux_weight if stage.train.get("lm") == "moe" and lm is not None and has_moe(lm) else 0.0
+
+
 def apply_stage_modes(model: MultimodalLM, stage: StageConfig) -> dict | None:
     """Set `requires_grad` for this stage and return the LoRA config if one was injected now.
 
@@ -59,8 +66,6 @@ def apply_stage_modes(model: MultimodalLM, stage: StageConfig) -> dict | None:
     if modes["lm"] == "mma" and stage.mma.vision and not has_vision_mma(model.vision):
         add_vision_mma(model.vision, stage.mma.dim, stage.mma.groups, stage.mma.dropout)
         model.lm.mma_config = {**model.lm.mma_config, "vision": True}  # in the run's meta: load_run adds them
-    if has_moe(model.lm):
-        model.lm.moe_aux_weight = stage.moe.aux_weight if modes["lm"] == "moe" else 0.0
     for part, module in model.parts().items():
         mode = modes[part]
         for name, p in module.named_parameters():

@@ -8,7 +8,11 @@ from torch import nn
 
 from mmbridge.registry import Registry
 
-BRIDGES: Registry[Bridge] = Registry("bridge")
+_MODULES = ("gated_xattn", "llama_vid", "mlp", "objects", "pool_adapter", "qformer", "resampler", "visual_expert")
+# `model.bridge.name`: each module registers its bridges (`@BRIDGES.register(name)`)
+BRIDGES: Registry[Bridge] = Registry("bridge", [f"mmbridge.models.bridges.{m}" for m in _MODULES])
+# a key of `model.bridge` that wraps the named bridge (`concepts: {...}`: its tokens read out as words)
+BRIDGE_WRAPPERS: Registry[Bridge] = Registry("bridge wrapper", ["mmbridge.models.bridges.concepts"])
 
 
 class Bridge(nn.Module):
