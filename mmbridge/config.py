@@ -103,15 +103,16 @@ class MoeConfig:
 class MmaConfig:
     """LaVIN's mixture-of-modality adapters (`train: {lm: mma}`, see models/mma.py): bottleneck width, router
     temperature, where in each layer (before attention, as LaVIN's scripts; also before the FFN), the
-    up-projections' groups and the dropout after the down-projection; `vision: true` also puts LaVIN's
-    single-path adapters before the attention of each ViT block (they train with `lr.vision`)."""
+    up-projections' groups and the dropout after the down-projection; `vision: true` (or `router`) also puts
+    LaVIN's router adapters before the attention of each ViT block, `vision: normal` its single-path ones (they
+    train with `lr.vision`)."""
 
     dim: int = 8
     temperature: float = 10.0
     where: list = field(default_factory=lambda: ["attention"])
     groups: int = 2
     dropout: float = 0.1
-    vision: bool = False
+    vision: Any = False  # false | true (= router) | router | normal
 
 
 @dataclass
@@ -326,7 +327,7 @@ def _validate_moe(moe: MoeConfig, where: str) -> None:
 
 
 def _validate_mma(mma: MmaConfig, where: str) -> None:
-    from mmbridge.models.mma import PLACES
+    from mmbridge.models.mma import PLACES, vision_kind
 
     if mma.dim < 1 or mma.temperature <= 0:
         raise RecipeError(f"{where}: need dim >= 1 and temperature > 0, got {mma.dim} and {mma.temperature}")
@@ -337,6 +338,10 @@ def _validate_mma(mma: MmaConfig, where: str) -> None:
         )
     if not mma.where or any(w not in PLACES for w in mma.where):
         raise RecipeError(f"{where}.where: expected a non-empty list of {sorted(PLACES)}, got {mma.where!r}")
+    try:
+        vision_kind(mma.vision)
+    except ValueError as e:
+        raise RecipeError(f"{where}.vision: {e}") from e
 
 
 def _validate_hf_source(recipe: Recipe, name: str, src: DataSource) -> None:
