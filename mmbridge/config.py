@@ -24,6 +24,9 @@ class ModelConfig:
     lm: dict = field(default_factory=dict)
     max_length: int = 512
     system_prompt: str | None = None  # None: the chat template's own default
+    # LaVIN's prompt prefix (docs/methods/lavin.md): "Image: " before each image, "Image: N/A" heading a text-only
+    # conversation, in training and generation alike; off by default, as it changes every sample's text
+    modality_prefix: bool = False
     gradient_checkpointing: bool = False  # recompute LM layers (and a trained ViT's blocks) in the backward pass
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     # keep a frozen encoder's output per image (models/feature_cache.py): later epochs skip the encoder
