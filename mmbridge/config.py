@@ -24,6 +24,9 @@ class ModelConfig:
     lm: dict = field(default_factory=dict)
     max_length: int = 512
     system_prompt: str | None = None  # None: the chat template's own default
+    # LaVIN's prompt prefix (docs/methods/lavin.md): "Image: " before each image, "Image: N/A" heading a text-only
+    # conversation, in training and generation alike; off by default, as it changes every sample's text
+    modality_prefix: bool = False
     gradient_checkpointing: bool = False  # recompute LM layers (and a trained ViT's blocks) in the backward pass
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     # keep a frozen encoder's output per image (models/feature_cache.py): later epochs skip the encoder
@@ -103,15 +106,16 @@ class MoeConfig:
 class MmaConfig:
     """LaVIN's mixture-of-modality adapters (`train: {lm: mma}`, see models/mma.py): bottleneck width, router
     temperature, where in each layer (before attention, as LaVIN's scripts; also before the FFN), the
-    up-projections' groups and the dropout after the down-projection; `vision: true` also puts LaVIN's
-    single-path adapters before the attention of each ViT block (they train with `lr.vision`)."""
+    up-projections' groups and the dropout after the down-projection; `vision: true` (or `router`) also puts
+    LaVIN's router adapters before the attention of each ViT block, `vision: normal` its single-path ones (they
+    train with `lr.vision`)."""
 
     dim: int = 8
     temperature: float = 10.0
     where: list = field(default_factory=lambda: ["attention"])
     groups: int = 2
     dropout: float = 0.1
-    vision: bool = False
+    vision: Any = False  # false | true (= router) | router | normal
 
 
 @dataclass
@@ -326,7 +330,7 @@ def _validate_moe(moe: MoeConfig, where: str) -> None:
 
 
 def _validate_mma(mma: MmaConfig, where: str) -> None:
-    from mmbridge.models.mma import PLACES
+    from mmbridge.models.mma import PLACES, vision_kind
 
     if mma.dim < 1 or mma.temperature <= 0:
         raise RecipeError(f"{where}: need dim >= 1 and temperature > 0, got {mma.dim} and {mma.temperature}")
@@ -337,6 +341,10 @@ def _validate_mma(mma: MmaConfig, where: str) -> None:
         )
     if not mma.where or any(w not in PLACES for w in mma.where):
         raise RecipeError(f"{where}.where: expected a non-empty list of {sorted(PLACES)}, got {mma.where!r}")
+    try:
+        vision_kind(mma.vision)
+    except ValueError as e:
+        raise RecipeError(f"{where}.vision: {e}") from e
 
 
 def _validate_hf_source(recipe: Recipe, name: str, src: DataSource) -> None:

@@ -51,6 +51,7 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> tuple[MultimodalLM, Process
         text_tokenizer=bridge.tokenizer,
         instructions=bridge.uses_instruction,
         max_text_tokens=getattr(bridge, "max_text_tokens", 64),
+        modality_prefix=getattr(cfg, "modality_prefix", False),
     )
     processor.video = video_sampling(cfg, bridge)
     processor.tiling = tiling

@@ -65,11 +65,12 @@ def restore_structure(model: torch.nn.Module, meta: dict) -> None:
     if size and hasattr(model, "set_image_size") and size != model.vision.image_size:
         model.set_image_size(size)  # a stage changed the resolution: the saved position table has the new size
     if meta.get("mma"):
-        from mmbridge.models.mma import add_mma, add_vision_mma, has_mma, has_vision_mma
+        from mmbridge.models.mma import add_mma, add_vision_mma, has_mma, has_vision_mma, vision_kind
 
         cfg = dict(meta["mma"])
-        if cfg.pop("vision", False) and not has_vision_mma(model.vision):
-            add_vision_mma(model.vision, cfg["dim"], cfg["groups"], cfg["dropout"])
+        kind = vision_kind(cfg.pop("vision", False), saved=True)  # a bare true: saved before the router existed
+        if kind and not has_vision_mma(model.vision):
+            add_vision_mma(model.vision, cfg["dim"], cfg["groups"], cfg["dropout"], kind, cfg["temperature"])
         if not has_mma(model.lm):
             if "groups" not in meta["mma"]:
                 raise ValueError(

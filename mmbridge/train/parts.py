@@ -6,7 +6,15 @@ import torch
 
 from mmbridge.config import StageConfig
 from mmbridge.models.language import add_lora, lora_layers
-from mmbridge.models.mma import VisionAdapter, add_mma, add_vision_mma, has_mma, has_vision_mma, is_mma_param
+from mmbridge.models.mma import (
+    VisionAdapter,
+    add_mma,
+    add_vision_mma,
+    has_mma,
+    has_vision_mma,
+    is_mma_param,
+    vision_kind,
+)
 from mmbridge.models.mmlm import MultimodalLM
 from mmbridge.models.moe import GATE_KEYS, add_moe, has_moe, is_moe_param
 from mmbridge.models.window_lora import has_window_lora
@@ -63,9 +71,10 @@ def apply_stage_modes(model: MultimodalLM, stage: StageConfig) -> dict | None:
         }
         add_mma(model.lm, **mma)
         model.lm.mma_config = mma
-    if modes["lm"] == "mma" and stage.mma.vision and not has_vision_mma(model.vision):
-        add_vision_mma(model.vision, stage.mma.dim, stage.mma.groups, stage.mma.dropout)
-        model.lm.mma_config = {**model.lm.mma_config, "vision": True}  # in the run's meta: load_run adds them
+    if modes["lm"] == "mma" and (kind := vision_kind(stage.mma.vision)) and not has_vision_mma(model.vision):
+        m = stage.mma
+        add_vision_mma(model.vision, m.dim, m.groups, m.dropout, kind=kind, temperature=m.temperature)
+        model.lm.mma_config = {**model.lm.mma_config, "vision": kind}  # in the run's meta: load_run adds them
     for part, module in model.parts().items():
         mode = modes[part]
         for name, p in module.named_parameters():
@@ -83,7 +92,7 @@ def apply_stage_modes(model: MultimodalLM, stage: StageConfig) -> dict | None:
         module.train(mode != "frozen")
     if modes["lm"] == "mma":  # LaVIN's vision adapters train in an mma stage; the rest of the tower keeps its mode
         for adapter in (m for m in model.vision.modules() if isinstance(m, VisionAdapter)):
-            for p in (*adapter.down.parameters(), *adapter.up.parameters()):
+            for p in adapter.trainable():
                 p.requires_grad_(True)
             adapter.dropout.train(True)
     return injected
