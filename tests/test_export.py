@@ -375,6 +375,8 @@ def test_the_bundled_exportable_recipes_export_and_the_object_tokens_say_why_not
 
     assert recipe_blockers(load_recipe("exportable").model) == []
     assert recipe_blockers(load_recipe("demo").model) == []
+    prefixed = recipe_blockers(load_recipe("demo", ["model.modality_prefix=true"]).model)
+    assert [b for b in prefixed if b.startswith("model.modality_prefix: true")] and len(prefixed) == 1
     objects = recipe_blockers(load_recipe("objects").model)
     assert any(b.startswith("model.bridge.name: objects") for b in objects)
 

@@ -90,6 +90,11 @@ def recipe_blockers(cfg: ModelConfig) -> list[str]:
             "model.bridge.concepts: concept tokens (the LM's word embeddings picked by detectors) have "
             "no LLaVA or FastVLM counterpart"
         )
+    if getattr(cfg, "modality_prefix", False):
+        found.append(
+            "model.modality_prefix: true writes LaVIN's 'Image:' / 'Image: N/A' into every prompt, which the "
+            "exported chat template does not; export a run trained without it"
+        )
     if kind in _BRIDGES:
         found.append(f"model.bridge.name: {kind} is {_BRIDGES[kind]}")
     elif kind != "mlp":
