@@ -1,10 +1,11 @@
 """Name → constructor registries, so a recipe picks each part by a short id.
 
-Every pluggable kind (vision encoders, bridges, bridge wrappers, objectives, training kinds) is one `Registry`,
-filled one way: the modules it names register their entries with `@REGISTRY.register(name)`, and are imported
-the first time a name is looked up. Defining a registry imports nothing (so no import circles through it), and
-no package keeps an import list for its side effects. A plugin outside mmbridge registers the same way, after
-importing the registry.
+Every pluggable kind (vision encoders, bridges, bridge wrappers, objectives, training kinds, and the checks of
+the recipe's component settings) is one `Registry`, defined here at the bottom of the package and filled one
+way: the modules it names register their entries with `@REGISTRY.register(name)`, and are imported the first
+time a name is looked up. Defining a registry imports nothing, so the recipe schema (`config.py`) checks a
+component's settings through its registry without importing the layers above it, and no package keeps an import
+list for its side effects. A plugin outside mmbridge registers the same way, after importing the registry.
 """
 
 from __future__ import annotations
@@ -56,3 +57,35 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def _in(package: str, *modules: str) -> list[str]:
+    return [f"mmbridge.{package}.{m}" for m in modules]
+
+
+_BRIDGE_MODULES = (
+    "gated_xattn",
+    "llama_vid",
+    "mlp",
+    "objects",
+    "pool_adapter",
+    "qformer",
+    "resampler",
+    "visual_expert",
+)
+_OBJECTIVE_MODULES = ("blip2", "captioning", "concepts", "croc", "lcl", "lexical", "objects")
+
+# `model.vision.name`
+VISION_ENCODERS: Registry = Registry("vision encoder", _in("models", "vision", "vit"))
+# `model.bridge.name`
+BRIDGES: Registry = Registry("bridge", _in("models.bridges", *_BRIDGE_MODULES))
+# a key of `model.bridge` that wraps the named bridge (`concepts: {...}`: its tokens read out as words)
+BRIDGE_WRAPPERS: Registry = Registry("bridge wrapper", _in("models.bridges", "concepts"))
+# a stage's `objective.name`
+OBJECTIVES: Registry = Registry("objective", _in("objectives", *_OBJECTIVE_MODULES))
+# a recipe's `kind`: a factory recipe -> TrainSpec (train/spec.py)
+TRAIN_SPECS: Registry = Registry("recipe kind", ["mmbridge.train.lmm_task", "mmbridge.lcl.task"])
+# checks of the recipe's component settings, each `(value, where) -> None` raising RecipeError (config.validate)
+SETTINGS: Registry = Registry(
+    "recipe setting", _in("data", "documents", "video") + _in("lcl", "sequence") + _in("models", "moe", "mma")
+)

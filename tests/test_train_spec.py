@@ -34,8 +34,8 @@ def test_the_engine_calls_the_spec_hooks_in_order_and_saves_its_meta(tiny_recipe
     assert trainer.spec is spec and trainer.task is base.task
     trainer.run()
     names = [s.name for s in tiny_recipe.stages]
-    per_stage = [c for c in calls if c[0] in ("prepare_stage", "flops", "bind_objective", "loader")]
-    want = [(h, s) for s in names for h in ("prepare_stage", "flops", "bind_objective", "loader")]
+    per_stage = [c for c in calls if c[0] in ("prepare_stage", "bind_objective", "flops", "loader")]
+    want = [(h, s) for s in names for h in ("prepare_stage", "bind_objective", "flops", "loader")]
     # flops is given the model, not the stage; the others name it
     assert [(h, s if h != "flops" else None) for h, s in want] == per_stage
     assert calls[0] == ("build", None)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmbridge.registry import Registry
+from mmbridge.registry import VISION_ENCODERS
 
 Triple = tuple[float, float, float]
 
@@ -53,10 +53,6 @@ class VisionEncoder(nn.Module):
                 f"{self.cfg.get('name')}: this encoder cannot change its resolution "
                 f"({self.image_size} → {image_size}); a stage's image_size needs a ViT tower"
             )
-
-
-# `model.vision.name`: each module registers its encoders (`@register_vision_encoder(name)`)
-VISION_ENCODERS: Registry[VisionEncoder] = Registry("vision encoder", ["mmbridge.models.vision", "mmbridge.models.vit"])
 
 
 def register_vision_encoder(name: str) -> Callable[[type[VisionEncoder]], type[VisionEncoder]]:

@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmbridge.core import RecipeError
 from mmbridge.models.meta import new_on
+from mmbridge.registry import SETTINGS
 
 PLACES = {"attention": "input_layernorm", "ffn": "post_attention_layernorm"}
 VISION_NORMS = ("layer_norm1", "norm1", "layernorm_before")  # CLIP / SigLIP, DINOv2, ViT: the pre-attention norm
@@ -293,3 +295,21 @@ def vision_kind(setting, saved: bool = False) -> str | None:
 
 def has_vision_mma(vision: nn.Module) -> bool:
     return any(isinstance(m, VisionAdapter) for m in vision.modules())
+
+
+@SETTINGS.register("mma")
+def check_mma_settings(mma, where: str) -> None:
+    """A stage's `mma` section (config.MmaConfig): adapter width, groups, dropout, places, vision adapters."""
+    if mma.dim < 1 or mma.temperature <= 0:
+        raise RecipeError(f"{where}: need dim >= 1 and temperature > 0, got {mma.dim} and {mma.temperature}")
+    if mma.groups < 1 or mma.dim % mma.groups or not 0 <= mma.dropout < 1:
+        raise RecipeError(
+            f"{where}: need groups dividing dim and 0 <= dropout < 1, got groups {mma.groups}, "
+            f"dim {mma.dim}, dropout {mma.dropout}"
+        )
+    if not mma.where or any(w not in PLACES for w in mma.where):
+        raise RecipeError(f"{where}.where: expected a non-empty list of {sorted(PLACES)}, got {mma.where!r}")
+    try:
+        vision_kind(mma.vision)
+    except ValueError as e:
+        raise RecipeError(f"{where}.vision: {e}") from e

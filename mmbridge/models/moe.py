@@ -21,7 +21,9 @@ import re
 import torch
 from torch import nn
 
+from mmbridge.core import RecipeError
 from mmbridge.models.meta import new_on
+from mmbridge.registry import SETTINGS
 
 LAYER_CHOICES = ("all", "every_other")
 
@@ -264,3 +266,21 @@ def aux_loss(model: nn.Module) -> torch.Tensor | None:
     """Sum of the MoE layers' balancing losses over their last forward's tokens (None without MoE layers)."""
     mine = tallies(model)
     return None if mine is None else balancing_over(mine, mine.detach())
+
+
+@SETTINGS.register("moe")
+def check_moe_settings(moe, where: str) -> None:
+    """A stage's `moe` section (config.MoeConfig): expert counts, balancing weight, layers, gate options."""
+    if moe.experts < 2 or not 1 <= moe.top_k <= moe.experts:
+        raise RecipeError(f"{where}: need experts >= 2 and 1 <= top_k <= experts, got {moe.experts} and {moe.top_k}")
+    if moe.aux_weight < 0:
+        raise RecipeError(f"{where}.aux_weight: must be >= 0, got {moe.aux_weight}")
+    ok_list = isinstance(moe.layers, list) and moe.layers and all(type(i) is int and i >= 0 for i in moe.layers)
+    if moe.layers not in LAYER_CHOICES and not ok_list:
+        raise RecipeError(
+            f"{where}.layers: expected {' or '.join(LAYER_CHOICES)} or a list of layer indices, got {moe.layers!r}"
+        )
+    try:
+        check_gate(moe.top_k, **{k: getattr(moe, k) for k in GATE_KEYS})
+    except ValueError as e:
+        raise RecipeError(f"{where}: {e}") from e

@@ -7,11 +7,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mmbridge.registry import Registry
+from mmbridge.registry import OBJECTIVES
 
-_MODULES = ("blip2", "captioning", "concepts", "croc", "lcl", "lexical", "objects")
-# a stage's `objective.name`: each module registers its objectives (`@OBJECTIVES.register(name)`)
-OBJECTIVES: Registry[Objective] = Registry("objective", [f"mmbridge.objectives.{m}" for m in _MODULES])
+__all__ = ["OBJECTIVES", "LossOutput", "Objective", "build_objective"]  # OBJECTIVES: mmbridge/registry.py
 
 
 @dataclass

@@ -138,13 +138,10 @@ class LMMTask(Task):
             model.set_image_size(stage.image_size)
         sync_processor(model, self.processor)
 
-    def bind_objective(self, model, stage: StageConfig, objective, flops) -> None:
-        """What the objective reads of the stage's data (the `concepts`, `objects` and `lexical` vocabularies);
-        an objective with no LM pass has FLOPs counted for the images only."""
+    def bind_objective(self, model, stage: StageConfig, objective) -> None:
+        """What the objective reads of the stage's data (the `concepts`, `objects` and `lexical` vocabularies)."""
         if hasattr(objective, "read_stage_data"):
             objective.read_stage_data(model, [self.dataset(n) for n in stage.data], self.processor.tokenizer)
-        if not getattr(objective, "runs_lm", True):
-            flops.images_only()
 
     def after_load(self, model) -> None:
         sync_processor(model, self.processor)

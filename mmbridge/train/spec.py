@@ -14,15 +14,15 @@ from typing import Any
 
 from torch import nn
 
-from mmbridge.config import Recipe, StageConfig
-from mmbridge.registry import Registry
+from mmbridge.config import StageConfig
+from mmbridge.registry import TRAIN_SPECS
 
 
 def _no_stage_setup(model: nn.Module, stage: StageConfig) -> None:
     return None
 
 
-def _no_binding(model: nn.Module, stage: StageConfig, objective: nn.Module, flops) -> None:
+def _no_binding(model: nn.Module, stage: StageConfig, objective: nn.Module) -> None:
     return None
 
 
@@ -45,11 +45,12 @@ class TrainSpec:
     build: () -> (model, tokenizer), once per run (the model has `parts()`, `lm` and `autocast()`).
     loader: (model, stage, start_batch, dist) -> (this process's micro-batches from micro-batch `start_batch`
         of the global stream, the samples in one epoch or None for a stream); once per stage and resume.
-    flops: (model) -> a counter of one micro-batch's model FLOPs (forward + backward), read on the CPU.
+    flops: (model, objective) -> a counter of one micro-batch's model FLOPs (forward + backward), read on the CPU
+        (what the stage's objective runs: an objective with no LM pass, the images only).
     prepare_stage: (model, stage) -> None, first at each stage (before its train modes): what the kind changes
         between stages, such as the resolution.
-    bind_objective: (model, stage, objective, flops) -> None, once the stage's objective and FLOP counter exist:
-        what the objective reads of the stage's data, what the FLOPs count.
+    bind_objective: (model, stage, objective) -> None, once the stage's objective exists: what it reads of the
+        stage's data (a vocabulary).
     run_meta: (model) -> the kind's settings saved in every checkpoint's meta, read back by `load_run`.
     after_load: (model) -> None, after a resumed run's weights (and the structure their meta names) are loaded.
     finish: (trainer) -> None, after the last stage on every process: export what the run is for.
@@ -60,7 +61,7 @@ class TrainSpec:
     name: str
     build: Callable[[], tuple[nn.Module, Any]]
     loader: Callable[..., tuple[Iterable[dict], int | None]]
-    flops: Callable[[nn.Module], Callable[[dict], int]]
+    flops: Callable[[nn.Module, nn.Module | None], Callable[[dict], int]]
     prepare_stage: Callable[..., None] = _no_stage_setup
     bind_objective: Callable[..., None] = _no_binding
     run_meta: Callable[[nn.Module], dict] = _no_meta
@@ -70,14 +71,15 @@ class TrainSpec:
     task: Any = field(default=None, compare=False)
 
 
-# a recipe's `kind`: each module registers a factory recipe -> TrainSpec (`@TRAIN_SPECS.register(kind)`)
-TRAIN_SPECS: Registry[Callable[[Recipe], TrainSpec]] = Registry(
-    "recipe kind", ["mmbridge.train.lmm_task", "mmbridge.lcl.task"]
-)
+__all__ = ["TRAIN_SPECS", "TrainSpec", "step_flops"]  # TRAIN_SPECS: mmbridge/registry.py
 
 
-def step_flops(model: nn.Module) -> Callable[[dict], int]:
-    """The default FLOP counter: the composite model's forward and backward, from the batch's shapes."""
+def step_flops(model: nn.Module, objective: nn.Module | None = None) -> Callable[[dict], int]:
+    """The default FLOP counter: the composite model's forward and backward, from the batch's shapes (the images'
+    encoder and bridge only for an objective that runs no LM pass, `runs_lm = False`)."""
     from mmbridge.train.flops import StepFlops
 
-    return StepFlops(model)
+    counter = StepFlops(model)
+    if not getattr(objective, "runs_lm", True):
+        counter.images_only()
+    return counter

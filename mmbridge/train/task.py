@@ -27,13 +27,13 @@ class Task:
     def loader(self, model: nn.Module, stage: StageConfig, start_batch: int, dist) -> tuple[Iterable[dict], int | None]:
         raise NotImplementedError
 
-    def flops(self, model: nn.Module) -> Callable[[dict], int]:
-        return step_flops(model)
+    def flops(self, model: nn.Module, objective: nn.Module | None = None) -> Callable[[dict], int]:
+        return step_flops(model, objective)
 
     def prepare_stage(self, model: nn.Module, stage: StageConfig) -> None:
         return None
 
-    def bind_objective(self, model: nn.Module, stage: StageConfig, objective: nn.Module, flops) -> None:
+    def bind_objective(self, model: nn.Module, stage: StageConfig, objective: nn.Module) -> None:
         return None
 
     def run_meta(self, model: nn.Module) -> dict:

@@ -296,8 +296,8 @@ class Trainer:
         self.lora = self.lora or injected
         self.trained |= trainable_keys(model)
         objective = build_objective(stage.objective, model).to(self.dist.device)
-        self._count_flops = self.spec.flops(self.dist.probe(model))
-        self.spec.bind_objective(model, stage, objective, self._count_flops)
+        self.spec.bind_objective(model, stage, objective)
+        self._count_flops = self.spec.flops(self.dist.probe(model), objective)
         self.objective = objective
         # objective(model, batch) (+ the MoE balancing loss in an `lm: moe` stage), under DDP / FSDP if asked
         step_fn = self.dist.wrap(model, objective, moe_balance_weight(model, stage))

@@ -6,13 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmbridge.registry import Registry
+from mmbridge.registry import BRIDGE_WRAPPERS, BRIDGES
 
-_MODULES = ("gated_xattn", "llama_vid", "mlp", "objects", "pool_adapter", "qformer", "resampler", "visual_expert")
-# `model.bridge.name`: each module registers its bridges (`@BRIDGES.register(name)`)
-BRIDGES: Registry[Bridge] = Registry("bridge", [f"mmbridge.models.bridges.{m}" for m in _MODULES])
-# a key of `model.bridge` that wraps the named bridge (`concepts: {...}`: its tokens read out as words)
-BRIDGE_WRAPPERS: Registry[Bridge] = Registry("bridge wrapper", ["mmbridge.models.bridges.concepts"])
+__all__ = ["BRIDGES", "BRIDGE_WRAPPERS", "Bridge"]  # the registries live in mmbridge/registry.py
 
 
 class Bridge(nn.Module):
