@@ -44,17 +44,15 @@ def _build(cfg: ModelConfig, lazy: bool):
         return build_model(cfg)[0]
 
 
-def test_row_reader_reads_rows_in_the_files_dtype(tmp_path):
+def test_read_rows_reads_rows_in_the_files_dtype(tmp_path):
     tensors = {"a": torch.randn(5, 3).to(torch.bfloat16), "b": torch.arange(12.0).view(4, 3), "s": torch.tensor(2.5)}
-    save_file(tensors, str(tmp_path / "w.safetensors"))
-    reader = meta.RowReader(str(tmp_path / "w.safetensors"))
-    try:
-        assert torch.equal(reader.read("a", 1, 3), tensors["a"][1:4]) and reader.read("a", 1, 3).dtype == torch.bfloat16
-        assert torch.equal(reader.read("b", 3, 1), tensors["b"][3:4])
-        assert reader.read("b", 4, 0).shape == (0, 3)
-        assert torch.equal(reader.read("b"), tensors["b"]) and torch.equal(reader.read("s"), tensors["s"])
-    finally:
-        reader.close()
+    file = str(tmp_path / "w.safetensors")
+    save_file(tensors, file)
+    assert torch.equal(meta.read_rows(file, "a", 1, 3), tensors["a"][1:4])
+    assert meta.read_rows(file, "a", 1, 3).dtype == torch.bfloat16
+    assert torch.equal(meta.read_rows(file, "b", 3, 1), tensors["b"][3:4])
+    assert meta.read_rows(file, "b", 4, 0).shape == (0, 3)
+    assert torch.equal(meta.read_rows(file, "b"), tensors["b"]) and torch.equal(meta.read_rows(file, "s"), tensors["s"])
 
 
 def test_meta_build_fills_the_weights_a_normal_build_loads(tiny_lm_dir, tiny_clip_dir, tmp_path):
