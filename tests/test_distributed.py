@@ -246,3 +246,27 @@ def test_packed_rows_count_attention_per_sample():
     assert segment_lengths(batch) == [3, 2, 2, 4]
     del batch["position_ids"]
     assert segment_lengths(batch) == [5, 6]
+
+
+# -- DDP's search for unused parameters ------------------------------------------------------------------------
+def test_ddp_searches_for_unused_parameters_only_where_a_stage_can_leave_some():
+    """Only the LM trained alone under the next-token loss runs every trained parameter on every batch; a trained
+    bridge (skipped by a text-only batch) or another objective (lexical never runs the LM) needs DDP's search."""
+    from torch import nn
+
+    from mmbridge.objectives.base import Objective
+    from mmbridge.objectives.captioning import NextTokenLoss
+    from mmbridge.train.distributed import TrainStep, may_leave_unused
+
+    class BridgeOnly(Objective):
+        def forward(self, model, batch, normalizer):
+            return model.bridge(batch["x"]).sum()
+
+    model = nn.Module()
+    model.lm, model.bridge, model.vision = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)
+    model.requires_grad_(False).lm.requires_grad_(True)
+    assert not may_leave_unused(TrainStep(model, NextTokenLoss(model)))
+    assert may_leave_unused(TrainStep(model, BridgeOnly(model)))
+    for part in ("bridge", "vision"):
+        model.requires_grad_(False).get_submodule(part).requires_grad_(True)
+        assert may_leave_unused(TrainStep(model, NextTokenLoss(model))), part
