@@ -3,6 +3,7 @@ gloo ranks hold less than one process holding the whole model while giving its l
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -84,6 +85,29 @@ def test_meta_build_fills_the_weights_a_normal_build_loads(tiny_lm_dir, tiny_cli
         assert torch.equal(x, y), name
     ids = torch.tensor([[1, 5, 9, 200, 7]])
     torch.testing.assert_close(lazy.lm(ids).logits, real.lm(ids).logits, rtol=0, atol=0)
+
+
+def test_adapters_made_on_the_meta_device_get_the_values_peft_gives():
+    """peft's `low_cpu_mem_usage` creates the adapters on the meta device; `init_adapters` gives them the values
+    (and leaves the generator where) a plain injection would: the same draws in the same order."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from torch import nn
+
+    base = nn.ModuleDict({"q_proj": nn.Linear(8, 8), "v_proj": nn.Linear(8, 6), "k_proj": nn.Linear(8, 8)})
+    plain, lazy = copy.deepcopy(base), copy.deepcopy(base)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    torch.manual_seed(5)
+    inject_adapter_in_model(config, plain)
+    after_plain = torch.rand(4)
+    torch.manual_seed(5)
+    inject_adapter_in_model(config, lazy, low_cpu_mem_usage=True)
+    assert all(p.is_meta for n, p in lazy.named_parameters() if "lora_" in n)
+    meta.init_adapters(lazy, config.init_lora_weights)
+    assert torch.equal(torch.rand(4), after_plain)
+    a, b = plain.state_dict(), lazy.state_dict()
+    assert a.keys() == b.keys() and any("lora_A" in k for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 # -- two gloo ranks against one process ---------------------------------------------------------------------

@@ -221,8 +221,9 @@ def meta_copy(module: nn.Module) -> nn.Module:
 
 def init_adapters(model: nn.Module, init_lora_weights=True) -> None:
     """Give the LoRA adapters that peft created on the meta device (`inject_adapter_in_model(...,
-    low_cpu_mem_usage=True)`) their initial values: made real on the CPU in module order, initialised by peft's
-    `reset_lora_parameters` from the CPU generator, then put on the device and in the dtype of the layer they adapt,
+    low_cpu_mem_usage=True)`) their initial values: made real on the CPU in module order, each layer's own
+    initialisation run (the draws peft's construction of them makes without `low_cpu_mem_usage`, so the values are
+    those peft gives), then peft's `reset_lora_parameters`, all from the CPU generator; then put on the device and in the dtype of the layer they adapt,
     or left on the CPU where that layer is on the meta device (a model built for FSDP, which shards them from these
     values). The same for every build, so a meta build and a real one draw the same adapters."""
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -241,6 +242,9 @@ def init_adapters(model: nn.Module, init_lora_weights=True) -> None:
                 item = holder[name]
                 if isinstance(item, nn.Module) and has_meta(item):
                     item.to_empty(device="cpu")
+                    for part in item.modules():  # the draws of the layers' own construction, as without
+                        if hasattr(part, "reset_parameters"):  # low_cpu_mem_usage: the same initial values
+                            part.reset_parameters()
                 elif isinstance(item, nn.Parameter) and item.is_meta:
                     holder[name] = nn.Parameter(torch.empty_like(item, device="cpu"), requires_grad=item.requires_grad)
                 else:
