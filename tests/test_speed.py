@@ -112,6 +112,22 @@ def test_checkpointing_survives_deepcopy(tiny_lm_dir, tiny_clip_dir):
     assert enable_gradient_checkpointing(twin) == {"lm": 0, "vision": 0}  # already on: nothing twice
 
 
+def test_checkpointing_keeps_names_and_writes_no_cache_it_would_write_twice(tiny_lm_dir, tiny_clip_dir):
+    """The module tree and state-dict keys are those of a plain build (runs saved either way load either way); a
+    checkpointed block carrying gradients leaves the KV cache unwritten, one under no_grad writes it."""
+    plain, _ = build(tiny_lm_dir, tiny_clip_dir, False)
+    ckpt, _ = build(tiny_lm_dir, tiny_clip_dir, True)
+    assert list(ckpt.state_dict()) == list(plain.state_dict())
+    assert [n for n, _ in ckpt.named_modules()] == [n for n, _ in plain.named_modules()]
+    ckpt.load_state_dict(plain.state_dict())
+    ids = torch.tensor([[1, 5, 9, 200, 7]])
+    ckpt.lm.requires_grad_(True)
+    written = ckpt.lm(ids, use_cache=True).past_key_values
+    assert written is None or written.get_seq_length() == 0
+    with torch.no_grad():
+        assert ckpt.lm(ids, use_cache=True).past_key_values.get_seq_length() == ids.shape[1]
+
+
 def test_precision_is_fp32_on_cpu_and_checked(tiny_lm_dir, tiny_clip_dir, world):
     cpu = torch.device("cpu")
     assert autocast_dtype("auto", cpu) is None and autocast_dtype("fp32", cpu) is None

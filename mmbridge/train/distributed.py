@@ -24,6 +24,25 @@ from mmbridge.train.device import resolve_device
 from mmbridge.train.step import TrainStep
 
 
+def may_leave_unused(step: TrainStep) -> bool:
+    """Whether a forward of this stage can leave a trained parameter out of the autograd graph, so that DDP must
+    look for such parameters after every forward (`find_unused_parameters`, a walk of the whole graph per step;
+    without it DDP stops at the next step). Decided from what the stage trains:
+
+    - the vision encoder or the bridge (or anything outside the LM) trains: a micro-batch of text-only samples
+      (interleaved or mixed data) or of cached features runs neither;
+    - the objective is not the plain next-token loss (`lm`): the others read part of the model (`lexical` runs the
+      bridge alone, never the LM) or own parameters a batch may not reach (Croc's prompt pool).
+
+    So only a stage that trains the LM alone (in full, LoRA, MoE experts, which every take part as `moe.py`
+    arranges, LaVIN's LM adapters) under the `lm` objective runs without the search."""
+    from mmbridge.objectives.captioning import NextTokenLoss
+
+    if type(step.objective) is not NextTokenLoss:
+        return True
+    return any(p.requires_grad and not n.startswith("model.lm.") for n, p in step.named_parameters())
+
+
 class RankSlice:
     """Rank `rank`'s contiguous slice of every batch of indices a batch sampler yields (of its packed rows,
     if it yields (sample, row) pairs); sizes differ by at most one when the batch does not divide evenly."""
@@ -231,7 +250,9 @@ class Dist:
             if not trains:
                 return step
             ids = [self.local_rank] if self.device.type == "cuda" else None
-            return nn.parallel.DistributedDataParallel(step, device_ids=ids, find_unused_parameters=True)
+            return nn.parallel.DistributedDataParallel(
+                step, device_ids=ids, find_unused_parameters=may_leave_unused(step)
+            )
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
