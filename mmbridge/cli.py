@@ -24,7 +24,7 @@ def _train(args) -> None:
 
 def _eval(args) -> None:
     from mmbridge.eval.evaluate import evaluate_file
-    from mmbridge.train.checkpoint import load_run
+    from mmbridge.runs import load_run
 
     model, processor = load_run(args.run_dir, device=args.device)
     metrics, rows = evaluate_file(
@@ -47,7 +47,7 @@ def _eval(args) -> None:
 
 def _chat(args) -> None:
     from mmbridge.eval.evaluate import generate_answers
-    from mmbridge.train.checkpoint import load_run
+    from mmbridge.runs import load_run
 
     model, processor = load_run(args.run_dir, device=args.device)
     image = Path(args.image).resolve()
@@ -64,9 +64,9 @@ def _chat(args) -> None:
 def _serve(args) -> None:
     import uvicorn
 
+    from mmbridge.runs import load_run
     from mmbridge.serve.app import create_app
     from mmbridge.serve.guard import LOOPBACK_HOSTS
-    from mmbridge.train.checkpoint import load_run
 
     loopback = args.host in LOOPBACK_HOSTS or args.host.startswith("127.")
     hosts = args.allowed_hosts.split(",") if args.allowed_hosts else LOOPBACK_HOSTS if loopback else ["*"]

@@ -194,7 +194,7 @@ class Recipe:
     # none: one process; ddp | fsdp under `torchrun` (see docs/guide/training-at-scale.md). The global batch of a
     # step is batch_size x grad_accum whatever the number of processes: each rank takes its slice of every micro-batch.
     strategy: str = "none"
-    # auto: this process's GPU when CUDA is available, else the CPU | cpu | cuda | cuda:N (see train/device.py)
+    # auto: this process's GPU when CUDA is available, else the CPU | cpu | cuda | cuda:N (see device.py)
     device: str = "auto"
     # how documents become sequences (max_images, min_sim, image_position, and for kind lcl patches; the
     # length budget is model.max_length): LCL's documents, or an lmm recipe's interleaved sources; and, for
@@ -441,15 +441,3 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def recipe_to_dict(recipe: Recipe) -> dict:
     return dataclasses.asdict(recipe)
-
-
-def save_recipe(recipe: Recipe, run_dir: Path) -> None:
-    (Path(run_dir) / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-
-
-def read_recipe(run_dir: Path) -> Recipe:
-    """The recipe a run directory was trained with (RUN/recipe.yaml)."""
-    path = Path(run_dir) / "recipe.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir}: not a run directory (no recipe.yaml)")
-    return recipe_from_dict(yaml.safe_load(path.read_text()), where=str(path))

@@ -36,7 +36,7 @@ def quick_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(quick_run):
     """The quick run's model and processor, loaded once for the tests that decode by hand."""
-    from mmbridge.train.checkpoint import load_run
+    from mmbridge.runs import load_run
 
     return load_run(quick_run[0])
 

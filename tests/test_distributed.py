@@ -17,6 +17,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from mmbridge.runs import load_run, read_recipe
 from mmbridge.train import checkpoint as ckpt
 from mmbridge.train.trainer import Trainer
 from tests.conftest import tiny_recipe_dict
@@ -103,8 +104,8 @@ def test_two_processes_reproduce_one_process(runs, strategy):
     assert any("lora_B" in k for k in a)
     first = starts(runs["one"])
     assert_same_updates(a, b, first)
-    model, proc = ckpt.load_run(runs[strategy])  # and loads as any run does: the one process's model
-    one, _ = ckpt.load_run(runs["one"])
+    model, proc = load_run(runs[strategy])  # and loads as any run does: the one process's model
+    one, _ = load_run(runs["one"])
     ids = torch.tensor(
         [
             proc.encode(
@@ -129,7 +130,7 @@ def test_two_process_checkpoint_resumes_in_one_process(runs, tmp_path, strategy,
     for later in ckpt.list_checkpoints(run):
         if later.name > keep:
             shutil.rmtree(later)
-    recipe = ckpt.read_recipe(run)
+    recipe = read_recipe(run)
     assert recipe.strategy == strategy  # no torchrun here: one process
     Trainer(recipe, run, resume=True, progress=False).run()
     resumed = list({(r["stage"], r["step"]): r for r in rows(run)}.values())

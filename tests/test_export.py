@@ -22,7 +22,8 @@ from mmbridge.interop.fastvlm import CUT_RANGE
 from mmbridge.interop.llava_import import import_llava
 from mmbridge.interop.merge import merge_lora
 from mmbridge.models.build import build_model
-from mmbridge.train.checkpoint import load_run, save_recipe, save_weights
+from mmbridge.runs import load_run, save_recipe
+from mmbridge.train.checkpoint import save_weights
 from mmbridge.train.trainer import Trainer
 from tests.conftest import Choices, tiny_recipe_dict
 from tests.rounding import assert_same_math

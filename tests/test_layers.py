@@ -83,13 +83,21 @@ def test_mmbridge_imports_form_no_circle():
 # The declared layer order, written once: a module may import its own layer and the layers below it, never one
 # above. The bottom holds what every layer shares (errors, the registries, loss normalisation, log settings).
 LAYERS = ("bottom", "config", "data", "models", "objectives", "train", "tools", "cli")
-BOTTOM = {"mmbridge", "mmbridge.core", "mmbridge.registry", "mmbridge.loss_norm", "mmbridge.log_settings"}
+BOTTOM = {
+    "mmbridge",
+    "mmbridge.core",
+    "mmbridge.device",
+    "mmbridge.registry",
+    "mmbridge.loss_norm",
+    "mmbridge.log_settings",
+}
 # packages by layer; LCL is one method across the layers, so its modules are placed one by one
 PLACES = {
     "config": "config",
     "machine": "bottom",
     "data": "data",
     "models": "models",
+    "runs": "models",  # a run directory read back: its recipe, its model built and loaded
     "objectives": "objectives",
     "train": "train",
     "eval": "tools",

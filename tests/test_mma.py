@@ -12,7 +12,7 @@ from mmbridge.config import RecipeError, recipe_from_dict
 from mmbridge.core import IGNORE
 from mmbridge.interop.export import ExportError, export_run
 from mmbridge.models.mma import ModalityAdapter, add_mma, mark
-from mmbridge.train.checkpoint import load_run
+from mmbridge.runs import load_run
 from mmbridge.train.trainer import Trainer
 from tests.conftest import tiny_recipe_dict
 

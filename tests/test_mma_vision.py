@@ -5,6 +5,7 @@ training in an mma stage and reload."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -14,7 +15,7 @@ from torch import nn
 from mmbridge.config import RecipeError, recipe_from_dict
 from mmbridge.models.mma import VisionAdapter, VisionRouterAdapter, add_vision_mma
 from mmbridge.models.weights import restore_structure
-from mmbridge.train.checkpoint import load_run
+from mmbridge.runs import load_run
 from mmbridge.train.trainer import Trainer
 from tests.conftest import tiny_recipe_dict
 
@@ -234,7 +235,8 @@ def test_vision_adapters_train_in_an_mma_stage_and_reload(
     before = {n: p.detach().clone() for n, p in trainer.model.vision.named_parameters()}
     trainer.run()
     model = trainer.model.eval()
-    assert model.lm.mma_config["vision"] == ("router" if vision is True else vision)  # in the run's meta
+    meta = json.loads((tmp_path / "run" / "model" / "meta.json").read_text())
+    assert meta["mma"]["vision"] == ("router" if vision is True else vision)  # read back from the adapters
     vision_trained = {n for n, p in model.vision.named_parameters() if p.requires_grad}
     parts = ("down", "up", "router") if kind is VisionRouterAdapter else ("down", "up")
     assert vision_trained and all(any(f".layer_norm1.{k}." in n for k in parts) for n in vision_trained)

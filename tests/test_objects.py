@@ -21,7 +21,7 @@ from mmbridge.objectives.objects import (
     label_boxes,
     reading_order,
 )
-from mmbridge.train.checkpoint import load_run
+from mmbridge.runs import load_run
 from mmbridge.train.trainer import Trainer
 from tests.conftest import tiny_recipe_dict
 

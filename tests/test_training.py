@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmbridge.config import RecipeError, load_recipe, recipe_from_dict
-from mmbridge.train.checkpoint import load_run
+from mmbridge.runs import load_run
 from mmbridge.train.trainer import Trainer
 from tests.conftest import interrupted_run, tiny_recipe_dict
 from tests.rounding import GRAD_REL, LOSS_REL

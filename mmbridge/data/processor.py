@@ -65,12 +65,15 @@ class Processor:
         instructions: bool = False,
         max_text_tokens: int = 64,
         modality_prefix: bool = False,
+        tiling: Tiling | None = None,
+        video=None,
     ):
         self.tokenizer = tokenizer
         self.modality_prefix = modality_prefix
         self.text_tokenizer, self.instructions, self.max_text_tokens = text_tokenizer, instructions, max_text_tokens
         self.num_image_tokens = num_image_tokens  # the bridge's tokens per encoder view
-        self.tiling = Tiling()  # how an image becomes views and tokens (data/layouts.py)
+        self.tiling = tiling or Tiling()  # how an image becomes views and tokens (data/layouts.py)
+        self.video = video  # how frames are taken from a video (data/video.py; None: its defaults)
         self.image_size, self.image_mean, self.image_std = image_size, tuple(image_mean), tuple(image_std)
         self.max_length = max_length
         self.system_prompt = system_prompt

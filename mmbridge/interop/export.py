@@ -360,7 +360,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, say=print) -> Path:
     safetensors, processor, generation config) that `AutoModelForImageTextToText` and `AutoProcessor` load
     without remote code."""
     from mmbridge.interop.llava_processor import generation_config, llava_processor
-    from mmbridge.train.checkpoint import load_run, read_recipe
+    from mmbridge.runs import load_run, read_recipe
 
     run_dir, out = Path(run_dir), Path(out_dir)
     folders.check_new(out)

@@ -42,7 +42,7 @@ class LCLTask(Task):
         vision = {k: v for k, v in recipe.model.vision.items() if k != "name"}
         torch.manual_seed(recipe.seed)  # the ViT's init does not depend on the LM's vocabulary
         vit = LCLVisionTower(ViTConfig(**{**vision, "out_dim": width}))
-        self.model = LCLModel(vit, lm, SpecialIds.of(self.tokenizer))
+        self.model = LCLModel(vit, lm, SpecialIds.of(self.tokenizer), precision=recipe.model.precision)
         return self.model, self.tokenizer
 
     def _encode(self, text: str) -> list[int]:

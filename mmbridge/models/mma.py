@@ -35,8 +35,9 @@ VISION_NORMS = ("layer_norm1", "norm1", "layernorm_before")  # CLIP / SigLIP, DI
 class Modality(nn.Module):
     """The LM's modality tokens (0: text only, 1: with an image) and the current forward's modality per token."""
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, settings: dict | None = None):
         super().__init__()
+        self.settings = dict(settings or {})  # add_mma's arguments: what a run's meta saves to rebuild the adapters
         self.tokens = nn.Embedding(2, hidden)
         nn.init.normal_(self.tokens.weight, std=1.0)
         self.current: torch.Tensor | None = None  # [B, T] or [B, 1] of 0/1
@@ -128,7 +129,8 @@ def add_mma(
         raise ValueError(f"mma.where: expected a non-empty list of {sorted(PLACES)}, got {list(where)!r}")
     hidden = lm.get_input_embeddings().embedding_dim
     decoder = lm.get_decoder()
-    modality = new_on(Modality(hidden), lm.get_input_embeddings().weight)
+    settings = {"dim": dim, "temperature": temperature, "where": list(where), "groups": groups, "dropout": dropout}
+    modality = new_on(Modality(hidden, settings), lm.get_input_embeddings().weight)
     lm.mma_modality = modality
     count = 0
     for layer in decoder.layers:
@@ -295,6 +297,16 @@ def vision_kind(setting, saved: bool = False) -> str | None:
 
 def has_vision_mma(vision: nn.Module) -> bool:
     return any(isinstance(m, VisionAdapter) for m in vision.modules())
+
+
+def mma_settings(lm: nn.Module, vision: nn.Module | None = None) -> dict | None:
+    """What `add_mma` (and `add_vision_mma`) built, read back from the modules: a run's meta saves it and
+    `load_run` rebuilds the same adapters (None without them)."""
+    if not has_mma(lm):
+        return None
+    adapters = [m for m in vision.modules() if isinstance(m, VisionAdapter)] if vision is not None else []
+    kind = None if not adapters else "router" if isinstance(adapters[0], VisionRouterAdapter) else "normal"
+    return {**lm.mma_modality.settings, **({"vision": kind} if kind else {})}
 
 
 @SETTINGS.register("mma")

@@ -237,6 +237,22 @@ def has_moe(model: nn.Module) -> bool:
     return bool(moe_layers(model))
 
 
+def moe_settings(lm: nn.Module) -> dict | None:
+    """The arguments that rebuild the MoE layers of `lm` with `add_moe`, read back from the layers (each keeps its
+    own): a run's meta saves them for `load_run` (None without MoE layers)."""
+    blocks = getattr(lm.get_decoder(), "layers", ()) if hasattr(lm, "get_decoder") else ()
+    ids = [i for i, b in enumerate(blocks) if isinstance(getattr(b, "mlp", None), MoEFeedForward)]
+    if not ids:
+        return None
+    first = blocks[ids[0]].mlp
+    return {
+        "experts": first.num_experts,
+        "top_k": first.top_k,
+        "layers": ids,
+        **{k: getattr(first, k) for k in GATE_KEYS},
+    }
+
+
 def is_moe_param(name: str, ffn: bool = False) -> bool:
     """What `lm: moe` trains: the MoE layers' experts and routers (not other routers, e.g. LaVIN's adapters');
     with `ffn`, every decoder layer's FFN too, dense ones included (MoE-LLaVA's released `--train_modules`)."""

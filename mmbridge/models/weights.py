@@ -60,7 +60,6 @@ def restore_structure(model: torch.nn.Module, meta: dict) -> None:
 
         if not has_moe(model.lm):
             add_moe(model.lm, **meta["moe"])
-            model.lm.moe_config = dict(meta["moe"])
     size = meta.get("image_size")
     if size and hasattr(model, "set_image_size") and size != model.vision.image_size:
         model.set_image_size(size)  # a stage changed the resolution: the saved position table has the new size
@@ -78,7 +77,6 @@ def restore_structure(model: torch.nn.Module, meta: dict) -> None:
                     "longer builds (it follows LaVIN's RepAdapter router now); retrain the mma stage"
                 )
             add_mma(model.lm, **cfg)
-            model.lm.mma_config = dict(meta["mma"])
 
 
 def load_weights(model: torch.nn.Module, folder: Path) -> dict:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mmbridge.train.device import resolve_device
+from mmbridge.device import resolve_device
 from mmbridge.train.step import TrainStep
 
 
@@ -84,7 +84,7 @@ class Dist:
     """This process's place in the job (rank, world size, device) and the collective operations.
 
     `strategy` is the recipe's: `none` (one process), `ddp` or `fsdp`; `device` its device spec (see
-    `train/device.py`: `auto` is this process's GPU when there is one). The process group is gloo on CPU,
+    `device.py`: `auto` is this process's GPU when there is one). The process group is gloo on CPU,
     nccl on GPU, initialised from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...).
     """
 

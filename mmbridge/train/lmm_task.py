@@ -11,6 +11,8 @@ from mmbridge.data.dataset import Collator, ConversationDataset, LengthGroupedBa
 from mmbridge.data.interleaved import InterleavedDataset
 from mmbridge.data.packing import PackedBatches, PackingCollator, RowTagged, rows_per_epoch
 from mmbridge.data.sources import resolve_source
+from mmbridge.models.mma import mma_settings
+from mmbridge.models.moe import moe_settings
 from mmbridge.models.resolution import sync_processor
 from mmbridge.train.signals import ignore_signals
 from mmbridge.train.spec import TRAIN_SPECS, TrainSpec
@@ -149,8 +151,8 @@ class LMMTask(Task):
     def run_meta(self, model) -> dict:
         """What `load_run` needs to rebuild the model's structure: MoE layers, LaVIN adapters, the resolution."""
         return {
-            "moe": getattr(model.lm, "moe_config", None),
-            "mma": getattr(model.lm, "mma_config", None),
+            "moe": moe_settings(model.lm),
+            "mma": mma_settings(model.lm, model.vision),
             "image_size": getattr(model.vision, "image_size", None),
         }
 

@@ -59,8 +59,7 @@ def apply_stage_modes(model: MultimodalLM, stage: StageConfig) -> dict | None:
             "layers": stage.moe.layers,
             **{k: getattr(stage.moe, k) for k in GATE_KEYS},
         }
-        add_moe(model.lm, **moe)
-        model.lm.moe_config = moe  # saved in the run's meta, so load_run rebuilds the same structure
+        add_moe(model.lm, **moe)  # its layers keep these settings; the run's meta saves them (moe_settings)
     if modes["lm"] == "mma" and not has_mma(model.lm):
         mma = {
             "dim": stage.mma.dim,
@@ -69,12 +68,10 @@ def apply_stage_modes(model: MultimodalLM, stage: StageConfig) -> dict | None:
             "groups": stage.mma.groups,
             "dropout": stage.mma.dropout,
         }
-        add_mma(model.lm, **mma)
-        model.lm.mma_config = mma
+        add_mma(model.lm, **mma)  # kept by the adapters' modality module; the run's meta saves them (mma_settings)
     if modes["lm"] == "mma" and (kind := vision_kind(stage.mma.vision)) and not has_vision_mma(model.vision):
         m = stage.mma
         add_vision_mma(model.vision, m.dim, m.groups, m.dropout, kind=kind, temperature=m.temperature)
-        model.lm.mma_config = {**model.lm.mma_config, "vision": kind}  # in the run's meta: load_run adds them
     for part, module in model.parts().items():
         mode = modes[part]
         for name, p in module.named_parameters():

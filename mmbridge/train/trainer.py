@@ -7,7 +7,7 @@ SIGINT finish the step, write a checkpoint and return; a step with a non-finite 
 skipped and counted, and `max_nonfinite_steps` in a row stop the run with a diagnostic. Checkpoint
 files and their checks live in `train/checkpoint.py`.
 
-The device is picked once (`train/device.py`); the model lives there and every micro-batch is moved
+The device is picked once (`device.py`); the model lives there and every micro-batch is moved
 there after its token, target and FLOP counts are taken on the CPU, so a step reads the device back
 once (loss, gradient norm and loss terms together), not once per micro-batch.
 """
@@ -29,10 +29,11 @@ import torch
 from tqdm.auto import tqdm
 
 from mmbridge.config import Recipe, StageConfig, recipe_to_dict
+from mmbridge.device import allow_tf32
 from mmbridge.loss_norm import sample_weights, target_total
 from mmbridge.objectives import build_objective
+from mmbridge.runs import save_recipe
 from mmbridge.train import checkpoint as ckpt
-from mmbridge.train.device import allow_tf32
 from mmbridge.train.distributed import Dist
 from mmbridge.train.flops import device_peak
 from mmbridge.train.parts import apply_stage_modes, count_params, moe_balance_weight, param_groups, trainable_keys
@@ -111,7 +112,6 @@ class Trainer:
         self.task = self.spec.task
         with self.dist.building():  # FSDP: the pretrained parts on the meta device, each rank reads its shards
             model, self.tokenizer = self.spec.build()
-        model.precision = recipe.model.precision
         self.model = self.dist.place(model)
         self.objective = None  # the last stage's objective (its heads, e.g. LCL's contrastive projection)
         self.trained: set[str] = set()
@@ -141,7 +141,7 @@ class Trainer:
             self.run_dir, *ckpt.estimate_checkpoint_bytes(self.model, recipe), recipe.keep_checkpoints
         )
         if self.dist.main:
-            ckpt.save_recipe(recipe, self.run_dir)
+            save_recipe(recipe, self.run_dir)
             self.tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))
         # peak FLOP/s of one device, for MFU (CPU: measured once, then cached; a GPU not in the table: None)
         self.peak = self.dist.broadcast(device_peak(self.dist.device)[0] if self.dist.main else None)
