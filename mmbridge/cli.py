@@ -117,7 +117,7 @@ def _demo(args) -> None:
     from mmbridge.demo import run_demo
 
     overrides = args.set + ([f"device={args.device}"] if args.device else [])
-    run_demo(quick=args.quick, out=args.out, overrides=overrides, export=not args.no_export)
+    run_demo(quick=args.quick, out=args.out, overrides=overrides, export=not args.no_export, recipe_name=args.recipe)
 
 
 def _report(args) -> None:
@@ -241,6 +241,9 @@ def main(argv: list[str] | None = None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument(
         "--no-export", action="store_true", help="skip the stock transformers export (RUN/export) and its check"
+    )
+    p.add_argument(
+        "--recipe", default="demo", help="another bundled recipe on the demo's world and eval sets (e.g. objects)"
     )
     _device_flag(p, default=None)
     p.set_defaults(fn=_demo)

@@ -75,11 +75,17 @@ def baselines(recipe) -> dict:
 
 
 def run_demo(
-    quick: bool = False, out: str | None = None, overrides: list[str] | None = None, export: bool = True
+    quick: bool = False,
+    out: str | None = None,
+    overrides: list[str] | None = None,
+    export: bool = True,
+    recipe_name: str = "demo",
 ) -> dict:
+    """Train the bundled `recipe_name` (the demo's, or another with the demo's world and eval sets, e.g.
+    `objects`), evaluate it beside the baselines, write the report, and export it."""
     from mmbridge.train.trainer import Trainer
 
-    recipe = load_recipe("demo", (QUICK if quick else []) + list(overrides or []))
+    recipe = load_recipe(recipe_name, (QUICK if quick else []) + list(overrides or []))
     run_dir = Path(out or ("runs/demo-quick" if quick else "runs/demo"))
     clear_run_dir(run_dir)
     t0 = time.time()
