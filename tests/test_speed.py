@@ -13,6 +13,7 @@ from mmbridge.models.build import build_model
 from mmbridge.models.checkpointing import enable_gradient_checkpointing, is_checkpointed, vision_blocks
 from mmbridge.models.precision import autocast_dtype
 from mmbridge.objectives import build_objective
+from mmbridge.train.step import TrainStep
 from tests.conftest import tiny_recipe_dict
 from tests.rounding import assert_same_math
 
@@ -133,13 +134,13 @@ def test_precision_is_fp32_on_cpu_and_checked(tiny_lm_dir, tiny_clip_dir, world)
     assert autocast_dtype("auto", cpu) is None and autocast_dtype("fp32", cpu) is None
     assert autocast_dtype("bf16", cpu) is torch.bfloat16
     model, proc = build(tiny_lm_dir, tiny_clip_dir, False)
-    obj = build_objective({"name": "lm"}, model)
+    step = TrainStep(model, build_objective({"name": "lm"}, model))  # the engine's step applies the precision
     seen = []
     q_proj = decoder_layers(model.lm)[0].self_attn.q_proj
     hook = q_proj.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
-    obj(model, batch(proc), normalizer=None)
+    step(batch(proc), normalizer=None)
     model.precision = "bf16"
-    obj(model, batch(proc), normalizer=None)
+    step(batch(proc), normalizer=None)
     hook.remove()
     assert seen == [torch.float32, torch.bfloat16]
     data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"])
