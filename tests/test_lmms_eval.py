@@ -151,8 +151,7 @@ def lmms_runs(run_dir, task_dir, tmp_path_factory) -> dict:
             ),
             "plugin": harness.start_lmms_eval(plugin, env, work / "plugin-eval.log", work),
         }
-        for name, proc in procs.items():
-            harness.finish(proc, work / f"{name}-eval.log", TIMEOUT_S)
+        harness.finish_all(procs, {n: work / f"{n}-eval.log" for n in procs}, TIMEOUT_S)
     return {name: harness.read_output(work / name, TASK) for name in procs}
 
 

@@ -114,6 +114,18 @@ def finish(proc: subprocess.Popen, log: str | Path, timeout: float) -> None:
         raise RuntimeError(f"{proc.args[:5]} exited with {code}:\n{Path(log).read_text()[-3000:]}")
 
 
+def finish_all(procs: dict[str, subprocess.Popen], logs: dict[str, Path], timeout: float) -> dict[str, float]:
+    """Wait for every process (as `finish`); {name: seconds until it ended}, counted from this call."""
+    start, took = time.monotonic(), {}
+    while len(took) < len(procs):
+        for name, proc in procs.items():
+            if name not in took and (proc.poll() is not None or time.monotonic() - start > timeout):
+                finish(proc, logs[name], 0.1)
+                took[name] = round(time.monotonic() - start, 1)
+        time.sleep(0.1)
+    return took
+
+
 def read_output(out_dir: str | Path, task: str) -> tuple[float, dict[int, str], dict[int, dict]]:
     """lmms-eval's results under `out_dir`: (the task's score, {doc_id: answer}, {doc_id: logged sample})."""
     out = Path(out_dir)
