@@ -186,7 +186,7 @@ def test_lmms_eval_agrees_with_mmbridge_eval(way, lmms_runs, mmbridge_eval, ques
         assert got == questions["prompt_tokens"]
 
 
-def test_the_simple_protocol_answers_as_the_chat_one(run_dir, task_dir, questions):
+def test_the_simple_protocol_gives_the_same_answers(run_dir, task_dir, questions):
     """`--force_simple`'s class on lmms-eval-shaped requests over the task's own documents (in process)."""
     from datasets import load_from_disk
 
