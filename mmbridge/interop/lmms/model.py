@@ -102,6 +102,8 @@ class MMBridgeChat(lmms):
             for k, part in enumerate(parts):
                 kind = part.get("type")
                 if kind == "text":
+                    if IMAGE_TOKEN in part["text"]:  # refused as the server refuses it: images come as image parts
+                        raise ValueError(f"messages[{i}].content[{k}]: the text holds {IMAGE_TOKEN!r}")
                     pieces.append(part["text"])
                 elif kind == "image":
                     pieces.append(IMAGE_TOKEN)
@@ -115,6 +117,7 @@ class MMBridgeChat(lmms):
 
     def _answer(self, conversations: list[tuple[list[dict], list]], max_new_tokens: int) -> list[str]:
         """Greedy answers to `conversations` by `generate_answers`, the images read back from PNG files."""
+        from mmbridge.data.images import load_image
         from mmbridge.eval.evaluate import generate_answers
 
         with tempfile.TemporaryDirectory(prefix="mmbridge-lmms-") as folder:
@@ -123,8 +126,6 @@ class MMBridgeChat(lmms):
                 names = []
                 for j, image in enumerate(images):
                     if isinstance(image, str | Path):  # a file path: read as `mmbridge eval` reads files
-                        from mmbridge.data.images import load_image
-
                         image = load_image(image)
                     names.append(f"{n}-{j}.png")
                     image.convert("RGB").save(Path(folder, names[-1]))
