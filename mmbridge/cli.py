@@ -24,7 +24,7 @@ def _train(args) -> None:
 
 def _eval(args) -> None:
     from mmbridge.eval.evaluate import evaluate_file
-    from mmbridge.train.checkpoint import load_run
+    from mmbridge.runs import load_run
 
     model, processor = load_run(args.run_dir, device=args.device)
     metrics, rows = evaluate_file(
@@ -47,7 +47,7 @@ def _eval(args) -> None:
 
 def _chat(args) -> None:
     from mmbridge.eval.evaluate import generate_answers
-    from mmbridge.train.checkpoint import load_run
+    from mmbridge.runs import load_run
 
     model, processor = load_run(args.run_dir, device=args.device)
     image = Path(args.image).resolve()
@@ -64,9 +64,9 @@ def _chat(args) -> None:
 def _serve(args) -> None:
     import uvicorn
 
+    from mmbridge.runs import load_run
     from mmbridge.serve.app import create_app
     from mmbridge.serve.guard import LOOPBACK_HOSTS
-    from mmbridge.train.checkpoint import load_run
 
     loopback = args.host in LOOPBACK_HOSTS or args.host.startswith("127.")
     hosts = args.allowed_hosts.split(",") if args.allowed_hosts else LOOPBACK_HOSTS if loopback else ["*"]
@@ -116,7 +116,8 @@ def _import(args) -> None:
 def _demo(args) -> None:
     from mmbridge.demo import run_demo
 
-    run_demo(quick=args.quick, out=args.out, overrides=args.set + ([f"device={args.device}"] if args.device else []))
+    overrides = args.set + ([f"device={args.device}"] if args.device else [])
+    run_demo(quick=args.quick, out=args.out, overrides=overrides, export=not args.no_export, recipe_name=args.recipe)
 
 
 def _report(args) -> None:
@@ -238,6 +239,12 @@ def main(argv: list[str] | None = None):
     p.add_argument("--quick", action="store_true", help="a handful of steps, for a first look and tests")
     p.add_argument("--out", default=None, help="run directory (default runs/demo or runs/demo-quick)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--no-export", action="store_true", help="skip the stock transformers export (RUN/export) and its check"
+    )
+    p.add_argument(
+        "--recipe", default="demo", help="another bundled recipe on the demo's world and eval sets (e.g. objects)"
+    )
     _device_flag(p, default=None)
     p.set_defaults(fn=_demo)
 

@@ -13,6 +13,7 @@ import yaml
 
 from mmbridge.core import RecipeError, check_spec  # noqa: F401  (RecipeError: also imported from here)
 from mmbridge.log_settings import check as check_log
+from mmbridge.registry import BRIDGES, OBJECTIVES, SETTINGS, TRAIN_SPECS, VISION_ENCODERS
 
 
 @dataclass
@@ -24,6 +25,9 @@ class ModelConfig:
     lm: dict = field(default_factory=dict)
     max_length: int = 512
     system_prompt: str | None = None  # None: the chat template's own default
+    # LaVIN's prompt prefix (docs/methods/lavin.md): "Image: " before each image, "Image: N/A" heading a text-only
+    # conversation, in training and generation alike; off by default, as it changes every sample's text
+    modality_prefix: bool = False
     gradient_checkpointing: bool = False  # recompute LM layers (and a trained ViT's blocks) in the backward pass
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     # keep a frozen encoder's output per image (models/feature_cache.py): later epochs skip the encoder
@@ -103,15 +107,16 @@ class MoeConfig:
 class MmaConfig:
     """LaVIN's mixture-of-modality adapters (`train: {lm: mma}`, see models/mma.py): bottleneck width, router
     temperature, where in each layer (before attention, as LaVIN's scripts; also before the FFN), the
-    up-projections' groups and the dropout after the down-projection; `vision: true` also puts LaVIN's
-    single-path adapters before the attention of each ViT block (they train with `lr.vision`)."""
+    up-projections' groups and the dropout after the down-projection; `vision: true` (or `router`) also puts
+    LaVIN's router adapters before the attention of each ViT block, `vision: normal` its single-path ones (they
+    train with `lr.vision`)."""
 
     dim: int = 8
     temperature: float = 10.0
     where: list = field(default_factory=lambda: ["attention"])
     groups: int = 2
     dropout: float = 0.1
-    vision: bool = False
+    vision: Any = False  # false | true (= router) | router | normal
 
 
 @dataclass
@@ -161,9 +166,6 @@ class EvalTask:
     limit: int | None = None
 
 
-KINDS = ("lmm", "lcl")
-
-
 @dataclass
 class Recipe:
     # lmm: a multimodal LM (vision → bridge → LM) trained in stages; lcl: LCL's vision-encoder pretraining
@@ -192,7 +194,7 @@ class Recipe:
     # none: one process; ddp | fsdp under `torchrun` (see docs/guide/training-at-scale.md). The global batch of a
     # step is batch_size x grad_accum whatever the number of processes: each rank takes its slice of every micro-batch.
     strategy: str = "none"
-    # auto: this process's GPU when CUDA is available, else the CPU | cpu | cuda | cuda:N (see train/device.py)
+    # auto: this process's GPU when CUDA is available, else the CPU | cpu | cuda | cuda:N (see device.py)
     device: str = "auto"
     # how documents become sequences (max_images, min_sim, image_position, and for kind lcl patches; the
     # length budget is model.max_length): LCL's documents, or an lmm recipe's interleaved sources; and, for
@@ -255,16 +257,9 @@ MODES = ("frozen", "full", "lora", "moe", "mma")
 
 def _validate_lcl(recipe: Recipe) -> None:
     """The LCL task: objective `lcl`, documents as data, no packing or length grouping."""
-    from mmbridge.lcl.sequence import SequenceConfig
-
     if "max_length" in (recipe.sequence or {}):
         raise RecipeError("recipe.sequence.max_length: the length budget is model.max_length")
-    try:
-        SequenceConfig(**{**(recipe.sequence or {}), "max_length": recipe.model.max_length})
-    except TypeError as e:
-        raise RecipeError(f"recipe.sequence: {e}; expected keys max_images, min_sim, image_position, patches") from e
-    except ValueError as e:
-        raise RecipeError(f"recipe.sequence: {e}") from e
+    SETTINGS.get("sequence.lcl")({**(recipe.sequence or {}), "max_length": recipe.model.max_length}, "recipe.sequence")
     for name, src in recipe.sources.items():
         if bool(src.jsonl) == bool(src.shards) or src.json:
             raise RecipeError(
@@ -291,54 +286,6 @@ def _validate_lcl(recipe: Recipe) -> None:
                 raise RecipeError(f"{where}.data.{src}: expected world/<split>/interleaved|pairs or a source")
 
 
-def _validate_lmm_sequence(recipe: Recipe) -> None:
-    """Kind lmm: `sequence` lays out the interleaved sources' documents (LCL's rules, see data/documents.py)."""
-    from mmbridge.data.documents import LAYOUT_KEYS, check_style
-    from mmbridge.lcl.sequence import SequenceConfig
-
-    seq = recipe.sequence
-    if not isinstance(seq, dict) or set(seq) - set(LAYOUT_KEYS):
-        raise RecipeError(
-            f"recipe.sequence: for interleaved sources, expected some of {list(LAYOUT_KEYS)}, got {seq!r}"
-        )
-    try:
-        SequenceConfig(**check_style(seq))
-    except (TypeError, ValueError) as e:
-        raise RecipeError(f"recipe.sequence: {e}") from e
-
-
-def _validate_moe(moe: MoeConfig, where: str) -> None:
-    from mmbridge.models.moe import GATE_KEYS, LAYER_CHOICES, check_gate
-
-    if moe.experts < 2 or not 1 <= moe.top_k <= moe.experts:
-        raise RecipeError(f"{where}: need experts >= 2 and 1 <= top_k <= experts, got {moe.experts} and {moe.top_k}")
-    if moe.aux_weight < 0:
-        raise RecipeError(f"{where}.aux_weight: must be >= 0, got {moe.aux_weight}")
-    ok_list = isinstance(moe.layers, list) and moe.layers and all(type(i) is int and i >= 0 for i in moe.layers)
-    if moe.layers not in LAYER_CHOICES and not ok_list:
-        raise RecipeError(
-            f"{where}.layers: expected {' or '.join(LAYER_CHOICES)} or a list of layer indices, got {moe.layers!r}"
-        )
-    try:
-        check_gate(moe.top_k, **{k: getattr(moe, k) for k in GATE_KEYS})
-    except ValueError as e:
-        raise RecipeError(f"{where}: {e}") from e
-
-
-def _validate_mma(mma: MmaConfig, where: str) -> None:
-    from mmbridge.models.mma import PLACES
-
-    if mma.dim < 1 or mma.temperature <= 0:
-        raise RecipeError(f"{where}: need dim >= 1 and temperature > 0, got {mma.dim} and {mma.temperature}")
-    if mma.groups < 1 or mma.dim % mma.groups or not 0 <= mma.dropout < 1:
-        raise RecipeError(
-            f"{where}: need groups dividing dim and 0 <= dropout < 1, got groups {mma.groups}, "
-            f"dim {mma.dim}, dropout {mma.dropout}"
-        )
-    if not mma.where or any(w not in PLACES for w in mma.where):
-        raise RecipeError(f"{where}.where: expected a non-empty list of {sorted(PLACES)}, got {mma.where!r}")
-
-
 def _validate_hf_source(recipe: Recipe, name: str, src: DataSource) -> None:
     """An `hf_dataset` source names one text column and nothing of the file sources; the others name no column."""
     where = f"recipe.sources.{name}"
@@ -357,16 +304,32 @@ def _validate_hf_source(recipe: Recipe, name: str, src: DataSource) -> None:
         )
 
 
+def _check_names(recipe: Recipe) -> None:
+    """The components a recipe names exist in their registries (`mmbridge/registry.py`)."""
+    named = [
+        (OBJECTIVES, st.objective.get("name", "lm"), f"recipe.stages[{i}].objective.name")
+        for i, st in enumerate(recipe.stages)
+    ]
+    if recipe.kind == "lmm":
+        named += [
+            (VISION_ENCODERS, recipe.model.vision.get("name"), "recipe.model.vision.name"),
+            (BRIDGES, recipe.model.bridge.get("name"), "recipe.model.bridge.name"),
+        ]
+    for registry, name, where in named:
+        if name not in registry:
+            raise RecipeError(f"{where}: unknown {registry.kind} {name!r}; choose one of {registry.names()}")
+
+
 def validate(recipe: Recipe) -> None:
     """Cross-field checks that dataclass typing cannot express."""
-    if recipe.kind not in KINDS:
-        raise RecipeError(f"recipe.kind: expected one of {list(KINDS)}, got {recipe.kind!r}")
+    if recipe.kind not in TRAIN_SPECS:
+        raise RecipeError(f"recipe.kind: expected one of {TRAIN_SPECS.names()}, got {recipe.kind!r}")
     check_spec(recipe.device, "recipe.device")
     check_log(recipe.log)
     if recipe.kind == "lcl":
         _validate_lcl(recipe)
-    elif recipe.sequence is not None:
-        _validate_lmm_sequence(recipe)
+    elif recipe.sequence is not None:  # kind lmm: how the interleaved sources' documents are laid out
+        SETTINGS.get("sequence.interleaved")(recipe.sequence, "recipe.sequence")
     parts = PARTS[recipe.kind]
     if recipe.bad_samples not in ("error", "skip"):
         raise RecipeError(f"recipe.bad_samples: expected 'error' or 'skip', got {recipe.bad_samples!r}")
@@ -377,12 +340,8 @@ def validate(recipe: Recipe) -> None:
             raise RecipeError(f"recipe.{key}: must be at least 1, got {getattr(recipe, key)}")
     if recipe.model.precision not in ("auto", "fp32", "bf16"):
         raise RecipeError(f"recipe.model.precision: expected auto, fp32 or bf16, got {recipe.model.precision!r}")
-    from mmbridge.data.video import VideoSampling
-
-    try:
-        VideoSampling.from_options(recipe.model.video)
-    except (TypeError, ValueError) as e:
-        raise RecipeError(f"recipe.{e}" if str(e).startswith("model.video") else f"recipe.model.video: {e}") from e
+    SETTINGS.get("model.video")(recipe.model.video, "recipe.model.video")
+    _check_names(recipe)
     for i, st in enumerate(recipe.stages):
         where = f"recipe.stages[{i}] ({st.name})"
         if st.pack and st.group_by_length:
@@ -403,8 +362,8 @@ def validate(recipe: Recipe) -> None:
                     f"{where}.image_size: a stage's resolution can change in kind lmm recipes without "
                     "FSDP (single process or ddp)"
                 )
-        _validate_moe(st.moe, f"{where}.moe")
-        _validate_mma(st.mma, f"{where}.mma")
+        SETTINGS.get("moe")(st.moe, f"{where}.moe")
+        SETTINGS.get("mma")(st.mma, f"{where}.mma")
         if st.mma.vision and st.train.get("lm") == "mma" and "vision" not in st.lr:
             raise RecipeError(f"{where}.lr.vision: missing learning rate for the vision adapters (mma.vision)")
         if len(st.betas) != 2 or not all(0 <= b < 1 for b in st.betas):
@@ -482,15 +441,3 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 def recipe_to_dict(recipe: Recipe) -> dict:
     return dataclasses.asdict(recipe)
-
-
-def save_recipe(recipe: Recipe, run_dir: Path) -> None:
-    (Path(run_dir) / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
-
-
-def read_recipe(run_dir: Path) -> Recipe:
-    """The recipe a run directory was trained with (RUN/recipe.yaml)."""
-    path = Path(run_dir) / "recipe.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir}: not a run directory (no recipe.yaml)")
-    return recipe_from_dict(yaml.safe_load(path.read_text()), where=str(path))

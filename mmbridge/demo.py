@@ -74,10 +74,18 @@ def baselines(recipe) -> dict:
     return out
 
 
-def run_demo(quick: bool = False, out: str | None = None, overrides: list[str] | None = None) -> dict:
+def run_demo(
+    quick: bool = False,
+    out: str | None = None,
+    overrides: list[str] | None = None,
+    export: bool = True,
+    recipe_name: str = "demo",
+) -> dict:
+    """Train the bundled `recipe_name` (the demo's, or another with the demo's world and eval sets, e.g.
+    `objects`), evaluate it beside the baselines, write the report, and export it."""
     from mmbridge.train.trainer import Trainer
 
-    recipe = load_recipe("demo", (QUICK if quick else []) + list(overrides or []))
+    recipe = load_recipe(recipe_name, (QUICK if quick else []) + list(overrides or []))
     run_dir = Path(out or ("runs/demo-quick" if quick else "runs/demo"))
     clear_run_dir(run_dir)
     t0 = time.time()
@@ -87,7 +95,7 @@ def run_demo(quick: bool = False, out: str | None = None, overrides: list[str] |
         raise SystemExit(0)
     t_train = time.time() - t0
     model, processor = trainer.model, trainer.processor
-    metrics, examples = {}, []
+    metrics, examples, checked = {}, [], []
     keys = {"caption": ["cider", "bleu4"], "vqa": ["vqa_accuracy"], "grounding": ["grounding_acc50", "unparsed"]}
     for ev in recipe.eval.values():
         src = resolve_source(recipe, ev.json)
@@ -102,6 +110,7 @@ def run_demo(quick: bool = False, out: str | None = None, overrides: list[str] |
             reliance = image_reliance(model, processor, records[:RELIANCE_RECORDS], src.images)
             metrics["vqa_image_gain"] = round(reliance["image_gain"], 4)
         examples += [{"task": ev.task, **r, "images_root": src.images} for r in rows[:3]]
+        checked.append((records[:3], src.images, ev.max_new_tokens))
     metrics["n"] = sum(metrics.pop(f"n_{t}") for t in keys if f"n_{t}" in metrics)
     trainer.log_eval(
         {k: v for k, v in metrics.items() if k != "vqa_by_qtype"}
@@ -116,7 +125,33 @@ def run_demo(quick: bool = False, out: str | None = None, overrides: list[str] |
     from mmbridge.eval.report import write_report
 
     print(f"report: {write_report(run_dir)} (one self-contained HTML page: curves, eval, examples)")
+    if export:
+        metrics["export"] = export_and_check(run_dir, model, processor, checked)
+        (run_dir / "metrics.json").write_text(json.dumps({**metrics, "baselines": base}, indent=2) + "\n")
     return metrics
+
+
+def export_and_check(run_dir: Path, model, processor, checked: list[tuple[list[dict], Path, int]]) -> dict:
+    """The run as a stock transformers folder (`mmbridge export`), and whether transformers' own `generate` gives
+    the demo's example answers (the first records of each eval set). A recipe the stock classes cannot express
+    is named, not exported."""
+    from mmbridge.interop.check import compare_with_run
+    from mmbridge.interop.export import ExportError, export_run
+
+    try:
+        out = export_run(run_dir, run_dir / "export")
+    except ExportError as e:
+        print(f"export: not exported. {e}")
+        return {"exported": False, "why": str(e)}
+    agree = n = 0
+    for records, images, max_new_tokens in checked:
+        result = compare_with_run(model, processor, out, records, images, max_new_tokens)
+        agree, n = agree + result["agree"], n + result["n"]
+        for row in result["rows"]:
+            mark = "=" if row["mmbridge"] == row["transformers"] else "≠"
+            print(f"  {row['question']!r}: mmbridge {row['mmbridge']!r} {mark} transformers {row['transformers']!r}")
+    print(f"export: {out} (stock transformers); its generate gave the demo's answer on {agree} of {n} examples")
+    return {"exported": True, "path": str(out), "agree": agree, "n": n}
 
 
 def write_examples(examples: list[dict], folder: Path) -> None:

@@ -12,14 +12,14 @@ import torch
 from PIL import Image
 
 from mmbridge.config import ModelConfig, recipe_from_dict
+from mmbridge.data.anyres import assemble
 from mmbridge.data.dataset import Collator, ConversationDataset
 from mmbridge.data.layouts import Tiling
 from mmbridge.data.packing import PackingCollator, pack
 from mmbridge.data.tiling import anyres_grid, anyres_layout
-from mmbridge.models.anyres import assemble
 from mmbridge.models.build import build_model
 from mmbridge.models.masks import allowed_attention, image_spans
-from mmbridge.train.checkpoint import load_run
+from mmbridge.runs import load_run
 from mmbridge.train.flops import StepFlops
 from mmbridge.train.trainer import Trainer
 from tests.conftest import assert_batched_answers_equal_alone, assert_served_batch_equals_alone, tiny_recipe_dict

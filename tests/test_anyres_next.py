@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+from mmbridge.data.anyres import assemble, max_grid, token_count
 from mmbridge.data.layouts import Tiling
 from mmbridge.data.tiling import ANYRES_GRIDS, anyres_grid, anyres_layout, pinpoint_grids
-from mmbridge.models.anyres import assemble, max_grid, token_count
 from tests.rounding import assert_same_math
 
 

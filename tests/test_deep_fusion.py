@@ -163,7 +163,7 @@ def test_trained_as_the_bridge_part_with_the_lm_frozen_and_reloaded(
     tiny_lm_dir, tiny_clip_dir, world, tmp_path, bridge
 ):
     from mmbridge.config import recipe_from_dict
-    from mmbridge.train.checkpoint import load_run
+    from mmbridge.runs import load_run
     from mmbridge.train.trainer import Trainer
     from tests.conftest import tiny_recipe_dict
 

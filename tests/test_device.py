@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from mmbridge.train.device import DeviceError, check_spec, resolve_device
+from mmbridge.device import DeviceError, check_spec, resolve_device
 from mmbridge.train.flops import gpu_peak
 
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without CUDA")

@@ -17,12 +17,14 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from mmbridge.runs import load_run, read_recipe
 from mmbridge.train import checkpoint as ckpt
 from mmbridge.train.trainer import Trainer
 from tests.conftest import tiny_recipe_dict
 from tests.rounding import GRAD_REL, LOSS_REL, assert_same_outputs, assert_same_updates
 
 ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def recipe_dict(tiny_lm_dir, tiny_clip_dir, world, **top) -> dict:
@@ -102,8 +104,8 @@ def test_two_processes_reproduce_one_process(runs, strategy):
     assert any("lora_B" in k for k in a)
     first = starts(runs["one"])
     assert_same_updates(a, b, first)
-    model, proc = ckpt.load_run(runs[strategy])  # and loads as any run does: the one process's model
-    one, _ = ckpt.load_run(runs["one"])
+    model, proc = load_run(runs[strategy])  # and loads as any run does: the one process's model
+    one, _ = load_run(runs["one"])
     ids = torch.tensor(
         [
             proc.encode(
@@ -128,7 +130,7 @@ def test_two_process_checkpoint_resumes_in_one_process(runs, tmp_path, strategy,
     for later in ckpt.list_checkpoints(run):
         if later.name > keep:
             shutil.rmtree(later)
-    recipe = ckpt.read_recipe(run)
+    recipe = read_recipe(run)
     assert recipe.strategy == strategy  # no torchrun here: one process
     Trainer(recipe, run, resume=True, progress=False).run()
     resumed = list({(r["stage"], r["step"]): r for r in rows(run)}.values())
@@ -246,3 +248,56 @@ def test_packed_rows_count_attention_per_sample():
     assert segment_lengths(batch) == [3, 2, 2, 4]
     del batch["position_ids"]
     assert segment_lengths(batch) == [5, 6]
+
+
+# -- DDP's search for unused parameters ------------------------------------------------------------------------
+def test_ddp_searches_for_unused_parameters_only_where_a_stage_can_leave_some():
+    """Only the LM trained alone under the next-token loss runs every trained parameter on every batch; a trained
+    bridge (skipped by a text-only batch) or another objective (lexical never runs the LM) needs DDP's search."""
+    from torch import nn
+
+    from mmbridge.objectives.base import Objective
+    from mmbridge.objectives.captioning import NextTokenLoss
+    from mmbridge.train.distributed import TrainStep, may_leave_unused
+
+    class BridgeOnly(Objective):
+        def forward(self, model, batch, normalizer):
+            return model.bridge(batch["x"]).sum()
+
+    model = nn.Module()
+    model.lm, model.bridge, model.vision = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)
+    model.requires_grad_(False).lm.requires_grad_(True)
+    assert not may_leave_unused(TrainStep(model, NextTokenLoss(model)))
+    assert may_leave_unused(TrainStep(model, BridgeOnly(model)))
+    for part in ("bridge", "vision"):
+        model.requires_grad_(False).get_submodule(part).requires_grad_(True)
+        assert may_leave_unused(TrainStep(model, NextTokenLoss(model))), part
+
+
+def test_ddp_without_the_search_trains_an_lm_only_stage_as_one_process(tiny_lm_dir, tiny_clip_dir, world, tmp_path):
+    """A stage that trains LoRA in the LM alone under `lm` runs DDP without `find_unused_parameters`: had the forward
+    left a trained parameter out, DDP would stop at the second step; the losses are one process's."""
+    data = recipe_dict(tiny_lm_dir, tiny_clip_dir, world)
+    data["save_every"] = 0
+    stage = data["stages"][1]
+    stage.update(train={"lm": "lora"}, lr={"lm": 1e-2}, steps=3, batch_size=4)
+    data["stages"] = [stage]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    out = {}
+    for strategy in ("none", "ddp"):
+        path = tmp_path / f"{strategy}.yaml"
+        path.write_text(yaml.safe_dump({**data, "strategy": strategy}, sort_keys=False))
+        launch = [sys.executable] if strategy == "none" else TORCHRUN
+        out[strategy] = tmp_path / strategy
+        proc = subprocess.run(
+            [*launch, "-m", "mmbridge", "train", str(path), "--out", str(out[strategy])],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got, want = rows(out["ddp"]), rows(out["none"])
+    assert len(want) == 3
+    assert_same_losses(got, want)

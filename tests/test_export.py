@@ -22,7 +22,8 @@ from mmbridge.interop.fastvlm import CUT_RANGE
 from mmbridge.interop.llava_import import import_llava
 from mmbridge.interop.merge import merge_lora
 from mmbridge.models.build import build_model
-from mmbridge.train.checkpoint import load_run, save_recipe, save_weights
+from mmbridge.runs import load_run, save_recipe
+from mmbridge.train.checkpoint import save_weights
 from mmbridge.train.trainer import Trainer
 from tests.conftest import Choices, tiny_recipe_dict
 from tests.rounding import assert_same_math
@@ -367,15 +368,18 @@ def test_efficientnet_lite0_exports_as_fastvlm(stage, act, lm_dir, tmp_path):
         assert_same_math(got[..., : want.shape[-1]], want)
 
 
-def test_the_bundled_exportable_recipe_exports_and_the_demo_says_why_not():
-    """docs/guide/export-import.md: `mmbridge train exportable` then `mmbridge export` runs on this CPU; the demo's
-    object-token bridge has no stock class, and the refusal names it."""
+def test_the_bundled_exportable_recipes_export_and_the_object_tokens_say_why_not():
+    """docs/guide/export-import.md: `mmbridge train exportable` then `mmbridge export` runs on this CPU, and the
+    demo exports; the object-token bridge has no stock class, and the refusal names it."""
     from mmbridge.config import load_recipe
     from mmbridge.interop.export import recipe_blockers
 
     assert recipe_blockers(load_recipe("exportable").model) == []
-    demo = recipe_blockers(load_recipe("demo").model)
-    assert any(b.startswith("model.bridge.name: objects") for b in demo)
+    assert recipe_blockers(load_recipe("demo").model) == []
+    prefixed = recipe_blockers(load_recipe("demo", ["model.modality_prefix=true"]).model)
+    assert [b for b in prefixed if b.startswith("model.modality_prefix: true")] and len(prefixed) == 1
+    objects = recipe_blockers(load_recipe("objects").model)
+    assert any(b.startswith("model.bridge.name: objects") for b in objects)
 
 
 def _kept_folder(message: str) -> Path:

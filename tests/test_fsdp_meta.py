@@ -3,6 +3,7 @@ gloo ranks hold less than one process holding the whole model while giving its l
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -44,17 +45,15 @@ def _build(cfg: ModelConfig, lazy: bool):
         return build_model(cfg)[0]
 
 
-def test_row_reader_reads_rows_in_the_files_dtype(tmp_path):
+def test_read_rows_reads_rows_in_the_files_dtype(tmp_path):
     tensors = {"a": torch.randn(5, 3).to(torch.bfloat16), "b": torch.arange(12.0).view(4, 3), "s": torch.tensor(2.5)}
-    save_file(tensors, str(tmp_path / "w.safetensors"))
-    reader = meta.RowReader(str(tmp_path / "w.safetensors"))
-    try:
-        assert torch.equal(reader.read("a", 1, 3), tensors["a"][1:4]) and reader.read("a", 1, 3).dtype == torch.bfloat16
-        assert torch.equal(reader.read("b", 3, 1), tensors["b"][3:4])
-        assert reader.read("b", 4, 0).shape == (0, 3)
-        assert torch.equal(reader.read("b"), tensors["b"]) and torch.equal(reader.read("s"), tensors["s"])
-    finally:
-        reader.close()
+    file = str(tmp_path / "w.safetensors")
+    save_file(tensors, file)
+    assert torch.equal(meta.read_rows(file, "a", 1, 3), tensors["a"][1:4])
+    assert meta.read_rows(file, "a", 1, 3).dtype == torch.bfloat16
+    assert torch.equal(meta.read_rows(file, "b", 3, 1), tensors["b"][3:4])
+    assert meta.read_rows(file, "b", 4, 0).shape == (0, 3)
+    assert torch.equal(meta.read_rows(file, "b"), tensors["b"]) and torch.equal(meta.read_rows(file, "s"), tensors["s"])
 
 
 def test_meta_build_fills_the_weights_a_normal_build_loads(tiny_lm_dir, tiny_clip_dir, tmp_path):
@@ -86,6 +85,29 @@ def test_meta_build_fills_the_weights_a_normal_build_loads(tiny_lm_dir, tiny_cli
         assert torch.equal(x, y), name
     ids = torch.tensor([[1, 5, 9, 200, 7]])
     torch.testing.assert_close(lazy.lm(ids).logits, real.lm(ids).logits, rtol=0, atol=0)
+
+
+def test_adapters_made_on_the_meta_device_get_the_values_peft_gives():
+    """peft's `low_cpu_mem_usage` creates the adapters on the meta device; `init_adapters` gives them the values
+    (and leaves the generator where) a plain injection would: the same draws in the same order."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from torch import nn
+
+    base = nn.ModuleDict({"q_proj": nn.Linear(8, 8), "v_proj": nn.Linear(8, 6), "k_proj": nn.Linear(8, 8)})
+    plain, lazy = copy.deepcopy(base), copy.deepcopy(base)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    torch.manual_seed(5)
+    inject_adapter_in_model(config, plain)
+    after_plain = torch.rand(4)
+    torch.manual_seed(5)
+    inject_adapter_in_model(config, lazy, low_cpu_mem_usage=True)
+    assert all(p.is_meta for n, p in lazy.named_parameters() if "lora_" in n)
+    meta.init_adapters(lazy, config.init_lora_weights)
+    assert torch.equal(torch.rand(4), after_plain)
+    a, b = plain.state_dict(), lazy.state_dict()
+    assert a.keys() == b.keys() and any("lora_A" in k for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 # -- two gloo ranks against one process ---------------------------------------------------------------------

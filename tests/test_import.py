@@ -14,11 +14,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from mmbridge.cli import main as cli
-from mmbridge.config import recipe_from_dict
+from mmbridge.config import recipe_from_dict, recipe_to_dict
 from mmbridge.data.images import preprocess
 from mmbridge.interop.llava_import import LlavaImportError, import_llava
 from mmbridge.models.build import build_model
-from mmbridge.train.checkpoint import load_run, read_recipe, recipe_to_dict
+from mmbridge.runs import load_run, read_recipe
 from mmbridge.train.trainer import Trainer
 from tests.greedy_reference import greedy_answers, vqa_accuracy_by_hand
 

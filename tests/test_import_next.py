@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from mmbridge.cli import main as cli
-from mmbridge.train.checkpoint import load_run, read_recipe
+from mmbridge.runs import load_run, read_recipe
 from tests.rounding import assert_same_math
 from tests.test_import import LLAVA15
 

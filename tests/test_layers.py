@@ -78,3 +78,60 @@ def test_mmbridge_imports_form_no_circle():
     graph = import_graph()
     assert len(graph) > 100 and "mmbridge.train.trainer" in graph  # the whole package was read
     assert circles(graph) == []
+
+
+# The declared layer order, written once: a module may import its own layer and the layers below it, never one
+# above. The bottom holds what every layer shares (errors, the registries, loss normalisation, log settings).
+LAYERS = ("bottom", "config", "data", "models", "objectives", "train", "tools", "cli")
+BOTTOM = {
+    "mmbridge",
+    "mmbridge.core",
+    "mmbridge.device",
+    "mmbridge.registry",
+    "mmbridge.loss_norm",
+    "mmbridge.log_settings",
+}
+# packages by layer; LCL is one method across the layers, so its modules are placed one by one
+PLACES = {
+    "config": "config",
+    "machine": "bottom",
+    "data": "data",
+    "models": "models",
+    "runs": "models",  # a run directory read back: its recipe, its model built and loaded
+    "objectives": "objectives",
+    "train": "train",
+    "eval": "tools",
+    "interop": "tools",
+    "serve": "tools",
+    "cli": "cli",
+    "demo": "cli",
+    "__main__": "cli",
+    "lcl": "data",  # lcl/__init__, sequence, readers, data: documents laid out as sequences
+    "lcl.model": "models",
+    "lcl.loss": "objectives",
+    "lcl.task": "train",
+}
+
+
+def layer_of(module: str) -> int:
+    if module in BOTTOM:
+        return 0
+    parts = module.split(".")[1:]
+    place = PLACES.get(".".join(parts[:2])) or PLACES[parts[0]]
+    return LAYERS.index(place)
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{a} -> {b}" for a, targets in graph.items() for b in targets if layer_of(b) > layer_of(a))
+
+
+def test_an_import_up_the_layers_is_found():
+    graph = {"mmbridge.data.x": {"mmbridge.models.y", "mmbridge.core"}, "mmbridge.models.y": {"mmbridge.data.x"}}
+    assert upward_imports(graph) == ["mmbridge.data.x -> mmbridge.models.y"]
+    assert layer_of("mmbridge.lcl.task") == LAYERS.index("train") and layer_of("mmbridge.lcl.readers") == 2
+
+
+def test_every_import_keeps_the_layer_order():
+    graph = import_graph()
+    assert all(layer_of(m) >= 0 for m in graph)  # every module has a declared place
+    assert upward_imports(graph) == []

@@ -326,14 +326,14 @@ def test_engine_batches_follow_the_seeded_epoch_order(world):
     from mmbridge.config import recipe_from_dict
     from mmbridge.lcl.data import EpochBatches
     from mmbridge.train.distributed import Dist
-    from mmbridge.train.tasks import task_for
+    from mmbridge.train.tasks import spec_for
 
     batches = iter(EpochBatches(10, 4, seed=3))
     got = [next(batches) for _ in range(5)]  # 20 items: two epochs
     perm = [np.random.default_rng([3, e]).permutation(10) for e in (0, 1)]
     assert [i for b in got for i in b] == [e * 10 + int(j) for e in (0, 1) for j in perm[e]]
     assert next(iter(EpochBatches(10, 4, seed=3, start=3))) == got[3]
-    task = task_for(recipe_from_dict(lcl_recipe_dict(world["root"])))
+    task = spec_for(recipe_from_dict(lcl_recipe_dict(world["root"]))).task
     model, tok = task.build()
     loader, n = task.loader(model, task.recipe.stages[0], 2, Dist())
     first = next(iter(loader))

@@ -13,7 +13,7 @@ from mmbridge.config import ModelConfig, recipe_from_dict
 from mmbridge.data.processor import IGNORE
 from mmbridge.models.build import build_model
 from mmbridge.objectives.lexical import LexicalAlignment
-from mmbridge.train.checkpoint import load_run
+from mmbridge.runs import load_run
 from mmbridge.train.trainer import Trainer
 from tests.conftest import tiny_recipe_dict
 from tests.rounding import assert_same_math

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from mmbridge.models.mma import ModalityAdapter, is_mma_param
 from mmbridge.models.moe import balancing_loss, balancing_over, is_moe_param, moe_layers, tally
+from mmbridge.runs import load_run, read_recipe
 from mmbridge.train import checkpoint as ckpt
 from mmbridge.train.trainer import Trainer
 from tests.conftest import tiny_recipe_dict
@@ -171,8 +172,8 @@ def test_two_processes_reproduce_one_process(runs, strategy):
     assert any(".experts." in k for k in a) and any("layernorm.up." in k for k in a)
     first = starts(runs["one"])
     assert_same_updates(a, b, first)
-    model, proc = ckpt.load_run(runs[strategy])
-    one, _ = ckpt.load_run(runs["one"])
+    model, proc = load_run(runs[strategy])
+    one, _ = load_run(runs["one"])
     assert len(moe_layers(model.lm)) == 1 and sum(isinstance(m, ModalityAdapter) for m in model.lm.modules()) == 4
     ids = torch.tensor(
         [
@@ -222,7 +223,7 @@ def test_fsdp_moe_checkpoint_resumes_in_one_process(runs, tmp_path):
         "__0_0.distcp",
         "__1_0.distcp",
     ]
-    Trainer(ckpt.read_recipe(run), run, resume=True, progress=False).run()
+    Trainer(read_recipe(run), run, resume=True, progress=False).run()
     assert_same_losses(list({(r["stage"], r["step"]): r for r in rows(run)}.values()), rows(runs["one"]))
 
 

@@ -260,3 +260,25 @@ def test_center_box_baseline() -> None:
     boxes = [[10, 10, 20, 20], [12, 10, 22, 20], [15, 10, 25, 20], [100, 100, 110, 110]]
     # IoUs: 1, 80/120, 50/150, 0 -> 2 of 4 hits.
     assert center_box_baseline(boxes, train) == pytest.approx(0.5)
+
+
+def test_box_iou_is_the_objectives_iou_and_gives_what_the_float_formula_gave() -> None:
+    """One IoU (objectives.objects.box_iou) for the metric too: on random boxes, including inverted and degenerate
+    ones, the value of the float formula the metric used before, to the last bit (float64 does the same operations
+    in the same order)."""
+    import random
+
+    def before(a, b):  # eval.metrics.box_iou as it was
+        if tuple(a) == tuple(b):
+            return 1.0
+        iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+        ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        inter = iw * ih
+        union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+        return float(inter / union) if union > 0 else 0.0
+
+    rng = random.Random(0)
+    for draw in (lambda: rng.randint(0, 12), lambda: rng.uniform(0, 1)):
+        for _ in range(2000):
+            a, b = [draw() for _ in range(4)], [draw() for _ in range(4)]
+            assert box_iou(a, b) == before(a, b), (a, b)

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from mmbridge.config import RecipeError, recipe_from_dict
+from mmbridge.core import IGNORE
 from mmbridge.interop.export import ExportError, export_run
 from mmbridge.models.mma import ModalityAdapter, add_mma, mark
-from mmbridge.train.checkpoint import load_run
+from mmbridge.runs import load_run
 from mmbridge.train.trainer import Trainer
 from tests.conftest import tiny_recipe_dict
 
@@ -182,59 +183,96 @@ def test_the_adapter_is_lavins_repadapter_router_and_folds_into_one_matrix(tiny)
     assert not torch.equal(adapter(x), adapter(x))
 
 
-def test_vision_adapters_start_as_the_plain_encoder_and_are_lavins_single_path_repadapter(tiny):
-    from mmbridge.models.mma import VisionAdapter, add_vision_mma
-
-    model, _ = tiny
-    vision = copy.deepcopy(model.vision).eval()
-    pixels = torch.randn(2, 3, 32, 32)
-    assert add_vision_mma(vision, dim=4) == 2  # one per ViT block, before its attention
-    with torch.no_grad():
-        assert torch.equal(model.vision.eval()(pixels), vision(pixels))
-        adapter = [m for m in vision.modules() if isinstance(m, VisionAdapter)][0]
-        assert adapter.up.groups == 2 and adapter.dropout.p == 0.1
-        torch.manual_seed(0)
-        adapter.up.weight.normal_()
-        adapter.up.bias.normal_()
-        x = torch.randn(5, 32)
-        h = adapter.norm(x)
-        a = h @ adapter.down.weight.T + adapter.down.bias  # down; dropout is off in eval
-        w, half = adapter.up.weight, 2  # grouped up: output block g reads bottleneck block g only
-        up = torch.cat([a[:, g * half : (g + 1) * half] @ w[g * 16 : (g + 1) * 16].T for g in range(2)], -1)
-        torch.testing.assert_close(adapter(x), h + up + adapter.up.bias)
-        assert not torch.equal(model.vision(pixels), vision(pixels))
+# -- LaVIN's "Image: N/A" prefix (model.modality_prefix) -------------------------------------------------------------
 
 
-def test_vision_adapters_train_in_an_mma_stage_and_reload(tiny_lm_dir, tiny_clip_dir, world, tmp_path):
-    from mmbridge.models.mma import VisionAdapter
+@pytest.fixture(scope="module")
+def prefixed(tiny_lm_dir, tiny_clip_dir):
+    """The `tiny` composite's processor with LaVIN's modality prefix on."""
+    from mmbridge.config import ModelConfig
+    from mmbridge.models.build import build_model
 
-    with pytest.raises(RecipeError, match="lr.vision"):
-        mma_recipe(tiny_lm_dir, tiny_clip_dir, world, vision=True)
-    data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"])
-    data["stages"][1].update(
-        train={"bridge": "full", "lm": "mma"},
-        lr={"bridge": 1e-2, "lm": 1e-2, "vision": 1e-2},
-        mma={"dim": 4, "vision": True},
+    cfg = ModelConfig(
+        vision={"name": "hf", "path": tiny_clip_dir},
+        bridge={"name": "pool_adapter", "pooled": 2},
+        lm={"path": tiny_lm_dir},
+        max_length=128,
+        system_prompt="",
+        modality_prefix=True,
     )
-    trainer = Trainer(recipe_from_dict(data), tmp_path / "run", progress=False)
-    before = {n: p.detach().clone() for n, p in trainer.model.vision.named_parameters()}
-    trainer.run()
-    model = trainer.model.eval()
-    vision_trained = {n for n, p in model.vision.named_parameters() if p.requires_grad}
-    assert vision_trained and all(".layer_norm1.down." in n or ".layer_norm1.up." in n for n in vision_trained)
-    assert len(vision_trained) == 2 * 4  # 2 blocks x (down weight, bias; up weight, bias)
-    for n, p in model.vision.named_parameters():  # the adapters left their zero start; the tower stayed frozen
-        if n in vision_trained:  # (feature_layer -2: block 1's output is not read, so its adapter gets no gradient)
-            assert not n.startswith("model.encoder.layers.0.layer_norm1.up.") or p.abs().sum() > 0
+    return build_model(cfg)[1]
+
+
+def labelled(enc):
+    return [(k, i) for k, (i, lab) in enumerate(zip(enc.input_ids, enc.labels)) if lab != IGNORE]
+
+
+def test_modality_prefix_puts_image_n_a_before_text_only_samples_and_image_before_images(tiny, prefixed):
+    _, plain = tiny
+    assert prefixed.modality_prefix and not plain.modality_prefix  # off by default
+    tok, image = plain.tokenizer, "<image>" * plain.num_image_tokens
+    for conv, n in ((TEXT, 0), (CONV, 1)):
+        with_prefix, without = prefixed.encode(conv, n), plain.encode(conv, n)
+        text, plain_text = tok.decode(with_prefix.input_ids), tok.decode(without.input_ids)
+        if n:  # LaVIN: "Image: " and then the image's tokens; no "N/A" where there is an image
+            assert f"Image: {image}\nWhat colour" in text and "N/A" not in text
+            assert text == plain_text.replace(image, f"Image: {image}", 1)
         else:
-            assert torch.equal(p, before[n.replace("layer_norm1.norm.", "layer_norm1.")]), n
-    assert sum(isinstance(m, VisionAdapter) for m in model.vision.modules()) == 2
-    pixels = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        loaded, _ = load_run(tmp_path / "run")
-        assert sum(isinstance(m, VisionAdapter) for m in loaded.vision.modules()) == 2
-        assert torch.equal(model.vision(pixels), loaded.vision.eval()(pixels))
-        ids = torch.tensor([trainer.processor.encode(CONV, 1).input_ids])
-        assert torch.equal(
-            model(ids, pixel_values=pixels[:1]).hidden_states, loaded(ids, pixel_values=pixels[:1]).hidden_states
-        )
+            assert "Image: N/A\nName a colour." in text and text == plain_text.replace("Name a", "Image: N/A\nName a")
+        # the prefix is user text: the same answer tokens are labelled, shifted by the prefix's length
+        shift = len(with_prefix.input_ids) - len(without.input_ids)
+        assert shift > 0 and [(k + shift, i) for k, i in labelled(without)] == labelled(with_prefix)
+        assert tok.decode([i for _, i in labelled(with_prefix)]).startswith("red")
+        # generation reads the same text: the prompt is the training ids up to the assistant's reply
+        prompt = prefixed.encode_prompt(conv[:1])
+        assert with_prefix.input_ids[: len(prompt)] == prompt and labelled(with_prefix)[0][0] >= len(prompt)
+        # and the fast length count agrees with the encoding
+        assert prefixed.measure_many([(conv, n, "sample")]) == [(len(with_prefix.input_ids), False)]
+
+
+def test_modality_prefix_places(prefixed):
+    """One "Image: " per run of placeholders (a video's frames are one run); "N/A" heads the first user turn."""
+
+    def user_text(conv):
+        return [m["content"] for m in prefixed.messages(conv, span=1) if m["role"] == "user"]
+
+    two = [{"from": "human", "value": "<image> and <image>: same?"}, {"from": "gpt", "value": "no"}]
+    assert user_text(two) == ["Image: <image> and Image: <image>: same?"]
+    frames = [{"from": "human", "value": "<image><image><image>\nWhat moves?"}, {"from": "gpt", "value": "a dot"}]
+    assert user_text(frames) == ["Image: <image><image><image>\nWhat moves?"]
+    turns = [
+        {"from": "system", "value": "Be brief."},
+        {"from": "human", "value": "Hi."},
+        {"from": "gpt", "value": "Hello."},
+        {"from": "human", "value": "Name a colour."},
+    ]
+    assert user_text(turns) == ["Image: N/A\nHi.", "Name a colour."]
+
+
+def test_modality_prefix_is_part_of_the_data_index_key(tiny, prefixed):
+    from mmbridge.data.record_index import fingerprint
+
+    assert fingerprint(prefixed) != fingerprint(tiny[1])
+
+
+def test_modality_prefix_trains_and_is_served_with_the_run(tiny_lm_dir, tiny_clip_dir, world, tmp_path):
+    text = [{"id": "t0", "conversations": TEXT}, {"id": "t1", "conversations": TEXT}]
+    (tmp_path / "text.json").write_text(json.dumps(text))
+    data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"])
+    data["model"]["modality_prefix"] = True
+    data["sources"] = {"text": {"json": str(tmp_path / "text.json")}}
+    data["stages"] = [
+        dict(data["stages"][1], data={"text": 1.0, "world/train/vqa": 1.0}, steps=2, train={"bridge": "full"})
+    ]
+    data["stages"][0].pop("lora")
+    data["stages"][0]["lr"] = {"bridge": 1e-2}
+    trainer = Trainer(recipe_from_dict(data), tmp_path / "run", progress=False)
+    tok = trainer.processor.tokenizer
+    for name, want in (("text", "Image: N/A\n"), ("world/train/vqa", "Image: <image>")):
+        sample = trainer.task.dataset(name)[0]  # what training reads
+        assert want in tok.decode(sample["input_ids"])
+    trainer.run()
+    _, processor = load_run(tmp_path / "run")  # what eval, chat and serve use
+    assert processor.modality_prefix
+    for conv in (TEXT, CONV):
+        assert processor.encode_prompt(conv[:1]) == trainer.processor.encode_prompt(conv[:1])

@@ -18,9 +18,10 @@ from mmbridge.models.moe import (
     chosen_layers,
     is_moe_param,
     moe_layers,
+    moe_settings,
     tally,
 )
-from mmbridge.train.checkpoint import load_run
+from mmbridge.runs import load_run
 from mmbridge.train.flops import StepFlops
 from mmbridge.train.trainer import Trainer
 from tests.conftest import tiny_recipe_dict
@@ -331,7 +332,12 @@ def test_train_ffn_stage_trains_routers_experts_and_the_dense_ffns(tiny):
         ),
     )
     apply_stage_modes(model, stage)
-    assert model.lm.moe_config["capacity_factor"] == 1.5 and model.lm.moe_config["second"] == "gumbel"
+    saved = moe_settings(model.lm)  # what the run's meta keeps, read back from the layers
+    assert saved["capacity_factor"] == 1.5 and saved["second"] == "gumbel" and saved["balance"] == "top1"
+    assert saved["layers"] == chosen_layers(model.lm.config.num_hidden_layers, "every_other") and (
+        saved["experts"],
+        saved["top_k"],
+    ) == (stage.moe.experts, stage.moe.top_k)
     first = moe_layers(model.lm)[0]
     assert (first.capacity_factor, first.eval_capacity_factor, first.balance) == (1.5, 2.0, "top1")
     trained = {n for n, p in model.named_parameters() if p.requires_grad}

@@ -94,7 +94,7 @@ def test_only_the_windows_own_adapter_gets_gradient_from_its_tokens(monkey):
 
 
 def test_a_monkey_run_trains_only_the_adapters_and_reloads(tiny_lm_dir, tiny_clip_dir, world, tmp_path):
-    from mmbridge.train.checkpoint import load_run
+    from mmbridge.runs import load_run
     from mmbridge.train.trainer import Trainer
 
     data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"], bridge={"name": "mlp"})

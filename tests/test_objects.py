@@ -21,7 +21,7 @@ from mmbridge.objectives.objects import (
     label_boxes,
     reading_order,
 )
-from mmbridge.train.checkpoint import load_run
+from mmbridge.runs import load_run
 from mmbridge.train.trainer import Trainer
 from tests.conftest import tiny_recipe_dict
 
@@ -427,8 +427,8 @@ def test_sources_say_whether_their_boxes_box_every_object(object_model, world, t
         "world/test/grounding": False,
         "world/train/detailed": False,
     }
-    # the demo's objects stage keeps every object of its grounding answers boxed (on the tiny world here)
-    demo = load_recipe("demo")
+    # the objects recipe's first stage keeps every object of its grounding answers boxed (on the tiny world here)
+    demo = load_recipe("objects")
     demo.world = data["world"]
     assert {n: resolve_source(demo, n).boxes_all_objects for n in demo.stages[0].data} == {
         "world/train/detailed": False,

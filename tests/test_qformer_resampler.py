@@ -297,7 +297,7 @@ def test_blip2_objective_needs_a_qformer(tiny_lm_dir, tiny_clip_dir):
 )
 def test_trained_by_recipe_and_reloaded(tiny_lm_dir, tiny_clip_dir, world, tmp_path, bridge):
     from mmbridge.config import recipe_from_dict
-    from mmbridge.train.checkpoint import load_run
+    from mmbridge.runs import load_run
     from mmbridge.train.trainer import Trainer
     from tests.conftest import tiny_recipe_dict
 

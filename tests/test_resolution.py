@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from mmbridge.config import RecipeError, recipe_from_dict
 from mmbridge.models.resolution import interpolate_positions
 from mmbridge.models.vision import build_vision_encoder
-from mmbridge.train.checkpoint import load_run
+from mmbridge.runs import load_run
 from mmbridge.train.trainer import Trainer
 from tests.conftest import interrupted_run, tiny_recipe_dict
 

@@ -13,6 +13,7 @@ from mmbridge.models.build import build_model
 from mmbridge.models.checkpointing import enable_gradient_checkpointing, is_checkpointed, vision_blocks
 from mmbridge.models.precision import autocast_dtype
 from mmbridge.objectives import build_objective
+from mmbridge.train.step import TrainStep
 from tests.conftest import tiny_recipe_dict
 from tests.rounding import assert_same_math
 
@@ -112,18 +113,34 @@ def test_checkpointing_survives_deepcopy(tiny_lm_dir, tiny_clip_dir):
     assert enable_gradient_checkpointing(twin) == {"lm": 0, "vision": 0}  # already on: nothing twice
 
 
+def test_checkpointing_keeps_names_and_writes_no_cache_it_would_write_twice(tiny_lm_dir, tiny_clip_dir):
+    """The module tree and state-dict keys are those of a plain build (runs saved either way load either way); a
+    checkpointed block carrying gradients leaves the KV cache unwritten, one under no_grad writes it."""
+    plain, _ = build(tiny_lm_dir, tiny_clip_dir, False)
+    ckpt, _ = build(tiny_lm_dir, tiny_clip_dir, True)
+    assert list(ckpt.state_dict()) == list(plain.state_dict())
+    assert [n for n, _ in ckpt.named_modules()] == [n for n, _ in plain.named_modules()]
+    ckpt.load_state_dict(plain.state_dict())
+    ids = torch.tensor([[1, 5, 9, 200, 7]])
+    ckpt.lm.requires_grad_(True)
+    written = ckpt.lm(ids, use_cache=True).past_key_values
+    assert written is None or written.get_seq_length() == 0
+    with torch.no_grad():
+        assert ckpt.lm(ids, use_cache=True).past_key_values.get_seq_length() == ids.shape[1]
+
+
 def test_precision_is_fp32_on_cpu_and_checked(tiny_lm_dir, tiny_clip_dir, world):
     cpu = torch.device("cpu")
     assert autocast_dtype("auto", cpu) is None and autocast_dtype("fp32", cpu) is None
     assert autocast_dtype("bf16", cpu) is torch.bfloat16
     model, proc = build(tiny_lm_dir, tiny_clip_dir, False)
-    obj = build_objective({"name": "lm"}, model)
+    step = TrainStep(model, build_objective({"name": "lm"}, model))  # the engine's step applies the precision
     seen = []
     q_proj = decoder_layers(model.lm)[0].self_attn.q_proj
     hook = q_proj.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
-    obj(model, batch(proc), normalizer=None)
+    step(batch(proc), normalizer=None)
     model.precision = "bf16"
-    obj(model, batch(proc), normalizer=None)
+    step(batch(proc), normalizer=None)
     hook.remove()
     assert seen == [torch.float32, torch.bfloat16]
     data = tiny_recipe_dict(tiny_lm_dir, tiny_clip_dir, world["root"])

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from mmbridge.data.anyres import assemble, token_count
 from mmbridge.data.tiling import anyres_grid, anyres_layout, cut_tiles, slice_size, uhd_grid, uhd_slices
-from mmbridge.models.anyres import assemble, token_count
 
 
 def test_anyres_picks_the_grid_that_keeps_the_most_resolution():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmbridge.config import RecipeError, load_recipe, recipe_from_dict
-from mmbridge.train.checkpoint import load_run
+from mmbridge.runs import load_run
 from mmbridge.train.trainer import Trainer
 from tests.conftest import interrupted_run, tiny_recipe_dict
 from tests.rounding import GRAD_REL, LOSS_REL
@@ -91,7 +91,7 @@ def test_unknown_recipe_key_is_named(tmp_path):
 
 
 def test_recipe_overrides_and_type_errors(tmp_path):
-    r = load_recipe("demo", ["stages.1.steps=7", "model.bridge.objects=2"])
+    r = load_recipe("objects", ["stages.1.steps=7", "model.bridge.objects=2"])
     assert r.stages[1].steps == 7 and r.model.bridge["objects"] == 2
     with pytest.raises(RecipeError, match=r"steps: expected int"):
         load_recipe("demo", ["stages.0.steps=many"])

@@ -168,7 +168,7 @@ def test_a_uhd_run_trains_and_reloads(tiny_lm_dir, tiny_clip_dir, world, tmp_pat
     from pathlib import Path
 
     from mmbridge.config import recipe_from_dict
-    from mmbridge.train.checkpoint import load_run
+    from mmbridge.runs import load_run
     from mmbridge.train.trainer import Trainer
     from tests.conftest import tiny_recipe_dict
 

@@ -49,8 +49,8 @@ def main(recipe: str, out: str) -> None:
     out = Path(out)
     wrap, stages = distributed.Dist.wrap, []
 
-    def recording_wrap(dist, model, objective):
-        step = wrap(dist, model, objective)
+    def recording_wrap(dist, model, objective, *args, **kwargs):
+        step = wrap(dist, model, objective, *args, **kwargs)
         stages.append(len(stages) + 1)
         record(out, stages[-1], step, dist)
         return step

@@ -98,12 +98,19 @@ class ConversationDataset(Dataset):
             "input_ids": enc.input_ids,
             "labels": enc.labels,
             **self.processor.bridge_text(rec["conversations"]),
-            "images": [self.store.image_ref(i, p) for p in names],
+            "images": self._image_refs(i, names, where),
             "names": names,
             "where": where,
             "row": i,
             "units": record_units(rec),
         }
+
+    def _image_refs(self, i: int, names: list[str], where: str) -> list[str]:
+        """Where each image of record `i` is; a name that is no regular file is a DataError naming the record."""
+        try:
+            return [self.store.image_ref(i, p) for p in names]
+        except ImageError as e:
+            raise DataError(f"{where}: {e}", getattr(e, "kind", "unreadable image")) from e
 
     @property
     def samples(self) -> Sequence[dict]:

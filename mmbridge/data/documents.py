@@ -25,12 +25,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mmbridge.core import IMAGE_TOKEN
+from mmbridge.core import IMAGE_TOKEN, RecipeError
 from mmbridge.data.layouts import require_fixed
 from mmbridge.data.llava import DataError
 from mmbridge.data.processor import IGNORE
 from mmbridge.lcl.readers import parse_document
 from mmbridge.lcl.sequence import SequenceConfig, layout
+from mmbridge.registry import SETTINGS
 
 STYLE_KEYS = ("style", "end_of_chunk", "single_image_drop")
 LAYOUT_KEYS = ("max_images", "min_sim", "image_position", *STYLE_KEYS)  # what `sequence` may set for LMM stages
@@ -206,3 +207,14 @@ class DocumentEncoder:
                 f"{where}: no text token to learn from" + (" within max_length" if truncated else ""), "no text tokens"
             )
         return EncodedDocument(ids.tolist(), labels.tolist(), truncated, images, before, " ".join(texts))
+
+
+@SETTINGS.register("sequence.interleaved")
+def check_interleaved_settings(seq, where: str) -> None:
+    """Kind lmm's `sequence`: how the interleaved sources' documents are laid out (LCL's rules, or a style's)."""
+    if not isinstance(seq, dict) or set(seq) - set(LAYOUT_KEYS):
+        raise RecipeError(f"{where}: for interleaved sources, expected some of {list(LAYOUT_KEYS)}, got {seq!r}")
+    try:
+        SequenceConfig(**check_style(seq))
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"{where}: {e}") from e

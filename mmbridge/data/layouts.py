@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmbridge.data.anyres import assemble, max_grid
 from mmbridge.data.tiling import (
     ANYRES_GRIDS,
     anyres_layout,
@@ -43,7 +44,6 @@ from mmbridge.data.tiling import (
     uhd_grid,
     uhd_slices,
 )
-from mmbridge.models.anyres import assemble, max_grid
 
 MODES = ("none", "anyres", "uhd", "monkey")
 

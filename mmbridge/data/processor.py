@@ -22,6 +22,12 @@ _MARK_RE = re.compile("\ue000(\\d+)\ue001")
 # as \x1d that this tokenizer drops, and a token's offsets then point at the dropped character.
 _SPACE = " \t\n\r\f\v"
 _SPACE_CODES = np.array([ord(c) for c in _SPACE], dtype=np.uint32)
+# LaVIN's modality prefix (`modality_prefix`; its engine.py and lavin/generator.py): "Image: " before the image's
+# tokens, "Image: N/A" in a sample without one. Here "Image: " goes ahead of each run of image placeholders (a video's
+# frames are one run), and "Image: N/A" plus a newline (LaVIN's sentencepiece join puts a space there) heads the first
+# user turn
+IMAGE_PREFIX, NO_IMAGE_PREFIX = "Image: ", "Image: N/A\n"
+_IMAGE_RUN = re.compile(f"(?:{re.escape(IMAGE_TOKEN)})+")
 
 
 @dataclass
@@ -41,6 +47,9 @@ class Processor:
 
     A bridge with its own text side (the Q-Former) gives `text_tokenizer`: each sample then also
     carries its caption in those tokens, and with `instructions` each image its instruction.
+
+    `modality_prefix` (LaVIN): "Image: " goes before each image and "Image: N/A" heads the first user turn of a
+    conversation without one, in training and in prompts for generation alike; it is user text, never labelled.
     """
 
     def __init__(
@@ -55,11 +64,16 @@ class Processor:
         text_tokenizer=None,
         instructions: bool = False,
         max_text_tokens: int = 64,
+        modality_prefix: bool = False,
+        tiling: Tiling | None = None,
+        video=None,
     ):
         self.tokenizer = tokenizer
+        self.modality_prefix = modality_prefix
         self.text_tokenizer, self.instructions, self.max_text_tokens = text_tokenizer, instructions, max_text_tokens
         self.num_image_tokens = num_image_tokens  # the bridge's tokens per encoder view
-        self.tiling = Tiling()  # how an image becomes views and tokens (data/layouts.py)
+        self.tiling = tiling or Tiling()  # how an image becomes views and tokens (data/layouts.py)
+        self.video = video  # how frames are taken from a video (data/video.py; None: its defaults)
         self.image_size, self.image_mean, self.image_std = image_size, tuple(image_mean), tuple(image_std)
         self.max_length = max_length
         self.system_prompt = system_prompt
@@ -110,19 +124,20 @@ class Processor:
     ) -> tuple[list[str], list[str]]:
         """The roles and contents of `messages`."""
         roles = [ROLES[t["from"]] for t in conversations]
+        values = [t["value"] for t in conversations]
+        if self.modality_prefix:
+            values = _with_modality_prefix(roles, values)
         if span == 1:
-            contents = [t["value"] for t in conversations]
+            contents = values
         elif span is not None or not counts:
             span = IMAGE_TOKEN * (self.num_image_tokens if span is None else span)
-            contents = [t["value"].replace(IMAGE_TOKEN, span) for t in conversations]
+            contents = [v.replace(IMAGE_TOKEN, span) for v in values]
         else:  # each image its own span, in order
             if not all(map(img_spans.is_count, counts)):
                 raise ValueError("spans with separators (UHD) are laid out as ids, with one image token per <image>")
-            n = sum(t["value"].count(IMAGE_TOKEN) for t in conversations)
+            n = sum(v.count(IMAGE_TOKEN) for v in values)
             reps = iter(img_spans.lengths(self.num_image_tokens, counts, n))
-            contents = [
-                re.sub(re.escape(IMAGE_TOKEN), lambda _: IMAGE_TOKEN * next(reps), t["value"]) for t in conversations
-            ]
+            contents = [re.sub(re.escape(IMAGE_TOKEN), lambda _: IMAGE_TOKEN * next(reps), v) for v in values]
         if self.system_prompt is not None and roles[0] != "system":
             roles.insert(0, "system")
             contents.insert(0, self.system_prompt)
@@ -474,6 +489,15 @@ class Processor:
     @property
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id
+
+
+def _with_modality_prefix(roles: list[str], values: list[str]) -> list[str]:
+    """LaVIN's prefix: "Image: " before each run of image placeholders; without any, "Image: N/A" at the head of
+    the first user turn."""
+    if any(IMAGE_TOKEN in v for v in values):
+        return [_IMAGE_RUN.sub(lambda m: IMAGE_PREFIX + m.group(0), v) for v in values]
+    first = next((k for k, r in enumerate(roles) if r == "user"), None)
+    return values if first is None else [NO_IMAGE_PREFIX + v if k == first else v for k, v in enumerate(values)]
 
 
 def _outcome(f, *args):

@@ -50,6 +50,8 @@ def fingerprint(processor) -> str:
         processor._expand,
         type(processor).__name__,
     ]
+    if getattr(processor, "modality_prefix", False):  # LaVIN's "Image: N/A" (only when on: older caches hold)
+        parts.append("modality_prefix")
     tiling = getattr(processor, "tiling", None)
     if tiling is not None and tiling.varies:  # each image's count follows its size, the tiling and S
         parts += [tiling.key, processor.image_size]

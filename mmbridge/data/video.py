@@ -22,7 +22,9 @@ from numbers import Real
 
 import numpy as np
 
+from mmbridge.core import RecipeError
 from mmbridge.data.llava import DataError, check_record, record_images
+from mmbridge.registry import SETTINGS
 
 VIDEO_TOKEN = "<video>"
 IMAGE_TOKEN = "<image>"
@@ -244,3 +246,13 @@ def load_frames(units: list[list], open_image, locate) -> list:
         except (OSError, ImportError) as e:
             raise ImageError(locate(name), f"cannot decode the video's frames: {e}") from e
     return [open_image(f) if isinstance(f, str) else decoded[f[0]][int(f[1])] for f in flat]
+
+
+@SETTINGS.register("model.video")
+def check_video_settings(options, where: str) -> None:
+    """`model.video`: how frames are taken from a video (`VideoSampling.from_options`)."""
+    try:
+        VideoSampling.from_options(options)
+    except (TypeError, ValueError) as e:
+        prefix = where.removesuffix("model.video")  # a message may name its own key under model.video
+        raise RecipeError(f"{prefix}{e}" if str(e).startswith("model.video") else f"{where}: {e}") from e

@@ -224,18 +224,21 @@ def parse_box(text: str) -> tuple[int, int, int, int] | None:
 
 
 def box_iou(a: Box, b: Box) -> float:
-    """IoU of two (x0, y0, x1, y1) boxes in continuous coordinates.
+    """IoU of two (x0, y0, x1, y1) boxes in continuous coordinates: `objectives.objects.box_iou` (the one IoU of
+    mmbridge) in float64, with no clamp of the union beyond float64's smallest normal number.
 
     Area is (x1 - x0) * (y1 - y0). Identical boxes score 1.0 (even zero-area ones); otherwise
     a zero union (or any zero-area box, which has no intersection area) scores 0.0.
     """
+    import torch
+
+    from mmbridge.objectives.objects import box_iou as paired_iou
+
     if tuple(a) == tuple(b):
         return 1.0
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
+    pair = torch.tensor([list(a), list(b)], dtype=torch.float64)
+    # a positive intersection implies a positive union; with none, 0 / max(union, tiny) is 0
+    return float(paired_iou(pair[:1], pair[1:], eps=torch.finfo(torch.float64).tiny)[0])
 
 
 def grounding_scores(predictions: list[str], boxes: list[list[int]]) -> dict:

@@ -60,7 +60,7 @@ def check_export(run_dir: str | Path, export_dir: str | Path, n: int, say=print)
     answered by the export through transformers and by the run through mmbridge; prints both."""
     from mmbridge.data.llava import read_llava_json
     from mmbridge.data.sources import resolve_source
-    from mmbridge.train.checkpoint import load_run, read_recipe
+    from mmbridge.runs import load_run, read_recipe
 
     recipe = read_recipe(Path(run_dir))
     if not recipe.eval:

@@ -90,6 +90,11 @@ def recipe_blockers(cfg: ModelConfig) -> list[str]:
             "model.bridge.concepts: concept tokens (the LM's word embeddings picked by detectors) have "
             "no LLaVA or FastVLM counterpart"
         )
+    if getattr(cfg, "modality_prefix", False):
+        found.append(
+            "model.modality_prefix: true writes LaVIN's 'Image:' / 'Image: N/A' into every prompt, which the "
+            "exported chat template does not; export a run trained without it"
+        )
     if kind in _BRIDGES:
         found.append(f"model.bridge.name: {kind} is {_BRIDGES[kind]}")
     elif kind != "mlp":
@@ -355,7 +360,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, say=print) -> Path:
     safetensors, processor, generation config) that `AutoModelForImageTextToText` and `AutoProcessor` load
     without remote code."""
     from mmbridge.interop.llava_processor import generation_config, llava_processor
-    from mmbridge.train.checkpoint import load_run, read_recipe
+    from mmbridge.runs import load_run, read_recipe
 
     run_dir, out = Path(run_dir), Path(out_dir)
     folders.check_new(out)

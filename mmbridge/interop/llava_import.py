@@ -166,7 +166,8 @@ def import_llava(src: str | Path, out_dir: str | Path, say=print) -> Path:
     from mmbridge.config import recipe_from_dict
     from mmbridge.interop.llava_processor import image_processor as square_processor
     from mmbridge.models.build import build_model
-    from mmbridge.train.checkpoint import save_recipe, save_weights, write_folder
+    from mmbridge.runs import save_recipe
+    from mmbridge.train.checkpoint import save_weights, write_folder
 
     src, out = Path(src), Path(out_dir)
     folders.check_new(out)

@@ -82,13 +82,13 @@ class LCLModel(nn.Module):
     Its trainable parts are `vision` (the ViT, with its attentive pool) and `lm`; the contrastive
     projection and temperature belong to the `lcl` objective (`objectives/lcl.py`)."""
 
-    def __init__(self, vit: LCLVisionTower, lm: nn.Module, ids: SpecialIds):
+    def __init__(self, vit: LCLVisionTower, lm: nn.Module, ids: SpecialIds, precision: str = "auto"):
         super().__init__()
         self.vit, self.lm, self.ids = vit, lm, ids
         width = lm.get_input_embeddings().embedding_dim
         if vit.config.out_dim != width:
             raise ValueError(f"vit.out_dim ({vit.config.out_dim}) must equal the LM width ({width})")
-        self.precision = "auto"
+        self.precision = precision  # see models/precision.py
 
     @property
     def vision(self) -> LCLVisionTower:

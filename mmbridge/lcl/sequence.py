@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from mmbridge.core import RecipeError
 from mmbridge.data.images import load_image
+from mmbridge.registry import SETTINGS
 
 IGNORE = -100
 SOI, EOI, PATCH = "<soi>", "<eoi>", "<patch>"
@@ -163,3 +165,14 @@ def collate(samples: list[dict], pad_id: int, images: ImageCache) -> dict:
         "pixel_values": pixels,
         "ids": [s["id"] for s in samples],
     }
+
+
+@SETTINGS.register("sequence.lcl")
+def check_lcl_settings(options: dict, where: str) -> None:
+    """Kind lcl's `sequence` (with the model's max_length): a valid `SequenceConfig`."""
+    try:
+        SequenceConfig(**options)
+    except TypeError as e:
+        raise RecipeError(f"{where}: {e}; expected keys max_images, min_sim, image_position, patches") from e
+    except ValueError as e:
+        raise RecipeError(f"{where}: {e}") from e

@@ -16,11 +16,13 @@ from mmbridge.lcl.model import LCLModel, build_lm, build_tokenizer
 from mmbridge.lcl.sequence import ImageCache, SequenceConfig, SpecialIds, build_sequence
 from mmbridge.models.vit import LCLVisionTower, ViTConfig
 from mmbridge.train.signals import ignore_signals
-from mmbridge.train.task import TASKS, Task
+from mmbridge.train.spec import TRAIN_SPECS, TrainSpec
+from mmbridge.train.task import Task
 
 
-@TASKS.register("lcl")
 class LCLTask(Task):
+    kind = "lcl"
+
     def build(self):
         recipe = self.recipe
         self.sequence = SequenceConfig(**{**(recipe.sequence or {}), "max_length": recipe.model.max_length})
@@ -40,7 +42,7 @@ class LCLTask(Task):
         vision = {k: v for k, v in recipe.model.vision.items() if k != "name"}
         torch.manual_seed(recipe.seed)  # the ViT's init does not depend on the LM's vocabulary
         vit = LCLVisionTower(ViTConfig(**{**vision, "out_dim": width}))
-        self.model = LCLModel(vit, lm, SpecialIds.of(self.tokenizer))
+        self.model = LCLModel(vit, lm, SpecialIds.of(self.tokenizer), precision=recipe.model.precision)
         return self.model, self.tokenizer
 
     def _encode(self, text: str) -> list[int]:
@@ -90,3 +92,8 @@ class LCLTask(Task):
             vit.save_pretrained(folder)
             print(f"encoder exported to {folder}")
         trainer.dist.barrier()
+
+
+@TRAIN_SPECS.register("lcl")
+def lcl_spec(recipe) -> TrainSpec:
+    return LCLTask(recipe).spec()

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
-from mmbridge.config import ModelConfig, read_recipe
+from mmbridge.config import ModelConfig
 from mmbridge.data.layouts import Tiling
 from mmbridge.data.processor import Processor
 from mmbridge.data.video import VideoSampling
@@ -31,11 +32,15 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> tuple[MultimodalLM, Process
         bridge_options(cfg), vision.hidden_size, lm.config.hidden_size, vision.grid, in_tokens=vision.num_tokens
     )
     tiling = build_tiling(cfg, bridge, vision, lm.config.hidden_size)
-    model = MultimodalLM(vision, bridge, lm, tok.convert_tokens_to_ids(IMAGE_TOKEN))
-    model.precision = getattr(cfg, "precision", "auto")
-    model.tiling = tiling
-    if getattr(cfg, "feature_cache", False):
-        model.feature_cache = FeatureCache()
+    model = MultimodalLM(
+        vision,
+        bridge,
+        lm,
+        tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        precision=getattr(cfg, "precision", "auto"),
+        tiling=tiling,
+        feature_cache=FeatureCache() if getattr(cfg, "feature_cache", False) else None,
+    )
     if getattr(cfg, "init", None):
         _load_init(model, cfg.init)
     if getattr(cfg, "gradient_checkpointing", False):
@@ -51,9 +56,10 @@ def build_model(cfg: ModelConfig, tokenizer=None) -> tuple[MultimodalLM, Process
         text_tokenizer=bridge.tokenizer,
         instructions=bridge.uses_instruction,
         max_text_tokens=getattr(bridge, "max_text_tokens", 64),
+        modality_prefix=getattr(cfg, "modality_prefix", False),
+        tiling=tiling,
+        video=video_sampling(cfg, bridge),
     )
-    processor.video = video_sampling(cfg, bridge)
-    processor.tiling = tiling
     return model, processor
 
 
@@ -129,7 +135,10 @@ def _load_init(model: MultimodalLM, run_dir: str, seen: tuple[str, ...] = ()) ->
     key = str(Path(run_dir).resolve())
     if key in seen:
         raise ValueError(f"model.init: the runs {' -> '.join(seen + (key,))} start from each other in a cycle")
-    parent = read_recipe(run_dir).model.init
+    recipe = Path(run_dir) / "recipe.yaml"  # only its model.init is read here (runs.read_recipe is the whole reader)
+    if not recipe.is_file():
+        raise FileNotFoundError(f"model.init: {run_dir} is not a run directory (no {recipe})")
+    parent = ((yaml.safe_load(recipe.read_text()) or {}).get("model") or {}).get("init")
     if parent:
         _load_init(model, parent, seen + (key,))
     load_weights(model, folder)

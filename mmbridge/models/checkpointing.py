@@ -2,20 +2,26 @@
 tower's transformer layers keep only their inputs and recompute the rest in the backward pass.
 
 Unlike Hugging Face's switch, this also works on parts in eval mode: a frozen LM below a trained
-bridge still carries gradients, and its activations are what fill memory. A block is recomputed
-only when gradients flow through it; a frozen encoder under `no_grad` runs as usual.
+bridge still carries gradients, and its activations are what fill memory. Under `no_grad` nothing is
+saved and nothing recomputed (a frozen encoder runs as usual).
+
+It is torch's composable `checkpoint` (`torch.distributed._composable`): forward hooks on the block, so
+the module tree, parameter names and state-dict keys stay as they are (runs saved with or without it load
+either way, and FSDP2's `fully_shard` composes with it). `checkpoint_wrapper` would put each block under a
+`_checkpoint_wrapped_module` child and change every parameter's name. A second pre-hook, run first, keeps
+the one rule of our own: a KV cache is not written by a checkpointed block (the recomputation would write it
+again), as Hugging Face's layers do under their switch.
 """
 
 from __future__ import annotations
 
-import types
 from collections.abc import Iterable
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.distributed._composable import checkpoint
 
-_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")  # transformers 5 names it `cache`
 
 
 def _carries_grad(block: nn.Module, args: tuple, kwargs: dict) -> bool:
@@ -25,27 +31,30 @@ def _carries_grad(block: nn.Module, args: tuple, kwargs: dict) -> bool:
     )
 
 
-def _checkpointed_forward(self: nn.Module, *args, **kwargs):
-    forward = type(self).forward
-    if not (torch.is_grad_enabled() and _carries_grad(self, args, kwargs)):
-        return forward(self, *args, **kwargs)
-    # a KV cache written in the forward would be written again by the recomputation
-    kwargs = {k: (None if k in _CACHE_KWARGS else v) for k, v in kwargs.items()}
-    return checkpoint(forward, self, *args, use_reentrant=False, **kwargs)
+def _no_cache_written(block: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook: a block that will be recomputed gets no KV cache to write."""
+    if not (torch.is_grad_enabled() and _carries_grad(block, args, kwargs)):
+        return None
+    if not any(kwargs.get(k) is not None for k in _CACHE_KWARGS):
+        return None
+    return args, {k: (None if k in _CACHE_KWARGS else v) for k, v in kwargs.items()}
 
 
 def checkpoint_blocks(blocks: Iterable[nn.Module]) -> int:
-    """Checkpoint each block (an instance-level `forward`; weights and state-dict keys unchanged)."""
+    """Checkpoint each block not already checkpointed (module tree and state-dict keys unchanged); returns how many."""
     n = 0
     for block in blocks:
-        if "forward" not in vars(block):
-            block.forward = types.MethodType(_checkpointed_forward, block)
-            n += 1
+        if is_checkpointed(block):
+            continue
+        checkpoint(block)
+        # prepended: runs before the checkpoint's own pre-hook, which keeps the arguments for the recomputation
+        block.register_forward_pre_hook(_no_cache_written, prepend=True, with_kwargs=True)
+        n += 1
     return n
 
 
 def is_checkpointed(block: nn.Module) -> bool:
-    return getattr(vars(block).get("forward"), "__func__", None) is _checkpointed_forward
+    return checkpoint.state(block) is not None
 
 
 def vision_blocks(vision: nn.Module) -> list[nn.Module]:

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmbridge.registry import VISION_ENCODERS
+
 Triple = tuple[float, float, float]
 
 
@@ -53,16 +55,6 @@ class VisionEncoder(nn.Module):
             )
 
 
-VISION_ENCODERS: dict[str, type[VisionEncoder]] = {}
-
-
 def register_vision_encoder(name: str) -> Callable[[type[VisionEncoder]], type[VisionEncoder]]:
     """Class decorator adding an encoder to ``VISION_ENCODERS`` under ``name``."""
-
-    def deco(cls: type[VisionEncoder]) -> type[VisionEncoder]:
-        if name in VISION_ENCODERS:
-            raise ValueError(f"vision encoder {name!r} is already registered")
-        VISION_ENCODERS[name] = cls
-        return cls
-
-    return deco
+    return VISION_ENCODERS.register(name)

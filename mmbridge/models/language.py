@@ -124,5 +124,7 @@ def add_lora(
         target_modules=list(target_modules),
         layers_to_transform=list(layers) if layers is not None else None,
     )
-    with meta.adapters_off_meta(model):  # a model built for FSDP: adapters get their initial values
-        inject_adapter_in_model(config, model)
+    # adapters created on the meta device and initialised by one routine for every build (`meta.init_adapters`):
+    # a model built for FSDP, whose layers are on the meta device, gets the values a normal build gets
+    inject_adapter_in_model(config, model, low_cpu_mem_usage=True)
+    meta.init_adapters(model, config.init_lora_weights)

@@ -1,7 +1,10 @@
 """Models built without their weights, for FSDP (`train/fsdp.py`): parameters on the meta device, each
 tagged with the safetensors file and key its values come from, so that every rank reads only the rows
-of its own shards. Buffers are built for real (rotary inverse frequencies, position ids): they are small
-and computed by the constructors, not loaded.
+of its own shards. The model is constructed under torch's `torch.device("meta")` context, as transformers'
+`from_pretrained` constructs it; its buffers (rotary inverse frequencies, position ids) are then made real on
+the CPU and computed as `from_pretrained` computes them (`initialize_weights`, which is a no-op on meta
+parameters), and persistent ones found in the files are read from there. No function of torch, transformers or
+peft is replaced.
 
 Inside `meta_build()`, the Hugging Face loaders (`models/language.py`, `models/vision.py`) call
 `pretrained_on_meta` instead of `from_pretrained`; everything else (bridges, CNN encoders) is built as
@@ -44,25 +47,6 @@ def has_meta(module: nn.Module) -> bool:
     return any(t.is_meta for t in [*module.parameters(), *module.buffers()])
 
 
-@contextlib.contextmanager
-def meta_parameters():
-    """Every parameter registered inside lands on the meta device; buffers stay real. The CPU RNG is
-    forked: a constructor's draws are discarded, as a real `from_pretrained` draws nothing."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module, name, param):
-        if param is not None and not param.is_meta:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = on_meta
-    try:
-        with torch.random.fork_rng(devices=[]):
-            yield
-    finally:
-        nn.Module.register_parameter = register
-
-
 def safetensors_files(folder: str) -> list[Path]:
     """The safetensors files of a Hugging Face folder (one file, or the shards an index names); [] if none."""
     folder = Path(folder)
@@ -85,46 +69,20 @@ def file_index(files: list[Path]) -> dict[str, tuple[str, tuple[int, ...]]]:
     return found
 
 
-_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+def read_rows(file: str, key: str, start: int = 0, count: int | None = None) -> torch.Tensor:
+    """Rows [start, start + count) of `key` (all of it by default) in a safetensors file, in the file's dtype, on the
+    CPU: safetensors' lazy `get_slice`. Its tensors are views of the file's memory map, which would keep the map,
+    and every page of it touched, counted as the process's memory; so the rows are copied out and the file closed:
+    a process maps at most one tensor's rows at a time and holds only the copy."""
+    from safetensors import safe_open
 
-
-class RowReader:
-    """Rows of the tensors in one safetensors file, read with plain positional reads: a rank that reads its
-    shard's rows maps no part of the file (a memory map would count every page touched, and its neighbours,
-    as the process's memory)."""
-
-    def __init__(self, file: str):
-        self.file = open(file, "rb")
-        size = int.from_bytes(self.file.read(8), "little")
-        self.header, self.base = json.loads(self.file.read(size)), 8 + size
-
-    def read(self, key: str, start: int = 0, count: int | None = None) -> torch.Tensor:
-        """Rows [start, start + count) of `key` (all of it by default), in the file's dtype, on the CPU."""
-        entry = self.header[key]
-        shape, dtype = entry["shape"], _DTYPES[entry["dtype"]]
+    with safe_open(str(file), framework="pt") as fh:
+        part = fh.get_slice(key)
+        shape = part.get_shape()
         if not shape:
-            start, count, shape = 0, 1, [1]
+            return fh.get_tensor(key).clone()
         count = shape[0] - start if count is None else count
-        row = dtype.itemsize * int(torch.Size(shape[1:]).numel())
-        out = torch.empty(count * row, dtype=torch.uint8)
-        self.file.seek(self.base + entry["data_offsets"][0] + start * row)
-        if self.file.readinto(out.numpy()) != count * row:
-            raise OSError(f"{self.file.name}: {key} is truncated")
-        return out.view(dtype).view(count, *shape[1:]) if entry["shape"] else out.view(dtype).view([])
-
-    def close(self) -> None:
-        self.file.close()
+        return part[start : start + count].clone()
 
 
 def pretrained_on_meta(load_cls, path: str, **kwargs) -> tuple[nn.Module | None, str]:
@@ -137,8 +95,9 @@ def pretrained_on_meta(load_cls, path: str, **kwargs) -> tuple[nn.Module | None,
         return None, "no model.safetensors in the folder"
     concrete = isinstance(load_cls, type) and issubclass(load_cls, PreTrainedModel)
     config = (load_cls.config_class if concrete else AutoConfig).from_pretrained(path)
-    with meta_parameters():
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):  # a constructor's draws are discarded
         model = load_cls._from_config(config, **kwargs) if concrete else load_cls.from_config(config, **kwargs)
+    _compute_buffers(model)
     index = file_index(files)
     prefix = getattr(model, "base_model_prefix", "") or ""
     sources = {}
@@ -175,6 +134,20 @@ def submodule_of(model: nn.Module, name: str) -> nn.Module:
     if tags:
         setattr(sub, SOURCES, {k[len(name) + 1 :]: v for k, v in tags.items() if k.startswith(name + ".")})
     return sub
+
+
+def _compute_buffers(model: nn.Module) -> None:
+    """Every buffer of `model` (built on the meta device) made real on the CPU and computed as `from_pretrained`
+    computes the buffers it does not load: by the model's own `initialize_weights` (rotary frequencies, position
+    ids), which leaves the meta parameters as they are. Its draws, if any, are discarded."""
+    for name, buffer in list(model.named_buffers()):
+        owner, leaf = owner_of(model, name)
+        setattr(owner, leaf, torch.empty_like(buffer, device="cpu"))  # an existing buffer keeps its persistence
+    with torch.random.fork_rng(devices=[]):
+        model.initialize_weights()
+    left = [n for n, b in model.named_buffers() if b.is_meta]
+    if left:
+        raise RuntimeError(f"meta build: buffers left on the meta device: {left[:5]}")
 
 
 def _load_buffers(model: nn.Module, found: dict) -> None:
@@ -246,40 +219,47 @@ def meta_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
-@contextlib.contextmanager
-def adapters_off_meta(model: nn.Module):
-    """peft moves new adapters to the device of the layer they adapt, so on a meta layer their initial values
-    would be lost. Inside, each adapter of a meta layer is kept as initialised (on the CPU, in the layer's
-    dtype) and put back when the injection is done."""
-    if not has_meta(model):
-        yield
-        return
+def init_adapters(model: nn.Module, init_lora_weights=True) -> None:
+    """Give the LoRA adapters that peft created on the meta device (`inject_adapter_in_model(...,
+    low_cpu_mem_usage=True)`) their initial values: made real on the CPU in module order, each layer's own
+    initialisation run (the draws peft's construction of them makes without `low_cpu_mem_usage`, so the values are
+    those peft gives), then peft's `reset_lora_parameters`, all from the CPU generator; then put on the device and in the dtype of the layer they adapt,
+    or left on the CPU where that layer is on the meta device (a model built for FSDP, which shards them from these
+    values). The same for every build, so a meta build and a real one draw the same adapters."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    move, made = BaseTunerLayer._move_adapter_to_device_of_base_layer, []
-
-    def keep(self, adapter_name, device=None):
-        weight = getattr(self.get_base_layer(), "weight", None)
-        if weight is not None and weight.is_meta:
-            for attr in [*self.adapter_layer_names, *self.other_param_names]:
-                holder = getattr(self, attr, None)
-                if isinstance(holder, nn.ModuleDict) and adapter_name in holder:
-                    made.append((holder, adapter_name, copy.deepcopy(holder[adapter_name]).to(weight.dtype)))
-                elif isinstance(holder, nn.ParameterDict) and adapter_name in holder:
-                    value = holder[adapter_name]
-                    made.append(
-                        (
-                            holder,
-                            adapter_name,
-                            nn.Parameter(value.detach().to(weight.dtype), requires_grad=value.requires_grad),
-                        )
-                    )
-        move(self, adapter_name, device)
-
-    BaseTunerLayer._move_adapter_to_device_of_base_layer = keep
-    try:
-        yield
-    finally:
-        BaseTunerLayer._move_adapter_to_device_of_base_layer = move
-    for holder, name, value in made:
-        holder[name] = value
+    for module in model.modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        weight = getattr(module.get_base_layer(), "weight", None)
+        device = torch.device("cpu") if weight is None or weight.is_meta else weight.device
+        dtype = weight.dtype if weight is not None and weight.is_floating_point() else None
+        holders = [getattr(module, a, None) for a in (*module.adapter_layer_names, *module.other_param_names)]
+        holders = [h for h in holders if isinstance(h, (nn.ModuleDict, nn.ParameterDict))]
+        made = []
+        for holder in holders:
+            for name in list(holder.keys()):
+                item = holder[name]
+                if isinstance(item, nn.Module) and has_meta(item):
+                    item.to_empty(device="cpu")
+                    for part in item.modules():  # the draws of the layers' own construction, as without
+                        if hasattr(part, "reset_parameters"):  # low_cpu_mem_usage: the same initial values
+                            part.reset_parameters()
+                elif isinstance(item, nn.Parameter) and item.is_meta:
+                    holder[name] = nn.Parameter(torch.empty_like(item, device="cpu"), requires_grad=item.requires_grad)
+                else:
+                    continue
+                made.append(name)
+        for name in dict.fromkeys(made):
+            with torch.no_grad():
+                module.reset_lora_parameters(name, init_lora_weights)
+            for holder in holders:
+                if name not in holder:
+                    continue
+                item = holder[name]
+                if isinstance(item, nn.Module):
+                    item.to(device=device, dtype=dtype)
+                elif dtype is not None and item.is_floating_point():
+                    holder[name] = nn.Parameter(item.detach().to(device, dtype), requires_grad=item.requires_grad)
+                else:
+                    holder[name] = nn.Parameter(item.detach().to(device), requires_grad=item.requires_grad)

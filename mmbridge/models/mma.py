@@ -9,8 +9,9 @@ text-only samples, one for samples with an image, so the two kinds of input take
 Which samples hold an image is told by the composite model before each forward (`mark`), per row or, for packed
 rows, per sample.
 
-With `mma.vision`, each ViT block of the vision tower gets LaVIN's single-path RepAdapter before its attention
-(`VisionAdapter`, LaVIN's `set_Clip_Adapter`): the same down / grouped-up adapter, no router, zero start.
+With `mma.vision`, each ViT block of the vision tower gets an adapter before its attention (LaVIN's
+`set_Clip_Adapter`): by default LaVIN's two-path router (`router`, `VisionRouterAdapter`), whose mixture each image
+takes from its class token; or the single-path RepAdapter (`normal`, `VisionAdapter`). Both start at zero.
 
 The adapters and modality tokens are created on the CPU (`meta.new_on`): under FSDP, where the LM is on the meta
 device, they are sharded from the values one process would give them, and the wrapped normalisation keeps its
@@ -23,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmbridge.core import RecipeError
 from mmbridge.models.meta import new_on
+from mmbridge.registry import SETTINGS
 
 PLACES = {"attention": "input_layernorm", "ffn": "post_attention_layernorm"}
 VISION_NORMS = ("layer_norm1", "norm1", "layernorm_before")  # CLIP / SigLIP, DINOv2, ViT: the pre-attention norm
@@ -32,8 +35,9 @@ VISION_NORMS = ("layer_norm1", "norm1", "layernorm_before")  # CLIP / SigLIP, DI
 class Modality(nn.Module):
     """The LM's modality tokens (0: text only, 1: with an image) and the current forward's modality per token."""
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, settings: dict | None = None):
         super().__init__()
+        self.settings = dict(settings or {})  # add_mma's arguments: what a run's meta saves to rebuild the adapters
         self.tokens = nn.Embedding(2, hidden)
         nn.init.normal_(self.tokens.weight, std=1.0)
         self.current: torch.Tensor | None = None  # [B, T] or [B, 1] of 0/1
@@ -125,7 +129,8 @@ def add_mma(
         raise ValueError(f"mma.where: expected a non-empty list of {sorted(PLACES)}, got {list(where)!r}")
     hidden = lm.get_input_embeddings().embedding_dim
     decoder = lm.get_decoder()
-    modality = new_on(Modality(hidden), lm.get_input_embeddings().weight)
+    settings = {"dim": dim, "temperature": temperature, "where": list(where), "groups": groups, "dropout": dropout}
+    modality = new_on(Modality(hidden, settings), lm.get_input_embeddings().weight)
     lm.mma_modality = modality
     count = 0
     for layer in decoder.layers:
@@ -162,9 +167,12 @@ def is_mma_param(name: str) -> bool:
     )
 
 
+VISION_KINDS = ("router", "normal")  # LaVIN's visual_adapter_type: its scripts train `router`
+
+
 class VisionAdapter(nn.Module):
-    """A ViT block's pre-attention normalisation followed by LaVIN's RepAdapter (`set_Clip_Adapter`): one path,
-    no router, `h + s·up(dropout(down(h)))`; the grouped up-projection starts at zero."""
+    """A ViT block's pre-attention normalisation followed by LaVIN's RepAdapter (`visual_adapter_type: normal`):
+    one path, no router, `h + s·up(dropout(down(h)))`; the grouped up-projection starts at zero."""
 
     def __init__(
         self, norm: nn.Module, hidden: int, dim: int, groups: int = 2, dropout: float = 0.1, scale: float = 1.0
@@ -179,30 +187,141 @@ class VisionAdapter(nn.Module):
         nn.init.zeros_(down.bias)
         self.down = new_on(down, weight)
         self.dropout = nn.Dropout(dropout)
-        self.up = new_on(GroupedUp(dim, hidden, groups, dtype=weight.dtype), weight)
+        self.up = new_on(self._ups(dim, hidden, groups, weight.dtype), weight)
 
     former_name = staticmethod(ModalityAdapter.former_name)
+
+    @staticmethod
+    def _ups(dim: int, hidden: int, groups: int, dtype) -> nn.Module:
+        return GroupedUp(dim, hidden, groups, dtype=dtype)
+
+    def trainable(self) -> list[nn.Parameter]:
+        """What trains in an mma stage: the adapter, not the tower's normalisation it wraps."""
+        return [p for n, p in self.named_parameters() if not n.startswith("norm.")]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.norm(x)
         return h + self.scale * self.up(self.dropout(self.down(h)))
 
 
-def add_vision_mma(vision: nn.Module, dim: int = 8, groups: int = 2, dropout: float = 0.1) -> int:
-    """Wrap the pre-attention norm of every block of an HF ViT tower with a VisionAdapter, in place; the count."""
+class VisionRouterAdapter(VisionAdapter):
+    """LaVIN's RepAdapter router in a ViT block (`visual_adapter_type: router`): with a = dropout(down(h)),
+    `h + s·(w_0 · up_0(a) + w_1 · up_1(a))`, w = softmax(router(h_cls) / τ) per image, where h_cls is the image's
+    normalised input at its class token (`read: cls`, position 0), or, in a tower without one (SigLIP), the mean
+    of its tokens (`read: mean`). Shared down-projection, two grouped up-projections at zero, no activation."""
+
+    def __init__(
+        self,
+        norm: nn.Module,
+        hidden: int,
+        dim: int,
+        temperature: float = 10.0,
+        groups: int = 2,
+        dropout: float = 0.1,
+        scale: float = 1.0,
+        read: str = "cls",
+    ):
+        if read not in ("cls", "mean"):
+            raise ValueError(f"mma.vision: the router reads 'cls' or 'mean', got {read!r}")
+        super().__init__(norm, hidden, dim, groups, dropout, scale)
+        self.temperature, self.read = temperature, read
+        weight = next(norm.parameters())
+        self.router = new_on(nn.Linear(hidden, 2, dtype=weight.dtype), weight)
+
+    @staticmethod
+    def _ups(dim: int, hidden: int, groups: int, dtype) -> nn.Module:
+        return nn.ModuleList(GroupedUp(dim, hidden, groups, dtype=dtype) for _ in range(2))
+
+    def weights(self, h: torch.Tensor) -> torch.Tensor:
+        """Each image's router weights [B, 2] from its normalised tokens h [B, L, d]."""
+        if h.dim() != 3:
+            raise ValueError(f"mma.vision router: expected tokens [images, length, width], got {tuple(h.shape)}")
+        summary = h[:, 0] if self.read == "cls" else h.mean(dim=1)
+        return F.softmax(self.router(summary) / self.temperature, dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        w = self.weights(h)[:, None, :]  # [B, 1, 2]: one mixture for all of an image's tokens
+        a = self.dropout(self.down(h))
+        return h + self.scale * (w[..., :1] * self.up[0](a) + w[..., 1:] * self.up[1](a))
+
+
+def has_class_token(vision: nn.Module) -> bool:
+    """The tower puts a class token first (CLIP's `class_embedding`, ViT / DINOv2's `cls_token`); SigLIP does not."""
+    return any(hasattr(m, "class_embedding") or hasattr(m, "cls_token") for m in vision.modules())
+
+
+def add_vision_mma(
+    vision: nn.Module,
+    dim: int = 8,
+    groups: int = 2,
+    dropout: float = 0.1,
+    kind: str = "router",
+    temperature: float = 10.0,
+) -> int:
+    """Wrap the pre-attention norm of every block of an HF ViT tower with a vision adapter of `kind` (`router`:
+    VisionRouterAdapter, `normal`: VisionAdapter), in place; the count."""
+    if kind not in VISION_KINDS:
+        raise ValueError(f"mma.vision: expected one of {list(VISION_KINDS)}, got {kind!r}")
+    read = "cls" if has_class_token(vision) else "mean"
     count = 0
     for module in list(vision.modules()):
         name = next((n for n in VISION_NORMS if isinstance(getattr(module, n, None), nn.LayerNorm)), None)
         if name is None:
             continue
         norm = getattr(module, name)
-        adapter = VisionAdapter(norm, norm.normalized_shape[0], dim, groups, dropout).train(norm.training)
-        setattr(module, name, adapter)  # in the tower's mode: a frozen (eval) tower's adapters start without dropout
+        width = norm.normalized_shape[0]
+        if kind == "router":
+            adapter = VisionRouterAdapter(norm, width, dim, temperature, groups, dropout, read=read)
+        else:
+            adapter = VisionAdapter(norm, width, dim, groups, dropout)
+        setattr(module, name, adapter.train(norm.training))  # in the tower's mode: a frozen tower's start w/o dropout
         count += 1
     if not count:
         raise ValueError(f"mma.vision: found no ViT blocks ({'/'.join(VISION_NORMS)}) in {type(vision).__name__}")
     return count
 
 
+def vision_kind(setting, saved: bool = False) -> str | None:
+    """`mma.vision` → the adapter kind, or None when off. In a recipe `true` is LaVIN's scripts' `router`; in a
+    run's meta (`saved`) the kind is written out, and a bare `true` comes from a run saved before the router
+    existed, when it meant the single path (`normal`)."""
+    if setting is None or setting is False:
+        return None
+    if setting is True:
+        return "normal" if saved else "router"
+    if setting in VISION_KINDS:
+        return setting
+    raise ValueError(f"expected true, false or one of {list(VISION_KINDS)}, got {setting!r}")
+
+
 def has_vision_mma(vision: nn.Module) -> bool:
     return any(isinstance(m, VisionAdapter) for m in vision.modules())
+
+
+def mma_settings(lm: nn.Module, vision: nn.Module | None = None) -> dict | None:
+    """What `add_mma` (and `add_vision_mma`) built, read back from the modules: a run's meta saves it and
+    `load_run` rebuilds the same adapters (None without them)."""
+    if not has_mma(lm):
+        return None
+    adapters = [m for m in vision.modules() if isinstance(m, VisionAdapter)] if vision is not None else []
+    kind = None if not adapters else "router" if isinstance(adapters[0], VisionRouterAdapter) else "normal"
+    return {**lm.mma_modality.settings, **({"vision": kind} if kind else {})}
+
+
+@SETTINGS.register("mma")
+def check_mma_settings(mma, where: str) -> None:
+    """A stage's `mma` section (config.MmaConfig): adapter width, groups, dropout, places, vision adapters."""
+    if mma.dim < 1 or mma.temperature <= 0:
+        raise RecipeError(f"{where}: need dim >= 1 and temperature > 0, got {mma.dim} and {mma.temperature}")
+    if mma.groups < 1 or mma.dim % mma.groups or not 0 <= mma.dropout < 1:
+        raise RecipeError(
+            f"{where}: need groups dividing dim and 0 <= dropout < 1, got groups {mma.groups}, "
+            f"dim {mma.dim}, dropout {mma.dropout}"
+        )
+    if not mma.where or any(w not in PLACES for w in mma.where):
+        raise RecipeError(f"{where}.where: expected a non-empty list of {sorted(PLACES)}, got {mma.where!r}")
+    try:
+        vision_kind(mma.vision)
+    except ValueError as e:
+        raise RecipeError(f"{where}.vision: {e}") from e

@@ -42,14 +42,23 @@ class MultimodalLM(nn.Module):
     every other bridge takes each frame as an image.
     """
 
-    def __init__(self, vision: nn.Module, bridge: nn.Module, lm: nn.Module, image_token_id: int):
+    def __init__(
+        self,
+        vision: nn.Module,
+        bridge: nn.Module,
+        lm: nn.Module,
+        image_token_id: int,
+        precision: str = "auto",
+        tiling=None,
+        feature_cache: FeatureCache | None = None,
+    ):
         super().__init__()
         self.vision, self.bridge, self.lm = vision, bridge, lm
         self.image_token_id = image_token_id
-        self.precision = "auto"  # see models/precision.py; set from the recipe by build_model
+        self.precision = precision  # see models/precision.py
         self.packed_attention = "auto"  # packed rows: a flex_attention BlockMask on a GPU, a dense mask on a CPU
-        self.feature_cache: FeatureCache | None = None  # a frozen encoder's outputs per image (model.feature_cache)
-        self.tiling = None  # how the processor lays out images (data/layouts.py); set by build_model
+        self.feature_cache = feature_cache  # a frozen encoder's outputs per image (model.feature_cache)
+        self.tiling = tiling  # how the processor lays out images (data/layouts.py)
         if self.deep_fusion:
             bridge.attach(lm)
 

@@ -21,7 +21,9 @@ import re
 import torch
 from torch import nn
 
+from mmbridge.core import RecipeError
 from mmbridge.models.meta import new_on
+from mmbridge.registry import SETTINGS
 
 LAYER_CHOICES = ("all", "every_other")
 
@@ -235,6 +237,22 @@ def has_moe(model: nn.Module) -> bool:
     return bool(moe_layers(model))
 
 
+def moe_settings(lm: nn.Module) -> dict | None:
+    """The arguments that rebuild the MoE layers of `lm` with `add_moe`, read back from the layers (each keeps its
+    own): a run's meta saves them for `load_run` (None without MoE layers)."""
+    blocks = getattr(lm.get_decoder(), "layers", ()) if hasattr(lm, "get_decoder") else ()
+    ids = [i for i, b in enumerate(blocks) if isinstance(getattr(b, "mlp", None), MoEFeedForward)]
+    if not ids:
+        return None
+    first = blocks[ids[0]].mlp
+    return {
+        "experts": first.num_experts,
+        "top_k": first.top_k,
+        "layers": ids,
+        **{k: getattr(first, k) for k in GATE_KEYS},
+    }
+
+
 def is_moe_param(name: str, ffn: bool = False) -> bool:
     """What `lm: moe` trains: the MoE layers' experts and routers (not other routers, e.g. LaVIN's adapters');
     with `ffn`, every decoder layer's FFN too, dense ones included (MoE-LLaVA's released `--train_modules`)."""
@@ -264,3 +282,21 @@ def aux_loss(model: nn.Module) -> torch.Tensor | None:
     """Sum of the MoE layers' balancing losses over their last forward's tokens (None without MoE layers)."""
     mine = tallies(model)
     return None if mine is None else balancing_over(mine, mine.detach())
+
+
+@SETTINGS.register("moe")
+def check_moe_settings(moe, where: str) -> None:
+    """A stage's `moe` section (config.MoeConfig): expert counts, balancing weight, layers, gate options."""
+    if moe.experts < 2 or not 1 <= moe.top_k <= moe.experts:
+        raise RecipeError(f"{where}: need experts >= 2 and 1 <= top_k <= experts, got {moe.experts} and {moe.top_k}")
+    if moe.aux_weight < 0:
+        raise RecipeError(f"{where}.aux_weight: must be >= 0, got {moe.aux_weight}")
+    ok_list = isinstance(moe.layers, list) and moe.layers and all(type(i) is int and i >= 0 for i in moe.layers)
+    if moe.layers not in LAYER_CHOICES and not ok_list:
+        raise RecipeError(
+            f"{where}.layers: expected {' or '.join(LAYER_CHOICES)} or a list of layer indices, got {moe.layers!r}"
+        )
+    try:
+        check_gate(moe.top_k, **{k: getattr(moe, k) for k in GATE_KEYS})
+    except ValueError as e:
+        raise RecipeError(f"{where}: {e}") from e

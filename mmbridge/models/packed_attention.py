@@ -4,9 +4,10 @@ A dense [B, 1, T, T] mask costs O(T²) memory per row and keeps SDPA off its fla
 packed rows instead give the LM a `BlockMask` (a query sees earlier keys of its own sample), and the
 LM's attention goes through `packed_or_sdpa`: flex_attention (compiled) for a BlockMask, Hugging
 Face's SDPA function, unchanged, for everything else (plain and Croc's mixed masks, generation).
-`install` registers that function with transformers and points the LM at it (on the first packed
-forward that takes the block path; it stays for the LM's life, as gradient checkpointing's recompute
-must find it). On the CPU the
+`install` registers that function with transformers' attention registry (`AttentionInterface`) and
+switches the LM to it with the public `set_attn_implementation` (on the first packed forward that takes
+the block path; it stays for the LM's life, as gradient checkpointing's recompute must find it). On a GPU
+`create_block_mask` is compiled the way torch documents (`torch.compile(create_block_mask)`). On the CPU the
 dense SDPA path stays the default (flex_attention has no CPU backward); the block path can still
 be asked for there, forward only, which is how tests compare the two.
 """
@@ -20,6 +21,13 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 NAME = "mmbridge_packed"  # the attention implementation name registered with transformers
+
+
+@functools.cache
+def _make_block_mask(cuda: bool):
+    """`create_block_mask`, compiled on a GPU (torch's documented route; its private `_compile=` flag is deprecated),
+    eager on a CPU."""
+    return torch.compile(create_block_mask) if cuda else create_block_mask
 
 
 @functools.cache
@@ -38,7 +46,7 @@ def packed_block_mask(segment_ids: torch.Tensor, attention_mask: torch.Tensor | 
     def mask_mod(bi, h, q, kv):
         return ((kv <= q) & (seg[bi, q] == seg[bi, kv]) & valid[bi, kv]) | (q == kv)
 
-    return create_block_mask(mask_mod, b, None, t, t, device=seg.device, _compile=seg.is_cuda)
+    return _make_block_mask(seg.is_cuda)(mask_mod, b, None, t, t, device=seg.device)
 
 
 def packed_or_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -65,16 +73,23 @@ def _register() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)  # 2D masks become the same masks as under sdpa
 
 
+def _implementation(config) -> str | None:
+    # transformers keeps the resolved implementation on the config under this name (read only here; it is set
+    # with `set_attn_implementation`) and offers no public getter
+    return getattr(config, "_attn_implementation", None)
+
+
 def install(lm) -> bool:
     """Route `lm`'s attention through `packed_or_sdpa` if it uses SDPA (other implementations are kept);
     True if it now does. Done the first time a packed forward takes the block path, so a model that never
     does (every CPU run) keeps transformers' plain `sdpa` implementation."""
-    configs = [c for c in (lm.config, *(getattr(lm.config, k, None) for k in ("text_config",))) if c is not None]
-    if all(getattr(c, "_attn_implementation", None) == NAME for c in configs):
+    text = getattr(lm.config, "text_config", None)
+    configs = [c for c in (lm.config, text) if c is not None]
+    if all(_implementation(c) == NAME for c in configs):
         return True
-    if any(getattr(c, "_attn_implementation", None) != "sdpa" for c in configs):
+    if any(_implementation(c) != "sdpa" for c in configs):
         return False
     _register()
-    for c in configs:
-        c._attn_implementation = NAME
-    return True
+    # the model and its text part (a composite LM); any other sub-model (a vision tower) keeps its own
+    lm.set_attn_implementation({"": NAME, **({"text_config": NAME} if text is not None else {})})
+    return all(_implementation(c) == NAME for c in configs)

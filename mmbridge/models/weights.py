@@ -60,16 +60,16 @@ def restore_structure(model: torch.nn.Module, meta: dict) -> None:
 
         if not has_moe(model.lm):
             add_moe(model.lm, **meta["moe"])
-            model.lm.moe_config = dict(meta["moe"])
     size = meta.get("image_size")
     if size and hasattr(model, "set_image_size") and size != model.vision.image_size:
         model.set_image_size(size)  # a stage changed the resolution: the saved position table has the new size
     if meta.get("mma"):
-        from mmbridge.models.mma import add_mma, add_vision_mma, has_mma, has_vision_mma
+        from mmbridge.models.mma import add_mma, add_vision_mma, has_mma, has_vision_mma, vision_kind
 
         cfg = dict(meta["mma"])
-        if cfg.pop("vision", False) and not has_vision_mma(model.vision):
-            add_vision_mma(model.vision, cfg["dim"], cfg["groups"], cfg["dropout"])
+        kind = vision_kind(cfg.pop("vision", False), saved=True)  # a bare true: saved before the router existed
+        if kind and not has_vision_mma(model.vision):
+            add_vision_mma(model.vision, cfg["dim"], cfg["groups"], cfg["dropout"], kind, cfg["temperature"])
         if not has_mma(model.lm):
             if "groups" not in meta["mma"]:
                 raise ValueError(
@@ -77,7 +77,6 @@ def restore_structure(model: torch.nn.Module, meta: dict) -> None:
                     "longer builds (it follows LaVIN's RepAdapter router now); retrain the mma stage"
                 )
             add_mma(model.lm, **cfg)
-            model.lm.mma_config = dict(meta["mma"])
 
 
 def load_weights(model: torch.nn.Module, folder: Path) -> dict:

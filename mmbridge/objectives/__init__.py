@@ -1,6 +1,6 @@
-"""Training objectives; importing this module registers them all."""
+"""Training objectives, registered in `OBJECTIVES` by their modules, which the registry imports when an objective
+is first looked up (`mmbridge/registry.py`)."""
 
-from mmbridge.objectives import blip2, captioning, concepts, croc, lcl, lexical, objects  # noqa: F401  (registration)
 from mmbridge.objectives.base import OBJECTIVES, LossOutput, Objective, build_objective
 
 __all__ = ["OBJECTIVES", "LossOutput", "Objective", "build_objective"]

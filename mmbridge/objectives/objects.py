@@ -83,12 +83,13 @@ def label_boxes(labels: torch.Tensor, tokenizer) -> tuple[torch.Tensor, torch.Te
     )
 
 
-def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU of paired boxes [N, 4] (x0, y0, x1, y1)."""
+def box_iou(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """IoU of paired boxes [N, 4] (x0, y0, x1, y1), the union clamped to at least `eps` (the loss's default keeps
+    the gradient finite). The one IoU of mmbridge: `eval.metrics.box_iou` is this in float64 on two boxes."""
     lt, rb = torch.maximum(a[:, :2], b[:, :2]), torch.minimum(a[:, 2:], b[:, 2:])
     inter = (rb - lt).clamp(min=0).prod(1)
     area = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(1) + (b[:, 2:] - b[:, :2]).prod(1)
-    return inter / (area - inter).clamp(min=1e-6)
+    return inter / (area - inter).clamp(min=eps)
 
 
 def digit_tokens(tokenizer, box_format: str) -> list[int]:

@@ -38,8 +38,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from mmbridge.config import Recipe, read_recipe, recipe_to_dict, save_recipe  # noqa: F401  (also imported from here)
-from mmbridge.models.resolution import sync_processor
+from mmbridge.config import Recipe
 from mmbridge.models.weights import MANIFEST, CheckpointError, _sha256, load_weights, restore_structure, verify  # noqa: F401  (also imported from here)
 
 STATE = "trainer_state.pt"
@@ -356,28 +355,3 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
-
-
-def load_run(run_dir: str | Path, device: str = "auto"):
-    """One call from a run directory back to `(model, processor)`, ready for eval or chat on `device`
-    (`auto`: the GPU when there is one; see `train/device.py`)."""
-    from transformers import AutoTokenizer
-
-    from mmbridge.models.build import build_model
-    from mmbridge.train.device import resolve_device
-
-    run_dir = Path(run_dir)
-    recipe = read_recipe(run_dir)
-    if recipe.kind != "lmm":
-        raise CheckpointError(
-            f"{run_dir}: a kind {recipe.kind!r} run; what it trained is the encoder in "
-            f"{run_dir / recipe.export} (use it as model.vision {{name: lcl_vit, path: ...}})"
-        )
-    target = resolve_device(device)
-    tok_dir = run_dir / "tokenizer"
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir)) if tok_dir.exists() else None
-    model, processor = build_model(recipe.model, tokenizer=tokenizer)
-    load_weights(model, run_dir / "model")
-    sync_processor(model, processor)
-    model.to(target).eval()
-    return model, processor

@@ -20,20 +20,27 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mmbridge.train.device import resolve_device
+from mmbridge.device import resolve_device
+from mmbridge.train.step import TrainStep
 
 
-class TrainStep(nn.Module):
-    """The model and the stage's objective as one module: DDP and FSDP wrap this, so parameters the
-    objective owns (Croc's prompt pool) are reduced too, and objectives may call any model method.
-    `sum_ranks` (under torchrun) sums a tensor over the processes, for losses over the whole micro-batch."""
+def may_leave_unused(step: TrainStep) -> bool:
+    """Whether a forward of this stage can leave a trained parameter out of the autograd graph, so that DDP must
+    look for such parameters after every forward (`find_unused_parameters`, a walk of the whole graph per step;
+    without it DDP stops at the next step). Decided from what the stage trains:
 
-    def __init__(self, model: nn.Module, objective: nn.Module, sum_ranks=None):
-        super().__init__()
-        self.model, self.objective, self.sum_ranks = model, objective, sum_ranks
+    - the vision encoder or the bridge (or anything outside the LM) trains: a micro-batch of text-only samples
+      (interleaved or mixed data) or of cached features runs neither;
+    - the objective is not the plain next-token loss (`lm`): the others read part of the model (`lexical` runs the
+      bridge alone, never the LM) or own parameters a batch may not reach (Croc's prompt pool).
 
-    def forward(self, batch: dict, normalizer: float):
-        return self.objective(self.model, batch, normalizer=normalizer, sum_ranks=self.sum_ranks)
+    So only a stage that trains the LM alone (in full, LoRA, MoE experts, which every take part as `moe.py`
+    arranges, LaVIN's LM adapters) under the `lm` objective runs without the search."""
+    from mmbridge.objectives.captioning import NextTokenLoss
+
+    if type(step.objective) is not NextTokenLoss:
+        return True
+    return any(p.requires_grad and not n.startswith("model.lm.") for n, p in step.named_parameters())
 
 
 class RankSlice:
@@ -77,7 +84,7 @@ class Dist:
     """This process's place in the job (rank, world size, device) and the collective operations.
 
     `strategy` is the recipe's: `none` (one process), `ddp` or `fsdp`; `device` its device spec (see
-    `train/device.py`: `auto` is this process's GPU when there is one). The process group is gloo on CPU,
+    `device.py`: `auto` is this process's GPU when there is one). The process group is gloo on CPU,
     nccl on GPU, initialised from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...).
     """
 
@@ -229,12 +236,12 @@ class Dist:
 
         return meta_copy(model) if self.fsdp else model
 
-    def wrap(self, model: nn.Module, objective: nn.Module) -> nn.Module:
-        """`TrainStep(model, objective)`, under DDP or sharded with FSDP2 (`fully_shard` per LM decoder
+    def wrap(self, model: nn.Module, objective: nn.Module, moe_weight: float = 0.0) -> nn.Module:
+        """`TrainStep(model, objective, moe_weight)` (`train/step.py`), under DDP or sharded with FSDP2 (`fully_shard` per LM decoder
         layer and per vision block, then the rest as the root) with each rank's shards filled. Frozen
         parameters are sharded like the rest and get no gradient. On GPU, FSDP computes in bf16 and
         reduces in fp32; on CPU, fp32."""
-        step = TrainStep(model, objective, self.sum_tensor if self.enabled else None)
+        step = TrainStep(model, objective, self.sum_tensor if self.enabled else None, moe_weight)
         if not self.enabled:
             return step
         if self.strategy == "ddp":
@@ -243,7 +250,9 @@ class Dist:
             if not trains:
                 return step
             ids = [self.local_rank] if self.device.type == "cuda" else None
-            return nn.parallel.DistributedDataParallel(step, device_ids=ids, find_unused_parameters=True)
+            return nn.parallel.DistributedDataParallel(
+                step, device_ids=ids, find_unused_parameters=may_leave_unused(step)
+            )
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

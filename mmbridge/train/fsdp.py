@@ -137,33 +137,26 @@ def _rows(p: torch.Tensor) -> tuple[int, int] | None:
     return (start, count) if count == max(0, min(-(-n // world), n - start)) else None
 
 
-def _from_file(p: torch.Tensor, reader: meta.RowReader, key: str, device: torch.device) -> torch.Tensor:
+def _from_file(p: torch.Tensor, file: str, key: str, device: torch.device) -> torch.Tensor:
     """`p`'s local values read from a safetensors file: only this rank's rows where FSDP shards them."""
     rows = _rows(p)
     if rows is None:
-        full = reader.read(key).to(device=device, dtype=p.dtype)
+        full = meta.read_rows(file, key).to(device=device, dtype=p.dtype)
         return distribute_tensor(full, p.device_mesh, p.placements) if isinstance(p, DTensor) else full
-    local = reader.read(key, *rows).to(device=device, dtype=p.dtype)
+    local = meta.read_rows(file, key, *rows).to(device=device, dtype=p.dtype)
     return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
 
 def fill_from_files(root: nn.Module, device: torch.device) -> None:
     """Give each meta parameter of `root` (sharded or not) its values from the file it is tagged with."""
     tags, aliases = meta.sources(root), _aliases(root)
-    readers: dict[str, meta.RowReader] = {}
-    try:
-        for name, p in list(root.named_parameters()):
-            tag = _named(tags, name, root) if p.is_meta else None
-            if tag is None:
-                continue  # real already (sharded from its values), or reported as missing by the caller
-            file, key = tag
-            if file not in readers:
-                readers[file] = meta.RowReader(file)
-            with torch.no_grad():
-                _assign(root, name, _from_file(p, readers[file], key, device), aliases[name])
-    finally:
-        for reader in readers.values():
-            reader.close()
+    for name, p in list(root.named_parameters()):
+        tag = _named(tags, name, root) if p.is_meta else None
+        if tag is None:
+            continue  # real already (sharded from its values), or reported as missing by the caller
+        file, key = tag
+        with torch.no_grad():
+            _assign(root, name, _from_file(p, file, key, device), aliases[name])
 
 
 def _load_pending_dcp(step: nn.Module) -> None:

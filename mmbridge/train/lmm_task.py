@@ -11,13 +11,18 @@ from mmbridge.data.dataset import Collator, ConversationDataset, LengthGroupedBa
 from mmbridge.data.interleaved import InterleavedDataset
 from mmbridge.data.packing import PackedBatches, PackingCollator, RowTagged, rows_per_epoch
 from mmbridge.data.sources import resolve_source
+from mmbridge.models.mma import mma_settings
+from mmbridge.models.moe import moe_settings
+from mmbridge.models.resolution import sync_processor
 from mmbridge.train.signals import ignore_signals
-from mmbridge.train.task import TASKS, Task
+from mmbridge.train.spec import TRAIN_SPECS, TrainSpec
+from mmbridge.train.task import Task
 
 
-@TASKS.register("lmm")
 class LMMTask(Task):
     """Vision encoder → bridge → causal LM, from `recipe.model`; batches from the stage's mixture."""
+
+    kind = "lmm"
 
     def build(self):
         from mmbridge.models.build import build_model
@@ -127,3 +132,31 @@ class LMMTask(Task):
         gpu = dist.device.type == "cuda"
         loader, n_samples = self.batches(model, stage, start_batch, pin_memory=gpu, fixed_width=gpu)
         return dist.shard_loader(loader), n_samples
+
+    def prepare_stage(self, model, stage: StageConfig) -> None:
+        """The stage's resolution (called before its train modes: a new position table trains if the vision
+        does), and the processor in step with the model."""
+        if stage.image_size and stage.image_size != model.vision.image_size:
+            model.set_image_size(stage.image_size)
+        sync_processor(model, self.processor)
+
+    def bind_objective(self, model, stage: StageConfig, objective) -> None:
+        """What the objective reads of the stage's data (the `concepts`, `objects` and `lexical` vocabularies)."""
+        if hasattr(objective, "read_stage_data"):
+            objective.read_stage_data(model, [self.dataset(n) for n in stage.data], self.processor.tokenizer)
+
+    def after_load(self, model) -> None:
+        sync_processor(model, self.processor)
+
+    def run_meta(self, model) -> dict:
+        """What `load_run` needs to rebuild the model's structure: MoE layers, LaVIN adapters, the resolution."""
+        return {
+            "moe": moe_settings(model.lm),
+            "mma": mma_settings(model.lm, model.vision),
+            "image_size": getattr(model.vision, "image_size", None),
+        }
+
+
+@TRAIN_SPECS.register("lmm")
+def lmm_spec(recipe) -> TrainSpec:
+    return LMMTask(recipe).spec()

@@ -6,7 +6,15 @@ import torch
 
 from mmbridge.config import StageConfig
 from mmbridge.models.language import add_lora, lora_layers
-from mmbridge.models.mma import VisionAdapter, add_mma, add_vision_mma, has_mma, has_vision_mma, is_mma_param
+from mmbridge.models.mma import (
+    VisionAdapter,
+    add_mma,
+    add_vision_mma,
+    has_mma,
+    has_vision_mma,
+    is_mma_param,
+    vision_kind,
+)
 from mmbridge.models.mmlm import MultimodalLM
 from mmbridge.models.moe import GATE_KEYS, add_moe, has_moe, is_moe_param
 from mmbridge.models.window_lora import has_window_lora
@@ -14,6 +22,13 @@ from mmbridge.models.window_lora import has_window_lora
 
 def has_lora(model: MultimodalLM) -> bool:
     return any("lora_" in n for n, _ in model.lm.named_parameters())
+
+
+def moe_balance_weight(model: MultimodalLM, stage: StageConfig) -> float:
+    """The weight of the MoE balancing loss in this stage: `moe.aux_weight` where the stage tunes the experts
+    (`train.lm: moe`), else 0 (the experts, kept from an earlier stage, are not balanced again)."""
+    lm = getattr(model, "lm", None)
+    return stage.moe.aux_weight if stage.train.get("lm") == "moe" and lm is not None and has_moe(lm) else 0.0
 
 
 def apply_stage_modes(model: MultimodalLM, stage: StageConfig) -> dict | None:
@@ -44,8 +59,7 @@ def apply_stage_modes(model: MultimodalLM, stage: StageConfig) -> dict | None:
             "layers": stage.moe.layers,
             **{k: getattr(stage.moe, k) for k in GATE_KEYS},
         }
-        add_moe(model.lm, **moe)
-        model.lm.moe_config = moe  # saved in the run's meta, so load_run rebuilds the same structure
+        add_moe(model.lm, **moe)  # its layers keep these settings; the run's meta saves them (moe_settings)
     if modes["lm"] == "mma" and not has_mma(model.lm):
         mma = {
             "dim": stage.mma.dim,
@@ -54,13 +68,10 @@ def apply_stage_modes(model: MultimodalLM, stage: StageConfig) -> dict | None:
             "groups": stage.mma.groups,
             "dropout": stage.mma.dropout,
         }
-        add_mma(model.lm, **mma)
-        model.lm.mma_config = mma
-    if modes["lm"] == "mma" and stage.mma.vision and not has_vision_mma(model.vision):
-        add_vision_mma(model.vision, stage.mma.dim, stage.mma.groups, stage.mma.dropout)
-        model.lm.mma_config = {**model.lm.mma_config, "vision": True}  # in the run's meta: load_run adds them
-    if has_moe(model.lm):
-        model.lm.moe_aux_weight = stage.moe.aux_weight if modes["lm"] == "moe" else 0.0
+        add_mma(model.lm, **mma)  # kept by the adapters' modality module; the run's meta saves them (mma_settings)
+    if modes["lm"] == "mma" and (kind := vision_kind(stage.mma.vision)) and not has_vision_mma(model.vision):
+        m = stage.mma
+        add_vision_mma(model.vision, m.dim, m.groups, m.dropout, kind=kind, temperature=m.temperature)
     for part, module in model.parts().items():
         mode = modes[part]
         for name, p in module.named_parameters():
@@ -78,7 +89,7 @@ def apply_stage_modes(model: MultimodalLM, stage: StageConfig) -> dict | None:
         module.train(mode != "frozen")
     if modes["lm"] == "mma":  # LaVIN's vision adapters train in an mma stage; the rest of the tower keeps its mode
         for adapter in (m for m in model.vision.modules() if isinstance(m, VisionAdapter)):
-            for p in (*adapter.down.parameters(), *adapter.up.parameters()):
+            for p in adapter.trainable():
                 p.requires_grad_(True)
             adapter.dropout.train(True)
     return injected

@@ -1,10 +1,6 @@
-"""What one kind of training plugs into the engine: its model builder, its batches, its FLOPs, its export.
-
-The Trainer (`train/trainer.py`) owns everything else, for every kind alike: stages, devices,
-DDP/FSDP, checkpoints and exact resume, signals, the non-finite guard, metrics and MFU. A recipe's
-`kind` picks the task (`lmm`: a multimodal LM; `lcl`: LCL's vision-encoder pretraining). The loss
-is the stage's objective (`objectives/`), built by the engine from the recipe.
-"""
+"""A base for the objects behind a `TrainSpec` (`train/spec.py`): the recipe, and the bad samples counted while
+reading its sources. A kind subclasses it, implements `build` and `loader`, overrides the hooks it needs and
+registers a spec factory (`TRAIN_SPECS.register(kind)`) that returns `Task.spec()`."""
 
 from __future__ import annotations
 
@@ -13,32 +9,57 @@ from collections.abc import Callable, Iterable
 from torch import nn
 
 from mmbridge.config import Recipe, StageConfig
-from mmbridge.registry import Registry
-
-TASKS: Registry[type[Task]] = Registry("recipe kind")
+from mmbridge.train.spec import TrainSpec, step_flops
 
 
 class Task:
-    """One kind of training. `build` runs once per run; `loader` once per stage (and resume)."""
+    """One kind of training; each method is the `TrainSpec` field of the same name."""
+
+    kind = "task"
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
         self.skipped: dict = {}  # bad samples counted while reading sources, by name and reason
 
     def build(self) -> tuple[nn.Module, object]:
-        """The model (with `parts()`, `lm`, `vision` and `autocast()`) and its tokenizer (saved with the run)."""
         raise NotImplementedError
 
     def loader(self, model: nn.Module, stage: StageConfig, start_batch: int, dist) -> tuple[Iterable[dict], int | None]:
-        """This process's micro-batches of `stage` from micro-batch `start_batch` on (of the global
-        stream, which every process count slices alike), and the samples in one epoch (None: a stream)."""
         raise NotImplementedError
 
-    def flops(self, model: nn.Module) -> Callable[[dict], int]:
-        """Model FLOPs of one micro-batch (forward + backward), counted from the batch on the CPU."""
-        from mmbridge.train.flops import StepFlops
+    def flops(self, model: nn.Module, objective: nn.Module | None = None) -> Callable[[dict], int]:
+        return step_flops(model, objective)
 
-        return StepFlops(model)
+    def prepare_stage(self, model: nn.Module, stage: StageConfig) -> None:
+        return None
+
+    def bind_objective(self, model: nn.Module, stage: StageConfig, objective: nn.Module) -> None:
+        return None
+
+    def run_meta(self, model: nn.Module) -> dict:
+        return {}
+
+    def after_load(self, model: nn.Module) -> None:
+        return None
 
     def finish(self, trainer) -> None:
-        """After the last stage, on every process (the main one writes): export what the run is for."""
+        return None
+
+    def take_skipped(self) -> dict:
+        taken, self.skipped = self.skipped, {}
+        return taken
+
+    def spec(self) -> TrainSpec:
+        return TrainSpec(
+            name=self.kind,
+            build=self.build,
+            loader=self.loader,
+            flops=self.flops,
+            prepare_stage=self.prepare_stage,
+            bind_objective=self.bind_objective,
+            run_meta=self.run_meta,
+            after_load=self.after_load,
+            finish=self.finish,
+            skipped=self.take_skipped,
+            task=self,
+        )

@@ -1,13 +1,11 @@
-"""The task a recipe's `kind` names; importing this module registers every kind (`lmm`, `lcl`)."""
+"""The training spec a recipe's `kind` names (`TRAIN_SPECS`, filled by the modules it names)."""
 
 from __future__ import annotations
 
 from mmbridge.config import Recipe
-from mmbridge.lcl import task as _lcl  # noqa: F401  (registration)
-from mmbridge.train import lmm_task as _lmm  # noqa: F401  (registration)
-from mmbridge.train.task import TASKS, Task
+from mmbridge.train.spec import TRAIN_SPECS, TrainSpec
 
 
-def task_for(recipe: Recipe) -> Task:
-    """A new task for `recipe` (its `kind`)."""
-    return TASKS.get(recipe.kind)(recipe)
+def spec_for(recipe: Recipe) -> TrainSpec:
+    """A new training spec (and the task object behind it) for `recipe` (its `kind`)."""
+    return TRAIN_SPECS.get(recipe.kind)(recipe)

@@ -7,37 +7,41 @@ SIGINT finish the step, write a checkpoint and return; a step with a non-finite 
 skipped and counted, and `max_nonfinite_steps` in a row stop the run with a diagnostic. Checkpoint
 files and their checks live in `train/checkpoint.py`.
 
-The device is picked once (`train/device.py`); the model lives there and every micro-batch is moved
+The device is picked once (`device.py`); the model lives there and every micro-batch is moved
 there after its token, target and FLOP counts are taken on the CPU, so a step reads the device back
 once (loss, gradient norm and loss terms together), not once per micro-batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import signal
 import time
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from mmbridge.config import Recipe, StageConfig, recipe_to_dict
+from mmbridge.device import allow_tf32
 from mmbridge.loss_norm import sample_weights, target_total
-from mmbridge.models.resolution import sync_processor
 from mmbridge.objectives import build_objective
+from mmbridge.runs import save_recipe
 from mmbridge.train import checkpoint as ckpt
-from mmbridge.train.device import allow_tf32
 from mmbridge.train.distributed import Dist
 from mmbridge.train.flops import device_peak
-from mmbridge.train.parts import apply_stage_modes, count_params, param_groups, trainable_keys
+from mmbridge.train.parts import apply_stage_modes, count_params, moe_balance_weight, param_groups, trainable_keys
 from mmbridge.train.plots import plot_losses
 from mmbridge.train.schedule import warmup_cosine
 from mmbridge.train.signals import StopSignals
-from mmbridge.train.tasks import task_for
+from mmbridge.train.spec import TrainSpec
+from mmbridge.train.tasks import spec_for
 from mmbridge.train.tracking import Trackers
 
 
@@ -62,13 +66,39 @@ def _detached(v) -> torch.Tensor | float:
     return v.detach().float() if torch.is_tensor(v) else float(v)
 
 
+@dataclass
+class StageRun:
+    """One stage as it trains: what its steps share."""
+
+    index: int
+    stage: StageConfig
+    model: torch.nn.Module  # under FSDP the sharded one
+    objective: torch.nn.Module
+    step_fn: torch.nn.Module  # objective(model, batch), under DDP / FSDP if asked
+    optimizer: torch.optim.Optimizer
+    clipped: list  # the parameters whose gradient norm is clipped
+    peak: list[float]  # each parameter group's peak learning rate
+    total: int
+    warmup: int
+    start: int  # the first step (a resumed stage starts later)
+    batches: Iterator[dict]
+    streak: int = 0  # consecutive steps skipped for a non-finite loss or gradient
+
+
 class Trainer:
     """Runs a recipe's stages in order, writing checkpoints, metrics and plots to `run_dir`.
 
     The run directory is checked (writable, room for the checkpoints) before anything trains.
     """
 
-    def __init__(self, recipe: Recipe, run_dir: str | Path, resume: bool = False, progress: bool = True):
+    def __init__(
+        self,
+        recipe: Recipe,
+        run_dir: str | Path,
+        resume: bool = False,
+        progress: bool = True,
+        spec: TrainSpec | None = None,
+    ):
         self.recipe, self.run_dir, self.progress = recipe, Path(run_dir), progress
         # one process unless started by torchrun with strategy ddp | fsdp; the device is picked here, once
         self.dist = Dist(recipe.strategy, recipe.device)
@@ -78,10 +108,10 @@ class Trainer:
             torch.set_num_threads(recipe.threads)
         allow_tf32(self.dist.device, recipe.model.precision)
         torch.manual_seed(recipe.seed)
-        self.task = task_for(recipe)
+        self.spec = spec or spec_for(recipe)  # what the recipe's kind supplies: builders and hooks
+        self.task = self.spec.task
         with self.dist.building():  # FSDP: the pretrained parts on the meta device, each rank reads its shards
-            model, self.tokenizer = self.task.build()
-        model.precision = recipe.model.precision
+            model, self.tokenizer = self.spec.build()
         self.model = self.dist.place(model)
         self.objective = None  # the last stage's objective (its heads, e.g. LCL's contrastive projection)
         self.trained: set[str] = set()
@@ -111,7 +141,7 @@ class Trainer:
             self.run_dir, *ckpt.estimate_checkpoint_bytes(self.model, recipe), recipe.keep_checkpoints
         )
         if self.dist.main:
-            ckpt.save_recipe(recipe, self.run_dir)
+            save_recipe(recipe, self.run_dir)
             self.tokenizer.save_pretrained(str(self.run_dir / "tokenizer"))
         # peak FLOP/s of one device, for MFU (CPU: measured once, then cached; a GPU not in the table: None)
         self.peak = self.dist.broadcast(device_peak(self.dist.device)[0] if self.dist.main else None)
@@ -143,7 +173,7 @@ class Trainer:
 
         state = found[1] if found else ckpt.load_trainer_state(folder)
         meta = (dcp.load_weights if dcp.is_sharded(folder) else ckpt.load_weights)(self.model, folder)
-        sync_processor(self.model, getattr(self.task, "processor", None))  # a stage may have changed the resolution
+        self.spec.after_load(self.model)  # e.g. a stage changed the resolution: the processor follows
         self._resume_from = folder
         self.state, self.trained, self.lora = state, set(meta["keys"]), meta.get("lora")
         self.skipped.update(state.get("skipped", {}))
@@ -185,14 +215,13 @@ class Trainer:
                 self.train_stage(si, stage)
                 if self.stopped:
                     break
-        self.skipped.update(self.task.skipped)
-        self.task.skipped = {}
+        self.skipped.update(self.spec.skipped())
         if self.skipped:
             self.say("skipped samples: " + ", ".join(f"{k} x{v}" for k, v in sorted(self.skipped.items())))
         if self.nonfinite:
             self.say(f"skipped {self.nonfinite} step(s) with a non-finite loss or gradient (see metrics.jsonl)")
         if not self.stopped:
-            self.task.finish(self)
+            self.spec.finish(self)
         return self.run_dir
 
     def _announce_stop(self, folder: Path) -> None:
@@ -233,33 +262,52 @@ class Trainer:
         return micro, totals, tokens, flops
 
     def train_stage(self, si: int, stage: StageConfig) -> None:
+        """Set the stage up, run its steps (each: `train_step`, then logging, then a checkpoint or a stop when
+        due), and save its weights."""
+        run = self._setup_stage(si, stage)
+        metrics = self.run_dir / "metrics.jsonl"
+        bar = tqdm(
+            range(run.start, run.total),
+            initial=run.start,
+            total=run.total,
+            desc=stage.name,
+            disable=not (self.progress and self.dist.main),
+            dynamic_ncols=True,
+        )
+        with open(metrics if self.dist.main else os.devnull, "a") as log, contextlib.closing(bar):
+            for step in bar:
+                rec = self.train_step(run, step)
+                self._log_step(run, step, rec, log, bar)
+                self.state = {"stage": si, "step": step + 1}
+                if step + 1 == run.total:
+                    break
+                if self._checkpoint_or_stop(run, step, rec):
+                    return
+        self._finish_stage(run, metrics)
+
+    def _setup_stage(self, si: int, stage: StageConfig) -> StageRun:
+        """The stage's model modes, objective, optimizer and data, restored to the checkpoint when resuming."""
         model = self.dist.stage_model(self.model)  # FSDP: the structure this stage shards, weights still in shards
         resuming = self.state["stage"] == si and self.state["step"] > 0
         if not resuming:  # seed first: LoRA and objective initialisation draw from it
             torch.manual_seed(stage.seed)
-        if stage.image_size and stage.image_size != model.vision.image_size:
-            model.set_image_size(stage.image_size)  # before the modes: the new position table trains if vision does
-        sync_processor(model, getattr(self.task, "processor", None))
+        self.spec.prepare_stage(model, stage)
         injected = apply_stage_modes(model, stage)
         self.lora = self.lora or injected
         self.trained |= trainable_keys(model)
         objective = build_objective(stage.objective, model).to(self.dist.device)
-        if hasattr(objective, "read_stage_data"):  # e.g. the concepts objective's vocabulary, from the stage's data
-            objective.read_stage_data(model, [self.task.dataset(n) for n in stage.data], self.task.processor.tokenizer)
-        self._count_flops = self.task.flops(self.dist.probe(model))
-        if not getattr(objective, "runs_lm", True) and hasattr(self._count_flops, "images_only"):
-            self._count_flops.images_only()  # e.g. the concepts objective: encoder and bridge, no LM pass
+        self.spec.bind_objective(model, stage, objective)
+        self._count_flops = self.spec.flops(self.dist.probe(model), objective)
         self.objective = objective
-        step_fn = self.dist.wrap(model, objective)  # objective(model, batch), under DDP / FSDP if asked
+        # objective(model, batch) (+ the MoE balancing loss in an `lm: moe` stage), under DDP / FSDP if asked
+        step_fn = self.dist.wrap(model, objective, moe_balance_weight(model, stage))
         self.model = model  # under FSDP now sharded, holding the weights
         groups = param_groups(model, stage, objective)
         optimizer = torch.optim.AdamW(groups, betas=tuple(stage.betas), eps=stage.eps)
-        start_step = self.state["step"] if resuming else 0
-        self._consumed = self.state.get("batches", start_step * stage.grad_accum) if resuming else 0
-        loader, n_samples = self.task.loader(model, stage, self._consumed, self.dist)  # this rank's slices
+        start = self.state["step"] if resuming else 0
+        self._consumed = self.state.get("batches", start * stage.grad_accum) if resuming else 0
+        loader, n_samples = self.spec.loader(model, stage, self._consumed, self.dist)  # this rank's slices
         total = self._steps(stage, n_samples)
-        warmup = int(round(stage.warmup * total))
-        peak = [g["lr"] for g in groups]
         batches = iter(loader)  # this draws a seed from the torch RNG, so it comes before restoring it
         if resuming:  # optimizer and objective state, from a sharded or a consolidated checkpoint
             from mmbridge.train import dcp
@@ -274,141 +322,161 @@ class Trainer:
             f"{params / 1e6:.1f}M parameters train ({', '.join(f'{k}={v}' for k, v in stage.train.items())})"
             f" on {self.dist.device}"
         )
-        metrics = self.run_dir / "metrics.jsonl"
-        log = open(metrics if self.dist.main else os.devnull, "a")
-        bar = tqdm(
-            range(start_step, total),
-            initial=start_step,
+        return StageRun(
+            index=si,
+            stage=stage,
+            model=model,
+            objective=objective,
+            step_fn=step_fn,
+            optimizer=optimizer,
+            clipped=[p for g in groups for p in g["params"]],
+            peak=[g["lr"] for g in groups],
             total=total,
-            desc=stage.name,
-            disable=not (self.progress and self.dist.main),
-            dynamic_ncols=True,
+            warmup=int(round(stage.warmup * total)),
+            start=start,
+            batches=batches,
         )
-        params_to_clip = [p for g in groups for p in g["params"]]
-        streak = 0  # consecutive skipped steps
-        for step in bar:
-            for g, lr in zip(optimizer.param_groups, peak):
-                g["lr"] = lr * warmup_cosine(step, total, warmup, stage.min_lr_ratio)
-            t0 = time.perf_counter()
-            micro, totals, tokens, flops = self._micro_batches(batches, stage)
-            t_data = time.perf_counter() - t0
-            # all ranks' targets (tokens, or samples); DDP/FSDP average gradients over ranks, hence the world size
-            normalizer = max(self.dist.sum([sum(totals)])[0], 1) / self.dist.world
-            loss_sum = torch.zeros((), device=self.dist.device)
-            terms: dict = {}
-            stats: dict = {}
-            for i, b in enumerate(micro):
-                with self.dist.no_sync(step_fn, last=i == len(micro) - 1):
-                    out = step_fn(b, normalizer)
-                    out.loss.backward()  # a non-finite loss makes non-finite gradients: the step is skipped below
-                loss_sum += out.loss.detach().float()
-                for k, v in out.terms.items():
-                    terms[k] = terms.get(k, 0.0) + _detached(v)
-                stats = out.stats
-            grad_norm = self.dist.clip(params_to_clip, stage.clip or math.inf)
-            # the one read-back of the step: loss, gradient norm, loss terms and statistics together
-            names = list(terms)
-            values = torch.stack(
-                [
-                    loss_sum,
-                    grad_norm.float().to(loss_sum.device),
-                    *[torch.as_tensor(terms[k], device=loss_sum.device, dtype=torch.float32) for k in names],
-                    *[torch.as_tensor(v, device=loss_sum.device, dtype=torch.float32) for v in stats.values()],
-                ]
-            ).tolist()
-            loss, grad, term_values, stat_values = (
-                values[0],
-                values[1],
-                values[2 : 2 + len(names)],
-                values[2 + len(names) :],
+
+    def train_step(self, run: StageRun, step: int) -> dict:
+        """One optimizer step: the scheduled learning rates, the micro-batches' forward and backward passes, the
+        clipped update (skipped when the loss or a gradient is not finite). Returns the step's metrics row."""
+        for g, lr in zip(run.optimizer.param_groups, run.peak):
+            g["lr"] = lr * warmup_cosine(step, run.total, run.warmup, run.stage.min_lr_ratio)
+        t0 = time.perf_counter()
+        micro, totals, tokens, flops = self._micro_batches(run.batches, run.stage)
+        t_data = time.perf_counter() - t0
+        loss, grad, terms, stats = self.forward_backward_step(run, micro, totals)
+        bad = None if math.isfinite(loss) else _nonfinite_terms(loss, terms)
+        loss, tokens, flops, terms, bad = self.dist.step_totals(loss, tokens, flops, terms, bad)
+        if bad is None and not math.isfinite(grad):
+            bad = (
+                f"gradient norm {grad} with a finite loss {loss:.6g}; first non-finite "
+                f"gradient in {_first_nonfinite_grad(run.model, run.objective)}"
             )
-            bad = None if math.isfinite(loss) else _nonfinite_terms(loss, dict(zip(names, term_values)))
-            loss, tokens, flops, terms, bad = self.dist.step_totals(
-                loss, tokens, flops, dict(zip(names, term_values)), bad
+        self.optimizer_step(run.optimizer, apply=bad is None)
+        dt = time.perf_counter() - t0
+        if bad is not None:
+            return {
+                "stage": run.stage.name,
+                "step": step + 1,
+                "skipped": bad,
+                "ids": [i for b in micro for i in b["ids"]],
+            }
+        mfu = round(flops / (dt * self.peak * self.dist.world), 4) if self.peak else None
+        return {
+            "stage": run.stage.name,
+            "step": step + 1,
+            "loss": loss,
+            "grad_norm": grad,
+            "tokens": tokens,
+            "tok_per_s": round(tokens / dt, 1),
+            "data_s": round(t_data, 4),
+            "compute_s": round(dt - t_data, 4),
+            "step_s": round(dt, 4),
+            "flops": flops,
+            "mfu": mfu,
+            **{f"loss_{k}": round(v, 6) for k, v in terms.items()},
+            **{k: round(v, 6) for k, v in stats.items()},
+            **{f"lr_{g['name']}": g["lr"] for g in run.optimizer.param_groups},
+        }
+
+    def forward_backward_step(self, run: StageRun, micro: list[dict], totals: list[float]):
+        """Forward and backward over the step's micro-batches (gradients synchronised on the last), each loss
+        normalised by all ranks' targets; then the clipped gradient norm. One read-back of the device for the
+        whole step: (loss, grad norm, loss terms, statistics) as Python floats."""
+        # all ranks' targets (tokens, or samples); DDP/FSDP average gradients over ranks, hence the world size
+        normalizer = max(self.dist.sum([sum(totals)])[0], 1) / self.dist.world
+        loss_sum = torch.zeros((), device=self.dist.device)
+        terms: dict = {}
+        stats: dict = {}
+        for i, b in enumerate(micro):
+            with self.dist.no_sync(run.step_fn, last=i == len(micro) - 1):
+                out = run.step_fn(b, normalizer)
+                out.loss.backward()  # a non-finite loss makes non-finite gradients: the step is skipped
+            loss_sum += out.loss.detach().float()
+            for k, v in out.terms.items():
+                terms[k] = terms.get(k, 0.0) + _detached(v)
+            stats = out.stats
+        grad_norm = self.dist.clip(run.clipped, run.stage.clip or math.inf)
+        names, dev = list(terms), loss_sum.device
+        values = torch.stack(
+            [
+                loss_sum,
+                grad_norm.float().to(dev),
+                *[torch.as_tensor(terms[k], device=dev, dtype=torch.float32) for k in names],
+                *[torch.as_tensor(v, device=dev, dtype=torch.float32) for v in stats.values()],
+            ]
+        ).tolist()
+        n = len(names)
+        return values[0], values[1], dict(zip(names, values[2 : 2 + n])), dict(zip(stats, values[2 + n :]))
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, apply: bool) -> None:
+        """The update (when `apply`), then the gradients cleared; on a GPU the step's kernels waited for, so
+        that its time is whole."""
+        if apply:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if self.dist.device.type == "cuda":
+            torch.cuda.synchronize(self.dist.device)
+
+    def _log_step(self, run: StageRun, step: int, rec: dict, log, bar) -> None:
+        """metrics.jsonl and the trackers every `log_every` steps (a skipped step always), the progress bar; a
+        streak of `max_nonfinite_steps` skipped steps stops the run with a diagnostic."""
+        bad = rec.get("skipped")
+        if bad is None:
+            run.streak = 0
+        else:
+            run.streak += 1
+            self.nonfinite += 1
+            if self.dist.main:
+                tqdm.write(
+                    f"stage {run.stage.name!r} step {step + 1}: non-finite {bad}; update skipped "
+                    f"({run.streak} in a row; sample ids {rec['ids']})"
+                )
+        if bad is not None or (step + 1) % self.recipe.log_every == 0 or step + 1 == run.total:
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            self._metrics_bytes = log.tell()
+            self.trackers.log(rec, self._steps_before + step + 1)  # its numbers, to TensorBoard / W&B
+        if run.streak >= self.recipe.max_nonfinite_steps:
+            last = ckpt.list_checkpoints(self.run_dir)
+            raise NonFiniteError(
+                f"stage {run.stage.name!r} step {step + 1}: {run.streak} steps in a row with a non-finite loss or "
+                f"gradient (max_nonfinite_steps={self.recipe.max_nonfinite_steps}), none applied. This step: "
+                f"{bad}; batch sample ids {rec['ids']}. Last good checkpoint: {last[0] if last else 'none yet'}"
             )
-            if bad is None and not math.isfinite(grad):
-                bad = (
-                    f"gradient norm {grad} with a finite loss {loss:.6g}; first non-finite "
-                    f"gradient in {_first_nonfinite_grad(model, objective)}"
-                )
-            ids = [i for b in micro for i in b["ids"]]
-            if bad is None:
-                streak = 0
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if self.dist.device.type == "cuda":
-                torch.cuda.synchronize(self.dist.device)  # the step's time includes its last kernels
-            dt = time.perf_counter() - t0
-            if bad is None:
-                mfu = round(flops / (dt * self.peak * self.dist.world), 4) if self.peak else None
-                rec = {
-                    "stage": stage.name,
-                    "step": step + 1,
-                    "loss": loss,
-                    "grad_norm": grad,
-                    "tokens": tokens,
-                    "tok_per_s": round(tokens / dt, 1),
-                    "data_s": round(t_data, 4),
-                    "compute_s": round(dt - t_data, 4),
-                    "step_s": round(dt, 4),
-                    "flops": flops,
-                    "mfu": mfu,
-                    **{f"loss_{k}": round(v, 6) for k, v in terms.items()},
-                    **{k: round(v, 6) for k, v in zip(stats, stat_values)},
-                    **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups},
-                }
-            else:
-                streak += 1
-                self.nonfinite += 1
-                rec = {"stage": stage.name, "step": step + 1, "skipped": bad, "ids": ids}
-                if self.dist.main:
-                    tqdm.write(
-                        f"stage {stage.name!r} step {step + 1}: non-finite {bad}; update skipped "
-                        f"({streak} in a row; sample ids {ids})"
-                    )
-            if bad is not None or (step + 1) % self.recipe.log_every == 0 or step + 1 == total:
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                self._metrics_bytes = log.tell()
-                self.trackers.log(rec, self._steps_before + step + 1)  # its numbers, to TensorBoard / W&B
-            if streak >= self.recipe.max_nonfinite_steps:
-                bar.close()
-                log.close()
-                last = ckpt.list_checkpoints(self.run_dir)
-                raise NonFiniteError(
-                    f"stage {stage.name!r} step {step + 1}: {streak} steps in a row with a non-finite loss or "
-                    f"gradient (max_nonfinite_steps={self.recipe.max_nonfinite_steps}), none applied. This step: "
-                    f"{bad}; batch sample ids {ids}. Last good checkpoint: {last[0] if last else 'none yet'}"
-                )
-            if bad is None:
-                shown = {"loss": f"{loss:.3f}", "tok_s": f"{tokens / dt:.0f}", "data": f"{t_data / dt:.0%}"}
-                if rec["mfu"] is not None:
-                    shown["mfu"] = f"{rec['mfu']:.1%}"
-                bar.set_postfix(shown)
-            self.state = {"stage": si, "step": step + 1}
-            if step + 1 == total:
-                break
-            saved = None
-            if self.recipe.save_every and (step + 1) % self.recipe.save_every == 0 and bad is None:
-                saved = self.save_checkpoint(optimizer, stage=si, step=step + 1, objective=objective, wrapped=step_fn)
-            if self._stop_requested():
-                bar.close()
-                log.close()
-                self._announce_stop(
-                    saved
-                    or self.save_checkpoint(optimizer, stage=si, step=step + 1, objective=objective, wrapped=step_fn)
-                )
-                return
-        bar.close()
-        log.close()
+        if bad is None:
+            shown = {"loss": f"{rec['loss']:.3f}", "tok_s": f"{rec['tok_per_s']:.0f}"}
+            shown["data"] = f"{rec['data_s'] / rec['step_s']:.0%}"
+            if rec["mfu"] is not None:
+                shown["mfu"] = f"{rec['mfu']:.1%}"
+            bar.set_postfix(shown)
+
+    def _checkpoint_or_stop(self, run: StageRun, step: int, rec: dict) -> bool:
+        """A mid-stage checkpoint every `save_every` good steps; on a stop signal (here or on any rank) one is
+        written if this step has none, and True is returned."""
+        save = lambda: self.save_checkpoint(  # noqa: E731
+            run.optimizer, stage=run.index, step=step + 1, objective=run.objective, wrapped=run.step_fn
+        )
+        saved = None
+        if self.recipe.save_every and (step + 1) % self.recipe.save_every == 0 and "skipped" not in rec:
+            saved = save()
+        if not self._stop_requested():
+            return False
+        self._announce_stop(saved or save())
+        return True
+
+    def _finish_stage(self, run: StageRun, metrics: Path) -> None:
+        """The stage's trained weights (gathered from the shards under FSDP) as a consolidated checkpoint and the
+        run's `model/` folder, and its loss plot."""
         saved = self.dist.trained(self.model, self.trained)  # FSDP: the trained weights gathered on rank 0
         self._metrics_bytes = metrics.stat().st_size if self.dist.main else 0
-        self._steps_before += total
-        self.state = {"stage": si + 1, "step": 0}
-        self.save_checkpoint(None, stage=si + 1, step=0, weights=saved)  # consolidated, written by rank 0
+        self._steps_before += run.total
+        self.state = {"stage": run.index + 1, "step": 0}
+        self.save_checkpoint(None, stage=run.index + 1, step=0, weights=saved)  # consolidated, written by rank 0
         if self.dist.main:
-            ckpt.save_weights(saved, self.trained, self.run_dir / "model", self._meta(si + 1, 0))
-            plot_losses(metrics, stage.name, self.run_dir / f"loss_{si + 1}_{stage.name}.png")
+            ckpt.save_weights(saved, self.trained, self.run_dir / "model", self._meta(run.index + 1, 0))
+            plot_losses(metrics, run.stage.name, self.run_dir / f"loss_{run.index + 1}_{run.stage.name}.png")
         self.dist.barrier()
 
     def _next_batch(self, batches) -> dict:
@@ -423,9 +491,7 @@ class Trainer:
         return {
             "keys": sorted(self.trained),
             "lora": self.lora,
-            "moe": getattr(self.model.lm, "moe_config", None),
-            "mma": getattr(self.model.lm, "mma_config", None),
-            "image_size": getattr(self.model.vision, "image_size", None),
+            **self.spec.run_meta(self.model),
             "stage": stage,
             "step": step,
         }

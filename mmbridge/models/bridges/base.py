@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmbridge.registry import Registry
+from mmbridge.registry import BRIDGE_WRAPPERS, BRIDGES
 
-BRIDGES: Registry[Bridge] = Registry("bridge")
+__all__ = ["BRIDGES", "BRIDGE_WRAPPERS", "Bridge"]  # the registries live in mmbridge/registry.py
 
 
 class Bridge(nn.Module):

@@ -26,9 +26,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmbridge.models.bridges.base import Bridge
+from mmbridge.models.bridges.base import BRIDGE_WRAPPERS, Bridge
 
 
+@BRIDGE_WRAPPERS.register("concepts")
 class ConceptTokens(Bridge):
     """Wraps a bridge: [B, T_in, D] → its T tokens (+1 global) → [B, (T + global) * slots, D_lm] word tokens."""
 
