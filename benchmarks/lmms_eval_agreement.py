@@ -48,7 +48,7 @@ def questions_of(run_dir: Path, data: str | None, images: str | None) -> tuple[s
             raise SystemExit("--data needs --images")
         return data, images
     from mmbridge.data.sources import resolve_source
-    from mmbridge.train.checkpoint import read_recipe
+    from mmbridge.runs import read_recipe
 
     src = resolve_source(read_recipe(run_dir), "world/test/vqa")
     return src.json, src.images
@@ -81,7 +81,7 @@ def main() -> None:
     from mmbridge.eval.evaluate import evaluate_file
     from mmbridge.interop.lmms import harness
     from mmbridge.interop.lmms.task import write_task
-    from mmbridge.train.checkpoint import load_run
+    from mmbridge.runs import load_run
 
     with tempfile.TemporaryDirectory(prefix="lmms-agreement-") as tmp:
         work = Path(tmp)

@@ -71,7 +71,7 @@ def run_dir(tmp_path_factory, attending_lm_dir, tiny_clip_dir, world) -> Path:
 
 @pytest.fixture(scope="module")
 def loaded(run_dir):
-    from mmbridge.train.checkpoint import load_run
+    from mmbridge.runs import load_run
 
     return load_run(run_dir, device="cpu")
 

@@ -1,6 +1,6 @@
 """mmbridge runs as lmms-eval models: `--model mmbridge --model_args run=RUN[,device=cpu]`.
 
-The run is loaded with `train.checkpoint.load_run` and answers with `eval.evaluate.generate_answers`, the code
+The run is loaded with `runs.load_run` and answers with `eval.evaluate.generate_answers`, the code
 `mmbridge eval` answers with (greedy, KV-cached, left-padded batches of `--batch_size`): each request's images
 are written to a scratch folder as PNG (lossless) and read back as `mmbridge eval` reads its files.
 
@@ -35,7 +35,7 @@ class MMBridgeChat(lmms):
 
     def __init__(self, run: str | None = None, device: str | None = None, batch_size=None, **kwargs) -> None:
         super().__init__()
-        from mmbridge.train.checkpoint import load_run
+        from mmbridge.runs import load_run
 
         kwargs.pop("max_batch_size", None)  # lmms-eval passes it to every model; batches here are batch_size
         if kwargs:
