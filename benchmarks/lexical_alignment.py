@@ -4,7 +4,7 @@
     python benchmarks/lexical_alignment.py --data digits --steps 120     # scikit-learn's handwritten digits
     python benchmarks/lexical_alignment.py --smoke                       # tiny models, one step per stage
 
-Each (steps, arm) is a whole run of the bundled `lexical` recipe with `stages.1.steps` set (its own warmup and
+Each (steps, arm) is a whole run of the bundled demo recipe (the lexical alignment) with `stages.1.steps` set (its own warmup and
 cosine schedule): arm `lexical` as bundled (a `lexical` stage on captions, no LM pass, then the LM stage with the
 bridge frozen); arm `plain` without that stage: the same projector with GELU, trained in the LM stage beside the
 LoRA (LLaVA's way when no alignment stage is run). Same seed, data, LM steps and batch size; the `lexical` arm
@@ -186,7 +186,7 @@ def main() -> None:
         if args.smoke:
             base = [
                 *tiny_sets(tiny_models(tmp), tiny_world(tmp)),
-                *toy_stages("lexical", steps=1),
+                *toy_stages("demo", steps=1),
                 "model.vision.image_size=32",
                 *base,
             ]
