@@ -13,7 +13,7 @@ import yaml
 
 from mmbridge.core import RecipeError, check_spec  # noqa: F401  (RecipeError: also imported from here)
 from mmbridge.log_settings import check as check_log
-from mmbridge.registry import BRIDGES, OBJECTIVES, SETTINGS, TRAIN_SPECS, VISION_ENCODERS
+from mmbridge.registry import BRIDGES, OBJECTIVES, SETTINGS, TRAIN_MODES, TRAIN_SPECS, VISION_ENCODERS
 
 
 @dataclass
@@ -252,7 +252,6 @@ def recipe_from_dict(data: dict, where: str = "recipe") -> Recipe:
 
 
 PARTS = {"lmm": ("vision", "bridge", "lm"), "lcl": ("vision", "lm")}
-MODES = ("frozen", "full", "lora", "moe", "mma")
 
 
 def _validate_lcl(recipe: Recipe) -> None:
@@ -371,8 +370,8 @@ def validate(recipe: Recipe) -> None:
         for part, mode in st.train.items():
             if part not in parts:
                 raise RecipeError(f"{where}.train.{part}: unknown part; expected one of {list(parts)}")
-            if mode not in MODES:
-                raise RecipeError(f"{where}.train.{part}: unknown mode {mode!r}; expected one of {list(MODES)}")
+            if mode not in TRAIN_MODES:
+                raise RecipeError(f"{where}.train.{part}: unknown mode {mode!r}; expected one of {TRAIN_MODES.names()}")
             if mode in ("moe", "mma") and part != "lm" or mode == "lora" and part == "bridge":
                 raise RecipeError(
                     f"{where}.train.{part}: {mode} is supported for the lm only"

@@ -83,6 +83,8 @@ BRIDGES: Registry = Registry("bridge", _in("models.bridges", *_BRIDGE_MODULES))
 BRIDGE_WRAPPERS: Registry = Registry("bridge wrapper", _in("models.bridges", "concepts"))
 # a stage's `objective.name`
 OBJECTIVES: Registry = Registry("objective", _in("objectives", *_OBJECTIVE_MODULES))
+# a stage's `train.<part>` mode (frozen, full, lora, moe, mma): what it adds and which parameters learn
+TRAIN_MODES: Registry = Registry("train mode", ["mmbridge.train.parts"])
 # a recipe's `kind`: a factory recipe -> TrainSpec (train/spec.py)
 TRAIN_SPECS: Registry = Registry("recipe kind", ["mmbridge.train.lmm_task", "mmbridge.lcl.task"])
 # checks of the recipe's component settings, each `(value, where) -> None` raising RecipeError (config.validate)

@@ -18,6 +18,7 @@ from mmbridge.models.mma import (
 from mmbridge.models.mmlm import MultimodalLM
 from mmbridge.models.moe import GATE_KEYS, add_moe, has_moe, is_moe_param
 from mmbridge.models.window_lora import has_window_lora
+from mmbridge.registry import TRAIN_MODES
 
 
 def has_lora(model: MultimodalLM) -> bool:
@@ -31,19 +32,44 @@ def moe_balance_weight(model: MultimodalLM, stage: StageConfig) -> float:
     return stage.moe.aux_weight if stage.train.get("lm") == "moe" and lm is not None and has_moe(lm) else 0.0
 
 
-def apply_stage_modes(model: MultimodalLM, stage: StageConfig) -> dict | None:
-    """Set `requires_grad` for this stage and return the LoRA config if one was injected now.
+class TrainMode:
+    """What `train.<part>: <mode>` does to a part: `prepare` adds what the mode trains (the first stage that
+    asks; later stages keep it) and may return settings to save, `trains` says which parameters learn."""
 
-    `lm: moe` converts the LM's chosen FFNs into experts the first time (MoE-tuning), `lm: mma` adds LaVIN's
-    adapters; later stages keep what was added."""
-    injected = None
-    modes = {"vision": "frozen", "bridge": "frozen", "lm": "frozen", **stage.train}
-    if modes["vision"] == "lora" and not has_window_lora(model.vision):
-        raise ValueError(
-            f"stage {stage.name!r}: train.vision: lora trains Monkey's per-window adapters; this model "
-            "has none (model.tiling.mode: monkey adds them)"
-        )
-    if modes["lm"] == "lora" and not has_lora(model):
+    def prepare(self, model: MultimodalLM, part: str, stage: StageConfig) -> dict | None:
+        return None
+
+    def trains(self, name: str, stage: StageConfig) -> bool:
+        raise NotImplementedError
+
+
+@TRAIN_MODES.register("frozen")
+class Frozen(TrainMode):
+    def trains(self, name, stage):
+        return False
+
+
+@TRAIN_MODES.register("full")
+class Full(TrainMode):
+    def trains(self, name, stage):
+        return True
+
+
+@TRAIN_MODES.register("lora")
+class LoRA(TrainMode):
+    """The LM: peft LoRA on `lora.target_modules` (in the top `lora.layers` layers); the vision tower: Monkey's
+    per-window adapters, which `model.tiling.mode: monkey` adds."""
+
+    def prepare(self, model, part, stage):
+        if part == "vision":
+            if not has_window_lora(model.vision):
+                raise ValueError(
+                    f"stage {stage.name!r}: train.vision: lora trains Monkey's per-window adapters; this model "
+                    "has none (model.tiling.mode: monkey adds them)"
+                )
+            return None
+        if has_lora(model):
+            return None
         injected = {
             "r": stage.lora.r,
             "alpha": stage.lora.alpha,
@@ -52,41 +78,62 @@ def apply_stage_modes(model: MultimodalLM, stage: StageConfig) -> dict | None:
             "layers": lora_layers(stage.lora.layers, model.lm.config.num_hidden_layers),
         }
         add_lora(model.lm, **injected)
-    if modes["lm"] == "moe" and not has_moe(model.lm):
-        moe = {
-            "experts": stage.moe.experts,
-            "top_k": stage.moe.top_k,
-            "layers": stage.moe.layers,
-            **{k: getattr(stage.moe, k) for k in GATE_KEYS},
-        }
-        add_moe(model.lm, **moe)  # its layers keep these settings; the run's meta saves them (moe_settings)
-    if modes["lm"] == "mma" and not has_mma(model.lm):
-        mma = {
-            "dim": stage.mma.dim,
-            "temperature": stage.mma.temperature,
-            "where": list(stage.mma.where),
-            "groups": stage.mma.groups,
-            "dropout": stage.mma.dropout,
-        }
-        add_mma(model.lm, **mma)  # kept by the adapters' modality module; the run's meta saves them (mma_settings)
-    if modes["lm"] == "mma" and (kind := vision_kind(stage.mma.vision)) and not has_vision_mma(model.vision):
+        return injected
+
+    def trains(self, name, stage):
+        return "lora_" in name
+
+
+@TRAIN_MODES.register("moe")
+class MoETuning(TrainMode):
+    """MoE-LLaVA's stage: the chosen FFNs become experts (`moe`), which train with their routers (and, with
+    `train_ffn`, every dense FFN)."""
+
+    def prepare(self, model, part, stage):
+        if not has_moe(model.lm):
+            moe = {
+                "experts": stage.moe.experts,
+                "top_k": stage.moe.top_k,
+                "layers": stage.moe.layers,
+                **{k: getattr(stage.moe, k) for k in GATE_KEYS},
+            }
+            add_moe(model.lm, **moe)  # its layers keep these settings; the run's meta saves them (moe_settings)
+        return None
+
+    def trains(self, name, stage):
+        return is_moe_param(name, stage.moe.train_ffn)
+
+
+@TRAIN_MODES.register("mma")
+class MixtureOfModalityAdaptation(TrainMode):
+    """LaVIN: the LM's adapters, their routers and the modality tokens (and, with `mma.vision`, the ViT's
+    adapters, which train while the rest of the tower keeps its mode)."""
+
+    def prepare(self, model, part, stage):
         m = stage.mma
-        add_vision_mma(model.vision, m.dim, m.groups, m.dropout, kind=kind, temperature=m.temperature)
+        if not has_mma(model.lm):
+            mma = {"dim": m.dim, "temperature": m.temperature, "where": list(m.where), "groups": m.groups}
+            add_mma(model.lm, **mma, dropout=m.dropout)  # kept by the modality module (mma_settings)
+        if (kind := vision_kind(m.vision)) and not has_vision_mma(model.vision):
+            add_vision_mma(model.vision, m.dim, m.groups, m.dropout, kind=kind, temperature=m.temperature)
+        return None
+
+    def trains(self, name, stage):
+        return is_mma_param(name)
+
+
+def apply_stage_modes(model: MultimodalLM, stage: StageConfig) -> dict | None:
+    """Set `requires_grad` for this stage by each part's train mode (`TRAIN_MODES`), and return the LoRA config
+    if one was injected now. Frozen parts keep their normalisation statistics and run without dropout."""
+    modes = {"vision": "frozen", "bridge": "frozen", "lm": "frozen", **stage.train}
+    chosen = {part: TRAIN_MODES.get(mode)() for part, mode in modes.items()}
+    injected = None
+    for part, mode in chosen.items():
+        injected = mode.prepare(model, part, stage) or injected
     for part, module in model.parts().items():
-        mode = modes[part]
         for name, p in module.named_parameters():
-            if mode == "full":
-                p.requires_grad_(True)
-            elif mode == "lora":
-                p.requires_grad_("lora_" in name)
-            elif mode == "moe":  # the routers and the experts (and, with train_ffn, the dense FFNs)
-                p.requires_grad_(is_moe_param(name, stage.moe.train_ffn))
-            elif mode == "mma":  # LaVIN: the adapters, their routers and the modality tokens
-                p.requires_grad_(is_mma_param(name))
-            else:
-                p.requires_grad_(False)
-        # frozen parts keep their normalisation statistics and run without dropout
-        module.train(mode != "frozen")
+            p.requires_grad_(chosen[part].trains(name, stage))
+        module.train(modes[part] != "frozen")
     if modes["lm"] == "mma":  # LaVIN's vision adapters train in an mma stage; the rest of the tower keeps its mode
         for adapter in (m for m in model.vision.modules() if isinstance(m, VisionAdapter)):
             for p in adapter.trainable():
