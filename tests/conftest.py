@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import tempfile
 from contextlib import contextmanager
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -39,9 +40,10 @@ def tokenizer(smollm_dir):
     return AutoTokenizer.from_pretrained(smollm_dir)
 
 
-@pytest.fixture(scope="session")
-def tiny_lm_dir(tmp_path_factory, tokenizer) -> str:
-    """A 2-layer Llama with SmolLM2's tokenizer and chat template, saved like a real checkpoint."""
+def save_tiny_llama(folder: Path, tokenizer, tied: bool = True, attention_scale: float = 1.0) -> str:
+    """A 2-layer Llama with SmolLM2's tokenizer and chat template, saved like a real checkpoint into `folder`;
+    `tied: False` gives it its own output layer, `attention_scale` multiplies its attention values and outputs
+    (answers that follow the image)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -53,13 +55,36 @@ def tiny_lm_dir(tmp_path_factory, tokenizer) -> str:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
         pad_token_id=tokenizer.pad_token_id,
     )
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(cfg).save_pretrained(folder)
+    lm = LlamaForCausalLM(cfg)
+    if attention_scale != 1.0:
+        with torch.no_grad():
+            for name, p in lm.named_parameters():
+                if name.endswith(("v_proj.weight", "o_proj.weight")):
+                    p.mul_(attention_scale)
+    lm.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+def one_step_run(out: Path, lm_dir: str, clip_dir: str, world_root: str) -> Path:
+    """A run trained by the real engine on the tiny recipe, one small step per stage, written to `out`."""
+    from mmbridge.config import recipe_from_dict
+    from mmbridge.train.trainer import Trainer
+
+    recipe = tiny_recipe_dict(lm_dir, clip_dir, world_root)
+    for stage in recipe["stages"]:
+        stage["steps"], stage["lr"] = 1, {part: 1e-3 for part in stage["lr"]}
+    Trainer(recipe_from_dict(recipe), out, progress=False).run()
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory, tokenizer) -> str:
+    """A 2-layer Llama with SmolLM2's tokenizer and chat template, saved like a real checkpoint."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), tokenizer)
 
 
 @pytest.fixture(scope="module")

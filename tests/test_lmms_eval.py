@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import Choices, decisive_steps, tiny_recipe_dict
+from tests.conftest import Choices, decisive_steps, one_step_run, save_tiny_llama
 
 pytest.importorskip("lmms_eval")
 
@@ -30,43 +30,13 @@ TIMEOUT_S = 300
 @pytest.fixture(scope="module")
 def attending_lm_dir(tmp_path_factory, tokenizer) -> str:
     """The tiny Llama, untied, with its attention values and outputs scaled by 6: answers that follow the image."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    lm = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in lm.named_parameters():
-            if name.endswith(("v_proj.weight", "o_proj.weight")):
-                p.mul_(6.0)
-    folder = tmp_path_factory.mktemp("attending_llama")
-    lm.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return save_tiny_llama(tmp_path_factory.mktemp("attending_llama"), tokenizer, tied=False, attention_scale=6.0)
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, attending_lm_dir, tiny_clip_dir, world) -> Path:
     """A run trained by the real engine, one small step per stage."""
-    from mmbridge.config import recipe_from_dict
-    from mmbridge.train.trainer import Trainer
-
-    recipe = tiny_recipe_dict(attending_lm_dir, tiny_clip_dir, world["root"])
-    for stage in recipe["stages"]:
-        stage["steps"], stage["lr"] = 1, {part: 1e-3 for part in stage["lr"]}
-    out = tmp_path_factory.mktemp("lmms") / "tiny-run"
-    Trainer(recipe_from_dict(recipe), out, progress=False).run()
-    return out
+    return one_step_run(tmp_path_factory.mktemp("lmms") / "tiny-run", attending_lm_dir, tiny_clip_dir, world["root"])
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from mmbridge.cli import main
-from tests.conftest import Choices, tiny_recipe_dict
+from tests.conftest import Choices, one_step_run, save_tiny_llama
 
 QUESTION = "What is in this picture?"
 MAX_IMAGES = 2
@@ -35,38 +35,13 @@ def free_port() -> int:
 def untied_lm_dir(tmp_path_factory, tokenizer) -> str:
     """The suite's tiny Llama with its own output layer: the tied one's greedy replies collapse to one repeated
     token after training, so replies to different requests could not be told apart."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    folder = tmp_path_factory.mktemp("untied_llama")
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return save_tiny_llama(tmp_path_factory.mktemp("untied_llama"), tokenizer, tied=False)
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, untied_lm_dir, tiny_clip_dir, world) -> Path:
     """A run trained by the real engine: one small step per stage, so replies still differ per request."""
-    from mmbridge.config import recipe_from_dict
-    from mmbridge.train.trainer import Trainer
-
-    recipe = tiny_recipe_dict(untied_lm_dir, tiny_clip_dir, world["root"])
-    for stage in recipe["stages"]:
-        stage["steps"], stage["lr"] = 1, {part: 1e-3 for part in stage["lr"]}
-    out = tmp_path_factory.mktemp("serve") / "tiny-run"
-    Trainer(recipe_from_dict(recipe), out, progress=False).run()
-    return out
+    return one_step_run(tmp_path_factory.mktemp("serve") / "tiny-run", untied_lm_dir, tiny_clip_dir, world["root"])
 
 
 @pytest.fixture(scope="module")
