@@ -94,6 +94,7 @@ BOTTOM = {
 # packages by layer; LCL is one method across the layers, so its modules are placed one by one
 PLACES = {
     "config": "config",
+    "recipe_reference": "config",  # the recipe reference page, generated from the schema
     "machine": "bottom",
     "data": "data",
     "models": "models",
