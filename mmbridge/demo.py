@@ -135,7 +135,7 @@ def export_and_check(run_dir: Path, model, processor, checked: list[tuple[list[d
     """The run as a stock transformers folder (`mmbridge export`), and whether transformers' own `generate` gives
     the demo's example answers (the first records of each eval set). A recipe the stock classes cannot express
     is named, not exported."""
-    from mmbridge.interop.check import compare_with_run
+    from mmbridge.interop.check import compare_with_run, load_stock, say_rows
     from mmbridge.interop.export import ExportError, export_run
 
     try:
@@ -144,12 +144,11 @@ def export_and_check(run_dir: Path, model, processor, checked: list[tuple[list[d
         print(f"export: not exported. {e}")
         return {"exported": False, "why": str(e)}
     agree = n = 0
+    stock = load_stock(out)  # once, for every eval set's examples
     for records, images, max_new_tokens in checked:
-        result = compare_with_run(model, processor, out, records, images, max_new_tokens)
+        result = compare_with_run(model, processor, out, records, images, max_new_tokens, stock)
         agree, n = agree + result["agree"], n + result["n"]
-        for row in result["rows"]:
-            mark = "=" if row["mmbridge"] == row["transformers"] else "≠"
-            print(f"  {row['question']!r}: mmbridge {row['mmbridge']!r} {mark} transformers {row['transformers']!r}")
+        say_rows(result)
     print(f"export: {out} (stock transformers); its generate gave the demo's answer on {agree} of {n} examples")
     return {"exported": True, "path": str(out), "agree": agree, "n": n}
 

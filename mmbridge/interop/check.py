@@ -16,14 +16,20 @@ from mmbridge.eval.evaluate import generate_answers
 from mmbridge.eval.records import prompt_turns
 
 
-def stock_answers(
-    export_dir: str | Path, records: list[dict], image_root: str | Path, max_new_tokens: int = 24
-) -> list[str]:
-    """Greedy answers of the exported folder, through transformers alone."""
+def load_stock(export_dir: str | Path):
+    """The exported folder as transformers alone loads it: (model, processor)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(str(export_dir))
-    model = AutoModelForImageTextToText.from_pretrained(str(export_dir)).eval()
+    return AutoModelForImageTextToText.from_pretrained(str(export_dir)).eval(), AutoProcessor.from_pretrained(
+        str(export_dir)
+    )
+
+
+def stock_answers(
+    export_dir: str | Path, records: list[dict], image_root: str | Path, max_new_tokens: int = 24, stock=None
+) -> list[str]:
+    """Greedy answers of the exported folder, through transformers alone (`stock`: it loaded already)."""
+    model, processor = stock or load_stock(export_dir)
     answers = []
     for record in records:
         turns = prompt_turns(record)
@@ -43,16 +49,30 @@ def stock_answers(
 
 
 def compare_with_run(
-    model, processor, export_dir: str | Path, records: list[dict], image_root: str | Path, max_new_tokens: int = 24
+    model,
+    processor,
+    export_dir: str | Path,
+    records: list[dict],
+    image_root: str | Path,
+    max_new_tokens: int = 24,
+    stock=None,
 ) -> dict:
-    """mmbridge's and the export's greedy answers side by side, and how many agree."""
+    """mmbridge's and the export's greedy answers side by side, and how many agree (`stock`: the export loaded by
+    `load_stock`, to reuse it over several calls)."""
     ours = [a.strip() for a in generate_answers(model, processor, records, image_root, max_new_tokens=max_new_tokens)]
-    theirs = stock_answers(export_dir, records, image_root, max_new_tokens)
+    theirs = stock_answers(export_dir, records, image_root, max_new_tokens, stock)
     rows = [
         {"question": prompt_turns(r)[-1]["value"].replace("<image>", "").strip(), "mmbridge": a, "transformers": b}
         for r, a, b in zip(records, ours, theirs)
     ]
     return {"agree": sum(a == b for a, b in zip(ours, theirs)), "n": len(records), "rows": rows}
+
+
+def say_rows(result: dict, say=print) -> None:
+    """Each question with both answers, `=` where they agree."""
+    for row in result["rows"]:
+        mark = "=" if row["mmbridge"] == row["transformers"] else "≠"
+        say(f"  {row['question']!r}: mmbridge {row['mmbridge']!r} {mark} transformers {row['transformers']!r}")
 
 
 def check_export(run_dir: str | Path, export_dir: str | Path, n: int, say=print) -> dict:
@@ -70,9 +90,7 @@ def check_export(run_dir: str | Path, export_dir: str | Path, n: int, say=print)
     records = [r for r in read_llava_json(src.json)[0] if len(prompt_turns(r)) == 1][:n]
     model, processor = load_run(Path(run_dir))[:2]
     result = compare_with_run(model, processor, export_dir, records, src.images, ev.max_new_tokens)
-    for row in result["rows"]:
-        mark = "=" if row["mmbridge"] == row["transformers"] else "≠"
-        say(f"  {row['question']!r}: mmbridge {row['mmbridge']!r} {mark} transformers {row['transformers']!r}")
+    say_rows(result, say)
     say(
         f"export check ({name}): transformers' generate gave mmbridge's answer on {result['agree']} of "
         f"{result['n']} held-out questions"

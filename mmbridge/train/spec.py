@@ -30,7 +30,7 @@ def _no_meta(model: nn.Module) -> dict:
     return {}
 
 
-def _no_finish(obj) -> None:
+def _nothing(obj) -> None:
     return None
 
 
@@ -65,8 +65,8 @@ class TrainSpec:
     prepare_stage: Callable[..., None] = _no_stage_setup
     bind_objective: Callable[..., None] = _no_binding
     run_meta: Callable[[nn.Module], dict] = _no_meta
-    after_load: Callable[[nn.Module], None] = _no_finish
-    finish: Callable[[Any], None] = _no_finish
+    after_load: Callable[[nn.Module], None] = _nothing
+    finish: Callable[[Any], None] = _nothing
     skipped: Callable[[], dict] = _nothing_skipped
     task: Any = field(default=None, compare=False)
 
