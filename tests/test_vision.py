@@ -375,3 +375,34 @@ def test_a_tower_without_its_own_statistics_says_which_it_uses(tiny_clip_dir):
     with _pytest.warns(UserWarning, match="normalising with the clip_vision_model defaults"):
         enc = build_vision_encoder({"name": "hf", "path": tiny_clip_dir})
     assert tuple(enc.image_mean) == tuple(CLIP_MEAN)
+
+
+def test_batchnorm_statistics_of_a_trained_encoder_are_saved_with_its_weights(tiny_lm_dir, world, tmp_path):
+    """A CNN encoder trained in train mode moves its BatchNorm running statistics with its weights: the run must
+    save both, or the reloaded (and exported) encoder normalises with the pretrained statistics."""
+    from mmbridge.config import recipe_from_dict
+    from mmbridge.runs import load_run
+    from mmbridge.train.parts import trainable_keys
+    from mmbridge.train.trainer import Trainer
+    from tests.conftest import tiny_recipe_dict
+
+    data = tiny_recipe_dict(tiny_lm_dir, "", world["root"], bridge={"name": "mlp"})
+    data["model"]["vision"] = {"name": "efficientnet_lite0", "image_size": 64, "feature_stage": "block7"}
+    data["stages"] = [
+        {**data["stages"][0], "train": {"vision": "full", "bridge": "full"}, "lr": {"vision": 1e-2, "bridge": 1e-2}}
+    ]
+    trainer = Trainer(recipe_from_dict(data), tmp_path / "run", progress=False)
+    bn = trainer.model.vision.model._blocks[0]._bn1
+    before = bn.running_mean.clone()
+    trainer.run()
+    assert not torch.equal(bn.running_mean, before)  # the statistics moved in training
+    keys = trainable_keys(trainer.model)
+    assert (
+        "vision.model._blocks.0._bn1.running_var" in keys and "vision.model._blocks.0._bn1.num_batches_tracked" in keys
+    )
+    loaded, _ = load_run(tmp_path / "run")
+    pixels = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        want = trainer.model.eval().vision(pixels)
+        got = loaded.eval().vision(pixels)
+    assert torch.equal(want, got)

@@ -169,10 +169,15 @@ def param_groups(model: MultimodalLM, stage: StageConfig, objective: torch.nn.Mo
 
 
 def trainable_keys(model: torch.nn.Module) -> set[str]:
-    """Parameters that train, and the buffers a module saves with them (its `run_buffers`, e.g. a vocabulary)."""
+    """Parameters that train, the saved buffers of every module whose own parameters train (a BatchNorm's running
+    statistics move with its weights), and the buffers a module names in its `run_buffers` (e.g. a vocabulary)."""
     keys = {n for n, p in model.named_parameters() if p.requires_grad}
+    saved = model.state_dict(keep_vars=True).keys()  # persistent buffers only
     for prefix, module in model.named_modules():
-        keys |= {f"{prefix}.{b}" if prefix else b for b in getattr(module, "run_buffers", ())}
+        names = set(getattr(module, "run_buffers", ()))
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            names |= {b for b, _ in module.named_buffers(recurse=False)}
+        keys |= {k for k in (f"{prefix}.{b}" if prefix else b for b in names) if k in saved}
     return keys
 
 
