@@ -118,11 +118,18 @@ def test_a_bridge_without_hidden_units_is_aligned_through_its_tokens(tiny_lm_dir
     assert_same_math(got, want, scale=float((tokens.abs() @ table.abs().T).max()) * 1.35 + 1)
 
 
+def test_a_qformer_that_reads_no_instruction_is_aligned_through_its_tokens(tiny_lm_dir, tiny_clip_dir):
+    """BLIP-2's Q-Former keeps a tokenizer for its text side, but without `instruction` it reads none."""
+    model, _ = model_with(tiny_lm_dir, tiny_clip_dir, {"name": "qformer", "queries": 4})
+    assert model.bridge.tokenizer is not None
+    assert not LexicalAlignment(model).detects_in_hidden_units
+
+
 @pytest.mark.parametrize(
     "bridge,message",
     [
         ({"name": "mlp"}, "act: sigmoid"),
-        ({"name": "qformer", "queries": 4}, "early-fusion bridge"),
+        ({"name": "qformer", "queries": 4, "instruction": True}, "early-fusion bridge"),
         ({"name": "pool_adapter", "pooled": 2, "concepts": {"words": 4, "slots": 2}}, "early-fusion bridge"),
     ],
 )

@@ -55,12 +55,7 @@ class LexicalAlignment(Objective):
     ):
         super().__init__(model)
         bridge = model.bridge
-        if (
-            bridge.fusion != "early"
-            or getattr(bridge, "tokenizer", None) is not None
-            or bridge.uses_instruction
-            or getattr(bridge, "reads_words", False)
-        ):
+        if bridge.fusion != "early" or bridge.uses_instruction or getattr(bridge, "reads_words", False):
             raise ValueError(
                 "objective lexical: the bridge must be an early-fusion bridge whose tokens the LM reads "
                 f"as they are, without its own text side; got {type(bridge).__name__}"
