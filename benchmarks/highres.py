@@ -81,7 +81,7 @@ def recipe_dict(variant: str, args) -> dict:
     }
     return {
         "name": f"highres-{variant}",
-        "seed": 0,
+        "seed": args.seed,
         "world": world,
         "threads": args.threads,
         "log_every": 1,
@@ -101,6 +101,7 @@ def recipe_dict(variant: str, args) -> dict:
                 "lr": {"bridge": 1.0e-3, "lm": 1.0e-3},
                 "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
                 "steps": args.steps,
+                "seed": args.seed,
                 "batch_size": args.batch_size,
                 "warmup": 0.05,
             }
@@ -220,6 +221,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--shape-max", type=int, default=60)
     ap.add_argument("--uhd-max-slices", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0, help="the run's seed (bridge init, LoRA, batch order)")
     ap.add_argument("--world", default=".cache/shapes-world-highres")
     ap.add_argument("--out", default="runs/bench-highres")
     ap.add_argument("--smoke", action="store_true", help="toy sizes (see above)")
@@ -257,6 +259,7 @@ def compare(names: list[str], args) -> dict:
         + f", frozen, S={args.vision['image_size']} px, same for all variants",
         "world": recipe_dict("resize", args)["world"],
         "steps": args.steps,
+        "seed": args.seed,
         "batch_size": args.batch_size,
         "uhd_max_slices": args.uhd_max_slices,
         "test_vqa": len(tests["vqa"][0]),

@@ -189,6 +189,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--retrieval-n", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/bench-lcl")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more recipe overrides")
     parser.add_argument(
         "--smoke",
         action="store_true",
@@ -196,9 +197,9 @@ def main(argv=None) -> dict:
     )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        args.sets = []
+        args.sets = list(args.set)
         if args.smoke:
-            args.sets = [*TINY, *(f"world.{k}={v}" for k, v in tiny_world(tmp).items())]
+            args.sets = [*TINY, *(f"world.{k}={v}" for k, v in tiny_world(tmp).items()), *args.set]
             args.steps, args.batch, args.probe_train, args.probe_test, args.retrieval_n = 2, 4, 16, 8, 8
             args.threads, args.out = 1, str(Path(tmp) / "runs")
         return compare(args)

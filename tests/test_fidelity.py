@@ -1,0 +1,42 @@
+"""The fidelity report's verdicts: a claim is reproduced only when every seed of one arm clears every seed of the
+other, reversed only when every seed falls below; overlapping spreads are not distinguished."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from fidelity import CLAIMS, compare_pair, spread, verdict  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "a,relation,b,want",
+    [
+        ([0.6, 0.7], ">", [0.4, 0.5], "held"),
+        ([0.6, 0.7], ">", [0.5, 0.65], "overlap"),
+        ([0.6, 0.7], ">=", [0.5, 0.65], "held"),
+        ([0.3, 0.4], ">", [0.5, 0.6], "reversed"),
+        ([0.3, 0.4], ">=", [0.5, 0.6], "reversed"),
+        ([0.5, 0.5], ">", [0.5, 0.5], "overlap"),  # ties are not a win
+    ],
+)
+def test_a_pair_is_held_only_when_the_spreads_separate(a, relation, b, want):
+    assert compare_pair(a, relation, b) == want
+
+
+def test_a_claim_of_several_pairs():
+    pairs = (("lcl", ">=", "con"), ("con", ">", "gen"))
+    assert verdict(pairs, {"lcl": [0.7, 0.8], "con": [0.75, 0.78], "gen": [0.5, 0.6]}) == "reproduced"
+    assert verdict(pairs, {"lcl": [0.7, 0.8], "con": [0.75, 0.78], "gen": [0.7, 0.9]}) == "not distinguished"
+    assert verdict(pairs, {"lcl": [0.1, 0.2], "con": [0.75, 0.78], "gen": [0.5, 0.6]}) == "not reproduced"
+
+
+def test_spread_and_every_claim_names_its_arms():
+    assert spread([0.2, 0.4, 0.9]) == {"mean": 0.5, "min": 0.2, "max": 0.9, "n": 3}
+    for claim in CLAIMS.values():
+        named = {a for a, _, b in claim.pairs} | {b for _, _, b in claim.pairs}
+        assert named <= set(claim.arms), claim.name
+        assert all(rel in (">", ">=") for _, rel, _ in claim.pairs)
