@@ -171,3 +171,24 @@ def test_a_lexical_stage_then_an_lm_stage(tiny_lm_dir, tiny_clip_dir, world, tmp
     Trainer(recipe_from_dict(data), after, progress=False).run()
     trained = load_run(after)[0].bridge.output_layer.weight
     assert not torch.equal(trained, head.weight)  # the second stage trains the output layer too
+
+
+def test_phrase_binding_matches_a_hand_computation():
+    """Two sentences of two words each: each sentence's best token (highest mean log σ of its words) should hold
+    them and not the other sentence's words; a row of two images and a one-word sentence are left out."""
+    from mmbridge.objectives.lexical import phrase_binding
+
+    torch.manual_seed(0)
+    img, stop, words = 99, 5, torch.tensor([10, 11, 12, 13])
+    per_token = torch.randn(3, 2, 4, dtype=torch.float64)  # 3 images, 2 tokens each, 4 words
+    input_ids = torch.tensor([[img, img, 1, 2, 3, 4, 6, 7, 8], [img, img, img, img, 1, 2, 3, 4, 6]])
+    labels = torch.tensor([[-100, -100, 10, 11, stop, 12, 13, stop, 10], [-100] * 4 + [10, 11, stop, 12, 13]])
+    got = phrase_binding(per_token, {"input_ids": input_ids, "labels": labels}, img, words, torch.tensor([stop]))
+    on, off = F.logsigmoid(per_token[0]), F.logsigmoid(-per_token[0])
+    terms = []
+    for own, other in (([0, 1], [2, 3]), ([2, 3], [0, 1])):
+        scores = [sum(on[t, v] for v in own) / len(own) for t in range(2)]
+        t = max(range(2), key=lambda i: scores[i])
+        terms.append(-scores[t] - sum(off[t, v] for v in other) / len(other))
+    want = sum(terms) / len(terms)
+    assert torch.allclose(got, torch.as_tensor(want, dtype=torch.float64), rtol=0, atol=1e-12)

@@ -16,6 +16,12 @@ of input slowly. This stage puts the bridge's tokens where the LM already reads,
   token's logit for w is its dot product with E[w], times a learned scale plus a learned offset per word
   (these two live in the objective: set `lr.objective`).
 
+`phrases` (a weight, 0 = off) adds a binding term for texts of several sentences that each describe one thing
+(detailed captions, region descriptions): one token should hold all the vocabulary words of a sentence (the
+token whose mean log-probability of them is highest), and at that token the words the image's other sentences
+name, and this one does not, should be off. Word-level MIL alone lets a token that straddles two objects hold
+the words of both; the LM then cannot tell which colour goes with which shape.
+
 After the stage the bridge is an ordinary projector (exportable as LLaVA's where the shapes match): the LM
 reads its continuous tokens directly, there is no vocabulary at inference, and later stages train every
 weight, the output layer included, away from the words where the data asks for it.
@@ -24,6 +30,7 @@ weight, the output layer included, away from the words where the data asks for i
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mmbridge.objectives.base import OBJECTIVES, LossOutput, Objective
@@ -52,8 +59,11 @@ class LexicalAlignment(Objective):
         min_count: int = 3,
         max_share: float = 0.9,
         exclude: list[str] | tuple[str, ...] = (),
+        phrases: float = 0.0,
     ):
         super().__init__(model)
+        self.phrases = float(phrases)
+        self.register_buffer("stop_ids", torch.zeros(0, dtype=torch.long), persistent=False)
         bridge = model.bridge
         if bridge.fusion != "early" or bridge.uses_instruction or getattr(bridge, "reads_words", False):
             raise ValueError(
@@ -90,6 +100,10 @@ class LexicalAlignment(Objective):
         rows = answer_rows(datasets, self.samples)
         ids = choose_vocabulary(rows, tokenizer, self.words, self.min_count, self.max_share, self.exclude, at_most=True)
         self.word_ids = torch.as_tensor(ids, dtype=torch.long, device=self.word_ids.device)
+        stops = {
+            t for text in (".", " .", "!", "?", "\n") for t in tokenizer.encode(text, add_special_tokens=False)[-1:]
+        }
+        self.stop_ids = torch.as_tensor(sorted(stops), dtype=torch.long, device=self.word_ids.device)
         if not self.detects_in_hidden_units:
             return
         head = hidden_units(model.bridge)
@@ -118,4 +132,44 @@ class LexicalAlignment(Objective):
         loss, share, hit = word_mil(
             per_token, batch, model.image_token_id, model.bridge.num_tokens, self.word_ids, normalizer, "lexical"
         )
-        return LossOutput(loss * share, {"lexical": (loss * share).detach()}, {"word_accuracy": hit.detach()})
+        parts = {"lexical": (loss * share).detach()}
+        if self.phrases > 0:
+            bind = phrase_binding(per_token, batch, model.image_token_id, self.word_ids, self.stop_ids)
+            loss = loss + self.phrases * bind
+            parts["phrases"] = (self.phrases * bind * share).detach()
+        return LossOutput(loss * share, parts, {"word_accuracy": hit.detach()})
+
+
+def phrase_binding(
+    per_token: torch.Tensor, batch: dict, image_token_id: int, word_ids: torch.Tensor, stop_ids: torch.Tensor
+) -> torch.Tensor:
+    """The binding term (see the module's docstring) over rows of one image: per sentence of two or more vocabulary
+    words, -mean log σ of its words at its best token, plus -mean log(1 - σ) of the image's other words there."""
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    per_row = (input_ids == image_token_id).sum(1) // per_token.shape[1]  # images per row, filled in order
+    first = torch.cumsum(per_row, 0) - per_row  # each row's first image
+    rows = torch.nonzero(per_row == 1).squeeze(1)
+    if rows.numel() == 0:
+        return per_token.sum() * 0.0
+    lab = labels[rows]  # [R, L]
+    sentence = torch.cumsum(torch.isin(lab, stop_ids).long(), 1)  # sentence index of each label position
+    n_sent = int(sentence.max()) + 1
+    hit = lab[:, :, None] == word_ids[None, None, :]  # [R, L, V]
+    onehot = F.one_hot(sentence, n_sent).to(per_token.dtype)  # [R, L, S]
+    words = torch.einsum("rls,rlv->rsv", onehot, hit.to(per_token.dtype)) > 0  # [R, S, V]
+    in_image = words.any(1, keepdim=True)
+    others = in_image & ~words
+    size = words.sum(-1)  # [R, S]
+    keep = size >= 2
+    if not bool(keep.any()):
+        return per_token.sum() * 0.0
+    logits = per_token[first[rows]]  # [R, T, V]
+    on, off = F.logsigmoid(logits), F.logsigmoid(-logits)
+    w = words.to(logits.dtype)
+    score = torch.einsum("rtv,rsv->rst", on, w) / size.clamp(min=1)[..., None]  # mean log-prob per token
+    best = score.argmax(-1)  # [R, S]
+    pos = -score.gather(-1, best[..., None]).squeeze(-1)
+    at_best = off.gather(1, best[..., None].expand(-1, -1, off.shape[-1]))  # [R, S, V]
+    o = others.to(logits.dtype)
+    neg = -(at_best * o).sum(-1) / o.sum(-1).clamp(min=1)
+    return (pos + neg)[keep].mean()
