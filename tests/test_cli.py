@@ -87,6 +87,8 @@ def test_quick_demo_writes_metrics_and_examples(quick_run):
     assert all(r["tokens"] > 0 and r["loss"] > 0 for r in rows)
     # the demo ends by exporting: a stock transformers folder whose generate gave the examples' answers
     assert saved["export"] == {"exported": True, "path": str(out / "export"), "agree": 9, "n": 9}
+    # after 3 steps the quick run answers with its end token at once (empty answers), so this agreement checks the
+    # pipeline, not the numbers: the exported weights' logits are checked against the run's in test_export.py
     assert json.loads((out / "export" / "config.json").read_text())["model_type"] == "fast_vlm"
 
 
