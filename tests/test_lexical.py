@@ -192,3 +192,22 @@ def test_phrase_binding_matches_a_hand_computation():
         terms.append(-scores[t] - sum(off[t, v] for v in other) / len(other))
     want = sum(terms) / len(terms)
     assert torch.allclose(got, torch.as_tensor(want, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_exclusive_adds_each_tokens_detections_beyond_one(mlp_model):
+    model, proc = mlp_model
+    objective, _ = aligned(model, proc)
+    ids, labels = two_captions(proc)
+    torch.manual_seed(2)
+    px = torch.randn(2, 3, 32, 32)
+    batch = {"input_ids": ids, "labels": labels, "pixel_values": px}
+    plain = objective(model, batch).loss
+    objective.exclusive = 0.5
+    try:
+        out = objective(model, batch)
+    finally:
+        objective.exclusive = 0.0
+    p = torch.sigmoid(model.bridge.proj[0](model.vision_features(px))[..., :6])  # [images, tokens, words]
+    excess = torch.tensor([max(float(p[i, t].sum()) - 1, 0.0) for i in range(2) for t in range(p.shape[1])])
+    assert excess.max() > 0  # random detectors hold several words per token
+    assert_same_math(out.loss, plain + 0.5 * excess.mean())

@@ -22,6 +22,9 @@ token whose mean log-probability of them is highest), and at that token the word
 name, and this one does not, should be off. Word-level MIL alone lets a token that straddles two objects hold
 the words of both; the LM then cannot tell which colour goes with which shape.
 
+`exclusive` (a weight, 0 = off) asks each token to hold one word at most (its detections sum to 1 or less), so
+that an object's words spread over its tokens, one word each, as the LM reads text.
+
 After the stage the bridge is an ordinary projector (exportable as LLaVA's where the shapes match): the LM
 reads its continuous tokens directly, there is no vocabulary at inference, and later stages train every
 weight, the output layer included, away from the words where the data asks for it.
@@ -60,9 +63,10 @@ class LexicalAlignment(Objective):
         max_share: float = 0.9,
         exclude: list[str] | tuple[str, ...] = (),
         phrases: float = 0.0,
+        exclusive: float = 0.0,
     ):
         super().__init__(model)
-        self.phrases = float(phrases)
+        self.phrases, self.exclusive = float(phrases), float(exclusive)
         self.register_buffer("stop_ids", torch.zeros(0, dtype=torch.long), persistent=False)
         bridge = model.bridge
         if bridge.fusion != "early" or bridge.uses_instruction or getattr(bridge, "reads_words", False):
@@ -137,6 +141,10 @@ class LexicalAlignment(Objective):
             bind = phrase_binding(per_token, batch, model.image_token_id, self.word_ids, self.stop_ids)
             loss = loss + self.phrases * bind
             parts["phrases"] = (self.phrases * bind * share).detach()
+        if self.exclusive > 0:  # a token holds one word at most: its detections sum to 1 or less
+            excess = torch.relu(torch.sigmoid(per_token).sum(-1) - 1).mean()
+            loss = loss + self.exclusive * excess
+            parts["exclusive"] = (self.exclusive * excess * share).detach()
         return LossOutput(loss * share, parts, {"word_accuracy": hit.detach()})
 
 
