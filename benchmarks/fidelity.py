@@ -56,7 +56,6 @@ class Claim:
     figures: tuple[str, ...]
     run: Callable[..., dict]  # run(arm, seed, budget, out, smoke) -> figures
     budgets: tuple[int, ...]
-    baseline: str = ""  # the figure's blind reference, where the run reports one
     cost: tuple[str, ...] = field(default=())  # figures that tell what an arm costs
 
 
@@ -244,7 +243,6 @@ CLAIMS = {
             ("vqa_accuracy", "grounding_acc50"),
             croc_run,
             (120,),
-            baseline="blind_vqa_accuracy",
             cost=("step_s_median", "train_seconds"),
         ),
         Claim(
@@ -255,7 +253,6 @@ CLAIMS = {
             ("grounding_acc50", "vqa_accuracy"),
             infmllm_run,
             (120,),
-            baseline="blind_grounding_acc50",
             cost=("step_s_median", "train_seconds"),
         ),
         Claim(
@@ -276,7 +273,6 @@ CLAIMS = {
             ("vqa_accuracy", "grounding_acc50"),
             highres_run,
             (30, 90),
-            baseline="blind_vqa_accuracy",
             cost=("visual_tokens", "step_s_median", "train_s"),
         ),
         Claim(
@@ -287,7 +283,6 @@ CLAIMS = {
             ("vqa_accuracy", "grounding_acc50"),
             moe_run,
             (120,),
-            baseline="blind_vqa_accuracy",
             cost=("step_s_median", "train_seconds"),
         ),
     )
@@ -313,10 +308,8 @@ def summarise(claim: Claim, budget: int, rows: dict[tuple, dict], seeds: list[in
             "arms": {a: spread(v) for a, v in values.items()},
             "verdict": verdict(claim.pairs, values),
         }
-    if claim.baseline:
-        out["baseline"] = {
-            claim.baseline: rows[(claim.name, claim.arms[0], seeds[0], budget)]["figures"][claim.baseline]
-        }
+    first = rows[(claim.name, claim.arms[0], seeds[0], budget)]["figures"]
+    out["blind"] = {f: first[f"blind_{f}"] for f in claim.figures if f"blind_{f}" in first}
     out["cost"] = {
         a: {
             c: spread([rows[(claim.name, a, s, budget)]["figures"][c] for s in seeds])
@@ -329,6 +322,20 @@ def summarise(claim: Claim, budget: int, rows: dict[tuple, dict], seeds: list[in
     return out
 
 
+def markdown(summary: dict) -> str:
+    """One row per claim, budget and figure: each arm's mean (min–max), the blind baseline, the verdict."""
+    lines = [
+        "| claim | budget | figure | arms: mean (min–max) over seeds | blind | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for line in summary.values():
+        for fig, v in line["figures"].items():
+            arms = "; ".join(f"{a} {s['mean']:.3f} ({s['min']:.3f}–{s['max']:.3f})" for a, s in v["arms"].items())
+            b = f"{line['blind'][fig]:.3f}" if fig in line["blind"] else ""
+            lines.append(f"| {line['claim']} | {line['budget']} | {fig} | {arms} | {b} | {v['verdict']} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--claims", nargs="+", default=list(CLAIMS), choices=list(CLAIMS))
@@ -337,6 +344,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--arms", nargs="+", help="run only these arms (the summary needs every arm)")
     ap.add_argument("--out", default="runs/fidelity")
     ap.add_argument("--smoke", action="store_true", help="tiny models and world, one step per stage, seeds 0 1")
+    ap.add_argument("--markdown", action="store_true", help="also print the finished claims as a Markdown table")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         if args.smoke:
@@ -375,6 +383,8 @@ def main(argv=None) -> dict:
                     line = summarise(claim, budget, rows, args.seeds)
                     summary[f"{name}@{budget}"] = line
                     print(json.dumps(line), flush=True)
+    if args.markdown:
+        print(markdown(summary))
     table = {"benchmark": "fidelity", "smoke": args.smoke, "claims": summary}
     print(json.dumps(table))
     return table
