@@ -14,7 +14,9 @@ recipes of `benchmarks/lcl_table1.py` and `benchmarks/highres.py` with a seed.
 The verdict for a claim "A > B" on a figure: reproduced when every seed of A is above every seed of B,
 not reproduced when every seed of A is below every seed of B, otherwise not distinguished (the min–max
 spreads overlap); "A >= B" is reproduced unless A is below B. A claim of several pairs is reproduced when
-every pair is, not reproduced when any pair is reversed.
+every pair is, not reproduced when any pair is reversed. A figure where every seed of every arm stays within two
+standard errors of a proportion above the blind baseline (over the figure's test items) is not measured: no arm
+learned it, so its order says nothing.
 
 Prints one JSON line per claim and budget, then every claim's summary as one JSON object on the last line.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -42,6 +45,7 @@ from _common import tiny_models, tiny_sets, tiny_world  # noqa: E402
 
 SMOKE_KEYS = ("benchmark", "smoke", "claims")
 FAST_EVAL = ["eval.caption.limit=50", "eval.vqa.limit=200", "eval.grounding.limit=100"]
+LMM_ITEMS = {"vqa_accuracy": 200, "grounding_acc50": 100}  # the test items FAST_EVAL scores
 BASE = ["model.vision.image_size=64"]  # 16 tokens per image (a claim may set its own size after this)
 LORA = {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "layers": 15}
 
@@ -58,6 +62,7 @@ class Claim:
     run: Callable[..., dict]  # run(arm, seed, budget, out, smoke) -> figures
     budgets: tuple[int, ...]
     cost: tuple[str, ...] = field(default=())  # figures that tell what an arm costs
+    items: dict[str, int] = field(default_factory=dict)  # test items behind each accuracy figure (for the floor)
 
 
 # -- verdicts ------------------------------------------------------------------------------------------
@@ -79,7 +84,20 @@ def compare_pair(a: list[float], relation: str, b: list[float]) -> str:
     return "held" if relation == ">=" else "overlap"
 
 
-def verdict(pairs: tuple[tuple[str, str, str], ...], values: dict[str, list[float]]) -> str:
+def noise_floor(blind: float, items: int) -> float:
+    """Two standard errors of a proportion above the blind baseline over `items` test items (the proportion
+    taken as at least one item, so a blind score of 0 still has a floor)."""
+    p = max(blind, 1.0 / items)
+    return blind + 2.0 * math.sqrt(p * (1.0 - p) / items)
+
+
+def verdict(
+    pairs: tuple[tuple[str, str, str], ...], values: dict[str, list[float]], floor: float | None = None
+) -> str:
+    """The claim's verdict over min–max spreads; `not measured` when every seed of every arm stays at or below
+    `floor` (no arm learned the figure, so the comparison says nothing)."""
+    if floor is not None and all(max(v) <= floor for v in values.values()):
+        return "not measured"
     states = [compare_pair(values[a], rel, values[b]) for a, rel, b in pairs]
     if "reversed" in states:
         return "not reproduced"
@@ -219,6 +237,7 @@ def lcl_run(arm: str, seed: int, budget: int, out: Path, smoke: bool) -> dict:
     if not cached.exists():
         cached.parent.mkdir(parents=True, exist_ok=True)
         argv = ["--steps", str(budget), "--out", str(out.parent / f"runs-s{seed}-b{budget}")]
+        argv += ["--threads", os.environ.get("OMP_NUM_THREADS", "2")]
         argv += ["--set", f"seed={seed}", "--set", f"stages.0.seed={seed}"]
         table = lcl_table1.main([*argv, *(["--smoke"] if smoke else [])])
         cached.write_text(json.dumps(table))
@@ -230,6 +249,7 @@ def highres_run(arm: str, seed: int, budget: int, out: Path, smoke: bool) -> dic
     import highres
 
     argv = ["--variants", arm, "--steps", str(budget), "--out", str(out), "--seed", str(seed)]
+    argv += ["--threads", os.environ.get("OMP_NUM_THREADS", "1")]
     table = highres.main([*argv, *(["--smoke"] if smoke else [])])
     row = table["rows"][arm]
     base = table["blind_baselines"]
@@ -251,6 +271,7 @@ CLAIMS = {
             croc_run,
             (120,),
             cost=("step_s_median", "train_seconds"),
+            items=LMM_ITEMS,
         ),
         Claim(
             "infmllm",
@@ -261,6 +282,7 @@ CLAIMS = {
             infmllm_run,
             (120,),
             cost=("step_s_median", "train_seconds"),
+            items=LMM_ITEMS,
         ),
         Claim(
             "lcl",
@@ -281,6 +303,7 @@ CLAIMS = {
             highres_run,
             (30, 90),
             cost=("visual_tokens", "step_s_median", "train_s"),
+            items={"vqa_accuracy": 40, "grounding_acc50": 20},  # highres.py's default test sizes
         ),
         Claim(
             "moe",
@@ -291,6 +314,7 @@ CLAIMS = {
             moe_run,
             (120,),
             cost=("step_s_median", "train_seconds"),
+            items=LMM_ITEMS,
         ),
     )
 }
@@ -311,9 +335,12 @@ def summarise(claim: Claim, budget: int, rows: dict[tuple, dict], seeds: list[in
     out = {"claim": claim.name, "says": claim.says, "budget": budget, "seeds": seeds, "figures": {}}
     for fig in claim.figures:
         values = {a: [rows[(claim.name, a, s, budget)]["figures"][fig] for s in seeds] for a in claim.arms}
+        blind = rows[(claim.name, claim.arms[0], seeds[0], budget)]["figures"].get(f"blind_{fig}")
+        floor = noise_floor(blind, claim.items[fig]) if blind is not None and fig in claim.items else None
         out["figures"][fig] = {
             "arms": {a: spread(v) for a, v in values.items()},
-            "verdict": verdict(claim.pairs, values),
+            "floor": None if floor is None else round(floor, 4),
+            "verdict": verdict(claim.pairs, values, floor),
         }
     first = rows[(claim.name, claim.arms[0], seeds[0], budget)]["figures"]
     out["blind"] = {f: first[f"blind_{f}"] for f in claim.figures if f"blind_{f}" in first}
@@ -330,7 +357,8 @@ def summarise(claim: Claim, budget: int, rows: dict[tuple, dict], seeds: list[in
 
 
 def markdown(summary: dict) -> str:
-    """One row per claim, budget and figure: each arm's mean (min–max), the blind baseline, the verdict."""
+    """One row per claim, budget and figure: each arm's mean (min–max), the blind baseline with its noise floor,
+    the verdict."""
     lines = [
         "| claim | budget | figure | arms: mean (min–max) over seeds | blind | verdict |",
         "|---|---|---|---|---|---|",
@@ -339,6 +367,7 @@ def markdown(summary: dict) -> str:
         for fig, v in line["figures"].items():
             arms = "; ".join(f"{a} {s['mean']:.3f} ({s['min']:.3f}–{s['max']:.3f})" for a, s in v["arms"].items())
             b = f"{line['blind'][fig]:.3f}" if fig in line["blind"] else ""
+            b += f" (floor {v['floor']:.3f})" if v.get("floor") is not None else ""
             lines.append(f"| {line['claim']} | {line['budget']} | {fig} | {arms} | {b} | {v['verdict']} |")
     return "\n".join(lines)
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import math
+
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from fidelity import CLAIMS, compare_pair, spread, verdict  # noqa: E402
+from fidelity import CLAIMS, compare_pair, noise_floor, spread, verdict  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -40,3 +42,23 @@ def test_spread_and_every_claim_names_its_arms():
         named = {a for a, _, b in claim.pairs} | {b for _, _, b in claim.pairs}
         assert named <= set(claim.arms), claim.name
         assert all(rel in (">", ">=") for _, rel, _ in claim.pairs)
+
+
+def test_arms_within_noise_of_the_blind_baseline_are_not_measured():
+    # blind 0.02 over 100 items: two standard errors are 2 * sqrt(0.02 * 0.98 / 100) = 0.028
+    floor = noise_floor(0.02, 100)
+    assert math.isclose(floor, 0.02 + 2 * math.sqrt(0.02 * 0.98 / 100), rel_tol=1e-12)
+    # a blind score of 0 still leaves a floor of one item's noise: p = 1/100
+    assert math.isclose(noise_floor(0.0, 100), 2 * math.sqrt(0.01 * 0.99 / 100), rel_tol=1e-12)
+    pairs = (("a", ">", "b"),)
+    assert verdict(pairs, {"a": [0.04, 0.03], "b": [0.0, 0.01]}, floor) == "not measured"
+    # one seed of one arm above the floor: the ordinary rule decides
+    assert verdict(pairs, {"a": [0.2, 0.3], "b": [0.0, 0.01]}, floor) == "reproduced"
+    assert verdict(pairs, {"a": [0.0, 0.01], "b": [0.2, 0.3]}, floor) == "not reproduced"
+    assert verdict(pairs, {"a": [0.04, 0.03], "b": [0.0, 0.01]}) == "reproduced"  # no floor given
+
+
+def test_the_multimodal_claims_name_their_test_items_for_the_floor():
+    for name in ("croc", "infmllm", "moe", "highres"):
+        claim = CLAIMS[name]
+        assert set(claim.figures) <= set(claim.items), name
