@@ -83,6 +83,11 @@ def answer_rows(datasets, samples: int):
         yield sample["labels"]
 
 
+def images_per_row(input_ids: torch.Tensor, image_token_id: int, tokens_per_image: int) -> torch.Tensor:
+    """How many images each row of `input_ids` holds; a row's images fill its image tokens in order."""
+    return (input_ids == image_token_id).sum(1) // tokens_per_image
+
+
 def word_mil(
     per_token: torch.Tensor,
     batch: dict,
@@ -98,7 +103,7 @@ def word_mil(
     input_ids, labels = batch["input_ids"], batch["labels"]
     per_image = per_token.amax(1)
     # each image belongs to the row whose image tokens it fills (in order)
-    per_row = (input_ids == image_token_id).sum(1) // tokens_per_image
+    per_row = images_per_row(input_ids, image_token_id, tokens_per_image)
     owner = torch.repeat_interleave(torch.arange(len(per_row), device=per_row.device), per_row)
     if owner.numel() != per_image.shape[0]:
         raise ValueError(f"objective {name}: {per_image.shape[0]} images for {owner.numel()} image slots")

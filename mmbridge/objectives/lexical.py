@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmbridge.objectives.base import OBJECTIVES, LossOutput, Objective
-from mmbridge.objectives.concepts import answer_rows, choose_vocabulary, word_mil
+from mmbridge.objectives.concepts import answer_rows, choose_vocabulary, images_per_row, word_mil
 
 
 def hidden_units(bridge) -> nn.Linear | None:
@@ -104,10 +104,11 @@ class LexicalAlignment(Objective):
         rows = answer_rows(datasets, self.samples)
         ids = choose_vocabulary(rows, tokenizer, self.words, self.min_count, self.max_share, self.exclude, at_most=True)
         self.word_ids = torch.as_tensor(ids, dtype=torch.long, device=self.word_ids.device)
-        stops = {
-            t for text in (".", " .", "!", "?", "\n") for t in tokenizer.encode(text, add_special_tokens=False)[-1:]
-        }
-        self.stop_ids = torch.as_tensor(sorted(stops), dtype=torch.long, device=self.word_ids.device)
+        if self.phrases > 0:  # the binding term splits the text into sentences at these tokens
+            stops = {
+                t for text in (".", " .", "!", "?", "\n") for t in tokenizer.encode(text, add_special_tokens=False)[-1:]
+            }
+            self.stop_ids = torch.as_tensor(sorted(stops), dtype=torch.long, device=self.word_ids.device)
         if not self.detects_in_hidden_units:
             return
         head = hidden_units(model.bridge)
@@ -154,7 +155,7 @@ def phrase_binding(
     """The binding term (see the module's docstring) over rows of one image: per sentence of two or more vocabulary
     words, -mean log σ of its words at its best token, plus -mean log(1 - σ) of the image's other words there."""
     input_ids, labels = batch["input_ids"], batch["labels"]
-    per_row = (input_ids == image_token_id).sum(1) // per_token.shape[1]  # images per row, filled in order
+    per_row = images_per_row(input_ids, image_token_id, per_token.shape[1])
     first = torch.cumsum(per_row, 0) - per_row  # each row's first image
     rows = torch.nonzero(per_row == 1).squeeze(1)
     if rows.numel() == 0:
