@@ -91,9 +91,7 @@ def noise_floor(blind: float, items: int) -> float:
     return blind + 2.0 * math.sqrt(p * (1.0 - p) / items)
 
 
-def verdict(
-    pairs: tuple[tuple[str, str, str], ...], values: dict[str, list[float]], floor: float | None = None
-) -> str:
+def verdict(pairs: tuple[tuple[str, str, str], ...], values: dict[str, list[float]], floor: float | None = None) -> str:
     """The claim's verdict over min–max spreads; `not measured` when every seed of every arm stays at or below
     `floor` (no arm learned the figure, so the comparison says nothing)."""
     if floor is not None and all(max(v) <= floor for v in values.values()):

@@ -3,10 +3,9 @@ other, reversed only when every seed falls below; overlapping spreads are not di
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
-
-import math
 
 import pytest
 
