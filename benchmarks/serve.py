@@ -49,13 +49,15 @@ def tiny_run(folder: Path) -> tuple[Path, Path]:
     """A demo run on tiny models and a small world, one step per stage (--smoke); its folder and the world's test
     images."""
     from mmbridge.config import load_recipe
+    from mmbridge.data.sources import world_manifest
     from mmbridge.train.trainer import Trainer
 
     world = tiny_world(folder)
     sets = [*tiny_sets(tiny_models(folder), world), *toy_stages("demo", steps=1)]
     run_dir = folder / "run"
-    Trainer(load_recipe("demo", sets), run_dir, progress=False).run()
-    return run_dir, Path(world["root"]) / "images" / "test"
+    recipe = load_recipe("demo", sets)
+    Trainer(recipe, run_dir, progress=False).run()
+    return run_dir, world_manifest(recipe.world)[1] / "test"
 
 
 def free_port() -> int:

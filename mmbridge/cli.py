@@ -1,4 +1,4 @@
-"""Command line: `mmbridge train | eval | chat | serve | export | import | demo | report | env`."""
+"""Command line: `mmbridge train | eval | chat | serve | export | import | demo | report | world | env`."""
 
 from __future__ import annotations
 
@@ -20,6 +20,20 @@ def _train(args) -> None:
     run_dir = Path(args.out or Path("runs") / recipe.name)
     train(recipe, run_dir, resume=args.resume)
     print(f"run directory: {run_dir}")
+
+
+def _world(args) -> None:
+    from mmbridge.config import RecipeError, load_recipe
+    from mmbridge.data.sources import world_manifest
+
+    recipe = load_recipe(args.recipe, args.set)
+    if not recipe.world:
+        raise RecipeError(f"{args.recipe}: the recipe has no `world` section")
+    manifest, images = world_manifest(recipe.world)
+    print(f"images: {images}")
+    for split, tasks in manifest.items():
+        for task, path in tasks.items():
+            print(f"world/{split}/{task}: {path}")
 
 
 def _eval(args) -> None:
@@ -252,6 +266,11 @@ def main(argv: list[str] | None = None):
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="the HTML file to write (default RUN/report.html)")
     p.set_defaults(fn=_report)
+
+    p = sub.add_parser("world", help="generate (once) and list the shapes world of a recipe: its images and files")
+    p.add_argument("recipe", help="recipe YAML file or a bundled recipe name (e.g. demo)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    p.set_defaults(fn=_world)
 
     p = sub.add_parser("env", help="the machine and software versions (paste into a bug report)")
     p.add_argument("--json", action="store_true", help="one JSON object")

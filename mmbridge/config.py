@@ -176,7 +176,8 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     sources: dict = field(default_factory=dict)  # name -> DataSource
     # The built-in shapes world, generated on first use: {root, n_train, n_val, n_test, seed, image_size}.
-    # Its files are then named in `data` and `eval` as "world/<split>/<task>", e.g. world/train/vqa.
+    # Its files are then named in `data` and `eval` as "world/<split>/<task>", e.g. world/train/vqa. Each set of
+    # parameters has its own folder under `root` (`mmbridge world RECIPE` prints it), so worlds never overwrite.
     # Opt-in `shape_px: [min, max]` sets every shape's side in pixels (default: 18-45% of image_size); with
     # `image_size: 1024, shape_px: [20, 60]` it is the high-resolution task (benchmarks/highres.py).
     world: dict | None = None

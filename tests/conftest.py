@@ -137,12 +137,13 @@ def tiny_clip_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory) -> dict:
-    """A small shapes world (32 px images) in LLaVA format."""
-    from mmbridge.data.shapes_world import write_world
+    """A small shapes world (32 px images) in LLaVA format; `root` is the recipes' world root (the world of
+    `tiny_recipe_dict`'s parameters is the one generated here)."""
+    from mmbridge.data.sources import world_manifest
 
     root = tmp_path_factory.mktemp("world")
-    manifest = write_world(root, n_train=40, n_val=8, n_test=8, seed=0, image_size=32)
-    return {"root": str(root), "manifest": manifest, "images": str(root / "images")}
+    manifest, images = world_manifest(tiny_recipe_dict("", "", str(root))["world"])
+    return {"root": str(root), "manifest": manifest, "images": str(images)}
 
 
 def tiny_recipe_dict(tiny_lm_dir: str, tiny_clip_dir: str, world_root: str, bridge: dict | None = None) -> dict:

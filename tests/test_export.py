@@ -444,9 +444,9 @@ def test_the_export_check_answers_through_transformers_alone(exported, ours, wor
     from mmbridge.interop.check import compare_with_run
 
     model, processor = ours[:2]
-    records = [r for r in json.loads((Path(world["root"]) / "test" / "vqa.json").read_text())][:3]
+    records = [r for r in json.loads(Path(world["manifest"]["test"]["vqa"]).read_text())][:3]
     with Choices(model) as choices:
-        result = compare_with_run(model, processor, exported, records, Path(world["root"]) / "images", max_new_tokens=4)
+        result = compare_with_run(model, processor, exported, records, Path(world["images"]), max_new_tokens=4)
     choices.assert_clear()
     assert result["n"] == 3 and [r["question"] for r in result["rows"]] == [
         r["conversations"][0]["value"].replace("<image>", "").strip() for r in records

@@ -365,6 +365,52 @@ def test_a_recipe_world_passes_shape_px(tmp_path):
     _, images = world_manifest(
         {"root": str(tmp_path / "w"), "n_train": 2, "n_val": 1, "n_test": 1, "image_size": 512, "shape_px": [20, 40]}
     )
-    assert sw.load_manifest(tmp_path / "w")["params"]["shape_px"] == [20, 40]
+    assert sw.load_manifest(images.parent)["params"]["shape_px"] == [20, 40]
     with pytest.raises(RecipeError, match="shape_px"):
         world_manifest({"root": str(tmp_path / "x"), "n_train": 1, "n_val": 1, "n_test": 1, "shape_px": [5, 1]})
+
+
+def test_worlds_of_other_parameters_live_beside_each_other_and_are_never_rewritten(tmp_path):
+    """Two recipes on one world root (the demo's `vqa_turns: type` and another's default): each gets its own
+    folder, and making the second leaves every file of the first as it was (runs of both can read at once)."""
+    from mmbridge.data.sources import world_manifest
+
+    base = {"root": str(tmp_path), "n_train": 4, "n_val": 2, "n_test": 2, "image_size": 32}
+    first, images = world_manifest(base)
+    files = sorted(p for p in images.parent.rglob("*") if p.is_file())
+    stamp = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
+    second, other = world_manifest({**base, "vqa_turns": "type"})
+    assert other.parent != images.parent and other.parent.parent == images.parent.parent == tmp_path
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files} == stamp
+    assert sw.load_manifest(images.parent)["params"]["vqa_turns"] == 1
+    assert sw.load_manifest(other.parent)["params"]["vqa_turns"] == "type"
+    assert world_manifest(base) == (first, images)  # found again, not made again
+    assert {p: p.stat().st_mtime_ns for p in files} == {p: m for p, (m, _) in stamp.items()}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no private folder left behind
+
+
+def test_a_world_published_by_another_process_first_is_kept(tmp_path):
+    from mmbridge.data.sources import publish_world, world_folder
+
+    cfg = {"n_train": 2, "n_val": 1, "n_test": 1, "seed": 0, "image_size": 32}
+    folder = world_folder(tmp_path, cfg)
+    publish_world(folder, cfg)
+    manifest = folder / "manifest.json"
+    before = manifest.stat().st_mtime_ns
+    publish_world(folder, cfg)  # the second publisher finds the folder taken: its copy is dropped
+    assert manifest.stat().st_mtime_ns == before
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]
+
+
+def test_mmbridge_world_lists_a_recipes_world(tmp_path, capsys):
+    from mmbridge.cli import main
+
+    sets = [f"world.root={tmp_path}", "world.n_train=2", "world.n_val=1", "world.n_test=1", "world.image_size=32"]
+    main(["world", "demo", *sum((["--set", s] for s in sets), [])])
+    out = capsys.readouterr().out.splitlines()
+    images = Path(out[0].removeprefix("images: "))
+    assert images.is_dir() and images.parent.parent == tmp_path
+    paths = dict(line.split(": ", 1) for line in out[1:])
+    assert (
+        Path(paths["world/test/vqa"]).is_file() and Path(paths["world/train/multitask"]).parent.parent == images.parent
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -327,12 +328,14 @@ def video_recipe(tiny_lm_dir, tiny_clip_dir, root, bridge, **stage):
 def test_a_train_step_on_world_videos_has_a_finite_loss_and_labels_only_on_answers(
     tiny_lm_dir, tiny_clip_dir, tmp_path, one_thread, bridge, stage
 ):
+    from mmbridge.data.sources import resolve_source
     from mmbridge.train.trainer import Trainer
 
     recipe = recipe_from_dict(video_recipe(tiny_lm_dir, tiny_clip_dir, str(tmp_path / "world"), bridge, **stage))
     trainer = Trainer(recipe, tmp_path / "run", progress=False)
     batch = next(iter(trainer.loader(recipe.stages[0], 0)[0]))
-    answers = {r["id"]: r["answer"] for r in json.loads((tmp_path / "world/video/train.json").read_text())}
+    video_json = resolve_source(recipe, "world/train/video").json
+    answers = {r["id"]: r["answer"] for r in json.loads(Path(video_json).read_text())}
     labelled = batch["labels"][batch["labels"] != IGNORE]  # row-major: the samples' answers in `ids` order
     assert trainer.processor.tokenizer.decode(labelled) == "".join(answers[i] + "<|im_end|>" for i in batch["ids"])
     assert len(batch["ids"]) >= 2 and batch["pixel_values"].shape[0] == 3 * len(batch["ids"])

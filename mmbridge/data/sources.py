@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 from pathlib import Path
 
 from mmbridge.config import DataSource, Recipe, RecipeError
@@ -32,9 +36,11 @@ def world_manifest(world: dict) -> tuple[dict, Path]:
     if unknown:
         raise RecipeError(f"recipe.world: unknown key(s) {sorted(unknown)}; expected some of {sorted(WORLD_DEFAULTS)}")
     cfg = {**WORLD_DEFAULTS, **world}
-    root, videos = Path(cfg.pop("root")), cfg.pop("videos")
+    root, videos = world_folder(Path(cfg.pop("root")), cfg), cfg.pop("videos")
     try:
-        manifest = write_world(root, **cfg)
+        if not (root / "manifest.json").exists():
+            publish_world(root, cfg)
+        manifest = write_world(root, **cfg)  # the published world's own files, or (one gone) made again in place
     except ValueError as e:
         raise RecipeError(f"recipe.{e}") from e
     if videos is not None:
@@ -46,6 +52,35 @@ def world_manifest(world: dict) -> tuple[dict, Path]:
         except ValueError as e:
             raise RecipeError(f"recipe.{e}") from e
     return manifest, root / "images"
+
+
+def world_folder(root: Path, cfg: dict) -> Path:
+    """The folder under a recipe's world `root` that holds the world of these parameters: worlds of other
+    parameters (another recipe's, an override's) live beside it, so runs on different worlds never rewrite each
+    other's files."""
+    from mmbridge.data.shapes_world import GENERATOR_VERSION
+
+    params = {k: v for k, v in cfg.items() if k not in ("root", "videos")}
+    key = json.dumps({"version": GENERATOR_VERSION, **params}, sort_keys=True)
+    return root / f"v{GENERATOR_VERSION}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def publish_world(folder: Path, cfg: dict) -> None:
+    """Generate the world in a private folder and rename it to `folder` whole, so a reader never sees it half
+    written; when another process published the same world first, keep theirs."""
+    from mmbridge.data.shapes_world import write_world
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write_world(tmp, **cfg)
+        os.rename(tmp, folder)
+    except OSError:
+        if not (folder / "manifest.json").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_source(recipe: Recipe, name: str) -> DataSource:
