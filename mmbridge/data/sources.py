@@ -36,7 +36,8 @@ def world_manifest(world: dict) -> tuple[dict, Path]:
     if unknown:
         raise RecipeError(f"recipe.world: unknown key(s) {sorted(unknown)}; expected some of {sorted(WORLD_DEFAULTS)}")
     cfg = {**WORLD_DEFAULTS, **world}
-    root, videos = world_folder(Path(cfg.pop("root")), cfg), cfg.pop("videos")
+    root, videos = Path(cfg.pop("root")), cfg.pop("videos")
+    root = world_folder(root, cfg)
     try:
         if not (root / "manifest.json").exists():
             publish_world(root, cfg)
@@ -55,13 +56,12 @@ def world_manifest(world: dict) -> tuple[dict, Path]:
 
 
 def world_folder(root: Path, cfg: dict) -> Path:
-    """The folder under a recipe's world `root` that holds the world of these parameters: worlds of other
+    """The folder under a recipe's world `root` that holds the world of parameters `cfg` (write_world's): worlds of other
     parameters (another recipe's, an override's) live beside it, so runs on different worlds never rewrite each
     other's files."""
     from mmbridge.data.shapes_world import GENERATOR_VERSION
 
-    params = {k: v for k, v in cfg.items() if k not in ("root", "videos")}
-    key = json.dumps({"version": GENERATOR_VERSION, **params}, sort_keys=True)
+    key = json.dumps({"version": GENERATOR_VERSION, **cfg}, sort_keys=True)
     return root / f"v{GENERATOR_VERSION}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
