@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from fidelity import CLAIMS, compare_pair, noise_floor, spread, verdict  # noqa: E402
+from fidelity import CLAIMS, compare_pair, noise_floor, spread, summarise, verdict  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -61,3 +61,33 @@ def test_the_multimodal_claims_name_their_test_items_for_the_floor():
     for name in ("croc", "infmllm", "moe", "highres"):
         claim = CLAIMS[name]
         assert set(claim.figures) <= set(claim.items), name
+
+
+def _row(claim, arm, seed, value, seconds):
+    return {"claim": claim, "arm": arm, "seed": seed, "budget": 1, "figures": {"probe_mean": value}, "seconds": seconds}
+
+
+def test_a_claim_run_once_per_seed_reports_the_seeds_time_not_an_arms():
+    # LCL trains every arm of a seed in one run: its first arm's row holds that run's time, the others ~0
+    lcl = CLAIMS["lcl"]
+    assert lcl.run_per_seed
+    times = {0: [300.0, 0.1, 0.1, 0.1], 1: [500.0, 0.2, 0.2, 0.2]}
+    rows = {
+        ("lcl", a, s, 1): _row("lcl", a, s, 0.5 + 0.01 * i, times[s][i]) for s in (0, 1) for i, a in enumerate(lcl.arms)
+    }
+    out = summarise(lcl, 1, rows, [0, 1])
+    assert "seconds_per_run" not in out
+    assert out["seconds_per_seed"]["min"] == 300.3
+    assert out["seconds_per_seed"]["max"] == 500.6
+    # a claim of one run per arm keeps the per-run spread
+    croc = CLAIMS["croc"]
+    rows = {
+        ("croc", a, s, 1): {
+            **_row("croc", a, s, 0.5, 60.0 * (s + 1)),
+            "figures": {"vqa_accuracy": 0.5, "grounding_acc50": 0.1},
+        }
+        for s in (0, 1)
+        for a in croc.arms
+    }
+    out = summarise(croc, 1, rows, [0, 1])
+    assert out["seconds_per_run"] == {"mean": 90.0, "min": 60.0, "max": 120.0, "n": 4}
