@@ -47,6 +47,7 @@ SMOKE_KEYS = ("benchmark", "smoke", "claims")
 FAST_EVAL = ["eval.caption.limit=50", "eval.vqa.limit=200", "eval.grounding.limit=100"]
 LMM_ITEMS = {"vqa_accuracy": 200, "grounding_acc50": 100}  # the test items FAST_EVAL scores
 BASE = ["model.vision.image_size=64"]  # 16 tokens per image (a claim may set its own size after this)
+HIGHRES_ALIGN = 200  # lexical alignment steps before high resolution's LM budget (each image's views one bag)
 LORA = {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "layers": 15}
 
 
@@ -248,6 +249,7 @@ def highres_run(arm: str, seed: int, budget: int, out: Path, smoke: bool) -> dic
     import highres
 
     argv = ["--variants", arm, "--steps", str(budget), "--out", str(out), "--seed", str(seed)]
+    argv += ["--align-steps", str(HIGHRES_ALIGN)]
     argv += ["--threads", os.environ.get("OMP_NUM_THREADS", "1")]
     table = highres.main([*argv, *(["--smoke"] if smoke else [])])
     row = table["rows"][arm]

@@ -22,6 +22,12 @@ it can interpolate, which EfficientNet-Lite0 does not have. So `resize` is a sin
 is not a multiple of the 14-px patch). Training is tiny (tens of steps): this measures what each variant costs
 and whether it runs end to end, not how good a trained model would be.
 
+`--align-steps N` puts the lexical alignment (objectives/lexical.py, the demo's method) first: N steps on the
+world's detailed captions, the tower frozen and its views' features cached, the bridge's tokens taught the
+captions' words with an image's bag being all its views' tokens; the multitask stage then keeps the bridge
+frozen, as the demo does (the pool-adapter's hidden units become sigmoid word detectors; UHD's resampler is read
+through its tokens).
+
 Reported per variant: visual tokens per image (measured on the test images, LM positions per <image>
 including newlines/separators), encoder views per image, median step time, VQA accuracy and grounding
 Acc@0.5, with blind baselines (majority answer per question type, mean box) on the same records. The last line
@@ -64,12 +70,40 @@ SMOKE_KEYS = ("benchmark", "blind_baselines", "rows")  # what the last JSON line
 
 def recipe_dict(variant: str, args) -> dict:
     """The recipe of one variant: everything but `model.tiling` and the bridge is shared."""
+    align = args.align_steps > 0
     if variant == "uhd":
         bridge = {"name": "resampler", "latents": 16, "dim": 384, "depth": 1, "heads": 6}
         tiling = {"mode": "uhd", "max_slices": args.uhd_max_slices, "separators": True}
-    else:
-        bridge = {"name": "pool_adapter", "pooled": 4}
+    else:  # aligned: the hidden units read as word detectors (objectives/lexical.py)
+        bridge = {"name": "pool_adapter", "pooled": 4, **({"act": "sigmoid"} if align else {})}
         tiling = {"mode": "anyres"} if variant == "anyres" else {"mode": "none"}
+    stages = [
+        {
+            "name": "multitask",
+            "data": {"world/train/vqa": 2.0, "world/train/grounding": 1.0},
+            # aligned, the bridge stays as the alignment left it (as in the demo)
+            "train": {"vision": "frozen", "bridge": "frozen" if align else "full", "lm": "lora"},
+            "lr": {"lm": 1.0e-3, **({} if align else {"bridge": 1.0e-3})},
+            "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+            "steps": args.steps,
+            "seed": args.seed,
+            "batch_size": args.batch_size,
+            "warmup": 0.05,
+        }
+    ]
+    if align:  # the lexical alignment on detailed captions, the bag of an image being all its views' tokens
+        lexical = {
+            "name": "lexical",
+            "data": {"world/train/detailed": 1.0},
+            "objective": {"name": "lexical", "words": 48},
+            "train": {"vision": "frozen", "bridge": "full", "lm": "frozen"},
+            "lr": {"bridge": 5.0e-3, "objective": 1.0e-2},
+            "steps": args.align_steps,
+            "seed": args.seed,
+            "batch_size": args.align_batch_size,
+            "warmup": 0.05,
+        }
+        stages.insert(0, lexical)
     world = {
         "root": args.world,
         "n_train": args.n_train,
@@ -92,20 +126,9 @@ def recipe_dict(variant: str, args) -> dict:
             "tiling": tiling,
             "max_length": 256,
             "system_prompt": "",
+            "feature_cache": align,  # the frozen tower's views encoded once for the alignment's epochs
         },
-        "stages": [
-            {
-                "name": "multitask",
-                "data": {"world/train/vqa": 2.0, "world/train/grounding": 1.0},
-                "train": {"vision": "frozen", "bridge": "full", "lm": "lora"},
-                "lr": {"bridge": 1.0e-3, "lm": 1.0e-3},
-                "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-                "steps": args.steps,
-                "seed": args.seed,
-                "batch_size": args.batch_size,
-                "warmup": 0.05,
-            }
-        ],
+        "stages": stages,
     }
 
 
@@ -220,6 +243,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--shape-min", type=int, default=20)
     ap.add_argument("--shape-max", type=int, default=60)
     ap.add_argument("--uhd-max-slices", type=int, default=4)
+    ap.add_argument(
+        "--align-steps", type=int, default=0, help="a lexical alignment stage of this many steps first (0: none)"
+    )
+    ap.add_argument("--align-batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0, help="the run's seed (bridge init, LoRA, batch order)")
     ap.add_argument("--world", default=".cache/shapes-world-highres")
@@ -236,6 +263,7 @@ def main(argv=None) -> dict:
             args.vision = {**VISION, "path": tiny_dinov2(tmp), "image_size": 28}
             args.lm = {"path": models["lm"]}
             args.steps, args.batch_size, args.vqa, args.grounding, args.threads = 1, 2, 2, 2, 1
+            args.align_steps, args.align_batch_size = min(args.align_steps, 1), 2
             args.n_train, args.n_val, args.n_test, args.image_size, args.shape_min, args.shape_max = 8, 8, 4, 112, 8, 20
             args.world, args.out = str(Path(tmp) / "world"), str(Path(tmp) / "runs")
         return compare(names, args)
@@ -259,6 +287,7 @@ def compare(names: list[str], args) -> dict:
         + f", frozen, S={args.vision['image_size']} px, same for all variants",
         "world": recipe_dict("resize", args)["world"],
         "steps": args.steps,
+        "align_steps": args.align_steps,
         "seed": args.seed,
         "batch_size": args.batch_size,
         "uhd_max_slices": args.uhd_max_slices,

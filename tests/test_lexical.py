@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from mmbridge.config import ModelConfig, recipe_from_dict
 from mmbridge.data.processor import IGNORE
 from mmbridge.models.build import build_model
-from mmbridge.objectives.lexical import LexicalAlignment
+from mmbridge.objectives.lexical import PAD, LexicalAlignment
 from mmbridge.runs import load_run
 from mmbridge.train.trainer import Trainer
 from tests.conftest import tiny_recipe_dict
@@ -35,14 +35,15 @@ class Answers:
         return {"labels": self.rows[i]}
 
 
-def model_with(tiny_lm_dir, tiny_clip_dir, bridge):
+def model_with(tiny_lm_dir, tiny_clip_dir, bridge, **extra):
     torch.manual_seed(0)
     cfg = ModelConfig(
         vision={"name": "hf", "path": tiny_clip_dir},
         bridge=bridge,
         lm={"path": tiny_lm_dir},
-        max_length=128,
+        max_length=extra.pop("max_length", 128),
         system_prompt="",
+        **extra,
     )
     model, proc = build_model(cfg)
     model.vision.requires_grad_(False)
@@ -114,7 +115,7 @@ def test_a_bridge_without_hidden_units_is_aligned_through_its_tokens(tiny_lm_dir
     tokens = model.bridge(feats)
     table = model.lm.get_input_embeddings().weight[ids]
     want = tokens @ table.T * torch.exp(torch.tensor(0.3)) + torch.linspace(-1, 1, 6)
-    got = objective.word_logits(model, feats)
+    got = objective.word_logits(model, px)
     assert_same_math(got, want, scale=float((tokens.abs() @ table.abs().T).max()) * 1.35 + 1)
 
 
@@ -211,3 +212,50 @@ def test_exclusive_adds_each_tokens_detections_beyond_one(mlp_model):
     excess = torch.tensor([max(float(p[i, t].sum()) - 1, 0.0) for i in range(2) for t in range(p.shape[1])])
     assert excess.max() > 0  # random detectors hold several words per token
     assert_same_math(out.loss, plain + 0.5 * excess.mean())
+
+
+def test_under_anyres_a_bag_is_the_whole_image(tiny_lm_dir, tiny_clip_dir):
+    """AnyRes: an image's tokens come from several views (a global view and tiles) and newlines; the bag is the
+    whole image, so a row's logit for a word is the largest over every view's tokens, the newlines left out."""
+    from PIL import Image
+
+    from mmbridge.data.dataset import Collator
+
+    model, proc = model_with(
+        tiny_lm_dir, tiny_clip_dir, {"name": "mlp", "act": "sigmoid"}, tiling={"mode": "anyres"}, max_length=400
+    )
+    objective, _ = aligned(model, proc)
+    rng = torch.Generator().manual_seed(4)
+    answers = ("a red circle on the left", "there are two blue squares")
+    items = []
+    for (w, h), answer in zip(((64, 64), (32, 96)), answers):  # 2x2 and 3x1 tiles: 5 and 4 views
+        pixels = torch.randint(0, 255, (h, w, 3), generator=rng, dtype=torch.uint8).numpy()
+        views = proc.images([Image.fromarray(pixels)])
+        conv = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": answer}]
+        enc = proc.encode(conv, 1, counts=views["counts"])
+        items.append(
+            {
+                "id": answer,
+                "input_ids": enc.input_ids,
+                "labels": enc.labels,
+                "pixel_values": views["pixel_values"],
+                "visual_index": views["visual_index"],
+                "views": views["views"],
+                "image_counts": views["visual_counts"],
+            }
+        )
+    batch = Collator(proc)(items)
+    assert batch["pixel_values"].shape[0] == 9 and bool((batch["visual_index"] < 0).any())  # newlines present
+    out = objective(model, batch)
+    per_view = model.bridge.proj[0](model.vision_features(batch["pixel_values"]))[..., :6]  # [views, tokens, 6]
+    placed = objective.image_logits(model, batch).detach()  # [2 images, 88 slots, 6]
+    assert placed.shape == (2, 88, 6)
+    # 88 = 16 + 8 rows of (8 + newline); 76 = 16 + 12 rows of (4 + newline), padded by 12
+    assert (placed[..., 0] == PAD).sum(1).tolist() == [8, 12 + 12]
+    for image, views in ((0, slice(0, 5)), (1, slice(5, 9))):  # each view's token in the image's bag, once
+        real = placed[image][placed[image, :, 0] != PAD]
+        want = per_view[views].detach().reshape(-1, 6)
+        assert torch.equal(real.sort(0).values, want.sort(0).values)
+    best = torch.stack([per_view[:5].amax((0, 1)), per_view[5:].amax((0, 1))])
+    target = torch.tensor([[1, 0, 1, 0, 0, 1], [0, 1, 0, 0, 1, 0]], dtype=torch.float32)
+    assert_same_math(out.loss, F.binary_cross_entropy_with_logits(best, target))

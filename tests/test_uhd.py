@@ -51,7 +51,7 @@ def uhd(tiny_lm_dir, tiny_clip_dir):
 
 def sample(proc, images, answer="a red circle"):
     views = proc.images(images)
-    enc = proc.encode(conv(len(images)), len(images), counts=views["counts"])
+    enc = proc.encode(conv(len(images), answer), len(images), counts=views["counts"])
     return {
         "id": "x",
         "input_ids": enc.input_ids,
@@ -307,3 +307,59 @@ def test_a_dinov2_tower_encodes_any_size(tmp_path):
 def test_the_serving_engine_batches_slices(uhd):
     model, proc = uhd
     assert_served_batch_equals_alone(model, proc, [picture(size, k) for k, size in enumerate(GRIDS)], conv(1)[:1], 2)
+
+
+def frozen_tower(model):
+    """The tower frozen for the length of a test (the fixture's model is shared)."""
+    flags = [p.requires_grad for p in model.vision.parameters()]
+    model.vision.requires_grad_(False)
+    return lambda: [p.requires_grad_(f) for p, f in zip(model.vision.parameters(), flags)]
+
+
+def test_a_frozen_tower_remembers_each_views_features(uhd):
+    from mmbridge.models.feature_cache import FeatureCache
+
+    model, proc = uhd
+    images = [picture(s, k) for k, s in enumerate(GRIDS)]
+    batch = Collator(proc)([sample(proc, images[:1]), sample(proc, images[1:])])
+    restore = frozen_tower(model)
+    try:
+        with torch.no_grad():
+            plain = model.encode_views(batch["pixel_values"], batch["view_sizes"])
+            model.feature_cache = FeatureCache()
+            first = model.encode_views(batch["pixel_values"], batch["view_sizes"])
+            second = model.encode_views(batch["pixel_values"], batch["view_sizes"])
+        hits, misses = model.feature_cache.hits, model.feature_cache.misses
+    finally:
+        model.feature_cache = None
+        restore()
+    assert (misses, hits) == (12, 12)  # 5 + 7 views, each encoded once at its own size
+    assert torch.equal(first, plain) and torch.equal(second, plain)
+
+
+def test_lexical_alignment_bags_every_slice_of_an_image(uhd):
+    """The lexical objective through the resampler's tokens: a row's logit for a word is the largest over all the
+    views (overview and slices) of its image."""
+    import torch.nn.functional as F
+
+    from tests.rounding import assert_same_math
+    from tests.test_lexical import aligned
+
+    model, proc = uhd
+    objective, ids = aligned(model, proc)
+    images = [picture(s, k) for k, s in enumerate(GRIDS)]
+    answers = ("a red circle on the left", "there are two blue squares")
+    batch = Collator(proc)([sample(proc, [im], answer=a) for im, a in zip(images, answers)])
+    restore = frozen_tower(model)
+    try:
+        with torch.no_grad():
+            objective.scale.fill_(0.5)
+            out = objective(model, batch)
+            tokens = model.encode_views(batch["pixel_values"], batch["view_sizes"])  # [12 views, K, width]
+    finally:
+        restore()
+    table = model.lm.get_input_embeddings().weight[ids]
+    per_view = tokens @ table.T * math.exp(0.5) + objective.offset[:6]
+    best = torch.stack([per_view[:5].amax((0, 1)), per_view[5:].amax((0, 1))])
+    target = torch.tensor([[1, 0, 1, 0, 0, 1], [0, 1, 0, 0, 1, 0]], dtype=torch.float32)
+    assert_same_math(out.loss, F.binary_cross_entropy_with_logits(best, target))

@@ -160,16 +160,22 @@ class MultimodalLM(nn.Module):
     def encode_views(self, pixel_values: torch.Tensor, view_sizes: torch.Tensor) -> torch.Tensor:
         """Views of their own sizes (LLaVA-UHD's slices; zero-padded `pixel_values`, `view_sizes` [n, 2] of
         (height, width)) → [n, num_image_tokens, lm_width]: each size encoded as one batch with the position
-        table interpolated to it, then compressed by the bridge to the same count."""
+        table interpolated to it, then compressed by the bridge to the same count. A frozen encoder's outputs come
+        from `feature_cache` where it has them (keyed by each view's own pixels)."""
         trains = any(p.requires_grad for p in self.vision.parameters())
+        cache = None if trains or self.vision.training else self.feature_cache
         groups: dict[tuple[int, int], list[int]] = {}
         for k, (h, w) in enumerate(view_sizes.tolist()):
             groups.setdefault((h, w), []).append(k)
         out = None
         for (h, w), rows in groups.items():  # one encoder pass per distinct size
             index = torch.tensor(rows, device=pixel_values.device)
-            with torch.set_grad_enabled(torch.is_grad_enabled() and trains):
-                feats = self.vision.forward_any(pixel_values[index, :, :h, :w])
+            if cache is not None:
+                with torch.no_grad():
+                    feats = cache.lookup(pixel_values[index, :, :h, :w], self.vision.forward_any)
+            else:
+                with torch.set_grad_enabled(torch.is_grad_enabled() and trains):
+                    feats = self.vision.forward_any(pixel_values[index, :, :h, :w])
             patch = self.tiling.patch if self.tiling is not None else self.vision.image_size // self.vision.grid[1]
             tokens = self._bridge(feats, None, grid=(h // patch, w // patch))
             out = tokens.new_zeros(len(view_sizes), *tokens.shape[1:]) if out is None else out

@@ -83,9 +83,29 @@ def answer_rows(datasets, samples: int):
         yield sample["labels"]
 
 
-def images_per_row(input_ids: torch.Tensor, image_token_id: int, tokens_per_image: int) -> torch.Tensor:
-    """How many images each row of `input_ids` holds; a row's images fill its image tokens in order."""
-    return (input_ids == image_token_id).sum(1) // tokens_per_image
+def image_rows(
+    input_ids: torch.Tensor, image_token_id: int, tokens_per_image: int, image_counts: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[n_images]: the row of `input_ids` each image belongs to; a row's images fill its image tokens in order,
+    `tokens_per_image` each, or, under a tiling whose counts vary, `image_counts` [n_images] each."""
+    is_image = input_ids == image_token_id
+    if image_counts is None:
+        per_row = is_image.sum(1) // tokens_per_image
+        return torch.repeat_interleave(torch.arange(len(per_row), device=per_row.device), per_row)
+    slot_row = torch.nonzero(is_image)[:, 0]  # row-major: the slots in the order the images fill them
+    if int(image_counts.sum()) != slot_row.numel():
+        raise ValueError(f"{int(image_counts.sum())} image tokens counted for {slot_row.numel()} in the batch")
+    return slot_row[torch.cumsum(image_counts, 0) - image_counts]
+
+
+def images_per_row(
+    input_ids: torch.Tensor, image_token_id: int, tokens_per_image: int, image_counts: torch.Tensor | None = None
+) -> torch.Tensor:
+    """How many images each row of `input_ids` holds (see `image_rows`)."""
+    if image_counts is None:
+        return (input_ids == image_token_id).sum(1) // tokens_per_image
+    owner = image_rows(input_ids, image_token_id, tokens_per_image, image_counts)
+    return torch.bincount(owner, minlength=input_ids.shape[0])
 
 
 def word_mil(
@@ -96,20 +116,21 @@ def word_mil(
     word_ids: torch.Tensor,
     normalizer: float | None,
     name: str,
+    image_counts: torch.Tensor | None = None,
 ):
     """Multiple-instance word detection: a row holds a word if one of its images' tokens does (the largest logit of
     `per_token` [n_images, tokens, V] over the row's images' tokens), binary cross-entropy against the words
-    `word_ids` among the row's labels. Returns the loss, its share of the step's normaliser, and the accuracy."""
+    `word_ids` among the row's labels. Returns the loss, its share of the step's normaliser, and the accuracy.
+    `image_counts`: each image's image tokens where they vary (a tiling; see `image_rows`)."""
     input_ids, labels = batch["input_ids"], batch["labels"]
     per_image = per_token.amax(1)
     # each image belongs to the row whose image tokens it fills (in order)
-    per_row = images_per_row(input_ids, image_token_id, tokens_per_image)
-    owner = torch.repeat_interleave(torch.arange(len(per_row), device=per_row.device), per_row)
+    owner = image_rows(input_ids, image_token_id, tokens_per_image, image_counts)
     if owner.numel() != per_image.shape[0]:
         raise ValueError(f"objective {name}: {per_image.shape[0]} images for {owner.numel()} image slots")
-    scores = per_image.new_full((len(per_row), per_image.shape[1]), float("-inf"))
+    scores = per_image.new_full((input_ids.shape[0], per_image.shape[1]), float("-inf"))
     scores = scores.scatter_reduce(0, owner[:, None].expand_as(per_image), per_image, "amax")
-    has = per_row > 0
+    has = torch.bincount(owner, minlength=input_ids.shape[0]) > 0
     target = (labels[:, :, None] == word_ids[None, None, :]).any(1).to(scores.dtype)
     loss = F.binary_cross_entropy_with_logits(scores[has], target[has])
     share = 1.0 if normalizer is None else target_total(batch) / normalizer

@@ -25,6 +25,9 @@ the words of both; the LM then cannot tell which colour goes with which shape.
 `exclusive` (a weight, 0 = off) asks each token to hold one word at most (its detections sum to 1 or less), so
 that an object's words spread over its tokens, one word each, as the LM reads text.
 
+Under a tiling (AnyRes, UHD) a bag is the whole image: its views' tokens in the order the LM reads them, so a
+tile that does not show a word is not asked to hold it.
+
 After the stage the bridge is an ordinary projector (exportable as LLaVA's where the shapes match): the LM
 reads its continuous tokens directly, there is no vocabulary at inference, and later stages train every
 weight, the output layer included, away from the words where the data asks for it.
@@ -38,6 +41,8 @@ from torch import nn
 
 from mmbridge.objectives.base import OBJECTIVES, LossOutput, Objective
 from mmbridge.objectives.concepts import answer_rows, choose_vocabulary, images_per_row, word_mil
+
+PAD = -1.0e4  # the word logit of a position that is no token (AnyRes's newline, a shorter image's padding)
 
 
 def hidden_units(bridge) -> nn.Linear | None:
@@ -121,41 +126,72 @@ class LexicalAlignment(Objective):
         if not any(p.requires_grad for p in model.bridge.parameters()):
             raise ValueError("objective lexical: nothing of the bridge trains; set train.bridge: full")
 
-    def word_logits(self, model, feats: torch.Tensor) -> torch.Tensor:
-        """[n_images, tokens, words]: each token's logit for each vocabulary word."""
+    def word_logits(self, model, pixel_values: torch.Tensor, view_sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """[n_views, tokens, words]: each token's logit for each vocabulary word (a view: an image, or one of a
+        tiling's views; `view_sizes` for views of their own sizes, LLaVA-UHD's)."""
         if bool((self.word_ids < 0).any()):
             raise RuntimeError("objective lexical: no vocabulary yet (read_stage_data chooses it)")
-        bridge = model.bridge
         if self.detects_in_hidden_units:
-            return bridge.pre_activation(feats)[..., : len(self.word_ids)]
+            if view_sizes is not None:
+                raise ValueError("objective lexical: views of their own sizes need a token-read bridge (resampler)")
+            return model.bridge.pre_activation(model.vision_features(pixel_values))[..., : len(self.word_ids)]
         table = model.lm.get_input_embeddings().weight[self.word_ids].detach()
-        tokens = bridge(feats)
+        tokens = model.encode_images(pixel_values, view_sizes=view_sizes)
         return tokens @ table.to(tokens.dtype).T * self.scale.exp() + self.offset[: len(self.word_ids)]
 
+    def image_logits(self, model, batch: dict) -> torch.Tensor:
+        """[n_images, tokens, words]. Under a tiling whose counts vary (AnyRes, UHD) an image's tokens are its
+        views' tokens in the order the LM reads them, padded to the batch's longest image with `PAD` (as are
+        AnyRes's newlines), so that a bag of multiple-instance learning is a whole image, not one view."""
+        per_view = self.word_logits(model, batch["pixel_values"], batch.get("view_sizes"))
+        index = batch.get("visual_index")
+        if index is None:
+            return per_view
+        if index.dim() != 1:
+            raise ValueError("objective lexical: tokens blended from several views (anyres_max) are not supported")
+        flat = per_view.reshape(-1, per_view.shape[-1])
+        flat = torch.cat([flat, flat.new_full((1, flat.shape[1]), PAD)])  # index -1 (a newline) reads PAD
+        slots = flat[index].split(batch["image_counts"].tolist())
+        return nn.utils.rnn.pad_sequence(slots, batch_first=True, padding_value=PAD)
+
     def forward(self, model, batch: dict, normalizer: float | None = None) -> LossOutput:
-        per_token = self.word_logits(model, model.vision_features(batch["pixel_values"]))
+        per_token = self.image_logits(model, batch)
+        counts = batch.get("image_counts") if "visual_index" in batch else None
         loss, share, hit = word_mil(
-            per_token, batch, model.image_token_id, model.bridge.num_tokens, self.word_ids, normalizer, "lexical"
+            per_token,
+            batch,
+            model.image_token_id,
+            model.bridge.num_tokens,
+            self.word_ids,
+            normalizer,
+            "lexical",
+            counts,
         )
         parts = {"lexical": (loss * share).detach()}
         if self.phrases > 0:
-            bind = phrase_binding(per_token, batch, model.image_token_id, self.word_ids, self.stop_ids)
+            bind = phrase_binding(per_token, batch, model.image_token_id, self.word_ids, self.stop_ids, counts)
             loss = loss + self.phrases * bind
             parts["phrases"] = (self.phrases * bind * share).detach()
         if self.exclusive > 0:  # a token holds one word at most: its detections sum to 1 or less
-            excess = torch.relu(torch.sigmoid(per_token).sum(-1) - 1).mean()
+            real = per_token[..., 0] > PAD  # not a newline or padding
+            excess = torch.relu(torch.sigmoid(per_token).sum(-1) - 1)[real].mean()
             loss = loss + self.exclusive * excess
             parts["exclusive"] = (self.exclusive * excess * share).detach()
         return LossOutput(loss * share, parts, {"word_accuracy": hit.detach()})
 
 
 def phrase_binding(
-    per_token: torch.Tensor, batch: dict, image_token_id: int, word_ids: torch.Tensor, stop_ids: torch.Tensor
+    per_token: torch.Tensor,
+    batch: dict,
+    image_token_id: int,
+    word_ids: torch.Tensor,
+    stop_ids: torch.Tensor,
+    image_counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The binding term (see the module's docstring) over rows of one image: per sentence of two or more vocabulary
     words, -mean log σ of its words at its best token, plus -mean log(1 - σ) of the image's other words there."""
     input_ids, labels = batch["input_ids"], batch["labels"]
-    per_row = images_per_row(input_ids, image_token_id, per_token.shape[1])
+    per_row = images_per_row(input_ids, image_token_id, per_token.shape[1], image_counts)
     first = torch.cumsum(per_row, 0) - per_row  # each row's first image
     rows = torch.nonzero(per_row == 1).squeeze(1)
     if rows.numel() == 0:
