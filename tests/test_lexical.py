@@ -220,6 +220,7 @@ def test_under_anyres_a_bag_is_the_whole_image(tiny_lm_dir, tiny_clip_dir):
     from PIL import Image
 
     from mmbridge.data.dataset import Collator
+    from tests.test_anyres_model import sample
 
     model, proc = model_with(
         tiny_lm_dir, tiny_clip_dir, {"name": "mlp", "act": "sigmoid"}, tiling={"mode": "anyres"}, max_length=400
@@ -230,20 +231,7 @@ def test_under_anyres_a_bag_is_the_whole_image(tiny_lm_dir, tiny_clip_dir):
     items = []
     for (w, h), answer in zip(((64, 64), (32, 96)), answers):  # 2x2 and 3x1 tiles: 5 and 4 views
         pixels = torch.randint(0, 255, (h, w, 3), generator=rng, dtype=torch.uint8).numpy()
-        views = proc.images([Image.fromarray(pixels)])
-        conv = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": answer}]
-        enc = proc.encode(conv, 1, counts=views["counts"])
-        items.append(
-            {
-                "id": answer,
-                "input_ids": enc.input_ids,
-                "labels": enc.labels,
-                "pixel_values": views["pixel_values"],
-                "visual_index": views["visual_index"],
-                "views": views["views"],
-                "image_counts": views["visual_counts"],
-            }
-        )
+        items.append(sample(proc, [Image.fromarray(pixels)], answer=answer))
     batch = Collator(proc)(items)
     assert batch["pixel_values"].shape[0] == 9 and bool((batch["visual_index"] < 0).any())  # newlines present
     out = objective(model, batch)
