@@ -341,6 +341,11 @@ def summarise(claim: Claim, budget: int, rows: dict[tuple, dict], seeds: list[in
         floor = noise_floor(blind, claim.items[fig]) if blind is not None and fig in claim.items else None
         out["figures"][fig] = {
             "arms": {a: spread(v) for a, v in values.items()},
+            # each pair's difference of means: how a gap moves from one budget to the next
+            "gaps": {
+                f"{a} - {b}": round(statistics.fmean(values[a]) - statistics.fmean(values[b]), 4)
+                for a, _, b in claim.pairs
+            },
             "floor": None if floor is None else round(floor, 4),
             "verdict": verdict(claim.pairs, values, floor),
         }
@@ -369,15 +374,16 @@ def markdown(summary: dict) -> str:
     """One row per claim, budget and figure: each arm's mean (min–max), the blind baseline with its noise floor,
     the verdict."""
     lines = [
-        "| claim | budget | figure | arms: mean (min–max) over seeds | blind | verdict |",
-        "|---|---|---|---|---|---|",
+        "| claim | budget | figure | arms: mean (min–max) over seeds | gap of means | blind | verdict |",
+        "|---|---|---|---|---|---|---|",
     ]
     for line in summary.values():
         for fig, v in line["figures"].items():
             arms = "; ".join(f"{a} {s['mean']:.3f} ({s['min']:.3f}–{s['max']:.3f})" for a, s in v["arms"].items())
             b = f"{line['blind'][fig]:.3f}" if fig in line["blind"] else ""
             b += f" (floor {v['floor']:.3f})" if v.get("floor") is not None else ""
-            lines.append(f"| {line['claim']} | {line['budget']} | {fig} | {arms} | {b} | {v['verdict']} |")
+            gaps = "; ".join(f"{pair} {g:+.3f}" for pair, g in v["gaps"].items())
+            lines.append(f"| {line['claim']} | {line['budget']} | {fig} | {arms} | {gaps} | {b} | {v['verdict']} |")
     return "\n".join(lines)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from fidelity import CLAIMS, compare_pair, noise_floor, spread, summarise, verdict  # noqa: E402
+from fidelity import CLAIMS, compare_pair, markdown, noise_floor, spread, summarise, verdict  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -76,6 +76,11 @@ def test_a_claim_run_once_per_seed_reports_the_seeds_time_not_an_arms():
         ("lcl", a, s, 1): _row("lcl", a, s, 0.5 + 0.01 * i, times[s][i]) for s in (0, 1) for i, a in enumerate(lcl.arms)
     }
     out = summarise(lcl, 1, rows, [0, 1])
+    # arms 0.50, 0.51, 0.52, 0.53 in each seed: lcl - contrastive, contrastive - generation, generation - random
+    gaps = out["figures"]["probe_mean"]["gaps"]
+    assert gaps == {"lcl - contrastive": -0.01, "contrastive - generation": -0.01, "generation - random_init": -0.01}
+    row = markdown({"lcl@1": out}).splitlines()[-1]
+    assert "| lcl 0.500 (0.500–0.500); contrastive 0.510" in row and "| lcl - contrastive -0.010; " in row
     assert "seconds_per_run" not in out
     assert out["seconds_per_seed"]["min"] == 300.3
     assert out["seconds_per_seed"]["max"] == 500.6
