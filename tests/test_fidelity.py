@@ -3,6 +3,7 @@ other, reversed only when every seed falls below; overlapping spreads are not di
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -96,3 +97,14 @@ def test_a_claim_run_once_per_seed_reports_the_seeds_time_not_an_arms():
     }
     out = summarise(croc, 1, rows, [0, 1])
     assert out["seconds_per_run"] == {"mean": 90.0, "min": 60.0, "max": 120.0, "n": 4}
+
+
+def test_step_costs_leave_the_alignment_out_of_the_lm_median(tmp_path):
+    from fidelity import step_costs
+
+    rows = [("lexical", 0.1)] * 5 + [("multitask", 2.0), ("multitask", 4.0), ("moe", 7.0)]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"stage": st, "step_s": t}) + "\n" for st, t in rows) + '{"eval": 1}\n')
+    got = step_costs(metrics)
+    # a median over every step would be 0.1 (the alignment's); the LM stages' is that of 2, 4 and 7
+    assert got == {"step_s_lexical": 0.1, "step_s_multitask": 3.0, "step_s_moe": 7.0, "lm_step_s_median": 4.0}
