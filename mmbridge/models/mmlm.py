@@ -170,12 +170,11 @@ class MultimodalLM(nn.Module):
         out = None
         for (h, w), rows in groups.items():  # one encoder pass per distinct size
             index = torch.tensor(rows, device=pixel_values.device)
-            if cache is not None:
-                with torch.no_grad():
-                    feats = cache.lookup(pixel_values[index, :, :h, :w], self.vision.forward_any)
-            else:
-                with torch.set_grad_enabled(torch.is_grad_enabled() and trains):
-                    feats = self.vision.forward_any(pixel_values[index, :, :h, :w])
+            views = pixel_values[index, :, :h, :w]
+            with torch.set_grad_enabled(torch.is_grad_enabled() and trains):
+                feats = (
+                    self.vision.forward_any(views) if cache is None else cache.lookup(views, self.vision.forward_any)
+                )
             patch = self.tiling.patch if self.tiling is not None else self.vision.image_size // self.vision.grid[1]
             tokens = self._bridge(feats, None, grid=(h // patch, w // patch))
             out = tokens.new_zeros(len(view_sizes), *tokens.shape[1:]) if out is None else out

@@ -102,8 +102,6 @@ def images_per_row(
     input_ids: torch.Tensor, image_token_id: int, tokens_per_image: int, image_counts: torch.Tensor | None = None
 ) -> torch.Tensor:
     """How many images each row of `input_ids` holds (see `image_rows`)."""
-    if image_counts is None:
-        return (input_ids == image_token_id).sum(1) // tokens_per_image
     owner = image_rows(input_ids, image_token_id, tokens_per_image, image_counts)
     return torch.bincount(owner, minlength=input_ids.shape[0])
 

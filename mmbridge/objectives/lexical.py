@@ -156,7 +156,7 @@ class LexicalAlignment(Objective):
 
     def forward(self, model, batch: dict, normalizer: float | None = None) -> LossOutput:
         per_token = self.image_logits(model, batch)
-        counts = batch.get("image_counts") if "visual_index" in batch else None
+        counts = batch.get("image_counts")  # present under a tiling whose counts vary
         loss, share, hit = word_mil(
             per_token,
             batch,
