@@ -6,6 +6,8 @@ whole path runs in seconds on a CPU; and the model as a later stage of a recipe 
 from __future__ import annotations
 
 import base64
+import json
+import statistics
 import struct
 import zlib
 from pathlib import Path
@@ -174,3 +176,18 @@ def png_header(width: int, height: int) -> bytes:
 def data_url(data: bytes) -> str:
     """`data` as a base64 PNG data URL (an OpenAI-style image_url)."""
     return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def step_costs(metrics: Path) -> dict:
+    """Median seconds a step: `lm_step_s_median` over the stages after the alignment (the ones that run the LM),
+    and `step_s_<stage>` for each stage on its own (the alignment's steps are an order of magnitude cheaper, so one
+    median over every step would say little of what an arm costs)."""
+    by_stage: dict[str, list[float]] = {}
+    for line in metrics.read_text().splitlines():
+        r = json.loads(line)
+        if "step_s" in r:
+            by_stage.setdefault(r["stage"], []).append(r["step_s"])
+    out = {f"step_s_{name}": round(statistics.median(v), 3) for name, v in by_stage.items()}
+    lm = [x for name, v in by_stage.items() if name != "lexical" for x in v]
+    out["lm_step_s_median"] = round(statistics.median(lm), 3) if lm else None
+    return out

@@ -41,7 +41,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import yaml  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import tiny_models, tiny_sets, tiny_world  # noqa: E402
+from _common import step_costs, tiny_models, tiny_sets, tiny_world  # noqa: E402
 
 SMOKE_KEYS = ("benchmark", "smoke", "claims")
 FAST_EVAL = ["eval.caption.limit=50", "eval.vqa.limit=200", "eval.grounding.limit=100"]
@@ -164,21 +164,6 @@ def run_lmm(overrides: list[str], out: Path, smoke: bool) -> dict:
     row |= step_costs(out / "metrics.jsonl")
     row["train_seconds"] = m["train_seconds"]
     return row
-
-
-def step_costs(metrics: Path) -> dict:
-    """Median seconds a step: `lm_step_s_median` over the stages after the alignment (the ones that run the LM),
-    and `step_s_<stage>` for each stage on its own (the alignment's steps are an order of magnitude cheaper, so one
-    median over every step would say little of what an arm costs)."""
-    by_stage: dict[str, list[float]] = {}
-    for line in metrics.read_text().splitlines():
-        r = json.loads(line)
-        if "step_s" in r:
-            by_stage.setdefault(r["stage"], []).append(r["step_s"])
-    out = {f"step_s_{name}": round(statistics.median(v), 3) for name, v in by_stage.items()}
-    lm = [x for name, v in by_stage.items() if name != "lexical" for x in v]
-    out["lm_step_s_median"] = round(statistics.median(lm), 3) if lm else None
-    return out
 
 
 def croc_run(arm: str, seed: int, budget: int, out: Path, smoke: bool) -> dict:
@@ -317,7 +302,7 @@ CLAIMS = {
             ("vqa_accuracy", "grounding_acc50"),
             highres_run,
             (30, 60),
-            cost=("visual_tokens", "step_s_median", "train_s"),
+            cost=("visual_tokens", "lm_step_s_median", "train_s"),
             items={"vqa_accuracy": 40, "grounding_acc50": 20},  # highres.py's default test sizes
         ),
         Claim(

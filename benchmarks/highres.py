@@ -54,7 +54,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import tiny_dinov2, tiny_models  # noqa: E402
+from _common import step_costs, tiny_dinov2, tiny_models  # noqa: E402
 
 VARIANTS = ("resize", "anyres", "uhd")
 VISION = {
@@ -210,7 +210,7 @@ def run_variant(variant: str, args, tests: dict | None) -> tuple[dict, dict]:
     steps = [s for s in steps if "step_s" in s]
     row = {
         **tokens_per_image(processor, tests["vqa"][0] + tests["grounding"][0], tests["vqa"][1]),
-        "step_s_median": round(statistics.median(s["step_s"] for s in steps), 3),
+        **step_costs(run_dir / "metrics.jsonl"),
         "final_loss": round(steps[-1]["loss"], 4),
     }
     t1 = time.perf_counter()
@@ -301,7 +301,7 @@ def compare(names: list[str], args) -> dict:
     print(f"{'variant':<8}{'tokens':>8}{'views':>7}{'step s':>8}{'VQA acc':>9}{'Acc@0.5':>9}")
     for name, r in rows.items():
         print(
-            f"{name:<8}{r['visual_tokens']:>8}{r['views_per_image']:>7}{r['step_s_median']:>8}"
+            f"{name:<8}{r['visual_tokens']:>8}{r['views_per_image']:>7}{r['lm_step_s_median']:>8}"
             f"{r['vqa_accuracy']:>9}{r['grounding_acc50']:>9}"
         )
     print(json.dumps(table))
