@@ -301,7 +301,7 @@ CLAIMS = {
             (("anyres", ">", "resize"), ("uhd", ">", "resize")),
             ("vqa_accuracy", "grounding_acc50"),
             highres_run,
-            (30, 60),
+            (60, 120),
             cost=("visual_tokens", "lm_step_s_median", "train_s"),
             items={"vqa_accuracy": 40, "grounding_acc50": 20},  # highres.py's default test sizes
         ),
