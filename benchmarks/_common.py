@@ -1,7 +1,7 @@
 """What the benchmark scripts share: toy sizes for their `--smoke` runs (tiny Hugging Face models built from configs
 and saved like real checkpoints, random weights, nothing downloaded; a small shapes world), so that each script's
-whole path runs in seconds on a CPU; and the model as a later stage of a recipe meets it. Not a benchmark itself
-(`tests/test_benchmarks_smoke.py` skips names that start with `_`)."""
+whole path runs in seconds on a CPU; the model as a later stage of a recipe meets it; and a run's step costs read
+from its metrics.jsonl. Not a benchmark itself (`tests/test_benchmarks_smoke.py` skips names that start with `_`)."""
 
 from __future__ import annotations
 
